@@ -1,0 +1,3 @@
+from odst.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The message bus: the embedded nats-server and connections to NATS."""

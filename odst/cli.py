@@ -1,0 +1,193 @@
+"""The ``odst`` command: run a site, talk to one, audit and rebuild its log."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from odst import __version__
+from odst.config import ConfigError, load
+
+
+def _run(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _site_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="data directory (default ./odst-data; env ODST_DATA)")
+    p.add_argument("--config", type=Path, help="TOML settings file (default <data>/odst.toml)")
+    p.add_argument("--nats", help="use an existing NATS server at this URL instead of the embedded one")
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, help="site URL (env ODST_SERVER, default http://127.0.0.1:8080)")
+    p.add_argument("--token", help="API token (env ODST_TOKEN)")
+
+
+def _settings(args, **extra):
+    flags = {"data": getattr(args, "data", None), "nats": getattr(args, "nats", None), **extra}
+    return load(flags, config_file=getattr(args, "config", None))
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from odst.gateway.app import create_app
+    from odst.logs import configure
+    from odst.site import Site, SiteBusy
+
+    settings = _settings(args, http=args.http, site_name=args.site_name, store=args.store,
+                         context=args.context, nats_listen=args.nats_listen)
+    configure(settings.log_format, settings.log_level)
+
+    async def main() -> int:
+        site = Site(settings)
+        try:
+            await site.open()
+        except SiteBusy as exc:
+            print(f"odst: {exc}", file=sys.stderr)
+            return 2
+        except BaseException:
+            await site.close()
+            raise
+        try:
+            config = uvicorn.Config(create_app(site), host=settings.http_host, port=settings.http_port,
+                                    loop="none", http="httptools", lifespan="off", access_log=False,
+                                    log_config=None, timeout_keep_alive=30, timeout_graceful_shutdown=10)
+            server = uvicorn.Server(config)
+            print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data})",
+                  file=sys.stderr, flush=True)
+            await server.serve()
+            return 0 if server.started else 1
+        finally:
+            await site.close()
+
+    return _run(main())
+
+
+def cmd_upload(args) -> int:
+    from odst.client import Client
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"odst: {path} is not a file", file=sys.stderr)
+        return 2
+    pkg = Client(args.server, args.token).upload(path, args.name or path.name, args.stage,
+                                                 progress=not args.quiet)
+    print(json.dumps({k: pkg[k] for k in ("name", "size", "sha1", "sha512", "stage")}, indent=2))
+    return 0
+
+
+def cmd_packages(args) -> int:
+    from odst.client import Client
+    out = Client(args.server, args.token).request("GET", "/api/v1/packages")
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for p in out["packages"]:
+            sites = ",".join(s for s, a in p["availability"].items() if a["status"] == "available")
+            print(f"{p['name']}\t{p['size']}\t{p['stage']}\t{p['sha1']}\t{sites}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    from urllib.parse import quote
+
+    from odst.client import Client
+    print(json.dumps(Client(args.server, args.token).request(
+        "DELETE", f"/api/v1/packages/{quote(args.name, safe='')}")))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from urllib.parse import quote
+
+    from odst.client import Client
+    out = Client(args.server, args.token).request(
+        "PATCH", f"/api/v1/packages/{quote(args.name, safe='')}", json={"stage": args.stage})
+    print(f"{out['name']}: stage {out['stage']}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from odst.audit import run_audit
+    report = _run(run_audit(_settings(args)))
+    print(report.summary())
+    return 1 if report.violations else 0
+
+
+def cmd_rebuild(args) -> int:
+    from odst.audit import run_rebuild
+    n = _run(run_rebuild(_settings(args)))
+    print(f"read model rebuilt from the log: {n} events")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="odst", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"odst {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run a complete site (embedded NATS, projector, gateway)")
+    _site_flags(p)
+    p.add_argument("--http", help="HOST:PORT for the gateway (default 127.0.0.1:8080; env ODST_HTTP)")
+    p.add_argument("--nats-listen", help="embedded broker client address HOST:PORT (default 127.0.0.1:-1, any free port)")
+    p.add_argument("--site-name", help="a human name for this site")
+    p.add_argument("--store", help="package store directory (default <data>/store)")
+    p.add_argument("--context", help="distribution point context (default CasperShare)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("upload", help="upload a package to a running site, with progress")
+    _client_flags(p)
+    p.add_argument("file")
+    p.add_argument("--name", help="package name (default: the file's name)")
+    p.add_argument("--stage", help="stage of the package (default: the site's default_stage)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("packages", help="list the packages of a running site")
+    _client_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_packages)
+
+    p = sub.add_parser("delete", help="delete a package (its history stays in the log)")
+    _client_flags(p)
+    p.add_argument("name")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("stage", help="change a package's stage")
+    _client_flags(p)
+    p.add_argument("name")
+    p.add_argument("stage")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("audit", help="verify the whole log and compare a rebuild with the read model")
+    _site_flags(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("rebuild", help="replace the read model with one rebuilt from the log (site stopped)")
+    _site_flags(p)
+    p.set_defaults(func=cmd_rebuild)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "server") and args.server is None:
+        import os
+        args.server = os.environ.get("ODST_SERVER", "http://127.0.0.1:8080")
+    from odst.audit import AuditError
+    from odst.client import ClientError
+    try:
+        return args.func(args) or 0
+    except (ConfigError, AuditError, ClientError) as exc:
+        print(f"odst: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,116 @@
+"""Settings: flags, then ODST_* environment variables, then a TOML file, then defaults.
+
+Every setting has one name; the environment variable is ODST_<NAME> in upper
+case and the TOML key is <name> (top level) in ``--config FILE`` or
+``<data>/odst.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(Exception):
+    """A setting has a value ODST cannot use; the message says which and why."""
+
+
+@dataclass
+class Settings:
+    data: Path = Path("./odst-data")
+    http: str = "127.0.0.1:8080"
+    nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
+    nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
+    store: str = ""  # package store directory; empty: <data>/store
+    site_name: str = ""
+    context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
+    max_upload_bytes: int = 64 * (1 << 30)
+    allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])
+    default_stage: str = "prod"
+    stages: list[str] = field(default_factory=lambda: ["dev", "test", "prod"])
+    download_auth: str = "none"  # none | basic
+    download_user: str = ""
+    download_password: str = ""
+    sync_interval: str = "always"  # JetStream fsync: always | e.g. 2m (NATS default)
+    log_format: str = "console"  # console | json
+    log_level: str = "info"
+
+    @property
+    def store_dir(self) -> Path:
+        return Path(self.store) if self.store else self.data / "store"
+
+    @property
+    def http_host(self) -> str:
+        return self.http.rsplit(":", 1)[0]
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http.rsplit(":", 1)[1])
+
+    def validate(self) -> "Settings":
+        if ":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit():
+            raise ConfigError(f"http must be HOST:PORT, got {self.http!r}")
+        if self.download_auth not in ("none", "basic"):
+            raise ConfigError("download_auth must be 'none' or 'basic'")
+        if self.download_auth == "basic" and not (self.download_user and self.download_password):
+            raise ConfigError("download_auth=basic needs download_user and download_password")
+        if self.default_stage not in self.stages:
+            raise ConfigError(f"default_stage {self.default_stage!r} is not one of stages {self.stages}")
+        if not self.context.strip("/") or "/" in self.context.strip("/"):
+            raise ConfigError(f"context must be one path segment, got {self.context!r}")
+        self.context = self.context.strip("/")
+        self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
+                                   for e in self.allowed_extensions]
+        return self
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    target = f.type if isinstance(f.type, type) else str(f.type)
+    if isinstance(value, str):
+        if target in ("int", int):
+            try:
+                return int(value)
+            except ValueError as exc:
+                raise ConfigError(f"{f.name} must be a whole number, got {value!r}") from exc
+        if target in ("list[str]",):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if target in ("Path", Path):
+            return Path(value)
+    if target in ("Path", Path) and not isinstance(value, Path):
+        return Path(value)
+    return value
+
+
+def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         config_file: Path | None = None) -> Settings:
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    by_name = {f.name: f for f in fields(Settings)}
+    values: dict[str, Any] = {}
+    data = flags.get("data") or env.get("ODST_DATA") or Settings.data
+    candidates = [config_file] if config_file else [Path(data) / "odst.toml"]
+    for path in candidates:
+        if path and Path(path).exists():
+            try:
+                toml = tomllib.loads(Path(path).read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+            for k, v in toml.items():
+                k = k.replace("-", "_")
+                if k not in by_name:
+                    raise ConfigError(f"{path}: unknown setting {k!r}")
+                values[k] = _coerce(by_name[k], v)
+        elif config_file:
+            raise ConfigError(f"config file {config_file} does not exist")
+    for name, f in by_name.items():
+        v = env.get(f"ODST_{name.upper()}")
+        if v is not None and v != "":
+            values[name] = _coerce(f, v)
+    for name, v in flags.items():
+        if name in by_name:
+            values[name] = _coerce(by_name[name], v)
+    return Settings(**values).validate()

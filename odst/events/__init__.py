@@ -1,0 +1,1 @@
+"""The event log: the catalogue of events, their signed envelope, and appending to JetStream."""

@@ -1,0 +1,78 @@
+"""Every state change ODST knows, as one tagged union of frozen msgspec Structs.
+
+Rules (see STYLE.md): a field's type never changes; new fields get defaults;
+a changed meaning is a new event. The tag (``type``) is the class name.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of every event; never published itself."""
+
+
+class SiteFounded(Event, tag=True):
+    """First event of a site's log: binds the site id to its public key."""
+
+    site: str
+    public_key: str  # hex, ed25519
+    name: str = ""
+
+
+class PackageUploaded(Event, tag=True):
+    """A verified package was published at the origin site (its manifest)."""
+
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: list[str]  # SHA1 hex of every chunk, in order
+    stage: str = "prod"
+
+
+class PackageStaged(Event, tag=True):
+    """A package's stage changed (e.g. promoted from test to prod)."""
+
+    name: str
+    stage: str
+    previous: str = ""
+
+
+class PackageDeleted(Event, tag=True):
+    """A package was deleted; the tombstone names the content it removed."""
+
+    name: str
+    blake3: str
+
+
+class TokenCreated(Event, tag=True):
+    """An API token was issued; only its SHA-256 is ever stored."""
+
+    token_id: str
+    name: str
+    role: str
+    token_sha256: str
+
+
+class TokenRevoked(Event, tag=True):
+    token_id: str
+
+
+AnyEvent = SiteFounded | PackageUploaded | PackageStaged | PackageDeleted | TokenCreated | TokenRevoked
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    SiteFounded,
+    PackageUploaded,
+    PackageStaged,
+    PackageDeleted,
+    TokenCreated,
+    TokenRevoked,
+)
+
+
+def type_name(event: Event) -> str:
+    return type(event).__name__

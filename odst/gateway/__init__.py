@@ -1,0 +1,1 @@
+"""The gateway: Admin API, event feed and distribution-point downloads over HTTP (Litestar)."""

@@ -1,0 +1,82 @@
+"""The gateway's composition root: one Litestar app over a Site."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request, Response, Router, asgi, get
+from litestar.types import Receive, Scope, Send
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+
+from odst import __version__
+from odst.errors import OdstError
+from odst.events.log import AppendFailed
+from odst.gateway.auth import bearer_guard
+from odst.gateway.downloads import make_download_app
+from odst.gateway.events import EventController
+from odst.gateway.packages import PackageController
+from odst.gateway.tokens import TokenController
+from odst.site import Site
+
+log = structlog.get_logger("odst.gateway")
+
+
+def _error(status: int, code: str, detail: str) -> Response:
+    return Response({"error": code, "detail": detail}, status_code=status)
+
+
+def _odst_error(request: Request, exc: OdstError) -> Response:
+    return _error(exc.status, exc.code, exc.detail)
+
+
+def _append_failed(request: Request, exc: AppendFailed) -> Response:
+    log.error("event append failed", error=str(exc), path=request.url.path)
+    return _error(503, "unavailable", f"change not recorded, try again: {exc}")
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    detail = exc.detail
+    if isinstance(exc, ValidationException) and exc.extra:
+        detail = f"{exc.detail}: {exc.extra}"
+    return Response({"error": "http_error", "detail": detail, "status_code": exc.status_code},
+                    status_code=exc.status_code, headers=exc.headers)
+
+
+def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", path=request.url.path)
+    return _error(500, "internal_error", "internal error; the server log has the details")
+
+
+def create_app(site: Site) -> Litestar:
+    context = site.settings.context
+
+    @get("/healthz", operation_id="health")
+    async def healthz(request: Request) -> Response[dict[str, Any]]:
+        ok, reason = await site.health()
+        return Response({"status": "ok" if ok else "unavailable", "reason": reason, "site": site.id},
+                        status_code=200 if ok else 503)
+
+    downloads = make_download_app(site, [f"/{context}/Packages", "/Packages"])
+
+    @asgi(f"/{context}/Packages", is_mount=True, copy_scope=True)
+    async def dist_point(scope: Scope, receive: Receive, send: Send) -> None:
+        await downloads(scope, receive, send)
+
+    @asgi("/Packages", is_mount=True, copy_scope=True)
+    async def dist_point_alias(scope: Scope, receive: Receive, send: Send) -> None:
+        await downloads(scope, receive, send)
+
+    api = Router(path="/", route_handlers=[PackageController, EventController, TokenController],
+                 guards=[bearer_guard])
+    app = Litestar(
+        route_handlers=[healthz, dist_point, dist_point_alias, api],
+        exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
+                            HTTPException: _http_error, Exception: _internal},
+        openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.site = site
+    return app

@@ -1,0 +1,83 @@
+"""/api/v1/events: the signed event log for downstream services, paged and live (SSE)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncGenerator
+
+from litestar import Controller, Request, get
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from odst.gateway.auth import READ
+from odst.projections import views
+from odst.site import Site
+
+KEEPALIVE_S = 15.0
+
+
+class EventController(Controller):
+    path = "/api/v1"
+    tags = ["events"]
+
+    @get("/events", operation_id="listEvents", opt={"roles": READ})
+    async def list_events(self, request: Request, after: int = Parameter(default=0, ge=0),
+                          limit: int = Parameter(default=100, ge=1, le=1000),
+                          type: str | None = None, origin: str | None = None,
+                          name: str | None = None) -> dict[str, Any]:
+        """Events with position > after, oldest first, each in its signed envelope."""
+        site: Site = request.app.state.site
+        items = views.events(site.reader, after=after, limit=limit, type_=type, origin=origin, name=name)
+        return {"events": items, "last_position": views.last_position(site.reader)}
+
+    @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})
+    async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0),
+                            type: str | None = None) -> ServerSentEvent:
+        """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live."""
+        site: Site = request.app.state.site
+        last_id = request.headers.get("last-event-id")
+        position = after if after is not None else int(last_id) if (last_id or "").isdigit() else \
+            views.last_position(site.reader)
+
+        async def feed() -> AsyncGenerator[ServerSentEventMessage, None]:
+            nonlocal position
+            yield ServerSentEventMessage(comment="odst event stream", retry=2000)
+            while True:
+                batch = views.events(site.reader, after=position, limit=500, type_=type)
+                for e in batch:
+                    position = e["position"]
+                    yield ServerSentEventMessage(data=json.dumps(e), event=e["type"], id=position)
+                if batch:
+                    continue
+                if not await _idle(site, KEEPALIVE_S):
+                    yield ServerSentEventMessage(comment="keep-alive")
+                if views.last_position(site.reader) < position:  # read model rebuilt
+                    position = views.last_position(site.reader)
+
+        return ServerSentEvent(feed())
+
+    @get("/quarantine", operation_id="listQuarantine", opt={"roles": READ})
+    async def list_quarantine(self, request: Request,
+                              limit: int = Parameter(default=100, ge=1, le=1000)) -> dict[str, Any]:
+        """Messages that failed verification or the hash chain: recorded, never applied."""
+        site: Site = request.app.state.site
+        items = views.quarantine(site.reader, limit)
+        return {"quarantine": items, "count": views.count(site.reader, "quarantine")}
+
+    @get("/site", operation_id="getSite", opt={"roles": READ})
+    async def get_site(self, request: Request) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        row = site.reader.execute("SELECT * FROM sites WHERE site=?", (site.id,)).fetchone()
+        return {"site": site.id, "name": site.settings.site_name, "public_key": site.key.public_key.hex(),
+                "last_seq": row["last_seq"] if row else 0, "context": site.settings.context,
+                "stages": site.settings.stages,
+                "packages": views.count(site.reader, "packages"),
+                "events": views.count(site.reader, "events"),
+                "quarantined": views.count(site.reader, "quarantine")}
+
+
+async def _idle(site: Site, timeout: float) -> bool:
+    """Wait for the projector to change something; False when the wait timed out."""
+    before = views.last_position(site.reader)
+    await site.projector.wait_changed(timeout)
+    return views.last_position(site.reader) != before

@@ -1,0 +1,188 @@
+"""/api/v1/packages: upload (streamed), list, inspect, re-stage, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Controller, Request, Response, delete, get, patch, put
+from litestar.params import Parameter
+
+from odst.errors import (InsufficientStorage, PackageConflict, PackageNotFound, RequestInvalid,
+                         StageInvalid, Unavailable, UploadIncomplete, UploadTooLarge)
+from odst.events import catalogue as ev
+from odst.events.log import AppendFailed
+from odst.gateway.auth import READ, WRITE
+from odst.naming import check_name
+from odst.projections import views
+from odst.site import Site
+from odst.store.files import StoreFull, StreamingUpload
+
+log = structlog.get_logger("odst.gateway")
+
+FREE_SPACE_RESERVE = 64 << 20
+
+
+class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    stage: str | None = None
+
+
+class ClientGone(Exception):
+    pass
+
+
+_name_locks: dict[str, asyncio.Lock] = {}
+
+
+def _lock_for(name: str) -> asyncio.Lock:
+    lock = _name_locks.get(name)
+    if lock is None:
+        lock = _name_locks[name] = asyncio.Lock()
+    return lock
+
+
+async def _receive_body(request: Request, upload: StreamingUpload, limit: int) -> None:
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        body = message.get("body", b"")
+        if body:
+            if upload.size + len(body) > limit:
+                raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes (max_upload_bytes)")
+            await upload.feed(body)
+        if not message.get("more_body", False):
+            return
+
+
+class PackageController(Controller):
+    path = "/api/v1/packages"
+    tags = ["packages"]
+
+    @get("/", operation_id="listPackages", opt={"roles": READ})
+    async def list_packages(self, request: Request,
+                            stage: str | None = None, q: str | None = None,
+                            limit: int = Parameter(default=1000, ge=1, le=10000),
+                            offset: int = Parameter(default=0, ge=0)) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        items = views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)
+        return {"packages": items, "count": len(items)}
+
+    @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
+    async def get_package(self, request: Request, name: str) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        check_name(name)
+        pkg = views.package(site.reader, name)
+        if pkg is None:
+            raise PackageNotFound(f"no package named {name!r}")
+        return pkg
+
+    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE}, status_code=201,
+         request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body
+    async def upload(self, request: Request, name: str,
+                     stage: str | None = None) -> Response[dict[str, Any]]:
+        """Stream the raw request body into the store; the body is never held in memory."""
+        site: Site = request.app.state.site
+        settings = site.settings
+        check_name(name, settings.allowed_extensions)
+        stage = stage or settings.default_stage
+        if stage not in settings.stages:
+            raise StageInvalid(f"unknown stage {stage!r}; allowed: {', '.join(settings.stages)}")
+        announced = request.headers.get("content-length")
+        length = None
+        if announced is not None:
+            if not announced.isdigit():
+                raise RequestInvalid("Content-Length is not a number")
+            length = int(announced)
+            if length > settings.max_upload_bytes:
+                raise UploadTooLarge(f"{length} bytes exceeds max_upload_bytes ({settings.max_upload_bytes})")
+            if length + FREE_SPACE_RESERVE > site.store.free_bytes():
+                raise InsufficientStorage(f"not enough free space in the store for {length} bytes")
+            existing = views.package(site.reader, name)
+            if existing and existing["size"] != length:
+                raise PackageConflict(f"a different package named {name!r} exists "
+                                      f"({existing['size']} bytes, sha1 {existing['sha1']}); "
+                                      "delete it first or choose another name")
+        upload = StreamingUpload(site.store.new_temp())
+        log.info("upload started", package=name, length=length)
+        try:
+            await _receive_body(request, upload, settings.max_upload_bytes)
+            manifest = await upload.finish()
+        except ClientGone:
+            await upload.abort()
+            log.warning("upload truncated: client disconnected", package=name, received=upload.size)
+            raise UploadIncomplete("client disconnected before the upload completed") from None
+        except StoreFull as exc:
+            await upload.abort()
+            log.error("upload failed: store full", package=name)
+            raise InsufficientStorage(str(exc)) from None
+        except BaseException:
+            await upload.abort()
+            raise
+        if length is not None and manifest.size != length:
+            upload.path.unlink(missing_ok=True)
+            raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
+        async with _lock_for(name):
+            existing = views.package(site.reader, name)
+            if existing is not None:
+                upload.path.unlink(missing_ok=True)
+                if existing["blake3"] == manifest.blake3 and site.id in existing["availability"]:
+                    return Response(existing, status_code=200)
+                raise PackageConflict(f"a different package named {name!r} exists "
+                                      f"(sha1 {existing['sha1']}, yours {manifest.sha1}); "
+                                      "delete it first or choose another name")
+            try:
+                site.store.publish(upload.path, name)
+            except FileExistsError:
+                upload.path.unlink(missing_ok=True)
+                raise PackageConflict(f"a file named {name!r} is being published; retry") from None
+            event = ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
+                                       sha512=manifest.sha512, blake3=manifest.blake3,
+                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
+                                       stage=stage)
+            try:
+                await site.append(event, actor=request.state.actor)
+            except AppendFailed as exc:
+                site.store.remove(name)
+                raise Unavailable(f"upload not recorded, try again: {exc}") from None
+        log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
+        return Response(views.package(site.reader, name), status_code=201)
+
+    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
+    async def update_package(self, request: Request, name: str) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        check_name(name)
+        try:
+            change = msgspec.json.decode(await request.body(), type=PackageUpdate)
+        except msgspec.ValidationError as exc:
+            raise RequestInvalid(f"invalid body: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise RequestInvalid(f"body is not valid JSON: {exc}") from None
+        async with _lock_for(name):
+            pkg = views.package(site.reader, name)
+            if pkg is None:
+                raise PackageNotFound(f"no package named {name!r}")
+            if change.stage is not None and change.stage != pkg["stage"]:
+                if change.stage not in site.settings.stages:
+                    raise StageInvalid(f"unknown stage {change.stage!r}; allowed: "
+                                       f"{', '.join(site.settings.stages)}")
+                await site.append(ev.PackageStaged(name=name, stage=change.stage, previous=pkg["stage"]),
+                                  actor=request.state.actor)
+        return views.package(site.reader, name)
+
+    @delete("/{name:str}", operation_id="deletePackage", opt={"roles": WRITE}, status_code=200)
+    async def delete_package(self, request: Request, name: str) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        check_name(name)
+        async with _lock_for(name):
+            pkg = views.package(site.reader, name)
+            if pkg is None:
+                raise PackageNotFound(f"no package named {name!r}")
+            await site.append(ev.PackageDeleted(name=name, blake3=pkg["blake3"]), actor=request.state.actor)
+            site.store.remove(name)
+        log.info("package deleted", package=name)
+        return {"deleted": name, "blake3": pkg["blake3"]}
+

@@ -1,0 +1,84 @@
+"""The live projector: tails every local stream and folds it into the read model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+from nats.js import JetStreamContext
+
+from odst.events.log import read_stream, last_seq
+from odst.projections.apply import Folder
+from odst.projections.db import open_read_model
+
+log = structlog.get_logger("odst.projector")
+
+
+class Projector:
+    def __init__(self, js: JetStreamContext, db_path: Path, trusted: dict[str, bytes],
+                 streams: list[str]):
+        self.js = js
+        self.conn = open_read_model(db_path)
+        self.folder = Folder(self.conn, trusted)
+        self.streams = list(streams)
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task] = []
+        self.error: str | None = None
+
+    def checkpoint(self, stream: str) -> int:
+        return self.folder.checkpoint(stream)
+
+    def start(self) -> None:
+        for s in self.streams:
+            self._tasks.append(asyncio.create_task(self._tail(s), name=f"projector:{s}"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _tail(self, stream: str) -> None:
+        while True:
+            try:
+                start = self.checkpoint(stream) + 1
+                async for msg in read_stream(self.js, stream, start):
+                    outcome = self.folder.fold(msg)
+                    if not outcome.applied and outcome.reason != "already applied":
+                        log.warning("event quarantined", stream=stream, seq=msg.seq,
+                                    subject=msg.subject, reason=outcome.reason)
+                    async with self._changed:
+                        self._changed.notify_all()
+                    self.error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker hiccup: resume from the checkpoint
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.error("projector stream failed; resuming", stream=stream, error=self.error)
+                await asyncio.sleep(1.0)
+
+    async def wait_for(self, stream: str, seq: int, timeout: float = 10.0) -> bool:
+        """Wait until stream's checkpoint reaches seq (read-your-writes for the gateway)."""
+        async def reached() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.checkpoint(stream) >= seq)
+        try:
+            await asyncio.wait_for(reached(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def wait_changed(self, timeout: float) -> None:
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def lag(self) -> dict[str, int]:
+        """Messages in each stream not yet folded (asks the broker)."""
+        out = {}
+        for s in self.streams:
+            out[s] = max(0, await last_seq(self.js, s) - self.checkpoint(s))
+        return out

@@ -1,0 +1,212 @@
+"""The composition root of a running site: key, broker, event log, projector, store.
+
+``Site.open`` wires the parts together; the gateway and the CLI take a Site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import nats
+import structlog
+
+from odst.bus.embedded import BrokerConfig, EmbeddedBroker
+from odst.config import Settings
+from odst.events import catalogue as ev
+from odst.events.log import EVENTS_STREAM, EventLog
+from odst.events.signing import SiteKey
+from odst.projections import views
+from odst.projections.db import connect
+from odst.projections.projector import Projector
+from odst.store.files import Store
+
+log = structlog.get_logger("odst.site")
+
+ROLES = ("admin", "operator", "auditor")
+
+
+class SiteBusy(Exception):
+    """Another process is serving this data directory."""
+
+
+def key_path(data: Path) -> Path:
+    return Path(data) / "site.key"
+
+
+def read_model_path(data: Path) -> Path:
+    return Path(data) / "read-model.sqlite"
+
+
+def run_dir(data: Path) -> Path:
+    return Path(data) / "run"
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def running_info(data: Path) -> dict | None:
+    """What a running ``odst serve`` on this data dir published about itself, if one runs."""
+    lock = run_dir(data) / "serve.lock"
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads((run_dir(data) / "site.json").read_text())
+            except (OSError, ValueError):
+                return {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class DataDirLock:
+    def __init__(self, data: Path):
+        self.path = run_dir(data) / "serve.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise SiteBusy(f"another odst process is using {self.path.parent.parent}; stop it first") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Site:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.data = Path(settings.data)
+        self.key: SiteKey | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.nc = None
+        self.js = None
+        self.log: EventLog | None = None
+        self.projector: Projector | None = None
+        self.store = Store(settings.store_dir)
+        self.reader = None
+        self.nats_url = ""
+        self.lock = DataDirLock(self.data)
+        self.printed_token: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.key.site_id
+
+    async def open(self, *, bootstrap: bool = True) -> "Site":
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        self.key = SiteKey.load_or_create(key_path(self.data))
+        structlog.contextvars.bind_contextvars(site=self.key.site_id)
+        if self.settings.nats:
+            self.nats_url = self.settings.nats
+        else:
+            host, port = self.settings.nats_listen.rsplit(":", 1)
+            self.broker = EmbeddedBroker(
+                BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats", host=host,
+                             port=int(port), sync_interval=self.settings.sync_interval),
+                run_dir(self.data))
+            self.nats_url = self.broker.start()
+        self.nc = await nats.connect(self.nats_url, name=f"odst-{self.key.site_id}",
+                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                     connect_timeout=5)
+        self.js = self.nc.jetstream(timeout=10)
+        self.log = EventLog(self.js, self.key)
+        await self.log.ensure_stream()
+        self.projector = Projector(self.js, read_model_path(self.data),
+                                   {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
+        self.reader = connect(read_model_path(self.data))
+        self.projector.start()
+        if (await self.log.head())[0] == 0:
+            await self.log.append(ev.SiteFounded(site=self.key.site_id,
+                                                 public_key=self.key.public_key.hex(),
+                                                 name=self.settings.site_name), actor="system")
+        await self.caught_up(timeout=120)
+        self.store.ensure()
+        self.store.sweep(views.published_names(self.reader, self.id))
+        if bootstrap:
+            await self._bootstrap_admin_token()
+        (run_dir(self.data) / "site.json").write_text(json.dumps(
+            {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
+        log.info("site open", data=str(self.data), nats=self.nats_url)
+        return self
+
+    async def caught_up(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            lag = await self.projector.lag()
+            if not any(lag.values()):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"projector still behind after {timeout}s: {lag}")
+            await self.projector.wait_changed(0.5)
+
+    async def _bootstrap_admin_token(self) -> None:
+        if views.tokens(self.reader, self.id):
+            return
+        given = os.environ.get("ODST_ADMIN_TOKEN", "")
+        token = given or "odst_" + secrets.token_urlsafe(32)
+        await self.append(ev.TokenCreated(token_id=secrets.token_hex(8), name="bootstrap admin",
+                                          role="admin", token_sha256=token_digest(token)),
+                          actor="system")
+        if not given:
+            path = self.data / "admin-token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            self.printed_token = token
+            print(f"Bootstrap admin token (shown once, also in {path}):\n{token}", file=sys.stderr,
+                  flush=True)
+
+    async def append(self, event: ev.Event, *, actor: str, wait: float = 10.0):
+        """Append an event and wait until the read model shows it (read-your-writes)."""
+        appended = await self.log.append(event, actor=actor)
+        await self.projector.wait_for(EVENTS_STREAM, appended.seq, timeout=wait)
+        return appended
+
+    async def health(self) -> tuple[bool, str]:
+        if self.nc is None or not self.nc.is_connected:
+            return False, "broker not connected"
+        if self.projector.error:
+            return False, f"projector: {self.projector.error}"
+        try:
+            lag = await asyncio.wait_for(self.projector.lag(), 5)
+        except Exception as exc:
+            return False, f"broker not answering: {type(exc).__name__}"
+        behind = {s: n for s, n in lag.items() if n}
+        if behind:
+            return False, f"projections catching up: {behind}"
+        return True, "ok"
+
+    async def close(self) -> None:
+        if self.projector:
+            await self.projector.stop()
+        if self.nc:
+            try:
+                await self.nc.drain()
+            except Exception:
+                pass
+        if self.broker:
+            await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
+        (run_dir(self.data) / "site.json").unlink(missing_ok=True)
+        self.lock.release()

@@ -1,0 +1,1 @@
+"""The store: manifests (chunk hashes), streaming writes, and the public package directory."""

@@ -1,0 +1,179 @@
+"""Files on disk: streaming uploads into temp files, atomic publish, removal, sweeping.
+
+Layout under the store root::
+
+    tmp/<random>.part        uploads and downloads in progress (never served)
+    packages/<name>          verified packages: the public distribution directory
+
+Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import secrets
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import blake3
+import structlog
+
+from odst.store.manifest import CHUNK_SIZE, Manifest
+
+log = structlog.get_logger("odst.store")
+
+MAX_INFLIGHT_BLOCKS = 8
+
+
+class StoreFull(Exception):
+    """No space left on the store's file system."""
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.packages = self.root / "packages"
+
+    def ensure(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.packages.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.packages / name
+
+    def new_temp(self, suffix: str = ".part") -> Path:
+        return self.tmp / f"{secrets.token_hex(12)}{suffix}"
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.tmp)
+        return st.f_bavail * st.f_frsize
+
+    def publish(self, temp: Path, name: str) -> Path:
+        """Move a complete, fsynced temp file to packages/<name>; never overwrites."""
+        dest = self.path(name)
+        os.link(temp, dest)  # FileExistsError if a file is already published there
+        os.unlink(temp)
+        _fsync_dir(self.packages)
+        return dest
+
+    def remove(self, name: str) -> bool:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.packages)
+        return True
+
+    def sweep(self, published: set[str]) -> list[str]:
+        """Start-up clean-up: drop temp files and any file no event ever published."""
+        removed: list[str] = []
+        for p in self.tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            removed.append(f"tmp/{p.name}")
+        for p in self.packages.iterdir():
+            if p.name not in published:
+                p.unlink(missing_ok=True)
+                removed.append(f"packages/{p.name}")
+        if removed:
+            log.warning("swept files left by an interrupted write", files=removed)
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StreamingUpload:
+    """Write a stream to a temp file while computing its manifest, off the event loop.
+
+    Bytes arrive in pieces of any size; they are re-split into chunk-sized
+    blocks and each block goes, in order, to three single-thread executors
+    (hashlib and blake3 release the GIL on large buffers): SHA-512 | whole-file
+    SHA1 + blake3 | write + chunk SHA1. At most MAX_INFLIGHT_BLOCKS blocks are in
+    flight, so memory stays flat and the socket gets back-pressure.
+    """
+
+    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE):
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._buf = bytearray()
+        self._pending: deque[tuple[asyncio.Future, ...]] = deque()
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]
+        self._sha512 = hashlib.sha512()
+        self._sha1 = hashlib.sha1()
+        self._blake3 = blake3.blake3()
+        self._chunks: list[str] = []
+        self.size = 0
+        self._closed = False
+
+    def _whole(self, block: bytes) -> None:
+        self._sha1.update(block)
+        self._blake3.update(block)
+
+    def _write(self, block: bytes) -> None:
+        view = memoryview(block)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise StoreFull(f"no space left on the store: {exc.strerror}") from exc
+                raise
+            view = view[n:]
+        self._chunks.append(hashlib.sha1(block).hexdigest())
+
+    async def _submit(self, block: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.size += len(block)
+        self._pending.append((
+            loop.run_in_executor(self._pools[0], self._sha512.update, block),
+            loop.run_in_executor(self._pools[1], self._whole, block),
+            loop.run_in_executor(self._pools[2], self._write, block),
+        ))
+        while len(self._pending) > MAX_INFLIGHT_BLOCKS:
+            await asyncio.gather(*self._pending.popleft())
+
+    async def feed(self, piece: bytes) -> None:
+        if not self._buf and len(piece) == self.chunk_size:
+            await self._submit(bytes(piece))
+            return
+        self._buf += piece
+        while len(self._buf) >= self.chunk_size:
+            block = bytes(self._buf[: self.chunk_size])
+            del self._buf[: self.chunk_size]
+            await self._submit(block)
+
+    async def finish(self) -> Manifest:
+        if self._buf:
+            await self._submit(bytes(self._buf))
+            self._buf.clear()
+        while self._pending:
+            await asyncio.gather(*self._pending.popleft())
+        await asyncio.get_running_loop().run_in_executor(self._pools[2], os.fsync, self._fd)
+        self._close()
+        return Manifest(self.size, self._sha1.hexdigest(), self._sha512.hexdigest(),
+                        self._blake3.hexdigest(), self.chunk_size, tuple(self._chunks))
+
+    async def abort(self) -> None:
+        """Stop, wait for in-flight work, delete the temp file."""
+        while self._pending:
+            await asyncio.gather(*self._pending.popleft(), return_exceptions=True)
+        self._close()
+        self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+            for p in self._pools:
+                p.shutdown(wait=False)
