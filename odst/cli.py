@@ -37,7 +37,24 @@ def _settings(args, **extra):
 
 
 def cmd_serve(args) -> int:
+    import contextlib
+    import signal
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after serving, which would kill us before the
+        broker and projector are stopped; we stop them in order and exit 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     from odst.gateway.app import create_app
     from odst.logs import configure
@@ -61,7 +78,7 @@ def cmd_serve(args) -> int:
             config = uvicorn.Config(create_app(site), host=settings.http_host, port=settings.http_port,
                                     loop="none", http="httptools", lifespan="off", access_log=False,
                                     log_config=None, timeout_keep_alive=30, timeout_graceful_shutdown=10)
-            server = uvicorn.Server(config)
+            server = Server(config)
             print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data})",
                   file=sys.stderr, flush=True)
             await server.serve()
