@@ -9,6 +9,7 @@ retries) and ``Nats-Msg-Id`` = event id (so a retried publish is idempotent).
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -105,10 +106,10 @@ class EventLog:
             return last, env.seq, codec.chain_hash(msg.data)
         return last, 0, codec.GENESIS
 
-    async def append(self, event: Event, *, actor: str, attempts: int = 8) -> Appended:
+    async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
         event_id = codec.new_event_id()
         async with self._lock:
-            for _ in range(attempts):
+            for attempt in range(attempts):
                 if self._head is None:
                     self._head = await self.head()
                 last_seq, env_seq, last_hash = self._head
@@ -126,7 +127,9 @@ class EventLog:
                 except nats.js.errors.APIError as exc:
                     self._head = None
                     if exc.err_code == WRONG_LAST_SEQUENCE:
-                        continue  # another writer appended first: re-chain on the new head
+                        # another writer appended first: back off a little, re-chain on the new head
+                        await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
+                        continue
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
                 except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                         nats.errors.ConnectionClosedError) as exc:

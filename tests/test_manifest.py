@@ -1,0 +1,85 @@
+"""Chunk manifests: any size, any way the bytes are split, the same hashes as hashlib."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import blake3
+from hypothesis import given, settings, strategies as st
+
+from odst.store.files import StreamingUpload
+from odst.store.manifest import CHUNK_SIZE, ManifestBuilder, chunk_count, chunk_span, manifest_of
+
+SMALL_CHUNK = 64  # the same code with a small chunk keeps the properties cheap to explore
+
+
+def reference(data: bytes, chunk: int):
+    chunks = [hashlib.sha1(data[i:i + chunk]).hexdigest() for i in range(0, len(data), chunk)]
+    return (len(data), hashlib.sha1(data).hexdigest(), hashlib.sha512(data).hexdigest(),
+            blake3.blake3(data).hexdigest(), chunks)
+
+
+def splits(data: bytes, cuts: list[int]):
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+@given(st.binary(max_size=1000), st.lists(st.integers(min_value=0), max_size=20))
+def test_manifest_matches_hashlib_however_the_bytes_are_split(data, cuts):
+    m = manifest_of(splits(data, cuts), SMALL_CHUNK)
+    assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
+    assert len(m.chunks) == chunk_count(len(data), SMALL_CHUNK)
+
+
+@given(st.integers(min_value=0, max_value=10 * SMALL_CHUNK))
+def test_chunk_spans_tile_the_file(size):
+    spans = [chunk_span(i, size, SMALL_CHUNK) for i in range(chunk_count(size, SMALL_CHUNK))]
+    assert sum(n for _, n in spans) == size
+    assert all(0 < n <= SMALL_CHUNK for _, n in spans)
+    assert [o for o, _ in spans] == list(range(0, size, SMALL_CHUNK))
+
+
+def test_real_chunk_size_boundaries():
+    for size in (0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE - 1):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        m = manifest_of([data])
+        assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, CHUNK_SIZE)
+        assert m.chunk_size == CHUNK_SIZE
+    assert manifest_of([b""]).chunks == ()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0), max_size=30))
+def test_streaming_upload_writes_the_bytes_and_agrees_with_the_reference(tmp_path_factory, data, cuts):
+    path = tmp_path_factory.mktemp("up") / "x.part"
+
+    async def run():
+        up = StreamingUpload(path, chunk_size=SMALL_CHUNK)
+        for piece in splits(data, cuts):
+            await up.feed(piece)
+        return await up.finish()
+
+    m = asyncio.run(run())
+    assert path.read_bytes() == data
+    assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
+
+
+def test_streaming_upload_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "y.part"
+
+    async def run():
+        up = StreamingUpload(path)
+        await up.feed(b"x" * (CHUNK_SIZE + 5))
+        await up.abort()
+
+    asyncio.run(run())
+    assert not path.exists()
+
+
+def test_builder_reports_running_size():
+    b = ManifestBuilder(SMALL_CHUNK)
+    b.update(b"a" * 100)
+    b.update(memoryview(b"b" * 28))
+    assert b.size == 128
+    assert len(b.finish().chunks) == 2
