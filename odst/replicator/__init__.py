@@ -1,0 +1,1 @@
+"""The replicator: pulls verified chunks of packages from peer sites."""
