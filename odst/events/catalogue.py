@@ -34,6 +34,35 @@ class PackageUploaded(Event, tag=True):
     stage: str = "prod"
 
 
+class PackageAvailable(Event, tag=True):
+    """This site (the envelope's origin) now holds a verified copy of the content.
+
+    Carries the whole manifest and the content's upload clock (``origin``,
+    ``uploaded_ts``) so a site that never saw the upload can still replicate
+    from here and resolve conflicts exactly as everyone else does.
+    """
+
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: list[str]
+    stage: str
+    origin: str
+    uploaded_ts: int
+    uploaded_by: str = ""
+
+
+class PackageTransferFailed(Event, tag=True):
+    """This site gave up fetching a content for now (it retries later)."""
+
+    name: str
+    blake3: str
+    reason: str
+
+
 class PackageStaged(Event, tag=True):
     """A package's stage changed (e.g. promoted from test to prod)."""
 
@@ -49,6 +78,31 @@ class PackageDeleted(Event, tag=True):
     blake3: str
 
 
+class PeerInvited(Event, tag=True):
+    """An invitation for another site to register with this one (only the secret's hash)."""
+
+    invite_id: str
+    secret_sha256: str
+    expires_ts: int
+
+
+class PeerRegistered(Event, tag=True):
+    """This site trusts ``site``'s key; other sites learn the peer from this event too."""
+
+    site: str
+    public_key: str  # hex
+    name: str = ""
+    http_url: str = ""
+    invite_id: str = ""
+
+
+class PeerRemoved(Event, tag=True):
+    """This site stops trusting ``site``: its events after ``upto_seq`` are ignored here."""
+
+    site: str
+    upto_seq: int
+
+
 class TokenCreated(Event, tag=True):
     """An API token was issued; only its SHA-256 is ever stored."""
 
@@ -62,13 +116,19 @@ class TokenRevoked(Event, tag=True):
     token_id: str
 
 
-AnyEvent = SiteFounded | PackageUploaded | PackageStaged | PackageDeleted | TokenCreated | TokenRevoked
+AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
+            | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
     PackageUploaded,
+    PackageAvailable,
+    PackageTransferFailed,
     PackageStaged,
     PackageDeleted,
+    PeerInvited,
+    PeerRegistered,
+    PeerRemoved,
     TokenCreated,
     TokenRevoked,
 )

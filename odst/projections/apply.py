@@ -17,7 +17,7 @@ import msgspec
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.log import StoredMessage, site_of_subject
-from odst.events.signing import SignatureInvalid
+from odst.events.signing import SignatureInvalid, site_id_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +28,14 @@ class Outcome:
 
 
 def subject_name(event: ev.Event) -> str:
-    return getattr(event, "name", "") if not isinstance(event, (ev.TokenCreated, ev.TokenRevoked)) \
-        else event.token_id
+    """What an event is about: the package name, the token id or the peer site."""
+    if isinstance(event, (ev.TokenCreated, ev.TokenRevoked)):
+        return event.token_id
+    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved)):
+        return event.site
+    if isinstance(event, ev.SiteFounded):
+        return ""
+    return getattr(event, "name", "")
 
 
 class Folder:
@@ -54,10 +60,11 @@ class Folder:
             if outcome.applied:
                 self._apply(msg, outcome.envelope)
             else:
+                kind = "ignored" if outcome.reason.startswith(IGNORED) else "quarantined"
                 c.execute(
-                    "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, reason, payload)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (msg.stream, msg.seq, msg.subject, site_of_subject(msg.subject) or "",
+                    "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, kind, reason,"
+                    " payload) VALUES (?,?,?,?,?,?,?)",
+                    (msg.stream, msg.seq, msg.subject, site_of_subject(msg.subject) or "", kind,
                      outcome.reason, msg.payload))
             c.execute("INSERT INTO checkpoints(stream, seq) VALUES (?,?)"
                       " ON CONFLICT(stream) DO UPDATE SET seq=excluded.seq", (msg.stream, msg.seq))
@@ -67,11 +74,25 @@ class Folder:
             c.execute("ROLLBACK")
             raise
 
+    def key_for(self, origin: str) -> bytes | None:
+        key = self.trusted.get(origin)
+        if key is not None:
+            return key
+        for (hex_key,) in self.conn.execute("SELECT DISTINCT public_key FROM directory WHERE site=?",
+                                            (origin,)):
+            try:
+                candidate = bytes.fromhex(hex_key)
+            except ValueError:
+                continue
+            if site_id_for(candidate) == origin:  # a site id is the hash of its key
+                return candidate
+        return None
+
     def _check(self, msg: StoredMessage) -> Outcome:
         origin = site_of_subject(msg.subject)
         if origin is None:
             return Outcome(False, f"subject {msg.subject!r} is not an ODST event subject")
-        key = self.trusted.get(origin)
+        key = self.key_for(origin)
         if key is None:
             return Outcome(False, f"unknown site {origin}: no registered key")
         try:
@@ -82,6 +103,10 @@ class Folder:
             return Outcome(False, f"signed but malformed envelope: {exc}")
         if env.origin != origin:
             return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}")
+        removed = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (origin,)).fetchone()
+        if removed is not None and env.seq > removed[0]:
+            return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {removed[0]}",
+                           envelope=env)
         row = self.conn.execute("SELECT last_seq, last_hash FROM sites WHERE site=?",
                                 (origin,)).fetchone()
         last_seq, last_hash = (row[0], row[1]) if row else (0, codec.GENESIS)
@@ -115,70 +140,142 @@ class Folder:
             c.execute("UPDATE sites SET last_seq=?, last_hash=?, last_ts=? WHERE site=?", chain)
         handler = _HANDLERS.get(type(e))
         if handler:
-            handler(c, env, e)
+            handler(c, env, e, self)
 
 
-def _package_uploaded(c: sqlite3.Connection, env: codec.Envelope, e: ev.PackageUploaded) -> None:
-    existing = c.execute("SELECT blake3 FROM packages WHERE name=?", (e.name,)).fetchone()
-    if existing and existing[0] == e.blake3:
-        pass  # the same content again: nothing changes but availability below
-    else:
-        c.execute(
-            "INSERT INTO packages(name, size, sha1, sha512, blake3, chunk_size, chunks, stage, origin,"
-            " uploaded_at, uploaded_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(name) DO UPDATE SET size=excluded.size, sha1=excluded.sha1,"
-            " sha512=excluded.sha512, blake3=excluded.blake3, chunk_size=excluded.chunk_size,"
-            " chunks=excluded.chunks, stage=excluded.stage, origin=excluded.origin,"
-            " uploaded_at=excluded.uploaded_at, uploaded_by=excluded.uploaded_by,"
-            " updated_at=excluded.updated_at",
-            (e.name, e.size, e.sha1, e.sha512, e.blake3, e.chunk_size, json.dumps(e.chunks),
-             e.stage, env.origin, env.ts, env.actor, env.ts))
-        c.execute("DELETE FROM availability WHERE name=? AND blake3<>?", (e.name, e.blake3))
-    c.execute("DELETE FROM tombstones WHERE name=? AND blake3=?", (e.name, e.blake3))
-    c.execute("INSERT INTO availability(name, site, blake3, status, detail, updated_at)"
-              " VALUES (?,?,?,?,?,?) ON CONFLICT(name, site) DO UPDATE SET blake3=excluded.blake3,"
-              " status=excluded.status, detail=excluded.detail, updated_at=excluded.updated_at",
-              (e.name, env.origin, e.blake3, "available", "", env.ts))
+IGNORED = "ignored"
 
 
-def _package_staged(c: sqlite3.Connection, env: codec.Envelope, e: ev.PackageStaged) -> None:
-    c.execute("UPDATE packages SET stage=?, updated_at=? WHERE name=?", (e.stage, env.ts, e.name))
+def clock(ts: int, origin: str) -> str:
+    return f"{ts:015d}:{origin}"
 
 
-def _package_deleted(c: sqlite3.Connection, env: codec.Envelope, e: ev.PackageDeleted) -> None:
-    c.execute("DELETE FROM packages WHERE name=? AND blake3=?", (e.name, e.blake3))
-    c.execute("DELETE FROM availability WHERE name=? AND blake3=?", (e.name, e.blake3))
-    c.execute("INSERT OR REPLACE INTO tombstones(name, blake3, origin, deleted_at, deleted_by)"
-              " VALUES (?,?,?,?,?)", (e.name, e.blake3, env.origin, env.ts, env.actor))
+def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_size, chunks, origin,
+             uploaded_at, uploaded_by, stage, at: str, from_upload: bool) -> None:
+    """Record a sighting of a content at clock ``at``, order-independently.
+
+    The metadata of the earliest sighting is kept (an upload event beats an
+    availability report of the same upload); the stage of the latest upload is
+    current until a later PackageStaged. Ties break on the text of the key, so
+    any order of folding gives the same row.
+    """
+    first_key = f"{at}|{0 if from_upload else 1}|{stage}"
+    last_key = f"{at}|{1 if from_upload else 0}|{stage}"
+    c.execute(
+        "INSERT INTO contents(name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
+        " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(name, blake3) DO UPDATE SET"
+        " origin=CASE WHEN excluded.first_key < first_key THEN excluded.origin ELSE origin END,"
+        " uploaded_at=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_at ELSE uploaded_at END,"
+        " uploaded_by=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_by ELSE uploaded_by END,"
+        " first_clock=min(first_clock, excluded.first_clock), first_key=min(first_key, excluded.first_key),"
+        " last_stage=CASE WHEN excluded.last_key > last_key THEN excluded.last_stage ELSE last_stage END,"
+        " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key)",
+        (name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
+         uploaded_by, at, first_key, at, last_key, stage))
 
 
-def _token_created(c: sqlite3.Connection, env: codec.Envelope, e: ev.TokenCreated) -> None:
+def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status: str, detail: str,
+               at: str) -> None:
+    c.execute("INSERT INTO availability(name, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name, blake3, site) DO UPDATE SET status=excluded.status,"
+              " detail=excluded.detail, clock=excluded.clock WHERE excluded.clock > clock",
+              (name, blake3, site, status, detail, at))
+
+
+def _package_uploaded(c, env, e: ev.PackageUploaded, folder) -> None:
+    at = clock(env.ts, env.origin)
+    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+             chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
+             uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
+    _available(c, e.name, e.blake3, env.origin, "available", "", at)
+
+
+def _package_available(c, env, e: ev.PackageAvailable, folder) -> None:
+    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+             chunk_size=e.chunk_size, chunks=e.chunks, origin=e.origin, uploaded_at=e.uploaded_ts,
+             uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
+             from_upload=False)
+    _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
+
+
+def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, folder) -> None:
+    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
+
+
+def _package_staged(c, env, e: ev.PackageStaged, folder) -> None:
+    c.execute("INSERT OR IGNORE INTO stage_changes(name, clock, stage) VALUES (?,?,?)",
+              (e.name, clock(env.ts, env.origin), e.stage))
+
+
+def _package_deleted(c, env, e: ev.PackageDeleted, folder) -> None:
+    c.execute("INSERT INTO tombstones(name, blake3, clock, origin, deleted_at, deleted_by)"
+              " VALUES (?,?,?,?,?,?) ON CONFLICT(name, blake3) DO UPDATE SET clock=excluded.clock,"
+              " origin=excluded.origin, deleted_at=excluded.deleted_at, deleted_by=excluded.deleted_by"
+              " WHERE excluded.clock > clock",
+              (e.name, e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
+
+
+def _peer_invited(c, env, e: ev.PeerInvited, folder) -> None:
+    if env.origin in folder.trusted:  # only this site's own invitations matter here
+        c.execute("INSERT OR IGNORE INTO invites(invite_id, secret_sha256, expires_ts) VALUES (?,?,?)",
+                  (e.invite_id, e.secret_sha256, e.expires_ts))
+
+
+def _peer_registered(c, env, e: ev.PeerRegistered, folder) -> None:
+    c.execute("INSERT INTO directory(site, vouched_by, public_key, name, http_url, clock)"
+              " VALUES (?,?,?,?,?,?) ON CONFLICT(site, vouched_by) DO UPDATE SET"
+              " public_key=excluded.public_key, name=excluded.name, http_url=excluded.http_url,"
+              " clock=excluded.clock WHERE excluded.clock > clock",
+              (e.site, env.origin, e.public_key, e.name, e.http_url, clock(env.ts, env.origin)))
+    if e.invite_id and env.origin in folder.trusted:
+        c.execute("UPDATE invites SET used_by=? WHERE invite_id=?", (e.site, e.invite_id))
+
+
+def _peer_removed(c, env, e: ev.PeerRemoved, folder) -> None:
+    if env.origin in folder.trusted:  # a removal binds only the site that decided it
+        c.execute("INSERT OR REPLACE INTO removals(site, upto_seq, clock) VALUES (?,?,?)",
+                  (e.site, e.upto_seq, clock(env.ts, env.origin)))
+
+
+def _token_created(c, env, e: ev.TokenCreated, folder) -> None:
     c.execute("INSERT OR IGNORE INTO tokens(token_id, name, role, token_sha256, site, created_at,"
               " created_by) VALUES (?,?,?,?,?,?,?)",
               (e.token_id, e.name, e.role, e.token_sha256, env.origin, env.ts, env.actor))
 
 
-def _token_revoked(c: sqlite3.Connection, env: codec.Envelope, e: ev.TokenRevoked) -> None:
+def _token_revoked(c, env, e: ev.TokenRevoked, folder) -> None:
     c.execute("UPDATE tokens SET revoked_at=? WHERE token_id=? AND site=? AND revoked_at IS NULL",
               (env.ts, e.token_id, env.origin))
 
 
 _HANDLERS = {
     ev.PackageUploaded: _package_uploaded,
+    ev.PackageAvailable: _package_available,
+    ev.PackageTransferFailed: _package_transfer_failed,
     ev.PackageStaged: _package_staged,
     ev.PackageDeleted: _package_deleted,
+    ev.PeerInvited: _peer_invited,
+    ev.PeerRegistered: _peer_registered,
+    ev.PeerRemoved: _peer_removed,
     ev.TokenCreated: _token_created,
     ev.TokenRevoked: _token_revoked,
 }
 
 
+LOCAL_COLUMNS = {("events", "position")}  # local cursors: depend on interleaving, not on the log
+
+
 def dump(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
-    """Every table's rows in primary-key order: what a rebuild is compared on."""
+    """Every table's rows, sorted, less local cursors: what a rebuild is compared on."""
     tables = [r[0] for r in conn.execute(
         "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
     out = {}
     for t in tables:
-        out[t] = [tuple(r) for r in conn.execute(f'SELECT * FROM "{t}" ORDER BY 1, 2')]
+        cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{t}")') if (t, r[1]) not in LOCAL_COLUMNS]
+        select = ", ".join(f'"{c}"' for c in cols)
+        out[t] = sorted(tuple(r) for r in conn.execute(f'SELECT {select} FROM "{t}"'))
     return out
 
 

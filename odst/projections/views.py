@@ -11,9 +11,10 @@ from odst.events import codec
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row]) -> dict:
     d = dict(row)
+    d.pop("first_clock", None)
     d["chunks"] = json.loads(d["chunks"])
     d["availability"] = {a["site"]: {"status": a["status"], "detail": a["detail"],
-                                     "updated_at": a["updated_at"]} for a in availability}
+                                     "updated_at": int(a["clock"][:15])} for a in availability}
     return d
 
 
@@ -39,14 +40,14 @@ def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | Non
     args += [limit, offset]
     rows = conn.execute(sql, args).fetchall()
     avail: dict[str, list] = {}
-    for a in conn.execute("SELECT availability.* FROM availability JOIN packages USING(name)"
-                          " WHERE availability.blake3 = packages.blake3 ORDER BY site"):
+    for a in conn.execute("SELECT a.* FROM availability a JOIN packages p"
+                          " ON p.name = a.name AND p.blake3 = a.blake3 ORDER BY a.site"):
         avail.setdefault(a["name"], []).append(a)
     return [_package(r, avail.get(r["name"], [])) for r in rows]
 
 
 def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | None:
-    """The package row if this site holds a verified copy (what downloads serve)."""
+    """The package row if this site holds a verified copy of its current content."""
     return conn.execute(
         "SELECT p.name, p.size, p.blake3, p.sha1, p.uploaded_at FROM packages p JOIN availability a"
         " ON a.name=p.name AND a.blake3=p.blake3 AND a.site=? AND a.status='available'"
@@ -54,8 +55,14 @@ def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | No
 
 
 def published_names(conn: sqlite3.Connection, site: str) -> set[str]:
+    """Names whose current content this site holds: the files packages/ should contain."""
     return {r[0] for r in conn.execute(
-        "SELECT name FROM availability WHERE site=? AND status='available'", (site,))}
+        "SELECT p.name FROM packages p JOIN availability a ON a.name=p.name AND a.blake3=p.blake3"
+        " AND a.site=? AND a.status='available'", (site,))}
+
+
+def conflicts(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT * FROM conflicts ORDER BY name, first_clock")]
 
 
 def event_json(row: sqlite3.Row) -> dict:
@@ -93,7 +100,7 @@ def last_position(conn: sqlite3.Connection) -> int:
 
 def quarantine(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
     return [{"stream": r["stream"], "stream_seq": r["stream_seq"], "subject": r["subject"],
-             "origin": r["origin"], "reason": r["reason"],
+             "origin": r["origin"], "kind": r["kind"], "reason": r["reason"],
              "payload": base64.b64encode(bytes(r["payload"])).decode("ascii")}
             for r in conn.execute("SELECT * FROM quarantine ORDER BY stream, stream_seq LIMIT ?",
                                   (limit,))]
