@@ -739,6 +739,7 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": platform.node(), "kernel": platform.release(),
             "cpus": os.cpu_count(), "python": sys.executable,
+            "loadavg_start": os.getloadavg(),
             "python_version": platform.python_version(),
             "nginx": tool_version([nginx_binary(), "-v"]),
             "wrk": tool_version(["wrk", "-v"]), "curl": tool_version(["curl", "--version"]),
@@ -865,6 +866,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, old_term)
 
     R["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    R["meta"]["loadavg_end"] = os.getloadavg()
     out = Path(args.json) if args.json else work / "results.json"
     out.write_text(json.dumps(R, indent=2, default=str))
     print_report(R, out)
@@ -1222,6 +1224,11 @@ def print_report(R: dict, out: Path) -> None:
     print(f"file {p['size_mib']} MiB random; reference = sha512sum (upload), nginx sendfile "
           f"(download); wrk {p['duration']:g} s/server, {p['wrk_threads']} threads, "
           f"{p['range_requests']}; MB = 10^6 bytes")
+    la0, la1 = R["meta"].get("loadavg_start"), R["meta"].get("loadavg_end")
+    if la0 and la1:
+        busy = "  (machine was busy before the run: figures are noisy)" if la0[0] > 0.7 else ""
+        print(f"load average 1/5/15 min: start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, "
+              f"end {la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}{busy}")
     print(line)
     print("  ".join(str(h).ljust(w_) for h, w_ in zip(head, widths)))
     print(line)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 from odst import __version__
@@ -61,7 +62,9 @@ def cmd_serve(args) -> int:
     from odst.site import Site, SiteBusy
 
     settings = _settings(args, http=args.http, site_name=args.site_name, store=args.store,
-                         context=args.context, nats_listen=args.nats_listen)
+                         context=args.context, nats_listen=args.nats_listen, leaf_listen=args.leaf_listen,
+                         leaf_remotes=args.leaf_remote or None, public_url=args.public_url,
+                         accept_stages=args.accept_stage or None)
     configure(settings.log_format, settings.log_level)
 
     async def main() -> int:
@@ -132,6 +135,49 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_peer(args) -> int:
+    from urllib.parse import quote
+
+    from odst.client import Client
+    c = Client(args.server, args.token)
+    if args.peer_command == "invite":
+        out = c.request("POST", "/api/v1/peers/invites", json={"ttl_s": args.ttl})
+        print(f"invitation {out['invite_id']}, valid until "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(out['expires_ts'] / 1000))}; "
+              "on the other site run: odst peer join <token>", file=sys.stderr)
+        print(out["token"])
+    elif args.peer_command == "join":
+        out = c.request("POST", "/api/v1/peers/join", json={"token": args.invite})
+        print(f"registered with site {out['site']} {out.get('name') or ''} (via {out['via']})")
+    elif args.peer_command == "remove":
+        out = c.request("DELETE", f"/api/v1/peers/{quote(args.site, safe='')}")
+        print(f"removed {out['removed']}; its events after seq {out['upto_seq']} are ignored here")
+    else:
+        out = c.request("GET", "/api/v1/peers")
+        if args.json:
+            print(json.dumps(out, indent=2))
+        for p in out["peers"]:
+            link = p["link"]
+            print(f"{p['site']}\t{p['name'] or '-'}\t{link.get('link')}\tlag={link.get('lag')}\t"
+                  f"{'registered here' if p['registered_here'] else 'via ' + ','.join(p['vouched_by'])}\t"
+                  f"{p['http_url']}")
+    return 0
+
+
+def cmd_state(args) -> int:
+    from odst.client import Client
+    out = Client(args.server, args.token).request("GET", "/api/v1/state")
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"site {out['site']}  digest {out['digest']}")
+    for p in out["packages"]:
+        print(f"  {p['name']}\t{p['stage']}\t{','.join(p['available_at'])}")
+    for t in out["transfers"]:
+        print(f"  transfer {t['name']}: {t['status']} {t['chunks_done']}/{t['chunks_total']} {t['detail']}")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from odst.audit import run_audit
     report = _run(run_audit(_settings(args)))
@@ -158,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-name", help="a human name for this site")
     p.add_argument("--store", help="package store directory (default <data>/store)")
     p.add_argument("--context", help="distribution point context (default CasperShare)")
+    p.add_argument("--public-url", help="URL peers and Macs use to reach this gateway (default http://<http>)")
+    p.add_argument("--leaf-listen", help="HOST:PORT: accept NATS leaf-node connections from other sites (a hub)")
+    p.add_argument("--leaf-remote", action="append",
+                   help="nats-leaf://HOST:PORT of a hub to dial (a spoke; repeatable)")
+    p.add_argument("--accept-stage", action="append",
+                   help="a stage this site replicates (repeatable; default: every stage)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("upload", help="upload a package to a running site, with progress")
@@ -183,6 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("stage")
     p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("peer", help="register sites with each other")
+    peer = p.add_subparsers(dest="peer_command", required=True)
+    q = peer.add_parser("invite", help="print a one-time invitation token (last line)")
+    _client_flags(q)
+    q.add_argument("--ttl", type=int, default=24 * 3600, help="seconds the invitation stays valid")
+    q = peer.add_parser("join", help="register this site with the site that made the invitation")
+    _client_flags(q)
+    q.add_argument("invite")
+    q = peer.add_parser("list", help="peers and their link state")
+    _client_flags(q)
+    q.add_argument("--json", action="store_true")
+    q = peer.add_parser("remove", help="stop trusting a peer")
+    _client_flags(q)
+    q.add_argument("site")
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("state", help="replicated state, its digest, and transfers in progress")
+    _client_flags(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_state)
 
     p = sub.add_parser("audit", help="verify the whole log and compare a rebuild with the read model")
     _site_flags(p)

@@ -27,6 +27,12 @@ class Settings:
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
     store: str = ""  # package store directory; empty: <data>/store
     site_name: str = ""
+    public_url: str = ""  # how peers and Macs reach this gateway; empty: http://<http>
+    leaf_listen: str = ""  # HOST:PORT: accept NATS leaf-node connections (a hub)
+    leaf_remotes: list[str] = field(default_factory=list)  # nats-leaf://HOST:PORT to dial (a spoke)
+    accept_stages: list[str] = field(default_factory=list)  # stages replicated here; empty: all
+    replication_streams: int = 8  # chunks in flight per package
+    replication_packages: int = 2  # packages fetched at once
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])
@@ -42,6 +48,14 @@ class Settings:
     @property
     def store_dir(self) -> Path:
         return Path(self.store) if self.store else self.data / "store"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.http}").rstrip("/")
+
+    @property
+    def accepted_stages(self) -> list[str]:
+        return self.accept_stages or self.stages
 
     @property
     def http_host(self) -> str:
@@ -63,6 +77,14 @@ class Settings:
         if not self.context.strip("/") or "/" in self.context.strip("/"):
             raise ConfigError(f"context must be one path segment, got {self.context!r}")
         self.context = self.context.strip("/")
+        for remote in self.leaf_remotes:
+            if not remote.startswith(("nats-leaf://", "nats://", "tls://", "ws://", "wss://")):
+                raise ConfigError(f"leaf remote {remote!r} must be a URL such as nats-leaf://HOST:PORT")
+        if self.leaf_listen and ":" not in self.leaf_listen:
+            raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
+        unknown = [s for s in self.accept_stages if s not in self.stages]
+        if unknown:
+            raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")
         self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in self.allowed_extensions]
         return self

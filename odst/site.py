@@ -108,12 +108,17 @@ class Site:
         self.nats_url = ""
         self.lock = DataDirLock(self.data)
         self.printed_token: str | None = None
+        self.publishing: set[str] = set()  # names being published right now (not yet in the read model)
+        self.linker = None
+        self.replicator = None
+        self.chunk_server = None
+        self.registration = None
 
     @property
     def id(self) -> str:
         return self.key.site_id
 
-    async def open(self, *, bootstrap: bool = True) -> "Site":
+    async def open(self, *, bootstrap: bool = True, replicate: bool = True) -> "Site":
         self.data.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         self.key = SiteKey.load_or_create(key_path(self.data))
@@ -124,7 +129,9 @@ class Site:
             host, port = self.settings.nats_listen.rsplit(":", 1)
             self.broker = EmbeddedBroker(
                 BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats", host=host,
-                             port=int(port), sync_interval=self.settings.sync_interval),
+                             port=int(port), sync_interval=self.settings.sync_interval,
+                             leaf_listen=self.settings.leaf_listen or None,
+                             leaf_remotes=list(self.settings.leaf_remotes)),
                 run_dir(self.data))
             self.nats_url = self.broker.start()
         self.nc = await nats.connect(self.nats_url, name=f"odst-{self.key.site_id}",
@@ -146,6 +153,19 @@ class Site:
         self.store.sweep(views.published_names(self.reader, self.id))
         if bootstrap:
             await self._bootstrap_admin_token()
+        from odst.replicator.linker import Linker
+        from odst.replicator.peering import RegistrationService
+        from odst.replicator.replicator import Replicator
+        from odst.replicator.transport import ChunkServer
+        self.linker = Linker(self)
+        await self.linker.sync()
+        self.chunk_server = ChunkServer(self)
+        self.registration = RegistrationService(self)
+        await self.chunk_server.start()
+        await self.registration.start()
+        if replicate:
+            self.replicator = Replicator(self)
+            self.replicator.start()
         (run_dir(self.data) / "site.json").write_text(json.dumps(
             {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
         log.info("site open", data=str(self.data), nats=self.nats_url)
@@ -187,6 +207,8 @@ class Site:
     async def health(self) -> tuple[bool, str]:
         if self.nc is None or not self.nc.is_connected:
             return False, "broker not connected"
+        if self.broker is not None and self.broker.problem():
+            return False, self.broker.problem()
         if self.projector.error:
             return False, f"projector: {self.projector.error}"
         try:
@@ -199,6 +221,11 @@ class Site:
         return True, "ok"
 
     async def close(self) -> None:
+        if self.replicator:
+            await self.replicator.stop()
+        for service in (self.chunk_server, self.registration):
+            if service:
+                await service.stop()
         if self.projector:
             await self.projector.stop()
         if self.nc:

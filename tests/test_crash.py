@@ -159,8 +159,10 @@ def test_kill9_mid_upload_leaves_no_partial_file_and_loses_nothing(make_site):
     assert "response" not in outcome, f"the interrupted upload must not succeed: {outcome}"
 
     # PR_SET_PDEATHSIG: the broker dies with its parent; nothing is left holding the data dir.
-    wait_until(lambda: not procs_using(data), 30,
-               what=f"every process using {data} to exit (left: {procs_using(data)})")
+    try:
+        wait_until(lambda: not procs_using(data), 30, what="every process using the data dir to exit")
+    except AssertionError:
+        raise AssertionError(f"still running after the kill: {procs_using(data)}") from None
     assert not pid_alive(broker)
     assert list(tmp.glob("*.part")), "the kill should have left a partial file for the restart to sweep"
 

@@ -72,8 +72,9 @@ class BrokerConfig:
             if self.leaf_listen:
                 lines.append(f'  listen: "{self.leaf_listen}"')
             if self.leaf_remotes:
-                urls = ", ".join(f'"{u}"' for u in self.leaf_remotes)
-                lines.append(f"  remotes: [ {{ urls: [ {urls} ] }} ]")
+                entries = ", ".join(f'{{ url: "{u}" }}' for u in self.leaf_remotes)
+                lines.append(f"  remotes: [ {entries} ]")
+                lines.append("  reconnect: 1")
             lines.append("}")
         if self.extra:
             lines.append(self.extra)
@@ -95,6 +96,8 @@ class EmbeddedBroker:
         self.run_dir = Path(run_dir)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
+        self._log_offset = 0
+        self._problem = ""
 
     def start(self, timeout: float = 20.0) -> str:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,9 @@ class EmbeddedBroker:
         conf.write_text(self.config.render())
         for old in self.run_dir.glob("nats-server_*.ports"):
             old.unlink(missing_ok=True)
-        logfile = open(self.run_dir / "nats.log", "ab")
+        log_path = self.run_dir / "nats.log"
+        self._log_offset = log_path.stat().st_size if log_path.exists() else 0
+        logfile = open(log_path, "ab")
         cmd = [nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(self.run_dir),
                "-P", str(self.run_dir / "nats.pid")]
         self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
@@ -127,6 +132,25 @@ class EmbeddedBroker:
             time.sleep(0.05)
         self.stop()
         raise BrokerError(f"nats-server did not report its port within {timeout}s")
+
+    def problem(self) -> str:
+        """A broker problem an operator must fix (e.g. a leaf-node loop), read from its log."""
+        try:
+            with open(self.run_dir / "nats.log", "rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode("utf-8", "replace")
+                self._log_offset = f.tell()
+        except OSError:
+            return self._problem
+        for line in text.splitlines():
+            if "Loop detected" in line or "loop detected" in line:
+                self._problem = ("leaf-node loop refused by nats-server: the leaf links must form a tree "
+                                 "(hub and spokes, or chains); remove one link. " + line.strip()[-200:])
+                log.error("leaf-node loop detected", line=line.strip())
+            elif "Leafnode connection created" in line or "Leafnode Connection" in line and "created" in line:
+                if self._problem.startswith("leaf-node loop"):
+                    self._problem = ""
+        return self._problem
 
     def _stop_stale(self) -> None:
         """A broker left by a killed parent that somehow survived: stop it before reuse."""

@@ -127,16 +127,20 @@ class PackageController(Controller):
             raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
         async with _lock_for(name):
             existing = views.package(site.reader, name)
-            if existing is not None:
+            held_here = existing is not None and existing["availability"].get(
+                site.id, {}).get("status") == "available"
+            if existing is not None and (existing["blake3"] != manifest.blake3 or held_here):
                 upload.path.unlink(missing_ok=True)
-                if existing["blake3"] == manifest.blake3 and site.id in existing["availability"]:
+                if held_here and existing["blake3"] == manifest.blake3:
                     return Response(existing, status_code=200)
                 raise PackageConflict(f"a different package named {name!r} exists "
                                       f"(sha1 {existing['sha1']}, yours {manifest.sha1}); "
                                       "delete it first or choose another name")
+            site.publishing.add(name)
             try:
                 site.store.publish(upload.path, name)
             except FileExistsError:
+                site.publishing.discard(name)
                 upload.path.unlink(missing_ok=True)
                 raise PackageConflict(f"a file named {name!r} is being published; retry") from None
             event = ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
@@ -148,6 +152,8 @@ class PackageController(Controller):
             except AppendFailed as exc:
                 site.store.remove(name)
                 raise Unavailable(f"upload not recorded, try again: {exc}") from None
+            finally:
+                site.publishing.discard(name)
         log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
         return Response(views.package(site.reader, name), status_code=201)
 

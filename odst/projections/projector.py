@@ -33,6 +33,13 @@ class Projector:
         for s in self.streams:
             self._tasks.append(asyncio.create_task(self._tail(s), name=f"projector:{s}"))
 
+    def add_stream(self, stream: str) -> None:
+        """Start tailing another stream (a peer's mirror) from its checkpoint."""
+        if stream in self.streams:
+            return
+        self.streams.append(stream)
+        self._tasks.append(asyncio.create_task(self._tail(stream), name=f"projector:{stream}"))
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

@@ -120,3 +120,80 @@ def tokens(conn: sqlite3.Connection, site: str) -> list[dict]:
 
 def count(conn: sqlite3.Connection, table: str) -> int:
     return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+
+
+def local_content(conn: sqlite3.Connection, blake3: str, site: str) -> sqlite3.Row | None:
+    """A live content held here with this blake3 (any name), for serving chunks to peers."""
+    return conn.execute(
+        "SELECT c.name, c.size, c.chunk_size FROM live_contents c JOIN availability a"
+        " ON a.name=c.name AND a.blake3=c.blake3 AND a.site=? AND a.status='available'"
+        " WHERE c.blake3=? LIMIT 1", (site, blake3)).fetchone()
+
+
+def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
+    """Current packages in an accepted stage that this site does not hold yet."""
+    marks = ",".join("?" * len(stages))
+    return conn.execute(
+        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("
+        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.blake3=p.blake3 AND a.site=?"
+        " AND a.status='available') ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
+
+
+def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
+    """Other trusted sites that hold a verified copy of this content."""
+    return [r[0] for r in conn.execute(
+        "SELECT a.site FROM availability a WHERE a.name=? AND a.blake3=? AND a.status='available'"
+        " AND a.site<>? AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site",
+        (name, blake3, site))]
+
+
+def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
+    """Every site this one knows a key for (registered here or vouched for by a peer), less removed."""
+    rows = conn.execute(
+        "SELECT d.site, d.public_key, d.name, d.http_url, d.vouched_by, d.clock FROM directory d"
+        " WHERE d.site<>? AND d.site NOT IN (SELECT site FROM removals)"
+        " ORDER BY d.site, (d.vouched_by = ?) DESC, d.clock DESC", (site, site)).fetchall()
+    out: dict[str, dict] = {}
+    for r in rows:
+        entry = out.setdefault(r["site"], {"site": r["site"], "public_key": r["public_key"],
+                                           "name": r["name"], "http_url": r["http_url"],
+                                           "registered_here": False, "vouched_by": []})
+        if r["vouched_by"] == site:
+            entry["registered_here"] = True
+        else:
+            entry["vouched_by"].append(r["vouched_by"])
+    return list(out.values())
+
+
+def removed_peers(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT site, upto_seq FROM removals ORDER BY site")]
+
+
+def site_chain(conn: sqlite3.Connection, site: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM sites WHERE site=?", (site,)).fetchone()
+
+
+def replicated_state(conn: sqlite3.Connection) -> list[list]:
+    """What every converged site agrees on: per current package, its content, stage and holders."""
+    holders: dict[tuple[str, str], list[str]] = {}
+    for a in conn.execute("SELECT a.name, a.blake3, a.site FROM availability a JOIN packages p"
+                          " ON p.name=a.name AND p.blake3=a.blake3 WHERE a.status='available'"
+                          " AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site"):
+        holders.setdefault((a[0], a[1]), []).append(a[2])
+    return [[r["name"], r["blake3"], r["stage"], holders.get((r["name"], r["blake3"]), [])]
+            for r in conn.execute("SELECT name, blake3, stage FROM packages ORDER BY name")]
+
+
+def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
+    """name -> blake3 of the content this site has said it holds under that name, if still live."""
+    return {r[0]: r[1] for r in conn.execute(
+        "SELECT a.name, a.blake3 FROM availability a JOIN live_contents c ON c.name=a.name"
+        " AND c.blake3=a.blake3 WHERE a.site=? AND a.status='available'", (site,))}
+
+
+def live_names(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT DISTINCT name FROM live_contents")}
+
+
+def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:
+    return conn.execute("SELECT 1 FROM live_contents WHERE blake3=? LIMIT 1", (blake3,)).fetchone() is not None

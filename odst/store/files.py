@@ -61,6 +61,13 @@ class Store:
         _fsync_dir(self.packages)
         return dest
 
+    def replace(self, temp: Path, name: str) -> Path:
+        """Atomically put a verified temp file at packages/<name>, replacing what was there."""
+        dest = self.path(name)
+        os.replace(temp, dest)
+        _fsync_dir(self.packages)
+        return dest
+
     def remove(self, name: str) -> bool:
         try:
             os.unlink(self.path(name))

@@ -1,0 +1,126 @@
+"""/api/v1/peers and /api/v1/state (admin side) and /peer/v1 (site-to-site, signed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
+
+from odst.errors import NotFound, RequestInvalid
+from odst.events import catalogue as ev
+from odst.gateway.auth import ADMIN, READ
+from odst.projections import views
+from odst.replicator import peering
+from odst.replicator.requests import PeerRequestRefused
+from odst.replicator.transport import ChunkUnavailable
+from odst.site import Site
+
+
+class InviteCreate(msgspec.Struct, forbid_unknown_fields=True):
+    ttl_s: int = peering.DEFAULT_TTL_S
+
+
+class Join(msgspec.Struct, forbid_unknown_fields=True):
+    token: str
+
+
+def _decode(body: bytes, type_):
+    try:
+        return msgspec.json.decode(body or b"{}", type=type_)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise RequestInvalid(f"invalid body: {exc}") from None
+
+
+def state_digest(state: list) -> str:
+    return hashlib.sha256(json.dumps(state, separators=(",", ":")).encode()).hexdigest()
+
+
+class PeerController(Controller):
+    path = "/api/v1"
+    tags = ["peers"]
+
+    @post("/peers/invites", operation_id="createInvite", opt={"roles": ADMIN}, status_code=201)
+    async def create_invite(self, request: Request) -> dict[str, Any]:
+        """A one-time invitation token for another site (``odst peer join TOKEN``)."""
+        site: Site = request.app.state.site
+        body = _decode(await request.body(), InviteCreate)
+        if not 60 <= body.ttl_s <= 30 * 86400:
+            raise RequestInvalid("ttl_s must be between 60 seconds and 30 days")
+        return await peering.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
+
+    @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN}, status_code=201)
+    async def join(self, request: Request) -> dict[str, Any]:
+        """Complete a mutual registration with the site that made the invitation."""
+        site: Site = request.app.state.site
+        body = _decode(await request.body(), Join)
+        result = await peering.join(site, body.token, actor=request.state.actor)
+        site.replicator and site.replicator.kick()
+        return result
+
+    @get("/peers", operation_id="listPeers", opt={"roles": READ})
+    async def list_peers(self, request: Request) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        peers = views.peer_sites(site.reader, site.id)
+        for p in peers:
+            p["link"] = await site.linker.status(p["site"])
+            p["bad_chunks"] = site.replicator.bad_chunks.get(p["site"], 0) if site.replicator else 0
+        return {"site": site.id, "peers": peers, "removed": views.removed_peers(site.reader)}
+
+    @delete("/peers/{peer:str}", operation_id="removePeer", opt={"roles": ADMIN}, status_code=200)
+    async def remove_peer(self, request: Request, peer: str) -> dict[str, Any]:
+        """Stop trusting a peer: its events after the last one seen here are ignored."""
+        site: Site = request.app.state.site
+        if not any(p["site"] == peer for p in views.peer_sites(site.reader, site.id)):
+            raise NotFound(f"no peer {peer!r}")
+        chain = views.site_chain(site.reader, peer)
+        upto = chain["last_seq"] if chain else 0
+        await site.append(ev.PeerRemoved(site=peer, upto_seq=upto), actor=request.state.actor)
+        return {"removed": peer, "upto_seq": upto}
+
+    @get("/state", operation_id="getState", opt={"roles": READ})
+    async def state(self, request: Request) -> dict[str, Any]:
+        """Replicated state with a digest equal on every converged site, plus local transfers."""
+        site: Site = request.app.state.site
+        replicated = views.replicated_state(site.reader)
+        return {"site": site.id, "digest": state_digest(replicated),
+                "packages": [{"name": n, "blake3": b, "stage": s, "available_at": sites}
+                             for n, b, s, sites in replicated],
+                "transfers": site.replicator.transfers() if site.replicator else [],
+                "conflicts": views.conflicts(site.reader),
+                "quarantined": views.count(site.reader, "quarantine")}
+
+
+def _peer_headers(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
+class PeerProtocolController(Controller):
+    """Site-to-site routes: no bearer token, a signature from a registered site instead."""
+
+    path = "/peer/v1"
+    tags = ["site-to-site"]
+
+    @get("/chunks/{blake3:str}/{index:int}", operation_id="peerChunk", media_type="application/octet-stream")
+    async def chunk(self, request: Request, blake3: str, index: int = Parameter(ge=0)) -> Response[bytes]:
+        site: Site = request.app.state.site
+        target = f"/peer/v1/chunks/{blake3}/{index}"
+        try:
+            site.chunk_server.authorise("GET", target, _peer_headers(request))
+        except PeerRequestRefused as exc:
+            return Response({"error": "peer_refused", "detail": str(exc)}, status_code=403)
+        try:
+            data = await site.chunk_server.read(blake3, index)
+        except ChunkUnavailable as exc:
+            return Response({"error": "chunk_unavailable", "detail": str(exc)}, status_code=404)
+        return Response(data, media_type="application/octet-stream")
+
+    @post("/register", operation_id="peerRegister", status_code=200)
+    async def register(self, request: Request) -> Response[bytes]:
+        site: Site = request.app.state.site
+        reply, sig = await peering.handle_register(site, await request.body(),
+                                                   request.headers.get("x-odst-signature", ""))
+        return Response(reply, media_type="application/json", headers={"x-odst-signature": sig})

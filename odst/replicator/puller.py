@@ -1,0 +1,220 @@
+"""The puller: one content from many sources, as a documented pipeline.
+
+    pick source (least busy, not failing) -> fetch chunk -> verify length + SHA1
+    -> pwrite into tmp/<blake3>.repl -> ... -> fsync -> whole-file SHA1 + blake3
+    -> (caller) atomic rename into packages/ -> PackageAvailable
+
+A chunk that fails its SHA1 is dropped, the source is reported and penalised,
+and the chunk is fetched again from another source. After a crash the temp file
+is re-verified chunk by chunk and only missing or bad chunks are fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import blake3 as blake3_mod
+import structlog
+
+from odst.replicator.transport import ChunkSource, ChunkUnavailable, TransportFailed
+from odst.store.manifest import chunk_count, chunk_span
+
+log = structlog.get_logger("odst.puller")
+
+BAD_CHUNK_PENALTY = 1000.0
+FAILURE_PENALTY = 100.0
+PENALTY_HALF_LIFE_S = 30.0
+MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer gives up
+
+
+class TransferFailed(Exception):
+    """The content could not be fetched and verified from any source (for now)."""
+
+
+@dataclass(frozen=True)
+class Want:
+    name: str
+    blake3: str
+    size: int
+    sha1: str
+    sha512: str
+    chunk_size: int
+    chunks: tuple[str, ...]
+    stage: str
+    origin: str
+    uploaded_ts: int
+    uploaded_by: str
+
+
+@dataclass
+class Progress:
+    name: str
+    blake3: str
+    total: int
+    done: int = 0
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    status: str = "pending"
+    detail: str = ""
+    sources: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return {"name": self.name, "blake3": self.blake3, "status": self.status, "detail": self.detail,
+                "chunks_done": self.done, "chunks_total": self.total,
+                "rate_bytes_per_s": int(self.bytes / elapsed) if self.status == "downloading" else 0,
+                "sources": self.sources}
+
+
+class _SourceState:
+    def __init__(self, source: ChunkSource, base: float):
+        self.source = source
+        self.base = base
+        self.in_flight = 0
+        self.penalty = 0.0
+        self.penalty_at = time.monotonic()
+
+    def cost(self) -> float:
+        age = time.monotonic() - self.penalty_at
+        return self.base + self.in_flight + self.penalty * 0.5 ** (age / PENALTY_HALF_LIFE_S)
+
+    def punish(self, amount: float) -> None:
+        self.penalty = self.penalty * 0.5 ** ((time.monotonic() - self.penalty_at) / PENALTY_HALF_LIFE_S) + amount
+        self.penalty_at = time.monotonic()
+
+
+def temp_path(tmp_dir: Path, blake3: str) -> Path:
+    return tmp_dir / f"{blake3}.repl"
+
+
+class Puller:
+    def __init__(self, want: Want, sources: list[tuple[ChunkSource, float]], tmp_dir: Path, *,
+                 streams: int = 8, progress: Progress | None = None,
+                 on_bad_source: Callable[[str, str], None] | None = None):
+        self.want = want
+        self.states = [_SourceState(s, base) for s, base in sources]
+        self.path = temp_path(tmp_dir, want.blake3)
+        self.streams = max(1, streams)
+        self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
+        self.on_bad_source = on_bad_source or (lambda site, reason: None)
+
+    async def run(self) -> Path:
+        w = self.want
+        if chunk_count(w.size, w.chunk_size) != len(w.chunks):
+            raise TransferFailed("manifest is inconsistent: chunk count does not match size")
+        if not self.states:
+            raise TransferFailed("no source has this content")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            existing = os.fstat(fd).st_size
+            if existing > w.size:
+                os.ftruncate(fd, 0)
+                existing = 0
+            os.ftruncate(fd, w.size)
+            done = await asyncio.to_thread(self._verified_chunks, fd) if existing else set()
+            self.progress.done = len(done)
+            self.progress.status = "downloading"
+            self.progress.sources = sorted({s.source.site for s in self.states})
+            if done:
+                log.info("resuming transfer", package=w.name, verified_chunks=len(done), total=len(w.chunks))
+            queue: asyncio.Queue[int] = asyncio.Queue()
+            for i in range(len(w.chunks)):
+                if i not in done:
+                    queue.put_nowait(i)
+            workers = [asyncio.create_task(self._worker(fd, queue))
+                       for _ in range(min(self.streams, queue.qsize()))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for t in workers:
+                    t.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.to_thread(os.fsync, fd)
+            sha1, b3 = await asyncio.to_thread(self._whole_file_hashes, fd)
+        finally:
+            os.close(fd)
+        if sha1 != w.sha1 or b3 != w.blake3:
+            self.path.unlink(missing_ok=True)
+            raise TransferFailed(f"whole-file hash mismatch (sha1 {sha1}, blake3 {b3}); discarded")
+        return self.path
+
+    def _verified_chunks(self, fd: int) -> set[int]:
+        """Chunks already in the temp file that match the manifest (resume after a crash)."""
+        done = set()
+        w = self.want
+        for i, expected in enumerate(w.chunks):
+            offset, length = chunk_span(i, w.size, w.chunk_size)
+            data = os.pread(fd, length, offset)
+            if len(data) == length and hashlib.sha1(data).hexdigest() == expected:
+                done.add(i)
+        return done
+
+    def _whole_file_hashes(self, fd: int) -> tuple[str, str]:
+        sha1, b3 = hashlib.sha1(), blake3_mod.blake3()
+        offset, block = 0, 4 << 20
+        while True:
+            data = os.pread(fd, block, offset)
+            if not data:
+                break
+            sha1.update(data)
+            b3.update(data)
+            offset += len(data)
+        return sha1.hexdigest(), b3.hexdigest()
+
+    def _pick(self, tried: set[int]) -> _SourceState | None:
+        candidates = [s for s in self.states if id(s) not in tried]
+        if not candidates:
+            return None
+        best = min(s.cost() for s in candidates)
+        return random.choice([s for s in candidates if s.cost() - best < 0.5])
+
+    async def _worker(self, fd: int, queue: asyncio.Queue) -> None:
+        w = self.want
+        while True:
+            try:
+                index = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            offset, length = chunk_span(index, w.size, w.chunk_size)
+            tried: set[int] = set()
+            rounds = 0
+            while True:
+                state = self._pick(tried)
+                if state is None:
+                    rounds += 1
+                    if rounds >= MAX_ROUNDS:
+                        raise TransferFailed(f"chunk {index}: every source failed {MAX_ROUNDS} times")
+                    tried.clear()
+                    await asyncio.sleep(min(2.0 ** rounds * 0.25, 5.0))  # back off before another round
+                    continue
+                tried.add(id(state))
+                src = state.source
+                state.in_flight += 1
+                try:
+                    data = await src.fetch(w.blake3, index)
+                except (TransportFailed, ChunkUnavailable) as exc:
+                    state.punish(FAILURE_PENALTY)
+                    log.info("chunk fetch failed; trying another source", package=w.name, chunk=index,
+                             peer=src.site, transport=src.kind, error=str(exc))
+                    continue
+                finally:
+                    state.in_flight -= 1
+                if len(data) != length or hashlib.sha1(data).hexdigest() != w.chunks[index]:
+                    state.punish(BAD_CHUNK_PENALTY)
+                    reason = (f"chunk {index} of {w.name} failed verification "
+                              f"({len(data)} bytes, expected {length})")
+                    log.warning("bad chunk from peer; dropped", package=w.name, chunk=index,
+                                peer=src.site, transport=src.kind)
+                    self.on_bad_source(src.site, reason)
+                    continue
+                await asyncio.to_thread(os.pwrite, fd, data, offset)
+                self.progress.done += 1
+                self.progress.bytes += len(data)
+                break

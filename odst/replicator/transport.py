@@ -1,0 +1,169 @@
+"""Chunk transports: how one site fetches a 1 MiB chunk of a content from another.
+
+Two implementations of one ``ChunkSource`` protocol (contract-tested together):
+HTTP from the peer's gateway (fast path), and NATS request/reply on the peer's
+``odst.<site>.chunk`` subject through the leaf tree (for sites that only dial
+out). Both sign every request with the site key. The serving side of both is
+``ChunkServer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Protocol
+
+import httpx
+import structlog
+
+from odst.events.signing import SiteKey
+from odst.projections import views
+from odst.replicator.requests import PeerRequestRefused, RequestVerifier, sign_request
+
+log = structlog.get_logger("odst.transport")
+
+CHUNK_METHOD = "CHUNK"
+
+
+class ChunkUnavailable(Exception):
+    """The source does not have this chunk (or refused to serve it)."""
+
+
+class TransportFailed(Exception):
+    """The source could not be reached or did not answer in time."""
+
+
+def chunk_subject(site: str) -> str:
+    return f"odst.{site}.chunk"
+
+
+def chunk_target(blake3: str, index: int) -> str:
+    return f"/peer/v1/chunks/{blake3}/{index}"
+
+
+class ChunkSource(Protocol):
+    site: str
+    kind: str
+
+    async def fetch(self, blake3: str, index: int) -> bytes: ...
+
+
+class HttpChunkSource:
+    kind = "http"
+
+    def __init__(self, site: str, base_url: str, key: SiteKey, client: httpx.AsyncClient):
+        self.site, self.base_url, self.key, self.client = site, base_url.rstrip("/"), key, client
+
+    async def fetch(self, blake3: str, index: int) -> bytes:
+        target = chunk_target(blake3, index)
+        try:
+            r = await self.client.get(self.base_url + target, headers=sign_request(self.key, "GET", target))
+        except httpx.HTTPError as exc:
+            raise TransportFailed(f"{self.site} over HTTP: {type(exc).__name__}: {exc}") from None
+        if r.status_code == 200:
+            return r.content
+        if r.status_code in (403, 404):
+            raise ChunkUnavailable(f"{self.site} over HTTP: {r.status_code} {r.text[:200]}")
+        raise TransportFailed(f"{self.site} over HTTP: {r.status_code} {r.text[:200]}")
+
+
+class NatsChunkSource:
+    kind = "nats"
+
+    def __init__(self, site: str, nc, key: SiteKey, timeout: float = 15.0):
+        self.site, self.nc, self.key, self.timeout = site, nc, key, timeout
+
+    async def fetch(self, blake3: str, index: int) -> bytes:
+        target = chunk_target(blake3, index)
+        try:
+            msg = await self.nc.request(chunk_subject(self.site), b"", timeout=self.timeout,
+                                        headers=sign_request(self.key, CHUNK_METHOD, target) | {"target": target})
+        except Exception as exc:  # nats timeout / no responders / connection closed
+            raise TransportFailed(f"{self.site} over NATS: {type(exc).__name__}") from None
+        status = (msg.headers or {}).get("odst-status", "")
+        if status == "200":
+            return msg.data
+        detail = (msg.headers or {}).get("odst-error", "")
+        if status in ("403", "404"):
+            raise ChunkUnavailable(f"{self.site} over NATS: {status} {detail}")
+        raise TransportFailed(f"{self.site} over NATS: {status or 'no status'} {detail}")
+
+
+class ChunkServer:
+    """Serves chunks of the contents this site holds, to trusted peers only."""
+
+    def __init__(self, site):
+        self.site = site
+        self.verifier = RequestVerifier(self._key_of)
+        self._sub = None
+
+    def _key_of(self, site_id: str) -> bytes | None:
+        if site_id == self.site.id:
+            return None
+        removed = self.site.reader.execute("SELECT 1 FROM removals WHERE site=?", (site_id,)).fetchone()
+        if removed:
+            return None
+        return self.site.projector.folder.key_for(site_id)
+
+    def locate(self, blake3: str, index: int) -> tuple[str, int, int]:
+        """(path, offset, length) of a chunk of a content held here, or ChunkUnavailable."""
+        row = views.local_content(self.site.reader, blake3, self.site.id)
+        if row is None:
+            raise ChunkUnavailable("content not held here")
+        chunk_size, size = row["chunk_size"], row["size"]
+        offset = index * chunk_size
+        if index < 0 or offset >= size:
+            raise ChunkUnavailable("chunk index out of range")
+        return str(self.site.store.path(row["name"])), offset, min(chunk_size, size - offset)
+
+    async def read(self, blake3: str, index: int) -> bytes:
+        path, offset, length = self.locate(blake3, index)
+
+        def pread() -> bytes:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        try:
+            data = await asyncio.to_thread(pread)
+        except FileNotFoundError:
+            raise ChunkUnavailable("content file missing") from None
+        if len(data) != length:
+            raise ChunkUnavailable("content file shorter than its manifest")
+        return data
+
+    def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
+        return self.verifier.verify(method, target, {k.lower(): v for k, v in headers.items()})
+
+    async def start(self) -> None:
+        self._sub = await self.site.nc.subscribe(chunk_subject(self.site.id), queue="chunk",
+                                                 cb=self._on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass
+
+    async def _on_request(self, msg) -> None:
+        headers = {k.lower(): v for k, v in (msg.headers or {}).items()}
+        target = headers.get("target", "")
+        try:
+            peer = self.authorise(CHUNK_METHOD, target, headers)
+            parts = target.split("/")
+            if len(parts) != 6 or parts[:4] != ["", "peer", "v1", "chunks"] or not parts[5].isdigit():
+                raise ChunkUnavailable("malformed chunk target")
+            data = await self.read(parts[4], int(parts[5]))
+            await self.site.nc.publish(msg.reply, data, headers={"odst-status": "200"})
+            log.debug("chunk served over NATS", peer=peer, target=target)
+        except PeerRequestRefused as exc:
+            log.warning("peer chunk request refused", reason=str(exc), transport="nats")
+            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "403", "odst-error": str(exc)})
+        except ChunkUnavailable as exc:
+            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "404", "odst-error": str(exc)})
+        except Exception as exc:  # never let one request kill the subscription
+            log.exception("chunk request failed")
+            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "500",
+                                                               "odst-error": type(exc).__name__})
