@@ -855,6 +855,10 @@ def main(argv=None) -> int:
             sampler.stop()
             R.setdefault("memory", {})["peak_rss_kib_by_phase"] = dict(sampler.peak_main)
             R["memory"]["peak_rss_python_sum_kib_by_phase"] = dict(sampler.peak_python_sum)
+        for name, p, _sig, _grace in procs.items:
+            if p.poll() is not None:
+                errors.append(f"{name} (pid {p.pid}) exited by itself with code {p.returncode} "
+                              f"before the bench stopped it (see {work / 'logs'})")
         problems = procs.stop_all()
         if problems:
             errors.extend(problems)

@@ -94,14 +94,27 @@ class LogAccess:
 
 
 async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | None = None) -> apply.Folder:
+    """Fold every stream from sequence 1 into a fresh read model.
+
+    The site's own stream goes first; a peer's mirror is replayed once the key
+    that vouches for it is known, as it was live (a mirror is only created
+    after its PeerRegistered was projected).
+    """
     conn = db.open_read_model(target)
     folder = apply.Folder(conn, {access.key.site_id: access.key.public_key})
-    for stream in await access.streams():
-        end = until.get(stream, 0) if until is not None else await last_seq(access.js, stream)
-        if end <= 0:
-            continue
-        async for msg in read_stream(access.js, stream, 1, until_seq=end, idle_timeout=30):
-            folder.fold(msg)
+    pending = await access.streams()
+    while pending:
+        ready = [s for s in pending if s == EVENTS_STREAM or folder.key_for(s.removeprefix("PEER_"))]
+        batch = ready or pending  # whatever is left has no known key: replay it to record that
+        for stream in batch:
+            pending.remove(stream)
+            end = until.get(stream, 0) if until is not None else await last_seq(access.js, stream)
+            if end <= 0:
+                continue
+            async for msg in read_stream(access.js, stream, 1, until_seq=end, idle_timeout=30):
+                folder.fold(msg)
+            if ready:
+                break  # re-evaluate: this stream may vouch for others
     return folder
 
 

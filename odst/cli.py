@@ -178,6 +178,11 @@ def cmd_state(args) -> int:
     return 0
 
 
+def cmd_scenario(args) -> int:
+    from odst.scenario import main as scenario_main
+    return scenario_main(args.scenario_args)
+
+
 def cmd_audit(args) -> int:
     from odst.audit import run_audit
     report = _run(run_audit(_settings(args)))
@@ -256,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_state)
+
+    p = sub.add_parser("scenario", help="run multi-site stories from scenarios/ (odst scenario run scenarios/NAME)",
+                       add_help=False)
+    p.add_argument("scenario_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_scenario)
 
     p = sub.add_parser("audit", help="verify the whole log and compare a rebuild with the read model")
     _site_flags(p)

@@ -91,6 +91,8 @@ class PeerController(Controller):
                              for n, b, s, sites in replicated],
                 "transfers": site.replicator.transfers() if site.replicator else [],
                 "conflicts": views.conflicts(site.reader),
+                "chunks_served": dict(site.chunk_server.served) if site.chunk_server else {},
+                "bad_chunks_from": dict(site.replicator.bad_chunks) if site.replicator else {},
                 "quarantined": views.count(site.reader, "quarantine")}
 
 
@@ -109,13 +111,14 @@ class PeerProtocolController(Controller):
         site: Site = request.app.state.site
         target = f"/peer/v1/chunks/{blake3}/{index}"
         try:
-            site.chunk_server.authorise("GET", target, _peer_headers(request))
+            peer = site.chunk_server.authorise("GET", target, _peer_headers(request))
         except PeerRequestRefused as exc:
             return Response({"error": "peer_refused", "detail": str(exc)}, status_code=403)
         try:
             data = await site.chunk_server.read(blake3, index)
         except ChunkUnavailable as exc:
             return Response({"error": "chunk_unavailable", "detail": str(exc)}, status_code=404)
+        site.chunk_server.served[peer] += 1
         return Response(data, media_type="application/octet-stream")
 
     @post("/register", operation_id="peerRegister", status_code=200)

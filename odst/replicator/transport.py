@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from typing import Protocol
 
 import httpx
@@ -96,6 +97,7 @@ class ChunkServer:
         self.site = site
         self.verifier = RequestVerifier(self._key_of)
         self._sub = None
+        self.served: Counter[str] = Counter()  # chunks served, per requesting peer
 
     def _key_of(self, site_id: str) -> bytes | None:
         if site_id == self.site.id:
@@ -157,6 +159,7 @@ class ChunkServer:
                 raise ChunkUnavailable("malformed chunk target")
             data = await self.read(parts[4], int(parts[5]))
             await self.site.nc.publish(msg.reply, data, headers={"odst-status": "200"})
+            self.served[peer] += 1
             log.debug("chunk served over NATS", peer=peer, target=target)
         except PeerRequestRefused as exc:
             log.warning("peer chunk request refused", reason=str(exc), transport="nats")
