@@ -174,6 +174,44 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
+def sys_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+class Meter:
+    """Around one measured step: wall time, CPU of the command we ran (client),
+    CPU of a server's process tree by group, and CPU burnt by everything else on
+    the machine ("other": other people's work, kernel threads) - the noise."""
+
+    def __init__(self, server_root: int | None = None, classify=None):
+        self.root, self.classify = server_root, classify
+
+    def __enter__(self):
+        self.s0 = cpu_by_group(self.root, self.classify) if self.root else {}
+        self.b0, self.c0, self.t0 = sys_busy_s(), _children_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        self.client_cpu = _children_cpu() - self.c0
+        busy = sys_busy_s() - self.b0
+        s1 = cpu_by_group(self.root, self.classify) if self.root else {}
+        self.server_cpu = {g: round(s1.get(g, 0) - self.s0.get(g, 0), 3) for g in s1}
+        self.other_cpu = max(0.0, busy - self.client_cpu - sum(self.server_cpu.values()))
+        self.other_cores = self.other_cpu / self.wall if self.wall > 0 else None
+        return False
+
+
 class RssSampler:
     """Samples VmRSS of the odst python processes every 100 ms, per phase."""
 
@@ -352,25 +390,24 @@ def warm(path: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 def time_sha512sum(path: Path, timeout: float):
-    t0 = time.perf_counter()
-    p = subprocess.run(["sha512sum", str(path)], capture_output=True, text=True,
-                       timeout=timeout)
-    dt = time.perf_counter() - t0
+    with Meter() as m:
+        p = subprocess.run(["sha512sum", str(path)], capture_output=True, text=True,
+                           timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"sha512sum failed: {p.stderr.strip()}")
-    return dt, p.stdout.split()[0]
+    return m, p.stdout.split()[0]
 
 
-def curl_upload(path: Path, url: str, token: str, body_path: Path, timeout: float):
-    """PUT the file as a raw streamed body. Returns (wall s, status, curl -w info)."""
+def curl_upload(path: Path, url: str, token: str, body_path: Path, timeout: float,
+                server_pid: int | None = None):
+    """PUT the file as a raw streamed body. Returns (Meter, status, curl -w info)."""
     cmd = ["curl", "-sS", "-T", str(path), "-H", f"Authorization: Bearer {token}",
            "-o", str(body_path), "--max-time", str(int(timeout)),
            "-w", "%{http_code} %{size_upload} %{time_pretransfer} %{time_starttransfer} "
                  "%{time_total}",
            url]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
-    dt = time.perf_counter() - t0
+    with Meter(server_pid, odst_classify) as m:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30)
     parts = p.stdout.split()
     info = {"curl_exit": p.returncode, "stderr": p.stderr.strip()[:500] or None}
     status = None
@@ -382,7 +419,7 @@ def curl_upload(path: Path, url: str, token: str, body_path: Path, timeout: floa
         info["body"] = body_path.read_text(errors="replace")[:2000]
     except OSError:
         info["body"] = None
-    return dt, status, info
+    return m, status, info
 
 
 # --------------------------------------------------------------------------- #
@@ -586,12 +623,11 @@ def write_lua(path: Path, *, size: int, chunk: int, aligned: bool, url_path: str
 
 
 def run_wrk(port: int, script: Path, *, threads: int, conns: int, duration: float,
-            url_path: str) -> dict:
+            url_path: str, server_pid: int | None = None, classify=None) -> dict:
     cmd = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration:g}s",
            "--timeout", "10s", "-s", str(script), f"http://{HOST}:{port}{url_path}"]
-    ru0 = _children_cpu()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
-    ru1 = _children_cpu()
+    with Meter(server_pid, classify) as meter:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     m = re.search(r"^WRKJSON (\{.*\})$", p.stdout, re.M)
     if p.returncode != 0 or not m:
         raise RuntimeError(f"wrk failed (exit {p.returncode}): {p.stdout[-800:]} "
@@ -602,14 +638,11 @@ def run_wrk(port: int, script: Path, *, threads: int, conns: int, duration: floa
     res["mb_per_s"] = res["bytes"] / secs / MB
     res["req_per_s"] = res["requests"] / secs
     res["avg_bytes_per_response"] = res["bytes"] / res["requests"] if res["requests"] else None
-    res["wrk_client_cpu_s"] = ru1 - ru0
+    res["wrk_client_cpu_s"] = meter.client_cpu
+    res["server_cpu_s"] = meter.server_cpu
+    res["other_cpu_s"] = meter.other_cpu
+    res["other_cores"] = meter.other_cores
     return res
-
-
-def _children_cpu() -> float:
-    import resource
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 # --------------------------------------------------------------------------- #
@@ -915,9 +948,11 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
     for i in range(args.repeats):
         try:
             os.sync()
-            dt, sha_hex = time_sha512sum(bench_file, timeout)
-            res["sha512sum_s"].append(dt)
-            log(f"sha512sum #{i + 1}: {dt:.2f}s")
+            m, sha_hex = time_sha512sum(bench_file, timeout)
+            res["sha512sum_s"].append(m.wall)
+            res.setdefault("sha512sum_cpu_s", []).append(m.client_cpu)
+            res.setdefault("sha512sum_other_cores", []).append(m.other_cores)
+            log(f"sha512sum #{i + 1}: {m.wall:.2f}s (other load {m.other_cores:.2f} cores)")
         except Exception as e:  # noqa: BLE001
             errors.append(f"sha512sum: {e}")
         if odst is None:
@@ -926,22 +961,24 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
         if sampler:
             sampler.set_phase("upload")
         url = f"http://{HOST}:{port}/api/v1/packages/{names[i]}"
-        cpu0 = cpu_by_group(odst.pid, odst_classify)
         try:
-            dt, status, info = curl_upload(bench_file, url, token, work / "logs" / "upload.body",
-                                           timeout)
+            m, status, info = curl_upload(bench_file, url, token, work / "logs" / "upload.body",
+                                          timeout, odst.pid)
+            dt = m.wall
         except Exception as e:  # noqa: BLE001
             errors.append(f"upload {names[i]}: {e}")
             continue
         finally:
             if sampler:
                 sampler.set_phase("other")
-        cpu1 = cpu_by_group(odst.pid, odst_classify)
         res["statuses"].append(status)
         res["curl"].append(info)
-        res.setdefault("gateway_cpu_s", []).append(cpu1.get("gateway", 0) - cpu0.get("gateway", 0))
-        res.setdefault("nats_cpu_s", []).append(cpu1.get("nats", 0) - cpu0.get("nats", 0))
-        log(f"upload {names[i]} #{i + 1}: {dt:.2f}s, HTTP {status}")
+        res.setdefault("gateway_cpu_s", []).append(m.server_cpu.get("gateway", 0))
+        res.setdefault("nats_cpu_s", []).append(m.server_cpu.get("nats", 0))
+        res.setdefault("curl_cpu_s", []).append(m.client_cpu)
+        res.setdefault("odst_other_cores", []).append(m.other_cores)
+        log(f"upload {names[i]} #{i + 1}: {dt:.2f}s, HTTP {status} (other load "
+            f"{m.other_cores:.2f} cores)")
         if status in (200, 201):
             res["odst_s"].append(dt)
         else:
@@ -960,6 +997,10 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
         res["sha512sum_mb_per_s"] = size / res["sha512sum_median_s"] / MB
     if res.get("gateway_cpu_s"):
         res["gateway_cpu_s_per_gib"] = median(res["gateway_cpu_s"]) / (size / GIB)
+    if res.get("sha512sum_cpu_s"):
+        res["sha512sum_cpu_s_per_gib"] = median(res["sha512sum_cpu_s"]) / (size / GIB)
+    res["other_cores_median"] = median(res.get("sha512sum_other_cores", [])
+                                       + res.get("odst_other_cores", []))
     # Metadata check: the package JSON should carry the same SHA-512 as sha512sum.
     if odst is not None and res.get("uploaded"):
         meta = get_package(port, token, "bench.pkg")
@@ -1059,21 +1100,20 @@ def phase_download(args, R, errors, servers, bench_file, size, chunk, aligned, p
                         duration=args.warmup, url_path=pkg_path)
             if sampler and name == "odst":
                 sampler.set_phase("download")
-            cpu0 = cpu_by_group(pid, classify)
             w = run_wrk(port, lua, threads=args.wrk_threads, conns=args.connections,
-                        duration=args.duration, url_path=pkg_path)
-            cpu1 = cpu_by_group(pid, classify)
+                        duration=args.duration, url_path=pkg_path, server_pid=pid,
+                        classify=classify)
             if sampler:
                 sampler.set_phase("other")
             served_gib = w["bytes"] / GIB
-            w["server_cpu_s"] = {g: cpu1.get(g, 0) - cpu0.get(g, 0) for g in cpu1}
             main_group = "gateway" if name == "odst" else "nginx"
             w["server_cpu_s_per_gib"] = (w["server_cpu_s"].get(main_group, 0) / served_gib
                                          if served_gib else None)
             w["wrk_client_cpu_s_per_gib"] = w["wrk_client_cpu_s"] / served_gib if served_gib else None
             res["wrk"][name] = w
             log(f"wrk {name}: {w['mb_per_s']:.0f} MB/s, {w['req_per_s']:.0f} req/s, "
-                f"server {w['server_cpu_s_per_gib'] or 0:.2f} CPU-s/GiB")
+                f"server {w['server_cpu_s_per_gib'] or 0:.2f} CPU-s/GiB, other load "
+                f"{w['other_cores']:.2f} cores")
             errs = {k: w[k] for k in ("err_connect", "err_read", "err_write", "err_status",
                                       "err_timeout") if w[k]}
             if errs:
@@ -1117,13 +1157,13 @@ def phase_big(args, errors, big_file, odst, port, token, sampler, work):
     res["hwm_before_kib"] = status_kib(odst.pid, "VmHWM")
     res["hwm_reset"] = reset_hwm(odst.pid)
     sampler.set_phase("big_upload")
-    cpu0 = cpu_by_group(odst.pid, odst_classify)
     try:
-        dt, status, info = curl_upload(big_file, f"http://{HOST}:{port}/api/v1/packages/big.pkg",
-                                       token, work / "logs" / "upload-big.body", timeout)
+        m, status, info = curl_upload(big_file, f"http://{HOST}:{port}/api/v1/packages/big.pkg",
+                                      token, work / "logs" / "upload-big.body", timeout,
+                                      odst.pid)
+        dt = m.wall
     finally:
         sampler.set_phase("other")
-    cpu1 = cpu_by_group(odst.pid, odst_classify)
     # one more sample after the fact so the sampler's max covers the very end
     time.sleep(0.25)
     res["hwm_after_kib"] = status_kib(odst.pid, "VmHWM")
@@ -1134,7 +1174,8 @@ def phase_big(args, errors, big_file, odst, port, token, sampler, work):
     res["curl"] = info
     res["seconds"] = dt
     res["mb_per_s"] = size / dt / MB
-    res["gateway_cpu_s_per_gib"] = (cpu1.get("gateway", 0) - cpu0.get("gateway", 0)) / (size / GIB)
+    res["gateway_cpu_s_per_gib"] = m.server_cpu.get("gateway", 0) / (size / GIB)
+    res["other_cores"] = m.other_cores
     # Peak: VmHWM after a reset is exact; otherwise the 100 ms samples.
     candidates = [res["peak_sampled_kib"] or 0]
     if res["hwm_reset"] and res["hwm_after_kib"]:
@@ -1181,7 +1222,10 @@ def print_report(R: dict, out: Path) -> None:
         verdict(None if up.get("ratio") is None else up["ratio"] <= TARGET_UPLOAD_RATIO))
     row("upload throughput (MB/s)", fmt(up.get("odst_mb_per_s"), ".0f"),
         fmt(up.get("sha512sum_mb_per_s"), ".0f"), "", "", "")
-    row("upload gateway CPU (CPU-s per GiB)", fmt(up.get("gateway_cpu_s_per_gib")), "", "", "", "")
+    row("upload CPU-s per GiB (gateway vs sha512sum)", fmt(up.get("gateway_cpu_s_per_gib")),
+        fmt(up.get("sha512sum_cpu_s_per_gib")),
+        fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),
+        "", "")
     wo, wn = w.get("odst", {}), w.get("nginx", {})
     row(f"wrk {p['connections']} conn, 1 MiB ranges (MB/s)", fmt(wo.get("mb_per_s"), ".0f"),
         fmt(wn.get("mb_per_s"), ".0f"), fmt(dl.get("ratio"), ".2f", "x"),
@@ -1199,6 +1243,9 @@ def print_report(R: dict, out: Path) -> None:
         "", "")
     row("wrk client CPU-s per GiB", fmt(wo.get("wrk_client_cpu_s_per_gib")),
         fmt(wn.get("wrk_client_cpu_s_per_gib")), "", "", "")
+    row("noise: other CPU busy during upload / wrk (cores)",
+        f"{fmt(up.get('other_cores_median'))} / {fmt(wo.get('other_cores'))}",
+        f"- / {fmt(wn.get('other_cores'))}", "", "~0", "")
     wc = dl.get("wrk_check", {})
     row("wrk check pass: 206 / other / bad len / bad C-R", _chk(wc.get("odst")), _chk(wc.get("nginx")),
         "", "all 206", verdict(_chk_ok(wc.get("odst"))))

@@ -178,6 +178,17 @@ def cmd_state(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from odst.client import Client
+    out = Client(args.server, args.token).request("POST", "/api/v1/verify",
+                                                  params={"repair": "false" if args.no_repair else "true"})
+    print(f"checked {out['checked']}, ok {out['ok']}")
+    for key in ("damaged", "missing", "repairing", "unrepairable"):
+        if out[key]:
+            print(f"{key}: {', '.join(out[key])}")
+    return 1 if out["damaged"] or out["missing"] else 0
+
+
 def cmd_scenario(args) -> int:
     from odst.scenario import main as scenario_main
     return scenario_main(args.scenario_args)
@@ -261,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_state)
+
+    p = sub.add_parser("verify", help="re-hash stored packages; repair damaged ones from peers")
+    _client_flags(p)
+    p.add_argument("--no-repair", action="store_true", help="only report")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("scenario", help="run multi-site stories from scenarios/ (odst scenario run scenarios/NAME)",
                        add_help=False)

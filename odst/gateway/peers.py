@@ -10,11 +10,11 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from odst.errors import NotFound, RequestInvalid
+from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
-from odst.gateway.auth import ADMIN, READ
+from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.projections import views
-from odst.replicator import peering
+from odst.replicator import integrity, peering
 from odst.replicator.requests import PeerRequestRefused
 from odst.replicator.transport import ChunkUnavailable
 from odst.site import Site
@@ -81,6 +81,12 @@ class PeerController(Controller):
         await site.append(ev.PeerRemoved(site=peer, upto_seq=upto), actor=request.state.actor)
         return {"removed": peer, "upto_seq": upto}
 
+    @post("/verify", operation_id="verifyStore", opt={"roles": WRITE}, status_code=200)
+    async def verify(self, request: Request, repair: bool = True) -> dict[str, Any]:
+        """Re-hash every stored package; take damaged ones out of service and repair them from peers."""
+        site: Site = request.app.state.site
+        return await integrity.verify_store(site, actor=request.state.actor, repair=repair)
+
     @get("/state", operation_id="getState", opt={"roles": READ})
     async def state(self, request: Request) -> dict[str, Any]:
         """Replicated state with a digest equal on every converged site, plus local transfers."""
@@ -113,11 +119,11 @@ class PeerProtocolController(Controller):
         try:
             peer = site.chunk_server.authorise("GET", target, _peer_headers(request))
         except PeerRequestRefused as exc:
-            return Response({"error": "peer_refused", "detail": str(exc)}, status_code=403)
+            raise Forbidden(str(exc)) from None
         try:
             data = await site.chunk_server.read(blake3, index)
         except ChunkUnavailable as exc:
-            return Response({"error": "chunk_unavailable", "detail": str(exc)}, status_code=404)
+            raise NotFound(str(exc)) from None
         site.chunk_server.served[peer] += 1
         return Response(data, media_type="application/octet-stream")
 

@@ -1,0 +1,107 @@
+"""The puller against in-memory sources (the same ChunkSource contract the real transports pass,
+see test_replication.py::test_chunk_source_contract)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+
+import blake3
+import pytest
+
+from odst.replicator.puller import Puller, TransferFailed, Want
+from odst.replicator.transport import ChunkUnavailable, TransportFailed
+from odst.store.manifest import manifest_of
+
+CHUNK = 1024
+
+
+class MemorySource:
+    """A ChunkSource serving from memory; can corrupt or fail chosen chunks. Counts fetches."""
+
+    kind = "memory"
+
+    def __init__(self, site: str, data: bytes, *, corrupt=(), fail=(), missing=False):
+        self.site, self.data = site, data
+        self.corrupt, self.fail, self.missing = set(corrupt), set(fail), missing
+        self.fetched: list[int] = []
+
+    async def fetch(self, blake3_hex: str, index: int) -> bytes:
+        self.fetched.append(index)
+        if self.missing:
+            raise ChunkUnavailable("not here")
+        if index in self.fail:
+            raise TransportFailed("unreachable")
+        chunk = self.data[index * CHUNK:(index + 1) * CHUNK]
+        if index in self.corrupt:
+            chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+        return chunk
+
+
+def want_for(data: bytes) -> Want:
+    m = manifest_of([data], CHUNK)
+    return Want(name="x.pkg", blake3=m.blake3, size=m.size, sha1=m.sha1, sha512=m.sha512, chunk_size=CHUNK,
+                chunks=m.chunks, stage="prod", origin="sa", uploaded_ts=1, uploaded_by="t")
+
+
+@pytest.fixture
+def data():
+    return random.Random(7).randbytes(20 * CHUNK + 17)
+
+
+def pull(tmp_path, data, sources, **kw):
+    bad = []
+    p = Puller(want_for(data), [(s, 0.0) for s in sources], tmp_path, streams=4,
+               on_bad_source=lambda site, reason: bad.append(site), **kw)
+    return asyncio.run(p.run()), bad
+
+
+def test_pulls_from_several_sources_and_verifies(tmp_path, data):
+    a, b = MemorySource("sa", data), MemorySource("sb", data)
+    path, bad = pull(tmp_path, data, [a, b])
+    assert path.read_bytes() == data and not bad
+    assert sorted(a.fetched + b.fetched) == list(range(21))  # each chunk fetched once
+
+
+def test_a_corrupt_chunk_is_dropped_refetched_elsewhere_and_reported(tmp_path, data):
+    evil = MemorySource("sevil", data, corrupt=range(21))
+    good = MemorySource("sgood", data)
+    path, bad = pull(tmp_path, data, [evil, good])
+    assert path.read_bytes() == data
+    assert bad and set(bad) == {"sevil"}
+    assert hashlib.sha1(path.read_bytes()).hexdigest() == want_for(data).sha1
+
+
+def test_unreachable_and_missing_sources_are_routed_around(tmp_path, data):
+    down = MemorySource("sdown", data, fail=range(21))
+    empty = MemorySource("sempty", data, missing=True)
+    good = MemorySource("sgood", data)
+    path, bad = pull(tmp_path, data, [down, empty, good])
+    assert path.read_bytes() == data and not bad
+
+
+def test_gives_up_when_no_source_has_good_bytes_and_leaves_no_file(tmp_path, data):
+    evil = MemorySource("sevil", data, corrupt={3})
+    with pytest.raises(TransferFailed, match="chunk 3"):
+        pull(tmp_path, data, [evil])
+    assert not (tmp_path / "x.pkg").exists()
+
+
+def test_resume_fetches_only_missing_chunks(tmp_path, data):
+    w = want_for(data)
+    partial = bytearray(len(data))
+    for i in range(0, 21, 2):  # even chunks were verified and written before a crash
+        partial[i * CHUNK:(i + 1) * CHUNK] = data[i * CHUNK:(i + 1) * CHUNK]
+    partial[CHUNK + 5] = 0x42  # a torn write in chunk 1
+    (tmp_path / f"{w.blake3}.repl").write_bytes(bytes(partial))
+    src = MemorySource("sa", data)
+    path, _ = pull(tmp_path, data, [src])
+    assert path.read_bytes() == data
+    assert sorted(src.fetched) == list(range(1, 21, 2))
+
+
+def test_empty_package(tmp_path):
+    path, _ = pull(tmp_path, b"", [MemorySource("sa", b"")])
+    assert path.read_bytes() == b""
+    assert blake3.blake3(b"").hexdigest() == want_for(b"").blake3
