@@ -398,6 +398,17 @@ def time_sha512sum(path: Path, timeout: float):
     return m, p.stdout.split()[0]
 
 
+def time_write_fsync(src: Path, dest: Path, timeout: float):
+    """Yardstick for the disk side of an upload: copy with dd, fsync at the end."""
+    with Meter() as m:
+        p = subprocess.run(["dd", f"if={src}", f"of={dest}", "bs=1M", "conv=fsync"],
+                           capture_output=True, text=True, timeout=timeout)
+    dest.unlink(missing_ok=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"dd failed: {p.stderr.strip()[-300:]}")
+    return m
+
+
 def curl_upload(path: Path, url: str, token: str, body_path: Path, timeout: float,
                 server_pid: int | None = None):
     """PUT the file as a raw streamed body. Returns (Meter, status, curl -w info)."""
@@ -988,6 +999,15 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
             res["uploaded"] = True
             res["first_response"] = info.get("body")
     res["sha512"] = sha_hex
+    # Informational yardstick: what writing the same bytes to the same file system with
+    # an fsync at the end costs (the store does temp file -> fsync -> rename).
+    try:
+        os.sync()
+        m = time_write_fsync(bench_file, work / "dd-fsync.tmp", timeout)
+        res["dd_fsync_s"] = m.wall
+        log(f"dd conv=fsync: {m.wall:.2f}s")
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"dd: {e}")
     res["sha512sum_median_s"] = median(res["sha512sum_s"])
     res["odst_median_s"] = median(res["odst_s"])
     res["ratio"] = ratio(res["odst_median_s"], res["sha512sum_median_s"])
@@ -1222,6 +1242,8 @@ def print_report(R: dict, out: Path) -> None:
         verdict(None if up.get("ratio") is None else up["ratio"] <= TARGET_UPLOAD_RATIO))
     row("upload throughput (MB/s)", fmt(up.get("odst_mb_per_s"), ".0f"),
         fmt(up.get("sha512sum_mb_per_s"), ".0f"), "", "", "")
+    row("  (info) dd bs=1M conv=fsync of the same file", "",
+        fmt(up.get("dd_fsync_s"), ".2f", " s"), "", "", "")
     row("upload CPU-s per GiB (gateway vs sha512sum)", fmt(up.get("gateway_cpu_s_per_gib")),
         fmt(up.get("sha512sum_cpu_s_per_gib")),
         fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),

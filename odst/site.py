@@ -20,7 +20,7 @@ import structlog
 from odst.bus.embedded import BrokerConfig, EmbeddedBroker
 from odst.config import Settings
 from odst.events import catalogue as ev
-from odst.events.log import EVENTS_STREAM, EventLog
+from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
 from odst.projections import views
 from odst.projections.db import connect
@@ -138,7 +138,7 @@ class Site:
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      connect_timeout=5)
         self.js = self.nc.jetstream(timeout=10)
-        self.log = EventLog(self.js, self.key)
+        self.log = EventLog(self.js, self.key, chain_state=self._chain_state)
         await self.log.ensure_stream()
         self.projector = Projector(self.js, read_model_path(self.data),
                                    {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
@@ -198,10 +198,25 @@ class Site:
             print(f"Bootstrap admin token (shown once, also in {path}):\n{token}", file=sys.stderr,
                   flush=True)
 
-    async def append(self, event: ev.Event, *, actor: str, wait: float = 10.0):
-        """Append an event and wait until the read model shows it (read-your-writes)."""
+    def _chain_state(self) -> tuple[int, int, str]:
+        checkpoint = self.projector.checkpoint(EVENTS_STREAM)
+        row = views.site_chain(self.reader, self.key.site_id)
+        return (checkpoint, row["last_seq"], row["last_hash"]) if row else (checkpoint, 0, "")
+
+    async def append(self, event: ev.Event, *, actor: str, wait: float = 30.0):
+        """Append an event and wait until the read model has applied it (read-your-writes).
+
+        Raises AppendFailed if the projector does not apply it in time or refuses it.
+        """
         appended = await self.log.append(event, actor=actor)
-        await self.projector.wait_for(EVENTS_STREAM, appended.seq, timeout=wait)
+        if not await self.projector.wait_for(EVENTS_STREAM, appended.seq, timeout=wait):
+            raise AppendFailed(f"event {appended.envelope.id} was stored but not applied within {wait}s")
+        if self.reader.execute("SELECT 1 FROM events WHERE id=?", (appended.envelope.id,)).fetchone() is None:
+            q = self.reader.execute("SELECT reason FROM quarantine WHERE stream=? AND stream_seq=?",
+                                    (EVENTS_STREAM, appended.seq)).fetchone()
+            self.log.forget_head()
+            raise AppendFailed(f"event {appended.envelope.id} was refused by the projector: "
+                               f"{q[0] if q else 'unknown reason'}")
         return appended
 
     async def health(self) -> tuple[bool, str]:

@@ -60,12 +60,13 @@ class EventLog:
     """The site's own stream EVENTS (subjects ``odst.<site>.ev.>``)."""
 
     def __init__(self, js: JetStreamContext, key: SiteKey, *, stream: str = EVENTS_STREAM,
-                 replicas: int = 1):
+                 replicas: int = 1, chain_state=None):
         self.js = js
         self.key = key
         self.site = key.site_id
         self.stream = stream
         self.replicas = replicas
+        self.chain_state = chain_state  # () -> (stream checkpoint, envelope seq, hash) from the read model
         self._lock = asyncio.Lock()
         self._head: tuple[int, str] | None = None
 
@@ -87,24 +88,31 @@ class EventLog:
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(config)
 
-    async def head(self, max_walk: int = 10_000) -> tuple[int, int, str]:
-        """(last stream sequence, last valid envelope seq, its chain hash), read from the broker.
+    async def head(self) -> tuple[int, int, str]:
+        """(last stream sequence, last valid envelope seq, its chain hash).
 
-        Walks back over messages that do not verify against our key (something
-        forged into our stream) so we never chain onto them.
+        Starts from what the read model has verified (``chain_state``: stream
+        checkpoint, envelope seq, hash) and folds the messages after it with the
+        projector's own rule — signed by us, next seq, right prev — so nothing
+        forged, replayed or re-signed in our stream is ever chained onto.
         """
-        info = await self.js.stream_info(self.stream)
-        last = info.state.last_seq
-        seq = last
-        while seq > 0 and last - seq < max_walk:
-            msg = await self.js.get_msg(self.stream, seq)
-            try:
-                env = codec.open_signed(msg.data, self.key.public_key)
-            except (SignatureInvalid, codec.EnvelopeInvalid):
-                seq -= 1
-                continue
-            return last, env.seq, codec.chain_hash(msg.data)
-        return last, 0, codec.GENESIS
+        last = (await self.js.stream_info(self.stream)).state.last_seq
+        checkpoint, seq, prev = self.chain_state() if self.chain_state else (0, 0, codec.GENESIS)
+        if checkpoint > last:  # the read model is of another log: trust only the log
+            checkpoint, seq, prev = 0, 0, codec.GENESIS
+        if last > checkpoint:
+            async for m in read_stream(self.js, self.stream, checkpoint + 1, until_seq=last, idle_timeout=10):
+                try:
+                    env = codec.open_signed(m.payload, self.key.public_key)
+                except (SignatureInvalid, codec.EnvelopeInvalid):
+                    continue
+                if env.origin == self.site and env.seq == seq + 1 and env.prev == prev:
+                    seq, prev = env.seq, codec.chain_hash(m.payload)
+        return last, seq, prev
+
+    def forget_head(self) -> None:
+        """Re-read the head from the broker on the next append."""
+        self._head = None
 
     async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
         event_id = codec.new_event_id()

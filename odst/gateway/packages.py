@@ -22,8 +22,6 @@ from odst.store.files import StoreFull, StreamingUpload
 
 log = structlog.get_logger("odst.gateway")
 
-FREE_SPACE_RESERVE = 64 << 20
-
 
 class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
     stage: str | None = None
@@ -99,13 +97,15 @@ class PackageController(Controller):
             length = int(announced)
             if length > settings.max_upload_bytes:
                 raise UploadTooLarge(f"{length} bytes exceeds max_upload_bytes ({settings.max_upload_bytes})")
-            if length + FREE_SPACE_RESERVE > site.store.free_bytes():
+            if length + site.store.reserve_bytes() > site.store.free_bytes():
                 raise InsufficientStorage(f"not enough free space in the store for {length} bytes")
             existing = views.package(site.reader, name)
             if existing and existing["size"] != length:
                 raise PackageConflict(f"a different package named {name!r} exists "
                                       f"({existing['size']} bytes, sha1 {existing['sha1']}); "
                                       "delete it first or choose another name")
+        elif site.store.free_bytes() <= site.store.reserve_bytes():
+            raise InsufficientStorage("the store is full")
         upload = StreamingUpload(site.store.new_temp())
         log.info("upload started", package=name, length=length)
         try:

@@ -53,6 +53,11 @@ class Store:
         st = os.statvfs(self.tmp)
         return st.f_bavail * st.f_frsize
 
+    def reserve_bytes(self) -> int:
+        """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB."""
+        st = os.statvfs(self.tmp)
+        return min(64 << 20, st.f_blocks * st.f_frsize // 50)
+
     def publish(self, temp: Path, name: str) -> Path:
         """Move a complete, fsynced temp file to packages/<name>; never overwrites."""
         dest = self.path(name)

@@ -1,0 +1,821 @@
+"""Multi-site scenarios: start real ``odst serve`` processes on 127.0.0.1 and tell a story.
+
+A scenario is a file in ``scenarios/`` with ``def run(net: Network) -> None``
+and a docstring. The runner gives it a :class:`Network`: a work directory,
+free ports, and helpers that start sites (each its own data directory and
+embedded NATS server), link them with leaf nodes, register them with each
+other, upload, stage and delete packages, and wait — always with a deadline —
+until the sites agree. Every step is printed with its time, so a person
+running ``odst scenario run scenarios/chain3`` sees what happened; every
+process is stopped at the end, also when a check fails. A failed check raises
+:class:`ScenarioFailed` with the tail of the logs of the sites concerned.
+
+    odst scenario list
+    odst scenario run scenarios/chain3 [scenarios/hub4.py ...] [--keep] [--workdir DIR]
+    odst scenario run --all
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import quote
+
+import httpx
+
+try:
+    import blake3 as _blake3
+except ImportError:  # pragma: no cover - blake3 is a dependency
+    _blake3 = None
+
+__all__ = ["Network", "Site", "ScenarioFailed", "load_scenario", "run_scenario", "main"]
+
+CHUNK = 1 << 20
+DEFAULT_TIMEOUT = 60.0
+LOG_TAIL_LINES = 40
+STOP_TIMEOUT = 20.0
+REPO_SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+
+
+class ScenarioFailed(Exception):
+    """A scenario's check did not hold; the message says which, with the sites' log tails."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_pdeathsig() -> None:  # in the child between fork and exec: die with the runner
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # Ctrl-C reaches the runner only; it stops the sites in order
+
+
+def content_blocks(size: int, seed: int | str) -> Iterator[bytes]:
+    """Deterministic pseudo-random bytes, in 1 MiB blocks."""
+    rnd = random.Random(str(seed))
+    left = size
+    while left:
+        n = min(left, CHUNK)
+        yield rnd.randbytes(n)
+        left -= n
+
+
+def hash_file(path: Path) -> tuple[int, str, str]:
+    sha1 = hashlib.sha1()
+    b3 = _blake3.blake3() if _blake3 else None
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(4 << 20):
+            sha1.update(block)
+            if b3 is not None:
+                b3.update(block)
+            size += len(block)
+    return size, sha1.hexdigest(), b3.hexdigest() if b3 is not None else ""
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------- sites
+
+
+@dataclass
+class Site:
+    """One ``odst serve`` process: its data directory, ports, links and stage policy."""
+
+    net: "Network"
+    name: str
+    data: Path
+    http_port: int
+    leaf_port: int | None = None  # accepts leaf connections on this port (a hub / middle of a chain)
+    dials: list[str] = field(default_factory=list)  # names of the sites whose leaf port it dials
+    accept: list[str] | None = None  # stages replicated here; None: every stage
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    id: str = ""
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.net.workdir / f"{self.name}.log"
+
+    @property
+    def packages_dir(self) -> Path:
+        return self.data / "store" / "packages"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data / "store" / "tmp"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def accepts(self, stage: str) -> bool:
+        return self.accept is None or stage in self.accept
+
+    def file(self, name: str) -> Path:
+        return self.packages_dir / name
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
+               "--http", f"127.0.0.1:{self.http_port}", "--site-name", self.name]
+        if self.leaf_port:
+            cmd += ["--leaf-listen", f"127.0.0.1:{self.leaf_port}"]
+        for hub in self.dials:
+            cmd += ["--leaf-remote", f"nats-leaf://127.0.0.1:{self.net[hub].leaf_port}"]
+        for stage in self.accept or []:
+            cmd += ["--accept-stage", stage]
+        return cmd
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        tail = text.splitlines()[-lines:]
+        return "\n".join(line[:400] for line in tail)
+
+    def run_info(self) -> dict:
+        """What the running process wrote to <data>/run/site.json (pid, site id, NATS URL)."""
+        import json
+        return json.loads((self.data / "run" / "site.json").read_text())
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class Network:
+    """Sites on 127.0.0.1 under one work directory, and the steps of a story."""
+
+    def __init__(self, workdir: Path, *, title: str = "scenario", out=None,
+                 admin_token: str | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.out = out or sys.stdout
+        self.token = admin_token or "scenario-admin-" + secrets.token_hex(12)
+        self.sites: dict[str, Site] = {}
+        self.started = time.monotonic()
+        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0),
+                                  headers={"Authorization": f"Bearer {self.token}"})
+        self._print_lock = threading.Lock()
+        self.results: dict[str, Any] = {}  # figures a scenario wants to report (e.g. latencies)
+
+    # ----------------------------------------------------------------- story output
+
+    def say(self, message: str) -> None:
+        """Print one line of the story, with the time since the scenario started."""
+        with self._print_lock:
+            print(f"[{time.monotonic() - self.started:7.2f}s] {message}", file=self.out, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """A named step: printed when it starts and when it ends, with its duration."""
+        t0 = time.monotonic()
+        self.say(f"> {what}")
+        try:
+            yield
+        except BaseException:
+            self.say(f"x {what} FAILED after {time.monotonic() - t0:.2f}s")
+            raise
+        self.say(f"  done: {what} ({time.monotonic() - t0:.2f}s)")
+
+    def fail(self, message: str, sites: Iterable[Site | str] | None = None) -> None:
+        """Raise ScenarioFailed with the message and the log tails of the sites concerned."""
+        chosen = [self[s] for s in sites] if sites is not None else list(self.sites.values())
+        parts = [message]
+        for s in chosen:
+            parts.append(f"\n--- last {LOG_TAIL_LINES} lines of site {s.name} ({s.log_path}) ---\n"
+                         f"{s.log_tail()}")
+        raise ScenarioFailed("\n".join(parts))
+
+    def check(self, condition: Any, message: str, sites: Iterable[Site | str] | None = None) -> None:
+        if not condition:
+            self.fail(message, sites)
+
+    # ----------------------------------------------------------------- topology
+
+    def __getitem__(self, site: Site | str) -> Site:
+        return site if isinstance(site, Site) else self.sites[site]
+
+    def name_of(self, site_id: str) -> str:
+        for s in self.sites.values():
+            if s.id == site_id:
+                return s.name
+        return site_id
+
+    def names(self, site_ids: Iterable[str]) -> list[str]:
+        return [self.name_of(i) for i in site_ids]
+
+    def add(self, name: str, *, listen: bool = False, dial: Iterable[Site | str] = (),
+            accept: Iterable[str] | None = None, env: dict[str, str] | None = None) -> Site:
+        """Declare a site (not started): ``listen`` accepts leaf links, ``dial`` links to hubs."""
+        if name in self.sites:
+            raise ValueError(f"site {name} already exists")
+        site = Site(net=self, name=name, data=self.workdir / name, http_port=free_port(),
+                    leaf_port=free_port() if listen else None,
+                    accept=list(accept) if accept is not None else None, env=dict(env or {}))
+        for hub in dial:
+            self.link(site, hub)
+        self.sites[name] = site
+        return site
+
+    def link(self, spoke: Site | str, hub: Site | str) -> None:
+        """Make ``spoke`` dial ``hub``'s leaf port (the hub gets one if it has none)."""
+        spoke, hub = self[spoke], self[hub]
+        if hub.leaf_port is None:
+            if hub.running:
+                raise ValueError(f"{hub.name} is running without a leaf port; declare it with listen=True")
+            hub.leaf_port = free_port()
+        if hub.name not in spoke.dials:
+            spoke.dials.append(hub.name)
+
+    def chain(self, *names: str, **kw) -> list[Site]:
+        """A leaf chain: names[0] <- names[1] <- ... (each dials the one before it)."""
+        sites = []
+        for i, name in enumerate(names):
+            sites.append(self.add(name, listen=i < len(names) - 1, dial=[names[i - 1]] if i else (),
+                                  **kw.get(name, {})))
+        return sites
+
+    def hub(self, hub: str, spokes: Iterable[str], **kw) -> list[Site]:
+        """A hub and spokes: every spoke dials the hub."""
+        out = [self.add(hub, listen=True, **kw.get(hub, {}))]
+        for name in spokes:
+            out.append(self.add(name, dial=[hub], **kw.get(name, {})))
+        return out
+
+    # ----------------------------------------------------------------- processes
+
+    def _spawn(self, site: Site) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
+        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info",
+                    "ODST_LOG_FORMAT": "console", "PYTHONUNBUFFERED": "1", **site.env})
+        site.data.mkdir(parents=True, exist_ok=True)
+        with open(site.log_path, "ab") as log:
+            site.starts += 1
+            log.write(f"\n===== scenario: start #{site.starts} of site {site.name} at "
+                      f"{time.strftime('%H:%M:%S')}: {' '.join(site.command())}\n".encode())
+            log.flush()
+            site.proc = subprocess.Popen(site.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=str(self.workdir),
+                                         preexec_fn=_set_pdeathsig)
+
+    def start(self, *sites: Site | str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Start the given sites (default: every declared site not running) and wait until healthy."""
+        chosen = [self[s] for s in sites] if sites else [s for s in self.sites.values() if not s.running]
+        chosen = [s for s in chosen if not s.running]
+        if not chosen:
+            return
+        # hubs first: a spoke's leaf link then comes up at once instead of after a reconnect delay
+        chosen.sort(key=lambda s: (s.leaf_port is None, len(s.dials)))
+        label = ", ".join(s.name for s in chosen)
+        with self.step(f"start {label}"):
+            for s in chosen:
+                self._spawn(s)
+            self._wait_healthy(chosen, timeout)
+            for s in chosen:
+                if not s.id:
+                    s.id = self.get(s, "/api/v1/site")["site"]
+                    self.say(f"  site {s.name} is {s.id} at {s.url}"
+                             + (f", leaf port {s.leaf_port}" if s.leaf_port else "")
+                             + (f", dials {','.join(s.dials)}" if s.dials else "")
+                             + (f", accepts {','.join(s.accept)}" if s.accept else ""))
+
+    def _wait_healthy(self, sites: list[Site], timeout: float) -> None:
+        pending = list(sites)
+        deadline = time.monotonic() + timeout
+        last: dict[str, str] = {}
+        while pending:
+            for s in list(pending):
+                if s.proc.poll() is not None:
+                    self.fail(f"site {s.name}: odst serve exited with code {s.proc.returncode} while starting",
+                              [s])
+                try:
+                    r = httpx.get(f"{s.url}/healthz", timeout=2)
+                    if r.status_code == 200:
+                        pending.remove(s)
+                    else:
+                        last[s.name] = f"{r.status_code} {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    last[s.name] = type(exc).__name__
+            if pending and time.monotonic() > deadline:
+                self.fail(f"sites {', '.join(s.name for s in pending)} not healthy after {timeout:.0f}s "
+                          f"(last answers: {last})", pending)
+            if pending:
+                time.sleep(0.1)
+
+    def stop(self, *sites: Site | str, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM (an orderly shutdown), then wait; SIGKILL if it does not exit in time."""
+        chosen = [self[s] for s in sites if self[s].running]
+        if not chosen:
+            return
+        with self.step(f"stop {', '.join(s.name for s in chosen)} (SIGTERM)"):
+            codes = self._terminate(chosen, timeout)
+            for s, code in zip(chosen, codes):
+                if code not in (0, -signal.SIGTERM):
+                    self.say(f"  note: site {s.name} exited with code {code}")
+
+    def _terminate(self, sites: list[Site], timeout: float) -> list[int | None]:
+        for s in sites:
+            with contextlib.suppress(ProcessLookupError):
+                s.proc.send_signal(signal.SIGTERM)
+        codes = []
+        deadline = time.monotonic() + timeout
+        for s in sites:
+            try:
+                codes.append(s.proc.wait(max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                self.say(f"  site {s.name} ignored SIGTERM for {timeout:.0f}s; killing it")
+                s.proc.kill()
+                codes.append(s.proc.wait(10))
+        for s in sites:
+            self._reap_broker(s)
+        return codes
+
+    def kill9(self, site: Site | str) -> None:
+        """kill -9 the site's ``odst serve`` (its nats-server follows it: PDEATHSIG)."""
+        s = self[site]
+        with self.step(f"kill -9 {s.name} (pid {s.proc.pid})"):
+            s.proc.kill()
+            s.proc.wait(10)
+            self._reap_broker(s)
+
+    def restart(self, site: Site | str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        s = self[site]
+        if s.running:
+            self.stop(s)
+        self.start(s, timeout=timeout)
+
+    def _broker_pids(self, site: Site) -> list[int]:
+        """nats-server processes serving this site's data dir (started by its odst serve)."""
+        needle = str(site.data / "run").encode()
+        pids = []
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            try:
+                cmd = (p / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nats-server" in cmd and needle in cmd:
+                pids.append(int(p.name))
+        return pids
+
+    def _reap_broker(self, site: Site, timeout: float = 10.0) -> None:
+        """Wait until the site's nats-server is gone (it gets SIGTERM when its parent dies)."""
+        deadline = time.monotonic() + timeout
+        while (pids := self._broker_pids(site)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:  # still there: it was started for this site, so stop it by its pid
+            self.say(f"  nats-server {pid} of site {site.name} outlived its parent; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop every process this network started (used in a finally)."""
+        running = [s for s in self.sites.values() if s.running]
+        if running:
+            self.say(f"stopping {', '.join(s.name for s in running)}")
+            try:
+                self._terminate(running, STOP_TIMEOUT)
+            except BaseException:
+                for s in running:
+                    with contextlib.suppress(Exception):
+                        s.proc.kill()
+                raise
+        else:
+            for s in self.sites.values():
+                if s.proc is not None:
+                    self._reap_broker(s, timeout=2)
+        self._http.close()
+
+    # ----------------------------------------------------------------- HTTP
+
+    def request(self, site: Site | str, method: str, path: str, *, ok=(200, 201), **kw) -> dict:
+        s = self[site]
+        try:
+            r = self._http.request(method, s.url + path, **kw)
+        except httpx.HTTPError as exc:
+            self.fail(f"{method} {path} on site {s.name}: {type(exc).__name__}: {exc}", [s])
+        if r.status_code not in ok:
+            self.fail(f"{method} {path} on site {s.name} answered {r.status_code}: {r.text[:1000]}", [s])
+        return r.json() if r.content else {}
+
+    def get(self, site: Site | str, path: str, **kw) -> dict:
+        return self.request(site, "GET", path, **kw)
+
+    def try_get(self, site: Site | str, path: str, timeout: float = 5.0) -> dict | None:
+        """GET that returns None instead of failing (for polling a site that may be busy or down)."""
+        s = self[site]
+        try:
+            r = self._http.get(s.url + path, timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    def state(self, site: Site | str) -> dict:
+        """GET /api/v1/state: digest, packages with their holders, transfers, conflicts, counters."""
+        return self.get(site, "/api/v1/state")
+
+    def package(self, site: Site | str, name: str) -> dict | None:
+        s = self[site]
+        r = self._http.get(f"{s.url}/api/v1/packages/{quote(name, safe='')}")
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            self.fail(f"GET package {name} on {s.name}: {r.status_code} {r.text[:500]}", [s])
+        return r.json()
+
+    # ----------------------------------------------------------------- admin actions
+
+    def register(self, a: Site | str, b: Site | str) -> None:
+        """Mutual registration: an invitation made at ``a``, joined at ``b``."""
+        a, b = self[a], self[b]
+        with self.step(f"register {a.name} <-> {b.name} (invite at {a.name}, join at {b.name})"):
+            token = self.request(a, "POST", "/api/v1/peers/invites", json={})["token"]
+            out = self.request(b, "POST", "/api/v1/peers/join", json={"token": token})
+            self.say(f"  {b.name} registered with {self.name_of(out['site'])} via {out.get('via')}")
+
+    def upload(self, site: Site | str, name: str, size: int | None = None, *, data: bytes | None = None,
+               stage: str | None = None, seed: int | str | None = None, ok=(201,)) -> dict:
+        """PUT a package (``size`` deterministic pseudo-random bytes, or ``data``); returns its JSON."""
+        s = self[site]
+        if data is None and size is None:
+            raise ValueError("upload needs size or data")
+        total = len(data) if data is not None else size
+        sha1 = hashlib.sha1()
+
+        def body() -> Iterator[bytes]:
+            blocks = ([data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] if data is not None
+                      else content_blocks(size, seed if seed is not None else f"{name}:{s.name}"))
+            for block in blocks:
+                sha1.update(block)
+                yield block
+
+        params = {"stage": stage} if stage else {}
+        with self.step(f"upload {name} ({_fmt_size(total)}{', stage ' + stage if stage else ''}) at {s.name}"):
+            t0 = time.monotonic()
+            try:
+                r = self._http.put(f"{s.url}/api/v1/packages/{quote(name, safe='')}", content=body(),
+                                   params=params, headers={"Content-Length": str(total),
+                                                           "Content-Type": "application/octet-stream"},
+                                   timeout=httpx.Timeout(300.0, connect=5.0))
+            except httpx.HTTPError as exc:
+                self.fail(f"upload of {name} to {s.name} failed: {type(exc).__name__}: {exc}", [s])
+            if r.status_code not in ok:
+                self.fail(f"upload of {name} to {s.name} answered {r.status_code}: {r.text[:1000]}", [s])
+            pkg = r.json()
+            if r.status_code in (200, 201) and pkg.get("sha1") != sha1.hexdigest():
+                self.fail(f"site {s.name} recorded sha1 {pkg.get('sha1')} for {name}, "
+                          f"the bytes sent hash to {sha1.hexdigest()}", [s])
+            if r.status_code in (200, 201):
+                self.say(f"  {name}: {r.status_code}, sha1 {pkg['sha1'][:12]}, blake3 {pkg['blake3'][:12]}, "
+                         f"{len(pkg['chunks'])} chunks, {time.monotonic() - t0:.2f}s")
+            return pkg
+
+    def stage(self, site: Site | str, name: str, stage: str) -> dict:
+        s = self[site]
+        with self.step(f"set stage of {name} to {stage} at {s.name}"):
+            return self.request(s, "PATCH", f"/api/v1/packages/{quote(name, safe='')}", json={"stage": stage})
+
+    def delete(self, site: Site | str, name: str) -> dict:
+        s = self[site]
+        with self.step(f"delete {name} at {s.name}"):
+            return self.request(s, "DELETE", f"/api/v1/packages/{quote(name, safe='')}")
+
+    def nats_publish(self, site: Site | str, subject: str, payload: bytes, *,
+                     headers: dict[str, str] | None = None, stream: str | None = None) -> Any:
+        """Publish straight to a site's NATS server (JetStream publish when ``stream`` is given)."""
+        import nats
+
+        url = self[site].run_info()["nats"]
+
+        async def go():
+            nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+            try:
+                if stream:
+                    return await nc.jetstream().publish(subject, payload, stream=stream, headers=headers,
+                                                        timeout=10)
+                await nc.publish(subject, payload, headers=headers)
+                await nc.flush(5)
+                return None
+            finally:
+                await nc.close()
+        return asyncio.run(go())
+
+    # ----------------------------------------------------------------- waiting
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, what: str = "condition",
+                   *, sites: Iterable[Site | str] | None = None, interval: float = 0.05,
+                   detail: Callable[[], str] | None = None) -> Any:
+        """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last_exc: BaseException | None = None
+        while True:
+            try:
+                value = predicate()
+                if value:
+                    return value
+                last_exc = None
+            except ScenarioFailed:
+                raise
+            except Exception as exc:  # a site restarting, a request timing out: keep polling
+                last_exc = exc
+            if time.monotonic() > deadline:
+                extra = f" (last error: {type(last_exc).__name__}: {last_exc})" if last_exc else ""
+                if detail is not None:
+                    with contextlib.suppress(Exception):
+                        extra += "\n" + detail()
+                self.fail(f"timed out after {timeout:.0f}s waiting for {what}{extra}", sites)
+            time.sleep(interval)
+
+    def hold(self, predicate: Callable[[], Any], seconds: float, what: str,
+             *, sites: Iterable[Site | str] | None = None, interval: float = 0.1) -> None:
+        """Check that ``predicate`` stays true for ``seconds`` (e.g. nothing comes back)."""
+        with self.step(f"check for {seconds:.0f}s that {what}"):
+            deadline = time.monotonic() + seconds
+            while True:
+                if not predicate():
+                    self.fail(f"no longer true: {what}", sites)
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(interval)
+
+    def available_at(self, site: Site | str, name: str, where: Site | str | None = None) -> bool:
+        """Does ``site``'s state list ``where`` (default: itself) as holding ``name``?"""
+        s = self[site]
+        w = self[where] if where is not None else s
+        st = self.try_get(s, "/api/v1/state")
+        if not st:
+            return False
+        return any(p["name"] == name and w.id in p["available_at"] for p in st["packages"])
+
+    def wait_available(self, name: str, sites: Iterable[Site | str], timeout: float = DEFAULT_TIMEOUT) -> float:
+        """Wait until every given site holds ``name`` (by its own state); returns the seconds waited."""
+        chosen = [self[s] for s in sites]
+        t0 = time.monotonic()
+        with self.step(f"wait until {name} is available at {', '.join(s.name for s in chosen)}"):
+            for s in chosen:
+                self.wait_until(lambda s=s: self.available_at(s, name), timeout - (time.monotonic() - t0),
+                                f"{name} to be available at {s.name}", sites=chosen,
+                                detail=lambda: self.describe(chosen))
+        return time.monotonic() - t0
+
+    def describe(self, sites: Iterable[Site | str] | None = None) -> str:
+        """A short human summary of each site's /api/v1/state."""
+        chosen = [self[s] for s in sites] if sites is not None else list(self.sites.values())
+        lines = []
+        for s in chosen:
+            st = self.try_get(s, "/api/v1/state") if s.running else None
+            if st is None:
+                lines.append(f"  {s.name}: {'not running' if not s.running else 'no answer'}")
+                continue
+            pk = "; ".join(f"{p['name']}[{p['stage']}] {p['blake3'][:8]} at {','.join(self.names(p['available_at'])) or '-'}"
+                           for p in st["packages"]) or "no packages"
+            tr = "; ".join(f"{t['name']} {t['status']} {t['chunks_done']}/{t['chunks_total']} {t['detail']}"
+                           for t in st["transfers"] if t["status"] != "available")
+            lines.append(f"  {s.name}: digest {st['digest'][:12]}  {pk}" + (f"  transfers: {tr}" if tr else ""))
+        return "\n".join(lines)
+
+    def wait_converged(self, sites: Iterable[Site | str] | None = None,
+                       timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Wait until the sites' state digests are equal, no transfer is in progress, and every site
+        holds every package whose stage it accepts. Returns the common digest."""
+        chosen = [self[s] for s in sites] if sites is not None else [s for s in self.sites.values() if s.running]
+        last: list[str] = []
+
+        def converged() -> str | None:
+            states = {}
+            for s in chosen:
+                st = self.try_get(s, "/api/v1/state")
+                if st is None:
+                    last[:] = [f"{s.name} did not answer"]
+                    return None
+                states[s.name] = st
+            problems = []
+            digests = {n: st["digest"] for n, st in states.items()}
+            if len(set(digests.values())) != 1:
+                problems.append("digests differ: " + ", ".join(f"{n}={d[:12]}" for n, d in digests.items()))
+            for s in chosen:
+                st = states[s.name]
+                busy = [t for t in st["transfers"] if t["status"] != "available"]
+                if busy:
+                    problems.append(f"{s.name} has transfers in progress: " + "; ".join(
+                        f"{t['name']} {t['status']} {t['chunks_done']}/{t['chunks_total']} {t['detail']}"
+                        for t in busy))
+                for p in st["packages"]:
+                    if s.accepts(p["stage"]) and s.id not in p["available_at"]:
+                        problems.append(f"{s.name} accepts stage {p['stage']} but does not hold {p['name']}")
+            last[:] = problems
+            return None if problems else next(iter(digests.values()))
+
+        names = ", ".join(s.name for s in chosen)
+        with self.step(f"wait until {names} converge"):
+            digest = self.wait_until(converged, timeout, f"{names} to converge", sites=chosen, interval=0.1,
+                                     detail=lambda: "\n".join(["unmet:", *(f"  {p}" for p in last),
+                                                               "states:", self.describe(chosen)]))
+            st = self.state(chosen[0])
+            self.say(f"  converged: digest {digest[:16]}, {len(st['packages'])} package(s): "
+                     + ("; ".join(f"{p['name']}[{p['stage']}] at {','.join(self.names(p['available_at']))}"
+                                  for p in st["packages"]) or "none"))
+            return digest
+
+    def check_files(self, sites: Iterable[Site | str] | None = None) -> None:
+        """Every file in each site's packages/ hashes to its manifest (sha1, blake3, size), every
+        package the site's state says it holds is there, and nothing else is."""
+        chosen = [self[s] for s in sites] if sites is not None else [s for s in self.sites.values() if s.running]
+        with self.step(f"check the published files of {', '.join(s.name for s in chosen)}"):
+            total = 0
+            for s in chosen:
+                st = self.state(s)
+                held = {p["name"] for p in st["packages"] if s.id in p["available_at"]}
+                present = {p.name for p in s.packages_dir.iterdir()} if s.packages_dir.exists() else set()
+                extra, missing = present - held, held - present
+                self.check(not extra, f"site {s.name} has files nobody published there: {sorted(extra)}", [s])
+                self.check(not missing, f"site {s.name} claims {sorted(missing)} but has no such file", [s])
+                for name in sorted(present):
+                    pkg = self.package(s, name)
+                    self.check(pkg is not None, f"site {s.name} has a file {name} but no package of that name", [s])
+                    size, sha1, b3 = hash_file(s.file(name))
+                    if (size, sha1) != (pkg["size"], pkg["sha1"]) or (b3 and b3 != pkg["blake3"]):
+                        self.fail(f"site {s.name}: {name} on disk is {size} bytes sha1 {sha1} blake3 {b3}; "
+                                  f"the manifest says {pkg['size']} bytes sha1 {pkg['sha1']} "
+                                  f"blake3 {pkg['blake3']}", [s])
+                    total += 1
+            self.say(f"  {total} file(s) verified against their manifests")
+
+
+# --------------------------------------------------------------------------- running scenarios
+
+
+def load_scenario(path: Path):
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"odst_scenario_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ScenarioFailed(f"cannot load scenario {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "run", None)):
+        raise ScenarioFailed(f"scenario {path} has no run(net) function")
+    return module
+
+
+def summary_line(module) -> str:
+    doc = (module.__doc__ or module.run.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def run_scenario(path: Path, workdir: Path | None = None, *, keep: bool = False, out=None) -> dict:
+    """Run one scenario file in ``workdir`` (a fresh temp dir by default); raise ScenarioFailed.
+
+    Returns the figures the scenario recorded in ``net.results`` plus ``seconds``.
+    The work dir is removed after a success unless ``keep`` (or it was given); kept on failure.
+    """
+    path = Path(path)
+    module = load_scenario(path)
+    given = workdir is not None
+    workdir = Path(workdir) if given else Path(tempfile.mkdtemp(prefix=f"odst-{path.stem}-"))
+    net = Network(workdir, title=path.stem, out=out)
+    net.say(f"scenario {path.stem}: {summary_line(module)}")
+    net.say(f"work dir {workdir}")
+    ok = False
+    try:
+        module.run(net)
+        ok = True
+    finally:
+        try:
+            net.close()
+        finally:
+            elapsed = time.monotonic() - net.started
+            net.say(f"scenario {path.stem} {'PASSED' if ok else 'FAILED'} in {elapsed:.1f}s")
+            if ok and not given and not keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+            elif not ok:
+                net.say(f"logs and data kept in {workdir}")
+    return {**net.results, "seconds": elapsed}
+
+
+def scenario_dirs() -> list[Path]:
+    dirs = [Path.cwd() / "scenarios", REPO_SCENARIOS]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
+
+
+def all_scenarios() -> list[Path]:
+    for d in scenario_dirs():
+        found = sorted(p for p in d.glob("*.py") if not p.name.startswith("_"))
+        if found:
+            return found
+    return []
+
+
+def resolve(arg: str) -> Path:
+    p = Path(arg)
+    for candidate in (p, p.with_name(p.name + ".py")):
+        if candidate.is_file():
+            return candidate
+    for d in scenario_dirs():
+        for candidate in (d / p.name, d / (p.name + ".py")):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"no scenario {arg!r} (looked in {', '.join(str(d) for d in scenario_dirs())})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="odst scenario", description="run multi-site scenarios")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="the scenarios and what each shows")
+    p = sub.add_parser("run", help="run scenarios (files or names in scenarios/)")
+    p.add_argument("scenarios", nargs="*", help="scenarios/NAME or scenarios/NAME.py")
+    p.add_argument("--all", action="store_true", help="every scenario in scenarios/")
+    p.add_argument("--workdir", type=Path, help="put data dirs and logs here (kept)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir after a success")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "list":
+        scenarios = all_scenarios()
+        if not scenarios:
+            print("no scenarios found", file=sys.stderr)
+            return 1
+        width = max(len(p.stem) for p in scenarios)
+        for path in scenarios:
+            try:
+                line = summary_line(load_scenario(path))
+            except Exception as exc:  # a broken file still gets listed
+                line = f"(cannot load: {exc})"
+            print(f"{path.stem:<{width}}  {line}")
+        return 0
+
+    try:
+        paths = all_scenarios() if args.all else [resolve(a) for a in args.scenarios]
+    except FileNotFoundError as exc:
+        print(f"odst scenario: {exc}", file=sys.stderr)
+        return 2
+    if not paths:
+        print("odst scenario: name a scenario or pass --all", file=sys.stderr)
+        return 2
+    results: list[tuple[str, bool, float, str]] = []
+    for path in paths:
+        workdir = args.workdir / path.stem if args.workdir else None
+        t0 = time.monotonic()
+        try:
+            run_scenario(path, workdir, keep=args.keep)
+            results.append((path.stem, True, time.monotonic() - t0, ""))
+        except ScenarioFailed as exc:
+            print(f"\nFAILED {path.stem}: {exc}\n", file=sys.stderr, flush=True)
+            results.append((path.stem, False, time.monotonic() - t0, str(exc).splitlines()[0]))
+        except KeyboardInterrupt:
+            print(f"\ninterrupted in {path.stem}", file=sys.stderr)
+            return 130
+        except Exception:
+            traceback.print_exc()
+            results.append((path.stem, False, time.monotonic() - t0, "error in the scenario itself"))
+    if len(results) > 1:
+        print("\nsummary:")
+        for name, ok, secs, why in results:
+            print(f"  {'PASS' if ok else 'FAIL'}  {name:<16} {secs:6.1f}s  {why}")
+    return 0 if all(ok for _, ok, _, _ in results) else 1
