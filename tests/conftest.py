@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -86,14 +85,8 @@ class SiteProcess:
                             headers={"Authorization": f"Bearer {token or self.token}"}, **kw)
 
     def start(self, timeout: float = 60.0) -> "SiteProcess":
-        env = {**os.environ, "ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", **self.env}
-        self.log_path = self.data.parent / f"{self.data.name}-serve.log"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
-             "--http", f"127.0.0.1:{self.port}", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-        log.close()
+        """Start and wait until /healthz says 200."""
+        self.start_process()
 
         def healthy():
             if self.proc.poll() is not None:
@@ -103,6 +96,17 @@ class SiteProcess:
             wait_until(healthy, timeout, what="odst serve to become healthy")
         except AssertionError:
             raise AssertionError(f"odst serve did not become healthy:\n{self.log()}") from None
+        return self
+
+    def start_process(self) -> "SiteProcess":
+        env = {**os.environ, "ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", **self.env}
+        self.log_path = self.data.parent / f"{self.data.name}-serve.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
+             "--http", f"127.0.0.1:{self.port}", *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        log.close()
         return self
 
     def log(self) -> str:
@@ -157,6 +161,3 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
             left -= n
     return path
 
-
-def nats_binary_available() -> bool:
-    return shutil.which("nats-server") is not None or Path(nats_server_binary()).exists()

@@ -197,3 +197,33 @@ def test_delete_reaches_the_other_site(pair, tmp_path):
     stored = b.data / "store" / "packages" / "gone.pkg"
     wait_until(lambda: not stored.exists(), 60, what="B to remove the deleted package")
     assert httpx.get(f"{b.url}/Packages/gone.pkg").status_code == 404
+
+
+def test_a_leaf_loop_is_refused_with_a_clear_message(make_site):
+    p1, p2 = free_port(), free_port()
+    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{p1}", "--leaf-remote", f"nats-leaf://127.0.0.1:{p2}"])
+    b = make_site("b", extra_args=["--leaf-listen", f"127.0.0.1:{p2}", "--leaf-remote", f"nats-leaf://127.0.0.1:{p1}"])
+    for s in (a, b):
+        s.start_process()
+
+    def loop_reported():
+        for s in (a, b):
+            r = httpx.get(f"{s.url}/healthz", timeout=2)
+            if r.status_code == 503 and "loop" in r.json()["reason"] and "tree" in r.json()["reason"]:
+                return True
+    wait_until(loop_reported, 60, what="a site to report the leaf loop on /healthz")
+
+
+def test_a_site_unreachable_over_http_replicates_over_nats(make_site, tmp_path):
+    """The firewalled case: B can reach A only through the leaf link A dialled out on."""
+    leaf = free_port()
+    b = make_site("b", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}"]).start()
+    a = make_site("a", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}",
+                                   "--public-url", "http://127.0.0.1:9"]).start()  # closed port
+    joined = register(a, b)  # A invites; B joins over NATS (A's HTTP is unreachable)
+    assert joined["via"] == "nats"
+    pkg = upload(a, "fw.pkg", write_random(tmp_path / "fw.pkg", 3 * (1 << 20) + 3, seed=10))
+    b_id = site_id(b)
+    wait_until(lambda: available_at(b, "fw.pkg", b_id), 90, what="replication over NATS")
+    assert hashlib.sha1(httpx.get(f"{b.url}/Packages/fw.pkg").content).hexdigest() == pkg["sha1"]
+    assert state(a)["chunks_served"].get(b_id, 0) >= 4
