@@ -56,6 +56,21 @@ async def _receive_body(request: Request, upload: StreamingUpload, limit: int) -
             return
 
 
+def _with_local_transfer(site: Site, pkg: dict) -> dict:
+    """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
+    here = pkg["availability"].get(site.id)
+    if site.replicator is None or (here and here["status"] == "available"):
+        return pkg
+    progress = site.replicator.progress.get((pkg["name"], pkg["blake3"]))
+    if progress is not None and progress.status != "available":
+        t = progress.as_dict()
+        pkg["availability"][site.id] = {"status": t["status"], "detail": t["detail"],
+                                        "chunks_done": t["chunks_done"], "chunks_total": t["chunks_total"],
+                                        "rate_bytes_per_s": t["rate_bytes_per_s"],
+                                        "updated_at": here["updated_at"] if here else None}
+    return pkg
+
+
 class PackageController(Controller):
     path = "/api/v1/packages"
     tags = ["packages"]
@@ -66,7 +81,8 @@ class PackageController(Controller):
                             limit: int = Parameter(default=1000, ge=1, le=10000),
                             offset: int = Parameter(default=0, ge=0)) -> dict[str, Any]:
         site: Site = request.app.state.site
-        items = views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)
+        items = [_with_local_transfer(site, p)
+                 for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
         return {"packages": items, "count": len(items)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
@@ -76,7 +92,7 @@ class PackageController(Controller):
         pkg = views.package(site.reader, name)
         if pkg is None:
             raise PackageNotFound(f"no package named {name!r}")
-        return pkg
+        return _with_local_transfer(site, pkg)
 
     @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE}, status_code=201,
          request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body

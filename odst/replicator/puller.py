@@ -124,6 +124,10 @@ class Puller:
             self.progress.sources = sorted({s.source.site for s in self.states})
             if done:
                 log.info("resuming transfer", package=w.name, verified_chunks=len(done), total=len(w.chunks))
+            self._written = set(done)
+            self._hashed_upto = 0
+            self._hash_task: asyncio.Task | None = None
+            self._sha1, self._b3 = hashlib.sha1(), blake3_mod.blake3()
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(len(w.chunks)):
                 if i not in done:
@@ -136,8 +140,15 @@ class Puller:
                 for t in workers:
                     t.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
+                if self._hash_task is not None:  # never leave a pass reading a closed fd
+                    await asyncio.gather(self._hash_task, return_exceptions=True)
+            if self._hash_task is not None:
+                await self._hash_task
+            await self._advance_hashes(fd)  # whatever the last pass had not reached
             await asyncio.to_thread(os.fsync, fd)
-            sha1, b3 = await asyncio.to_thread(self._whole_file_hashes, fd)
+            if self._hashed_upto != len(w.chunks):
+                raise TransferFailed("internal: not every chunk was hashed")
+            sha1, b3 = self._sha1.hexdigest(), self._b3.hexdigest()
         finally:
             os.close(fd)
         if sha1 != w.sha1 or b3 != w.blake3:
@@ -156,17 +167,39 @@ class Puller:
                 done.add(i)
         return done
 
-    def _whole_file_hashes(self, fd: int) -> tuple[str, str]:
-        sha1, b3 = hashlib.sha1(), blake3_mod.blake3()
-        offset, block = 0, 4 << 20
-        while True:
-            data = os.pread(fd, block, offset)
-            if not data:
-                break
-            sha1.update(data)
-            b3.update(data)
-            offset += len(data)
-        return sha1.hexdigest(), b3.hexdigest()
+    async def _advance_hashes(self, fd: int) -> None:
+        """Feed the whole-file SHA1 and blake3 as the contiguous written prefix grows.
+
+        Runs beside the transfer (the bytes are re-read from the page cache on a
+        worker thread), so only the last chunks are left to hash at the end.
+        """
+        while self._hashed_upto in self._written:
+            start = end = self._hashed_upto
+            while end in self._written and end - start < 16:
+                end += 1
+            await asyncio.to_thread(self._hash_range, fd, start, end)
+            self._hashed_upto = end
+
+    def _kick_hashes(self, fd: int) -> None:
+        if self._hash_task is None or self._hash_task.done():
+            self._hash_task = asyncio.ensure_future(self._advance_hashes(fd))
+
+    def _hash_range(self, fd: int, start: int, end: int) -> None:
+        w = self.want
+        offset = start * w.chunk_size
+        length = min(end * w.chunk_size, w.size) - offset
+        data = os.pread(fd, length, offset)
+        self._sha1.update(data)
+        self._b3.update(data)
+
+    def _verify_and_write(self, fd: int, index: int, data: bytes, offset: int, length: int) -> bool:
+        if len(data) != length or hashlib.sha1(data).hexdigest() != self.want.chunks[index]:
+            return False
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+        return True
 
     def _pick(self, tried: set[int]) -> _SourceState | None:
         candidates = [s for s in self.states if id(s) not in tried]
@@ -206,7 +239,7 @@ class Puller:
                     continue
                 finally:
                     state.in_flight -= 1
-                if len(data) != length or hashlib.sha1(data).hexdigest() != w.chunks[index]:
+                if not await asyncio.to_thread(self._verify_and_write, fd, index, data, offset, length):
                     state.punish(BAD_CHUNK_PENALTY)
                     reason = (f"chunk {index} of {w.name} failed verification "
                               f"({len(data)} bytes, expected {length})")
@@ -214,7 +247,8 @@ class Puller:
                                 peer=src.site, transport=src.kind)
                     self.on_bad_source(src.site, reason)
                     continue
-                await asyncio.to_thread(os.pwrite, fd, data, offset)
                 self.progress.done += 1
                 self.progress.bytes += len(data)
+                self._written.add(index)
+                self._kick_hashes(fd)
                 break
