@@ -11,7 +11,7 @@ import pytest
 
 from odst.events.signing import SiteKey
 from odst.replicator.requests import sign_request
-from odst.replicator.transport import ChunkUnavailable, HttpChunkSource, NatsChunkSource
+from odst.replicator.transport import ChunkUnavailable, HttpChunkSource, NatsChunkSource, http_session
 from tests.conftest import free_port, wait_until, write_random
 
 
@@ -83,7 +83,7 @@ def test_chunk_source_contract(pair, tmp_path, kind):
 
     async def run():
         nc = await nats.connect(nats_url)
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with http_session() as http:
             source = (HttpChunkSource(a_id, a.url, b_key, http) if kind == "http"
                       else NatsChunkSource(a_id, nc, b_key))
             data = src.read_bytes()

@@ -17,7 +17,7 @@ from odst.gateway.auth import bearer_guard
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
 from odst.gateway.packages import PackageController
-from odst.gateway.peers import PeerController, PeerProtocolController
+from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
 from odst.gateway.tokens import TokenController
 from odst.site import Site
 
@@ -69,10 +69,16 @@ def create_app(site: Site) -> Litestar:
     async def dist_point_alias(scope: Scope, receive: Receive, send: Send) -> None:
         await downloads(scope, receive, send)
 
+    chunks = make_chunk_app(site)
+
+    @asgi("/peer/v1/chunks", is_mount=True, copy_scope=True)
+    async def peer_chunks(scope: Scope, receive: Receive, send: Send) -> None:
+        await chunks(scope, receive, send)
+
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController], guards=[bearer_guard])
     app = Litestar(
-        route_handlers=[healthz, dist_point, dist_point_alias, api, PeerProtocolController],
+        route_handlers=[healthz, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController],
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),

@@ -12,14 +12,13 @@ import json
 import time
 from collections import Counter
 
-import httpx
 import structlog
 
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.projections import views
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
-from odst.replicator.transport import HttpChunkSource, NatsChunkSource
+from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
 
 log = structlog.get_logger("odst.replicator")
 
@@ -36,13 +35,13 @@ class Replicator:
         self.backoff: dict[tuple[str, str], tuple[float, float]] = {}
         self.last_failure: dict[tuple[str, str], str] = {}
         self.bad_chunks: Counter[str] = Counter()
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0),
-                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        self.http = None  # aiohttp session, made inside the running loop
         self.sem = asyncio.Semaphore(max(1, site.settings.replication_packages))
         self._loop_task: asyncio.Task | None = None
         self._kick = asyncio.Event()
 
     def start(self) -> None:
+        self.http = http_session()
         self._loop_task = asyncio.create_task(self._loop(), name="replicator")
 
     async def stop(self) -> None:
@@ -50,7 +49,8 @@ class Replicator:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.http.aclose()
+        if self.http is not None:
+            await self.http.close()
 
     def kick(self) -> None:
         self._kick.set()
