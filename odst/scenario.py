@@ -126,6 +126,7 @@ class Site:
     proc: subprocess.Popen | None = None
     id: str = ""
     starts: int = 0
+    nats_log_mark: int = 0  # size of <data>/run/nats.log when we last (re)started it or a hub it dials
 
     @property
     def url(self) -> str:
@@ -171,6 +172,27 @@ class Site:
             return "(no log)"
         tail = text.splitlines()[-lines:]
         return "\n".join(line[:400] for line in tail)
+
+    @property
+    def nats_log(self) -> Path:
+        return self.data / "run" / "nats.log"
+
+    def nats_log_size(self) -> int:
+        try:
+            return self.nats_log.stat().st_size
+        except OSError:
+            return 0
+
+    def link_up_since_mark(self, hub: "Site") -> bool:
+        """Has this site's nats-server bridged JetStream with ``hub`` over its leaf link since the mark?"""
+        try:
+            with open(self.nats_log, "rb") as f:
+                f.seek(self.nats_log_mark)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return False
+        needle = f"127.0.0.1:{hub.leaf_port} - lid:"
+        return any(needle in line and "JetStream using domains" in line for line in text.splitlines())
 
     def run_info(self) -> dict:
         """What the running process wrote to <data>/run/site.json (pid, site id, NATS URL)."""
@@ -311,9 +333,14 @@ class Network:
         chosen.sort(key=lambda s: (s.leaf_port is None, len(s.dials)))
         label = ", ".join(s.name for s in chosen)
         with self.step(f"start {label}"):
+            started = time.monotonic()
+            for s in self.sites.values():  # leaf links to (re)check: of the new sites, and to them
+                if s in chosen or any(self[h] in chosen for h in s.dials):
+                    s.nats_log_mark = s.nats_log_size()
             for s in chosen:
                 self._spawn(s)
             self._wait_healthy(chosen, timeout)
+            self._wait_links(chosen, timeout - (time.monotonic() - started))
             for s in chosen:
                 if not s.id:
                     s.id = self.get(s, "/api/v1/site")["site"]
@@ -321,6 +348,17 @@ class Network:
                              + (f", leaf port {s.leaf_port}" if s.leaf_port else "")
                              + (f", dials {','.join(s.dials)}" if s.dials else "")
                              + (f", accepts {','.join(s.accept)}" if s.accept else ""))
+
+    def _wait_links(self, chosen: list[Site], timeout: float) -> None:
+        """Wait until every leaf link from or to the started sites is up (seen in the dialer's
+        nats.log), so that what follows does not race the link's first connection."""
+        pairs = [(s, self[h]) for s in self.sites.values() for h in s.dials
+                 if s.running and self[h].running and (s in chosen or self[h] in chosen)]
+        for spoke, hub in pairs:
+            self.wait_until(lambda: spoke.link_up_since_mark(hub), max(timeout, 5.0),
+                            f"leaf link {spoke.name} -> {hub.name} to come up", sites=[spoke, hub])
+        if pairs:
+            self.say("  leaf links up: " + ", ".join(f"{s.name}->{h.name}" for s, h in pairs))
 
     def _wait_healthy(self, sites: list[Site], timeout: float) -> None:
         pending = list(sites)

@@ -21,6 +21,7 @@ import time
 import httpx
 import structlog
 
+from odst.bus.service import NatsService
 from odst.events import catalogue as ev
 from odst.events.signing import SignatureInvalid, site_id_for, verify_detached
 from odst.errors import OdstError
@@ -176,22 +177,12 @@ async def _send(site, inv: dict, body: bytes, sig: str) -> tuple[bytes, str, str
                           "): link the sites with a NATS leaf node or make its address reachable")
 
 
-class RegistrationService:
+class RegistrationService(NatsService):
     """Answers registration requests arriving over NATS."""
 
     def __init__(self, site):
-        self.site = site
-        self._sub = None
-
-    async def start(self) -> None:
-        self._sub = await self.site.nc.subscribe(register_subject(self.site.id), cb=self._on_request)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
+        super().__init__(site)
+        self.subject = register_subject(site.id)
 
     async def _on_request(self, msg) -> None:
         sig = (msg.headers or {}).get("odst-signature", "")

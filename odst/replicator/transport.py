@@ -17,6 +17,7 @@ from typing import Protocol
 import aiohttp
 import structlog
 
+from odst.bus.service import NatsService
 from odst.events.signing import SiteKey
 from odst.projections import views
 from odst.replicator.requests import PeerRequestRefused, RequestVerifier, sign_request
@@ -104,13 +105,16 @@ class NatsChunkSource:
         raise TransportFailed(f"{self.site} over NATS: {status or 'no status'} {detail}")
 
 
-class ChunkServer:
-    """Serves chunks of the contents this site holds, to trusted peers only."""
+class ChunkServer(NatsService):
+    """Serves chunks of the contents this site holds, to trusted peers only (NATS here,
+    HTTP through the gateway's /peer/v1/chunks route)."""
+
+    queue = "chunk"
 
     def __init__(self, site):
-        self.site = site
+        super().__init__(site)
+        self.subject = chunk_subject(site.id)
         self.verifier = RequestVerifier(self._key_of)
-        self._sub = None
         self.served: Counter[str] = Counter()  # chunks served, per requesting peer
 
     def _key_of(self, site_id: str) -> bytes | None:
@@ -151,17 +155,6 @@ class ChunkServer:
 
     def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
         return self.verifier.verify(method, target, {k.lower(): v for k, v in headers.items()})
-
-    async def start(self) -> None:
-        self._sub = await self.site.nc.subscribe(chunk_subject(self.site.id), queue="chunk",
-                                                 cb=self._on_request)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
 
     async def _on_request(self, msg) -> None:
         headers = {k.lower(): v for k, v in (msg.headers or {}).items()}
