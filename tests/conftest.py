@@ -161,3 +161,20 @@ def write_random(path: Path, size: int, seed: int = 0) -> Path:
             left -= n
     return path
 
+
+
+def upload_bytes(client: httpx.Client, name: str, body: bytes, **kw) -> httpx.Response:
+    return client.put(f"/api/v1/packages/{name}", content=body, **kw)
+
+
+def all_events(client: httpx.Client) -> list[dict]:
+    """Every event of GET /api/v1/events, following the paging."""
+    out, after = [], 0
+    while True:
+        r = client.get("/api/v1/events", params={"after": after, "limit": 1000})
+        assert r.status_code == 200, r.text
+        batch = r.json()["events"]
+        if not batch:
+            return out
+        out += batch
+        after = batch[-1]["position"]

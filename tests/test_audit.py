@@ -23,28 +23,12 @@ import pytest
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.signing import SiteKey
-from tests.conftest import run_odst, wait_until
+from tests.conftest import all_events, run_odst, upload_bytes as upload, wait_until
 
 MiB = 1 << 20
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-def upload(client: httpx.Client, name: str, body: bytes, **kw) -> httpx.Response:
-    return client.put(f"/api/v1/packages/{name}", content=body, **kw)
-
-
-def all_events(client: httpx.Client) -> list[dict]:
-    out, after = [], 0
-    while True:
-        r = client.get("/api/v1/events", params={"after": after, "limit": 1000})
-        assert r.status_code == 200, r.text
-        batch = r.json()["events"]
-        if not batch:
-            return out
-        out += batch
-        after = batch[-1]["position"]
-
 
 def packages(client: httpx.Client) -> list[dict]:
     r = client.get("/api/v1/packages")

@@ -19,7 +19,7 @@ import base64
 import httpx
 import pytest
 
-from tests.conftest import free_port, run_odst, wait_until
+from tests.conftest import all_events, free_port, run_odst, upload_bytes as upload, wait_until
 
 MiB = 1 << 20
 
@@ -53,22 +53,6 @@ def pid_alive(pid: int) -> bool:
 
 def nats_pid(data: Path) -> int:
     return int((data / "run" / "nats.pid").read_text().strip())
-
-
-def upload(client: httpx.Client, name: str, body: bytes, **kw) -> httpx.Response:
-    return client.put(f"/api/v1/packages/{name}", content=body, **kw)
-
-
-def all_events(client: httpx.Client) -> list[dict]:
-    out, after = [], 0
-    while True:
-        r = client.get("/api/v1/events", params={"after": after, "limit": 1000})
-        assert r.status_code == 200, r.text
-        batch = r.json()["events"]
-        if not batch:
-            return out
-        out += batch
-        after = batch[-1]["position"]
 
 
 def package_names(client: httpx.Client) -> set[str]:
