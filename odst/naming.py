@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from urllib.parse import unquote
 
 from odst.errors import ExtensionNotAllowed, PackageNameInvalid
 
 MAX_NAME_BYTES = 255
+MAX_INT64 = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def ascii_int(text: str | None, limit: int = MAX_INT64) -> int | None:
+    """The value of a plain ASCII decimal (no signs, no '²', at most ``limit``), else None."""
+    if text is None or not _DIGITS.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= limit else None
+
+
+def name_from_raw_path(raw_path: bytes, prefix: str) -> str:
+    """The last path segment after ``prefix``, percent-decoded strictly as UTF-8.
+
+    Frameworks decode paths leniently (U+FFFD for bad bytes, and a %2F may
+    vanish at the end); a package name must be exactly what the client sent.
+    """
+    path = raw_path.decode("latin-1").split("?", 1)[0]
+    if not path.startswith(prefix):
+        raise PackageNameInvalid("package name missing from the path")
+    try:
+        return unquote(path[len(prefix):], errors="strict")
+    except UnicodeDecodeError:
+        raise PackageNameInvalid("package name is not valid UTF-8") from None
 
 
 def check_name(name: str, allowed_extensions: list[str] | None = None) -> str:

@@ -15,7 +15,6 @@ import re
 import socket
 import threading
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import blake3
@@ -75,6 +74,12 @@ def events_of(c: httpx.Client, **params) -> list[dict]:
     r = c.get("/api/v1/events", params={"limit": 1000, **params})
     assert r.status_code == 200, r.text
     return r.json()["events"]
+
+
+def history_of(c: httpx.Client, name: str) -> list[str]:
+    """The admin-visible history of a name (uploads, stage changes, deletes), oldest first."""
+    kinds = ("PackageUploaded", "PackageStaged", "PackageDeleted")
+    return [e["type"] for e in events_of(c, name=name) if e["type"] in kinds]
 
 
 def site_id(c: httpx.Client) -> str:
@@ -321,8 +326,9 @@ def test_list_filter_stage_delete_and_reupload(site):
     assert r.status_code == 200, r.text
     assert r.json()["stage"] == "test"
     [staged] = events_of(c, type="PackageStaged")
-    assert staged["envelope"]["event"] == {"type": "PackageStaged", "name": "alpha-tool.pkg",
-                                           "stage": "test", "previous": "prod"}
+    body = staged["envelope"]["event"]
+    assert (body["type"], body["name"], body["stage"], body["previous"]) == \
+        ("PackageStaged", "alpha-tool.pkg", "test", "prod")
     assert names(stage="test") == ["alpha-tool.pkg", "beta-tool.dmg"]
     # The same stage again changes nothing and records nothing.
     assert c.patch("/api/v1/packages/alpha-tool.pkg", json={"stage": "test"}).status_code == 200
@@ -348,16 +354,15 @@ def test_list_filter_stage_delete_and_reupload(site):
     assert_error(c.delete("/api/v1/packages/alpha-tool.pkg"), 404)
     assert names() == ["beta-tool.dmg", "gamma.zip"]
     assert store_files(site)[0] == ["beta-tool.dmg", "gamma.zip"]
-    history = [e["type"] for e in events_of(c, name="alpha-tool.pkg")]
-    assert history == ["PackageUploaded", "PackageStaged", "PackageDeleted"]
+    assert history_of(c, "alpha-tool.pkg") == ["PackageUploaded", "PackageStaged", "PackageDeleted"]
 
     # The name is free again: new content may take it.
     r = upload(c, "alpha-tool.pkg", b"alpha, second edition")
     assert r.status_code == 201, r.text
     assert r.json()["stage"] == "prod"
     assert httpx.get(f"{site.url}/Packages/alpha-tool.pkg", timeout=10).content == b"alpha, second edition"
-    history = [e["type"] for e in events_of(c, name="alpha-tool.pkg")]
-    assert history == ["PackageUploaded", "PackageStaged", "PackageDeleted", "PackageUploaded"]
+    assert history_of(c, "alpha-tool.pkg") == ["PackageUploaded", "PackageStaged", "PackageDeleted",
+                                               "PackageUploaded"]
 
     # Deleting again and bringing back the very first content works too (a tombstone is not forever).
     assert c.delete("/api/v1/packages/alpha-tool.pkg").status_code == 200
@@ -372,7 +377,7 @@ def test_list_filter_stage_delete_and_reupload(site):
 
 @pytest.fixture(scope="module")
 def shared_site(tmp_path_factory):
-    """One site for the many small hostile-name cases (each case leaves it clean)."""
+    """One site for the many small cases below (hostile names, odd query values); each leaves it clean."""
     s = SiteProcess(data=tmp_path_factory.mktemp("hostile") / "site", port=free_port())
     s.start()
     yield s
@@ -445,6 +450,13 @@ def test_hostile_name_is_a_clear_4xx_and_leaves_nothing(clean_site, segment, exp
     wait_until(lambda: store_files(site) == ([], []), 10, what="store to be empty")
 
 
+def test_put_without_a_name_is_a_clear_4xx(clean_site):
+    for path in ("/api/v1/packages/", "/api/v1/packages"):
+        status, _, body = raw_request(clean_site, "PUT", path, body=b"payload", headers=auth())
+        assert_json_error(status, body, range(400, 500))
+    assert store_files(clean_site) == ([], [])
+
+
 def test_longest_allowed_name_is_accepted(clean_site):
     name = "a" * 251 + ".pkg"  # 255 bytes, the limit
     with clean_site.client() as c:
@@ -497,14 +509,9 @@ def test_upload_over_the_configured_limit_is_413(make_site):
     assert "1000000" in doc["detail"]
 
     # Chunked (no Content-Length): refused once the stream passes the limit.
-    sent = 0
-
     def body():
-        nonlocal sent
-        for i in range(32):
-            piece = randbytes(64 * 1024, seed=i)
-            sent += len(piece)
-            yield piece
+        for i in range(32):  # 2 MiB in 64 KiB pieces
+            yield randbytes(64 * 1024, seed=i)
     r = c.put("/api/v1/packages/big.pkg", content=body())
     assert r.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in r.request.headers
@@ -578,7 +585,7 @@ def test_events_are_signed_chained_and_paged(site):
 
     # Filters.
     assert [e["type"] for e in events_of(c, type="PackageDeleted")] == ["PackageDeleted"]
-    assert [e["type"] for e in events_of(c, name="pkg1.pkg")] == ["PackageUploaded", "PackageStaged"]
+    assert history_of(c, "pkg1.pkg") == ["PackageUploaded", "PackageStaged"]
     assert len(events_of(c, origin=info["site"])) == len(paged)
     assert events_of(c, after=after) == []
     for bad in ({"after": -1}, {"after": "x"}, {"limit": 0}, {"limit": 100000}):
@@ -632,6 +639,7 @@ def test_event_stream_delivers_a_new_upload(site):
                 if event == "PackageUploaded":
                     got = (ident, json.loads(data))
                     break
+    assert uploader is not None
     uploader.join(30)
     assert result.get("status") == 201
     assert got is not None
@@ -647,6 +655,55 @@ def test_event_stream_delivers_a_new_upload(site):
                 if event is not None:
                     assert int(ident) == doc["position"] and event == "PackageUploaded"
                     break
+
+
+BAD_LAST_EVENT_IDS = ["\u00b2", "-1", "abc", "1e3", str(2 ** 64)]
+
+
+@pytest.mark.parametrize("last_event_id", BAD_LAST_EVENT_IDS, ids=["superscript-2", "-1", "abc", "1e3", "2**64"])
+def test_event_stream_with_a_malformed_last_event_id_is_not_a_crash(clean_site, last_event_id):
+    """Last-Event-ID is client input: a value that is no usable position is refused with a 400,
+    or ignored (the stream then still delivers what happens next), never a 500 or a torn stream."""
+    site = clean_site
+    name = f"lei-{BAD_LAST_EVENT_IDS.index(last_event_id)}.pkg"
+    with httpx.Client(base_url=site.url, timeout=httpx.Timeout(10, read=20), headers=auth()) as c:
+        with c.stream("GET", "/api/v1/events/stream",
+                      headers={"Last-Event-ID": last_event_id.encode("latin-1")}) as r:
+            if r.status_code != 200:
+                r.read()
+                assert_error(r, 400)
+            else:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                deadline = time.monotonic() + 30
+                uploaded = False
+                for event, ident, data in _sse_events(r.iter_lines()):
+                    assert time.monotonic() < deadline, "no event within 30 s"
+                    if not uploaded:
+                        with site.client() as admin:
+                            assert upload(admin, name, name.encode()).status_code == 201
+                        uploaded = True
+                    if event == "PackageUploaded" and json.loads(data)["envelope"]["event"]["name"] == name:
+                        break
+                else:
+                    pytest.fail("the stream ended before the new upload's event arrived")
+    assert httpx.get(f"{site.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("path", [
+    f"/api/v1/events?after={2 ** 64}",
+    f"/api/v1/events?after={2 ** 63}",
+    f"/api/v1/packages?offset={2 ** 64}",
+    f"/api/v1/packages?limit=10&offset={2 ** 63}",
+    f"/api/v1/events/stream?after={2 ** 64}",
+])
+def test_huge_numbers_in_the_query_are_400(clean_site, path):
+    with httpx.Client(base_url=clean_site.url, timeout=httpx.Timeout(10, read=20), headers=auth()) as c:
+        with c.stream("GET", path) as r:
+            if r.status_code == 200:
+                pytest.fail(f"{path} answered 200 ({r.headers.get('content-type')}) instead of 400")
+            r.read()
+            assert_error(r, 400)
+    assert httpx.get(f"{clean_site.url}/healthz", timeout=10).status_code == 200
 
 
 # ---------------------------------------------------------------- health, schema, CLI

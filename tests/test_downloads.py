@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SiteProcess, free_port, wait_until
+from tests.conftest import SiteProcess, free_port
 
 MiB = 1 << 20
 

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hmac
 import os
+import time
 from urllib.parse import unquote
 
 from odst.errors import OdstError
@@ -45,8 +46,8 @@ def _authorised(settings, headers: dict[bytes, bytes]) -> bool:
         user, _, password = base64.b64decode(cred.strip(), validate=True).decode("utf-8").partition(":")
     except (ValueError, UnicodeDecodeError):
         return False
-    return (hmac.compare_digest(user, settings.download_user)
-            & hmac.compare_digest(password, settings.download_password))
+    return (hmac.compare_digest(user.encode("utf-8"), settings.download_user.encode("utf-8"))
+            & hmac.compare_digest(password.encode("utf-8"), settings.download_password.encode("utf-8")))
 
 
 def make_download_app(site, prefixes: list[str]):
@@ -102,7 +103,7 @@ def make_download_app(site, prefixes: list[str]):
 async def _serve(fd: int, row, method: str, headers: dict[bytes, bytes], receive, send) -> None:
     size = os.fstat(fd).st_size
     etag = f'"{row["blake3"]}"'
-    modified_s = row["uploaded_at"] // 1000
+    modified_s = min(row["uploaded_at"] // 1000, int(time.time()))  # never later than Date
     common = [("accept-ranges", "bytes"), ("etag", etag),
               ("last-modified", http_date(modified_s)),
               ("content-type", "application/octet-stream")]

@@ -10,6 +10,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from odst.gateway.auth import READ
+from odst.naming import MAX_INT64, ascii_int
 from odst.projections import views
 from odst.site import Site
 
@@ -21,7 +22,7 @@ class EventController(Controller):
     tags = ["events"]
 
     @get("/events", operation_id="listEvents", opt={"roles": READ})
-    async def list_events(self, request: Request, after: int = Parameter(default=0, ge=0),
+    async def list_events(self, request: Request, after: int = Parameter(default=0, ge=0, le=MAX_INT64),
                           limit: int = Parameter(default=100, ge=1, le=1000),
                           type: str | None = None, origin: str | None = None,
                           name: str | None = None) -> dict[str, Any]:
@@ -31,17 +32,17 @@ class EventController(Controller):
         return {"events": items, "last_position": views.last_position(site.reader)}
 
     @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})
-    async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0),
+    async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
                             type: str | None = None) -> ServerSentEvent:
         """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live."""
         site: Site = request.app.state.site
-        last_id = request.headers.get("last-event-id")
-        position = after if after is not None else int(last_id) if (last_id or "").isdigit() else \
+        last_id = ascii_int(request.headers.get("last-event-id"))  # malformed: start from now
+        position = after if after is not None else last_id if last_id is not None else \
             views.last_position(site.reader)
 
         async def feed() -> AsyncGenerator[ServerSentEventMessage, None]:
             nonlocal position
-            yield ServerSentEventMessage(comment="odst event stream", retry=2000)
+            yield ServerSentEventMessage(data=None, comment="odst event stream", retry=2000)
             while True:
                 batch = views.events(site.reader, after=position, limit=500, type_=type)
                 for e in batch:
@@ -50,7 +51,7 @@ class EventController(Controller):
                 if batch:
                     continue
                 if not await _idle(site, KEEPALIVE_S):
-                    yield ServerSentEventMessage(comment="keep-alive")
+                    yield ServerSentEventMessage(data=None, comment="keep-alive")
                 if views.last_position(site.reader) < position:  # read model rebuilt
                     position = views.last_position(site.reader)
 

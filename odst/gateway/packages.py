@@ -15,7 +15,7 @@ from odst.errors import (InsufficientStorage, PackageConflict, PackageNotFound, 
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
-from odst.naming import check_name
+from odst.naming import MAX_INT64, ascii_int, check_name, name_from_raw_path
 from odst.projections import views
 from odst.site import Site
 from odst.store.files import StoreFull, StreamingUpload
@@ -56,6 +56,12 @@ async def _receive_body(request: Request, upload: StreamingUpload, limit: int) -
             return
 
 
+def _strict(request: Request) -> str:
+    """The {name} path segment exactly as the client sent it (see name_from_raw_path)."""
+    return name_from_raw_path(request.scope.get("raw_path") or request.url.path.encode(),
+                              PackageController.path + "/")
+
+
 def _with_local_transfer(site: Site, pkg: dict) -> dict:
     """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
     here = pkg["availability"].get(site.id)
@@ -79,7 +85,7 @@ class PackageController(Controller):
     async def list_packages(self, request: Request,
                             stage: str | None = None, q: str | None = None,
                             limit: int = Parameter(default=1000, ge=1, le=10000),
-                            offset: int = Parameter(default=0, ge=0)) -> dict[str, Any]:
+                            offset: int = Parameter(default=0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
         site: Site = request.app.state.site
         items = [_with_local_transfer(site, p)
                  for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
@@ -88,7 +94,7 @@ class PackageController(Controller):
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str) -> dict[str, Any]:
         site: Site = request.app.state.site
-        check_name(name)
+        name = check_name(_strict(request))
         pkg = views.package(site.reader, name)
         if pkg is None:
             raise PackageNotFound(f"no package named {name!r}")
@@ -101,16 +107,16 @@ class PackageController(Controller):
         """Stream the raw request body into the store; the body is never held in memory."""
         site: Site = request.app.state.site
         settings = site.settings
-        check_name(name, settings.allowed_extensions)
+        name = check_name(_strict(request), settings.allowed_extensions)
         stage = stage or settings.default_stage
         if stage not in settings.stages:
             raise StageInvalid(f"unknown stage {stage!r}; allowed: {', '.join(settings.stages)}")
         announced = request.headers.get("content-length")
         length = None
         if announced is not None:
-            if not announced.isdigit():
+            length = ascii_int(announced)
+            if length is None:
                 raise RequestInvalid("Content-Length is not a number")
-            length = int(announced)
             if length > settings.max_upload_bytes:
                 raise UploadTooLarge(f"{length} bytes exceeds max_upload_bytes ({settings.max_upload_bytes})")
             if length + site.store.reserve_bytes() > site.store.free_bytes():
@@ -129,7 +135,7 @@ class PackageController(Controller):
             manifest = await upload.finish()
         except ClientGone:
             await upload.abort()
-            log.warning("upload truncated: client disconnected", package=name, received=upload.size)
+            log.warning("upload truncated: client disconnected", package=name, received=upload.received)
             raise UploadIncomplete("client disconnected before the upload completed") from None
         except StoreFull as exc:
             await upload.abort()
@@ -176,7 +182,7 @@ class PackageController(Controller):
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:
         site: Site = request.app.state.site
-        check_name(name)
+        name = check_name(_strict(request))
         try:
             change = msgspec.json.decode(await request.body(), type=PackageUpdate)
         except msgspec.ValidationError as exc:
@@ -198,7 +204,7 @@ class PackageController(Controller):
     @delete("/{name:str}", operation_id="deletePackage", opt={"roles": WRITE}, status_code=200)
     async def delete_package(self, request: Request, name: str) -> dict[str, Any]:
         site: Site = request.app.state.site
-        check_name(name)
+        name = check_name(_strict(request))
         async with _lock_for(name):
             pkg = views.package(site.reader, name)
             if pkg is None:

@@ -12,6 +12,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
+from odst.naming import ascii_int
 from odst.projections import views
 from odst.replicator import integrity, peering
 from odst.replicator.requests import PeerRequestRefused
@@ -118,9 +119,10 @@ def make_chunk_app(site: Site):
             parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
             try:
                 site.chunk_server.authorise("GET", path, headers)
-                if len(parts) != 2 or not parts[1].isdigit():
+                index = ascii_int(parts[1]) if len(parts) == 2 else None
+                if index is None:
                     raise ChunkUnavailable("malformed chunk path")
-                body = await site.chunk_server.read(parts[0], int(parts[1]))
+                body = await site.chunk_server.read(parts[0], index)
                 site.chunk_server.served[headers.get("x-odst-site", "")] += 1
             except PeerRequestRefused as exc:
                 status, body = 403, json.dumps({"error": "peer_refused", "detail": str(exc)}).encode()

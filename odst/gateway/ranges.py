@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 
+from odst.naming import ascii_int
+
 
 class Unsatisfiable(Exception):
     """No requested range overlaps the representation: 416."""
@@ -39,7 +41,7 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not dash:
         return None
     first, last = first.strip(), last.strip()
-    if first and not first.isdigit() or last and not last.isdigit():
+    if first and ascii_int(first) is None or last and ascii_int(last) is None:
         return None
     if not first:
         if not last:

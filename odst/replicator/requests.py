@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from odst.naming import ascii_int
 from odst.events.signing import SignatureInvalid, SiteKey, verify_detached
 
 MAX_SKEW_S = 300
@@ -48,10 +49,10 @@ class RequestVerifier:
         ts = headers.get(HEADER_TS, "")
         nonce = headers.get(HEADER_NONCE, "")
         sig = headers.get(HEADER_SIG, "")
-        if not (site and ts.isdigit() and nonce and sig):
+        if not (site and ascii_int(ts) is not None and nonce and sig):
             raise PeerRequestRefused("unsigned peer request")
         now = time.time()
-        if abs(now - int(ts)) > MAX_SKEW_S:
+        if abs(now - ascii_int(ts)) > MAX_SKEW_S:
             raise PeerRequestRefused("peer request timestamp outside the allowed window")
         key = self.key_of(site)
         if key is None:

@@ -19,6 +19,7 @@ import structlog
 
 from odst.bus.service import NatsService
 from odst.events.signing import SiteKey
+from odst.naming import ascii_int
 from odst.projections import views
 from odst.replicator.requests import PeerRequestRefused, RequestVerifier, sign_request
 
@@ -162,9 +163,10 @@ class ChunkServer(NatsService):
         try:
             peer = self.authorise(CHUNK_METHOD, target, headers)
             parts = target.split("/")
-            if len(parts) != 6 or parts[:4] != ["", "peer", "v1", "chunks"] or not parts[5].isdigit():
+            index = ascii_int(parts[5]) if len(parts) == 6 and parts[:4] == ["", "peer", "v1", "chunks"] else None
+            if index is None:
                 raise ChunkUnavailable("malformed chunk target")
-            data = await self.read(parts[4], int(parts[5]))
+            data = await self.read(parts[4], index)
             await self.site.nc.publish(msg.reply, data, headers={"odst-status": "200"})
             self.served[peer] += 1
             log.debug("chunk served over NATS", peer=peer, target=target)

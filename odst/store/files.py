@@ -176,6 +176,11 @@ class StreamingUpload:
         return Manifest(self.size, self._sha1.hexdigest(), self._sha512.hexdigest(),
                         self._blake3.hexdigest(), self.chunk_size, tuple(self._chunks))
 
+    @property
+    def received(self) -> int:
+        """Bytes taken in so far, including a chunk still being assembled."""
+        return self.size + len(self._buf)
+
     async def abort(self) -> None:
         """Stop, wait for in-flight work, delete the temp file."""
         while self._pending:
