@@ -311,13 +311,16 @@ class Network:
 
     def _spawn(self, site: Site) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
-        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info",
-                    "ODST_LOG_FORMAT": "console", "PYTHONUNBUFFERED": "1", **site.env})
+        here = str(Path(__file__).resolve().parent.parent)  # the sites run this very odst
+        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", "ODST_LOG_FORMAT": "console",
+                    "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])]),
+                    **site.env})
         site.data.mkdir(parents=True, exist_ok=True)
         with open(site.log_path, "ab") as log:
             site.starts += 1
             log.write(f"\n===== scenario: start #{site.starts} of site {site.name} at "
-                      f"{time.strftime('%H:%M:%S')}: {' '.join(site.command())}\n".encode())
+                      f"{time.strftime('%H:%M:%SZ', time.gmtime())}: {' '.join(site.command())}\n".encode())
             log.flush()
             site.proc = subprocess.Popen(site.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, cwd=str(self.workdir),
@@ -774,7 +777,8 @@ def run_scenario(path: Path, workdir: Path | None = None, *, keep: bool = False,
     workdir = Path(workdir) if given else Path(tempfile.mkdtemp(prefix=f"odst-{path.stem}-"))
     net = Network(workdir, title=path.stem, out=out)
     net.say(f"scenario {path.stem}: {summary_line(module)}")
-    net.say(f"work dir {workdir}")
+    net.say(f"work dir {workdir}; started {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}; "
+            f"site logs: {workdir}/<site>.log, <site>/run/nats.log")
     ok = False
     try:
         module.run(net)
@@ -854,6 +858,16 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("odst scenario: name a scenario or pass --all", file=sys.stderr)
         return 2
+    def on_term(signum, frame):  # unwind through the finally blocks: every site gets stopped
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return _run_all(paths, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_all(paths: list[Path], args) -> int:
     results: list[tuple[str, bool, float, str]] = []
     for path in paths:
         workdir = args.workdir / path.stem if args.workdir else None
