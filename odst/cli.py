@@ -27,6 +27,21 @@ def _site_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", help="use an existing NATS server at this URL instead of the embedded one")
 
 
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    _site_flags(p)
+    p.add_argument("--http", help="HOST:PORT for the gateway (default 127.0.0.1:8080; env ODST_HTTP)")
+    p.add_argument("--nats-listen", help="embedded broker client address HOST:PORT (default 127.0.0.1:-1, any free port)")
+    p.add_argument("--site-name", help="a human name for this site")
+    p.add_argument("--store", help="package store directory (default <data>/store)")
+    p.add_argument("--context", help="distribution point context (default CasperShare)")
+    p.add_argument("--public-url", help="URL peers and Macs use to reach this gateway (default http://<http>)")
+    p.add_argument("--leaf-listen", help="HOST:PORT: accept NATS leaf-node connections from other sites (a hub)")
+    p.add_argument("--leaf-remote", action="append",
+                   help="nats-leaf://HOST:PORT of a hub to dial (a spoke; repeatable)")
+    p.add_argument("--accept-stage", action="append",
+                   help="a stage this site replicates (repeatable; default: every stage)")
+
+
 def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="site URL (env ODST_SERVER, default http://127.0.0.1:8080)")
     p.add_argument("--token", help="API token (env ODST_TOKEN)")
@@ -37,7 +52,7 @@ def _settings(args, **extra):
     return load(flags, config_file=getattr(args, "config", None))
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args, roles=None) -> int:
     import contextlib
     import signal
 
@@ -59,7 +74,8 @@ def cmd_serve(args) -> int:
 
     from odst.gateway.app import create_app
     from odst.logs import configure
-    from odst.site import Site, SiteBusy
+    from odst.site import ALL_ROLES, Site, SiteBusy
+    roles = roles or ALL_ROLES
 
     settings = _settings(args, http=args.http, site_name=args.site_name, store=args.store,
                          context=args.context, nats_listen=args.nats_listen, leaf_listen=args.leaf_listen,
@@ -70,13 +86,15 @@ def cmd_serve(args) -> int:
     async def main() -> int:
         site = Site(settings)
         try:
-            await site.open()
+            await site.open(roles=roles)
         except SiteBusy as exc:
             print(f"odst: {exc}", file=sys.stderr)
             return 2
         except BaseException:
             await site.close()
             raise
+        if "gateway" not in roles:
+            return await _run_until_signalled(site)
         try:
             config = uvicorn.Config(create_app(site), host=settings.http_host, port=settings.http_port,
                                     loop="none", http="httptools", lifespan="off", access_log=False,
@@ -90,6 +108,34 @@ def cmd_serve(args) -> int:
             await site.close()
 
     return _run(main())
+
+
+async def _run_until_signalled(site) -> int:
+    """A role without HTTP (projector, replicator): run until SIGINT/SIGTERM, then stop in order."""
+    import signal
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"odst: site {site.id} running {'+'.join(sorted(site.roles))} (data {site.settings.data})",
+          file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+        return 0
+    finally:
+        await site.close()
+
+
+def cmd_role(args) -> int:
+    return cmd_serve(args, roles=frozenset({args.command}))
+
+
+def cmd_site_id(args) -> int:
+    from odst.events.signing import SiteKey
+    from odst.site import key_path
+    settings = _settings(args)
+    print(SiteKey.load_or_create(key_path(settings.data)).site_id)
+    return 0
 
 
 def cmd_upload(args) -> int:
@@ -213,20 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"odst {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run a complete site (embedded NATS, projector, gateway)")
-    _site_flags(p)
-    p.add_argument("--http", help="HOST:PORT for the gateway (default 127.0.0.1:8080; env ODST_HTTP)")
-    p.add_argument("--nats-listen", help="embedded broker client address HOST:PORT (default 127.0.0.1:-1, any free port)")
-    p.add_argument("--site-name", help="a human name for this site")
-    p.add_argument("--store", help="package store directory (default <data>/store)")
-    p.add_argument("--context", help="distribution point context (default CasperShare)")
-    p.add_argument("--public-url", help="URL peers and Macs use to reach this gateway (default http://<http>)")
-    p.add_argument("--leaf-listen", help="HOST:PORT: accept NATS leaf-node connections from other sites (a hub)")
-    p.add_argument("--leaf-remote", action="append",
-                   help="nats-leaf://HOST:PORT of a hub to dial (a spoke; repeatable)")
-    p.add_argument("--accept-stage", action="append",
-                   help="a stage this site replicates (repeatable; default: every stage)")
+    p = sub.add_parser("serve", help="run a complete site (embedded NATS, projector, gateway, replicator)")
+    _serve_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    for role, text in (("projector", "fold the event log into the read model (one per data directory)"),
+                       ("gateway", "serve the Admin API and downloads from the read model (several may run)"),
+                       ("replicator", "pull packages from peers (several may run; they share the work)")):
+        p = sub.add_parser(role, help=f"run one role against a shared NATS (--nats): {text}")
+        _serve_flags(p)
+        p.set_defaults(func=cmd_role)
+
+    p = sub.add_parser("site-id", help="print this data directory's site id (creates the key if needed); "
+                                       "an external NATS needs it as its JetStream domain")
+    _site_flags(p)
+    p.set_defaults(func=cmd_site_id)
 
     p = sub.add_parser("upload", help="upload a package to a running site, with progress")
     _client_flags(p)

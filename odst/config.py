@@ -33,6 +33,7 @@ class Settings:
     accept_stages: list[str] = field(default_factory=list)  # stages replicated here; empty: all
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
+    replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])

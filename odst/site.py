@@ -25,11 +25,14 @@ from odst.events.signing import SiteKey
 from odst.projections import views
 from odst.projections.db import connect
 from odst.projections.projector import Projector
+from odst.projections.watcher import ReadModelWatcher
 from odst.store.files import Store
 
 log = structlog.get_logger("odst.site")
 
 ROLES = ("admin", "operator", "auditor")
+ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
+STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 
 
 class SiteBusy(Exception):
@@ -108,19 +111,36 @@ class Site:
         self.nats_url = ""
         self.lock = DataDirLock(self.data)
         self.printed_token: str | None = None
-        self.publishing: set[str] = set()  # names being published right now (not yet in the read model)
         self.linker = None
         self.replicator = None
         self.chunk_server = None
         self.registration = None
+        self.roles: frozenset[str] = ALL_ROLES
+        self._tasks: list[asyncio.Task] = []
 
     @property
     def id(self) -> str:
         return self.key.site_id
 
-    async def open(self, *, bootstrap: bool = True, replicate: bool = True) -> "Site":
+    async def open(self, *, roles: frozenset[str] = ALL_ROLES, bootstrap: bool = True) -> "Site":
+        """Start the parts of a site this process runs.
+
+        ``odst serve`` runs every role in one process over the embedded broker and
+        holds the data directory exclusively. ``odst projector|gateway|replicator``
+        run one role each against a shared NATS (``--nats``) and data directory;
+        exactly one projector writes the read model, the others read it.
+        """
+        self.roles = frozenset(roles)
+        unknown = self.roles - ALL_ROLES
+        if unknown or not self.roles:
+            raise ValueError(f"unknown roles {sorted(unknown)}")
+        all_in_one = self.roles == ALL_ROLES
+        if not all_in_one and not self.settings.nats:
+            raise SiteBusy("a single role shares its broker with the others: pass --nats URL "
+                           "(or run everything in one process with `odst serve`)")
         self.data.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        if all_in_one or "projector" in self.roles:
+            self.lock.acquire()  # one projector (one read-model writer) per data directory
         self.key = SiteKey.load_or_create(key_path(self.data))
         structlog.contextvars.bind_contextvars(site=self.key.site_id)
         if self.settings.nats:
@@ -134,42 +154,72 @@ class Site:
                              leaf_remotes=list(self.settings.leaf_remotes)),
                 run_dir(self.data))
             self.nats_url = self.broker.start()
-        self.nc = await nats.connect(self.nats_url, name=f"odst-{self.key.site_id}",
+        servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]  # a cluster: several URLs
+        self.nc = await nats.connect(servers=servers, name=f"odst-{self.key.site_id}-{'+'.join(sorted(self.roles))}",
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                      connect_timeout=5)
         self.js = self.nc.jetstream(timeout=10)
+        if self.settings.nats:
+            domain = (await self.js.account_info()).domain or ""
+            if domain != self.key.site_id:
+                raise SiteBusy(
+                    f"the NATS server at {self.nats_url} has JetStream domain {domain or '(none)'!r}; ODST needs "
+                    f"the site id {self.key.site_id!r} (print it with `odst site-id --data {self.data}`) as "
+                    "domain in its jetstream block, or peers' mirrors of this site never sync")
         self.log = EventLog(self.js, self.key, chain_state=self._chain_state)
         await self.log.ensure_stream()
-        self.projector = Projector(self.js, read_model_path(self.data),
-                                   {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
-        self.reader = connect(read_model_path(self.data))
-        self.projector.start()
-        if (await self.log.head())[0] == 0:
-            await self.log.append(ev.SiteFounded(site=self.key.site_id,
-                                                 public_key=self.key.public_key.hex(),
-                                                 name=self.settings.site_name), actor="system")
-        await self.caught_up(timeout=120)
         self.store.ensure()
-        self.store.sweep(views.published_names(self.reader, self.id))
-        if bootstrap:
-            await self._bootstrap_admin_token()
         from odst.replicator.linker import Linker
         from odst.replicator.peering import RegistrationService
         from odst.replicator.replicator import Replicator
         from odst.replicator.transport import ChunkServer
         self.linker = Linker(self)
-        await self.linker.sync()
+        if "projector" in self.roles:
+            self.projector = Projector(self.js, read_model_path(self.data),
+                                       {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
+            self.reader = connect(read_model_path(self.data))
+            self.projector.start()
+            if (await self.log.head())[0] == 0:
+                await self.log.append(ev.SiteFounded(site=self.key.site_id,
+                                                     public_key=self.key.public_key.hex(),
+                                                     name=self.settings.site_name), actor="system")
+            await self.caught_up(timeout=120)
+            # a crashed upload or pull leaves temp files; alone on the data dir, sweep them all
+            self.store.sweep(views.published_names(self.reader, self.id),
+                             older_than_s=0 if all_in_one else STALE_TEMP_S)
+            if bootstrap:
+                await self._bootstrap_admin_token()
+            await self.linker.sync()
+            self._tasks.append(asyncio.create_task(self._link_peers(), name="linker"))
+        else:
+            self.projector = ReadModelWatcher(self.js, read_model_path(self.data))
+            await self.projector.wait_ready(self.key.site_id, timeout=120)
+            self.reader = connect(read_model_path(self.data))
         self.chunk_server = ChunkServer(self)
-        self.registration = RegistrationService(self)
-        await self.chunk_server.start()
-        await self.registration.start()
-        if replicate:
+        if "replicator" in self.roles:
+            await self.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
             self.replicator = Replicator(self)
-            self.replicator.start()
-        (run_dir(self.data) / "site.json").write_text(json.dumps(
-            {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
-        log.info("site open", data=str(self.data), nats=self.nats_url)
+            await self.replicator.start()
+        if "gateway" in self.roles:
+            self.registration = RegistrationService(self)
+            await self.registration.start()
+        if all_in_one or "projector" in self.roles:
+            (run_dir(self.data) / "site.json").write_text(json.dumps(
+                {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
+        log.info("site open", data=str(self.data), nats=self.nats_url, roles=sorted(self.roles))
         return self
+
+    async def _link_peers(self) -> None:
+        """Projector role: mirror every peer the read model learns of, as soon as it does."""
+        while True:
+            try:
+                await self.linker.sync()
+                await self.linker.heal()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("linking peers failed; retrying", error=f"{type(exc).__name__}: {exc}")
+            await self.projector.wait_changed(5.0)
 
     async def caught_up(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -236,6 +286,9 @@ class Site:
         return True, "ok"
 
     async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):
@@ -250,5 +303,6 @@ class Site:
                 pass
         if self.broker:
             await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
-        (run_dir(self.data) / "site.json").unlink(missing_ok=True)
+        if self.lock.fd is not None:
+            (run_dir(self.data) / "site.json").unlink(missing_ok=True)
         self.lock.release()

@@ -53,6 +53,7 @@ class BrokerConfig:
     sync_interval: str = "always"
     leaf_listen: str | None = None  # HOST:PORT to accept leaf connections
     leaf_remotes: list[str] = field(default_factory=list)
+    log_file: str = ""  # nats-server rotates it itself at 50MB, keeping 5
     extra: str = ""
 
     def render(self) -> str:
@@ -60,6 +61,9 @@ class BrokerConfig:
             f'server_name: "{self.site}"',
             f'listen: "{self.host}:{self.port}"',
             f"max_payload: {MAX_PAYLOAD}",
+            f'log_file: "{self.log_file}"' if self.log_file else "",
+            "logfile_size_limit: 50MB" if self.log_file else "",
+            "logfile_max_num: 5" if self.log_file else "",
             "max_pending: 64MB",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
@@ -74,11 +78,11 @@ class BrokerConfig:
             if self.leaf_remotes:
                 entries = ", ".join(f'{{ url: "{u}" }}' for u in self.leaf_remotes)
                 lines.append(f"  remotes: [ {entries} ]")
-                lines.append("  reconnect: 1")
+                lines.append('  reconnect: "1s"')
             lines.append("}")
         if self.extra:
             lines.append(self.extra)
-        return "\n".join(lines) + "\n"
+        return "\n".join(line for line in lines if line) + "\n"
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -104,12 +108,13 @@ class EmbeddedBroker:
         self.config.store_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
         conf = self.run_dir / "nats.conf"
+        self.config.log_file = str(self.run_dir / "nats.log")
         conf.write_text(self.config.render())
         for old in self.run_dir.glob("nats-server_*.ports"):
             old.unlink(missing_ok=True)
         log_path = self.run_dir / "nats.log"
         self._log_offset = log_path.stat().st_size if log_path.exists() else 0
-        logfile = open(log_path, "ab")
+        logfile = open(self.run_dir / "nats.stdout", "ab")  # what it prints before its log is open
         cmd = [nats_server_binary(), "-c", str(conf), "--ports_file_dir", str(self.run_dir),
                "-P", str(self.run_dir / "nats.pid")]
         self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
@@ -119,7 +124,8 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = (self.run_dir / "nats.log").read_text(errors="replace")[-2000:]
+                tail = "".join(p.read_text(errors="replace")[-2000:] for p in
+                               (self.run_dir / "nats.stdout", log_path) if p.exists())
                 raise BrokerError(f"nats-server exited with {self.proc.returncode}:\n{tail}")
             if ports_file.exists():
                 try:
@@ -137,6 +143,8 @@ class EmbeddedBroker:
         """A broker problem an operator must fix (e.g. a leaf-node loop), read from its log."""
         try:
             with open(self.run_dir / "nats.log", "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._log_offset:
+                    self._log_offset = 0  # rotated
                 f.seek(self._log_offset)
                 text = f.read().decode("utf-8", "replace")
                 self._log_offset = f.tell()

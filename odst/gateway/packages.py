@@ -158,26 +158,29 @@ class PackageController(Controller):
                 raise PackageConflict(f"a different package named {name!r} exists "
                                       f"(sha1 {existing['sha1']}, yours {manifest.sha1}); "
                                       "delete it first or choose another name")
-            site.publishing.add(name)
-            try:
-                site.store.publish(upload.path, name)
-            except FileExistsError:
-                site.publishing.discard(name)
-                upload.path.unlink(missing_ok=True)
-                raise PackageConflict(f"a file named {name!r} is being published; retry") from None
-            event = ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
-                                       sha512=manifest.sha512, blake3=manifest.blake3,
-                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
-                                       stage=stage)
-            try:
-                await site.append(event, actor=request.state.actor)
-            except AppendFailed as exc:
-                site.store.remove(name)
-                raise Unavailable(f"upload not recorded, try again: {exc}") from None
-            finally:
-                site.publishing.discard(name)
+            with site.store.publishing(name):
+                try:
+                    site.store.publish(upload.path, name)
+                except FileExistsError:
+                    upload.path.unlink(missing_ok=True)
+                    raise PackageConflict(f"a file named {name!r} is being published; retry") from None
+                event = ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
+                                           sha512=manifest.sha512, blake3=manifest.blake3,
+                                           chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
+                                           stage=stage)
+                try:
+                    await site.append(event, actor=request.state.actor)
+                except AppendFailed as exc:
+                    site.store.remove(name)
+                    raise Unavailable(f"upload not recorded, try again: {exc}") from None
         log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
-        return Response(views.package(site.reader, name), status_code=201)
+        current = views.package(site.reader, name)
+        if current is None or current["blake3"] != manifest.blake3:
+            winner = f" at site {current['origin']}" if current else ""
+            raise PackageConflict(
+                f"{name!r} was uploaded with other content{winner} at the same time, and earlier: that "
+                "upload wins at every site and replaces yours here (see 'conflicts' in /api/v1/state)")
+        return Response(current, status_code=201)
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:

@@ -92,11 +92,13 @@ class PeerController(Controller):
         """Replicated state with a digest equal on every converged site, plus local transfers."""
         site: Site = request.app.state.site
         replicated = views.replicated_state(site.reader)
-        return {"site": site.id, "digest": state_digest(replicated),
+        conflicts = views.conflicts(site.reader)
+        return {"site": site.id,
+                "digest": state_digest([replicated, [[c["name"], c["blake3"], c["winner"]] for c in conflicts]]),
                 "packages": [{"name": n, "blake3": b, "stage": s, "available_at": sites}
                              for n, b, s, sites in replicated],
                 "transfers": site.replicator.transfers() if site.replicator else [],
-                "conflicts": views.conflicts(site.reader),
+                "conflicts": conflicts,
                 "chunks_served": dict(site.chunk_server.served) if site.chunk_server else {},
                 "bad_chunks_from": dict(site.replicator.bad_chunks) if site.replicator else {},
                 "quarantined": views.count(site.reader, "quarantine")}

@@ -75,18 +75,7 @@ class Folder:
             raise
 
     def key_for(self, origin: str) -> bytes | None:
-        key = self.trusted.get(origin)
-        if key is not None:
-            return key
-        for (hex_key,) in self.conn.execute("SELECT DISTINCT public_key FROM directory WHERE site=?",
-                                            (origin,)):
-            try:
-                candidate = bytes.fromhex(hex_key)
-            except ValueError:
-                continue
-            if site_id_for(candidate) == origin:  # a site id is the hash of its key
-                return candidate
-        return None
+        return trusted_key(self.conn, self.trusted, origin)
 
     def _check(self, msg: StoredMessage) -> Outcome:
         origin = site_of_subject(msg.subject)
@@ -144,6 +133,21 @@ class Folder:
 
 
 IGNORED = "ignored"
+
+
+def trusted_key(conn: sqlite3.Connection, trusted: dict[str, bytes], origin: str) -> bytes | None:
+    """The key this site holds for ``origin``: its own, or one vouched for in the directory."""
+    key = trusted.get(origin)
+    if key is not None:
+        return key
+    for (hex_key,) in conn.execute("SELECT DISTINCT public_key FROM directory WHERE site=?", (origin,)):
+        try:
+            candidate = bytes.fromhex(hex_key)
+        except ValueError:
+            continue
+        if site_id_for(candidate) == origin:  # a site id is the hash of its key
+            return candidate
+    return None
 
 
 def clock(ts: int, origin: str) -> str:

@@ -7,6 +7,8 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 
 from __future__ import annotations
 
+import time
+
 import nats.js.errors
 import structlog
 from nats.js import api
@@ -14,6 +16,9 @@ from nats.js import api
 from odst.projections import views
 
 log = structlog.get_logger("odst.linker")
+
+HEAL_EVERY_S = 10.0  # a mirror gets this long after (re)creation to make contact
+STALE_ACTIVE_S = 30.0  # a healthy mirror hears from its origin every few seconds
 
 
 def mirror_name(site: str) -> str:
@@ -24,6 +29,7 @@ class Linker:
     def __init__(self, site):
         self.site = site
         self.linked: set[str] = set()
+        self._healed: dict[str, float] = {}
 
     async def sync(self) -> None:
         for peer in views.peer_sites(self.site.reader, self.site.id):
@@ -32,6 +38,7 @@ class Linker:
                 continue
             await self.ensure_mirror(sid)
             self.linked.add(sid)
+            self._healed[sid] = time.monotonic()
             self.site.projector.add_stream(mirror_name(sid))
             log.info("mirroring peer", peer=sid, stream=mirror_name(sid))
 
@@ -47,6 +54,44 @@ class Linker:
             name=name, storage=api.StorageType.FILE, num_replicas=self.site.log.replicas,
             mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(api=f"$JS.{sid}.API")),
         ))
+
+    async def heal(self) -> None:
+        """Recreate a mirror that has lost contact with a peer that answers.
+
+        A mirror whose origin was unreachable when it (or its own server)
+        started retries on a long back-off — ~40 s measured after a hub restart.
+        When the peer's JetStream answers through the leaf tree but the mirror
+        has had no contact since HEAL_EVERY_S after it was made (or none for
+        STALE_ACTIVE_S), delete and re-add it: a mirror keeps the
+        origin's sequence numbers, so the projector's checkpoint stays valid and
+        nothing is folded twice.
+        """
+        now = time.monotonic()
+        for sid in sorted(self.linked):
+            if now - self._healed.get(sid, -1e9) < HEAL_EVERY_S:
+                continue  # created or recreated recently: give it time to make contact
+            try:
+                info = await self.site.js.stream_info(mirror_name(sid))
+            except Exception:
+                continue
+            m = info.mirror
+            active_s = (m.active / 1e9) if (m and m.active is not None and m.active >= 0) else None
+            if active_s is not None and active_s < STALE_ACTIVE_S:
+                continue
+            if not await self._peer_answers(sid):
+                continue  # a real outage: keep the mirror, it resumes by itself
+            self._healed[sid] = now
+            log.warning("mirror stalled while its peer answers; recreating it", peer=sid,
+                        last_contact_s=active_s)
+            await self.site.js.delete_stream(mirror_name(sid))
+            await self.ensure_mirror(sid)
+
+    async def _peer_answers(self, sid: str) -> bool:
+        try:
+            await self.site.nc.request(f"$JS.{sid}.API.INFO", b"", timeout=2)
+            return True
+        except Exception:
+            return False
 
     async def status(self, sid: str) -> dict:
         """Link state of one peer: mirror lag, seconds since last contact, error, last event."""

@@ -111,7 +111,7 @@ class Puller:
             raise TransferFailed("manifest is inconsistent: chunk count does not match size")
         if not self.states:
             raise TransferFailed("no source has this content")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             existing = os.fstat(fd).st_size
             if existing > w.size:

@@ -1,16 +1,29 @@
 """The replicator: make this site hold every current package its stage policy accepts.
 
-Reacts to every change of the read model: links new peers (mirrors), removes
-files of deleted packages, and pulls missing contents from every site that
-holds them (see ``puller``), then records PackageAvailable.
+Reacts to every change of the read model: removes files of deleted packages,
+and queues a pull for each missing content that some site holds. Workers — in
+this process and in any other ``odst replicator`` on the same site — take pulls
+from one JetStream work-queue consumer; a lease in a KV bucket (renewed while
+the pull runs, expiring when its worker dies) makes sure one worker at a time
+fetches a content, and a dead worker's pull is redelivered to another, which
+resumes from the verified chunks already in the shared store (see ``puller``).
+Each finished pull records PackageAvailable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
+import secrets
+import socket
 import time
 from collections import Counter
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
 
 import structlog
 
@@ -25,6 +38,14 @@ log = structlog.get_logger("odst.replicator")
 HTTP_BASE_COST = 0.0
 NATS_BASE_COST = 50.0  # used when HTTP is absent or failing
 BACKOFF_MIN_S, BACKOFF_MAX_S = 2.0, 300.0
+WORK_STREAM = "REPLICATION"
+WORK_DURABLE = "replicators"
+LEASE_BUCKET = "ODST_LEASES"
+DEDUPE_BUCKET_S = 30
+
+
+def work_subject(site: str) -> str:
+    return f"odst.{site}.work.pull"
 
 
 class Replicator:
@@ -36,16 +57,40 @@ class Replicator:
         self.last_failure: dict[tuple[str, str], str] = {}
         self.bad_chunks: Counter[str] = Counter()
         self.http = None  # aiohttp session, made inside the running loop
-        self.sem = asyncio.Semaphore(max(1, site.settings.replication_packages))
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._loop_task: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
         self._kick = asyncio.Event()
+        self._psub = None
+        self._leases = None
+        self.lease_s = float(max(3, site.settings.replication_lease_s))
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self.http = http_session()
+        js, site_id = self.site.js, self.site.id
+        try:
+            await js.stream_info(WORK_STREAM)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(api.StreamConfig(
+                name=WORK_STREAM, subjects=[f"odst.{site_id}.work.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE, duplicate_window=60.0, max_age=24 * 3600.0,
+                num_replicas=self.site.log.replicas))
+        try:
+            self._leases = await js.key_value(LEASE_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            self._leases = await js.create_key_value(api.KeyValueConfig(
+                bucket=LEASE_BUCKET, ttl=self.lease_s, history=1, storage=api.StorageType.FILE,
+                replicas=self.site.log.replicas))
+        self._psub = await js.pull_subscribe(
+            work_subject(site_id), durable=WORK_DURABLE, stream=WORK_STREAM,
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.lease_s,
+                                      max_deliver=-1, max_ack_pending=1000))
         self._loop_task = asyncio.create_task(self._loop(), name="replicator")
+        self._workers = [asyncio.create_task(self._work(), name=f"replicator-worker-{i}")
+                         for i in range(max(1, self.site.settings.replication_packages))]
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._loop_task, *self.tasks.values()] if t]
+        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values()] if t]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -71,7 +116,6 @@ class Replicator:
             self._kick.clear()
 
     async def reconcile(self) -> None:
-        await self.site.linker.sync()
         self.remove_deleted()
         now = time.monotonic()
         wanted = views.wanted(self.site.reader, self.site.id, self.site.settings.accepted_stages)
@@ -81,20 +125,100 @@ class Replicator:
             wanted_keys.add(key)
             if key in self.tasks:
                 continue
-            until = self.backoff.get(key, (0.0, 0.0))[0]
-            if now < until:
+            sources = views.sources(self.site.reader, row["name"], row["blake3"], self.site.id)
+            progress = self.progress.setdefault(key, Progress(row["name"], row["blake3"],
+                                                              len(json.loads(row["chunks"]))))
+            if not sources:
+                progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 continue
-            self.tasks[key] = asyncio.create_task(self._transfer(row), name=f"pull:{row['name']}")
+            if now < self.backoff.get(key, (0.0, 0.0))[0]:
+                continue
+            if progress.status != "failed":
+                progress.status, progress.detail = "pending", "queued"
+            await self._enqueue(row["name"], row["blake3"], sources)
         for key in list(self.progress):
             if key not in wanted_keys and key not in self.tasks:
                 del self.progress[key]
+
+    async def _enqueue(self, name: str, blake3: str, sources: list[str]) -> None:
+        """Queue a pull; the same pull (same sources) is queued at most once per dedupe bucket."""
+        bucket = int(time.time() // DEDUPE_BUCKET_S)
+        digest = hashlib.sha256(f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}".encode()).hexdigest()[:32]
+        await self.site.js.publish(work_subject(self.site.id), json.dumps({"name": name, "blake3": blake3}).encode(),
+                                   stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
+
+    async def _work(self) -> None:
+        """One worker: take a queued pull, hold its lease while it runs, ack it when done."""
+        while True:
+            try:
+                msgs = await self._psub.fetch(1, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker reconnecting
+                log.warning("work queue fetch failed; retrying", error=f"{type(exc).__name__}")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                try:
+                    await self._take(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("pull failed unexpectedly")
+                finally:
+                    try:
+                        await msg.ack()
+                    except Exception:
+                        pass
+
+    async def _take(self, msg) -> None:
+        try:
+            item = json.loads(msg.data)
+            name, blake3 = str(item["name"]), str(item["blake3"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed work item dropped")
+            return
+        key = (name, blake3)
+        row = self.site.reader.execute("SELECT * FROM packages WHERE name=? AND blake3=?", (name, blake3)).fetchone()
+        if row is None or key in self.tasks or (name, blake3) not in {
+                (r["name"], r["blake3"]) for r in views.wanted(self.site.reader, self.site.id,
+                                                               self.site.settings.accepted_stages)}:
+            return  # no longer wanted, or already being pulled here
+        try:
+            revision = await self._leases.create(blake3, self.owner.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return  # another worker holds the lease; if it dies, the pull is queued again
+        heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
+        self.tasks[key] = asyncio.current_task()
+        try:
+            await self._transfer(row)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            try:
+                await self._leases.delete(blake3)
+            except Exception:
+                pass  # expires on its own
+
+    async def _heartbeat(self, msg, blake3: str, revision: int) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await msg.in_progress()
+                revision = await self._leases.update(blake3, self.owner.encode(), last=revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("could not renew the pull's lease", package=blake3, error=f"{type(exc).__name__}")
 
     def remove_deleted(self) -> None:
         """Files whose name no longer has any live content were deleted somewhere: remove them."""
         live = views.live_names(self.site.reader)
         store = self.site.store
         for p in store.packages.iterdir():
-            if p.name in live or p.name in self.site.publishing:
+            if p.name in live or store.is_publishing(p.name):
                 continue
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
@@ -128,17 +252,16 @@ class Replicator:
             if not sites:
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 return
-            progress.status, progress.detail = "pending", "waiting for a transfer slot"
-            async with self.sem:
-                progress.started = time.monotonic()
-                progress.bytes = 0
-                puller = Puller(want, self._sources(sites), self.site.store.tmp,
-                                streams=self.site.settings.replication_streams, progress=progress,
-                                on_bad_source=self._bad_source)
-                log.info("pulling package", package=want.name, size=want.size, sources=sites)
-                path = await puller.run()
-                if not await self._publish(want, path):
-                    return
+            progress.status, progress.detail = "downloading", ""
+            progress.started = time.monotonic()
+            progress.bytes = 0
+            puller = Puller(want, self._sources(sites), self.site.store.tmp,
+                            streams=self.site.settings.replication_streams, progress=progress,
+                            on_bad_source=self._bad_source)
+            log.info("pulling package", package=want.name, size=want.size, sources=sites)
+            path = await puller.run()
+            if not await self._publish(want, path):
+                return
             progress.status, progress.detail = "available", ""
             self.backoff.pop(key, None)
             self.last_failure.pop(key, None)
@@ -158,15 +281,12 @@ class Replicator:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
-        self.site.publishing.add(want.name)
-        try:
+        with self.site.store.publishing(want.name):
             self.site.store.replace(path, want.name)
             await self.site.append(ev.PackageAvailable(
                 name=want.name, size=want.size, sha1=want.sha1, sha512=want.sha512, blake3=want.blake3,
                 chunk_size=want.chunk_size, chunks=list(want.chunks), stage=want.stage, origin=want.origin,
                 uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by), actor="replicator")
-        finally:
-            self.site.publishing.discard(want.name)
         log.info("package available", package=want.name, size=want.size)
         return True
 

@@ -21,6 +21,7 @@ from odst.bus.service import NatsService
 from odst.events.signing import SiteKey
 from odst.naming import ascii_int
 from odst.projections import views
+from odst.projections.apply import trusted_key
 from odst.replicator.requests import PeerRequestRefused, RequestVerifier, sign_request
 
 log = structlog.get_logger("odst.transport")
@@ -124,7 +125,7 @@ class ChunkServer(NatsService):
         removed = self.site.reader.execute("SELECT 1 FROM removals WHERE site=?", (site_id,)).fetchone()
         if removed:
             return None
-        return self.site.projector.folder.key_for(site_id)
+        return trusted_key(self.site.reader, {}, site_id)
 
     def locate(self, blake3: str, index: int) -> tuple[str, int, int]:
         """(path, offset, length) of a chunk of a content held here, or ChunkUnavailable."""

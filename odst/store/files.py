@@ -11,10 +11,12 @@ Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import secrets
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +55,26 @@ class Store:
         st = os.statvfs(self.tmp)
         return st.f_bavail * st.f_frsize
 
+    def _marker(self, name: str) -> Path:
+        return self.tmp / (hashlib.sha256(name.encode("utf-8")).hexdigest() + ".publishing")
+
+    @contextlib.contextmanager
+    def publishing(self, name: str):
+        """Mark ``name`` as being published (file placed, event not folded yet), for every
+        process on this store: the janitor leaves such a file alone."""
+        marker = self._marker(name)
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def is_publishing(self, name: str, max_age_s: float = 600) -> bool:
+        try:
+            return time.time() - self._marker(name).stat().st_mtime < max_age_s  # older: a crashed publisher
+        except FileNotFoundError:
+            return False
+
     def reserve_bytes(self) -> int:
         """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB."""
         st = os.statvfs(self.tmp)
@@ -81,14 +103,27 @@ class Store:
         _fsync_dir(self.packages)
         return True
 
-    def sweep(self, published: set[str]) -> list[str]:
-        """Start-up clean-up: drop temp files and any file no event ever published."""
+    def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]:
+        """Start-up clean-up: drop upload temp files and any file no event ever published.
+
+        With other processes on the same store, only files untouched for
+        ``older_than_s`` are taken: a younger one may be another gateway's upload.
+        """
         removed: list[str] = []
+        cutoff = time.time() - older_than_s
+
+        def old(p: Path) -> bool:
+            try:
+                return p.stat().st_mtime <= cutoff
+            except FileNotFoundError:
+                return False
         for p in self.tmp.glob("*.part"):
+            if not old(p):
+                continue
             p.unlink(missing_ok=True)
             removed.append(f"tmp/{p.name}")
         for p in self.packages.iterdir():
-            if p.name not in published:
+            if p.name not in published and old(p):
                 p.unlink(missing_ok=True)
                 removed.append(f"packages/{p.name}")
         if removed:
@@ -117,7 +152,7 @@ class StreamingUpload:
     def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE):
         self.path = Path(path)
         self.chunk_size = chunk_size
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._buf = bytearray()
         self._pending: deque[tuple[asyncio.Future, ...]] = deque()
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]

@@ -1,0 +1,77 @@
+"""What a process without the projector (a separate gateway or replicator) knows of it.
+
+Same interface as ``Projector`` for the parts others use — checkpoint, wait_for,
+wait_changed, lag, error — by polling the read model the projector process writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from odst.events.log import EVENTS_STREAM, last_seq
+from odst.projections.db import connect
+
+POLL_S = 0.02
+
+
+class ReadModelWatcher:
+    def __init__(self, js, db_path: Path):
+        self.js = js
+        self.db_path = Path(db_path)
+        self.conn: sqlite3.Connection | None = None
+        self.error: str | None = None
+        self.folder = None
+
+    async def wait_ready(self, site_id: str, timeout: float) -> None:
+        """Wait until the projector has created the read model and folded this site's first event."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.db_path.exists():
+                try:
+                    if self.conn is None:
+                        self.conn = connect(self.db_path)
+                    if self.conn.execute("SELECT 1 FROM sites WHERE site=?", (site_id,)).fetchone():
+                        return
+                except sqlite3.OperationalError:
+                    pass  # schema not created yet
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"no projector has built {self.db_path} within {timeout}s: "
+                                   "start `odst projector` (or `odst serve`) on this data directory")
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def add_stream(self, stream: str) -> None:
+        pass  # the projector process tails streams
+
+    def checkpoint(self, stream: str) -> int:
+        row = self.conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
+        return row[0] if row else 0
+
+    def _generation(self) -> int:
+        return self.conn.execute("SELECT coalesce(sum(seq), 0) FROM checkpoints").fetchone()[0]
+
+    async def wait_for(self, stream: str, seq: int, timeout: float = 10.0) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.checkpoint(stream) < seq:
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(POLL_S)
+        return True
+
+    async def wait_changed(self, timeout: float) -> None:
+        before = self._generation()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._generation() == before and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(POLL_S * 5)
+
+    async def lag(self) -> dict[str, int]:
+        streams = {r[0] for r in self.conn.execute("SELECT stream FROM checkpoints")} | {EVENTS_STREAM}
+        return {s: max(0, await last_seq(self.js, s) - self.checkpoint(s)) for s in sorted(streams)}

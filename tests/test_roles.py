@@ -1,0 +1,146 @@
+"""One site run as separate processes on a shared NATS and data directory:
+a projector, two gateways behind no load balancer, two replicators sharing the work."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import nats
+import pytest
+
+from odst.bus.embedded import nats_server_binary
+from tests.conftest import ADMIN_TOKEN, free_port, run_odst, wait_until, write_random
+
+HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class Procs:
+    def __init__(self, tmp):
+        self.tmp, self.procs = tmp, []
+
+    def start(self, name, cmd, env=None):
+        log = open(self.tmp / f"{name}.log", "ab")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "ODST_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})})
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def odst(*args):
+    return [sys.executable, "-m", "odst", *args]
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.stop_all()
+
+
+def healthy(url):
+    return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+
+
+def test_roles_share_one_site(tmp_path, procs, make_site):
+    data = tmp_path / "site"
+    out = run_odst("site-id", "--data", str(data))
+    assert out.returncode == 0, out.stderr
+    site_id = out.stdout.strip()
+    port, leaf = free_port(), free_port()
+    (tmp_path / "nats.conf").write_text(
+        f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\nserver_name: "{site_id}"\n'
+        f'jetstream {{ store_dir: "{tmp_path / "js"}", domain: "{site_id}" }}\n'
+        f'leafnodes {{ listen: "127.0.0.1:{leaf}" }}\n')
+    procs.start("nats", [nats_server_binary(), "-c", str(tmp_path / "nats.conf")])
+    url = f"nats://127.0.0.1:{port}"
+    common = ["--data", str(data), "--nats", url]
+
+    # a gateway alone waits for a projector; a NATS with the wrong domain is refused clearly
+    wrong = run_odst("projector", "--data", str(tmp_path / "other"), "--nats", url, timeout=60)
+    assert wrong.returncode == 2 and "domain" in wrong.stderr and "site-id" in wrong.stderr
+
+    procs.start("projector", odst("projector", *common))
+    g1, g2 = free_port(), free_port()
+    for g in (g1, g2):
+        procs.start(f"gateway-{g}", odst("gateway", *common, "--http", f"127.0.0.1:{g}"))
+    u1, u2 = f"http://127.0.0.1:{g1}", f"http://127.0.0.1:{g2}"
+    wait_until(lambda: healthy(u1) and healthy(u2), 90, what="both gateways healthy")
+
+    # a second projector on the same data directory is refused
+    second = run_odst("projector", *common, timeout=60)
+    assert second.returncode == 2 and "another odst process" in second.stderr
+
+    # read-your-writes across processes: upload through one gateway, read through the other
+    body = os.urandom(300_000)
+    r = httpx.put(f"{u1}/api/v1/packages/roles.pkg", content=body, headers=HEADERS, timeout=60)
+    assert r.status_code == 201, r.text
+    r2 = httpx.get(f"{u2}/api/v1/packages/roles.pkg", headers=HEADERS)
+    assert r2.status_code == 200 and r2.json()["sha1"] == hashlib.sha1(body).hexdigest()
+    assert httpx.get(f"{u2}/CasperShare/Packages/roles.pkg").content == body
+
+    # two replicators share one work queue; a killed one's pull passes to the other
+    rep_env = {"ODST_REPLICATION_STREAMS": "1", "ODST_REPLICATION_LEASE_S": "6"}
+    reps = [procs.start(f"replicator-{i}", odst("replicator", *common), env=rep_env) for i in range(2)]
+
+    peer = make_site("peer", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}"]).start()
+    token = httpx.post(f"{u1}/api/v1/peers/invites", json={}, headers=HEADERS).json()["token"]
+    with peer.client() as pc:
+        joined = pc.post("/api/v1/peers/join", json={"token": token})
+        assert joined.status_code == 201, joined.text
+        src = write_random(tmp_path / "big.pkg", 80 * (1 << 20), seed=11)
+        with open(src, "rb") as f:
+            assert pc.put("/api/v1/packages/big.pkg", content=f).status_code == 201
+        pkg = pc.get("/api/v1/packages/big.pkg").json()
+
+    async def lease_owner():
+        nc = await nats.connect(url)
+        try:
+            kv = await nc.jetstream().key_value("ODST_LEASES")
+            entry = await kv.get(pkg["blake3"])
+            return entry.value.decode()
+        except Exception:
+            return None
+        finally:
+            await nc.close()
+
+    def holder():
+        owner = asyncio.run(lease_owner())
+        tmp_file = data / "store" / "tmp" / f"{pkg['blake3']}.repl"
+        if owner and tmp_file.exists():
+            with peer.client() as pc:
+                served = sum(pc.get("/api/v1/state").json()["chunks_served"].values())
+            return (int(owner.split(":")[1]), served) if served >= 10 else None
+    pid, served_before = wait_until(holder, 90, what="one replicator to hold the pull")
+    victim = next(p for p in reps if p.pid == pid)
+    victim.kill()
+    victim.wait(10)
+
+    def available():
+        r = httpx.get(f"{u2}/api/v1/packages/big.pkg", headers=HEADERS)
+        return r.status_code == 200 and r.json()["availability"].get(site_id, {}).get("status") == "available"
+    wait_until(available, 120, what="the other replicator to finish the pull")
+    assert hashlib.sha1(httpx.get(f"{u1}/Packages/big.pkg", timeout=60).content).hexdigest() == pkg["sha1"]
+    with peer.client() as pc:
+        served = sum(pc.get("/api/v1/state").json()["chunks_served"].values())
+    # the survivor resumed from the verified chunks: at most the in-flight ones were fetched twice
+    assert len(pkg["chunks"]) <= served <= len(pkg["chunks"]) + 4, (served, len(pkg["chunks"]))
+    audit = run_odst("audit", "--data", str(data))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
