@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nats
 
+from odst.bus import server_list
 from odst.bus.embedded import BrokerConfig, EmbeddedBroker
 from odst.config import Settings
 from odst.events.log import EVENTS_STREAM, last_seq, read_stream
@@ -73,7 +74,7 @@ class LogAccess:
                 run_dir(self.data))
             url = self.broker.start()
         self.running = info is not None
-        self.nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=3)
+        self.nc = await nats.connect(servers=server_list(url), connect_timeout=5, max_reconnect_attempts=3)
         self.js = self.nc.jetstream(timeout=10)
         return self
 

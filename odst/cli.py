@@ -13,6 +13,17 @@ from odst import __version__
 from odst.config import ConfigError, load
 
 
+def _fewer_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread its own malloc arena; 1 MiB chunk buffers freed on many
+    threads fragment them (receiver peak RSS 198 MiB measured; 111 MiB with 1-2 arenas,
+    same speed). Must run before threads start."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def _run(coro):
     try:
         import uvloop
@@ -76,6 +87,7 @@ def cmd_serve(args, roles=None) -> int:
     from odst.logs import configure
     from odst.site import ALL_ROLES, Site, SiteBusy
     roles = roles or ALL_ROLES
+    _fewer_malloc_arenas()
 
     settings = _settings(args, http=args.http, site_name=args.site_name, store=args.store,
                          context=args.context, nats_listen=args.nats_listen, leaf_listen=args.leaf_listen,

@@ -43,6 +43,7 @@ class Settings:
     download_user: str = ""
     download_password: str = ""
     sync_interval: str = "always"  # JetStream fsync: always | e.g. 2m (NATS default)
+    stream_replicas: int = 1  # 3 on a 3-node NATS cluster: the log survives losing a node
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -83,6 +84,10 @@ class Settings:
                 raise ConfigError(f"leaf remote {remote!r} must be a URL such as nats-leaf://HOST:PORT")
         if self.leaf_listen and ":" not in self.leaf_listen:
             raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
+        if self.stream_replicas not in (1, 3, 5):
+            raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
+        if self.stream_replicas > 1 and not self.nats:
+            raise ConfigError("stream_replicas > 1 needs a NATS cluster: pass --nats with its node URLs")
         unknown = [s for s in self.accept_stages if s not in self.stages]
         if unknown:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")

@@ -90,11 +90,17 @@ class SiteProcess:
 
         def healthy():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"odst serve exited {self.proc.returncode}:\n{self.log()}")
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+                return "exited"
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
         try:
-            wait_until(healthy, timeout, what="odst serve to become healthy")
-        except AssertionError:
+            if wait_until(healthy, timeout, what="odst serve to become healthy") == "exited":
+                raise AssertionError(f"odst serve exited with {self.proc.returncode}:\n{self.log()}")
+        except AssertionError as exc:
+            if "exited with" in str(exc):
+                raise
             raise AssertionError(f"odst serve did not become healthy:\n{self.log()}") from None
         return self
 

@@ -119,7 +119,10 @@ class EventLog:
         async with self._lock:
             for attempt in range(attempts):
                 if self._head is None:
-                    self._head = await self.head()
+                    try:
+                        self._head = await self.head()
+                    except nats.errors.Error as exc:
+                        raise AppendFailed(f"broker unavailable: {exc!r}") from exc
                 last_seq, env_seq, last_hash = self._head
                 envelope = codec.Envelope(
                     id=event_id, origin=self.site, seq=env_seq + 1, prev=last_hash,
@@ -139,8 +142,7 @@ class EventLog:
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
                         continue
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
-                except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                        nats.errors.ConnectionClosedError) as exc:
+                except nats.errors.Error as exc:  # no responders, no stream response, timeout, closed
                     self._head = None
                     raise AppendFailed(f"broker unavailable: {exc!r}") from exc
                 if ack.duplicate:

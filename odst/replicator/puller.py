@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ BAD_CHUNK_PENALTY = 1000.0
 FAILURE_PENALTY = 100.0
 PENALTY_HALF_LIFE_S = 30.0
 MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer gives up
+AHEAD_CHUNKS = 32  # chunks kept in memory ahead of the whole-file hash (bounds memory)
 
 
 class TransferFailed(Exception):
@@ -104,6 +106,8 @@ class Puller:
         self.streams = max(1, streams)
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
         self.on_bad_source = on_bad_source or (lambda site, reason: None)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-write")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-hash")
 
     async def run(self) -> Path:
         w = self.want
@@ -125,6 +129,7 @@ class Puller:
             if done:
                 log.info("resuming transfer", package=w.name, verified_chunks=len(done), total=len(w.chunks))
             self._written = set(done)
+            self._ahead: dict[int, bytes] = {}
             self._hashed_upto = 0
             self._hash_task: asyncio.Task | None = None
             self._sha1, self._b3 = hashlib.sha1(), blake3_mod.blake3()
@@ -151,6 +156,8 @@ class Puller:
             sha1, b3 = self._sha1.hexdigest(), self._b3.hexdigest()
         finally:
             os.close(fd)
+            self._writer.shutdown(wait=False)
+            self._hasher.shutdown(wait=False)
         if sha1 != w.sha1 or b3 != w.blake3:
             self.path.unlink(missing_ok=True)
             raise TransferFailed(f"whole-file hash mismatch (sha1 {sha1}, blake3 {b3}); discarded")
@@ -170,27 +177,31 @@ class Puller:
     async def _advance_hashes(self, fd: int) -> None:
         """Feed the whole-file SHA1 and blake3 as the contiguous written prefix grows.
 
-        Runs beside the transfer (the bytes are re-read from the page cache on a
-        worker thread), so only the last chunks are left to hash at the end.
+        Runs beside the transfer on its own thread, from the chunks still in
+        memory (kept while they are a few ahead of the hashed prefix) or else
+        re-read from the page cache, so only the last chunks are left at the end.
         """
+        loop = asyncio.get_running_loop()
         while self._hashed_upto in self._written:
             start = end = self._hashed_upto
             while end in self._written and end - start < 16:
                 end += 1
-            await asyncio.to_thread(self._hash_range, fd, start, end)
+            blocks = [self._ahead.pop(i, None) for i in range(start, end)]
+            await loop.run_in_executor(self._hasher, self._hash_range, fd, start, blocks)
             self._hashed_upto = end
 
     def _kick_hashes(self, fd: int) -> None:
         if self._hash_task is None or self._hash_task.done():
             self._hash_task = asyncio.ensure_future(self._advance_hashes(fd))
 
-    def _hash_range(self, fd: int, start: int, end: int) -> None:
+    def _hash_range(self, fd: int, start: int, blocks: list[bytes | None]) -> None:
         w = self.want
-        offset = start * w.chunk_size
-        length = min(end * w.chunk_size, w.size) - offset
-        data = os.pread(fd, length, offset)
-        self._sha1.update(data)
-        self._b3.update(data)
+        for i, data in enumerate(blocks, start):
+            if data is None:
+                offset, length = chunk_span(i, w.size, w.chunk_size)
+                data = os.pread(fd, length, offset)
+            self._sha1.update(data)
+            self._b3.update(data)
 
     def _verify_and_write(self, fd: int, index: int, data: bytes, offset: int, length: int) -> bool:
         if len(data) != length or hashlib.sha1(data).hexdigest() != self.want.chunks[index]:
@@ -239,7 +250,8 @@ class Puller:
                     continue
                 finally:
                     state.in_flight -= 1
-                if not await asyncio.to_thread(self._verify_and_write, fd, index, data, offset, length):
+                if not await asyncio.get_running_loop().run_in_executor(
+                        self._writer, self._verify_and_write, fd, index, data, offset, length):
                     state.punish(BAD_CHUNK_PENALTY)
                     reason = (f"chunk {index} of {w.name} failed verification "
                               f"({len(data)} bytes, expected {length})")
@@ -250,5 +262,7 @@ class Puller:
                 self.progress.done += 1
                 self.progress.bytes += len(data)
                 self._written.add(index)
+                if index - self._hashed_upto < AHEAD_CHUNKS:
+                    self._ahead[index] = data  # hashed from memory, not re-read
                 self._kick_hashes(fd)
                 break

@@ -1,0 +1,1201 @@
+#!/usr/bin/env python3
+"""ODST replication benchmark: sites on one machine, physical yardsticks in the same run.
+
+Starts real ``odst serve`` processes (``sys.executable -m odst serve``, each with
+its own data dir and embedded NATS, 127.0.0.1 only, free ports; a site that
+dials another's leaf port is started once that one is healthy) and measures,
+side by side:
+
+1. HTTP pair (A listens, B dials A, registered): a package uploaded at A until
+   B's availability for it says ``available`` (B pulls chunks from A's gateway),
+   vs an ``rsync`` daemon pull of the same file on the same machine (warm cache
+   for both, DEST deleted between runs), interleaved. Target: odst/rsync <= 1.2.
+   ``rsync --fsync`` is shown for information (the receiver fsyncs before it
+   announces a package; plain rsync does not).
+2. NATS pair: the same, with A started with ``--public-url http://127.0.0.1:9``
+   (a closed port) so B can only fetch chunks over NATS request/reply through the
+   leaf link. Target: >= 150 MB/s.
+3. Hub + 4 spokes (each registered with the hub): upload at the hub until all 4
+   spokes have it, vs the HTTP pair time. Target: <= 1.6x. For information, the
+   same fan-out with rsync on this machine: 4 concurrent pulls vs one.
+4. 3-site chain A <- B <- C (registered A-B and B-C only): a 1 MiB package
+   uploaded at A until available at C, from the start of the upload, median of
+   ``--chain-uploads`` (10). Target: < 2 s.
+5. Peak RSS (VmRSS sampled every 100 ms after a VmHWM reset, and VmHWM) of a
+   fresh receiving ``odst serve`` python process while it pulls a big package
+   (``--big-mib``, default 4096; ``--skip-big`` skips it) over HTTP. Target: < 150 MiB.
+
+Timing for 1-3: from the moment the upload's 201 arrives until the receiving
+sites' ``GET /api/v1/packages/NAME`` (polled every 20 ms) show it available;
+every upload is distinct content (its first bytes are tagged). Medians of
+``--repeats`` (3) runs. Per run the JSON also has CPU-seconds of every site
+(python and nats-server) during the transfer, the receiver's log timeline, and
+the CPU-seconds other processes on the machine used meanwhile (the machine may
+be shared: a large figure there means a noisy run).
+
+It is a report: a missed target does not fail the run; exit status 2 means some
+measurement could not run. Output: a table on stdout, progress on stderr,
+everything in ``<work>/replication.json`` (``--work``, default
+/tmp/odst-bench-repl). Site logs are kept in ``<work>/sites/<topology>/<site>-serve.log``
+(and ``-nats.log``); data dirs are deleted unless ``--keep-data``. The input
+files are kept for the next run.
+
+Plain stdlib + subprocess (rsync is installed with apt-get when missing).
+Every process started here is stopped at the end, also on failure or Ctrl-C.
+
+Usage (from the repo root):
+    .venv/bin/python bench/replication.py                      # full run, ~4-5 min
+    .venv/bin/python bench/replication.py --size-mib 128 --skip-big   # quick run
+    .venv/bin/python bench/replication.py --only nats,chain    # some measurements
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from urllib.parse import quote
+
+MIB = 1024 * 1024
+MB = 1_000_000
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLL_S = 0.020
+REPO = Path(__file__).resolve().parent.parent
+
+TARGET_HTTP_RATIO = 1.2       # odst pair time / rsync time, at most
+TARGET_NATS_MBPS = 150.0      # MB/s over NATS request/reply, at least
+TARGET_HUB_RATIO = 1.6        # hub->4 spokes time / pair time, at most
+TARGET_CHAIN_S = 2.0          # median 1 MiB latency A -> C, below
+TARGET_RSS_MIB = 150.0        # receiver peak RSS, below
+
+
+# --------------------------------------------------------------------------- #
+# small helpers
+# --------------------------------------------------------------------------- #
+
+def log(msg: str) -> None:
+    print(f"[repl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A measurement could not be made (the message says why)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _child_setup() -> None:  # between fork and exec: die with the bench, own process group
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()
+
+
+def proc_cpu(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_status_kib(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def system_busy_s() -> float:
+    """CPU-seconds all processes on the machine have used so far (/proc/stat, not idle/iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_random_file(path: Path, size: int) -> Path:
+    if path.exists() and path.stat().st_size == size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    log(f"writing {size // MIB} MiB of random bytes to {path}")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MIB)
+            f.write(os.urandom(n))
+            left -= n
+    tmp.rename(path)
+    return path
+
+
+def warm(path: Path) -> None:
+    """Read the whole file so it is in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 * MIB):
+            pass
+
+
+# --------------------------------------------------------------------------- #
+# HTTP API client (stdlib, keep-alive)
+# --------------------------------------------------------------------------- #
+
+class Api:
+    def __init__(self, port: int, token: str, timeout: float = 30.0):
+        self.port, self.token, self.timeout = port, token, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, body=None, timeout: float | None = None):
+        """(status, decoded JSON or text). Retries once on a dropped keep-alive connection."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout or self.timeout)
+            try:
+                self.conn.request(method, path, body=data, headers=headers)
+                r = self.conn.getresponse()
+                raw = r.read()
+            except (OSError, http.client.HTTPException):
+                self.close()
+                if attempt:
+                    raise
+                continue
+            try:
+                return r.status, json.loads(raw) if raw else None
+            except ValueError:
+                return r.status, raw.decode(errors="replace")
+        raise AssertionError("unreachable")
+
+
+def upload(port: int, token: str, name: str, path: Path, tag: bytes = b"",
+           timeout: float = 600.0) -> tuple[dict, float]:
+    """PUT the file as package ``name``; ``tag`` overwrites its first bytes so every upload is
+    distinct content. Returns (package JSON, seconds); raises BenchError unless 201."""
+    size = path.stat().st_size
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    t0 = time.monotonic()
+    try:
+        conn.putrequest("PUT", f"/api/v1/packages/{quote(name, safe='')}")
+        conn.putheader("Authorization", f"Bearer {token}")
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        with open(path, "rb", buffering=0) as f:
+            first = True
+            while block := f.read(MIB):
+                if first and tag:
+                    block = tag[:len(block)] + block[len(tag):]
+                first = False
+                conn.send(block)
+        r = conn.getresponse()
+        raw = r.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"upload of {name} to :{port} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+    secs = time.monotonic() - t0
+    if r.status != 201:
+        raise BenchError(f"upload of {name} to :{port} answered {r.status}: {raw[:500]!r}")
+    return json.loads(raw), secs
+
+
+def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float = 60.0) -> dict:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("PUT", f"/api/v1/packages/{quote(name, safe='')}", body=data,
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
+                              "Content-Length": str(len(data))})
+        r = conn.getresponse()
+        raw = r.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"upload of {name} to :{port} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        conn.close()
+    if r.status != 201:
+        raise BenchError(f"upload of {name} to :{port} answered {r.status}: {raw[:500]!r}")
+    return json.loads(raw)
+
+
+# --------------------------------------------------------------------------- #
+# sites
+# --------------------------------------------------------------------------- #
+
+class Site:
+    """One ``odst serve`` subprocess with its own data dir and embedded NATS."""
+
+    def __init__(self, root: Path, name: str, token: str, *, leaf_listen: bool = False,
+                 dial: list["Site"] | None = None, public_url: str | None = None):
+        self.name = name
+        self.data = root / name
+        self.log_path = root / f"{name}-serve.log"
+        self.token = token
+        self.http_port = free_port()
+        self.leaf_port = free_port() if leaf_listen else None
+        self.dial = list(dial or [])
+        self.public_url = public_url
+        self.proc: subprocess.Popen | None = None
+        self.nats_pid: int | None = None
+        self.id = ""
+        self.api = Api(self.http_port, token)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
+               "--http", f"{HOST}:{self.http_port}", "--site-name", self.name]
+        if self.leaf_port:
+            cmd += ["--leaf-listen", f"{HOST}:{self.leaf_port}"]
+        for hub in self.dial:
+            cmd += ["--leaf-remote", f"nats-leaf://{HOST}:{hub.leaf_port}"]
+        if self.public_url:
+            cmd += ["--public-url", self.public_url]
+        return cmd
+
+    def spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
+        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info",
+                    "ODST_LOG_FORMAT": "console", "PYTHONUNBUFFERED": "1",
+                    # the sites run the odst of this checkout, whatever the venv's install points at
+                    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"===== bench: {' '.join(self.command())}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=str(self.data.parent),
+                                         preexec_fn=_child_setup)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise BenchError(f"site {self.name} exited with code {self.proc.returncode}; "
+                             f"see {self.log_path}:\n{tail(self.log_path)}")
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            self.check_running()
+            try:
+                status, body = self.api.request("GET", "/healthz", timeout=3)
+                if status == 200:
+                    self.id = body["site"]
+                    break
+                last = f"{status} {body}"
+            except (OSError, http.client.HTTPException) as exc:
+                last = type(exc).__name__
+            if time.monotonic() > deadline:
+                raise BenchError(f"site {self.name} not healthy after {timeout:.0f}s (last: {last}); "
+                                 f"see {self.log_path}")
+            time.sleep(0.1)
+        with contextlib.suppress(OSError, ValueError):
+            self.nats_pid = int((self.data / "run" / "nats.pid").read_text().strip())
+
+    def call(self, method: str, path: str, body=None, ok=(200, 201)):
+        self.check_running()
+        try:
+            status, out = self.api.request(method, path, body)
+        except (OSError, http.client.HTTPException) as exc:
+            raise BenchError(f"{method} {path} on {self.name}: {type(exc).__name__}: {exc}") from None
+        if status not in ok:
+            raise BenchError(f"{method} {path} on {self.name} answered {status}: {str(out)[:500]}")
+        return out
+
+    def availability(self, name: str) -> dict:
+        """This site's own availability entry for package ``name`` ({} when unknown yet)."""
+        status, out = self.api.request("GET", f"/api/v1/packages/{quote(name, safe='')}", timeout=10)
+        if status == 404:
+            return {}
+        if status != 200:
+            raise BenchError(f"GET package {name} on {self.name}: {status} {str(out)[:300]}")
+        return out.get("availability", {}).get(self.id, {})
+
+    def cpu(self) -> dict:
+        return {"python": proc_cpu(self.proc.pid if self.proc else None), "nats": proc_cpu(self.nats_pid)}
+
+    def stop_begin(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    def stop_finish(self, deadline: float) -> None:
+        self.api.close()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"site {self.name} ignored SIGTERM; killing pid {self.proc.pid}")
+                self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(10)
+        # its nats-server gets SIGTERM when odst serve dies (PDEATHSIG); make sure it is gone
+        if self.nats_pid:
+            end = time.monotonic() + 10
+            while pid_alive(self.nats_pid) and time.monotonic() < end:
+                time.sleep(0.05)
+            if pid_alive(self.nats_pid):
+                try:
+                    cmdline = Path(f"/proc/{self.nats_pid}/cmdline").read_bytes()
+                except OSError:
+                    cmdline = b""
+                if str(self.data).encode() in cmdline:
+                    log(f"nats-server {self.nats_pid} of {self.name} outlived its parent; killing it")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.nats_pid, signal.SIGKILL)
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class Network:
+    """A set of sites; stopping it stops every process it started."""
+
+    def __init__(self, root: Path, label: str, token: str, start_timeout: float):
+        self.root = root / label
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.label = label
+        self.token = token
+        self.start_timeout = start_timeout
+        self.sites: list[Site] = []
+
+    def add(self, name: str, **kw) -> Site:
+        s = Site(self.root, name, self.token, **kw)
+        self.sites.append(s)
+        return s
+
+    def start(self) -> None:
+        """Start sites in waves: a site is spawned once every site it dials is healthy, so its leaf
+        link comes up at once. (A site that dials a hub not listening yet retries, and a peer
+        mirror created while the link is still down was seen to stay idle ~40 s: not what this
+        bench measures.)"""
+        pending = list(self.sites)
+        healthy: set[str] = set()
+        while pending:
+            wave = [s for s in pending if all(h.name in healthy for h in s.dial)]
+            if not wave:
+                raise BenchError(f"{self.label}: leaf links form a cycle")
+            for s in wave:
+                s.spawn()
+            for s in wave:
+                s.wait_healthy(self.start_timeout)
+                healthy.add(s.name)
+                pending.remove(s)
+        order = self.sites
+        log(f"{self.label}: started " + ", ".join(f"{s.name}={s.id[:10]}@:{s.http_port}" for s in order))
+
+    def register(self, a: Site, b: Site) -> None:
+        token = a.call("POST", "/api/v1/peers/invites", {})["token"]
+        out = b.call("POST", "/api/v1/peers/join", {"token": token})
+        log(f"{self.label}: {b.name} registered with {a.name} via {out.get('via')}")
+
+    def stop(self) -> None:
+        for s in reversed(self.sites):
+            s.stop_begin()
+        deadline = time.monotonic() + 20
+        for s in reversed(self.sites):
+            s.stop_finish(deadline)
+
+    def keep_logs_drop_data(self, keep_data: bool) -> None:
+        for s in self.sites:
+            nats_log = s.data / "run" / "nats.log"
+            if nats_log.exists():
+                with contextlib.suppress(OSError):
+                    shutil.copy(nats_log, s.data.parent / f"{s.name}-nats.log")
+            if not keep_data:
+                shutil.rmtree(s.data, ignore_errors=True)
+
+
+def wait_available(sites: list[Site], name: str, t0: float, timeout: float) -> dict[str, float]:
+    """Poll every POLL_S until each site says it holds ``name``; returns seconds since t0 per site."""
+    done: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    last: dict[str, dict] = {}
+    while True:
+        for s in sites:
+            if s.name in done:
+                continue
+            s.check_running()
+            try:
+                a = s.availability(name)
+            except (OSError, http.client.HTTPException):
+                continue
+            if a.get("status") == "available":
+                done[s.name] = time.monotonic() - t0
+            else:
+                last[s.name] = a
+        if len(done) == len(sites):
+            return done
+        now = time.monotonic()
+        if now > deadline:
+            pend = {n: a for n, a in last.items() if n not in done}
+            raise BenchError(f"{name} not available at {', '.join(pend)} after {timeout:.0f}s "
+                             f"(last availability: {pend})")
+        time.sleep(POLL_S)
+
+
+def warm_up(net: Network, at: Site, receivers: list[Site], timeout: float) -> float:
+    """A small package through the whole topology: links, mirrors, registration and transport work."""
+    name = f"warmup-{secrets.token_hex(3)}.pkg"
+    upload_bytes(at.http_port, at.token, name, os.urandom(2 * MIB))
+    secs = wait_available(receivers, name, time.monotonic(), timeout)
+    log(f"{net.label}: warm-up package reached {', '.join(receivers_names(receivers))} "
+        f"in {max(secs.values()):.2f}s")
+    return round(max(secs.values()), 3)
+
+
+def receivers_names(sites: list[Site]) -> list[str]:
+    return [s.name for s in sites]
+
+
+class RssSampler:
+    """Samples VmRSS of one pid every 100 ms (after resetting its VmHWM)."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid, self.interval = pid, interval
+        self.peak_kib = 0
+        self.samples = 0
+        self.hwm_reset = False
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "RssSampler":
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            self.hwm_reset = True
+        except OSError:
+            pass
+        self.start_kib = proc_status_kib(self.pid, "VmRSS") or 0
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = proc_status_kib(self.pid, "VmRSS")
+            if v:
+                self.peak_kib = max(self.peak_kib, v)
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join(5)
+        hwm = proc_status_kib(self.pid, "VmHWM")
+        return {"peak_vmrss_mib": self.peak_kib / 1024, "vmhwm_mib": (hwm / 1024) if hwm else None,
+                "hwm_reset": self.hwm_reset, "start_vmrss_mib": self.start_kib / 1024,
+                "samples": self.samples,
+                "peak_mib": max(self.peak_kib, hwm if (hwm and self.hwm_reset) else 0) / 1024}
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    out = {}
+    for k in before:
+        b, a = before[k], after.get(k)
+        out[k] = None if (a is None or b is None) else round(a - b, 2)
+    return out
+
+
+def transfer(src: Site, dsts: list[Site], file: Path, name: str, timeout: float,
+             rss_of: Site | None = None) -> dict:
+    """Upload ``file`` at src as ``name`` (distinct content via a tag); time until every dst has it."""
+    tag = f"odst-bench {name} {time.time_ns()} ".encode().ljust(64, b".")
+    warm(file)
+    cpu0 = {s.name: s.cpu() for s in [src, *dsts]}
+    sampler = RssSampler(rss_of.proc.pid).start() if rss_of else None
+    try:
+        pkg, up_s = upload(src.http_port, src.token, name, file, tag)
+        t0 = time.monotonic()
+        wall0 = time.time()
+        cpu_mid = {s.name: s.cpu() for s in [src, *dsts]}
+        sys_mid, self_mid = system_busy_s(), self_cpu_s()
+        per_site = wait_available(dsts, name, t0, timeout)
+    finally:
+        rss = sampler.stop() if sampler else None
+    cpu1 = {s.name: s.cpu() for s in [src, *dsts]}
+    sys_end, self_end = system_busy_s(), self_cpu_s()
+    for d in dsts:
+        f = d.data / "store" / "packages" / name
+        if not f.exists() or f.stat().st_size != pkg["size"]:
+            raise BenchError(f"{d.name} says {name} is available but {f} is missing or the wrong size")
+    secs = max(per_site.values())
+    ours = sum(v or 0 for n in cpu_mid for v in cpu_delta(cpu_mid[n], cpu1[n]).values())
+    other = (sys_end - sys_mid) - ours - (self_end - self_mid)
+    out = {"name": name, "size": pkg["size"], "upload_s": round(up_s, 3), "seconds": round(secs, 3),
+           "per_site_s": {k: round(v, 3) for k, v in per_site.items()},
+           "mb_per_s": round(pkg["size"] / MB / secs, 1),
+           "cpu_s": {n: cpu_delta(cpu_mid[n], cpu1[n]) for n in cpu0},
+           "upload_cpu_s": {n: cpu_delta(cpu0[n], cpu_mid[n]) for n in cpu0},
+           "sites_cpu_s": round(ours, 2), "bench_cpu_s": round(self_end - self_mid, 2),
+           "other_cpu_s": round(max(other, 0.0), 2),  # other processes on the (shared) machine
+           "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+           "timeline": {d.name: log_timeline(d.log_path, name, wall0) for d in dsts}}
+    if rss:
+        out["rss"] = rss
+    return out
+
+
+_LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z \[\w+\s*\] (.+?)\s{2,}")
+
+
+def log_timeline(path: Path, name: str, wall0: float) -> dict:
+    """Seconds after the upload returned at which the receiver logged 'pulling package' and
+    'package available' for ``name`` (best effort: console log format)."""
+    import datetime as _dt
+    out: dict = {}
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    needle = f"package={name} "
+    for line in lines:
+        if needle not in line + " ":
+            continue
+        m = _LOG_TS.match(line)
+        if not m:
+            continue
+        event = m.group(2).strip()
+        if event in ("pulling package", "package available") and event not in out:
+            ts = _dt.datetime.fromisoformat(m.group(1)).replace(tzinfo=_dt.timezone.utc).timestamp()
+            out[event] = round(ts - wall0, 3)
+    return out
+
+
+def served_and_transfers(src: Site, dst: Site) -> dict:
+    st = src.call("GET", "/api/v1/state")
+    return {"chunks_served_by_src": st.get("chunks_served", {}),
+            "bad_chunks_at_dst": dst.call("GET", "/api/v1/state").get("bad_chunks_from", {})}
+
+
+# --------------------------------------------------------------------------- #
+# rsync yardstick
+# --------------------------------------------------------------------------- #
+
+def ensure_rsync() -> str:
+    found = shutil.which("rsync")
+    if found:
+        return found
+    log("rsync not found; installing it with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    for cmd in (prefix + ["apt-get", "update", "-q"], prefix + ["apt-get", "install", "-y", "-q", "rsync"]):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if p.returncode != 0 and "install" in cmd:
+            raise BenchError(f"apt-get install rsync failed: {p.stderr[-500:]}")
+    found = shutil.which("rsync")
+    if not found:
+        raise BenchError("rsync still not found after apt-get install")
+    return found
+
+
+class RsyncDaemon:
+    def __init__(self, work: Path, module_dir: Path):
+        self.dir = work / "rsync"
+        self.module_dir = module_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "rsyncd.conf"
+        lines = [f"port = {self.port}", f"address = {HOST}", "use chroot = no",
+                 f"pid file = {self.dir / 'rsyncd.pid'}", f"log file = {self.dir / 'rsyncd.log'}",
+                 f"uid = {os.getuid()}", f"gid = {os.getgid()}",
+                 "[mod]", f"path = {self.module_dir}", "read only = yes"]
+        conf.write_text("\n".join(lines) + "\n")
+        (self.dir / "rsyncd.pid").unlink(missing_ok=True)
+        logf = open(self.dir / "rsyncd.out", "ab")
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                                      f"--port={self.port}", f"--address={HOST}"],
+                                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_child_setup)
+        logf.close()
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"rsync daemon exited: {tail(self.dir / 'rsyncd.out')} "
+                                 f"{tail(self.dir / 'rsyncd.log')}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=1):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError("rsync daemon did not start listening within 15 s")
+            time.sleep(0.05)
+
+    def pull_many(self, name: str, n: int, timeout: float = 900) -> float:
+        """``n`` concurrent pulls of the same file into n destinations (the fan-out yardstick)."""
+        dest_dir = self.dir / "dest"
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        dests = [dest_dir / str(i) for i in range(n)]
+        for d in dests:
+            d.mkdir(parents=True)
+        warm(self.module_dir / name)
+        t0 = time.monotonic()
+        procs = [subprocess.Popen(["rsync", f"rsync://{HOST}:{self.port}/mod/{name}", str(d / name)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_child_setup)
+                 for d in dests]
+        try:
+            for p in procs:
+                p.wait(max(1.0, timeout - (time.monotonic() - t0)))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)
+        secs = time.monotonic() - t0
+        bad = [p.returncode for p in procs if p.returncode != 0]
+        size = (self.module_dir / name).stat().st_size
+        if bad or any((d / name).stat().st_size != size for d in dests):
+            raise BenchError(f"concurrent rsync pulls failed: exit codes {[p.returncode for p in procs]}")
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        return secs
+
+    def pull(self, name: str, extra: list[str] | None = None, timeout: float = 600) -> float:
+        dest_dir = self.dir / "dest"
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        dest_dir.mkdir(parents=True)
+        dest = dest_dir / name
+        warm(self.module_dir / name)
+        t0 = time.monotonic()
+        p = subprocess.run(["rsync", *(extra or []), f"rsync://{HOST}:{self.port}/mod/{name}", str(dest)],
+                           capture_output=True, text=True, timeout=timeout)
+        secs = time.monotonic() - t0
+        if p.returncode != 0:
+            raise BenchError(f"rsync pull failed ({p.returncode}): {p.stderr[-500:]}")
+        if dest.stat().st_size != (self.module_dir / name).stat().st_size:
+            raise BenchError("rsync produced a file of the wrong size")
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        return secs
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir / "dest", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- #
+# measurements
+# --------------------------------------------------------------------------- #
+
+def transfer_timeout(size: int) -> float:
+    return max(120.0, size / (5 * MB))
+
+
+def measure_http_pair(args, ctx, file: Path) -> dict:
+    res: dict = {"runs": [], "rsync_s": [], "rsync_fsync_s": []}
+    rsyncd = RsyncDaemon(ctx["work"], file.parent)
+    net = Network(ctx["sites_root"], "http-pair", ctx["token"], args.start_timeout)
+    ctx["networks"].append(net)
+    try:
+        rsyncd.start()
+        rsync_fsync_ok = True
+        a = net.add("A", leaf_listen=True)
+        b = net.add("B", dial=[a])
+        net.start()
+        net.register(a, b)
+        res["warmup_s"] = warm_up(net, a, [b], 120)
+        size = file.stat().st_size
+        for i in range(args.repeats):
+            r = rsyncd.pull(file.name)
+            res["rsync_s"].append(round(r, 3))
+            log(f"http-pair: rsync daemon pull #{i + 1}: {r:.3f}s ({size / MB / r:.0f} MB/s)")
+            run = transfer(a, [b], file, f"pair-http-{i}.pkg", transfer_timeout(size), rss_of=b)
+            res["runs"].append(run)
+            log(f"http-pair: odst A->B #{i + 1}: {run['seconds']:.3f}s ({run['mb_per_s']:.0f} MB/s; "
+                f"upload took {run['upload_s']:.2f}s; B peak RSS {run['rss']['peak_mib']:.0f} MiB; "
+                f"cpu {run['cpu_s']})")
+            if rsync_fsync_ok:
+                try:
+                    rf = rsyncd.pull(file.name, ["--fsync"])
+                    res["rsync_fsync_s"].append(round(rf, 3))
+                    log(f"http-pair: rsync --fsync pull #{i + 1}: {rf:.3f}s (information only)")
+                except BenchError as exc:
+                    rsync_fsync_ok = False
+                    log(f"http-pair: rsync --fsync not usable: {exc}")
+        res["odst_s"] = median([r["seconds"] for r in res["runs"]])
+        res["rsync_median_s"] = median(res["rsync_s"])
+        res["rsync_fsync_median_s"] = median(res["rsync_fsync_s"])
+        res["ratio"] = ratio(res["odst_s"], res["rsync_median_s"])
+        res["served"] = served_and_transfers(a, b)
+    finally:
+        rsyncd.stop()
+        net.stop()
+        net.keep_logs_drop_data(args.keep_data)
+    return res
+
+
+def measure_rss(args, ctx, big: Path) -> dict:
+    """Peak RSS of a fresh receiving site while it pulls the big package over HTTP."""
+    net = Network(ctx["sites_root"], "rss-pair", ctx["token"], args.start_timeout)
+    ctx["networks"].append(net)
+    res: dict = {}
+    try:
+        a = net.add("A", leaf_listen=True)
+        b = net.add("B", dial=[a])
+        net.start()
+        net.register(a, b)
+        res["warmup_s"] = warm_up(net, a, [b], 120)
+        bsize = big.stat().st_size
+        log(f"rss: uploading {bsize // MIB} MiB at A, sampling B's VmRSS every 100 ms (VmHWM reset)")
+        run = transfer(a, [b], big, "big-rss.pkg", transfer_timeout(bsize), rss_of=b)
+        res.update(run=run, peak_mib=run["rss"]["peak_mib"], size_mib=bsize // MIB)
+        log(f"rss: B pulled {bsize // MIB} MiB in {run['seconds']:.2f}s ({run['mb_per_s']:.0f} MB/s), "
+            f"peak RSS {run['rss']['peak_mib']:.1f} MiB (VmHWM {fmt(run['rss']['vmhwm_mib'], '', 1)}, "
+            f"sampled {run['rss']['peak_vmrss_mib']:.1f}, at start {run['rss']['start_vmrss_mib']:.1f}); "
+            f"cpu {run['cpu_s']}; timeline {run['timeline']}")
+    finally:
+        net.stop()
+        net.keep_logs_drop_data(args.keep_data)
+    return res
+
+
+def measure_nats_pair(args, ctx, file: Path) -> dict:
+    res: dict = {"runs": []}
+    net = Network(ctx["sites_root"], "nats-pair", ctx["token"], args.start_timeout)
+    ctx["networks"].append(net)
+    try:
+        a = net.add("A", leaf_listen=True, public_url="http://127.0.0.1:9")  # closed port: no HTTP
+        b = net.add("B", dial=[a])
+        net.start()
+        net.register(a, b)
+        res["warmup_s"] = warm_up(net, a, [b], 120)
+        size = file.stat().st_size
+        for i in range(args.repeats):
+            run = transfer(a, [b], file, f"pair-nats-{i}.pkg", transfer_timeout(size), rss_of=b)
+            res["runs"].append(run)
+            log(f"nats-pair: odst A->B #{i + 1}: {run['seconds']:.3f}s ({run['mb_per_s']:.0f} MB/s; "
+                f"B peak RSS {run['rss']['peak_mib']:.0f} MiB; cpu {run['cpu_s']})")
+        res["odst_s"] = median([r["seconds"] for r in res["runs"]])
+        res["mb_per_s"] = size / MB / res["odst_s"]
+        res["served"] = served_and_transfers(a, b)
+        http_failures = 0
+        with contextlib.suppress(OSError):
+            http_failures = sum(1 for line in b.log_path.read_text(errors="replace").splitlines()
+                                if "chunk fetch failed" in line and "transport=http" in line)
+        res["http_attempts_refused_at_b"] = http_failures
+    finally:
+        net.stop()
+        net.keep_logs_drop_data(args.keep_data)
+    return res
+
+
+def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
+    res: dict = {"runs": [], "rsync1_s": [], "rsync4_s": []}
+    net = Network(ctx["sites_root"], "hub", ctx["token"], args.start_timeout)
+    ctx["networks"].append(net)
+    rsyncd = RsyncDaemon(ctx["work"], file.parent)
+    try:
+        rsyncd.start()
+        hub = net.add("H", leaf_listen=True)
+        sp = [net.add(f"S{i + 1}", dial=[hub]) for i in range(spokes)]
+        net.start()
+        for s in sp:
+            net.register(hub, s)
+        res["warmup_s"] = warm_up(net, hub, sp, 180)
+        size = file.stat().st_size
+        for i in range(args.repeats):
+            r1 = rsyncd.pull(file.name)
+            r4 = rsyncd.pull_many(file.name, spokes)
+            res["rsync1_s"].append(round(r1, 3))
+            res["rsync4_s"].append(round(r4, 3))
+            log(f"hub: rsync yardstick: 1 pull {r1:.3f}s, {spokes} concurrent pulls {r4:.3f}s "
+                f"({r4 / r1:.2f}x)")
+            run = transfer(hub, sp, file, f"hub-{i}.pkg", transfer_timeout(size) * 2)
+            res["runs"].append(run)
+            log(f"hub: H->4 spokes #{i + 1}: {run['seconds']:.3f}s (per spoke {run['per_site_s']}; "
+                f"cpu {run['cpu_s']})")
+        res["odst_s"] = median([r["seconds"] for r in res["runs"]])
+        res["rsync1_median_s"] = median(res["rsync1_s"])
+        res["rsync4_median_s"] = median(res["rsync4_s"])
+        res["rsync_fanout_ratio"] = ratio(res["rsync4_median_s"], res["rsync1_median_s"])
+        st = hub.call("GET", "/api/v1/state")
+        res["chunks_served_by_hub"] = st.get("chunks_served", {})
+        res["chunks_served_by_spokes"] = {s.name: s.call("GET", "/api/v1/state").get("chunks_served", {})
+                                          for s in sp}
+    finally:
+        rsyncd.stop()
+        net.stop()
+        net.keep_logs_drop_data(args.keep_data)
+    return res
+
+
+def measure_chain(args, ctx) -> dict:
+    res: dict = {"runs": []}
+    net = Network(ctx["sites_root"], "chain", ctx["token"], args.start_timeout)
+    ctx["networks"].append(net)
+    try:
+        a = net.add("A", leaf_listen=True)
+        b = net.add("B", leaf_listen=True, dial=[a])
+        c = net.add("C", dial=[b])
+        net.start()
+        net.register(a, b)
+        net.register(b, c)
+        res["warmup_s"] = warm_up(net, a, [b, c], 180)
+        for i in range(args.chain_uploads):
+            name = f"chain-{i}.pkg"
+            data = os.urandom(MIB)
+            t0 = time.monotonic()
+            upload_bytes(a.http_port, a.token, name, data)
+            t_up = time.monotonic()
+            got = wait_available([c], name, t0, 60)
+            run = {"name": name, "seconds": round(got["C"], 3), "upload_s": round(t_up - t0, 3),
+                   "after_upload_s": round(got["C"] - (t_up - t0), 3)}
+            res["runs"].append(run)
+            log(f"chain: {name} at C {run['seconds']:.3f}s after the upload began "
+                f"(upload {run['upload_s']:.3f}s)")
+        res["median_s"] = median([r["seconds"] for r in res["runs"]])
+        res["max_s"] = max(r["seconds"] for r in res["runs"])
+        res["median_after_upload_s"] = median([r["after_upload_s"] for r in res["runs"]])
+    finally:
+        net.stop()
+        net.keep_logs_drop_data(args.keep_data)
+    return res
+
+
+# --------------------------------------------------------------------------- #
+# site log findings
+# --------------------------------------------------------------------------- #
+
+_LEVEL = re.compile(r"\[(warning|error|critical|exception)\s*\]|^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+_NATS_LEVEL = re.compile(r"\[(ERR|WRN|FTL)\]")
+_NOISE = re.compile(r"^\S+\s+")  # leading timestamp
+
+
+def scan_logs(root: Path) -> dict:
+    """Warnings / errors / tracebacks per site log under root, with a few distinct examples."""
+    out: dict = {}
+    for path in sorted(root.glob("*/*-serve.log")) + sorted(root.glob("*/*-nats.log")):
+        counts: dict[str, int] = {}
+        examples: dict[str, str] = {}
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            m = _LEVEL.search(line) or _NATS_LEVEL.search(line)
+            if "Traceback (most recent call last)" in line:
+                level = "traceback"
+            elif m:
+                level = next(g for g in m.groups() if g).lower()
+            else:
+                continue
+            counts[level] = counts.get(level, 0) + 1
+            key = re.sub(r"\b[0-9a-f]{8,}\b|\d+(\.\d+)?", "#", _NOISE.sub("", line, count=1))[:120]
+            if key not in examples and len(examples) < 6:
+                examples[key] = line[:300]
+        if counts:
+            out[str(path.relative_to(root))] = {"counts": counts, "examples": list(examples.values())}
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# report
+# --------------------------------------------------------------------------- #
+
+def fmt(v, unit="", digits=2):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f}{unit}"
+
+
+def verdict(ok) -> str:
+    return "-" if ok is None else ("meets" if ok else "MISSES")
+
+
+def build_rows(results: dict, size_mib: int) -> list[list[str]]:
+    rows = []
+    h = results.get("http_pair") or {}
+    if "odst_s" in h:
+        r = h.get("ratio")
+        rows.append([f"{size_mib} MiB A->B over HTTP", fmt(h["odst_s"], " s", 3),
+                     f"rsync daemon {fmt(h.get('rsync_median_s'), ' s', 3)}", fmt(r, "x"),
+                     f"<= {TARGET_HTTP_RATIO}x", verdict(None if r is None else r <= TARGET_HTTP_RATIO)])
+        if h.get("rsync_fsync_median_s"):
+            rr = ratio(h["odst_s"], h["rsync_fsync_median_s"])
+            rows.append(["  (same, vs rsync --fsync: info)", fmt(h["odst_s"], " s", 3),
+                         f"rsync --fsync {fmt(h['rsync_fsync_median_s'], ' s', 3)}", fmt(rr, "x"), "-", "-"])
+    n = results.get("nats_pair") or {}
+    if "odst_s" in n:
+        mbps = n["mb_per_s"]
+        rows.append([f"{size_mib} MiB A->B over NATS req/reply", f"{mbps:.0f} MB/s ({n['odst_s']:.3f} s)",
+                     f"HTTP pair {fmt(h.get('odst_s'), ' s', 3)}" if h.get("odst_s") else "-",
+                     fmt(ratio(n["odst_s"], h.get("odst_s")), "x"), f">= {TARGET_NATS_MBPS:.0f} MB/s",
+                     verdict(mbps >= TARGET_NATS_MBPS)])
+    hb = results.get("hub") or {}
+    if "odst_s" in hb:
+        r = ratio(hb["odst_s"], h.get("odst_s"))
+        rows.append([f"{size_mib} MiB hub -> 4 spokes", fmt(hb["odst_s"], " s", 3),
+                     f"HTTP pair {fmt(h.get('odst_s'), ' s', 3)}", fmt(r, "x"), f"<= {TARGET_HUB_RATIO}x",
+                     verdict(None if r is None else r <= TARGET_HUB_RATIO)])
+        if hb.get("rsync_fanout_ratio"):
+            rows.append([f"  (yardstick: {size_mib} MiB rsync x4 concurrent)", fmt(hb["rsync4_median_s"], " s", 3),
+                         f"rsync x1 {fmt(hb['rsync1_median_s'], ' s', 3)}", fmt(hb["rsync_fanout_ratio"], "x"),
+                         "-", "-"])
+    c = results.get("chain") or {}
+    if "median_s" in c:
+        rows.append([f"1 MiB A->C, 3-site chain (median of {len(c['runs'])})", fmt(c["median_s"], " s", 3),
+                     f"max {fmt(c['max_s'], ' s', 3)}", "-", f"< {TARGET_CHAIN_S:.0f} s",
+                     verdict(c["median_s"] < TARGET_CHAIN_S)])
+    rs = results.get("rss") or {}
+    if "peak_mib" in rs:
+        rows.append([f"receiver peak RSS, {rs['size_mib']} MiB pull", fmt(rs["peak_mib"], " MiB", 1),
+                     f"{rs['run']['seconds']:.1f} s, {rs['run']['mb_per_s']:.0f} MB/s", "-",
+                     f"< {TARGET_RSS_MIB:.0f} MiB", verdict(rs["peak_mib"] < TARGET_RSS_MIB)])
+    return rows
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["measurement", "value", "baseline", "ratio", "target", "verdict"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(line)
+
+
+def print_details(results: dict) -> None:
+    h = results.get("http_pair") or {}
+    if h.get("runs"):
+        print(f"HTTP pair runs (s): odst {[r['seconds'] for r in h['runs']]}  rsync {h['rsync_s']}"
+              + (f"  rsync --fsync {h['rsync_fsync_s']}" if h.get("rsync_fsync_s") else ""))
+        print(f"  uploads at A (s): {[r['upload_s'] for r in h['runs']]}; B peak RSS (MiB): "
+              f"{[round(r['rss']['peak_mib']) for r in h['runs']]}; CPU-s per run: "
+              f"{[r['cpu_s'] for r in h['runs']]}")
+    def timelines(runs, dst):
+        return ", ".join(f"{tl.get('pulling package', '?')}/{tl.get('package available', '?')}"
+                         for tl in (r.get("timeline", {}).get(dst, {}) for r in runs))
+    if h.get("runs"):
+        print(f"  B log, s after the upload returned (pull started/available): {timelines(h['runs'], 'B')}")
+    n = results.get("nats_pair") or {}
+    if n.get("runs"):
+        print(f"NATS pair runs (s): {[r['seconds'] for r in n['runs']]}; MB/s "
+              f"{[r['mb_per_s'] for r in n['runs']]}; B peak RSS (MiB) "
+              f"{[round(r['rss']['peak_mib']) for r in n['runs']]}")
+        print(f"  chunks served by A: {n['served']['chunks_served_by_src']}; HTTP attempts refused at B "
+              f"(log lines): {n.get('http_attempts_refused_at_b')}; CPU-s per run: "
+              f"{[r['cpu_s'] for r in n['runs']]}")
+        print(f"  B log, s after the upload returned (pull started/available): {timelines(n['runs'], 'B')}")
+    hb = results.get("hub") or {}
+    if hb.get("runs"):
+        print(f"hub runs (s): {[r['seconds'] for r in hb['runs']]}; per spoke: "
+              f"{[r['per_site_s'] for r in hb['runs']]}")
+        print(f"  rsync x1 {hb.get('rsync1_s')}, rsync x4 concurrent {hb.get('rsync4_s')}; CPU-s per run: "
+              f"{[r['cpu_s'] for r in hb['runs']]}")
+        print(f"  chunks served by hub: {hb.get('chunks_served_by_hub')}; by spokes: "
+              f"{hb.get('chunks_served_by_spokes')}")
+    c = results.get("chain") or {}
+    if c.get("runs"):
+        print(f"chain 1 MiB A->C (s, from upload start): {[r['seconds'] for r in c['runs']]}; "
+              f"median after the upload returned: {fmt(c.get('median_after_upload_s'), ' s', 3)}")
+    rs = results.get("rss") or {}
+    if rs.get("run"):
+        print(f"RSS: {rs['run']['rss']}")
+    other = {k: [r.get("other_cpu_s") for r in v["runs"]] for k, v in results.items()
+             if isinstance(v, dict) and v.get("runs") and "other_cpu_s" in v["runs"][0]}
+    if rs.get("run"):
+        other["rss"] = [rs["run"].get("other_cpu_s")]
+    if other:
+        print(f"CPU-s used by other processes on the machine during each transfer (noise): {other}")
+    warmups = {k: v["warmup_s"] for k, v in results.items() if isinstance(v, dict) and "warmup_s" in v}
+    if warmups:
+        print(f"warm-up (2 MiB through each topology right after registration, s): {warmups}")
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+def git_info() -> dict:
+    """The commit the sites ran, and whether odst/ had uncommitted changes (it is moving)."""
+    def run(*cmd):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            p = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, timeout=10)
+            return p.stdout.strip() if p.returncode == 0 else None
+        return None
+    dirty = run("status", "--porcelain", "--", "odst")
+    return {"commit": run("rev-parse", "--short", "HEAD"), "odst_dirty": bool(dirty),
+            "odst_changes": dirty.splitlines()[:20] if dirty else []}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/odst-bench-repl", help="scratch dir (default %(default)s)")
+    ap.add_argument("--size-mib", type=int, default=1024, help="package size for 1-3 (default 1024)")
+    ap.add_argument("--big-mib", type=int, default=4096, help="package size for the RSS check (default 4096)")
+    ap.add_argument("--skip-big", action="store_true", help="skip the RSS check with the big package")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of 1-3, medians reported (default 3)")
+    ap.add_argument("--chain-uploads", type=int, default=10, help="1 MiB uploads through the chain (default 10)")
+    ap.add_argument("--only", default="http,rss,nats,hub,chain",
+                    help="comma list of http,rss,nats,hub,chain (default all)")
+    ap.add_argument("--start-timeout", type=float, default=90.0, help="seconds for a site to become healthy")
+    ap.add_argument("--keep-data", action="store_true", help="keep the sites' data dirs")
+    ap.add_argument("--json", default=None, help="results file (default <work>/replication.json)")
+    args = ap.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sites_root = work / "sites"
+    shutil.rmtree(sites_root, ignore_errors=True)  # the previous run's sites and logs
+    sites_root.mkdir(parents=True)
+    results: dict = {}
+    ctx = {"work": work, "sites_root": sites_root, "token": "bench-" + secrets.token_hex(16),
+           "networks": [], "errors": [], "results": results}
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "python": sys.version.split()[0],
+            "platform": platform.platform(), "cpus": os.cpu_count(), "size_mib": args.size_mib,
+            "big_mib": None if args.skip_big else args.big_mib, "repeats": args.repeats,
+            "poll_s": POLL_S, "work": str(work), "git": git_info()}
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    t_start = time.monotonic()
+    try:
+        if "http" in only:
+            ensure_rsync()
+            meta["rsync"] = subprocess.run(["rsync", "--version"], capture_output=True,
+                                           text=True).stdout.splitlines()[0]
+        files = work / "files"
+        file = make_random_file(files / f"repl-{args.size_mib}m.pkg", args.size_mib * MIB)
+        big = None
+        if args.skip_big:
+            only.discard("rss")
+        if "rss" in only:
+            big = make_random_file(work / "bigfiles" / f"big-{args.big_mib}m.pkg", args.big_mib * MIB)
+        steps = [("http", "http_pair", lambda: measure_http_pair(args, ctx, file)),
+                 ("rss", "rss", lambda: measure_rss(args, ctx, big)),
+                 ("nats", "nats_pair", lambda: measure_nats_pair(args, ctx, file)),
+                 ("hub", "hub", lambda: measure_hub(args, ctx, file)),
+                 ("chain", "chain", lambda: measure_chain(args, ctx))]
+        for key, label, fn in steps:
+            if key not in only:
+                continue
+            log(f"=== {label}")
+            try:
+                results[label] = fn()
+            except BenchError as exc:
+                log(f"{label} FAILED: {exc}")
+                ctx["errors"].append(f"{label}: {exc}")
+                results[label] = {"error": str(exc)}
+            except Exception as exc:  # a bug in the bench: report it, keep the other measurements
+                traceback.print_exc()
+                ctx["errors"].append(f"{label}: {type(exc).__name__}: {exc}")
+                results[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    except KeyboardInterrupt:
+        ctx["errors"].append("interrupted")
+        log("interrupted; stopping every site")
+    finally:
+        for net in ctx["networks"]:
+            with contextlib.suppress(Exception):
+                net.stop()
+            with contextlib.suppress(Exception):
+                net.keep_logs_drop_data(args.keep_data)
+
+    meta["seconds"] = round(time.monotonic() - t_start, 1)
+    findings = scan_logs(sites_root)
+    rows = build_rows(results, args.size_mib)
+    out = {"meta": meta, "results": results, "table": rows, "errors": ctx["errors"], "site_logs": findings}
+    json_path = Path(args.json) if args.json else work / "replication.json"
+    json_path.write_text(json.dumps(out, indent=2, default=str))
+
+    print()
+    g = meta["git"]
+    print(f"ODST replication bench: {args.size_mib} MiB, {args.repeats} run(s) each (medians), "
+          f"{os.cpu_count()} CPUs, {meta['seconds']} s, odst at {g['commit']}"
+          + (" + uncommitted changes in odst/" if g["odst_dirty"] else ""))
+    print_table(rows)
+    print_details(results)
+    if findings:
+        print("site log findings (warnings/errors; logs in " + str(sites_root) + "):")
+        for path, f in findings.items():
+            print(f"  {path}: {f['counts']}")
+            for ex in f["examples"][:3]:
+                print(f"      {ex}")
+    if ctx["errors"]:
+        print("errors:")
+        for e in ctx["errors"]:
+            print(f"  - {e[:2000]}")
+    print(f"JSON: {json_path}")
+    return 2 if ctx["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
