@@ -120,6 +120,8 @@ class Site:
         self.chunk_server = None
         self.registration = None
         self.roles: frozenset[str] = ALL_ROLES
+        from odst.gateway.metrics import SiteStats
+        self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
 
     @property

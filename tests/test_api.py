@@ -773,3 +773,19 @@ def test_cli_upload_list_stage_delete(site, tmp_path):
     assert p.returncode == 2 and "cannot reach" in p.stderr and "Traceback" not in p.stderr
     # The upload with the wrong token left nothing behind.
     assert store_files(site) == (["Chrome Beta.pkg"], [])
+
+
+def test_metrics_in_prometheus_format(site, tmp_path):
+    with site.client() as c:
+        assert c.put("/api/v1/packages/m.pkg", content=b"x" * 5000).status_code == 201
+        assert c.put("/api/v1/packages/m.pkg", content=b"x" * 5000).status_code == 200
+    assert httpx.get(f"{site.url}/Packages/m.pkg").status_code == 200
+    assert httpx.get(f"{site.url}/Packages/none.pkg").status_code == 404
+    r = httpx.get(f"{site.url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in ['odst_uploads_total{result="published"} 1.0', 'odst_uploads_total{result="identical"} 1.0',
+                 'odst_downloads_total{status="200"} 1.0', 'odst_downloads_total{status="404"} 1.0',
+                 "odst_bytes_served_total 5000", 'odst_projection_lag{stream="EVENTS"} 0.0',
+                 "odst_quarantined_events 0.0", "odst_packages 1.0", 'odst_replication_queue{status="pending"} 0.0']:
+        assert any(l.startswith(line) for l in text.splitlines()), line

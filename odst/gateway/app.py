@@ -16,6 +16,7 @@ from odst.events.log import AppendFailed
 from odst.gateway.auth import bearer_guard
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
+from odst.gateway.metrics import make_metrics
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
 from odst.gateway.tokens import TokenController
@@ -59,6 +60,14 @@ def create_app(site: Site) -> Litestar:
         return Response({"status": "ok" if ok else "unavailable", "reason": reason, "site": site.id},
                         status_code=200 if ok else 503)
 
+    render_metrics = make_metrics(site)
+
+    @get("/metrics", operation_id="metrics", media_type="text/plain")
+    async def metrics() -> Response[bytes]:
+        """Prometheus metrics (no credentials: counts and lags only)."""
+        body, content_type = await render_metrics()
+        return Response(body, media_type=content_type)
+
     downloads = make_download_app(site, [f"/{context}/Packages", "/Packages"])
 
     @asgi(f"/{context}/Packages", is_mount=True, copy_scope=True)
@@ -78,7 +87,7 @@ def create_app(site: Site) -> Litestar:
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController], guards=[bearer_guard])
     app = Litestar(
-        route_handlers=[healthz, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController],
+        route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController],
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),

@@ -54,6 +54,19 @@ def make_download_app(site, prefixes: list[str]):
     """An ASGI app serving packages under each of prefixes (e.g. '/CasperShare/Packages')."""
 
     async def app(scope, receive, send) -> None:
+        status = 0
+
+        async def counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                site.stats.downloads[status] += 1
+            elif message["type"] == "http.response.body" and status in (200, 206):
+                site.stats.bytes_served += len(message.get("body", b""))
+            await send(message)
+        await serve(scope, receive, counted)
+
+    async def serve(scope, receive, send) -> None:
         method = scope["method"]
         if method not in ("GET", "HEAD"):
             await _simple(send, 405, "method not allowed\n", [("allow", "GET, HEAD")])

@@ -154,7 +154,9 @@ class PackageController(Controller):
             if existing is not None and (existing["blake3"] != manifest.blake3 or held_here):
                 upload.path.unlink(missing_ok=True)
                 if held_here and existing["blake3"] == manifest.blake3:
+                    site.stats.uploads["identical"] += 1
                     return Response(existing, status_code=200)
+                site.stats.uploads["refused"] += 1
                 raise PackageConflict(f"a different package named {name!r} exists "
                                       f"(sha1 {existing['sha1']}, yours {manifest.sha1}); "
                                       "delete it first or choose another name")
@@ -174,6 +176,7 @@ class PackageController(Controller):
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None
         log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
+        site.stats.uploads["published"] += 1
         current = views.package(site.reader, name)
         if current is None or current["blake3"] != manifest.blake3:
             winner = f" at site {current['origin']}" if current else ""

@@ -1,0 +1,96 @@
+"""GET /metrics: Prometheus text format, built from the site's state at scrape time."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from odst.projections import views
+
+
+class SiteStats:
+    """Counters the gateway and downloads bump; read by the collector."""
+
+    def __init__(self):
+        self.uploads: Counter[str] = Counter()  # by result: published | identical | refused | failed
+        self.downloads: Counter[int] = Counter()  # by HTTP status
+        self.bytes_served = 0
+
+
+class SiteCollector:
+    def __init__(self, site):
+        self.site = site
+        self.lag: dict[str, int] = {}
+        self.mirrors: dict[str, dict] = {}
+
+    async def refresh(self) -> None:
+        """The parts that need the broker (projection lag, mirror state) are fetched before a scrape."""
+        site = self.site
+        try:
+            self.lag = await site.projector.lag()
+        except Exception:
+            self.lag = {}
+        self.mirrors = {}
+        if site.linker is not None:
+            for p in views.peer_sites(site.reader, site.id):
+                self.mirrors[p["site"]] = await site.linker.status(p["site"])
+
+    def collect(self):
+        site, stats = self.site, self.site.stats
+        c = CounterMetricFamily("odst_uploads", "Uploads through this gateway, by result", labels=["result"])
+        for result, n in sorted(stats.uploads.items()):
+            c.add_metric([result], n)
+        yield c
+        c = CounterMetricFamily("odst_downloads", "Distribution-point responses, by status", labels=["status"])
+        for status, n in sorted(stats.downloads.items()):
+            c.add_metric([str(status)], n)
+        yield c
+        yield CounterMetricFamily("odst_bytes_served", "Package bytes sent to clients", value=stats.bytes_served)
+        rep = site.replicator
+        transfers = rep.transfers() if rep else []
+        g = GaugeMetricFamily("odst_replication_queue", "Contents this site still has to pull, by status",
+                              labels=["status"])
+        for status in ("pending", "downloading", "failed"):
+            g.add_metric([status], sum(1 for t in transfers if t["status"] == status))
+        yield g
+        yield GaugeMetricFamily("odst_replication_rate_bytes", "Bytes per second being pulled now",
+                                value=sum(t["rate_bytes_per_s"] for t in transfers))
+        c = CounterMetricFamily("odst_chunk_failures", "Chunks that failed verification, by peer",
+                                labels=["peer"])
+        for peer, n in sorted((rep.bad_chunks if rep else {}).items()):
+            c.add_metric([peer], n)
+        yield c
+        c = CounterMetricFamily("odst_chunks_served", "Chunks served to peers, by peer", labels=["peer"])
+        for peer, n in sorted((site.chunk_server.served if site.chunk_server else {}).items()):
+            c.add_metric([peer], n)
+        yield c
+        g = GaugeMetricFamily("odst_mirror_lag", "Events a peer's mirror is behind its origin", labels=["peer"])
+        up = GaugeMetricFamily("odst_mirror_up", "1 if the peer's mirror is in contact", labels=["peer"])
+        for peer, m in sorted(self.mirrors.items()):
+            g.add_metric([peer], m.get("lag") or 0)
+            up.add_metric([peer], 1 if m.get("link") == "up" else 0)
+        yield g
+        yield up
+        g = GaugeMetricFamily("odst_projection_lag", "Messages not yet folded into the read model",
+                              labels=["stream"])
+        for stream, n in sorted(self.lag.items()):
+            g.add_metric([stream], n)
+        yield g
+        yield GaugeMetricFamily("odst_quarantined_events", "Messages that failed verification or the chain",
+                                value=site.reader.execute(
+                                    "SELECT count(*) FROM quarantine WHERE kind='quarantined'").fetchone()[0])
+        yield GaugeMetricFamily("odst_packages", "Current packages", value=views.count(site.reader, "packages"))
+
+
+def make_metrics(site):
+    registry = CollectorRegistry(auto_describe=False)
+    collector = SiteCollector(site)
+    registry.register(collector)
+
+    async def render() -> tuple[bytes, str]:
+        await collector.refresh()
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    return render
