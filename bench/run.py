@@ -698,8 +698,8 @@ http {{
     scgi_temp_path {dir}/tmp/scgi;
     server {{
         listen {host}:{port};
-        location /CasperShare/Packages/ {{
-            alias {files}/;
+        location = /CasperShare/Packages/bench.pkg {{
+            alias {bench_file};
         }}
     }}
 }}
@@ -743,6 +743,9 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=3,
                     help="upload / sha512sum / single-stream repeats; median reported")
     ap.add_argument("--duration", type=float, default=10.0, help="wrk seconds per server")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="wrk rounds per server, order alternating (A B, B A, ...); the median "
+                         "MB/s is reported (default 3)")
     ap.add_argument("--warmup", type=float, default=2.0, help="wrk warm-up seconds (not counted)")
     ap.add_argument("--check-duration", type=float, default=3.0,
                     help="seconds of the separate wrk pass that checks every response "
@@ -755,6 +758,9 @@ def parse_args(argv=None):
                     help="seconds to wait for GET /healthz == 200")
     ap.add_argument("--no-odst", action="store_true",
                     help="run only the yardsticks (sha512sum, nginx); for testing the bench")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before measuring, wait up to SECONDS for the machine to be idle "
+                         "(< 0.25 cores busy over 3 s); then run anyway (default 0: don't wait)")
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the ODST data dir (<work>/odst-data) after the run")
     ap.add_argument("--json", default=None, help="results file (default <work>/results.json)")
@@ -762,6 +768,7 @@ def parse_args(argv=None):
     if a.size_mib < 2:
         ap.error("--size-mib must be at least 2")
     a.repeats = max(1, min(a.repeats, 20))
+    a.rounds = max(1, min(a.rounds, 20))
     return a
 
 
@@ -772,8 +779,9 @@ def main(argv=None) -> int:
     for d in (work, files, work / "nginx" / "tmp", work / "logs"):
         d.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MIB
-    bench_file = files / "bench.pkg"
-    big_file = files / "big.pkg"
+    # One file per size, so switching --size-mib back and forth reuses them.
+    bench_file = files / f"bench-{args.size_mib}m.pkg"
+    big_file = files / f"big-{args.big_mib}m.pkg"
     chunk = MIB
     aligned = not args.unaligned
     pkg_path = "/CasperShare/Packages/bench.pkg"
@@ -814,15 +822,22 @@ def main(argv=None) -> int:
     data_dir = work / "odst-data"
 
     def on_term(signum, frame):
-        raise SystemExit(f"terminated by signal {signum}")
+        raise SystemExit(f"terminated by signal {signal.Signals(signum).name}")
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
+    # Explicit handlers: a background job started by a non-interactive shell inherits
+    # SIGINT ignored, and then nothing would stop the servers on Ctrl-C / kill -INT.
+    old_handlers = {sig: signal.signal(sig, on_term)
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         ensure_tools(errors)
         ensure_random_file(bench_file, size)
         if not args.skip_big and not args.no_odst:
             ensure_random_file(big_file, args.big_mib * MIB)
         warm(bench_file)
+        if args.wait_idle > 0:
+            R["meta"]["idle_wait"] = wait_idle(args.wait_idle)
+            R["meta"]["loadavg_before_wait"] = R["meta"]["loadavg_start"]
+            R["meta"]["loadavg_start"] = os.getloadavg()
 
         # ---------------------------------------------------------- odst up
         odst = None
@@ -847,7 +862,7 @@ def main(argv=None) -> int:
         nginx_port = free_port()
         try:
             (work / "nginx" / "nginx.conf").write_text(NGINX_CONF.format(
-                dir=work / "nginx", host=HOST, port=nginx_port, files=files))
+                dir=work / "nginx", host=HOST, port=nginx_port, bench_file=bench_file))
             nginx = procs.start("nginx", [nginx_binary(), "-e", str(work / "nginx" / "error.log"),
                                           "-p", str(work / "nginx"),
                                           "-c", str(work / "nginx" / "nginx.conf")],
@@ -895,6 +910,9 @@ def main(argv=None) -> int:
         if not isinstance(e, Exception):
             log(f"aborted: {e!r}")
     finally:
+        # Cleanup is bounded (timeouts below); don't let a second Ctrl-C cut it short.
+        for sig in old_handlers:
+            signal.signal(sig, signal.SIG_IGN)
         if sampler is not None:
             sampler.stop()
             R.setdefault("memory", {})["peak_rss_kib_by_phase"] = dict(sampler.peak_main)
@@ -911,7 +929,8 @@ def main(argv=None) -> int:
             R["odst_log_tail"] = tail(work / "logs" / "odst.log", 15)
         if not args.keep_data and data_dir.exists() and data_dir.parent == work:
             shutil.rmtree(data_dir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
     R["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     R["meta"]["loadavg_end"] = os.getloadavg()
@@ -919,6 +938,25 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(R, indent=2, default=str))
     print_report(R, out)
     return 0 if not errors else 2
+
+
+def wait_idle(limit_s: float, window_s: float = 3.0, threshold_cores: float = 0.25) -> dict:
+    """Wait (bounded) until the machine's busy CPU over a window is below threshold."""
+    t0 = time.monotonic()
+    busy = None
+    while time.monotonic() - t0 < limit_s:
+        b0 = sys_busy_s()
+        time.sleep(window_s)
+        busy = (sys_busy_s() - b0) / window_s
+        if busy < threshold_cores:
+            break
+        log(f"machine busy ({busy:.2f} cores); waiting for idle "
+            f"({time.monotonic() - t0:.0f}/{limit_s:.0f} s)")
+    waited = time.monotonic() - t0
+    idle = busy is not None and busy < threshold_cores
+    log(f"idle wait: {waited:.0f} s, last window {busy if busy is not None else 0:.2f} cores busy"
+        f"{'' if idle else ' - running anyway'}")
+    return {"waited_s": round(waited, 1), "last_busy_cores": busy, "idle": idle}
 
 
 def start_odst(procs: Procs, work: Path, data_dir: Path, token: str, args):
@@ -1001,6 +1039,16 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
     res["sha512"] = sha_hex
     # Informational yardstick: what writing the same bytes to the same file system with
     # an fsync at the end costs (the store does temp file -> fsync -> rename).
+    if shutil.which("openssl"):
+        try:
+            with Meter() as m:
+                p = subprocess.run(["openssl", "dgst", "-sha512", str(bench_file)],
+                                   capture_output=True, text=True, timeout=timeout)
+            if p.returncode == 0:
+                res["openssl_sha512_s"] = m.wall
+                log(f"openssl dgst -sha512: {m.wall:.2f}s")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"openssl: {e}")
     try:
         os.sync()
         m = time_write_fsync(bench_file, work / "dd-fsync.tmp", timeout)
@@ -1113,42 +1161,63 @@ def phase_download(args, R, errors, servers, bench_file, size, chunk, aligned, p
                     url_path=pkg_path, check=False)
     lua_check = write_lua(work / "range-check.lua", size=size, chunk=chunk, aligned=aligned,
                           url_path=pkg_path, check=True)
-    for name, port, pid, classify in servers:
-        try:
-            if args.warmup > 0:
-                run_wrk(port, lua, threads=args.wrk_threads, conns=args.connections,
-                        duration=args.warmup, url_path=pkg_path)
-            if sampler and name == "odst":
-                sampler.set_phase("download")
-            w = run_wrk(port, lua, threads=args.wrk_threads, conns=args.connections,
-                        duration=args.duration, url_path=pkg_path, server_pid=pid,
-                        classify=classify)
-            if sampler:
-                sampler.set_phase("other")
-            served_gib = w["bytes"] / GIB
-            main_group = "gateway" if name == "odst" else "nginx"
-            w["server_cpu_s_per_gib"] = (w["server_cpu_s"].get(main_group, 0) / served_gib
-                                         if served_gib else None)
-            w["wrk_client_cpu_s_per_gib"] = w["wrk_client_cpu_s"] / served_gib if served_gib else None
-            res["wrk"][name] = w
-            log(f"wrk {name}: {w['mb_per_s']:.0f} MB/s, {w['req_per_s']:.0f} req/s, "
-                f"server {w['server_cpu_s_per_gib'] or 0:.2f} CPU-s/GiB, other load "
-                f"{w['other_cores']:.2f} cores")
-            errs = {k: w[k] for k in ("err_connect", "err_read", "err_write", "err_status",
-                                      "err_timeout") if w[k]}
-            if errs:
-                errors.append(f"wrk {name}: errors {errs}")
-            apr = w["avg_bytes_per_response"] or 0
-            if not (chunk <= apr < chunk + 4096):
-                errors.append(f"wrk {name}: {apr:.0f} bytes per response on average, "
-                              f"expected ~{chunk} (1 MiB body + headers): Range not honoured?")
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"wrk {name}: {e}")
-        finally:
-            if sampler:
-                sampler.set_phase("other")
-        # separate short pass that inspects every response
-        if args.check_duration > 0:
+    # Rounds alternate the order (A B, B A, ...) so a drift in background load hits both.
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in servers}
+    for rnd in range(args.rounds):
+        order = servers if rnd % 2 == 0 else list(reversed(servers))
+        for name, port, pid, classify in order:
+            try:
+                if args.warmup > 0 and rnd == 0:
+                    run_wrk(port, lua, threads=args.wrk_threads, conns=args.connections,
+                            duration=args.warmup, url_path=pkg_path)
+                if sampler and name == "odst":
+                    sampler.set_phase("download")
+                w = run_wrk(port, lua, threads=args.wrk_threads, conns=args.connections,
+                            duration=args.duration, url_path=pkg_path, server_pid=pid,
+                            classify=classify)
+                if sampler:
+                    sampler.set_phase("other")
+                main_group = "gateway" if name == "odst" else "nginx"
+                w["server_cpu_main_s"] = w["server_cpu_s"].get(main_group, 0)
+                runs[name].append(w)
+                served_gib = w["bytes"] / GIB
+                log(f"wrk {name} round {rnd + 1}: {w['mb_per_s']:.0f} MB/s, "
+                    f"{w['req_per_s']:.0f} req/s, server "
+                    f"{w['server_cpu_main_s'] / served_gib if served_gib else 0:.2f} CPU-s/GiB, "
+                    f"other load {w['other_cores']:.2f} cores")
+                errs = {k: w[k] for k in ("err_connect", "err_read", "err_write", "err_status",
+                                          "err_timeout") if w[k]}
+                if errs:
+                    errors.append(f"wrk {name}: errors {errs}")
+                apr = w["avg_bytes_per_response"] or 0
+                if not (chunk <= apr < chunk + 4096):
+                    errors.append(f"wrk {name}: {apr:.0f} bytes per response on average, "
+                                  f"expected ~{chunk} (1 MiB body + headers): Range not honoured?")
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"wrk {name}: {e}")
+            finally:
+                if sampler:
+                    sampler.set_phase("other")
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        gib = sum(r["bytes"] for r in rs) / GIB
+        secs = sum(r["seconds"] for r in rs)
+        res["wrk"][name] = {
+            "rounds": rs,
+            "mb_per_s": median([r["mb_per_s"] for r in rs]),
+            "mb_per_s_each": [round(r["mb_per_s"]) for r in rs],
+            "req_per_s": median([r["req_per_s"] for r in rs]),
+            "lat_p50_us": median([r["lat_p50_us"] for r in rs]),
+            "lat_p99_us": median([r["lat_p99_us"] for r in rs]),
+            "server_cpu_s_per_gib": sum(r["server_cpu_main_s"] for r in rs) / gib if gib else None,
+            "nats_cpu_s": sum(r["server_cpu_s"].get("nats", 0) for r in rs),
+            "wrk_client_cpu_s_per_gib": sum(r["wrk_client_cpu_s"] for r in rs) / gib if gib else None,
+            "other_cores": sum(r["other_cpu_s"] for r in rs) / secs if secs else None,
+        }
+    # separate short pass per server that inspects every response
+    if args.check_duration > 0:
+        for name, port, pid, classify in servers:
             try:
                 c = run_wrk(port, lua_check, threads=args.wrk_threads, conns=args.connections,
                             duration=args.check_duration, url_path=pkg_path)
@@ -1242,6 +1311,9 @@ def print_report(R: dict, out: Path) -> None:
         verdict(None if up.get("ratio") is None else up["ratio"] <= TARGET_UPLOAD_RATIO))
     row("upload throughput (MB/s)", fmt(up.get("odst_mb_per_s"), ".0f"),
         fmt(up.get("sha512sum_mb_per_s"), ".0f"), "", "", "")
+    row("  (info) openssl dgst -sha512 (OpenSSL's SHA-512)", "",
+        fmt(up.get("openssl_sha512_s"), ".2f", " s"),
+        fmt(ratio(up.get("odst_median_s"), up.get("openssl_sha512_s")), ".2f", "x"), "", "")
     row("  (info) dd bs=1M conv=fsync of the same file", "",
         fmt(up.get("dd_fsync_s"), ".2f", " s"), "", "", "")
     row("upload CPU-s per GiB (gateway vs sha512sum)", fmt(up.get("gateway_cpu_s_per_gib")),
@@ -1249,10 +1321,12 @@ def print_report(R: dict, out: Path) -> None:
         fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),
         "", "")
     wo, wn = w.get("odst", {}), w.get("nginx", {})
-    row(f"wrk {p['connections']} conn, 1 MiB ranges (MB/s)", fmt(wo.get("mb_per_s"), ".0f"),
-        fmt(wn.get("mb_per_s"), ".0f"), fmt(dl.get("ratio"), ".2f", "x"),
+    row(f"wrk {p['connections']} conn, 1 MiB ranges (MB/s, median of {p['rounds']})",
+        fmt(wo.get("mb_per_s"), ".0f"), fmt(wn.get("mb_per_s"), ".0f"), fmt(dl.get("ratio"), ".2f", "x"),
         f">= {TARGET_DOWNLOAD_RATIO}",
         verdict(None if dl.get("ratio") is None else dl["ratio"] >= TARGET_DOWNLOAD_RATIO))
+    row("  each round (MB/s)", " ".join(map(str, wo.get("mb_per_s_each", []))) or "-",
+        " ".join(map(str, wn.get("mb_per_s_each", []))) or "-", "", "", "")
     row("wrk requests/s", fmt(wo.get("req_per_s"), ".0f"), fmt(wn.get("req_per_s"), ".0f"),
         "", "", "")
     row("wrk latency p50 / p99 (ms)",
@@ -1295,13 +1369,18 @@ def print_report(R: dict, out: Path) -> None:
     print(f"ODST benchmark  {R['meta']['started']}  host {R['meta']['host']}  "
           f"{R['meta']['cpus']} CPUs  kernel {R['meta']['kernel']}")
     print(f"file {p['size_mib']} MiB random; reference = sha512sum (upload), nginx sendfile "
-          f"(download); wrk {p['duration']:g} s/server, {p['wrk_threads']} threads, "
+          f"(download); wrk {p['rounds']} x {p['duration']:g} s/server, {p['wrk_threads']} threads, "
           f"{p['range_requests']}; MB = 10^6 bytes")
     la0, la1 = R["meta"].get("loadavg_start"), R["meta"].get("loadavg_end")
     if la0 and la1:
-        busy = "  (machine was busy before the run: figures are noisy)" if la0[0] > 0.7 else ""
+        busy = ("  (machine was busy at the start: figures may be noisy; see the noise row)"
+                if la0[0] > 0.7 and not (R["meta"].get("idle_wait") or {}).get("idle") else "")
         print(f"load average 1/5/15 min: start {la0[0]:.2f}/{la0[1]:.2f}/{la0[2]:.2f}, "
               f"end {la1[0]:.2f}/{la1[1]:.2f}/{la1[2]:.2f}{busy}")
+    iw = R["meta"].get("idle_wait")
+    if iw:
+        print(f"waited {iw['waited_s']:.0f} s for an idle machine: "
+              f"{'idle' if iw['idle'] else 'never idle, ran anyway'}")
     print(line)
     print("  ".join(str(h).ljust(w_) for h, w_ in zip(head, widths)))
     print(line)

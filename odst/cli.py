@@ -107,19 +107,69 @@ def cmd_serve(args, roles=None) -> int:
             raise
         if "gateway" not in roles:
             return await _run_until_signalled(site)
+        helpers = []
         try:
-            config = uvicorn.Config(create_app(site), host=settings.http_host, port=settings.http_port,
-                                    loop="none", http="httptools", lifespan="off", access_log=False,
-                                    log_config=None, timeout_keep_alive=30, timeout_graceful_shutdown=10)
+            sock = _listen(settings.http_host, settings.http_port)
+            if roles == ALL_ROLES and settings.http_workers > 1:
+                helpers = _start_gateway_helpers(settings, site.nats_url, settings.http_workers - 1)
+            config = uvicorn.Config(create_app(site), loop="none", http="httptools", lifespan="off",
+                                    access_log=False, log_config=None, timeout_keep_alive=30,
+                                    timeout_graceful_shutdown=10)
             server = Server(config)
-            print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data})",
+            print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data}"
+                  f"{f', {settings.http_workers} gateway processes' if helpers else ''})",
                   file=sys.stderr, flush=True)
-            await server.serve()
+            await server.serve(sockets=[sock])
             return 0 if server.started else 1
+        except OSError as exc:
+            print(f"odst: cannot listen on {settings.http}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         finally:
+            _stop_processes(helpers)
             await site.close()
 
     return _run(main())
+
+
+def _listen(host: str, port: int):
+    """The gateway's socket, with SO_REUSEPORT so several gateway processes share the port
+    (the kernel spreads connections across them)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
+    """`odst serve` with http_workers > 1: more gateway processes on the same port and broker."""
+    import os
+    import subprocess
+
+    from odst.bus.embedded import _set_pdeathsig
+    cmd = [sys.executable, "-m", "odst", "gateway", "--data", str(settings.data), "--nats", nats_url,
+           "--http", settings.http]
+    env = {**os.environ, "ODST_HTTP_WORKERS": "1"}
+    return [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
+            for _ in range(n)]
+
+
+def _stop_processes(procs: list) -> None:
+    import signal
+    import subprocess
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 async def _run_until_signalled(site) -> int:

@@ -23,6 +23,7 @@ class ConfigError(Exception):
 class Settings:
     data: Path = Path("./odst-data")
     http: str = "127.0.0.1:8080"
+    http_workers: int = 1  # odst serve: gateway processes sharing the HTTP port (downloads use one core each)
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
     store: str = ""  # package store directory; empty: <data>/store
@@ -84,6 +85,8 @@ class Settings:
                 raise ConfigError(f"leaf remote {remote!r} must be a URL such as nats-leaf://HOST:PORT")
         if self.leaf_listen and ":" not in self.leaf_listen:
             raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
+        if not 1 <= self.http_workers <= 64:
+            raise ConfigError("http_workers must be between 1 and 64")
         if self.stream_replicas not in (1, 3, 5):
             raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
         if self.stream_replicas > 1 and not self.nats:

@@ -91,7 +91,7 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    os.setpgrp()  # a Ctrl-C in the terminal goes to us; we stop the broker in order
+    os.setpgrp()  # a Ctrl-C in the terminal goes to us; we stop our children in order
 
 
 class EmbeddedBroker:

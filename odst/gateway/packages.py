@@ -141,6 +141,10 @@ class PackageController(Controller):
             await upload.abort()
             log.error("upload failed: store full", package=name)
             raise InsufficientStorage(str(exc)) from None
+        except asyncio.CancelledError:
+            upload.abort_now()  # the server is stopping: clean up without awaiting anything
+            log.warning("upload interrupted by shutdown", package=name, received=upload.received)
+            raise Unavailable("the server is shutting down; the upload was not stored: retry") from None
         except BaseException:
             await upload.abort()
             raise

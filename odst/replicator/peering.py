@@ -178,7 +178,9 @@ async def _send(site, inv: dict, body: bytes, sig: str) -> tuple[bytes, str, str
 
 
 class RegistrationService(NatsService):
-    """Answers registration requests arriving over NATS."""
+    """Answers registration requests arriving over NATS (one gateway of several answers each)."""
+
+    queue = "register"
 
     def __init__(self, site):
         super().__init__(site)

@@ -153,7 +153,8 @@ class StreamingUpload:
         self.path = Path(path)
         self.chunk_size = chunk_size
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._buf = bytearray()
+        self._buf: list[bytes] = []
+        self._buffered = 0
         self._pending: deque[tuple[asyncio.Future, ...]] = deque()
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]
         self._sha512 = hashlib.sha512()
@@ -167,7 +168,7 @@ class StreamingUpload:
         self._sha1.update(block)
         self._blake3.update(block)
 
-    def _write(self, block: bytes) -> None:
+    def _write(self, block: bytes | memoryview) -> None:
         view = memoryview(block)
         while view:
             try:
@@ -179,7 +180,7 @@ class StreamingUpload:
             view = view[n:]
         self._chunks.append(hashlib.sha1(block).hexdigest())
 
-    async def _submit(self, block: bytes) -> None:
+    async def _submit(self, block: bytes | memoryview) -> None:
         loop = asyncio.get_running_loop()
         self.size += len(block)
         self._pending.append((
@@ -191,19 +192,28 @@ class StreamingUpload:
             await asyncio.gather(*self._pending.popleft())
 
     async def feed(self, piece: bytes) -> None:
-        if not self._buf and len(piece) == self.chunk_size:
-            await self._submit(bytes(piece))
-            return
-        self._buf += piece
-        while len(self._buf) >= self.chunk_size:
-            block = bytes(self._buf[: self.chunk_size])
-            del self._buf[: self.chunk_size]
-            await self._submit(block)
+        """Take a piece; blocks of exactly chunk_size go to the hash and write threads.
+
+        Pieces are collected in a list and joined once per block (one copy of
+        each byte on the event loop; a block is a memoryview into the join).
+        """
+        self._buf.append(piece)
+        self._buffered += len(piece)
+        while self._buffered >= self.chunk_size:
+            joined = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+            view = memoryview(joined)
+            offset = 0
+            while len(joined) - offset >= self.chunk_size:
+                await self._submit(view[offset:offset + self.chunk_size])
+                offset += self.chunk_size
+            rest = joined[offset:]
+            self._buf = [rest] if rest else []
+            self._buffered = len(rest)
 
     async def finish(self) -> Manifest:
-        if self._buf:
-            await self._submit(bytes(self._buf))
-            self._buf.clear()
+        if self._buffered:
+            await self._submit(b"".join(self._buf))
+            self._buf, self._buffered = [], 0
         while self._pending:
             await asyncio.gather(*self._pending.popleft())
         await asyncio.get_running_loop().run_in_executor(self._pools[2], os.fsync, self._fd)
@@ -214,7 +224,12 @@ class StreamingUpload:
     @property
     def received(self) -> int:
         """Bytes taken in so far, including a chunk still being assembled."""
-        return self.size + len(self._buf)
+        return self.size + self._buffered
+
+    def abort_now(self) -> None:
+        """Delete the temp file without waiting (the task is being cancelled)."""
+        self._close()
+        self.path.unlink(missing_ok=True)
 
     async def abort(self) -> None:
         """Stop, wait for in-flight work, delete the temp file."""
