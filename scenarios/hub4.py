@@ -4,9 +4,11 @@ First two spokes upload different packages at the same moment; every site ends
 with both. Then two other spokes upload the same name with different content
 at the same moment: every site ends with the same winner (the earliest upload),
 the loser's spoke replaces its copy, and every site lists the conflict in
-/api/v1/state "conflicts". (If one spoke already sees the other's upload when
-its own finishes, it rightly refuses with 409 and there is no conflict; the
-pair is then tried again under a new name.)
+/api/v1/state "conflicts". The spoke whose upload lost the race is told so
+with a 409 that says its upload was recorded but lost to an earlier one. (If
+one spoke already sees the other's upload when its own finishes, it refuses
+with a 409 before recording anything and there is no conflict; the pair is
+then tried again under a new name.)
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ def run(net: Network) -> None:
             name = f"same-name-{attempt}.pkg"
             p3, p4 = at_once(net, (s3, name, MiB, f"s3-{attempt}"), (s4, name, MiB, f"s4-{attempt}"),
                              ok=(201, 409))
-            if p3["status"] == p4["status"] == 201:
+            recorded = [p["status"] == 201 or "at the same time" in p.get("detail", "") for p in (p3, p4)]
+            if all(recorded):
+                net.check(sorted([p3["status"], p4["status"]]) in ([201, 201], [201, 409]),
+                          f"a race's loser should learn it lost (409) at once or later: {p3['status']}, "
+                          f"{p4['status']}")
                 break
             net.say(f"  attempt {attempt}: one spoke already saw the other's upload (409): no conflict; again")
         else:
