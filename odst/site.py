@@ -319,10 +319,13 @@ class Site:
         if self.projector:
             await self.projector.stop()
         if self.nc:
+            # every component is stopped and every publish was awaited; drain() would wait up to
+            # 30 s for messages that stopped subscribers (ordered consumers) will never take
             try:
-                await self.nc.drain()
+                await self.nc.flush(timeout=2)
             except Exception:
                 pass
+            await self.nc.close()
         if self.broker:
             await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
         if self.lock.fd is not None:
