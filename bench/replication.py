@@ -70,6 +70,9 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, median, ratio  # noqa: E402
 from urllib.parse import quote
 
 MIB = 1024 * 1024
@@ -96,23 +99,6 @@ def log(msg: str) -> None:
 
 class BenchError(Exception):
     """A measurement could not be made (the message says why)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
 
 
 def _child_setup() -> None:  # between fork and exec: die with the bench, own process group

@@ -42,6 +42,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, median, ratio  # noqa: E402
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 MB = 1_000_000
@@ -59,23 +62,6 @@ TARGET_PEAK_RSS_MIB = 150      # odst serve peak RSS during the big upload, belo
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
 
 
 def tool_version(cmd: list[str]) -> str | None:
