@@ -10,7 +10,7 @@ from pathlib import Path
 
 import nats
 
-from odst.bus import server_list
+from odst.bus import server_list, until_ready
 from odst.bus.embedded import BrokerConfig, EmbeddedBroker
 from odst.config import Settings
 from odst.events.log import EVENTS_STREAM, last_seq, read_stream
@@ -88,7 +88,7 @@ class LogAccess:
 
     async def streams(self) -> list[str]:
         names = [EVENTS_STREAM]
-        for s in await self.js.streams_info():
+        for s in await until_ready(self.js.streams_info, timeout=60):
             if s.config.name.startswith("PEER_"):
                 names.append(s.config.name)
         return names
@@ -109,7 +109,8 @@ async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | N
         batch = ready or pending  # whatever is left has no known key: replay it to record that
         for stream in batch:
             pending.remove(stream)
-            end = until.get(stream, 0) if until is not None else await last_seq(access.js, stream)
+            end = until.get(stream, 0) if until is not None else \
+                await until_ready(lambda: last_seq(access.js, stream), timeout=60)
             if end <= 0:
                 continue
             async for msg in read_stream(access.js, stream, 1, until_seq=end, idle_timeout=30):

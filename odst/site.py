@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 
 import nats
-import nats.errors
-import nats.js.errors
 import structlog
 
-from odst.bus import server_list
+from odst.bus import server_list, until_ready
 from odst.bus.embedded import BrokerConfig, EmbeddedBroker
 from odst.config import Settings
 from odst.events import catalogue as ev
@@ -35,7 +33,6 @@ log = structlog.get_logger("odst.site")
 
 ROLES = ("admin", "operator", "auditor")
 ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
-NO_SUITABLE_PEERS = 10005  # a cluster still forming: not enough JetStream servers yet
 STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 
 
@@ -165,7 +162,7 @@ class Site:
                                      connect_timeout=5)
         self.js = self.nc.jetstream(timeout=10)
         if self.settings.nats:
-            info = await self._until_jetstream_ready(self.js.account_info, timeout=90)
+            info = await until_ready(self.js.account_info, timeout=90)
             domain = info.domain or ""
             if domain != self.key.site_id:
                 raise SiteBusy(
@@ -174,7 +171,7 @@ class Site:
                     "domain in its jetstream block, or peers' mirrors of this site never sync")
         self.log = EventLog(self.js, self.key, chain_state=self._chain_state,
                             replicas=self.settings.stream_replicas)
-        await self._until_jetstream_ready(self.log.ensure_stream, timeout=90)
+        await until_ready(self.log.ensure_stream, timeout=90)
         self.store.ensure()
         from odst.replicator.linker import Linker
         from odst.replicator.peering import RegistrationService
@@ -215,21 +212,6 @@ class Site:
                 {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
         log.info("site open", data=str(self.data), nats=self.nats_url, roles=sorted(self.roles))
         return self
-
-    async def _until_jetstream_ready(self, step, timeout: float) -> None:
-        """Run step, retrying while JetStream is not ready yet (a cluster electing its leader)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                return await step()
-            except (nats.js.errors.APIError, nats.errors.TimeoutError) as exc:
-                transient = (not isinstance(exc, nats.js.errors.APIError)
-                             or isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError))
-                             or exc.err_code == NO_SUITABLE_PEERS)
-                if not transient or asyncio.get_running_loop().time() > deadline:
-                    raise
-                log.info("JetStream not ready yet; retrying", error=f"{type(exc).__name__}")
-                await asyncio.sleep(0.5)
 
     async def _link_peers(self) -> None:
         """Projector role: mirror every peer the read model learns of, as soon as it does."""

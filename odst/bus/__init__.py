@@ -4,3 +4,30 @@
 def server_list(urls: str) -> list[str]:
     """--nats takes one URL or a comma-separated list (the nodes of a cluster)."""
     return [u.strip() for u in urls.split(",") if u.strip()]
+
+
+NO_SUITABLE_PEERS = 10005  # a cluster still forming: not enough JetStream servers yet
+
+
+async def until_ready(step, timeout: float):
+    """Run ``step()``, retrying while JetStream is not ready (a cluster electing its
+    leader, a node catching up): timeouts, 503s and 'no suitable peers'."""
+    import asyncio
+
+    import nats.errors
+    import nats.js.errors
+    import structlog
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await step()
+        except (nats.js.errors.APIError, nats.errors.TimeoutError) as exc:
+            transient = (not isinstance(exc, nats.js.errors.APIError)
+                         or isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError))
+                         or exc.err_code == NO_SUITABLE_PEERS)
+            if not transient or asyncio.get_running_loop().time() > deadline:
+                raise
+            structlog.get_logger("odst.bus").info("JetStream not ready yet; retrying",
+                                                  error=type(exc).__name__)
+            await asyncio.sleep(0.5)
