@@ -116,8 +116,39 @@ class TokenRevoked(Event, tag=True):
     token_id: str
 
 
+class WebhookSubscribed(Event, tag=True):
+    """This site POSTs the listed event types to ``url``.
+
+    No secret is stored: the signing key is derived, HMAC-SHA256(site private
+    seed, webhook id) (``odst.notify.signing``), because this log is mirrored by
+    every peer site and a stored secret would reach all of them.
+    """
+
+    webhook_id: str
+    url: str
+    event_types: list[str]
+    description: str = ""
+
+
+class WebhookRemoved(Event, tag=True):
+    webhook_id: str
+
+
+class EmailSubscribed(Event, tag=True):
+    """``recipient`` gets a digest mail of the listed event types."""
+
+    subscription_id: str
+    recipient: str
+    event_types: list[str]
+
+
+class EmailUnsubscribed(Event, tag=True):
+    subscription_id: str
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
-            | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked)
+            | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
+            | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -131,6 +162,10 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PeerRemoved,
     TokenCreated,
     TokenRevoked,
+    WebhookSubscribed,
+    WebhookRemoved,
+    EmailSubscribed,
+    EmailUnsubscribed,
 )
 
 

@@ -35,6 +35,10 @@ def subject_name(event: ev.Event) -> str:
         return event.site
     if isinstance(event, ev.SiteFounded):
         return ""
+    if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
+        return event.webhook_id
+    if isinstance(event, (ev.EmailSubscribed, ev.EmailUnsubscribed)):
+        return event.subscription_id
     return getattr(event, "name", "")
 
 
@@ -254,6 +258,34 @@ def _token_revoked(c, env, e: ev.TokenRevoked, folder) -> None:
               (env.ts, e.token_id, env.origin))
 
 
+def _webhook_subscribed(c, env, e: ev.WebhookSubscribed, folder) -> None:
+    if env.origin in folder.trusted:  # a subscription is this site's own business
+        c.execute("INSERT OR IGNORE INTO webhooks(webhook_id, url, event_types, description, event_id,"
+                  " created_at, created_by) VALUES (?,?,?,?,?,?,?)",
+                  (e.webhook_id, e.url, json.dumps(sorted(e.event_types)), e.description, env.id,
+                   env.ts, env.actor))
+
+
+def _webhook_removed(c, env, e: ev.WebhookRemoved, folder) -> None:
+    if env.origin in folder.trusted:
+        c.execute("UPDATE webhooks SET removed_at=? WHERE webhook_id=? AND removed_at IS NULL",
+                  (env.ts, e.webhook_id))
+
+
+def _email_subscribed(c, env, e: ev.EmailSubscribed, folder) -> None:
+    if env.origin in folder.trusted:
+        c.execute("INSERT OR IGNORE INTO email_subscriptions(subscription_id, recipient, event_types,"
+                  " event_id, created_at, created_by) VALUES (?,?,?,?,?,?)",
+                  (e.subscription_id, e.recipient, json.dumps(sorted(e.event_types)), env.id, env.ts,
+                   env.actor))
+
+
+def _email_unsubscribed(c, env, e: ev.EmailUnsubscribed, folder) -> None:
+    if env.origin in folder.trusted:
+        c.execute("UPDATE email_subscriptions SET removed_at=? WHERE subscription_id=? AND removed_at IS NULL",
+                  (env.ts, e.subscription_id))
+
+
 _HANDLERS = {
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
@@ -265,6 +297,10 @@ _HANDLERS = {
     ev.PeerRemoved: _peer_removed,
     ev.TokenCreated: _token_created,
     ev.TokenRevoked: _token_revoked,
+    ev.WebhookSubscribed: _webhook_subscribed,
+    ev.WebhookRemoved: _webhook_removed,
+    ev.EmailSubscribed: _email_subscribed,
+    ev.EmailUnsubscribed: _email_unsubscribed,
 }
 
 

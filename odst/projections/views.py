@@ -197,3 +197,32 @@ def live_names(conn: sqlite3.Connection) -> set[str]:
 
 def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:
     return conn.execute("SELECT 1 FROM live_contents WHERE blake3=? LIMIT 1", (blake3,)).fetchone() is not None
+
+
+def _subscription(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["event_types"] = json.loads(d["event_types"])
+    return d
+
+
+def webhooks(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[dict]:
+    sql = "SELECT * FROM webhooks" + ("" if include_removed else " WHERE removed_at IS NULL")
+    return [_subscription(r) for r in conn.execute(sql + " ORDER BY created_at, webhook_id")]
+
+
+def webhook(conn: sqlite3.Connection, webhook_id: str) -> dict | None:
+    row = conn.execute("SELECT * FROM webhooks WHERE webhook_id=?", (webhook_id,)).fetchone()
+    return _subscription(row) if row else None
+
+
+def email_subscriptions(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[dict]:
+    sql = "SELECT * FROM email_subscriptions" + ("" if include_removed else " WHERE removed_at IS NULL")
+    return [_subscription(r) for r in conn.execute(sql + " ORDER BY created_at, subscription_id")]
+
+
+def active_subscriptions(conn: sqlite3.Connection, table: str) -> list[dict]:
+    """Live webhooks or email subscriptions with ``since``: the position of the event that made them."""
+    assert table in ("webhooks", "email_subscriptions")
+    return [_subscription(r) for r in conn.execute(
+        f"SELECT s.*, e.position AS since FROM {table} s JOIN events e ON e.id = s.event_id"
+        " WHERE s.removed_at IS NULL")]
