@@ -45,6 +45,15 @@ class Settings:
     download_password: str = ""
     sync_interval: str = "always"  # JetStream fsync: always | e.g. 2m (NATS default)
     stream_replicas: int = 1  # 3 on a 3-node NATS cluster: the log survives losing a node
+    smtp_host: str = ""  # SMTP server for notification mail; empty: no mail is sent
+    smtp_port: int = 25
+    smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS before logging in
+    smtp_user: str = ""  # SMTP login (with smtp_password); empty: no login
+    smtp_password: str = ""
+    smtp_from: str = "odst@localhost"
+    notify_email_digest_s: int = 60  # events within this window go out as one mail per recipient
+    webhook_max_attempts: int = 8  # a webhook delivery is given up after this many attempts
+    webhook_backoff_s: float = 2.0  # first retry delay; doubles each attempt, at most 300 s
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -91,6 +100,12 @@ class Settings:
             raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
         if self.stream_replicas > 1 and not self.nats:
             raise ConfigError("stream_replicas > 1 needs a NATS cluster: pass --nats with its node URLs")
+        if not 1 <= self.webhook_max_attempts <= 100:
+            raise ConfigError("webhook_max_attempts must be between 1 and 100")
+        if not 0 < self.webhook_backoff_s <= 300:
+            raise ConfigError("webhook_backoff_s must be more than 0 and at most 300")
+        if self.notify_email_digest_s < 1:
+            raise ConfigError("notify_email_digest_s must be at least 1 second")
         unknown = [s for s in self.accept_stages if s not in self.stages]
         if unknown:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")
@@ -107,6 +122,17 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 return int(value)
             except ValueError as exc:
                 raise ConfigError(f"{f.name} must be a whole number, got {value!r}") from exc
+        if target in ("float", float):
+            try:
+                return float(value)
+            except ValueError as exc:
+                raise ConfigError(f"{f.name} must be a number, got {value!r}") from exc
+        if target in ("bool", bool):
+            if value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ConfigError(f"{f.name} must be true or false, got {value!r}")
         if target in ("list[str]",):
             return [v.strip() for v in value.split(",") if v.strip()]
         if target in ("Path", Path):
