@@ -116,6 +116,7 @@ class Site:
         self.replicator = None
         self.chunk_server = None
         self.registration = None
+        self.notifier = None
         self.roles: frozenset[str] = ALL_ROLES
         from odst.gateway.metrics import SiteStats
         self.stats = SiteStats()
@@ -207,6 +208,9 @@ class Site:
         if "gateway" in self.roles:
             self.registration = RegistrationService(self)
             await self.registration.start()
+        if self.roles & {"projector", "replicator"}:
+            from odst.notify.service import Notifier
+            self.notifier = await Notifier(self).start()  # webhooks and email digests
         if all_in_one or "projector" in self.roles:
             (run_dir(self.data) / "site.json").write_text(json.dumps(
                 {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
@@ -293,6 +297,8 @@ class Site:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.notifier:
+            await self.notifier.stop()
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):

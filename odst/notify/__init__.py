@@ -1,0 +1,1 @@
+"""Notifications: signed webhook deliveries and email digests of the site's events."""

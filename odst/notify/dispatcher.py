@@ -1,0 +1,146 @@
+"""Fan-out: each event folded into the read model → webhook jobs and email outbox rows.
+
+Runs once per site (the projector role). It follows the read model's ``events``
+table (this site's EVENTS and every PEER_* mirror, verified) and its
+``quarantine`` table by a cursor kept in the ledger. For each subscribed
+webhook it queues a job on the work-queue stream NOTIFY with ``Nats-Msg-Id`` =
+the delivery id, so a job re-queued after a crash (cursor not yet saved) is
+dropped by JetStream's duplicate window; beyond that window a receiver dedupes
+on ``X-ODST-Delivery``: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import nats.js.errors
+import structlog
+from nats.js import api
+
+from odst.notify.ledger import Ledger
+from odst.notify.signing import delivery_id
+from odst.projections import views
+
+log = structlog.get_logger("odst.notify")
+
+QUARANTINED = "MessageQuarantined"
+NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
+              "PackageDeleted", "PeerRegistered", "PeerRemoved", QUARANTINED)
+NOTIFY_STREAM = "NOTIFY"
+BATCH = 500
+
+
+def job_subject(site: str, webhook_id: str) -> str:
+    return f"odst.{site}.notify.webhook.{webhook_id}"
+
+
+async def ensure_stream(js, site: str, replicas: int) -> None:
+    try:
+        await js.stream_info(NOTIFY_STREAM)
+    except nats.js.errors.NotFoundError:
+        try:
+            await js.add_stream(api.StreamConfig(
+                name=NOTIFY_STREAM, subjects=[f"odst.{site}.notify.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+                duplicate_window=120.0, max_age=7 * 86400.0, num_replicas=replicas))
+        except nats.js.errors.BadRequestError:  # another process created it first
+            await js.stream_info(NOTIFY_STREAM)
+
+
+def event_item(row) -> dict:
+    return views.event_json(row)
+
+
+def quarantine_item(row) -> dict:
+    return {"stream": row["stream"], "stream_seq": row["stream_seq"], "subject": row["subject"],
+            "origin": row["origin"], "kind": row["kind"], "reason": row["reason"],
+            "payload": base64.b64encode(bytes(row["payload"])).decode("ascii")}
+
+
+def summary(type_: str, item: dict) -> dict:
+    """One digest line's facts."""
+    if type_ == QUARANTINED:
+        return {"type": type_, "origin": item["origin"], "name": item["kind"], "detail": item["reason"],
+                "ts": None, "actor": ""}
+    event = item["envelope"]["event"]
+    detail = event.get("reason") or event.get("stage") or ""
+    name = event.get("name") or event.get("site") or ""
+    return {"type": type_, "origin": item["origin"], "name": name, "detail": detail, "ts": item["ts"],
+            "actor": item["actor"]}
+
+
+class Dispatcher:
+    def __init__(self, site, ledger: Ledger):
+        self.site = site
+        self.ledger = ledger
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await ensure_stream(self.site.js, self.site.id, self.site.log.replicas)
+        reader = self.site.reader
+        if self.ledger.cursor("events") is None:  # first start: notify of what happens from now on
+            self.ledger.set_cursor("events", views.last_position(reader))
+        if self.ledger.cursor("quarantine") is None:
+            self.ledger.set_cursor("quarantine",
+                                   reader.execute("SELECT coalesce(max(rowid), 0) FROM quarantine").fetchone()[0])
+        self._task = asyncio.create_task(self._loop(), name="notify-dispatcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                while await self.dispatch_once():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("notification fan-out failed; retrying", error=f"{type(exc).__name__}: {exc}")
+            await self.site.projector.wait_changed(2.0)
+
+    async def dispatch_once(self) -> int:
+        """Fan out one batch of new events and quarantined messages; return how many were seen."""
+        reader = self.site.reader
+        hooks = views.active_subscriptions(reader, "webhooks")
+        subs = views.active_subscriptions(reader, "email_subscriptions")
+        seen = 0
+        cursor = self.ledger.cursor("events") or 0
+        for row in reader.execute("SELECT * FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                                  (cursor, BATCH)).fetchall():
+            if row["type"] in NOTIFIABLE:
+                await self._fan_out(row["type"], row["id"], row["position"], lambda r=row: event_item(r),
+                                    hooks, subs)
+            self.ledger.set_cursor("events", row["position"])
+            seen += 1
+        qcursor = self.ledger.cursor("quarantine") or 0
+        for row in reader.execute("SELECT rowid AS rid, * FROM quarantine WHERE rowid > ? ORDER BY rowid"
+                                  " LIMIT ?", (qcursor, BATCH)).fetchall():
+            key = f"quarantine:{row['stream']}:{row['stream_seq']}"
+            await self._fan_out(QUARANTINED, key, None, lambda r=row: quarantine_item(r), hooks, subs)
+            self.ledger.set_cursor("quarantine", row["rid"])
+            seen += 1
+        return seen
+
+    async def _fan_out(self, type_: str, key: str, position: int | None, item, hooks, subs) -> None:
+        made = None
+        for hook in hooks:
+            if type_ not in hook["event_types"] or (position is not None and position <= hook["since"]):
+                continue
+            made = made or item()
+            did = delivery_id(hook["webhook_id"], key)
+            self.ledger.queued(did, hook["webhook_id"], key, type_)
+            job = {"delivery_id": did, "webhook_id": hook["webhook_id"], "event_key": key, "type": type_,
+                   "item": made}
+            await self.site.js.publish(job_subject(self.site.id, hook["webhook_id"]),
+                                       json.dumps(job, separators=(",", ":")).encode(),
+                                       stream=NOTIFY_STREAM, headers={"Nats-Msg-Id": did}, timeout=10)
+        for sub in subs:
+            if type_ not in sub["event_types"] or (position is not None and position <= sub["since"]):
+                continue
+            made = made or item()
+            self.ledger.enqueue_mail(sub["recipient"], key, type_, summary(type_, made))

@@ -1,0 +1,134 @@
+"""Webhook delivery workers: one durable JetStream pull consumer shared by every replicator.
+
+Each job on NOTIFY is taken by one worker (the durable consumer is the queue);
+success acks it, a failure naks it with an exponential delay
+(``webhook_backoff_s`` · 2^(attempt-1), at most 300 s), and after
+``webhook_max_attempts`` it is terminated and marked failed. A worker that dies
+mid-delivery leaves the job unacked: JetStream redelivers it after ``ACK_WAIT_S``,
+to this process after a restart or to another replicator. Every attempt is
+written to the ledger (the delivery log of ``GET /api/v1/webhooks/{id}/deliveries``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import nats.errors
+import structlog
+from nats.js import api
+
+from odst import __version__
+from odst.notify.dispatcher import NOTIFY_STREAM, ensure_stream
+from odst.notify.ledger import Ledger, now_ms
+from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER, backoff_s, derive_secret, sign
+from odst.projections import views
+
+log = structlog.get_logger("odst.notify")
+
+DURABLE = "webhooks"
+ACK_WAIT_S = 30.0
+TIMEOUT_S = 10.0  # per attempt; below ACK_WAIT_S so a live worker never loses its job
+WORKERS = 4
+
+
+def site_seed(site) -> bytes:
+    """The site's private ed25519 seed: the root of every webhook secret (never leaves the site)."""
+    return bytes(site.key._sk)
+
+
+def webhook_secret(site, webhook_id: str) -> str:
+    return derive_secret(site_seed(site), webhook_id)
+
+
+class WebhookSender:
+    def __init__(self, site, ledger: Ledger):
+        self.site = site
+        self.ledger = ledger
+        self.http: aiohttp.ClientSession | None = None
+        self._psub = None
+        self._workers: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        js, site_id = self.site.js, self.site.id
+        await ensure_stream(js, site_id, self.site.log.replicas)
+        self._psub = await js.pull_subscribe(
+            f"odst.{site_id}.notify.webhook.>", durable=DURABLE, stream=NOTIFY_STREAM,
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
+                                      max_deliver=-1, max_ack_pending=1000))
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
+        self._workers = [asyncio.create_task(self._work(), name=f"webhook-worker-{i}") for i in range(WORKERS)]
+
+    async def stop(self) -> None:
+        for t in self._workers:
+            t.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                msgs = await self._psub.fetch(1, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker hiccup
+                log.warning("webhook fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                try:
+                    await self.deliver(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("webhook delivery crashed; JetStream will redeliver")
+
+    async def deliver(self, msg) -> None:
+        job = json.loads(msg.data)
+        did, hook_id = job["delivery_id"], job["webhook_id"]
+        attempt = msg.metadata.num_delivered
+        hook = views.webhook(self.site.reader, hook_id)
+        if hook is None or hook["removed_at"] is not None:
+            self.ledger.attempted(did, status="cancelled", attempts=attempt - 1, http_status=None,
+                                  error="webhook removed")
+            await msg.term()
+            return
+        item = job["item"]
+        body = {"delivery_id": did, "webhook_id": hook_id, "site": self.site.id, "type": job["type"],
+                "delivered_at": now_ms(), "attempt": attempt}
+        if job["type"] == "MessageQuarantined":
+            body["quarantine"] = item
+        else:
+            body |= {"origin": item["origin"], "envelope": item["envelope"], "signed": item["signed"]}
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": f"odst/{__version__}",
+                   SIGNATURE_HEADER: sign(webhook_secret(self.site, hook_id), raw),
+                   DELIVERY_HEADER: did, "X-ODST-Event": job["type"]}
+        status, error = None, ""
+        try:
+            async with self.http.post(hook["url"], data=raw, headers=headers, allow_redirects=False) as r:
+                status = r.status
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}: {(await r.text(errors='replace'))[:200]}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        max_attempts = self.site.settings.webhook_max_attempts
+        if not error:
+            self.ledger.attempted(did, status="delivered", attempts=attempt, http_status=status, error="")
+            await msg.ack()
+            log.info("webhook delivered", webhook=hook_id, delivery=did, type=job["type"], attempt=attempt)
+        elif attempt >= max_attempts:
+            self.ledger.attempted(did, status="failed", attempts=attempt, http_status=status, error=error)
+            await msg.term()
+            log.warning("webhook delivery given up", webhook=hook_id, delivery=did, attempts=attempt,
+                        error=error)
+        else:
+            delay = backoff_s(attempt, self.site.settings.webhook_backoff_s)
+            self.ledger.attempted(did, status="retrying", attempts=attempt, http_status=status, error=error)
+            await msg.nak(delay=delay)
+            log.info("webhook delivery failed; will retry", webhook=hook_id, delivery=did, attempt=attempt,
+                     retry_in_s=delay, error=error)
