@@ -17,6 +17,7 @@ from odst.gateway.auth import bearer_guard
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
 from odst.gateway.metrics import make_metrics
+from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
 from odst.gateway.tokens import TokenController
@@ -85,7 +86,8 @@ def create_app(site: Site) -> Litestar:
         await chunks(scope, receive, send)
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
-                                           PeerController], guards=[bearer_guard])
+                                           PeerController, WebhookController, EmailSubscriptionController],
+                 guards=[bearer_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController],
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
