@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -55,6 +57,11 @@ class SiteKey:
 
     def sign_detached(self, message: bytes) -> bytes:
         return self._sk.sign(message).signature
+
+    def derive(self, label: bytes) -> bytes:
+        """A secret derived from the private seed for one purpose (HMAC-SHA256(seed, label));
+        the seed itself never leaves this object."""
+        return hmac.new(bytes(self._sk), label, hashlib.sha256).digest()
 
 
 def verify(public_key: bytes, signed: bytes) -> bytes:

@@ -21,10 +21,6 @@ DELIVERY_HEADER = "X-ODST-Delivery"
 TOLERANCE_S = 300
 
 
-def derive_secret(seed: bytes, webhook_id: str) -> str:
-    return hmac.new(seed, b"odst.webhook." + webhook_id.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
 def sign(secret: str, body: bytes, t: int | None = None) -> str:
     t = int(time.time()) if t is None else t
     mac = hmac.new(secret.encode("utf-8"), f"{t}.".encode("ascii") + body, hashlib.sha256).hexdigest()

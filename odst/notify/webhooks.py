@@ -22,7 +22,7 @@ from nats.js import api
 from odst import __version__
 from odst.notify.dispatcher import NOTIFY_STREAM, ensure_stream
 from odst.notify.ledger import Ledger, now_ms
-from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER, backoff_s, derive_secret, sign
+from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER, backoff_s, sign
 from odst.projections import views
 
 log = structlog.get_logger("odst.notify")
@@ -33,13 +33,9 @@ TIMEOUT_S = 10.0  # per attempt; below ACK_WAIT_S so a live worker never loses i
 WORKERS = 4
 
 
-def site_seed(site) -> bytes:
-    """The site's private ed25519 seed: the root of every webhook secret (never leaves the site)."""
-    return bytes(site.key._sk)
-
-
 def webhook_secret(site, webhook_id: str) -> str:
-    return derive_secret(site_seed(site), webhook_id)
+    """HMAC-SHA256(site seed, "odst.webhook." + id), as hex (see notify.signing)."""
+    return site.key.derive(b"odst.webhook." + webhook_id.encode("utf-8")).hex()
 
 
 class WebhookSender:
