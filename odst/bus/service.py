@@ -1,6 +1,38 @@
-"""A request/reply service on one NATS subject (core NATS, through the leaf tree)."""
+"""NATS building blocks: a request/reply service on one subject (core NATS, through the
+leaf tree), and a worker loop over a JetStream pull consumer."""
 
 from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import structlog
+
+log = structlog.get_logger("odst.bus")
+
+
+async def consume(psub, handle, what: str) -> None:
+    """Take messages one at a time from a pull subscription and ``await handle(msg)``,
+    forever: an empty fetch waits again, a broker hiccup is logged and retried, a
+    failing handler is logged (the message is redelivered unless ``handle`` acked it)."""
+    while True:
+        try:
+            msgs = await psub.fetch(1, timeout=5)
+        except nats.errors.TimeoutError:
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # broker reconnecting
+            log.warning(f"{what}: fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(1.0)
+            continue
+        for msg in msgs:
+            try:
+                await handle(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(f"{what}: handling a message failed")
 
 
 class NatsService:

@@ -15,11 +15,11 @@ import asyncio
 import json
 
 import aiohttp
-import nats.errors
 import structlog
 from nats.js import api
 
 from odst import __version__
+from odst.bus.service import consume
 from odst.notify.dispatcher import NOTIFY_STREAM, ensure_stream
 from odst.notify.ledger import Ledger, now_ms
 from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER, backoff_s, sign
@@ -64,24 +64,7 @@ class WebhookSender:
             await self.http.close()
 
     async def _work(self) -> None:
-        while True:
-            try:
-                msgs = await self._psub.fetch(1, timeout=5)
-            except nats.errors.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker hiccup
-                log.warning("webhook fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                try:
-                    await self.deliver(msg)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("webhook delivery crashed; JetStream will redeliver")
+        await consume(self._psub, self.deliver, "webhook delivery")  # a crash: JetStream redelivers
 
     async def deliver(self, msg) -> None:
         job = json.loads(msg.data)

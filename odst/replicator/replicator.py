@@ -21,12 +21,12 @@ import socket
 import time
 from collections import Counter
 
-import nats.errors
 import nats.js.errors
 from nats.js import api
 
 import structlog
 
+from odst.bus.service import consume
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.projections import views
@@ -149,29 +149,15 @@ class Replicator:
 
     async def _work(self) -> None:
         """One worker: take a queued pull, hold its lease while it runs, ack it when done."""
-        while True:
+        async def take_and_ack(msg) -> None:
             try:
-                msgs = await self._psub.fetch(1, timeout=5)
-            except nats.errors.TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker reconnecting
-                log.warning("work queue fetch failed; retrying", error=f"{type(exc).__name__}")
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
+                await self._take(msg)
+            finally:
                 try:
-                    await self._take(msg)
-                except asyncio.CancelledError:
-                    raise
+                    await msg.ack()
                 except Exception:
-                    log.exception("pull failed unexpectedly")
-                finally:
-                    try:
-                        await msg.ack()
-                    except Exception:
-                        pass
+                    pass  # the broker redelivers; the lease and the read model make that harmless
+        await consume(self._psub, take_and_ack, "replication")
 
     async def _take(self, msg) -> None:
         try:
