@@ -13,6 +13,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
+from odst.gateway.bodies import decode_json
 from odst.notify.dispatcher import NOTIFIABLE
 from odst.notify.ledger import Ledger
 from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER
@@ -32,13 +33,6 @@ class WebhookCreate(msgspec.Struct, forbid_unknown_fields=True):
 class EmailSubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True):
     recipient: str
     event_types: list[str]
-
-
-def _decode(body: bytes, type_):
-    try:
-        return msgspec.json.decode(body or b"{}", type=type_)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise RequestInvalid(f"invalid body: {exc}") from None
 
 
 def _event_types(types: list[str]) -> list[str]:
@@ -75,7 +69,7 @@ class WebhookController(Controller):
     async def create_webhook(self, request: Request) -> Response[dict[str, Any]]:
         """Subscribe a URL to event types. The signing secret is in this response only."""
         site: Site = request.app.state.site
-        body = _decode(await request.body(), WebhookCreate)
+        body = decode_json(await request.body(), WebhookCreate, empty_is_object=True)
         url = urlsplit(body.url)
         if url.scheme not in ("http", "https") or not url.hostname or len(body.url) > 2000:
             raise RequestInvalid("url must be an http:// or https:// URL with a host")
@@ -126,7 +120,7 @@ class EmailSubscriptionController(Controller):
     @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN})
     async def create_subscription(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
-        body = _decode(await request.body(), EmailSubscriptionCreate)
+        body = decode_json(await request.body(), EmailSubscriptionCreate, empty_is_object=True)
         recipient = body.recipient.strip()
         if not EMAIL.match(recipient):
             raise RequestInvalid("recipient must be one email address, such as admin@example.com")

@@ -15,6 +15,7 @@ from odst.errors import (InsufficientStorage, PackageConflict, PackageNotFound, 
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
+from odst.gateway.bodies import decode_json
 from odst.naming import MAX_INT64, ascii_int, check_name, name_from_raw_path
 from odst.projections import views
 from odst.site import Site
@@ -193,12 +194,7 @@ class PackageController(Controller):
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:
         site: Site = request.app.state.site
         name = check_name(_strict(request))
-        try:
-            change = msgspec.json.decode(await request.body(), type=PackageUpdate)
-        except msgspec.ValidationError as exc:
-            raise RequestInvalid(f"invalid body: {exc}") from None
-        except msgspec.DecodeError as exc:
-            raise RequestInvalid(f"body is not valid JSON: {exc}") from None
+        change = decode_json(await request.body(), PackageUpdate)
         async with _lock_for(name):
             pkg = views.package(site.reader, name)
             if pkg is None:

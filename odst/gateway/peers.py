@@ -12,6 +12,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
+from odst.gateway.bodies import decode_json
 from odst.naming import ascii_int
 from odst.projections import views
 from odst.replicator import integrity, peering
@@ -28,13 +29,6 @@ class Join(msgspec.Struct, forbid_unknown_fields=True):
     token: str
 
 
-def _decode(body: bytes, type_):
-    try:
-        return msgspec.json.decode(body or b"{}", type=type_)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise RequestInvalid(f"invalid body: {exc}") from None
-
-
 def state_digest(state: list) -> str:
     return hashlib.sha256(json.dumps(state, separators=(",", ":")).encode()).hexdigest()
 
@@ -47,7 +41,7 @@ class PeerController(Controller):
     async def create_invite(self, request: Request) -> dict[str, Any]:
         """A one-time invitation token for another site (``odst peer join TOKEN``)."""
         site: Site = request.app.state.site
-        body = _decode(await request.body(), InviteCreate)
+        body = decode_json(await request.body(), InviteCreate, empty_is_object=True)
         if not 60 <= body.ttl_s <= 30 * 86400:
             raise RequestInvalid("ttl_s must be between 60 seconds and 30 days")
         return await peering.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
@@ -56,7 +50,7 @@ class PeerController(Controller):
     async def join(self, request: Request) -> dict[str, Any]:
         """Complete a mutual registration with the site that made the invitation."""
         site: Site = request.app.state.site
-        body = _decode(await request.body(), Join)
+        body = decode_json(await request.body(), Join, empty_is_object=True)
         result = await peering.join(site, body.token, actor=request.state.actor)
         site.replicator and site.replicator.kick()
         return result

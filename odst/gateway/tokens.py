@@ -11,6 +11,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
+from odst.gateway.bodies import decode_json
 from odst.projections import views
 from odst.site import ROLES, Site, token_digest
 
@@ -32,10 +33,7 @@ class TokenController(Controller):
     @post("/", operation_id="createToken", opt={"roles": ADMIN})
     async def create_token(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
-        try:
-            body = msgspec.json.decode(await request.body(), type=TokenCreate)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise RequestInvalid(f"invalid body: {exc}") from None
+        body = decode_json(await request.body(), TokenCreate)
         if body.role not in ROLES:
             raise RequestInvalid(f"role must be one of {', '.join(ROLES)}")
         if not body.name.strip() or len(body.name) > 200:
