@@ -32,8 +32,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import threading
