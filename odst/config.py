@@ -54,6 +54,24 @@ class Settings:
     notify_email_digest_s: int = 60  # events within this window go out as one mail per recipient
     webhook_max_attempts: int = 8  # a webhook delivery is given up after this many attempts
     webhook_backoff_s: float = 2.0  # first retry delay; doubles each attempt, at most 300 s
+    session_idle_s: int = 3600  # a web UI session unused this long ends
+    session_max_s: int = 12 * 3600  # a web UI session ends this long after sign-in, used or not
+    cookie_secure: str = "auto"  # auto (Secure over https and on loopback) | always | never
+    signin_max_failures: int = 5  # failed sign-ins per user name within signin_window_s before 429
+    signin_max_failures_address: int = 20  # failed sign-ins per client address within the window
+    signin_window_s: int = 900
+    ldap_url: str = ""  # ldap://host:389 or ldaps://host:636; empty: local users only
+    ldap_starttls: bool = False  # upgrade ldap:// with StartTLS before binding
+    ldap_ca_file: str = ""  # CA bundle to verify the LDAP server's certificate; empty: system CAs
+    ldap_tls_verify: bool = True  # false only for testing: accept any certificate
+    ldap_bind_dn: str = ""  # service account that searches for users; empty: anonymous search
+    ldap_bind_password: str = ""
+    ldap_user_base: str = ""  # e.g. ou=people,dc=example,dc=org
+    ldap_user_filter: str = "(uid={username})"  # AD: (sAMAccountName={username})
+    ldap_group_base: str = ""  # empty: read the user's memberOf attribute instead of searching
+    ldap_group_filter: str = "(|(member={dn})(uniqueMember={dn})(memberUid={username}))"
+    ldap_role_map: list[str] = field(default_factory=list)  # GROUP=role; GROUP is a cn or a full DN
+    ldap_timeout_s: float = 5.0
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -106,6 +124,26 @@ class Settings:
             raise ConfigError("webhook_backoff_s must be more than 0 and at most 300")
         if self.notify_email_digest_s < 1:
             raise ConfigError("notify_email_digest_s must be at least 1 second")
+        if self.cookie_secure not in ("auto", "always", "never"):
+            raise ConfigError("cookie_secure must be auto, always or never")
+        if self.session_idle_s < 60 or self.session_max_s < self.session_idle_s:
+            raise ConfigError("session_idle_s must be at least 60 and session_max_s at least session_idle_s")
+        if min(self.signin_max_failures, self.signin_max_failures_address, self.signin_window_s) < 1:
+            raise ConfigError("signin_max_failures, signin_max_failures_address and signin_window_s must be at least 1")
+        if self.ldap_url and not self.ldap_url.startswith(("ldap://", "ldaps://")):
+            raise ConfigError(f"ldap_url must start with ldap:// or ldaps://, got {self.ldap_url!r}")
+        if self.ldap_url and not self.ldap_user_base:
+            raise ConfigError("ldap_url needs ldap_user_base (where to search for users)")
+        if self.ldap_starttls and self.ldap_url.startswith("ldaps://"):
+            raise ConfigError("ldap_starttls upgrades ldap://; ldaps:// is TLS already")
+        for entry in self.ldap_role_map:
+            group, _, role = entry.rpartition("=")
+            if not group or role not in ("admin", "operator", "auditor"):
+                raise ConfigError(f"ldap_role_map entry {entry!r} must be GROUP=admin|operator|auditor")
+        if "{username}" not in self.ldap_user_filter:
+            raise ConfigError("ldap_user_filter must contain {username}")
+        if not 0 < self.ldap_timeout_s <= 120:
+            raise ConfigError("ldap_timeout_s must be more than 0 and at most 120")
         unknown = [s for s in self.accept_stages if s not in self.stages]
         if unknown:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")

@@ -16,6 +16,8 @@ import pytest
 
 from odst.bus.embedded import nats_server_binary
 
+pytest_plugins = ["tests.ldap_server", "tests.browser"]
+
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 

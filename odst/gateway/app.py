@@ -21,6 +21,7 @@ from odst.gateway.notifications import EmailSubscriptionController, WebhookContr
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
 from odst.gateway.tokens import TokenController
+from odst.gateway.ui import ui_routes
 from odst.site import Site
 
 log = structlog.get_logger("odst.gateway")
@@ -89,7 +90,8 @@ def create_app(site: Site) -> Litestar:
                                            PeerController, WebhookController, EmailSubscriptionController],
                  guards=[bearer_guard])
     app = Litestar(
-        route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController],
+        route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,
+                        *ui_routes()],
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),

@@ -1,0 +1,1 @@
+"""Headless Debian Chromium driven by Playwright (fixture: ``browser``)."""
