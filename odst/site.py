@@ -117,6 +117,8 @@ class Site:
         self.chunk_server = None
         self.registration = None
         self.notifier = None
+        self.sessions = None  # web UI sessions (gateway role)
+        self.printed_password: str | None = None
         self.roles: frozenset[str] = ALL_ROLES
         from odst.gateway.metrics import SiteStats
         self.stats = SiteStats()
@@ -194,6 +196,7 @@ class Site:
                              older_than_s=0 if all_in_one else STALE_TEMP_S)
             if bootstrap:
                 await self._bootstrap_admin_token()
+                await self._bootstrap_admin_user()
             await self.linker.sync()
             self._tasks.append(asyncio.create_task(self._link_peers(), name="linker"))
         else:
@@ -206,6 +209,9 @@ class Site:
             self.replicator = Replicator(self)
             await self.replicator.start()
         if "gateway" in self.roles:
+            from odst.accounts.sessions import SessionStore
+            self.sessions = SessionStore(self.data / "sessions.sqlite", idle_s=self.settings.session_idle_s,
+                                         max_s=self.settings.session_max_s)
             self.registration = RegistrationService(self)
             await self.registration.start()
         if self.roles & {"projector", "replicator"}:
@@ -255,6 +261,30 @@ class Site:
             self.printed_token = token
             print(f"Bootstrap admin token (shown once, also in {path}):\n{token}", file=sys.stderr,
                   flush=True)
+
+    async def _bootstrap_admin_user(self) -> None:
+        """A site with no users gets ``admin`` (ODST_ADMIN_PASSWORD, or a generated one shown once)."""
+        if self.reader.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            return
+        from odst.accounts import passwords
+        given = os.environ.get("ODST_ADMIN_PASSWORD", "")
+        password = given or secrets.token_urlsafe(12)
+        try:
+            passwords.check_new_password(password, "admin")
+        except passwords.PasswordRejected as exc:
+            from odst.config import ConfigError
+            raise ConfigError(f"ODST_ADMIN_PASSWORD: {exc.detail}") from None
+        await self.append(ev.UserCreated(username="admin", role="admin", display_name="Administrator",
+                                         password_sealed=await passwords.seal_async(self.key, password)),
+                          actor="system")
+        if not given:
+            path = self.data / "admin-password"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            self.printed_password = password
+            print(f"Web UI sign-in: user admin, password (shown once, also in {path}):\n{password}",
+                  file=sys.stderr, flush=True)
 
     def _chain_state(self) -> tuple[int, int, str]:
         checkpoint = self.projector.checkpoint(EVENTS_STREAM)
@@ -306,6 +336,8 @@ class Site:
                 await service.stop()
         if self.projector:
             await self.projector.stop()
+        if self.sessions:
+            self.sessions.close()
         if self.nc:
             # every component is stopped and every publish was awaited; drain() would wait up to
             # 30 s for messages that stopped subscribers (ordered consumers) will never take

@@ -146,9 +146,45 @@ class EmailUnsubscribed(Event, tag=True):
     subscription_id: str
 
 
+class UserCreated(Event, tag=True):
+    """A local user of the web UI and API, created by ``actor``.
+
+    ``password_sealed`` is the argon2id hash sealed with a key derived from this
+    site's private seed (``odst.accounts.passwords``): peers mirror this log, and
+    a bare hash would hand every peer an offline guessing target.
+    """
+
+    username: str
+    role: str
+    password_sealed: str
+    display_name: str = ""
+
+
+class UserRoleChanged(Event, tag=True):
+    username: str
+    role: str
+
+
+class UserPasswordChanged(Event, tag=True):
+    """A new sealed argon2id hash; sessions signed in before it end."""
+
+    username: str
+    password_sealed: str
+
+
+class UserDetailsChanged(Event, tag=True):
+    username: str
+    display_name: str
+
+
+class UserRemoved(Event, tag=True):
+    username: str
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
-            | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed)
+            | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
+            | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -166,6 +202,11 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     WebhookRemoved,
     EmailSubscribed,
     EmailUnsubscribed,
+    UserCreated,
+    UserRoleChanged,
+    UserPasswordChanged,
+    UserDetailsChanged,
+    UserRemoved,
 )
 
 

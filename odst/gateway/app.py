@@ -13,14 +13,16 @@ from litestar.openapi import OpenAPIConfig
 from odst import __version__
 from odst.errors import OdstError
 from odst.events.log import AppendFailed
-from odst.gateway.auth import bearer_guard
+from odst.gateway.auth import auth_guard
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
 from odst.gateway.metrics import make_metrics
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
+from odst.gateway.session import SessionController, get_settings
 from odst.gateway.tokens import TokenController
+from odst.gateway.users import UserController
 from odst.gateway.ui import ui_routes
 from odst.site import Site
 
@@ -32,7 +34,10 @@ def _error(status: int, code: str, detail: str) -> Response:
 
 
 def _odst_error(request: Request, exc: OdstError) -> Response:
-    return _error(exc.status, exc.code, exc.detail)
+    response = _error(exc.status, exc.code, exc.detail)
+    if getattr(exc, "retry_after", None):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _append_failed(request: Request, exc: AppendFailed) -> Response:
@@ -87,8 +92,9 @@ def create_app(site: Site) -> Litestar:
         await chunks(scope, receive, send)
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
-                                           PeerController, WebhookController, EmailSubscriptionController],
-                 guards=[bearer_guard])
+                                           PeerController, WebhookController, EmailSubscriptionController,
+                                           SessionController, UserController, get_settings],
+                 guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,
                         *ui_routes()],

@@ -1,6 +1,17 @@
-"""Bearer-token authentication and role checks for every /api/ route."""
+"""Who is calling: a bearer token (automation) or a web UI session cookie, and may they.
+
+Every /api/ route passes ``auth_guard``. A cookie-authenticated request that
+changes anything must also carry the session's CSRF token in ``X-CSRF-Token``
+(and, when the browser sends one, an ``Origin`` of this very host): the cookie
+is SameSite=Strict too, but a guard that does not depend on browser policy is
+the one to trust.
+"""
 
 from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -13,18 +24,79 @@ READ = ("admin", "operator", "auditor")
 WRITE = ("admin", "operator")
 ADMIN = ("admin",)
 
+SESSION_COOKIE = "odst_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-def bearer_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    site: Site = connection.app.state.site
-    header = connection.headers.get("authorization", "")
+
+class CsrfFailed(Forbidden):
+    code = "csrf_failed"
+
+
+@dataclass(frozen=True)
+class Principal:
+    username: str
+    role: str
+    source: str  # token | local | ldap
+    display_name: str = ""
+    csrf: str = ""
+    expires_at: float = 0.0
+
+    @property
+    def actor(self) -> str:
+        return {"token": "token", "local": "user", "ldap": "ldap"}[self.source] + ":" + self.username
+
+
+def _from_bearer(site: Site, header: str) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        raise Unauthorized("send 'Authorization: Bearer <token>' or sign in")
     row = views.token_by_hash(site.reader, token_digest(token.strip()), site.id)
     if row is None:
         raise Unauthorized("token not recognised or revoked")
+    return Principal(username=f"{row['token_id']}:{row['name']}", role=row["role"], source="token")
+
+
+def _from_session(site: Site, connection: ASGIConnection, session_id: str) -> Principal:
+    s = site.sessions.get(session_id) if site.sessions else None
+    if s is None:
+        raise Unauthorized("not signed in, or the session has ended: sign in again")
+    role = s.role
+    if s.source == "local":  # role changes and removals apply to open sessions at once
+        row = views.user_row(site.reader, s.username)
+        if row is None or (row["password_changed_at"] or 0) > s.created_at * 1000:
+            site.sessions.delete(session_id)
+            raise Unauthorized("the account changed since this session began: sign in again")
+        role = row["role"]
+    if connection.scope["method"] not in SAFE_METHODS:
+        sent = connection.headers.get(CSRF_HEADER, "")
+        if not sent or not hmac.compare_digest(sent.encode(), s.csrf.encode()):
+            raise CsrfFailed(f"missing or wrong {CSRF_HEADER} header (the session's csrf_token)")
+        origin = connection.headers.get("origin")
+        if origin and urlsplit(origin).netloc != connection.headers.get("host", ""):
+            raise CsrfFailed(f"request from another origin ({origin}) refused")
+    return Principal(username=s.username, role=role, source=s.source, display_name=s.display_name,
+                     csrf=s.csrf, expires_at=s.ends_at(site.sessions.idle_s))
+
+
+def authenticate(connection: ASGIConnection) -> Principal:
+    site: Site = connection.app.state.site
+    header = connection.headers.get("authorization")
+    if header:
+        return _from_bearer(site, header)
+    session_id = connection.cookies.get(SESSION_COOKIE)
+    if session_id:
+        return _from_session(site, connection, session_id)
+    raise Unauthorized("send 'Authorization: Bearer <token>' or sign in")
+
+
+def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    if handler.opt.get("public"):
+        return
+    principal = authenticate(connection)
     roles = handler.opt.get("roles", READ)
-    if row["role"] not in roles:
-        raise Forbidden(f"role {row['role']!r} may not do this; needs one of {', '.join(roles)}")
-    connection.state.actor = f"token:{row['token_id']}:{row['name']}"
-    connection.state.role = row["role"]
+    if principal.role not in roles:
+        raise Forbidden(f"role {principal.role!r} may not do this; needs one of {', '.join(roles)}")
+    connection.state.principal = principal
+    connection.state.actor = principal.actor
+    connection.state.role = principal.role

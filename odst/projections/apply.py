@@ -39,6 +39,8 @@ def subject_name(event: ev.Event) -> str:
         return event.webhook_id
     if isinstance(event, (ev.EmailSubscribed, ev.EmailUnsubscribed)):
         return event.subscription_id
+    if isinstance(event, USER_EVENTS):
+        return event.username
     return getattr(event, "name", "")
 
 
@@ -286,6 +288,39 @@ def _email_unsubscribed(c, env, e: ev.EmailUnsubscribed, folder) -> None:
                   (env.ts, e.subscription_id))
 
 
+USER_EVENTS = (ev.UserCreated, ev.UserRoleChanged, ev.UserPasswordChanged, ev.UserDetailsChanged,
+               ev.UserRemoved)
+
+
+def _user_created(c, env, e: ev.UserCreated, folder) -> None:
+    if env.origin in folder.trusted:  # a site's users are its own; a peer's never sign in here
+        c.execute("INSERT INTO users(username, display_name, role, password_sealed, created_at, created_by,"
+                  " updated_at, updated_by) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(username) DO UPDATE SET"
+                  " display_name=excluded.display_name, role=excluded.role,"
+                  " password_sealed=excluded.password_sealed, created_at=excluded.created_at,"
+                  " created_by=excluded.created_by, updated_at=excluded.updated_at,"
+                  " updated_by=excluded.updated_by, password_changed_at=NULL, removed_at=NULL"
+                  " WHERE users.removed_at IS NOT NULL",
+                  (e.username, e.display_name, e.role, e.password_sealed, env.ts, env.actor, env.ts,
+                   env.actor))
+
+
+def _user_update(column: str, attribute: str):
+    def apply(c, env, e, folder) -> None:
+        if env.origin in folder.trusted:
+            extra = ", password_changed_at=?" if column == "password_sealed" else ""
+            args = (getattr(e, attribute), env.ts, env.actor) + ((env.ts,) if extra else ())
+            c.execute(f"UPDATE users SET {column}=?, updated_at=?, updated_by=?{extra}"
+                      " WHERE username=? AND removed_at IS NULL", args + (e.username,))
+    return apply
+
+
+def _user_removed(c, env, e: ev.UserRemoved, folder) -> None:
+    if env.origin in folder.trusted:
+        c.execute("UPDATE users SET removed_at=?, updated_at=?, updated_by=? WHERE username=?"
+                  " AND removed_at IS NULL", (env.ts, env.ts, env.actor, e.username))
+
+
 _HANDLERS = {
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
@@ -301,6 +336,11 @@ _HANDLERS = {
     ev.WebhookRemoved: _webhook_removed,
     ev.EmailSubscribed: _email_subscribed,
     ev.EmailUnsubscribed: _email_unsubscribed,
+    ev.UserCreated: _user_created,
+    ev.UserRoleChanged: _user_update("role", "role"),
+    ev.UserPasswordChanged: _user_update("password_sealed", "password_sealed"),
+    ev.UserDetailsChanged: _user_update("display_name", "display_name"),
+    ev.UserRemoved: _user_removed,
 }
 
 

@@ -226,3 +226,26 @@ def active_subscriptions(conn: sqlite3.Connection, table: str) -> list[dict]:
     return [_subscription(r) for r in conn.execute(
         f"SELECT s.*, e.position AS since FROM {table} s JOIN events e ON e.id = s.event_id"
         " WHERE s.removed_at IS NULL")]
+
+
+def _user(row: sqlite3.Row) -> dict:
+    return {"username": row["username"], "display_name": row["display_name"], "role": row["role"],
+            "created_at": row["created_at"], "created_by": row["created_by"],
+            "updated_at": row["updated_at"], "updated_by": row["updated_by"],
+            "password_changed_at": row["password_changed_at"]}
+
+
+def users(conn: sqlite3.Connection) -> list[dict]:
+    return [_user(r) for r in conn.execute(
+        "SELECT * FROM users WHERE removed_at IS NULL ORDER BY username")]
+
+
+def user_row(conn: sqlite3.Connection, username: str) -> sqlite3.Row | None:
+    """A live local user (case-insensitive name), with its sealed password."""
+    return conn.execute("SELECT * FROM users WHERE username=? AND removed_at IS NULL",
+                        (username,)).fetchone()
+
+
+def user(conn: sqlite3.Connection, username: str) -> dict | None:
+    row = user_row(conn, username)
+    return _user(row) if row else None

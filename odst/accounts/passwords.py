@@ -1,0 +1,97 @@
+"""Local users' passwords: argon2id hashes, sealed with a key only this site holds.
+
+The hash travels in a signed event, and peers mirror the log; sealing it with
+``SecretBox(SiteKey.derive(b"odst-user-passwords"))`` keeps every peer (and an
+auditor replaying the log) from holding an offline guessing target, while the
+fold stays a pure copy of what the event carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import threading
+
+import argon2
+import nacl.exceptions
+import nacl.secret
+
+from odst.errors import RequestInvalid
+from odst.events.signing import SiteKey
+
+MIN_LENGTH = 10
+MAX_LENGTH = 1024  # argon2 takes any length; a cap keeps a hostile body from costing more
+USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+ROLES = ("admin", "operator", "auditor")
+
+# RFC 9106's second recommended option (argon2-cffi's default): t=3, m=64 MiB, p=4.
+_hasher = argon2.PasswordHasher()
+# Each hash takes 64 MiB for ~50 ms; two at a time bounds the memory a sign-in flood can take.
+_slots = threading.BoundedSemaphore(2)
+# Compared against when the user does not exist, so a wrong name costs what a wrong password does.
+_DUMMY = _hasher.hash("odst-no-such-user")
+
+
+class PasswordRejected(RequestInvalid):
+    code = "password_rejected"
+
+
+def check_username(username: str) -> str:
+    if not USERNAME.fullmatch(username or ""):
+        raise RequestInvalid("user name must be 1 to 64 letters, digits, '.', '_', '@' or '-', "
+                             "starting with a letter or digit")
+    return username
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise RequestInvalid(f"role must be one of {', '.join(ROLES)}")
+    return role
+
+
+def check_new_password(password: str, username: str = "") -> str:
+    if not isinstance(password, str) or len(password) < MIN_LENGTH:
+        raise PasswordRejected(f"password must be at least {MIN_LENGTH} characters")
+    if len(password) > MAX_LENGTH:
+        raise PasswordRejected(f"password must be at most {MAX_LENGTH} characters")
+    if username and password.lower() == username.lower():
+        raise PasswordRejected("password must not be the user name")
+    return password
+
+
+def _box(key: SiteKey) -> nacl.secret.SecretBox:
+    return nacl.secret.SecretBox(key.derive(b"odst-user-passwords"))
+
+
+def seal(key: SiteKey, password: str) -> str:
+    """Hash ``password`` with argon2id and seal the hash for the event log."""
+    with _slots:
+        digest = _hasher.hash(password)
+    return base64.b64encode(_box(key).encrypt(digest.encode("ascii"))).decode("ascii")
+
+
+def verify(key: SiteKey, sealed: str | None, password: str) -> bool:
+    """True when ``password`` matches the sealed hash; a missing user still costs one hash."""
+    digest = _DUMMY
+    if sealed:
+        try:
+            digest = _box(key).decrypt(base64.b64decode(sealed)).decode("ascii")
+        except (nacl.exceptions.CryptoError, ValueError):
+            digest = _DUMMY  # sealed by another key (a restored backup with a new key): no match
+            sealed = None
+    if not password or len(password) > MAX_LENGTH:
+        return False
+    with _slots:
+        try:
+            return _hasher.verify(digest, password) and sealed is not None
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+
+
+async def seal_async(key: SiteKey, password: str) -> str:
+    return await asyncio.to_thread(seal, key, password)
+
+
+async def verify_async(key: SiteKey, sealed: str | None, password: str) -> bool:
+    return await asyncio.to_thread(verify, key, sealed, password)

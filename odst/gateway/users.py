@@ -1,0 +1,116 @@
+"""/api/v1/users: local users of the web UI and API (admin only). Every change is an event."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post
+
+from odst.accounts import passwords
+from odst.errors import NotFound, OdstError, RequestInvalid
+from odst.events import catalogue as ev
+from odst.gateway.auth import ADMIN
+from odst.gateway.bodies import decode_json
+from odst.projections import views
+from odst.site import Site
+
+
+class UserExists(OdstError):
+    status, code = 409, "user_exists"
+
+
+class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
+    username: str
+    password: str
+    role: str = "operator"
+    display_name: str = ""
+
+
+class UserUpdate(msgspec.Struct, forbid_unknown_fields=True):
+    role: str | None = None
+    password: str | None = None
+    display_name: str | None = None
+
+
+def _display_name(value: str) -> str:
+    value = value.strip()
+    if len(value) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise RequestInvalid("display name must be at most 200 characters, without control characters")
+    return value
+
+
+def _live(site: Site, username: str):
+    row = views.user_row(site.reader, username)
+    if row is None:
+        raise NotFound(f"no user {username!r}")
+    return row
+
+
+def _other_admins(site: Site, username: str) -> int:
+    return sum(1 for u in views.users(site.reader) if u["role"] == "admin" and u["username"].lower() != username.lower())
+
+
+class UserController(Controller):
+    path = "/api/v1/users"
+    tags = ["users"]
+
+    @get("/", operation_id="listUsers", opt={"roles": ADMIN})
+    async def list_users(self, request: Request) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        return {"users": views.users(site.reader)}
+
+    @post("/", operation_id="createUser", opt={"roles": ADMIN})
+    async def create_user(self, request: Request) -> Response[dict[str, Any]]:
+        site: Site = request.app.state.site
+        body = decode_json(await request.body(), UserCreate)
+        username = passwords.check_username(body.username)
+        passwords.check_role(body.role)
+        passwords.check_new_password(body.password, username)
+        display = _display_name(body.display_name)
+        if views.user_row(site.reader, username) is not None:
+            raise UserExists(f"user {username!r} exists already")
+        sealed = await passwords.seal_async(site.key, body.password)
+        await site.append(ev.UserCreated(username=username, role=body.role, password_sealed=sealed,
+                                         display_name=display), actor=request.state.actor)
+        return Response(views.user(site.reader, username), status_code=201)
+
+    @get("/{username:str}", operation_id="getUser", opt={"roles": ADMIN})
+    async def get_user(self, request: Request, username: str) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        _live(site, username)
+        return views.user(site.reader, username)
+
+    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN})
+    async def update_user(self, request: Request, username: str) -> dict[str, Any]:
+        """Change a user's role, password (their sessions end) or display name."""
+        site: Site = request.app.state.site
+        body = decode_json(await request.body(), UserUpdate)
+        row = _live(site, username)
+        name, actor = row["username"], request.state.actor
+        if body.role is not None:
+            passwords.check_role(body.role)
+            if row["role"] == "admin" and body.role != "admin" and _other_admins(site, name) == 0:
+                raise RequestInvalid("this is the last admin user; make another admin first")
+        if body.password is not None:
+            passwords.check_new_password(body.password, name)
+        display = _display_name(body.display_name) if body.display_name is not None else None
+        if body.role is not None and body.role != row["role"]:
+            await site.append(ev.UserRoleChanged(username=name, role=body.role), actor=actor)
+        if body.password is not None:
+            sealed = await passwords.seal_async(site.key, body.password)
+            await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
+            site.sessions.delete_user(name)
+        if display is not None and display != row["display_name"]:
+            await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
+        return views.user(site.reader, name)
+
+    @delete("/{username:str}", operation_id="removeUser", opt={"roles": ADMIN}, status_code=200)
+    async def remove_user(self, request: Request, username: str) -> dict[str, Any]:
+        site: Site = request.app.state.site
+        row = _live(site, username)
+        if row["role"] == "admin" and _other_admins(site, row["username"]) == 0:
+            raise RequestInvalid("this is the last admin user; make another admin first")
+        await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
+        site.sessions.delete_user(row["username"])
+        return {"removed": row["username"]}

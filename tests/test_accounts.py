@@ -1,0 +1,241 @@
+"""Local users, web UI sessions, CSRF and sign-in rate limiting, against a real ``odst serve``.
+
+Session expiry and the failure window are also checked on the store directly, with
+explicit clocks, so no test waits for real minutes to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import httpx
+import pytest
+
+from odst.accounts import passwords
+from odst.accounts.sessions import SessionStore
+from odst.events.signing import SiteKey
+from tests.conftest import run_odst
+
+PW = "correct horse battery"
+
+
+def sign_in(site, username: str, password: str, **kw) -> httpx.Response:
+    return httpx.post(f"{site.url}/api/v1/session", json={"username": username, "password": password},
+                      timeout=30, **kw)
+
+
+def browser(site, username: str, password: str) -> tuple[httpx.Client, str]:
+    """A cookie-carrying client signed in as ``username``, and its CSRF token."""
+    c = httpx.Client(base_url=site.url, timeout=30)
+    r = c.post("/api/v1/session", json={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return c, r.json()["csrf_token"]
+
+
+def user_events(admin: httpx.Client) -> list[dict]:
+    r = admin.get("/api/v1/events", params={"limit": 1000})
+    return [e for e in r.json()["events"] if e["type"].startswith("User")]
+
+
+def test_first_start_creates_an_admin_user_shown_once(make_site):
+    site = make_site().start()
+    path = site.data / "admin-password"
+    password = path.read_text().strip()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert password in site.log()  # printed once, at first start
+
+    r = sign_in(site, "admin", password)
+    assert r.status_code == 200, r.text
+    assert r.json()["role"] == "admin" and r.json()["source"] == "local"
+    with site.client() as admin:
+        created = user_events(admin)
+    assert [(e["type"], e["actor"]) for e in created] == [("UserCreated", "system")]
+    # the log carries the argon2id hash sealed: no peer or auditor gets a guessing target
+    assert "$argon2" not in json.dumps(created)
+
+
+def test_users_are_events_and_changes_reach_open_sessions(site):
+    admin = site.client()
+    r = admin.post("/api/v1/users", json={"username": "olga", "password": PW, "role": "operator",
+                                          "display_name": "Olga Operator"})
+    assert r.status_code == 201, r.text
+    assert r.json()["role"] == "operator" and r.json()["created_by"].startswith("token:")
+    assert admin.post("/api/v1/users", json={"username": "OLGA", "password": PW}).status_code == 409
+
+    olga, csrf = browser(site, "olga", PW)
+    assert olga.get("/api/v1/session").json()["display_name"] == "Olga Operator"
+    assert olga.put("/api/v1/packages/a.pkg", content=b"a", headers={"X-CSRF-Token": csrf}).status_code == 201
+    assert olga.get("/api/v1/users").status_code == 403  # an operator manages no users
+
+    # A role change applies to the open session at once; the actor is recorded.
+    assert admin.patch("/api/v1/users/olga", json={"role": "auditor"}).json()["role"] == "auditor"
+    r = olga.put("/api/v1/packages/b.pkg", content=b"b", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 403, r.text
+    assert olga.get("/api/v1/packages").status_code == 200
+
+    # A new password ends every session begun before it.
+    assert admin.patch("/api/v1/users/olga", json={"password": PW + "!"}).status_code == 200
+    assert olga.get("/api/v1/packages").status_code == 401
+    assert sign_in(site, "olga", PW).status_code == 401
+    olga, csrf = browser(site, "olga", PW + "!")
+
+    # Removal ends them too, and the name can no longer sign in.
+    assert admin.delete("/api/v1/users/olga").json() == {"removed": "olga"}
+    assert olga.get("/api/v1/packages").status_code == 401
+    assert sign_in(site, "olga", PW + "!").status_code == 401
+    assert admin.get("/api/v1/users/olga").status_code == 404
+
+    types = [(e["type"], e["actor"].split(":")[0]) for e in user_events(admin)]
+    assert types == [("UserCreated", "system"), ("UserCreated", "token"), ("UserRoleChanged", "token"),
+                     ("UserPasswordChanged", "token"), ("UserRemoved", "token")]
+    r = run_odst("audit", "--data", str(site.data))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_last_admin_cannot_be_demoted_or_removed(site):
+    admin = site.client()
+    r = admin.patch("/api/v1/users/admin", json={"role": "operator"})
+    assert r.status_code == 400 and "last admin" in r.json()["detail"]
+    assert admin.delete("/api/v1/users/admin").status_code == 400
+    assert admin.post("/api/v1/users", json={"username": "root2", "password": PW, "role": "admin"}).status_code == 201
+    assert admin.patch("/api/v1/users/admin", json={"role": "auditor"}).json()["role"] == "auditor"
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"username": "../etc", "password": PW}, 400),
+    ({"username": "a\x00b", "password": PW}, 400),
+    ({"username": "x" * 65, "password": PW}, 400),
+    ({"username": "shorty", "password": "short"}, 400),
+    ({"username": "same-name", "password": "same-name"}, 400),
+    ({"username": "ok", "password": PW, "role": "root"}, 400),
+    ({"username": "ok", "password": PW, "display_name": "bell\x07"}, 400),
+    ({"username": "ok", "password": PW, "extra": 1}, 400),
+])
+def test_bad_user_input_is_refused_and_creates_nothing(site, body, status):
+    admin = site.client()
+    r = admin.post("/api/v1/users", json=body)
+    assert r.status_code == status and r.json()["detail"], r.text
+    assert [u["username"] for u in admin.get("/api/v1/users").json()["users"]] == ["admin"]
+
+
+def test_session_cookie_csrf_and_sign_out(make_site):
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
+    r = sign_in(site, "admin", PW)
+    cookie = r.headers["set-cookie"]
+    assert "odst_session=" in cookie and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+    assert "Secure" not in cookie  # plain http with cookie_secure=auto: a Secure cookie would never come back
+    assert "$argon2" not in r.text and "password" not in r.json()
+
+    c, csrf = browser(site, "admin", PW)
+    assert c.get("/api/v1/session").json()["csrf_token"] == csrf
+    # Reading needs only the cookie; changing anything needs the CSRF token as well.
+    assert c.get("/api/v1/packages").status_code == 200
+    for headers in ({}, {"X-CSRF-Token": "wrong"}, {"X-CSRF-Token": ""}):
+        r = c.put("/api/v1/packages/x.pkg", content=b"x", headers=headers)
+        assert r.status_code == 403 and r.json()["error"] == "csrf_failed", r.text
+    r = c.put("/api/v1/packages/x.pkg", content=b"x",
+              headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "origin" in r.json()["detail"]
+    r = c.put("/api/v1/packages/x.pkg", content=b"x", headers={"X-CSRF-Token": csrf, "Origin": site.url})
+    assert r.status_code == 201, r.text
+    with site.client() as admin:
+        assert admin.get("/api/v1/packages/x.pkg").json()["uploaded_by"] == "user:admin"
+
+    old = c.cookies.get("odst_session")
+    assert c.delete("/api/v1/session", headers={"X-CSRF-Token": csrf}).status_code == 200
+    r = httpx.get(f"{site.url}/api/v1/packages", cookies={"odst_session": old})
+    assert r.status_code == 401 and "sign in" in r.json()["detail"]
+
+
+def test_own_password_change_keeps_this_session_and_ends_the_others(make_site):
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
+    a, csrf = browser(site, "admin", PW)
+    b, _ = browser(site, "admin", PW)
+    r = a.post("/api/v1/session/password", json={"current": "nope-nope-nope", "new": PW + "2"},
+               headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 401
+    r = a.post("/api/v1/session/password", json={"current": PW, "new": PW + "2"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200, r.text
+    assert a.get("/api/v1/packages").status_code == 200
+    assert b.get("/api/v1/packages").status_code == 401
+    assert sign_in(site, "admin", PW + "2").status_code == 200
+
+
+def test_sign_in_is_rate_limited_per_user_and_per_address(make_site):
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW, "ODST_SIGNIN_MAX_FAILURES": "3",
+                          "ODST_SIGNIN_MAX_FAILURES_ADDRESS": "6"}).start()
+    for _ in range(3):
+        r = sign_in(site, "admin", "wrong password")
+        assert r.status_code == 401 and r.json()["detail"] == "user name or password is wrong"
+    # Locked: even the right password is refused until the window passes.
+    r = sign_in(site, "admin", PW)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0, r.text
+    # An unknown name fails exactly like a wrong password (no user enumeration)...
+    r = sign_in(site, "nobody", "wrong password")
+    assert r.status_code == 401 and r.json()["detail"] == "user name or password is wrong"
+    for name in ("n1", "n2"):
+        assert sign_in(site, name, "wrong password").status_code == 401
+    # ...and the address limit (6 failures here) stops guessing across many names.
+    assert sign_in(site, "someone-else", "any password").status_code == 429
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"username": "admin"}', b'{"username": 1, "password": 2}',
+                                     json.dumps({"username": "a" * 100_000, "password": "x"}).encode(),
+                                     json.dumps({"username": "admin\x00", "password": "x"}).encode()])
+def test_malformed_sign_in_is_a_clear_4xx(site, content):
+    r = httpx.post(f"{site.url}/api/v1/session", content=content, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 401) and r.json()["detail"], r.text
+    assert "set-cookie" not in r.headers
+
+
+def test_session_store_expires_idle_and_old_sessions(tmp_path):
+    store = SessionStore(tmp_path / "s.sqlite", idle_s=600, max_s=3600)
+    sid, s = store.create(username="u", role="admin", source="local", display_name="", address="a",
+                          user_agent="t", now=1000.0)
+    assert stat.S_IMODE(os.stat(tmp_path / "s.sqlite").st_mode) == 0o600
+    assert store.get(sid, now=1500.0) is not None  # used within the idle window: touched
+    assert store.get(sid, now=2050.0) is not None
+    assert store.get(sid, now=2700.0) is None  # idle 650 s > 600 s: ended and deleted
+    assert store.get(sid, now=2000.0) is None
+
+    sid, _ = store.create(username="u", role="admin", source="local", display_name="", address="a",
+                          user_agent="t", now=10_000.0)
+    for t in range(10_500, 13_600, 500):  # used every 500 s, never idle...
+        assert store.get(sid, now=float(t)) is not None
+    assert store.get(sid, now=13_600.0) is None  # ...but max_s after sign-in it ends anyway
+    assert store.get("", now=0) is None and store.get("x" * 1000, now=0) is None
+
+
+def test_session_ids_are_stored_only_as_digests(tmp_path):
+    store = SessionStore(tmp_path / "s.sqlite", idle_s=600, max_s=3600)
+    sid, _ = store.create(username="u", role="admin", source="local", display_name="", address="a",
+                          user_agent="t")
+    store.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    raw = (tmp_path / "s.sqlite").read_bytes()
+    assert sid.encode() not in raw
+
+
+def test_failure_window_slides(tmp_path):
+    store = SessionStore(tmp_path / "s.sqlite", idle_s=600, max_s=3600)
+    limits = dict(max_user=3, max_address=100, window_s=900)
+    for t in (0.0, 100.0, 200.0):
+        assert store.retry_after("bob", "1.2.3.4", now=t, **limits) == 0
+        store.record_failure("bob", "1.2.3.4", now=t)
+    assert store.retry_after("BOB", "9.9.9.9", now=300.0, **limits) == 601  # names compare case-blind
+    assert store.retry_after("bob", "1.2.3.4", now=901.0, **limits) == 0  # the first failure left the window
+    store.clear_failures("bob")
+    assert store.retry_after("bob", "1.2.3.4", now=300.0, **limits) == 0
+
+
+def test_sealed_hashes_open_only_with_their_site_key(tmp_path):
+    a = SiteKey.load_or_create(tmp_path / "a.key")
+    b = SiteKey.load_or_create(tmp_path / "b.key")
+    sealed = passwords.seal(a, PW)
+    assert passwords.verify(a, sealed, PW)
+    assert not passwords.verify(a, sealed, PW + "x")
+    assert not passwords.verify(b, sealed, PW)  # a peer mirroring the log cannot even test a guess
+    assert not passwords.verify(a, "not base64!", PW)
+    assert not passwords.verify(a, sealed, "")
