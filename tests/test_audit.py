@@ -107,8 +107,8 @@ def test_audit_of_a_clean_site_passes_running_and_stopped(make_site):
         assert c.delete("/api/v1/packages/c.pkg").status_code == 200
         assert c.delete("/api/v1/packages/d.dmg").status_code == 200
         info = c.get("/api/v1/site").json()
-    # SiteFounded + bootstrap TokenCreated + 4 uploads + 3 stage changes + 2 deletes
-    expected_events = 2 + 4 + 3 + 2
+    # SiteFounded + bootstrap TokenCreated and UserCreated + 4 uploads + 3 stage changes + 2 deletes
+    expected_events = 3 + 4 + 3 + 2
     assert info["events"] == expected_events and info["packages"] == 2
 
     for state in ("running", "stopped"):
