@@ -272,6 +272,49 @@ def cmd_peer(args) -> int:
     return 0
 
 
+def _new_password(args) -> str:
+    """The new password: $ODST_NEW_PASSWORD (scripts), else asked twice at the terminal."""
+    import getpass
+    import os
+
+    from odst.client import ClientError
+    given = os.environ.get("ODST_NEW_PASSWORD", "")
+    if given:
+        return given
+    if not sys.stdin.isatty():
+        raise ClientError("no terminal to ask for the password: set ODST_NEW_PASSWORD")
+    first = getpass.getpass(f"new password for {args.username}: ")
+    if first != getpass.getpass("again: "):
+        raise ClientError("the two passwords differ")
+    return first
+
+
+def cmd_user(args) -> int:
+    from urllib.parse import quote
+
+    from odst.client import Client
+    c = Client(args.server, args.token)
+    path = f"/api/v1/users/{quote(getattr(args, 'username', '') or '', safe='')}"
+    if args.user_command == "add":
+        out = c.request("POST", "/api/v1/users", json={
+            "username": args.username, "role": args.role, "display_name": args.display_name,
+            "password": _new_password(args)})
+        print(f"user {out['username']} ({out['role']}) created")
+    elif args.user_command == "passwd":
+        c.request("PATCH", path, json={"password": _new_password(args)})
+        print(f"password of {args.username} changed; their sessions ended")
+    elif args.user_command == "role":
+        out = c.request("PATCH", path, json={"role": args.role})
+        print(f"{out['username']} is now {out['role']}")
+    elif args.user_command == "remove":
+        c.request("DELETE", path)
+        print(f"user {args.username} removed")
+    else:
+        for u in c.request("GET", "/api/v1/users")["users"]:
+            print(f"{u['username']}\t{u['role']}\t{u['display_name'] or '-'}\tcreated by {u['created_by']}")
+    return 0
+
+
 def cmd_state(args) -> int:
     from odst.client import Client
     out = Client(args.server, args.token).request("GET", "/api/v1/state")
@@ -376,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(q)
     q.add_argument("site")
     p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("user", help="local users of the web UI (admin token)")
+    user = p.add_subparsers(dest="user_command", required=True)
+    q = user.add_parser("add", help="create a user (password from $ODST_NEW_PASSWORD or asked twice)")
+    _client_flags(q)
+    q.add_argument("username")
+    q.add_argument("--role", choices=["admin", "operator", "auditor"], default="operator")
+    q.add_argument("--display-name", default="")
+    q = user.add_parser("passwd", help="set a user's password (ends their sessions)")
+    _client_flags(q)
+    q.add_argument("username")
+    q = user.add_parser("role", help="change a user's role")
+    _client_flags(q)
+    q.add_argument("username")
+    q.add_argument("role", choices=["admin", "operator", "auditor"])
+    q = user.add_parser("remove", help="remove a user (ends their sessions)")
+    _client_flags(q)
+    q.add_argument("username")
+    q = user.add_parser("list", help="list users")
+    _client_flags(q)
+    p.set_defaults(func=cmd_user)
 
     p = sub.add_parser("state", help="replicated state, its digest, and transfers in progress")
     _client_flags(p)

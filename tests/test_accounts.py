@@ -239,3 +239,18 @@ def test_sealed_hashes_open_only_with_their_site_key(tmp_path):
     assert not passwords.verify(b, sealed, PW)  # a peer mirroring the log cannot even test a guess
     assert not passwords.verify(a, "not base64!", PW)
     assert not passwords.verify(a, sealed, "")
+
+
+def test_cli_manages_users(site):
+    env = {"ODST_TOKEN": site.token, "ODST_SERVER": site.url, "ODST_NEW_PASSWORD": PW}
+    r = run_odst("user", "add", "cli-user", "--role", "auditor", "--display-name", "From CLI", env=env)
+    assert r.returncode == 0 and "created" in r.stdout, r.stderr
+    assert sign_in(site, "cli-user", PW).json()["role"] == "auditor"
+    r = run_odst("user", "role", "cli-user", "operator", env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_odst("user", "list", env=env)
+    assert "cli-user\toperator\tFrom CLI" in r.stdout
+    r = run_odst("user", "passwd", "cli-user", env={**env, "ODST_NEW_PASSWORD": "short"})
+    assert r.returncode != 0 and "at least 10 characters" in r.stderr
+    r = run_odst("user", "remove", "cli-user", env=env)
+    assert r.returncode == 0 and sign_in(site, "cli-user", PW).status_code == 401
