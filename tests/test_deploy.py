@@ -38,7 +38,7 @@ NATS_CONFS = sorted((DEPLOY / "nats").glob("*.conf"))
 
 SETTING_VARS = {f"ODST_{f.name.upper()}" for f in fields(Settings)}
 # Read from the environment by ODST, but not Settings (bootstrap token; the CLI client's).
-EXTRA_ODST_VARS = {"ODST_ADMIN_TOKEN", "ODST_TOKEN", "ODST_SERVER"}
+EXTRA_ODST_VARS = {"ODST_ADMIN_TOKEN", "ODST_TOKEN", "ODST_SERVER", "ODST_ADMIN_PASSWORD", "ODST_NEW_PASSWORD"}
 # Read by compose.yaml only (substituted into the compose file, never passed to odst).
 COMPOSE_ONLY_VARS = {"ODST_IMAGE", "ODST_PORT", "ODST_NGINX_PORT"}
 LONG_RUNNING_ROLES = {"serve", "gateway", "projector", "replicator"}
