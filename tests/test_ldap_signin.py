@@ -32,6 +32,10 @@ def test_directory_users_sign_in_with_their_groups_role(make_site, slapd):
     assert carol.get("/api/v1/packages/tool.pkg").json()["uploaded_by"] == "ldap:bob"
     assert carol.delete("/api/v1/packages/tool.pkg", headers={"X-CSRF-Token": csrf}).status_code == 403
     assert carol.get("/api/v1/settings").json()["ldap"]["configured"] is True
+    assert carol.post("/api/v1/settings/ldap-check", headers={"X-CSRF-Token": csrf}).status_code == 403
+    alice, alice_csrf = browser(site, "alice", "alice-pw")
+    r = alice.post("/api/v1/settings/ldap-check", headers={"X-CSRF-Token": alice_csrf})
+    assert r.status_code == 200 and r.json()["detail"].startswith("ok"), r.text
 
     # A local user of the same name comes first.
     admin, csrf = browser(site, "admin", PW)
@@ -51,5 +55,8 @@ def test_an_unreachable_directory_is_a_503_and_not_a_failed_guess(make_site, sla
         assert r.status_code == 503 and r.json()["error"] == "directory_unavailable", r.text
     # Outages do not lock anyone out, and local users still sign in.
     assert sign_in(site, "admin", PW).status_code == 200
+    admin, csrf = browser(site, "admin", PW)
+    r = admin.post("/api/v1/settings/ldap-check", headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 503 and dead.split("//")[1] in r.json()["detail"], r.text
     r = httpx.get(f"{site.url}/healthz", timeout=10)
     assert r.status_code == 200

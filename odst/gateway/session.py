@@ -163,6 +163,17 @@ class SessionController(Controller):
                         cookies=[_session_cookie(request, site, session_id, site.settings.session_max_s)])
 
 
+@post("/api/v1/settings/ldap-check", operation_id="checkDirectory", opt={"roles": ("admin",)}, tags=["site"],
+      status_code=200)
+async def check_directory(request: Request) -> dict[str, Any]:
+    """Connect, bind as the service account and search the user base: is LDAP set up right?"""
+    from odst.accounts import ldap
+    site: Site = request.app.state.site
+    if not ldap.enabled(site.settings):
+        raise RequestInvalid("LDAP is not configured (ldap_url is empty)")
+    return {"ok": True, "detail": await asyncio.to_thread(ldap.check, site.settings)}
+
+
 @get("/api/v1/settings", operation_id="getSettings", opt={"roles": READ}, tags=["site"])
 async def get_settings(request: Request) -> dict[str, Any]:
     """This site's effective settings (odst.toml / ODST_* / flags); secrets left out."""
