@@ -1,1 +1,120 @@
-"""Headless Debian Chromium driven by Playwright (fixture: ``browser``)."""
+"""Headless Debian Chromium driven by Playwright (fixtures: ``browser``, ``page``; helper: ``shot``).
+
+The browser is the system's ``/usr/bin/chromium`` (installed with apt-get when missing), never a
+download. Each test gets a fresh context (1280×800); console errors and uncaught page errors fail
+the test (a Content-Security-Policy violation is one; Admin API error answers are not, the
+UI shows those). Screenshots go to
+``$ODST_TEST_ARTIFACTS/screenshots`` (default ``<repo>/test-artifacts``): at the steps a test names
+with ``shot(page, "step")``, at its end, and when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 800}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("ODST_TEST_ARTIFACTS") or REPO / "test-artifacts")
+
+
+def screenshots_dir() -> Path:
+    path = artifacts_dir() / "screenshots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _install_chromium() -> None:
+    if Path(CHROMIUM).exists():
+        return
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} is missing and apt-get is not available to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    _install_chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:120] or "page"
+
+
+def shot(page, name: str) -> Path:
+    """Save a screenshot of the whole page as ``<test name>-<name>.png``; returns its path."""
+    test = getattr(page, "_odst_test", "test")
+    path = screenshots_dir() / f"{_slug(test)}-{_slug(name)}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"_odst_report_{report.when}", report)
+
+
+@pytest.fixture
+def page(browser, request):
+    """A page in a fresh 1280×800 context; browser console errors and page errors fail the test."""
+    context = browser.new_context(viewport=VIEWPORT, locale="en-GB", timezone_id="Europe/Berlin")
+    context.set_default_timeout(15_000)
+    pg = context.new_page()
+    pg._odst_test = request.node.name
+    problems: list[str] = []
+    pg._odst_problems = problems
+
+    def on_console(msg) -> None:
+        if msg.type != "error":
+            return
+        where = msg.location or {}
+        if _api_answer(msg.text, where.get("url", "")):
+            return
+        problems.append(f"console error: {msg.text} ({where.get('url', '')}:{where.get('lineNumber', '')})")
+
+    pg.on("console", on_console)
+    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    try:
+        yield pg
+    finally:
+        failed = any(getattr(getattr(request.node, f"_odst_report_{when}", None), "failed", False)
+                     for when in ("setup", "call"))
+        try:
+            shot(pg, "failed" if failed else "end")
+        except Exception:  # the page may be gone; the screenshot is a courtesy
+            pass
+        context.close()
+    if problems and not failed:
+        pytest.fail("the browser reported errors:\n" + "\n".join(problems))
+
+
+def _api_answer(text: str, url: str) -> bool:
+    """Chromium logs every 4xx/5xx response as a console error. An Admin API answer such as
+    401 (signed out) or 409 is the UI's business to show, not a browser problem; a failed
+    asset, a CSP refusal or a script error is."""
+    return text.startswith("Failed to load resource: the server responded with a status of") \
+        and "/api/v1/" in url

@@ -1,0 +1,44 @@
+// One line of plain words per event type, for the event log and a package's history.
+
+import { fmtBytes, fmtTime } from './dom.js';
+
+export const EVENT_TYPES = [
+  'SiteFounded', 'PackageUploaded', 'PackageAvailable', 'PackageTransferFailed', 'PackageStaged',
+  'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'TokenCreated', 'TokenRevoked',
+  'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
+  'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved',
+];
+
+export function summary(item, ctx) {
+  const e = (item.envelope && item.envelope.event) || {};
+  const site = (id) => ctx.siteName(id);
+  switch (item.type) {
+    case 'SiteFounded': return `Site ${e.name ? `${e.name} ` : ''}(${e.site}) founded`;
+    case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
+    case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
+    case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
+    case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
+    case 'PackageDeleted': return `Deleted ${e.name}`;
+    case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
+    case 'PeerRegistered': return `Registered site ${e.name ? `${e.name} ` : ''}(${e.site})`;
+    case 'PeerRemoved': return `Stopped trusting site ${e.site} after its event ${e.upto_seq}`;
+    case 'TokenCreated': return `API token “${e.name}” (${e.role}) created`;
+    case 'TokenRevoked': return `API token ${e.token_id} revoked`;
+    case 'WebhookSubscribed': return `Webhook ${e.webhook_id} → ${e.url} for ${(e.event_types || []).join(', ')}`;
+    case 'WebhookRemoved': return `Webhook ${e.webhook_id} removed`;
+    case 'EmailSubscribed': return `Email digests to ${e.recipient} for ${(e.event_types || []).join(', ')}`;
+    case 'EmailUnsubscribed': return `Email subscription ${e.subscription_id} removed`;
+    case 'UserCreated': return `User ${e.username} created (${e.role})`;
+    case 'UserRoleChanged': return `User ${e.username} is now ${e.role}`;
+    case 'UserPasswordChanged': return `Password of ${e.username} changed`;
+    case 'UserDetailsChanged': return `User ${e.username} renamed “${e.display_name}”`;
+    case 'UserRemoved': return `User ${e.username} removed`;
+    default: return item.type;
+  }
+}
+
+// The package an event is about, if any.
+export function packageOf(item) {
+  const e = (item.envelope && item.envelope.event) || {};
+  return item.type && item.type.startsWith('Package') ? e.name : null;
+}

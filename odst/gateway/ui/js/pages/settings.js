@@ -1,0 +1,426 @@
+// Settings: the site's (read-only) configuration, my password, and for admins users, API tokens,
+// webhooks and email subscriptions.
+
+import { api, get } from '../api.js';
+import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
+  confirmDialog, formDialog, debounce, pill, uid } from '../dom.js';
+
+const ROLES = ['admin', 'operator', 'auditor'];
+const ROLE_WORDS = { admin: 'admin: everything', operator: 'operator: upload, stage, delete', auditor: 'auditor: read only' };
+const MIN_PASSWORD = 10; // the server's default (odst/accounts/passwords.py); it checks and says so
+
+function sectionHead(id, title, intro) {
+  return [h('h2', { id }, title), intro ? h('p', { class: 'hint' }, intro) : null];
+}
+
+function eventTypeBoxes(types, legend) {
+  const boxes = types.map((t) => {
+    const input = h('input', { type: 'checkbox', value: t, id: uid('cb') });
+    return { input, row: h('div', { class: 'check' }, input, h('label', { for: input.id }, t)) };
+  });
+  const fieldset = h('fieldset', { class: 'checks' }, h('legend', {}, legend), boxes.map((b) => b.row));
+  return { fieldset, checked: () => boxes.filter((b) => b.input.checked).map((b) => b.input.value),
+    clear: () => boxes.forEach((b) => { b.input.checked = false; }) };
+}
+
+function passwordProblem(values) {
+  if (!values.new) return 'Enter the new password.';
+  if ('confirm' in values && values.new !== values.confirm) return 'The two new passwords differ.';
+  return null;
+}
+
+export function mount(main, ctx) {
+  const isAdmin = ctx.can('admin');
+  const session = ctx.state.session;
+  const sections = {
+    site: h('section', { 'aria-labelledby': 'sec-site' }),
+    account: h('section', { 'aria-labelledby': 'sec-account' }),
+    users: isAdmin ? h('section', { 'aria-labelledby': 'sec-users' }) : null,
+    tokens: isAdmin ? h('section', { 'aria-labelledby': 'sec-tokens' }) : null,
+    webhooks: isAdmin ? h('section', { 'aria-labelledby': 'sec-webhooks' }) : null,
+    email: isAdmin ? h('section', { 'aria-labelledby': 'sec-email' }) : null,
+  };
+  const titles = { site: 'Site settings', account: 'My account', users: 'Users', tokens: 'API tokens',
+    webhooks: 'Webhooks', email: 'Email digests' };
+  const toc = h('nav', { 'aria-label': 'On this page', class: 'toc' }, h('ul', {},
+    Object.entries(sections).filter(([, el]) => el).map(([key]) => {
+      const b = h('button', { type: 'button', class: 'link' }, titles[key]);
+      b.addEventListener('click', () => {
+        const heading = document.getElementById(`sec-${key}`);
+        if (heading) { heading.tabIndex = -1; heading.scrollIntoView({ block: 'start' }); heading.focus(); }
+      });
+      return h('li', {}, b);
+    })));
+  append(main, h('h1', {}, 'Settings'), toc, ...Object.values(sections).filter(Boolean));
+
+  // ---- site settings (read-only)
+  async function loadSite() {
+    let s;
+    try {
+      s = await get('/api/v1/settings');
+      ctx.state.settings = s;
+    } catch (err) {
+      replace(sections.site, sectionHead('sec-site', titles.site), messageBox('error', `Could not read the settings: ${errorText(err)}`));
+      return;
+    }
+    const smtp = s.smtp || {};
+    const ldap = s.ldap || {};
+    const facts = [
+      ['Site name', s.site_name || '(none)'], ['Site id', s.site_id], ['Public URL', s.public_url],
+      ['Distribution point', `/${s.context}/Packages/<name>`],
+      ['Download authentication', s.download_auth === 'basic' ? 'user name and password (basic)' : 'none'],
+      ['Stages', (s.stages || []).join(', ')], ['Stages replicated here', (s.accepted_stages || []).join(', ') || 'all'],
+      ['Default stage', s.default_stage], ['Allowed extensions', (s.allowed_extensions || []).join(', ')],
+      ['Largest upload', `${fmtBytes(s.max_upload_bytes)}`],
+      ['Mail (SMTP)', smtp.configured ? `${smtp.host}:${smtp.port}${smtp.starttls ? ' with STARTTLS' : ''}, from ${smtp.from}` : 'not configured'],
+      ['Directory (LDAP)', ldap.configured ? `${ldap.url}, users under ${ldap.user_base}` : 'not configured (local users only)'],
+      ['Directory groups → roles', ldap.configured && ldap.role_map && ldap.role_map.length ? ldap.role_map.join('; ') : '—'],
+      ['Session', `ends after ${fmtDuration(s.session_idle_s)} unused, or ${fmtDuration(s.session_max_s)} after sign-in`],
+    ];
+    replace(sections.site, sectionHead('sec-site', titles.site,
+      'Read-only here: these come from the server’s odst.toml and ODST_* environment variables. Change them there and restart the site.'),
+    h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])));
+  }
+
+  // ---- my account
+  function renderAccount() {
+    const local = session.source !== 'ldap';
+    const parts = [...sectionHead('sec-account', titles.account),
+      h('dl', { class: 'facts' },
+        h('dt', {}, 'User name'), h('dd', {}, session.username),
+        h('dt', {}, 'Name'), h('dd', {}, session.display_name || '—'),
+        h('dt', {}, 'Role'), h('dd', {}, ROLE_WORDS[session.role] || session.role),
+        h('dt', {}, 'Account'), h('dd', {}, local ? 'local to this site' : 'from the directory (LDAP)'),
+        h('dt', {}, 'Session ends'), h('dd', {}, session.expires_at ? time(session.expires_at) : '—'))];
+    if (!local) {
+      parts.push(h('p', { class: 'hint' }, 'Your password is managed by the directory, not by ODST.'));
+      replace(sections.account, parts);
+      return;
+    }
+    const current = h('input', { type: 'password', autocomplete: 'current-password' });
+    const next = h('input', { type: 'password', autocomplete: 'new-password', minlength: MIN_PASSWORD });
+    const again = h('input', { type: 'password', autocomplete: 'new-password' });
+    const out = h('div', {});
+    const account = h('input', { type: 'text', autocomplete: 'username', value: session.username, hidden: true, tabindex: '-1' });
+    const form = h('form', { class: 'card narrow', novalidate: true }, h('h3', {}, 'Change my password'), account,
+      field('Current password', current).row, field('New password', next, `At least ${MIN_PASSWORD} characters.`).row,
+      field('New password again', again).row, h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Change password')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const problem = !current.value ? 'Enter your current password.' : passwordProblem({ new: next.value, confirm: again.value });
+      if (problem) { replace(out, messageBox('error', problem)); return; }
+      try {
+        await api('POST', '/api/v1/session/password', { current: current.value, new: next.value });
+        form.reset();
+        replace(out, messageBox('success', 'Your password was changed.'));
+      } catch (err) {
+        replace(out, messageBox('error', `Could not change the password: ${errorText(err)}`));
+      }
+    });
+    parts.push(form);
+    replace(sections.account, parts);
+  }
+
+  // ---- users (admin); each form is built once so a live refresh of its list keeps what is typed
+  let addUser = null;
+  async function loadUsers() {
+    let data;
+    addUser ||= userForm();
+    try { data = await get('/api/v1/users'); } catch (err) {
+      replace(sections.users, sectionHead('sec-users', titles.users), messageBox('error', `Could not list the users: ${errorText(err)}`), addUser);
+      return;
+    }
+    const rows = data.users.map((u) => {
+      const self = u.username === session.username;
+      const role = select(ROLES, u.role, { 'aria-label': `Role of ${u.username}`, class: 'compact' });
+      role.addEventListener('change', async () => {
+        try {
+          await api('PATCH', `/api/v1/users/${encodeURIComponent(u.username)}`, { role: role.value });
+          announce(`${u.username} is now ${role.value}.`, 'success');
+        } catch (err) {
+          role.value = u.role;
+          announce(`Could not change the role of ${u.username}: ${errorText(err)}`, 'error');
+        }
+      });
+      const reset = h('button', { type: 'button', class: 'secondary small', 'aria-label': `Reset the password of ${u.username}` }, 'Reset password…');
+      reset.addEventListener('click', async () => {
+        const v = await formDialog({ title: `New password for ${u.username}`, confirm: 'Set password', validate: passwordProblem, username: u.username,
+          fields: [{ name: 'new', label: 'New password', type: 'password', autocomplete: 'new-password', hint: `At least ${MIN_PASSWORD} characters. Tell the user over a safe channel.` },
+            { name: 'confirm', label: 'New password again', type: 'password', autocomplete: 'new-password' }] });
+        reset.focus();
+        if (!v) return;
+        try {
+          await api('PATCH', `/api/v1/users/${encodeURIComponent(u.username)}`, { password: v.new });
+          announce(`The password of ${u.username} was reset.`, 'success');
+        } catch (err) {
+          announce(`Could not reset the password of ${u.username}: ${errorText(err)}`, 'error');
+        }
+      });
+      const del = h('button', { type: 'button', class: 'danger small', 'aria-label': `Delete user ${u.username}` }, 'Delete…');
+      del.addEventListener('click', async () => {
+        const ok = await confirmDialog({ title: 'Delete user?', confirm: 'Delete', danger: true,
+          body: h('p', {}, 'Delete the user ', h('strong', {}, u.username), '? Their sessions end at once.') });
+        if (!ok) { del.focus(); return; }
+        try {
+          await api('DELETE', `/api/v1/users/${encodeURIComponent(u.username)}`);
+          announce(`Deleted user ${u.username}.`, 'success');
+          loadUsers();
+        } catch (err) {
+          announce(`Could not delete ${u.username}: ${errorText(err)}`, 'error');
+        }
+      });
+      return h('tr', { dataset: { user: u.username } },
+        h('th', { scope: 'row' }, u.username, self ? h('span', { class: 'hint' }, ' (you)') : null),
+        h('td', {}, u.display_name || '—'), h('td', {}, role),
+        h('td', {}, time(u.created_at), u.created_by ? h('div', { class: 'hint' }, `by ${u.created_by}`) : null),
+        h('td', { class: 'actions' }, reset, ' ', del));
+    });
+    replace(sections.users, sectionHead('sec-users', titles.users, 'Local accounts for the web interface. Directory (LDAP) users sign in with their own password and need no account here.'),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Users'),
+        h('thead', {}, h('tr', {}, ['User name', 'Name', 'Role', 'Created', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No local users.'),
+      addUser);
+  }
+
+  function userForm() {
+    const username = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false', autocapitalize: 'none' });
+    const displayName = h('input', { type: 'text', autocomplete: 'off' });
+    const role = select(ROLES.map((r) => [r, ROLE_WORDS[r]]), 'operator');
+    const password = h('input', { type: 'password', autocomplete: 'new-password' });
+    const out = h('div', {});
+    username.setAttribute('autocomplete', 'username');
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Add a user'),
+      h('div', { class: 'grid' }, field('User name', username).row, field('Name', displayName, 'Optional, shown in the header.').row,
+        field('Role', role).row, field('Password', password, `At least ${MIN_PASSWORD} characters.`).row),
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add user')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      if (!username.value.trim()) { replace(out, messageBox('error', 'Enter a user name.')); username.focus(); return; }
+      const problem = passwordProblem({ new: password.value });
+      if (problem) { replace(out, messageBox('error', problem)); password.focus(); return; }
+      try {
+        await api('POST', '/api/v1/users', { username: username.value.trim(), password: password.value, role: role.value, display_name: displayName.value.trim() });
+        announce(`Added user ${username.value.trim()}.`, 'success');
+        form.reset();
+        replace(out);
+        loadUsers();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not add the user: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  // ---- API tokens (admin)
+  let tokenForm = null;
+  function makeTokenForm() {
+    const name = h('input', { type: 'text', autocomplete: 'off' });
+    const role = select(ROLES.map((r) => [r, ROLE_WORDS[r]]), 'operator');
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Create an API token'),
+      h('div', { class: 'grid' }, field('Name', name, 'What uses it, e.g. “Jamf Pro sync”.').row, field('Role', role).row),
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create token')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      if (!name.value.trim()) { replace(out, messageBox('error', 'Enter a name for the token.')); name.focus(); return; }
+      try {
+        const t = await api('POST', '/api/v1/tokens', { name: name.value.trim(), role: role.value });
+        form.reset();
+        replace(out, secretBox(`API token “${t.name}”`, t.token, 'Copy it now: it is shown only once. Use it as “Authorization: Bearer <token>”.'));
+        loadTokens();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not create the token: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  async function loadTokens() {
+    let data;
+    tokenForm ||= makeTokenForm();
+    try { data = await get('/api/v1/tokens'); } catch (err) {
+      replace(sections.tokens, sectionHead('sec-tokens', titles.tokens), messageBox('error', `Could not list the tokens: ${errorText(err)}`), tokenForm);
+      return;
+    }
+    const rows = data.tokens.slice().reverse().map((t) => {
+      const revoke = t.revoked_at ? null : h('button', { type: 'button', class: 'danger small', 'aria-label': `Revoke token ${t.name}` }, 'Revoke…');
+      if (revoke) {
+        revoke.addEventListener('click', async () => {
+          const ok = await confirmDialog({ title: 'Revoke API token?', confirm: 'Revoke', danger: true,
+            body: h('p', {}, 'Revoke ', h('strong', {}, t.name), ` (${t.role})? Anything using it stops working at once.`) });
+          if (!ok) { revoke.focus(); return; }
+          try {
+            await api('DELETE', `/api/v1/tokens/${encodeURIComponent(t.token_id)}`);
+            announce(`Revoked token ${t.name}.`, 'success');
+            loadTokens();
+          } catch (err) {
+            announce(`Could not revoke ${t.name}: ${errorText(err)}`, 'error');
+          }
+        });
+      }
+      return h('tr', {}, h('th', { scope: 'row' }, t.name, h('div', { class: 'hint mono' }, t.token_id)),
+        h('td', {}, t.role), h('td', {}, time(t.created_at), t.created_by ? h('div', { class: 'hint' }, `by ${t.created_by}`) : null),
+        h('td', {}, t.revoked_at ? [pill('revoked', 'muted'), ' ', time(t.revoked_at)] : pill('active', 'ok')),
+        h('td', { class: 'actions' }, revoke));
+    });
+    replace(sections.tokens, sectionHead('sec-tokens', titles.tokens, 'For scripts and other services (Authorization: Bearer). Stored only as a SHA-256 hash.'),
+      h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'API tokens'),
+        h('thead', {}, h('tr', {}, ['Name', 'Role', 'Created', 'Status', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
+        h('tbody', {}, rows))), tokenForm);
+  }
+
+  // ---- webhooks (admin)
+  let webhookForm = null;
+  function makeWebhookForm(eventTypes) {
+    const url = h('input', { type: 'url', autocomplete: 'off', placeholder: 'https://hooks.example.com/odst' });
+    const description = h('input', { type: 'text', autocomplete: 'off' });
+    const types = eventTypeBoxes(eventTypes, 'Send these events');
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Add a webhook'),
+      h('div', { class: 'grid' }, field('URL', url).row, field('Description', description, 'Optional.').row),
+      types.fieldset, h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add webhook')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      try {
+        const w = await api('POST', '/api/v1/webhooks', { url: url.value.trim(), event_types: types.checked(), description: description.value.trim() });
+        form.reset();
+        replace(out, secretBox(`Signing secret for ${w.url}`, w.secret,
+          `Verify the ${w.signature_header} header of each delivery with it (see the README). It is shown only once.`));
+        loadWebhooks();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not add the webhook: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  function deliveriesTable(w, d) {
+    if (!d.deliveries.length) return h('p', { class: 'empty' }, 'No deliveries yet.');
+    const kind = (status) => (status === 'delivered' ? 'ok' : status === 'failed' ? 'bad' : status === 'cancelled' ? 'muted' : 'info');
+    return h('table', { class: 'inner' }, h('caption', {}, `Latest deliveries to ${w.url}`),
+      h('thead', {}, h('tr', {}, ['Event', 'Status', 'Attempts', 'Last answer', 'Last attempt', 'Last error'].map((c) => h('th', { scope: 'col' }, c)))),
+      h('tbody', {}, d.deliveries.map((x) => h('tr', {}, h('td', {}, x.type), h('td', {}, pill(x.status, kind(x.status))),
+        h('td', { class: 'num' }, String(x.attempts)), h('td', {}, x.last_status ? `HTTP ${x.last_status}` : '—'),
+        h('td', {}, x.last_attempt_at ? time(x.last_attempt_at) : '—'), h('td', { class: 'break' }, x.last_error || '—')))));
+  }
+
+  async function loadWebhooks() {
+    let data;
+    try { data = await get('/api/v1/webhooks'); } catch (err) {
+      replace(sections.webhooks, sectionHead('sec-webhooks', titles.webhooks), messageBox('error', `Could not list the webhooks: ${errorText(err)}`));
+      return;
+    }
+    webhookForm ||= makeWebhookForm(data.event_types);
+    const rows = [];
+    for (const w of data.webhooks) {
+      const toggle = h('button', { type: 'button', class: 'secondary small', 'aria-expanded': 'false', 'aria-label': `Deliveries to ${w.url}` }, 'Deliveries');
+      const del = h('button', { type: 'button', class: 'danger small', 'aria-label': `Delete webhook to ${w.url}` }, 'Delete…');
+      const tr = h('tr', {}, h('th', { scope: 'row', class: 'break' }, w.url, h('div', { class: 'hint mono' }, w.webhook_id)),
+        h('td', {}, w.description || '—'), h('td', { class: 'types' }, w.event_types.join(', ')),
+        h('td', {}, time(w.created_at)), h('td', { class: 'actions' }, toggle, ' ', del));
+      toggle.addEventListener('click', async () => {
+        const open = toggle.getAttribute('aria-expanded') === 'true';
+        toggle.setAttribute('aria-expanded', String(!open));
+        if (open) { tr.nextSibling.remove(); return; }
+        const cell = h('td', { colspan: 5 }, h('p', { class: 'loading' }, 'Loading deliveries…'));
+        tr.after(h('tr', { class: 'detail' }, cell));
+        try {
+          replace(cell, deliveriesTable(w, await get(`/api/v1/webhooks/${encodeURIComponent(w.webhook_id)}/deliveries?limit=50`)));
+        } catch (err) {
+          replace(cell, messageBox('error', `Could not read the deliveries: ${errorText(err)}`));
+        }
+      });
+      del.addEventListener('click', async () => {
+        const ok = await confirmDialog({ title: 'Delete webhook?', confirm: 'Delete', danger: true,
+          body: h('p', {}, 'Stop sending events to ', h('strong', { class: 'break' }, w.url), '? Pending deliveries are cancelled.') });
+        if (!ok) { del.focus(); return; }
+        try {
+          await api('DELETE', `/api/v1/webhooks/${encodeURIComponent(w.webhook_id)}`);
+          announce('Webhook deleted.', 'success');
+          loadWebhooks();
+        } catch (err) {
+          announce(`Could not delete the webhook: ${errorText(err)}`, 'error');
+        }
+      });
+      rows.push(tr);
+    }
+    replace(sections.webhooks, sectionHead('sec-webhooks', titles.webhooks, 'Each delivery is a signed POST (X-ODST-Signature), retried with backoff until the receiver answers 2xx.'),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Webhooks'),
+        h('thead', {}, h('tr', {}, ['URL', 'Description', 'Events', 'Created', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No webhooks.'), webhookForm);
+  }
+
+  // ---- email subscriptions (admin)
+  let emailForm = null;
+  function makeEmailForm(eventTypes) {
+    const recipient = h('input', { type: 'email', autocomplete: 'off', placeholder: 'macadmins@example.com' });
+    const types = eventTypeBoxes(eventTypes, 'Mail these events');
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Add a recipient'),
+      field('Email address', recipient).row, types.fieldset,
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Add recipient')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      try {
+        await api('POST', '/api/v1/email-subscriptions', { recipient: recipient.value.trim(), event_types: types.checked() });
+        announce(`Added ${recipient.value.trim()}.`, 'success');
+        form.reset();
+        replace(out);
+        loadEmail();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not add the recipient: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  async function loadEmail() {
+    let data;
+    try { data = await get('/api/v1/email-subscriptions'); } catch (err) {
+      replace(sections.email, sectionHead('sec-email', titles.email), messageBox('error', `Could not list the email subscriptions: ${errorText(err)}`));
+      return;
+    }
+    emailForm ||= makeEmailForm(data.event_types);
+    const rows = data.subscriptions.map((s) => {
+      const del = h('button', { type: 'button', class: 'danger small', 'aria-label': `Remove the subscription of ${s.recipient}` }, 'Remove…');
+      del.addEventListener('click', async () => {
+        const ok = await confirmDialog({ title: 'Remove email subscription?', confirm: 'Remove', danger: true,
+          body: h('p', {}, 'Stop mailing ', h('strong', {}, s.recipient), '?') });
+        if (!ok) { del.focus(); return; }
+        try {
+          await api('DELETE', `/api/v1/email-subscriptions/${encodeURIComponent(s.subscription_id)}`);
+          announce(`Removed ${s.recipient}.`, 'success');
+          loadEmail();
+        } catch (err) {
+          announce(`Could not remove ${s.recipient}: ${errorText(err)}`, 'error');
+        }
+      });
+      return h('tr', {}, h('th', { scope: 'row' }, s.recipient), h('td', { class: 'types' }, (s.event_types || []).join(', ')),
+        h('td', {}, time(s.created_at)), h('td', { class: 'actions' }, del));
+    });
+    replace(sections.email, sectionHead('sec-email', titles.email, `Events within ${fmtDuration(data.digest_s)} go out as one mail per recipient.`),
+      data.smtp_configured ? null : messageBox('warning', 'No mail server is configured (smtp_host), so no mail is sent until one is.'),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Email subscriptions'),
+        h('thead', {}, h('tr', {}, ['Recipient', 'Events', 'Created', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No email subscriptions.'), emailForm);
+  }
+
+  loadSite();
+  renderAccount();
+  const reloads = {};
+  if (isAdmin) {
+    Object.assign(reloads, { User: debounce(loadUsers, 200), Token: debounce(loadTokens, 200),
+      Webhook: debounce(loadWebhooks, 200), Email: debounce(loadEmail, 200) });
+    loadUsers();
+    loadTokens();
+    loadWebhooks();
+    loadEmail();
+  }
+  const unsubscribe = ctx.feed.subscribe((e) => {
+    for (const [prefix, fn] of Object.entries(reloads)) if (e.type.startsWith(prefix)) fn();
+  });
+  return () => {
+    unsubscribe();
+    Object.values(reloads).forEach((fn) => fn.cancel());
+  };
+}
