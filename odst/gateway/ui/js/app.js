@@ -117,7 +117,7 @@ function endSession(notice, kind = 'info') {
 // Any 401 from the API: the session expired or was ended elsewhere.
 function sessionExpired(err) {
   if (!state.session) return;
-  endSession(`Your session has ended, so you were signed out: ${errorText(err)} Sign in again to continue.`, 'warning');
+  endSession(`You were signed out: the server says “${errorText(err)}”. Sign in to continue where you were.`, 'warning');
 }
 
 async function signOut() {
