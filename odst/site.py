@@ -128,6 +128,14 @@ class Site:
     def id(self) -> str:
         return self.key.site_id
 
+    @property
+    def accepted_stages(self) -> list[str]:
+        """Stages replicated here: the site's last StagesAccepted, else the accept_stages setting."""
+        chosen = views.site_setting(self.reader, "accepted_stages") if self.reader is not None else None
+        if chosen is None:
+            return self.settings.accepted_stages
+        return [s for s in chosen["value"] if s in self.settings.stages]
+
     async def open(self, *, roles: frozenset[str] = ALL_ROLES, bootstrap: bool = True) -> "Site":
         """Start the parts of a site this process runs.
 

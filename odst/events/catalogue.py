@@ -181,10 +181,20 @@ class UserRemoved(Event, tag=True):
     username: str
 
 
+class StagesAccepted(Event, tag=True):
+    """This site now replicates packages in these stages (chosen in the web UI or API).
+
+    Overrides the ``accept_stages`` setting from then on; the setting stays the
+    starting point of a site that never chose.
+    """
+
+    stages: list[str]
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
-            | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved)
+            | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -207,6 +217,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     UserPasswordChanged,
     UserDetailsChanged,
     UserRemoved,
+    StagesAccepted,
 )
 
 

@@ -20,7 +20,8 @@ from odst.gateway.metrics import make_metrics
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
-from odst.gateway.session import SessionController, check_directory, get_settings
+from odst.gateway.session import SessionController
+from odst.gateway.settings import SettingsController
 from odst.gateway.tokens import TokenController
 from odst.gateway.users import UserController
 from odst.gateway.ui import ui_routes
@@ -93,8 +94,7 @@ def create_app(site: Site) -> Litestar:
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
-                                           SessionController, UserController, get_settings,
-                                           check_directory],
+                                           SessionController, UserController, SettingsController],
                  guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,

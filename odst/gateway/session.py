@@ -1,5 +1,4 @@
-"""/api/v1/session: web UI sign-in (local users, then LDAP), sign-out, own password;
-/api/v1/settings: the site's effective settings, read-only, for the UI."""
+"""/api/v1/session: web UI sign-in (local users, then LDAP), sign-out, own password."""
 
 from __future__ import annotations
 
@@ -161,33 +160,3 @@ class SessionController(Controller):
                           expires_at=sess.ends_at(site.sessions.idle_s))
         return Response(session_json(fresh),
                         cookies=[_session_cookie(request, site, session_id, site.settings.session_max_s)])
-
-
-@post("/api/v1/settings/ldap-check", operation_id="checkDirectory", opt={"roles": ("admin",)}, tags=["site"],
-      status_code=200)
-async def check_directory(request: Request) -> dict[str, Any]:
-    """Connect, bind as the service account and search the user base: is LDAP set up right?"""
-    from odst.accounts import ldap
-    site: Site = request.app.state.site
-    if not ldap.enabled(site.settings):
-        raise RequestInvalid("LDAP is not configured (ldap_url is empty)")
-    return {"ok": True, "detail": await asyncio.to_thread(ldap.check, site.settings)}
-
-
-@get("/api/v1/settings", operation_id="getSettings", opt={"roles": READ}, tags=["site"])
-async def get_settings(request: Request) -> dict[str, Any]:
-    """This site's effective settings (odst.toml / ODST_* / flags); secrets left out."""
-    site: Site = request.app.state.site
-    s = site.settings
-    return {
-        "site_id": site.id, "site_name": s.site_name, "public_url": s.base_url, "context": s.context,
-        "download_auth": s.download_auth, "stages": s.stages, "accepted_stages": s.accepted_stages,
-        "default_stage": s.default_stage, "allowed_extensions": s.allowed_extensions,
-        "max_upload_bytes": s.max_upload_bytes,
-        "smtp": {"configured": bool(s.smtp_host), "host": s.smtp_host, "port": s.smtp_port,
-                 "starttls": s.smtp_starttls, "from": s.smtp_from},
-        "ldap": {"configured": bool(s.ldap_url), "url": s.ldap_url, "user_base": s.ldap_user_base,
-                 "role_map": s.ldap_role_map},
-        "session_idle_s": s.session_idle_s, "session_max_s": s.session_max_s,
-        "signin_max_failures": s.signin_max_failures,
-    }

@@ -321,6 +321,12 @@ def _user_removed(c, env, e: ev.UserRemoved, folder) -> None:
                   " AND removed_at IS NULL", (env.ts, env.ts, env.actor, e.username))
 
 
+def _stages_accepted(c, env, e: ev.StagesAccepted, folder) -> None:
+    if env.origin in folder.trusted:  # each site chooses its own; peers' choices are theirs
+        c.execute("INSERT OR REPLACE INTO site_settings(key, value, updated_at, updated_by) VALUES (?,?,?,?)",
+                  ("accepted_stages", json.dumps(list(e.stages)), env.ts, env.actor))
+
+
 _HANDLERS = {
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
@@ -341,6 +347,7 @@ _HANDLERS = {
     ev.UserPasswordChanged: _user_update("password_sealed", "password_sealed"),
     ev.UserDetailsChanged: _user_update("display_name", "display_name"),
     ev.UserRemoved: _user_removed,
+    ev.StagesAccepted: _stages_accepted,
 }
 
 

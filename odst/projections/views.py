@@ -249,3 +249,9 @@ def user_row(conn: sqlite3.Connection, username: str) -> sqlite3.Row | None:
 def user(conn: sqlite3.Connection, username: str) -> dict | None:
     row = user_row(conn, username)
     return _user(row) if row else None
+
+
+def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
+    row = conn.execute("SELECT * FROM site_settings WHERE key=?", (key,)).fetchone()
+    return {"value": json.loads(row["value"]), "updated_at": row["updated_at"],
+            "updated_by": row["updated_by"]} if row else None

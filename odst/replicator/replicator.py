@@ -118,7 +118,7 @@ class Replicator:
     async def reconcile(self) -> None:
         self.remove_deleted()
         now = time.monotonic()
-        wanted = views.wanted(self.site.reader, self.site.id, self.site.settings.accepted_stages)
+        wanted = views.wanted(self.site.reader, self.site.id, self.site.accepted_stages)
         wanted_keys = set()
         for row in wanted:
             key = (row["name"], row["blake3"])
@@ -170,7 +170,7 @@ class Replicator:
         row = self.site.reader.execute("SELECT * FROM packages WHERE name=? AND blake3=?", (name, blake3)).fetchone()
         if row is None or key in self.tasks or (name, blake3) not in {
                 (r["name"], r["blake3"]) for r in views.wanted(self.site.reader, self.site.id,
-                                                               self.site.settings.accepted_stages)}:
+                                                               self.site.accepted_stages)}:
             return  # no longer wanted, or already being pulled here
         try:
             revision = await self._leases.create(blake3, self.owner.encode())
