@@ -85,6 +85,8 @@ def page(browser, request):
     context.set_default_timeout(15_000)
     pg = context.new_page()
     pg._odst_test = request.node.name
+    for stale in screenshots_dir().glob(f"{_slug(request.node.name)}-*.png"):  # from an earlier run
+        stale.unlink()
     problems: list[str] = []
     pg._odst_problems = problems
 

@@ -357,3 +357,64 @@ def test_keyboard_only_sign_in_and_navigation(ui_site, page):
     shot(page, "2-focus-ring")
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1, name="Event log")).to_be_focused()
+
+
+def test_an_admin_manages_tokens_users_and_webhooks_in_settings(ui_site, page):
+    add_user(ui_site, "bob", "operator", "Bob")
+    sign_in(page, ui_site, "admin", ADMIN_PASSWORD)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+    expect(page.get_by_role("heading", name="Site settings")).to_be_visible()
+    expect(page.locator("dl.facts").first).to_contain_text(".pkg, .dmg, .zip, .mpkg")
+
+    tokens = page.locator("section[aria-labelledby=sec-tokens]")
+    tokens.get_by_label("Name").fill("Jamf Pro sync")
+    tokens.get_by_label("Role").select_option("auditor")
+    tokens.get_by_role("button", name="Create token").click()
+    secret = tokens.locator(".secret code")
+    expect(secret).to_have_text(re.compile(r"^odst_"))
+    token = secret.inner_text()
+    expect(tokens.get_by_role("row", name=re.compile("Jamf Pro sync"))).to_contain_text("active")
+    with ui_site.client(token) as c:  # the token shown once works, with the role chosen
+        assert c.get("/api/v1/packages").status_code == 200
+        assert c.delete("/api/v1/packages/x.pkg").status_code == 403
+    shot(page, "1-token-created")
+
+    users = page.locator("section[aria-labelledby=sec-users]")
+    users.get_by_label("Role of bob").select_option("auditor")
+    expect(page.locator("#toasts")).to_contain_text("bob is now auditor.")
+    users.get_by_role("button", name="Reset the password of bob").click()
+    dialog = page.get_by_role("dialog", name="New password for bob")
+    dialog.get_by_label("New password", exact=True).fill("bobs new password")
+    dialog.get_by_label("New password again").fill("bobs new passwordX")
+    dialog.get_by_role("button", name="Set password").click()
+    expect(dialog.get_by_role("alert")).to_have_text("The two new passwords differ.")
+    dialog.get_by_label("New password again").fill("bobs new password")
+    dialog.get_by_role("button", name="Set password").click()
+    expect(page.locator("#toasts")).to_contain_text("The password of bob was reset.")
+    r = httpx.post(ui_site.url + "/api/v1/session", json={"username": "bob", "password": "bobs new password"})
+    assert r.status_code == 200 and r.json()["role"] == "auditor"
+    users.get_by_label("User name", exact=True).fill("carol")
+    users.get_by_label("Password", exact=True).fill("short")
+    users.get_by_role("button", name="Add user").click()
+    expect(users.get_by_role("alert")).to_contain_text("password must be at least")  # the server's rule
+    users.get_by_label("Password", exact=True).fill("carols long password")
+    users.get_by_role("button", name="Add user").click()
+    expect(users.get_by_role("row", name=re.compile("^carol"))).to_be_visible()
+    expect(users.get_by_label("Role", exact=True)).to_have_value("operator")  # the form reset to its default
+    shot(page, "2-users")
+
+    hooks = page.locator("section[aria-labelledby=sec-webhooks]")
+    hooks.get_by_label("URL").fill("https://hooks.example.com/odst")
+    hooks.get_by_label("PackageUploaded").check()
+    hooks.get_by_role("button", name="Add webhook").click()
+    expect(hooks.locator(".secret code")).to_be_visible()
+    row = hooks.get_by_role("row", name=re.compile("hooks.example.com"))
+    expect(row).to_contain_text("PackageUploaded")
+    row.get_by_role("button", name=re.compile("^Deliveries")).click()
+    expect(hooks.get_by_text("No deliveries yet.")).to_be_visible()
+    shot(page, "3-webhook")
+    row.get_by_role("button", name=re.compile("^Delete webhook")).click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+    expect(hooks.get_by_text("No webhooks.")).to_be_visible()
+    with ui_site.client() as c:
+        assert c.get("/api/v1/webhooks").json()["webhooks"] == []

@@ -47,9 +47,12 @@ export const ctx = {
     return Boolean(role);
   },
   // Every site this one knows: itself first, then its peers.
+  // accepted: the stages a site replicates, when known (null: unknown, assume all).
   sites() {
-    const self = state.site ? [{ site: state.site.site, name: state.site.name || '', self: true }] : [];
-    return self.concat(state.peers.map((p) => ({ site: p.site, name: p.name || '', self: false })));
+    const mine = state.settings && state.settings.accepted_stages ? state.settings.accepted_stages : null;
+    const self = state.site ? [{ site: state.site.site, name: state.site.name || '', self: true, accepted: mine }] : [];
+    return self.concat(state.peers.map((p) => ({ site: p.site, name: p.name || '', self: false,
+      accepted: Array.isArray(p.accepted_stages) ? p.accepted_stages : null })));
   },
   siteName(id) {
     const found = ctx.sites().find((s) => s.site === id);

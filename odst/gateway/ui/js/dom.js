@@ -8,7 +8,7 @@ export function h(tag, props, ...children) {
     else if (key === 'text') el.textContent = String(value);
     else if (key === 'on') for (const [type, fn] of Object.entries(value)) el.addEventListener(type, fn);
     else if (key === 'dataset') Object.assign(el.dataset, value);
-    else if (key === 'value' || key === 'checked' || key === 'disabled' || key === 'selected' ||
+    else if (key === 'value' || key === 'checked' || key === 'disabled' ||
              key === 'max' || key === 'hidden' || key === 'open') el[key] = value;
     else el.setAttribute(key, value === true ? '' : String(value));
   }
@@ -53,7 +53,8 @@ export function select(options, value, props = {}) {
   const el = h('select', props);
   for (const opt of options) {
     const [v, text] = Array.isArray(opt) ? opt : [opt, opt];
-    el.append(h('option', { value: v }, text));
+    // defaultSelected too, so a form reset returns to this value rather than the first option
+    el.append(h('option', { value: v, selected: v === value ? 'selected' : null }, text));
   }
   if (value !== undefined && value !== null) el.value = value;
   return el;

@@ -6,7 +6,7 @@ export const EVENT_TYPES = [
   'SiteFounded', 'PackageUploaded', 'PackageAvailable', 'PackageTransferFailed', 'PackageStaged',
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
-  'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved',
+  'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
 ];
 
 export function summary(item, ctx) {
@@ -33,6 +33,7 @@ export function summary(item, ctx) {
     case 'UserPasswordChanged': return `Password of ${e.username} changed`;
     case 'UserDetailsChanged': return `User ${e.username} renamed “${e.display_name}”`;
     case 'UserRemoved': return `User ${e.username} removed`;
+    case 'StagesAccepted': return `${site(item.origin)} now replicates stages ${(e.stages || []).join(', ')}`;
     default: return item.type;
   }
 }

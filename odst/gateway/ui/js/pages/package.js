@@ -5,14 +5,14 @@ import { api, get, pkgPath, query } from '../api.js';
 import { h, append, replace, messageBox, announce, errorText, fmtBytes, fmtRate, time, copyable, select,
   confirmDialog, debounce, plural, pill } from '../dom.js';
 import { summary, packageOf } from '../eventtext.js';
-import { siteStatus } from './packages.js';
+import { siteStatus, wants } from './packages.js';
 
 // Chunk sizes are binary (1 MiB in the ODS protocol): say so exactly.
 function chunkSize(n) {
   return n % 1048576 === 0 ? `${n / 1048576} MiB` : fmtBytes(n);
 }
 
-const STATUS_KIND = { available: 'ok', downloading: 'info', pending: 'info', failed: 'bad', absent: 'muted' };
+const STATUS_KIND = { available: 'ok', downloading: 'info', pending: 'info', failed: 'bad', absent: 'muted', skipped: 'muted' };
 
 export function mount(main, ctx, [name]) {
   const canWrite = ctx.can('write');
@@ -106,7 +106,7 @@ export function mount(main, ctx, [name]) {
     const ids = new Set(known.map((s) => s.site));
     const extra = Object.keys(pkg.availability || {}).filter((s) => !ids.has(s)).map((s) => ({ site: s, name: '', self: false }));
     const rows = known.concat(extra).map((s) => {
-      const { status, words } = siteStatus(pkg, s.site);
+      const { status, words } = siteStatus(pkg, s.site, s.accepted);
       const a = (pkg.availability || {})[s.site] || {};
       const t = s.self ? transfers.find((x) => x.name === name && x.blake3 === pkg.blake3) : null;
       let progress = '—';
@@ -129,8 +129,10 @@ export function mount(main, ctx, [name]) {
         h('td', {}, a.updated_at ? time(a.updated_at) : '—'));
     });
     const held = known.filter((s) => siteStatus(pkg, s.site).status === 'available').length;
+    const expected = known.filter((s) => wants(s, pkg) || siteStatus(pkg, s.site).status === 'available').length;
     replace(availability,
-      h('h2', { id: 'sec-availability' }, `Availability: ${held}/${plural(known.length, 'site')}`),
+      h('h2', { id: 'sec-availability' }, `Availability: ${held}/${plural(expected, 'site')}`),
+      expected < known.length ? h('p', { class: 'hint' }, `${known.length - expected === 1 ? 'One site does' : `${known.length - expected} sites do`} not replicate stage ${pkg.stage}.`) : null,
       h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
         h('thead', {}, h('tr', {}, ['Site', 'Status', 'Replication', 'Updated'].map((c) => h('th', { scope: 'col' }, c)))),
         h('tbody', {}, rows)));

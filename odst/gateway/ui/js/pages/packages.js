@@ -15,8 +15,14 @@ export const STATUS_WORDS = {
   available: 'available', downloading: 'downloading', pending: 'waiting to download', failed: 'failed',
 };
 
-export function siteStatus(pkg, site) {
+// A site that does not replicate the package's stage is not missing it.
+export function wants(site, pkg) {
+  return !site.accepted || site.accepted.includes(pkg.stage);
+}
+
+export function siteStatus(pkg, site, accepted = null) {
   const a = pkg.availability ? pkg.availability[site] : null;
+  if (!a && accepted && !accepted.includes(pkg.stage)) return { status: 'skipped', words: `not replicated (accepts ${accepted.join(', ')})` };
   if (!a) return { status: 'absent', words: 'not held' };
   let words = STATUS_WORDS[a.status] || a.status;
   if (a.status === 'downloading' && a.chunks_total) words += ` ${Math.floor((100 * a.chunks_done) / a.chunks_total)} %`;
@@ -28,15 +34,17 @@ export function siteStatus(pkg, site) {
 export function availabilityCell(pkg, ctx) {
   const sites = ctx.sites();
   const held = sites.filter((s) => siteStatus(pkg, s.site).status === 'available').length;
+  const expected = sites.filter((s) => wants(s, pkg) || siteStatus(pkg, s.site).status === 'available').length;
   const dots = h('ul', { class: 'dots' });
   for (const s of sites) {
-    const { status, words } = siteStatus(pkg, s.site);
+    const { status, words } = siteStatus(pkg, s.site, s.accepted);
     const label = `${s.name || s.site}${s.self ? ' (this site)' : ''}: ${words}`;
     dots.append(h('li', { title: label }, h('span', { class: `dot ${status}`, 'aria-hidden': 'true' }),
       h('span', { class: 'sr-only' }, label)));
   }
   return h('div', { class: 'availability' },
-    h('span', { class: 'avail-count' }, `${held}/${plural(sites.length, 'site')}`), dots);
+    h('span', { class: 'avail-count', title: expected < sites.length ? `${sites.length - expected} more do not replicate stage ${pkg.stage}` : null },
+      `${held}/${plural(expected, 'site')}`), dots);
 }
 
 function compare(a, b) {

@@ -77,9 +77,61 @@ export function mount(main, ctx) {
       ['Directory groups → roles', ldap.configured && ldap.role_map && ldap.role_map.length ? ldap.role_map.join('; ') : '—'],
       ['Session', `ends after ${fmtDuration(s.session_idle_s)} unused, or ${fmtDuration(s.session_max_s)} after sign-in`],
     ];
+    const choosable = isAdmin && 'accepted_stages_source' in s;
     replace(sections.site, sectionHead('sec-site', titles.site,
-      'Read-only here: these come from the server’s odst.toml and ODST_* environment variables. Change them there and restart the site.'),
-    h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])));
+      'Read-only here: these come from the server’s odst.toml and ODST_* environment variables. Change them there and restart the site.'
+      + (choosable ? ' The stages this site replicates are the exception: an admin chooses them below.' : '')),
+    h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+    choosable ? stagesForm(s) : null,
+    isAdmin && ldap.configured ? ldapCheck() : null);
+  }
+
+  // The stages this site replicates are the one setting chosen here (a signed event), not in odst.toml.
+  function stagesForm(s) {
+    const boxes = s.stages.map((stage) => {
+      const input = h('input', { type: 'checkbox', value: stage, id: uid('cb'), checked: s.accepted_stages.includes(stage) });
+      return { input, row: h('div', { class: 'check' }, input, h('label', { for: input.id }, stage)) };
+    });
+    const source = s.accepted_stages_source || {};
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Stages this site replicates'),
+      h('p', { class: 'hint' }, source.from === 'event'
+        ? ['Chosen here ', time(source.updated_at), source.updated_by ? ` by ${source.updated_by}` : '', '.']
+        : `From the ${source.from === 'setting' ? 'accept_stages setting' : 'default (all stages)'} until chosen here.`),
+      h('fieldset', { class: 'checks' }, h('legend', {}, 'Replicate packages in'), boxes.map((b) => b.row)),
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save stages')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const stages = boxes.filter((b) => b.input.checked).map((b) => b.input.value);
+      try {
+        const updated = await api('PUT', '/api/v1/settings/accepted-stages', { stages });
+        ctx.state.settings = updated;
+        announce(`This site now replicates ${updated.accepted_stages.join(', ')}.`, 'success');
+        loadSite();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not save the stages: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  function ldapCheck() {
+    const out = h('div', { 'aria-live': 'polite' });
+    const button = h('button', { type: 'button', class: 'secondary' }, 'Check the directory settings');
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      replace(out, messageBox('info', 'Connecting to the directory…'));
+      try {
+        const r = await api('POST', '/api/v1/settings/ldap-check');
+        replace(out, messageBox('success', `The directory answered: ${r.detail}`));
+      } catch (err) {
+        replace(out, messageBox('error', `The directory check failed: ${errorText(err)}`));
+      }
+      button.disabled = false;
+    });
+    return h('div', { class: 'card' }, h('h3', {}, 'Directory (LDAP)'),
+      h('p', { class: 'hint' }, 'Binds with the service account and searches the user base, without a user signing in.'),
+      h('div', { class: 'actions' }, button), out);
   }
 
   // ---- my account
@@ -304,6 +356,7 @@ export function mount(main, ctx) {
         h('td', {}, x.last_attempt_at ? time(x.last_attempt_at) : '—'), h('td', { class: 'break' }, x.last_error || '—')))));
   }
 
+  const openDeliveries = new Set(); // webhook ids whose delivery log is open: a live refresh keeps it open
   async function loadWebhooks() {
     let data;
     try { data = await get('/api/v1/webhooks'); } catch (err) {
@@ -312,16 +365,18 @@ export function mount(main, ctx) {
     }
     webhookForm ||= makeWebhookForm(data.event_types);
     const rows = [];
+    const reopen = [];
     for (const w of data.webhooks) {
       const toggle = h('button', { type: 'button', class: 'secondary small', 'aria-expanded': 'false', 'aria-label': `Deliveries to ${w.url}` }, 'Deliveries');
       const del = h('button', { type: 'button', class: 'danger small', 'aria-label': `Delete webhook to ${w.url}` }, 'Delete…');
       const tr = h('tr', {}, h('th', { scope: 'row', class: 'break' }, w.url, h('div', { class: 'hint mono' }, w.webhook_id)),
         h('td', {}, w.description || '—'), h('td', { class: 'types' }, w.event_types.join(', ')),
         h('td', {}, time(w.created_at)), h('td', { class: 'actions' }, toggle, ' ', del));
-      toggle.addEventListener('click', async () => {
+      const showDeliveries = async () => {
         const open = toggle.getAttribute('aria-expanded') === 'true';
         toggle.setAttribute('aria-expanded', String(!open));
-        if (open) { tr.nextSibling.remove(); return; }
+        if (open) { openDeliveries.delete(w.webhook_id); tr.nextSibling.remove(); return; }
+        openDeliveries.add(w.webhook_id);
         const cell = h('td', { colspan: 5 }, h('p', { class: 'loading' }, 'Loading deliveries…'));
         tr.after(h('tr', { class: 'detail' }, cell));
         try {
@@ -329,7 +384,8 @@ export function mount(main, ctx) {
         } catch (err) {
           replace(cell, messageBox('error', `Could not read the deliveries: ${errorText(err)}`));
         }
-      });
+      };
+      toggle.addEventListener('click', showDeliveries);
       del.addEventListener('click', async () => {
         const ok = await confirmDialog({ title: 'Delete webhook?', confirm: 'Delete', danger: true,
           body: h('p', {}, 'Stop sending events to ', h('strong', { class: 'break' }, w.url), '? Pending deliveries are cancelled.') });
@@ -343,11 +399,16 @@ export function mount(main, ctx) {
         }
       });
       rows.push(tr);
+      if (openDeliveries.has(w.webhook_id)) {
+        openDeliveries.delete(w.webhook_id);
+        reopen.push(showDeliveries);
+      }
     }
     replace(sections.webhooks, sectionHead('sec-webhooks', titles.webhooks, 'Each delivery is a signed POST (X-ODST-Signature), retried with backoff until the receiver answers 2xx.'),
       rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Webhooks'),
         h('thead', {}, h('tr', {}, ['URL', 'Description', 'Events', 'Created', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
         h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No webhooks.'), webhookForm);
+    reopen.forEach((fn) => fn());
   }
 
   // ---- email subscriptions (admin)
@@ -407,7 +468,7 @@ export function mount(main, ctx) {
 
   loadSite();
   renderAccount();
-  const reloads = {};
+  const reloads = { Stages: debounce(loadSite, 200) };
   if (isAdmin) {
     Object.assign(reloads, { User: debounce(loadUsers, 200), Token: debounce(loadTokens, 200),
       Webhook: debounce(loadWebhooks, 200), Email: debounce(loadEmail, 200) });
