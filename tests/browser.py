@@ -89,12 +89,13 @@ def page(browser, request):
         stale.unlink()
     problems: list[str] = []
     pg._odst_problems = problems
+    pg._odst_allowed = []
 
     def on_console(msg) -> None:
         if msg.type != "error":
             return
         where = msg.location or {}
-        if _api_answer(msg.text, where.get("url", "")):
+        if _api_answer(msg.text, where.get("url", "")) or any(p.search(msg.text) for p in pg._odst_allowed):
             return
         problems.append(f"console error: {msg.text} ({where.get('url', '')}:{where.get('lineNumber', '')})")
 
@@ -120,3 +121,8 @@ def _api_answer(text: str, url: str) -> bool:
     asset, a CSP refusal or a script error is."""
     return text.startswith("Failed to load resource: the server responded with a status of") \
         and "/api/v1/" in url
+
+
+def allow_console_error(page, pattern: str) -> None:
+    """A console error this test provokes on purpose (say, a connection it cuts) does not fail it."""
+    page._odst_allowed.append(re.compile(pattern))

@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import expect
 
 from odst import __version__
-from tests.browser import shot
+from tests.browser import allow_console_error, shot
 from tests.conftest import upload_bytes, wait_until, write_random
 
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -194,6 +194,42 @@ def test_a_cancelled_upload_publishes_nothing(ui_site, page, tmp_path):
     expect(page.get_by_text("No packages yet.")).to_be_visible()
 
 
+def test_a_refused_upload_says_why(ui_site, page, tmp_path):
+    add_user(ui_site, "olivia", "operator")
+    with ui_site.client() as c:
+        assert upload_bytes(c, "Office.pkg", b"a" * 6000).status_code == 201
+    sign_in(page, ui_site, "olivia")
+    page.goto(ui_site.url + "/ui/#/upload")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a package")
+    page.locator("input[type=file]").set_input_files(str(notes))
+    expect(page.get_by_label("Name on the server")).to_have_attribute("aria-invalid", "true")
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(page.locator(".field-error")).to_contain_text("The name must end with .pkg, .dmg, .zip, .mpkg.")
+    expect(page.locator("progress")).to_have_count(0)  # nothing was sent
+
+    other = tmp_path / "Office.pkg"
+    other.write_bytes(b"b" * 6000)  # same name and size, other content: only the server can tell
+    page.locator("input[type=file]").set_input_files(str(other))
+    page.get_by_role("button", name="Upload", exact=True).click()
+    failed = page.locator(".upload-panel .message.error")
+    expect(failed).to_contain_text("Upload of Office.pkg failed (HTTP 409)")
+    expect(failed).to_contain_text("a different package named 'Office.pkg' exists")  # the server's detail
+    shot(page, "1-conflict")
+
+    page.get_by_role("button", name="Upload another").click()
+    allow_console_error(page, r"^Failed to load resource: net::ERR_CONNECTION_RESET$")  # we cut it below
+    page.route("**/api/v1/packages/*", lambda route: route.abort("connectionreset")
+               if route.request.method == "PUT" else route.continue_())
+    page.locator("input[type=file]").set_input_files(str(other))
+    page.get_by_label("Name on the server").fill("Office 2.pkg")
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(failed).to_contain_text("The connection to the server was lost during the upload")
+    shot(page, "2-connection-lost")
+    with ui_site.client() as c:
+        assert c.get("/api/v1/packages").json()["count"] == 1
+
+
 def test_stage_change_and_delete(ui_site, page):
     add_user(ui_site, "olivia", "operator")
     with ui_site.client() as c:
@@ -208,6 +244,11 @@ def test_stage_change_and_delete(ui_site, page):
     shot(page, "1-restaged")
     with ui_site.client() as c:
         assert c.get("/api/v1/packages/Office.pkg").json()["stage"] == "prod"
+    page.get_by_role("button", name="Size").click()  # biggest first
+    expect(page.locator("table.packages tbody tr").first).to_contain_text("Office.pkg")
+    expect(page.get_by_role("columnheader", name="Size")).to_have_attribute("aria-sort", "descending")
+    page.get_by_role("button", name="Size").click()
+    expect(page.locator("table.packages tbody tr").first).to_contain_text("Zoom.pkg")
     page.get_by_label("Stage", exact=True).select_option("test")  # the list's stage filter
     expect(page.get_by_text("No package matches")).to_be_visible()
     page.get_by_label("Stage", exact=True).select_option("")
