@@ -68,6 +68,21 @@ def record_progress(page) -> None:
     }""")
 
 
+def accessibility_problems(page) -> list[str]:
+    """Form controls without a label, column headers without a scope, unnamed buttons."""
+    return page.evaluate("""() => {
+      const out = [];
+      for (const el of document.querySelectorAll('input, select, textarea')) {
+        if (el.hidden || el.type === 'hidden') continue;
+        if (!el.labels.length && !el.getAttribute('aria-label')) out.push('unlabelled ' + el.outerHTML);
+      }
+      for (const th of document.querySelectorAll('th')) if (!th.getAttribute('scope')) out.push('th without scope: ' + th.textContent);
+      for (const b of document.querySelectorAll('button')) if (!(b.getAttribute('aria-label') || b.textContent.trim())) out.push('unnamed button');
+      if (document.querySelectorAll('main').length !== 1 || !document.querySelector('main h1')) out.push('no main with an h1');
+      return out;
+    }""")
+
+
 def test_shell_is_served_with_a_strict_policy(ui_site):
     r = httpx.get(ui_site.url + "/", follow_redirects=False)
     assert r.status_code == 302 and r.headers["location"] == "/ui/"
@@ -159,6 +174,10 @@ def test_upload_shows_progress_and_the_package_appears_with_its_sha1(ui_site, pa
     expect(page.get_by_role("row", name=re.compile("^SHA1"))).to_contain_text(sha1.hexdigest())
     expect(page.get_by_role("row", name=re.compile("^SHA-512"))).to_contain_text(pkg["sha512"])
     expect(page.get_by_text("191 chunks of 1 MiB")).to_be_visible()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=ui_site.url)
+    page.get_by_role("button", name="Copy SHA-512").click()  # what Jamf Pro wants pasted
+    expect(page.get_by_role("button", name="Copy SHA-512")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == pkg["sha512"]
     shot(page, "4-detail")
     page.get_by_role("link", name="Packages").first.click()
     row = page.get_by_role("row", name=re.compile("Firefox 150.pkg"))
@@ -208,6 +227,13 @@ def test_a_refused_upload_says_why(ui_site, page, tmp_path):
     expect(page.locator(".field-error")).to_contain_text("The name must end with .pkg, .dmg, .zip, .mpkg.")
     expect(page.locator("progress")).to_have_count(0)  # nothing was sent
 
+    page.evaluate("""() => {  // a file dropped anywhere on the page lands in the form
+      const data = new DataTransfer();
+      data.items.add(new File(['dropped'], 'Dropped.dmg'));
+      window.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+    }""")
+    expect(page.get_by_label("Name on the server")).to_have_value("Dropped.dmg")
+    expect(page.locator(".dropzone")).to_contain_text("Dropped.dmg · 7 bytes")
     other = tmp_path / "Office.pkg"
     other.write_bytes(b"b" * 6000)  # same name and size, other content: only the server can tell
     page.locator("input[type=file]").set_input_files(str(other))
@@ -459,3 +485,44 @@ def test_an_admin_manages_tokens_users_and_webhooks_in_settings(ui_site, page):
     expect(hooks.get_by_text("No webhooks.")).to_be_visible()
     with ui_site.client() as c:
         assert c.get("/api/v1/webhooks").json()["webhooks"] == []
+        assert upload_bytes(c, "A.pkg", b"a").status_code == 201
+    for route in ("settings", "packages", "packages/A.pkg", "upload", "network", "events"):
+        page.goto(f"{ui_site.url}/ui/#/{route}")
+        expect(page.locator("main h1")).to_be_visible()
+        expect(page.locator("main .loading")).to_have_count(0)
+        assert accessibility_problems(page) == [], route
+
+
+def test_two_sites_are_linked_and_unlinked_from_the_network_page(make_site, page):
+    env = {"ODST_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    hq = make_site("hq", env={**env, "ODST_SITE_NAME": "HQ"}).start()
+    branch = make_site("branch", env={**env, "ODST_SITE_NAME": "Branch"}).start()
+    sign_in(page, hq, "admin", ADMIN_PASSWORD)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Network").click()
+    expect(page.get_by_text("No other sites yet.")).to_be_visible()
+    page.get_by_label("Valid for").select_option("3600")
+    page.get_by_role("button", name="Create invitation").click()
+    token = page.locator(".secret code").inner_text()
+    expect(page.get_by_text("it is shown only once", exact=False)).to_be_visible()
+    shot(page, "1-invitation")
+
+    sign_in(page, branch, "admin", ADMIN_PASSWORD)  # the same browser, now at the other site
+    page.goto(branch.url + "/ui/#/network")
+    page.get_by_label("Invitation token").fill(token)
+    page.get_by_role("button", name="Join").click()
+    expect(page.get_by_text(re.compile(r"Registered with HQ \(\w+\) over (http|nats)\."))).to_be_visible()
+    row = page.get_by_role("row", name=re.compile("^HQ"))
+    expect(row).to_contain_text("here")
+    expect(row.get_by_text(re.compile("^(up|down|unknown)$"))).to_be_visible()
+    shot(page, "2-joined")
+    with hq.client() as c:
+        assert [p["name"] for p in c.get("/api/v1/peers").json()["peers"]] == ["Branch"]
+
+    row.get_by_role("button", name="Remove site HQ").click()
+    page.get_by_role("dialog", name="Remove site?").get_by_role("button", name="Remove").click()
+    expect(page.get_by_text("No other sites yet.")).to_be_visible()
+    expect(page.get_by_text("Removed (no longer trusted)")).to_be_visible()
+    shot(page, "3-removed")
+    with branch.client() as c:
+        peers = c.get("/api/v1/peers").json()
+    assert peers["peers"] == [] and len(peers["removed"]) == 1

@@ -40,7 +40,8 @@ export function mount(main, ctx) {
           p.http_url ? h('div', { class: 'hint' }, p.http_url) : null),
         h('td', {}, p.registered_here ? 'here' : `via ${p.vouched_by.map((s) => ctx.shortSiteName(s)).join(', ') || '?'}`),
         h('td', {}, pill(linkWords, LINK_KIND[linkWords]), link.error ? h('div', { class: 'hint' }, link.error) : null),
-        h('td', { class: 'num' }, link.lag === null || link.lag === undefined ? '—' : plural(link.lag, 'event')),
+        h('td', { class: 'num' }, link.lag === null || link.lag === undefined || link.last_contact_s === null
+          || link.last_contact_s === undefined ? '—' : plural(link.lag, 'event')),
         h('td', {}, link.last_contact_s === null || link.last_contact_s === undefined ? 'never' : `${fmtDuration(link.last_contact_s)} ago`),
         h('td', {}, link.last_event_ts ? time(link.last_event_ts) : '—', link.last_seq ? h('div', { class: 'hint' }, `#${link.last_seq}`) : null),
         h('td', { class: 'num' }, String(p.bad_chunks || 0)),
