@@ -71,6 +71,20 @@ def summary(type_: str, item: dict) -> dict:
             "actor": item["actor"]}
 
 
+def first_cursor(reader) -> int:
+    """Where a first start begins: now, or at the oldest live subscription if that is earlier.
+
+    The projector folds events before the dispatcher starts (and another process's
+    gateway may take a subscription and an upload meanwhile); starting at "now"
+    would skip those. Events before a subscription are skipped by ``since`` anyway.
+    Read "now" first: a subscription made after it begins after it.
+    """
+    now = views.last_position(reader)
+    sinces = [s["since"] for table in ("webhooks", "email_subscriptions")
+              for s in views.active_subscriptions(reader, table)]
+    return min([now, *sinces])
+
+
 class Dispatcher:
     def __init__(self, site, ledger: Ledger):
         self.site = site
@@ -80,8 +94,8 @@ class Dispatcher:
     async def start(self) -> None:
         await ensure_stream(self.site.js, self.site.id, self.site.log.replicas)
         reader = self.site.reader
-        if self.ledger.cursor("events") is None:  # first start: notify of what happens from now on
-            self.ledger.set_cursor("events", views.last_position(reader))
+        if self.ledger.cursor("events") is None:
+            self.ledger.set_cursor("events", first_cursor(reader))
         if self.ledger.cursor("quarantine") is None:
             self.ledger.set_cursor("quarantine",
                                    reader.execute("SELECT coalesce(max(rowid), 0) FROM quarantine").fetchone()[0])

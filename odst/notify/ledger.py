@@ -4,7 +4,8 @@ Not in the read model on purpose: attempts, errors and what is still to send
 are facts about this site's network, not functions of the event log, and the
 read model must equal a rebuild from the log (``odst audit``). Every process of
 the site (gateway, projector, replicators) shares the data directory, so they
-share this file (WAL, busy timeout).
+share this file (WAL, busy timeout). Finished deliveries and sent-mail records
+older than ``RETAIN_MS`` are pruned (``prune``, run by the site's notifier).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import time
 from pathlib import Path
 
 from odst.projections.db import connect
+
+RETAIN_MS = 30 * 86_400_000  # finished deliveries and sent-mail records are kept this long
+FINISHED = ("delivered", "failed", "cancelled")  # no attempt will follow: prunable once old
+PRUNE_BATCH = 5000  # rows per DELETE, so a big prune never holds the write lock for long
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursors (
@@ -101,6 +106,19 @@ class Ledger:
         args.append(limit)
         return [dict(r) for r in self.conn.execute(sql, args)]
 
+    def prune(self, older_than_ms: int, limit: int = PRUNE_BATCH) -> int:
+        """Delete up to ``limit`` finished deliveries whose last activity is before ``older_than_ms``,
+        and sent-mail records as old; return how many rows went. Pending and retrying
+        deliveries and the email outbox are never pruned: they are work still to do."""
+        marks = ",".join("?" * len(FINISHED))
+        gone = self.conn.execute(
+            "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM deliveries WHERE status IN"
+            f" ({marks}) AND coalesce(delivered_at, last_attempt_at, created_at) < ? LIMIT ?)",
+            (*FINISHED, older_than_ms, limit)).rowcount
+        return gone + self.conn.execute(
+            "DELETE FROM email_sent WHERE rowid IN (SELECT rowid FROM email_sent WHERE sent_at < ? LIMIT ?)",
+            (older_than_ms, limit)).rowcount
+
     # ---- email outbox
     def enqueue_mail(self, recipient: str, event_key: str, type_: str, summary: dict) -> None:
         self.conn.execute("INSERT OR IGNORE INTO email_outbox(recipient, event_key, type, summary, created_at)"
@@ -114,6 +132,10 @@ class Ledger:
     def pending_mail(self, recipient: str) -> list[dict]:
         return [dict(r) | {"summary": json.loads(r["summary"])} for r in self.conn.execute(
             "SELECT * FROM email_outbox WHERE recipient=? ORDER BY created_at, event_key", (recipient,))]
+
+    def drop_mail(self, recipient: str) -> int:
+        """Forget what is queued for a recipient (no longer subscribed); return how many rows went."""
+        return self.conn.execute("DELETE FROM email_outbox WHERE recipient=?", (recipient,)).rowcount
 
     def mail_sent(self, recipient: str, event_keys: list[str], subject: str) -> None:
         c = self.conn

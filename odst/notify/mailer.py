@@ -5,7 +5,10 @@ queued event is ``notify_email_digest_s`` old, everything queued for them is
 sent in one mail — a 500-package sync is one mail, not 500. Runs once per site
 (the projector role). smtplib (stdlib) on a worker thread: a few mails a
 minute need no async SMTP client and no extra dependency. A failed send keeps
-the outbox and is retried with a growing delay.
+the outbox and is retried with a growing delay: for the whole mailer when the
+server fails (connection, TLS, login), for that recipient alone when the server
+refuses the address, so one dead address never holds up the others. What is
+queued for a recipient no longer subscribed is dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from email.message import EmailMessage
 import structlog
 
 from odst.notify.ledger import Ledger, now_ms
+from odst.projections import views
 
 log = structlog.get_logger("odst.notify")
 
@@ -55,6 +59,7 @@ class Mailer:
         self._failures = 0
         self._retry_at = 0.0
         self._warned = False
+        self._held: dict[str, tuple[int, float]] = {}  # refused recipient -> (failures, retry at)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="notify-mailer")
@@ -88,16 +93,33 @@ class Mailer:
                 log.warning("email subscriptions have events to send but smtp_host is not set")
                 self._warned = True
             return 0
+        live = {sub["recipient"] for sub in views.email_subscriptions(self.site.reader)} if due else set()
         sent = 0
         for recipient in due:
+            if recipient not in live:
+                dropped = self.ledger.drop_mail(recipient)
+                self._held.pop(recipient, None)
+                log.info("digest dropped: recipient no longer subscribed", recipient=recipient, events=dropped)
+                continue
+            failures, retry_at = self._held.get(recipient, (0, 0.0))
+            if time.monotonic() < retry_at:
+                continue
             items = self.ledger.pending_mail(recipient)
             if not items:
                 continue
             msg = compose(site=self.site.id, site_name=self.settings.site_name,
                           sender=self.settings.smtp_from, recipient=recipient, items=items)
-            await asyncio.to_thread(self._send, msg)
+            try:
+                await asyncio.to_thread(self._send, msg)
+            except smtplib.SMTPRecipientsRefused as exc:  # this address only: go on with the others
+                delay = min(RETRY_MAX_S, 5.0 * 2 ** failures)
+                self._held[recipient] = (failures + 1, time.monotonic() + delay)
+                log.warning("digest mail refused for this recipient; will retry", recipient=recipient,
+                            error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                continue
             self.ledger.mail_sent(recipient, [i["event_key"] for i in items], msg["Subject"])
             log.info("digest mail sent", recipient=recipient, events=len(items))
+            self._held.pop(recipient, None)
             self._failures = 0
             sent += 1
         return sent
