@@ -48,6 +48,7 @@ class Settings:
     smtp_host: str = ""  # SMTP server for notification mail; empty: no mail is sent
     smtp_port: int = 25
     smtp_starttls: bool = False  # upgrade the SMTP connection with STARTTLS before logging in
+    smtp_ca_file: str = ""  # CA bundle to verify the SMTP server's certificate; empty: the system CAs
     smtp_user: str = ""  # SMTP login (with smtp_password); empty: no login
     smtp_password: str = ""
     smtp_from: str = "odst@localhost"

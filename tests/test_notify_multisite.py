@@ -254,10 +254,9 @@ def test_smtp_starttls_and_login(make_site, tmp_path):
                             auth_required=True, auth_require_tls=True, authenticator=auth)
     controller.start()
     try:
-        # The mailer verifies the server with ssl.create_default_context(), which trusts
-        # OpenSSL's default CA paths: SSL_CERT_FILE points them at this self-signed cert.
+        # The mailer verifies the server against smtp_ca_file (else the system CAs).
         base = {**smtp_env(controller.port, digest_s=1), "ODST_SMTP_STARTTLS": "true"}
-        trusting = {**base, "SSL_CERT_FILE": str(cert)}
+        trusting = {**base, "ODST_SMTP_CA_FILE": str(cert)}
         good = make_site("good", env={**trusting, "ODST_SMTP_USER": USER, "ODST_SMTP_PASSWORD": PASSWORD,
                                       "ODST_SITE_NAME": "Good"})
         bad = make_site("bad", env={**trusting, "ODST_SMTP_USER": USER, "ODST_SMTP_PASSWORD": "wrong",

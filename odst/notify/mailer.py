@@ -128,7 +128,7 @@ class Mailer:
         s = self.settings
         with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=30) as smtp:
             if s.smtp_starttls:
-                smtp.starttls(context=ssl.create_default_context())
+                smtp.starttls(context=ssl.create_default_context(cafile=self.settings.smtp_ca_file or None))
             if s.smtp_user:
                 smtp.login(s.smtp_user, s.smtp_password)
             smtp.send_message(msg)
