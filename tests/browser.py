@@ -3,8 +3,7 @@
 The browser is the system's ``/usr/bin/chromium`` (installed with apt-get when missing), never a
 download. Each test gets a fresh context (1280×800); console errors and uncaught page errors fail
 the test (a Content-Security-Policy violation is one; Admin API error answers are not, the
-UI shows those). Screenshots go to
-``$ODST_TEST_ARTIFACTS/screenshots`` (default ``<repo>/test-artifacts``): at the steps a test names
+UI shows those). Screenshots go to ``$ODST_TEST_ARTIFACTS/screenshots`` (default ``<repo>/test-artifacts``): at the steps a test names
 with ``shot(page, "step")``, at its end, and when it fails.
 """
 
@@ -14,9 +13,15 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
+
+try:
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError:  # without playwright the browser tests skip; the rest of the suite still runs
+    PlaywrightError = RuntimeError
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,8 +46,8 @@ def _install_chromium() -> None:
     if shutil.which("apt-get") is None:
         pytest.skip(f"{CHROMIUM} is missing and apt-get is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
@@ -50,8 +55,8 @@ def _install_chromium() -> None:
 @pytest.fixture(scope="session")
 def browser():
     _install_chromium()
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             yield b
@@ -108,8 +113,8 @@ def page(browser, request):
                      for when in ("setup", "call"))
         try:
             shot(pg, "failed" if failed else "end")
-        except Exception:  # the page may be gone; the screenshot is a courtesy
-            pass
+        except PlaywrightError as exc:  # the page may be gone; the screenshot is a courtesy
+            warnings.warn(f"no final screenshot of {request.node.name}: {exc}", stacklevel=1)
         context.close()
     if problems and not failed:
         pytest.fail("the browser reported errors:\n" + "\n".join(problems))

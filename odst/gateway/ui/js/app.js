@@ -92,9 +92,41 @@ async function loadContext() {
   return position.status === 'fulfilled' ? position.value.last_position : null;
 }
 
+// Look at the session again when it would expire unused, or when an event says this user changed:
+// an ended session goes back to sign-in at once (with the reason), a new role redraws the page.
+let sessionTimer = null;
+function scheduleSessionCheck() {
+  clearTimeout(sessionTimer);
+  if (!state.session || !state.session.expires_at) return;
+  const wait = Math.min(Math.max(state.session.expires_at - Date.now() + 2000, 5000), 2 ** 31 - 1);
+  sessionTimer = setTimeout(checkSession, wait);
+}
+
+async function checkSession() {
+  if (!state.session) return;
+  let fresh;
+  try {
+    fresh = await get('/api/v1/session');
+  } catch (err) {
+    if (err.status !== 401) scheduleSessionCheck(); // a 401 has already ended the session
+    return;
+  }
+  if (!state.session) return;
+  const roleChanged = fresh.role !== state.session.role;
+  state.session = fresh;
+  setCsrfToken(fresh.csrf_token);
+  scheduleSessionCheck();
+  if (roleChanged) {
+    announce(`Your role is now ${fresh.role}.`);
+    renderHeader();
+    route();
+  }
+}
+
 async function startSession(session) {
   state.session = session;
   setCsrfToken(session.csrf_token);
+  scheduleSessionCheck();
   const after = await loadContext();
   if (!state.session) return; // the session ended while loading
   renderHeader();
@@ -107,6 +139,7 @@ async function startSession(session) {
 
 function endSession(notice, kind = 'info') {
   const wasSignedIn = Boolean(state.session);
+  clearTimeout(sessionTimer);
   feed.stop();
   state.session = null;
   state.settings = null;
@@ -235,7 +268,12 @@ const refreshPeersSoon = debounce(() => ctx.refreshPeers(), 200);
 async function boot() {
   onUnauthorized(sessionExpired);
   feed.onState(renderLive);
-  feed.subscribe((e) => { if (e.type && e.type.startsWith('Peer')) refreshPeersSoon(); });
+  feed.subscribe((e) => {
+    if (e.type && e.type.startsWith('Peer')) refreshPeersSoon();
+    const who = e.envelope && e.envelope.event ? e.envelope.event.username : null;
+    if (who && state.session && e.type.startsWith('User') && who.toLowerCase() === state.session.username.toLowerCase()
+        && e.origin === (state.site && state.site.site)) checkSession();
+  });
   $('signout').addEventListener('click', signOut);
   $('skip-link').addEventListener('click', (e) => {
     e.preventDefault();

@@ -1,7 +1,7 @@
 // Settings: the site's (read-only) configuration, my password, and for admins users, API tokens,
 // webhooks and email subscriptions.
 
-import { api, get } from '../api.js';
+import { api, get, setCsrfToken } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
   confirmDialog, formDialog, debounce, pill, uid } from '../dom.js';
 
@@ -162,7 +162,10 @@ export function mount(main, ctx) {
       const problem = !current.value ? 'Enter your current password.' : passwordProblem({ new: next.value, confirm: again.value });
       if (problem) { replace(out, messageBox('error', problem)); return; }
       try {
-        await api('POST', '/api/v1/session/password', { current: current.value, new: next.value });
+        // The server ends every other session and starts this one afresh, with a new CSRF token.
+        const fresh = await api('POST', '/api/v1/session/password', { current: current.value, new: next.value });
+        Object.assign(session, fresh);
+        setCsrfToken(fresh.csrf_token);
         form.reset();
         replace(out, messageBox('success', 'Your password was changed.'));
       } catch (err) {
