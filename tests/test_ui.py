@@ -119,6 +119,18 @@ def test_sign_in_shows_the_server_error_then_lands_on_packages(ui_site, page):
     expect(page.get_by_role("alert")).to_contain_text("user name or password is wrong")  # the server's words
     expect(page.get_by_label("Password")).to_have_value("")
     shot(page, "2-wrong-password")
+    for _ in range(5):  # someone guesses at eve's account until the server stops answering
+        r = httpx.post(ui_site.url + "/api/v1/session", json={"username": "eve", "password": "guess"})
+        assert r.status_code == 401, r.text
+    page.get_by_label("User name").fill("eve")
+    page.get_by_label("Password").fill("one more guess")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("too many failed sign-ins")
+    expect(page.get_by_role("alert")).to_contain_text(re.compile(r"opens again at \d\d:\d\d \(in about 15 min\)"))
+    expect(page.get_by_role("button", name="Sign in (wait)")).to_be_disabled()
+    shot(page, "3-too-many-attempts")
+    page.get_by_label("User name").fill("olivia")  # the lockout is eve's, not olivia's
+    expect(page.get_by_role("button", name="Sign in")).to_be_enabled()
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()
@@ -127,7 +139,7 @@ def test_sign_in_shows_the_server_error_then_lands_on_packages(ui_site, page):
     expect(page.locator("#site-label")).to_contain_text("HQ")
     expect(page.locator("#live")).to_have_text("Live")
     expect(page.get_by_role("navigation", name="Main").get_by_role("link", name="Upload")).to_be_visible()
-    shot(page, "3-signed-in")
+    shot(page, "4-signed-in")
 
 
 def test_upload_shows_progress_and_the_package_appears_with_its_sha1(ui_site, page, tmp_path):

@@ -10,6 +10,14 @@ export function mount(main, ctx, { notice, kind = 'info', onSignedIn }) {
   const submit = h('button', { type: 'submit' }, 'Sign in');
   const feedback = h('div', { class: 'feedback' });
   let retryTimer = null;
+  let locked = null;
+
+  function holdBack() {
+    const held = Boolean(locked && username.value.trim().toLowerCase() === locked.name && Date.now() < locked.until);
+    submit.disabled = held;
+    submit.textContent = held ? 'Sign in (wait)' : 'Sign in';
+  }
+  username.addEventListener('input', holdBack);
 
   const form = h('form', { class: 'signin-form', novalidate: true },
     field('User name', username).row,
@@ -41,12 +49,17 @@ export function mount(main, ctx, { notice, kind = 'info', onSignedIn }) {
       password.value = '';
       if (err.status === 429) {
         const wait = err.retryAfter;
-        fail(wait ? `${errorText(err)} Try again in ${fmtDuration(wait)}.` : errorText(err));
-        if (wait) {
-          submit.disabled = true;
+        if (!wait) {
+          fail(errorText(err));
+        } else {
+          // The limit is per user name (and address): hold this name back until the server's time.
+          locked = { name: username.value.trim().toLowerCase(), until: Date.now() + wait * 1000 };
+          const at = new Date(locked.until).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+          const about = wait >= 60 ? `${Math.ceil(wait / 60)} min` : `${wait} s`;
+          fail(`${errorText(err)}. Sign-in for ${username.value.trim()} opens again at ${at} (in about ${about}).`);
           clearTimeout(retryTimer);
-          retryTimer = setTimeout(() => { submit.disabled = false; submit.textContent = 'Sign in'; }, wait * 1000);
-          submit.textContent = 'Sign in (wait)';
+          retryTimer = setTimeout(() => { locked = null; holdBack(); }, wait * 1000);
+          holdBack();
           return;
         }
       } else {
