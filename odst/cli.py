@@ -114,7 +114,10 @@ def cmd_serve(args, roles=None) -> int:
                 helpers = _start_gateway_helpers(settings, site.nats_url, settings.http_workers - 1)
             config = uvicorn.Config(create_app(site), loop="none", http="httptools", lifespan="off",
                                     access_log=False, log_config=None, timeout_keep_alive=30,
-                                    timeout_graceful_shutdown=10)
+                                    timeout_graceful_shutdown=10,
+                                    # only a listed proxy may name the client (sign-in limits count per address)
+                                    proxy_headers=bool(settings.trusted_proxies),
+                                    forwarded_allow_ips=list(settings.trusted_proxies) or None)
             server = Server(config)
             print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data}"
                   f"{f', {settings.http_workers} gateway processes' if helpers else ''})",

@@ -61,6 +61,7 @@ class Settings:
     signin_max_failures: int = 5  # failed sign-ins per user name within signin_window_s before 429
     signin_max_failures_address: int = 20  # failed sign-ins per client address within the window
     signin_window_s: int = 900
+    trusted_proxies: list[str] = field(default_factory=list)  # reverse proxies whose X-Forwarded-For/-Proto count
     ldap_url: str = ""  # ldap://host:389 or ldaps://host:636; empty: local users only
     ldap_starttls: bool = False  # upgrade ldap:// with StartTLS before binding
     ldap_ca_file: str = ""  # CA bundle to verify the LDAP server's certificate; empty: system CAs
@@ -73,6 +74,7 @@ class Settings:
     ldap_group_filter: str = "(|(member={dn})(uniqueMember={dn})(memberUid={username}))"
     ldap_role_map: list[str] = field(default_factory=list)  # GROUP=role; GROUP is a cn or a full DN
     ldap_timeout_s: float = 5.0
+    ldap_recheck_s: int = 300  # a signed-in directory user's groups are looked up again this often
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -131,6 +133,12 @@ class Settings:
             raise ConfigError("session_idle_s must be at least 60 and session_max_s at least session_idle_s")
         if min(self.signin_max_failures, self.signin_max_failures_address, self.signin_window_s) < 1:
             raise ConfigError("signin_max_failures, signin_max_failures_address and signin_window_s must be at least 1")
+        import ipaddress
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies entry {proxy!r} is not an IP address or network") from None
         if self.ldap_url and not self.ldap_url.startswith(("ldap://", "ldaps://")):
             raise ConfigError(f"ldap_url must start with ldap:// or ldaps://, got {self.ldap_url!r}")
         if self.ldap_url and not self.ldap_user_base:
@@ -143,6 +151,8 @@ class Settings:
                 raise ConfigError(f"ldap_role_map entry {entry!r} must be GROUP=admin|operator|auditor")
         if "{username}" not in self.ldap_user_filter:
             raise ConfigError("ldap_user_filter must contain {username}")
+        if self.ldap_recheck_s < 1:
+            raise ConfigError("ldap_recheck_s must be at least 1")
         if not 0 < self.ldap_timeout_s <= 120:
             raise ConfigError("ldap_timeout_s must be more than 0 and at most 120")
         unknown = [s for s in self.accept_stages if s not in self.stages]

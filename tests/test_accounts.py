@@ -16,7 +16,7 @@ import pytest
 from odst.accounts import passwords
 from odst.accounts.sessions import SessionStore
 from odst.events.signing import SiteKey
-from tests.conftest import run_odst
+from tests.conftest import run_odst, wait_until
 
 PW = "correct horse battery"
 
@@ -218,16 +218,35 @@ def test_session_ids_are_stored_only_as_digests(tmp_path):
     assert sid.encode() not in raw
 
 
-def test_failure_window_slides(tmp_path):
+def test_failure_window_slides_and_counts_per_name_address_and_name(tmp_path):
     store = SessionStore(tmp_path / "s.sqlite", idle_s=600, max_s=3600)
-    limits = dict(max_user=3, max_address=100, window_s=900)
+    limits = dict(max_failures=3, max_address=100, window_s=900)
     for t in (0.0, 100.0, 200.0):
-        assert store.retry_after("bob", "1.2.3.4", now=t, **limits) == 0
-        store.record_failure("bob", "1.2.3.4", now=t)
-    assert store.retry_after("BOB", "9.9.9.9", now=300.0, **limits) == 601  # names compare case-blind
-    assert store.retry_after("bob", "1.2.3.4", now=901.0, **limits) == 0  # the first failure left the window
-    store.clear_failures("bob")
-    assert store.retry_after("bob", "1.2.3.4", now=300.0, **limits) == 0
+        wait, reserved = store.attempt("bob", "1.2.3.4", now=t, **limits)
+        assert wait == 0 and reserved  # counted before the password is checked
+    # the same name from the same address: locked until the first failure leaves the window
+    assert store.attempt("BOB", "1.2.3.4", now=300.0, **limits) == (601, [])
+    assert store.attempt("\uff42ob ", "1.2.3.4", now=300.0, **limits)[0] == 601  # full-width, padded
+    # from elsewhere the name is still usable: one address cannot lock a user out for everyone
+    assert store.attempt("bob", "5.6.7.8", now=300.0, **limits)[0] == 0
+    assert store.attempt("bob", "1.2.3.4", now=901.0, **limits)[0] == 0
+    # a right password hands its own reservation back and forgets this address's misses
+    wait, reserved = store.attempt("carol", "1.2.3.4", now=1000.0, **limits)
+    store.succeeded("carol", "1.2.3.4", reserved)
+    assert store.conn.execute("SELECT count(*) FROM signin_failures WHERE key LIKE 'carol%'").fetchone()[0] == 0
+
+
+def test_ipv6_clients_count_per_64_and_a_name_has_a_wide_limit(tmp_path):
+    store = SessionStore(tmp_path / "s.sqlite", idle_s=600, max_s=3600)
+    limits = dict(max_failures=2, max_address=3, window_s=900)
+    for i in range(3):
+        assert store.attempt(f"u{i}", f"2001:db8::{i + 1}", now=1.0, **limits)[0] == 0
+    assert store.attempt("u9", "2001:db8::ffff", now=2.0, **limits)[0] > 0  # same /64
+    assert store.attempt("u9", "2001:db8:0:1::1", now=2.0, **limits)[0] == 0  # next /64
+    # the name-wide limit (10 x max_failures) stops a guesser that rotates addresses
+    for i in range(20):
+        assert store.attempt("target", f"10.0.{i}.1", now=3.0, **limits)[0] == 0
+    assert store.attempt("target", "10.1.0.1", now=3.0, **limits)[0] > 0
 
 
 def test_sealed_hashes_open_only_with_their_site_key(tmp_path):
@@ -254,3 +273,62 @@ def test_cli_manages_users(site):
     assert r.returncode != 0 and "at least 10 characters" in r.stderr
     r = run_odst("user", "remove", "cli-user", env=env)
     assert r.returncode == 0 and sign_in(site, "cli-user", PW).status_code == 401
+
+
+def _parallel(n: int, fn) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def test_parallel_guesses_cannot_slip_under_the_limit(make_site):
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW, "ODST_SIGNIN_MAX_FAILURES": "3"}).start()
+    codes = _parallel(24, lambda i: sign_in(site, "admin", f"guess {i}").status_code)
+    assert codes.count(401) <= 3 and set(codes) <= {401, 429, 503}, codes
+
+
+def test_a_sign_in_flood_does_not_stall_the_api(make_site):
+    """Password hashing has a pool of its own: while dozens of sign-ins wait for it, a
+    bearer-token request is answered first (an order, not a time bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW, "ODST_SIGNIN_MAX_FAILURES": "1000",
+                          "ODST_SIGNIN_MAX_FAILURES_ADDRESS": "1000"}).start()
+    with ThreadPoolExecutor(48) as pool:
+        flood = [pool.submit(sign_in, site, f"user{i}", "wrong password") for i in range(48)]
+        wait_until(lambda: sum(f.running() for f in flood) >= 40, 10, what="the flood to be in flight")
+        with site.client() as c:
+            r = c.get("/api/v1/packages")
+        pending = sum(not f.done() for f in flood)
+        codes = [f.result().status_code for f in flood]
+    assert r.status_code == 200
+    assert pending > 0, "the API answered only after every sign-in was judged"
+    assert set(codes) <= {401, 503} and 401 in codes, codes
+    assert all(f.result().json()["detail"] for f in flood)
+
+
+def test_sign_in_takes_only_json_from_this_origin(make_site):
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
+    body = json.dumps({"username": "admin", "password": PW})
+    r = httpx.post(f"{site.url}/api/v1/session", content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "set-cookie" not in r.headers  # what a cross-site form can send
+    r = httpx.post(f"{site.url}/api/v1/session", content=body,
+                   headers={"Content-Type": "application/json", "Origin": "https://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    r = httpx.post(f"{site.url}/api/v1/session", content=body,
+                   headers={"Content-Type": "application/json; charset=utf-8", "Origin": site.url})
+    assert r.status_code == 200
+
+
+def test_concurrent_user_changes_keep_an_admin_and_one_owner_per_name(site):
+    admin = site.client()
+    assert admin.post("/api/v1/users", json={"username": "admin2", "password": PW, "role": "admin"}).status_code == 201
+    demote = [("admin", "operator"), ("admin2", "auditor")]
+    codes = _parallel(2, lambda i: admin.patch(f"/api/v1/users/{demote[i][0]}", json={"role": demote[i][1]}).status_code)
+    assert sorted(codes) == [200, 400], codes
+    assert [u["role"] for u in admin.get("/api/v1/users").json()["users"]].count("admin") == 1
+
+    names = ["dup", "DUP"]
+    codes = _parallel(2, lambda i: admin.post("/api/v1/users", json={
+        "username": names[i], "password": PW + str(i), "role": "auditor"}).status_code)
+    assert sorted(codes) == [201, 409], codes
+    assert len([e for e in user_events(admin) if e["type"] == "UserCreated" and e["envelope"]["event"]["username"].lower() == "dup"]) == 1

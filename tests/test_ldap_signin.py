@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 from tests.test_accounts import PW, browser, sign_in
 
 
@@ -60,3 +60,42 @@ def test_an_unreachable_directory_is_a_503_and_not_a_failed_guess(make_site, sla
     assert r.status_code == 503 and dead.split("//")[1] in r.json()["detail"], r.text
     r = httpx.get(f"{site.url}/healthz", timeout=10)
     assert r.status_code == 200
+
+
+def _modify_group(slapd, group: str, add: str | None = None, delete: str | None = None) -> None:
+    import ldap3
+    conn = ldap3.Connection(ldap3.Server(slapd.url, get_info=ldap3.NONE, connect_timeout=5),
+                            user=slapd.admin_dn, password=slapd.admin_password, auto_bind=True)
+    try:
+        changes = {}
+        if add:
+            changes.setdefault("member", []).append((ldap3.MODIFY_ADD, [f"uid={add},ou=people,{slapd.base}"]))
+        if delete:
+            changes.setdefault("member", []).append((ldap3.MODIFY_DELETE, [f"uid={delete},ou=people,{slapd.base}"]))
+        assert conn.modify(f"cn={group},ou=groups,{slapd.base}", changes), conn.result
+    finally:
+        conn.unbind()
+
+
+def test_directory_group_changes_reach_open_sessions(make_site, slapd):
+    site = make_site(env={**slapd.settings_env(), "ODST_LDAP_RECHECK_S": "1"}).start()
+    bob, csrf = browser(site, "bob", "bob-pw")
+    assert bob.get("/api/v1/session").json()["role"] == "operator"
+    try:
+        # bob moves from the operators to the auditors: his open session follows
+        _modify_group(slapd, "odst-auditors", add="bob")
+        _modify_group(slapd, "odst-operators", add="mallory", delete="bob")  # a group keeps one member
+        wait_until(lambda: bob.get("/api/v1/session").json()["role"] == "auditor", 30,
+                   what="the session to take the directory's new role")
+        assert bob.put("/api/v1/packages/x.pkg", content=b"x", headers={"X-CSRF-Token": csrf}).status_code == 403
+        # out of every mapped group: the session ends
+        _modify_group(slapd, "odst-auditors", delete="bob")
+        wait_until(lambda: bob.get("/api/v1/packages").status_code == 401, 30, what="the session to end")
+        assert sign_in(site, "bob", "bob-pw").status_code == 401
+    finally:
+        _modify_group(slapd, "odst-operators", add="bob")
+        _modify_group(slapd, "odst-operators", delete="mallory")
+        try:
+            _modify_group(slapd, "odst-auditors", delete="bob")
+        except AssertionError:
+            pass  # already out

@@ -258,6 +258,39 @@ def _refuse(username: str, reason: str, **fields) -> DirectoryRefused:
     return DirectoryRefused(reason)
 
 
+def _find_user(settings: Settings, service: ldap3.Connection, username: str) -> tuple[str, dict, list[str]]:
+    """(dn, attributes, name attributes) of the one directory entry this name matches."""
+    name_attrs = filter_attributes(settings.ldap_user_filter)
+    user_filter = fill_filter(settings.ldap_user_filter, username=username)
+    entries, code = _search(settings, service, settings.ldap_user_base, user_filter,
+                            [*name_attrs, "displayName", "cn", "mail", "memberOf"], size_limit=2)
+    if code == _SIZE_LIMIT_EXCEEDED or len(entries) > 1:
+        raise _refuse(username, f"user name {username!r} matches more than one directory entry",
+                      filter=user_filter)
+    if not entries:
+        raise _refuse(username, f"no directory user matches {username!r}")
+    return entries[0]["dn"], entries[0].get("attributes", {}), name_attrs
+
+
+def _directory_user(settings: Settings, service: ldap3.Connection, username: str, dn: str, attrs: dict,
+                    name_attrs: list[str]) -> DirectoryUser:
+    """The user's groups and the role they map to; refused when no group maps to a role."""
+    if settings.ldap_group_base:
+        group_filter = fill_filter(settings.ldap_group_filter, dn=dn, username=username)
+        found, _ = _search(settings, service, settings.ldap_group_base, group_filter, ["cn"])
+        groups = {g["dn"]: tuple(_values(g.get("attributes", {}), "cn")) for g in found}
+    else:
+        groups = {g: () for g in _values(attrs, "memberOf")}
+    spelled = directory_spelling(attrs, name_attrs, username)
+    role = role_for(groups, settings.ldap_role_map)
+    if role is None:
+        raise _refuse(username, f"{dn} is not in any group mapped to an ODST role",
+                      groups=sorted(groups))
+    return DirectoryUser(username=spelled, dn=dn,
+                         display_name=_first(attrs, "displayName", "cn") or spelled,
+                         email=_first(attrs, "mail"), groups=tuple(groups), role=role)
+
+
 def authenticate(settings: Settings, username: str, password: str) -> DirectoryUser:
     """The directory user with this name and password, and the ODST role their groups give."""
     if problem := username_problem(username):
@@ -267,19 +300,9 @@ def authenticate(settings: Settings, username: str, password: str) -> DirectoryU
     if not enabled(settings):
         raise DirectoryUnavailable("LDAP sign-in is not configured (ldap_url is empty)")
 
-    name_attrs = filter_attributes(settings.ldap_user_filter)
-    user_filter = fill_filter(settings.ldap_user_filter, username=username)
     with _service_connection(settings) as service:
         _service_bind(settings, service)
-        entries, code = _search(settings, service, settings.ldap_user_base, user_filter,
-                                [*name_attrs, "displayName", "cn", "mail", "memberOf"], size_limit=2)
-        if code == _SIZE_LIMIT_EXCEEDED or len(entries) > 1:
-            raise _refuse(username, f"user name {username!r} matches more than one directory entry",
-                          filter=user_filter)
-        if not entries:
-            raise _refuse(username, f"no directory user matches {username!r}")
-        dn, attrs = entries[0]["dn"], entries[0].get("attributes", {})
-
+        dn, attrs, name_attrs = _find_user(settings, service, username)
         with _connection(settings, dn, password) as as_user:
             with _directory_errors(settings, "binding as the user"):
                 ok = as_user.bind(read_server_info=False)
@@ -289,24 +312,25 @@ def authenticate(settings: Settings, username: str, password: str) -> DirectoryU
                     raise _refuse(username, f"the directory refused the password for {dn}",
                                   result=_result_text(as_user))
                 raise _unavailable(settings, f"binding as {dn}: {_result_text(as_user)}")
-
-        if settings.ldap_group_base:
-            group_filter = fill_filter(settings.ldap_group_filter, dn=dn, username=username)
-            found, _ = _search(settings, service, settings.ldap_group_base, group_filter, ["cn"])
-            groups = {g["dn"]: tuple(_values(g.get("attributes", {}), "cn")) for g in found}
-        else:
-            groups = {g: () for g in _values(attrs, "memberOf")}
-
-    spelled = directory_spelling(attrs, name_attrs, username)
-    role = role_for(groups, settings.ldap_role_map)
-    if role is None:
-        raise _refuse(username, f"{dn} is not in any group mapped to an ODST role",
-                      groups=sorted(groups))
-    user = DirectoryUser(username=spelled, dn=dn,
-                         display_name=_first(attrs, "displayName", "cn") or spelled,
-                         email=_first(attrs, "mail"), groups=tuple(groups), role=role)
-    log.info("ldap sign-in", user=user.username, dn=dn, role=role)
+        user = _directory_user(settings, service, username, dn, attrs, name_attrs)
+    log.info("ldap sign-in", user=user.username, dn=dn, role=user.role)
     return user
+
+
+def lookup(settings: Settings, username: str) -> DirectoryUser:
+    """The user as the directory has them now (no password): still there, and in which role.
+
+    Sessions of directory users are re-checked with this, so removing someone from a
+    mapped group (or from the directory) ends their access within minutes.
+    """
+    if problem := username_problem(username):
+        raise _refuse(username[:MAX_USERNAME], problem)
+    if not enabled(settings):
+        raise DirectoryUnavailable("LDAP sign-in is not configured (ldap_url is empty)")
+    with _service_connection(settings) as service:
+        _service_bind(settings, service)
+        dn, attrs, name_attrs = _find_user(settings, service, username)
+        return _directory_user(settings, service, username, dn, attrs, name_attrs)
 
 
 def check(settings: Settings) -> str:

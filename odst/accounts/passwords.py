@@ -8,15 +8,15 @@ fold stays a pure copy of what the event carried.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import hashlib
 import re
-import threading
 
 import argon2
 import nacl.exceptions
 import nacl.secret
 
+from odst.accounts.pool import BoundedPool
 from odst.errors import RequestInvalid
 from odst.events.signing import SiteKey
 
@@ -27,8 +27,9 @@ ROLES = ("admin", "operator", "auditor")
 
 # RFC 9106's second recommended option (argon2-cffi's default): t=3, m=64 MiB, p=4.
 _hasher = argon2.PasswordHasher()
-# Each hash takes 64 MiB for ~50 ms; two at a time bounds the memory a sign-in flood can take.
-_slots = threading.BoundedSemaphore(2)
+# Each hash takes 64 MiB and ~0.1-0.2 s of a core; two at a time bound what a sign-in flood
+# can take, and callers beyond 32 waiting get a 503 at once.
+POOL = BoundedPool("argon2", workers=2, max_waiting=32)
 # Compared against when the user does not exist, so a wrong name costs what a wrong password does.
 _DUMMY = _hasher.hash("odst-no-such-user")
 
@@ -66,8 +67,7 @@ def _box(key: SiteKey) -> nacl.secret.SecretBox:
 
 def seal(key: SiteKey, password: str) -> str:
     """Hash ``password`` with argon2id and seal the hash for the event log."""
-    with _slots:
-        digest = _hasher.hash(password)
+    digest = _hasher.hash(password)
     return base64.b64encode(_box(key).encrypt(digest.encode("ascii"))).decode("ascii")
 
 
@@ -82,16 +82,21 @@ def verify(key: SiteKey, sealed: str | None, password: str) -> bool:
             sealed = None
     if not password or len(password) > MAX_LENGTH:
         return False
-    with _slots:
-        try:
-            return _hasher.verify(digest, password) and sealed is not None
-        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-            return False
+    try:
+        return _hasher.verify(digest, password) and sealed is not None
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
 
 
 async def seal_async(key: SiteKey, password: str) -> str:
-    return await asyncio.to_thread(seal, key, password)
+    return await POOL.run(seal, key, password)
 
 
 async def verify_async(key: SiteKey, sealed: str | None, password: str) -> bool:
-    return await asyncio.to_thread(verify, key, sealed, password)
+    return await POOL.run(verify, key, sealed, password)
+
+
+def fingerprint(row) -> str:
+    """What a session remembers of the credential it signed in with: a new password, or the
+    user removed and made again, changes it, and the session ends."""
+    return hashlib.sha256(f"{row['password_sealed']}\0{row['created_at']}".encode()).hexdigest()[:32]

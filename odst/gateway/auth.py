@@ -10,8 +10,11 @@ the one to trust.
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import structlog
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
@@ -23,6 +26,8 @@ from odst.site import Site, token_digest
 READ = ("admin", "operator", "auditor")
 WRITE = ("admin", "operator")
 ADMIN = ("admin",)
+
+log = structlog.get_logger("odst.auth")
 
 SESSION_COOKIE = "odst_session"
 CSRF_HEADER = "x-csrf-token"
@@ -57,17 +62,20 @@ def _from_bearer(site: Site, header: str) -> Principal:
     return Principal(username=f"{row['token_id']}:{row['name']}", role=row["role"], source="token")
 
 
-def _from_session(site: Site, connection: ASGIConnection, session_id: str) -> Principal:
+async def _from_session(site: Site, connection: ASGIConnection, session_id: str) -> Principal:
     s = site.sessions.get(session_id) if site.sessions else None
     if s is None:
         raise Unauthorized("not signed in, or the session has ended: sign in again")
     role = s.role
-    if s.source == "local":  # role changes and removals apply to open sessions at once
+    if s.source == "local":  # role changes apply to open sessions at once; new passwords end them
+        from odst.accounts.passwords import fingerprint
         row = views.user_row(site.reader, s.username)
-        if row is None or (row["password_changed_at"] or 0) > s.created_at * 1000:
+        if row is None or not hmac.compare_digest(fingerprint(row), s.credential):
             site.sessions.delete(session_id)
             raise Unauthorized("the account changed since this session began: sign in again")
         role = row["role"]
+    elif s.source == "ldap" and time.time() - s.checked_at > site.settings.ldap_recheck_s:
+        role = await _recheck_directory(site, session_id, s.username, role)
     if connection.scope["method"] not in SAFE_METHODS:
         sent = connection.headers.get(CSRF_HEADER, "")
         if not sent or not hmac.compare_digest(sent.encode(), s.csrf.encode()):
@@ -79,21 +87,42 @@ def _from_session(site: Site, connection: ASGIConnection, session_id: str) -> Pr
                      csrf=s.csrf, expires_at=s.ends_at(site.sessions.idle_s))
 
 
-def authenticate(connection: ASGIConnection) -> Principal:
+async def _recheck_directory(site: Site, session_id: str, username: str, role: str) -> str:
+    """Ask the directory whether this user still has a role; an outage keeps the session as it is."""
+    from odst.accounts import ldap
+    from odst.gateway.session import LDAP_POOL
+    try:
+        user = await LDAP_POOL.run(ldap.lookup, site.settings, username)
+    except ldap.DirectoryRefused as exc:
+        site.sessions.delete(session_id)
+        log.warning("directory no longer grants a role; session ended", user=username, reason=exc.detail)
+        raise Unauthorized("your directory account no longer has an ODST role: sign in again") from None
+    except Exception as exc:  # directory down or busy: the session keeps its role until it ends
+        log.warning("directory re-check failed; session kept", user=username, error=f"{type(exc).__name__}: {exc}")
+        return role
+    site.sessions.confirmed(session_id, user.role)
+    if user.role != role:
+        log.info("directory role changed", user=username, role=user.role, previous=role)
+    return user.role
+
+
+async def authenticate(connection: ASGIConnection) -> Principal:
     site: Site = connection.app.state.site
     header = connection.headers.get("authorization")
     if header:
         return _from_bearer(site, header)
     session_id = connection.cookies.get(SESSION_COOKIE)
     if session_id:
-        return _from_session(site, connection, session_id)
+        return await _from_session(site, connection, session_id)
     raise Unauthorized("send 'Authorization: Bearer <token>' or sign in")
 
 
-def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+async def auth_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Async on purpose: Litestar runs a sync guard in the default executor, where a queue of
+    slow work (a sign-in flood) would make every API request wait behind it."""
     if handler.opt.get("public"):
         return
-    principal = authenticate(connection)
+    principal = await authenticate(connection)
     roles = handler.opt.get("roles", READ)
     if principal.role not in roles:
         raise Forbidden(f"role {principal.role!r} may not do this; needs one of {', '.join(roles)}")

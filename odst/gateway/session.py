@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -12,9 +12,10 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
 from odst.accounts import passwords
+from odst.accounts.pool import BoundedPool
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
-from odst.gateway.auth import READ, SESSION_COOKIE, Principal
+from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal
 from odst.gateway.bodies import decode_json
 from odst.projections import views
 from odst.site import Site
@@ -22,10 +23,20 @@ from odst.site import Site
 log = structlog.get_logger("odst.signin")
 
 WRONG = "user name or password is wrong"
+# Directory requests wait up to ldap_timeout_s on the network: a pool of their own, bounded.
+LDAP_POOL = BoundedPool("ldap", workers=4, max_waiting=32)
 
 
 class SigninFailed(OdstError):
     status, code = 401, "signin_failed"
+
+
+class DirectoryDown(OdstError):
+    status, code = 503, "directory_unavailable"
+
+
+class JsonRequired(OdstError):
+    status, code = 415, "unsupported_media_type"
 
 
 class TooManyAttempts(OdstError):
@@ -54,7 +65,8 @@ def _secure(request: Request, site: Site) -> bool:
     mode = site.settings.cookie_secure
     if mode != "auto":
         return mode == "always"
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
+    return (request.url.scheme == "https" or site.settings.base_url.startswith("https://")
+            or request.headers.get("x-forwarded-proto", "").lower() == "https")
 
 
 def _session_cookie(request: Request, site: Site, value: str, max_age: int) -> Cookie:
@@ -67,23 +79,37 @@ def session_json(p: Principal) -> dict[str, Any]:
             "csrf_token": p.csrf, "expires_at": int(p.expires_at * 1000)}
 
 
-async def _check_password(site: Site, username: str, password: str) -> tuple[str, str, str, str]:
-    """(username, role, source, display name) of whoever these credentials are; SigninFailed if no one."""
+async def _check_password(site: Site, username: str, password: str) -> tuple[str, str, str, str, str]:
+    """(username, role, source, display name, credential fingerprint) of whoever these
+    credentials are; SigninFailed if no one, DirectoryDown if the directory cannot say."""
     row = views.user_row(site.reader, username)
     if row is not None:
         if await passwords.verify_async(site.key, row["password_sealed"], password):
-            return row["username"], row["role"], "local", row["display_name"]
+            return row["username"], row["role"], "local", row["display_name"], passwords.fingerprint(row)
         raise SigninFailed(WRONG)
     from odst.accounts import ldap
-    if ldap.enabled(site.settings):
+    # an unknown local name costs one hash whether or not the directory is asked, so timing
+    # does not tell local users from the rest
+    dummy = asyncio.ensure_future(passwords.verify_async(site.key, None, password))
+    try:
+        if not ldap.enabled(site.settings):
+            raise SigninFailed(WRONG)
         try:
-            user = await asyncio.to_thread(ldap.authenticate, site.settings, username, password)
+            user = await LDAP_POOL.run(ldap.authenticate, site.settings, username, password)
         except ldap.DirectoryRefused as exc:
             log.info("directory refused sign-in", user=username, reason=exc.detail)
             raise SigninFailed(WRONG) from None
-        return user.username, user.role, "ldap", user.display_name
-    await passwords.verify_async(site.key, None, password)  # an unknown name costs what a wrong password does
-    raise SigninFailed(WRONG)
+        except ldap.DirectoryUnavailable as exc:
+            log.error("directory unavailable for sign-in", user=username, reason=exc.detail)
+            raise DirectoryDown("the directory (LDAP) is not answering; local users can still sign in") from None
+        return user.username, user.role, "ldap", user.display_name, ""
+    finally:
+        await asyncio.gather(dummy, return_exceptions=True)
+
+
+def _same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    return not origin or urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 class SessionController(Controller):
@@ -94,27 +120,35 @@ class SessionController(Controller):
     async def sign_in(self, request: Request) -> Response[dict[str, Any]]:
         """Sign in with a local or directory (LDAP) account; sets the session cookie."""
         site: Site = request.app.state.site
+        # a form on another site can post text/plain cross-origin (login CSRF); JSON cannot
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise JsonRequired("send the credentials as application/json")
+        if not _same_origin(request):
+            raise CsrfFailed(f"sign-in from another origin ({request.headers.get('origin')}) refused")
         body = decode_json(await request.body(), SignIn)
         username = body.username.strip()
         if not username or len(username) > 256 or len(body.password) > passwords.MAX_LENGTH:
             raise SigninFailed(WRONG)
         address = client_address(request)
         s = site.settings
-        wait = site.sessions.retry_after(username, address, max_user=s.signin_max_failures,
-                                         max_address=s.signin_max_failures_address, window_s=s.signin_window_s)
+        wait, reservation = site.sessions.attempt(username, address, max_failures=s.signin_max_failures,
+                                                  max_address=s.signin_max_failures_address,
+                                                  window_s=s.signin_window_s)
         if wait:
             log.warning("sign-in refused: too many failures", user=username, address=address, retry_after=wait)
             raise TooManyAttempts(wait)
         try:
-            name, role, source, display = await _check_password(site, username, body.password)
+            name, role, source, display, credential = await _check_password(site, username, body.password)
         except SigninFailed:
-            site.sessions.record_failure(username, address)
             log.warning("sign-in failed", user=username, address=address)
             raise
-        site.sessions.clear_failures(username)
+        except BaseException:  # the directory was down or we were too busy: no password was judged
+            site.sessions.forgive(reservation)
+            raise
+        site.sessions.succeeded(username, address, reservation)
         session_id, sess = site.sessions.create(
             username=name, role=role, source=source, display_name=display, address=address,
-            user_agent=request.headers.get("user-agent", ""))
+            user_agent=request.headers.get("user-agent", ""), credential=credential)
         log.info("signed in", user=name, role=role, source=source, address=address)
         p = Principal(username=name, role=role, source=source, display_name=display, csrf=sess.csrf,
                       expires_at=sess.ends_at(site.sessions.idle_s))
@@ -143,18 +177,28 @@ class SessionController(Controller):
             raise RequestInvalid("only local users have a password here; directory users change "
                                  "theirs in the directory")
         body = decode_json(await request.body(), PasswordChange)
+        address = client_address(request)
+        s = site.settings
+        wait, reservation = site.sessions.attempt(p.username, address, max_failures=s.signin_max_failures,
+                                                  max_address=s.signin_max_failures_address,
+                                                  window_s=s.signin_window_s)
+        if wait:
+            raise TooManyAttempts(wait)
         row = views.user_row(site.reader, p.username)
         if row is None or not await passwords.verify_async(site.key, row["password_sealed"], body.current):
+            log.warning("password change: current password wrong", user=p.username, address=address)
             raise Unauthorized("current password is wrong")
+        site.sessions.succeeded(p.username, address, reservation)
         passwords.check_new_password(body.new, p.username)
         sealed = await passwords.seal_async(site.key, body.new)
         await site.append(ev.UserPasswordChanged(username=row["username"], password_sealed=sealed),
                           actor=p.actor)
         site.sessions.delete_user(row["username"])
+        row = views.user_row(site.reader, row["username"])
         session_id, sess = site.sessions.create(
             username=row["username"], role=row["role"], source="local", display_name=row["display_name"],
-            address=client_address(request), user_agent=request.headers.get("user-agent", ""),
-            now=time.time() + 0.001)  # signed in after the change, so it survives it
+            address=address, user_agent=request.headers.get("user-agent", ""),
+            credential=passwords.fingerprint(row))
         fresh = Principal(username=row["username"], role=row["role"], source="local",
                           display_name=row["display_name"], csrf=sess.csrf,
                           expires_at=sess.ends_at(site.sessions.idle_s))

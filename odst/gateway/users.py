@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import fcntl
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -13,7 +17,29 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site
+from odst.site import Site, run_dir
+
+_in_process = asyncio.Lock()
+
+
+@asynccontextmanager
+async def users_lock(site: Site) -> AsyncIterator[None]:
+    """One user change at a time across every gateway process of the site: a check such as
+    "not the last admin" or "no such user yet" and the event it allows happen as one step."""
+    async with _in_process:
+        path = run_dir(site.data) / "users.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)  # another gateway process holds it for one append
+            yield
+        finally:
+            os.close(fd)
 
 
 class UserExists(OdstError):
@@ -68,11 +94,12 @@ class UserController(Controller):
         passwords.check_role(body.role)
         passwords.check_new_password(body.password, username)
         display = _display_name(body.display_name)
-        if views.user_row(site.reader, username) is not None:
-            raise UserExists(f"user {username!r} exists already")
         sealed = await passwords.seal_async(site.key, body.password)
-        await site.append(ev.UserCreated(username=username, role=body.role, password_sealed=sealed,
-                                         display_name=display), actor=request.state.actor)
+        async with users_lock(site):
+            if views.user_row(site.reader, username) is not None:
+                raise UserExists(f"user {username!r} exists already")
+            await site.append(ev.UserCreated(username=username, role=body.role, password_sealed=sealed,
+                                             display_name=display), actor=request.state.actor)
         return Response(views.user(site.reader, username), status_code=201)
 
     @get("/{username:str}", operation_id="getUser", opt={"roles": ADMIN})
@@ -86,31 +113,34 @@ class UserController(Controller):
         """Change a user's role, password (their sessions end) or display name."""
         site: Site = request.app.state.site
         body = decode_json(await request.body(), UserUpdate)
-        row = _live(site, username)
-        name, actor = row["username"], request.state.actor
         if body.role is not None:
             passwords.check_role(body.role)
-            if row["role"] == "admin" and body.role != "admin" and _other_admins(site, name) == 0:
-                raise RequestInvalid("this is the last admin user; make another admin first")
         if body.password is not None:
-            passwords.check_new_password(body.password, name)
+            passwords.check_new_password(body.password, username)
         display = _display_name(body.display_name) if body.display_name is not None else None
-        if body.role is not None and body.role != row["role"]:
-            await site.append(ev.UserRoleChanged(username=name, role=body.role), actor=actor)
-        if body.password is not None:
-            sealed = await passwords.seal_async(site.key, body.password)
-            await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
-            site.sessions.delete_user(name)
-        if display is not None and display != row["display_name"]:
-            await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
+        sealed = await passwords.seal_async(site.key, body.password) if body.password is not None else None
+        actor = request.state.actor
+        async with users_lock(site):
+            row = _live(site, username)
+            name = row["username"]
+            if body.role is not None and body.role != row["role"]:
+                if row["role"] == "admin" and _other_admins(site, name) == 0:
+                    raise RequestInvalid("this is the last admin user; make another admin first")
+                await site.append(ev.UserRoleChanged(username=name, role=body.role), actor=actor)
+            if sealed is not None:
+                await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
+                site.sessions.delete_user(name)
+            if display is not None and display != row["display_name"]:
+                await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
         return views.user(site.reader, name)
 
     @delete("/{username:str}", operation_id="removeUser", opt={"roles": ADMIN}, status_code=200)
     async def remove_user(self, request: Request, username: str) -> dict[str, Any]:
         site: Site = request.app.state.site
-        row = _live(site, username)
-        if row["role"] == "admin" and _other_admins(site, row["username"]) == 0:
-            raise RequestInvalid("this is the last admin user; make another admin first")
-        await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
+        async with users_lock(site):
+            row = _live(site, username)
+            if row["role"] == "admin" and _other_admins(site, row["username"]) == 0:
+                raise RequestInvalid("this is the last admin user; make another admin first")
+            await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
         site.sessions.delete_user(row["username"])
         return {"removed": row["username"]}

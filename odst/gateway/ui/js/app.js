@@ -29,7 +29,7 @@ const NAV = [
   ['settings', 'Settings'],
 ];
 
-const state = { session: null, settings: null, site: null, peers: [], settingsError: null };
+const state = { session: null, settings: null, site: null, peers: [], settingsError: null, changingPassword: false };
 const feed = new EventFeed();
 let unmount = null;
 let firstRender = true;
@@ -271,8 +271,10 @@ async function boot() {
   feed.subscribe((e) => {
     if (e.type && e.type.startsWith('Peer')) refreshPeersSoon();
     const who = e.envelope && e.envelope.event ? e.envelope.event.username : null;
+    // My own password change: its answer carries my new session; the event may arrive before it.
+    const mine = e.type === 'UserPasswordChanged' && state.changingPassword;
     if (who && state.session && e.type.startsWith('User') && who.toLowerCase() === state.session.username.toLowerCase()
-        && e.origin === (state.site && state.site.site)) checkSession();
+        && e.origin === (state.site && state.site.site) && !mine) checkSession();
   });
   $('signout').addEventListener('click', signOut);
   $('skip-link').addEventListener('click', (e) => {

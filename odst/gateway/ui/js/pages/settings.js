@@ -161,15 +161,18 @@ export function mount(main, ctx) {
       e.preventDefault();
       const problem = !current.value ? 'Enter your current password.' : passwordProblem({ new: next.value, confirm: again.value });
       if (problem) { replace(out, messageBox('error', problem)); return; }
+      ctx.state.changingPassword = true;
       try {
         // The server ends every other session and starts this one afresh, with a new CSRF token.
         const fresh = await api('POST', '/api/v1/session/password', { current: current.value, new: next.value });
-        Object.assign(session, fresh);
+        Object.assign(ctx.state.session || session, fresh);
         setCsrfToken(fresh.csrf_token);
         form.reset();
-        replace(out, messageBox('success', 'Your password was changed.'));
+        replace(out, messageBox('success', 'Your password was changed. Your other sessions were signed out.'));
       } catch (err) {
         replace(out, messageBox('error', `Could not change the password: ${errorText(err)}`));
+      } finally {
+        ctx.state.changingPassword = false; // an event after this point finds the new session valid
       }
     });
     parts.push(form);
