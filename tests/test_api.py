@@ -791,3 +791,20 @@ def test_metrics_in_prometheus_format(site, tmp_path):
                  "odst_bytes_served_total 5000", 'odst_projection_lag{stream="EVENTS"} 0.0',
                  "odst_quarantined_events 0.0", "odst_packages 1.0", 'odst_replication_queue{status="pending"} 0.0']:
         assert any(l.startswith(line) for l in text.splitlines()), line
+
+
+def test_event_log_filters_by_actor_and_time_and_pages_backwards(site):
+    c = site.client()
+    for i in range(3):
+        assert upload(c, f"f{i}.pkg", b"x" * (i + 1)).status_code == 201
+    ev = events_of(c)
+    uploads = [e for e in ev if e["type"] == "PackageUploaded"]
+    assert [e["actor"] for e in events_of(c, actor=uploads[0]["actor"])] == [uploads[0]["actor"]] * 3
+    assert events_of(c, actor="user:nobody") == []
+    t = uploads[1]["ts"]
+    assert all(e["ts"] >= t for e in events_of(c, since=t)) and uploads[1]["id"] in {e["id"] for e in events_of(c, since=t)}
+    assert all(e["ts"] < t for e in events_of(c, until=t))
+    last = ev[-1]["position"]
+    newest = events_of(c, before=last + 1, limit=2)
+    assert [e["position"] for e in newest] == [last, ev[-2]["position"]]
+    assert c.get("/api/v1/events", params={"since": "-1"}).status_code == 400

@@ -25,10 +25,19 @@ class EventController(Controller):
     async def list_events(self, request: Request, after: int = Parameter(default=0, ge=0, le=MAX_INT64),
                           limit: int = Parameter(default=100, ge=1, le=1000),
                           type: str | None = None, origin: str | None = None,
-                          name: str | None = None) -> dict[str, Any]:
-        """Events with position > after, oldest first, each in its signed envelope."""
+                          name: str | None = None, actor: str | None = None,
+                          since: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
+                          until: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
+                          before: int | None = Parameter(default=None, ge=1, le=MAX_INT64)) -> dict[str, Any]:
+        """Events with position > after, oldest first, each in its signed envelope.
+
+        Filters: ``type``, ``origin`` (site), ``name`` (package, user, token…), ``actor``,
+        ``since``/``until`` (unix ms, [since, until)). With ``before=N``: the newest
+        events below position N, newest first (paging an event log backwards).
+        """
         site: Site = request.app.state.site
-        items = views.events(site.reader, after=after, limit=limit, type_=type, origin=origin, name=name)
+        items = views.events(site.reader, after=after, limit=limit, type_=type, origin=origin, name=name,
+                             actor=actor, since=since, until=until, before=before)
         return {"events": items, "last_position": views.last_position(site.reader)}
 
     @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})

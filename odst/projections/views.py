@@ -78,8 +78,23 @@ def event_json(row: sqlite3.Row) -> dict:
 
 
 def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
-           type_: str | None = None, origin: str | None = None, name: str | None = None) -> list[dict]:
+           type_: str | None = None, origin: str | None = None, name: str | None = None,
+           actor: str | None = None, since: int | None = None, until: int | None = None,
+           before: int | None = None) -> list[dict]:
+    """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
     sql, args = "SELECT * FROM events WHERE position > ?", [after]
+    if before is not None:
+        sql += " AND position < ?"
+        args.append(before)
+    if actor:
+        sql += " AND actor=?"
+        args.append(actor)
+    if since is not None:
+        sql += " AND ts >= ?"
+        args.append(since)
+    if until is not None:
+        sql += " AND ts < ?"
+        args.append(until)
     if type_:
         sql += " AND type=?"
         args.append(type_)
@@ -89,7 +104,7 @@ def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
     if name:
         sql += " AND subject_name=?"
         args.append(name)
-    sql += " ORDER BY position LIMIT ?"
+    sql += f" ORDER BY position {'DESC' if before is not None else ''} LIMIT ?"
     args.append(limit)
     return [event_json(r) for r in conn.execute(sql, args)]
 
