@@ -201,9 +201,9 @@ def test_upload_shows_progress_and_the_package_appears_with_its_sha1(ui_site, pa
 
 def test_a_cancelled_upload_publishes_nothing(ui_site, page, tmp_path):
     add_user(ui_site, "olivia", "operator")
-    path = write_random(tmp_path / "Huge.dmg", 200 * 1000 * 1000, seed=8)
+    path = write_random(tmp_path / "Huge.dmg", 64 * 1000 * 1000, seed=8)
     sign_in(page, ui_site, "olivia")
-    throttle_uploads(page, 20e6)  # 10 s for the whole file: time enough to cancel
+    throttle_uploads(page, 16e6)  # 4 s for the whole file: time enough to cancel
     page.goto(ui_site.url + "/ui/#/upload")
     page.locator("input[type=file]").set_input_files(str(path))
     page.get_by_role("button", name="Upload", exact=True).click()
