@@ -73,6 +73,13 @@ def cmd_serve(args, roles=None) -> int:
         """uvicorn re-raises SIGTERM/SIGINT after serving, which would kill us before the
         broker and projector are stopped; we stop them in order and exit 0 instead."""
 
+        on_exit = None
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            if self.on_exit:
+                self.on_exit()
+
         @contextlib.contextmanager
         def capture_signals(self):
             previous = {sig: signal.signal(sig, self.handle_exit)
@@ -119,6 +126,7 @@ def cmd_serve(args, roles=None) -> int:
                                     proxy_headers=bool(settings.trusted_proxies),
                                     forwarded_allow_ips=list(settings.trusted_proxies) or None)
             server = Server(config)
+            server.on_exit = site.begin_stop
             print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data}"
                   f"{f', {settings.http_workers} gateway processes' if helpers else ''})",
                   file=sys.stderr, flush=True)

@@ -123,6 +123,7 @@ class Site:
         from odst.gateway.metrics import SiteStats
         self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
+        self.stopping = asyncio.Event()  # set when shutdown begins: long-lived responses end
 
     @property
     def id(self) -> str:
@@ -330,6 +331,13 @@ class Site:
         if behind:
             return False, f"projections catching up: {behind}"
         return True, "ok"
+
+    def begin_stop(self) -> None:
+        """Called from a signal handler: let event streams end so the HTTP server stops at once."""
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(self.stopping.set)
+        except RuntimeError:
+            self.stopping.set()
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -332,3 +332,43 @@ def test_concurrent_user_changes_keep_an_admin_and_one_owner_per_name(site):
         "username": names[i], "password": PW + str(i), "role": "auditor"}).status_code)
     assert sorted(codes) == [201, 409], codes
     assert len([e for e in user_events(admin) if e["type"] == "UserCreated" and e["envelope"]["event"]["username"].lower() == "dup"]) == 1
+
+
+def _stream_lines(client: httpx.Client, out: list, done: "threading.Event"):
+    try:
+        with client.stream("GET", "/api/v1/events/stream", timeout=httpx.Timeout(60, read=60)) as r:
+            out.append(("status", r.status_code))
+            for line in r.iter_lines():
+                out.append(("line", line))
+    except httpx.HTTPError as exc:
+        out.append(("error", repr(exc)))
+    finally:
+        done.set()
+
+
+def test_an_event_stream_ends_with_its_session(make_site):
+    import threading
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
+    c, csrf = browser(site, "admin", PW)
+    got, done = [], threading.Event()
+    threading.Thread(target=_stream_lines, args=(c, got, done), daemon=True).start()
+    wait_until(lambda: ("line", ": odst event stream") in got, 20, what="the stream to open")
+    with site.client() as admin:
+        assert admin.put("/api/v1/packages/before.pkg", content=b"1").status_code == 201
+        wait_until(lambda: any("before.pkg" in x[1] for x in got if x[0] == "line"), 20, what="a live event")
+        other = httpx.Client(base_url=site.url, cookies={"odst_session": c.cookies.get("odst_session")})
+        assert other.delete("/api/v1/session", headers={"X-CSRF-Token": csrf}).status_code == 200
+        assert admin.put("/api/v1/packages/after.pkg", content=b"2").status_code == 201
+    assert done.wait(30), "the stream went on after sign-out"
+    assert not any("after.pkg" in x[1] for x in got if x[0] == "line")
+
+
+def test_an_open_event_stream_does_not_hold_up_shutdown(make_site):
+    import threading
+    site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
+    got, done = [], threading.Event()
+    threading.Thread(target=_stream_lines, args=(site.client(), got, done), daemon=True).start()
+    wait_until(lambda: ("line", ": odst event stream") in got, 20, what="the stream to open")
+    assert site.stop() == 0
+    assert done.wait(30)
+    assert "graceful shutdown exceeded" not in site.log()

@@ -118,8 +118,11 @@ class SessionStore:
         self._expire(now)
         return session_id, s
 
-    def get(self, session_id: str, now: float | None = None) -> Session | None:
-        """The live session for this id, or None (unknown, signed out, idle too long, too old)."""
+    def get(self, session_id: str, now: float | None = None, *, touch: bool = True) -> Session | None:
+        """The live session for this id, or None (unknown, signed out, idle too long, too old).
+
+        ``touch=False`` looks without counting as use (an open event stream re-checking).
+        """
         if not session_id or len(session_id) > 200:
             return None
         now = time.time() if now is None else now
@@ -130,7 +133,7 @@ class SessionStore:
         if now >= s.ends_at(self.idle_s):
             self.conn.execute("DELETE FROM sessions WHERE id_sha256=?", (_digest(session_id),))
             return None
-        if now - s.last_seen >= TOUCH_EVERY_S:
+        if touch and now - s.last_seen >= TOUCH_EVERY_S:
             self.conn.execute("UPDATE sessions SET last_seen=? WHERE id_sha256=?", (now, _digest(session_id)))
             s = Session(**{**s.__dict__, "last_seen": now})
         return s

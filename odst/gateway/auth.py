@@ -62,8 +62,8 @@ def _from_bearer(site: Site, header: str) -> Principal:
     return Principal(username=f"{row['token_id']}:{row['name']}", role=row["role"], source="token")
 
 
-async def _from_session(site: Site, connection: ASGIConnection, session_id: str) -> Principal:
-    s = site.sessions.get(session_id) if site.sessions else None
+async def _from_session(site: Site, connection: ASGIConnection, session_id: str, touch: bool) -> Principal:
+    s = site.sessions.get(session_id, touch=touch) if site.sessions else None
     if s is None:
         raise Unauthorized("not signed in, or the session has ended: sign in again")
     role = s.role
@@ -106,14 +106,15 @@ async def _recheck_directory(site: Site, session_id: str, username: str, role: s
     return user.role
 
 
-async def authenticate(connection: ASGIConnection) -> Principal:
+async def authenticate(connection: ASGIConnection, *, touch: bool = True) -> Principal:
+    """Who sent this request; ``touch=False`` re-checks without counting as use of a session."""
     site: Site = connection.app.state.site
     header = connection.headers.get("authorization")
     if header:
         return _from_bearer(site, header)
     session_id = connection.cookies.get(SESSION_COOKIE)
     if session_id:
-        return await _from_session(site, connection, session_id)
+        return await _from_session(site, connection, session_id, touch)
     raise Unauthorized("send 'Authorization: Bearer <token>' or sign in")
 
 

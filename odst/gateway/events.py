@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, AsyncGenerator
 
@@ -9,7 +10,8 @@ from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from odst.gateway.auth import READ
+from odst.errors import OdstError
+from odst.gateway.auth import READ, authenticate
 from odst.naming import MAX_INT64, ascii_int
 from odst.projections import views
 from odst.site import Site
@@ -52,7 +54,7 @@ class EventController(Controller):
         async def feed() -> AsyncGenerator[ServerSentEventMessage, None]:
             nonlocal position
             yield ServerSentEventMessage(data=None, comment="odst event stream", retry=2000)
-            while True:
+            while not site.stopping.is_set():
                 batch = views.events(site.reader, after=position, limit=500, type_=type)
                 for e in batch:
                     position = e["position"]
@@ -63,6 +65,12 @@ class EventController(Controller):
                     yield ServerSentEventMessage(data=None, comment="keep-alive")
                 if views.last_position(site.reader) < position:  # read model rebuilt
                     position = views.last_position(site.reader)
+                try:  # the caller may have signed out, lost their role or token since
+                    principal = await authenticate(request, touch=False)
+                except OdstError:
+                    return
+                if principal.role not in READ:
+                    return
 
         return ServerSentEvent(feed())
 
@@ -87,7 +95,13 @@ class EventController(Controller):
 
 
 async def _idle(site: Site, timeout: float) -> bool:
-    """Wait for the projector to change something; False when the wait timed out."""
+    """Wait for the projector to change something (or the site to stop); False when nothing changed."""
     before = views.last_position(site.reader)
-    await site.projector.wait_changed(timeout)
+    changed = asyncio.ensure_future(site.projector.wait_changed(timeout))
+    stopping = asyncio.ensure_future(site.stopping.wait())
+    try:
+        await asyncio.wait([changed, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        changed.cancel()
+        stopping.cancel()
     return views.last_position(site.reader) != before

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, get, post, put
 
+from odst.accounts import passwords
 from odst.errors import RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ
@@ -38,6 +39,7 @@ def settings_json(site: Site) -> dict[str, Any]:
                  "role_map": s.ldap_role_map},
         "session_idle_s": s.session_idle_s, "session_max_s": s.session_max_s,
         "signin_max_failures": s.signin_max_failures,
+        "password_min_length": passwords.MIN_LENGTH,
     }
 
 
