@@ -37,6 +37,11 @@ def test_a_site_changes_the_stages_it_accepts_and_replication_follows(pair, tmp_
         assert r.json()["accepted_stages_source"]["from"] == "event"
         assert r.json()["accepted_stages_source"]["updated_by"].startswith("token:")
 
+    # A learns B's choice from B's mirrored log: B not holding a dev package is by choice
+    with a.client() as ca:
+        wait_until(lambda: {p["site"]: p["accepted_stages"] for p in ca.get("/api/v1/peers").json()["peers"]}
+                   .get(b_id) == ["prod"], 30, what="B's accepted stages to reach A")
+        assert ca.get("/api/v1/settings").json()["accepted_stages_source"]["from"] == "default"
     upload(a, "Beta.pkg", write_random(tmp_path / "beta", 300_000, seed=1), stage="dev")
     upload(a, "Release.pkg", write_random(tmp_path / "rel", 300_000, seed=2), stage="prod")
     wait_until(lambda: available_at(b, "Release.pkg", b_id), 60, what="the prod package at B")

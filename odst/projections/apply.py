@@ -322,6 +322,9 @@ def _user_removed(c, env, e: ev.UserRemoved, folder) -> None:
 
 
 def _stages_accepted(c, env, e: ev.StagesAccepted, folder) -> None:
+    c.execute("INSERT INTO stage_policies(site, stages, clock) VALUES (?,?,?) ON CONFLICT(site) DO UPDATE"
+              " SET stages=excluded.stages, clock=excluded.clock WHERE excluded.clock > stage_policies.clock",
+              (env.origin, json.dumps(list(e.stages)), clock(env.ts, env.origin)))
     if env.origin in folder.trusted:  # each site chooses its own; peers' choices are theirs
         c.execute("INSERT OR REPLACE INTO site_settings(key, value, updated_at, updated_by) VALUES (?,?,?,?)",
                   ("accepted_stages", json.dumps(list(e.stages)), env.ts, env.actor))

@@ -168,11 +168,13 @@ def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
         "SELECT d.site, d.public_key, d.name, d.http_url, d.vouched_by, d.clock FROM directory d"
         " WHERE d.site<>? AND d.site NOT IN (SELECT site FROM removals)"
         " ORDER BY d.site, (d.vouched_by = ?) DESC, d.clock DESC", (site, site)).fetchall()
+    policies = {r["site"]: json.loads(r["stages"]) for r in conn.execute("SELECT * FROM stage_policies")}
     out: dict[str, dict] = {}
     for r in rows:
         entry = out.setdefault(r["site"], {"site": r["site"], "public_key": r["public_key"],
                                            "name": r["name"], "http_url": r["http_url"],
-                                           "registered_here": False, "vouched_by": []})
+                                           "registered_here": False, "vouched_by": [],
+                                           "accepted_stages": policies.get(r["site"])})
         if r["vouched_by"] == site:
             entry["registered_here"] = True
         else:
