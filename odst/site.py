@@ -263,13 +263,7 @@ class Site:
                                           role="admin", token_sha256=token_digest(token)),
                           actor="system")
         if not given:
-            path = self.data / "admin-token"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-            self.printed_token = token
-            print(f"Bootstrap admin token (shown once, also in {path}):\n{token}", file=sys.stderr,
-                  flush=True)
+            self.printed_token = self._show_once("admin-token", "Bootstrap admin token", token)
 
     async def _bootstrap_admin_user(self) -> None:
         """A site with no users gets ``admin`` (ODST_ADMIN_PASSWORD, or a generated one shown once)."""
@@ -287,13 +281,17 @@ class Site:
                                          password_sealed=await passwords.seal_async(self.key, password)),
                           actor="system")
         if not given:
-            path = self.data / "admin-password"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(password + "\n")
-            self.printed_password = password
-            print(f"Web UI sign-in: user admin, password (shown once, also in {path}):\n{password}",
-                  file=sys.stderr, flush=True)
+            self.printed_password = self._show_once("admin-password", "Web UI sign-in: user admin, password",
+                                                    password)
+
+    def _show_once(self, filename: str, label: str, secret: str) -> str:
+        """Write a generated secret to <data>/<filename> (mode 0600) and print it once."""
+        path = self.data / filename
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        print(f"{label} (shown once, also in {path}):\n{secret}", file=sys.stderr, flush=True)
+        return secret
 
     def _chain_state(self) -> tuple[int, int, str]:
         checkpoint = self.projector.checkpoint(EVENTS_STREAM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import httpx
 import pytest
@@ -334,7 +335,7 @@ def test_concurrent_user_changes_keep_an_admin_and_one_owner_per_name(site):
     assert len([e for e in user_events(admin) if e["type"] == "UserCreated" and e["envelope"]["event"]["username"].lower() == "dup"]) == 1
 
 
-def _stream_lines(client: httpx.Client, out: list, done: "threading.Event"):
+def _stream_lines(client: httpx.Client, out: list, done: threading.Event):
     try:
         with client.stream("GET", "/api/v1/events/stream", timeout=httpx.Timeout(60, read=60)) as r:
             out.append(("status", r.status_code))
@@ -347,7 +348,6 @@ def _stream_lines(client: httpx.Client, out: list, done: "threading.Event"):
 
 
 def test_an_event_stream_ends_with_its_session(make_site):
-    import threading
     site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
     c, csrf = browser(site, "admin", PW)
     got, done = [], threading.Event()
@@ -364,7 +364,6 @@ def test_an_event_stream_ends_with_its_session(make_site):
 
 
 def test_an_open_event_stream_does_not_hold_up_shutdown(make_site):
-    import threading
     site = make_site(env={"ODST_ADMIN_PASSWORD": PW}).start()
     got, done = [], threading.Event()
     threading.Thread(target=_stream_lines, args=(site.client(), got, done), daemon=True).start()

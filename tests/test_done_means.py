@@ -17,12 +17,11 @@ import time
 
 import httpx
 import pytest
-from aiosmtpd.controller import Controller
 from playwright.sync_api import expect
 
 from tests.browser import shot
 from tests.conftest import free_port, wait_until, write_random
-from tests.test_notifications import Mailbox, Receiver, documented_verifier, subscribe
+from tests.test_notifications import documented_verifier, receiver, smtp, subscribe  # noqa: F401, F811  (fixtures)
 from tests.test_replication import register, site_id
 from tests.test_ui import record_progress, sign_in
 
@@ -31,18 +30,8 @@ MAILTO = "mac-admins@odst.test"
 
 
 @pytest.fixture
-def hooks():
-    receiver, box = Receiver(), Mailbox()
-    smtp = Controller(box, hostname="127.0.0.1", port=free_port())
-    smtp.start()
-    yield receiver, smtp, box
-    smtp.stop()
-    receiver.close()
-
-
-@pytest.fixture
-def two_sites(make_site, slapd, hooks):
-    _, smtp, _ = hooks
+def two_sites(make_site, slapd, smtp):
+    smtp, _ = smtp
     leaf = free_port()
     hq = make_site("hq", env={**slapd.settings_env(), "ODST_SMTP_HOST": "127.0.0.1",
                               "ODST_SMTP_PORT": str(smtp.port), "ODST_SMTP_FROM": "odst@odst.test",
@@ -57,9 +46,9 @@ def two_sites(make_site, slapd, hooks):
 
 
 def test_ldap_admin_uploads_2gb_and_sees_it_reach_the_second_site_with_webhook_and_mail(
-        two_sites, hooks, page, tmp_path):
+        two_sites, receiver, smtp, page, tmp_path):
     hq, branch = two_sites
-    receiver, _, box = hooks
+    _, box = smtp
     hq_id, branch_id = site_id(hq), site_id(branch)
     with hq.client() as c:
         hook = subscribe(c, receiver.url("/odst"), ["PackageAvailable"])

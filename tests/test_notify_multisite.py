@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
@@ -25,7 +24,8 @@ from odst.bus.embedded import nats_server_binary
 from odst.notify.ledger import RETAIN_MS, Ledger, ledger_path, now_ms
 from odst.notify.service import Pruner
 from tests.conftest import ADMIN_TOKEN, free_port, run_odst, upload_bytes, wait_until
-from tests.test_notifications import FAST_RETRY, Mailbox, Receiver, deliveries, documented_verifier, subscribe
+from tests.test_notifications import FAST_RETRY, Mailbox, deliveries, documented_verifier, subscribe
+from tests.test_notifications import receiver, smtp  # noqa: F401, F811  (fixtures)
 from tests.test_replication import register, site_id
 from tests.test_roles import Procs, healthy, odst
 
@@ -47,22 +47,6 @@ def start_all(*sites, timeout: float = 60.0):
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n" + "\n".join(f"--- {s.data.name}\n{s.log()}" for s in sites)) from None
     return sites
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def smtp():
-    box = Mailbox()
-    controller = Controller(box, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield controller, box
-    controller.stop()
 
 
 def smtp_env(port: int, digest_s: int = 2) -> dict:

@@ -83,27 +83,12 @@ def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
            before: int | None = None) -> list[dict]:
     """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
     sql, args = "SELECT * FROM events WHERE position > ?", [after]
-    if before is not None:
-        sql += " AND position < ?"
-        args.append(before)
-    if actor:
-        sql += " AND actor=?"
-        args.append(actor)
-    if since is not None:
-        sql += " AND ts >= ?"
-        args.append(since)
-    if until is not None:
-        sql += " AND ts < ?"
-        args.append(until)
-    if type_:
-        sql += " AND type=?"
-        args.append(type_)
-    if origin:
-        sql += " AND origin=?"
-        args.append(origin)
-    if name:
-        sql += " AND subject_name=?"
-        args.append(name)
+    for clause, value in (("position < ?", before), ("actor = ?", actor or None), ("ts >= ?", since),
+                          ("ts < ?", until), ("type = ?", type_ or None), ("origin = ?", origin or None),
+                          ("subject_name = ?", name or None)):
+        if value is not None:
+            sql += f" AND {clause}"
+            args.append(value)
     sql += f" ORDER BY position {'DESC' if before is not None else ''} LIMIT ?"
     args.append(limit)
     return [event_json(r) for r in conn.execute(sql, args)]
