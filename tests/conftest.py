@@ -21,10 +21,7 @@ pytest_plugins = ["tests.ldap_server", "tests.browser"]
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from odst.scenario import free_port  # noqa: E402  (one port allocator, safe under pytest-xdist)
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -92,10 +91,7 @@ class Slapd:
         return self.log_file.read_text(errors="replace")[-5000:] if self.log_file.exists() else ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from odst.scenario import free_port as _free_port  # noqa: E402  (safe under pytest-xdist)
 
 
 def _run(*cmd: str, cwd: Path | None = None) -> None:

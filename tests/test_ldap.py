@@ -44,9 +44,8 @@ def silent_server():
 
 
 def unreachable_url() -> str:
-    with socket.socket() as s:  # a port nobody listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        return f"ldap://127.0.0.1:{s.getsockname()[1]}"
+    from odst.scenario import free_port
+    return f"ldap://127.0.0.1:{free_port()}"  # a port nobody listens on
 
 
 @pytest.mark.parametrize("username,role,display", [
