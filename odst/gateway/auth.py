@@ -62,6 +62,12 @@ def _from_bearer(site: Site, header: str) -> Principal:
     return Principal(username=f"{row['token_id']}:{row['name']}", role=row["role"], source="token")
 
 
+def same_origin(connection: ASGIConnection) -> bool:
+    """No Origin header (not a browser's cross-site request), or one naming this very host."""
+    origin = connection.headers.get("origin")
+    return not origin or urlsplit(origin).netloc == connection.headers.get("host", "")
+
+
 async def _from_session(site: Site, connection: ASGIConnection, session_id: str, touch: bool) -> Principal:
     s = site.sessions.get(session_id, touch=touch) if site.sessions else None
     if s is None:
@@ -80,9 +86,8 @@ async def _from_session(site: Site, connection: ASGIConnection, session_id: str,
         sent = connection.headers.get(CSRF_HEADER, "")
         if not sent or not hmac.compare_digest(sent.encode(), s.csrf.encode()):
             raise CsrfFailed(f"missing or wrong {CSRF_HEADER} header (the session's csrf_token)")
-        origin = connection.headers.get("origin")
-        if origin and urlsplit(origin).netloc != connection.headers.get("host", ""):
-            raise CsrfFailed(f"request from another origin ({origin}) refused")
+        if not same_origin(connection):
+            raise CsrfFailed(f"request from another origin ({connection.headers.get('origin')}) refused")
     return Principal(username=s.username, role=role, source=s.source, display_name=s.display_name,
                      csrf=s.csrf, expires_at=s.ends_at(site.sessions.idle_s))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -15,7 +14,7 @@ from odst.accounts import passwords
 from odst.accounts.pool import BoundedPool
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
-from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal
+from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
 from odst.gateway.bodies import decode_json
 from odst.projections import views
 from odst.site import Site
@@ -107,9 +106,16 @@ async def _check_password(site: Site, username: str, password: str) -> tuple[str
         await asyncio.gather(dummy, return_exceptions=True)
 
 
-def _same_origin(request: Request) -> bool:
-    origin = request.headers.get("origin")
-    return not origin or urlsplit(origin).netloc == request.headers.get("host", "")
+def _reserve_attempt(site: Site, username: str, address: str) -> list[int]:
+    """Count one password check against the sign-in limits, before it is made; 429 when over."""
+    s = site.settings
+    wait, reservation = site.sessions.attempt(username, address, max_failures=s.signin_max_failures,
+                                              max_address=s.signin_max_failures_address,
+                                              window_s=s.signin_window_s)
+    if wait:
+        log.warning("refused: too many failed password checks", user=username, address=address, retry_after=wait)
+        raise TooManyAttempts(wait)
+    return reservation
 
 
 class SessionController(Controller):
@@ -123,20 +129,14 @@ class SessionController(Controller):
         # a form on another site can post text/plain cross-origin (login CSRF); JSON cannot
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise JsonRequired("send the credentials as application/json")
-        if not _same_origin(request):
+        if not same_origin(request):
             raise CsrfFailed(f"sign-in from another origin ({request.headers.get('origin')}) refused")
         body = decode_json(await request.body(), SignIn)
         username = body.username.strip()
         if not username or len(username) > 256 or len(body.password) > passwords.MAX_LENGTH:
             raise SigninFailed(WRONG)
         address = client_address(request)
-        s = site.settings
-        wait, reservation = site.sessions.attempt(username, address, max_failures=s.signin_max_failures,
-                                                  max_address=s.signin_max_failures_address,
-                                                  window_s=s.signin_window_s)
-        if wait:
-            log.warning("sign-in refused: too many failures", user=username, address=address, retry_after=wait)
-            raise TooManyAttempts(wait)
+        reservation = _reserve_attempt(site, username, address)
         try:
             name, role, source, display, credential = await _check_password(site, username, body.password)
         except SigninFailed:
@@ -152,7 +152,8 @@ class SessionController(Controller):
         log.info("signed in", user=name, role=role, source=source, address=address)
         p = Principal(username=name, role=role, source=source, display_name=display, csrf=sess.csrf,
                       expires_at=sess.ends_at(site.sessions.idle_s))
-        return Response(session_json(p), cookies=[_session_cookie(request, site, session_id, s.session_max_s)])
+        return Response(session_json(p),
+                        cookies=[_session_cookie(request, site, session_id, site.settings.session_max_s)])
 
     @get("/", operation_id="whoAmI", opt={"roles": READ})
     async def who_am_i(self, request: Request) -> dict[str, Any]:
@@ -178,12 +179,7 @@ class SessionController(Controller):
                                  "theirs in the directory")
         body = decode_json(await request.body(), PasswordChange)
         address = client_address(request)
-        s = site.settings
-        wait, reservation = site.sessions.attempt(p.username, address, max_failures=s.signin_max_failures,
-                                                  max_address=s.signin_max_failures_address,
-                                                  window_s=s.signin_window_s)
-        if wait:
-            raise TooManyAttempts(wait)
+        reservation = _reserve_attempt(site, p.username, address)
         row = views.user_row(site.reader, p.username)
         if row is None or not await passwords.verify_async(site.key, row["password_sealed"], body.current):
             log.warning("password change: current password wrong", user=p.username, address=address)
