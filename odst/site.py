@@ -31,7 +31,6 @@ from odst.store.files import Store
 
 log = structlog.get_logger("odst.site")
 
-ROLES = ("admin", "operator", "auditor")
 ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
 STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 

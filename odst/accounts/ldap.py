@@ -35,6 +35,7 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import parse_dn
 
+from odst.accounts.pool import BoundedPool
 from odst.config import Settings
 from odst.errors import OdstError
 
@@ -42,6 +43,9 @@ log = structlog.get_logger("odst.ldap")
 
 ROLE_RANK = {"auditor": 1, "operator": 2, "admin": 3}
 MAX_USERNAME = 256
+# Directory requests wait up to ldap_timeout_s on the network: a bounded pool of their own,
+# never the event loop's default executor (see odst.accounts.pool).
+POOL = BoundedPool("ldap", workers=4, max_waiting=32)
 # Bind results that mean "this user may not sign in"; any other failure is the directory's.
 _REFUSING_BIND_RESULTS = {48, 49, 50, 53}  # inappropriateAuthentication, invalidCredentials,
 #                                            insufficientAccessRights, unwillingToPerform

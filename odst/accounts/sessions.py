@@ -201,9 +201,7 @@ class SessionStore:
 
     def succeeded(self, username: str, address: str, reservation: list[int]) -> None:
         """A right password: forget this attempt and this address's earlier misses of the name."""
-        if reservation:
-            self.conn.execute(f"DELETE FROM signin_failures WHERE rowid IN ({','.join('?' * len(reservation))})",
-                              reservation)
+        self.forgive(reservation)
         self.conn.execute("DELETE FROM signin_failures WHERE scope='pair' AND key=?",
                           (f"{user_key(username)}\0{address_key(address)}",))
 

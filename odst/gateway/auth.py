@@ -95,9 +95,8 @@ async def _from_session(site: Site, connection: ASGIConnection, session_id: str,
 async def _recheck_directory(site: Site, session_id: str, username: str, role: str) -> str:
     """Ask the directory whether this user still has a role; an outage keeps the session as it is."""
     from odst.accounts import ldap
-    from odst.gateway.session import LDAP_POOL
     try:
-        user = await LDAP_POOL.run(ldap.lookup, site.settings, username)
+        user = await ldap.POOL.run(ldap.lookup, site.settings, username)
     except ldap.DirectoryRefused as exc:
         site.sessions.delete(session_id)
         log.warning("directory no longer grants a role; session ended", user=username, reason=exc.detail)

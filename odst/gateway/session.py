@@ -11,7 +11,6 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
 from odst.accounts import passwords
-from odst.accounts.pool import BoundedPool
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
@@ -22,8 +21,6 @@ from odst.site import Site
 log = structlog.get_logger("odst.signin")
 
 WRONG = "user name or password is wrong"
-# Directory requests wait up to ldap_timeout_s on the network: a pool of their own, bounded.
-LDAP_POOL = BoundedPool("ldap", workers=4, max_waiting=32)
 
 
 class SigninFailed(OdstError):
@@ -94,7 +91,7 @@ async def _check_password(site: Site, username: str, password: str) -> tuple[str
         if not ldap.enabled(site.settings):
             raise SigninFailed(WRONG)
         try:
-            user = await LDAP_POOL.run(ldap.authenticate, site.settings, username, password)
+            user = await ldap.POOL.run(ldap.authenticate, site.settings, username, password)
         except ldap.DirectoryRefused as exc:
             log.info("directory refused sign-in", user=username, reason=exc.detail)
             raise SigninFailed(WRONG) from None

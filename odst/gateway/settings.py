@@ -3,7 +3,6 @@ check of the LDAP settings. Settings from odst.toml / ODST_* are read-only here.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -75,4 +74,4 @@ class SettingsController(Controller):
         site: Site = request.app.state.site
         if not ldap.enabled(site.settings):
             raise RequestInvalid("LDAP is not configured (ldap_url is empty)")
-        return {"ok": True, "detail": await asyncio.to_thread(ldap.check, site.settings)}
+        return {"ok": True, "detail": await ldap.POOL.run(ldap.check, site.settings)}

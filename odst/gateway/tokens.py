@@ -8,12 +8,13 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
+from odst.accounts import passwords
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import ROLES, Site, token_digest
+from odst.site import Site, token_digest
 
 
 class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,8 +35,7 @@ class TokenController(Controller):
     async def create_token(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), TokenCreate)
-        if body.role not in ROLES:
-            raise RequestInvalid(f"role must be one of {', '.join(ROLES)}")
+        passwords.check_role(body.role)
         if not body.name.strip() or len(body.name) > 200:
             raise RequestInvalid("name must be 1 to 200 characters")
         token = "odst_" + secrets.token_urlsafe(32)
