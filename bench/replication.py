@@ -214,44 +214,17 @@ class Api:
         raise AssertionError("unreachable")
 
 
-def upload(port: int, token: str, name: str, path: Path, tag: bytes = b"",
-           timeout: float = 600.0) -> tuple[dict, float]:
-    """PUT the file as package ``name``; ``tag`` overwrites its first bytes so every upload is
-    distinct content. Returns (package JSON, seconds); raises BenchError unless 201."""
-    size = path.stat().st_size
+def _put_package(port: int, token: str, name: str, size: int, write_body, timeout: float) -> dict:
+    """PUT ``size`` bytes, written by ``write_body(conn)``, as package ``name``; the package
+    JSON, or BenchError unless 201."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    t0 = time.monotonic()
     try:
         conn.putrequest("PUT", f"/api/v1/packages/{quote(name, safe='')}")
         conn.putheader("Authorization", f"Bearer {token}")
         conn.putheader("Content-Type", "application/octet-stream")
         conn.putheader("Content-Length", str(size))
         conn.endheaders()
-        with open(path, "rb", buffering=0) as f:
-            first = True
-            while block := f.read(MIB):
-                if first and tag:
-                    block = tag[:len(block)] + block[len(tag):]
-                first = False
-                conn.send(block)
-        r = conn.getresponse()
-        raw = r.read()
-    except (OSError, http.client.HTTPException) as exc:
-        raise BenchError(f"upload of {name} to :{port} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        conn.close()
-    secs = time.monotonic() - t0
-    if r.status != 201:
-        raise BenchError(f"upload of {name} to :{port} answered {r.status}: {raw[:500]!r}")
-    return json.loads(raw), secs
-
-
-def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float = 60.0) -> dict:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("PUT", f"/api/v1/packages/{quote(name, safe='')}", body=data,
-                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
-                              "Content-Length": str(len(data))})
+        write_body(conn)
         r = conn.getresponse()
         raw = r.read()
     except (OSError, http.client.HTTPException) as exc:
@@ -261,6 +234,27 @@ def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float =
     if r.status != 201:
         raise BenchError(f"upload of {name} to :{port} answered {r.status}: {raw[:500]!r}")
     return json.loads(raw)
+
+
+def upload(port: int, token: str, name: str, path: Path, tag: bytes = b"",
+           timeout: float = 600.0) -> tuple[dict, float]:
+    """PUT the file as package ``name``; ``tag`` overwrites its first bytes so every upload is
+    distinct content. Returns (package JSON, seconds); raises BenchError unless 201."""
+    def send_file(conn) -> None:
+        with open(path, "rb", buffering=0) as f:
+            first = True
+            while block := f.read(MIB):
+                if first and tag:
+                    block = tag[:len(block)] + block[len(tag):]
+                first = False
+                conn.send(block)
+    t0 = time.monotonic()
+    pkg = _put_package(port, token, name, path.stat().st_size, send_file, timeout)
+    return pkg, time.monotonic() - t0
+
+
+def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float = 60.0) -> dict:
+    return _put_package(port, token, name, len(data), lambda conn: conn.send(data), timeout)
 
 
 # --------------------------------------------------------------------------- #
