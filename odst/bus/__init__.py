@@ -6,6 +6,17 @@ def server_list(urls: str) -> list[str]:
     return [u.strip() for u in urls.split(",") if u.strip()]
 
 
+async def connect(servers: str, *, seed: str | None = None, name: str = "odst", **kw):
+    """Connect to NATS as one identity: ``seed`` is a NATS user seed ('SU…'), or None for a
+    server without authentication (only a test's bare nats-server)."""
+    import nats
+
+    opts = {"connect_timeout": 5, **kw}
+    if seed:
+        opts["nkeys_seed_str"] = seed
+    return await nats.connect(servers=server_list(servers), name=name, **opts)
+
+
 NO_SUITABLE_PEERS = 10005  # a cluster still forming: not enough JetStream servers yet
 
 
