@@ -54,6 +54,7 @@ class StoredMessage:
     seq: int
     subject: str
     payload: bytes
+    headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
 
 
 class EventLog:
@@ -186,7 +187,7 @@ async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
                     raise
                 continue
             seq = msg.metadata.sequence.stream
-            yield StoredMessage(stream, seq, msg.subject, msg.data)
+            yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers)
             if until_seq is not None and seq >= until_seq:
                 return
     finally:
