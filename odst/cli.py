@@ -370,6 +370,17 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from odst.recovery import RecoveryRefused, recover
+    try:
+        report = _run(recover(_settings(args), args.sources, force=args.force))
+    except RecoveryRefused as exc:
+        print(f"odst: recovery refused: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odst", description=__doc__)
     parser.add_argument("--version", action="version", version=f"odst {__version__}")
@@ -474,6 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rebuild", help="replace the read model with one rebuilt from the log (site stopped)")
     _site_flags(p)
     p.set_defaults(func=cmd_rebuild)
+
+    p = sub.add_parser("recover", help="restore this site's own log from a peer's mirror of it, verified, then "
+                                       "rebuild (site stopped; the data directory needs only site.key)")
+    _site_flags(p)
+    p.add_argument("--from", dest="sources", action="append", required=True, metavar="URL",
+                   help="a registered peer's HTTP base URL, e.g. http://peer:8080 (repeatable: the longest "
+                        "verified copy wins, and copies that disagree stop the recovery)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a local log that is not a prefix of the peer's copy (saved to <data>/run first), "
+                        "or accept a copy shorter than what the read model had seen")
+    p.set_defaults(func=cmd_recover)
     return parser
 
 

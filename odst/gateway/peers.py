@@ -9,12 +9,13 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
-from odst.errors import NotFound, RequestInvalid
+from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.naming import ascii_int
 from odst.projections import views
+from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity, peering
 from odst.replicator.requests import PeerRequestRefused
 from odst.replicator.transport import ChunkUnavailable
@@ -145,3 +146,19 @@ class PeerProtocolController(Controller):
         reply, sig = await peering.handle_register(site, await request.body(),
                                                    request.headers.get("x-odst-signature", ""))
         return Response(reply, media_type="application/json", headers={"x-odst-signature": sig})
+
+    @get("/mirror/{start:int}", operation_id="peerMirrorPage")
+    async def mirror_page(self, request: Request, start: int) -> Response[bytes]:
+        """Recovery: a page of this site's mirror of the requesting site's own log, from ``start``
+        (exact stored bytes, subjects, headers). Only that site, signing with its key, may ask."""
+        site: Site = request.app.state.site
+        if start < 1:
+            raise RequestInvalid("start must be a stream sequence, 1 or more")
+        try:
+            body = await serve_page(site.js, site.id, site.chunk_server.authorise, "GET",
+                                    dict(request.headers), start)
+        except PeerRequestRefused as exc:
+            raise Forbidden(str(exc)) from None
+        except MirrorUnavailable as exc:
+            raise NotFound(str(exc)) from None
+        return Response(body, media_type="application/json")
