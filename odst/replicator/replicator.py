@@ -42,6 +42,7 @@ WORK_STREAM = "REPLICATION"
 WORK_DURABLE = "replicators"
 LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
+MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
 
 
 def work_subject(site: str) -> str:
@@ -64,6 +65,7 @@ class Replicator:
         self._psub = None
         self._leases = None
         self.lease_s = float(max(3, site.settings.replication_lease_s))
+        self._missing_checked = -1e9
 
     async def start(self) -> None:
         self.http = http_session()
@@ -117,6 +119,9 @@ class Replicator:
 
     async def reconcile(self) -> None:
         self.remove_deleted()
+        if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
+            self._missing_checked = time.monotonic()
+            await self.repull_missing()
         now = time.monotonic()
         wanted = views.wanted(self.site.reader, self.site.id, self.site.accepted_stages)
         wanted_keys = set()
@@ -211,6 +216,31 @@ class Replicator:
         for p in store.tmp.glob("*.repl"):
             if p.stem not in {k[1] for k in self.tasks} and not views.content_is_live(self.site.reader, p.stem):
                 p.unlink(missing_ok=True)
+
+    async def repull_missing(self) -> list[str]:
+        """Files the log says this site holds but the store lacks (a site restored by
+        ``odst recover``, a file removed by hand): record PackageTransferFailed for each, as
+        ``odst verify`` does, so peers stop counting on this copy and the package is wanted
+        here again and pulled from the sites that hold it. Returns the names."""
+        missing = []
+        store, reader = self.site.store, self.site.reader
+        for name, blake3 in sorted(views.file_holders(reader, self.site.id).items()):
+            if (name, blake3) in self.tasks or store.is_publishing(name) or store.path(name).exists():
+                continue
+            pkg = views.package(reader, name)
+            if pkg is None or pkg["blake3"] != blake3:
+                continue  # a conflict loser being replaced: the pull in progress owns it
+            log.warning("stored package missing; pulling it again from peers", package=name)
+            try:
+                await self.site.append(ev.PackageTransferFailed(
+                    name=name, blake3=blake3, reason="stored file is missing; pulling it again from peers"),
+                    actor="replicator")
+            except AppendFailed as exc:
+                log.warning("could not record a missing package; retrying later", package=name, error=str(exc))
+                self._missing_checked = -1e9
+                break
+            missing.append(name)
+        return missing
 
     def _sources(self, sites: list[str]) -> list[tuple]:
         peers = {p["site"]: p for p in views.peer_sites(self.site.reader, self.site.id)}
