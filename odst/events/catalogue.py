@@ -116,6 +116,24 @@ class TokenRevoked(Event, tag=True):
     token_id: str
 
 
+class NatsCredentialCreated(Event, tag=True):
+    """A downstream service may read this site's events over NATS as ``name``.
+
+    Only the public user NKey ('U…') is stored: the seed was shown once to whoever
+    created it. ``role`` names the permission set (``odst.bus.authorization``); the
+    only one so far is ``subscriber`` (read-only).
+    """
+
+    credential_id: str
+    name: str
+    nkey: str  # public user NKey
+    role: str = "subscriber"
+
+
+class NatsCredentialRevoked(Event, tag=True):
+    credential_id: str
+
+
 class WebhookSubscribed(Event, tag=True):
     """This site POSTs the listed event types to ``url``.
 
@@ -194,7 +212,8 @@ class StagesAccepted(Event, tag=True):
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
-            | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted)
+            | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
+            | NatsCredentialCreated | NatsCredentialRevoked)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -218,6 +237,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     UserDetailsChanged,
     UserRemoved,
     StagesAccepted,
+    NatsCredentialCreated,
+    NatsCredentialRevoked,
 )
 
 

@@ -31,6 +31,8 @@ def subject_name(event: ev.Event) -> str:
     """What an event is about: the package name, the token id or the peer site."""
     if isinstance(event, (ev.TokenCreated, ev.TokenRevoked)):
         return event.token_id
+    if isinstance(event, (ev.NatsCredentialCreated, ev.NatsCredentialRevoked)):
+        return event.credential_id
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved)):
         return event.site
     if isinstance(event, ev.SiteFounded):
@@ -260,6 +262,20 @@ def _token_revoked(c, env, e: ev.TokenRevoked, folder) -> None:
               (env.ts, e.token_id, env.origin))
 
 
+def _nats_credential_created(c, env, e: ev.NatsCredentialCreated, folder) -> None:
+    if env.origin in folder.trusted:  # who may read this site's broker is its own business
+        # OR IGNORE: a name already active (or a key already used) keeps its first credential
+        c.execute("INSERT OR IGNORE INTO nats_credentials(credential_id, name, role, nkey, created_at,"
+                  " created_by) VALUES (?,?,?,?,?,?)",
+                  (e.credential_id, e.name, e.role, e.nkey, env.ts, env.actor))
+
+
+def _nats_credential_revoked(c, env, e: ev.NatsCredentialRevoked, folder) -> None:
+    if env.origin in folder.trusted:
+        c.execute("UPDATE nats_credentials SET revoked_at=?, revoked_by=? WHERE credential_id=?"
+                  " AND revoked_at IS NULL", (env.ts, env.actor, e.credential_id))
+
+
 def _webhook_subscribed(c, env, e: ev.WebhookSubscribed, folder) -> None:
     if env.origin in folder.trusted:  # a subscription is this site's own business
         c.execute("INSERT OR IGNORE INTO webhooks(webhook_id, url, event_types, description, event_id,"
@@ -341,6 +357,8 @@ _HANDLERS = {
     ev.PeerRemoved: _peer_removed,
     ev.TokenCreated: _token_created,
     ev.TokenRevoked: _token_revoked,
+    ev.NatsCredentialCreated: _nats_credential_created,
+    ev.NatsCredentialRevoked: _nats_credential_revoked,
     ev.WebhookSubscribed: _webhook_subscribed,
     ev.WebhookRemoved: _webhook_removed,
     ev.EmailSubscribed: _email_subscribed,

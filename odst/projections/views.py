@@ -118,6 +118,27 @@ def tokens(conn: sqlite3.Connection, site: str) -> list[dict]:
             for r in conn.execute("SELECT * FROM tokens WHERE site=? ORDER BY created_at", (site,))]
 
 
+def nats_credentials(conn: sqlite3.Connection, *, include_revoked: bool = True) -> list[dict]:
+    """This site's NATS credentials for downstream services (public keys only), oldest first."""
+    sql = "SELECT * FROM nats_credentials" + ("" if include_revoked else " WHERE revoked_at IS NULL")
+    return [{"credential_id": r["credential_id"], "name": r["name"], "role": r["role"], "nkey": r["nkey"],
+             "created_at": r["created_at"], "created_by": r["created_by"],
+             "revoked_at": r["revoked_at"], "revoked_by": r["revoked_by"]}
+            for r in conn.execute(sql + " ORDER BY created_at, credential_id")]
+
+
+def nats_subscribers(conn: sqlite3.Connection) -> list:
+    """The active subscriber credentials as the broker's users need them
+    (``odst.bus.authorization.Subscriber``: name and public NKey)."""
+    from odst.bus.authorization import Subscriber
+    try:
+        rows = conn.execute("SELECT name, nkey FROM nats_credentials WHERE role='subscriber'"
+                            " AND revoked_at IS NULL ORDER BY name").fetchall()
+    except sqlite3.OperationalError:  # no such table: a read model older than credentials
+        return []
+    return [Subscriber(name=r["name"], nkey=r["nkey"]) for r in rows]
+
+
 def count(conn: sqlite3.Connection, table: str) -> int:
     return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
 
