@@ -326,6 +326,66 @@ def cmd_user(args) -> int:
     return 0
 
 
+def _how_to_subscribe(out: dict, seed_file: Path) -> str:
+    """How a downstream service connects with a new subscriber credential."""
+    url, site, name = ",".join(out["servers"]), out["site"], out["name"]
+    return "\n".join([
+        f"broker: {url}   (site {site}; this site's events are odst.{site}.ev.>)",
+        "nats-py:",
+        f"    nc = await nats.connect({out['servers'][0]!r}, nkeys_seed={str(seed_file)!r})",
+        f"    sub = await nc.subscribe('odst.{site}.ev.>')                      # live events",
+        "    js = nc.jetstream()",
+        "    log = await js.subscribe('odst.*.ev.>', stream='EVENTS', ordered_consumer=True)  # whole log",
+        f"    # or a durable pull consumer, which must be named {name!r}:",
+        f"    psub = await js.pull_subscribe('odst.*.ev.>', durable={name!r}, stream='EVENTS')",
+        "NATS CLI:",
+        f"    nats --server {url} --nkey {seed_file} sub 'odst.{site}.ev.>'",
+        f"may: {'; '.join(out['may'].values())}",
+        "nothing else: no publishing, no stream or KV changes, no other consumers.",
+    ])
+
+
+def cmd_credentials(args) -> int:
+    from urllib.parse import quote
+
+    from odst.bus.identity import write_secret
+    from odst.client import Client, ClientError
+    c = Client(args.server, args.token)
+    if args.credentials_command == "add":
+        out_path = Path(args.out or f"{args.name}.nk")
+        if out_path.exists():
+            raise ClientError(f"{out_path} exists; remove it or pass --out FILE")
+        out = c.request("POST", "/api/v1/credentials", json={"name": args.name, "role": args.role})
+        try:
+            write_secret(out_path, out["seed"] + "\n")
+        except OSError as exc:  # a seed nobody holds is no use: take the credential back
+            c.request("DELETE", f"/api/v1/credentials/{quote(out['credential_id'], safe='')}")
+            raise ClientError(f"cannot write {out_path} ({exc.strerror}); the credential was revoked again, "
+                              "nothing is left behind") from None
+        print(f"credential {out['credential_id']} {out['name']!r} ({out['role']}) created; its seed is in "
+              f"{out_path} (mode 0600), shown this once: keep it like a password")
+        print(_how_to_subscribe(out, out_path))
+    elif args.credentials_command == "revoke":
+        active = [x for x in c.request("GET", "/api/v1/credentials")["credentials"] if x["revoked_at"] is None]
+        match = ([x for x in active if x["credential_id"] == args.credential]
+                 or [x for x in active if x["name"].lower() == args.credential.lower()])
+        if not match:
+            raise ClientError(f"no active credential with id or name {args.credential!r}")
+        c.request("DELETE", f"/api/v1/credentials/{quote(match[0]['credential_id'], safe='')}")
+        print(f"credential {match[0]['credential_id']} {match[0]['name']!r} revoked; "
+              "the broker refuses its seed from now on")
+    else:
+        out = c.request("GET", "/api/v1/credentials")
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return 0
+        for x in out["credentials"]:
+            created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(x["created_at"] / 1000))
+            state = "active" if x["revoked_at"] is None else "revoked"
+            print(f"{x['credential_id']}\t{x['name']}\t{x['role']}\t{state}\t{created}\t{x['created_by']}")
+    return 0
+
+
 def cmd_state(args) -> int:
     from odst.client import Client
     out = Client(args.server, args.token).request("GET", "/api/v1/state")
@@ -462,6 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     q = user.add_parser("list", help="list users")
     _client_flags(q)
     p.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("credentials", help="NATS credentials for services that read the event log (admin token)")
+    cred = p.add_subparsers(dest="credentials_command", required=True)
+    q = cred.add_parser("add", help="create one; its seed is written to a 0600 file, shown this once")
+    _client_flags(q)
+    q.add_argument("--role", choices=["subscriber"], required=True,
+                   help="subscriber: read-only (event subjects, event streams through its own consumer)")
+    q.add_argument("name", help="letters, digits, '_' and '-' (also the name of its durable consumer)")
+    q.add_argument("--out", help="seed file to write (default ./NAME.nk); never overwritten")
+    q = cred.add_parser("list", help="list credentials, revoked ones too")
+    _client_flags(q)
+    q.add_argument("--json", action="store_true")
+    q = cred.add_parser("revoke", help="revoke a credential by id or name: its seed is refused from then on")
+    _client_flags(q)
+    q.add_argument("credential", metavar="ID|NAME")
+    p.set_defaults(func=cmd_credentials)
 
     p = sub.add_parser("state", help="replicated state, its digest, and transfers in progress")
     _client_flags(p)

@@ -14,6 +14,7 @@ from odst import __version__
 from odst.errors import OdstError
 from odst.events.log import AppendFailed
 from odst.gateway.auth import auth_guard
+from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
 from odst.gateway.metrics import make_metrics
@@ -94,7 +95,8 @@ def create_app(site: Site) -> Litestar:
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
-                                           SessionController, UserController, SettingsController],
+                                           SessionController, UserController, SettingsController,
+                                           CredentialController],
                  guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,

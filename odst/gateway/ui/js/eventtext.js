@@ -7,6 +7,7 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
+  'NatsCredentialCreated', 'NatsCredentialRevoked',
 ];
 
 export function summary(item, ctx) {
@@ -24,6 +25,8 @@ export function summary(item, ctx) {
     case 'PeerRemoved': return `Stopped trusting site ${e.site} after its event ${e.upto_seq}`;
     case 'TokenCreated': return `API token “${e.name}” (${e.role}) created`;
     case 'TokenRevoked': return `API token ${e.token_id} revoked`;
+    case 'NatsCredentialCreated': return `Event subscriber “${e.name}” (${e.role}) may read the log over NATS`;
+    case 'NatsCredentialRevoked': return `Event subscriber ${e.credential_id} revoked`;
     case 'WebhookSubscribed': return `Webhook ${e.webhook_id} → ${e.url} for ${(e.event_types || []).join(', ')}`;
     case 'WebhookRemoved': return `Webhook ${e.webhook_id} removed`;
     case 'EmailSubscribed': return `Email digests to ${e.recipient} for ${(e.event_types || []).join(', ')}`;

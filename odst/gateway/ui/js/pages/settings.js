@@ -1,5 +1,5 @@
 // Settings: the site's (read-only) configuration, my password, and for admins users, API tokens,
-// webhooks and email subscriptions.
+// event subscribers (NATS credentials), webhooks and email subscriptions.
 
 import { api, get, setCsrfToken } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
@@ -37,11 +37,12 @@ export function mount(main, ctx) {
     account: h('section', { 'aria-labelledby': 'sec-account' }),
     users: isAdmin ? h('section', { 'aria-labelledby': 'sec-users' }) : null,
     tokens: isAdmin ? h('section', { 'aria-labelledby': 'sec-tokens' }) : null,
+    subscribers: isAdmin ? h('section', { 'aria-labelledby': 'sec-subscribers' }) : null,
     webhooks: isAdmin ? h('section', { 'aria-labelledby': 'sec-webhooks' }) : null,
     email: isAdmin ? h('section', { 'aria-labelledby': 'sec-email' }) : null,
   };
   const titles = { site: 'Site settings', account: 'My account', users: 'Users', tokens: 'API tokens',
-    webhooks: 'Webhooks', email: 'Email digests' };
+    subscribers: 'Event subscribers', webhooks: 'Webhooks', email: 'Email digests' };
   const toc = h('nav', { 'aria-label': 'On this page', class: 'toc' }, h('ul', {},
     Object.entries(sections).filter(([, el]) => el).map(([key]) => {
       const b = h('button', { type: 'button', class: 'link' }, titles[key]);
@@ -327,6 +328,71 @@ export function mount(main, ctx) {
         h('tbody', {}, rows))), tokenForm);
   }
 
+  // ---- event subscribers: NATS credentials of downstream services (admin)
+  let credentialForm = null;
+  function makeCredentialForm() {
+    const name = h('input', { type: 'text', autocomplete: 'off', maxlength: 64, pattern: '[A-Za-z0-9_-]+' });
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Add an event subscriber'),
+      h('div', { class: 'grid' }, field('Name', name, 'Letters, digits, “_” and “-”, e.g. “jamf-sync”. Its durable consumer must have this name.').row),
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create credential')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const value = name.value.trim();
+      if (!/^[A-Za-z0-9_-]{1,64}$/.test(value)) {
+        replace(out, messageBox('error', 'Enter a name of 1 to 64 letters, digits, “_” or “-”.')); name.focus(); return;
+      }
+      try {
+        const c = await api('POST', '/api/v1/credentials', { name: value, role: 'subscriber' });
+        form.reset();
+        const file = URL.createObjectURL(new Blob([`${c.seed}\n`], { type: 'text/plain' }));
+        replace(out, secretBox(`NATS seed of “${c.name}”`, c.seed,
+          `Copy it now or save it as a file: it is shown only once. Broker: ${c.servers.join(', ')}. ` +
+          `nats-py: nats.connect(url, nkeys_seed_str=seed); NATS CLI: nats --nkey ${c.name}.nk. ` +
+          `It may subscribe to odst.*.ev.> and read EVENTS and PEER_<site> through a consumer named “${c.name}” or an ephemeral one; nothing else.`),
+          h('p', {}, h('a', { href: file, download: `${c.name}.nk` }, `Save ${c.name}.nk`)));
+        loadCredentials();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not create the credential: ${errorText(err)}`));
+      }
+    });
+    return form;
+  }
+
+  async function loadCredentials() {
+    let data;
+    credentialForm ||= makeCredentialForm();
+    try { data = await get('/api/v1/credentials'); } catch (err) {
+      replace(sections.subscribers, sectionHead('sec-subscribers', titles.subscribers), messageBox('error', `Could not list the credentials: ${errorText(err)}`), credentialForm);
+      return;
+    }
+    const rows = data.credentials.slice().reverse().map((c) => {
+      const revoke = c.revoked_at ? null : h('button', { type: 'button', class: 'danger small', 'aria-label': `Revoke subscriber ${c.name}` }, 'Revoke…');
+      if (revoke) {
+        revoke.addEventListener('click', async () => {
+          const ok = await confirmDialog({ title: 'Revoke event subscriber?', confirm: 'Revoke', danger: true,
+            body: h('p', {}, 'Revoke ', h('strong', {}, c.name), '? The broker disconnects it and refuses its seed from then on.') });
+          if (!ok) { revoke.focus(); return; }
+          try {
+            await api('DELETE', `/api/v1/credentials/${encodeURIComponent(c.credential_id)}`);
+            announce(`Revoked subscriber ${c.name}.`, 'success');
+            loadCredentials();
+          } catch (err) {
+            announce(`Could not revoke ${c.name}: ${errorText(err)}`, 'error');
+          }
+        });
+      }
+      return h('tr', {}, h('th', { scope: 'row' }, c.name, h('div', { class: 'hint mono' }, c.credential_id)),
+        h('td', {}, c.role), h('td', {}, time(c.created_at), c.created_by ? h('div', { class: 'hint' }, `by ${c.created_by}`) : null),
+        h('td', {}, c.revoked_at ? [pill('revoked', 'muted'), ' ', time(c.revoked_at)] : pill('active', 'ok')),
+        h('td', { class: 'actions' }, revoke));
+    });
+    replace(sections.subscribers, sectionHead('sec-subscribers', titles.subscribers, 'Services that read this site’s events straight from its NATS broker, read-only. Only the public key is kept.'),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Event subscribers'),
+        h('thead', {}, h('tr', {}, ['Name', 'Role', 'Created', 'Status', ''].map((c) => h('th', { scope: 'col' }, c || h('span', { class: 'sr-only' }, 'Actions'))))),
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No event subscribers.'), credentialForm);
+  }
+
   // ---- webhooks (admin)
   let webhookForm = null;
   function makeWebhookForm(eventTypes) {
@@ -477,9 +543,11 @@ export function mount(main, ctx) {
   const reloads = { Stages: debounce(loadSite, 200) };
   if (isAdmin) {
     Object.assign(reloads, { User: debounce(loadUsers, 200), Token: debounce(loadTokens, 200),
+      NatsCredential: debounce(loadCredentials, 200),
       Webhook: debounce(loadWebhooks, 200), Email: debounce(loadEmail, 200) });
     loadUsers();
     loadTokens();
+    loadCredentials();
     loadWebhooks();
     loadEmail();
   }
