@@ -140,12 +140,14 @@ class PeerProtocolController(Controller):
     path = "/peer/v1"
     tags = ["site-to-site"]
 
-    @post("/register", operation_id="peerRegister", status_code=200)
+    @post("/register", operation_id="peerRegister", status_code=200,
+          request_max_body_size=peering.MAX_MESSAGE_BYTES)
     async def register(self, request: Request) -> Response[bytes]:
+        """A joining site's request, sealed to this site's key; the answer is signed and names
+        the request it answers (see odst.replicator.peering). Refusals are 4xx."""
         site: Site = request.app.state.site
-        reply, sig = await peering.handle_register(site, await request.body(),
-                                                   request.headers.get("x-odst-signature", ""))
-        return Response(reply, media_type="application/json", headers={"x-odst-signature": sig})
+        answer = await peering.handle_register(site, await request.body())
+        return Response(answer, media_type="application/json")
 
     @get("/mirror/{start:int}", operation_id="peerMirrorPage")
     async def mirror_page(self, request: Request, start: int) -> Response[bytes]:
