@@ -70,7 +70,8 @@ class LogAccess:
             self.lock = DataDirLock(self.data)
             self.lock.acquire()
             self.broker = EmbeddedBroker(
-                BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats"),
+                BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats",
+                             sync_interval=self.settings.sync_interval),
                 run_dir(self.data))
             url = self.broker.start()
         self.running = info is not None

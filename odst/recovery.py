@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import struct
 import time
@@ -56,6 +57,7 @@ PAGE_MESSAGES = 1000
 PAGE_BYTES = 2 << 20  # a page stops after the message that reaches this (events are capped in size)
 MIRROR_PREFIX = "/peer/v1/mirror/"
 RESTORE_WINDOW = 512  # publishes in flight while restoring (ordered by Nats-Expected-Last-Sequence)
+RESTORE_SYNC = "2m"  # fsync policy of the broker while restoring (see recover)
 KEPT_NATS_HEADERS = {"nats-msg-id"}  # other Nats-* headers are directives to the server: not replayed
 
 
@@ -454,7 +456,11 @@ async def recover(settings, sources: list[str], *, force: bool = False) -> Recov
                                   "mirror is more current, or accept the loss with --force")
         t0 = time.monotonic()
         try:
-            async with LogAccess(settings) as access:
+            # Restore without an fsync per message (9x faster measured): a restore cut short is
+            # resumed by running recover again (the local log is then a prefix of the copy), and
+            # nats-server syncs its store when it stops; the log is read back below from a
+            # broker started with the site's own setting.
+            async with LogAccess(dataclasses.replace(settings, sync_interval=RESTORE_SYNC)) as access:
                 js = access.js
                 try:
                     info = await js.stream_info(EVENTS_STREAM)
@@ -481,10 +487,11 @@ async def recover(settings, sources: list[str], *, force: bool = False) -> Recov
                         report.replaced, local = str(saved), 0
                         log.warning("local log replaced by the peer's copy", saved=str(saved))
                 report.already_local = min(local, check.messages)
-                await EventLog(js, key).ensure_stream()
+                await EventLog(js, key, replicas=settings.stream_replicas).ensure_stream()
                 if local < check.messages:
                     await _append_from(js, best.spool, local, check.messages)
-                final = (await js.stream_info(EVENTS_STREAM)).state
+            async with LogAccess(settings) as access:
+                final = (await access.js.stream_info(EVENTS_STREAM)).state
                 if final.last_seq < check.messages or final.messages < check.messages:
                     raise RecoveryRefused(f"restore incomplete: the local log ends at {final.last_seq}, "
                                           f"the copy at {check.messages}")
