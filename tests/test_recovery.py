@@ -29,6 +29,22 @@ from tests.test_replication import available_at, register, site_id, upload
 MiB = 1 << 20
 
 
+async def _publish_junk(data, subject: str, payload: bytes) -> int:
+    nc = await site_nats(data)
+    try:
+        return (await nc.jetstream().publish(subject, payload, headers={"X-Junk": "kept"})).seq
+    finally:
+        await nc.close()
+
+
+async def _stored(data, seq: int):
+    nc = await site_nats(data)
+    try:
+        return await nc.jetstream().get_msg("EVENTS", seq)
+    finally:
+        await nc.close()
+
+
 async def _events_last_seq(data) -> int:
     nc = await site_nats(data)
     try:
@@ -84,6 +100,11 @@ def test_a_site_that_lost_its_data_directory_is_recovered_from_its_peer(make_sit
         r = c.post("/api/v1/users", json={"username": "alice", "password": "correct horse battery",
                                           "role": "operator"})
         assert r.status_code in (200, 201), r.text
+    # junk that reached B's log before NATS had authentication: restored as it was, at its place
+    junk = b"\0" * 64 + b'{"not":"an event"}'
+    junk_seq = asyncio.run(_publish_junk(b.data, f"odst.{b_id}.ev.Junk", junk))
+    with b.client() as c:  # one more event after the junk
+        assert c.post("/api/v1/tokens", json={"name": "after junk", "role": "auditor"}).status_code == 201
     n = events_last_seq(b)
     wait_until(lambda: mirror_messages(a, b_id) == n, 60, what="A's mirror of B to hold all of B's log")
 
@@ -118,10 +139,10 @@ def test_a_site_that_lost_its_data_directory_is_recovered_from_its_peer(make_sit
     out = run_odst("recover", "--data", str(b.data), "--from", a.url)
     recover_s = time.monotonic() - t0
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"log now 1..{n}" in out.stdout, out.stdout
+    assert f"log now 1..{n}" in out.stdout and f"message {junk_seq}: not signed" in out.stdout, out.stdout
     print(f"\nrecovered {n} messages in {recover_s:.2f}s (whole command)\n{out.stdout}")
     code, events, text = audit(b.data)
-    assert code == 0 and events == n, text  # no junk here: every message is one of B's events
+    assert code == 0 and events == n - 1, text  # every message but the junk is one of B's events
     again = run_odst("recover", "--data", str(b.data), "--from", a.url)
     assert again.returncode == 1 and "nothing to recover" in again.stderr, again.stderr
 
@@ -135,6 +156,8 @@ def test_a_site_that_lost_its_data_directory_is_recovered_from_its_peer(make_sit
         wait_until(lambda: served_sha1(b, name) == pkg["sha1"], 90, what=f"{name} served again by B")
         assert hashlib.sha1((b.data / "store" / "packages" / name).read_bytes()).hexdigest() == pkg["sha1"]
     assert events_last_seq(b) > n  # new events follow the restored ones
+    stored = asyncio.run(_stored(b.data, junk_seq))
+    assert stored.data == junk and stored.headers.get("X-Junk") == "kept"
 
     # A's mirror of B simply continued: B's next upload reaches A
     upload(b, "After.pkg", write_random(tmp_path / "after.pkg", MiB + 1, seed=13))
