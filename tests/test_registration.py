@@ -115,7 +115,9 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
     its own key with what it saw, nor replay it, nor make B accept a forged answer."""
     a, b = linked
     a_id, b_id = site_id(a), site_id(b)
-    token = invite(a)
+    # the leaf link comes up once A trusts B: wait for it with an invitation of its own
+    asyncio.run(join_until(b, without_address(invite(a)), lambda r: r.status_code == 201))
+    token = invite(a)  # the one under attack: its first use is watched
     inv = peering.decode_token(token)
     evil = attacker_key(tmp_path)
     subject = peering.register_subject(a_id)
