@@ -424,8 +424,15 @@ def cmd_audit(args) -> int:
 
 
 def cmd_rebuild(args) -> int:
-    from odst.audit import run_rebuild
-    n = _run(run_rebuild(_settings(args)))
+    from odst.audit import RebuildRefused, run_rebuild
+    notes: list[str] = []
+    try:
+        n = _run(run_rebuild(_settings(args), force=args.force, notes=notes))
+    except RebuildRefused as exc:
+        print(f"odst: rebuild refused: {exc}", file=sys.stderr)
+        return 1
+    for note in notes:
+        print(f"odst: {note}", file=sys.stderr)
     print(f"read model rebuilt from the log: {n} events")
     return 0
 
@@ -560,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rebuild", help="replace the read model with one rebuilt from the log (site stopped)")
     _site_flags(p)
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even from a log shorter than the read model (what is lost is listed)")
     p.set_defaults(func=cmd_rebuild)
 
     p = sub.add_parser("recover", help="restore this site's own log from a peer's mirror of it, verified, then "

@@ -23,6 +23,7 @@ from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
+from odst.events.watch import watch_own_log
 from odst.projections import views
 from odst.projections.db import connect
 from odst.projections.projector import Projector
@@ -112,6 +113,7 @@ class Site:
         self.lock = DataDirLock(self.data)
         self.printed_token: str | None = None
         self.linker = None
+        self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
         self.chunk_server = None
         self.registration = None
@@ -182,7 +184,7 @@ class Site:
                     "domain in its jetstream block, or peers' mirrors of this site never sync")
         self.log = EventLog(self.js, self.key, chain_state=self._chain_state,
                             replicas=self.settings.stream_replicas)
-        await until_ready(self.log.ensure_stream, timeout=90)
+        restored = await until_ready(self.log.ensure_stream, timeout=90)
         self.store.ensure()
         from odst.replicator.linker import Linker
         from odst.replicator.peering import RegistrationService
@@ -194,7 +196,9 @@ class Site:
                                        {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
             self.reader = connect(read_model_path(self.data))
             self.projector.start()
-            if (await self.log.head())[0] == 0:
+            self.log_watch = await watch_own_log(self.log, lambda: views.recorded(self.reader, EVENTS_STREAM, self.id),
+                                                 data=self.data, restored=restored)
+            if self.projector.checkpoint(EVENTS_STREAM) == 0 and (await self.log.head())[0] == 0:
                 await self.log.append(ev.SiteFounded(site=self.key.site_id,
                                                      public_key=self.key.public_key.hex(),
                                                      name=self.settings.site_name), actor="system")
@@ -202,7 +206,7 @@ class Site:
             # a crashed upload or pull leaves temp files; alone on the data dir, sweep them all
             self.store.sweep(views.published_names(self.reader, self.id),
                              older_than_s=0 if all_in_one else STALE_TEMP_S)
-            if bootstrap:
+            if bootstrap and self.log_watch.healthy:
                 await self._bootstrap_admin_token()
                 await self._bootstrap_admin_user()
             await self.linker.sync()
@@ -211,6 +215,8 @@ class Site:
             self.projector = ReadModelWatcher(self.js, read_model_path(self.data))
             await self.projector.wait_ready(self.key.site_id, timeout=120)
             self.reader = connect(read_model_path(self.data))
+            self.log_watch = await watch_own_log(self.log, lambda: views.recorded(self.reader, EVENTS_STREAM, self.id),
+                                                 data=None)
         self.chunk_server = ChunkServer(self)
         if "replicator" in self.roles:
             await self.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
@@ -318,6 +324,8 @@ class Site:
             return False, "broker not connected"
         if self.broker is not None and self.broker.problem():
             return False, self.broker.problem()
+        if self.log_watch is not None and self.log_watch.problems:
+            return False, self.log_watch.reason()
         if self.projector.error:
             return False, f"projector: {self.projector.error}"
         try:
@@ -347,6 +355,8 @@ class Site:
         for service in (self.chunk_server, self.registration):
             if service:
                 await service.stop()
+        if self.log_watch:
+            await self.log_watch.stop()
         if self.projector:
             await self.projector.stop()
         if self.sessions:

@@ -15,15 +15,25 @@ from typing import AsyncIterator
 
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.js import JetStreamContext, api
 
 from odst.events import codec
 from odst.events.catalogue import Event
 from odst.events.signing import SignatureInvalid, SiteKey
 
+log = structlog.get_logger("odst.events")
+
 EVENTS_STREAM = "EVENTS"
 WRONG_LAST_SEQUENCE = 10071
 ALL_EVENTS_FILTER = "odst.*.ev.>"
+
+# The largest message an event stream takes (JetStream ``max_msg_size``) and the projector
+# folds. Events are small JSON envelopes except the package events, whose chunk list grows by
+# 43 bytes per MiB of package: the default max_upload_bytes (64 GiB) needs 2.7 MiB, so 3 MiB
+# leaves room for packages up to ~70 GiB and bounds what one junk message can cost.
+EVENT_MAX_BYTES = 3 << 20
+LEGACY_MAX_MSG_SIZE = 1 << 20  # what EVENTS was created with before the cap: upgraded silently
 
 
 def subject_for(site: str, event: Event) -> str:
@@ -39,6 +49,64 @@ def site_of_subject(subject: str) -> str | None:
 
 class AppendFailed(Exception):
     """The event could not be appended (broker unavailable or too much contention)."""
+
+
+class LogDamaged(AppendFailed):
+    """The log is shorter than, or not the one, the read model was built from, or its
+    stream's configuration was changed: appending would chain onto a broken history."""
+
+
+def expected_settings(site: str, replicas: int) -> dict[str, object]:
+    """What ODST's own event stream must look like, setting by setting (wire values).
+
+    A change to any of these is reported by the log watch: limits erase events the moment
+    they are set, subjects or a seal stop appends, dropped deny flags allow deletes."""
+    return {
+        "subjects": [f"odst.{site}.ev.>"],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": replicas,
+        "max_msgs": -1,
+        "max_bytes": -1,
+        "max_age": 0.0,
+        "max_msgs_per_subject": -1,
+        "max_msg_size": EVENT_MAX_BYTES,
+        "discard": "old",
+        "deny_delete": True,
+        "deny_purge": True,
+        "allow_rollup_hdrs": False,
+        "sealed": False,
+        "duplicate_window": 120.0,
+        "allow_direct": True,
+    }
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # enums compare by their wire value
+
+
+def config_drift(config: api.StreamConfig, expected: dict[str, object]) -> list[str]:
+    """The settings of ``config`` that differ from ``expected``, as 'field: expected → actual'."""
+    out = []
+    for name, want in expected.items():
+        have = _plain(getattr(config, name, None))
+        if name in ("max_age", "duplicate_window"):
+            have = float(have or 0.0)
+        elif name in ("allow_rollup_hdrs", "sealed", "deny_delete", "deny_purge", "allow_direct"):
+            have = bool(have)
+        elif have is None and isinstance(want, int):
+            have = -1
+        if have != want:
+            out.append(f"{name} {_show(want)} → {_show(have)}")
+    return out
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +138,13 @@ class EventLog:
         self.chain_state = chain_state  # () -> (stream checkpoint, envelope seq, hash) from the read model
         self._lock = asyncio.Lock()
         self._head: tuple[int, str] | None = None
+        self.refusal = ""  # set by the log watch while the stream is damaged: appends refused
 
-    async def ensure_stream(self) -> None:
-        config = api.StreamConfig(
+    def expected(self) -> dict[str, object]:
+        return expected_settings(self.site, self.replicas)
+
+    def stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
             name=self.stream,
             subjects=[f"odst.{self.site}.ev.>"],
             storage=api.StorageType.FILE,
@@ -82,12 +154,37 @@ class EventLog:
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
-            max_msg_size=1 << 20,
+            max_msg_size=EVENT_MAX_BYTES,
         )
+
+    async def ensure_stream(self) -> list[str]:
+        """Create the stream, or put its configuration back to ODST's; return what was restored.
+
+        Putting limits back can only stop further loss, never lose anything; what was lost
+        meanwhile is the log watch's to report (``odst.events.watch``). The one change made
+        silently is raising ``max_msg_size`` from the 1 MiB older versions created.
+        """
+        config = self.stream_config()
         try:
-            await self.js.stream_info(self.stream)
+            info = await self.js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(config)
+            return []
+        drift = config_drift(info.config, self.expected())
+        if not drift:
+            return []
+        try:
+            await self.js.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            log.error("event stream configuration differs from ODST's and could not be restored",
+                      stream=self.stream, drift=drift, error=exc.description)
+            return []
+        if drift == [f"max_msg_size {EVENT_MAX_BYTES} → {LEGACY_MAX_MSG_SIZE}"]:
+            log.info("event stream's message size cap raised", stream=self.stream, max_msg_size=EVENT_MAX_BYTES)
+            return []
+        log.error("event stream configuration had been changed; ODST's restored", stream=self.stream,
+                  drift=drift)
+        return drift
 
     async def head(self) -> tuple[int, int, str]:
         """(last stream sequence, last valid envelope seq, its chain hash).
@@ -99,8 +196,12 @@ class EventLog:
         """
         last = (await self.js.stream_info(self.stream)).state.last_seq
         checkpoint, seq, prev = self.chain_state() if self.chain_state else (0, 0, codec.GENESIS)
-        if checkpoint > last:  # the read model is of another log: trust only the log
-            checkpoint, seq, prev = 0, 0, codec.GENESIS
+        if checkpoint > last:
+            # Never start a second history over a cut one: the read model (and every peer's
+            # mirror) holds events this log lost.
+            raise LogDamaged(f"the {self.stream} stream ends at seq {last} but the read model has folded "
+                             f"it up to seq {checkpoint}: the log was cut or replaced; writes are refused "
+                             "until it is recovered (odst recover) or rebuilt (odst rebuild --force)")
         if last > checkpoint:
             async for m in read_stream(self.js, self.stream, checkpoint + 1, until_seq=last, idle_timeout=10):
                 try:
@@ -116,6 +217,8 @@ class EventLog:
         self._head = None
 
     async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
+        if self.refusal:
+            raise LogDamaged(f"writes are refused: {self.refusal}")
         event_id = codec.new_event_id()
         async with self._lock:
             for attempt in range(attempts):
@@ -130,6 +233,9 @@ class EventLog:
                     ts=codec.now_ms(), actor=actor, event=event,
                 )
                 payload = codec.seal(envelope, self.key)
+                if len(payload) > EVENT_MAX_BYTES:
+                    raise AppendFailed(f"the {type(event).__name__} event is {len(payload)} bytes, over the "
+                                       f"event size cap of {EVENT_MAX_BYTES} bytes")
                 try:
                     ack = await self.js.publish(
                         subject_for(self.site, event), payload, stream=self.stream, timeout=10,
@@ -160,6 +266,18 @@ class EventLog:
 async def last_seq(js: JetStreamContext, stream: str) -> int:
     info = await js.stream_info(stream)
     return info.state.last_seq
+
+
+async def unfolded(js: JetStreamContext, stream: str, checkpoint: int) -> int:
+    """Messages stored after ``checkpoint`` (none of a cut stream's missing ones: they never come;
+    none of a deleted stream: the log watch reports it)."""
+    try:
+        state = (await js.stream_info(stream)).state
+    except nats.js.errors.NotFoundError:
+        return 0
+    if not state.messages or state.last_seq <= checkpoint:
+        return 0
+    return state.last_seq - max(checkpoint, state.first_seq - 1)
 
 
 async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,

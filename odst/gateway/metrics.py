@@ -7,6 +7,7 @@ from collections import Counter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from odst.events.watch import log_watch_metrics
 from odst.projections import views
 
 
@@ -82,6 +83,7 @@ class SiteCollector:
                                 value=site.reader.execute(
                                     "SELECT count(*) FROM quarantine WHERE kind='quarantined'").fetchone()[0])
         yield GaugeMetricFamily("odst_packages", "Current packages", value=views.count(site.reader, "packages"))
+        yield from log_watch_metrics(site.log_watch, site.reader)
 
 
 def make_metrics(site):

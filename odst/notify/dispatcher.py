@@ -19,6 +19,7 @@ import nats.js.errors
 import structlog
 from nats.js import api
 
+from odst.events.watch import AlertBook
 from odst.notify.ledger import Ledger
 from odst.notify.signing import delivery_id
 from odst.projections import views
@@ -26,8 +27,9 @@ from odst.projections import views
 log = structlog.get_logger("odst.notify")
 
 QUARANTINED = "MessageQuarantined"
+LOG_ALERT = "LogAlert"  # the site's own log was cut, deleted, replaced or reconfigured (odst.events.watch)
 NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
-              "PackageDeleted", "PeerRegistered", "PeerRemoved", QUARANTINED)
+              "PackageDeleted", "PeerRegistered", "PeerRemoved", QUARANTINED, LOG_ALERT)
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 
@@ -64,6 +66,9 @@ def summary(type_: str, item: dict) -> dict:
     if type_ == QUARANTINED:
         return {"type": type_, "origin": item["origin"], "name": item["kind"], "detail": item["reason"],
                 "ts": None, "actor": ""}
+    if type_ == LOG_ALERT:
+        return {"type": type_, "origin": "", "name": item["stream"], "detail": item["reason"],
+                "ts": item["ts"], "actor": ""}
     event = item["envelope"]["event"]
     detail = event.get("reason") or event.get("stage") or ""
     name = event.get("name") or event.get("site") or ""
@@ -89,6 +94,7 @@ class Dispatcher:
     def __init__(self, site, ledger: Ledger):
         self.site = site
         self.ledger = ledger
+        self.alerts = AlertBook(site.data)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -105,6 +111,7 @@ class Dispatcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.alerts.close()
 
     async def _loop(self) -> None:
         while True:
@@ -137,6 +144,10 @@ class Dispatcher:
             key = f"quarantine:{row['stream']}:{row['stream_seq']}"
             await self._fan_out(QUARANTINED, key, None, lambda r=row: quarantine_item(r), hooks, subs)
             self.ledger.set_cursor("quarantine", row["rid"])
+            seen += 1
+        for row in self.alerts.after(self.ledger.cursor("alerts") or 0, BATCH):
+            await self._fan_out(LOG_ALERT, f"alert:{row['id']}", None, lambda r=row: dict(r), hooks, subs)
+            self.ledger.set_cursor("alerts", row["id"])
             seen += 1
         return seen
 

@@ -81,6 +81,8 @@ class WebhookSender:
                 "delivered_at": now_ms(), "attempt": attempt}
         if job["type"] == "MessageQuarantined":
             body["quarantine"] = item
+        elif job["type"] == "LogAlert":
+            body["alert"] = item
         else:
             body |= {"origin": item["origin"], "envelope": item["envelope"], "signed": item["signed"]}
         raw = json.dumps(body, separators=(",", ":")).encode()

@@ -16,8 +16,14 @@ import msgspec
 
 from odst.events import catalogue as ev
 from odst.events import codec
-from odst.events.log import StoredMessage, site_of_subject
+from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
+
+
+# Quarantine bounds, per stream (see sql/006_quarantine_bounds.sql).
+QUARANTINE_KEEP_BYTES = 64 << 10  # of each message's payload: enough to tell what it was
+QUARANTINE_MAX_ROWS = 1000
+QUARANTINE_MAX_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,7 @@ class Outcome:
     applied: bool
     reason: str = ""
     envelope: codec.Envelope | None = None
+    violation: bool = False  # signed by the origin's key, yet breaks its chain (else: junk)
 
 
 def subject_name(event: ev.Event) -> str:
@@ -71,9 +78,12 @@ class Folder:
                 kind = "ignored" if outcome.reason.startswith(IGNORED) else "quarantined"
                 c.execute(
                     "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, kind, reason,"
-                    " payload) VALUES (?,?,?,?,?,?,?)",
-                    (msg.stream, msg.seq, msg.subject, site_of_subject(msg.subject) or "", kind,
-                     outcome.reason, msg.payload))
+                    " payload, violation, size) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (msg.stream, msg.seq, msg.subject[:256], site_of_subject(msg.subject) or "", kind,
+                     outcome.reason, msg.payload[:QUARANTINE_KEEP_BYTES], int(outcome.violation),
+                     len(msg.payload)))
+                if not outcome.violation:
+                    self._bound_quarantine(msg.stream)
             c.execute("INSERT INTO checkpoints(stream, seq) VALUES (?,?)"
                       " ON CONFLICT(stream) DO UPDATE SET seq=excluded.seq", (msg.stream, msg.seq))
             c.execute("COMMIT")
@@ -85,7 +95,24 @@ class Folder:
     def key_for(self, origin: str) -> bytes | None:
         return trusted_key(self.conn, self.trusted, origin)
 
+    def _bound_quarantine(self, stream: str) -> None:
+        """Drop the stream's oldest junk while its quarantine is over a bound (violations stay)."""
+        c = self.conn
+        rows, kept = c.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM quarantine"
+                               " WHERE stream=? AND violation=0", (stream,)).fetchone()
+        while rows > QUARANTINE_MAX_ROWS or kept > QUARANTINE_MAX_BYTES:
+            old = c.execute("SELECT stream_seq, size, length(payload) FROM quarantine WHERE stream=?"
+                            " AND violation=0 ORDER BY stream_seq LIMIT 1", (stream,)).fetchone()
+            c.execute("DELETE FROM quarantine WHERE stream=? AND stream_seq=?", (stream, old[0]))
+            c.execute("INSERT INTO quarantine_dropped(stream, messages, bytes) VALUES (?,1,?)"
+                      " ON CONFLICT(stream) DO UPDATE SET messages=messages+1, bytes=bytes+excluded.bytes",
+                      (stream, old[1]))
+            rows, kept = rows - 1, kept - old[2]
+
     def _check(self, msg: StoredMessage) -> Outcome:
+        if len(msg.payload) > EVENT_MAX_BYTES:  # not even verified: no event is this large
+            return Outcome(False, f"message of {len(msg.payload)} bytes exceeds the event size cap "
+                                  f"({EVENT_MAX_BYTES} bytes)")
         origin = site_of_subject(msg.subject)
         if origin is None:
             return Outcome(False, f"subject {msg.subject!r} is not an ODST event subject")
@@ -97,9 +124,10 @@ class Folder:
         except SignatureInvalid:
             return Outcome(False, f"signature does not verify against {origin}'s key")
         except codec.EnvelopeInvalid as exc:
-            return Outcome(False, f"signed but malformed envelope: {exc}")
+            return Outcome(False, f"signed but malformed envelope: {exc}", violation=True)
         if env.origin != origin:
-            return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}")
+            return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}",
+                           violation=True)
         removed = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (origin,)).fetchone()
         if removed is not None and env.seq > removed[0]:
             return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {removed[0]}",
@@ -107,16 +135,18 @@ class Folder:
         row = self.conn.execute("SELECT last_seq, last_hash FROM sites WHERE site=?",
                                 (origin,)).fetchone()
         last_seq, last_hash = (row[0], row[1]) if row else (0, codec.GENESIS)
-        if env.seq <= last_seq:
+        if env.seq <= last_seq:  # a copy of a valid event: anyone who can read the log can make one
             return Outcome(False, f"replayed event: seq {env.seq} already seen from {origin}")
         if env.seq != last_seq + 1:
-            return Outcome(False, f"gap in {origin}'s chain: expected seq {last_seq + 1}, got {env.seq}")
+            return Outcome(False, f"gap in {origin}'s chain: expected seq {last_seq + 1}, got {env.seq}",
+                           violation=True)
         if env.prev != last_hash:
-            return Outcome(False, f"fork in {origin}'s chain at seq {env.seq}: prev hash differs")
+            return Outcome(False, f"fork in {origin}'s chain at seq {env.seq}: prev hash differs",
+                           violation=True)
         if env.seq == 1 and not isinstance(env.event, ev.SiteFounded):
-            return Outcome(False, "a site's first event must be SiteFounded")
+            return Outcome(False, "a site's first event must be SiteFounded", violation=True)
         if self.conn.execute("SELECT 1 FROM events WHERE id=?", (env.id,)).fetchone():
-            return Outcome(False, f"duplicate event id {env.id}")
+            return Outcome(False, f"duplicate event id {env.id}", violation=True)
         return Outcome(True, envelope=env)
 
     def _apply(self, msg: StoredMessage, env: codec.Envelope) -> None:

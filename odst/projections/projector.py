@@ -8,7 +8,7 @@ from pathlib import Path
 import structlog
 from nats.js import JetStreamContext
 
-from odst.events.log import read_stream, last_seq
+from odst.events.log import read_stream, unfolded
 from odst.projections.apply import Folder
 from odst.projections.db import open_read_model
 
@@ -85,7 +85,4 @@ class Projector:
 
     async def lag(self) -> dict[str, int]:
         """Messages in each stream not yet folded (asks the broker)."""
-        out = {}
-        for s in self.streams:
-            out[s] = max(0, await last_seq(self.js, s) - self.checkpoint(s))
-        return out
+        return {s: await unfolded(self.js, s, self.checkpoint(s)) for s in self.streams}

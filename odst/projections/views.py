@@ -278,3 +278,17 @@ def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
     row = conn.execute("SELECT * FROM site_settings WHERE key=?", (key,)).fetchone()
     return {"value": json.loads(row["value"]), "updated_at": row["updated_at"],
             "updated_by": row["updated_by"]} if row else None
+
+
+def recorded(conn: sqlite3.Connection, stream: str, origin: str):
+    """What the read model holds of ``stream`` (whose events come from ``origin``): its
+    checkpoint and the origin's first and last folded events, if folded from this stream."""
+    from odst.events.watch import Landmark, Recorded
+    row = conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
+    chain = conn.execute("SELECT last_seq FROM sites WHERE site=?", (origin,)).fetchone()
+    marks = []
+    for seq in (1, chain[0] if chain else 0):
+        ev = conn.execute("SELECT stream_seq, payload FROM events WHERE origin=? AND seq=? AND stream=?",
+                          (origin, seq, stream)).fetchone() if seq else None
+        marks.append(Landmark(ev[0], bytes(ev[1])) if ev else None)
+    return Recorded(checkpoint=row[0] if row else 0, first=marks[0], last=marks[1])

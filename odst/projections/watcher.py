@@ -10,7 +10,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-from odst.events.log import EVENTS_STREAM, last_seq
+from odst.events.log import EVENTS_STREAM, unfolded
 from odst.projections.db import connect
 
 POLL_S = 0.02
@@ -74,4 +74,4 @@ class ReadModelWatcher:
 
     async def lag(self) -> dict[str, int]:
         streams = {r[0] for r in self.conn.execute("SELECT stream FROM checkpoints")} | {EVENTS_STREAM}
-        return {s: max(0, await last_seq(self.js, s) - self.checkpoint(s)) for s in sorted(streams)}
+        return {s: await unfolded(self.js, s, self.checkpoint(s)) for s in sorted(streams)}
