@@ -25,6 +25,7 @@ class Settings:
     http: str = "127.0.0.1:8080"
     http_workers: int = 1  # odst serve: gateway processes sharing the HTTP port (downloads use one core each)
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
+    nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
     store: str = ""  # package store directory; empty: <data>/store
     site_name: str = ""

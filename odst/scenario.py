@@ -610,12 +610,12 @@ class Network:
     def nats_publish(self, site: Site | str, subject: str, payload: bytes, *,
                      headers: dict[str, str] | None = None, stream: str | None = None) -> Any:
         """Publish straight to a site's NATS server (JetStream publish when ``stream`` is given)."""
-        import nats
+        from odst.bus import connect_as_site as site_connect
 
-        url = self[site].run_info()["nats"]
+        data = self[site].data
 
         async def go():
-            nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+            nc = await site_connect(data, max_reconnect_attempts=0)
             try:
                 if stream:
                     return await nc.jetstream().publish(subject, payload, stream=stream, headers=headers,

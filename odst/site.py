@@ -11,21 +11,25 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import sys
+import time
 from pathlib import Path
 
-import nats
 import structlog
 
-from odst.bus import server_list, until_ready
-from odst.bus.embedded import BrokerConfig, EmbeddedBroker
+from odst.bus import authorization as authz
+from odst.bus import connect, until_ready
+from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
+from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed, \
+    user_public_key
 from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
 from odst.events.watch import watch_own_log
 from odst.projections import views
-from odst.projections.db import connect
+from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
 from odst.store.files import Store
@@ -33,6 +37,8 @@ from odst.store.files import Store
 log = structlog.get_logger("odst.site")
 
 ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
+APPLICANT_S = 600  # how long a joined invitation's site may use the leaf port for registering
+BROKER_RESTARTS = 5  # the embedded broker dying this many times in a row ends `odst serve` (exit 1)
 STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 
 
@@ -97,6 +103,19 @@ class DataDirLock:
             self.fd = None
 
 
+def authorization_users(reader, site: str, client_nkey: str, applicants=()) -> list[dict]:
+    """The NATS users of a site: its own processes, every known peer, every active subscriber
+    (and the sites whose invitations it is joining right now)."""
+    try:
+        peers = views.peer_sites(reader, site)
+        subscribers = views.nats_subscribers(reader)
+    except sqlite3.OperationalError:  # a read model not yet created
+        peers, subscribers = [], []
+    streams = [EVENTS_STREAM] + [f"PEER_{p['site']}" for p in peers]
+    return authz.users(site, client_nkey, [user_public_key(bytes.fromhex(p["public_key"])) for p in peers],
+                       subscribers, streams, list(applicants))
+
+
 class Site:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -110,6 +129,8 @@ class Site:
         self.store = Store(settings.store_dir)
         self.reader = None
         self.nats_url = ""
+        self._client_nkey = ""
+        self._applicants: dict[str, float] = {}  # NKey -> monotonic expiry (admit_applicant)
         self.lock = DataDirLock(self.data)
         self.printed_token: str | None = None
         self.linker = None
@@ -124,6 +145,7 @@ class Site:
         from odst.gateway.metrics import SiteStats
         self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
+        self.exit_code = 0  # non-zero when the site stopped itself (its broker cannot be kept up)
         self.stopping = asyncio.Event()  # set when shutdown begins: long-lived responses end
 
     @property
@@ -161,18 +183,26 @@ class Site:
         structlog.contextvars.bind_contextvars(site=self.key.site_id)
         if self.settings.nats:
             self.nats_url = self.settings.nats
+            seed = self._external_seed()
         else:
+            seed = load_or_create_client_seed(self.data)
             host, port = self.settings.nats_listen.rsplit(":", 1)
             self.broker = EmbeddedBroker(
                 BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats", host=host,
                              port=int(port), sync_interval=self.settings.sync_interval,
                              leaf_listen=self.settings.leaf_listen or None,
-                             leaf_remotes=list(self.settings.leaf_remotes)),
+                             leaf_remotes=list(self.settings.leaf_remotes),
+                             authorization=self._authorization(public_key_of_seed(seed)),
+                             leaf_seed=self.key.nkey_seed(),
+                             leaf_deny_imports=authz.remote_deny_imports(self.key.site_id),
+                             leaf_deny_exports=authz.remote_deny_exports(self.key.site_id)),
                 run_dir(self.data))
             self.nats_url = self.broker.start()
-        self.nc = await nats.connect(servers=server_list(self.nats_url), name=f"odst-{self.key.site_id}-{'+'.join(sorted(self.roles))}",
-                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     connect_timeout=5)
+            self._client_nkey = public_key_of_seed(seed)
+        self.nc = await connect(self.nats_url, seed=seed,
+                                name=f"odst-{self.key.site_id}-{'+'.join(sorted(self.roles))}",
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                inbox_prefix=authz.inbox_prefix(self.key.site_id))
         self.js = self.nc.jetstream(timeout=10)
         if self.settings.nats:
             info = await until_ready(self.js.account_info, timeout=90)
@@ -194,7 +224,7 @@ class Site:
         if "projector" in self.roles:
             self.projector = Projector(self.js, read_model_path(self.data),
                                        {self.key.site_id: self.key.public_key}, [EVENTS_STREAM])
-            self.reader = connect(read_model_path(self.data))
+            self.reader = connect_read_model(read_model_path(self.data))
             self.projector.start()
             self.log_watch = await watch_own_log(self.log, lambda: views.recorded(self.reader, EVENTS_STREAM, self.id),
                                                  data=self.data, restored=restored)
@@ -210,11 +240,14 @@ class Site:
                 await self._bootstrap_admin_token()
                 await self._bootstrap_admin_user()
             await self.linker.sync()
+            self.sync_authorization()
             self._tasks.append(asyncio.create_task(self._link_peers(), name="linker"))
+        if self.broker is not None:
+            self._tasks.append(asyncio.create_task(self._supervise_broker(), name="broker-supervisor"))
         else:
             self.projector = ReadModelWatcher(self.js, read_model_path(self.data))
             await self.projector.wait_ready(self.key.site_id, timeout=120)
-            self.reader = connect(read_model_path(self.data))
+            self.reader = connect_read_model(read_model_path(self.data))
             self.log_watch = await watch_own_log(self.log, lambda: views.recorded(self.reader, EVENTS_STREAM, self.id),
                                                  data=None)
         self.chunk_server = ChunkServer(self)
@@ -237,12 +270,84 @@ class Site:
         log.info("site open", data=str(self.data), nats=self.nats_url, roles=sorted(self.roles))
         return self
 
+    def _external_seed(self) -> str | None:
+        """The credential for a NATS server ODST does not run: ``nats_credentials``, else the
+        data directory's client key when one was made (``odst nats-config`` makes it)."""
+        if self.settings.nats_credentials:
+            return read_seed(Path(self.settings.nats_credentials))
+        path = client_seed_path(self.data)
+        return read_seed(path) if path.exists() else None
+
+    def _authorization(self, client_nkey: str) -> str:
+        """The broker's users: this site's processes, its peers' leaf identities, its
+        subscribers, from the read model (as it is on disk before the projector runs)."""
+        reader = self.reader
+        if reader is None:
+            if not read_model_path(self.data).exists():
+                return authz.render_users(authz.users(self.key.site_id, client_nkey, [], [], [EVENTS_STREAM]))
+            reader = connect_read_model(read_model_path(self.data))
+        try:
+            now = time.monotonic()
+            self._applicants = {k: t for k, t in self._applicants.items() if t > now}
+            return authz.render_users(authorization_users(reader, self.key.site_id, client_nkey,
+                                                          self._applicants))
+        finally:
+            if reader is not self.reader:
+                reader.close()
+
+    def admit_applicant(self, public_key_hex: str) -> bool:
+        """This site's admin is joining an invitation from the site with this key: accept its
+        leaf link (as a peer's) for APPLICANT_S, so that a firewalled inviter can be reached.
+        True when the broker's users changed (its leaf link reconnects within about a second)."""
+        if self.broker is None:
+            return False
+        nkey = user_public_key(bytes.fromhex(public_key_hex))
+        known = nkey in self._applicants
+        self._applicants[nkey] = time.monotonic() + APPLICANT_S
+        return not known and self.broker.reload(self._authorization(self._client_nkey))
+
+    def sync_authorization(self) -> None:
+        """Projector role with the embedded broker: peers or subscribers changed in the read
+        model -> reload the broker's users (a removed peer's leaf link is cut at once)."""
+        if self.broker is not None and self.reader is not None:
+            if self.broker.reload(self._authorization(self._client_nkey)):
+                log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
+
+    async def _supervise_broker(self) -> None:
+        """Restart the embedded broker when it dies (back-off 0.5 s doubling to 8 s); after
+        BROKER_RESTARTS failures in a row, stop the site with exit code 1 so that systemd
+        or the container runtime restarts the whole of it."""
+        loop = asyncio.get_running_loop()
+        failures, backoff = 0, 0.5
+        while True:
+            await asyncio.sleep(0.5)
+            if self.broker.alive():
+                failures, backoff = 0, 0.5
+                continue
+            try:
+                await loop.run_in_executor(None, self.broker.restart)
+                log.warning("broker restarted", url=self.broker.url)
+                continue
+            except (BrokerError, OSError) as exc:
+                failures += 1
+                log.error("broker restart failed", error=str(exc)[-500:], failures=failures)
+            if failures >= BROKER_RESTARTS:
+                log.error("the embedded broker cannot be kept running; stopping the site")
+                self.exit_code = 1
+                self.begin_stop()
+                import signal
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
+
     async def _link_peers(self) -> None:
         """Projector role: mirror every peer the read model learns of, as soon as it does."""
         while True:
             try:
                 await self.linker.sync()
-                await self.linker.heal()
+                self.sync_authorization()
+                await self.linker.watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -332,6 +437,9 @@ class Site:
             lag = await asyncio.wait_for(self.projector.lag(), 5)
         except Exception as exc:
             return False, f"broker not answering: {type(exc).__name__}"
+        alarms = views.peer_log_alarms(self.reader, self.id)
+        if alarms:
+            return False, "; ".join(alarms.values())
         behind = {s: n for s, n in lag.items() if n}
         if behind:
             return False, f"projections catching up: {behind}"

@@ -194,8 +194,5 @@ def site_run_info(data: Path) -> dict:
 async def site_nats(data: Path, **kw):
     """A NATS connection to a running site's broker with the site's own client credential
     (every right: tests that publish straight into a site's broker act as the site itself)."""
-    from odst.bus import connect
-    from odst.bus.identity import client_seed_path, read_seed
-    path = client_seed_path(data)
-    seed = read_seed(path) if path.exists() else None
-    return await connect(site_run_info(data)["nats"], seed=seed, name="odst-test", **kw)
+    from odst.bus import connect_as_site
+    return await connect_as_site(data, **kw)

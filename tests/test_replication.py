@@ -6,13 +6,12 @@ import asyncio
 import hashlib
 
 import httpx
-import nats
 import pytest
 
 from odst.events.signing import SiteKey
 from odst.replicator.requests import sign_request
 from odst.replicator.transport import ChunkUnavailable, HttpChunkSource, NatsChunkSource, http_session
-from tests.conftest import free_port, wait_until, write_random
+from tests.conftest import free_port, site_nats, wait_until, write_random
 
 
 def state(site) -> dict:
@@ -25,7 +24,18 @@ def register(a, b) -> dict:
         token = ca.post("/api/v1/peers/invites", json={}).json()["token"]
         r = cb.post("/api/v1/peers/join", json={"token": token})
         assert r.status_code == 201, r.text
+        wait_linked(a, b)
         return r.json()
+
+
+def wait_linked(*sites) -> None:
+    """Until every site mirrors every other (its leaf identity is accepted once registered)."""
+    def linked(site):
+        with site.client() as c:
+            peers = c.get("/api/v1/peers").json()["peers"]
+        return len(peers) >= len(sites) - 1 and all(p["link"]["link"] == "up" for p in peers)
+    for s in sites:
+        wait_until(lambda: linked(s), 60, what=f"{s.data.name} to mirror its peers")
 
 
 @pytest.fixture
@@ -79,10 +89,8 @@ def test_chunk_source_contract(pair, tmp_path, kind):
     pkg = upload(a, "c.pkg", src)
     b_key = SiteKey.load_or_create(b.data / "site.key")
     a_id = site_id(a)
-    nats_url = __import__("json").loads((b.data / "run" / "site.json").read_text())["nats"]
-
     async def run():
-        nc = await nats.connect(nats_url)
+        nc = await site_nats(b.data)
         async with http_session() as http:
             source = (HttpChunkSource(a_id, a.url, b_key, http) if kind == "http"
                       else NatsChunkSource(a_id, nc, b_key))
@@ -205,6 +213,14 @@ def test_a_leaf_loop_is_refused_with_a_clear_message(make_site):
     b = make_site("b", extra_args=["--leaf-listen", f"127.0.0.1:{p2}", "--leaf-remote", f"nats-leaf://127.0.0.1:{p1}"])
     for s in (a, b):
         s.start_process()
+    for s in (a, b):
+        wait_until(lambda: httpx.get(f"{s.url}/api/v1/site", timeout=2,
+                                     headers={"Authorization": f"Bearer {s.token}"}).status_code == 200,
+                   60, what=f"{s.data.name} to answer")
+    # leaf links are refused until the sites know each other's keys: register them, over HTTP
+    with a.client() as ca, b.client() as cb:
+        token = ca.post("/api/v1/peers/invites", json={}).json()["token"]
+        assert cb.post("/api/v1/peers/join", json={"token": token}).status_code == 201
 
     def loop_reported():
         for s in (a, b):

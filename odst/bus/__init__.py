@@ -17,6 +17,19 @@ async def connect(servers: str, *, seed: str | None = None, name: str = "odst", 
     return await nats.connect(servers=server_list(servers), name=name, **opts)
 
 
+async def connect_as_site(data, url: str | None = None, **kw):
+    """Connect to a running site's broker as the site itself, with the client key in its
+    data directory (every right: for the CLI's offline tools, scenarios and tests)."""
+    import json
+    from pathlib import Path
+
+    from odst.bus.identity import client_seed_path, read_seed
+    data = Path(data)
+    url = url or json.loads((data / "run" / "site.json").read_text())["nats"]
+    path = client_seed_path(data)
+    return await connect(url, seed=read_seed(path) if path.exists() else None, name="odst-tool", **kw)
+
+
 NO_SUITABLE_PEERS = 10005  # a cluster still forming: not enough JetStream servers yet
 
 

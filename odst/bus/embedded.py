@@ -22,6 +22,8 @@ from pathlib import Path
 
 import structlog
 
+from odst.bus.identity import write_secret
+
 log = structlog.get_logger("odst.bus")
 
 MAX_PAYLOAD = "8MB"
@@ -54,6 +56,10 @@ class BrokerConfig:
     leaf_listen: str | None = None  # HOST:PORT to accept leaf connections
     leaf_remotes: list[str] = field(default_factory=list)
     log_file: str = ""  # nats-server rotates it itself at 50MB, keeping 5
+    authorization: str = ""  # the rendered authorization block (odst.bus.authorization)
+    leaf_seed: str = ""  # this site's NKey seed, presented to the hubs it dials
+    leaf_deny_imports: list[str] = field(default_factory=list)
+    leaf_deny_exports: list[str] = field(default_factory=list)
     extra: str = ""
 
     def render(self) -> str:
@@ -76,13 +82,25 @@ class BrokerConfig:
             if self.leaf_listen:
                 lines.append(f'  listen: "{self.leaf_listen}"')
             if self.leaf_remotes:
-                entries = ", ".join(f'{{ url: "{u}" }}' for u in self.leaf_remotes)
+                entries = ", ".join(json.dumps(self._remote(u)) for u in self.leaf_remotes)
                 lines.append(f"  remotes: [ {entries} ]")
                 lines.append('  reconnect: "1s"')
             lines.append("}")
+        if self.authorization:
+            lines.append(self.authorization)
         if self.extra:
             lines.append(self.extra)
         return "\n".join(line for line in lines if line) + "\n"
+
+    def _remote(self, url: str) -> dict:
+        remote: dict = {"url": url}
+        if self.leaf_seed:
+            remote["nkey"] = self.leaf_seed
+        if self.leaf_deny_imports:
+            remote["deny_imports"] = self.leaf_deny_imports
+        if self.leaf_deny_exports:
+            remote["deny_exports"] = self.leaf_deny_exports
+        return remote
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -107,9 +125,9 @@ class EmbeddedBroker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.store_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
-        conf = self.run_dir / "nats.conf"
         self.config.log_file = str(self.run_dir / "nats.log")
-        conf.write_text(self.config.render())
+        self._write_config()
+        conf = self.run_dir / "nats.conf"
         for old in self.run_dir.glob("nats-server_*.ports"):
             old.unlink(missing_ok=True)
         log_path = self.run_dir / "nats.log"
@@ -138,6 +156,35 @@ class EmbeddedBroker:
             time.sleep(0.05)
         self.stop()
         raise BrokerError(f"nats-server did not report its port within {timeout}s")
+
+    def _write_config(self) -> None:
+        # it holds the site's leaf seed: 0600, written whole
+        write_secret(self.run_dir / "nats.conf", self.config.render())
+
+    def reload(self, authorization: str) -> bool:
+        """Swap the authorization block (peers or subscribers changed) without a restart:
+        nats-server re-reads its config on SIGHUP and drops connections whose user is gone."""
+        if authorization == self.config.authorization:
+            return False
+        self.config.authorization = authorization
+        self._write_config()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+        log.info("broker authorization reloaded")
+        return True
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart(self, timeout: float = 20.0) -> str:
+        """Start the broker again after it died, on the same port (clients reconnect by
+        themselves) with the same store: JetStream recovers what it had acknowledged."""
+        if self.url:
+            self.config.port = int(self.url.rsplit(":", 1)[1])
+        code = self.proc.poll() if self.proc else None
+        log.error("broker died; restarting it", code=code)
+        self.stop()
+        return self.start(timeout)
 
     def problem(self) -> str:
         """A broker problem an operator must fix (e.g. a leaf-node loop), read from its log."""

@@ -103,6 +103,24 @@ class PeerRemoved(Event, tag=True):
     upto_seq: int
 
 
+class PeerLogDiverged(Event, tag=True):
+    """This site's mirror of ``site``'s log no longer matches what that site holds: its
+    stream is gone, shorter than the copy, cut at the head, or reconfigured. The mirror is
+    kept, unchanged, as evidence; an admin decides what happens next."""
+
+    site: str
+    reason: str
+    mirror_last_seq: int = 0
+    origin_first_seq: int = 0
+    origin_last_seq: int = 0
+
+
+class PeerLogRestored(Event, tag=True):
+    """``site``'s log matches this site's mirror of it again."""
+
+    site: str
+
+
 class TokenCreated(Event, tag=True):
     """An API token was issued; only its SHA-256 is ever stored."""
 
@@ -213,6 +231,7 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
+            | PeerLogDiverged | PeerLogRestored
             | NatsCredentialCreated | NatsCredentialRevoked)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -239,6 +258,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     StagesAccepted,
     NatsCredentialCreated,
     NatsCredentialRevoked,
+    PeerLogDiverged,
+    PeerLogRestored,
 )
 
 

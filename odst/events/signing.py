@@ -58,6 +58,11 @@ class SiteKey:
     def sign_detached(self, message: bytes) -> bytes:
         return self._sk.sign(message).signature
 
+    def nkey_seed(self) -> str:
+        """The same key as a NATS user seed: the site's leaf-node identity at its peers."""
+        from odst.bus.identity import user_seed
+        return user_seed(bytes(self._sk))
+
     def derive(self, label: bytes) -> bytes:
         """A secret derived from the private seed for one purpose (HMAC-SHA256(seed, label));
         the seed itself never leaves this object."""

@@ -40,7 +40,7 @@ def subject_name(event: ev.Event) -> str:
         return event.token_id
     if isinstance(event, (ev.NatsCredentialCreated, ev.NatsCredentialRevoked)):
         return event.credential_id
-    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved)):
+    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored)):
         return event.site
     if isinstance(event, ev.SiteFounded):
         return ""

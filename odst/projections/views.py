@@ -280,6 +280,21 @@ def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
             "updated_by": row["updated_by"]} if row else None
 
 
+def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:
+    """Peers whose log diverged from this site's mirror of it and has not matched since:
+    peer site id -> the reason this site recorded (its latest PeerLogDiverged)."""
+    out: dict[str, str] = {}
+    for row in conn.execute(
+            "SELECT subject_name, type, payload FROM events WHERE origin=? AND type IN"
+            " ('PeerLogDiverged', 'PeerLogRestored') ORDER BY position", (site,)):
+        if row["type"] == "PeerLogRestored":
+            out.pop(row["subject_name"], None)
+        else:
+            event = codec.decode_body(codec.unverified_body(bytes(row["payload"]))).event
+            out[row["subject_name"]] = event.reason
+    return out
+
+
 def recorded(conn: sqlite3.Connection, stream: str, origin: str):
     """What the read model holds of ``stream`` (whose events come from ``origin``): its
     checkpoint and the origin's first and last folded events, if folded from this stream."""

@@ -7,91 +7,122 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 
 from __future__ import annotations
 
-import time
+import json
 
 import nats.js.errors
 import structlog
 from nats.js import api
 
+from odst.events import catalogue as ev
 from odst.projections import views
 
 log = structlog.get_logger("odst.linker")
 
-HEAL_EVERY_S = 10.0  # a mirror gets this long after (re)creation to make contact
-STALE_ACTIVE_S = 30.0  # a healthy mirror hears from its origin every few seconds
+STREAM_NOT_FOUND = 10059  # JetStream's error code
+APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
 
 def mirror_name(site: str) -> str:
     return f"PEER_{site}"
 
 
+def divergence(sid: str, mirror, origin: dict) -> tuple[str, dict]:
+    """Why a peer's log (its stream info as JSON) no longer matches our mirror of it, or ''."""
+    ours = mirror.state
+    if origin.get("missing"):
+        return (f"site {sid} has no event log (stream EVENTS is gone); this site's mirror keeps "
+                f"{ours.messages} of its events", {"mirror_last_seq": ours.last_seq})
+    state, config = origin.get("state", {}), origin.get("config", {})
+    detail = {"mirror_last_seq": ours.last_seq, "origin_first_seq": state.get("first_seq", 0),
+              "origin_last_seq": state.get("last_seq", 0)}
+    if detail["origin_last_seq"] < ours.last_seq:
+        return (f"site {sid}'s event log ends at {detail['origin_last_seq']}, before this site's "
+                f"copy ({ours.last_seq}): it restarted empty or was cut", detail)
+    if detail["origin_first_seq"] > max(ours.first_seq, 1) and ours.messages:
+        return (f"site {sid}'s event log lost its first events (it starts at "
+                f"{detail['origin_first_seq']}; this site's copy starts at {ours.first_seq})", detail)
+    # JetStream leaves false booleans out of its JSON
+    changed = sorted(k for k, v in APPEND_ONLY.items() if config.get(k, False if v is True else v) != v)
+    if changed:
+        return (f"site {sid}'s event log is no longer append-only ({', '.join(changed)} changed)", detail)
+    return "", detail
+
+
 class Linker:
     def __init__(self, site):
         self.site = site
         self.linked: set[str] = set()
-        self._healed: dict[str, float] = {}
 
     async def sync(self) -> None:
         for peer in views.peer_sites(self.site.reader, self.site.id):
             sid = peer["site"]
             if sid in self.linked:
                 continue
-            await self.ensure_mirror(sid)
+            if not await self.ensure_mirror(sid):
+                continue  # not reachable yet: try again on the next pass
             self.linked.add(sid)
-            self._healed[sid] = time.monotonic()
             self.site.projector.add_stream(mirror_name(sid))
             log.info("mirroring peer", peer=sid, stream=mirror_name(sid))
 
-    async def ensure_mirror(self, sid: str) -> None:
+    async def ensure_mirror(self, sid: str) -> bool:
+        """Make the mirror of ``sid``'s log, once its JetStream answers through the leaf tree:
+        a mirror made before its origin is reachable retries on a back-off of ~40 s, and
+        ODST never deletes a mirror to hurry it. False: not made yet."""
         js = self.site.js
         name = mirror_name(sid)
         try:
             await js.stream_info(name)
-            return
+            return True
         except nats.js.errors.NotFoundError:
             pass
+        if await self._origin_info(sid) is None:
+            return False
         await js.add_stream(api.StreamConfig(
             name=name, storage=api.StorageType.FILE, num_replicas=self.site.log.replicas,
             mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(api=f"$JS.{sid}.API")),
         ))
+        return True
 
-    async def heal(self) -> None:
-        """Recreate a mirror that has lost contact with a peer that answers.
+    async def watch(self) -> None:
+        """Compare every peer's log with this site's mirror of it, and record what changed.
 
-        A mirror whose origin was unreachable when it (or its own server)
-        started retries on a long back-off — ~40 s measured after a hub restart.
-        When the peer's JetStream answers through the leaf tree but the mirror
-        has had no contact since HEAL_EVERY_S after it was made (or none for
-        STALE_ACTIVE_S), delete and re-add it: a mirror keeps the
-        origin's sequence numbers, so the projector's checkpoint stays valid and
-        nothing is folded twice.
+        A mirror is evidence: ODST never deletes or recreates one on its own. When a
+        peer's EVENTS stream is gone, shorter than our copy, cut at its head, or no longer
+        configured as an append-only log, the mirror is kept as it is and a signed
+        PeerLogDiverged goes into this site's own log (``/healthz`` answers 503 with the
+        reason, ``/metrics`` and notifications show it) until the peer's log matches again
+        (PeerLogRestored) or an admin removes the peer. A peer that does not answer is an
+        outage, not a divergence: its mirror resumes by itself.
         """
-        now = time.monotonic()
+        recorded = views.peer_log_alarms(self.site.reader, self.site.id)
         for sid in sorted(self.linked):
-            if now - self._healed.get(sid, -1e9) < HEAL_EVERY_S:
-                continue  # created or recreated recently: give it time to make contact
             try:
-                info = await self.site.js.stream_info(mirror_name(sid))
+                mirror = await self.site.js.stream_info(mirror_name(sid))
             except Exception:
                 continue
-            m = info.mirror
-            active_s = (m.active / 1e9) if (m and m.active is not None and m.active >= 0) else None
-            if active_s is not None and active_s < STALE_ACTIVE_S:
-                continue
-            if not await self._peer_answers(sid):
-                continue  # a real outage: keep the mirror, it resumes by itself
-            self._healed[sid] = now
-            log.warning("mirror stalled while its peer answers; recreating it", peer=sid,
-                        last_contact_s=active_s)
-            await self.site.js.delete_stream(mirror_name(sid))
-            await self.ensure_mirror(sid)
+            origin = await self._origin_info(sid)
+            if origin is None:
+                continue  # unreachable: an outage
+            reason, detail = divergence(sid, mirror, origin)
+            if reason and recorded.get(sid) != reason:
+                log.error("peer's log diverged from our mirror of it; mirror kept", peer=sid, reason=reason)
+                await self.site.append(ev.PeerLogDiverged(site=sid, reason=reason, **detail), actor="system")
+            elif not reason and sid in recorded:
+                log.warning("peer's log matches our mirror again", peer=sid)
+                await self.site.append(ev.PeerLogRestored(site=sid), actor="system")
 
-    async def _peer_answers(self, sid: str) -> bool:
+    async def _origin_info(self, sid: str) -> dict | None:
+        """The peer's own view of its EVENTS stream (JetStream's stream info, through the leaf
+        tree), ``{"missing": True}`` when it has none, None when it does not answer."""
         try:
-            await self.site.nc.request(f"$JS.{sid}.API.INFO", b"", timeout=2)
-            return True
+            msg = await self.site.nc.request(f"$JS.{sid}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            info = json.loads(msg.data)
         except Exception:
-            return False
+            return None
+        error = info.get("error")
+        if error:
+            return {"missing": True} if error.get("err_code") == STREAM_NOT_FOUND else None
+        return info
 
     async def status(self, sid: str) -> dict:
         """Link state of one peer: mirror lag, seconds since last contact, error, last event."""

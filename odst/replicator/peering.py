@@ -73,6 +73,7 @@ DEFAULT_TTL_S = 24 * 3600
 MAX_MESSAGE_BYTES = 16 * 1024  # a request or an answer is well under 2 KiB
 MAX_SKEW_S = 300  # a request older (or newer) than this by the inviter's clock is refused
 NATS_WAIT_S = 10.0
+LEAF_ADMISSION_S = 10.0  # after admitting the inviter's leaf identity, how long to wait for its link
 HTTP_TIMEOUT_S = 15.0
 SEAL_KEY_LABEL = b"odst registration sealing key v2"
 
@@ -435,9 +436,17 @@ def _fresh_request(site, inv: Invitation) -> tuple[bytes, str]:
 
 async def _exchange(site, inv: Invitation) -> tuple[RegisterAnswer, str]:
     notes: list[str] = []
-    ans = await _over_nats(site, inv, notes)
-    if ans is not None:
-        return ans, "nats"
+    # the inviter may reach us only over a leaf link it dials, refused while its key is unknown
+    patience = LEAF_ADMISSION_S if site.admit_applicant(inv.public_key) else 0.0
+    deadline = time.monotonic() + patience
+    while True:
+        ans = await _over_nats(site, inv, notes)
+        if ans is not None:
+            return ans, "nats"
+        if time.monotonic() > deadline or not notes[-1].startswith("NATS: no responder"):
+            break
+        notes.pop()
+        await asyncio.sleep(0.5)  # the inviter's leaf link reconnects about once a second
     if inv.http_url:
         ans = await _over_http(site, inv, notes)
         if ans is not None:

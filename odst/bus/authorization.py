@@ -1,0 +1,134 @@
+"""Who may do what on a site's NATS server: the permission table, rendered into its config.
+
+Three kinds of identity connect to a site's broker, each an NKey (odst.bus.identity):
+
+* **site**: the site's own processes (``<data>/nats-client.nk``). Every right.
+* **peer**: a registered site's leaf connection, identified by its site key. It may do
+  what mirroring, chunk transfer and registration need, for itself and for sites behind
+  it in the leaf tree (a hub carries its spokes' traffic), and nothing else: create a
+  mirror consumer on an ``EVENTS`` stream, answer flow control, carry mirror deliveries,
+  requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
+  never update, purge or delete a stream, delete a consumer, touch KV buckets or the
+  NOTIFY and REPLICATION streams, publish into any site's event subjects, or subscribe to
+  internal subjects (work queues, notifications, the JetStream API). What it can see:
+  replies on ``_INBOX.>`` that cross its link.
+* **subscriber**: a downstream service (``odst credentials add``). Read-only: it may
+  subscribe to event subjects and read the event streams through consumers of its own.
+
+Over a leaf link the *accepting* server enforces the connecting user's permissions in
+both directions (publish = what the leaf may send in, subscribe = what it is sent). The
+*dialing* side (a spoke behind a firewall) cannot trust the permissions its hub
+announces, so its remotes carry deny lists (``remote_deny_imports``/``_exports``) that
+keep the hub away from the same things.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# Streams of a site that exist for its own machinery, never for peers.
+INTERNAL_STREAMS = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES")
+
+
+def inbox_prefix(site: str) -> str:
+    """The reply-subject prefix of a site's own processes: peers are never sent it."""
+    return f"_INBOX.{site}"
+
+
+# What a peer's leaf connection may send in and be sent, for every site of the tree.
+PEER_SUBJECTS = [
+    "$JS.*.API.CONSUMER.CREATE.EVENTS",    # a mirror's consumer on a site's event log
+    "$JS.*.API.CONSUMER.CREATE.EVENTS.>",
+    "$JS.*.API.STREAM.INFO.EVENTS",         # read-only: is the origin's log still whole?
+    "$JSC.R.>",                            # the consumer-create answer to the mirroring server
+    "$JS.M.>",                             # mirror deliveries and heartbeats
+    "$JS.FC.>",                            # mirror flow control
+    "odst.*.chunk",                        # chunk requests (NATS transport)
+    "odst.*.rpc.>",                        # registration and other signed peer requests
+    "_INBOX.>",                            # replies to requests
+]
+
+
+def peer_permissions() -> dict:
+    # Both directions carry the same subjects (a peer mirrors us and we mirror it). No deny
+    # list: nats-server checks the hub's own interest in these subjects against the same
+    # table on the spoke, so denying "this site's replies" would also cut its requests.
+    return {"publish": {"allow": PEER_SUBJECTS}, "subscribe": {"allow": PEER_SUBJECTS}}
+
+
+def subscriber_inbox(name: str) -> str:
+    """A subscriber's own reply-subject prefix (nats-py ``inbox_prefix``, NATS CLI
+    ``--inbox-prefix``): no other identity is sent its replies, and it sees no one else's."""
+    return f"_INBOX_{name}"
+
+
+def subscriber_permissions(name: str, streams: list[str]) -> dict:
+    """A read-only subscriber: live event subjects, and consumers named ``name`` on the
+    event streams (pull, or push to its own inbox). Not the unnamed create route: its body
+    could name, and so rewrite, another subscriber's consumer."""
+    pub = ["$JS.API.INFO"]
+    for stream in streams:
+        pub += [f"$JS.API.STREAM.INFO.{stream}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.{name}.>",
+                f"$JS.API.CONSUMER.INFO.{stream}.{name}",
+                f"$JS.API.CONSUMER.DELETE.{stream}.{name}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                f"$JS.ACK.{stream}.{name}.>",
+                f"$JS.FC.{stream}.{name}.>"]
+    return {"publish": {"allow": pub},
+            "subscribe": {"allow": ["odst.*.ev.>", f"{subscriber_inbox(name)}.>"]}}
+
+
+def remote_deny_imports(site: str) -> list[str]:
+    """What a site dialing out refuses to take from its hub, whatever the hub announces."""
+    api = f"$JS.{site}.API"
+    deny = [f"{api}.STREAM.{op}.>" for op in
+            ("CREATE", "UPDATE", "DELETE", "PURGE", "SNAPSHOT", "RESTORE", "MSG", "PEER", "LEADER",
+             "CANCEL_MOVE")]
+    deny += [f"{api}.STREAM.NAMES", f"{api}.STREAM.LIST"]
+    deny += [f"{api}.STREAM.INFO.{stream}" for stream in INTERNAL_STREAMS]
+    deny += [f"{api}.META.>", f"{api}.SERVER.>", f"{api}.ACCOUNT.>",
+            f"{api}.DIRECT.>", f"{api}.INFO"]
+    deny += [f"{api}.CONSUMER.{op}.>" for op in
+             ("DELETE", "DURABLE", "MSG", "PAUSE", "UNPIN", "RESET", "LEADER", "INFO", "LIST", "NAMES")]
+    for stream in INTERNAL_STREAMS:
+        deny += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>"]
+    # (no "$JS.API.>" here: requests to "$JS.<site>.API" are mapped to it before this check)
+    deny += ["$KV.>", "$O.>", "$SYS.>", "$JS.ACK.>",
+             f"odst.{site}.ev.>", f"odst.{site}.work.>", f"odst.{site}.notify.>"]
+    return deny
+
+
+def remote_deny_exports(site: str) -> list[str]:
+    """What a site dialing out never sends to its hub: its own replies and internal traffic."""
+    return [f"{inbox_prefix(site)}.>", "$JS.API.>", "$KV.>", "$O.>",
+            f"odst.{site}.work.>", f"odst.{site}.notify.>"]
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    name: str
+    nkey: str  # public 'U…' key
+
+
+def users(site: str, site_nkey: str, peer_nkeys: list[str], subscribers: list[Subscriber],
+          streams: list[str], applicant_nkeys: list[str] = ()) -> list[dict]:
+    # An applicant is a site whose invitation this site's admin is joining: its leaf link (the
+    # only way to reach a firewalled inviter) gets a peer's rights at once, since nats-server
+    # keeps a leaf connection's permissions for as long as it lasts.
+    out: list[dict] = [{"nkey": site_nkey}]
+    out += [{"nkey": nk, "permissions": peer_permissions()}
+            for nk in sorted(set(peer_nkeys) | set(applicant_nkeys))]
+    out += [{"nkey": s.nkey, "permissions": subscriber_permissions(s.name, streams)}
+            for s in sorted(subscribers, key=lambda s: s.name)]
+    return out
+
+
+def render_users(users_: list[dict]) -> str:
+    """The ``authorization { users: [...] }`` block (NATS config accepts JSON values)."""
+    lines = ["authorization {", "  users: ["]
+    lines += [f"    {json.dumps(u, separators=(', ', ': '))}" for u in users_]
+    lines += ["  ]", "}"]
+    return "\n".join(lines)
