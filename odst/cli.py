@@ -328,18 +328,22 @@ def cmd_user(args) -> int:
 
 def _how_to_subscribe(out: dict, seed_file: Path) -> str:
     """How a downstream service connects with a new subscriber credential."""
-    url, site, name = ",".join(out["servers"]), out["site"], out["name"]
+    url, site, name, inbox = ",".join(out["servers"]), out["site"], out["name"], out["inbox_prefix"]
     return "\n".join([
         f"broker: {url}   (site {site}; this site's events are odst.{site}.ev.>)",
+        f"replies and push deliveries come only under its own inbox prefix {inbox}: connect with it",
         "nats-py:",
-        f"    nc = await nats.connect({out['servers'][0]!r}, nkeys_seed={str(seed_file)!r})",
+        f"    nc = await nats.connect({out['servers'][0]!r}, nkeys_seed={str(seed_file)!r}, inbox_prefix={inbox!r})",
         f"    sub = await nc.subscribe('odst.{site}.ev.>')                      # live events",
         "    js = nc.jetstream()",
-        "    log = await js.subscribe('odst.*.ev.>', stream='EVENTS', ordered_consumer=True)  # whole log",
-        f"    # or a durable pull consumer, which must be named {name!r}:",
-        f"    psub = await js.pull_subscribe('odst.*.ev.>', durable={name!r}, stream='EVENTS')",
+        f"    # the whole log, resumable: a durable pull consumer, which must be named {name!r}",
+        f"    log = await js.pull_subscribe('odst.*.ev.>', durable={name!r}, stream='EVENTS')",
+        "    msgs = await log.fetch(100)                                   # then m.ack() each",
         "NATS CLI:",
-        f"    nats --server {url} --nkey {seed_file} sub 'odst.{site}.ev.>'",
+        f"    nats --server {url} --nkey {seed_file} --inbox-prefix {inbox} sub 'odst.{site}.ev.>'",
+        f"    nats --server {url} --nkey {seed_file} --inbox-prefix {inbox} consumer add EVENTS {name} "
+        "--pull --filter 'odst.*.ev.>' --deliver all --ack explicit --defaults",
+        f"    nats --server {url} --nkey {seed_file} --inbox-prefix {inbox} consumer next EVENTS {name} --count 10",
         f"may: {'; '.join(out['may'].values())}",
         "nothing else: no publishing, no stream or KV changes, no other consumers.",
     ])

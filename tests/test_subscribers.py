@@ -2,8 +2,9 @@
 
 `odst credentials add --role subscriber NAME` makes one: the site keeps only its public
 NKey (an event), the broker lets it subscribe to event subjects and read the event
-streams through a consumer named NAME or an ephemeral one, and refuses everything else;
-revoking it closes the door again.
+streams through consumers named NAME, with its replies under its own inbox prefix
+``_INBOX_NAME`` that no one else is sent, and refuses everything else; revoking it closes
+the door again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import nats
 import nats.errors
 import pytest
+from nats.js.api import ConsumerConfig
 
 from odst.bus.identity import new_user_seed, public_key_of_seed, read_seed
 from odst.events import catalogue as ev
@@ -125,6 +127,7 @@ def test_admin_api_creates_lists_and_revokes_only_for_admins(make_site):
     assert made["nkey"].startswith("U") and made["name"] == "jamf-sync" and made["role"] == "subscriber"
     assert made["servers"] and all(u.startswith("nats://127.0.0.1:") for u in made["servers"])
     assert made["site"] and "jamf-sync" in made["may"]["consumers"]
+    assert made["inbox_prefix"] == "_INBOX_jamf-sync" and "_INBOX_jamf-sync" in made["may"]["inbox"]
 
     listed = admin.get("/api/v1/credentials").json()["credentials"]
     # the log (mirrored by every peer) holds the public key only
@@ -188,6 +191,8 @@ def test_cli_add_list_revoke(make_site, tmp_path):
     seed = read_seed(seed_file)
     assert seed not in p.stdout  # the seed is in the file, not on the screen
     assert "nkeys_seed" in p.stdout and "nats --server" in p.stdout and "--nkey" in p.stdout
+    assert "inbox_prefix='_INBOX_reporting'" in p.stdout and "--inbox-prefix _INBOX_reporting" in p.stdout
+    assert "durable='reporting'" in p.stdout and "ordered_consumer" not in p.stdout
     info = site.client().get("/api/v1/credentials").json()["credentials"]
     assert [(c["name"], c["nkey"]) for c in info] == [("reporting", public_key_of_seed(seed))]
 
@@ -217,12 +222,15 @@ def test_cli_add_list_revoke(make_site, tmp_path):
 
 # ---------------------------------------------------------------- on the broker itself
 
-async def _connect(url: str, seed: str, errors: list[str] | None = None):
+async def _connect(url: str, seed: str, name: str | None = None, errors: list[str] | None = None):
+    """A service's connection: with the inbox prefix its credential ``name`` must use
+    (README, "Event subscribers"); without a name, nats-py's default ``_INBOX``."""
     async def on_error(exc):
         if errors is not None:
             errors.append(str(exc))
+    prefix = {"inbox_prefix": f"_INBOX_{name}"} if name else {}
     return await nats.connect(url, nkeys_seed_str=seed, error_cb=on_error, allow_reconnect=False,
-                              connect_timeout=5, max_reconnect_attempts=0)
+                              connect_timeout=5, max_reconnect_attempts=0, **prefix)
 
 
 async def _try_connect(url: str, seed: str) -> str:
@@ -266,8 +274,8 @@ def test_a_subscriber_reads_every_event_and_is_refused_everything_else(make_site
 
     async def story():
         errors: list[str] = []
-        nc = await _connect(url, feed, errors)
-        nc_other = await _connect(url, other)
+        nc = await _connect(url, feed, "feed", errors)
+        nc_other = await _connect(url, other, "other")
         js, js_other = nc.jetstream(timeout=5), nc_other.jetstream(timeout=5)
 
         # live: an upload's event arrives on the event subjects
@@ -281,28 +289,38 @@ def test_a_subscriber_reads_every_event_and_is_refused_everything_else(make_site
                 break
         await live.unsubscribe()
 
-        # the whole log, byte for byte as signed, through an ordered (ephemeral) consumer
+        # the whole log, byte for byte as signed, through a durable pull consumer of its own name,
+        # acknowledged as it goes
         logged = await asyncio.to_thread(all_events, admin)
         signed = {e["stream_seq"]: base64.b64decode(e["signed"]) for e in logged if e["stream"] == "EVENTS"}
         count = (await js.stream_info("EVENTS")).state.messages
         assert count == len(signed) >= 3
-        ordered = await js.subscribe(f"odst.{site_id}.ev.>", stream="EVENTS", ordered_consumer=True)
+        pull = await js.pull_subscribe("odst.*.ev.>", durable="feed", stream="EVENTS")
         got = {}
         while len(got) < count:
-            m = await ordered.next_msg(timeout=30)
-            got[m.metadata.sequence.stream] = m.data
-        assert got == signed
-        await ordered.unsubscribe()
-
-        # and through a durable consumer of its own name, acknowledged as it goes
-        pull = await js.pull_subscribe(f"odst.{site_id}.ev.>", durable="feed", stream="EVENTS")
-        seen = []
-        while len(seen) < count:
-            for m in await pull.fetch(count - len(seen), timeout=10):
-                seen.append(m.metadata.sequence.stream)
+            for m in await pull.fetch(count - len(got), timeout=10):
+                got[m.metadata.sequence.stream] = m.data
                 await m.ack()
-        assert sorted(seen) == sorted(signed)
-        await js_other.pull_subscribe(f"odst.{site_id}.ev.>", durable="other", stream="EVENTS")
+        assert got == signed
+        await pull.unsubscribe()
+
+        # again from the start: delete it, and read it pushed into the service's own inbox
+        assert await js.delete_consumer("EVENTS", "feed")
+        inbox = nc.new_inbox()
+        assert inbox.startswith("_INBOX_feed.")
+        push = await js.subscribe("odst.*.ev.>", stream="EVENTS", durable="feed", manual_ack=True,
+                                  flow_control=True, idle_heartbeat=1.0,
+                                  config=ConsumerConfig(name="feed", deliver_subject=inbox))
+        got = {}
+        while len(got) < count:
+            m = await push.next_msg(timeout=30)
+            got[m.metadata.sequence.stream] = m.data
+            await m.ack()
+        assert got == signed
+        info = await js.consumer_info("EVENTS", "feed")
+        assert info.config.deliver_subject == inbox and info.config.durable_name == "feed"
+        await push.unsubscribe()
+        await js_other.pull_subscribe("odst.*.ev.>", durable="other", stream="EVENTS")
 
         # refused: every way to change a stream, a consumer not its own, KV, and publishing events
         junk = json.dumps({"name": "EVENTS", "subjects": [f"odst.{site_id}.ev.>"], "max_msgs": 1}).encode()
@@ -363,7 +381,7 @@ def test_a_revoked_subscriber_is_cut_off(make_site, tmp_path):
                    what="the broker to accept the new credential")
 
     async def revoke_while_connected():
-        nc = await _connect(url, feed)
+        nc = await _connect(url, feed, "feed")
         p = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", "odst", "credentials", "revoke", "feed", "--server", site.url,
                              "--token", ADMIN_TOKEN], capture_output=True, text=True, timeout=120)
@@ -378,36 +396,214 @@ def test_a_revoked_subscriber_is_cut_off(make_site, tmp_path):
     assert asyncio.run(_try_connect(url, new_user_seed())) != "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="odst.bus.authorization lets a subscriber use the bare "
-                   "$JS.API.CONSUMER.CREATE.<stream> route (nats-py's ordered consumers need it), and "
-                   "that request's body may name any consumer: another service's durable is rewritten")
-def test_a_subscriber_cannot_rewrite_another_subscribers_consumer(make_site, tmp_path):
+def _start_with_two_services(make_site, tmp_path):
+    """A site, its broker's URL and the seeds of two subscriber credentials, "feed" and
+    "other", once the broker accepts both (it reloads its users shortly after the event)."""
     site = make_site().start()
     url = site_run_info(site.data)["nats"]
-    feed = _add_credential(site, tmp_path, "feed")
-    other = _add_credential(site, tmp_path, "other")
-    for seed in (feed, other):
+    seeds = {name: _add_credential(site, tmp_path, name) for name in ("feed", "other")}
+    for seed in seeds.values():
         wait_until(lambda: asyncio.run(_try_connect(url, seed)) == "ok", 30,
                    what="the broker to accept the new credential")
+    return site, url, seeds
+
+
+def _violations_for(errors: list[str], expected: list[str]):
+    """The expected permission violations (``publish to "…"``, ``subscription to "…"``) that
+    the server has not reported yet."""
+    return lambda: [e for e in expected if not any(e.lower() in err.lower() for err in errors)]
+
+
+async def _refused(nc, subject: str, body: bytes) -> None:
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await nc.request(subject, body, timeout=2)
+
+
+def test_a_subscriber_cannot_rewrite_another_subscribers_consumer(make_site, tmp_path):
+    site, url, seeds = _start_with_two_services(make_site, tmp_path)
 
     async def story():
-        nc, nc_other = await _connect(url, feed), await _connect(url, other)
+        errors: list[str] = []
+        nc, nc_other = await _connect(url, seeds["feed"], "feed", errors), await _connect(url, seeds["other"], "other")
         js_other = nc_other.jetstream(timeout=5)
         await js_other.pull_subscribe("odst.*.ev.>", durable="other", stream="EVENTS")
-        config = (await js_other.consumer_info("EVENTS", "other")).config.as_dict()
-        config.pop("durable_name")
+        before = (await js_other.consumer_info("EVENTS", "other")).config
+        config = before.as_dict()
         config["filter_subject"] = "odst.nothing.ev.>"
-        try:
-            await nc.request("$JS.API.CONSUMER.CREATE.EVENTS",
-                             json.dumps({"stream_name": "EVENTS", "config": config}).encode(), timeout=2)
-        except nats.errors.TimeoutError:
-            pass  # refused
+        body = json.dumps({"stream_name": "EVENTS", "config": config}).encode()
+        # the unnamed route (its body names the consumer) and the legacy durable route are closed
+        await _refused(nc, "$JS.API.CONSUMER.CREATE.EVENTS", body)
+        await _refused(nc, "$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.other", body)
+        await _refused(nc, "$JS.API.CONSUMER.CREATE.EVENTS.other.odst.nothing.ev.>", body)
+        missing = _violations_for(errors, [f'publish to "{s}"' for s in (
+            "$JS.API.CONSUMER.CREATE.EVENTS", "$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.other",
+            "$JS.API.CONSUMER.CREATE.EVENTS.other.odst.nothing.ev.>")])
+        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        # its own route with a body naming the other consumer: the server holds name and subject together
+        r = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed", body, timeout=5)).data)
+        assert r.get("error"), r
         after = (await js_other.consumer_info("EVENTS", "other")).config
         await nc.close()
         await nc_other.close()
-        return after
-    after = asyncio.run(story())
-    assert after.filter_subject == "odst.*.ev.>" and after.durable_name == "other"
+        return before, after
+    before, after = asyncio.run(story())
+    assert after.filter_subject == before.filter_subject == "odst.*.ev.>" and after.durable_name == "other"
+    assert after == before
+
+
+def test_a_subscriber_never_receives_another_ones_replies(make_site, tmp_path):
+    site, url, seeds = _start_with_two_services(make_site, tmp_path)
+    site_id = site.client().get("/healthz").json()["site"]
+
+    async def story():
+        # a client left on nats-py's default inbox prefix is answered nowhere it may listen
+        errors: list[str] = []
+        plain = await _connect(url, seeds["feed"], None, errors)
+        with pytest.raises(nats.errors.TimeoutError):
+            await plain.jetstream(timeout=2).stream_info("EVENTS")
+        await _until(lambda: any('subscription to "_inbox.' in e.lower() for e in errors), 10,
+                     what="the server to refuse the default reply subscription")
+        await plain.close()
+
+        # "feed" listens wherever it can think of, while "other" asks the broker a question
+        errors.clear()
+        nc, nc_other = await _connect(url, seeds["feed"], "feed", errors), await _connect(url, seeds["other"], "other")
+        heard: list[str] = []
+
+        async def record(msg):
+            heard.append(msg.subject)
+        spying = ["_INBOX.>", f"_INBOX.{site_id}.>", "_INBOX_other.>", "*.>", ">"]
+        for subject in spying:
+            await nc.subscribe(subject, cb=record)
+        own = await nc.subscribe("_INBOX_feed.>", cb=record)  # its own: allowed, hears only its own
+        await nc.flush()
+        missing = _violations_for(errors, [f'subscription to "{s}"' for s in spying])
+        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        assert not any('"_inbox_feed.>"' in e.lower() for e in errors), errors
+
+        info = await nc_other.jetstream(timeout=5).stream_info("EVENTS")  # its reply: _INBOX_other.…
+        assert info.config.name == "EVENTS"
+        await nc.flush()  # anything the server sent "feed" alongside that reply has arrived by now
+        assert heard == []
+        # and its own questions are answered, on its own inbox
+        assert (await nc.jetstream(timeout=5).stream_info("EVENTS")).config.name == "EVENTS"
+        await own.unsubscribe()
+        assert all(s.startswith("_INBOX_feed.") for s in heard) and heard
+        assert nc.is_connected and nc_other.is_connected
+        await nc.close()
+        await nc_other.close()
+    asyncio.run(story())
+
+
+async def _last_seqs(js, streams) -> dict[str, int]:
+    return {name: (await js.stream_info(name)).state.last_seq for name in streams}
+
+
+def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anywhere(make_site, tmp_path):
+    """No unnamed, ephemeral or ordered consumer; and its named consumer pointed at the subjects
+    of the site's internal streams (the REPLICATION work queue, the lease bucket, NOTIFY)
+    puts nothing into them, even when JetStream delivers there."""
+    from tests.conftest import site_nats
+
+    site, url, seeds = _start_with_two_services(make_site, tmp_path)
+    site_id = site.client().get("/healthz").json()["site"]
+    internal = ["REPLICATION", "KV_ODST_LEASES", "NOTIFY"]
+
+    async def story():
+        errors: list[str] = []
+        nc = await _connect(url, seeds["feed"], "feed", errors)
+        js = nc.jetstream(timeout=3)
+        own = await site_nats(site.data)
+        own_js = own.jetstream(timeout=5)
+        count = (await own_js.stream_info("EVENTS")).state.messages
+        assert count >= 3
+
+        # unnamed, ephemeral and ordered consumers: refused, whichever way they are asked for
+        unnamed = json.dumps({"stream_name": "EVENTS", "config": {"deliver_policy": "all"}}).encode()
+        await _refused(nc, "$JS.API.CONSUMER.CREATE.EVENTS", unnamed)
+        for attempt in (lambda: js.subscribe("odst.*.ev.>", stream="EVENTS", ordered_consumer=True),
+                        lambda: js.subscribe("odst.*.ev.>", stream="EVENTS"),
+                        lambda: js.pull_subscribe("odst.*.ev.>", stream="EVENTS"),  # a random name
+                        lambda: js.subscribe("odst.*.ev.>", stream="EVENTS", durable="feed")):  # legacy route
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await attempt()
+        missing = _violations_for(errors, ['publish to "$JS.API.CONSUMER.CREATE.EVENTS"',
+                                           'publish to "$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.feed"'])
+        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        assert "feed" not in [c.name for c in await own_js.consumers_info("EVENTS")]
+
+        streams = [s.config.name for s in await own_js.streams_info()]
+        assert set(internal) <= set(streams), streams
+        for target in (f"odst.{site_id}.work.pull", "$KV.ODST_LEASES.x", f"odst.{site_id}.notify.x"):
+            # interest in the subject, as any of the site's own processes could have: so that
+            # JetStream really delivers there
+            witnessed: list[bytes] = []
+
+            async def witness(msg):
+                witnessed.append(msg.data)
+            wsub = await own.subscribe(target, cb=witness)
+            await own.flush()
+            before = await _last_seqs(own_js, internal)
+            body = {"stream_name": "EVENTS", "config": {"name": "feed", "durable_name": "feed",
+                                                        "deliver_subject": target, "ack_policy": "none"}}
+            answer = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed",
+                                                  json.dumps(body).encode(), timeout=5)).data)
+            if "error" not in answer:  # accepted (nats-server checks no rights on it): see where it lands
+                await _until(lambda: len(witnessed) >= count, 30, what=f"deliveries to {target}")
+                # an absence has no moment to wait for: watch the streams for a while
+                deadline = asyncio.get_running_loop().time() + 2
+                while asyncio.get_running_loop().time() < deadline:
+                    after = await _last_seqs(own_js, internal)
+                    assert after == before, (f"a subscriber's consumer delivering to {target} stored messages "
+                                             f"in the site's internal streams: {before} -> {after}")
+                    await asyncio.sleep(0.1)
+                assert await js.delete_consumer("EVENTS", "feed")
+            await wsub.unsubscribe()
+            assert await _last_seqs(own_js, internal) == before
+        await nc.close()
+        await own.close()
+    asyncio.run(story())
+    assert site.client().get("/api/v1/quarantine").json()["count"] == 0
+    assert httpx.get(f"{site.url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_subscribers_consumer_cannot_deliver_into_the_sites_own_services(make_site, tmp_path):
+    """A push consumer's deliver_group joins a queue group: pointed at the site's chunk and
+    registration services, JetStream would hand them the log as requests from the site's own
+    account, subjects the subscriber may not publish to."""
+    from tests.conftest import site_nats
+
+    site, url, seeds = _start_with_two_services(make_site, tmp_path)
+    site_id = site.client().get("/healthz").json()["site"]
+
+    async def story():
+        nc = await _connect(url, seeds["feed"], "feed")
+        own = await site_nats(site.data)
+        own_js = own.jetstream(timeout=5)
+        delivered = {}
+        for target, group in ((f"odst.{site_id}.chunk", "chunk"), (f"odst.{site_id}.rpc.register", "register")):
+            body = {"stream_name": "EVENTS", "config": {"name": "feed", "durable_name": "feed", "ack_policy": "none",
+                                                        "deliver_subject": target, "deliver_group": group}}
+            answer = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed",
+                                                  json.dumps(body).encode(), timeout=5)).data)
+            if "error" in answer:
+                delivered[target] = 0
+                continue
+            # an absence has no moment to wait for: watch the consumer for a while
+            deadline = asyncio.get_running_loop().time() + 3
+            seq = 0
+            while asyncio.get_running_loop().time() < deadline and not seq:
+                seq = (await own_js.consumer_info("EVENTS", "feed")).delivered.stream_seq
+                await asyncio.sleep(0.1)
+            delivered[target] = seq
+            await own_js.delete_consumer("EVENTS", "feed")
+        await nc.close()
+        await own.close()
+        return delivered
+    delivered = asyncio.run(story())
+    assert delivered == {f"odst.{site_id}.chunk": 0, f"odst.{site_id}.rpc.register": 0}, \
+        f"events delivered into the site's own services by a subscriber's consumer (up to stream seq): {delivered}"
+    assert "unsigned peer request" not in site.log()
 
 
 # ---------------------------------------------------------------- web UI (last: the module's browser

@@ -1,10 +1,11 @@
 """/api/v1/credentials: NATS credentials for downstream services (admin only).
 
 A subscriber credential lets a service outside the site read its events straight from
-the broker: subscribe to ``odst.*.ev.>`` and read the event streams through a consumer
-named after it (or an ephemeral one), nothing else (``odst.bus.authorization``). The
-seed is made here, returned once and never stored: the log holds only the public NKey,
-and the broker's authorization block is rendered from the read model.
+the broker: subscribe to ``odst.*.ev.>`` and read the event streams through consumers
+named after it, with replies (and push deliveries) under its own inbox prefix, nothing else
+(``odst.bus.authorization``). The seed is made here, returned once and never stored: the
+log holds only the public NKey, and the broker's authorization block is rendered from the
+read model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
 from odst.bus import server_list
+from odst.bus.authorization import subscriber_inbox
 from odst.bus.identity import new_user_seed, public_key_of_seed
 from odst.errors import NotFound, OdstError, RequestInvalid
 from odst.events import catalogue as ev
@@ -70,12 +72,14 @@ def public_servers(urls: str) -> list[str]:
 
 def usage(site_id: str, name: str) -> dict[str, Any]:
     """What a subscriber may do, as its creator is told once."""
+    inbox = subscriber_inbox(name)
     return {
         "subscribe": f"odst.*.ev.> (this site's own events: odst.{site_id}.ev.>)",
         "streams": "EVENTS and the PEER_<site> mirrors, read-only",
-        "consumers": f"durable or named consumers must be named {name!r}; ephemeral and ordered "
-                     "consumers need no name",
-        "inbox": f"reply subjects under _INBOX.> (not _INBOX.{site_id}.>, the site's own)",
+        "consumers": f"one consumer per stream, named {name!r} (pull, or push delivering to {inbox}.…); "
+                     "no unnamed, ephemeral or ordered consumers",
+        "inbox": f"connect with inbox prefix {inbox}: replies come only to {inbox}.>, "
+                 "which no one else is sent",
     }
 
 
@@ -115,7 +119,7 @@ class CredentialController(Controller):
                                    "this one was not")
         return Response({"credential_id": credential_id, "name": name, "role": role, "nkey": nkey, "seed": seed,
                          "servers": public_servers(site.nats_url), "site": site.id,
-                         "may": usage(site.id, name)}, status_code=201)
+                         "inbox_prefix": subscriber_inbox(name), "may": usage(site.id, name)}, status_code=201)
 
     @delete("/{credential_id:str}", operation_id="revokeCredential", opt={"roles": ADMIN}, status_code=200)
     async def revoke_credential(self, request: Request, credential_id: str) -> dict[str, Any]:

@@ -334,7 +334,7 @@ export function mount(main, ctx) {
     const name = h('input', { type: 'text', autocomplete: 'off', maxlength: 64, pattern: '[A-Za-z0-9_-]+' });
     const out = h('div', { 'aria-live': 'polite' });
     const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Add an event subscriber'),
-      h('div', { class: 'grid' }, field('Name', name, 'Letters, digits, “_” and “-”, e.g. “jamf-sync”. Its durable consumer must have this name.').row),
+      h('div', { class: 'grid' }, field('Name', name, 'Letters, digits, “_” and “-”, e.g. “jamf-sync”. Its consumers must have this name.').row),
       h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Create credential')), out);
     form.addEventListener('submit', async (e) => {
       e.preventDefault();
@@ -348,8 +348,8 @@ export function mount(main, ctx) {
         const file = URL.createObjectURL(new Blob([`${c.seed}\n`], { type: 'text/plain' }));
         replace(out, secretBox(`NATS seed of “${c.name}”`, c.seed,
           `Copy it now or save it as a file: it is shown only once. Broker: ${c.servers.join(', ')}. ` +
-          `nats-py: nats.connect(url, nkeys_seed_str=seed); NATS CLI: nats --nkey ${c.name}.nk. ` +
-          `It may subscribe to odst.*.ev.> and read EVENTS and PEER_<site> through a consumer named “${c.name}” or an ephemeral one; nothing else.`),
+          `nats-py: nats.connect(url, nkeys_seed_str=seed, inbox_prefix="${c.inbox_prefix}"); NATS CLI: nats --nkey ${c.name}.nk --inbox-prefix ${c.inbox_prefix}. ` +
+          `It may subscribe to odst.*.ev.> and ${c.inbox_prefix}.> (its replies) and read EVENTS and PEER_<site> through one consumer per stream named “${c.name}” (pull, or push to ${c.inbox_prefix}.…); nothing else.`),
           h('p', {}, h('a', { href: file, download: `${c.name}.nk` }, `Save ${c.name}.nk`)));
         loadCredentials();
       } catch (err) {
