@@ -95,7 +95,7 @@ def test_a_cut_log_is_a_503_an_alert_an_audit_failure_and_a_refused_rebuild(make
     else:
         assert "max_age" in reason and "ends at seq 0" in reason, reason
     # ... in /metrics, in the log at error level, and queued for notification
-    metrics = httpx.get(f"{site.url}/metrics").text
+    metrics = site.client().get("/metrics").text
     assert re.search(r'^odst_event_log_intact\{stream="EVENTS"\} 0\.0$', metrics, re.M), metrics
     assert re.search(r"error.*event log alert|event log alert.*error", site.log()), site.log()
     alerts = sqlite3.connect(site.data / "alerts.sqlite").execute("SELECT stream, reason FROM alerts").fetchall()
@@ -210,7 +210,7 @@ def test_junk_is_bounded_reported_and_never_fails_the_audit(make_site):
     assert rows + dropped == len(seqs)
     oldest = db.execute("SELECT min(stream_seq) FROM quarantine").fetchone()[0]
     assert oldest > min(seqs), "the oldest junk goes first"
-    assert re.search(r'^odst_quarantine_dropped_total\{stream="EVENTS"\} [1-9]', httpx.get(f"{site.url}/metrics").text,
+    assert re.search(r'^odst_quarantine_dropped_total\{stream="EVENTS"\} [1-9]', site.client().get("/metrics").text,
                      re.M)
 
     for state in ("running", "stopped"):
