@@ -127,7 +127,7 @@ class LogAccess:
                 raise BrokerUnreachable(f"could not start the site's broker: {exc}") from None
         self.running = info is not None
         try:
-            self.nc = await connect(self.url, seed=seed, name="odst-audit", max_reconnect_attempts=3,
+            self.nc = await connect(self.url, seed=seed, site=self.key.site_id, name="odst-audit", max_reconnect_attempts=3,
                                     error_cb=self._broker_error)
         except (nats.errors.Error, OSError) as exc:
             raise BrokerUnreachable(f"the broker at {self.url} does not answer: {type(exc).__name__}: "

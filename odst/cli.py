@@ -131,7 +131,7 @@ def cmd_serve(args, roles=None) -> int:
                   f"{f', {settings.http_workers} gateway processes' if helpers else ''})",
                   file=sys.stderr, flush=True)
             await server.serve(sockets=[sock])
-            return 0 if server.started else 1
+            return site.exit_code or (0 if server.started else 1)
         except OSError as exc:
             print(f"odst: cannot listen on {settings.http}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -193,8 +193,9 @@ async def _run_until_signalled(site) -> int:
     print(f"odst: site {site.id} running {'+'.join(sorted(site.roles))} (data {site.settings.data})",
           file=sys.stderr, flush=True)
     try:
+        site.on_fatal = stop.set
         await stop.wait()
-        return 0
+        return site.exit_code
     finally:
         await site.close()
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import sqlite3
 import sys
 import time
@@ -21,6 +22,7 @@ import structlog
 from odst.bus import authorization as authz
 from odst.bus import connect, until_ready
 from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
+from odst.bus.guard import ConsumerGuard
 from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed, \
     user_public_key
 from odst.config import Settings
@@ -131,6 +133,7 @@ class Site:
         self.nats_url = ""
         self._client_nkey = ""
         self._applicants: dict[str, float] = {}  # NKey -> monotonic expiry (admit_applicant)
+        self.guard = None  # projector role: deletes consumers that aim the event log elsewhere
         self.lock = DataDirLock(self.data)
         self.printed_token: str | None = None
         self.linker = None
@@ -146,6 +149,7 @@ class Site:
         self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
         self.exit_code = 0  # non-zero when the site stopped itself (its broker cannot be kept up)
+        self.on_fatal = None  # how a role without HTTP is told to stop (odst.cli)
         self.stopping = asyncio.Event()  # set when shutdown begins: long-lived responses end
 
     @property
@@ -199,10 +203,9 @@ class Site:
                 run_dir(self.data))
             self.nats_url = self.broker.start()
             self._client_nkey = public_key_of_seed(seed)
-        self.nc = await connect(self.nats_url, seed=seed,
+        self.nc = await connect(self.nats_url, seed=seed, site=self.key.site_id,
                                 name=f"odst-{self.key.site_id}-{'+'.join(sorted(self.roles))}",
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                inbox_prefix=authz.inbox_prefix(self.key.site_id))
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         self.js = self.nc.jetstream(timeout=10)
         if self.settings.nats:
             info = await until_ready(self.js.account_info, timeout=90)
@@ -242,6 +245,8 @@ class Site:
             await self.linker.sync()
             self.sync_authorization()
             self._tasks.append(asyncio.create_task(self._link_peers(), name="linker"))
+            self.guard = await ConsumerGuard(self.nc, self.js, self.id,
+                                             lambda: [s.name for s in views.nats_subscribers(self.reader)]).start()
         if self.broker is not None:
             self._tasks.append(asyncio.create_task(self._supervise_broker(), name="broker-supervisor"))
         else:
@@ -335,8 +340,10 @@ class Site:
                 log.error("the embedded broker cannot be kept running; stopping the site")
                 self.exit_code = 1
                 self.begin_stop()
-                import signal
-                os.kill(os.getpid(), signal.SIGTERM)
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                else:  # the HTTP server stops on SIGTERM, as it would for systemd's stop
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 8.0)
@@ -458,6 +465,8 @@ class Site:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.notifier:
             await self.notifier.stop()
+        if self.guard:
+            await self.guard.stop()
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):

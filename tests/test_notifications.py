@@ -255,12 +255,12 @@ def test_email_digest_is_one_mail_for_twenty_uploads(make_site, smtp):
 
 
 def test_quarantined_message_is_a_webhook(make_site, receiver):
-    from tests.test_audit import publish, site_info
+    from tests.test_audit import publish
     site = make_site(env=FAST_RETRY).start()
     with site.client() as c:
         hook = subscribe(c, receiver.url(), ["MessageQuarantined"])
         site_id = c.get("/api/v1/site").json()["site"]
-        seq = publish(site_info(site.data)["nats"], f"odst.{site_id}.ev.PackageUploaded", b"not signed at all")
+        seq = publish(site.data, f"odst.{site_id}.ev.PackageUploaded", b"not signed at all")
         got = wait_until(lambda: receiver.got(ok=True), 30, what="the quarantine webhook")
     body = json.loads(got[0]["body"])
     assert documented_verifier()(hook["secret"], got[0]["headers"]["X-ODST-Signature"], got[0]["body"])

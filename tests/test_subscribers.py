@@ -570,7 +570,10 @@ def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anyw
 def test_a_subscribers_consumer_cannot_deliver_into_the_sites_own_services(make_site, tmp_path):
     """A push consumer's deliver_group joins a queue group: pointed at the site's chunk and
     registration services, JetStream would hand them the log as requests from the site's own
-    account, subjects the subscriber may not publish to."""
+    account, subjects the subscriber may not publish to. The services' queue groups have
+    names only the site knows, and the site deletes such a consumer (its consumer guard)."""
+    import nats.js.errors
+
     from tests.conftest import site_nats
 
     site, url, seeds = _start_with_two_services(make_site, tmp_path)
@@ -580,29 +583,34 @@ def test_a_subscribers_consumer_cannot_deliver_into_the_sites_own_services(make_
         nc = await _connect(url, seeds["feed"], "feed")
         own = await site_nats(site.data)
         own_js = own.jetstream(timeout=5)
-        delivered = {}
+        delivered, removed = {}, {}
         for target, group in ((f"odst.{site_id}.chunk", "chunk"), (f"odst.{site_id}.rpc.register", "register")):
             body = {"stream_name": "EVENTS", "config": {"name": "feed", "durable_name": "feed", "ack_policy": "none",
                                                         "deliver_subject": target, "deliver_group": group}}
             answer = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed",
                                                   json.dumps(body).encode(), timeout=5)).data)
             if "error" in answer:
-                delivered[target] = 0
+                delivered[target], removed[target] = 0, True
                 continue
-            # an absence has no moment to wait for: watch the consumer for a while
-            deadline = asyncio.get_running_loop().time() + 3
-            seq = 0
-            while asyncio.get_running_loop().time() < deadline and not seq:
-                seq = (await own_js.consumer_info("EVENTS", "feed")).delivered.stream_seq
-                await asyncio.sleep(0.1)
-            delivered[target] = seq
-            await own_js.delete_consumer("EVENTS", "feed")
+            # until the guard deletes it, watch what it delivered (poll with a deadline)
+            deadline = asyncio.get_running_loop().time() + 30
+            seq, gone = 0, False
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    seq = max(seq, (await own_js.consumer_info("EVENTS", "feed")).delivered.stream_seq)
+                except nats.js.errors.NotFoundError:
+                    gone = True
+                    break
+                await asyncio.sleep(0.05)
+            delivered[target], removed[target] = seq, gone
         await nc.close()
         await own.close()
-        return delivered
-    delivered = asyncio.run(story())
+        return delivered, removed
+    delivered, removed = asyncio.run(story())
     assert delivered == {f"odst.{site_id}.chunk": 0, f"odst.{site_id}.rpc.register": 0}, \
         f"events delivered into the site's own services by a subscriber's consumer (up to stream seq): {delivered}"
+    assert all(removed.values()), f"the site kept a consumer aimed at its own services: {removed}"
+    assert "deleted a consumer that aimed the log elsewhere" in site.log()
     assert "unsigned peer request" not in site.log()
 
 

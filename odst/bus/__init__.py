@@ -6,14 +6,19 @@ def server_list(urls: str) -> list[str]:
     return [u.strip() for u in urls.split(",") if u.strip()]
 
 
-async def connect(servers: str, *, seed: str | None = None, name: str = "odst", **kw):
+async def connect(servers: str, *, seed: str | None = None, site: str = "", name: str = "odst", **kw):
     """Connect to NATS as one identity: ``seed`` is a NATS user seed ('SU…'), or None for a
-    server without authentication (only a test's bare nats-server)."""
+    server without authentication (only a test's bare nats-server). A site's own processes
+    pass ``site``: their replies then use its own inbox prefix, which no peer is sent."""
     import nats
+
+    from odst.bus.authorization import inbox_prefix
 
     opts = {"connect_timeout": 5, **kw}
     if seed:
         opts["nkeys_seed_str"] = seed
+    if site:
+        opts["inbox_prefix"] = inbox_prefix(site)
     return await nats.connect(servers=server_list(servers), name=name, **opts)
 
 
@@ -24,10 +29,12 @@ async def connect_as_site(data, url: str | None = None, **kw):
     from pathlib import Path
 
     from odst.bus.identity import client_seed_path, read_seed
+    from odst.events.signing import SiteKey
     data = Path(data)
     url = url or json.loads((data / "run" / "site.json").read_text())["nats"]
     path = client_seed_path(data)
-    return await connect(url, seed=read_seed(path) if path.exists() else None, name="odst-tool", **kw)
+    site = SiteKey.load_or_create(data / "site.key").site_id
+    return await connect(url, seed=read_seed(path) if path.exists() else None, site=site, name="odst-tool", **kw)
 
 
 NO_SUITABLE_PEERS = 10005  # a cluster still forming: not enough JetStream servers yet

@@ -46,7 +46,12 @@ class NatsService:
         self._sub = None
 
     async def start(self) -> None:
-        self._sub = await self.site.nc.subscribe(self.subject, queue=self.queue, cb=self._on_request)
+        # The queue group's name is a secret of the site's: a consumer on the event log whose
+        # deliver_group names it would hand the log to this service as requests (NATS
+        # permissions see subjects, not consumer configurations); a name no one else can
+        # know leaves such a consumer with no one to deliver to.
+        queue = self.site.key.derive(f"queue:{self.queue}".encode()).hex()[:24] if self.queue else ""
+        self._sub = await self.site.nc.subscribe(self.subject, queue=queue, cb=self._on_request)
 
     async def stop(self) -> None:
         if self._sub is not None:
