@@ -24,7 +24,7 @@ import nats.js.errors
 
 from odst.bus import connect, until_ready
 from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
-from odst.bus.identity import client_seed_path, public_key_of_seed, read_seed
+from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed
 from odst.config import Settings
 from odst.events.log import EVENTS_STREAM, expected_settings, read_stream
 from odst.events.signing import SiteKey
@@ -115,8 +115,10 @@ class LogAccess:
             except SiteBusy as exc:  # a site starting or stopping on it right now
                 self.lock = None
                 raise BrokerUnreachable(str(exc)) from None
-            # only the site's own client key may use the broker we start
-            auth = (f'authorization {{ users: [ {{ nkey: "{public_key_of_seed(seed)}" }} ] }}' if seed else "")
+            # only the site's own client key may use the broker we start (made now if this data
+            # directory lost it, as before `odst recover`)
+            seed = load_or_create_client_seed(self.data)
+            auth = f'authorization {{ users: [ {{ nkey: "{public_key_of_seed(seed)}" }} ] }}'
             self.broker = EmbeddedBroker(
                 BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats",
                              sync_interval=self.settings.sync_interval, extra=auth),
