@@ -281,12 +281,13 @@ def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
 
 
 def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:
-    """Peers whose log diverged from this site's mirror of it and has not matched since:
-    peer site id -> the reason this site recorded (its latest PeerLogDiverged)."""
+    """Peers whose log diverged from this site's mirror of it and has not matched since (nor
+    been removed by an admin): peer site id -> the reason recorded (its latest PeerLogDiverged)."""
     out: dict[str, str] = {}
     for row in conn.execute(
             "SELECT subject_name, type, payload FROM events WHERE origin=? AND type IN"
-            " ('PeerLogDiverged', 'PeerLogRestored') ORDER BY position", (site,)):
+            " ('PeerLogDiverged', 'PeerLogRestored') AND subject_name NOT IN (SELECT site FROM removals)"
+            " ORDER BY position", (site,)):
         if row["type"] == "PeerLogRestored":
             out.pop(row["subject_name"], None)
         else:
