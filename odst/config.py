@@ -24,6 +24,9 @@ class Settings:
     data: Path = Path("./odst-data")
     http: str = "127.0.0.1:8080"
     http_workers: int = 1  # odst serve: gateway processes sharing the HTTP port (downloads use one core each)
+    http_max_header_bytes: int = 64 * 1024  # a request head (request line + header fields) larger: 431
+    http_header_timeout_s: float = 10.0  # a request head not complete this long after connecting: closed
+    http_keepalive_s: int = 30  # an idle kept-alive connection is closed after this long
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
@@ -118,6 +121,12 @@ class Settings:
             raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
         if not 1 <= self.http_workers <= 64:
             raise ConfigError("http_workers must be between 1 and 64")
+        if not 8 * 1024 <= self.http_max_header_bytes <= 1 << 20:
+            raise ConfigError("http_max_header_bytes must be between 8192 and 1048576")
+        if not 0 < self.http_header_timeout_s <= 300:
+            raise ConfigError("http_header_timeout_s must be more than 0 and at most 300")
+        if not 1 <= self.http_keepalive_s <= 3600:
+            raise ConfigError("http_keepalive_s must be between 1 and 3600")
         if self.stream_replicas not in (1, 3, 5):
             raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
         if self.stream_replicas > 1 and not self.nats:
