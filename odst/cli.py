@@ -101,6 +101,7 @@ def cmd_serve(args, roles=None) -> int:
                          leaf_remotes=args.leaf_remote or None, public_url=args.public_url,
                          accept_stages=args.accept_stage or None)
     configure(settings.log_format, settings.log_level)
+    _private_data_dir(settings.data)
 
     async def main() -> int:
         site = Site(settings)
@@ -151,6 +152,26 @@ def _http_protocol(settings):
     from odst.gateway.protocol import GuardedHttpToolsProtocol, HeadLimits
     return functools.partial(GuardedHttpToolsProtocol, limits=HeadLimits(
         max_bytes=settings.http_max_header_bytes, timeout_s=settings.http_header_timeout_s))
+
+
+def _private_files() -> None:
+    """Whatever umask ODST is started with, what it creates is its user's alone: files 0600,
+    directories 0700. The data directory holds the site key, credentials, the log and the read
+    model; nats-server and gateway helpers, our children, inherit the umask too."""
+    import os
+    os.umask(os.umask(0o077) | 0o077)
+
+
+def _private_data_dir(data: Path) -> None:
+    """A data directory made by an older ODST, an installer or systemd's StateDirectory may be
+    open to others: close it, and the embedded broker's store, before the site opens them."""
+    for d in (Path(data), Path(data) / "nats"):
+        try:
+            if d.is_dir() and d.stat().st_mode & 0o077:
+                d.chmod(0o700)
+        except OSError as exc:
+            print(f"odst: warning: cannot make {d} private (mode 0700): {exc.strerror or exc}",
+                  file=sys.stderr)
 
 
 def _listen(host: str, port: int):
@@ -601,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _private_files()
     args = build_parser().parse_args(argv)
     if hasattr(args, "server") and args.server is None:
         import os

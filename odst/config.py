@@ -27,6 +27,7 @@ class Settings:
     http_max_header_bytes: int = 64 * 1024  # a request head (request line + header fields) larger: 431
     http_header_timeout_s: float = 10.0  # a request head not complete this long after connecting: closed
     http_keepalive_s: int = 30  # an idle kept-alive connection is closed after this long
+    metrics_public: bool = False  # GET /metrics without credentials; false: an API token (any role) or a session
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)

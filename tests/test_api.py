@@ -783,7 +783,9 @@ def test_metrics_in_prometheus_format(site, tmp_path):
         assert c.put("/api/v1/packages/m.pkg", content=b"x" * 5000).status_code == 200
     assert httpx.get(f"{site.url}/Packages/m.pkg").status_code == 200
     assert httpx.get(f"{site.url}/Packages/none.pkg").status_code == 404
-    r = httpx.get(f"{site.url}/metrics")
+    assert httpx.get(f"{site.url}/metrics").status_code == 401  # an API token of any role (metrics_public)
+    with site.client() as c:
+        r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     for line in ['odst_uploads_total{result="published"} 1.0', 'odst_uploads_total{result="identical"} 1.0',

@@ -9,11 +9,14 @@ must not be able to read the data directory, whatever umask the site was started
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import stat
 import time
 
 import httpx
 
+from tests.conftest import wait_until
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
 MiB = 1 << 20
@@ -194,3 +197,55 @@ def test_400_hostile_connections_leave_memory_bounded_and_are_all_closed(site):
     # before: 20 unfinished 64 MiB headers alone took the gateway from 83 to 1,363 MiB
     assert peak[0] < 250, f"gateway RSS {baseline:.0f} -> {peak[0]:.0f} MiB"
     assert httpx.get(f"{site.url}/healthz").status_code == 200
+
+
+def test_data_directory_and_secrets_are_private_whatever_the_umask(make_site):
+    site = make_site(env={"ODST_ADMIN_TOKEN": ""})  # so the token is generated into admin-token
+    old = os.umask(0)
+    try:
+        site.data.mkdir(mode=0o777)  # as an older version or an installer might have left it
+        assert stat.S_IMODE(site.data.stat().st_mode) == 0o777
+        site.start()
+    finally:
+        os.umask(old)
+    token = (site.data / "admin-token").read_text().strip()
+    with site.client(token=token) as c:
+        assert c.put("/api/v1/packages/private.pkg", content=b"p" * 5000).status_code == 201
+    wait_until(lambda: (site.data / "store" / "packages" / "private.pkg").exists(), 10, what="the package file")
+
+    # every file and directory below is checked; these at least must be there
+    named = ["read-model.sqlite", "sessions.sqlite", "nats", "run/site.json", "admin-token", "admin-password",
+             "site.key", "store", "store/packages", "store/packages/private.pkg"]
+    for name in named:
+        assert (site.data / name).exists(), name
+    open_to_others = []
+    for root, dirs, files in os.walk(site.data):
+        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+            try:
+                mode = stat.S_IMODE(os.lstat(name).st_mode)
+            except FileNotFoundError:  # a broker temp file, gone meanwhile
+                continue
+            if mode & 0o077:
+                open_to_others.append(f"{oct(mode)} {os.path.relpath(name, site.data)}")
+    assert not open_to_others, open_to_others
+    assert stat.S_IMODE(site.data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((site.data / "store/packages/private.pkg").stat().st_mode) == 0o600
+
+
+def test_metrics_need_a_token_unless_made_public(make_site):
+    site = make_site().start()
+    assert httpx.get(f"{site.url}/metrics").status_code == 401
+    assert httpx.get(f"{site.url}/metrics", headers={"Authorization": "Bearer not-a-token"}).status_code == 401
+    with site.client() as admin:
+        r = admin.post("/api/v1/tokens", json={"name": "prometheus", "role": "auditor"})
+        assert r.status_code == 201, r.text
+        scraper = r.json()["token"]
+        assert admin.get("/metrics").status_code == 200
+    r = httpx.get(f"{site.url}/metrics", headers={"Authorization": f"Bearer {scraper}"})
+    assert r.status_code == 200 and "odst_packages" in r.text
+    site.stop()
+
+    public = make_site("public", env={"ODST_METRICS_PUBLIC": "true"}).start()
+    r = httpx.get(f"{public.url}/metrics")
+    assert r.status_code == 200 and "odst_packages" in r.text
+    assert httpx.get(f"{public.url}/api/v1/packages").status_code == 401  # only /metrics is opened

@@ -71,9 +71,12 @@ def create_app(site: Site) -> Litestar:
 
     render_metrics = make_metrics(site)
 
-    @get("/metrics", operation_id="metrics", media_type="text/plain")
+    # Counts, lags, peer ids and alerts tell an outsider the site's shape and state: an API
+    # token of any role (a scraper gets an auditor token) unless the operator makes it public.
+    @get("/metrics", operation_id="metrics", media_type="text/plain", guards=[auth_guard],
+         opt={"public": site.settings.metrics_public})
     async def metrics() -> Response[bytes]:
-        """Prometheus metrics (no credentials: counts and lags only)."""
+        """Prometheus metrics: `Authorization: Bearer <API token>` of any role, unless metrics_public."""
         body, content_type = await render_metrics()
         return Response(body, media_type=content_type)
 

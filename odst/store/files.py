@@ -6,6 +6,9 @@ Layout under the store root::
     packages/<name>          verified packages: the public distribution directory
 
 Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir.
+
+Both directories are 0700 and package files 0600, owned by ODST's user: a front end that
+serves packages/ itself (deploy/nginx/odst.conf) runs as that same user.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from odst.store.manifest import CHUNK_SIZE, Manifest
 log = structlog.get_logger("odst.store")
 
 MAX_INFLIGHT_BLOCKS = 8
+PACKAGE_MODE = 0o600
 
 
 class StoreFull(Exception):
@@ -42,8 +46,10 @@ class Store:
         self.packages = self.root / "packages"
 
     def ensure(self) -> None:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.packages.mkdir(parents=True, exist_ok=True)
+        for d in (self.tmp, self.packages):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if d.stat().st_mode & 0o077:  # made by an older ODST, or by hand
+                d.chmod(0o700)
 
     def path(self, name: str) -> Path:
         return self.packages / name
@@ -83,6 +89,7 @@ class Store:
     def publish(self, temp: Path, name: str) -> Path:
         """Move a complete, fsynced temp file to packages/<name>; never overwrites."""
         dest = self.path(name)
+        os.chmod(temp, PACKAGE_MODE)  # whoever wrote it, and under whatever umask
         os.link(temp, dest)  # FileExistsError if a file is already published there
         os.unlink(temp)
         _fsync_dir(self.packages)
@@ -91,6 +98,7 @@ class Store:
     def replace(self, temp: Path, name: str) -> Path:
         """Atomically put a verified temp file at packages/<name>, replacing what was there."""
         dest = self.path(name)
+        os.chmod(temp, PACKAGE_MODE)
         os.replace(temp, dest)
         _fsync_dir(self.packages)
         return dest
@@ -152,7 +160,7 @@ class StreamingUpload:
     def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE):
         self.path = Path(path)
         self.chunk_size = chunk_size
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
         self._buf: list[bytes] = []
         self._buffered = 0
         self._pending: deque[tuple[asyncio.Future, ...]] = deque()
