@@ -244,6 +244,17 @@ def cmd_site_id(args) -> int:
     return 0
 
 
+def cmd_nats_config(args) -> int:
+    from odst.bus.external import NatsConfigError, write_nats_config
+    try:
+        written = write_nats_config(_settings(args), Path(args.out), args.route or [])
+    except NatsConfigError as exc:
+        print(f"odst: {exc}", file=sys.stderr)
+        return 2
+    print(f"site {written.site}: {written.users} NATS users; wrote " + ", ".join(str(f) for f in written.files))
+    return 0
+
+
 def cmd_upload(args) -> int:
     from odst.client import Client
     path = Path(args.file)
@@ -505,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "an external NATS needs it as its JetStream domain")
     _site_flags(p)
     p.set_defaults(func=cmd_site_id)
+
+    p = sub.add_parser("nats-config", help="write the files a NATS server ODST does not run includes (site id, "
+                                           "users, leaf identity, route credential; deploy/nats/*.conf)")
+    _site_flags(p)
+    p.add_argument("--out", required=True, help="directory the NATS config includes them from, e.g. /etc/nats/site")
+    p.add_argument("--route", action="append", metavar="URL",
+                   help="a cluster node's route URL nats-route://HOST:6222 (repeatable: every node, itself "
+                        "included): writes cluster.conf with the route credential")
+    p.set_defaults(func=cmd_nats_config)
 
     p = sub.add_parser("upload", help="upload a package to a running site, with progress")
     _client_flags(p)

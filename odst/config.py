@@ -30,6 +30,7 @@ class Settings:
     metrics_public: bool = False  # GET /metrics without credentials; false: an API token (any role) or a session
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
+    nats_auth_file: str = ""  # with nats: the auth.conf from `odst nats-config` the server includes; the projector keeps it current
     nats_listen: str = "127.0.0.1:-1"  # embedded broker's client address (-1: any free port)
     store: str = ""  # package store directory; empty: <data>/store
     site_name: str = ""

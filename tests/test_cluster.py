@@ -1,6 +1,8 @@
-"""A site whose event log lives on a 3-node NATS JetStream cluster with R3 streams:
-a node killed during uploads, and another during a pull from a peer, lose nothing and
-service goes on."""
+"""A site whose event log lives on a 3-node NATS JetStream cluster with R3 streams, the
+nodes started from the shipped deploy/nats/nats-cluster.conf (authenticated routes and
+clients): a node killed during uploads, and another during a pull from a peer, lose nothing
+and service goes on; a peer registered while the site runs gets its leaf link accepted
+(the projector rewrites the users and reloads every node)."""
 
 from __future__ import annotations
 
@@ -10,41 +12,61 @@ import os
 import signal
 import subprocess
 
+import re
+from pathlib import Path
+
 import httpx
 import nats
+import nats.errors
 import pytest
 
+from odst.bus import connect
 from odst.bus.embedded import nats_server_binary
+from odst.bus.identity import client_seed_path, read_seed
 from tests.conftest import ADMIN_TOKEN, all_events, free_port, run_odst, wait_until
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def cluster(tmp_path):
+    """Three nodes started from the shipped deploy/nats/nats-cluster.conf with the includes
+    `odst nats-config` writes: routes authenticated, clients and leaf links the site's users."""
     data = tmp_path / "site"
-    site_id = run_odst("site-id", "--data", str(data)).stdout.strip()
     ports = [free_port() for _ in range(3)]
     routes = [free_port() for _ in range(3)]
-    leaf = free_port()  # node 0 also accepts leaf links from other sites
+    https = [free_port() for _ in range(3)]
+    leaf = free_port()  # node 0's leaf port: other sites dial it
+    out = run_odst("nats-config", "--data", str(data), "--out", str(tmp_path / "nodes" / "site"),
+                   *[a for r in routes for a in ("--route", f"nats-route://127.0.0.1:{r}")])
+    assert out.returncode == 0, out.stderr
+    site_id = run_odst("site-id", "--data", str(data)).stdout.strip()
+    shipped = (ROOT / "deploy" / "nats" / "nats-cluster.conf").read_text()
     nodes = {}
 
     def start(i):
-        conf = tmp_path / f"n{i}.conf"
-        others = ", ".join(f'"nats-route://127.0.0.1:{r}"' for j, r in enumerate(routes) if j != i)
-        conf.write_text(
-            f'server_name: "n{i}"\nlisten: "127.0.0.1:{ports[i]}"\nmax_payload: 8MB\n'
-            f'jetstream {{ store_dir: "{tmp_path / f"js{i}"}", domain: "{site_id}" }}\n'
-            f'cluster {{ name: "odst", listen: "127.0.0.1:{routes[i]}", routes: [ {others} ] }}\n'
-            + (f'leafnodes {{ listen: "127.0.0.1:{leaf}" }}\n' if i == 0 else ""))
+        conf = tmp_path / "nodes" / f"n{i}.conf"
+        text = shipped
+        for old, new in (('store_dir: "/data"', f'store_dir: "{tmp_path / f"js{i}"}"'),
+                         ('"0.0.0.0:4222"', f'"127.0.0.1:{ports[i]}"'), ('"0.0.0.0:8222"', f'"127.0.0.1:{https[i]}"'),
+                         ('"0.0.0.0:6222"', f'"127.0.0.1:{routes[i]}"'),
+                         ('"0.0.0.0:7422"', f'"127.0.0.1:{leaf if i == 0 else free_port()}"')):
+            assert old in text, f"nats-cluster.conf no longer has {old}"
+            text = text.replace(old, new)
+        conf.write_text(text)
         log = open(tmp_path / f"n{i}.log", "ab")
         nodes[i] = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, env={**os.environ, "NODE_NAME": f"n{i}"})
         log.close()
 
     for i in range(3):
         start(i)
     urls = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+    wait_until(lambda: all(_routes(p) == 2 for p in https), 30, what="the nodes' authenticated routes")
+    # no anonymous client, and no node without the route credential
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        asyncio.run(_anonymous(ports[0]))
     yield data, site_id, urls, nodes, start, leaf
     for p in nodes.values():
         if p.poll() is None:
@@ -56,14 +78,54 @@ def cluster(tmp_path):
             p.kill()
 
 
-def test_r3_event_log_survives_a_node_loss(cluster, make_site):
+def _routes(http_port) -> int | None:
+    """How many other nodes this node has routes to."""
+    try:
+        routes = httpx.get(f"http://127.0.0.1:{http_port}/routez", timeout=2).json()["routes"] or []
+        return len({r["remote_id"] for r in routes})  # other nodes (a pool of connections to each)
+    except httpx.HTTPError:
+        return None
+
+
+async def _anonymous(port):
+    async def quiet(exc):
+        pass
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=2, allow_reconnect=False, error_cb=quiet)
+    await nc.close()
+
+
+def test_cluster_routes_refuse_a_node_without_the_route_credential(cluster, tmp_path):
     data, site_id, urls, nodes, start, leaf = cluster
-    site = make_site("site", env={"ODST_STREAM_REPLICAS": "3"}, extra_args=["--nats", urls])
+    stranger_route, http = free_port(), free_port()
+    conf = (tmp_path / "nodes" / "n0.conf").read_text()
+    node0_route = re.search(r'listen: "127.0.0.1:(\d+)"\n  authorization', conf).group(1)
+    (tmp_path / "stranger.conf").write_text(
+        f'server_name: "stranger"\nlisten: "127.0.0.1:{free_port()}"\nhttp: "127.0.0.1:{http}"\n'
+        f'cluster {{ name: "{site_id}", listen: "127.0.0.1:{stranger_route}", '
+        f'routes: ["nats-route://127.0.0.1:{node0_route}"] }}\n')
+    log = open(tmp_path / "stranger.log", "ab")
+    p = subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "stranger.conf")], stdout=log,
+                         stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_until(lambda: "Authorization Violation" in (tmp_path / "stranger.log").read_text(errors="replace"),
+                   30, what="node 0 to refuse a route without the credential")
+        assert _routes(http) == 0
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_r3_event_log_survives_a_node_loss(cluster, make_site, tmp_path):
+    data, site_id, urls, nodes, start, leaf = cluster
+    site = make_site("site", env={"ODST_STREAM_REPLICAS": "3",
+                                  "ODST_NATS_AUTH_FILE": str(tmp_path / "nodes" / "site" / "auth.conf")},
+                     extra_args=["--nats", urls])
     site.data = data
     site.start(timeout=120)
 
     async def replicas():
-        nc = await nats.connect(urls.split(","))
+        nc = await connect(urls, seed=read_seed(client_seed_path(data)))
         try:
             info = await nc.jetstream().stream_info("EVENTS")
             return info.config.num_replicas, len(info.cluster.replicas or []) + 1
@@ -81,7 +143,7 @@ def test_r3_event_log_survives_a_node_loss(cluster, make_site):
         return hashlib.sha1(body).hexdigest()
 
     async def current():
-        nc = await nats.connect(urls.split(","))
+        nc = await connect(urls, seed=read_seed(client_seed_path(data)))
         try:
             info = await nc.jetstream().stream_info("EVENTS")
             return all(r.current for r in (info.cluster.replicas or [])) and len(info.cluster.replicas) == 2

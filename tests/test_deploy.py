@@ -25,11 +25,18 @@ import httpx
 import pytest
 import yaml
 
+import nats
+import nats.errors
+
+from odst.bus import authorization as authz
 from odst.bus.embedded import nats_server_binary
+from odst.bus.external import SYSTEM_SEED_FILE, reload_servers, render_auth, write_include, write_nats_config
+from odst.bus.identity import client_seed_path, new_user_seed, public_key_of_seed, read_seed
+from odst.events.signing import SiteKey
 from odst.cli import build_parser
 from odst.config import Settings, load
 from odst.store.files import Store
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, run_odst, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -221,39 +228,47 @@ def test_compose_roles_share_one_data_volume_and_one_nats():
     roles = {argv[0]: name for name, svc in services.items() if is_odst_service(svc)
              for argv in odst_invocations(svc)}
     assert {"projector", "gateway", "replicator"} <= set(roles)
-    volumes = {tuple(volume_mounts(services[n])) for r, n in roles.items() if r in LONG_RUNNING_ROLES}
-    assert volumes == {(("odst-data", "/data", False),)}
+    for role, name in roles.items():
+        if role in LONG_RUNNING_ROLES:
+            # the projector also keeps NATS's users (auth.conf in the nats-site volume) current
+            extra = [("nats-site", "/etc/nats/site", False)] if role == "projector" else []
+            assert volume_mounts(services[name]) == [("odst-data", "/data", False)] + extra, name
     assert services["replicator"]["deploy"]["replicas"] >= 2
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
-def test_site_id_reaches_nats_through_a_shared_volume(name):
-    """The one-shot site-id service writes site.conf where the NATS service includes it from."""
+def test_site_id_and_users_reach_nats_through_a_shared_volume(name):
+    """The one-shot site-id service runs `odst nats-config` into the volume the NATS service
+    includes site.conf and auth.conf from; the one service running the projector role may
+    rewrite auth.conf there (nats_auth_file), and nothing else writes to it."""
     services = compose(name)["services"]
     nats_services = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("nats:")}
     assert nats_services
-    for nats_name, nats in nats_services.items():
-        mounts = {target: (source, ro) for source, target, ro in volume_mounts(nats)}
+    for nats_name, nats_svc in nats_services.items():
+        mounts = {target: (source, ro) for source, target, ro in volume_mounts(nats_svc)}
         conf_source, _ = mounts["/etc/nats/nats.conf"]
         conf = (ROOT / conf_source).read_text()
-        assert re.search(r'^include "site/site.conf"', conf, re.M)
-        assert "--config" in nats["command"] and "/etc/nats/nats.conf" in nats["command"]
+        for include in ("site/site.conf", "site/auth.conf"):
+            assert re.search(rf'^include "{include}"', conf, re.M), f"{conf_source} does not include {include}"
+        assert "--config" in nats_svc["command"] and "/etc/nats/nats.conf" in nats_svc["command"]
         site_volume, ro = mounts["/etc/nats/site"]
         assert ro
-        writers = [n for n, s in services.items()
-                   if (site_volume, "/etc/nats/site", False) in volume_mounts(s)]
-        assert len(writers) == 1, f"{nats_name}: who writes {site_volume}? {writers}"
-        writer = services[writers[0]]
-        assert nats["depends_on"][writers[0]]["condition"] == "service_completed_successfully"
-        script = " ".join(writer["command"])
-        assert "odst site-id --data /data" in script and "/etc/nats/site/site.conf" in script
-        # ... from the same data volume the site's ODST services use
-        data_volume = next(s for s, t, _ in volume_mounts(writer) if t == "/data")
+        writers = {n: s for n, s in services.items() if (site_volume, "/etc/nats/site", False) in volume_mounts(s)}
+        (one_shot,) = [n for n, s in writers.items() if s.get("restart") == "no"]
+        assert nats_svc["depends_on"][one_shot]["condition"] == "service_completed_successfully"
+        script = " ".join(writers[one_shot]["command"])
+        assert "odst nats-config --data /data --out /etc/nats/site" in script
+        data_volume = next(s for s, t, _ in volume_mounts(writers[one_shot]) if t == "/data")
         users = [n for n, s in services.items() if is_odst_service(s) and s.get("restart") != "no"
                  and any(f"nats://{nats_name}:4222" in a for argv in odst_invocations(s) for a in argv)]
         assert users
-        for n in users:
+        for n in users:  # the site's roles connect with <data>/nats-client.nk from the same volume
             assert (data_volume, "/data", False) in volume_mounts(services[n])
+        keepers = [n for n in writers if n != one_shot]
+        assert len(keepers) == 1, f"{site_volume}: one projector keeps auth.conf, got {keepers}"
+        keeper = services[keepers[0]]
+        assert {argv[0] for argv in odst_invocations(keeper)} & {"projector", "serve"}
+        assert keeper["environment"]["ODST_NATS_AUTH_FILE"] == "/etc/nats/site/auth.conf"
 
 
 def test_nats_image_matches_the_nats_server_the_tests_run():
@@ -401,15 +416,14 @@ http {{
 
 # ---- NATS configs ----------------------------------------------------------------------------
 
-def nats_conf_copy(src: Path, dest: Path, **ports: int) -> Path:
-    """A runnable copy of a shipped config: the site id in site/site.conf beside it, the
-    store in dest, the compose ports (4222 client, 8222 monitoring, 7422 leaf) on loopback."""
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "site").mkdir(exist_ok=True)
-    (dest / "site" / "site.conf").write_text(f'SITE_ID: "{ports.pop("site_id", SITE_ID)}"\n')
+def nats_conf_copy(src: Path, dest: Path, routes=(), **ports: int) -> tuple[Path, str]:
+    """A runnable copy of a shipped config: site/ beside it written by `odst nats-config` from a
+    data directory of its own (dest/odst-data), the store in dest, the compose ports (4222
+    client, 8222 monitoring, 7422 leaf, 6222 routes) on loopback. (config path, site id)"""
+    written = write_nats_config(load({"data": str(dest / "odst-data")}, env={}), dest / "site", list(routes))
     text = src.read_text()
     replacements = {'store_dir: "/data"': f'store_dir: "{dest / "js"}"'}
-    for name, compose_port in (("client", 4222), ("http", 8222), ("leaf", 7422)):
+    for name, compose_port in (("client", 4222), ("http", 8222), ("leaf", 7422), ("route", 6222)):
         if name in ports:
             replacements[f'"0.0.0.0:{compose_port}"'] = f'"127.0.0.1:{ports[name]}"'
     if "hub_leaf" in ports:
@@ -419,69 +433,246 @@ def nats_conf_copy(src: Path, dest: Path, **ports: int) -> Path:
         text = text.replace(old, new)
     path = dest / src.name
     path.write_text(text)
-    return path
+    return path, written.site
 
 
 @pytest.mark.parametrize("conf", NATS_CONFS, ids=lambda p: p.name)
 def test_nats_config_is_valid(conf, tmp_path):
-    copy = nats_conf_copy(conf, tmp_path)
-    r = subprocess.run([nats_server_binary(), "-t", "-c", str(copy)], capture_output=True, text=True)
+    copy, _ = nats_conf_copy(conf, tmp_path, routes=["nats-route://127.0.0.1:6222"])
+    r = subprocess.run([nats_server_binary(), "-t", "-c", str(copy)], capture_output=True, text=True,
+                       env={**os.environ, "NODE_NAME": "n1"})
     assert r.returncode == 0, r.stdout + r.stderr
     text = conf.read_text()
     for required in ("max_payload: 8MB", "domain: $SITE_ID", "sync_interval: always",
-                     'listen: "0.0.0.0:4222"', 'http: "0.0.0.0:8222"'):
+                     'listen: "0.0.0.0:4222"', 'http: "0.0.0.0:8222"',
+                     'include "site/site.conf"', 'include "site/auth.conf"'):
         assert required in text, f"{conf.name} lacks {required}"
+    assert "no_auth_user" not in text  # no anonymous clients
+    if "remotes" in text:  # a spoke presents its site key and keeps its hub away from its internals
+        assert 'include "site/leaf.conf"' in text
+        for var in ("nkey: $LEAF_NKEY", "deny_imports: $LEAF_DENY_IMPORTS", "deny_exports: $LEAF_DENY_EXPORTS"):
+            assert var in text, f"{conf.name}: its leaf remote lacks {var}"
+    if "cluster {" in text:  # routes authenticated
+        assert 'include "site/cluster.conf"' in text
+        for var in ("user: $ROUTE_USER", "password: $ROUTE_PASSWORD", "routes: $ROUTES"):
+            assert var in text, f"{conf.name}: its cluster block lacks {var}"
 
 
-def test_nats_configs_run_as_hub_and_spoke_with_their_site_ids_as_domains(tmp_path):
-    """The shipped hub and spoke configs, started for real: each has its site id as JetStream
-    domain and 8MB max_payload, the spoke links to the hub, and the hub's JetStream answers
-    through the leaf link at $JS.<hub id>.API, which is how ODST mirrors a peer's stream."""
-    import nats
+def test_nats_config_command_writes_the_includes_private_and_stable(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "site"
+    argv = ["nats-config", "--data", str(data), "--out", str(out), "--route", "nats-route://n1:6222",
+            "--route", "nats-route://n2:6222"]
+    first = run_odst(*argv)
+    assert first.returncode == 0, first.stderr
+    site_id = run_odst("site-id", "--data", str(data)).stdout.strip()
+    assert (out / "site.conf").read_text() == f'SITE_ID: "{site_id}"\n'
+    for name in ("auth.conf", "leaf.conf", "cluster.conf"):
+        assert (out / name).stat().st_mode & 0o077 == 0, f"{name} is readable by others"
+    for name in ("nats-client.nk", "nats-system.nk", "nats-route.secret"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    client = public_key_of_seed(read_seed(client_seed_path(data)))
+    auth = (out / "auth.conf").read_text()
+    assert f'{{"nkey": "{client}"}}' in auth and "system_account: SYS" in auth
+    leaf = (out / "leaf.conf").read_text()
+    assert f'LEAF_NKEY: "{SiteKey.load_or_create(data / "site.key").nkey_seed()}"' in leaf
+    password = (data / "nats-route.secret").read_text().strip()
+    assert f"nats-route://odst-route:{password}@n2:6222" in (out / "cluster.conf").read_text()
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    assert run_odst(*argv).returncode == 0  # compose runs it at every `up`: same keys, same files
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    bad = run_odst("nats-config", "--data", str(data), "--out", str(out), "--route", "n1:6222")
+    assert bad.returncode == 2 and "nats-route://HOST:PORT" in bad.stderr
 
-    hub_id, spoke_id = "shub2345abcdefghi", "sspoke2345abcdef"
+
+async def _connect(url: str, seed: str | None = None, **kw):
+    async def quiet(exc):
+        pass
+    return await nats.connect(url, nkeys_seed_str=seed, connect_timeout=2, allow_reconnect=False,
+                              max_reconnect_attempts=0, error_cb=quiet, **kw)
+
+
+def refused(url: str, seed: str | None = None) -> bool:
+    async def attempt():
+        try:
+            nc = await _connect(url, seed)
+        except nats.errors.Error as exc:
+            return "Authorization Violation" in str(exc)
+        await nc.close()
+        return False
+    return asyncio.run(attempt())
+
+
+async def request_until_answered(nc, subject: str, timeout: float = 15) -> dict:
+    """A request through a leaf link that may still be coming up (interest not yet propagated)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return json.loads((await nc.request(subject, b"", timeout=1)).data)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{subject}: no answer through the leaf link") from None
+            await asyncio.sleep(0.1)
+
+
+async def not_answered(nc, subject: str, payload: bytes = b"") -> bool:
+    try:
+        await nc.request(subject, payload, timeout=1.5)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        return True
+    return False
+
+
+class NatsProcs:
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, conf: Path) -> subprocess.Popen:
+        with open(conf.parent / "nats.log", "wb") as log:
+            p = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=log)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(10)
+
+
+@pytest.fixture
+def nats_procs():
+    procs = NatsProcs()
+    yield procs
+    procs.stop()
+
+
+def monitor(ports, what):
+    return httpx.get(f"http://127.0.0.1:{ports['http']}/{what}", timeout=2).json()
+
+
+def leafs(ports) -> int:
+    return monitor(ports, "leafz")["leafnodes"]
+
+
+def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
+    """The shipped hub and spoke configs, started for real with what `odst nats-config` wrote:
+    each has its site id as JetStream domain and 8MB max_payload; anonymous and unknown
+    clients are refused; the hub refuses the spoke's leaf link until the spoke is among its
+    users, then (reloaded over $SYS, no restart) accepts it; the hub's JetStream answers
+    through the link as far as a peer's permissions go ($JS.<hub>.API.STREAM.INFO.EVENTS,
+    not $JS.<hub>.API.INFO or STREAM.DELETE)."""
     hub_ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
     spoke_ports = {"client": free_port(), "http": free_port()}
-    hub_conf = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", site_id=hub_id, **hub_ports)
-    spoke_conf = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke", site_id=spoke_id,
-                                hub_leaf=hub_ports["leaf"], **spoke_ports)
-    procs = []
-    for c in (hub_conf, spoke_conf):
-        with open(c.parent / "nats.log", "wb") as log:
-            procs.append(subprocess.Popen([nats_server_binary(), "-c", str(c)],
-                                          stdout=subprocess.DEVNULL, stderr=log))
-    try:
-        def varz(ports):
-            return httpx.get(f"http://127.0.0.1:{ports['http']}/varz", timeout=2).json()
+    hub_conf, hub_id = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", **hub_ports)
+    spoke_conf, spoke_id = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke",
+                                          hub_leaf=hub_ports["leaf"], **spoke_ports)
+    hub_data, spoke_data = tmp_path / "hub" / "odst-data", tmp_path / "spoke" / "odst-data"
+    hub_url, spoke_url = (f"nats://127.0.0.1:{p['client']}" for p in (hub_ports, spoke_ports))
+    hub = nats_procs.start(hub_conf)
+    nats_procs.start(spoke_conf)
 
-        def leafs(ports):
-            return httpx.get(f"http://127.0.0.1:{ports['http']}/leafz", timeout=2).json()["leafnodes"]
-        wait_until(lambda: leafs(hub_ports) == 1 and leafs(spoke_ports) == 1, 30, what="leaf link")
-        for ports, site in ((hub_ports, hub_id), (spoke_ports, spoke_id)):
-            v = varz(ports)
-            assert v["server_name"] == site
-            assert v["max_payload"] == 8 * 1024 * 1024
-            assert v["jetstream"]["config"]["domain"] == site
+    def up(ports):
+        try:
+            return monitor(ports, "varz")
+        except httpx.HTTPError:
+            return None
+    for ports, site in ((hub_ports, hub_id), (spoke_ports, spoke_id)):
+        v = wait_until(lambda: up(ports), 15, what="nats-server to serve its monitoring port")
+        assert v["server_name"] == site
+        assert v["max_payload"] == 8 * 1024 * 1024
+        assert v["jetstream"]["config"]["domain"] == site
 
-        async def hub_info_through_spoke():
-            nc = await nats.connect(f"nats://127.0.0.1:{spoke_ports['client']}")
-            try:
-                for _ in range(100):  # the leaf link carries the hub's JetStream API once up
-                    try:
-                        msg = await nc.request(f"$JS.{hub_id}.API.INFO", b"", timeout=1)
-                        return json.loads(msg.data)
-                    except Exception:
-                        await asyncio.sleep(0.1)
-                raise AssertionError("hub JetStream not reachable through the leaf link")
-            finally:
+    # no anonymous client, no unknown key, on either site
+    for url in (hub_url, spoke_url):
+        assert refused(url) and refused(url, new_user_seed())
+    assert not refused(hub_url, read_seed(client_seed_path(hub_data)))
+
+    # the spoke's link is refused while the hub does not know it (an unregistered leaf)
+    spoke_log = tmp_path / "spoke" / "nats.log"
+    wait_until(lambda: "Authorization Violation" in spoke_log.read_text(errors="replace"), 30,
+               what="the hub to refuse the unregistered spoke's leaf link")
+    assert leafs(hub_ports) == 0 and leafs(spoke_ports) == 0
+
+    # registration makes the spoke's site key a peer in the hub's users: rewritten, reloaded
+    hub_system = read_seed(hub_data / SYSTEM_SEED_FILE)
+    spoke_nkey = public_key_of_seed(SiteKey.load_or_create(spoke_data / "site.key").nkey_seed())
+    users = authz.users(hub_id, public_key_of_seed(read_seed(client_seed_path(hub_data))), [spoke_nkey], [],
+                        ["EVENTS"])
+    assert write_include(tmp_path / "hub" / "site" / "auth.conf",
+                         render_auth(hub_id, authz.render_users(users), public_key_of_seed(hub_system)))
+    assert len(asyncio.run(reload_servers(hub_url, hub_system))) == 1
+    wait_until(lambda: leafs(hub_ports) == 1 and leafs(spoke_ports) == 1, 30, what="the leaf link")
+    assert hub.poll() is None and monitor(hub_ports, "varz")["config_load_time"] != monitor(hub_ports, "varz")["start"]
+
+    async def through_the_link():
+        hub_nc = await _connect(hub_url, read_seed(client_seed_path(hub_data)))
+        spoke_nc = await _connect(spoke_url, read_seed(client_seed_path(spoke_data)),
+                                  inbox_prefix=authz.inbox_prefix(spoke_id))
+        system = await _connect(hub_url, hub_system)
+        try:
+            await hub_nc.jetstream().add_stream(name="EVENTS", subjects=[f"odst.{hub_id}.ev.>"])
+            info = await request_until_answered(spoke_nc, f"$JS.{hub_id}.API.STREAM.INFO.EVENTS")
+            assert info["config"]["name"] == "EVENTS", info
+            assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.INFO")
+            assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.STREAM.DELETE.EVENTS")
+            await hub_nc.jetstream().stream_info("EVENTS")  # still there
+            # the system user may ask for reloads, and nothing else
+            assert await not_answered(system, "$SYS.REQ.SERVER.PING.CONNZ")
+            assert await not_answered(system, f"$JS.{hub_id}.API.INFO")
+        finally:
+            for nc in (hub_nc, spoke_nc, system):
                 await nc.close()
-        info = asyncio.run(hub_info_through_spoke())
-        assert info.get("domain") == hub_id, info
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+    asyncio.run(through_the_link())
+
+
+def test_shipped_spoke_config_refuses_what_a_hostile_hub_sends(tmp_path, nats_procs):
+    """The deny lists of leaf.conf reach the spoke's remote: a hub whose users give the
+    spoke's link every right still cannot use the spoke's JetStream API or write its log."""
+    hub_ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
+    spoke_ports = {"client": free_port(), "http": free_port()}
+    hub_conf, hub_id = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", **hub_ports)
+    spoke_conf, spoke_id = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke",
+                                          hub_leaf=hub_ports["leaf"], **spoke_ports)
+    hub_data, spoke_data = tmp_path / "hub" / "odst-data", tmp_path / "spoke" / "odst-data"
+    spoke_nkey = public_key_of_seed(SiteKey.load_or_create(spoke_data / "site.key").nkey_seed())
+    hub_client = read_seed(client_seed_path(hub_data))
+    hostile = [{"nkey": public_key_of_seed(hub_client)}, {"nkey": spoke_nkey}]  # no permissions: all
+    write_include(tmp_path / "hub" / "site" / "auth.conf",
+                  render_auth(hub_id, authz.render_users(hostile),
+                              public_key_of_seed(read_seed(hub_data / SYSTEM_SEED_FILE))))
+    nats_procs.start(hub_conf)
+    nats_procs.start(spoke_conf)
+    wait_until(lambda: _leafs_or_zero(hub_ports) == 1 and _leafs_or_zero(spoke_ports) == 1, 30,
+               what="the leaf link")
+
+    async def attack():
+        hub_nc = await _connect(f"nats://127.0.0.1:{hub_ports['client']}", hub_client)
+        spoke_nc = await _connect(f"nats://127.0.0.1:{spoke_ports['client']}",
+                                  read_seed(client_seed_path(spoke_data)))
+        try:
+            await spoke_nc.jetstream().add_stream(name="EVENTS", subjects=[f"odst.{spoke_id}.ev.>"])
+            api = f"$JS.{spoke_id}.API"
+            assert (await request_until_answered(hub_nc, f"{api}.STREAM.INFO.EVENTS"))["state"]["messages"] == 0
+            for subject, body in ((f"{api}.STREAM.DELETE.EVENTS", b""), (f"{api}.STREAM.PURGE.EVENTS", b""),
+                                  (f"{api}.STREAM.UPDATE.EVENTS", json.dumps(
+                                      {"name": "EVENTS", "subjects": [f"odst.{spoke_id}.ev.>"], "max_msgs": 1}).encode()),
+                                  (f"{api}.INFO", b"")):
+                assert await not_answered(hub_nc, subject, body), subject
+            await hub_nc.publish(f"odst.{spoke_id}.ev.junk", b"junk")
+            # messages on one link keep their order: once this answer is back, the junk was handled
+            info = await request_until_answered(hub_nc, f"{api}.STREAM.INFO.EVENTS")
+            assert info["state"]["messages"] == 0 and info["config"].get("max_msgs", -1) == -1, info
+        finally:
+            await hub_nc.close()
+            await spoke_nc.close()
+    asyncio.run(attack())
+
+
+def _leafs_or_zero(ports) -> int:
+    try:
+        return leafs(ports)
+    except httpx.HTTPError:
+        return 0
 
 
 # ---- Dockerfile ------------------------------------------------------------------------------

@@ -10,14 +10,18 @@ import signal
 import subprocess
 import sys
 
+from pathlib import Path
+
 import httpx
-import nats
 import pytest
 
+from odst.bus import connect
 from odst.bus.embedded import nats_server_binary
+from odst.bus.identity import client_seed_path, read_seed
 from tests.conftest import ADMIN_TOKEN, free_port, run_odst, wait_until, write_random
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Procs:
@@ -58,25 +62,42 @@ def healthy(url):
     return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
 
 
-def test_roles_share_one_site(tmp_path, procs, make_site):
-    data = tmp_path / "site"
-    out = run_odst("site-id", "--data", str(data))
-    assert out.returncode == 0, out.stderr
-    site_id = out.stdout.strip()
-    port, leaf = free_port(), free_port()
-    (tmp_path / "nats.conf").write_text(
-        f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\nserver_name: "{site_id}"\n'
-        f'jetstream {{ store_dir: "{tmp_path / "js"}", domain: "{site_id}" }}\n'
-        f'leafnodes {{ listen: "127.0.0.1:{leaf}" }}\n')
-    procs.start("nats", [nats_server_binary(), "-c", str(tmp_path / "nats.conf")])
-    url = f"nats://127.0.0.1:{port}"
-    common = ["--data", str(data), "--nats", url]
+def shipped_nats_conf(dest: Path, **ports: int) -> Path:
+    """deploy/nats/nats.conf as compose runs it, on loopback ports, its store in dest."""
+    text = (ROOT / "deploy" / "nats" / "nats.conf").read_text()
+    for old, new in (('store_dir: "/data"', f'store_dir: "{dest / "js"}"'),
+                     ('"0.0.0.0:4222"', f'"127.0.0.1:{ports["client"]}"'),
+                     ('"0.0.0.0:8222"', f'"127.0.0.1:{ports["http"]}"'),
+                     ('"0.0.0.0:7422"', f'"127.0.0.1:{ports["leaf"]}"')):
+        assert old in text, f"nats.conf no longer has {old}"
+        text = text.replace(old, new)
+    (dest / "nats.conf").write_text(text)
+    return dest / "nats.conf"
 
-    # a gateway alone waits for a projector; a NATS with the wrong domain is refused clearly
-    wrong = run_odst("projector", "--data", str(tmp_path / "other"), "--nats", url, timeout=60)
+
+def test_roles_share_one_site(tmp_path, procs, make_site):
+    """compose.yaml's layout: the shipped nats.conf with what `odst nats-config` wrote, and the
+    roles as separate processes; a peer registered while it runs gets its leaf link accepted
+    without a restart of NATS (the projector rewrites auth.conf and reloads it over $SYS)."""
+    data = tmp_path / "site"
+    out = run_odst("nats-config", "--data", str(data), "--out", str(tmp_path / "nats" / "site"))
+    assert out.returncode == 0, out.stderr
+    site_id = run_odst("site-id", "--data", str(data)).stdout.strip()
+    ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
+    leaf = ports["leaf"]
+    nats_proc = procs.start("nats", [nats_server_binary(), "-c", str(shipped_nats_conf(tmp_path / "nats", **ports))])
+    url = f"nats://127.0.0.1:{ports['client']}"
+    common = ["--data", str(data), "--nats", url]
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{ports['http']}/healthz", timeout=2).status_code == 200, 30,
+               what="nats-server up")
+
+    # a NATS with the wrong domain is refused clearly (with a valid credential: the site's)
+    wrong = run_odst("projector", "--data", str(tmp_path / "other"), "--nats", url, timeout=60,
+                     env={"ODST_NATS_CREDENTIALS": str(client_seed_path(data))})
     assert wrong.returncode == 2 and "domain" in wrong.stderr and "site-id" in wrong.stderr
 
-    procs.start("projector", odst("projector", *common))
+    procs.start("projector", odst("projector", *common),
+                env={"ODST_NATS_AUTH_FILE": str(tmp_path / "nats" / "site" / "auth.conf")})
     g1, g2 = free_port(), free_port()
     for g in (g1, g2):
         procs.start(f"gateway-{g}", odst("gateway", *common, "--http", f"127.0.0.1:{g}"))
@@ -99,18 +120,25 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
     rep_env = {"ODST_REPLICATION_STREAMS": "1", "ODST_REPLICATION_LEASE_S": "6"}
     reps = [procs.start(f"replicator-{i}", odst("replicator", *common), env=rep_env) for i in range(2)]
 
+    def leafs():
+        return httpx.get(f"http://127.0.0.1:{ports['http']}/leafz", timeout=2).json()["leafnodes"]
     peer = make_site("peer", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}"]).start()
+    wait_until(lambda: "Authorization Violation" in (peer.data / "run" / "nats.log").read_text(errors="replace"),
+               30, what="NATS to refuse the leaf link of a site not registered yet")
+    assert leafs() == 0
     token = httpx.post(f"{u1}/api/v1/peers/invites", json={}, headers=HEADERS).json()["token"]
     with peer.client() as pc:
         joined = pc.post("/api/v1/peers/join", json={"token": token})
         assert joined.status_code == 201, joined.text
+        wait_until(lambda: leafs() == 1, 30, what="the registered peer's leaf link, after a reload")
+        assert nats_proc.poll() is None  # the same nats-server: reloaded, not restarted
         src = write_random(tmp_path / "big.pkg", 80 * (1 << 20), seed=11)
         with open(src, "rb") as f:
             assert pc.put("/api/v1/packages/big.pkg", content=f).status_code == 201
         pkg = pc.get("/api/v1/packages/big.pkg").json()
 
     async def lease_owner():
-        nc = await nats.connect(url)
+        nc = await connect(url, seed=read_seed(client_seed_path(data)))
         try:
             kv = await nc.jetstream().key_value("ODST_LEASES")
             entry = await kv.get(pkg["blake3"])
