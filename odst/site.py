@@ -311,12 +311,21 @@ class Site:
         self._applicants[nkey] = time.monotonic() + APPLICANT_S
         return not known and self.broker.reload(self._authorization(self._client_nkey))
 
+    _auth_include = None  # external NATS with nats_auth_file: odst.bus.external.AuthInclude
+
     def sync_authorization(self) -> None:
-        """Projector role with the embedded broker: peers or subscribers changed in the read
-        model -> reload the broker's users (a removed peer's leaf link is cut at once)."""
+        """Projector role: peers or subscribers changed in the read model -> reload the broker's
+        users (a removed peer's leaf link is cut at once). With a NATS server ODST does not run,
+        rewrite the auth.conf it includes (``nats_auth_file``) and ask its servers to reload."""
         if self.broker is not None and self.reader is not None:
             if self.broker.reload(self._authorization(self._client_nkey)):
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
+        elif self.settings.nats_auth_file and self.reader is not None and self._external_seed():
+            from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
+            if self._auth_include is None:
+                self._auth_include = AuthInclude(self.id, Path(self.settings.nats_auth_file), self.nats_url,
+                                                 self.data / SYSTEM_SEED_FILE)
+            self._auth_include.update(self._authorization(public_key_of_seed(self._external_seed())))
 
     async def _supervise_broker(self) -> None:
         """Restart the embedded broker when it dies (back-off 0.5 s doubling to 8 s); after
