@@ -380,7 +380,14 @@ class Network:
         """Wait until every leaf link from or to the started sites is up (seen in the dialer's
         nats.log), so that what follows does not race the link's first connection."""
         pairs = [(s, self[h]) for s in self.sites.values() for h in s.dials
-                 if s.running and self[h].running and (s in chosen or self[h] in chosen)]
+                 if s.running and self[h].running and (s in chosen or self[h] in chosen)
+                 and self._knows(self[h], s)]  # a hub refuses the leaf link of a site it does not know
+        self._wait_leaf_links(pairs, timeout)
+
+    def _knows(self, hub: Site, spoke: Site) -> bool:
+        return any(p["site"] == spoke.id for p in self.get(hub, "/api/v1/peers")["peers"])
+
+    def _wait_leaf_links(self, pairs: list[tuple[Site, Site]], timeout: float) -> None:
         for spoke, hub in pairs:
             self.wait_until(lambda: spoke.link_up_since_mark(hub), max(timeout, 5.0),
                             f"leaf link {spoke.name} -> {hub.name} to come up", sites=[spoke, hub])
@@ -541,6 +548,9 @@ class Network:
             token = self.request(a, "POST", "/api/v1/peers/invites", json={})["token"]
             out = self.request(b, "POST", "/api/v1/peers/join", json={"token": token})
             self.say(f"  {b.name} registered with {self.name_of(out['site'])} via {out.get('via')}")
+            # the hub now knows the spoke's key: its leaf link comes up (it was refused till now)
+            self._wait_leaf_links([(s, h) for s, h in ((a, b), (b, a)) if h.name in s.dials
+                                   and s.running and h.running], DEFAULT_TIMEOUT)
 
     def upload(self, site: Site | str, name: str, size: int | None = None, *, data: bytes | None = None,
                stage: str | None = None, seed: int | str | None = None, ok=(201,),

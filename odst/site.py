@@ -247,14 +247,14 @@ class Site:
             self._tasks.append(asyncio.create_task(self._link_peers(), name="linker"))
             self.guard = await ConsumerGuard(self.nc, self.js, self.id,
                                              lambda: [s.name for s in views.nats_subscribers(self.reader)]).start()
-        if self.broker is not None:
-            self._tasks.append(asyncio.create_task(self._supervise_broker(), name="broker-supervisor"))
         else:
             self.projector = ReadModelWatcher(self.js, read_model_path(self.data))
             await self.projector.wait_ready(self.key.site_id, timeout=120)
             self.reader = connect_read_model(read_model_path(self.data))
             self.log_watch = await watch_own_log(self.log, lambda: views.recorded(self.reader, EVENTS_STREAM, self.id),
                                                  data=None)
+        if self.broker is not None:
+            self._tasks.append(asyncio.create_task(self._supervise_broker(), name="broker-supervisor"))
         self.chunk_server = ChunkServer(self)
         if "replicator" in self.roles:
             await self.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
@@ -304,8 +304,8 @@ class Site:
         """This site's admin is joining an invitation from the site with this key: accept its
         leaf link (as a peer's) for APPLICANT_S, so that a firewalled inviter can be reached.
         True when the broker's users changed (its leaf link reconnects within about a second)."""
-        if self.broker is None:
-            return False
+        if self.broker is None or not self.settings.leaf_listen:
+            return False  # no one can dial us: nothing to admit
         nkey = user_public_key(bytes.fromhex(public_key_hex))
         known = nkey in self._applicants
         self._applicants[nkey] = time.monotonic() + APPLICANT_S

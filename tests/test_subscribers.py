@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import nats.js.errors
 import nats.errors
 import pytest
 from nats.js.api import ConsumerConfig
@@ -549,15 +550,19 @@ def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anyw
             answer = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed",
                                                   json.dumps(body).encode(), timeout=5)).data)
             if "error" not in answer:  # accepted (nats-server checks no rights on it): see where it lands
-                await _until(lambda: len(witnessed) >= count, 30, what=f"deliveries to {target}")
-                # an absence has no moment to wait for: watch the streams for a while
-                deadline = asyncio.get_running_loop().time() + 2
-                while asyncio.get_running_loop().time() < deadline:
+                # until the site's consumer guard deletes it, nothing it delivers may be stored
+                deadline = asyncio.get_running_loop().time() + 30
+                gone = False
+                while asyncio.get_running_loop().time() < deadline and not gone:
                     after = await _last_seqs(own_js, internal)
                     assert after == before, (f"a subscriber's consumer delivering to {target} stored messages "
                                              f"in the site's internal streams: {before} -> {after}")
-                    await asyncio.sleep(0.1)
-                assert await js.delete_consumer("EVENTS", "feed")
+                    try:
+                        await own_js.consumer_info("EVENTS", "feed")
+                        await asyncio.sleep(0.05)
+                    except nats.js.errors.NotFoundError:
+                        gone = True
+                assert gone, f"the site kept a subscriber's consumer delivering to {target}"
             await wsub.unsubscribe()
             assert await _last_seqs(own_js, internal) == before
         await nc.close()

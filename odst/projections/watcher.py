@@ -24,16 +24,24 @@ class ReadModelWatcher:
         self.error: str | None = None
         self.folder = None
 
-    async def wait_ready(self, site_id: str, timeout: float) -> None:
-        """Wait until the projector has created the read model and folded this site's first event."""
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait_ready(self, site_id: str, timeout: float, bootstrap_s: float = 30.0) -> None:
+        """Wait until the projector has created the read model, folded this site's first event
+        and, on a first start, its bootstrap admin token (a gateway answering before that would
+        refuse the token it was started with): at most ``bootstrap_s`` after the first event,
+        since a projector that finds its log damaged makes no token."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        founded_at = None
         while True:
             if self.db_path.exists():
                 try:
                     if self.conn is None:
                         self.conn = connect(self.db_path)
                     if self.conn.execute("SELECT 1 FROM sites WHERE site=?", (site_id,)).fetchone():
-                        return
+                        founded_at = founded_at or loop.time()
+                        if (self.conn.execute("SELECT 1 FROM tokens WHERE site=? LIMIT 1", (site_id,)).fetchone()
+                                or loop.time() - founded_at > bootstrap_s):
+                            return
                 except sqlite3.OperationalError:
                     pass  # schema not created yet
             if asyncio.get_running_loop().time() > deadline:
