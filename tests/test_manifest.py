@@ -1,4 +1,4 @@
-"""Chunk manifests: any size, any way the bytes are split, the same hashes as hashlib."""
+"""The one hasher (odst.store.hashing): any size, any way the bytes are split, the same hashes as hashlib."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import blake3
 from hypothesis import given, settings, strategies as st
 
 from odst.store.files import StreamingUpload
-from odst.store.manifest import CHUNK_SIZE, ManifestBuilder, chunk_count, chunk_span, manifest_of
+from odst.store.hashing import (CHUNK_SIZE, ManifestBuilder, Rechunker, WholeHash, chunk_count, chunk_ok,
+                                chunk_span, hash_file, manifest_of)
 
 SMALL_CHUNK = 64  # the same code with a small chunk keeps the properties cheap to explore
 
@@ -83,3 +84,43 @@ def test_builder_reports_running_size():
     b.update(memoryview(b"b" * 28))
     assert b.size == 128
     assert len(b.finish().chunks) == 2
+
+
+@given(st.binary(max_size=1000), st.lists(st.integers(min_value=0), max_size=20))
+def test_rechunker_gives_the_same_blocks_however_the_bytes_are_split(data, cuts):
+    r = Rechunker(SMALL_CHUNK)
+    blocks = [bytes(b) for piece in splits(data, cuts) for b in r.feed(piece)]
+    assert all(len(b) == SMALL_CHUNK for b in blocks)
+    assert r.buffered == len(data) % SMALL_CHUNK
+    rest = r.rest()
+    assert blocks + ([rest] if rest else []) == [data[i:i + SMALL_CHUNK] for i in range(0, len(data), SMALL_CHUNK)]
+    assert r.buffered == 0 and r.rest() == b""
+
+
+@given(st.binary(max_size=1000), st.lists(st.integers(min_value=0), max_size=20))
+def test_whole_hash_matches_hashlib_however_the_bytes_are_split(data, cuts):
+    whole = WholeHash()
+    for piece in splits(data, cuts):
+        whole.update(piece)
+    assert (whole.size, whole.sha1, whole.blake3) == (len(data), hashlib.sha1(data).hexdigest(),
+                                                      blake3.blake3(data).hexdigest())
+
+
+@given(st.binary(min_size=1, max_size=200), st.integers(min_value=0, max_value=199))
+def test_chunk_check_takes_the_chunk_and_refuses_a_changed_or_cut_one(data, at):
+    sha1 = hashlib.sha1(data).hexdigest()
+    assert chunk_ok(data, len(data), sha1)
+    at %= len(data)
+    flipped = data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+    assert not chunk_ok(flipped, len(data), sha1)
+    assert not chunk_ok(data[:at], len(data), hashlib.sha1(data[:at]).hexdigest())  # short, though self-consistent
+
+
+@settings(max_examples=25)
+@given(st.binary(max_size=3000), st.integers(min_value=1, max_value=700))
+def test_hash_file_matches_the_manifest_whatever_the_read_size(tmp_path_factory, data, read_size):
+    path = tmp_path_factory.mktemp("f") / "pkg"
+    path.write_bytes(data)
+    whole = hash_file(path, read_size)
+    m = manifest_of([data], SMALL_CHUNK)
+    assert (whole.size, whole.sha1, whole.blake3) == (m.size, m.sha1, m.blake3)

@@ -12,7 +12,7 @@ import pytest
 
 from odst.replicator.puller import Puller, TransferFailed, Want
 from odst.replicator.transport import ChunkUnavailable, TransportFailed
-from odst.store.manifest import manifest_of
+from odst.store.hashing import manifest_of
 
 CHUNK = 1024
 

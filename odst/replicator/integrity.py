@@ -9,25 +9,14 @@ copy from the sites that hold one.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
-import blake3 as blake3_mod
 import structlog
 
 from odst.events import catalogue as ev
 from odst.projections import views
+from odst.store.hashing import hash_file
 
 log = structlog.get_logger("odst.integrity")
-
-
-def _hash_file(path) -> tuple[int, str, str]:
-    sha1, b3, size = hashlib.sha1(), blake3_mod.blake3(), 0
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(4 << 20):
-            sha1.update(block)
-            b3.update(block)
-            size += len(block)
-    return size, sha1.hexdigest(), b3.hexdigest()
 
 
 async def verify_store(site, *, actor: str, repair: bool = True) -> dict:
@@ -39,12 +28,12 @@ async def verify_store(site, *, actor: str, repair: bool = True) -> dict:
         path = site.store.path(name)
         report["checked"] += 1
         try:
-            size, sha1, b3 = await asyncio.to_thread(_hash_file, path)
+            whole = await asyncio.to_thread(hash_file, path)
         except FileNotFoundError:
             report["missing"].append(name)
             reason = "stored file is missing"
         else:
-            if (size, sha1, b3) == (pkg["size"], pkg["sha1"], pkg["blake3"]):
+            if (whole.size, whole.sha1, whole.blake3) == (pkg["size"], pkg["sha1"], pkg["blake3"]):
                 report["ok"] += 1
                 continue
             report["damaged"].append(name)

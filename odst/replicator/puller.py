@@ -12,7 +12,6 @@ is re-verified chunk by chunk and only missing or bad chunks are fetched again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import time
@@ -21,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import blake3 as blake3_mod
 import structlog
 
 from odst.replicator.transport import ChunkSource, ChunkUnavailable, TransportFailed
-from odst.store.manifest import chunk_count, chunk_span
+from odst.store.hashing import WholeHash, chunk_count, chunk_ok, chunk_span
 
 log = structlog.get_logger("odst.puller")
 
@@ -132,7 +130,7 @@ class Puller:
             self._ahead: dict[int, bytes] = {}
             self._hashed_upto = 0
             self._hash_task: asyncio.Task | None = None
-            self._sha1, self._b3 = hashlib.sha1(), blake3_mod.blake3()
+            self._whole = WholeHash()
             queue: asyncio.Queue[int] = asyncio.Queue()
             for i in range(len(w.chunks)):
                 if i not in done:
@@ -153,7 +151,7 @@ class Puller:
             await asyncio.to_thread(os.fsync, fd)
             if self._hashed_upto != len(w.chunks):
                 raise TransferFailed("internal: not every chunk was hashed")
-            sha1, b3 = self._sha1.hexdigest(), self._b3.hexdigest()
+            sha1, b3 = self._whole.sha1, self._whole.blake3
         finally:
             os.close(fd)
             self._writer.shutdown(wait=False)
@@ -170,7 +168,7 @@ class Puller:
         for i, expected in enumerate(w.chunks):
             offset, length = chunk_span(i, w.size, w.chunk_size)
             data = os.pread(fd, length, offset)
-            if len(data) == length and hashlib.sha1(data).hexdigest() == expected:
+            if chunk_ok(data, length, expected):
                 done.add(i)
         return done
 
@@ -200,11 +198,10 @@ class Puller:
             if data is None:
                 offset, length = chunk_span(i, w.size, w.chunk_size)
                 data = os.pread(fd, length, offset)
-            self._sha1.update(data)
-            self._b3.update(data)
+            self._whole.update(data)
 
     def _verify_and_write(self, fd: int, index: int, data: bytes, offset: int, length: int) -> bool:
-        if len(data) != length or hashlib.sha1(data).hexdigest() != self.want.chunks[index]:
+        if not chunk_ok(data, length, self.want.chunks[index]):
             return False
         view = memoryview(data)
         while view:

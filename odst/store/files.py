@@ -24,10 +24,9 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import blake3
 import structlog
 
-from odst.store.manifest import CHUNK_SIZE, Manifest
+from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, Rechunker
 
 log = structlog.get_logger("odst.store")
 
@@ -150,9 +149,9 @@ def _fsync_dir(path: Path) -> None:
 class StreamingUpload:
     """Write a stream to a temp file while computing its manifest, off the event loop.
 
-    Bytes arrive in pieces of any size; they are re-split into chunk-sized
-    blocks and each block goes, in order, to three single-thread executors
-    (hashlib and blake3 release the GIL on large buffers): SHA-512 | whole-file
+    Bytes arrive in pieces of any size; a hashing.Rechunker re-splits them into
+    chunk-sized blocks and each block goes, in order, to three single-thread
+    executors, one per lane of the hashing.ManifestHasher: SHA-512 | whole-file
     SHA1 + blake3 | write + chunk SHA1. At most MAX_INFLIGHT_BLOCKS blocks are in
     flight, so memory stays flat and the socket gets back-pressure.
     """
@@ -161,20 +160,12 @@ class StreamingUpload:
         self.path = Path(path)
         self.chunk_size = chunk_size
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
-        self._buf: list[bytes] = []
-        self._buffered = 0
+        self._rechunker = Rechunker(chunk_size)
+        self._hasher = ManifestHasher(chunk_size)
         self._pending: deque[tuple[asyncio.Future, ...]] = deque()
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]
-        self._sha512 = hashlib.sha512()
-        self._sha1 = hashlib.sha1()
-        self._blake3 = blake3.blake3()
-        self._chunks: list[str] = []
         self.size = 0
         self._closed = False
-
-    def _whole(self, block: bytes) -> None:
-        self._sha1.update(block)
-        self._blake3.update(block)
 
     def _write(self, block: bytes | memoryview) -> None:
         view = memoryview(block)
@@ -186,53 +177,37 @@ class StreamingUpload:
                     raise StoreFull(f"no space left on the store: {exc.strerror}") from exc
                 raise
             view = view[n:]
-        self._chunks.append(hashlib.sha1(block).hexdigest())
+        self._hasher.add_chunk(block)
 
     async def _submit(self, block: bytes | memoryview) -> None:
         loop = asyncio.get_running_loop()
         self.size += len(block)
         self._pending.append((
-            loop.run_in_executor(self._pools[0], self._sha512.update, block),
-            loop.run_in_executor(self._pools[1], self._whole, block),
+            loop.run_in_executor(self._pools[0], self._hasher.update_sha512, block),
+            loop.run_in_executor(self._pools[1], self._hasher.update_whole, block),
             loop.run_in_executor(self._pools[2], self._write, block),
         ))
         while len(self._pending) > MAX_INFLIGHT_BLOCKS:
             await asyncio.gather(*self._pending.popleft())
 
     async def feed(self, piece: bytes) -> None:
-        """Take a piece; blocks of exactly chunk_size go to the hash and write threads.
-
-        Pieces are collected in a list and joined once per block (one copy of
-        each byte on the event loop; a block is a memoryview into the join).
-        """
-        self._buf.append(piece)
-        self._buffered += len(piece)
-        while self._buffered >= self.chunk_size:
-            joined = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
-            view = memoryview(joined)
-            offset = 0
-            while len(joined) - offset >= self.chunk_size:
-                await self._submit(view[offset:offset + self.chunk_size])
-                offset += self.chunk_size
-            rest = joined[offset:]
-            self._buf = [rest] if rest else []
-            self._buffered = len(rest)
+        """Take a piece; blocks of exactly chunk_size go to the hash and write threads."""
+        for block in self._rechunker.feed(piece):
+            await self._submit(block)
 
     async def finish(self) -> Manifest:
-        if self._buffered:
-            await self._submit(b"".join(self._buf))
-            self._buf, self._buffered = [], 0
+        if rest := self._rechunker.rest():
+            await self._submit(rest)
         while self._pending:
             await asyncio.gather(*self._pending.popleft())
         await asyncio.get_running_loop().run_in_executor(self._pools[2], os.fsync, self._fd)
         self._close()
-        return Manifest(self.size, self._sha1.hexdigest(), self._sha512.hexdigest(),
-                        self._blake3.hexdigest(), self.chunk_size, tuple(self._chunks))
+        return self._hasher.manifest()
 
     @property
     def received(self) -> int:
         """Bytes taken in so far, including a chunk still being assembled."""
-        return self.size + self._buffered
+        return self.size + self._rechunker.buffered
 
     def abort_now(self) -> None:
         """Delete the temp file without waiting (the task is being cancelled)."""

@@ -1,0 +1,187 @@
+"""The one hasher: manifests, chunk checks and whole-file verification, pure over bytes and files.
+
+A manifest is what a package is known by everywhere (upload, event, pull, scrub):
+its size, SHA1 of the whole file and of every 1 MiB chunk, SHA-512 and blake3.
+
+* ``Rechunker`` re-splits pieces of any size (uvicorn hands out at most 256,000
+  bytes, sometimes tiny ones) into blocks of exactly ``chunk_size``.
+* ``ManifestHasher`` folds those blocks into a manifest. Its three lanes
+  (``update_sha512``, ``update_whole``, ``add_chunk``) share no state, so the upload
+  runs each on its own thread; ``ManifestBuilder`` runs them in line.
+* ``chunk_ok`` is the chunk check (length + SHA1) a puller applies to every chunk.
+* ``WholeHash`` / ``hash_file`` give the whole-file SHA1 + blake3 a pull and a scrub
+  compare with the manifest.
+
+Nothing here does I/O except ``hash_file``, which reads one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import blake3
+
+CHUNK_SIZE = 1 << 20  # the ODS protocol's 1 MiB chunk
+FILE_READ_SIZE = 4 << 20  # block size when re-hashing a stored file
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+
+def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_span(index: int, size: int, chunk_size: int = CHUNK_SIZE) -> tuple[int, int]:
+    """(offset, length) of chunk ``index`` of a file of ``size`` bytes."""
+    start = index * chunk_size
+    return start, max(0, min(chunk_size, size - start))
+
+
+def chunk_sha1(block: bytes | memoryview) -> str:
+    return hashlib.sha1(block).hexdigest()
+
+
+def chunk_ok(data: bytes, length: int, expected_sha1: str) -> bool:
+    """The chunk check: exactly ``length`` bytes whose SHA1 is the manifest's."""
+    return len(data) == length and chunk_sha1(data) == expected_sha1
+
+
+class Rechunker:
+    """Collect pieces of any size; hand back blocks of exactly ``chunk_size``, then the rest.
+
+    Pieces are kept in a list and joined once per block (one copy of each byte); a
+    block is a memoryview into that join.
+    """
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
+        self._buf: list[bytes] = []
+        self.buffered = 0  # bytes taken in but not handed back yet
+
+    def feed(self, piece: bytes) -> list[memoryview]:
+        """Take a piece; return the whole blocks it completes (often none)."""
+        self._buf.append(piece)
+        self.buffered += len(piece)
+        blocks: list[memoryview] = []
+        if self.buffered < self.chunk_size:
+            return blocks
+        joined = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+        view = memoryview(joined)
+        offset = 0
+        while len(joined) - offset >= self.chunk_size:
+            blocks.append(view[offset:offset + self.chunk_size])
+            offset += self.chunk_size
+        rest = joined[offset:]
+        self._buf = [rest] if rest else []
+        self.buffered = len(rest)
+        return blocks
+
+    def rest(self) -> bytes:
+        """The last, short block (empty if none); the rechunker is empty afterwards."""
+        rest = b"".join(self._buf)
+        self._buf, self.buffered = [], 0
+        return rest
+
+
+class WholeHash:
+    """SHA1 and blake3 of a whole file, fed in order: what a pull and a scrub verify."""
+
+    def __init__(self) -> None:
+        self._sha1 = hashlib.sha1()
+        self._blake3 = blake3.blake3()
+        self.size = 0
+
+    def update(self, block: bytes | memoryview) -> None:
+        self._sha1.update(block)
+        self._blake3.update(block)
+        self.size += len(block)
+
+    @property
+    def sha1(self) -> str:
+        return self._sha1.hexdigest()
+
+    @property
+    def blake3(self) -> str:
+        return self._blake3.hexdigest()
+
+
+def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE) -> WholeHash:
+    """Read a file once and hash it whole (FileNotFoundError if it is gone)."""
+    whole = WholeHash()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(read_size):
+            whole.update(block)
+    return whole
+
+
+class ManifestHasher:
+    """Fold chunk-sized blocks, in order, into a Manifest.
+
+    Three lanes with separate state, each to be called once per block in order:
+    ``update_sha512``, ``update_whole`` (SHA1 + blake3) and ``add_chunk`` (chunk SHA1).
+    A caller may run each lane on its own thread; hashlib and blake3 release the GIL
+    on large buffers.
+    """
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
+        self._sha512 = hashlib.sha512()
+        self._whole = WholeHash()
+        self._chunks: list[str] = []
+
+    def update_sha512(self, block: bytes | memoryview) -> None:
+        self._sha512.update(block)
+
+    def update_whole(self, block: bytes | memoryview) -> None:
+        self._whole.update(block)
+
+    def add_chunk(self, block: bytes | memoryview) -> None:
+        self._chunks.append(chunk_sha1(block))
+
+    def add_block(self, block: bytes | memoryview) -> None:
+        """All three lanes in line."""
+        self.update_sha512(block)
+        self.update_whole(block)
+        self.add_chunk(block)
+
+    def manifest(self) -> Manifest:
+        return Manifest(self._whole.size, self._whole.sha1, self._sha512.hexdigest(),
+                        self._whole.blake3, self.chunk_size, tuple(self._chunks))
+
+
+class ManifestBuilder:
+    """The manifest of bytes given in pieces of any size, in line: update(), then finish()."""
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
+        self._rechunker = Rechunker(chunk_size)
+        self._hasher = ManifestHasher(chunk_size)
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        for block in self._rechunker.feed(bytes(data)):
+            self._hasher.add_block(block)
+
+    def finish(self) -> Manifest:
+        if rest := self._rechunker.rest():
+            self._hasher.add_block(rest)
+        return self._hasher.manifest()
+
+
+def manifest_of(pieces: Iterable[bytes], chunk_size: int = CHUNK_SIZE) -> Manifest:
+    b = ManifestBuilder(chunk_size)
+    for p in pieces:
+        b.update(p)
+    return b.finish()
