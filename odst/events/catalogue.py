@@ -261,7 +261,3 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PeerLogDiverged,
     PeerLogRestored,
 )
-
-
-def type_name(event: Event) -> str:
-    return type(event).__name__

@@ -71,16 +71,8 @@ def unverified_body(payload: bytes) -> bytes:
     return payload[SIGNATURE_BYTES:]
 
 
-def signature_of(payload: bytes) -> bytes:
-    return payload[:SIGNATURE_BYTES]
-
-
 def chain_hash(payload: bytes) -> str:
     return blake3.blake3(payload).hexdigest()
-
-
-def to_json(envelope: Envelope) -> bytes:
-    return _encoder.encode(envelope)
 
 
 def to_builtins(envelope: Envelope) -> dict:

@@ -12,8 +12,6 @@ import json
 import sqlite3
 from dataclasses import dataclass
 
-import msgspec
-
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
@@ -415,7 +413,3 @@ def dump(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
         select = ", ".join(f'"{c}"' for c in cols)
         out[t] = sorted(tuple(r) for r in conn.execute(f'SELECT {select} FROM "{t}"'))
     return out
-
-
-def to_json(obj) -> str:
-    return msgspec.json.encode(obj).decode()
