@@ -23,6 +23,7 @@ import pytest
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.signing import SiteKey
+from odst.store.hashing import manifest_of
 from tests.conftest import all_events, run_odst, site_nats, upload_bytes as upload, wait_until
 
 MiB = 1 << 20
@@ -132,10 +133,9 @@ def test_audit_of_a_clean_site_passes_running_and_stopped(make_site):
 
 def forged_upload(site_id: str, seq: int, prev: str, key: SiteKey, name: str) -> bytes:
     body = b"forged content"
-    event = ev.PackageUploaded(name=name, size=len(body), sha1=hashlib.sha1(body).hexdigest(),
-                               sha512=hashlib.sha512(body).hexdigest(),
-                               blake3=blake3.blake3(body).hexdigest(), chunk_size=MiB,
-                               chunks=[hashlib.sha1(body).hexdigest()], stage="prod")
+    m = manifest_of([body])
+    event = ev.PackageUploaded(name=name, size=m.size, sha1=m.sha1, sha512=m.sha512, blake3=m.blake3,
+                               chunk_size=m.chunk_size, chunks=list(m.chunks), stage="prod")
     envelope = codec.Envelope(id=codec.new_event_id(), origin=site_id, seq=seq, prev=prev,
                               ts=codec.now_ms(), actor="token:attacker", event=event)
     return codec.seal(envelope, key)
