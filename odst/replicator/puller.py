@@ -1,7 +1,7 @@
 """The puller: one content from many sources, as a documented pipeline.
 
-    pick source (least busy, not failing) -> fetch chunk -> verify length + SHA1
-    -> pwrite into tmp/<blake3>.repl -> ... -> fsync -> whole-file SHA1 + blake3
+    pick source (least busy, not failing) -> fetch chunk -> verify length + SHA1 (hashing.chunk_ok)
+    -> pwrite into tmp/<blake3>.repl -> ... -> fsync -> whole-file SHA1 + blake3 (hashing.WholeHash)
     -> (caller) atomic rename into packages/ -> PackageAvailable
 
 A chunk that fails its SHA1 is dropped, the source is reported and penalised,

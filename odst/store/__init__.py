@@ -1,1 +1,1 @@
-"""The store: manifests (chunk hashes), streaming writes, and the public package directory."""
+"""The store: one hasher (manifests, chunk checks), streaming writes, and the public package directory."""
