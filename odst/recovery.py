@@ -48,8 +48,8 @@ from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.log import EVENTS_STREAM, EventLog, read_stream, site_of_subject
 from odst.events.signing import SignatureInvalid, SiteKey
-from odst.replicator.linker import mirror_name
-from odst.replicator.requests import sign_request
+from odst.peering.mirrors import mirror_name
+from odst.peering.requests import sign_request
 
 log = structlog.get_logger("odst.recovery")
 

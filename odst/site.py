@@ -219,8 +219,8 @@ class Site:
                             replicas=self.settings.stream_replicas)
         restored = await until_ready(self.log.ensure_stream, timeout=90)
         self.store.ensure()
-        from odst.replicator.linker import Linker
-        from odst.replicator.peering import RegistrationService
+        from odst.peering.mirrors import Linker
+        from odst.peering.registration import RegistrationService
         from odst.replicator.replicator import Replicator
         from odst.replicator.transport import ChunkServer
         self.linker = Linker(self)
