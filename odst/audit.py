@@ -26,11 +26,11 @@ from odst.bus import connect, until_ready
 from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
 from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed
 from odst.config import Settings
+from odst.datadir import DataDirLock, SiteBusy, key_path, read_model_path, run_dir, running_info
 from odst.events.log import EVENTS_STREAM, expected_settings, read_stream
 from odst.events.signing import SiteKey
 from odst.events.watch import Recorded, assess
 from odst.projections import apply, db, views
-from odst.site import DataDirLock, SiteBusy, key_path, read_model_path, run_dir, running_info
 
 LISTED = 20  # junk lines shown in the summary; the rest are counted
 

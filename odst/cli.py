@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 from odst import __version__
+from odst.audit import AuditError, RebuildRefused, run_audit, run_rebuild
+from odst.bus.embedded import _set_pdeathsig
+from odst.bus.external import NatsConfigError, write_nats_config
+from odst.bus.identity import write_secret
+from odst.client import Client, ClientError
 from odst.config import ConfigError, load
+from odst.datadir import SiteBusy, key_path
+from odst.events.signing import SiteKey
+from odst.logs import configure
+from odst.recovery import RecoveryRefused, recover
 
 
 def _fewer_malloc_arenas(n: int = 2) -> None:
@@ -90,9 +99,9 @@ def cmd_serve(args, roles=None) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    # deferred: only the commands that serve load the site and Litestar (~0.6 s of imports `odst upload` skips)
     from odst.gateway.app import create_app
-    from odst.logs import configure
-    from odst.site import ALL_ROLES, Site, SiteBusy
+    from odst.site import ALL_ROLES, Site
     roles = roles or ALL_ROLES
     _fewer_malloc_arenas()
 
@@ -149,6 +158,7 @@ def _http_protocol(settings):
     (odst.gateway.protocol says why and how)."""
     import functools
 
+    # deferred: uvicorn and httptools load only for the commands that serve
     from odst.gateway.protocol import GuardedHttpToolsProtocol, HeadLimits
     return functools.partial(GuardedHttpToolsProtocol, limits=HeadLimits(
         max_bytes=settings.http_max_header_bytes, timeout_s=settings.http_header_timeout_s))
@@ -194,7 +204,6 @@ def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
     import os
     import subprocess
 
-    from odst.bus.embedded import _set_pdeathsig
     cmd = [sys.executable, "-m", "odst", "gateway", "--data", str(settings.data), "--nats", nats_url,
            "--http", settings.http]
     env = {**os.environ, "ODST_HTTP_WORKERS": "1"}
@@ -237,15 +246,12 @@ def cmd_role(args) -> int:
 
 
 def cmd_site_id(args) -> int:
-    from odst.events.signing import SiteKey
-    from odst.site import key_path
     settings = _settings(args)
     print(SiteKey.load_or_create(key_path(settings.data)).site_id)
     return 0
 
 
 def cmd_nats_config(args) -> int:
-    from odst.bus.external import NatsConfigError, write_nats_config
     try:
         written = write_nats_config(_settings(args), Path(args.out), args.route or [])
     except NatsConfigError as exc:
@@ -256,7 +262,6 @@ def cmd_nats_config(args) -> int:
 
 
 def cmd_upload(args) -> int:
-    from odst.client import Client
     path = Path(args.file)
     if not path.is_file():
         print(f"odst: {path} is not a file", file=sys.stderr)
@@ -268,7 +273,6 @@ def cmd_upload(args) -> int:
 
 
 def cmd_packages(args) -> int:
-    from odst.client import Client
     out = Client(args.server, args.token).request("GET", "/api/v1/packages")
     if args.json:
         print(json.dumps(out, indent=2))
@@ -282,7 +286,6 @@ def cmd_packages(args) -> int:
 def cmd_delete(args) -> int:
     from urllib.parse import quote
 
-    from odst.client import Client
     print(json.dumps(Client(args.server, args.token).request(
         "DELETE", f"/api/v1/packages/{quote(args.name, safe='')}")))
     return 0
@@ -291,7 +294,6 @@ def cmd_delete(args) -> int:
 def cmd_stage(args) -> int:
     from urllib.parse import quote
 
-    from odst.client import Client
     out = Client(args.server, args.token).request(
         "PATCH", f"/api/v1/packages/{quote(args.name, safe='')}", json={"stage": args.stage})
     print(f"{out['name']}: stage {out['stage']}")
@@ -301,7 +303,6 @@ def cmd_stage(args) -> int:
 def cmd_peer(args) -> int:
     from urllib.parse import quote
 
-    from odst.client import Client
     c = Client(args.server, args.token)
     if args.peer_command == "invite":
         out = c.request("POST", "/api/v1/peers/invites", json={"ttl_s": args.ttl})
@@ -332,7 +333,6 @@ def _new_password(args) -> str:
     import getpass
     import os
 
-    from odst.client import ClientError
     given = os.environ.get("ODST_NEW_PASSWORD", "")
     if given:
         return given
@@ -347,7 +347,6 @@ def _new_password(args) -> str:
 def cmd_user(args) -> int:
     from urllib.parse import quote
 
-    from odst.client import Client
     c = Client(args.server, args.token)
     path = f"/api/v1/users/{quote(getattr(args, 'username', '') or '', safe='')}"
     if args.user_command == "add":
@@ -396,8 +395,6 @@ def _how_to_subscribe(out: dict, seed_file: Path) -> str:
 def cmd_credentials(args) -> int:
     from urllib.parse import quote
 
-    from odst.bus.identity import write_secret
-    from odst.client import Client, ClientError
     c = Client(args.server, args.token)
     if args.credentials_command == "add":
         out_path = Path(args.out or f"{args.name}.nk")
@@ -435,7 +432,6 @@ def cmd_credentials(args) -> int:
 
 
 def cmd_state(args) -> int:
-    from odst.client import Client
     out = Client(args.server, args.token).request("GET", "/api/v1/state")
     if args.json:
         print(json.dumps(out, indent=2))
@@ -449,7 +445,6 @@ def cmd_state(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from odst.client import Client
     out = Client(args.server, args.token).request("POST", "/api/v1/verify",
                                                   params={"repair": "false" if args.no_repair else "true"})
     print(f"checked {out['checked']}, ok {out['ok']}")
@@ -465,14 +460,12 @@ def cmd_scenario(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from odst.audit import run_audit
     report = _run(run_audit(_settings(args)))
     print(report.summary())
     return 1 if report.violations else 0
 
 
 def cmd_rebuild(args) -> int:
-    from odst.audit import RebuildRefused, run_rebuild
     notes: list[str] = []
     try:
         n = _run(run_rebuild(_settings(args), force=args.force, notes=notes))
@@ -486,7 +479,6 @@ def cmd_rebuild(args) -> int:
 
 
 def cmd_recover(args) -> int:
-    from odst.recovery import RecoveryRefused, recover
     try:
         report = _run(recover(_settings(args), args.sources, force=args.force))
     except RecoveryRefused as exc:
@@ -647,8 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "server") and args.server is None:
         import os
         args.server = os.environ.get("ODST_SERVER", "http://127.0.0.1:8080")
-    from odst.audit import AuditError
-    from odst.client import ClientError
     try:
         return args.func(args) or 0
     except (ConfigError, AuditError, ClientError) as exc:

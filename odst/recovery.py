@@ -44,12 +44,16 @@ import nats.errors
 import nats.js.errors
 import structlog
 
+from odst.audit import AuditError, LogAccess, run_rebuild
+from odst.datadir import SiteBusy, key_path, read_model_path, run_dir, running_info
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.log import EVENTS_STREAM, EventLog, read_stream, site_of_subject
 from odst.events.signing import SignatureInvalid, SiteKey
-from odst.replicator.linker import mirror_name
-from odst.replicator.requests import sign_request
+from odst.peering.mirrors import mirror_name
+from odst.peering.requests import sign_request
+from odst.projections import db
+from odst.replicator.transport import http_session
 
 log = structlog.get_logger("odst.recovery")
 
@@ -388,7 +392,6 @@ async def _save_local(js, last: int, path: Path) -> None:
 def _read_model_checkpoint(path: Path) -> int:
     if not path.exists():
         return 0
-    from odst.projections import db
     conn = db.connect(path, readonly=True)
     try:
         row = conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (EVENTS_STREAM,)).fetchone()
@@ -401,10 +404,6 @@ def _read_model_checkpoint(path: Path) -> int:
 
 async def recover(settings, sources: list[str], *, force: bool = False) -> RecoveryReport:
     """Restore the site's own log from its peers' mirrors, then rebuild the read model."""
-    from odst.audit import AuditError, LogAccess, run_rebuild
-    from odst.replicator.transport import http_session
-    from odst.site import SiteBusy, key_path, read_model_path, run_dir, running_info
-
     data = Path(settings.data)
     if not key_path(data).exists():
         raise RecoveryRefused(f"{key_path(data)} is missing: recovery restores a site whose key file was kept "

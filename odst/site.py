@@ -6,34 +6,43 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import signal
-import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import structlog
 
+from odst.accounts import passwords
+from odst.accounts.sessions import SessionStore
 from odst.bus import authorization as authz
 from odst.bus import connect, until_ready
 from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
+from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
 from odst.bus.guard import ConsumerGuard
 from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed, \
     user_public_key
-from odst.config import Settings
+from odst.bus.users import authorization_users
+from odst.config import ConfigError, Settings
+from odst.datadir import DataDirLock, SiteBusy, key_path, read_model_path, run_dir
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
 from odst.events.watch import watch_own_log
+from odst.notify.service import Notifier
+from odst.peering.mirrors import Linker
+from odst.peering.registration import RegistrationService
 from odst.projections import views
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
+from odst.replicator.replicator import Replicator
+from odst.replicator.transport import ChunkServer
+from odst.stats import SiteStats
 from odst.store.files import Store
 
 log = structlog.get_logger("odst.site")
@@ -44,78 +53,8 @@ BROKER_RESTARTS = 5  # the embedded broker dying this many times in a row ends `
 STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 
 
-class SiteBusy(Exception):
-    """Another process is serving this data directory."""
-
-
-def key_path(data: Path) -> Path:
-    return Path(data) / "site.key"
-
-
-def read_model_path(data: Path) -> Path:
-    return Path(data) / "read-model.sqlite"
-
-
-def run_dir(data: Path) -> Path:
-    return Path(data) / "run"
-
-
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def running_info(data: Path) -> dict | None:
-    """What a running ``odst serve`` on this data dir published about itself, if one runs."""
-    lock = run_dir(data) / "serve.lock"
-    if not lock.exists():
-        return None
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                return json.loads((run_dir(data) / "site.json").read_text())
-            except (OSError, ValueError):
-                return {}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-class DataDirLock:
-    def __init__(self, data: Path):
-        self.path = run_dir(data) / "serve.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise SiteBusy(f"another odst process is using {self.path.parent.parent}; stop it first") from None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def authorization_users(reader, site: str, client_nkey: str, applicants=()) -> list[dict]:
-    """The NATS users of a site: its own processes, every known peer, every active subscriber
-    (and the sites whose invitations it is joining right now)."""
-    try:
-        peers = views.peer_sites(reader, site)
-        subscribers = views.nats_subscribers(reader)
-    except sqlite3.OperationalError:  # a read model not yet created
-        peers, subscribers = [], []
-    streams = [EVENTS_STREAM] + [f"PEER_{p['site']}" for p in peers]
-    return authz.users(site, client_nkey, [user_public_key(bytes.fromhex(p["public_key"])) for p in peers],
-                       subscribers, streams, list(applicants))
 
 
 class Site:
@@ -145,7 +84,6 @@ class Site:
         self.sessions = None  # web UI sessions (gateway role)
         self.printed_password: str | None = None
         self.roles: frozenset[str] = ALL_ROLES
-        from odst.gateway.metrics import SiteStats
         self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
         self.exit_code = 0  # non-zero when the site stopped itself (its broker cannot be kept up)
@@ -219,10 +157,6 @@ class Site:
                             replicas=self.settings.stream_replicas)
         restored = await until_ready(self.log.ensure_stream, timeout=90)
         self.store.ensure()
-        from odst.replicator.linker import Linker
-        from odst.replicator.peering import RegistrationService
-        from odst.replicator.replicator import Replicator
-        from odst.replicator.transport import ChunkServer
         self.linker = Linker(self)
         if "projector" in self.roles:
             self.projector = Projector(self.js, read_model_path(self.data),
@@ -261,13 +195,11 @@ class Site:
             self.replicator = Replicator(self)
             await self.replicator.start()
         if "gateway" in self.roles:
-            from odst.accounts.sessions import SessionStore
             self.sessions = SessionStore(self.data / "sessions.sqlite", idle_s=self.settings.session_idle_s,
                                          max_s=self.settings.session_max_s)
             self.registration = RegistrationService(self)
             await self.registration.start()
         if self.roles & {"projector", "replicator"}:
-            from odst.notify.service import Notifier
             self.notifier = await Notifier(self).start()  # webhooks and email digests
         if all_in_one or "projector" in self.roles:
             (run_dir(self.data) / "site.json").write_text(json.dumps(
@@ -321,7 +253,6 @@ class Site:
             if self.broker.reload(self._authorization(self._client_nkey)):
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
         elif self.settings.nats_auth_file and self.reader is not None and self._external_seed():
-            from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
             if self._auth_include is None:
                 self._auth_include = AuthInclude(self.id, Path(self.settings.nats_auth_file), self.nats_url,
                                                  self.data / SYSTEM_SEED_FILE)
@@ -395,13 +326,11 @@ class Site:
         """A site with no users gets ``admin`` (ODST_ADMIN_PASSWORD, or a generated one shown once)."""
         if self.reader.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             return
-        from odst.accounts import passwords
         given = os.environ.get("ODST_ADMIN_PASSWORD", "")
         password = given or secrets.token_urlsafe(12)
         try:
             passwords.check_new_password(password, "admin")
         except passwords.PasswordRejected as exc:
-            from odst.config import ConfigError
             raise ConfigError(f"ODST_ADMIN_PASSWORD: {exc.detail}") from None
         await self.append(ev.UserCreated(username="admin", role="admin", display_name="Administrator",
                                          password_sealed=await passwords.seal_async(self.key, password)),

@@ -16,7 +16,7 @@ import nacl.public
 import pytest
 
 from odst.events.signing import SiteKey
-from odst.replicator import peering
+from odst.peering import registration
 from tests.conftest import all_events, free_port, site_nats, wait_until
 
 
@@ -36,8 +36,8 @@ def invite(site) -> str:
 
 def without_address(token: str) -> str:
     """The same invitation with no HTTP address: the joiner can only use NATS."""
-    inv = peering.decode_token(token)
-    return peering.encode_token(msgspec.structs.replace(inv, http_url=""))
+    inv = registration.decode_token(token)
+    return registration.encode_token(msgspec.structs.replace(inv, http_url=""))
 
 
 def peer_registered(site, peer: str) -> list[dict]:
@@ -118,9 +118,9 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
     # the leaf link comes up once A trusts B: wait for it with an invitation of its own
     asyncio.run(join_until(b, without_address(invite(a)), lambda r: r.status_code == 201))
     token = invite(a)  # the one under attack: its first use is watched
-    inv = peering.decode_token(token)
+    inv = registration.decode_token(token)
     evil = attacker_key(tmp_path)
-    subject = peering.register_subject(a_id)
+    subject = registration.register_subject(a_id)
 
     async def run():
         nc = await site_nats(a.data)
@@ -133,7 +133,7 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
             if msg.reply:  # (d) answer first, with everything an attacker could forge
                 forged = [
                     json.dumps({"site": a_id, "public_key": inv.public_key, "name": "A"}).encode(),
-                    peering.make_answer(evil, peer=b_id, request_digest="0" * 64),
+                    registration.make_answer(evil, peer=b_id, request_digest="0" * 64),
                     *genuine_answer,  # A's real answer to an earlier request
                 ]
                 for body in forged:
@@ -142,7 +142,7 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
 
         async def queued(msg):
             stolen.append(msg)  # took the request from A: never answers honestly
-            await nc.publish(msg.reply, peering.make_answer(evil, peer=b_id, request_digest="0" * 64))
+            await nc.publish(msg.reply, registration.make_answer(evil, peer=b_id, request_digest="0" * 64))
 
         async def replies(msg):  # A's answers, as they pass through its broker
             if (msg.headers or {}).get("odst-status") == "200":
@@ -186,7 +186,7 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
         # B's sealed bytes under its own name, a tampered ciphertext: all refused
         captured = seen[-1].data
         guess = msgspec.structs.replace(inv, invite_secret="guessed-" + "x" * 20)
-        own, _ = peering.make_request(evil, guess)
+        own, _ = registration.make_request(evil, guess)
         clear = json.dumps({"site": evil.site_id, "public_key": evil.public_key.hex(), "invite_id": inv.invite_id,
                             "secret": "guessed", "name": "evil", "http_url": ""}).encode()
         sealed = bytearray(base64.b64decode(json.loads(captured)["sealed"]))
@@ -230,28 +230,28 @@ def test_a_joiner_accepts_no_answer_but_the_inviters_own_for_its_request(make_si
     b_id = site_id(b)
     x = SiteKey.load_or_create(tmp_path / "x.key")
     evil = attacker_key(tmp_path)
-    inv = peering.Invitation(v=peering.PROTOCOL, site=x.site_id, public_key=x.public_key.hex(),
-                             seal_key=peering.seal_public_key(x).hex(), name="X", invite_id=os.urandom(8).hex(),
-                             invite_secret="s" * 32, expires_ts=int(1e13))
-    token = peering.encode_token(inv)
-    earlier_req, earlier_digest = peering.make_request(SiteKey.load_or_create(b.data / "site.key"), inv)
-    replayed = peering.make_answer(x, peer=b_id, request_digest=earlier_digest, name="X")
+    inv = registration.Invitation(v=registration.PROTOCOL, site=x.site_id, public_key=x.public_key.hex(),
+                                  seal_key=registration.seal_public_key(x).hex(), name="X",
+                                  invite_id=os.urandom(8).hex(), invite_secret="s" * 32, expires_ts=int(1e13))
+    token = registration.encode_token(inv)
+    earlier_req, earlier_digest = registration.make_request(SiteKey.load_or_create(b.data / "site.key"), inv)
+    replayed = registration.make_answer(x, peer=b_id, request_digest=earlier_digest, name="X")
 
     async def run(honest: bool):
         nc = await site_nats(b.data)
         got = []
 
         async def answer(msg):
-            opened = peering.open_request(x, msg.data)  # only X can open it
+            opened = registration.open_request(x, msg.data)  # only X can open it
             got.append(opened.request)
             for body in [b"{}", b"garbage", replayed,
-                         peering.make_answer(evil, peer=b_id, request_digest=opened.digest),
-                         peering.make_answer(x, peer=evil.site_id, request_digest=opened.digest)]:
+                         registration.make_answer(evil, peer=b_id, request_digest=opened.digest),
+                         registration.make_answer(x, peer=evil.site_id, request_digest=opened.digest)]:
                 await nc.publish(msg.reply, body)
             if honest:
-                await nc.publish(msg.reply, peering.make_answer(x, peer=b_id, request_digest=opened.digest,
+                await nc.publish(msg.reply, registration.make_answer(x, peer=b_id, request_digest=opened.digest,
                                                                  name="X"))
-        await nc.subscribe(peering.register_subject(x.site_id), cb=answer)
+        await nc.subscribe(registration.register_subject(x.site_id), cb=answer)
         await nc.flush()
         r = await join(b, token)
         await nc.close()
@@ -269,7 +269,7 @@ def test_a_joiner_accepts_no_answer_but_the_inviters_own_for_its_request(make_si
 def test_invitations_from_older_versions_are_refused_before_anything_is_sent(make_site):
     a = make_site("a").start()
     b = make_site("b").start()
-    inv = peering.decode_token(invite(a))
+    inv = registration.decode_token(invite(a))
     old = "odst-invite-" + base64.urlsafe_b64encode(json.dumps(
         {"v": 1, "site": inv.site, "public_key": inv.public_key, "name": "", "http_url": a.url,
          "invite_id": inv.invite_id, "secret": inv.invite_secret, "expires_ts": inv.expires_ts}).encode()
@@ -284,13 +284,13 @@ def test_invitations_from_older_versions_are_refused_before_anything_is_sent(mak
 def test_bad_requests_get_a_clear_refusal_on_both_transports(make_site, tmp_path):
     a = make_site("a").start()
     a_id = site_id(a)
-    inv = peering.decode_token(invite(a))
+    inv = registration.decode_token(invite(a))
     me = SiteKey.load_or_create(tmp_path / "me.key")
-    good, _ = peering.make_request(me, inv)
-    stale, _ = peering.make_request(me, inv, ts=1_000_000)
+    good, _ = registration.make_request(me, inv)
+    stale, _ = registration.make_request(me, inv, ts=1_000_000)
     other_site = SiteKey.load_or_create(tmp_path / "other.key")
-    to_other, _ = peering.make_request(me, msgspec.structs.replace(
-        inv, seal_key=peering.seal_public_key(other_site).hex()))
+    to_other, _ = registration.make_request(me, msgspec.structs.replace(
+        inv, seal_key=registration.seal_public_key(other_site).hex()))
     junk_inside = json.dumps({"v": 2, "sealed": base64.b64encode(nacl.public.SealedBox(
         nacl.public.PublicKey(bytes.fromhex(inv.seal_key))).encrypt(b"x" * 80)).decode()}).encode()
     cases = [
@@ -309,7 +309,7 @@ def test_bad_requests_get_a_clear_refusal_on_both_transports(make_site, tmp_path
     async def over_nats():
         nc = await site_nats(a.data)
         for body, status in cases:
-            got, error, _ = await nats_register(nc, peering.register_subject(a_id), body)
+            got, error, _ = await nats_register(nc, registration.register_subject(a_id), body)
             assert got == str(status) and error, (body[:60], got, error)
         await nc.close()
     asyncio.run(over_nats())
@@ -325,22 +325,22 @@ def test_bad_requests_get_a_clear_refusal_on_both_transports(make_site, tmp_path
 
 def test_answers_are_checked_signature_then_binding(tmp_path):
     a, b, evil = (SiteKey.load_or_create(tmp_path / f"{n}.key") for n in "abe")
-    inv = peering.Invitation(v=2, site=a.site_id, public_key=a.public_key.hex(),
-                             seal_key=peering.seal_public_key(a).hex(), invite_id="0" * 16,
+    inv = registration.Invitation(v=2, site=a.site_id, public_key=a.public_key.hex(),
+                             seal_key=registration.seal_public_key(a).hex(), invite_id="0" * 16,
                              invite_secret="s" * 32, expires_ts=0)
-    wire, digest = peering.make_request(b, inv)
-    opened = peering.open_request(a, wire)
+    wire, digest = registration.make_request(b, inv)
+    opened = registration.open_request(a, wire)
     assert opened.digest == digest and opened.request.secret == inv.invite_secret
-    good = peering.make_answer(a, peer=b.site_id, request_digest=digest)
-    assert peering.check_answer(inv, b.site_id, digest, good).peer == b.site_id
-    _, other_digest = peering.make_request(b, inv)
+    good = registration.make_answer(a, peer=b.site_id, request_digest=digest)
+    assert registration.check_answer(inv, b.site_id, digest, good).peer == b.site_id
+    _, other_digest = registration.make_request(b, inv)
     for forged, reason in [
-        (peering.make_answer(evil, peer=b.site_id, request_digest=digest), "not signed"),
-        (peering.make_answer(a, peer=b.site_id, request_digest=other_digest), "another request"),
-        (peering.make_answer(a, peer=evil.site_id, request_digest=digest), "another request"),
+        (registration.make_answer(evil, peer=b.site_id, request_digest=digest), "not signed"),
+        (registration.make_answer(a, peer=b.site_id, request_digest=other_digest), "another request"),
+        (registration.make_answer(a, peer=evil.site_id, request_digest=digest), "another request"),
         (b'{"v":2,"signed":""}', "not signed"), (b"", "not a signed"), (b"x" * 20000, "too large"),
     ]:
-        with pytest.raises(peering.AnswerInvalid, match=reason):
-            peering.check_answer(inv, b.site_id, digest, forged)
-    with pytest.raises(peering.InviteInvalid, match="not sealed"):
-        peering.open_request(evil, wire)
+        with pytest.raises(registration.AnswerInvalid, match=reason):
+            registration.check_answer(inv, b.site_id, digest, forged)
+    with pytest.raises(registration.InviteInvalid, match="not sealed"):
+        registration.open_request(evil, wire)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from odst.events.signing import SiteKey
-from odst.replicator.requests import sign_request
+from odst.peering.requests import sign_request
 from odst.replicator.transport import ChunkUnavailable, HttpChunkSource, NatsChunkSource, http_session
 from tests.conftest import free_port, site_nats, wait_until, write_random
 

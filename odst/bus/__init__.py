@@ -1,5 +1,9 @@
 """The message bus: the embedded nats-server and connections to NATS."""
 
+from odst.bus.authorization import inbox_prefix
+from odst.bus.identity import client_seed_path, read_seed
+from odst.events.signing import SiteKey
+
 
 def server_list(urls: str) -> list[str]:
     """--nats takes one URL or a comma-separated list (the nodes of a cluster)."""
@@ -11,8 +15,6 @@ async def connect(servers: str, *, seed: str | None = None, site: str = "", name
     server without authentication (only a test's bare nats-server). A site's own processes
     pass ``site``: their replies then use its own inbox prefix, which no peer is sent."""
     import nats
-
-    from odst.bus.authorization import inbox_prefix
 
     opts = {"connect_timeout": 5, **kw}
     if seed:
@@ -28,8 +30,6 @@ async def connect_as_site(data, url: str | None = None, **kw):
     import json
     from pathlib import Path
 
-    from odst.bus.identity import client_seed_path, read_seed
-    from odst.events.signing import SiteKey
     data = Path(data)
     url = url or json.loads((data / "run" / "site.json").read_text())["nats"]
     path = client_seed_path(data)

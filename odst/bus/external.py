@@ -33,7 +33,14 @@ from pathlib import Path
 import structlog
 
 from odst.bus import authorization as authz
-from odst.bus.identity import new_user_seed, public_key_of_seed, read_seed, write_secret
+from odst.bus import connect
+from odst.bus.identity import load_or_create_client_seed, new_user_seed, public_key_of_seed, read_seed, \
+    write_secret
+from odst.bus.users import authorization_users
+from odst.datadir import key_path, read_model_path
+from odst.events.log import EVENTS_STREAM
+from odst.events.signing import SiteKey
+from odst.projections.db import connect as connect_read_model
 
 log = structlog.get_logger("odst.bus")
 
@@ -145,12 +152,6 @@ class Written:
 def write_nats_config(settings, out: Path, routes: list[str] = ()) -> Written:
     """What ``odst nats-config`` does: the includes of a site's NATS server, from its data
     directory (site key, client key, read model). Creates the keys it needs."""
-    from odst.bus.identity import load_or_create_client_seed
-    from odst.events.log import EVENTS_STREAM
-    from odst.events.signing import SiteKey
-    from odst.projections.db import connect as connect_read_model
-    from odst.site import authorization_users, key_path, read_model_path
-
     data, out = Path(settings.data), Path(out)
     data.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,6 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0) -
     """Ask every server of the cluster behind ``servers`` to re-read its config; the ids of
     those that did. Raises NatsConfigError when none answers or one refuses."""
     import nats.errors
-
-    from odst.bus import connect
 
     nc = await connect(servers, seed=system_seed, name="odst-reload", allow_reconnect=False)
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 import nacl.signing
 import nkeys
 
+from odst.events.signing import user_seed
+
 CLIENT_SEED_FILE = "nats-client.nk"
 
 
@@ -25,11 +27,6 @@ def user_public_key(raw_public_key: bytes) -> str:
     src = bytearray([nkeys.PREFIX_BYTE_USER]) + bytearray(raw_public_key)
     src += nkeys.crc16(src).to_bytes(2, "little")
     return base64.b32encode(bytes(src)).decode("ascii").rstrip("=")
-
-
-def user_seed(raw_seed: bytes) -> str:
-    """The NATS user seed ('SU…') of a 32-byte ed25519 seed."""
-    return nkeys.encode_seed(bytes(raw_seed), nkeys.PREFIX_BYTE_USER).decode("ascii")
 
 
 def public_key_of_seed(seed: str) -> str:

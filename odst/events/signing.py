@@ -11,6 +11,7 @@ from pathlib import Path
 import blake3
 import nacl.exceptions
 import nacl.signing
+import nkeys
 
 SIGNATURE_BYTES = 64
 
@@ -60,13 +61,17 @@ class SiteKey:
 
     def nkey_seed(self) -> str:
         """The same key as a NATS user seed: the site's leaf-node identity at its peers."""
-        from odst.bus.identity import user_seed
         return user_seed(bytes(self._sk))
 
     def derive(self, label: bytes) -> bytes:
         """A secret derived from the private seed for one purpose (HMAC-SHA256(seed, label));
         the seed itself never leaves this object."""
         return hmac.new(bytes(self._sk), label, hashlib.sha256).digest()
+
+
+def user_seed(raw_seed: bytes) -> str:
+    """The NATS user seed ('SU…') of a 32-byte ed25519 seed (odst.bus.identity: NATS identities)."""
+    return nkeys.encode_seed(bytes(raw_seed), nkeys.PREFIX_BYTE_USER).decode("ascii")
 
 
 def verify(public_key: bytes, signed: bytes) -> bytes:

@@ -19,6 +19,8 @@ import structlog
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from odst.accounts import ldap
+from odst.accounts.passwords import fingerprint
 from odst.errors import Forbidden, Unauthorized
 from odst.projections import views
 from odst.site import Site, token_digest
@@ -74,7 +76,6 @@ async def _from_session(site: Site, connection: ASGIConnection, session_id: str,
         raise Unauthorized("not signed in, or the session has ended: sign in again")
     role = s.role
     if s.source == "local":  # role changes apply to open sessions at once; new passwords end them
-        from odst.accounts.passwords import fingerprint
         row = views.user_row(site.reader, s.username)
         if row is None or not hmac.compare_digest(fingerprint(row), s.credential):
             site.sessions.delete(session_id)
@@ -94,7 +95,6 @@ async def _from_session(site: Site, connection: ASGIConnection, session_id: str,
 
 async def _recheck_directory(site: Site, session_id: str, username: str, role: str) -> str:
     """Ask the directory whether this user still has a role; an outage keeps the session as it is."""
-    from odst.accounts import ldap
     try:
         user = await ldap.POOL.run(ldap.lookup, site.settings, username)
     except ldap.DirectoryRefused as exc:

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from odst.events.watch import log_watch_metrics
 from odst.projections import views
-
-
-class SiteStats:
-    """Counters the gateway and downloads bump; read by the collector."""
-
-    def __init__(self):
-        self.uploads: Counter[str] = Counter()  # by result: published | identical | refused | failed
-        self.downloads: Counter[int] = Counter()  # by HTTP status
-        self.bytes_served = 0
 
 
 class SiteCollector:

@@ -14,16 +14,17 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.naming import ascii_int
+from odst.peering import registration
+from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
-from odst.replicator import integrity, peering
-from odst.replicator.requests import PeerRequestRefused
+from odst.replicator import integrity
 from odst.replicator.transport import ChunkUnavailable
 from odst.site import Site
 
 
 class InviteCreate(msgspec.Struct, forbid_unknown_fields=True):
-    ttl_s: int = peering.DEFAULT_TTL_S
+    ttl_s: int = registration.DEFAULT_TTL_S
 
 
 class Join(msgspec.Struct, forbid_unknown_fields=True):
@@ -45,14 +46,14 @@ class PeerController(Controller):
         body = decode_json(await request.body(), InviteCreate, empty_is_object=True)
         if not 60 <= body.ttl_s <= 30 * 86400:
             raise RequestInvalid("ttl_s must be between 60 seconds and 30 days")
-        return await peering.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
+        return await registration.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
 
     @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN}, status_code=201)
     async def join(self, request: Request) -> dict[str, Any]:
         """Complete a mutual registration with the site that made the invitation."""
         site: Site = request.app.state.site
         body = decode_json(await request.body(), Join, empty_is_object=True)
-        result = await peering.join(site, body.token, actor=request.state.actor)
+        result = await registration.join(site, body.token, actor=request.state.actor)
         site.replicator and site.replicator.kick()
         return result
 
@@ -141,12 +142,12 @@ class PeerProtocolController(Controller):
     tags = ["site-to-site"]
 
     @post("/register", operation_id="peerRegister", status_code=200,
-          request_max_body_size=peering.MAX_MESSAGE_BYTES)
+          request_max_body_size=registration.MAX_MESSAGE_BYTES)
     async def register(self, request: Request) -> Response[bytes]:
         """A joining site's request, sealed to this site's key; the answer is signed and names
-        the request it answers (see odst.replicator.peering). Refusals are 4xx."""
+        the request it answers (see odst.peering.registration). Refusals are 4xx."""
         site: Site = request.app.state.site
-        answer = await peering.handle_register(site, await request.body())
+        answer = await registration.handle_register(site, await request.body())
         return Response(answer, media_type="application/json")
 
     @get("/mirror/{start:int}", operation_id="peerMirrorPage")

@@ -10,7 +10,7 @@ import structlog
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
-from odst.accounts import passwords
+from odst.accounts import ldap, passwords
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
@@ -83,7 +83,6 @@ async def _check_password(site: Site, username: str, password: str) -> tuple[str
         if await passwords.verify_async(site.key, row["password_sealed"], password):
             return row["username"], row["role"], "local", row["display_name"], passwords.fingerprint(row)
         raise SigninFailed(WRONG)
-    from odst.accounts import ldap
     # an unknown local name costs one hash whether or not the directory is asked, so timing
     # does not tell local users from the rest
     dummy = asyncio.ensure_future(passwords.verify_async(site.key, None, password))

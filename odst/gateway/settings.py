@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from litestar import Controller, Request, get, post, put
 
-from odst.accounts import passwords
+from odst.accounts import ldap, passwords
 from odst.errors import RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ
@@ -70,7 +70,6 @@ class SettingsController(Controller):
     @post("/ldap-check", operation_id="checkDirectory", opt={"roles": ADMIN}, status_code=200)
     async def check_directory(self, request: Request) -> dict[str, Any]:
         """Connect, bind as the service account and search the user base: is LDAP set up right?"""
-        from odst.accounts import ldap
         site: Site = request.app.state.site
         if not ldap.enabled(site.settings):
             raise RequestInvalid("LDAP is not configured (ldap_url is empty)")

@@ -12,12 +12,13 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 
 from odst.accounts import passwords
+from odst.datadir import run_dir
 from odst.errors import NotFound, OdstError, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site, run_dir
+from odst.site import Site
 
 _in_process = asyncio.Lock()
 

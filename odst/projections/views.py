@@ -6,7 +6,9 @@ import base64
 import json
 import sqlite3
 
+from odst.bus.authorization import Subscriber
 from odst.events import codec
+from odst.events.watch import Landmark, Recorded
 
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row]) -> dict:
@@ -130,7 +132,6 @@ def nats_credentials(conn: sqlite3.Connection, *, include_revoked: bool = True) 
 def nats_subscribers(conn: sqlite3.Connection) -> list:
     """The active subscriber credentials as the broker's users need them
     (``odst.bus.authorization.Subscriber``: name and public NKey)."""
-    from odst.bus.authorization import Subscriber
     try:
         rows = conn.execute("SELECT name, nkey FROM nats_credentials WHERE role='subscriber'"
                             " AND revoked_at IS NULL ORDER BY name").fetchall()
@@ -299,7 +300,6 @@ def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:
 def recorded(conn: sqlite3.Connection, stream: str, origin: str):
     """What the read model holds of ``stream`` (whose events come from ``origin``): its
     checkpoint and the origin's first and last folded events, if folded from this stream."""
-    from odst.events.watch import Landmark, Recorded
     row = conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
     chain = conn.execute("SELECT last_seq FROM sites WHERE site=?", (origin,)).fetchone()
     marks = []

@@ -1,1 +1,1 @@
-"""The replicator: pulls verified chunks of packages from peer sites."""
+"""Replication: pulling verified chunks of packages from peer sites, and serving ours to them."""

@@ -22,7 +22,7 @@ from odst.events.signing import SiteKey
 from odst.naming import ascii_int
 from odst.projections import views
 from odst.projections.apply import trusted_key
-from odst.replicator.requests import PeerRequestRefused, RequestVerifier, sign_request
+from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
 
 log = structlog.get_logger("odst.transport")
 

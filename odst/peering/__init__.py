@@ -1,0 +1,1 @@
+"""Peering: registering sites with each other, signed peer requests, mirrors of peers' logs."""

@@ -1,0 +1,14 @@
+"""Counters of what a running site served: bumped by the gateway, read by /metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class SiteStats:
+    """Counters the gateway and downloads bump; read by the collector."""
+
+    def __init__(self):
+        self.uploads: Counter[str] = Counter()  # by result: published | identical | refused | failed
+        self.downloads: Counter[int] = Counter()  # by HTTP status
+        self.bytes_served = 0
