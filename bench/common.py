@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import statistics
+import sys
+from pathlib import Path
 
-HOST = "127.0.0.1"  # everything the benchmarks start listens here only
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: harness/ and odst/
+from harness.ports import HOST, free_port  # noqa: E402,F401  (one port allocator; everything listens on HOST)
 
 
 def median(xs):

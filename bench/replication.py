@@ -68,10 +68,12 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, median, ratio  # noqa: E402
+from common import free_port, median, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
+from harness.site import SiteFailed, SiteProcess, stop_all  # noqa: E402
 from urllib.parse import quote
 
 MIB = 1024 * 1024
@@ -139,16 +141,6 @@ def system_busy_s() -> float:
 def self_cpu_s() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def make_random_file(path: Path, size: int) -> Path:
@@ -261,81 +253,37 @@ def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float =
 # sites
 # --------------------------------------------------------------------------- #
 
-class Site:
-    """One ``odst serve`` subprocess with its own data dir and embedded NATS."""
+@dataclass(kw_only=True, eq=False)
+class Site(SiteProcess):
+    """One ``odst serve`` of the bench (harness.site.SiteProcess) with its keep-alive API client."""
 
-    def __init__(self, root: Path, name: str, token: str, *, leaf_listen: bool = False,
-                 dial: list["Site"] | None = None, public_url: str | None = None):
-        self.name = name
-        self.data = root / name
-        self.log_path = root / f"{name}-serve.log"
-        self.token = token
-        self.http_port = free_port()
-        self.leaf_port = free_port() if leaf_listen else None
-        self.dial = list(dial or [])
-        self.public_url = public_url
-        self.proc: subprocess.Popen | None = None
-        self.nats_pid: int | None = None
-        self.id = ""
-        self.api = Api(self.http_port, token)
+    dial: list["Site"] = field(default_factory=list)  # the sites whose leaf port it dials
+    die_with_parent: bool = True  # the bench never leaves sites behind
+    id: str = ""
+    nats_pid: int | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.api = Api(self.port, self.token)
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
-               "--http", f"{HOST}:{self.http_port}", "--site-name", self.name]
-        if self.leaf_port:
-            cmd += ["--leaf-listen", f"{HOST}:{self.leaf_port}"]
-        for hub in self.dial:
-            cmd += ["--leaf-remote", f"nats-leaf://{HOST}:{hub.leaf_port}"]
-        if self.public_url:
-            cmd += ["--public-url", self.public_url]
-        return cmd
-
-    def spawn(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
-        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info",
-                    "ODST_LOG_FORMAT": "console", "PYTHONUNBUFFERED": "1",
-                    # the sites run the odst of this checkout, whatever the venv's install points at
-                    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])})
-        self.data.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"===== bench: {' '.join(self.command())}\n".encode())
-            logf.flush()
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=str(self.data.parent),
-                                         preexec_fn=_child_setup)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return super().command() + [a for hub in self.dial for a in ("--leaf-remote", f"nats-leaf://{HOST}:{hub.leaf_port}")]
 
     def check_running(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise BenchError(f"site {self.name} exited with code {self.proc.returncode}; "
                              f"see {self.log_path}:\n{tail(self.log_path)}")
 
-    def wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while True:
+    def wait_healthy(self, timeout: float) -> "Site":
+        try:
+            super().wait_healthy(timeout)
+        except SiteFailed:
             self.check_running()
-            try:
-                status, body = self.api.request("GET", "/healthz", timeout=3)
-                if status == 200:
-                    self.id = body["site"]
-                    break
-                last = f"{status} {body}"
-            except (OSError, http.client.HTTPException) as exc:
-                last = type(exc).__name__
-            if time.monotonic() > deadline:
-                raise BenchError(f"site {self.name} not healthy after {timeout:.0f}s (last: {last}); "
-                                 f"see {self.log_path}")
-            time.sleep(0.1)
+            raise BenchError(f"site {self.name} not healthy after {timeout:.0f}s; see {self.log_path}") from None
+        self.id = self.call("GET", "/healthz")["site"]
         with contextlib.suppress(OSError, ValueError):
             self.nats_pid = int((self.data / "run" / "nats.pid").read_text().strip())
+        return self
 
     def call(self, method: str, path: str, body=None, ok=(200, 201)):
         self.check_running()
@@ -359,36 +307,6 @@ class Site:
     def cpu(self) -> dict:
         return {"python": proc_cpu(self.proc.pid if self.proc else None), "nats": proc_cpu(self.nats_pid)}
 
-    def stop_begin(self) -> None:
-        if self.running:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-
-    def stop_finish(self, deadline: float) -> None:
-        self.api.close()
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log(f"site {self.name} ignored SIGTERM; killing pid {self.proc.pid}")
-                self.proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(10)
-        # its nats-server gets SIGTERM when odst serve dies (PDEATHSIG); make sure it is gone
-        if self.nats_pid:
-            end = time.monotonic() + 10
-            while pid_alive(self.nats_pid) and time.monotonic() < end:
-                time.sleep(0.05)
-            if pid_alive(self.nats_pid):
-                try:
-                    cmdline = Path(f"/proc/{self.nats_pid}/cmdline").read_bytes()
-                except OSError:
-                    cmdline = b""
-                if str(self.data).encode() in cmdline:
-                    log(f"nats-server {self.nats_pid} of {self.name} outlived its parent; killing it")
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.nats_pid, signal.SIGKILL)
-
 
 def tail(path: Path, n: int = 25) -> str:
     try:
@@ -408,8 +326,12 @@ class Network:
         self.start_timeout = start_timeout
         self.sites: list[Site] = []
 
-    def add(self, name: str, **kw) -> Site:
-        s = Site(self.root, name, self.token, **kw)
+    def add(self, name: str, *, leaf_listen: bool = False, dial: list[Site] | None = None,
+            public_url: str | None = None) -> Site:
+        s = Site(data=self.root / name, port=free_port(), token=self.token, name=name,
+                 leaf_port=free_port() if leaf_listen else None, dial=list(dial or []),
+                 extra_args=["--public-url", public_url] if public_url else [],
+                 env={"ODST_LOG_FORMAT": "console"})
         self.sites.append(s)
         return s
 
@@ -425,13 +347,13 @@ class Network:
             if not wave:
                 raise BenchError(f"{self.label}: leaf links form a cycle")
             for s in wave:
-                s.spawn()
+                s.start_process()
             for s in wave:
                 s.wait_healthy(self.start_timeout)
                 healthy.add(s.name)
                 pending.remove(s)
         order = self.sites
-        log(f"{self.label}: started " + ", ".join(f"{s.name}={s.id[:10]}@:{s.http_port}" for s in order))
+        log(f"{self.label}: started " + ", ".join(f"{s.name}={s.id[:10]}@:{s.port}" for s in order))
 
     def register(self, a: Site, b: Site) -> None:
         token = a.call("POST", "/api/v1/peers/invites", {})["token"]
@@ -439,11 +361,9 @@ class Network:
         log(f"{self.label}: {b.name} registered with {a.name} via {out.get('via')}")
 
     def stop(self) -> None:
-        for s in reversed(self.sites):
-            s.stop_begin()
-        deadline = time.monotonic() + 20
-        for s in reversed(self.sites):
-            s.stop_finish(deadline)
+        for s in self.sites:
+            s.api.close()
+        stop_all(list(reversed(self.sites)), 20, note=log)
 
     def keep_logs_drop_data(self, keep_data: bool) -> None:
         for s in self.sites:
@@ -486,7 +406,7 @@ def wait_available(sites: list[Site], name: str, t0: float, timeout: float) -> d
 def warm_up(net: Network, at: Site, receivers: list[Site], timeout: float) -> float:
     """A small package through the whole topology: links, mirrors, registration and transport work."""
     name = f"warmup-{secrets.token_hex(3)}.pkg"
-    upload_bytes(at.http_port, at.token, name, os.urandom(2 * MIB))
+    upload_bytes(at.port, at.token, name, os.urandom(2 * MIB))
     secs = wait_available(receivers, name, time.monotonic(), timeout)
     log(f"{net.label}: warm-up package reached {', '.join(receivers_names(receivers))} "
         f"in {max(secs.values()):.2f}s")
@@ -552,7 +472,7 @@ def transfer(src: Site, dsts: list[Site], file: Path, name: str, timeout: float,
     cpu0 = {s.name: s.cpu() for s in [src, *dsts]}
     sampler = RssSampler(rss_of.proc.pid).start() if rss_of else None
     try:
-        pkg, up_s = upload(src.http_port, src.token, name, file, tag)
+        pkg, up_s = upload(src.port, src.token, name, file, tag)
         t0 = time.monotonic()
         wall0 = time.time()
         cpu_mid = {s.name: s.cpu() for s in [src, *dsts]}
@@ -887,7 +807,7 @@ def measure_chain(args, ctx) -> dict:
             name = f"chain-{i}.pkg"
             data = os.urandom(MIB)
             t0 = time.monotonic()
-            upload_bytes(a.http_port, a.token, name, data)
+            upload_bytes(a.port, a.token, name, data)
             t_up = time.monotonic()
             got = wait_available([c], name, t0, 60)
             run = {"name": name, "seconds": round(got["C"], 3), "upload_s": round(t_up - t0, 3),

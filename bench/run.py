@@ -41,7 +41,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, median, ratio  # noqa: E402
+from common import free_port, median, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
+from harness.site import SiteFailed, SiteProcess  # noqa: E402
+from harness.wait import TimedOut  # noqa: E402
+from harness.wait import wait_until as _wait_until  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -259,8 +262,12 @@ class Procs:
                                  start_new_session=True)
         finally:
             logf.close()
+        return self.adopt(name, p, stop_sig=stop_sig, grace=grace)
+
+    def adopt(self, name, p: subprocess.Popen, *, stop_sig=signal.SIGTERM, grace=20.0) -> subprocess.Popen:
+        """Stop ``p`` with the others at the end (one started elsewhere, e.g. a harness SiteProcess)."""
         self.items.append((name, p, stop_sig, grace))
-        log(f"started {name} pid={p.pid}: {' '.join(map(str, cmd))}")
+        log(f"started {name} pid={p.pid}: {' '.join(map(str, p.args))}")
         return p
 
     def stop_all(self) -> list[str]:
@@ -328,15 +335,23 @@ def http_status(url: str, method: str = "GET", timeout: float = 2.0, headers=Non
         return None
 
 
+class _Exited(Exception):
+    pass
+
+
 def wait_until(pred, timeout: float, interval: float = 0.2, alive=None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """harness.wait.wait_until answering False instead of raising (the bench reports, it does not
+    fail), and at once when ``alive()`` says the server is gone."""
+    def check():
         if pred():
             return True
         if alive is not None and not alive():
-            return False
-        time.sleep(interval)
-    return False
+            raise _Exited
+        return False
+    try:
+        return _wait_until(check, timeout, interval, reraise=(_Exited,))
+    except (TimedOut, _Exited):
+        return False
 
 
 # --------------------------------------------------------------------------- #
@@ -952,22 +967,23 @@ def start_odst(procs: Procs, work: Path, data_dir: Path, token: str, args):
     if data_dir.exists():
         shutil.rmtree(data_dir)
     data_dir.mkdir(parents=True)
-    port = free_port()
-    env = dict(os.environ, ODST_ADMIN_TOKEN=token)
     log_path = work / "logs" / "odst.log"
     log_path.write_text("")
-    p = procs.start("odst serve", [sys.executable, "-m", "odst", "serve", "--data", str(data_dir),
-                                   "--http", f"{HOST}:{port}"],
-                    log_path=log_path, env=env, stop_sig=signal.SIGTERM, grace=30)
-    url = f"http://{HOST}:{port}/healthz"
+    # the caller's ODST_* settings reach the site, as they always did
+    site = SiteProcess(data=data_dir, port=free_port(), token=token, log_path=log_path, die_with_parent=True,
+                       env={k: v for k, v in os.environ.items()
+                            if k.startswith("ODST_") and k != "ODST_ADMIN_TOKEN"})
+    port = site.port
+    p = procs.adopt("odst serve", site.start_process().proc, stop_sig=signal.SIGTERM, grace=30)
     t0 = time.monotonic()
-    ok = wait_until(lambda: http_status(url) == 200, args.start_timeout,
-                    alive=lambda: p.poll() is None)
-    if not ok:
+    try:
+        site.wait_healthy(args.start_timeout)
+    except SiteFailed:
+        url = f"http://{HOST}:{port}/healthz"
         state = f"exited {p.returncode}" if p.poll() is not None else \
             f"still running, /healthz -> {http_status(url)}"
         raise RuntimeError(f"not ready within {args.start_timeout:.0f}s ({state}); log tail:\n"
-                           f"{tail(log_path)}")
+                           f"{tail(log_path)}") from None
     log(f"odst ready on {HOST}:{port} after {time.monotonic() - t0:.1f}s")
     return p, port
 

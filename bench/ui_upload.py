@@ -21,25 +21,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import HOST, free_port, median, ratio  # noqa: E402
+from bench.common import free_port, median, ratio  # noqa: E402
+from harness.site import SiteProcess  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PASSWORD = "bench-password-123"
 TOKEN = "bench-token-0123456789"
-
-
-def wait(pred, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("timed out waiting for the server")
 
 
 def main() -> int:
@@ -53,20 +42,18 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="odst-bench-ui-"))
     port = free_port()
-    url = f"http://{HOST}:{port}"
     src = work / "Bench.pkg"
     with open(src, "wb") as f:
         block = os.urandom(1 << 20)
         for i in range(args.size_mb):
             f.write(block[:-8] + i.to_bytes(8, "big"))
     size = src.stat().st_size
-    env = {**os.environ, "ODST_ADMIN_TOKEN": TOKEN, "ODST_ADMIN_PASSWORD": PASSWORD, "ODST_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "odst", "serve", "--data", str(work / "data"),
-                               "--http", f"{HOST}:{port}"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=open(work / "serve.log", "wb"), stdin=subprocess.DEVNULL)
+    server = SiteProcess(data=work / "data", port=port, token=TOKEN, log_path=work / "serve.log",
+                         env={"ODST_ADMIN_PASSWORD": PASSWORD, "ODST_LOG_LEVEL": "warning"}, die_with_parent=True)
+    url = server.url
     ui_times, curl_times = [], []
     try:
-        wait(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200, 90)
+        server.start(90)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -97,8 +84,7 @@ def main() -> int:
                     assert r.status_code == 200, r.text
             browser.close()
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
     ui, curl = median(ui_times), median(curl_times)
     mb = size / 1e6

@@ -455,7 +455,19 @@ def cmd_verify(args) -> int:
 
 
 def cmd_scenario(args) -> int:
-    from odst.scenario import main as scenario_main
+    """Run the scenario runner of the checkout this odst comes from (``harness/``, beside ``odst/``);
+    an installed wheel has no harness, so say so and exit 2."""
+    from pathlib import Path
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "harness" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        from harness.runner import main as scenario_main
+    except ImportError as exc:
+        print(f"odst scenario: the scenario harness is not installed ({exc}); it is part of a checkout of "
+              "the ODST repository, not of the odst package: run it from a clone "
+              "(./run scenario list)", file=sys.stderr)
+        return 2
     return scenario_main(args.scenario_args)
 
 
@@ -635,7 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _private_files()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is cmd_scenario:  # its own parser reads its flags, --help included
+        args.scenario_args = unknown + args.scenario_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if hasattr(args, "server") and args.server is None:
         import os
         args.server = os.environ.get("ODST_SERVER", "http://127.0.0.1:8080")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

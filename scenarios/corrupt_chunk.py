@@ -11,7 +11,7 @@ is found and repaired (POST /api/v1/verify), and everyone converges.
 
 from __future__ import annotations
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 CHUNK = 1 << 20

@@ -17,7 +17,7 @@ import nacl.signing
 from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.signing import SiteKey
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

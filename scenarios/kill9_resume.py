@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 SIZE = 200 * MiB

@@ -8,7 +8,7 @@ B) and nothing that was deleted.
 
 from __future__ import annotations
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

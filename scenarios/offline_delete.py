@@ -7,7 +7,7 @@ tombstone from the log, removes its file, and no site brings the package back.
 
 from __future__ import annotations
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ back, catches up from the log and converges.
 
 from __future__ import annotations
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 # DESIGN.md: "After an origin restart a mirror resumes in 10–15 s; tolerate that lag." Twice that, at most.

@@ -7,7 +7,7 @@ state digest) and lists who holds it. PATCH stage=prod at A: it reaches C.
 
 from __future__ import annotations
 
-from odst.scenario import Network
+from harness.network import Network
 
 MiB = 1 << 20
 

@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from harness.ports import free_port  # noqa: F401  (one port allocator, safe under pytest-xdist)
+from harness.site import ADMIN_TOKEN, SiteProcess  # noqa: F401  (one harness for tests, scenarios, benches)
+from harness.wait import wait_until
 from odst.bus.embedded import nats_server_binary
 
 pytest_plugins = ["tests.ldap_server", "tests.browser"]
-
-ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
-from odst.scenario import free_port  # noqa: E402  (one port allocator, safe under pytest-xdist)
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
-    """Poll predicate until it returns a truthy value; fail with ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # e.g. connection refused while starting
-            last_exc = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc!r})")
 
 
 @dataclass
@@ -63,73 +44,6 @@ def nats_server(tmp_path):
     yield NatsServer(f"nats://127.0.0.1:{port}", proc, store)
     proc.terminate()
     proc.wait(10)
-
-
-@dataclass
-class SiteProcess:
-    data: Path
-    port: int
-    token: str = ADMIN_TOKEN
-    env: dict = field(default_factory=dict)
-    extra_args: list = field(default_factory=list)
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, token: str | None = None, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60,
-                            headers={"Authorization": f"Bearer {token or self.token}"}, **kw)
-
-    def start(self, timeout: float = 60.0) -> "SiteProcess":
-        """Start and wait until /healthz says 200."""
-        self.start_process()
-
-        def healthy():
-            if self.proc.poll() is not None:
-                return "exited"
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        try:
-            if wait_until(healthy, timeout, what="odst serve to become healthy") == "exited":
-                raise AssertionError(f"odst serve exited with {self.proc.returncode}:\n{self.log()}")
-        except AssertionError as exc:
-            if "exited with" in str(exc):
-                raise
-            raise AssertionError(f"odst serve did not become healthy:\n{self.log()}") from None
-        return self
-
-    def start_process(self) -> "SiteProcess":
-        env = {**os.environ, "ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", **self.env}
-        self.log_path = self.data.parent / f"{self.data.name}-serve.log"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
-             "--http", f"127.0.0.1:{self.port}", *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-        log.close()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:] if self.log_path else ""
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
-
-    def kill9(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 def run_odst(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -91,7 +91,7 @@ class Slapd:
         return self.log_file.read_text(errors="replace")[-5000:] if self.log_file.exists() else ""
 
 
-from odst.scenario import free_port as _free_port  # noqa: E402  (safe under pytest-xdist)
+from harness.ports import free_port as _free_port  # noqa: E402  (safe under pytest-xdist)
 
 
 def _run(*cmd: str, cwd: Path | None = None) -> None:

@@ -44,7 +44,7 @@ def silent_server():
 
 
 def unreachable_url() -> str:
-    from odst.scenario import free_port
+    from harness.ports import free_port
     return f"ldap://127.0.0.1:{free_port()}"  # a port nobody listens on
 
 

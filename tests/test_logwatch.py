@@ -227,7 +227,7 @@ def test_junk_is_bounded_reported_and_never_fails_the_audit(make_site):
 
 
 def test_audit_of_an_unreachable_broker_is_a_violation_not_a_traceback(make_site):
-    from odst.scenario import free_port
+    from harness.ports import free_port
     site = make_site().start()
     assert site.stop() == 0
     r = run_odst("audit", "--data", str(site.data), "--nats", f"nats://127.0.0.1:{free_port()}")

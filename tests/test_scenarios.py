@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from odst.scenario import ScenarioFailed, run_scenario
+from harness.network import ScenarioFailed
+from harness.runner import run_scenario
 
 SCENARIOS = sorted(p for p in (Path(__file__).resolve().parent.parent / "scenarios").glob("*.py")
                    if not p.name.startswith("_"))

@@ -1,41 +1,29 @@
-"""Multi-site scenarios: start real ``odst serve`` processes on 127.0.0.1 and tell a story.
+"""A network of sites on 127.0.0.1 that tells a story: the harness of the multi-site scenarios.
 
 A scenario is a file in ``scenarios/`` with ``def run(net: Network) -> None``
-and a docstring. The runner gives it a :class:`Network`: a work directory,
-free ports, and helpers that start sites (each its own data directory and
-embedded NATS server), link them with leaf nodes, register them with each
-other, upload, stage and delete packages, and wait — always with a deadline —
-until the sites agree. Every step is printed with its time, so a person
-running ``odst scenario run scenarios/chain3`` sees what happened; every
+and a docstring. The runner (:mod:`harness.runner`) gives it a :class:`Network`:
+a work directory, free ports, and helpers that start sites (each its own data
+directory and embedded NATS server), link them with leaf nodes, register them
+with each other, upload, stage and delete packages, and wait — always with a
+deadline — until the sites agree. Every step is printed with its time, so a
+person running ``odst scenario run scenarios/chain3`` sees what happened; every
 process is stopped at the end, also when a check fails. A failed check raises
 :class:`ScenarioFailed` with the tail of the logs of the sites concerned.
-
-    odst scenario list
-    odst scenario run scenarios/chain3 [scenarios/hub4.py ...] [--keep] [--workdir DIR]
-    odst scenario run --all
+Benches use it too (``bench/replication.py``), with the story on stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ctypes
 import hashlib
-import importlib.util
-import os
 import random
 import secrets
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import quote
@@ -47,13 +35,16 @@ try:
 except ImportError:  # pragma: no cover - blake3 is a dependency
     _blake3 = None
 
-__all__ = ["Network", "Site", "ScenarioFailed", "load_scenario", "run_scenario", "main"]
+from harness.ports import free_port
+from harness.site import SiteProcess, stop_all
+from harness.wait import TimedOut, wait_until
+
+__all__ = ["Network", "Site", "ScenarioFailed"]
 
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 60.0
 LOG_TAIL_LINES = 40
 STOP_TIMEOUT = 20.0
-REPO_SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
 
 
 class ScenarioFailed(Exception):
@@ -61,44 +52,6 @@ class ScenarioFailed(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-_PORT_BLOCK = 2000
-_ports: dict[str, int] = {}
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now.
-
-    Under pytest-xdist (``PYTEST_XDIST_WORKER=gwN``) each worker hands out ports from a block
-    of its own below the kernel's ephemeral range (32768+): two workers never pick the same
-    port between checking it and a server binding it, and no kernel-chosen port (an embedded
-    broker's ``:-1``) lands on one either. Otherwise the kernel picks.
-    """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not (worker.startswith("gw") and worker[2:].isdigit() and int(worker[2:]) < 6):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-    base = 20000 + int(worker[2:]) * _PORT_BLOCK
-    for _ in range(_PORT_BLOCK):
-        port = _ports.get(worker, base)
-        _ports[worker] = base + (port + 1 - base) % _PORT_BLOCK
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # still held, or in TIME_WAIT from an earlier test
-            return port
-    raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
-
-
-def _set_pdeathsig() -> None:  # in the child between fork and exec: die with the runner
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C reaches the runner only; it stops the sites in order
 
 
 def content_blocks(size: int, seed: int | str) -> Iterator[bytes]:
@@ -135,30 +88,16 @@ def _fmt_size(n: int) -> str:
 # --------------------------------------------------------------------------- sites
 
 
-@dataclass
-class Site:
-    """One ``odst serve`` process: its data directory, ports, links and stage policy."""
+@dataclass(kw_only=True, eq=False)
+class Site(SiteProcess):
+    """One ``odst serve`` of a network: its name, leaf links and stage policy."""
 
     net: "Network"
-    name: str
-    data: Path
-    http_port: int
-    leaf_port: int | None = None  # accepts leaf connections on this port (a hub / middle of a chain)
     dials: list[str] = field(default_factory=list)  # names of the sites whose leaf port it dials
     accept: list[str] | None = None  # stages replicated here; None: every stage
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
+    die_with_parent: bool = True  # a runner never leaves sites behind
     id: str = ""
-    starts: int = 0
     nats_log_mark: int = 0  # size of <data>/run/nats.log when we last (re)started it or a hub it dials
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.net.workdir / f"{self.name}.log"
 
     @property
     def packages_dir(self) -> Path:
@@ -168,10 +107,6 @@ class Site:
     def tmp_dir(self) -> Path:
         return self.data / "store" / "tmp"
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def accepts(self, stage: str) -> bool:
         return self.accept is None or stage in self.accept
 
@@ -179,27 +114,12 @@ class Site:
         return self.packages_dir / name
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "odst", "serve", "--data", str(self.data),
-               "--http", f"127.0.0.1:{self.http_port}", "--site-name", self.name]
-        if self.leaf_port:
-            cmd += ["--leaf-listen", f"127.0.0.1:{self.leaf_port}"]
+        cmd = super().command()
         for hub in self.dials:
             cmd += ["--leaf-remote", f"nats-leaf://127.0.0.1:{self.net[hub].leaf_port}"]
         for stage in self.accept or []:
             cmd += ["--accept-stage", stage]
         return cmd
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        tail = text.splitlines()[-lines:]
-        return "\n".join(line[:400] for line in tail)
-
-    @property
-    def nats_log(self) -> Path:
-        return self.data / "run" / "nats.log"
 
     def nats_log_size(self) -> int:
         try:
@@ -217,11 +137,6 @@ class Site:
             return False
         needle = f"127.0.0.1:{hub.leaf_port} - lid:"
         return any(needle in line and "JetStream using domains" in line for line in text.splitlines())
-
-    def run_info(self) -> dict:
-        """What the running process wrote to <data>/run/site.json (pid, site id, NATS URL)."""
-        import json
-        return json.loads((self.data / "run" / "site.json").read_text())
 
     def __str__(self) -> str:
         return self.name
@@ -294,13 +209,16 @@ class Network:
         return [self.name_of(i) for i in site_ids]
 
     def add(self, name: str, *, listen: bool = False, dial: Iterable[Site | str] = (),
-            accept: Iterable[str] | None = None, env: dict[str, str] | None = None) -> Site:
-        """Declare a site (not started): ``listen`` accepts leaf links, ``dial`` links to hubs."""
+            accept: Iterable[str] | None = None, env: dict[str, str] | None = None,
+            args: Iterable[str] = ()) -> Site:
+        """Declare a site (not started): ``listen`` accepts leaf links, ``dial`` links to hubs,
+        ``args`` are more ``odst serve`` flags."""
         if name in self.sites:
             raise ValueError(f"site {name} already exists")
-        site = Site(net=self, name=name, data=self.workdir / name, http_port=free_port(),
-                    leaf_port=free_port() if listen else None,
-                    accept=list(accept) if accept is not None else None, env=dict(env or {}))
+        site = Site(net=self, name=name, data=self.workdir / name, port=free_port(), token=self.token,
+                    log_path=self.workdir / f"{name}.log", leaf_port=free_port() if listen else None,
+                    accept=list(accept) if accept is not None else None,
+                    env={"ODST_LOG_FORMAT": "console", **(env or {})}, extra_args=list(args))
         for hub in dial:
             self.link(site, hub)
         self.sites[name] = site
@@ -333,23 +251,6 @@ class Network:
 
     # ----------------------------------------------------------------- processes
 
-    def _spawn(self, site: Site) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
-        here = str(Path(__file__).resolve().parent.parent)  # the sites run this very odst
-        env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", "ODST_LOG_FORMAT": "console",
-                    "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])]),
-                    **site.env})
-        site.data.mkdir(parents=True, exist_ok=True)
-        with open(site.log_path, "ab") as log:
-            site.starts += 1
-            log.write(f"\n===== scenario: start #{site.starts} of site {site.name} at "
-                      f"{time.strftime('%H:%M:%SZ', time.gmtime())}: {' '.join(site.command())}\n".encode())
-            log.flush()
-            site.proc = subprocess.Popen(site.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=str(self.workdir),
-                                         preexec_fn=_set_pdeathsig)
-
     def start(self, *sites: Site | str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Start the given sites (default: every declared site not running) and wait until healthy."""
         chosen = [self[s] for s in sites] if sites else [s for s in self.sites.values() if not s.running]
@@ -365,7 +266,7 @@ class Network:
                 if s in chosen or any(self[h] in chosen for h in s.dials):
                     s.nats_log_mark = s.nats_log_size()
             for s in chosen:
-                self._spawn(s)
+                s.start_process()
             self._wait_healthy(chosen, timeout)
             self._wait_links(chosen, timeout - (time.monotonic() - started))
             for s in chosen:
@@ -429,60 +330,20 @@ class Network:
                     self.say(f"  note: site {s.name} exited with code {code}")
 
     def _terminate(self, sites: list[Site], timeout: float) -> list[int | None]:
-        for s in sites:
-            with contextlib.suppress(ProcessLookupError):
-                s.proc.send_signal(signal.SIGTERM)
-        codes = []
-        deadline = time.monotonic() + timeout
-        for s in sites:
-            try:
-                codes.append(s.proc.wait(max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                self.say(f"  site {s.name} ignored SIGTERM for {timeout:.0f}s; killing it")
-                s.proc.kill()
-                codes.append(s.proc.wait(10))
-        for s in sites:
-            self._reap_broker(s)
-        return codes
+        return stop_all(sites, timeout, note=lambda line: self.say(f"  {line}"))
 
     def kill9(self, site: Site | str) -> None:
         """kill -9 the site's ``odst serve`` (its nats-server follows it: PDEATHSIG)."""
         s = self[site]
         with self.step(f"kill -9 {s.name} (pid {s.proc.pid})"):
-            s.proc.kill()
-            s.proc.wait(10)
-            self._reap_broker(s)
+            s.kill9()
+            s.reap_broker(note=lambda line: self.say(f"  {line}"))
 
     def restart(self, site: Site | str, timeout: float = DEFAULT_TIMEOUT) -> None:
         s = self[site]
         if s.running:
             self.stop(s)
         self.start(s, timeout=timeout)
-
-    def _broker_pids(self, site: Site) -> list[int]:
-        """nats-server processes serving this site's data dir (started by its odst serve)."""
-        needle = str(site.data / "run").encode()
-        pids = []
-        for p in Path("/proc").iterdir():
-            if not p.name.isdigit():
-                continue
-            try:
-                cmd = (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"nats-server" in cmd and needle in cmd:
-                pids.append(int(p.name))
-        return pids
-
-    def _reap_broker(self, site: Site, timeout: float = 10.0) -> None:
-        """Wait until the site's nats-server is gone (it gets SIGTERM when its parent dies)."""
-        deadline = time.monotonic() + timeout
-        while (pids := self._broker_pids(site)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in pids:  # still there: it was started for this site, so stop it by its pid
-            self.say(f"  nats-server {pid} of site {site.name} outlived its parent; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Stop every process this network started (used in a finally)."""
@@ -499,7 +360,7 @@ class Network:
         else:
             for s in self.sites.values():
                 if s.proc is not None:
-                    self._reap_broker(s, timeout=2)
+                    s.reap_broker(2, note=lambda line: self.say(f"  {line}"))
         self._http.close()
 
     # ----------------------------------------------------------------- HTTP
@@ -642,26 +503,16 @@ class Network:
     def wait_until(self, predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, what: str = "condition",
                    *, sites: Iterable[Site | str] | None = None, interval: float = 0.05,
                    detail: Callable[[], str] | None = None) -> Any:
-        """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        last_exc: BaseException | None = None
-        while True:
-            try:
-                value = predicate()
-                if value:
-                    return value
-                last_exc = None
-            except ScenarioFailed:
-                raise
-            except Exception as exc:  # a site restarting, a request timing out: keep polling
-                last_exc = exc
-            if time.monotonic() > deadline:
-                extra = f" (last error: {type(last_exc).__name__}: {last_exc})" if last_exc else ""
-                if detail is not None:
-                    with contextlib.suppress(Exception):
-                        extra += "\n" + detail()
-                self.fail(f"timed out after {timeout:.0f}s waiting for {what}{extra}", sites)
-            time.sleep(interval)
+        """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds
+        with the log tails of ``sites`` (and ``detail()``, e.g. what is still unmet)."""
+        try:
+            return wait_until(predicate, timeout, interval, what, reraise=(ScenarioFailed,))
+        except TimedOut as exc:
+            message = str(exc)
+            if detail is not None:
+                with contextlib.suppress(Exception):
+                    message += "\n" + detail()
+            self.fail(message, sites)
 
     def hold(self, predicate: Callable[[], Any], seconds: float, what: str,
              *, sites: Iterable[Site | str] | None = None, interval: float = 0.1) -> None:
@@ -777,149 +628,3 @@ class Network:
                                   f"blake3 {pkg['blake3']}", [s])
                     total += 1
             self.say(f"  {total} file(s) verified against their manifests")
-
-
-# --------------------------------------------------------------------------- running scenarios
-
-
-def load_scenario(path: Path):
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"odst_scenario_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ScenarioFailed(f"cannot load scenario {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "run", None)):
-        raise ScenarioFailed(f"scenario {path} has no run(net) function")
-    return module
-
-
-def summary_line(module) -> str:
-    doc = (module.__doc__ or module.run.__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
-
-
-def run_scenario(path: Path, workdir: Path | None = None, *, keep: bool = False, out=None) -> dict:
-    """Run one scenario file in ``workdir`` (a fresh temp dir by default); raise ScenarioFailed.
-
-    Returns the figures the scenario recorded in ``net.results`` plus ``seconds``.
-    The work dir is removed after a success unless ``keep`` (or it was given); kept on failure.
-    """
-    path = Path(path)
-    module = load_scenario(path)
-    given = workdir is not None
-    workdir = Path(workdir) if given else Path(tempfile.mkdtemp(prefix=f"odst-{path.stem}-"))
-    net = Network(workdir, title=path.stem, out=out)
-    net.say(f"scenario {path.stem}: {summary_line(module)}")
-    net.say(f"work dir {workdir}; started {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime())}; "
-            f"site logs: {workdir}/<site>.log, <site>/run/nats.log")
-    ok = False
-    try:
-        module.run(net)
-        ok = True
-    finally:
-        try:
-            net.close()
-        finally:
-            elapsed = time.monotonic() - net.started
-            net.say(f"scenario {path.stem} {'PASSED' if ok else 'FAILED'} in {elapsed:.1f}s")
-            if ok and not given and not keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-            elif not ok:
-                net.say(f"logs and data kept in {workdir}")
-    return {**net.results, "seconds": elapsed}
-
-
-def scenario_dirs() -> list[Path]:
-    dirs = [Path.cwd() / "scenarios", REPO_SCENARIOS]
-    out = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
-            out.append(d)
-    return out
-
-
-def all_scenarios() -> list[Path]:
-    for d in scenario_dirs():
-        found = sorted(p for p in d.glob("*.py") if not p.name.startswith("_"))
-        if found:
-            return found
-    return []
-
-
-def resolve(arg: str) -> Path:
-    p = Path(arg)
-    for candidate in (p, p.with_name(p.name + ".py")):
-        if candidate.is_file():
-            return candidate
-    for d in scenario_dirs():
-        for candidate in (d / p.name, d / (p.name + ".py")):
-            if candidate.is_file():
-                return candidate
-    raise FileNotFoundError(f"no scenario {arg!r} (looked in {', '.join(str(d) for d in scenario_dirs())})")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="odst scenario", description="run multi-site scenarios")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="the scenarios and what each shows")
-    p = sub.add_parser("run", help="run scenarios (files or names in scenarios/)")
-    p.add_argument("scenarios", nargs="*", help="scenarios/NAME or scenarios/NAME.py")
-    p.add_argument("--all", action="store_true", help="every scenario in scenarios/")
-    p.add_argument("--workdir", type=Path, help="put data dirs and logs here (kept)")
-    p.add_argument("--keep", action="store_true", help="keep the work dir after a success")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "list":
-        scenarios = all_scenarios()
-        if not scenarios:
-            print("no scenarios found", file=sys.stderr)
-            return 1
-        width = max(len(p.stem) for p in scenarios)
-        for path in scenarios:
-            try:
-                line = summary_line(load_scenario(path))
-            except Exception as exc:  # a broken file still gets listed
-                line = f"(cannot load: {exc})"
-            print(f"{path.stem:<{width}}  {line}")
-        return 0
-
-    try:
-        paths = all_scenarios() if args.all else [resolve(a) for a in args.scenarios]
-    except FileNotFoundError as exc:
-        print(f"odst scenario: {exc}", file=sys.stderr)
-        return 2
-    if not paths:
-        print("odst scenario: name a scenario or pass --all", file=sys.stderr)
-        return 2
-    def on_term(signum, frame):  # unwind through the finally blocks: every site gets stopped
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        return _run_all(paths, args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_all(paths: list[Path], args) -> int:
-    results: list[tuple[str, bool, float, str]] = []
-    for path in paths:
-        workdir = args.workdir / path.stem if args.workdir else None
-        t0 = time.monotonic()
-        try:
-            run_scenario(path, workdir, keep=args.keep)
-            results.append((path.stem, True, time.monotonic() - t0, ""))
-        except ScenarioFailed as exc:
-            print(f"\nFAILED {path.stem}: {exc}\n", file=sys.stderr, flush=True)
-            results.append((path.stem, False, time.monotonic() - t0, str(exc).splitlines()[0]))
-        except KeyboardInterrupt:
-            print(f"\ninterrupted in {path.stem}", file=sys.stderr)
-            return 130
-        except Exception:
-            traceback.print_exc()
-            results.append((path.stem, False, time.monotonic() - t0, "error in the scenario itself"))
-    if len(results) > 1:
-        print("\nsummary:")
-        for name, ok, secs, why in results:
-            print(f"  {'PASS' if ok else 'FAIL'}  {name:<16} {secs:6.1f}s  {why}")
-    return 0 if all(ok for _, ok, _, _ in results) else 1
