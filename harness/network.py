@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 import secrets
 import signal
@@ -30,14 +29,11 @@ from urllib.parse import quote
 
 import httpx
 
-try:
-    import blake3 as _blake3
-except ImportError:  # pragma: no cover - blake3 is a dependency
-    _blake3 = None
-
 from harness.ports import free_port
 from harness.site import SiteProcess, stop_all
 from harness.wait import TimedOut, wait_until
+from odst.bus import connect_as_site
+from odst.store.hashing import WholeHash, hash_file
 
 __all__ = ["Network", "Site", "ScenarioFailed"]
 
@@ -62,19 +58,6 @@ def content_blocks(size: int, seed: int | str) -> Iterator[bytes]:
         n = min(left, CHUNK)
         yield rnd.randbytes(n)
         left -= n
-
-
-def hash_file(path: Path) -> tuple[int, str, str]:
-    sha1 = hashlib.sha1()
-    b3 = _blake3.blake3() if _blake3 else None
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(4 << 20):
-            sha1.update(block)
-            if b3 is not None:
-                b3.update(block)
-            size += len(block)
-    return size, sha1.hexdigest(), b3.hexdigest() if b3 is not None else ""
 
 
 def _fmt_size(n: int) -> str:
@@ -426,16 +409,13 @@ class Network:
         if data is None and size is None:
             raise ValueError("upload needs size or data")
         total = len(data) if data is not None else size
-        sha1 = hashlib.sha1()
-        b3 = _blake3.blake3() if _blake3 else None
+        sent = WholeHash()
 
         def body() -> Iterator[bytes]:
             blocks = ([data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] if data is not None
                       else content_blocks(size, seed if seed is not None else f"{name}:{s.name}"))
             for block in blocks:
-                sha1.update(block)
-                if b3 is not None:
-                    b3.update(block)
+                sent.update(block)
                 yield block
 
         params = {"stage": stage} if stage else {}
@@ -454,7 +434,7 @@ class Network:
             if r.status_code >= 300:
                 self.say(f"  {name}: {r.status_code} {pkg.get('detail', '')}")
             pkg["status"] = r.status_code
-            pkg["sent"] = {"size": total, "sha1": sha1.hexdigest(), "blake3": b3.hexdigest() if b3 else ""}
+            pkg["sent"] = {"size": total, "sha1": sent.sha1, "blake3": sent.blake3}
             if r.status_code in (200, 201):
                 self.say(f"  {name}: {r.status_code}, sha1 {pkg['sent']['sha1'][:12]}, "
                          f"blake3 {pkg['sent']['blake3'][:12]}, {-(-total // CHUNK)} chunks, "
@@ -481,12 +461,10 @@ class Network:
     def nats_publish(self, site: Site | str, subject: str, payload: bytes, *,
                      headers: dict[str, str] | None = None, stream: str | None = None) -> Any:
         """Publish straight to a site's NATS server (JetStream publish when ``stream`` is given)."""
-        from odst.bus import connect_as_site as site_connect
-
         data = self[site].data
 
         async def go():
-            nc = await site_connect(data, max_reconnect_attempts=0)
+            nc = await connect_as_site(data, max_reconnect_attempts=0)
             try:
                 if stream:
                     return await nc.jetstream().publish(subject, payload, stream=stream, headers=headers,
@@ -621,7 +599,8 @@ class Network:
                 for name in sorted(present):
                     pkg = self.package(s, name)
                     self.check(pkg is not None, f"site {s.name} has a file {name} but no package of that name", [s])
-                    size, sha1, b3 = hash_file(s.file(name))
+                    whole = hash_file(s.file(name))
+                    size, sha1, b3 = whole.size, whole.sha1, whole.blake3
                     if (size, sha1) != (pkg["size"], pkg["sha1"]) or (b3 and b3 != pkg["blake3"]):
                         self.fail(f"site {s.name}: {name} on disk is {size} bytes sha1 {sha1} blake3 {b3}; "
                                   f"the manifest says {pkg['size']} bytes sha1 {pkg['sha1']} "
