@@ -18,7 +18,7 @@ import nats.js.errors
 import structlog
 from nats.js import JetStreamContext, api
 
-from odst.events import codec
+from odst.events import chain, codec
 from odst.events.catalogue import Event
 from odst.events.signing import SignatureInvalid, SiteKey
 
@@ -208,7 +208,10 @@ class EventLog:
                     env = codec.open_signed(m.payload, self.key.public_key)
                 except (SignatureInvalid, codec.EnvelopeInvalid):
                     continue
-                if env.origin == self.site and env.seq == seq + 1 and env.prev == prev:
+                # the head follows seq and prev; whether a first event founds the site is the
+                # projector's to judge (it quarantines one that does not)
+                if env.origin == self.site and chain.link(env, seq, prev) in (chain.Link.NEXT,
+                                                                               chain.Link.NOT_FOUNDED):
                     seq, prev = env.seq, codec.chain_hash(m.payload)
         return last, seq, prev
 
