@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -123,6 +123,26 @@ class StoredMessage:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
+
+
+class Appender(Protocol):
+    """The event log as its writers use it (contract: tests/test_contracts.py).
+
+    ``append`` chains the event onto the last valid one and returns where it landed;
+    ``head`` is (last stream seq, last valid envelope seq, its chain hash); ``forget_head``
+    makes the next append re-read the head; ``replicas`` is the stream's replica count,
+    which the streams a site creates beside its log (mirrors, notifications) copy.
+    """
+
+    replicas: int
+
+    async def ensure_stream(self) -> list[str]: ...
+
+    async def head(self) -> tuple[int, int, str]: ...
+
+    def forget_head(self) -> None: ...
+
+    async def append(self, event: Event, *, actor: str) -> Appended: ...
 
 
 class EventLog:
