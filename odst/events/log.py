@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.js import JetStreamContext, api
 
-from odst.events import codec
+from odst.events import chain, codec
 from odst.events.catalogue import Event
 from odst.events.signing import SignatureInvalid, SiteKey
 
@@ -125,6 +125,26 @@ class StoredMessage:
     headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
 
 
+class Appender(Protocol):
+    """The event log as its writers use it (contract: tests/test_contracts.py).
+
+    ``append`` chains the event onto the last valid one and returns where it landed;
+    ``head`` is (last stream seq, last valid envelope seq, its chain hash); ``forget_head``
+    makes the next append re-read the head; ``replicas`` is the stream's replica count,
+    which the streams a site creates beside its log (mirrors, notifications) copy.
+    """
+
+    replicas: int
+
+    async def ensure_stream(self) -> list[str]: ...
+
+    async def head(self) -> tuple[int, int, str]: ...
+
+    def forget_head(self) -> None: ...
+
+    async def append(self, event: Event, *, actor: str) -> Appended: ...
+
+
 class EventLog:
     """The site's own stream EVENTS (subjects ``odst.<site>.ev.>``)."""
 
@@ -208,7 +228,10 @@ class EventLog:
                     env = codec.open_signed(m.payload, self.key.public_key)
                 except (SignatureInvalid, codec.EnvelopeInvalid):
                     continue
-                if env.origin == self.site and env.seq == seq + 1 and env.prev == prev:
+                # the head follows seq and prev; whether a first event founds the site is the
+                # projector's to judge (it quarantines one that does not)
+                if env.origin == self.site and chain.link(env, seq, prev) in (chain.Link.NEXT,
+                                                                               chain.Link.NOT_FOUNDED):
                     seq, prev = env.seq, codec.chain_hash(m.payload)
         return last, seq, prev
 

@@ -13,6 +13,7 @@ from litestar.params import Parameter
 from odst.errors import (InsufficientStorage, PackageConflict, PackageNotFound, RequestInvalid,
                          StageInvalid, Unavailable, UploadIncomplete, UploadTooLarge)
 from odst.events import catalogue as ev
+from odst.events import uploads
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
@@ -55,6 +56,13 @@ async def _receive_body(request: Request, upload: StreamingUpload, limit: int) -
             await upload.feed(body)
         if not message.get("more_body", False):
             return
+
+
+def _refused(decision) -> Exception:
+    """An upload decision (odst.events.uploads) that refuses, as the HTTP error it is."""
+    kind = {uploads.TooLarge: UploadTooLarge, uploads.NoSpace: InsufficientStorage,
+            uploads.Conflict: PackageConflict}[type(decision)]
+    return kind(decision.detail)
 
 
 def _strict(request: Request) -> str:
@@ -118,17 +126,11 @@ class PackageController(Controller):
             length = ascii_int(announced)
             if length is None:
                 raise RequestInvalid("Content-Length is not a number")
-            if length > settings.max_upload_bytes:
-                raise UploadTooLarge(f"{length} bytes exceeds max_upload_bytes ({settings.max_upload_bytes})")
-            if length + site.store.reserve_bytes() > site.store.free_bytes():
-                raise InsufficientStorage(f"not enough free space in the store for {length} bytes")
-            existing = views.package(site.reader, name)
-            if existing and existing["size"] != length:
-                raise PackageConflict(f"a different package named {name!r} exists "
-                                      f"({existing['size']} bytes, sha1 {existing['sha1']}); "
-                                      "delete it first or choose another name")
-        elif site.store.free_bytes() <= site.store.reserve_bytes():
-            raise InsufficientStorage("the store is full")
+        refusal = uploads.admit_upload(name, length, views.package(site.reader, name) if length is not None else None,
+                                       max_bytes=settings.max_upload_bytes, free_bytes=site.store.free_bytes(),
+                                       reserve_bytes=site.store.reserve_bytes())
+        if refusal is not None:
+            raise _refused(refusal)
         upload = StreamingUpload(site.store.new_temp())
         log.info("upload started", package=name, length=length)
         try:
@@ -153,41 +155,31 @@ class PackageController(Controller):
             upload.path.unlink(missing_ok=True)
             raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
         async with _lock_for(name):
-            existing = views.package(site.reader, name)
-            held_here = existing is not None and existing["availability"].get(
-                site.id, {}).get("status") == "available"
-            if existing is not None and (existing["blake3"] != manifest.blake3 or held_here):
+            decision = uploads.accept_upload(name, stage, manifest, views.package(site.reader, name), site.id)
+            if not isinstance(decision, uploads.Uploaded):
                 upload.path.unlink(missing_ok=True)
-                if held_here and existing["blake3"] == manifest.blake3:
+                if isinstance(decision, uploads.Identical):
                     site.stats.uploads["identical"] += 1
-                    return Response(existing, status_code=200)
+                    return Response(decision.existing, status_code=200)
                 site.stats.uploads["refused"] += 1
-                raise PackageConflict(f"a different package named {name!r} exists "
-                                      f"(sha1 {existing['sha1']}, yours {manifest.sha1}); "
-                                      "delete it first or choose another name")
+                raise _refused(decision)
             with site.store.publishing(name):
                 try:
                     site.store.publish(upload.path, name)
                 except FileExistsError:
                     upload.path.unlink(missing_ok=True)
                     raise PackageConflict(f"a file named {name!r} is being published; retry") from None
-                event = ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
-                                           sha512=manifest.sha512, blake3=manifest.blake3,
-                                           chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
-                                           stage=stage)
                 try:
-                    await site.append(event, actor=request.state.actor)
+                    await site.append(decision.event, actor=request.state.actor)
                 except AppendFailed as exc:
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None
         log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
         site.stats.uploads["published"] += 1
         current = views.package(site.reader, name)
-        if current is None or current["blake3"] != manifest.blake3:
-            winner = f" at site {current['origin']}" if current else ""
-            raise PackageConflict(
-                f"{name!r} was uploaded with other content{winner} at the same time, and earlier: that "
-                "upload wins at every site and replaces yours here (see 'conflicts' in /api/v1/state)")
+        lost = uploads.lost_race(name, manifest, current)
+        if lost is not None:
+            raise _refused(lost)
         return Response(current, status_code=201)
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import msgspec
@@ -10,7 +9,7 @@ import structlog
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
-from odst.accounts import ldap, passwords
+from odst.accounts import passwords, signin
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
@@ -20,27 +19,9 @@ from odst.site import Site
 
 log = structlog.get_logger("odst.signin")
 
-WRONG = "user name or password is wrong"
-
-
-class SigninFailed(OdstError):
-    status, code = 401, "signin_failed"
-
-
-class DirectoryDown(OdstError):
-    status, code = 503, "directory_unavailable"
-
 
 class JsonRequired(OdstError):
     status, code = 415, "unsupported_media_type"
-
-
-class TooManyAttempts(OdstError):
-    status, code = 429, "too_many_attempts"
-
-    def __init__(self, retry_after: int):
-        super().__init__(f"too many failed sign-ins for this user or address; try again in {retry_after} s")
-        self.retry_after = retry_after
 
 
 class SignIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,45 +56,6 @@ def session_json(p: Principal) -> dict[str, Any]:
             "csrf_token": p.csrf, "expires_at": int(p.expires_at * 1000)}
 
 
-async def _check_password(site: Site, username: str, password: str) -> tuple[str, str, str, str, str]:
-    """(username, role, source, display name, credential fingerprint) of whoever these
-    credentials are; SigninFailed if no one, DirectoryDown if the directory cannot say."""
-    row = views.user_row(site.reader, username)
-    if row is not None:
-        if await passwords.verify_async(site.key, row["password_sealed"], password):
-            return row["username"], row["role"], "local", row["display_name"], passwords.fingerprint(row)
-        raise SigninFailed(WRONG)
-    # an unknown local name costs one hash whether or not the directory is asked, so timing
-    # does not tell local users from the rest
-    dummy = asyncio.ensure_future(passwords.verify_async(site.key, None, password))
-    try:
-        if not ldap.enabled(site.settings):
-            raise SigninFailed(WRONG)
-        try:
-            user = await ldap.POOL.run(ldap.authenticate, site.settings, username, password)
-        except ldap.DirectoryRefused as exc:
-            log.info("directory refused sign-in", user=username, reason=exc.detail)
-            raise SigninFailed(WRONG) from None
-        except ldap.DirectoryUnavailable as exc:
-            log.error("directory unavailable for sign-in", user=username, reason=exc.detail)
-            raise DirectoryDown("the directory (LDAP) is not answering; local users can still sign in") from None
-        return user.username, user.role, "ldap", user.display_name, ""
-    finally:
-        await asyncio.gather(dummy, return_exceptions=True)
-
-
-def _reserve_attempt(site: Site, username: str, address: str) -> list[int]:
-    """Count one password check against the sign-in limits, before it is made; 429 when over."""
-    s = site.settings
-    wait, reservation = site.sessions.attempt(username, address, max_failures=s.signin_max_failures,
-                                              max_address=s.signin_max_failures_address,
-                                              window_s=s.signin_window_s)
-    if wait:
-        log.warning("refused: too many failed password checks", user=username, address=address, retry_after=wait)
-        raise TooManyAttempts(wait)
-    return reservation
-
-
 class SessionController(Controller):
     path = "/api/v1/session"
     tags = ["session"]
@@ -130,12 +72,12 @@ class SessionController(Controller):
         body = decode_json(await request.body(), SignIn)
         username = body.username.strip()
         if not username or len(username) > 256 or len(body.password) > passwords.MAX_LENGTH:
-            raise SigninFailed(WRONG)
+            raise signin.SigninFailed(signin.WRONG)
         address = client_address(request)
-        reservation = _reserve_attempt(site, username, address)
+        reservation = signin.reserve_attempt(site.sessions, site.settings, username, address)
         try:
-            name, role, source, display, credential = await _check_password(site, username, body.password)
-        except SigninFailed:
+            who = await signin.check_password(site.reader, site.key, site.settings, username, body.password)
+        except signin.SigninFailed:
             log.warning("sign-in failed", user=username, address=address)
             raise
         except BaseException:  # the directory was down or we were too busy: no password was judged
@@ -143,11 +85,11 @@ class SessionController(Controller):
             raise
         site.sessions.succeeded(username, address, reservation)
         session_id, sess = site.sessions.create(
-            username=name, role=role, source=source, display_name=display, address=address,
-            user_agent=request.headers.get("user-agent", ""), credential=credential)
-        log.info("signed in", user=name, role=role, source=source, address=address)
-        p = Principal(username=name, role=role, source=source, display_name=display, csrf=sess.csrf,
-                      expires_at=sess.ends_at(site.sessions.idle_s))
+            username=who.username, role=who.role, source=who.source, display_name=who.display_name,
+            address=address, user_agent=request.headers.get("user-agent", ""), credential=who.credential)
+        log.info("signed in", user=who.username, role=who.role, source=who.source, address=address)
+        p = Principal(username=who.username, role=who.role, source=who.source, display_name=who.display_name,
+                      csrf=sess.csrf, expires_at=sess.ends_at(site.sessions.idle_s))
         return Response(session_json(p),
                         cookies=[_session_cookie(request, site, session_id, site.settings.session_max_s)])
 
@@ -175,7 +117,7 @@ class SessionController(Controller):
                                  "theirs in the directory")
         body = decode_json(await request.body(), PasswordChange)
         address = client_address(request)
-        reservation = _reserve_attempt(site, p.username, address)
+        reservation = signin.reserve_attempt(site.sessions, site.settings, p.username, address)
         row = views.user_row(site.reader, p.username)
         if row is None or not await passwords.verify_async(site.key, row["password_sealed"], body.current):
             log.warning("password change: current password wrong", user=p.username, address=address)

@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from odst.events import catalogue as ev
-from odst.events import codec
+from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
 
@@ -133,15 +133,16 @@ class Folder:
         row = self.conn.execute("SELECT last_seq, last_hash FROM sites WHERE site=?",
                                 (origin,)).fetchone()
         last_seq, last_hash = (row[0], row[1]) if row else (0, codec.GENESIS)
-        if env.seq <= last_seq:  # a copy of a valid event: anyone who can read the log can make one
+        position = chain.link(env, last_seq, last_hash)
+        if position is chain.Link.REPLAY:  # a copy of a valid event: anyone who can read the log can make one
             return Outcome(False, f"replayed event: seq {env.seq} already seen from {origin}")
-        if env.seq != last_seq + 1:
+        if position is chain.Link.GAP:
             return Outcome(False, f"gap in {origin}'s chain: expected seq {last_seq + 1}, got {env.seq}",
                            violation=True)
-        if env.prev != last_hash:
+        if position is chain.Link.FORK:
             return Outcome(False, f"fork in {origin}'s chain at seq {env.seq}: prev hash differs",
                            violation=True)
-        if env.seq == 1 and not isinstance(env.event, ev.SiteFounded):
+        if position is chain.Link.NOT_FOUNDED:
             return Outcome(False, "a site's first event must be SiteFounded", violation=True)
         if self.conn.execute("SELECT 1 FROM events WHERE id=?", (env.id,)).fetchone():
             return Outcome(False, f"duplicate event id {env.id}", violation=True)

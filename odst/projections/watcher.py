@@ -1,7 +1,7 @@
 """What a process without the projector (a separate gateway or replicator) knows of it.
 
-Same interface as ``Projector`` for the parts others use — checkpoint, wait_for,
-wait_changed, lag, error — by polling the read model the projector process writes.
+The same ``ProjectionStatus`` as ``Projector`` (odst.projections.status) — checkpoint,
+wait_for, wait_changed, lag, error — by polling the read model the projector process writes.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ContextManager, Protocol
 
 import structlog
 
@@ -38,7 +39,40 @@ class StoreFull(Exception):
     """No space left on the store's file system."""
 
 
+class PackageStore(Protocol):
+    """The package store as the gateway, the replicator and the site use it (contract:
+    tests/test_contracts.py): temp files under ``tmp`` are never visible under a package
+    name; ``publish`` never overwrites, ``replace`` swaps atomically; ``sweep`` drops what
+    no event published. Names are checked by ``odst.naming`` before they get here."""
+
+    tmp: Path
+
+    def ensure(self) -> None: ...
+
+    def path(self, name: str) -> Path: ...
+
+    def new_temp(self, suffix: str = ".part") -> Path: ...
+
+    def free_bytes(self) -> int: ...
+
+    def reserve_bytes(self) -> int: ...
+
+    def publishing(self, name: str) -> ContextManager[None]: ...
+
+    def is_publishing(self, name: str, max_age_s: float = 600) -> bool: ...
+
+    def publish(self, temp: Path, name: str) -> Path: ...
+
+    def replace(self, temp: Path, name: str) -> Path: ...
+
+    def remove(self, name: str) -> bool: ...
+
+    def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]: ...
+
+
 class Store:
+    """The package store on a local file system (the one ``PackageStore``)."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.tmp = self.root / "tmp"

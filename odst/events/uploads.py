@@ -1,0 +1,81 @@
+"""Whether an upload may be published, as pure decisions over what the read model holds.
+
+The gateway streams the body and maps each decision to HTTP; the rules live here, beside
+the events they produce, where they can be tested without a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from odst.events import catalogue as ev
+from odst.store.hashing import Manifest
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    detail: str
+
+
+@dataclass(frozen=True)
+class NoSpace:
+    detail: str
+
+
+@dataclass(frozen=True)
+class Conflict:
+    detail: str
+
+
+@dataclass(frozen=True)
+class Identical:
+    """The same content is already published here under this name: nothing to record."""
+
+    existing: dict
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """Publish the file and record this event."""
+
+    event: ev.PackageUploaded
+
+
+def admit_upload(name: str, length: int | None, existing: dict | None, *, max_bytes: int,
+                 free_bytes: int, reserve_bytes: int) -> TooLarge | NoSpace | Conflict | None:
+    """Before the body arrives: refuse what cannot end well (None: receive it)."""
+    if length is None:
+        return NoSpace("the store is full") if free_bytes <= reserve_bytes else None
+    if length > max_bytes:
+        return TooLarge(f"{length} bytes exceeds max_upload_bytes ({max_bytes})")
+    if length + reserve_bytes > free_bytes:
+        return NoSpace(f"not enough free space in the store for {length} bytes")
+    if existing and existing["size"] != length:
+        return Conflict(f"a different package named {name!r} exists ({existing['size']} bytes, "
+                        f"sha1 {existing['sha1']}); delete it first or choose another name")
+    return None
+
+
+def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | None,
+                  site: str) -> Uploaded | Identical | Conflict:
+    """Once the body is verified: publish it, report it already here, or refuse it."""
+    if existing is not None:
+        held_here = existing["availability"].get(site, {}).get("status") == "available"
+        if held_here and existing["blake3"] == manifest.blake3:
+            return Identical(existing)
+        if existing["blake3"] != manifest.blake3 or held_here:
+            return Conflict(f"a different package named {name!r} exists (sha1 {existing['sha1']}, "
+                            f"yours {manifest.sha1}); delete it first or choose another name")
+    return Uploaded(ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
+                                       sha512=manifest.sha512, blake3=manifest.blake3,
+                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
+                                       stage=stage))
+
+
+def lost_race(name: str, manifest: Manifest, current: dict | None) -> Conflict | None:
+    """After recording: another site's upload of the same name, with other content, won."""
+    if current is not None and current["blake3"] == manifest.blake3:
+        return None
+    winner = f" at site {current['origin']}" if current else ""
+    return Conflict(f"{name!r} was uploaded with other content{winner} at the same time, and earlier: that "
+                    "upload wins at every site and replaces yours here (see 'conflicts' in /api/v1/state)")

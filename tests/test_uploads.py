@@ -1,0 +1,73 @@
+"""The upload rules as pure decisions (odst.events.uploads), no server needed."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from odst.events import uploads
+from odst.store.hashing import manifest_of as manifest_of_pieces
+
+SITE = "shere"
+
+
+def manifest_of(data: bytes):
+    return manifest_of_pieces([data])
+
+
+def existing(data: bytes, *, here: bool) -> dict:
+    m = manifest_of(data)
+    return {"size": m.size, "sha1": m.sha1, "blake3": m.blake3,
+            "availability": {SITE: {"status": "available"}} if here else {"sother": {"status": "available"}}}
+
+
+def admit(length, existing=None, *, max_bytes=100, free=1000, reserve=10):
+    return uploads.admit_upload("a.pkg", length, existing, max_bytes=max_bytes, free_bytes=free,
+                                reserve_bytes=reserve)
+
+
+def test_admission_before_the_body():
+    assert admit(50) is None
+    assert isinstance(admit(101), uploads.TooLarge)
+    assert isinstance(admit(50, free=55), uploads.NoSpace)  # 50 + the reserve does not fit
+    assert admit(None) is None  # no Content-Length: decided as the bytes come
+    assert isinstance(admit(None, free=10), uploads.NoSpace)
+    assert isinstance(admit(50, existing(b"x" * 40, here=True)), uploads.Conflict)
+    assert admit(40, existing(b"x" * 40, here=True)) is None  # same size: may be the same content
+
+
+def test_the_same_content_already_here_is_identical_elsewhere_published_and_other_content_refused():
+    data = b"package bytes"
+    m = manifest_of(data)
+    assert isinstance(uploads.accept_upload("a.pkg", "prod", m, None, SITE), uploads.Uploaded)
+    same_here = uploads.accept_upload("a.pkg", "prod", m, existing(data, here=True), SITE)
+    assert isinstance(same_here, uploads.Identical) and same_here.existing["sha1"] == m.sha1
+    # known, not yet held here (still replicating): the upload publishes it
+    assert isinstance(uploads.accept_upload("a.pkg", "prod", m, existing(data, here=False), SITE),
+                      uploads.Uploaded)
+    other = uploads.accept_upload("a.pkg", "prod", m, existing(b"other bytes", here=False), SITE)
+    assert isinstance(other, uploads.Conflict) and "a different package named 'a.pkg'" in other.detail
+
+
+def test_the_event_is_the_manifest_of_the_bytes_received():
+    data = bytes(range(256)) * 5000
+    m = manifest_of(data)
+    event = uploads.accept_upload("b.pkg", "test", m, None, SITE).event
+    assert (event.name, event.stage, event.size, event.sha1, event.sha512, event.blake3, event.chunks) == \
+        ("b.pkg", "test", m.size, m.sha1, m.sha512, m.blake3, list(m.chunks))
+
+
+def test_losing_a_race_names_the_winner():
+    m = manifest_of(b"mine")
+    assert uploads.lost_race("c.pkg", m, {"blake3": m.blake3, "origin": SITE}) is None
+    lost = uploads.lost_race("c.pkg", m, {"blake3": "0" * 64, "origin": "sfirst"})
+    assert isinstance(lost, uploads.Conflict) and "at site sfirst" in lost.detail
+
+
+@given(st.binary(max_size=2048), st.binary(max_size=2048), st.booleans())
+def test_other_content_under_a_name_is_never_published(mine, theirs, here):
+    decision = uploads.accept_upload("d.pkg", "prod", manifest_of(mine), existing(theirs, here=here), SITE)
+    if manifest_of(mine).blake3 != manifest_of(theirs).blake3:
+        assert isinstance(decision, uploads.Conflict)
+    else:
+        assert isinstance(decision, uploads.Identical if here else uploads.Uploaded)
