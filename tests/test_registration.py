@@ -141,7 +141,7 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
                 replay_sent.append(bool(genuine_answer))
 
         async def queued(msg):
-            stolen.append(msg)  # took the request from A: never answers honestly
+            stolen.append(msg)  # its queue group gets a copy (A's has a secret name): it answers falsely
             await nc.publish(msg.reply, registration.make_answer(evil, peer=b_id, request_digest="0" * 64))
 
         async def replies(msg):  # A's answers, as they pass through its broker
@@ -154,19 +154,24 @@ def test_the_hijack_sequence_fails(linked, tmp_path):
                 await nc.subscribe("_INBOX.>", cb=replies)]
         await nc.flush()
 
-        # B joins (only over NATS) until it has registered, lost a request to the queue thief,
-        # and been sent A's earlier answer as a replay
+        # B joins (only over NATS) until it has registered, the queue-group subscriber has had
+        # its copy, and B has been sent A's earlier answer as a replay and judged it (whether a
+        # forged answer or A's real one reaches B first is a race: join again until both did)
         token_nats = without_address(token)
         results = []
         deadline = asyncio.get_running_loop().time() + 150
-        while not (stolen and any(replay_sent) and any(r.status_code == 201 for r in results)):
+
+        def b_refused_a_replay() -> bool:
+            return "given to another request" in b.log_path.read_text()
+        while not (stolen and any(replay_sent) and any(r.status_code == 201 for r in results)
+                   and b_refused_a_replay()):
             assert asyncio.get_running_loop().time() < deadline, [r.text for r in results]
             results.append(await join(b, token_nats))
         for sub in subs:
             await sub.unsubscribe()
         ok = [r for r in results if r.status_code == 201]
         assert ok and all(r.json()["via"] == "nats" for r in ok)
-        # a request the thief took never reached A: B refused every answer it got and said so
+        # a join that got no valid answer in time: B refused every answer it got and said so
         for r in results:
             if r.status_code != 201:
                 assert r.status_code == 502 and "answer refused" in r.json()["detail"], r.text
