@@ -664,7 +664,9 @@ def measure_http_pair(args, ctx, file: Path) -> dict:
         a = net.add("A", leaf_listen=True)
         b = net.add("B", dial=[a])
         net.start()
-        net.register(a, b)
+        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
+        # exchange (it refuses unknown keys), and A's HTTP is closed
+        net.register(b, a)
         res["warmup_s"] = warm_up(net, a, [b], 120)
         size = file.stat().st_size
         for i in range(args.repeats):
@@ -705,7 +707,9 @@ def measure_rss(args, ctx, big: Path) -> dict:
         a = net.add("A", leaf_listen=True)
         b = net.add("B", dial=[a])
         net.start()
-        net.register(a, b)
+        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
+        # exchange (it refuses unknown keys), and A's HTTP is closed
+        net.register(b, a)
         res["warmup_s"] = warm_up(net, a, [b], 120)
         bsize = big.stat().st_size
         log(f"rss: uploading {bsize // MIB} MiB at A, sampling B's VmRSS every 100 ms (VmHWM reset)")
@@ -729,7 +733,9 @@ def measure_nats_pair(args, ctx, file: Path) -> dict:
         a = net.add("A", leaf_listen=True, public_url="http://127.0.0.1:9")  # closed port: no HTTP
         b = net.add("B", dial=[a])
         net.start()
-        net.register(a, b)
+        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
+        # exchange (it refuses unknown keys), and A's HTTP is closed
+        net.register(b, a)
         res["warmup_s"] = warm_up(net, a, [b], 120)
         size = file.stat().st_size
         for i in range(args.repeats):

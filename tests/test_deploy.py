@@ -554,6 +554,17 @@ def leafs(ports) -> int:
     return monitor(ports, "leafz")["leafnodes"]
 
 
+def shipped_hub_and_spoke(tmp_path):
+    """The shipped hub and spoke configs on loopback ports: (ports, config, site id, data dir) each."""
+    hub_ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
+    spoke_ports = {"client": free_port(), "http": free_port()}
+    hub_conf, hub_id = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", **hub_ports)
+    spoke_conf, spoke_id = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke",
+                                          hub_leaf=hub_ports["leaf"], **spoke_ports)
+    return ((hub_ports, hub_conf, hub_id, tmp_path / "hub" / "odst-data"),
+            (spoke_ports, spoke_conf, spoke_id, tmp_path / "spoke" / "odst-data"))
+
+
 def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
     """The shipped hub and spoke configs, started for real with what `odst nats-config` wrote:
     each has its site id as JetStream domain and 8MB max_payload; anonymous and unknown
@@ -561,12 +572,8 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
     users, then (reloaded over $SYS, no restart) accepts it; the hub's JetStream answers
     through the link as far as a peer's permissions go ($JS.<hub>.API.STREAM.INFO.EVENTS,
     not $JS.<hub>.API.INFO or STREAM.DELETE)."""
-    hub_ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
-    spoke_ports = {"client": free_port(), "http": free_port()}
-    hub_conf, hub_id = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", **hub_ports)
-    spoke_conf, spoke_id = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke",
-                                          hub_leaf=hub_ports["leaf"], **spoke_ports)
-    hub_data, spoke_data = tmp_path / "hub" / "odst-data", tmp_path / "spoke" / "odst-data"
+    (hub_ports, hub_conf, hub_id, hub_data), (spoke_ports, spoke_conf, spoke_id, spoke_data) = \
+        shipped_hub_and_spoke(tmp_path)
     hub_url, spoke_url = (f"nats://127.0.0.1:{p['client']}" for p in (hub_ports, spoke_ports))
     hub = nats_procs.start(hub_conf)
     nats_procs.start(spoke_conf)
@@ -628,12 +635,8 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
 def test_shipped_spoke_config_refuses_what_a_hostile_hub_sends(tmp_path, nats_procs):
     """The deny lists of leaf.conf reach the spoke's remote: a hub whose users give the
     spoke's link every right still cannot use the spoke's JetStream API or write its log."""
-    hub_ports = {"client": free_port(), "http": free_port(), "leaf": free_port()}
-    spoke_ports = {"client": free_port(), "http": free_port()}
-    hub_conf, hub_id = nats_conf_copy(DEPLOY / "nats" / "nats.conf", tmp_path / "hub", **hub_ports)
-    spoke_conf, spoke_id = nats_conf_copy(DEPLOY / "nats" / "nats-spoke.conf", tmp_path / "spoke",
-                                          hub_leaf=hub_ports["leaf"], **spoke_ports)
-    hub_data, spoke_data = tmp_path / "hub" / "odst-data", tmp_path / "spoke" / "odst-data"
+    (hub_ports, hub_conf, hub_id, hub_data), (spoke_ports, spoke_conf, spoke_id, spoke_data) = \
+        shipped_hub_and_spoke(tmp_path)
     spoke_nkey = public_key_of_seed(SiteKey.load_or_create(spoke_data / "site.key").nkey_seed())
     hub_client = read_seed(client_seed_path(hub_data))
     hostile = [{"nkey": public_key_of_seed(hub_client)}, {"nkey": spoke_nkey}]  # no permissions: all
