@@ -186,6 +186,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = True
         self._disarm_head_timer()
         self._unset_keepalive_if_required()
+        # uvicorn pauses reading while a body the app never reads piles up (a 413 answered
+        # from the headers): resume, or the bytes are never drained and closing resets the
+        # connection before the client has read the answer
+        self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self._head_timer = self.loop.call_later(LINGER_S, self.transport.close)
