@@ -1,5 +1,5 @@
 """An in-memory ChunkSource for tests: the third implementation of the contract in
-tests/test_contracts.py, with knobs to corrupt, fail or lose chosen chunks."""
+tests/system/test_contracts.py, with knobs to corrupt, fail or lose chosen chunks."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import free_port, wait_until
-from tests.test_accounts import PW, browser, sign_in
+from tests.system.test_accounts import PW, browser, sign_in
 
 
 def test_directory_users_sign_in_with_their_groups_role(make_site, slapd):

@@ -23,8 +23,8 @@ from odst.events.signing import SiteKey
 from odst.recovery import ChainCheck, LogInvalid, MirrorMessage, MirrorPage, mirror_target
 from odst.peering.requests import sign_request
 from tests.conftest import free_port, run_odst, site_nats, wait_until, write_random
-from tests.test_accounts import sign_in
-from tests.test_replication import available_at, register, site_id, upload
+from tests.system.test_accounts import sign_in
+from tests.system.test_replication import available_at, register, site_id, upload
 
 MiB = 1 << 20
 

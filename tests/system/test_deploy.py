@@ -38,7 +38,7 @@ from odst.config import Settings, load
 from odst.store.files import Store
 from tests.conftest import free_port, run_odst, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILES = ["compose.yaml", "compose.multisite.yaml"]
 NATS_CONFS = sorted((DEPLOY / "nats").glob("*.conf"))

@@ -14,7 +14,7 @@ import pytest
 from harness.network import ScenarioFailed
 from harness.runner import run_scenario
 
-SCENARIOS = sorted(p for p in (Path(__file__).resolve().parent.parent / "scenarios").glob("*.py")
+SCENARIOS = sorted(p for p in (Path(__file__).resolve().parents[2] / "scenarios").glob("*.py")
                    if not p.name.startswith("_"))
 
 

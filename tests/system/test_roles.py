@@ -21,7 +21,7 @@ from odst.bus.identity import client_seed_path, read_seed
 from tests.conftest import ADMIN_TOKEN, free_port, run_odst, wait_until, write_random
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Procs:

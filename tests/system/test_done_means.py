@@ -21,9 +21,9 @@ from playwright.sync_api import expect
 
 from tests.browser import shot
 from tests.conftest import free_port, wait_until, write_random
-from tests.test_notifications import documented_verifier, receiver, smtp, subscribe  # noqa: F401, F811  (fixtures)
-from tests.test_replication import register, site_id
-from tests.test_ui import record_progress, sign_in
+from tests.system.test_notifications import documented_verifier, receiver, smtp, subscribe  # noqa: F401, F811  (fixtures)
+from tests.system.test_replication import register, site_id
+from tests.system.test_ui import record_progress, sign_in
 
 SIZE = 2_000_000_000  # "a 2 GB package"
 MAILTO = "mac-admins@odst.test"

@@ -31,7 +31,7 @@ import pytest
 from odst.bus.embedded import nats_server_binary
 from odst.bus.identity import new_user_seed
 from tests.conftest import free_port, run_odst, site_nats, wait_until, write_random
-from tests.test_replication import available_at, register, site_id, upload
+from tests.system.test_replication import available_at, register, site_id, upload
 
 MiB = 1 << 20
 INTERNAL = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES")

@@ -15,7 +15,7 @@ from aiosmtpd.controller import Controller
 
 from tests.conftest import all_events, free_port, upload_bytes, wait_until
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 FAST_RETRY = {"ODST_WEBHOOK_BACKOFF_S": "0.3", "ODST_WEBHOOK_MAX_ATTEMPTS": "20"}
 
 
@@ -255,7 +255,7 @@ def test_email_digest_is_one_mail_for_twenty_uploads(make_site, smtp):
 
 
 def test_quarantined_message_is_a_webhook(make_site, receiver):
-    from tests.test_audit import publish
+    from tests.system.test_audit import publish
     site = make_site(env=FAST_RETRY).start()
     with site.client() as c:
         hook = subscribe(c, receiver.url(), ["MessageQuarantined"])

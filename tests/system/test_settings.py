@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import run_odst, wait_until, write_random
-from tests.test_replication import available_at, pair, site_id, upload  # noqa: F401  (pair is a fixture)
+from tests.system.test_replication import available_at, pair, site_id, upload  # noqa: F401  (pair is a fixture)
 
 
 def test_settings_show_the_effective_values_without_secrets(make_site):

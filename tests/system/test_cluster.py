@@ -26,7 +26,7 @@ from odst.bus.identity import client_seed_path, read_seed
 from tests.conftest import ADMIN_TOKEN, all_events, free_port, run_odst, wait_until
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

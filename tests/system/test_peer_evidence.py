@@ -8,7 +8,7 @@ import asyncio
 import httpx
 
 from tests.conftest import free_port, run_odst, site_nats, wait_until, write_random
-from tests.test_replication import available_at, register, site_id, upload
+from tests.system.test_replication import available_at, register, site_id, upload
 
 MiB = 1 << 20
 

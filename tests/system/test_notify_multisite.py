@@ -24,10 +24,10 @@ from odst.bus.embedded import nats_server_binary
 from odst.notify.ledger import RETAIN_MS, Ledger, ledger_path, now_ms
 from odst.notify.service import Pruner
 from tests.conftest import ADMIN_TOKEN, free_port, run_odst, upload_bytes, wait_until
-from tests.test_notifications import FAST_RETRY, Mailbox, deliveries, documented_verifier, subscribe
-from tests.test_notifications import receiver, smtp  # noqa: F401, F811  (fixtures)
-from tests.test_replication import register, site_id
-from tests.test_roles import Procs, healthy, odst
+from tests.system.test_notifications import FAST_RETRY, Mailbox, deliveries, documented_verifier, subscribe
+from tests.system.test_notifications import receiver, smtp  # noqa: F401, F811  (fixtures)
+from tests.system.test_replication import register, site_id
+from tests.system.test_roles import Procs, healthy, odst
 
 MAILTO = "multisite@test.invalid"
 

@@ -154,7 +154,7 @@ def test_every_api_route_needs_a_valid_token(site):
     with httpx.Client(base_url=site.url, timeout=10) as c:
         for method, path in routes:
             if (method, path) == ("POST", "/api/v1/session"):
-                continue  # signing in is how a browser gets credentials (tests/test_accounts.py)
+                continue  # signing in is how a browser gets credentials (tests/system/test_accounts.py)
             for headers in bad_credentials:
                 r = c.request(method, path, headers=headers, content=b"x" if method == "PUT" else None)
                 assert_error(r, 401)

@@ -19,7 +19,7 @@ import pytest
 from odst.events.log import EVENT_MAX_BYTES
 from odst.projections.apply import QUARANTINE_KEEP_BYTES, QUARANTINE_MAX_BYTES, QUARANTINE_MAX_ROWS
 from tests.conftest import all_events, run_odst, site_nats, upload_bytes as upload, wait_until
-from tests.test_audit import audit, packages
+from tests.system.test_audit import audit, packages
 
 MiB = 1 << 20
 

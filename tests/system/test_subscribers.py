@@ -33,7 +33,7 @@ from odst.events.signing import SiteKey
 from odst.gateway.credentials import CredentialNameInvalid, check_name, public_servers
 from odst.projections import apply, db, views
 from tests.conftest import ADMIN_TOKEN, all_events, site_run_info, upload_bytes, wait_until
-from tests.test_projection import Log
+from tests.unit.test_projection import Log
 
 
 # ---------------------------------------------------------------- the rules, pure
@@ -626,7 +626,7 @@ def test_the_settings_page_creates_shows_once_and_revokes_a_subscriber(make_site
     from playwright.sync_api import expect
 
     from tests.browser import shot
-    from tests.test_ui import ADMIN_PASSWORD, accessibility_problems, sign_in
+    from tests.system.test_ui import ADMIN_PASSWORD, accessibility_problems, sign_in
 
     site = make_site(env={"ODST_ADMIN_PASSWORD": ADMIN_PASSWORD}).start()
     sign_in(page, site, "admin", ADMIN_PASSWORD)

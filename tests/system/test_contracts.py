@@ -38,7 +38,7 @@ from odst.store.files import PACKAGE_MODE, PackageStore, Store
 from odst.store.hashing import CHUNK_SIZE
 from tests.conftest import SiteProcess, free_port, site_nats, write_random
 from tests.sources import MemorySource
-from tests.test_replication import register, site_id, upload
+from tests.system.test_replication import register, site_id, upload
 
 
 async def eventually(predicate: Callable[[], object], timeout: float, what: str) -> None:
