@@ -21,19 +21,37 @@ def ascii_int(text: str | None, limit: int = MAX_INT64) -> int | None:
     return value if value <= limit else None
 
 
-def name_from_raw_path(raw_path: bytes, prefix: str) -> str:
-    """The last path segment after ``prefix``, percent-decoded strictly as UTF-8.
+def sent_path(scope) -> str:
+    """The request path exactly as the client sent it: percent-escapes kept, query dropped.
 
-    Frameworks decode paths leniently (U+FFFD for bad bytes, and a %2F may
-    vanish at the end); a package name must be exactly what the client sent.
+    What a signed peer request is checked against. From the ASGI ``raw_path``; a server
+    that gives none has only the decoded ``path``, which is returned as it is.
     """
-    path = raw_path.decode("latin-1").split("?", 1)[0]
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1").split("?", 1)[0] if raw else scope["path"]
+
+
+def request_path(scope) -> str:
+    """The request path percent-decoded strictly as UTF-8 (PackageNameInvalid, a 400, if not).
+
+    Frameworks decode paths leniently (U+FFFD for bad bytes, and a %2F may vanish at the
+    end); a package name taken from a path must be exactly what the client sent.
+    """
+    if not scope.get("raw_path"):
+        return scope["path"]
+    try:
+        return unquote(sent_path(scope), errors="strict")
+    except UnicodeDecodeError:
+        raise PackageNameInvalid("path is not valid UTF-8") from None
+
+
+def name_in_path(scope, prefix: str) -> str:
+    """The rest of the request path after ``prefix`` (see request_path): a package name, not yet
+    checked (check_name). PackageNameInvalid if the path does not start with ``prefix``."""
+    path = request_path(scope)
     if not path.startswith(prefix):
         raise PackageNameInvalid("package name missing from the path")
-    try:
-        return unquote(path[len(prefix):], errors="strict")
-    except UnicodeDecodeError:
-        raise PackageNameInvalid("package name is not valid UTF-8") from None
+    return path[len(prefix):]
 
 
 def check_name(name: str, allowed_extensions: list[str] | None = None) -> str:

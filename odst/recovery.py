@@ -45,6 +45,7 @@ import nats.js.errors
 import structlog
 
 from odst.audit import AuditError, LogAccess, run_rebuild
+from odst.bus.streams import find_stream
 from odst.datadir import SiteBusy, key_path, read_model_path, run_dir, running_info
 from odst.events import chain, codec
 from odst.events.log import EVENTS_STREAM, EventLog, read_stream, site_of_subject
@@ -462,10 +463,7 @@ async def recover(settings, sources: list[str], *, force: bool = False) -> Recov
             # broker started with the site's own setting.
             async with LogAccess(dataclasses.replace(settings, sync_interval=RESTORE_SYNC)) as access:
                 js = access.js
-                try:
-                    info = await js.stream_info(EVENTS_STREAM)
-                except nats.js.errors.NotFoundError:
-                    info = None
+                info = await find_stream(js, EVENTS_STREAM)
                 local = info.state.last_seq if info else 0
                 if info is not None and info.state.messages:
                     whole = info.state.first_seq == 1 and info.state.messages == local

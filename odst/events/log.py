@@ -18,6 +18,7 @@ import nats.js.errors
 import structlog
 from nats.js import JetStreamContext, api
 
+from odst.bus.streams import ensure_stream
 from odst.events import chain, codec
 from odst.events.catalogue import Event
 from odst.events.signing import SignatureInvalid, SiteKey
@@ -185,11 +186,7 @@ class EventLog:
         silently is raising ``max_msg_size`` from the 1 MiB older versions created.
         """
         config = self.stream_config()
-        try:
-            info = await self.js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            await self.js.add_stream(config)
-            return []
+        info = await ensure_stream(self.js, config)  # a stream just made has no drift
         drift = config_drift(info.config, self.expected())
         if not drift:
             return []

@@ -12,10 +12,9 @@ import base64
 import hmac
 import os
 import time
-from urllib.parse import unquote
 
-from odst.errors import OdstError
-from odst.naming import check_name
+from odst.errors import OdstError, PackageNameInvalid
+from odst.naming import check_name, request_path
 from odst.projections import views
 from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_modified,
                                  parse_range)
@@ -71,12 +70,10 @@ def make_download_app(site, prefixes: list[str]):
         if method not in ("GET", "HEAD"):
             await _simple(send, 405, "method not allowed\n", [("allow", "GET, HEAD")])
             return
-        raw = scope.get("raw_path")
         try:
-            path = unquote(raw.decode("latin-1").split("?", 1)[0], errors="strict") if raw \
-                else scope["path"]
-        except UnicodeDecodeError:
-            await _simple(send, 400, "path is not valid UTF-8\n")
+            path = request_path(scope)
+        except PackageNameInvalid as exc:
+            await _simple(send, 400, f"{exc}\n")
             return
         name = None
         for prefix in prefixes:

@@ -17,7 +17,7 @@ from odst.events import uploads
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import MAX_INT64, ascii_int, check_name, name_from_raw_path
+from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path
 from odst.projections import views
 from odst.site import Site
 from odst.store.files import StoreFull, StreamingUpload
@@ -66,9 +66,8 @@ def _refused(decision) -> Exception:
 
 
 def _strict(request: Request) -> str:
-    """The {name} path segment exactly as the client sent it (see name_from_raw_path)."""
-    return name_from_raw_path(request.scope.get("raw_path") or request.url.path.encode(),
-                              PackageController.path + "/")
+    """The {name} path segment exactly as the client sent it (see odst.naming.request_path)."""
+    return name_in_path(request.scope, PackageController.path + "/")
 
 
 def _with_local_transfer(site: Site, pkg: dict) -> dict:

@@ -13,7 +13,7 @@ from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import ascii_int
+from odst.naming import ascii_int, sent_path
 from odst.peering import registration
 from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
@@ -108,7 +108,7 @@ def make_chunk_app(site: Site):
     prefix = "/peer/v1/chunks/"
 
     async def app(scope, receive, send) -> None:
-        path = scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0] or scope["path"]
+        path = sent_path(scope)  # as signed: never decoded
         status, body, ctype = 200, b"", "application/octet-stream"
         if scope["method"] != "GET":
             status, body = 405, b'{"error":"method_not_allowed","detail":"GET only"}'

@@ -15,10 +15,10 @@ import asyncio
 import base64
 import json
 
-import nats.js.errors
 import structlog
 from nats.js import api
 
+from odst.bus.streams import ensure_stream
 from odst.events.watch import AlertBook
 from odst.notify.ledger import Ledger
 from odst.notify.signing import delivery_id
@@ -38,17 +38,12 @@ def job_subject(site: str, webhook_id: str) -> str:
     return f"odst.{site}.notify.webhook.{webhook_id}"
 
 
-async def ensure_stream(js, site: str, replicas: int) -> None:
-    try:
-        await js.stream_info(NOTIFY_STREAM)
-    except nats.js.errors.NotFoundError:
-        try:
-            await js.add_stream(api.StreamConfig(
-                name=NOTIFY_STREAM, subjects=[f"odst.{site}.notify.>"],
-                retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
-                duplicate_window=120.0, max_age=7 * 86400.0, num_replicas=replicas))
-        except nats.js.errors.BadRequestError:  # another process created it first
-            await js.stream_info(NOTIFY_STREAM)
+def notify_stream_config(site: str, replicas: int) -> api.StreamConfig:
+    """The work queue of webhook jobs (made by whichever of dispatcher and sender starts first)."""
+    return api.StreamConfig(
+        name=NOTIFY_STREAM, subjects=[f"odst.{site}.notify.>"],
+        retention=api.RetentionPolicy.WORK_QUEUE, storage=api.StorageType.FILE,
+        duplicate_window=120.0, max_age=7 * 86400.0, num_replicas=replicas)
 
 
 def event_item(row) -> dict:
@@ -98,7 +93,7 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await ensure_stream(self.site.js, self.site.id, self.site.log.replicas)
+        await ensure_stream(self.site.js, notify_stream_config(self.site.id, self.site.log.replicas))
         reader = self.site.reader
         if self.ledger.cursor("events") is None:
             self.ledger.set_cursor("events", first_cursor(reader))

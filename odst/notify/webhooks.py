@@ -20,7 +20,8 @@ from nats.js import api
 
 from odst import __version__
 from odst.bus.service import consume
-from odst.notify.dispatcher import NOTIFY_STREAM, ensure_stream
+from odst.bus.streams import ensure_stream
+from odst.notify.dispatcher import NOTIFY_STREAM, notify_stream_config
 from odst.notify.ledger import Ledger, now_ms
 from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER, backoff_s, sign
 from odst.projections import views
@@ -48,7 +49,7 @@ class WebhookSender:
 
     async def start(self) -> None:
         js, site_id = self.site.js, self.site.id
-        await ensure_stream(js, site_id, self.site.log.replicas)
+        await ensure_stream(js, notify_stream_config(site_id, self.site.log.replicas))
         self._psub = await js.pull_subscribe(
             f"odst.{site_id}.notify.webhook.>", durable=DURABLE, stream=NOTIFY_STREAM,
             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,

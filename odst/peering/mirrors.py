@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
-import nats.js.errors
 import structlog
 from nats.js import api
 
+from odst.bus.streams import ensure_stream, find_stream
 from odst.events import catalogue as ev
 from odst.projections import views
 
@@ -70,14 +70,11 @@ class Linker:
         ODST never deletes a mirror to hurry it. False: not made yet."""
         js = self.site.js
         name = mirror_name(sid)
-        try:
-            await js.stream_info(name)
+        if await find_stream(js, name) is not None:
             return True
-        except nats.js.errors.NotFoundError:
-            pass
         if await self._origin_info(sid) is None:
             return False
-        await js.add_stream(api.StreamConfig(
+        await ensure_stream(js, api.StreamConfig(
             name=name, storage=api.StorageType.FILE, num_replicas=self.site.log.replicas,
             mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(api=f"$JS.{sid}.API")),
         ))

@@ -402,12 +402,14 @@ _HANDLERS = {
 
 
 LOCAL_COLUMNS = {("events", "position")}  # local cursors: depend on interleaving, not on the log
+LOCAL_TABLES = {"projection_errors"}  # the projector process's own state, not folded from a log
 
 
 def dump(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
-    """Every table's rows, sorted, less local cursors: what a rebuild is compared on."""
+    """Every table's rows, sorted, less local cursors and state: what a rebuild is compared on."""
     tables = [r[0] for r in conn.execute(
-        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        if r[0] not in LOCAL_TABLES]
     out = {}
     for t in tables:
         cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{t}")') if (t, r[1]) not in LOCAL_COLUMNS]

@@ -15,6 +15,14 @@ from odst.projections.db import open_read_model
 log = structlog.get_logger("odst.projector")
 
 
+def errors_text(errors: dict[str, str]) -> str | None:
+    """``ProjectionStatus.error`` from the failing streams' errors: the first by name."""
+    if not errors:
+        return None
+    stream = min(errors)
+    return f"{stream}: {errors[stream]}"
+
+
 class Projector:
     def __init__(self, js: JetStreamContext, db_path: Path, trusted: dict[str, bytes],
                  streams: list[str]):
@@ -24,7 +32,24 @@ class Projector:
         self.streams = list(streams)
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
-        self.error: str | None = None
+        self._errors: dict[str, str] = {}  # stream → why its folding last failed
+        self.conn.execute("DELETE FROM projection_errors")  # a past run's: this one finds its own
+
+    @property
+    def error(self) -> str | None:
+        """Why folding a stream last failed ('STREAM: error'; the first stream by name), None
+        while every stream folds. Kept per stream, cleared by that stream's next fold."""
+        return errors_text(self._errors)
+
+    def _failed(self, stream: str, error: str) -> None:
+        if self._errors.get(stream) != error:
+            self._errors[stream] = error
+            self.conn.execute("INSERT OR REPLACE INTO projection_errors (stream, error) VALUES (?, ?)",
+                              (stream, error))
+
+    def _folded(self, stream: str) -> None:
+        if self._errors.pop(stream, None) is not None:
+            self.conn.execute("DELETE FROM projection_errors WHERE stream=?", (stream,))
 
     def checkpoint(self, stream: str) -> int:
         return self.folder.checkpoint(stream)
@@ -57,12 +82,13 @@ class Projector:
                                     subject=msg.subject, reason=outcome.reason)
                     async with self._changed:
                         self._changed.notify_all()
-                    self.error = None
+                    self._folded(stream)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker hiccup: resume from the checkpoint
-                self.error = f"{type(exc).__name__}: {exc}"
-                log.error("projector stream failed; resuming", stream=stream, error=self.error)
+                error = f"{type(exc).__name__}: {exc}"
+                self._failed(stream, error)
+                log.error("projector stream failed; resuming", stream=stream, error=error)
                 await asyncio.sleep(1.0)
 
     async def wait_for(self, stream: str, seq: int, timeout: float = 10.0) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from odst.events.log import EVENTS_STREAM, unfolded
 from odst.projections.db import connect
+from odst.projections.projector import errors_text
 
 POLL_S = 0.02
 
@@ -21,8 +22,18 @@ class ReadModelWatcher:
         self.js = js
         self.db_path = Path(db_path)
         self.conn: sqlite3.Connection | None = None
-        self.error: str | None = None
         self.folder = None
+
+    @property
+    def error(self) -> str | None:
+        """The projector process's ``error``, as it records it in the read model."""
+        if self.conn is None:
+            return None
+        try:
+            rows = self.conn.execute("SELECT stream, error FROM projection_errors").fetchall()
+        except sqlite3.OperationalError:
+            return None  # a read model from before the table (its projector not upgraded yet)
+        return errors_text({r[0]: r[1] for r in rows})
 
     async def wait_ready(self, site_id: str, timeout: float, bootstrap_s: float = 30.0) -> None:
         """Wait until the projector has created the read model, folded this site's first event

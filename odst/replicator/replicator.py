@@ -27,6 +27,7 @@ from nats.js import api
 import structlog
 
 from odst.bus.service import consume
+from odst.bus.streams import ensure_key_value, ensure_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.projections import views
@@ -70,19 +71,13 @@ class Replicator:
     async def start(self) -> None:
         self.http = http_session()
         js, site_id = self.site.js, self.site.id
-        try:
-            await js.stream_info(WORK_STREAM)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(api.StreamConfig(
-                name=WORK_STREAM, subjects=[f"odst.{site_id}.work.>"], retention=api.RetentionPolicy.WORK_QUEUE,
-                storage=api.StorageType.FILE, duplicate_window=60.0, max_age=24 * 3600.0,
-                num_replicas=self.site.log.replicas))
-        try:
-            self._leases = await js.key_value(LEASE_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            self._leases = await js.create_key_value(api.KeyValueConfig(
-                bucket=LEASE_BUCKET, ttl=self.lease_s, history=1, storage=api.StorageType.FILE,
-                replicas=self.site.log.replicas))
+        await ensure_stream(js, api.StreamConfig(
+            name=WORK_STREAM, subjects=[f"odst.{site_id}.work.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE, duplicate_window=60.0, max_age=24 * 3600.0,
+            num_replicas=self.site.log.replicas))
+        self._leases = await ensure_key_value(js, api.KeyValueConfig(
+            bucket=LEASE_BUCKET, ttl=self.lease_s, history=1, storage=api.StorageType.FILE,
+            replicas=self.site.log.replicas))
         self._psub = await js.pull_subscribe(
             work_subject(site_id), durable=WORK_DURABLE, stream=WORK_STREAM,
             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.lease_s,

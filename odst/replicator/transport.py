@@ -23,6 +23,7 @@ from odst.events.signing import SiteKey
 from odst.naming import ascii_int
 from odst.projections import views
 from odst.projections.apply import trusted_key
+from odst.store.hashing import chunk_span
 from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
 
 log = structlog.get_logger("odst.transport")
@@ -133,11 +134,10 @@ class ChunkServer(NatsService):
         row = views.local_content(self.site.reader, blake3, self.site.id)
         if row is None:
             raise ChunkUnavailable("content not held here")
-        chunk_size, size = row["chunk_size"], row["size"]
-        offset = index * chunk_size
-        if index < 0 or offset >= size:
+        offset, length = chunk_span(index, row["size"], row["chunk_size"]) if index >= 0 else (0, 0)
+        if not length:
             raise ChunkUnavailable("chunk index out of range")
-        return str(self.site.store.path(row["name"])), offset, min(chunk_size, size - offset)
+        return str(self.site.store.path(row["name"])), offset, length
 
     async def read(self, blake3: str, index: int) -> bytes:
         path, offset, length = self.locate(blake3, index)
