@@ -127,7 +127,7 @@ class StoredMessage:
 
 
 class Appender(Protocol):
-    """The event log as its writers use it (contract: tests/test_contracts.py).
+    """The event log as its writers use it (contract: tests/system/test_contracts.py).
 
     ``append`` chains the event onto the last valid one and returns where it landed;
     ``head`` is (last stream seq, last valid envelope seq, its chain hash); ``forget_head``

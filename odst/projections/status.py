@@ -1,6 +1,6 @@
 """What the rest of a site may ask of the projection: how far it has folded each stream.
 
-Two implementations, contract-tested together (tests/test_contracts.py): ``Projector``
+Two implementations, contract-tested together (tests/system/test_contracts.py): ``Projector``
 (this process folds the streams) and ``ReadModelWatcher`` (another process does; this one
 polls the read model it writes).
 """

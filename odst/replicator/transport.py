@@ -1,7 +1,7 @@
 """Chunk transports: how one site fetches a 1 MiB chunk of a content from another.
 
 Two implementations of one ``ChunkSource`` protocol (contract-tested together with the
-tests' in-memory one, tests/test_contracts.py):
+tests' in-memory one, tests/system/test_contracts.py):
 HTTP from the peer's gateway (fast path), and NATS request/reply on the peer's
 ``odst.<site>.chunk`` subject through the leaf tree (for sites that only dial
 out). Both sign every request with the site key. The serving side of both is

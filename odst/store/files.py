@@ -41,7 +41,7 @@ class StoreFull(Exception):
 
 class PackageStore(Protocol):
     """The package store as the gateway, the replicator and the site use it (contract:
-    tests/test_contracts.py): temp files under ``tmp`` are never visible under a package
+    tests/system/test_contracts.py): temp files under ``tmp`` are never visible under a package
     name; ``publish`` never overwrites, ``replace`` swaps atomically; ``sweep`` drops what
     no event published. Names are checked by ``odst.naming`` before they get here."""
 
