@@ -27,8 +27,9 @@ uvicorn's own path untouched (upload and download speed do not change):
   body the client announced, for as long as it trickles in.
 
 After a refusal or such an early answer the connection is half-closed and what the client
-still sends is read and dropped for at most LINGER_S (nginx's lingering close): closing
-with unread bytes would reset the connection, and the client would likely never read why.
+still sends is read and dropped (nginx's lingering close): until the client's EOF, LINGER_IDLE_S
+without a byte, or LINGER_MAX_S in all. Closing with unread bytes would reset the connection,
+and a client still sending its body (it reads the answer only after) would never read why.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = structlog.get_logger("odst.gateway")
 
-LINGER_S = 2.0
+LINGER_IDLE_S = 5.0  # nginx's lingering_timeout
+LINGER_MAX_S = 30.0  # nginx's lingering_time
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_fields = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._lingering = False  # refused: the rest of what the client sends is dropped
+        self._linger_until = 0.0
 
     # -- connection ------------------------------------------------------------------------
 
@@ -77,7 +80,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._lingering:  # dropped; the client is still sending, so wait for it a little longer
+            if self._head_timer is not None and self.loop.time() < self._linger_until:
+                self._head_timer.cancel()
+                self._head_timer = self.loop.call_later(
+                    min(LINGER_IDLE_S, self._linger_until - self.loop.time()), self.transport.close)
             return
         self._unset_keepalive_if_required()
         while data and not self.transport.is_closing():
@@ -182,7 +189,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _linger(self) -> None:
         """Half-close after the answer; drop what still comes; close at the client's EOF
-        (eof_received) or after LINGER_S."""
+        (eof_received), after LINGER_IDLE_S without a byte, or LINGER_MAX_S in all."""
         self._lingering = True
         self._disarm_head_timer()
         self._unset_keepalive_if_required()
@@ -192,6 +199,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-            self._head_timer = self.loop.call_later(LINGER_S, self.transport.close)
+            self._linger_until = self.loop.time() + LINGER_MAX_S
+            self._head_timer = self.loop.call_later(LINGER_IDLE_S, self.transport.close)
         else:
             self.transport.close()
