@@ -63,6 +63,13 @@ class SiteCollector:
             up.add_metric([peer], 1 if m.get("link") == "up" else 0)
         yield g
         yield up
+        g = GaugeMetricFamily("odst_peer_log_diverged",
+                              "1 while a peer's log no longer matches this site's mirror of it (PeerLogDiverged)",
+                              labels=["peer"])
+        alarms = views.peer_log_alarms(site.reader, site.id)
+        for peer in sorted(self.mirrors):
+            g.add_metric([peer], 1 if peer in alarms else 0)
+        yield g
         g = GaugeMetricFamily("odst_projection_lag", "Messages not yet folded into the read model",
                               labels=["stream"])
         for stream, n in sorted(self.lag.items()):

@@ -29,7 +29,8 @@ log = structlog.get_logger("odst.notify")
 QUARANTINED = "MessageQuarantined"
 LOG_ALERT = "LogAlert"  # the site's own log was cut, deleted, replaced or reconfigured (odst.events.watch)
 NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
-              "PackageDeleted", "PeerRegistered", "PeerRemoved", QUARANTINED, LOG_ALERT)
+              "PackageDeleted", "PeerRegistered", "PeerRemoved", "PeerLogDiverged", "PeerLogRestored",
+              QUARANTINED, LOG_ALERT)
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 

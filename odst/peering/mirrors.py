@@ -8,6 +8,7 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 from __future__ import annotations
 
 import json
+import time
 
 import structlog
 from nats.js import api
@@ -18,6 +19,7 @@ from odst.projections import views
 
 log = structlog.get_logger("odst.linker")
 
+WATCH_EVERY_S = 5.0  # how often peers' logs are compared with their mirrors here
 STREAM_NOT_FOUND = 10059  # JetStream's error code
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
@@ -52,6 +54,7 @@ class Linker:
     def __init__(self, site):
         self.site = site
         self.linked: set[str] = set()
+        self._watched_at = -WATCH_EVERY_S
 
     async def sync(self) -> None:
         for peer in views.peer_sites(self.site.reader, self.site.id):
@@ -91,6 +94,10 @@ class Linker:
         (PeerLogRestored) or an admin removes the peer. A peer that does not answer is an
         outage, not a divergence: its mirror resumes by itself.
         """
+        now = time.monotonic()
+        if now - self._watched_at < WATCH_EVERY_S:
+            return  # the linker wakes on every fold: a busy log must not mean a request per peer each time
+        self._watched_at = now
         recorded = views.peer_log_alarms(self.site.reader, self.site.id)
         for sid in sorted(self.linked):
             try:

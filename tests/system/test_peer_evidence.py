@@ -4,10 +4,13 @@ mirror, says so loudly, and the mirror is what brings the peer back."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 
 import httpx
 
 from tests.conftest import free_port, run_odst, site_nats, wait_until, write_random
+from tests.system.test_notifications import receiver, subscribe  # noqa: F401  (receiver: a fixture)
 from tests.system.test_replication import available_at, register, site_id, upload
 
 MiB = 1 << 20
@@ -47,7 +50,15 @@ def events_of(site, type_: str) -> list[dict]:
         return r.json()["events"]
 
 
-def test_a_peer_whose_log_is_destroyed_keeps_its_mirror_here_and_comes_back_from_it(make_site, tmp_path):
+def diverged_metric(site, peer: str) -> float | None:
+    with site.client() as c:
+        text = c.get("/metrics").text
+    m = re.search(rf'^odst_peer_log_diverged{{peer="{peer}"}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_a_peer_whose_log_is_destroyed_keeps_its_mirror_here_and_comes_back_from_it(make_site, tmp_path,
+                                                                                     receiver):
     leaf = free_port()
     a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
     b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
@@ -57,6 +68,9 @@ def test_a_peer_whose_log_is_destroyed_keeps_its_mirror_here_and_comes_back_from
     wait_until(lambda: available_at(a, "FromB.pkg", a_id), 60, what="FromB.pkg at A")
     b_len = stream_state(b, "EVENTS")[1]
     wait_until(lambda: stream_state(a, f"PEER_{b_id}")[1] == b_len, 60, what="A's mirror of B to catch up")
+    with a.client() as c:
+        subscribe(c, receiver.url(), ["PeerLogDiverged", "PeerLogRestored"])
+    assert diverged_metric(a, b_id) == 0
 
     asyncio.run(_delete_events(b.data))
 
@@ -68,6 +82,9 @@ def test_a_peer_whose_log_is_destroyed_keeps_its_mirror_here_and_comes_back_from
     assert diverged["envelope"]["event"]["site"] == b_id
     assert diverged["envelope"]["event"]["mirror_last_seq"] == b_len
     assert diverged["origin"] == a_id and diverged["actor"] == "system"
+    assert diverged_metric(a, b_id) == 1
+    hooked = wait_until(lambda: receiver.got(ok=True), 30, what="the PeerLogDiverged webhook")
+    assert json.loads(hooked[0]["body"])["envelope"]["event"]["site"] == b_id
 
     # B comes back from A's mirror: stopped, recovered, restarted
     b.stop()
@@ -79,6 +96,8 @@ def test_a_peer_whose_log_is_destroyed_keeps_its_mirror_here_and_comes_back_from
     # A sees B's log whole again: PeerLogRestored, healthy, and the mirror goes on
     wait_until(lambda: health(a)[0] == 200, 90, what="A to see B's log whole again")
     assert [e["envelope"]["event"]["site"] for e in events_of(a, "PeerLogRestored")] == [b_id]
+    assert diverged_metric(a, b_id) == 0
+    wait_until(lambda: len(receiver.got(ok=True)) == 2, 30, what="the PeerLogRestored webhook")
     upload(b, "After.pkg", write_random(tmp_path / "after.pkg", MiB + 3, seed=22))
     wait_until(lambda: available_at(a, "After.pkg", a_id), 60, what="a new upload at B to reach A")
     assert stream_state(a, f"PEER_{b_id}")[0] > b_len

@@ -4,7 +4,7 @@ import { fmtBytes, fmtTime } from './dom.js';
 
 export const EVENT_TYPES = [
   'SiteFounded', 'PackageUploaded', 'PackageAvailable', 'PackageTransferFailed', 'PackageStaged',
-  'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'TokenCreated', 'TokenRevoked',
+  'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked',
@@ -23,6 +23,8 @@ export function summary(item, ctx) {
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
     case 'PeerRegistered': return `Registered site ${e.name ? `${e.name} ` : ''}(${e.site})`;
     case 'PeerRemoved': return `Stopped trusting site ${e.site} after its event ${e.upto_seq}`;
+    case 'PeerLogDiverged': return `Site ${e.site}'s log no longer matches this site's copy (kept): ${e.reason}`;
+    case 'PeerLogRestored': return `Site ${e.site}'s log matches this site's copy again`;
     case 'TokenCreated': return `API token “${e.name}” (${e.role}) created`;
     case 'TokenRevoked': return `API token ${e.token_id} revoked`;
     case 'NatsCredentialCreated': return `Event subscriber “${e.name}” (${e.role}) may read the log over NATS`;
