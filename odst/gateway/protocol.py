@@ -58,6 +58,22 @@ class _HeadRefused(Exception):
     """Raised from a parser callback to stop parsing a head that is refused."""
 
 
+class _LingerOnClose:
+    """The transport as a request cycle that answered early sees it: its close() lingers."""
+
+    def __init__(self, protocol: "GuardedHttpToolsProtocol") -> None:
+        self._protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self._protocol.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._protocol.transport.is_closing()
+
+    def close(self) -> None:
+        self._protocol._linger()
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, limits: HeadLimits = HeadLimits(), **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -139,6 +155,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body:
+            send = cycle.send
+
+            async def send_early_answer_closing(message) -> None:
+                # An answer that starts before the request's body is all in ends the connection:
+                # say so (a client must not reuse it), and let uvicorn's close linger instead.
+                if message["type"] == "http.response.start" and cycle.more_body:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                    cycle.transport = _LingerOnClose(self)
+                await send(message)
+            cycle.send = send_early_answer_closing
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -190,6 +218,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _linger(self) -> None:
         """Half-close after the answer; drop what still comes; close at the client's EOF
         (eof_received), after LINGER_IDLE_S without a byte, or LINGER_MAX_S in all."""
+        if self._lingering:
+            return
         self._lingering = True
         self._disarm_head_timer()
         self._unset_keepalive_if_required()

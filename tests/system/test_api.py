@@ -504,6 +504,7 @@ def test_upload_over_the_configured_limit_is_413(make_site):
                   + f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 2000000\r\n\r\n".encode())
         status, head = read_status_line(s)
     assert status == 413, head
+    assert b"\r\nconnection: close\r\n" in head.lower(), head  # answered early: no client may reuse it
 
     # Announced too large with the body sent along.
     r = upload(c, "big.pkg", randbytes(2_000_000))
