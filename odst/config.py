@@ -105,8 +105,8 @@ class Settings:
         return int(self.http.rsplit(":", 1)[1])
 
     def validate(self) -> "Settings":
-        if ":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"http must be HOST:PORT, got {self.http!r}")
+        for name in ("http", "nats_listen", "leaf_listen"):
+            _check_address(name, getattr(self, name), any_port=name == "nats_listen")
         if self.download_auth not in ("none", "basic"):
             raise ConfigError("download_auth must be 'none' or 'basic'")
         if self.download_auth == "basic" and not (self.download_user and self.download_password):
@@ -116,11 +116,11 @@ class Settings:
         if not self.context.strip("/") or "/" in self.context.strip("/"):
             raise ConfigError(f"context must be one path segment, got {self.context!r}")
         self.context = self.context.strip("/")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must start with http:// or https://, got {self.public_url!r}")
         for remote in self.leaf_remotes:
             if not remote.startswith(("nats-leaf://", "nats://", "tls://", "ws://", "wss://")):
                 raise ConfigError(f"leaf remote {remote!r} must be a URL such as nats-leaf://HOST:PORT")
-        if self.leaf_listen and ":" not in self.leaf_listen:
-            raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
         if not 1 <= self.http_workers <= 64:
             raise ConfigError("http_workers must be between 1 and 64")
         if not 8 * 1024 <= self.http_max_header_bytes <= 1 << 20:
@@ -173,6 +173,17 @@ class Settings:
         self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in self.allowed_extensions]
         return self
+
+
+def _check_address(name: str, value: str, any_port: bool = False) -> None:
+    """HOST:PORT with a port 1-65535 (or -1, any free port, where the broker allows it)."""
+    if not value and name != "http":
+        return
+    host, sep, port = value.rpartition(":")
+    ok = sep and host and (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+                           or any_port and port == "-1")
+    if not ok:
+        raise ConfigError(f"{name} must be HOST:PORT with a port from 1 to 65535, got {value!r}")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
