@@ -18,6 +18,7 @@ from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
 from odst.gateway.metrics import make_metrics
+from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
@@ -51,7 +52,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         detail = f"{exc.detail}: {exc.extra}"
-    return Response({"error": "http_error", "detail": detail, "status_code": exc.status_code},
+    return Response({"error": "http_error", "detail": str(detail)},
                     status_code=exc.status_code, headers=exc.headers)
 
 
@@ -107,8 +108,10 @@ def create_app(site: Site) -> Litestar:
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),
+        middleware=[allow_every_method],
         logging_config=None,
         debug=False,
     )
     app.state.site = site
+    document(app)  # request bodies and the error shape, into the document /schema serves
     return app

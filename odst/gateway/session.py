@@ -60,7 +60,7 @@ class SessionController(Controller):
     path = "/api/v1/session"
     tags = ["session"]
 
-    @post("/", operation_id="signIn", opt={"public": True}, status_code=200)
+    @post("/", operation_id="signIn", opt={"public": True, "body": SignIn}, status_code=200)
     async def sign_in(self, request: Request) -> Response[dict[str, Any]]:
         """Sign in with a local or directory (LDAP) account; sets the session cookie."""
         site: Site = request.app.state.site
@@ -107,7 +107,7 @@ class SessionController(Controller):
         log.info("signed out", user=request.state.principal.username)
         return Response({"signed_out": True}, cookies=[_session_cookie(request, site, "", 0)])
 
-    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ}, status_code=200)
+    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ, "body": PasswordChange}, status_code=200)
     async def change_password(self, request: Request) -> Response[dict[str, Any]]:
         """A local user changes their own password; their other sessions end."""
         site: Site = request.app.state.site

@@ -51,7 +51,7 @@ class SettingsController(Controller):
         """This site's effective settings (odst.toml / ODST_* / flags, and its own choices); no secrets."""
         return settings_json(request.app.state.site)
 
-    @put("/accepted-stages", operation_id="setAcceptedStages", opt={"roles": ADMIN})
+    @put("/accepted-stages", operation_id="setAcceptedStages", opt={"roles": ADMIN, "body": StagesChoice})
     async def set_accepted_stages(self, request: Request) -> dict[str, Any]:
         """Choose the stages this site replicates (``{"stages": [...]}``); a signed event, effective at once."""
         site: Site = request.app.state.site

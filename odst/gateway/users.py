@@ -87,7 +87,7 @@ class UserController(Controller):
         site: Site = request.app.state.site
         return {"users": views.users(site.reader)}
 
-    @post("/", operation_id="createUser", opt={"roles": ADMIN})
+    @post("/", operation_id="createUser", opt={"roles": ADMIN, "body": UserCreate})
     async def create_user(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), UserCreate)
@@ -109,7 +109,7 @@ class UserController(Controller):
         _live(site, username)
         return views.user(site.reader, username)
 
-    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN})
+    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN, "body": UserUpdate})
     async def update_user(self, request: Request, username: str) -> dict[str, Any]:
         """Change a user's role, password (their sessions end) or display name."""
         site: Site = request.app.state.site
