@@ -10,6 +10,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
 from odst.accounts import passwords, signin
+from odst.gateway.users import forget_first_password
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
@@ -128,6 +129,7 @@ class SessionController(Controller):
         await site.append(ev.UserPasswordChanged(username=row["username"], password_sealed=sealed),
                           actor=p.actor)
         site.sessions.delete_user(row["username"])
+        forget_first_password(site, row["username"])
         row = views.user_row(site.reader, row["username"])
         session_id, sess = site.sessions.create(
             username=row["username"], role=row["role"], source="local", display_name=row["display_name"],

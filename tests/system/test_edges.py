@@ -115,3 +115,13 @@ def test_cli_output_names_sites_shows_sha512_and_says_what_an_upload_did(make_si
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"site Paris ({site_id})")
     assert "  Café.pkg\tprod\tParis" in r.stdout.splitlines()
+
+
+def test_the_first_admin_password_file_goes_when_the_password_changes(make_site):
+    site = make_site("a").start()
+    shown = site.data / "admin-password"
+    assert shown.exists(), "a generated first password is kept for the operator"
+    with site.client() as c:
+        r = c.patch("/api/v1/users/admin", json={"password": "a brand new passphrase 42"})
+        assert r.status_code == 200, r.text
+    assert not shown.exists(), "a file holding a password that no longer works misleads"

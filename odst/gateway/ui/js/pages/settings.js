@@ -2,7 +2,7 @@
 // event subscribers (NATS credentials), webhooks and email subscriptions.
 
 import { api, get, setCsrfToken } from '../api.js';
-import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
+import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtBinaryBytes, fmtDuration, time, secretBox,
   confirmDialog, formDialog, debounce, pill, uid } from '../dom.js';
 
 const ROLES = ['admin', 'operator', 'auditor'];
@@ -72,7 +72,7 @@ export function mount(main, ctx) {
       ['Download authentication', s.download_auth === 'basic' ? 'user name and password (basic)' : 'none'],
       ['Stages', (s.stages || []).join(', ')], ['Stages replicated here', (s.accepted_stages || []).join(', ') || 'all'],
       ['Default stage', s.default_stage], ['Allowed extensions', (s.allowed_extensions || []).join(', ')],
-      ['Largest upload', `${fmtBytes(s.max_upload_bytes)}`],
+      ['Largest upload', `${fmtBinaryBytes(s.max_upload_bytes)}`],
       ['Mail (SMTP)', smtp.configured ? `${smtp.host}:${smtp.port}${smtp.starttls ? ' with STARTTLS' : ''}, from ${smtp.from}` : 'not configured'],
       ['Directory (LDAP)', ldap.configured ? `${ldap.url}, users under ${ldap.user_base}` : 'not configured (local users only)'],
       ['Directory groups → roles', ldap.configured && ldap.role_map && ldap.role_map.length ? ldap.role_map.join('; ') : '—'],
