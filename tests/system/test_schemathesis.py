@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extras")
-from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+import schemathesis  # the test extras
+from hypothesis import HealthCheck, Phase, settings
 
-from tests.conftest import ADMIN_TOKEN, SiteProcess, free_port  # noqa: E402
+from tests.conftest import ADMIN_TOKEN, SiteProcess, free_port
 
 EXAMPLES = 4
 
