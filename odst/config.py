@@ -190,7 +190,7 @@ class Settings:
                 raise ConfigError("jamf_url needs jamf_client_id (an API client) or jamf_user")
         if self.jamf_hash_type not in ("SHA_512", "SHA3_512", "MD5"):
             raise ConfigError("jamf_hash_type must be SHA_512, SHA3_512 or MD5")
-        if self.jamf_stage not in self.stages:
+        if self.jamf_url and self.jamf_stage not in self.stages:
             raise ConfigError(f"jamf_stage {self.jamf_stage!r} is not one of stages {self.stages}")
         if self.jamf_quorum < 0 or self.jamf_check_interval_s < 1:
             raise ConfigError("jamf_quorum must be 0 or more and jamf_check_interval_s at least 1")
