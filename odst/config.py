@@ -96,7 +96,6 @@ class Settings:
     jamf_dry_run: bool = False  # log and record what would change in Jamf Pro, change nothing
     jamf_allow_deletes: bool = False  # delete a package's Jamf record when it is deleted here (only records ODST created)
     jamf_check_interval_s: int = 900  # drift check: compare Jamf Pro's records with ODST this often
-    jamf_dp_https: bool = True  # DP records say HTTPS (public_url must be https://); false: HTTP
     log_format: str = "console"  # console | json
     log_level: str = "info"
 

@@ -87,11 +87,15 @@ class DistributionPoint:
     name: str
     public_url: str  # the site's public URL (https://host[:port][/prefix])
     context: str  # ODST's context, e.g. CasperShare
-    https: bool = True
     user: str = ""  # download auth (download_auth=basic), else none
     password: str = ""
     failover_id: str = "-1"  # Jamf Pro API: the failover DP's record id
     failover_name: str = ""  # Classic API: the failover DP's name
+
+    @property
+    def https(self) -> bool:
+        """HTTPS when the site's public URL is (the Jamf Pro API's DP records are HTTPS-only)."""
+        return urlsplit(self.public_url).scheme == "https"
 
     @property
     def host(self) -> str:

@@ -175,7 +175,7 @@ class JamfService:
         user = s.download_user if s.download_auth == "basic" else ""
         password = s.download_password if s.download_auth == "basic" else ""
         return DistributionPoint(name=f"ODST {name}", public_url=url, context=s.context,
-                                 https=s.jamf_dp_https, user=user, password=password,
+                                 user=user, password=password,
                                  failover_id=failover[0], failover_name=failover[1])
 
     def site_ids(self, all_sites: bool) -> list[str]:
