@@ -34,6 +34,7 @@ log = structlog.get_logger("odst.jamf")
 PAGE = 200
 BACKOFF_FIRST_S = 2.0
 BACKOFF_MAX_S = 300.0
+DONE = {"create": "created", "update": "updated", "unchanged": "unchanged"}
 
 
 class JamfNotConfigured(JamfError):
@@ -303,7 +304,7 @@ class JamfService:
                 await self.d.append(ev.JamfPackageSynced(
                     name=name, blake3=row["blake3"], file_name=name, record_id=record_id,
                     hash_type=want.hash_type, hash_value=want.hash_value, size=want.size,
-                    action=("would " + action) if dry else action, dry_run=dry, created_by_odst=ours))
+                    action=("would " + action) if dry else DONE[action], dry_run=dry, created_by_odst=ours))
                 if dry:
                     self._dry_seen.add((name, row["blake3"], action))
                     log.info("jamf dry run", package=name, would=action, record=record_id or None)

@@ -68,7 +68,8 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(t
         net.upload("b", "Tool.pkg", data=data, stage="test")
         net.wait_available("Tool.pkg", ["hq", "b", "c"])
         assert standin.by_file("Tool.pkg") is None  # stage test: not Jamf's business
-        standin.revoke_tokens()  # the sync's next call is refused mid-operation, and renewed
+        standin.revoke_tokens()  # every token is void now; those issued earlier have expired too (2 s)
+        issued = standin.tokens_issued
         net.stage("hq", "Tool.pkg", "prod")
 
         with net.step("the record appears with the SHA-512, after every prod site serves the content"):
@@ -81,7 +82,8 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(t
             served = [e["ts"] for e in history if e["type"] in ("PackageAvailable", "PackageUploaded")]
             assert len({e["origin"] for e in history if e["type"] in ("PackageAvailable", "PackageUploaded")}) == 3
             assert synced[0]["ts"] >= max(served)
-            assert any(status == 401 for m, p, status in standin.log if p.startswith("/api/v1/packages"))
+            assert standin.tokens_issued > issued  # a new token, and no write failed for the old one
+            assert all(e["envelope"]["event"]["result"] == "ok" for e in synced)
             assert net.get("hq", "/api/v1/jamf/packages/Tool.pkg")["state"] == "in_sync"
 
         with net.step("a hash edited in Jamf Pro is drift: odst jamf check and a webhook report it"):
