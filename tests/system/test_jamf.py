@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 
 import pytest
@@ -146,3 +147,31 @@ def test_https_dp_via_jamf_pro_api_classic_on_404_and_dry_run(make_site, standin
         assert c.get("/api/v1/jamf", headers={"Authorization": f"Bearer {tok}"}).json()["hash_type"] == "SHA3_512"
         assert CLIENT_SECRET not in c.get("/api/v1/jamf").text
         assert CLIENT_SECRET not in json.dumps(c.get("/api/v1/events", params={"limit": 1000}).json())
+
+
+def test_ui_shows_the_connection_registers_dps_and_the_package_state(make_site, standin, page):
+    from playwright.sync_api import expect
+
+    from tests.system.test_ui import ADMIN_PASSWORD
+    site = make_site(env={**jamf_env(standin), "ODST_ADMIN_PASSWORD": ADMIN_PASSWORD, "ODST_SITE_NAME": "HQ"}).start()
+    with site.client() as c:
+        assert upload_bytes(c, "Ui.pkg", os.urandom(50_000), params={"stage": "prod"}).status_code == 201
+    wait_until(lambda: standin.by_file("Ui.pkg"), 30, what="the record of Ui.pkg")
+    page.goto(site.url + "/")
+    page.get_by_label("User name").fill("admin")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()
+
+    page.goto(site.url + "/#/packages/Ui.pkg")
+    expect(page.locator("[data-jamf]")).to_have_text(re.compile("in sync"))
+
+    page.goto(site.url + "/#/settings")
+    card = page.locator("#jamf-card")
+    card.get_by_role("button", name="Check the Jamf Pro connection").click()
+    expect(card).to_contain_text("Connected to Jamf Pro 11.20.0")
+
+    page.goto(site.url + "/#/network")
+    page.get_by_role("button", name="Register in Jamf Pro").click()
+    expect(page.get_by_text("ODST HQ: created (classic API)")).to_be_visible()
+    assert "ODST HQ" in standin.classic_dps
