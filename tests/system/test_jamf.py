@@ -175,3 +175,33 @@ def test_ui_shows_the_connection_registers_dps_and_the_package_state(make_site, 
     page.get_by_role("button", name="Register in Jamf Pro").click()
     expect(page.get_by_text("ODST HQ: created (classic API)")).to_be_visible()
     assert "ODST HQ" in standin.classic_dps
+
+
+def test_periodic_check_finds_a_missing_record_and_allowed_deletes_remove_only_odsts(make_site, standin):
+    site = make_site(env=jamf_env(standin, check_interval_s=1, allow_deletes="true", hash_type="MD5")).start()
+    with site.client() as c:
+        data = os.urandom(300_000)
+        assert upload_bytes(c, "Gone.pkg", data, params={"stage": "prod"}).status_code == 201
+        wait_until(lambda: standin.by_file("Gone.pkg"), 30, what="the record of Gone.pkg")
+        record = standin.by_file("Gone.pkg")
+        assert record["hashType"] == "MD5" and record["hashValue"] == record["md5"] == hashlib.md5(data).hexdigest()
+        standin.packages.pop(record["id"])  # someone deletes the record in Jamf Pro
+
+        def drift():
+            return [e["envelope"]["event"] for e in c.get("/api/v1/events", params={"name": "Gone.pkg"}).json()["events"]
+                    if e["type"] == "JamfDriftDetected"]
+        wait_until(drift, 30, what="the periodic check to notice the missing record")
+        assert drift()[0]["kind"] == "missing"
+        wait_until(lambda: standin.by_file("Gone.pkg"), 30, what="the record written again")
+
+        # a record ODST did not create, for a file ODST also serves: never deleted
+        assert upload_bytes(c, "Theirs.pkg", b"x" * 1000, params={"stage": "test"}).status_code == 201
+        standin.packages["900"] = {**standin.by_file("Gone.pkg"), "id": "900", "fileName": "Theirs.pkg",
+                                   "packageName": "Theirs", "hashValue": hashlib.md5(b"x" * 1000).hexdigest()}
+        c.patch("/api/v1/packages/Theirs.pkg", json={"stage": "prod"})
+        wait_until(lambda: c.get("/api/v1/jamf/packages/Theirs.pkg").json()["state"] == "in_sync", 30,
+                   what="Theirs.pkg in sync (found by fileName, updated)")
+        assert c.delete("/api/v1/packages/Gone.pkg").status_code == 200
+        assert c.delete("/api/v1/packages/Theirs.pkg").status_code == 200
+        wait_until(lambda: standin.by_file("Gone.pkg") is None, 30, what="ODST's own record deleted")
+        assert standin.by_file("Theirs.pkg") is not None  # not ODST's: kept
