@@ -136,6 +136,7 @@ class JamfService:
         self._dry_seen: set[tuple[str, str, str]] = set()
         self._failed_seen: set[tuple[str, str]] = set()
         self._task: asyncio.Task | None = None
+        self._one_at_a_time = asyncio.Lock()  # the background pass and an admin's request never interleave
         self.last_check: dict = {}
         self.connection: dict = {"checked": False}
 
@@ -272,8 +273,13 @@ class JamfService:
         return todo, gone
 
     async def sync_once(self, *, dry_run: bool | None = None, force: bool = False) -> list[dict]:
-        """Write every pending record once; return what was (or would be) done."""
+        """Write every pending record once; return what was (or would be) done. ``force``: an
+        admin asked, so retry back-offs and the dry run's "already said so" do not apply."""
         client = self._need()
+        async with self._one_at_a_time:
+            return await self._sync(client, dry_run, force)
+
+    async def _sync(self, client: JamfClient, dry_run: bool | None, force: bool) -> list[dict]:
         dry = self.d.settings.jamf_dry_run if dry_run is None else dry_run
         todo, gone = self.pending()
         out = []
@@ -282,6 +288,8 @@ class JamfService:
             name = row["name"]
             if not force and not dry and self._retry.get(name, (0, 0))[0] > now:
                 continue
+            if not force and dry and any(k[:2] == (name, row["blake3"]) for k in self._dry_seen):
+                continue  # the background dry run already recorded its plan for this content
             try:
                 want = await self.wanted(row)
                 record = await find_record(client, name)
@@ -354,6 +362,10 @@ class JamfService:
     async def check(self) -> dict:
         """Compare Jamf Pro's records with ODST; record each change of state as an event."""
         client = self._need()
+        async with self._one_at_a_time:
+            return await self._check(client)
+
+    async def _check(self, client: JamfClient) -> dict:
         s = self.d.settings
         records = {r.get("fileName"): r for r in await all_records(client)}
         rows = jamf_rows(self.d.reader)

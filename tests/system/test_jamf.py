@@ -205,3 +205,35 @@ def test_periodic_check_finds_a_missing_record_and_allowed_deletes_remove_only_o
         assert c.delete("/api/v1/packages/Theirs.pkg").status_code == 200
         wait_until(lambda: standin.by_file("Gone.pkg") is None, 30, what="ODST's own record deleted")
         assert standin.by_file("Theirs.pkg") is not None  # not ODST's: kept
+
+
+def test_jamf_refusing_the_token_during_an_upload_and_sync_does_not_fail_it(make_site):
+    """Bounded version of the issue's 2 GB case (bench/jamf.py runs the full size): the site holds
+    a token that is fresh by its own clock when Jamf Pro stops taking it, half-way through the
+    upload; the record is still written, with one renewal and no failed write."""
+    server = JamfStandin(token_lifetime=60.0).start()
+    try:
+        site = make_site(env=jamf_env(server)).start()
+        with site.client() as c:
+            assert c.post("/api/v1/jamf/check-connection").status_code == 200  # the site now holds a token
+            assert server.tokens_issued == 1
+            half = os.urandom(8 << 20)
+
+            def body():
+                yield half
+                server.revoke_tokens()  # Jamf Pro restarts mid-upload: the site's token is void
+                yield half
+
+            r = c.put("/api/v1/packages/Long.pkg", content=body(), params={"stage": "prod"},
+                      headers={"Content-Length": str(2 * len(half))})
+            assert r.status_code == 201, r.text
+            wait_until(lambda: server.by_file("Long.pkg"), 30, what="the record of Long.pkg")
+            assert server.by_file("Long.pkg")["hashValue"] == hashlib.sha512(half + half).hexdigest()
+            assert server.tokens_issued == 2  # renewed once, on the 401
+            assert ("GET", "/api/v1/packages", 401) in server.log
+            synced = [e["envelope"]["event"] for e in c.get("/api/v1/events", params={"name": "Long.pkg"}).json()["events"]
+                      if e["type"] == "JamfPackageSynced"]
+            assert [e["result"] for e in synced] == ["ok"]
+    finally:
+        server.stop()
+    assert server.errors == []
