@@ -165,6 +165,7 @@ def test_ui_shows_the_connection_registers_dps_and_the_package_state(make_site, 
 
     page.goto(site.url + "/#/packages/Ui.pkg")
     expect(page.locator("[data-jamf]")).to_have_text(re.compile("in sync"))
+    expect(page.get_by_text(re.compile(r"Jamf Pro record of Ui\.pkg \(id \d+\): created")).first).to_be_visible()
 
     page.goto(site.url + "/#/settings")
     card = page.locator("#jamf-card")
