@@ -11,10 +11,9 @@ same functions for ``odst jamf …`` (register-dp, check, sync --dry-run).
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 from urllib.parse import quote
@@ -445,7 +444,3 @@ def _xml_id(text) -> str:
     if not m:
         raise JamfError(f"Jamf Pro's Classic API answer has no <id>: {str(text)[:200]}")
     return m.group(1)
-
-
-def summary(items: list[dict]) -> str:
-    return json.dumps(items, indent=2)
