@@ -205,6 +205,8 @@ def test_periodic_check_finds_a_missing_record_and_allowed_deletes_remove_only_o
         assert c.delete("/api/v1/packages/Theirs.pkg").status_code == 200
         wait_until(lambda: standin.by_file("Gone.pkg") is None, 30, what="ODST's own record deleted")
         assert standin.by_file("Theirs.pkg") is not None  # not ODST's: kept
+    r = run_odst("audit", "--data", str(site.data))  # the Jamf events verify, and a rebuild equals the live model
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_jamf_refusing_the_token_during_an_upload_and_sync_does_not_fail_it(make_site):
