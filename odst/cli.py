@@ -359,6 +359,37 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_jamf(args) -> int:
+    """odst jamf …: the running site does the work with its Jamf Pro credentials (admin token)."""
+    client = Client(args.server, args.token)
+    if args.jamf_cmd == "check-connection":
+        out = client.request("POST", "/api/v1/jamf/check-connection")
+        print(f"Jamf Pro {out.get('version') or '(version unknown)'} at {out['url']}: connected ({out['auth']})")
+    elif args.jamf_cmd == "register-dp":
+        out = client.request("POST", "/api/v1/jamf/distribution-points",
+                             json={"all_sites": args.all_sites, "failover": args.failover or ""})
+        for dp in out["distribution_points"]:
+            print(f"{dp['action']:8} {dp['name']} (id {dp['record_id']}, {dp['api']} API): {dp['url']}")
+    elif args.jamf_cmd == "sync":
+        out = client.request("POST", "/api/v1/jamf/sync", json={"dry_run": not args.apply})
+        for a in out["actions"]:
+            verb = ("would " if out["dry_run"] and a["action"] != "failed" else "") + a["action"]
+            print(f"{verb:16} {a['name']}" + (f" (record {a['record_id']})" if a.get("record_id") else "")
+                  + (f" {a['hash_type']} {a['hash_value'][:16]}…" if a.get("hash_value") else "")
+                  + (f": {a['detail']}" if a.get("detail") else ""))
+        if not out["actions"]:
+            print("nothing to do: every record is in sync")
+    elif args.jamf_cmd == "check":
+        out = client.request("POST", "/api/v1/jamf/check")
+        for p in out["packages"]:
+            extra = f" (expected {p['expected'][:16]}…, Jamf Pro has {p['found'][:16] or '-'})" \
+                if p["state"] == "hash_differs" else (f": {p['detail']}" if p.get("detail") else "")
+            print(f"{p['state']:13} {p['name']}" + (f" record {p['record_id']}" if p.get("record_id") else "") + extra)
+        print(f"{out['drift']} of {len(out['packages'])} packages drift from Jamf Pro")
+        return 1 if out["drift"] else 0
+    return 0
+
+
 def cmd_peer(args) -> int:
     from urllib.parse import quote
 
@@ -644,6 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(q)
     q.add_argument("site")
     p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("jamf", help="Jamf Pro: connection, distribution point records, package records, drift")
+    _client_flags(p)
+    jamf = p.add_subparsers(dest="jamf_cmd", required=True)
+    jamf.add_parser("check-connection", help="get a token and Jamf Pro's version with the site's settings")
+    q = jamf.add_parser("register-dp", help="create or update the site's Jamf Pro distribution point record")
+    q.add_argument("--all-sites", action="store_true", help="every site of the network, not only this one")
+    q.add_argument("--failover", metavar="SITE", help="the site (name or id) Macs fail over to")
+    q = jamf.add_parser("sync", help="show what the package record sync would change (--apply: do it now)")
+    q.add_argument("--apply", action="store_true", help="write the records now instead of a dry run")
+    jamf.add_parser("check", help="compare Jamf Pro's package records with ODST (exit 1 on drift)")
+    p.set_defaults(func=cmd_jamf)
 
     p = sub.add_parser("user", help="local users of the web UI (admin token)")
     user = p.add_subparsers(dest="user_command", required=True)

@@ -81,6 +81,21 @@ class Settings:
     ldap_role_map: list[str] = field(default_factory=list)  # GROUP=role; GROUP is a cn or a full DN
     ldap_timeout_s: float = 5.0
     ldap_recheck_s: int = 300  # a signed-in directory user's groups are looked up again this often
+    # Jamf Pro (odst.jamf): set jamf_url at the one site that keeps Jamf Pro's records
+    jamf_url: str = ""  # https://jamf.example.com[:8443]; empty: no Jamf Pro integration
+    jamf_client_id: str = ""  # API client (OAuth client credentials); or jamf_user/jamf_password
+    jamf_client_secret: str = ""  # better: ODST_JAMF_CLIENT_SECRET or jamf_client_secret_file
+    jamf_client_secret_file: str = ""  # a file holding the secret, mode 0600
+    jamf_user: str = ""  # a Jamf Pro account (Basic -> bearer token) instead of an API client
+    jamf_password: str = ""
+    jamf_password_file: str = ""  # a file holding the password, mode 0600
+    jamf_ca_file: str = ""  # CA bundle for Jamf Pro's certificate; empty: the system CAs
+    jamf_hash_type: str = "SHA_512"  # SHA_512 | SHA3_512 | MD5 (PreStage enrollment packages need MD5)
+    jamf_stage: str = "prod"  # packages in this stage get a Jamf Pro package record
+    jamf_quorum: int = 0  # sites that must serve a package before its record is written; 0: all that replicate the stage
+    jamf_dry_run: bool = False  # log and record what would change in Jamf Pro, change nothing
+    jamf_allow_deletes: bool = False  # delete a package's Jamf record when it is deleted here (only records ODST created)
+    jamf_check_interval_s: int = 900  # drift check: compare Jamf Pro's records with ODST this often
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -167,6 +182,17 @@ class Settings:
             raise ConfigError("ldap_recheck_s must be at least 1")
         if not 0 < self.ldap_timeout_s <= 120:
             raise ConfigError("ldap_timeout_s must be more than 0 and at most 120")
+        if self.jamf_url:
+            if not self.jamf_url.startswith(("https://", "http://")):
+                raise ConfigError(f"jamf_url must start with https:// (or http://), got {self.jamf_url!r}")
+            if not (self.jamf_client_id or self.jamf_user):
+                raise ConfigError("jamf_url needs jamf_client_id (an API client) or jamf_user")
+        if self.jamf_hash_type not in ("SHA_512", "SHA3_512", "MD5"):
+            raise ConfigError("jamf_hash_type must be SHA_512, SHA3_512 or MD5")
+        if self.jamf_url and self.jamf_stage not in self.stages:
+            raise ConfigError(f"jamf_stage {self.jamf_stage!r} is not one of stages {self.stages}")
+        if self.jamf_quorum < 0 or self.jamf_check_interval_s < 1:
+            raise ConfigError("jamf_quorum must be 0 or more and jamf_check_interval_s at least 1")
         unknown = [s for s in self.accept_stages if s not in self.stages]
         if unknown:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")

@@ -17,6 +17,7 @@ from odst.gateway.auth import auth_guard
 from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
+from odst.gateway.jamf import JamfController
 from odst.gateway.metrics import make_metrics
 from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
@@ -100,7 +101,7 @@ def create_app(site: Site) -> Litestar:
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
                                            SessionController, UserController, SettingsController,
-                                           CredentialController],
+                                           CredentialController, JamfController],
                  guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,

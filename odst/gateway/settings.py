@@ -39,6 +39,7 @@ def settings_json(site: Site) -> dict[str, Any]:
         "session_idle_s": s.session_idle_s, "session_max_s": s.session_max_s,
         "signin_max_failures": s.signin_max_failures,
         "password_min_length": passwords.MIN_LENGTH,
+        "jamf_configured": bool(s.jamf_url),
     }
 
 
