@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -90,16 +91,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
         seed = site.external_seed()
     else:
         seed = load_or_create_client_seed(data)
-        host, port = settings.nats_listen.rsplit(":", 1)
-        site.broker = EmbeddedBroker(
-            BrokerConfig(site=site_id, store_dir=data / "nats", host=host, port=int(port),
-                         sync_interval=settings.sync_interval, leaf_listen=settings.leaf_listen or None,
-                         leaf_remotes=list(settings.leaf_remotes),
-                         authorization=site.broker_users(public_key_of_seed(seed)),
-                         leaf_seed=key.nkey_seed(),
-                         leaf_deny_imports=authz.remote_deny_imports(site_id),
-                         leaf_deny_exports=authz.remote_deny_exports(site_id)),
-            run_dir(data))
+        site.broker = site_broker(settings, key, authorization=site.broker_users(public_key_of_seed(seed)))
         site.nats_url = site.broker.start()
         site.client_nkey = public_key_of_seed(seed)
     site.nc = nc = await connect(site.nats_url, seed=seed, site=site_id,
@@ -159,7 +151,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,
-                                     append=append, projection=projection, stages=site.replicated_stages,
+                                     append=append, projection=projection,
                                      settings=settings, replicas=events.replicas)
         await site.replicator.start()
     site.registrar = Registrar(site_id=site_id, key=key, settings=settings, reader=reader, append=append,
@@ -175,6 +167,28 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
         (run_dir(data) / "site.json").write_text(json.dumps(
             {"pid": os.getpid(), "site": site_id, "nats": site.nats_url, "http": settings.http}))
     log.info("site open", data=str(data), nats=site.nats_url, roles=sorted(roles))
+
+
+def site_broker(settings: Settings, key: SiteKey, *, authorization: str = "", private_for: str = "") -> EmbeddedBroker:
+    """The embedded nats-server of a data directory. Serving (``authorization``: the rendered
+    users): on ``nats_listen`` with the leaf links and the spoke's deny lists. ``private_for``
+    a client NKey (``odst audit|rebuild|recover`` with no site running): any free port, no
+    leaf links, only that client."""
+    data = Path(settings.data)
+    if private_for:
+        return EmbeddedBroker(
+            BrokerConfig(site=key.site_id, store_dir=data / "nats", sync_interval=settings.sync_interval,
+                         extra=f'authorization {{ users: [ {{ nkey: "{private_for}" }} ] }}'),
+            run_dir(data))
+    host, port = settings.nats_listen.rsplit(":", 1)
+    return EmbeddedBroker(
+        BrokerConfig(site=key.site_id, store_dir=data / "nats", host=host, port=int(port),
+                     sync_interval=settings.sync_interval, leaf_listen=settings.leaf_listen or None,
+                     leaf_remotes=list(settings.leaf_remotes), authorization=authorization,
+                     leaf_seed=key.nkey_seed(),
+                     leaf_deny_imports=authz.remote_deny_imports(key.site_id),
+                     leaf_deny_exports=authz.remote_deny_exports(key.site_id)),
+        run_dir(data))
 
 
 def _notifier(site: Site, roles: frozenset[str]) -> Notifier:
@@ -199,7 +213,7 @@ def gateway_context(site: Site) -> GatewayContext:
         id=site.id, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
-        replicated_stages=site.replicated_stages, registrar=site.registrar, linker=site.linker,
+        registrar=site.registrar, linker=site.linker,
         replicator=site.replicator, chunk_server=site.chunk_server,
         metrics=MetricSources(site_id=site.id, reader=site.reader, stats=site.stats, projection=site.projection,
                               log_watch=site.log_watch, linker=site.linker, replicator=site.replicator,

@@ -81,13 +81,6 @@ class Site:
     def id(self) -> str:
         return self.key.site_id
 
-    def replicated_stages(self) -> list[str]:
-        """Stages replicated here now: the site's last StagesAccepted, else the setting (``accept_stages``)."""
-        chosen = views.site_setting(self.reader, "accepted_stages") if self.reader is not None else None
-        if chosen is None:
-            return self.settings.default_replicated_stages
-        return [s for s in chosen["value"] if s in self.settings.stages]
-
     def external_seed(self) -> str | None:
         """The credential for a NATS server ODST does not run: ``nats_credentials``, else the
         data directory's client key when one was made (``odst nats-config`` makes it)."""

@@ -42,7 +42,6 @@ class GatewayContext:
     stats: SiteStats
     stopping: asyncio.Event  # set when shutdown begins: long-lived responses end
     health: Callable[[], Awaitable[tuple[bool, str]]]
-    replicated_stages: Callable[[], list[str]]
     registrar: Registrar
     linker: Linker
     replicator: Replicator | None

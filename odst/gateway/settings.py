@@ -26,7 +26,7 @@ def settings_json(site: GatewayContext) -> dict[str, Any]:
     chosen = views.site_setting(site.reader, "accepted_stages")
     return {
         "site_id": site.id, "site_name": s.site_name, "public_url": s.base_url, "context": s.context,
-        "download_auth": s.download_auth, "stages": s.stages, "accepted_stages": site.replicated_stages(),
+        "download_auth": s.download_auth, "stages": s.stages, "accepted_stages": views.replicated_stages(site.reader, s),
         "accepted_stages_source": ({"from": "event", "updated_at": chosen["updated_at"],
                                     "updated_by": chosen["updated_by"]} if chosen else
                                    {"from": "setting" if s.accept_stages else "default"}),
@@ -61,7 +61,8 @@ class SettingsController(Controller):
             raise RequestInvalid(f"stages must be one or more of {', '.join(site.settings.stages)}"
                                  + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else ""))
         stages = [s for s in site.settings.stages if s in body.stages]  # the configured order, no repeats
-        if stages != site.replicated_stages() or views.site_setting(site.reader, "accepted_stages") is None:
+        if (stages != views.replicated_stages(site.reader, site.settings)
+                or views.site_setting(site.reader, "accepted_stages") is None):
             await site.append(ev.StagesAccepted(stages=stages), actor=request.state.actor)
         if site.replicator:
             site.replicator.kick()

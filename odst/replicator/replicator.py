@@ -21,7 +21,6 @@ import socket
 import time
 from collections import Counter
 import sqlite3
-from typing import Callable
 
 import nats.js.errors
 from nats.js import api
@@ -59,11 +58,10 @@ def work_subject(site: str) -> str:
 
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
-                 append: Append, projection: ProjectionStatus, stages: Callable[[], list[str]],
+                 append: Append, projection: ProjectionStatus,
                  settings: Settings, replicas: int):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
-        self.replicated_stages = stages  # the stages this site replicates now (they change by event)
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
@@ -130,7 +128,7 @@ class Replicator:
             self._missing_checked = time.monotonic()
             await self.repull_missing()
         now = time.monotonic()
-        wanted = views.wanted(self.reader, self.site_id, self.replicated_stages())
+        wanted = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings))
         wanted_keys = set()
         for row in wanted:
             key = (row["name"], row["blake3"])
@@ -182,7 +180,7 @@ class Replicator:
         row = self.reader.execute("SELECT * FROM packages WHERE name=? AND blake3=?", (name, blake3)).fetchone()
         if row is None or key in self.tasks or (name, blake3) not in {
                 (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
-                                                               self.replicated_stages())}:
+                                                               views.replicated_stages(self.reader, self.settings))}:
             return  # no longer wanted, or already being pulled here
         try:
             revision = await self._leases.create(blake3, self.owner.encode())
