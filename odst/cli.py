@@ -100,8 +100,9 @@ def cmd_serve(args, roles=None) -> int:
                     signal.signal(sig, handler)
 
     # deferred: only the commands that serve load the site and Litestar (~0.6 s of imports `odst upload` skips)
+    from odst.bootstrap import build, gateway_context
     from odst.gateway.app import create_app
-    from odst.site import ALL_ROLES, Site
+    from odst.site import ALL_ROLES
     roles = roles or ALL_ROLES
     _fewer_malloc_arenas()
 
@@ -120,15 +121,11 @@ def cmd_serve(args, roles=None) -> int:
     _private_data_dir(settings.data)
 
     async def main() -> int:
-        site = Site(settings)
         try:
-            await site.open(roles=roles)
+            site = await build(settings, roles)
         except SiteBusy as exc:
             print(f"odst: {exc}", file=sys.stderr)
             return 2
-        except BaseException:
-            await site.close()
-            raise
         if "gateway" not in roles:
             return await _run_until_signalled(site)
         from odst.gateway.listener import AddressInvalid, PortTaken, listen
@@ -139,7 +136,7 @@ def cmd_serve(args, roles=None) -> int:
             sock = bound.socket
             if roles == ALL_ROLES and settings.http_workers > 1:
                 helpers = _start_gateway_helpers(settings, site.nats_url, settings.http_workers - 1)
-            config = uvicorn.Config(create_app(site), loop="none", http=_http_protocol(settings), ws="none",
+            config = uvicorn.Config(create_app(gateway_context(site)), loop="none", http=_http_protocol(settings), ws="none",
                                     lifespan="off", access_log=False, log_config=None,
                                     timeout_keep_alive=settings.http_keepalive_s, timeout_graceful_shutdown=10,
                                     # only a listed proxy may name the client (sign-in limits count per address)

@@ -108,7 +108,7 @@ class Settings:
         return (self.public_url or f"http://{self.http}").rstrip("/")
 
     @property
-    def accepted_stages(self) -> list[str]:
+    def default_replicated_stages(self) -> list[str]:
         return self.accept_stages or self.stages
 
     @property

@@ -1,4 +1,4 @@
-"""The gateway's composition root: one Litestar app over a Site."""
+"""The gateway: one Litestar app over the parts of the running site it uses (a GatewayContext)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from odst.gateway.settings import SettingsController
 from odst.gateway.tokens import TokenController
 from odst.gateway.users import UserController
 from odst.gateway.ui import ui_routes
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 log = structlog.get_logger("odst.gateway")
 
@@ -62,7 +62,7 @@ def _internal(request: Request, exc: Exception) -> Response:
     return _error(500, "internal_error", "internal error; the server log has the details")
 
 
-def create_app(site: Site) -> Litestar:
+def create_app(site: GatewayContext) -> Litestar:
     context = site.settings.context
 
     @get("/healthz", operation_id="health")
@@ -71,7 +71,7 @@ def create_app(site: Site) -> Litestar:
         return Response({"status": "ok" if ok else "unavailable", "reason": reason, "site": site.id},
                         status_code=200 if ok else 503)
 
-    render_metrics = make_metrics(site)
+    render_metrics = make_metrics(site.metrics)
 
     # Counts, lags, peer ids and alerts tell an outsider the site's shape and state: an API
     # token of any role (a scraper gets an auditor token) unless the operator makes it public.

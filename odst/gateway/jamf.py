@@ -15,7 +15,7 @@ from odst.gateway.auth import ADMIN, READ
 from odst.gateway.bodies import decode_json
 from odst.jamf.client import JamfError
 from odst.jamf.sync import JamfNotConfigured, package_state
-from odst.site import Site
+from odst.gateway.context import GatewayContext as Site
 
 
 class RegisterDp(msgspec.Struct, forbid_unknown_fields=True):

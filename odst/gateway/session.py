@@ -16,7 +16,7 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 log = structlog.get_logger("odst.signin")
 
@@ -39,7 +39,7 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _secure(request: Request, site: Site) -> bool:
+def _secure(request: Request, site: GatewayContext) -> bool:
     mode = site.settings.cookie_secure
     if mode != "auto":
         return mode == "always"
@@ -47,7 +47,7 @@ def _secure(request: Request, site: Site) -> bool:
             or request.headers.get("x-forwarded-proto", "").lower() == "https")
 
 
-def _session_cookie(request: Request, site: Site, value: str, max_age: int) -> Cookie:
+def _session_cookie(request: Request, site: GatewayContext, value: str, max_age: int) -> Cookie:
     return Cookie(key=SESSION_COOKIE, value=value, path="/", httponly=True, samesite="strict",
                   secure=_secure(request, site), max_age=max_age)
 
@@ -64,7 +64,7 @@ class SessionController(Controller):
     @post("/", operation_id="signIn", opt={"public": True, "body": SignIn}, status_code=200)
     async def sign_in(self, request: Request) -> Response[dict[str, Any]]:
         """Sign in with a local or directory (LDAP) account; sets the session cookie."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         # a form on another site can post text/plain cross-origin (login CSRF); JSON cannot
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise JsonRequired("send the credentials as application/json")
@@ -101,7 +101,7 @@ class SessionController(Controller):
 
     @delete("/", operation_id="signOut", opt={"roles": READ}, status_code=200)
     async def sign_out(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
             site.sessions.delete(session_id)
@@ -111,7 +111,7 @@ class SessionController(Controller):
     @post("/password", operation_id="changeOwnPassword", opt={"roles": READ, "body": PasswordChange}, status_code=200)
     async def change_password(self, request: Request) -> Response[dict[str, Any]]:
         """A local user changes their own password; their other sessions end."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         p: Principal = request.state.principal
         if p.source != "local":
             raise RequestInvalid("only local users have a password here; directory users change "
