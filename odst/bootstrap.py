@@ -35,6 +35,7 @@ from odst.events.log import EVENTS_STREAM, EventLog
 from odst.events.signing import SiteKey
 from odst.events.watch import AlertBook, watch_own_log
 from odst.gateway.context import GatewayContext
+from odst.gateway.egress import DownloadGate
 from odst.gateway.metrics import MetricSources
 from odst.notify.dispatcher import Dispatcher
 from odst.notify.ledger import Ledger
@@ -48,6 +49,7 @@ from odst.projections.appender import ConfirmedAppender
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
+from odst.replicator.bandwidth import Bandwidth, site_timezone
 from odst.replicator.replicator import Replicator
 from odst.replicator.transport import ChunkServer
 from odst.site import ALL_ROLES, Site
@@ -147,12 +149,14 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     if site.broker is not None:
         site.tasks.append(asyncio.create_task(site.supervise_broker(), name="broker-supervisor"))
 
-    site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store)
+    site.bandwidth = Bandwidth(site_id=site_id, reader=reader, tz=site_timezone(settings))
+    site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store,
+                                    bandwidth=site.bandwidth)
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,
                                      append=append, projection=projection,
-                                     settings=settings, replicas=events.replicas)
+                                     settings=settings, replicas=events.replicas, bandwidth=site.bandwidth)
         await site.replicator.start()
     site.registrar = Registrar(site_id=site_id, key=key, settings=settings, reader=reader, append=append,
                                nc=nc, admit_applicant=site.admit_applicant)
@@ -224,15 +228,17 @@ def _jamf(site: Site):
 
 def gateway_context(site: Site) -> GatewayContext:
     """What the gateway's handlers may use of a running site (``create_app`` takes it)."""
+    gate = DownloadGate(site.bandwidth.download_caps)  # this gateway process's download caps
     return GatewayContext(
         id=site.id, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
         replicator=site.replicator, chunk_server=site.chunk_server,
+        bandwidth=site.bandwidth, download_gate=gate,
         metrics=MetricSources(site_id=site.id, reader=site.reader, stats=site.stats, projection=site.projection,
                               log_watch=site.log_watch, linker=site.linker, replicator=site.replicator,
-                              chunk_server=site.chunk_server))
+                              chunk_server=site.chunk_server, bandwidth=site.bandwidth, download_gate=gate))
 
 
 async def _bootstrap_admin_token(site: Site) -> None:

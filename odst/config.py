@@ -96,6 +96,7 @@ class Settings:
     jamf_dry_run: bool = False  # log and record what would change in Jamf Pro, change nothing
     jamf_allow_deletes: bool = False  # delete a package's Jamf record when it is deleted here (only records ODST created)
     jamf_check_interval_s: int = 900  # drift check: compare Jamf Pro's records with ODST this often
+    timezone: str = ""  # IANA zone (e.g. Europe/Berlin) of bandwidth timetables; empty: the system's
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -198,6 +199,12 @@ class Settings:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")
         self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in self.allowed_extensions]
+        if self.timezone:
+            import zoneinfo
+            try:
+                zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ConfigError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)") from None
         return self
 
 

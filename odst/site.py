@@ -66,6 +66,7 @@ class Site:
         self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
         self.chunk_server = None
+        self.bandwidth = None  # odst.replicator.bandwidth.Bandwidth: link limits, download caps
         self.registration = None
         self.notifier = None
         self.sessions = None  # web UI sessions (gateway role)

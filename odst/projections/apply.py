@@ -12,6 +12,8 @@ import json
 import sqlite3
 from dataclasses import dataclass
 
+import msgspec
+
 from odst.events import catalogue as ev
 from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
@@ -420,6 +422,43 @@ def _jamf_dp_registered(c, env, e: ev.JamfDistributionPointRegistered, folder) -
                env.origin))
 
 
+def _link_bandwidth(c, env, e, writer) -> None:
+    if isinstance(e, ev.LinkBandwidthCleared):
+        row = (e.link, 0, 0, 0, "[]", "auto", 1)
+    else:
+        row = (e.link, e.send_bps, e.receive_bps, e.burst_bytes,
+               json.dumps([msgspec.to_builtins(w) for w in e.windows]), e.local, 0)
+    c.execute("INSERT INTO bandwidth_links(site, link, send_bps, receive_bps, burst_bytes, windows, local, cleared,"
+              " clock, updated_by) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(site, link) DO UPDATE SET"
+              " send_bps=excluded.send_bps, receive_bps=excluded.receive_bps, burst_bytes=excluded.burst_bytes,"
+              " windows=excluded.windows, local=excluded.local, cleared=excluded.cleared, clock=excluded.clock,"
+              " updated_by=excluded.updated_by WHERE excluded.clock > bandwidth_links.clock",
+              (env.origin, *row, clock(env.ts, env.origin), env.actor))
+
+
+def _local_networks(c, env, e: ev.LocalNetworksSet, writer) -> None:
+    c.execute("INSERT INTO local_networks(site, exempt, cidrs, clock) VALUES (?,?,?,?) ON CONFLICT(site) DO UPDATE"
+              " SET exempt=excluded.exempt, cidrs=excluded.cidrs, clock=excluded.clock"
+              " WHERE excluded.clock > local_networks.clock",
+              (env.origin, int(e.exempt), json.dumps(list(e.cidrs)), clock(env.ts, env.origin)))
+
+
+def _download_caps(c, env, e: ev.DownloadCapsSet, writer) -> None:
+    c.execute("INSERT INTO download_caps(site, egress_bps, max_concurrent, per_client, clock) VALUES (?,?,?,?,?)"
+              " ON CONFLICT(site) DO UPDATE SET egress_bps=excluded.egress_bps,"
+              " max_concurrent=excluded.max_concurrent, per_client=excluded.per_client, clock=excluded.clock"
+              " WHERE excluded.clock > download_caps.clock",
+              (env.origin, e.egress_bps, e.max_concurrent, e.per_client, clock(env.ts, env.origin)))
+
+
+def _package_urgency(c, env, e: ev.PackageUrgencySet, writer) -> None:
+    c.execute("INSERT INTO urgent_packages(name, urgent, reason, marked_by, origin, marked_at, clock)"
+              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET urgent=excluded.urgent,"
+              " reason=excluded.reason, marked_by=excluded.marked_by, origin=excluded.origin,"
+              " marked_at=excluded.marked_at, clock=excluded.clock WHERE excluded.clock > urgent_packages.clock",
+              (e.name, int(e.urgent), e.reason, env.actor, env.origin, env.ts, clock(env.ts, env.origin)))
+
+
 _HANDLERS = {
     ev.JamfPackageSynced: _jamf_package_synced,
     ev.JamfDriftDetected: _jamf_drift,
@@ -447,6 +486,11 @@ _HANDLERS = {
     ev.UserDetailsChanged: _user_update("display_name", "display_name"),
     ev.UserRemoved: _user_removed,
     ev.StagesAccepted: _stages_accepted,
+    ev.LinkBandwidthSet: _link_bandwidth,
+    ev.LinkBandwidthCleared: _link_bandwidth,
+    ev.LocalNetworksSet: _local_networks,
+    ev.DownloadCapsSet: _download_caps,
+    ev.PackageUrgencySet: _package_urgency,
 }
 
 

@@ -36,6 +36,7 @@ from odst.events.signing import SiteKey
 from odst.projections.appender import Append
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
+from odst.replicator.bandwidth import Bandwidth
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
 from odst.store.files import PackageStore
@@ -59,8 +60,9 @@ def work_subject(site: str) -> str:
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
                  append: Append, projection: ProjectionStatus,
-                 settings: Settings, replicas: int):
+                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
+        self.bandwidth = bandwidth  # receive limits per link, timetables, urgency
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
@@ -257,6 +259,16 @@ class Replicator:
             out.append((NatsChunkSource(sid, self.nc, self.key), NATS_BASE_COST))
         return out
 
+    def _throttle(self, want: Want, progress: Progress):
+        """The puller's wait before each chunk: the link's receive limit, unless the package is urgent."""
+        bw = self.bandwidth
+        if bw is None:
+            return None
+
+        def waiting(why: str) -> None:
+            progress.detail = why
+        return lambda peer, n: bw.receive(peer, n, urgent=lambda: bw.urgent(name=want.name), waiting=waiting)
+
     def _bad_source(self, site: str, reason: str) -> None:
         self.bad_chunks[site] += 1
         log.warning("peer served a corrupt chunk", peer=site, reason=reason, total=self.bad_chunks[site])
@@ -278,7 +290,7 @@ class Replicator:
             progress.bytes = 0
             puller = Puller(want, self._sources(sites), self.store.tmp,
                             streams=self.settings.replication_streams, progress=progress,
-                            on_bad_source=self._bad_source)
+                            on_bad_source=self._bad_source, throttle=self._throttle(want, progress))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
             path = await puller.run()
             if not await self._publish(want, path):
