@@ -147,6 +147,10 @@ class Replicator:
                 continue
             if progress.status != "failed":
                 progress.status, progress.detail = "pending", "queued"
+            if self.bandwidth is not None and self.bandwidth.urgent(name=row["name"]):
+                # the urgent lane: not behind pulls that a paused link holds in every worker
+                self.tasks[key] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
+                continue
             await self._enqueue(row["name"], row["blake3"], sources)
         for key in list(self.progress):
             if key not in wanted_keys and key not in self.tasks:
@@ -184,9 +188,16 @@ class Replicator:
                 (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
                                                                views.replicated_stages(self.reader, self.settings))}:
             return  # no longer wanted, or already being pulled here
+        await self._pull_leased(row, msg)
+
+    async def _pull_leased(self, row, msg=None) -> None:
+        """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
+        key, blake3 = (row["name"], row["blake3"]), row["blake3"]
         try:
             revision = await self._leases.create(blake3, self.owner.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
+            if self.tasks.get(key) is asyncio.current_task():
+                del self.tasks[key]
             return  # another worker holds the lease; if it dies, the pull is queued again
         heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
         self.tasks[key] = asyncio.current_task()
@@ -204,7 +215,8 @@ class Replicator:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await msg.in_progress()
+                if msg is not None:
+                    await msg.in_progress()
                 revision = await self._leases.update(blake3, self.owner.encode(), last=revision)
             except asyncio.CancelledError:
                 raise
