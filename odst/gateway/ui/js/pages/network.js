@@ -3,6 +3,7 @@
 import { api, get } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtDuration, time, copyable,
   secretBox, confirmDialog, debounce, pill, plural } from '../dom.js';
+import { bandwidthPanel } from './bandwidth-panel.js';
 
 const LINK_KIND = { up: 'ok', down: 'bad', unknown: 'muted' };
 
@@ -13,6 +14,8 @@ export function mount(main, ctx) {
   const peersSection = h('section', { 'aria-labelledby': 'sec-peers' });
   const adminSection = isAdmin ? h('section', { 'aria-labelledby': 'sec-link', class: 'two-col' }) : null;
   append(main, h('h1', {}, 'Network'), errors, here, peersSection, adminSection);
+  const bandwidth = bandwidthPanel(ctx);  // limits, windows and measured rates per link (issue 14)
+  main.append(bandwidth.section);
   let timer = null;
   let ac = null;
 
@@ -161,6 +164,7 @@ export function mount(main, ctx) {
   here.append(h('p', { class: 'loading' }, 'Loading…'));
   load();
   return () => {
+    bandwidth.stop();
     unsubscribe();
     reload.cancel();
     clearTimeout(timer);
