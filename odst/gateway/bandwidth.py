@@ -25,6 +25,7 @@ from odst.replicator import bandwidth as bw
 
 MAX_WINDOWS = 48
 MAX_CIDRS = 256
+MAX_CAP = 1_000_000
 
 
 class LinkLimits(msgspec.Struct, forbid_unknown_fields=True):
@@ -130,8 +131,8 @@ class BandwidthController(Controller):
         them a Mac gets 503 with Retry-After and tries again."""
         site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), DownloadCapsBody, empty_is_object=True)
-        if body.max_concurrent < 0 or body.per_client < 0:
-            raise RequestInvalid("max_concurrent and per_client are 0 (no cap) or more")
+        if not (0 <= body.max_concurrent <= MAX_CAP and 0 <= body.per_client <= MAX_CAP):
+            raise RequestInvalid(f"max_concurrent and per_client are 0 (no cap) up to {MAX_CAP}")
         await site.append(ev.DownloadCapsSet(egress_bps=bw.parse_rate(body.egress),
                                              max_concurrent=body.max_concurrent, per_client=body.per_client),
                           actor=request.state.actor)

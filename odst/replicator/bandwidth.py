@@ -39,6 +39,7 @@ MIN_BURST = CHUNK  # a bucket must hold one whole chunk, or a chunk could never 
 TICK_S = 0.25  # how often a waiting taker looks again (a window change applies this fast)
 REFRESH_S = 1.0  # the read model's choices are read again at most this often
 METER_S = 5.0  # the measured rate is the average over this many seconds
+MAX_RATE = 10**12  # bytes per second: beyond any link, and within SQLite's integers
 SERVER_MAX_WAIT_S = 2.0  # a chunk request that would wait longer is answered 503 + Retry-After
 DEFAULT_LOCAL_CIDRS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
                        "169.254.0.0/16", "fc00::/7", "fe80::/10")
@@ -161,8 +162,8 @@ def parse_rate(value: str | int) -> int:
     """Bytes per second from ``20MB`` (10^6), ``2MiB``, ``500k``, ``1500000``; ``0``,
     ``off`` or ``unlimited``: 0 (no limit)."""
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise BandwidthInvalid("a rate is 0 (unlimited) or more bytes per second")
+        if not 0 <= value <= MAX_RATE:
+            raise BandwidthInvalid(f"a rate is 0 (unlimited) up to {MAX_RATE} bytes per second")
         return value
     text = str(value).strip().lower()
     if text in ("off", "unlimited", "none", ""):
@@ -170,7 +171,7 @@ def parse_rate(value: str | int) -> int:
     m = _RATE.match(text)
     if not m:
         raise BandwidthInvalid(f"rate {value!r}: give bytes per second, e.g. 20MB, 2MiB, 500k, or off")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    return parse_rate(int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]))
 
 
 def _minutes(text: str) -> int:

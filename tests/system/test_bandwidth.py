@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_until, write_random
+from tests.conftest import free_port, run_odst, wait_until, write_random
 from tests.system.test_replication import available_at, register, state, upload
 
 MIB = 1 << 20
@@ -169,8 +169,13 @@ def test_download_caps_answer_503_with_retry_after_and_every_mac_gets_its_file(s
     with site.client() as c:
         r = c.put("/api/v1/bandwidth/downloads", json={"max_concurrent": -1})
         assert r.status_code == 400
-    shown = put(site, "/api/v1/bandwidth/downloads", {"max_concurrent": 2, "egress": "2MB"}).json()
-    assert shown["downloads"]["max_concurrent"] == 2
+    cli = run_odst("bandwidth", "downloads", "--max", "2", "--egress", "2MB", "--server", site.url,
+                   "--token", site.token)
+    assert cli.returncode == 0, cli.stderr
+    assert "egress 2 MB/s, at once 2" in cli.stdout
+    bad = run_odst("bandwidth", "set", "default", "--window", "someday 08:00-09:00 1MB", "--server", site.url,
+                   "--token", site.token)
+    assert bad.returncode == 2 and "someday" in bad.stderr and "mon-fri" in bad.stderr
     clients = 6
     t0 = time.monotonic()
     procs = [subprocess.Popen(["curl", "-sS", "--fail", "--retry", "100", "--retry-max-time", "120",

@@ -99,9 +99,9 @@ def test_rates_parse(text, expected):
     assert bw.parse_rate(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["fast", "-3", "20 parsecs", -1])
+@pytest.mark.parametrize("bad", ["fast", "-3", "20 parsecs", -1, 10**19, "9999999999G"])
 def test_a_bad_rate_is_refused_with_what_to_write(bad):
-    with pytest.raises(bw.BandwidthInvalid, match="bytes per second|0 \\(unlimited\\)"):
+    with pytest.raises(bw.BandwidthInvalid, match="bytes per second"):
         bw.parse_rate(bad)
 
 
