@@ -229,6 +229,7 @@ class Puller:
             offset, length = chunk_span(index, w.size, w.chunk_size)
             tried: set[int] = set()
             rounds = 0
+            paid = self.throttle is None  # the link's receive limit is paid once per chunk, not per attempt
             while True:
                 state = self._pick(tried)
                 if state is None:
@@ -242,8 +243,9 @@ class Puller:
                 src = state.source
                 state.in_flight += 1
                 try:
-                    if self.throttle is not None:
+                    if not paid:
                         await self.throttle(src.site, length)
+                        paid = True
                     data = await src.fetch(w.blake3, index)
                 except SourceThrottled as exc:  # held back by the source's link: not its fault
                     tried.discard(id(state))

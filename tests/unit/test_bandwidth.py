@@ -18,7 +18,11 @@ from odst.gateway.bandwidth import LinkLimits, link_event
 from odst.gateway.egress import RETRY_AFTER_S, DownloadGate
 from odst.projections import apply, db
 from odst.replicator import bandwidth as bw
+from odst.replicator.puller import Puller
+from odst.replicator.transport import SourceThrottled
+from tests.sources import MemorySource
 from tests.unit.test_projection import Log
+from tests.unit.test_puller import want_for
 
 MIB = 1 << 20
 MONDAY = datetime(2026, 11, 30)  # a Monday
@@ -279,3 +283,38 @@ def test_the_gate_caps_each_client_and_lets_head_through():
         return same, head
     same, head = asyncio.run(scenario())
     assert same[0]["status"] == 503 and head[0]["status"] == 200
+
+
+# ---------------------------------------------------------------- the puller's hooks
+
+class ThrottlingSource(MemorySource):
+    """Holds every chunk back once (as a paused or busy server does), then serves it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.held: set[int] = set()
+
+    async def fetch(self, blake3: str, index: int) -> bytes:
+        if index not in self.held:
+            self.held.add(index)
+            raise SourceThrottled("held back", 0.01)
+        return await super().fetch(blake3, index)
+
+
+def test_the_puller_pays_the_receive_limit_once_per_chunk_and_waits_out_a_throttling_source(tmp_path):
+    import random
+
+    data = random.Random(3).randbytes(10 * 1024 + 5)
+    source = ThrottlingSource("sa", data, 1024)
+    paid: list[tuple[str, int]] = []
+
+    async def throttle(peer: str, n: int) -> None:
+        paid.append((peer, n))
+
+    bad: list[str] = []
+    p = Puller(want_for(data), [(source, 0.0)], tmp_path, streams=4, throttle=throttle,
+               on_bad_source=lambda site, reason: bad.append(site))
+    path = asyncio.run(p.run())
+    assert path.read_bytes() == data and not bad  # held back is not the source's fault
+    assert len(paid) == 11 and {peer for peer, _ in paid} == {"sa"} and sum(n for _, n in paid) == len(data)
+    assert sorted(source.fetched) == list(range(11)) and source.held == set(range(11))
