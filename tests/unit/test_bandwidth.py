@@ -318,3 +318,34 @@ def test_the_puller_pays_the_receive_limit_once_per_chunk_and_waits_out_a_thrott
     assert path.read_bytes() == data and not bad  # held back is not the source's fault
     assert len(paid) == 11 and {peer for peer, _ in paid} == {"sa"} and sum(n for _, n in paid) == len(data)
     assert sorted(source.fetched) == list(range(11)) and source.held == set(range(11))
+
+
+def test_the_clock_entering_and_leaving_a_paused_window_holds_and_releases_a_transfer(tmp_path):
+    """A timetable acts by the (site-local) clock alone: no event at 08:00 or 09:00."""
+    peer = SiteKey.load_or_create(tmp_path / "other.key").site_id
+    me, peer, conn = fold(tmp_path, [
+        link_event(peer, LinkLimits(windows=["mon 08:00-09:00 paused"], local="no"))])
+    now = [MONDAY.replace(hour=7, minute=59)]
+    b = bw.Bandwidth(site_id=me, reader=conn, wall=lambda: now[0])
+    reasons: list[str] = []
+
+    async def scenario():
+        await b.receive(peer, MIB)  # 07:59: open, unlimited
+        now[0] = MONDAY.replace(hour=8)
+        waiter = asyncio.create_task(b.receive(peer, MIB, waiting=reasons.append))
+        while not reasons:
+            await asyncio.sleep(0.01)
+        assert not waiter.done() and b.link_status(peer)["receive"]["state"] == "paused"
+        now[0] = MONDAY.replace(hour=9)
+        await asyncio.wait_for(waiter, 30)
+    asyncio.run(scenario())
+    assert b.meters[(peer, "receive")].total == 2 * MIB and b.link_status(peer)["receive"]["state"] == "open"
+
+
+def test_the_timezone_setting_is_checked():
+    from odst.config import ConfigError, load
+
+    assert str(bw.site_timezone(load({"timezone": "Europe/Berlin"}, env={}))) == "Europe/Berlin"
+    assert bw.site_timezone(load({}, env={})) is None
+    with pytest.raises(ConfigError, match="IANA"):
+        load({"timezone": "Mars/Olympus_Mons"}, env={})
