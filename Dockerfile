@@ -32,12 +32,18 @@ RUN python3 -m venv /opt/odst
 WORKDIR /src
 # Only what the wheel is built from: the build context may hold .venv and data dirs.
 COPY pyproject.toml README.md LICENSE ./
-COPY odst ./odst
 # Every dependency but nkeys (pure Python, published as an sdist only) ships manylinux
 # wheels for CPython 3.11 (amd64 and arm64), so no compiler is needed; --only-binary keeps it
 # that way (a missing wheel fails the build instead of silently compiling). The project and
 # nkeys are built from source.
-RUN /opt/odst/bin/pip wheel $PIP_ARGS --wheel-dir /wheels --only-binary=:all: --no-binary=odst,nkeys . \
+# The dependencies first, resolved from pyproject.toml with an empty package in place of the
+# code: a layer cache keeps this step until pyproject.toml changes, so a code change
+# rebuilds only the project itself.
+RUN mkdir odst && touch odst/__init__.py \
+ && /opt/odst/bin/pip wheel $PIP_ARGS --wheel-dir /wheels --only-binary=:all: --no-binary=odst,nkeys . \
+ && rm -r odst build odst.egg-info /wheels/odst-*.whl   # no stub left for the real build to reuse
+COPY odst ./odst
+RUN /opt/odst/bin/pip wheel $PIP_ARGS --no-deps --wheel-dir /wheels --no-binary=odst . \
  && /opt/odst/bin/pip install --no-index --find-links /wheels odst \
  && /opt/odst/bin/odst --version
 

@@ -61,3 +61,13 @@ def pip_install(python: Path, *args: str, house: Path) -> None:
         wheelhouse([a for a in args if not a.startswith("-")])
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"pip install {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+
+
+def complete_wheelhouse(wheel: Path) -> Path:
+    """The cached wheelhouse, filled when it lacks something ``wheel`` (or building odst from
+    source) needs: a dry run against it alone is a few seconds, a fill is a download."""
+    house = cache_dir() / "wheels"
+    dry = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "-q", "--disable-pip-version-check",
+                          "--ignore-installed", "--no-index", "--find-links", str(house), str(wheel),
+                          *BUILD_REQUIREMENTS, "pip"], capture_output=True, text=True, timeout=300)
+    return house if dry.returncode == 0 else wheelhouse([str(wheel), "pip"])

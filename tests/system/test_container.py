@@ -31,10 +31,11 @@ import pytest
 
 from harness.ports import free_port
 from harness.wait import wait_until
-from tests.dist import CHECKOUT, build_dist, cache_dir, wheelhouse
+from tests.dist import CHECKOUT, build_dist, cache_dir, complete_wheelhouse
 
 pytestmark = [
     pytest.mark.container,
+    pytest.mark.timeout(1800),  # a cold cache debootstraps and builds: minutes (see the module docstring)
     pytest.mark.skipif(shutil.which("buildah") is None,
                        reason="buildah is not installed (tests/system-deps.sh installs it as root on Debian/Ubuntu)"),
 ]
@@ -114,15 +115,6 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def complete_wheelhouse(wheel: Path) -> Path:
-    """The cached wheelhouse, filled when it lacks something the built wheel needs."""
-    house = cache_dir() / "wheels"
-    dry = subprocess.run(["python3", "-m", "pip", "install", "--dry-run", "-q", "--disable-pip-version-check",
-                          "--ignore-installed", "--no-index", "--find-links", str(house), str(wheel),
-                          "setuptools>=77"], capture_output=True, text=True, timeout=300)
-    return house if dry.returncode == 0 else wheelhouse([str(wheel)])
-
-
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
@@ -158,18 +150,29 @@ def image(tmp_path_factory) -> dict:
     server = WheelhouseServer(complete_wheelhouse(wheel))
     tag = f"localhost/odst-test:{uuid.uuid4().hex[:12]}"
     try:
-        buildah("build", "--isolation", "chroot", "--network", "host", "--format", "docker",
+        # --layers: the base's and the dependencies' layers are reused while they are the same
+        buildah("build", "--isolation", "chroot", "--network", "host", "--format", "docker", "--layers",
                 "--build-arg", f"BASE_IMAGE={base}",
                 "--build-arg", f"PIP_ARGS=--no-index --find-links {server.url}",
                 "-t", tag, "-f", str(CHECKOUT / "Dockerfile"), str(CHECKOUT), timeout=1200)
     finally:
         server.close()
-    info = json.loads(buildah("inspect", "--type", "image", tag).stdout)
-    size = json.loads(buildah("images", "--json", tag).stdout)[0]["size"]
-    print(f"\nimage {tag}: {size / 1e6:.0f} MB; base ready in {base_s:.0f} s, "
-          f"image built in {time.monotonic() - started - base_s:.0f} s")
-    yield {"tag": tag, "info": info, "size": size}
-    buildah("rmi", tag, check=False)
+    try:
+        info = json.loads(buildah("inspect", "--type", "image", tag).stdout)
+        size = human_bytes(json.loads(buildah("images", "--json", tag).stdout)[0]["size"])
+        print(f"\nimage {tag}: {size / 1e6:.0f} MB; base ready in {base_s:.0f} s, "
+              f"image built in {time.monotonic() - started - base_s:.0f} s")
+        yield {"tag": tag, "info": info, "size": size}
+    finally:
+        buildah("rmi", tag, check=False)
+        # dangling leftovers of earlier builds (the layers this build used stay cached)
+        buildah("rmi", "--prune", check=False)
+
+
+def human_bytes(text: str) -> float:
+    """buildah's "314 MB" (decimal units) as bytes."""
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit.upper()]
 
 
 def test_the_image_runs_as_a_non_root_user_with_a_healthcheck_and_json_logs(image):
