@@ -31,17 +31,18 @@ RUN python3 -m venv /opt/odst
 
 WORKDIR /src
 # Only what the wheel is built from: the build context may hold .venv and data dirs.
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml ./
 # Every dependency but nkeys (pure Python, published as an sdist only) ships manylinux
 # wheels for CPython 3.11 (amd64 and arm64), so no compiler is needed; --only-binary keeps it
 # that way (a missing wheel fails the build instead of silently compiling). The project and
 # nkeys are built from source.
-# The dependencies first, resolved from pyproject.toml with an empty package in place of the
-# code: a layer cache keeps this step until pyproject.toml changes, so a code change
-# rebuilds only the project itself.
-RUN mkdir odst && touch odst/__init__.py \
+# The dependencies first, resolved from pyproject.toml alone (an empty package, README and
+# LICENSE in place of the real ones): a layer cache keeps this step until pyproject.toml
+# changes, so a change to the code or the README rebuilds only the project itself.
+RUN mkdir odst && touch odst/__init__.py README.md LICENSE \
  && /opt/odst/bin/pip wheel $PIP_ARGS --wheel-dir /wheels --only-binary=:all: --no-binary=odst,nkeys . \
- && rm -r odst build odst.egg-info /wheels/odst-*.whl   # no stub left for the real build to reuse
+ && rm -r odst build odst.egg-info README.md LICENSE /wheels/odst-*.whl   # no stub left for the real build
+COPY README.md LICENSE ./
 COPY odst ./odst
 RUN /opt/odst/bin/pip wheel $PIP_ARGS --no-deps --wheel-dir /wheels --no-binary=odst . \
  && /opt/odst/bin/pip install --no-index --find-links /wheels odst \

@@ -141,14 +141,15 @@ def cmdline(pid: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> dict:
-    """The Dockerfile built on the Debian base; its config and size. Removed afterwards
-    (the base stays cached)."""
+    """The Dockerfile built on the Debian base; its config and size."""
     started = time.monotonic()
     base = base_image()
     base_s = time.monotonic() - started
     wheel, _ = build_dist(tmp_path_factory.mktemp("dist"))
     server = WheelhouseServer(complete_wheelhouse(wheel))
-    tag = f"localhost/odst-test:{uuid.uuid4().hex[:12]}"
+    # One tag, kept: its layers are the next run's cache (the dependencies' layer above all);
+    # the image it replaces becomes dangling and is pruned.
+    tag = "localhost/odst-test:latest"
     try:
         # --layers: the base's and the dependencies' layers are reused while they are the same
         buildah("build", "--isolation", "chroot", "--network", "host", "--format", "docker", "--layers",
@@ -164,9 +165,7 @@ def image(tmp_path_factory) -> dict:
               f"image built in {time.monotonic() - started - base_s:.0f} s")
         yield {"tag": tag, "info": info, "size": size}
     finally:
-        buildah("rmi", tag, check=False)
-        # dangling leftovers of earlier builds (the layers this build used stay cached)
-        buildah("rmi", "--prune", check=False)
+        buildah("rmi", "--prune", check=False)  # earlier builds' images; the tagged one's layers stay
 
 
 def human_bytes(text: str) -> float:
