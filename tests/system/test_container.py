@@ -6,22 +6,19 @@ download, healthcheck, JSON logs, then ``odst audit`` in the same container.
 What is slow and changes rarely is cached in ``tests/dist.cache_dir()`` (the rootfs tarball)
 and in buildah's image store (the base image ``localhost/odst-test-base:bookworm``), so only
 the first run pays for debootstrap. Registry images are never pulled: ``BASE_IMAGE`` is the
-local base, and pip installs from a wheelhouse served on 127.0.0.1 (``PIP_ARGS``).
+local base, and pip installs from a wheelhouse mounted into the build (``PIP_ARGS``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import http.server
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -96,25 +93,6 @@ def base_image() -> str:
     return BASE
 
 
-class WheelhouseServer:
-    """A find-links page of the wheelhouse on 127.0.0.1, for pip inside the build."""
-
-    def __init__(self, house: Path):
-        handler = functools.partial(_QuietHandler, directory=str(house))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for p in Path("/proc").iterdir():
@@ -146,18 +124,18 @@ def image(tmp_path_factory) -> dict:
     base = base_image()
     base_s = time.monotonic() - started
     wheel, _ = build_dist(tmp_path_factory.mktemp("dist"))
-    server = WheelhouseServer(complete_wheelhouse(wheel))
+    house = complete_wheelhouse(wheel)
     # One tag, kept: its layers are the next run's cache (the dependencies' layer above all);
     # the image it replaces becomes dangling and is pruned.
     tag = "localhost/odst-test:latest"
-    try:
-        # --layers: the base's and the dependencies' layers are reused while they are the same
-        buildah("build", "--isolation", "chroot", "--network", "host", "--format", "docker", "--layers",
-                "--build-arg", f"BASE_IMAGE={base}",
-                "--build-arg", f"PIP_ARGS=--no-index --find-links {server.url}",
-                "-t", tag, "-f", str(CHECKOUT / "Dockerfile"), str(CHECKOUT), timeout=1200)
-    finally:
-        server.close()
+    # --layers: the base's and the dependencies' layers are reused while they are the same. The
+    # wheelhouse is mounted read-only into the RUN steps (-v) at a fixed path, so PIP_ARGS, part
+    # of the cache key, is the same on every run.
+    buildah("build", "--isolation", "chroot", "--network", "host", "--format", "docker", "--layers",
+            "-v", f"{house}:/wheelhouse:ro",
+            "--build-arg", f"BASE_IMAGE={base}",
+            "--build-arg", "PIP_ARGS=--no-index --find-links /wheelhouse",
+            "-t", tag, "-f", str(CHECKOUT / "Dockerfile"), str(CHECKOUT), timeout=1200)
     try:
         info = json.loads(buildah("inspect", "--type", "image", tag).stdout)
         size = human_bytes(json.loads(buildah("images", "--json", tag).stdout)[0]["size"])
