@@ -45,7 +45,8 @@ class Client:
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach {self.server}: {exc}") from None
 
-    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True) -> dict:
+    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True,
+               replace: bool = False) -> dict:
         size = path.stat().st_size
         started = time.monotonic()
         sent = 0
@@ -62,6 +63,8 @@ class Client:
                 sys.stderr.write("\n")
 
         params = {"stage": stage} if stage else {}
+        if replace:
+            params["replace"] = "true"
         try:
             r = self.http.put(f"/api/v1/packages/{quote(name, safe='')}", content=body(),
                               params=params, headers={"Content-Length": str(size),

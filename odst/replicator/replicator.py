@@ -33,6 +33,7 @@ from odst.events.log import AppendFailed
 from odst.projections import views
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
+from odst.store.files import tag
 
 log = structlog.get_logger("odst.replicator")
 
@@ -292,6 +293,7 @@ class Replicator:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
+        tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
         with self.site.store.publishing(want.name):
             self.site.store.replace(path, want.name)
             await self.site.append(ev.PackageAvailable(
