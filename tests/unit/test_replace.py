@@ -227,3 +227,39 @@ def test_replacements_fold_to_the_same_model_in_any_interleaving(tmp_path_factor
             assert set(serving) <= set(s.ids)
             if views.package(conn, name) is None:
                 assert serving == {}
+
+
+def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_guess(tmp_path):
+    """Between a swap (rename over) and the fold of its event the read model and the file
+    disagree: the label on the opened inode decides the ETag (odst.gateway.downloads)."""
+    import os
+
+    from odst.gateway.downloads import _opened
+    from odst.store.files import Store, tag
+
+    s = Sites(tmp_path, 1)
+    (a,) = s.logs
+    a.append((1, uploaded("x.pkg", "old")))
+    a.append((2, replaced("x.pkg", "old", "new", 1)))
+    conn = s.fold()
+    store = Store(tmp_path / "store")
+    store.ensure()
+    guess = {"blake3": "old", "uploaded_at": 1}  # what the read model said before the swap
+    for label, expect in (("new", "new"), ("old", "old"), ("unknown-yet", "unknown-yet"), (None, "old")):
+        temp = store.new_temp()
+        temp.write_bytes(b"bytes")
+        if label:
+            tag(temp, label)
+        store.replace(temp, "x.pkg")
+        fd = os.open(store.path("x.pkg"), os.O_RDONLY)
+        try:
+            assert _opened(conn, "x.pkg", fd, guess)["blake3"] == expect
+        finally:
+            os.close(fd)
+    # a label survives the swap into packages/, and swap_back restores the previous file
+    temp = store.new_temp()
+    temp.write_bytes(b"newer")
+    backup = store.swap(temp, "x.pkg")
+    assert store.path("x.pkg").read_bytes() == b"newer" and backup.read_bytes() == b"bytes"
+    store.swap_back(backup, "x.pkg")
+    assert store.path("x.pkg").read_bytes() == b"bytes" and not backup.exists()
