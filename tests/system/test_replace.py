@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 
 import httpx
 import pytest
@@ -108,3 +109,34 @@ def test_replace_is_refused_to_an_auditor_and_for_an_unknown_stage(site):
         assert r.status_code == 403
     with httpx.Client(base_url=site.url, timeout=30) as mac:
         assert mac.get(URL).content == b"v1"
+
+
+def test_replace_from_the_package_page_shows_the_new_version_served(make_site, page, tmp_path):
+    from tests.browser import shot
+    from tests.system.test_ui import ADMIN_PASSWORD, add_user, expect, sign_in
+
+    site = make_site(env={"ODST_ADMIN_PASSWORD": ADMIN_PASSWORD, "ODST_SITE_NAME": "HQ"}).start()
+    add_user(site, "olivia", "operator")
+    with site.client() as c:
+        assert c.put("/api/v1/packages/Zoom.pkg", content=b"zoom 1" * 1000).status_code == 201
+    new = tmp_path / "Zoom-2.pkg"
+    new.write_bytes(b"zoom 2" * 3000)
+    sign_in(page, site, "olivia")
+    page.goto(site.url + "/#/packages/Zoom.pkg")
+    expect(page.get_by_role("row", name=re.compile("HQ")).get_by_text("this version")).to_be_visible()
+    with page.expect_file_chooser() as chooser:
+        page.get_by_role("button", name="Replace Zoom.pkg").click()
+    chooser.value.set_files(str(new))
+    dialog = page.get_by_role("dialog", name="Replace package?")
+    expect(dialog).to_contain_text("Zoom-2.pkg")
+    dialog.get_by_role("button", name="Replace").click()
+    expect(page.locator("#toasts")).to_contain_text("Replaced Zoom.pkg")
+    expect(page.locator("dl.facts")).to_contain_text("18,000 bytes")
+    expect(page.get_by_role("row", name=re.compile("HQ")).get_by_text("this version")).to_be_visible()
+    expect(page.get_by_role("cell", name=re.compile("Replaced Zoom.pkg with new content"))).to_be_visible()
+    shot(page, "replaced")
+    with site.client() as c:
+        pkg = c.get("/api/v1/packages/Zoom.pkg").json()
+    assert pkg["size"] == 18000 and pkg["generation"] == 1
+    with httpx.Client(base_url=site.url, timeout=30) as mac:
+        assert mac.get("/CasperShare/Packages/Zoom.pkg").content == new.read_bytes()
