@@ -174,9 +174,10 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlit
     """Current packages in an accepted stage that this site does not serve yet."""
     marks = ",".join("?" * len(stages))
     return conn.execute(
-        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("
-        " SELECT 1 FROM serving s WHERE s.name=p.name AND s.blake3=p.blake3 AND s.site=?)"
-        " ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
+        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("  # the view 'serving', unrolled
+        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.site=? AND a.status='available'"
+        " AND a.blake3=p.blake3 AND a.clock = (SELECT max(b.clock) FROM availability b WHERE b.name=p.name"
+        " AND b.site=a.site AND b.status='available')) ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:

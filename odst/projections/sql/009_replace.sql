@@ -63,3 +63,6 @@ CREATE VIEW serving AS
     AND EXISTS (SELECT 1 FROM live_contents l WHERE l.name = a.name)
     AND NOT EXISTS (SELECT 1 FROM tombstones t JOIN contents c ON c.name = t.name AND c.blake3 = t.blake3
                     WHERE t.name = a.name AND t.blake3 = a.blake3 AND t.clock >= c.last_clock);
+
+-- each site's latest report per name, found without scanning a name's other contents
+CREATE INDEX availability_serving ON availability(name, site, status, clock);
