@@ -263,3 +263,18 @@ def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_
     assert store.path("x.pkg").read_bytes() == b"newer" and backup.read_bytes() == b"bytes"
     store.swap_back(backup, "x.pkg")
     assert store.path("x.pkg").read_bytes() == b"bytes" and not backup.exists()
+
+
+def test_a_replacement_in_a_stage_a_site_does_not_accept_leaves_it_serving_the_old_version(tmp_path):
+    s = Sites(tmp_path, 2)
+    a, b = s.logs
+    a.append((1, uploaded("x.pkg", "v1")))
+    b.append((2, available("x.pkg", "v1", s.ids[0], 0)))
+    a.append((3, replaced("x.pkg", "v1", "v2", 1, stage="test")))
+    conn = s.fold()
+    assert views.package(conn, "x.pkg")["stage"] == "test"
+    assert views.wanted(conn, s.ids[1], ["prod"]) == []  # B replicates prod only: it does not pull v2 ...
+    assert views.servable(conn, "x.pkg", s.ids[1])["blake3"] == "v1"  # ... and keeps serving v1
+    a.append((4, ev.PackageStaged(name="x.pkg", stage="prod")))
+    conn = s.fold(name="m2.sqlite")
+    assert [r["blake3"] for r in views.wanted(conn, s.ids[1], ["prod"])] == ["v2"]  # promoted: now it does
