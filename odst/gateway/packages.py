@@ -104,6 +104,9 @@ async def _replace(request: Request, site: Site, name: str, stage: str | None, p
             except AppendFailed as exc:
                 site.store.swap_back(backup, name)
                 raise Unavailable(f"replacement not recorded, try again: {exc}") from None
+            except BaseException:
+                site.store.swap_back(backup, name)
+                raise
             if backup is not None:
                 backup.unlink(missing_ok=True)
     log.info("package replaced" if isinstance(decision, uploads.Replaced) else "upload published",
