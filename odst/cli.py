@@ -15,7 +15,7 @@ from odst.bus.embedded import _set_pdeathsig
 from odst.bus.external import NatsConfigError, write_nats_config
 from odst.bus.identity import write_secret
 from odst.client import Client, ClientError
-from odst.config import ConfigError, load
+from odst.config import ConfigError, load, settings_env
 from odst.datadir import SiteBusy, key_path
 from odst.events.signing import SiteKey
 from odst.logs import configure
@@ -203,7 +203,8 @@ def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
 
     cmd = [sys.executable, "-m", "odst", "gateway", "--data", str(settings.data), "--nats", nats_url,
            "--http", settings.http]
-    env = {**os.environ, "ODST_HTTP_WORKERS": "1"}
+    # the helpers run with this process's settings (flags included: --site-name, --context, ...)
+    env = {**os.environ, **settings_env(settings), "ODST_HTTP_WORKERS": "1"}
     return [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
             for _ in range(n)]
 

@@ -240,6 +240,20 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ODST_* environment that makes ``load`` give these settings back (a process started
+    by this one, such as ``odst serve``'s extra gateway processes, runs with the same choices)."""
+    out = {}
+    for f in fields(Settings):
+        v = getattr(settings, f.name)
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        out[f"ODST_{f.name.upper()}"] = str(v)
+    return out
+
+
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
          config_file: Path | None = None) -> Settings:
     flags = {k: v for k, v in (flags or {}).items() if v is not None}

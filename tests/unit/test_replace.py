@@ -113,7 +113,7 @@ class Sites:
 
     def fold(self, order: list[int] | None = None, name: str = "m.sqlite"):
         conn = db.open_read_model(self.tmp / name)
-        folder = apply.Folder(conn, {self.ids[0]: self.keys[0].public_key})
+        folder = apply.ReadModelWriter(conn, {self.ids[0]: self.keys[0].public_key})
         msgs = [m for log in self.logs for m in log.msgs]
         if order is not None:  # A's founding and registrations first, as live
             head = self.logs[0].msgs[:len(self.keys)]
