@@ -96,6 +96,12 @@ class Site:
         return self.key.site_id
 
     @property
+    def name(self) -> str:
+        """This site's name: its last SiteRenamed, else the site_name setting."""
+        chosen = views.site_names(self.reader).get(self.id) if self.reader is not None else None
+        return chosen["name"] if chosen else self.settings.site_name
+
+    @property
     def accepted_stages(self) -> list[str]:
         """Stages replicated here: the site's last StagesAccepted, else the accept_stages setting."""
         chosen = views.site_setting(self.reader, "accepted_stages") if self.reader is not None else None

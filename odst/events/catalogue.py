@@ -227,12 +227,21 @@ class StagesAccepted(Event, tag=True):
     stages: list[str]
 
 
+class SiteRenamed(Event, tag=True):
+    """This site (the envelope's origin) goes by ``name`` from now on, in its UI, its
+    peers' UIs and its mail; chosen in the web UI or API, it overrides the ``site_name``
+    setting. The site id never changes."""
+
+    name: str
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
-            | NatsCredentialCreated | NatsCredentialRevoked)
+            | NatsCredentialCreated | NatsCredentialRevoked
+            | SiteRenamed)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -260,4 +269,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     NatsCredentialRevoked,
     PeerLogDiverged,
     PeerLogRestored,
+    SiteRenamed,
 )

@@ -107,7 +107,7 @@ class Mailer:
             items = self.ledger.pending_mail(recipient)
             if not items:
                 continue
-            msg = compose(site=self.site.id, site_name=self.settings.site_name,
+            msg = compose(site=self.site.id, site_name=self.site.name,
                           sender=self.settings.smtp_from, recipient=recipient, items=items)
             try:
                 await asyncio.to_thread(self._send, msg)

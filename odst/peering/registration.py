@@ -231,7 +231,7 @@ async def create_invite(site, *, actor: str, ttl_s: int = DEFAULT_TTL_S) -> dict
                                      expires_ts=expires_ts), actor=actor)
     inv = Invitation(v=PROTOCOL, site=site.id, public_key=site.key.public_key.hex(),
                      seal_key=seal_public_key(site.key).hex(),
-                     name=site.settings.site_name[:200], http_url=(site.settings.base_url or "")[:500],
+                     name=site.name[:200], http_url=(site.settings.base_url or "")[:500],
                      invite_id=invite_id, invite_secret=secret, expires_ts=expires_ts)
     return {"invite_id": invite_id, "expires_ts": expires_ts, "token": encode_token(inv)}
 
@@ -366,7 +366,7 @@ def make_answer(key: SiteKey, *, peer: str, request_digest: str, name: str = "",
 
 def _answer(site, opened: _Opened, refused: str = "") -> bytes:
     return make_answer(site.key, peer=opened.request.site, request_digest=opened.digest,
-                       name=site.settings.site_name, http_url=site.settings.base_url or "", refused=refused)
+                       name=site.name, http_url=site.settings.base_url or "", refused=refused)
 
 
 async def _admit(site, req: RegisterRequest) -> None:
@@ -431,7 +431,7 @@ async def join(site, token: str, *, actor: str) -> dict:
 
 
 def _fresh_request(site, inv: Invitation) -> tuple[bytes, str]:
-    return make_request(site.key, inv, name=site.settings.site_name, http_url=site.settings.base_url or "")
+    return make_request(site.key, inv, name=site.name, http_url=site.settings.base_url or "")
 
 
 async def _exchange(site, inv: Invitation) -> tuple[RegisterAnswer, str]:

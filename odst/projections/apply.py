@@ -40,7 +40,7 @@ def subject_name(event: ev.Event) -> str:
         return event.credential_id
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored)):
         return event.site
-    if isinstance(event, ev.SiteFounded):
+    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
         return event.webhook_id
