@@ -7,7 +7,7 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
-  'NatsCredentialCreated', 'NatsCredentialRevoked',
+  'NatsCredentialCreated', 'NatsCredentialRevoked', 'SiteRenamed',
 ];
 
 export function summary(item, ctx) {
@@ -39,6 +39,7 @@ export function summary(item, ctx) {
     case 'UserDetailsChanged': return `User ${e.username} renamed “${e.display_name}”`;
     case 'UserRemoved': return `User ${e.username} removed`;
     case 'StagesAccepted': return `${site(item.origin)} now replicates stages ${(e.stages || []).join(', ')}`;
+    case 'SiteRenamed': return `Site ${item.origin} is now called “${e.name}”`;
     default: return item.type;
   }
 }

@@ -40,11 +40,30 @@ export function mount(main, ctx, [name]) {
     return `${base}/${context}/Packages/${encodeURIComponent(name)}`;
   }
 
+  // A Mac can download the package here only once this site holds a verified copy: before that
+  // the URL would answer 404, so the page says how far the copy is instead.
+  function downloadCell() {
+    const self = ctx.state.site ? ctx.state.site.site : null;
+    const here = self ? (pkg.availability || {})[self] : null;
+    if (here && here.status === 'available') return copyable(downloadUrl(), 'download URL');
+    const accepted = ctx.state.settings ? ctx.state.settings.accepted_stages : null;
+    let why = 'this site does not hold a copy yet';
+    if (!here && accepted && !accepted.includes(pkg.stage)) why = `this site does not replicate stage ${pkg.stage} (it accepts ${accepted.join(', ')})`;
+    else if (here && here.status === 'downloading' && here.chunks_total) why = `this site's copy is at ${Math.floor((100 * here.chunks_done) / here.chunks_total)} %`;
+    else if (here && here.status === 'pending') why = 'this site is waiting to download it';
+    else if (here && here.status === 'failed') why = `this site could not fetch it${here.detail ? `: ${here.detail}` : ''}`;
+    return h('span', { class: 'hint' }, `Not served by this site: ${why}. The URL appears once its copy is verified.`);
+  }
+
   function renderActions() {
     if (!pkg || !canWrite) { replace(actions); return; }
     const stages = ctx.stages().includes(pkg.stage) ? ctx.stages() : [pkg.stage, ...ctx.stages()];
     const stageSelect = select(stages, pkg.stage, { id: 'detail-stage' });
     stageSelect.addEventListener('change', async () => {
+      const ok = await confirmDialog({ title: 'Change the stage?', confirm: `Move to ${stageSelect.value}`,
+        body: h('p', {}, 'Move ', h('strong', { class: 'break' }, name), ` from ${pkg.stage} to ${stageSelect.value}? `,
+          'Sites that accept only some stages fetch or stop serving it accordingly.') });
+      if (!ok) { stageSelect.value = pkg.stage; stageSelect.focus(); return; }
       stageSelect.disabled = true;
       try {
         pkg = await api('PATCH', pkgPath(name), { stage: stageSelect.value });
@@ -90,7 +109,7 @@ export function mount(main, ctx, [name]) {
         h('dt', {}, 'Chunks'), h('dd', {}, `${plural(pkg.chunks.length, 'chunk')} of ${chunkSize(pkg.chunk_size)}`),
         h('dt', {}, 'Uploaded'), h('dd', {}, time(pkg.uploaded_at), pkg.uploaded_by ? ` by ${pkg.uploaded_by}` : '',
           pkg.origin ? ` at ${ctx.siteName(pkg.origin)}` : ''),
-        h('dt', {}, 'Download URL'), h('dd', {}, copyable(downloadUrl(), 'download URL'))),
+        h('dt', {}, 'Download URL'), h('dd', { class: 'download-url' }, downloadCell())),
       h('table', { class: 'hashes' },
         h('caption', {}, 'Hashes', h('span', { class: 'hint' }, ' — in Jamf Pro, use SHA-512 (hash type SHA_512)')),
         h('tbody', {},
@@ -133,9 +152,9 @@ export function mount(main, ctx, [name]) {
     replace(availability,
       h('h2', { id: 'sec-availability' }, `Availability: ${held}/${plural(expected, 'site')}`),
       expected < known.length ? h('p', { class: 'hint' }, `${known.length - expected === 1 ? 'One site does' : `${known.length - expected} sites do`} not replicate stage ${pkg.stage}.`) : null,
-      h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
+      h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
         h('thead', {}, h('tr', {}, ['Site', 'Status', 'Replication', 'Updated'].map((c) => h('th', { scope: 'col' }, c)))),
-        h('tbody', {}, rows)));
+        h('tbody', {}, rows))));
   }
 
   function renderHistory() {
@@ -143,13 +162,13 @@ export function mount(main, ctx, [name]) {
       h('td', { class: 'num' }, String(e.position)),
       h('td', {}, time(e.ts)),
       h('td', {}, e.type),
-      h('td', {}, summary(e, ctx)),
+      h('td', { class: 'what' }, summary(e, ctx)),
       h('td', {}, ctx.shortSiteName(e.origin)),
       h('td', { class: 'actor' }, e.actor)));
     replace(events, h('h2', { id: 'sec-history' }, 'History'),
-      rows.length ? h('table', {}, h('caption', { class: 'sr-only' }, `Events about ${name}, newest first`),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'history' }, h('caption', { class: 'sr-only' }, `Events about ${name}, newest first`),
         h('thead', {}, h('tr', {}, ['#', 'Time', 'Event', 'What', 'Site', 'By'].map((c) => h('th', { scope: 'col' }, c)))),
-        h('tbody', {}, rows)) : h('p', { class: 'empty' }, 'No events about this name.'));
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No events about this name.'));
   }
 
   async function load() {
@@ -162,7 +181,7 @@ export function mount(main, ctx, [name]) {
     if (signal.aborted) return;
     const problems = [];
     if (p.status === 'fulfilled') pkg = p.value;
-    else if (p.reason.status === 404) { pkg = null; problems.push(messageBox('warning', `There is no package named ${name} now: ${errorText(p.reason)}`)); }
+    else if (p.reason.status === 404) { pkg = null; problems.push(messageBox('warning', `There is no package named ${name} now: it was deleted, or never uploaded under this name. Its history, if any, is below.`)); }
     else problems.push(messageBox('error', `Could not load the package: ${errorText(p.reason)}`));
     if (s.status === 'fulfilled') transfers = s.value.transfers || [];
     if (ev.status === 'fulfilled') history = ev.value.events;
