@@ -177,3 +177,34 @@ def test_a_branch_shows_the_download_url_only_once_it_serves_the_package(make_si
                    == "available", 60, what="the branch's copy")
     expect(url).to_contain_text("/CasperShare/Packages/Pilot.pkg")  # live, without a reload
     shot(page, "2-served")
+
+
+def test_the_package_list_pages_and_applies_live_events_row_by_row(unnamed_site, page):
+    site = unnamed_site
+    with site.client() as c:
+        for i in range(105):
+            assert upload_bytes(c, f"App {i:03d}.pkg", b"%d" % i).status_code == 201
+    sign_in(page, site, "admin", ADMIN_PASSWORD)
+    rows = page.locator("table.packages tbody tr")
+    expect(rows).to_have_count(100)  # one page, not the whole catalogue
+    expect(page.locator("p.count")).to_have_text("1–100 of 105 packages")
+    page.get_by_role("button", name="Next ›").click()
+    expect(rows).to_have_count(5)
+    expect(rows.first).to_contain_text("App 100.pkg")
+    page.get_by_role("button", name="‹ Previous").click()
+    expect(rows.first).to_contain_text("App 000.pkg")
+
+    lists: list[str] = []
+    page.on("request", lambda r: lists.append(r.url) if "/api/v1/packages?" in r.url else None)
+    with site.client() as c:
+        assert c.patch("/api/v1/packages/App 002.pkg", json={"stage": "test"}).status_code == 200
+        expect(page.get_by_label("Stage of App 002.pkg")).to_have_value("test")
+        assert upload_bytes(c, "App 000a.pkg", b"new").status_code == 201  # sorts onto this page
+        expect(rows.nth(1)).to_contain_text("App 000a.pkg")
+        expect(rows).to_have_count(100)
+        expect(page.locator("p.count")).to_have_text("1–100 of 106 packages")
+        assert c.delete("/api/v1/packages/App 001.pkg").status_code == 200
+        expect(page.get_by_role("row", name=re.compile("App 001.pkg"))).to_have_count(0)
+        expect(page.locator("p.count")).to_have_text("1–99 of 105 packages")
+    assert lists and all("name=" in u for u in lists), f"a live event refetched the list: {lists}"
+    shot(page, "live-rows")
