@@ -3,6 +3,7 @@ check of the LDAP settings. Settings from odst.toml / ODST_* are read-only here.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import msgspec
@@ -29,9 +30,10 @@ SITE_NAME_MAX = 100
 
 
 def check_site_name(name: str) -> str:
-    """A site name as admins type it: trimmed, 1 to 100 characters, no control characters."""
+    """A site name as admins type it: trimmed, 1 to 100 characters, no control or format characters."""
     name = name.strip()
-    if not name or len(name) > SITE_NAME_MAX or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+    if not name or len(name) > SITE_NAME_MAX or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                                                    for c in name):
         raise RequestInvalid(f"a site name is 1 to {SITE_NAME_MAX} characters without control characters")
     return name
 
