@@ -88,6 +88,7 @@ class Site:
         self.stats = SiteStats()
         self._tasks: list[asyncio.Task] = []
         self.exit_code = 0  # non-zero when the site stopped itself (its broker cannot be kept up)
+        self.jamf = None  # odst.jamf.sync.JamfService when jamf_url is set
         self.on_fatal = None  # how a role without HTTP is told to stop (odst.cli)
         self.stopping = asyncio.Event()  # set when shutdown begins: long-lived responses end
 
@@ -208,11 +209,24 @@ class Site:
             await self.registration.start()
         if self.roles & {"projector", "replicator"}:
             self.notifier = await Notifier(self).start()  # webhooks and email digests
+        self.jamf = self._jamf()  # ---- Jamf Pro integration (odst.jamf): the one place it is wired
+        if self.jamf is not None and "projector" in self.roles and self.jamf.configured:
+            self.jamf.start()  # the one writer of Jamf Pro's records
         if all_in_one or "projector" in self.roles:
             (run_dir(self.data) / "site.json").write_text(json.dumps(
                 {"pid": os.getpid(), "site": self.id, "nats": self.nats_url, "http": self.settings.http}))
         log.info("site open", data=str(self.data), nats=self.nats_url, roles=sorted(self.roles))
         return self
+
+    def _jamf(self):
+        """The Jamf Pro service over this site's read model and log (None without jamf_url)."""
+        if not self.settings.jamf_url:
+            return None
+        from odst.jamf.sync import Deps, JamfService
+        return JamfService(Deps(settings=self.settings, site_id=self.id, reader=self.reader,
+                                accepted_stages=lambda: self.accepted_stages,
+                                append=lambda event: self.append(event, actor="jamf"),
+                                store_path=self.store.path, wait_changed=self.projector.wait_changed))
 
     def _external_seed(self) -> str | None:
         """The credential for a NATS server ODST does not run: ``nats_credentials``, else the
@@ -408,6 +422,8 @@ class Site:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.jamf:
+            await self.jamf.stop()
         if self.notifier:
             await self.notifier.stop()
         if self.guard:

@@ -97,7 +97,7 @@ class CredentialController(Controller):
         site: Site = request.app.state.site
         return {"credentials": views.nats_credentials(site.reader)}
 
-    @post("/", operation_id="createCredential", opt={"roles": ADMIN})
+    @post("/", operation_id="createCredential", opt={"roles": ADMIN, "body": CredentialCreate})
     async def create_credential(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), CredentialCreate)

@@ -65,7 +65,7 @@ class WebhookController(Controller):
         return {"webhooks": [_webhook_view(w) for w in views.webhooks(site.reader)],
                 "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createWebhook", opt={"roles": ADMIN})
+    @post("/", operation_id="createWebhook", opt={"roles": ADMIN, "body": WebhookCreate, "body_optional": True})
     async def create_webhook(self, request: Request) -> Response[dict[str, Any]]:
         """Subscribe a URL to event types. The signing secret is in this response only."""
         site: Site = request.app.state.site
@@ -117,7 +117,7 @@ class EmailSubscriptionController(Controller):
                 "smtp_configured": bool(site.settings.smtp_host),
                 "digest_s": site.settings.notify_email_digest_s, "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN})
+    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN, "body": EmailSubscriptionCreate, "body_optional": True})
     async def create_subscription(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), EmailSubscriptionCreate, empty_is_object=True)

@@ -126,7 +126,7 @@ class PackageController(Controller):
             raise PackageNotFound(f"no package named {name!r}")
         return _with_local_transfer(site, pkg)
 
-    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE}, status_code=201,
+    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE, "body": bytes}, status_code=201,
          request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body
     async def upload(self, request: Request, name: str,
                      stage: str | None = None) -> Response[dict[str, Any]]:
@@ -199,7 +199,7 @@ class PackageController(Controller):
             raise _refused(lost)
         return Response(current, status_code=201)
 
-    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
+    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:
         site: Site = request.app.state.site
         name = check_name(_strict(request))

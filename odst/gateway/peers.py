@@ -39,7 +39,7 @@ class PeerController(Controller):
     path = "/api/v1"
     tags = ["peers"]
 
-    @post("/peers/invites", operation_id="createInvite", opt={"roles": ADMIN}, status_code=201)
+    @post("/peers/invites", operation_id="createInvite", opt={"roles": ADMIN, "body": InviteCreate, "body_optional": True}, status_code=201)
     async def create_invite(self, request: Request) -> dict[str, Any]:
         """A one-time invitation token for another site (``odst peer join TOKEN``)."""
         site: Site = request.app.state.site
@@ -48,7 +48,7 @@ class PeerController(Controller):
             raise RequestInvalid("ttl_s must be between 60 seconds and 30 days")
         return await registration.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
 
-    @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN}, status_code=201)
+    @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN, "body": Join}, status_code=201)
     async def join(self, request: Request) -> dict[str, Any]:
         """Complete a mutual registration with the site that made the invitation."""
         site: Site = request.app.state.site
@@ -141,7 +141,7 @@ class PeerProtocolController(Controller):
     path = "/peer/v1"
     tags = ["site-to-site"]
 
-    @post("/register", operation_id="peerRegister", status_code=200,
+    @post("/register", operation_id="peerRegister", status_code=200, opt={"body": bytes},
           request_max_body_size=registration.MAX_MESSAGE_BYTES)
     async def register(self, request: Request) -> Response[bytes]:
         """A joining site's request, sealed to this site's key; the answer is signed and names

@@ -10,6 +10,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
 from odst.accounts import passwords, signin
+from odst.gateway.users import forget_first_password
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
@@ -60,7 +61,7 @@ class SessionController(Controller):
     path = "/api/v1/session"
     tags = ["session"]
 
-    @post("/", operation_id="signIn", opt={"public": True}, status_code=200)
+    @post("/", operation_id="signIn", opt={"public": True, "body": SignIn}, status_code=200)
     async def sign_in(self, request: Request) -> Response[dict[str, Any]]:
         """Sign in with a local or directory (LDAP) account; sets the session cookie."""
         site: Site = request.app.state.site
@@ -107,7 +108,7 @@ class SessionController(Controller):
         log.info("signed out", user=request.state.principal.username)
         return Response({"signed_out": True}, cookies=[_session_cookie(request, site, "", 0)])
 
-    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ}, status_code=200)
+    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ, "body": PasswordChange}, status_code=200)
     async def change_password(self, request: Request) -> Response[dict[str, Any]]:
         """A local user changes their own password; their other sessions end."""
         site: Site = request.app.state.site
@@ -128,6 +129,7 @@ class SessionController(Controller):
         await site.append(ev.UserPasswordChanged(username=row["username"], password_sealed=sealed),
                           actor=p.actor)
         site.sessions.delete_user(row["username"])
+        forget_first_password(site, row["username"])
         row = views.user_row(site.reader, row["username"])
         session_id, sess = site.sessions.create(
             username=row["username"], role=row["role"], source="local", display_name=row["display_name"],

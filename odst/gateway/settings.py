@@ -59,6 +59,7 @@ def settings_json(site: Site) -> dict[str, Any]:
         "session_idle_s": s.session_idle_s, "session_max_s": s.session_max_s,
         "signin_max_failures": s.signin_max_failures,
         "password_min_length": passwords.MIN_LENGTH,
+        "jamf_configured": bool(s.jamf_url),
     }
 
 
@@ -71,7 +72,7 @@ class SettingsController(Controller):
         """This site's effective settings (odst.toml / ODST_* / flags, and its own choices); no secrets."""
         return settings_json(request.app.state.site)
 
-    @put("/accepted-stages", operation_id="setAcceptedStages", opt={"roles": ADMIN})
+    @put("/accepted-stages", operation_id="setAcceptedStages", opt={"roles": ADMIN, "body": StagesChoice})
     async def set_accepted_stages(self, request: Request) -> dict[str, Any]:
         """Choose the stages this site replicates (``{"stages": [...]}``); a signed event, effective at once."""
         site: Site = request.app.state.site
@@ -87,7 +88,7 @@ class SettingsController(Controller):
             site.replicator.kick()
         return settings_json(site)
 
-    @put("/site-name", operation_id="setSiteName", opt={"roles": ADMIN})
+    @put("/site-name", operation_id="setSiteName", opt={"roles": ADMIN, "body": SiteNameChoice})
     async def set_site_name(self, request: Request) -> dict[str, Any]:
         """Rename this site (``{"name": "..."}``): a signed event, shown here and at every peer at once."""
         site: Site = request.app.state.site

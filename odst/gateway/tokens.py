@@ -31,7 +31,7 @@ class TokenController(Controller):
         site: Site = request.app.state.site
         return {"tokens": views.tokens(site.reader, site.id)}
 
-    @post("/", operation_id="createToken", opt={"roles": ADMIN})
+    @post("/", operation_id="createToken", opt={"roles": ADMIN, "body": TokenCreate})
     async def create_token(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), TokenCreate)

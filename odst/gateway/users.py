@@ -47,6 +47,13 @@ class UserExists(OdstError):
     status, code = 409, "user_exists"
 
 
+def forget_first_password(site: Site, username: str) -> None:
+    """The generated first password of ``admin`` sits in <data>/admin-password until it no longer
+    signs anyone in: once admin's password changes (or admin is removed) the file goes."""
+    if username == "admin":
+        (site.data / "admin-password").unlink(missing_ok=True)
+
+
 class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
     username: str
     password: str
@@ -87,7 +94,7 @@ class UserController(Controller):
         site: Site = request.app.state.site
         return {"users": views.users(site.reader)}
 
-    @post("/", operation_id="createUser", opt={"roles": ADMIN})
+    @post("/", operation_id="createUser", opt={"roles": ADMIN, "body": UserCreate})
     async def create_user(self, request: Request) -> Response[dict[str, Any]]:
         site: Site = request.app.state.site
         body = decode_json(await request.body(), UserCreate)
@@ -109,7 +116,7 @@ class UserController(Controller):
         _live(site, username)
         return views.user(site.reader, username)
 
-    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN})
+    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN, "body": UserUpdate})
     async def update_user(self, request: Request, username: str) -> dict[str, Any]:
         """Change a user's role, password (their sessions end) or display name."""
         site: Site = request.app.state.site
@@ -131,6 +138,7 @@ class UserController(Controller):
             if sealed is not None:
                 await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
                 site.sessions.delete_user(name)
+                forget_first_password(site, name)
             if display is not None and display != row["display_name"]:
                 await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
         return views.user(site.reader, name)
@@ -144,4 +152,5 @@ class UserController(Controller):
                 raise RequestInvalid("this is the last admin user; make another admin first")
             await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
         site.sessions.delete_user(row["username"])
+        forget_first_password(site, row["username"])
         return {"removed": row["username"]}

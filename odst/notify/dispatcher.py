@@ -30,7 +30,7 @@ QUARANTINED = "MessageQuarantined"
 LOG_ALERT = "LogAlert"  # the site's own log was cut, deleted, replaced or reconfigured (odst.events.watch)
 NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
               "PackageDeleted", "PeerRegistered", "PeerRemoved", "PeerLogDiverged", "PeerLogRestored",
-              QUARANTINED, LOG_ALERT)
+              QUARANTINED, LOG_ALERT, "JamfDriftDetected", "JamfDriftCleared", "JamfPackageSynced")
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 

@@ -38,7 +38,8 @@ def subject_name(event: ev.Event) -> str:
         return event.token_id
     if isinstance(event, (ev.NatsCredentialCreated, ev.NatsCredentialRevoked)):
         return event.credential_id
-    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored)):
+    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
+                          ev.JamfDistributionPointRegistered)):
         return event.site
     if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
@@ -375,7 +376,54 @@ def _stages_accepted(c, env, e: ev.StagesAccepted, folder) -> None:
                   ("accepted_stages", json.dumps(list(e.stages)), env.ts, env.actor))
 
 
+def _jamf_package_synced(c, env, e: ev.JamfPackageSynced, folder) -> None:
+    if e.dry_run:  # a dry run changes nothing in Jamf Pro: its event is history only
+        return
+    state = {"failed": "failed"}.get(e.result, "deleted" if e.action == "deleted" else "in_sync")
+    if e.result == "failed":  # a failed write leaves the record as it was: keep what we knew of it
+        c.execute("INSERT INTO jamf_packages(name, state, detail, clock, origin) VALUES (?,?,?,?,?)"
+                  " ON CONFLICT(name) DO UPDATE SET state=excluded.state, detail=excluded.detail,"
+                  " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+                  (e.name, state, e.detail, clock(env.ts, env.origin), env.origin))
+        return
+    c.execute("INSERT INTO jamf_packages(name, blake3, file_name, record_id, hash_type, hash_value, size, state,"
+              " detail, created_by_odst, clock, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+              " ON CONFLICT(name) DO UPDATE SET blake3=excluded.blake3, file_name=excluded.file_name,"
+              " record_id=excluded.record_id, hash_type=excluded.hash_type, hash_value=excluded.hash_value,"
+              " size=excluded.size, state=excluded.state, detail=excluded.detail,"
+              " created_by_odst=CASE WHEN excluded.record_id = jamf_packages.record_id"
+              "   THEN max(excluded.created_by_odst, jamf_packages.created_by_odst) ELSE excluded.created_by_odst END,"
+              " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+              (e.name, e.blake3, e.file_name, e.record_id, e.hash_type, e.hash_value, e.size, state, e.detail,
+               int(e.created_by_odst), clock(env.ts, env.origin), env.origin))
+
+
+def _jamf_drift(c, env, e, folder) -> None:
+    state = e.kind if isinstance(e, ev.JamfDriftDetected) else "in_sync"
+    detail = (f"expected {e.expected or '-'}, found {e.found or '-'}"
+              if isinstance(e, ev.JamfDriftDetected) else "")
+    c.execute("INSERT INTO jamf_packages(name, record_id, state, detail, clock, origin) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name) DO UPDATE SET state=excluded.state, detail=excluded.detail,"
+              " record_id=CASE WHEN excluded.record_id <> '' THEN excluded.record_id ELSE jamf_packages.record_id END,"
+              " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+              (e.name, e.record_id, state, detail, clock(env.ts, env.origin), env.origin))
+
+
+def _jamf_dp_registered(c, env, e: ev.JamfDistributionPointRegistered, folder) -> None:
+    c.execute("INSERT INTO jamf_distribution_points(site, record_id, dp_name, url, api, failover_site, clock,"
+              " origin) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET record_id=excluded.record_id,"
+              " dp_name=excluded.dp_name, url=excluded.url, api=excluded.api,"
+              " failover_site=excluded.failover_site, clock=excluded.clock, origin=excluded.origin"
+              " WHERE excluded.clock > jamf_distribution_points.clock",
+              (e.site, e.record_id, e.dp_name, e.url, e.api, e.failover_site, clock(env.ts, env.origin),
+               env.origin))
+
+
 _HANDLERS = {
+    ev.JamfPackageSynced: _jamf_package_synced,
+    ev.JamfDriftDetected: _jamf_drift,
+    ev.JamfDriftCleared: _jamf_drift,
+    ev.JamfDistributionPointRegistered: _jamf_dp_registered,
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
     ev.PackageTransferFailed: _package_transfer_failed,
