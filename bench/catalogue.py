@@ -196,9 +196,17 @@ def catch_up(net: Network, n: int) -> dict:
     net.wait_until(lambda: total() == n, 1800, what="the catalogue at branch", interval=1.0)
     out["catalogue_s"] = time.monotonic() - t0
 
+    last_note = [time.monotonic()]
+
     def held() -> bool:
         state = net.try_get(branch, "/api/v1/state", timeout=60)
-        return bool(state) and sum(1 for p in state["packages"] if branch.id in p["available_at"]) == n
+        if not state:
+            return False
+        count = sum(1 for p in state["packages"] if branch.id in p["available_at"])
+        if time.monotonic() - last_note[0] > 60:
+            net.say(f"  branch holds {count}/{n} ({time.monotonic() - t0:.0f} s)")
+            last_note[0] = time.monotonic()
+        return count == n
 
     net.wait_until(held, 3600, what="every package at branch", interval=5.0)
     out["files_s"] = time.monotonic() - t0
@@ -228,22 +236,30 @@ def main() -> int:
     shutil.rmtree(work / "sites", ignore_errors=True)  # a previous run's sites
     net = Network(work / "sites", title="catalogue", out=sys.stderr)
     results: dict = {"packages": args.packages, "size_kib": args.size_kib, "cpus": os.cpu_count()}
+
+    def save(key: str, value) -> None:  # each figure as soon as it is measured: a cut run keeps them
+        results[key] = value
+        net.say(f"  {key}: {json.dumps(value)}")
+        (work / "catalogue.json").write_text(json.dumps(results, indent=2))
+
     try:
         hq = net.add("hq", listen=True, env={"ODST_ADMIN_PASSWORD": PASSWORD, "ODST_LOG_LEVEL": "warning"})
         net.start(hq, timeout=120)
         with net.step(f"upload {args.packages} packages of {args.size_kib} KiB"):
-            results["upload_s"] = upload_all(net, hq, args.packages, args.size_kib * 1024)
+            save("upload_s", upload_all(net, hq, args.packages, args.size_kib * 1024))
         with net.step("list API"):
-            results["list"] = list_api(hq, net.token, args.packages, args.requests)
+            save("list", list_api(hq, net.token, args.packages, args.requests))
         with net.step("Packages page in Chromium"):
-            results["ui"] = browser(net, hq, args.renders)
+            save("ui", browser(net, hq, args.renders))
         if not args.skip_catch_up:
             with net.step("a new site catches up"):
-                results["catch_up"] = catch_up(net, args.packages)
+                save("catch_up", catch_up(net, args.packages))
         net.stop(*net.sites.values())
         with net.step("odst audit / odst rebuild of hq"):
-            results["audit_s"], results["audit_says"] = timed("audit", "--data", str(hq.data))
-            results["rebuild_s"], results["rebuild_says"] = timed("rebuild", "--data", str(hq.data))
+            for what in ("audit", "rebuild"):
+                seconds, says = timed(what, "--data", str(hq.data))
+                save(f"{what}_s", seconds)
+                save(f"{what}_says", says)
     finally:
         net.close()
     (work / "catalogue.json").write_text(json.dumps(results, indent=2))
