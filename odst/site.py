@@ -82,6 +82,12 @@ class Site:
     def id(self) -> str:
         return self.key.site_id
 
+    @property
+    def name(self) -> str:
+        """This site's name: its last SiteRenamed, else the site_name setting."""
+        return views.site_name(self.reader, self.id, self.settings) if self.reader is not None \
+            else self.settings.site_name
+
     def external_seed(self) -> str | None:
         """The credential for a NATS server ODST does not run: ``nats_credentials``, else the
         data directory's client key when one was made (``odst nats-config`` makes it)."""

@@ -296,6 +296,14 @@ class JamfDriftCleared(Event, tag=True):
     record_id: str = ""
 
 
+class SiteRenamed(Event, tag=True):
+    """This site (the envelope's origin) goes by ``name`` from now on, in its UI, its
+    peers' UIs and its mail; chosen in the web UI or API, it overrides the ``site_name``
+    setting. The site id never changes."""
+
+    name: str
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
@@ -303,7 +311,7 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | PeerLogDiverged | PeerLogRestored
             | NatsCredentialCreated | NatsCredentialRevoked
             | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
-            | PackageReplaced)
+            | PackageReplaced | SiteRenamed)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -336,4 +344,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     JamfDriftDetected,
     JamfDriftCleared,
     PackageReplaced,
+    SiteRenamed,
 )

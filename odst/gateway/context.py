@@ -19,6 +19,7 @@ from odst.gateway.metrics import MetricSources
 from odst.peering.mirrors import Linker
 from odst.peering.registration import Registrar
 from odst.projections.appender import Append
+from odst.projections import views
 from odst.projections.status import ProjectionStatus
 from odst.replicator.replicator import Replicator
 from odst.replicator.transport import ChunkServer
@@ -49,3 +50,8 @@ class GatewayContext:
     chunk_server: ChunkServer
     metrics: MetricSources
     jamf: Any = None  # odst.jamf.sync.JamfService when jamf_url is set
+
+    @property
+    def name(self) -> str:
+        """This site's name: its last SiteRenamed, else the site_name setting."""
+        return views.site_name(self.reader, self.id, self.settings)

@@ -29,6 +29,9 @@ class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
     stage: str | None = None
 
 
+MAX_NAMES = 100  # exact names one list request may ask for (?name=a&name=b…)
+
+
 class ClientGone(Exception):
     pass
 
@@ -126,12 +129,27 @@ class PackageController(Controller):
     @get("/", operation_id="listPackages", opt={"roles": READ})
     async def list_packages(self, request: Request,
                             stage: str | None = None, q: str | None = None,
+                            name: list[str] | None = Parameter(default=None, max_items=MAX_NAMES),
+                            sort: str = "name", order: str = "asc", include: str | None = None,
                             limit: int = Parameter(default=1000, ge=1, le=10000),
                             offset: int = Parameter(default=0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
+        """A page of packages (``limit``/``offset``), filtered by ``stage``, ``q`` (part of a name)
+        or exact ``name`` (repeatable, up to 100), ordered by ``sort`` (name, stage, size,
+        uploaded_at, updated_at) and ``order`` (asc, desc). ``total`` counts every match. Rows
+        carry ``chunk_count``, not the chunk hashes: ``include=chunks`` (or the package route) has them."""
         site: GatewayContext = request.app.state.site
+        if sort not in views.PACKAGE_SORTS:
+            raise RequestInvalid(f"sort must be one of {', '.join(views.PACKAGE_SORTS)}")
+        if order not in ("asc", "desc"):
+            raise RequestInvalid("order must be asc or desc")
+        if include not in (None, "", "chunks"):
+            raise RequestInvalid("include may only be 'chunks'")
         items = [_with_local_transfer(site, p)
-                 for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
-        return {"packages": items, "count": len(items)}
+                 for p in views.packages(site.reader, stage=stage, q=q, names=name, sort=sort,
+                                         descending=order == "desc", limit=limit, offset=offset,
+                                         chunks=include == "chunks")]
+        total = len(items) if name is not None else views.package_count(site.reader, stage=stage, q=q)
+        return {"packages": items, "count": len(items), "total": total, "offset": offset}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def subject_name(event: ev.Event) -> str:
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
                           ev.JamfDistributionPointRegistered)):
         return event.site
-    if isinstance(event, ev.SiteFounded):
+    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
         return event.webhook_id

@@ -11,10 +11,12 @@ from odst.events import codec
 from odst.events.watch import Landmark, Recorded
 
 
-def _package(row: sqlite3.Row, availability: list[sqlite3.Row]) -> dict:
+def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool = True) -> dict:
     d = dict(row)
     d.pop("first_clock", None)
-    d["chunks"] = json.loads(d["chunks"])
+    if chunks:
+        d["chunks"] = json.loads(d["chunks"])
+        d["chunk_count"] = len(d["chunks"])
     d["availability"] = {a["site"]: {"status": a["status"], "detail": a["detail"],
                                      "updated_at": int(a["clock"][:15])} for a in availability}
     return d
@@ -31,23 +33,54 @@ def package(conn: sqlite3.Connection, name: str) -> dict | None:
     return pkg
 
 
-def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None,
-             limit: int = 1000, offset: int = 0) -> list[dict]:
-    sql, args = "SELECT * FROM packages WHERE 1=1", []
+# Columns a package list may be sorted by (the API's ``sort``), each with name as tie-break.
+PACKAGE_SORTS = ("name", "stage", "size", "uploaded_at", "updated_at")
+_LIST_COLUMNS = ("name, size, sha1, sha512, blake3, chunk_size, json_array_length(chunks) AS chunk_count,"
+                 " stage, origin, uploaded_at, uploaded_by, updated_at")
+
+
+def _package_filter(stage: str | None, q: str | None, names: list[str] | None) -> tuple[str, list]:
+    sql, args = " WHERE 1=1", []
     if stage:
         sql += " AND stage=?"
         args.append(stage)
     if q:
         sql += " AND instr(lower(name), lower(?)) > 0"
         args.append(q)
-    sql += " ORDER BY name LIMIT ? OFFSET ?"
-    args += [limit, offset]
-    rows = conn.execute(sql, args).fetchall()
+    if names is not None:
+        sql += f" AND name IN ({','.join('?' * len(names))})"
+        args += names
+    return sql, args
+
+
+def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None,
+             names: list[str] | None = None, sort: str = "name", descending: bool = False,
+             limit: int = 1000, offset: int = 0, chunks: bool = False) -> list[dict]:
+    """One page of current packages. Without ``chunks`` a row carries ``chunk_count`` instead of
+    every chunk's SHA1 (13.5 KB for a 300 MB package): lists stay small at thousands of packages."""
+    if sort not in PACKAGE_SORTS:
+        raise ValueError(f"sort must be one of {', '.join(PACKAGE_SORTS)}")
+    where, args = _package_filter(stage, q, names)
+    order = "DESC" if descending else "ASC"
+    tie = f", name {order}" if sort != "name" else ""
+    rows = conn.execute(f"SELECT {'*' if chunks else _LIST_COLUMNS} FROM packages{where}"
+                        f" ORDER BY {sort} {order}{tie} LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
     avail: dict[str, list] = {}
-    for a in conn.execute("SELECT a.* FROM availability a JOIN packages p"
-                          " ON p.name = a.name AND p.blake3 = a.blake3 ORDER BY a.site"):
-        avail.setdefault(a["name"], []).append(a)
-    return [_package(r, avail.get(r["name"], [])) for r in rows]
+    if rows:  # only this page's availability, in one query
+        marks = ",".join("?" * len(rows))
+        for a in conn.execute(f"SELECT * FROM availability WHERE name IN ({marks}) ORDER BY site",
+                              [r["name"] for r in rows]):
+            avail.setdefault(a["name"], []).append(a)
+    return [_package(r, [a for a in avail.get(r["name"], []) if a["blake3"] == r["blake3"]], chunks=chunks)
+            for r in rows]
+
+
+def package_count(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None) -> int:
+    where, args = _package_filter(stage, q, None)
+    # The packages view has one row per live name; without a stage filter, count the names
+    # themselves and skip the view's per-row stage lookups (3x faster at 5,000 packages).
+    source = "packages" if stage else "(SELECT DISTINCT name FROM live_contents)"
+    return conn.execute(f"SELECT count(*) FROM {source}{where}", args).fetchone()[0]
 
 
 def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | None:
@@ -195,10 +228,12 @@ def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
         " WHERE d.site<>? AND d.site NOT IN (SELECT site FROM removals)"
         " ORDER BY d.site, (d.vouched_by = ?) DESC, d.clock DESC", (site, site)).fetchall()
     policies = {r["site"]: json.loads(r["stages"]) for r in conn.execute("SELECT * FROM stage_policies")}
+    renamed = site_names(conn)
     out: dict[str, dict] = {}
     for r in rows:
+        chosen = renamed.get(r["site"])
         entry = out.setdefault(r["site"], {"site": r["site"], "public_key": r["public_key"],
-                                           "name": r["name"], "http_url": r["http_url"],
+                                           "name": chosen["name"] if chosen else r["name"], "http_url": r["http_url"],
                                            "registered_here": False, "vouched_by": [],
                                            "accepted_stages": policies.get(r["site"])})
         if r["vouched_by"] == site:
@@ -305,6 +340,23 @@ def replicated_stages(conn: sqlite3.Connection, settings) -> list[str]:
     if chosen is None:
         return settings.default_replicated_stages
     return [s for s in chosen["value"] if s in settings.stages]
+
+
+def site_names(conn: sqlite3.Connection) -> dict[str, dict]:
+    """The name each site chose last (its latest SiteRenamed, by its own sequence): site id ->
+    {name, updated_at, updated_by}. A site that never renamed itself is absent."""
+    out: dict[str, dict] = {}
+    for row in conn.execute("SELECT origin, ts, actor, payload FROM events WHERE type='SiteRenamed'"
+                            " ORDER BY origin, seq"):
+        event = codec.decode_body(codec.unverified_body(bytes(row["payload"]))).event
+        out[row["origin"]] = {"name": event.name, "updated_at": row["ts"], "updated_by": row["actor"]}
+    return out
+
+
+def site_name(conn: sqlite3.Connection, site_id: str, settings) -> str:
+    """This site's name: its last SiteRenamed, else the site_name setting."""
+    chosen = site_names(conn).get(site_id)
+    return chosen["name"] if chosen else settings.site_name
 
 
 def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:

@@ -162,7 +162,7 @@ export class EventFeed {
       this.controller = new AbortController();
       this.setState(this.state === 'live' ? 'reconnecting' : 'connecting');
       try {
-        const url = '/api/v1/events/stream' + query({ after: this.last });
+        const url = '/api/v1/events/stream' + query({ after: this.last, brief: 'true' });
         const res = await fetch(url, { headers: { Accept: 'text/event-stream' }, credentials: 'same-origin',
           cache: 'no-store', signal: this.controller.signal });
         if (res.status === 401) {

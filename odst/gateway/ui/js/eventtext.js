@@ -8,7 +8,7 @@ export const EVENT_TYPES = [
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked',
-  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced',
+  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed',
 ];
 
 const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
@@ -49,6 +49,7 @@ export function summary(item, ctx) {
     case 'JamfDistributionPointRegistered': return `Jamf Pro distribution point “${e.dp_name}” ${e.action} for ${site(e.site)} (${e.url}, ${e.api} API)`;
     case 'JamfDriftDetected': return `Jamf Pro ${DRIFT_WORDS[e.kind] || e.kind} for ${e.name}`;
     case 'JamfDriftCleared': return `Jamf Pro's record of ${e.name} is in sync again`;
+    case 'SiteRenamed': return `Site ${item.origin} is now called “${e.name}”`;
     default: return item.type;
   }
 }

@@ -45,11 +45,30 @@ export function mount(main, ctx, [name]) {
     return `${base}/${context}/Packages/${encodeURIComponent(name)}`;
   }
 
+  // A Mac can download the package here only once this site holds a verified copy: before that
+  // the URL would answer 404, so the page says how far the copy is instead.
+  function downloadCell() {
+    const self = ctx.state.site ? ctx.state.site.site : null;
+    const here = self ? (pkg.availability || {})[self] : null;
+    if (here && here.status === 'available') return copyable(downloadUrl(), 'download URL');
+    const accepted = ctx.state.settings ? ctx.state.settings.accepted_stages : null;
+    let why = 'this site does not hold a copy yet';
+    if (!here && accepted && !accepted.includes(pkg.stage)) why = `this site does not replicate stage ${pkg.stage} (it accepts ${accepted.join(', ')})`;
+    else if (here && here.status === 'downloading' && here.chunks_total) why = `this site's copy is at ${Math.floor((100 * here.chunks_done) / here.chunks_total)} %`;
+    else if (here && here.status === 'pending') why = 'this site is waiting to download it';
+    else if (here && here.status === 'failed') why = `this site could not fetch it${here.detail ? `: ${here.detail}` : ''}`;
+    return h('span', { class: 'hint' }, `Not served by this site: ${why}. The URL appears once its copy is verified.`);
+  }
+
   function renderActions() {
     if (!pkg || !canWrite) { replace(actions); return; }
     const stages = ctx.stages().includes(pkg.stage) ? ctx.stages() : [pkg.stage, ...ctx.stages()];
     const stageSelect = select(stages, pkg.stage, { id: 'detail-stage' });
     stageSelect.addEventListener('change', async () => {
+      const ok = await confirmDialog({ title: 'Change the stage?', confirm: `Move to ${stageSelect.value}`,
+        body: h('p', {}, 'Move ', h('strong', { class: 'break' }, name), ` from ${pkg.stage} to ${stageSelect.value}? `,
+          'Sites that accept only some stages fetch or stop serving it accordingly.') });
+      if (!ok) { stageSelect.value = pkg.stage; stageSelect.focus(); return; }
       stageSelect.disabled = true;
       try {
         pkg = await api('PATCH', pkgPath(name), { stage: stageSelect.value });
@@ -134,7 +153,7 @@ export function mount(main, ctx, [name]) {
         h('dt', {}, 'Chunks'), h('dd', {}, `${plural(pkg.chunks.length, 'chunk')} of ${chunkSize(pkg.chunk_size)}`),
         h('dt', {}, 'Uploaded'), h('dd', {}, time(pkg.uploaded_at), pkg.uploaded_by ? ` by ${pkg.uploaded_by}` : '',
           pkg.origin ? ` at ${ctx.siteName(pkg.origin)}` : ''),
-        h('dt', {}, 'Download URL'), h('dd', {}, copyable(downloadUrl(), 'download URL')),
+        h('dt', {}, 'Download URL'), h('dd', { class: 'download-url' }, downloadCell()),
         jamf ? [h('dt', {}, 'Jamf Pro'), h('dd', { 'data-jamf': jamf.state }, pill(JAMF_WORDS[jamf.state] || jamf.state,
           JAMF_KIND[jamf.state] || 'info'), jamf.record_id ? h('span', { class: 'hint' }, ` record ${jamf.record_id}`) : null,
           jamf.detail ? h('div', { class: 'hint' }, jamf.detail) : null)] : null),
@@ -185,9 +204,9 @@ export function mount(main, ctx, [name]) {
       old ? h('p', { class: 'hint', role: 'status' }, `Replacement in progress: ${old === 1 ? 'one site serves' : `${old} sites serve`} `
         + `the previous version until ${old === 1 ? 'it holds' : 'they hold'} this one.`) : null,
       expected < known.length ? h('p', { class: 'hint' }, `${known.length - expected === 1 ? 'One site does' : `${known.length - expected} sites do`} not replicate stage ${pkg.stage}.`) : null,
-      h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
+      h('div', { class: 'table-wrap' }, h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
         h('thead', {}, h('tr', {}, ['Site', 'Status', 'Replication', 'Serves', 'Updated'].map((c) => h('th', { scope: 'col' }, c)))),
-        h('tbody', {}, rows)));
+        h('tbody', {}, rows))));
   }
 
   // Which version a site serves to Macs: this one, or the one it replaces until it has swapped.
@@ -203,13 +222,13 @@ export function mount(main, ctx, [name]) {
       h('td', { class: 'num' }, String(e.position)),
       h('td', {}, time(e.ts)),
       h('td', {}, e.type),
-      h('td', {}, summary(e, ctx)),
+      h('td', { class: 'what' }, summary(e, ctx)),
       h('td', {}, ctx.shortSiteName(e.origin)),
       h('td', { class: 'actor' }, e.actor)));
     replace(events, h('h2', { id: 'sec-history' }, 'History'),
-      rows.length ? h('table', {}, h('caption', { class: 'sr-only' }, `Events about ${name}, newest first`),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', { class: 'history' }, h('caption', { class: 'sr-only' }, `Events about ${name}, newest first`),
         h('thead', {}, h('tr', {}, ['#', 'Time', 'Event', 'What', 'Site', 'By'].map((c) => h('th', { scope: 'col' }, c)))),
-        h('tbody', {}, rows)) : h('p', { class: 'empty' }, 'No events about this name.'));
+        h('tbody', {}, rows))) : h('p', { class: 'empty' }, 'No events about this name.'));
   }
 
   async function load() {
@@ -224,7 +243,7 @@ export function mount(main, ctx, [name]) {
     if (signal.aborted) return;
     const problems = [];
     if (p.status === 'fulfilled') pkg = p.value;
-    else if (p.reason.status === 404) { pkg = null; problems.push(messageBox('warning', `There is no package named ${name} now: ${errorText(p.reason)}`)); }
+    else if (p.reason.status === 404) { pkg = null; problems.push(messageBox('warning', `There is no package named ${name} now: it was deleted, or never uploaded under this name. Its history, if any, is below.`)); }
     else problems.push(messageBox('error', `Could not load the package: ${errorText(p.reason)}`));
     if (s.status === 'fulfilled') transfers = s.value.transfers || [];
     jamf = jp.status === 'fulfilled' ? jp.value : null;
