@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 MARKER = "<!-- openapi -->"
 _doc: dict | None = None
+
+
+class _Anything:
+    """Whatever the app asks a stand-in site for while it is assembled (never while serving:
+    the document is all that is used)."""
+
+    def __getattr__(self, name: str) -> "_Anything":
+        return _Anything()
+
+    def __call__(self, *args, **kwargs) -> "_Anything":
+        return _Anything()
+
+
+class _StandIn(_Anything):
+    def __init__(self, **known) -> None:
+        self.__dict__.update(known)
 
 
 def _openapi() -> dict:
@@ -35,7 +50,7 @@ def _openapi() -> dict:
             from odst.config import Settings
             from odst.gateway.app import create_app
 
-            app = create_app(types.SimpleNamespace(settings=Settings(), id="docs"))
+            app = create_app(_StandIn(settings=Settings(), id="docs"))
             _doc = app.openapi_schema.to_schema()
     return _doc
 

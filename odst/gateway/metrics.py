@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from odst.events.watch import log_watch_metrics
+from odst.events.watch import LogWatch, log_watch_metrics
+from odst.peering.mirrors import Linker
 from odst.projections import views
+from odst.projections.status import ProjectionStatus
+from odst.replicator.replicator import Replicator
+from odst.replicator.transport import ChunkServer
+from odst.stats import SiteStats
+
+
+@dataclass(frozen=True)
+class MetricSources:
+    """What /metrics reads; the parts a process does not run are None."""
+
+    site_id: str
+    reader: sqlite3.Connection
+    stats: SiteStats
+    projection: ProjectionStatus
+    log_watch: LogWatch | None
+    linker: Linker | None
+    replicator: Replicator | None
+    chunk_server: ChunkServer | None
 
 
 class SiteCollector:
-    def __init__(self, site):
+    def __init__(self, site: MetricSources):
         self.site = site
         self.lag: dict[str, int] = {}
         self.mirrors: dict[str, dict] = {}
@@ -19,12 +41,12 @@ class SiteCollector:
         """The parts that need the broker (projection lag, mirror state) are fetched before a scrape."""
         site = self.site
         try:
-            self.lag = await site.projector.lag()
+            self.lag = await site.projection.lag()
         except Exception:
             self.lag = {}
         self.mirrors = {}
         if site.linker is not None:
-            for p in views.peer_sites(site.reader, site.id):
+            for p in views.peer_sites(site.reader, site.site_id):
                 self.mirrors[p["site"]] = await site.linker.status(p["site"])
 
     def collect(self):
@@ -66,7 +88,7 @@ class SiteCollector:
         g = GaugeMetricFamily("odst_peer_log_diverged",
                               "1 while a peer's log no longer matches this site's mirror of it (PeerLogDiverged)",
                               labels=["peer"])
-        alarms = views.peer_log_alarms(site.reader, site.id)
+        alarms = views.peer_log_alarms(site.reader, site.site_id)
         for peer in sorted(self.mirrors):
             g.add_metric([peer], 1 if peer in alarms else 0)
         yield g
@@ -82,7 +104,7 @@ class SiteCollector:
         yield from log_watch_metrics(site.log_watch, site.reader)
 
 
-def make_metrics(site):
+def make_metrics(site: MetricSources):
     registry = CollectorRegistry(auto_describe=False)
     collector = SiteCollector(site)
     registry.register(collector)

@@ -84,13 +84,13 @@ def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts
         if i in restarts:
             conn.close()
             conn = db.open_read_model(live_path)
-        apply.Folder(conn, trusted).fold(m)
+        apply.ReadModelWriter(conn, trusted).fold(m)
         if i % 7 == 3:
-            assert apply.Folder(conn, trusted).fold(m).reason == "already applied"
+            assert apply.ReadModelWriter(conn, trusted).fold(m).reason == "already applied"
     rebuilt = db.open_read_model(tmp / "rebuilt.sqlite")
-    folder = apply.Folder(rebuilt, trusted)
+    writer = apply.ReadModelWriter(rebuilt, trusted)
     for m in log.msgs:
-        folder.fold(m)
+        writer.fold(m)
     assert apply.dump(conn) == apply.dump(rebuilt)
     # nothing forged or replayed ever reached a view
     assert all(r[0] != "evil" for r in conn.execute("SELECT stage FROM packages"))
@@ -103,7 +103,7 @@ def test_an_unknown_site_is_quarantined(tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
     log = Log(key, key)
     conn = db.open_read_model(tmp_path / "m.sqlite")
-    out = apply.Folder(conn, {}).fold(log.msgs[0])
+    out = apply.ReadModelWriter(conn, {}).fold(log.msgs[0])
     assert not out.applied and "unknown site" in out.reason
     assert conn.execute("SELECT count(*) FROM sites").fetchone()[0] == 0
 
@@ -174,9 +174,9 @@ def test_two_sites_in_any_interleaving_fold_to_the_same_model(tmp_path_factory, 
 
     def fold(msgs, path):
         conn = db.open_read_model(path)
-        folder = apply.Folder(conn, trusted)
+        writer = apply.ReadModelWriter(conn, trusted)
         for m in msgs:
-            folder.fold(m)
+            writer.fold(m)
         return conn
 
     # B's stream can only be read once A's PeerRegistered(B) was folded, as live
