@@ -41,7 +41,9 @@ from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.status import ProjectionStatus
 from odst.projections.watcher import ReadModelWatcher
+from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
+from odst.replicator.scrub import RejectionWatch, Scrubber
 from odst.replicator.transport import ChunkServer
 from odst.stats import SiteStats
 from odst.store.files import PackageStore, Store
@@ -79,6 +81,8 @@ class Site:
         self.linker = None
         self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
+        self.integrity = None  # replicator role: re-checks, scrub, repair of damaged files
+        self.healers: list = []  # the background Scrubber and RejectionWatch
         self.chunk_server = None
         self.registration = None
         self.notifier = None
@@ -195,6 +199,14 @@ class Site:
             await self.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
             self.replicator = Replicator(self)
             await self.replicator.start()
+            st = self.settings
+            self.integrity = Integrity(reader=self.reader, store=self.store, site_id=self.id, append=self.append,
+                                       kick=self.replicator.kick)
+            self.healers = [
+                Scrubber(integrity=self.integrity, reader=self.reader, site_id=self.id, store_root=st.store_dir,
+                         period_s=st.scrub_period_s, min_rate=st.scrub_min_rate, max_rate=st.scrub_max_rate).start(),
+                RejectionWatch(integrity=self.integrity, reader=self.reader, site_id=self.id,
+                               wait_changed=self.projector.wait_changed, rate=st.scrub_max_rate).start()]
         if "gateway" in self.roles:
             self.sessions = SessionStore(self.data / "sessions.sqlite", idle_s=self.settings.session_idle_s,
                                          max_s=self.settings.session_max_s)
@@ -406,6 +418,8 @@ class Site:
             await self.notifier.stop()
         if self.guard:
             await self.guard.stop()
+        for healer in self.healers:
+            await healer.stop()
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):

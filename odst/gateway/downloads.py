@@ -20,6 +20,7 @@ from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_
                                  parse_range)
 
 BLOCK = 1 << 20
+REPAIR_RETRY_AFTER_S = 60  # Retry-After of a 503 for a package out of service here (odst.replicator.integrity)
 
 
 def _headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -94,6 +95,10 @@ def make_download_app(site, prefixes: list[str]):
                           [("www-authenticate", 'Basic realm="ODST distribution point"')])
             return
         row = views.servable(site.reader, name, site.id)
+        if row is None and views.is_damaged(site.reader, name, site.id):  # never bad bytes: Macs retry later
+            await _simple(send, 503, "this site's copy failed its integrity check and is being repaired; "
+                                     "try again later\n", [("retry-after", str(REPAIR_RETRY_AFTER_S))])
+            return
         if row is None:
             await _simple(send, 404, "no such package\n")
             return

@@ -239,6 +239,18 @@ def _package_available(c, env, e: ev.PackageAvailable, folder) -> None:
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
     _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
+    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?",
+              (e.name, e.blake3, env.origin, clock(env.ts, env.origin)))
+
+
+def _package_damaged(c, env, e: ev.PackageDamaged, folder) -> None:
+    """Out of service at its origin until that site's next PackageAvailable of the content."""
+    at = clock(env.ts, env.origin)
+    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
+    c.execute("INSERT INTO damaged(name, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name, blake3, site) DO UPDATE SET reason=excluded.reason,"
+              " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
+              (e.name, e.blake3, env.origin, e.reason, e.found_by, at))
 
 
 def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, folder) -> None:
@@ -379,6 +391,7 @@ _HANDLERS = {
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
     ev.PackageTransferFailed: _package_transfer_failed,
+    ev.PackageDamaged: _package_damaged,
     ev.PackageStaged: _package_staged,
     ev.PackageDeleted: _package_deleted,
     ev.PeerInvited: _peer_invited,
