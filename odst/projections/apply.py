@@ -231,6 +231,12 @@ def _package_uploaded(c, env, e: ev.PackageUploaded, folder) -> None:
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
     _available(c, e.name, e.blake3, env.origin, "available", "", at)
+    _repaired(c, e.name, e.blake3, env.origin, at)
+
+
+def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
+    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
+    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?", (name, blake3, site, at))
 
 
 def _package_available(c, env, e: ev.PackageAvailable, folder) -> None:
@@ -239,8 +245,7 @@ def _package_available(c, env, e: ev.PackageAvailable, folder) -> None:
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
     _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
-    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?",
-              (e.name, e.blake3, env.origin, clock(env.ts, env.origin)))
+    _repaired(c, e.name, e.blake3, env.origin, clock(env.ts, env.origin))
 
 
 def _package_damaged(c, env, e: ev.PackageDamaged, folder) -> None:

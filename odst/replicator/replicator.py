@@ -212,7 +212,9 @@ class Replicator:
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
         for p in store.tmp.glob("*.repl"):
-            if p.stem not in {k[1] for k in self.tasks} and not views.content_is_live(self.site.reader, p.stem):
+            if p.stem not in {k[1] for k in self.tasks} and (
+                    not views.content_is_live(self.site.reader, p.stem)
+                    or views.local_content(self.site.reader, p.stem, self.site.id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
     async def repull_missing(self) -> list[str]:
