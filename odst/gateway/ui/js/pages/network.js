@@ -2,7 +2,7 @@
 
 import { api, get } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtDuration, time, copyable,
-  secretBox, confirmDialog, debounce, pill, plural, fmtBytes, fmtRate } from '../dom.js';
+  secretBox, confirmDialog, debounce, pill, plural, fmtBytes, fmtRate, fmtTime } from '../dom.js';
 
 const LINK_KIND = { up: 'ok', down: 'bad', unknown: 'muted' };
 
@@ -35,7 +35,7 @@ export function mount(main, ctx) {
     const s = data.scrub || {};
     const every = s.period_s ? `every ${fmtDuration(s.period_s)}` : 'off';
     const pass = s.cursor ? `in progress: ${Math.round(100 * (s.pass_bytes || 0) / Math.max(1, s.pass_total || 1))} %`
-      : (s.last_full_pass ? `last full pass ${time(s.last_full_pass * 1000)}` : 'no full pass yet');
+      : (s.last_full_pass ? `last full pass ${fmtTime(s.last_full_pass * 1000)}` : 'no full pass yet');
     const rows = data.damaged.map((d) => h('tr', {},
       h('th', { scope: 'row' }, h('a', { href: `#/packages/${encodeURIComponent(d.name)}` }, d.name)),
       h('td', {}, d.found_by || '—'), h('td', {}, time(d.found_at)),
