@@ -333,10 +333,12 @@ def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
     """Peers' ChunkRejected events naming ``site`` as the source, after event ``position``
     (reporter, when, and the event's fields, verified when they were folded), and the
     position to read on from."""
-    out, last = [], after
-    for r in conn.execute("SELECT position, origin, ts, payload FROM events WHERE type='ChunkRejected'"
-                          " AND position > ? AND origin <> ? ORDER BY position LIMIT ?", (after, site, limit)):
-        last = r["position"]
+    out, upto = [], last_position(conn)  # read first: every event up to it is visible below
+    rows = conn.execute("SELECT position, origin, ts, payload FROM events WHERE type='ChunkRejected'"
+                        " AND position > ? AND position <= ? AND origin <> ? ORDER BY position LIMIT ?",
+                        (after, upto, site, limit)).fetchall()
+    last = rows[-1]["position"] if len(rows) == limit else upto
+    for r in rows:
         e = codec.decode_body(codec.unverified_body(bytes(r["payload"]))).event
         if e.source == site:
             out.append({"position": r["position"], "reporter": r["origin"], "ts": r["ts"], "name": e.name,

@@ -251,7 +251,9 @@ class RejectionWatch:
                 return
             except Exception:
                 log.exception("reading chunk rejection reports failed; retrying")
-            if not reports:
+                await asyncio.sleep(5.0)
+                continue
+            if after >= views.last_position(self.reader):  # caught up: wait for the next fold
                 await self.wait_changed(2.0)
 
     async def consider(self, report: dict) -> None:
