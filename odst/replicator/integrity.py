@@ -71,7 +71,7 @@ class Integrity:
         self.reader, self.store, self.site_id = reader, store, site_id
         self.append, self.kick = append, kick
         self.rechecks: Counter[tuple[str, str]] = Counter()  # (trigger, status) -> count
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # per content (one small lock per content ever checked)
 
     async def recheck(self, name: str, blake3: str, *, found_by: str, detail: str = "", pace=None,
                       actor: str = "integrity", repair: bool = True) -> Finding:
@@ -81,8 +81,6 @@ class Integrity:
         async with lock:  # a scrub and a report about the same content: one check at a time
             finding = await self._recheck(name, blake3, found_by=found_by, detail=detail, pace=pace,
                                           actor=actor, repair=repair)
-        if not lock.locked():
-            self._locks.pop(blake3, None)
         self.rechecks[(found_by, finding.status)] += 1
         return finding
 

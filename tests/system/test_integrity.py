@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.browser import shot
-from tests.conftest import upload_bytes, wait_until
+from tests.conftest import run_odst, upload_bytes, wait_until
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -46,6 +46,8 @@ def test_the_scrub_takes_a_rotten_file_out_of_service(scrubbing_site, page):
         report = c.post("/api/v1/verify").json()  # the same check: the file left service, the good one is fine
         assert report["checked"] == report["ok"] == 1
     assert httpx.get(f"{site.url}/CasperShare/Packages/Fine.pkg").content == body[::-1]
+    audit = run_odst("audit", "--data", str(site.data))  # PackageDamaged verifies and rebuilds to the same model
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
     page.goto(site.url + "/")
     page.get_by_label("User name").fill("admin")
