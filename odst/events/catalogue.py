@@ -251,12 +251,63 @@ class StagesAccepted(Event, tag=True):
     stages: list[str]
 
 
+class JamfPackageSynced(Event, tag=True):
+    """This site wrote (or, in a dry run, would write) a package's Jamf Pro record.
+
+    ``action``: created | updated | unchanged | deleted; ``result``: ok | failed (``detail``
+    says why). No credential is ever in it: only the record and the hash it carries."""
+
+    name: str
+    blake3: str
+    file_name: str
+    record_id: str
+    hash_type: str
+    hash_value: str
+    size: int
+    action: str
+    result: str = "ok"
+    detail: str = ""
+    dry_run: bool = False
+    created_by_odst: bool = False  # the record is ODST's own (only those may ever be deleted)
+
+
+class JamfDistributionPointRegistered(Event, tag=True):
+    """A Jamf Pro distribution point record for ``site`` was created or updated."""
+
+    site: str
+    record_id: str
+    dp_name: str
+    url: str
+    api: str  # pro | classic
+    action: str  # created | updated
+    failover_site: str = ""
+
+
+class JamfDriftDetected(Event, tag=True):
+    """Jamf Pro's record and ODST disagree. ``kind``: missing (no record), hash_differs,
+    no_file (the record names a file no site holds)."""
+
+    name: str
+    kind: str
+    record_id: str = ""
+    expected: str = ""
+    found: str = ""
+
+
+class JamfDriftCleared(Event, tag=True):
+    """A package's Jamf Pro record and ODST agree again."""
+
+    name: str
+    record_id: str = ""
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
-            | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged)
+            | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged
+            | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -286,4 +337,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PeerLogRestored,
     ChunkRejected,
     PackageDamaged,
+    JamfPackageSynced,
+    JamfDistributionPointRegistered,
+    JamfDriftDetected,
+    JamfDriftCleared,
 )

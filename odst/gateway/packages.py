@@ -19,7 +19,7 @@ from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 from odst.store.files import StoreFull, StreamingUpload
 
 log = structlog.get_logger("odst.gateway")
@@ -70,7 +70,7 @@ def _strict(request: Request) -> str:
     return name_in_path(request.scope, PackageController.path + "/")
 
 
-def _with_local_transfer(site: Site, pkg: dict) -> dict:
+def _with_local_transfer(site: GatewayContext, pkg: dict) -> dict:
     """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
     here = pkg["availability"].get(site.id)
     if site.replicator is None or (here and here["status"] == "available"):
@@ -94,26 +94,26 @@ class PackageController(Controller):
                             stage: str | None = None, q: str | None = None,
                             limit: int = Parameter(default=1000, ge=1, le=10000),
                             offset: int = Parameter(default=0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         items = [_with_local_transfer(site, p)
                  for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
         return {"packages": items, "count": len(items)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         pkg = views.package(site.reader, name)
         if pkg is None:
             raise PackageNotFound(f"no package named {name!r}")
         return _with_local_transfer(site, pkg)
 
-    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE}, status_code=201,
+    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE, "body": bytes}, status_code=201,
          request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body
     async def upload(self, request: Request, name: str,
                      stage: str | None = None) -> Response[dict[str, Any]]:
         """Stream the raw request body into the store; the body is never held in memory."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         settings = site.settings
         name = check_name(_strict(request), settings.allowed_extensions)
         stage = stage or settings.default_stage
@@ -181,9 +181,9 @@ class PackageController(Controller):
             raise _refused(lost)
         return Response(current, status_code=201)
 
-    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
+    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         change = decode_json(await request.body(), PackageUpdate)
         async with _lock_for(name):
@@ -200,7 +200,7 @@ class PackageController(Controller):
 
     @delete("/{name:str}", operation_id="deletePackage", opt={"roles": WRITE}, status_code=200)
     async def delete_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         async with _lock_for(name):
             pkg = views.package(site.reader, name)

@@ -281,6 +281,15 @@ def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
             "updated_by": row["updated_by"]} if row else None
 
 
+def replicated_stages(conn: sqlite3.Connection, settings) -> list[str]:
+    """Stages replicated here now: the site's last StagesAccepted (kept to the configured
+    ``stages``), else the ``accept_stages`` setting, else every stage."""
+    chosen = site_setting(conn, "accepted_stages")
+    if chosen is None:
+        return settings.default_replicated_stages
+    return [s for s in chosen["value"] if s in settings.stages]
+
+
 def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:
     """Peers whose log diverged from this site's mirror of it and has not matched since (nor
     been removed by an admin): peer site id -> the reason recorded (its latest PeerLogDiverged)."""

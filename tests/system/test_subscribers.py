@@ -58,9 +58,9 @@ def test_the_broker_urls_handed_out_carry_no_password():
 
 def _fold(tmp: Path, log: Log, trusted: dict, name: str):
     conn = db.open_read_model(tmp / name)
-    folder = apply.Folder(conn, trusted)
+    writer = apply.ReadModelWriter(conn, trusted)
     for m in log.msgs:
-        assert folder.fold(m).applied
+        assert writer.fold(m).applied
     return conn
 
 
@@ -99,9 +99,9 @@ def test_projection_one_active_credential_per_name_own_site_only(tmp_path):
     peer_log = Log(other, other)
     peer_log.append(ev.PeerRegistered(site=key.site_id, public_key=key.public_key.hex()))
     peer = _fold(tmp_path, peer_log, {other.site_id: other.public_key}, "peer.sqlite")
-    folder = apply.Folder(peer, {other.site_id: other.public_key})
+    writer = apply.ReadModelWriter(peer, {other.site_id: other.public_key})
     for m in log.msgs:
-        assert folder.fold(StoredMessage(f"PEER_{key.site_id}", m.seq, m.subject, m.payload)).applied
+        assert writer.fold(StoredMessage(f"PEER_{key.site_id}", m.seq, m.subject, m.payload)).applied
     assert views.nats_credentials(peer) == [] and views.nats_subscribers(peer) == []
 
 

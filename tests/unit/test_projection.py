@@ -86,13 +86,13 @@ def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts
         if i in restarts:
             conn.close()
             conn = db.open_read_model(live_path)
-        apply.Folder(conn, trusted).fold(m)
+        apply.ReadModelWriter(conn, trusted).fold(m)
         if i % 7 == 3:
-            assert apply.Folder(conn, trusted).fold(m).reason == "already applied"
+            assert apply.ReadModelWriter(conn, trusted).fold(m).reason == "already applied"
     rebuilt = db.open_read_model(tmp / "rebuilt.sqlite")
-    folder = apply.Folder(rebuilt, trusted)
+    writer = apply.ReadModelWriter(rebuilt, trusted)
     for m in log.msgs:
-        folder.fold(m)
+        writer.fold(m)
     assert apply.dump(conn) == apply.dump(rebuilt)
     # nothing forged or replayed ever reached a view
     assert all(r[0] != "evil" for r in conn.execute("SELECT stage FROM packages"))
@@ -105,7 +105,7 @@ def test_an_unknown_site_is_quarantined(tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
     log = Log(key, key)
     conn = db.open_read_model(tmp_path / "m.sqlite")
-    out = apply.Folder(conn, {}).fold(log.msgs[0])
+    out = apply.ReadModelWriter(conn, {}).fold(log.msgs[0])
     assert not out.applied and "unknown site" in out.reason
     assert conn.execute("SELECT count(*) FROM sites").fetchone()[0] == 0
 
@@ -178,9 +178,9 @@ def test_two_sites_in_any_interleaving_fold_to_the_same_model(tmp_path_factory, 
 
     def fold(msgs, path):
         conn = db.open_read_model(path)
-        folder = apply.Folder(conn, trusted)
+        writer = apply.ReadModelWriter(conn, trusted)
         for m in msgs:
-            folder.fold(m)
+            writer.fold(m)
         return conn
 
     # B's stream can only be read once A's PeerRegistered(B) was folded, as live
@@ -212,20 +212,20 @@ def test_damage_takes_a_copy_out_of_service_until_a_verified_copy_is_back(tmp_pa
     log.append(up)
     log.append(ev.PackageDamaged(name="a.pkg", blake3="b3", reason="bit rot", found_by="scrub"))
     conn = db.open_read_model(tmp_path / "m.sqlite")
-    folder = apply.Folder(conn, {key.site_id: key.public_key})
+    writer = apply.ReadModelWriter(conn, {key.site_id: key.public_key})
     for m in log.msgs:
-        assert folder.fold(m).applied
+        assert writer.fold(m).applied
     me = key.site_id
     assert views.servable(conn, "a.pkg", me) is None and views.is_damaged(conn, "a.pkg", me)
     assert [r["name"] for r in views.wanted(conn, me, ["prod"])] == ["a.pkg"]
     assert [(d["name"], d["found_by"], d["sources"]) for d in views.damaged(conn, me)] == [("a.pkg", "scrub", [])]
     log.append(ev.PackageAvailable(name="a.pkg", size=3, sha1="s", sha512="x", blake3="b3", chunk_size=1 << 20,
                                    chunks=["c"], stage="prod", origin=me, uploaded_ts=1))
-    assert folder.fold(log.msgs[-1]).applied
+    assert writer.fold(log.msgs[-1]).applied
     assert views.servable(conn, "a.pkg", me) is not None and not views.is_damaged(conn, "a.pkg", me)
     assert views.damaged(conn, me) == []
     log.append(ev.PackageDamaged(name="a.pkg", blake3="b3", reason="again", found_by="verify"))
     log.append(up)  # an admin uploads the same bytes again
     for m in log.msgs[-2:]:
-        assert folder.fold(m).applied
+        assert writer.fold(m).applied
     assert views.servable(conn, "a.pkg", me) is not None and views.damaged(conn, me) == []

@@ -8,7 +8,10 @@ export const EVENT_TYPES = [
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
+  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared',
 ];
+
+const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
 
 export function summary(item, ctx) {
   const e = (item.envelope && item.envelope.event) || {};
@@ -41,6 +44,12 @@ export function summary(item, ctx) {
     case 'UserDetailsChanged': return `User ${e.username} renamed “${e.display_name}”`;
     case 'UserRemoved': return `User ${e.username} removed`;
     case 'StagesAccepted': return `${site(item.origin)} now replicates stages ${(e.stages || []).join(', ')}`;
+    case 'JamfPackageSynced': return e.result === 'failed'
+      ? `Jamf Pro record of ${e.name} not written: ${e.detail}`
+      : `Jamf Pro record of ${e.name}${e.record_id ? ` (id ${e.record_id})` : ''}: ${e.action}${e.dry_run ? ' (dry run)' : ''}, ${e.hash_type} ${String(e.hash_value || '').slice(0, 16)}…`;
+    case 'JamfDistributionPointRegistered': return `Jamf Pro distribution point “${e.dp_name}” ${e.action} for ${site(e.site)} (${e.url}, ${e.api} API)`;
+    case 'JamfDriftDetected': return `Jamf Pro ${DRIFT_WORDS[e.kind] || e.kind} for ${e.name}`;
+    case 'JamfDriftCleared': return `Jamf Pro's record of ${e.name} is in sync again`;
     default: return item.type;
   }
 }
@@ -48,5 +57,5 @@ export function summary(item, ctx) {
 // The package an event is about, if any.
 export function packageOf(item) {
   const e = (item.envelope && item.envelope.event) || {};
-  return item.type && item.type.startsWith('Package') ? e.name : null;
+  return item.type && (item.type.startsWith('Package') || (item.type.startsWith('Jamf') && item.type !== 'JamfDistributionPointRegistered')) ? e.name : null;
 }

@@ -134,7 +134,31 @@ export function mount(main, ctx) {
       }
       joinButton.disabled = false;
     });
-    replace(adminSection, h('h2', { id: 'sec-link', class: 'span' }, 'Link sites'), inviteForm, joinForm);
+    replace(adminSection, h('h2', { id: 'sec-link', class: 'span' }, 'Link sites'), inviteForm, joinForm,
+      ctx.state.settings && ctx.state.settings.jamf_configured ? jamfDpForm() : null);
+  }
+
+  // Jamf Pro distribution point records for this site, or every site (POST /api/v1/jamf/distribution-points).
+  function jamfDpForm() {
+    const all = h('input', { type: 'checkbox', id: 'jamf-all-sites' });
+    const out = h('div', { 'aria-live': 'polite' });
+    const button = h('button', { type: 'submit' }, 'Register in Jamf Pro');
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Jamf Pro distribution points'),
+      h('p', { class: 'hint' }, 'Creates or updates a distribution point record with this site’s public URL (HTTPS through the Jamf Pro API, HTTP through the Classic API).'),
+      h('div', { class: 'check' }, all, h('label', { for: all.id }, 'every site of the network')),
+      h('div', { class: 'actions' }, button), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      button.disabled = true;
+      try {
+        const r = await api('POST', '/api/v1/jamf/distribution-points', { all_sites: all.checked });
+        replace(out, messageBox('success', r.distribution_points.map((d) => `${d.name}: ${d.action} (${d.api} API)`).join('; ')));
+      } catch (err) {
+        replace(out, messageBox('error', `Could not register: ${errorText(err)}`));
+      }
+      button.disabled = false;
+    });
+    return form;
   }
 
   async function load() {

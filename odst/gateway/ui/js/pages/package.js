@@ -12,6 +12,9 @@ function chunkSize(n) {
   return n % 1048576 === 0 ? `${n / 1048576} MiB` : fmtBytes(n);
 }
 
+const JAMF_WORDS = { in_sync: 'in sync', hash_differs: 'hash differs', no_record: 'no record', no_file: 'record names a file no site holds', failed: 'not written (retrying)' };
+const JAMF_KIND = { in_sync: 'ok', hash_differs: 'bad', no_record: 'muted', no_file: 'bad', failed: 'bad' };
+
 const STATUS_KIND = { available: 'ok', downloading: 'info', pending: 'info', failed: 'bad', absent: 'muted', skipped: 'muted' };
 
 export function mount(main, ctx, [name]) {
@@ -19,6 +22,7 @@ export function mount(main, ctx, [name]) {
   let pkg = null;
   let transfers = [];
   let history = [];
+  let jamf = null; // Jamf Pro record state (GET /api/v1/jamf/packages/{name}), null when not configured
   let ac = null;
   let poll = null;
 
@@ -90,7 +94,10 @@ export function mount(main, ctx, [name]) {
         h('dt', {}, 'Chunks'), h('dd', {}, `${plural(pkg.chunks.length, 'chunk')} of ${chunkSize(pkg.chunk_size)}`),
         h('dt', {}, 'Uploaded'), h('dd', {}, time(pkg.uploaded_at), pkg.uploaded_by ? ` by ${pkg.uploaded_by}` : '',
           pkg.origin ? ` at ${ctx.siteName(pkg.origin)}` : ''),
-        h('dt', {}, 'Download URL'), h('dd', {}, copyable(downloadUrl(), 'download URL'))),
+        h('dt', {}, 'Download URL'), h('dd', {}, copyable(downloadUrl(), 'download URL')),
+        jamf ? [h('dt', {}, 'Jamf Pro'), h('dd', { 'data-jamf': jamf.state }, pill(JAMF_WORDS[jamf.state] || jamf.state,
+          JAMF_KIND[jamf.state] || 'info'), jamf.record_id ? h('span', { class: 'hint' }, ` record ${jamf.record_id}`) : null,
+          jamf.detail ? h('div', { class: 'hint' }, jamf.detail) : null)] : null),
       h('table', { class: 'hashes' },
         h('caption', {}, 'Hashes', h('span', { class: 'hint' }, ' — in Jamf Pro, use SHA-512 (hash type SHA_512)')),
         h('tbody', {},
@@ -156,15 +163,18 @@ export function mount(main, ctx, [name]) {
     if (ac) ac.abort();
     ac = new AbortController();
     const signal = ac.signal;
-    const [p, s, ev] = await Promise.allSettled([
+    const [p, s, ev, jp] = await Promise.allSettled([
       get(pkgPath(name), { signal }), get('/api/v1/state', { signal }),
-      get('/api/v1/events' + query({ name, limit: 1000 }), { signal })]);
+      get('/api/v1/events' + query({ name, limit: 1000 }), { signal }),
+      ctx.state.settings && ctx.state.settings.jamf_configured
+        ? get(`/api/v1/jamf/packages/${encodeURIComponent(name)}`, { signal }) : Promise.reject(new Error('no Jamf Pro'))]);
     if (signal.aborted) return;
     const problems = [];
     if (p.status === 'fulfilled') pkg = p.value;
     else if (p.reason.status === 404) { pkg = null; problems.push(messageBox('warning', `There is no package named ${name} now: ${errorText(p.reason)}`)); }
     else problems.push(messageBox('error', `Could not load the package: ${errorText(p.reason)}`));
     if (s.status === 'fulfilled') transfers = s.value.transfers || [];
+    jamf = jp.status === 'fulfilled' ? jp.value : null;
     if (ev.status === 'fulfilled') history = ev.value.events;
     else problems.push(messageBox('error', `Could not load the history: ${errorText(ev.reason)}`));
     replace(errors, problems);

@@ -2,7 +2,7 @@
 // event subscribers (NATS credentials), webhooks and email subscriptions.
 
 import { api, get, setCsrfToken } from '../api.js';
-import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
+import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtBinaryBytes, fmtDuration, time, secretBox,
   confirmDialog, formDialog, debounce, pill, uid } from '../dom.js';
 
 const ROLES = ['admin', 'operator', 'auditor'];
@@ -72,7 +72,7 @@ export function mount(main, ctx) {
       ['Download authentication', s.download_auth === 'basic' ? 'user name and password (basic)' : 'none'],
       ['Stages', (s.stages || []).join(', ')], ['Stages replicated here', (s.accepted_stages || []).join(', ') || 'all'],
       ['Default stage', s.default_stage], ['Allowed extensions', (s.allowed_extensions || []).join(', ')],
-      ['Largest upload', `${fmtBytes(s.max_upload_bytes)}`],
+      ['Largest upload', `${fmtBinaryBytes(s.max_upload_bytes)}`],
       ['Mail (SMTP)', smtp.configured ? `${smtp.host}:${smtp.port}${smtp.starttls ? ' with STARTTLS' : ''}, from ${smtp.from}` : 'not configured'],
       ['Directory (LDAP)', ldap.configured ? `${ldap.url}, users under ${ldap.user_base}` : 'not configured (local users only)'],
       ['Directory groups → roles', ldap.configured && ldap.role_map && ldap.role_map.length ? ldap.role_map.join('; ') : '—'],
@@ -84,7 +84,45 @@ export function mount(main, ctx) {
       + (choosable ? ' The stages this site replicates are the exception: an admin chooses them below.' : '')),
     h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
     choosable ? stagesForm(s) : null,
-    isAdmin && ldap.configured ? ldapCheck() : null);
+    isAdmin && ldap.configured ? ldapCheck() : null,
+    s.jamf_configured ? jamfCard(isAdmin) : null);
+  }
+
+  // Jamf Pro: the connection and what ODST keeps there (GET /api/v1/jamf); admins may test it.
+  function jamfCard(canCheck) {
+    const out = h('div', { 'aria-live': 'polite' });
+    const facts = h('dl', { class: 'facts' });
+    const card = h('div', { class: 'card', id: 'jamf-card' }, h('h3', {}, 'Jamf Pro'), facts, out);
+    function show(j) {
+      const c = j.connection || {};
+      replace(facts, [
+        ['Server', `${j.url} (${j.auth === 'oauth' ? 'API client' : 'account'})`],
+        ['Connection', !c.checked ? 'not checked since the site started' : c.ok
+          ? pill(`connected, Jamf Pro ${c.version || ''}`, 'ok') : pill(`failed: ${c.error}`, 'bad')],
+        ['Package records', `for stage ${j.stage}, hash ${j.hash_type}, ${j.quorum ? `once ${j.quorum} sites serve them` : 'once every site replicating it serves them'}`
+          + (j.dry_run ? ' — dry run: nothing is changed in Jamf Pro' : '') + (j.allow_deletes ? '; deletes allowed (records ODST created)' : '; never deleted')],
+        ['Records', Object.entries(j.records || {}).map(([k, n]) => `${n} ${k.replace('_', ' ')}`).join(', ') || 'none yet'],
+        ['Distribution points', (j.distribution_points || []).map((d) => `${d.dp_name} (${d.api})`).join(', ') || 'none registered'],
+      ].map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
+    }
+    get('/api/v1/jamf').then(show).catch((err) => replace(out, messageBox('error', `Could not read the Jamf Pro state: ${errorText(err)}`)));
+    if (canCheck) {
+      const button = h('button', { type: 'button', class: 'secondary' }, 'Check the Jamf Pro connection');
+      button.addEventListener('click', async () => {
+        button.disabled = true;
+        replace(out, messageBox('info', 'Asking Jamf Pro for a token…'));
+        try {
+          const r = await api('POST', '/api/v1/jamf/check-connection');
+          replace(out, messageBox('success', `Connected to Jamf Pro ${r.version} at ${r.url}.`));
+        } catch (err) {
+          replace(out, messageBox('error', `The Jamf Pro connection failed: ${errorText(err)}`));
+        }
+        get('/api/v1/jamf').then(show).catch(() => {});
+        button.disabled = false;
+      });
+      card.insertBefore(h('div', { class: 'actions' }, button), out);
+    }
+    return card;
   }
 
   // The stages this site replicates are the one setting chosen here (a signed event), not in odst.toml.
