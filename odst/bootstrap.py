@@ -235,7 +235,7 @@ def _jamf(site: Site):
 def gateway_context(site: Site) -> GatewayContext:
     """What the gateway's handlers may use of a running site (``create_app`` takes it)."""
     return GatewayContext(
-        id=site.id, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
+        id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,

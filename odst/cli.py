@@ -264,7 +264,7 @@ def cmd_upload(args) -> int:
         print(f"odst: {path} is not a file", file=sys.stderr)
         return 2
     pkg, new = Client(args.server, args.token).upload(path, args.name or path.name, args.stage,
-                                                      progress=not args.quiet)
+                                                      progress=not args.quiet, replace=args.replace)
     out = {k: pkg[k] for k in ("name", "size", "sha1", "sha512", "stage")}
     out["result"] = "uploaded" if new else "identical"  # identical: these bytes were already there
     print(json.dumps(out, indent=2, ensure_ascii=False))
@@ -632,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="package name (default: the file's name)")
     p.add_argument("--stage", help="stage of the package (default: the site's default_stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replace", action="store_true",
+                   help="replace the package of that name with this content (every site keeps serving "
+                        "the old one until it holds the new one; default stage: the package's)")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("packages", help="list the packages of a running site")

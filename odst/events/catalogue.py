@@ -34,6 +34,25 @@ class PackageUploaded(Event, tag=True):
     stage: str = "prod"
 
 
+class PackageReplaced(Event, tag=True):
+    """New content was published at the origin site under an existing name, superseding
+    ``replaces`` (the content current there). ``generation`` is one more than the superseded
+    content's: the highest generation is current, and concurrent replacements of the same
+    content resolve as concurrent uploads do (the earliest wins). Every site keeps serving
+    the content it holds until it holds this one verified (``odst.events.uploads``)."""
+
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: list[str]
+    stage: str
+    replaces: str  # blake3 of the content superseded
+    generation: int
+
+
 class PackageAvailable(Event, tag=True):
     """This site (the envelope's origin) now holds a verified copy of the content.
 
@@ -307,7 +326,8 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
             | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged
-            | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared)
+            | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
+            | PackageReplaced)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -341,4 +361,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     JamfDistributionPointRegistered,
     JamfDriftDetected,
     JamfDriftCleared,
+    PackageReplaced,
 )

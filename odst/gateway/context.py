@@ -30,6 +30,7 @@ from odst.store.files import PackageStore
 @dataclass(frozen=True)
 class GatewayContext:
     id: str  # this site's id
+    roles: frozenset[str]  # the roles this process runs (projector, gateway, replicator)
     settings: Settings
     key: SiteKey  # derives webhook and password-box secrets; signs nothing in the gateway itself
     data: Path  # the data directory (the gateway's lock files and the notification ledger)

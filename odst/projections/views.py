@@ -26,7 +26,9 @@ def package(conn: sqlite3.Connection, name: str) -> dict | None:
         return None
     avail = conn.execute("SELECT * FROM availability WHERE name=? AND blake3=? ORDER BY site",
                          (name, row["blake3"])).fetchall()
-    return _package(row, avail)
+    pkg = _package(row, avail)
+    pkg["serving"] = sites_serving(conn, name)
+    return pkg
 
 
 def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None,
@@ -49,18 +51,34 @@ def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | Non
 
 
 def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | None:
-    """The package row if this site holds a verified copy of its current content."""
+    """The content this site serves under ``name``: the one it holds, which is the current
+    content or, while a replacement is on its way here, the one it replaces (view 'serving')."""
     return conn.execute(
-        "SELECT p.name, p.size, p.blake3, p.sha1, p.uploaded_at FROM packages p JOIN availability a"
-        " ON a.name=p.name AND a.blake3=p.blake3 AND a.site=? AND a.status='available'"
-        " WHERE p.name=?", (site, name)).fetchone()
+        "SELECT c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM serving s JOIN contents c"
+        " ON c.name=s.name AND c.blake3=s.blake3 WHERE s.name=? AND s.site=?", (name, site)).fetchone()
+
+
+def served_content(conn: sqlite3.Connection, name: str, blake3: str) -> sqlite3.Row | None:
+    """A content of ``name`` that some site may still serve (not deleted, the name not gone):
+    what a download names by the identity of the file it opened (``store.files.content_tag``)."""
+    return conn.execute(
+        "SELECT c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM contents c"
+        " WHERE c.name=? AND c.blake3=? AND EXISTS (SELECT 1 FROM live_contents l WHERE l.name=c.name)"
+        " AND NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.name=c.name AND t.blake3=c.blake3"
+        " AND t.clock >= c.last_clock)", (name, blake3)).fetchone()
+
+
+def sites_serving(conn: sqlite3.Connection, name: str) -> dict[str, str]:
+    """site -> blake3 of the content each (not removed) site serves under ``name``: during a
+    replacement, the old content until that site swapped to the new one."""
+    return {r[0]: r[1] for r in conn.execute(
+        "SELECT site, blake3 FROM serving WHERE name=? AND site NOT IN (SELECT site FROM removals)"
+        " ORDER BY site", (name,))}
 
 
 def published_names(conn: sqlite3.Connection, site: str) -> set[str]:
-    """Names whose current content this site holds: the files packages/ should contain."""
-    return {r[0] for r in conn.execute(
-        "SELECT p.name FROM packages p JOIN availability a ON a.name=p.name AND a.blake3=p.blake3"
-        " AND a.site=? AND a.status='available'", (site,))}
+    """Names whose content this site serves: the files packages/ should contain."""
+    return {r[0] for r in conn.execute("SELECT name FROM serving WHERE site=?", (site,))}
 
 
 def conflicts(conn: sqlite3.Connection) -> list[dict]:
@@ -147,25 +165,26 @@ def count(conn: sqlite3.Connection, table: str) -> int:
 def local_content(conn: sqlite3.Connection, blake3: str, site: str) -> sqlite3.Row | None:
     """A live content held here with this blake3 (any name), for serving chunks to peers."""
     return conn.execute(
-        "SELECT c.name, c.size, c.chunk_size FROM live_contents c JOIN availability a"
-        " ON a.name=c.name AND a.blake3=c.blake3 AND a.site=? AND a.status='available'"
+        "SELECT c.name, c.size, c.chunk_size FROM live_contents c JOIN serving s"
+        " ON s.name=c.name AND s.blake3=c.blake3 AND s.site=?"
         " WHERE c.blake3=? LIMIT 1", (site, blake3)).fetchone()
 
 
 def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
-    """Current packages in an accepted stage that this site does not hold yet."""
+    """Current packages in an accepted stage that this site does not serve yet."""
     marks = ",".join("?" * len(stages))
     return conn.execute(
-        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("
-        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.blake3=p.blake3 AND a.site=?"
-        " AND a.status='available') ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
+        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("  # the view 'serving', unrolled
+        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.site=? AND a.status='available'"
+        " AND a.blake3=p.blake3 AND a.clock = (SELECT max(b.clock) FROM availability b WHERE b.name=p.name"
+        " AND b.site=a.site AND b.status='available')) ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
-    """Other trusted sites that hold a verified copy of this content."""
+    """Other trusted sites that serve a verified copy of this content under this name."""
     return [r[0] for r in conn.execute(
-        "SELECT a.site FROM availability a WHERE a.name=? AND a.blake3=? AND a.status='available'"
-        " AND a.site<>? AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site",
+        "SELECT s.site FROM serving s WHERE s.name=? AND s.blake3=?"
+        " AND s.site<>? AND s.site NOT IN (SELECT site FROM removals) ORDER BY s.site",
         (name, blake3, site))]
 
 
@@ -200,19 +219,17 @@ def site_chain(conn: sqlite3.Connection, site: str) -> sqlite3.Row | None:
 def replicated_state(conn: sqlite3.Connection) -> list[list]:
     """What every converged site agrees on: per current package, its content, stage and holders."""
     holders: dict[tuple[str, str], list[str]] = {}
-    for a in conn.execute("SELECT a.name, a.blake3, a.site FROM availability a JOIN packages p"
-                          " ON p.name=a.name AND p.blake3=a.blake3 WHERE a.status='available'"
-                          " AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site"):
+    for a in conn.execute("SELECT s.name, s.blake3, s.site FROM serving s JOIN packages p"
+                          " ON p.name=s.name AND p.blake3=s.blake3"
+                          " WHERE s.site NOT IN (SELECT site FROM removals) ORDER BY s.site"):
         holders.setdefault((a[0], a[1]), []).append(a[2])
     return [[r["name"], r["blake3"], r["stage"], holders.get((r["name"], r["blake3"]), [])]
             for r in conn.execute("SELECT name, blake3, stage FROM packages ORDER BY name")]
 
 
 def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
-    """name -> blake3 of the content this site has said it holds under that name, if still live."""
-    return {r[0]: r[1] for r in conn.execute(
-        "SELECT a.name, a.blake3 FROM availability a JOIN live_contents c ON c.name=a.name"
-        " AND c.blake3=a.blake3 WHERE a.site=? AND a.status='available'", (site,))}
+    """name -> blake3 of the content this site has said it holds (serves) under that name."""
+    return dict(conn.execute("SELECT name, blake3 FROM serving WHERE site=?", (site,)).fetchall())
 
 
 def live_names(conn: sqlite3.Connection) -> set[str]:

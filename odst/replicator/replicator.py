@@ -39,6 +39,7 @@ from odst.projections.status import ProjectionStatus
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
 from odst.store.files import PackageStore
+from odst.store.files import tag
 
 log = structlog.get_logger("odst.replicator")
 
@@ -323,6 +324,7 @@ class Replicator:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
+        tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
         with self.store.publishing(want.name):
             self.store.replace(path, want.name)
             await self.append(ev.PackageAvailable(

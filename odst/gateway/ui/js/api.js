@@ -88,10 +88,10 @@ export function query(params) {
 export const pkgPath = (name) => `/api/v1/packages/${encodeURIComponent(name)}`;
 
 // PUT the File object itself: the browser streams it from disk, it is never read into memory.
-export function uploadFile({ name, file, stage, onProgress, onSent }) {
+export function uploadFile({ name, file, stage, replace = false, onProgress, onSent }) {
   const xhr = new XMLHttpRequest();
   const promise = new Promise((resolve, reject) => {
-    xhr.open('PUT', pkgPath(name) + query({ stage }));
+    xhr.open('PUT', pkgPath(name) + query({ stage, replace: replace ? 'true' : undefined }));
     xhr.setRequestHeader('Content-Type', 'application/octet-stream');
     xhr.setRequestHeader('Accept', 'application/json');
     if (csrfToken) xhr.setRequestHeader('X-CSRF-Token', csrfToken);

@@ -8,7 +8,7 @@ export const EVENT_TYPES = [
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
-  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared',
+  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced',
 ];
 
 const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
@@ -19,6 +19,7 @@ export function summary(item, ctx) {
   switch (item.type) {
     case 'SiteFounded': return `Site ${e.name ? `${e.name} ` : ''}(${e.site}) founded`;
     case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
+    case 'PackageReplaced': return `Replaced ${e.name} with new content (${fmtBytes(e.size)}, version ${e.generation + 1}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
     case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;

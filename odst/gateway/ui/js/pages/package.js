@@ -1,7 +1,8 @@
 // One package: manifest and hashes (SHA1 and SHA-512 are what Jamf Pro needs), availability and
-// replication progress per site, and its history from the event log.
+// replication progress per site, which version each site serves during a replacement (the
+// cutover), and its history from the event log.
 
-import { api, get, pkgPath, query } from '../api.js';
+import { api, get, pkgPath, query, uploadFile } from '../api.js';
 import { h, append, replace, messageBox, announce, errorText, fmtBytes, fmtRate, time, copyable, select,
   confirmDialog, debounce, plural, pill } from '../dom.js';
 import { summary, packageOf } from '../eventtext.js';
@@ -72,7 +73,46 @@ export function mount(main, ctx, [name]) {
         announce(`Could not delete ${name}: ${errorText(err)}`, 'error');
       }
     });
-    replace(actions, h('label', { for: 'detail-stage' }, 'Stage'), stageSelect, del);
+    replace(actions, h('label', { for: 'detail-stage' }, 'Stage'), stageSelect, replaceButton(), del);
+  }
+
+  // Replace: new content under the same name. Every site keeps serving the current version
+  // until it holds the new one verified, then swaps; the Availability table shows the cutover.
+  let replacing = null;
+  function replaceButton() {
+    const input = h('input', { type: 'file', hidden: true, 'aria-label': `New content for ${name}` });
+    const button = h('button', { type: 'button', class: 'secondary', 'aria-label': `Replace ${name}` },
+      replacing ? `Replacing… ${replacing.percent} %` : 'Replace…');
+    button.disabled = !!replacing;
+    button.addEventListener('click', () => input.click());
+    input.addEventListener('change', async () => {
+      const file = input.files && input.files[0];
+      if (!file) return;
+      const ok = await confirmDialog({ title: 'Replace package?', confirm: 'Replace',
+        body: h('div', {},
+          h('p', {}, 'Replace ', h('strong', { class: 'break' }, name), ` (${fmtBytes(pkg.size)}) with `,
+            h('strong', { class: 'break' }, file.name), ` (${fmtBytes(file.size)}), in stage ${pkg.stage}?`),
+          h('p', { class: 'hint' }, 'Every site keeps serving the current version until it holds the new one '
+            + 'verified, then switches over; Macs never get an error or a mix of both. The history keeps both versions.')) });
+      if (!ok) { button.focus(); return; }
+      replacing = { percent: 0 };
+      renderActions();
+      const job = uploadFile({ name, file, replace: true,
+        onProgress(loaded, total) {
+          const percent = total ? Math.floor((100 * loaded) / total) : 0;
+          if (replacing && percent !== replacing.percent) { replacing.percent = percent; renderActions(); }
+        } });
+      try {
+        const result = await job.promise;
+        pkg = result.package;
+        announce(result.status === 200 ? `${name} already has this content.` : `Replaced ${name}; the sites switch over as they receive it.`, 'success');
+      } catch (err) {
+        announce(`Could not replace ${name}: ${errorText(err)}`, 'error');
+      }
+      replacing = null;
+      load().catch(() => {});
+    });
+    return h('span', {}, input, button);
   }
 
   function renderManifest() {
@@ -133,16 +173,29 @@ export function mount(main, ctx, [name]) {
           s.name ? h('div', { class: 'hint mono' }, s.site) : null),
         h('td', {}, pill(words, STATUS_KIND[status] || 'info')),
         h('td', {}, progress),
+        h('td', {}, servingCell(s.site)),
         h('td', {}, a.updated_at ? time(a.updated_at) : '—'));
     });
     const held = known.filter((s) => siteStatus(pkg, s.site).status === 'available').length;
     const expected = known.filter((s) => wants(s, pkg) || siteStatus(pkg, s.site).status === 'available').length;
+    const serving = Object.values(pkg.serving || {});
+    const old = serving.filter((b3) => b3 !== pkg.blake3).length;
     replace(availability,
       h('h2', { id: 'sec-availability' }, `Availability: ${held}/${plural(expected, 'site')}`),
+      old ? h('p', { class: 'hint', role: 'status' }, `Replacement in progress: ${old === 1 ? 'one site serves' : `${old} sites serve`} `
+        + `the previous version until ${old === 1 ? 'it holds' : 'they hold'} this one.`) : null,
       expected < known.length ? h('p', { class: 'hint' }, `${known.length - expected === 1 ? 'One site does' : `${known.length - expected} sites do`} not replicate stage ${pkg.stage}.`) : null,
       h('table', {}, h('caption', { class: 'sr-only' }, 'Availability and replication per site'),
-        h('thead', {}, h('tr', {}, ['Site', 'Status', 'Replication', 'Updated'].map((c) => h('th', { scope: 'col' }, c)))),
+        h('thead', {}, h('tr', {}, ['Site', 'Status', 'Replication', 'Serves', 'Updated'].map((c) => h('th', { scope: 'col' }, c)))),
         h('tbody', {}, rows)));
+  }
+
+  // Which version a site serves to Macs: this one, or the one it replaces until it has swapped.
+  function servingCell(site) {
+    const b3 = (pkg.serving || {})[site];
+    if (!b3) return '—';
+    if (b3 === pkg.blake3) return pill('this version', 'ok');
+    return h('span', {}, pill('previous version', 'info'), h('span', { class: 'hint mono' }, ` ${b3.slice(0, 12)}…`));
   }
 
   function renderHistory() {
