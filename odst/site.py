@@ -65,6 +65,8 @@ class Site:
         self.linker = None
         self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
+        self.integrity = None  # replicator role: the one re-check of stored files (odst.replicator.integrity)
+        self.healers: list = []  # the background Scrubber and RejectionWatch (odst.replicator.scrub)
         self.chunk_server = None
         self.registration = None
         self.notifier = None
@@ -239,6 +241,8 @@ class Site:
             await self.notifier.stop()
         if self.guard:
             await self.guard.stop()
+        for healer in self.healers:
+            await healer.stop()
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):

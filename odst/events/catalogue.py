@@ -82,6 +82,30 @@ class PackageTransferFailed(Event, tag=True):
     reason: str
 
 
+class ChunkRejected(Event, tag=True):
+    """This site (the envelope's origin) dropped a chunk ``source`` served it: the chunk
+    failed its SHA1. A report, not a verdict: ``source`` re-checks its own copy when it
+    sees this in its mirror of this log, and acts only on what it finds itself."""
+
+    source: str
+    name: str
+    blake3: str
+    chunk: int
+    reason: str = ""
+
+
+class PackageDamaged(Event, tag=True):
+    """This site's stored copy of a content failed its own re-check (a scrub, ``odst
+    verify``, or a re-check a peer's ChunkRejected asked for): it is out of service here
+    (downloads answer 503, peers are not sent its chunks) until a verified copy is pulled
+    from a peer and PackageAvailable says so."""
+
+    name: str
+    blake3: str
+    reason: str
+    found_by: str = ""  # scrub | verify | report
+
+
 class PackageStaged(Event, tag=True):
     """A package's stage changed (e.g. promoted from test to prod)."""
 
@@ -309,7 +333,7 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
-            | NatsCredentialCreated | NatsCredentialRevoked
+            | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged
             | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
             | PackageReplaced | SiteRenamed)
 
@@ -339,6 +363,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     NatsCredentialRevoked,
     PeerLogDiverged,
     PeerLogRestored,
+    ChunkRejected,
+    PackageDamaged,
     JamfPackageSynced,
     JamfDistributionPointRegistered,
     JamfDriftDetected,

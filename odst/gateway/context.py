@@ -21,6 +21,7 @@ from odst.peering.registration import Registrar
 from odst.projections.appender import Append
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
+from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
 from odst.replicator.transport import ChunkServer
 from odst.stats import SiteStats
@@ -50,6 +51,7 @@ class GatewayContext:
     chunk_server: ChunkServer
     metrics: MetricSources
     jamf: Any = None  # odst.jamf.sync.JamfService when jamf_url is set
+    integrity: Integrity | None = None  # replicator role: re-checks (odst verify runs them here too)
 
     @property
     def name(self) -> str:

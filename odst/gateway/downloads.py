@@ -21,6 +21,7 @@ from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_
                                  parse_range)
 
 BLOCK = 1 << 20
+REPAIR_RETRY_AFTER_S = 60  # Retry-After of a 503 for a package out of service here (odst.replicator.integrity)
 
 
 def _headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -93,6 +94,11 @@ def make_download_app(site, prefixes: list[str]):
         if not _authorised(site.settings, headers):
             await _simple(send, 401, "authentication required\n",
                           [("www-authenticate", 'Basic realm="ODST distribution point"')])
+            return
+        if views.is_damaged(site.reader, name, site.id):  # never bad bytes (nor an older version): retry later
+            await _simple(send, 503, "this site's copy failed its integrity check and is out of service until "
+                                     "a verified copy is back; try again later\n",
+                          [("retry-after", str(REPAIR_RETRY_AFTER_S))])
             return
         row = views.servable(site.reader, name, site.id)
         if row is None:

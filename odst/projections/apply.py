@@ -235,6 +235,12 @@ def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
     _available(c, e.name, e.blake3, env.origin, "available", "", at)
+    _repaired(c, e.name, e.blake3, env.origin, at)
+
+
+def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
+    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
+    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?", (name, blake3, site, at))
 
 
 def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
@@ -258,6 +264,17 @@ def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
     _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
+    _repaired(c, e.name, e.blake3, env.origin, clock(env.ts, env.origin))
+
+
+def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
+    """Out of service at its origin until that site's next PackageAvailable of the content."""
+    at = clock(env.ts, env.origin)
+    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
+    c.execute("INSERT INTO damaged(name, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name, blake3, site) DO UPDATE SET reason=excluded.reason,"
+              " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
+              (e.name, e.blake3, env.origin, e.reason, e.found_by, at))
 
 
 def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, writer) -> None:
@@ -446,6 +463,7 @@ _HANDLERS = {
     ev.PackageAvailable: _package_available,
     ev.PackageReplaced: _package_replaced,
     ev.PackageTransferFailed: _package_transfer_failed,
+    ev.PackageDamaged: _package_damaged,
     ev.PackageStaged: _package_staged,
     ev.PackageDeleted: _package_deleted,
     ev.PeerInvited: _peer_invited,

@@ -386,3 +386,46 @@ def recorded(conn: sqlite3.Connection, stream: str, origin: str):
                           (origin, seq, stream)).fetchone() if seq else None
         marks.append(Landmark(ev[0], bytes(ev[1])) if ev else None)
     return Recorded(checkpoint=row[0] if row else 0, first=marks[0], last=marks[1])
+
+
+def damaged(conn: sqlite3.Connection, site: str) -> list[dict]:
+    """Current packages this site found damaged in its own store and has not repaired yet
+    (out of service here), with whether any other site holds a verified copy to repair from."""
+    rows = conn.execute(
+        "SELECT d.name, d.blake3, d.reason, d.found_by, d.clock FROM damaged d JOIN packages p"
+        " ON p.name=d.name AND p.blake3=d.blake3 WHERE d.site=? ORDER BY d.name", (site,)).fetchall()
+    return [{"name": r["name"], "blake3": r["blake3"], "reason": r["reason"], "found_by": r["found_by"],
+             "found_at": int(r["clock"][:15]), "sources": sources(conn, r["name"], r["blake3"], site)}
+            for r in rows]
+
+
+def is_damaged(conn: sqlite3.Connection, name: str, site: str) -> bool:
+    """Is the current content of ``name`` out of service here, awaiting repair?"""
+    return conn.execute(
+        "SELECT 1 FROM damaged d JOIN packages p ON p.name=d.name AND p.blake3=d.blake3"
+        " WHERE d.name=? AND d.site=?", (name, site)).fetchone() is not None
+
+
+def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
+                     limit: int = 500) -> tuple[list[dict], int]:
+    """Peers' ChunkRejected events naming ``site`` as the source, after event ``position``
+    (reporter, when, and the event's fields, verified when they were folded), and the
+    position to read on from."""
+    out, upto = [], last_position(conn)  # read first: every event up to it is visible below
+    rows = conn.execute("SELECT position, origin, ts, payload FROM events WHERE type='ChunkRejected'"
+                        " AND position > ? AND position <= ? AND origin <> ? ORDER BY position LIMIT ?",
+                        (after, upto, site, limit)).fetchall()
+    last = rows[-1]["position"] if len(rows) == limit else upto
+    for r in rows:
+        e = codec.decode_body(codec.unverified_body(bytes(r["payload"]))).event
+        if e.source == site:
+            out.append({"position": r["position"], "reporter": r["origin"], "ts": r["ts"], "name": e.name,
+                        "blake3": e.blake3, "chunk": e.chunk, "reason": e.reason})
+    return out, last
+
+
+def held_since(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> int | None:
+    """When this site last said it holds a verified copy of this content (ms), if it does now."""
+    row = conn.execute("SELECT clock FROM availability WHERE name=? AND blake3=? AND site=?"
+                       " AND status='available'", (name, blake3, site)).fetchone()
+    return int(row[0][:15]) if row else None

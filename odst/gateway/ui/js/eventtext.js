@@ -7,7 +7,7 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
-  'NatsCredentialCreated', 'NatsCredentialRevoked',
+  'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
   'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed',
 ];
 
@@ -22,6 +22,8 @@ export function summary(item, ctx) {
     case 'PackageReplaced': return `Replaced ${e.name} with new content (${fmtBytes(e.size)}, version ${e.generation + 1}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
+    case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
+    case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
