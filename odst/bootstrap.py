@@ -50,7 +50,9 @@ from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
 from odst.replicator.bandwidth import Bandwidth, site_timezone
+from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
+from odst.replicator.scrub import RejectionWatch, Scrubber
 from odst.replicator.transport import ChunkServer
 from odst.site import ALL_ROLES, Site
 
@@ -158,6 +160,14 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
                                      append=append, projection=projection,
                                      settings=settings, replicas=events.replicas, bandwidth=site.bandwidth)
         await site.replicator.start()
+        site.integrity = Integrity(reader=reader, store=site.store, site_id=site_id, append=append,
+                                   kick=site.replicator.kick)
+        site.healers = [
+            Scrubber(integrity=site.integrity, reader=reader, site_id=site_id, store_root=settings.store_dir,
+                     period_s=settings.scrub_period_s, min_rate=settings.scrub_min_rate,
+                     max_rate=settings.scrub_max_rate).start(),
+            RejectionWatch(integrity=site.integrity, reader=reader, site_id=site_id,
+                           wait_changed=projection.wait_changed, rate=settings.scrub_max_rate).start()]
     site.registrar = Registrar(site_id=site_id, key=key, settings=settings, reader=reader, append=append,
                                nc=nc, admit_applicant=site.admit_applicant)
     if "gateway" in roles:
@@ -230,15 +240,16 @@ def gateway_context(site: Site) -> GatewayContext:
     """What the gateway's handlers may use of a running site (``create_app`` takes it)."""
     gate = DownloadGate(site.bandwidth.download_caps)  # this gateway process's download caps
     return GatewayContext(
-        id=site.id, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
+        id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
-        replicator=site.replicator, chunk_server=site.chunk_server,
+        replicator=site.replicator, chunk_server=site.chunk_server, integrity=site.integrity,
         bandwidth=site.bandwidth, download_gate=gate,
         metrics=MetricSources(site_id=site.id, reader=site.reader, stats=site.stats, projection=site.projection,
                               log_watch=site.log_watch, linker=site.linker, replicator=site.replicator,
-                              chunk_server=site.chunk_server, bandwidth=site.bandwidth, download_gate=gate))
+                              chunk_server=site.chunk_server, integrity=site.integrity,
+                              store_root=site.settings.store_dir, bandwidth=site.bandwidth, download_gate=gate))
 
 
 async def _bootstrap_admin_token(site: Site) -> None:

@@ -15,7 +15,7 @@ from odst.bus.embedded import _set_pdeathsig
 from odst.bus.external import NatsConfigError, write_nats_config
 from odst.bus.identity import write_secret
 from odst.client import Client, ClientError
-from odst.config import ConfigError, load
+from odst.config import ConfigError, load, settings_env
 from odst.datadir import SiteBusy, key_path
 from odst.events.signing import SiteKey
 from odst.logs import configure
@@ -203,7 +203,8 @@ def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
 
     cmd = [sys.executable, "-m", "odst", "gateway", "--data", str(settings.data), "--nats", nats_url,
            "--http", settings.http]
-    env = {**os.environ, "ODST_HTTP_WORKERS": "1"}
+    # the helpers run with this process's settings (flags included: --site-name, --context, ...)
+    env = {**os.environ, **settings_env(settings), "ODST_HTTP_WORKERS": "1"}
     return [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
             for _ in range(n)]
 
@@ -264,7 +265,7 @@ def cmd_upload(args) -> int:
         print(f"odst: {path} is not a file", file=sys.stderr)
         return 2
     pkg, new = Client(args.server, args.token).upload(path, args.name or path.name, args.stage,
-                                                      progress=not args.quiet)
+                                                      progress=not args.quiet, replace=args.replace)
     out = {k: pkg[k] for k in ("name", "size", "sha1", "sha512", "stage")}
     out["result"] = "uploaded" if new else "identical"  # identical: these bytes were already there
     print(json.dumps(out, indent=2, ensure_ascii=False))
@@ -632,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="package name (default: the file's name)")
     p.add_argument("--stage", help="stage of the package (default: the site's default_stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replace", action="store_true",
+                   help="replace the package of that name with this content (every site keeps serving "
+                        "the old one until it holds the new one; default stage: the package's)")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("packages", help="list the packages of a running site")

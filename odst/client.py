@@ -45,7 +45,8 @@ class Client:
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach {self.server}: {exc}") from None
 
-    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True) -> tuple[dict, bool]:
+    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True,
+               replace: bool = False) -> tuple[dict, bool]:
         """Stream the file up; the package as the site records it, and whether the content was new
         (201) or the same bytes were already there under this name (200)."""
         size = path.stat().st_size
@@ -64,6 +65,8 @@ class Client:
                 sys.stderr.write("\n")
 
         params = {"stage": stage} if stage else {}
+        if replace:
+            params["replace"] = "true"
         try:
             r = self.http.put(f"/api/v1/packages/{quote(name, safe='')}", content=body(),
                               params=params, headers={"Content-Length": str(size),

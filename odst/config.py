@@ -41,6 +41,9 @@ class Settings:
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
+    scrub_period_s: int = 7 * 86400  # the background scrub re-hashes the whole store once this often; 0: off
+    scrub_min_rate: int = 4 << 20  # bytes/s the scrub reads at least (a small store is done quickly)
+    scrub_max_rate: int = 64 << 20  # bytes/s it reads at most (also the pace of a re-check a peer's report asks for)
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])
@@ -183,6 +186,10 @@ class Settings:
             raise ConfigError("ldap_recheck_s must be at least 1")
         if not 0 < self.ldap_timeout_s <= 120:
             raise ConfigError("ldap_timeout_s must be more than 0 and at most 120")
+        if self.scrub_period_s < 0:
+            raise ConfigError("scrub_period_s must be 0 (no background scrub) or more")
+        if not 1 <= self.scrub_min_rate <= self.scrub_max_rate:
+            raise ConfigError("scrub_min_rate must be at least 1 and at most scrub_max_rate (bytes per second)")
         if self.jamf_url:
             if not self.jamf_url.startswith(("https://", "http://")):
                 raise ConfigError(f"jamf_url must start with https:// (or http://), got {self.jamf_url!r}")
@@ -245,6 +252,20 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if target in ("Path", Path) and not isinstance(value, Path):
         return Path(value)
     return value
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ODST_* environment that makes ``load`` give these settings back (a process started
+    by this one, such as ``odst serve``'s extra gateway processes, runs with the same choices)."""
+    out = {}
+    for f in fields(Settings):
+        v = getattr(settings, f.name)
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        out[f"ODST_{f.name.upper()}"] = str(v)
+    return out
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

@@ -65,6 +65,8 @@ class Site:
         self.linker = None
         self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
+        self.integrity = None  # replicator role: the one re-check of stored files (odst.replicator.integrity)
+        self.healers: list = []  # the background Scrubber and RejectionWatch (odst.replicator.scrub)
         self.chunk_server = None
         self.bandwidth = None  # odst.replicator.bandwidth.Bandwidth: link limits, download caps
         self.registration = None
@@ -82,6 +84,12 @@ class Site:
     @property
     def id(self) -> str:
         return self.key.site_id
+
+    @property
+    def name(self) -> str:
+        """This site's name: its last SiteRenamed, else the site_name setting."""
+        return views.site_name(self.reader, self.id, self.settings) if self.reader is not None \
+            else self.settings.site_name
 
     def external_seed(self) -> str | None:
         """The credential for a NATS server ODST does not run: ``nats_credentials``, else the
@@ -234,6 +242,8 @@ class Site:
             await self.notifier.stop()
         if self.guard:
             await self.guard.stop()
+        for healer in self.healers:
+            await healer.stop()
         if self.replicator:
             await self.replicator.stop()
         for service in (self.chunk_server, self.registration):

@@ -19,7 +19,9 @@ from odst.gateway.metrics import MetricSources
 from odst.peering.mirrors import Linker
 from odst.peering.registration import Registrar
 from odst.projections.appender import Append
+from odst.projections import views
 from odst.projections.status import ProjectionStatus
+from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
 from odst.replicator.transport import ChunkServer
 from odst.stats import SiteStats
@@ -29,6 +31,7 @@ from odst.store.files import PackageStore
 @dataclass(frozen=True)
 class GatewayContext:
     id: str  # this site's id
+    roles: frozenset[str]  # the roles this process runs (projector, gateway, replicator)
     settings: Settings
     key: SiteKey  # derives webhook and password-box secrets; signs nothing in the gateway itself
     data: Path  # the data directory (the gateway's lock files and the notification ledger)
@@ -50,3 +53,9 @@ class GatewayContext:
     jamf: Any = None  # odst.jamf.sync.JamfService when jamf_url is set
     bandwidth: Any = None  # odst.replicator.bandwidth.Bandwidth: link limits, urgency, download caps
     download_gate: Any = None  # odst.gateway.egress.DownloadGate: caps on Mac downloads
+    integrity: Integrity | None = None  # replicator role: re-checks (odst verify runs them here too)
+
+    @property
+    def name(self) -> str:
+        """This site's name: its last SiteRenamed, else the site_name setting."""
+        return views.site_name(self.reader, self.id, self.settings)

@@ -44,8 +44,11 @@ class EventController(Controller):
 
     @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})
     async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
-                            type: str | None = None) -> ServerSentEvent:
-        """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live."""
+                            type: str | None = None, brief: bool = False) -> ServerSentEvent:
+        """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live.
+
+        ``brief=true`` leaves out what a live view does not need: the signed bytes and a
+        manifest's chunk hashes (``chunk_count`` instead); ``GET /api/v1/events`` has them."""
         site: GatewayContext = request.app.state.site
         last_id = ascii_int(request.headers.get("last-event-id"))  # malformed: start from now
         position = after if after is not None else last_id if last_id is not None else \
@@ -58,7 +61,8 @@ class EventController(Controller):
                 batch = views.events(site.reader, after=position, limit=500, type_=type)
                 for e in batch:
                     position = e["position"]
-                    yield ServerSentEventMessage(data=json.dumps(e), event=e["type"], id=position)
+                    yield ServerSentEventMessage(data=json.dumps(_brief(e) if brief else e), event=e["type"],
+                                                 id=position)
                 if batch:
                     continue
                 if not await _idle(site, KEEPALIVE_S):
@@ -86,12 +90,23 @@ class EventController(Controller):
     async def get_site(self, request: Request) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         row = site.reader.execute("SELECT * FROM sites WHERE site=?", (site.id,)).fetchone()
-        return {"site": site.id, "name": site.settings.site_name, "public_key": site.key.public_key.hex(),
+        return {"site": site.id, "name": site.name, "public_key": site.key.public_key.hex(),
                 "last_seq": row["last_seq"] if row else 0, "context": site.settings.context,
                 "stages": site.settings.stages,
                 "packages": views.count(site.reader, "packages"),
                 "events": views.count(site.reader, "events"),
                 "quarantined": views.count(site.reader, "quarantine")}
+
+
+def _brief(e: dict) -> dict:
+    """An event as the live feed of a page needs it: no signature, no chunk list."""
+    out = {k: v for k, v in e.items() if k != "signed"}
+    event = (e.get("envelope") or {}).get("event")
+    if isinstance(event, dict) and "chunks" in event:
+        out["envelope"] = {**e["envelope"], "event": {**{k: v for k, v in event.items() if k != "chunks"},
+                                                      "chunk_count": len(event["chunks"])}}
+    out["brief"] = True
+    return out
 
 
 async def _idle(site: GatewayContext, timeout: float) -> bool:

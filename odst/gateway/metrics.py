@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -13,7 +14,9 @@ from odst.events.watch import LogWatch, log_watch_metrics
 from odst.peering.mirrors import Linker
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
+from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
+from odst.replicator.scrub import read_status
 from odst.replicator.transport import ChunkServer
 from odst.stats import SiteStats
 
@@ -32,6 +35,8 @@ class MetricSources:
     chunk_server: ChunkServer | None
     bandwidth: Any = None  # odst.replicator.bandwidth.Bandwidth
     download_gate: Any = None  # odst.gateway.egress.DownloadGate
+    integrity: Integrity | None = None  # re-check counts (the replicator role)
+    store_root: Path | None = None  # where the scrub keeps its state (any process may read it)
 
 
 class SiteCollector:
@@ -104,6 +109,7 @@ class SiteCollector:
                                 value=site.reader.execute(
                                     "SELECT count(*) FROM quarantine WHERE kind='quarantined'").fetchone()[0])
         yield GaugeMetricFamily("odst_packages", "Current packages", value=views.count(site.reader, "packages"))
+        yield from scrub_metrics(site)
         yield from log_watch_metrics(site.log_watch, site.reader)
         yield from bandwidth_metrics(site)
 
@@ -152,3 +158,27 @@ def make_metrics(site: MetricSources):
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
     return render
+
+
+def scrub_metrics(site: MetricSources):
+    """The background scrub (its state file, shared by the site's processes) and re-checks."""
+    scrub = read_status(site.store_root) if site.store_root is not None else {}
+    yield CounterMetricFamily("odst_scrub_bytes", "Bytes of stored packages the background scrub re-hashed",
+                              value=scrub.get("bytes_total", 0))
+    yield CounterMetricFamily("odst_scrub_damaged_found", "Damaged or missing files the scrub found",
+                              value=scrub.get("damaged_total", 0))
+    yield GaugeMetricFamily("odst_scrub_last_full_pass_timestamp_seconds",
+                            "When the scrub last finished a pass over the whole store (0: not yet)",
+                            value=scrub.get("last_full_pass", 0))
+    yield GaugeMetricFamily("odst_scrub_rate_bytes", "Bytes per second the scrub reads at (this pass)",
+                            value=scrub.get("rate", 0))
+    total = scrub.get("pass_total", 0)
+    yield GaugeMetricFamily("odst_scrub_pass_progress", "Share of the pass in progress done (0..1)",
+                            value=min(1.0, scrub.get("pass_bytes", 0) / total) if total and scrub.get("cursor") else 0)
+    yield GaugeMetricFamily("odst_packages_damaged", "Packages out of service here: damaged, awaiting repair",
+                            value=len(views.damaged(site.reader, site.site_id)))
+    c = CounterMetricFamily("odst_integrity_rechecks", "Re-checks of stored packages, by trigger and result",
+                            labels=["trigger", "result"])
+    for (trigger, result), n in sorted((site.integrity.rechecks if site.integrity else {}).items()):
+        c.add_metric([trigger, result], n)
+    yield c

@@ -20,6 +20,7 @@ from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
 from odst.replicator.bandwidth import LinkThrottled
+from odst.replicator.scrub import read_status
 from odst.replicator.transport import ChunkUnavailable
 from odst.gateway.context import GatewayContext
 
@@ -83,6 +84,17 @@ class PeerController(Controller):
         """Re-hash every stored package; take damaged ones out of service and repair them from peers."""
         site: GatewayContext = request.app.state.site
         return await integrity.verify_store(site, actor=request.state.actor, repair=repair)
+
+    @get("/integrity", operation_id="getIntegrity", opt={"roles": READ})
+    async def integrity_status(self, request: Request) -> dict[str, Any]:
+        """The background scrub's progress and the packages out of service here, awaiting repair."""
+        site: GatewayContext = request.app.state.site
+        st = site.settings
+        return {"scrub": {**read_status(st.store_dir), "period_s": st.scrub_period_s,
+                          "min_rate": st.scrub_min_rate, "max_rate": st.scrub_max_rate},
+                "damaged": views.damaged(site.reader, site.id),
+                "rechecks": [{"trigger": t, "result": r, "count": n}
+                             for (t, r), n in sorted((site.integrity.rechecks if site.integrity else {}).items())]}
 
     @get("/state", operation_id="getState", opt={"roles": READ})
     async def state(self, request: Request) -> dict[str, Any]:

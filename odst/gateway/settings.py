@@ -3,6 +3,7 @@ check of the LDAP settings. Settings from odst.toml / ODST_* are read-only here.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import msgspec
@@ -21,11 +22,30 @@ class StagesChoice(msgspec.Struct, forbid_unknown_fields=True):
     stages: list[str]
 
 
+class SiteNameChoice(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+SITE_NAME_MAX = 100
+
+
+def check_site_name(name: str) -> str:
+    """A site name as admins type it: trimmed, 1 to 100 characters, no control or format characters."""
+    name = name.strip()
+    if not name or len(name) > SITE_NAME_MAX or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                                                    for c in name):
+        raise RequestInvalid(f"a site name is 1 to {SITE_NAME_MAX} characters without control characters")
+    return name
+
+
 def settings_json(site: GatewayContext) -> dict[str, Any]:
     s = site.settings
     chosen = views.site_setting(site.reader, "accepted_stages")
+    named = views.site_names(site.reader).get(site.id)
     return {
-        "site_id": site.id, "site_name": s.site_name, "public_url": s.base_url, "context": s.context,
+        "site_id": site.id, "site_name": site.name,
+        "site_name_source": ({"from": "event", "updated_at": named["updated_at"], "updated_by": named["updated_by"]}
+                             if named else {"from": "setting" if s.site_name else "default"}), "public_url": s.base_url, "context": s.context,
         "download_auth": s.download_auth, "stages": s.stages, "accepted_stages": views.replicated_stages(site.reader, s),
         "accepted_stages_source": ({"from": "event", "updated_at": chosen["updated_at"],
                                     "updated_by": chosen["updated_by"]} if chosen else
@@ -67,6 +87,15 @@ class SettingsController(Controller):
             await site.append(ev.StagesAccepted(stages=stages), actor=request.state.actor)
         if site.replicator:
             site.replicator.kick()
+        return settings_json(site)
+
+    @put("/site-name", operation_id="setSiteName", opt={"roles": ADMIN, "body": SiteNameChoice})
+    async def set_site_name(self, request: Request) -> dict[str, Any]:
+        """Rename this site (``{"name": "..."}``): a signed event, shown here and at every peer at once."""
+        site: GatewayContext = request.app.state.site
+        name = check_site_name(decode_json(await request.body(), SiteNameChoice).name)
+        if name != site.name or views.site_names(site.reader).get(site.id) is None:
+            await site.append(ev.SiteRenamed(name=name), actor=request.state.actor)
         return settings_json(site)
 
     @post("/ldap-check", operation_id="checkDirectory", opt={"roles": ADMIN}, status_code=200)

@@ -31,8 +31,9 @@ log = structlog.get_logger("odst.notify")
 QUARANTINED = "MessageQuarantined"
 LOG_ALERT = "LogAlert"  # the site's own log was cut, deleted, replaced or reconfigured (odst.events.watch)
 NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
-              "PackageDeleted", "PeerRegistered", "PeerRemoved", "PeerLogDiverged", "PeerLogRestored",
-              QUARANTINED, LOG_ALERT, "JamfDriftDetected", "JamfDriftCleared", "JamfPackageSynced")
+              "PackageDeleted", "PackageDamaged", "PeerRegistered", "PeerRemoved", "PeerLogDiverged",
+              "PeerLogRestored", QUARANTINED, LOG_ALERT, "JamfDriftDetected", "JamfDriftCleared", "JamfPackageSynced",
+              "PackageReplaced")
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 

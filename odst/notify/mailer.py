@@ -109,7 +109,7 @@ class Mailer:
             items = self.ledger.pending_mail(recipient)
             if not items:
                 continue
-            msg = compose(site=self.site_id, site_name=self.settings.site_name,
+            msg = compose(site=self.site_id, site_name=views.site_name(self.reader, self.site_id, self.settings),
                           sender=self.settings.smtp_from, recipient=recipient, items=items)
             try:
                 await asyncio.to_thread(self._send, msg)

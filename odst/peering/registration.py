@@ -67,6 +67,7 @@ from odst.errors import OdstError
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SIGNATURE_BYTES, SignatureInvalid, SiteKey, site_id_for, verify_detached
+from odst.projections import views
 from odst.projections.appender import Append
 
 log = structlog.get_logger("odst.peering")
@@ -179,6 +180,11 @@ class Registrar:
     nc: Any
     admit_applicant: Callable[[str], bool]
 
+    @property
+    def name(self) -> str:
+        """This site's name as peers are told it (its last SiteRenamed, else the setting)."""
+        return views.site_name(self.reader, self.site_id, self.settings)
+
 
 def register_subject(site: str) -> str:
     return f"odst.{site}.rpc.register"
@@ -249,7 +255,7 @@ async def create_invite(me: Registrar, *, actor: str, ttl_s: int = DEFAULT_TTL_S
                                      expires_ts=expires_ts), actor=actor)
     inv = Invitation(v=PROTOCOL, site=me.site_id, public_key=me.key.public_key.hex(),
                      seal_key=seal_public_key(me.key).hex(),
-                     name=me.settings.site_name[:200], http_url=(me.settings.base_url or "")[:500],
+                     name=me.name[:200], http_url=(me.settings.base_url or "")[:500],
                      invite_id=invite_id, invite_secret=secret, expires_ts=expires_ts)
     return {"invite_id": invite_id, "expires_ts": expires_ts, "token": encode_token(inv)}
 
@@ -384,7 +390,7 @@ def make_answer(key: SiteKey, *, peer: str, request_digest: str, name: str = "",
 
 def _answer(me: Registrar, opened: _Opened, refused: str = "") -> bytes:
     return make_answer(me.key, peer=opened.request.site, request_digest=opened.digest,
-                       name=me.settings.site_name, http_url=me.settings.base_url or "", refused=refused)
+                       name=me.name, http_url=me.settings.base_url or "", refused=refused)
 
 
 async def _admit(me: Registrar, req: RegisterRequest) -> None:
@@ -449,7 +455,7 @@ async def join(me: Registrar, token: str, *, actor: str) -> dict:
 
 
 def _fresh_request(me: Registrar, inv: Invitation) -> tuple[bytes, str]:
-    return make_request(me.key, inv, name=me.settings.site_name, http_url=me.settings.base_url or "")
+    return make_request(me.key, inv, name=me.name, http_url=me.settings.base_url or "")
 
 
 async def _exchange(me: Registrar, inv: Invitation) -> tuple[RegisterAnswer, str]:

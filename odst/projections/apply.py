@@ -43,7 +43,7 @@ def subject_name(event: ev.Event) -> str:
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
                           ev.JamfDistributionPointRegistered)):
         return event.site
-    if isinstance(event, ev.SiteFounded):
+    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
         return event.webhook_id
@@ -196,29 +196,31 @@ def clock(ts: int, origin: str) -> str:
 
 
 def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_size, chunks, origin,
-             uploaded_at, uploaded_by, stage, at: str, from_upload: bool) -> None:
+             uploaded_at, uploaded_by, stage, at: str, from_upload: bool, generation: int = 0) -> None:
     """Record a sighting of a content at clock ``at``, order-independently.
 
     The metadata of the earliest sighting is kept (an upload event beats an
     availability report of the same upload); the stage of the latest upload is
     current until a later PackageStaged. Ties break on the text of the key, so
-    any order of folding gives the same row.
+    any order of folding gives the same row. The generation is the highest seen
+    (a replacement's; 0 for uploads).
     """
     first_key = f"{at}|{0 if from_upload else 1}|{stage}"
     last_key = f"{at}|{1 if from_upload else 0}|{stage}"
     c.execute(
         "INSERT INTO contents(name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
-        " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage, generation)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(name, blake3) DO UPDATE SET"
         " origin=CASE WHEN excluded.first_key < first_key THEN excluded.origin ELSE origin END,"
         " uploaded_at=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_at ELSE uploaded_at END,"
         " uploaded_by=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_by ELSE uploaded_by END,"
         " first_clock=min(first_clock, excluded.first_clock), first_key=min(first_key, excluded.first_key),"
         " last_stage=CASE WHEN excluded.last_key > last_key THEN excluded.last_stage ELSE last_stage END,"
-        " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key)",
+        " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key),"
+        " generation=max(generation, excluded.generation)",
         (name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
-         uploaded_by, at, first_key, at, last_key, stage))
+         uploaded_by, at, first_key, at, last_key, stage, generation))
 
 
 def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status: str, detail: str,
@@ -235,6 +237,27 @@ def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
     _available(c, e.name, e.blake3, env.origin, "available", "", at)
+    _repaired(c, e.name, e.blake3, env.origin, at)
+
+
+def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
+    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
+    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?", (name, blake3, site, at))
+
+
+def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
+    """An upload that supersedes ``e.replaces``: that content is no longer live (unless uploaded
+    again later), and the new one carries its generation."""
+    at = clock(env.ts, env.origin)
+    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+             chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
+             uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True, generation=e.generation)
+    c.execute("INSERT INTO replacements(name, old_blake3, clock, new_blake3, origin, replaced_at, replaced_by)"
+              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(name, old_blake3) DO UPDATE SET clock=excluded.clock,"
+              " new_blake3=excluded.new_blake3, origin=excluded.origin, replaced_at=excluded.replaced_at,"
+              " replaced_by=excluded.replaced_by WHERE excluded.clock > clock",
+              (e.name, e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
+    _available(c, e.name, e.blake3, env.origin, "available", "", at)
 
 
 def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
@@ -243,6 +266,17 @@ def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
     _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
+    _repaired(c, e.name, e.blake3, env.origin, clock(env.ts, env.origin))
+
+
+def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
+    """Out of service at its origin until that site's next PackageAvailable of the content."""
+    at = clock(env.ts, env.origin)
+    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
+    c.execute("INSERT INTO damaged(name, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name, blake3, site) DO UPDATE SET reason=excluded.reason,"
+              " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
+              (e.name, e.blake3, env.origin, e.reason, e.found_by, at))
 
 
 def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, writer) -> None:
@@ -466,7 +500,9 @@ _HANDLERS = {
     ev.JamfDistributionPointRegistered: _jamf_dp_registered,
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
+    ev.PackageReplaced: _package_replaced,
     ev.PackageTransferFailed: _package_transfer_failed,
+    ev.PackageDamaged: _package_damaged,
     ev.PackageStaged: _package_staged,
     ev.PackageDeleted: _package_deleted,
     ev.PeerInvited: _peer_invited,

@@ -40,6 +40,7 @@ from odst.replicator.bandwidth import Bandwidth
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
 from odst.store.files import PackageStore
+from odst.store.files import tag
 
 log = structlog.get_logger("odst.replicator")
 
@@ -50,6 +51,7 @@ WORK_STREAM = "REPLICATION"
 WORK_DURABLE = "replicators"
 LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
+REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
 
 
@@ -79,6 +81,8 @@ class Replicator:
         self._leases = None
         self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
+        self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
+        self._reporting: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.http = http_session()
@@ -99,7 +103,7 @@ class Replicator:
                          for i in range(max(1, self.settings.replication_packages))]
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values()] if t]
+        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values(), *self._reporting] if t]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -233,7 +237,9 @@ class Replicator:
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
         for p in store.tmp.glob("*.repl"):
-            if p.stem not in {k[1] for k in self.tasks} and not views.content_is_live(self.reader, p.stem):
+            if p.stem not in {k[1] for k in self.tasks} and (
+                    not views.content_is_live(self.reader, p.stem)
+                    or views.local_content(self.reader, p.stem, self.site_id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
     async def repull_missing(self) -> list[str]:
@@ -281,9 +287,25 @@ class Replicator:
             progress.detail = why
         return lambda peer, n: bw.receive(peer, n, urgent=lambda: bw.urgent(name=want.name), waiting=waiting)
 
-    def _bad_source(self, site: str, reason: str) -> None:
+    def _bad_source(self, want: Want, site: str, reason: str, index: int) -> None:
         self.bad_chunks[site] += 1
         log.warning("peer served a corrupt chunk", peer=site, reason=reason, total=self.bad_chunks[site])
+        # tell the source (through this site's log, which it mirrors) so it re-checks its copy
+        key, now = (site, want.blake3), time.monotonic()
+        if now - self._reported.get(key, -1e9) < REPORT_EVERY_S:
+            return
+        self._reported[key] = now
+        task = asyncio.ensure_future(self._report(ev.ChunkRejected(
+            source=site, name=want.name, blake3=want.blake3, chunk=index, reason=reason[:300])))
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+
+    async def _report(self, event: ev.ChunkRejected) -> None:
+        try:
+            await self.append(event, actor="replicator")
+        except AppendFailed as exc:
+            self._reported.pop((event.source, event.blake3), None)
+            log.warning("could not record a rejected chunk", peer=event.source, error=str(exc))
 
     async def _transfer(self, row) -> None:
         key = (row["name"], row["blake3"])
@@ -302,7 +324,8 @@ class Replicator:
             progress.bytes = 0
             puller = Puller(want, self._sources(sites), self.store.tmp,
                             streams=self.settings.replication_streams, progress=progress,
-                            on_bad_source=self._bad_source, throttle=self._throttle(want, progress))
+                            on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index),
+                            throttle=self._throttle(want, progress))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
             path = await puller.run()
             if not await self._publish(want, path):
@@ -326,6 +349,7 @@ class Replicator:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
+        tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
         with self.store.publishing(want.name):
             self.store.replace(path, want.name)
             await self.append(ev.PackageAvailable(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import blake3
 
@@ -116,12 +116,16 @@ class WholeHash:
         return self._blake3.hexdigest()
 
 
-def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE) -> WholeHash:
-    """Read a file once and hash it whole (FileNotFoundError if it is gone)."""
+def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE,
+              pace: Callable[[int], None] | None = None) -> WholeHash:
+    """Read a file once and hash it whole (FileNotFoundError if it is gone). ``pace`` is
+    called with each block's length (a scrub's rate limit sleeps, or raises to stop, there)."""
     whole = WholeHash()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(read_size):
             whole.update(block)
+            if pace is not None:
+                pace(len(block))
     return whole
 
 

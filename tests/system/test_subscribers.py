@@ -631,6 +631,7 @@ def test_the_settings_page_creates_shows_once_and_revokes_a_subscriber(make_site
     site = make_site(env={"ODST_ADMIN_PASSWORD": ADMIN_PASSWORD}).start()
     sign_in(page, site, "admin", ADMIN_PASSWORD)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+    page.get_by_role("tab", name="Event subscribers").click()  # Settings shows one section at a time
     subs = page.locator("section[aria-labelledby=sec-subscribers]")
     expect(subs.get_by_text("No event subscribers.")).to_be_visible()
 

@@ -7,8 +7,8 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
-  'NatsCredentialCreated', 'NatsCredentialRevoked',
-  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared',
+  'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
+  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed',
   'LinkBandwidthSet', 'LinkBandwidthCleared', 'LocalNetworksSet', 'DownloadCapsSet', 'PackageUrgencySet',
 ];
 
@@ -23,8 +23,11 @@ export function summary(item, ctx) {
   switch (item.type) {
     case 'SiteFounded': return `Site ${e.name ? `${e.name} ` : ''}(${e.site}) founded`;
     case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
+    case 'PackageReplaced': return `Replaced ${e.name} with new content (${fmtBytes(e.size)}, version ${e.generation + 1}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
+    case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
+    case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
@@ -58,6 +61,7 @@ export function summary(item, ctx) {
     case 'LocalNetworksSet': return `${site(item.origin)} counts ${(e.cidrs || []).join(', ') || 'no networks'} as local (${e.exempt ? 'exempt from limits' : 'limited'})`;
     case 'DownloadCapsSet': return `${site(item.origin)} caps Mac downloads: egress ${rate(e.egress_bps)}, ${e.max_concurrent || 'no cap'} at once, ${e.per_client || 'no cap'} per client`;
     case 'PackageUrgencySet': return `${e.name} ${e.urgent ? 'marked urgent' : 'no longer urgent'} by ${item.actor}${e.reason ? `: ${e.reason}` : ''}`;
+    case 'SiteRenamed': return `Site ${item.origin} is now called “${e.name}”`;
     default: return item.type;
   }
 }

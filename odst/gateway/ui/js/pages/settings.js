@@ -43,16 +43,42 @@ export function mount(main, ctx) {
   };
   const titles = { site: 'Site settings', account: 'My account', users: 'Users', tokens: 'API tokens',
     subscribers: 'Event subscribers', webhooks: 'Webhooks', email: 'Email digests' };
-  const toc = h('nav', { 'aria-label': 'On this page', class: 'toc' }, h('ul', {},
-    Object.entries(sections).filter(([, el]) => el).map(([key]) => {
-      const b = h('button', { type: 'button', class: 'link' }, titles[key]);
-      b.addEventListener('click', () => {
-        const heading = document.getElementById(`sec-${key}`);
-        if (heading) { heading.tabIndex = -1; heading.scrollIntoView({ block: 'start' }); heading.focus(); }
-      });
-      return h('li', {}, b);
-    })));
-  append(main, h('h1', {}, 'Settings'), toc, ...Object.values(sections).filter(Boolean));
+  // One section at a time, chosen with tabs (arrow keys move between them); the tab is in the
+  // address (#/settings?tab=users) so a reload or a link opens it again.
+  const keys = Object.entries(sections).filter(([, el]) => el).map(([key]) => key);
+  const asked = new URLSearchParams(location.hash.split('?')[1] || '').get('tab');
+  let current = keys.includes(asked) ? asked : 'site';
+  const tabs = {};
+  const tablist = h('div', { role: 'tablist', 'aria-label': 'Settings sections', class: 'tabs' });
+  for (const key of keys) {
+    const tab = h('button', { type: 'button', role: 'tab', id: `tab-${key}`, 'aria-controls': `panel-${key}` }, titles[key]);
+    tab.addEventListener('click', () => showTab(key, true));
+    tab.addEventListener('keydown', (e) => {
+      const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[e.key];
+      const jump = { Home: 0, End: keys.length - 1 }[e.key];
+      if (step === undefined && jump === undefined) return;
+      e.preventDefault();
+      const next = keys[jump !== undefined ? jump : (keys.indexOf(key) + step + keys.length) % keys.length];
+      showTab(next, true);
+      tabs[next].focus();
+    });
+    tabs[key] = tab;
+    tablist.append(tab);
+    Object.assign(sections[key], { id: `panel-${key}` });
+    sections[key].setAttribute('role', 'tabpanel');
+  }
+  function showTab(key, remember) {
+    current = key;
+    for (const k of keys) {
+      const on = k === key;
+      tabs[k].setAttribute('aria-selected', String(on));
+      tabs[k].tabIndex = on ? 0 : -1;
+      sections[k].hidden = !on;
+    }
+    if (remember) history.replaceState(null, '', `#/settings?tab=${key}`);
+  }
+  showTab(current, false);
+  append(main, h('h1', {}, 'Settings'), tablist, ...Object.values(sections).filter(Boolean));
 
   // ---- site settings (read-only)
   async function loadSite() {
@@ -81,8 +107,9 @@ export function mount(main, ctx) {
     const choosable = isAdmin && 'accepted_stages_source' in s;
     replace(sections.site, sectionHead('sec-site', titles.site,
       'Read-only here: these come from the server’s odst.toml and ODST_* environment variables. Change them there and restart the site.'
-      + (choosable ? ' The stages this site replicates are the exception: an admin chooses them below.' : '')),
+      + (isAdmin ? ' The site’s name and the stages it replicates are the exceptions: an admin chooses them below.' : '')),
     h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+    isAdmin ? siteNameForm(s) : null,
     choosable ? stagesForm(s) : null,
     isAdmin && ldap.configured ? ldapCheck() : null,
     s.jamf_configured ? jamfCard(isAdmin) : null);
@@ -123,6 +150,35 @@ export function mount(main, ctx) {
       card.insertBefore(h('div', { class: 'actions' }, button), out);
     }
     return card;
+  }
+
+  // The site's name is chosen here (a signed event, SiteRenamed); peers show it too.
+  function siteNameForm(s) {
+    const input = h('input', { type: 'text', value: s.site_name || '', maxlength: 100, autocomplete: 'off', required: true });
+    const source = s.site_name_source || {};
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Site name'),
+      h('p', { class: 'hint' }, source.from === 'event'
+        ? ['Chosen here ', time(source.updated_at), source.updated_by ? ` by ${source.updated_by}` : '', '. Every page and every peer shows it.']
+        : source.from === 'setting' ? 'From the site_name setting until chosen here. Every page and every peer shows it.'
+          : 'This site has no name yet. Name it: every page and every peer shows the name.'),
+      field('Name of this site', input).row,
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save name')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      if (!input.value.trim()) { replace(out, messageBox('error', 'Enter a name.')); input.focus(); return; }
+      try {
+        const updated = await api('PUT', '/api/v1/settings/site-name', { name: input.value });
+        ctx.state.settings = updated;
+        if (ctx.state.site) ctx.state.site.name = updated.site_name;
+        if (ctx.renderHeader) ctx.renderHeader();
+        announce(`This site is now called ${updated.site_name}.`, 'success');
+        loadSite();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not rename the site: ${errorText(err)}`));
+      }
+    });
+    return form;
   }
 
   // The stages this site replicates are the one setting chosen here (a signed event), not in odst.toml.
@@ -578,7 +634,7 @@ export function mount(main, ctx) {
 
   loadSite();
   renderAccount();
-  const reloads = { Stages: debounce(loadSite, 200) };
+  const reloads = { Stages: debounce(loadSite, 200), SiteRenamed: debounce(loadSite, 200) };
   if (isAdmin) {
     Object.assign(reloads, { User: debounce(loadUsers, 200), Token: debounce(loadTokens, 200),
       NatsCredential: debounce(loadCredentials, 200),

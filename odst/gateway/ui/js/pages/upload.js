@@ -175,7 +175,16 @@ export function mount(main, ctx) {
       nameInput.removeAttribute('aria-invalid');
       nameInput.setAttribute('aria-describedby', nameField.hint.id);
     }
+    updateSubmit(problem);
     return problem;
+  }
+
+  // Upload is offered only when it would do something: not while the name is invalid, not
+  // while an upload runs, and not again for the file and name that were just uploaded.
+  function updateSubmit(problem = nameInput.value ? nameProblem(nameInput.value, extensions) : null) {
+    const justDone = job.state === 'done' && chosen === job.file && nameInput.value === job.name;
+    submit.disabled = busy() || Boolean(problem) || justDone;
+    submit.title = justDone ? 'Already uploaded: choose another file or name, or Upload another' : '';
   }
 
   fileInput.addEventListener('change', () => setFile(fileInput.files[0] || null));
@@ -218,7 +227,8 @@ export function mount(main, ctx) {
   let statusLine = null;
   function paint() {
     const running = busy();
-    for (const el of [fileInput, nameInput, stageSelect, submit]) el.disabled = running;
+    for (const el of [fileInput, nameInput, stageSelect]) el.disabled = running;
+    updateSubmit();
     zone.classList.toggle('disabled', running);
     if (job.state !== shownState) {
       shownState = job.state;
