@@ -172,6 +172,7 @@ class Site:
                                                      name=self.settings.site_name), actor="system")
             await self.caught_up(timeout=120)
             # a crashed upload or pull leaves temp files; alone on the data dir, sweep them all
+            self.store.adopt_spellings(views.file_holders(self.reader, self.id))
             self.store.sweep(views.published_names(self.reader, self.id),
                              older_than_s=0 if all_in_one else STALE_TEMP_S)
             if bootstrap and self.log_watch.healthy:

@@ -41,9 +41,20 @@ class Uploaded:
     event: ev.PackageUploaded
 
 
+def spelled_otherwise(name: str, existing: dict | None) -> Conflict | None:
+    """A package already stands for this name under another spelling (odst.naming.name_key:
+    case and Unicode normalisation do not count, as on a Mac): refuse, naming that spelling."""
+    if existing is None or existing["name"] == name:
+        return None
+    return Conflict(f"a package named {existing['name']!r} exists, and {name!r} is the same name on a Mac "
+                    "(case and Unicode normalisation do not count); use that spelling, or delete that package first")
+
+
 def admit_upload(name: str, length: int | None, existing: dict | None, *, max_bytes: int,
                  free_bytes: int, reserve_bytes: int) -> TooLarge | NoSpace | Conflict | None:
     """Before the body arrives: refuse what cannot end well (None: receive it)."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
     if length is None:
         return NoSpace("the store is full") if free_bytes <= reserve_bytes else None
     if length > max_bytes:
@@ -59,6 +70,8 @@ def admit_upload(name: str, length: int | None, existing: dict | None, *, max_by
 def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | None,
                   site: str) -> Uploaded | Identical | Conflict:
     """Once the body is verified: publish it, report it already here, or refuse it."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
     if existing is not None:
         held_here = existing["availability"].get(site, {}).get("status") == "available"
         if held_here and existing["blake3"] == manifest.blake3:

@@ -93,7 +93,8 @@ def make_download_app(site, prefixes: list[str]):
             await _simple(send, 401, "authentication required\n",
                           [("www-authenticate", 'Basic realm="ODST distribution point"')])
             return
-        row = views.servable(site.reader, name, site.id)
+        # any spelling of the name (naming.name_key); only while its stage is accepted here
+        row = views.servable(site.reader, name, site.id, site.accepted_stages)
         if row is None:
             await _simple(send, 404, "no such package\n")
             return

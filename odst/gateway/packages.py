@@ -17,7 +17,7 @@ from odst.events import uploads
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path
+from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.site import Site
 from odst.store.files import StoreFull, StreamingUpload
@@ -37,9 +37,11 @@ _name_locks: dict[str, asyncio.Lock] = {}
 
 
 def _lock_for(name: str) -> asyncio.Lock:
-    lock = _name_locks.get(name)
+    """One lock per package: every spelling of a name shares it (naming.name_key)."""
+    key = name_key(name)
+    lock = _name_locks.get(key)
     if lock is None:
-        lock = _name_locks[name] = asyncio.Lock()
+        lock = _name_locks[key] = asyncio.Lock()
     return lock
 
 
@@ -125,7 +127,7 @@ class PackageController(Controller):
             length = ascii_int(announced)
             if length is None:
                 raise RequestInvalid("Content-Length is not a number")
-        refusal = uploads.admit_upload(name, length, views.package(site.reader, name) if length is not None else None,
+        refusal = uploads.admit_upload(name, length, views.package(site.reader, name),
                                        max_bytes=settings.max_upload_bytes, free_bytes=site.store.free_bytes(),
                                        reserve_bytes=site.store.reserve_bytes())
         if refusal is not None:
@@ -194,7 +196,7 @@ class PackageController(Controller):
                 if change.stage not in site.settings.stages:
                     raise StageInvalid(f"unknown stage {change.stage!r}; allowed: "
                                        f"{', '.join(site.settings.stages)}")
-                await site.append(ev.PackageStaged(name=name, stage=change.stage, previous=pkg["stage"]),
+                await site.append(ev.PackageStaged(name=pkg["name"], stage=change.stage, previous=pkg["stage"]),
                                   actor=request.state.actor)
         return views.package(site.reader, name)
 
@@ -206,8 +208,8 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            await site.append(ev.PackageDeleted(name=name, blake3=pkg["blake3"]), actor=request.state.actor)
+            await site.append(ev.PackageDeleted(name=pkg["name"], blake3=pkg["blake3"]), actor=request.state.actor)
             site.store.remove(name)
-        log.info("package deleted", package=name)
-        return {"deleted": name, "blake3": pkg["blake3"]}
+        log.info("package deleted", package=pkg["name"])
+        return {"deleted": pkg["name"], "blake3": pkg["blake3"]}
 

@@ -16,6 +16,7 @@ from odst.events import catalogue as ev
 from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
+from odst.naming import name_key
 
 
 # Quarantine bounds, per stream (see sql/006_quarantine_bounds.sql).
@@ -195,34 +196,43 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
              uploaded_at, uploaded_by, stage, at: str, from_upload: bool) -> None:
     """Record a sighting of a content at clock ``at``, order-independently.
 
-    The metadata of the earliest sighting is kept (an upload event beats an
-    availability report of the same upload); the stage of the latest upload is
-    current until a later PackageStaged. Ties break on the text of the key, so
-    any order of folding gives the same row.
+    Keyed by the key of the name (naming.name_key): spellings a Mac would take for one
+    file name are one package. The metadata of the earliest sighting is kept, its spelling
+    included (an upload event beats an availability report of the same upload); the stage of
+    the latest upload is current until a later PackageStaged. Ties break on the text of the
+    key (and of the spelling), so any order of folding gives the same row. Every spelling is
+    also recorded in ``spellings``, so that two of them for one key are reported
+    (name_collisions), never merged silently.
     """
+    key = name_key(name)
     first_key = f"{at}|{0 if from_upload else 1}|{stage}"
     last_key = f"{at}|{1 if from_upload else 0}|{stage}"
+    earlier = "(excluded.first_key < first_key OR (excluded.first_key = first_key AND excluded.name < name))"
     c.execute(
-        "INSERT INTO contents(name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
+        "INSERT INTO contents(key, name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
         " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-        " ON CONFLICT(name, blake3) DO UPDATE SET"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(key, blake3) DO UPDATE SET"
+        f" name=CASE WHEN {earlier} THEN excluded.name ELSE name END,"
         " origin=CASE WHEN excluded.first_key < first_key THEN excluded.origin ELSE origin END,"
         " uploaded_at=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_at ELSE uploaded_at END,"
         " uploaded_by=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_by ELSE uploaded_by END,"
         " first_clock=min(first_clock, excluded.first_clock), first_key=min(first_key, excluded.first_key),"
         " last_stage=CASE WHEN excluded.last_key > last_key THEN excluded.last_stage ELSE last_stage END,"
         " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key)",
-        (name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
+        (key, name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
          uploaded_by, at, first_key, at, last_key, stage))
+    c.execute("INSERT INTO spellings(key, name, blake3, first_clock) VALUES (?,?,?,?)"
+              " ON CONFLICT(key, name, blake3) DO UPDATE SET first_clock=min(first_clock, excluded.first_clock)",
+              (key, name, blake3, at))
 
 
 def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status: str, detail: str,
                at: str) -> None:
-    c.execute("INSERT INTO availability(name, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
-              " ON CONFLICT(name, blake3, site) DO UPDATE SET status=excluded.status,"
+    c.execute("INSERT INTO availability(key, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(key, blake3, site) DO UPDATE SET status=excluded.status,"
               " detail=excluded.detail, clock=excluded.clock WHERE excluded.clock > clock",
-              (name, blake3, site, status, detail, at))
+              (name_key(name), blake3, site, status, detail, at))
 
 
 def _package_uploaded(c, env, e: ev.PackageUploaded, folder) -> None:
@@ -246,16 +256,16 @@ def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, folder) -> Non
 
 
 def _package_staged(c, env, e: ev.PackageStaged, folder) -> None:
-    c.execute("INSERT OR IGNORE INTO stage_changes(name, clock, stage) VALUES (?,?,?)",
-              (e.name, clock(env.ts, env.origin), e.stage))
+    c.execute("INSERT OR IGNORE INTO stage_changes(key, clock, stage) VALUES (?,?,?)",
+              (name_key(e.name), clock(env.ts, env.origin), e.stage))
 
 
 def _package_deleted(c, env, e: ev.PackageDeleted, folder) -> None:
-    c.execute("INSERT INTO tombstones(name, blake3, clock, origin, deleted_at, deleted_by)"
-              " VALUES (?,?,?,?,?,?) ON CONFLICT(name, blake3) DO UPDATE SET clock=excluded.clock,"
+    c.execute("INSERT INTO tombstones(key, blake3, clock, origin, deleted_at, deleted_by)"
+              " VALUES (?,?,?,?,?,?) ON CONFLICT(key, blake3) DO UPDATE SET clock=excluded.clock,"
               " origin=excluded.origin, deleted_at=excluded.deleted_at, deleted_by=excluded.deleted_by"
               " WHERE excluded.clock > clock",
-              (e.name, e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
+              (name_key(e.name), e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
 
 
 def _peer_invited(c, env, e: ev.PeerInvited, folder) -> None:

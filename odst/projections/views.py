@@ -9,11 +9,13 @@ import sqlite3
 from odst.bus.authorization import Subscriber
 from odst.events import codec
 from odst.events.watch import Landmark, Recorded
+from odst.naming import name_key
 
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row]) -> dict:
     d = dict(row)
     d.pop("first_clock", None)
+    d.pop("key", None)
     d["chunks"] = json.loads(d["chunks"])
     d["availability"] = {a["site"]: {"status": a["status"], "detail": a["detail"],
                                      "updated_at": int(a["clock"][:15])} for a in availability}
@@ -21,11 +23,14 @@ def _package(row: sqlite3.Row, availability: list[sqlite3.Row]) -> dict:
 
 
 def package(conn: sqlite3.Connection, name: str) -> dict | None:
-    row = conn.execute("SELECT * FROM packages WHERE name=?", (name,)).fetchone()
+    """The package any spelling of ``name`` stands for (naming.name_key); ``name`` in the
+    answer is the spelling it is shown by."""
+    key = name_key(name)
+    row = conn.execute("SELECT * FROM packages WHERE key=?", (key,)).fetchone()
     if row is None:
         return None
-    avail = conn.execute("SELECT * FROM availability WHERE name=? AND blake3=? ORDER BY site",
-                         (name, row["blake3"])).fetchall()
+    avail = conn.execute("SELECT * FROM availability WHERE key=? AND blake3=? ORDER BY site",
+                         (key, row["blake3"])).fetchall()
     return _package(row, avail)
 
 
@@ -43,28 +48,48 @@ def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | Non
     rows = conn.execute(sql, args).fetchall()
     avail: dict[str, list] = {}
     for a in conn.execute("SELECT a.* FROM availability a JOIN packages p"
-                          " ON p.name = a.name AND p.blake3 = a.blake3 ORDER BY a.site"):
-        avail.setdefault(a["name"], []).append(a)
-    return [_package(r, avail.get(r["name"], [])) for r in rows]
+                          " ON p.key = a.key AND p.blake3 = a.blake3 ORDER BY a.site"):
+        avail.setdefault(a["key"], []).append(a)
+    return [_package(r, avail.get(r["key"], [])) for r in rows]
 
 
-def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | None:
-    """The package row if this site holds a verified copy of its current content."""
-    return conn.execute(
-        "SELECT p.name, p.size, p.blake3, p.sha1, p.uploaded_at FROM packages p JOIN availability a"
-        " ON a.name=p.name AND a.blake3=p.blake3 AND a.site=? AND a.status='available'"
-        " WHERE p.name=?", (site, name)).fetchone()
+def servable(conn: sqlite3.Connection, name: str, site: str, stages: list[str] | None = None
+             ) -> sqlite3.Row | None:
+    """The package row (any spelling of ``name``) if this site holds a verified copy of its
+    current content and, given ``stages`` (the site's accepted stages), its stage is one of
+    them: a package demoted out of them is withdrawn here at once."""
+    sql = ("SELECT p.key, p.name, p.size, p.blake3, p.sha1, p.uploaded_at, p.stage FROM packages p"
+           " JOIN availability a ON a.key=p.key AND a.blake3=p.blake3 AND a.site=? AND a.status='available'"
+           " WHERE p.key=?")
+    args: list = [site, name_key(name)]
+    if stages is not None:
+        sql += f" AND p.stage IN ({','.join('?' * len(stages))})"
+        args += stages
+    return conn.execute(sql, args).fetchone()
 
 
 def published_names(conn: sqlite3.Connection, site: str) -> set[str]:
-    """Names whose current content this site holds: the files packages/ should contain."""
+    """Keys (naming.name_key) whose current content this site holds: the files packages/
+    should contain (the store names files by key)."""
     return {r[0] for r in conn.execute(
-        "SELECT p.name FROM packages p JOIN availability a ON a.name=p.name AND a.blake3=p.blake3"
+        "SELECT p.key FROM packages p JOIN availability a ON a.key=p.key AND a.blake3=p.blake3"
         " AND a.site=? AND a.status='available'", (site,))}
 
 
 def conflicts(conn: sqlite3.Connection) -> list[dict]:
     return [dict(r) for r in conn.execute("SELECT * FROM conflicts ORDER BY name, first_clock")]
+
+
+def name_collisions(conn: sqlite3.Connection) -> list[dict]:
+    """Keys that more than one live spelling stands for (sql/010_names.sql): per key, the spelling
+    kept (and its content) and every other spelling with its content, earliest first."""
+    out: dict[str, dict] = {}
+    for r in conn.execute("SELECT * FROM name_collisions ORDER BY key, first_clock, name"):
+        entry = out.setdefault(r["key"], {"kept": r["kept"], "blake3": r["kept_blake3"], "others": []})
+        if r["name"] != r["kept"] or r["blake3"] != r["kept_blake3"]:
+            entry["others"].append({"name": r["name"], "blake3": r["blake3"],
+                                    "same_content": r["blake3"] == r["kept_blake3"]})
+    return [{"key": k, **v} for k, v in out.items()]
 
 
 def event_json(row: sqlite3.Row) -> dict:
@@ -148,7 +173,7 @@ def local_content(conn: sqlite3.Connection, blake3: str, site: str) -> sqlite3.R
     """A live content held here with this blake3 (any name), for serving chunks to peers."""
     return conn.execute(
         "SELECT c.name, c.size, c.chunk_size FROM live_contents c JOIN availability a"
-        " ON a.name=c.name AND a.blake3=c.blake3 AND a.site=? AND a.status='available'"
+        " ON a.key=c.key AND a.blake3=c.blake3 AND a.site=? AND a.status='available'"
         " WHERE c.blake3=? LIMIT 1", (site, blake3)).fetchone()
 
 
@@ -157,16 +182,16 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlit
     marks = ",".join("?" * len(stages))
     return conn.execute(
         f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("
-        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.blake3=p.blake3 AND a.site=?"
+        " SELECT 1 FROM availability a WHERE a.key=p.key AND a.blake3=p.blake3 AND a.site=?"
         " AND a.status='available') ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
     """Other trusted sites that hold a verified copy of this content."""
     return [r[0] for r in conn.execute(
-        "SELECT a.site FROM availability a WHERE a.name=? AND a.blake3=? AND a.status='available'"
+        "SELECT a.site FROM availability a WHERE a.key=? AND a.blake3=? AND a.status='available'"
         " AND a.site<>? AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site",
-        (name, blake3, site))]
+        (name_key(name), blake3, site))]
 
 
 def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
@@ -200,23 +225,25 @@ def site_chain(conn: sqlite3.Connection, site: str) -> sqlite3.Row | None:
 def replicated_state(conn: sqlite3.Connection) -> list[list]:
     """What every converged site agrees on: per current package, its content, stage and holders."""
     holders: dict[tuple[str, str], list[str]] = {}
-    for a in conn.execute("SELECT a.name, a.blake3, a.site FROM availability a JOIN packages p"
-                          " ON p.name=a.name AND p.blake3=a.blake3 WHERE a.status='available'"
+    for a in conn.execute("SELECT a.key, a.blake3, a.site FROM availability a JOIN packages p"
+                          " ON p.key=a.key AND p.blake3=a.blake3 WHERE a.status='available'"
                           " AND a.site NOT IN (SELECT site FROM removals) ORDER BY a.site"):
         holders.setdefault((a[0], a[1]), []).append(a[2])
-    return [[r["name"], r["blake3"], r["stage"], holders.get((r["name"], r["blake3"]), [])]
-            for r in conn.execute("SELECT name, blake3, stage FROM packages ORDER BY name")]
+    return [[r["name"], r["blake3"], r["stage"], holders.get((r["key"], r["blake3"]), [])]
+            for r in conn.execute("SELECT key, name, blake3, stage FROM packages ORDER BY name")]
 
 
 def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
-    """name -> blake3 of the content this site has said it holds under that name, if still live."""
+    """key -> blake3 of the content this site has said it holds under that key, if still live
+    (the key is also the file's name in the store)."""
     return {r[0]: r[1] for r in conn.execute(
-        "SELECT a.name, a.blake3 FROM availability a JOIN live_contents c ON c.name=a.name"
+        "SELECT a.key, a.blake3 FROM availability a JOIN live_contents c ON c.key=a.key"
         " AND c.blake3=a.blake3 WHERE a.site=? AND a.status='available'", (site,))}
 
 
-def live_names(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT DISTINCT name FROM live_contents")}
+def live_keys(conn: sqlite3.Connection) -> set[str]:
+    """The keys of every name with live content: the only file names packages/ may hold."""
+    return {r[0] for r in conn.execute("SELECT DISTINCT key FROM live_contents")}
 
 
 def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:

@@ -21,10 +21,11 @@ log = structlog.get_logger("odst.integrity")
 
 async def verify_store(site, *, actor: str, repair: bool = True) -> dict:
     report = {"checked": 0, "ok": 0, "damaged": [], "missing": [], "repairing": [], "unrepairable": []}
-    for name, blake3 in sorted(views.file_holders(site.reader, site.id).items()):
-        pkg = views.package(site.reader, name)
+    for key, blake3 in sorted(views.file_holders(site.reader, site.id).items()):
+        pkg = views.package(site.reader, key)
         if pkg is None or pkg["blake3"] != blake3:
             continue  # a conflict loser being replaced: the replicator owns it
+        name = pkg["name"]  # the spelling shown; the store and the read model fold it
         path = site.store.path(name)
         report["checked"] += 1
         try:

@@ -30,6 +30,7 @@ from odst.bus.service import consume
 from odst.bus.streams import ensure_key_value, ensure_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
+from odst.naming import name_key
 from odst.projections import views
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
@@ -167,7 +168,8 @@ class Replicator:
             log.warning("malformed work item dropped")
             return
         key = (name, blake3)
-        row = self.site.reader.execute("SELECT * FROM packages WHERE name=? AND blake3=?", (name, blake3)).fetchone()
+        row = self.site.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
+                                       (name_key(name), blake3)).fetchone()
         if row is None or key in self.tasks or (name, blake3) not in {
                 (r["name"], r["blake3"]) for r in views.wanted(self.site.reader, self.site.id,
                                                                self.site.accepted_stages)}:
@@ -200,8 +202,9 @@ class Replicator:
                 log.warning("could not renew the pull's lease", package=blake3, error=f"{type(exc).__name__}")
 
     def remove_deleted(self) -> None:
-        """Files whose name no longer has any live content were deleted somewhere: remove them."""
-        live = views.live_names(self.site.reader)
+        """Files whose name no longer has any live content were deleted somewhere: remove them
+        (files are named by key, naming.name_key)."""
+        live = views.live_keys(self.site.reader)
         store = self.site.store
         for p in store.packages.iterdir():
             if p.name in live or store.is_publishing(p.name):
@@ -219,12 +222,15 @@ class Replicator:
         here again and pulled from the sites that hold it. Returns the names."""
         missing = []
         store, reader = self.site.store, self.site.reader
-        for name, blake3 in sorted(views.file_holders(reader, self.site.id).items()):
-            if (name, blake3) in self.tasks or store.is_publishing(name) or store.path(name).exists():
+        for key, blake3 in sorted(views.file_holders(reader, self.site.id).items()):
+            if store.is_publishing(key) or store.path(key).exists():
                 continue
-            pkg = views.package(reader, name)
+            pkg = views.package(reader, key)
             if pkg is None or pkg["blake3"] != blake3:
                 continue  # a conflict loser being replaced: the pull in progress owns it
+            name = pkg["name"]
+            if (name, blake3) in self.tasks:
+                continue
             log.warning("stored package missing; pulling it again from peers", package=name)
             try:
                 await self.site.append(ev.PackageTransferFailed(
