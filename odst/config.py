@@ -41,6 +41,7 @@ class Settings:
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
+    withdraw_grace_s: int = 3600  # a held package whose stage this site stops accepting is not served at once; its file goes this long after (a demotion undone within it costs no re-pull)
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])
@@ -129,6 +130,8 @@ class Settings:
             raise ConfigError("http_header_timeout_s must be more than 0 and at most 300")
         if not 1 <= self.http_keepalive_s <= 3600:
             raise ConfigError("http_keepalive_s must be between 1 and 3600")
+        if self.withdraw_grace_s < 0:
+            raise ConfigError("withdraw_grace_s must be 0 or more seconds")
         if self.stream_replicas not in (1, 3, 5):
             raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
         if self.stream_replicas > 1 and not self.nats:

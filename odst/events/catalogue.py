@@ -63,6 +63,15 @@ class PackageTransferFailed(Event, tag=True):
     reason: str
 
 
+class PackageWithdrawn(Event, tag=True):
+    """This site removed its copy of a content whose stage it no longer accepts (demoted, or the
+    site's accepted stages changed), once the grace period had passed; pulled again if accepted."""
+
+    name: str
+    blake3: str
+    reason: str
+
+
 class PackageStaged(Event, tag=True):
     """A package's stage changed (e.g. promoted from test to prod)."""
 
@@ -232,7 +241,7 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
-            | NatsCredentialCreated | NatsCredentialRevoked)
+            | NatsCredentialCreated | NatsCredentialRevoked | PackageWithdrawn)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -260,4 +269,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     NatsCredentialRevoked,
     PeerLogDiverged,
     PeerLogRestored,
+    PackageWithdrawn,
 )

@@ -99,7 +99,8 @@ class PackageController(Controller):
         site: Site = request.app.state.site
         items = [_with_local_transfer(site, p)
                  for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
-        return {"packages": items, "count": len(items)}
+        # spellings that were two packages before names compared as on a Mac: shown, not merged
+        return {"packages": items, "count": len(items), "name_collisions": views.name_collisions(site.reader)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str) -> dict[str, Any]:

@@ -255,6 +255,10 @@ def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, folder) -> Non
     _available(c, e.name, e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
 
 
+def _package_withdrawn(c, env, e: ev.PackageWithdrawn, folder) -> None:
+    _available(c, e.name, e.blake3, env.origin, "withdrawn", e.reason, clock(env.ts, env.origin))
+
+
 def _package_staged(c, env, e: ev.PackageStaged, folder) -> None:
     c.execute("INSERT OR IGNORE INTO stage_changes(key, clock, stage) VALUES (?,?,?)",
               (name_key(e.name), clock(env.ts, env.origin), e.stage))
@@ -390,6 +394,7 @@ _HANDLERS = {
     ev.PackageAvailable: _package_available,
     ev.PackageTransferFailed: _package_transfer_failed,
     ev.PackageStaged: _package_staged,
+    ev.PackageWithdrawn: _package_withdrawn,
     ev.PackageDeleted: _package_deleted,
     ev.PeerInvited: _peer_invited,
     ev.PeerRegistered: _peer_registered,

@@ -186,6 +186,17 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlit
         " AND a.status='available') ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
 
 
+def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
+    """Current packages this site holds (as available) whose stage it does not accept: not served
+    here (servable), their files withdrawn after the grace period. ``updated_at``: when the
+    package last changed (upload or stage), in ms."""
+    marks = ",".join("?" * len(stages))
+    return conn.execute(
+        "SELECT p.key, p.name, p.blake3, p.stage, p.updated_at FROM packages p JOIN availability a"
+        " ON a.key=p.key AND a.blake3=p.blake3 AND a.site=? AND a.status='available'"
+        f" WHERE p.stage NOT IN ({marks}) ORDER BY p.name", (site, *stages)).fetchall()
+
+
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
     """Other trusted sites that hold a verified copy of this content."""
     return [r[0] for r in conn.execute(

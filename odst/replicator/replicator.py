@@ -68,6 +68,8 @@ class Replicator:
         self._leases = None
         self.lease_s = float(max(3, site.settings.replication_lease_s))
         self._missing_checked = -1e9
+        self._started_ms = int(time.time() * 1000)
+        self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
 
     async def start(self) -> None:
         self.http = http_session()
@@ -115,6 +117,7 @@ class Replicator:
 
     async def reconcile(self) -> None:
         self.remove_deleted()
+        await self.withdraw_unaccepted()
         if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
             self._missing_checked = time.monotonic()
             await self.repull_missing()
@@ -214,6 +217,46 @@ class Replicator:
         for p in store.tmp.glob("*.repl"):
             if p.stem not in {k[1] for k in self.tasks} and not views.content_is_live(self.site.reader, p.stem):
                 p.unlink(missing_ok=True)
+
+    async def withdraw_unaccepted(self) -> list[str]:
+        """Held packages whose stage this site no longer accepts (a demotion, or a change of the
+        accepted stages) are not served from the moment the read model says so (views.servable);
+        their files are removed once ``withdraw_grace_s`` has passed since the later of that
+        change and this process's start, and PackageWithdrawn records it, so that a promotion
+        pulls the package again. Within the grace period a promotion serves the kept file at
+        once. A file no other site holds is kept (not served): removing it would lose the
+        content. Returns the names withdrawn."""
+        stages = self.site.accepted_stages
+        rows = views.unaccepted_held(self.site.reader, self.site.id, stages)
+        if not rows:
+            return []
+        grace_ms = self.site.settings.withdraw_grace_s * 1000
+        chosen = views.site_setting(self.site.reader, "accepted_stages")
+        changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
+        now_ms = int(time.time() * 1000)
+        withdrawn = []
+        for row in rows:
+            if now_ms - max(changed_ms, row["updated_at"]) < grace_ms or (row["name"], row["blake3"]) in self.tasks:
+                continue
+            if not views.sources(self.site.reader, row["key"], row["blake3"], self.site.id):
+                if (row["key"], row["blake3"]) not in self._kept_alone:
+                    self._kept_alone.add((row["key"], row["blake3"]))
+                    log.warning("package not accepted here but held nowhere else: file kept, not served",
+                                package=row["name"], stage=row["stage"])
+                continue
+            reason = f"stage {row['stage']} is not accepted here (accepts {', '.join(stages) or 'none'})"
+            try:
+                await self.site.append(ev.PackageWithdrawn(name=row["name"], blake3=row["blake3"], reason=reason),
+                                       actor="replicator")
+            except AppendFailed as exc:
+                log.warning("could not record a withdrawal; retrying later", package=row["name"], error=str(exc))
+                break
+            self._kept_alone.discard((row["key"], row["blake3"]))
+            if not self.site.store.is_publishing(row["key"]):
+                self.site.store.remove(row["key"])
+            log.info("withdrawn package removed", package=row["name"], stage=row["stage"])
+            withdrawn.append(row["name"])
+        return withdrawn
 
     async def repull_missing(self) -> list[str]:
         """Files the log says this site holds but the store lacks (a site restored by

@@ -7,7 +7,7 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
-  'NatsCredentialCreated', 'NatsCredentialRevoked',
+  'NatsCredentialCreated', 'NatsCredentialRevoked', 'PackageWithdrawn',
 ];
 
 export function summary(item, ctx) {
@@ -18,6 +18,7 @@ export function summary(item, ctx) {
     case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
+    case 'PackageWithdrawn': return `${site(item.origin)} removed its copy of ${e.name}: ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;

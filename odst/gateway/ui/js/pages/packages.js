@@ -13,6 +13,7 @@ const COLUMNS = [
 
 export const STATUS_WORDS = {
   available: 'available', downloading: 'downloading', pending: 'waiting to download', failed: 'failed',
+  withdrawn: 'withdrawn',
 };
 
 // A site that does not replicate the package's stage is not missing it.
@@ -24,6 +25,10 @@ export function siteStatus(pkg, site, accepted = null) {
   const a = pkg.availability ? pkg.availability[site] : null;
   if (!a && accepted && !accepted.includes(pkg.stage)) return { status: 'skipped', words: `not replicated (accepts ${accepted.join(', ')})` };
   if (!a) return { status: 'absent', words: 'not held' };
+  // demoted out of the stages a site accepts: not served there; the file goes after a grace period
+  if (a.status === 'available' && accepted && !accepted.includes(pkg.stage)) {
+    return { status: 'skipped', words: `withdrawn: not served (accepts ${accepted.join(', ')})` };
+  }
   let words = STATUS_WORDS[a.status] || a.status;
   if (a.status === 'downloading' && a.chunks_total) words += ` ${Math.floor((100 * a.chunks_done) / a.chunks_total)} %`;
   if (a.status === 'failed' && a.detail) words += `: ${a.detail}`;
@@ -69,6 +74,7 @@ export function mount(main, ctx) {
   const stageFilter = select([['', 'All stages'], ...stages], view.stage);
   const count = h('p', { class: 'count', 'aria-live': 'polite' });
   const errors = h('div', {});
+  const collisions = h('div', {});
   const body = h('div', { class: 'table-wrap' });
 
   append(main,
@@ -76,7 +82,7 @@ export function mount(main, ctx) {
       canWrite ? h('a', { href: '#/upload', class: 'button' }, 'Upload a package') : null),
     h('div', { class: 'toolbar', role: 'search' },
       field('Search', search).row, field('Stage', stageFilter).row, count),
-    errors, body);
+    errors, collisions, body);
 
   function visible() {
     const q = view.q.trim().toLowerCase();
@@ -204,12 +210,24 @@ export function mount(main, ctx) {
       packages = data.packages;
       loaded = true;
       replace(errors);
+      showCollisions(data.name_collisions || []);
       render();
       schedulePoll();
     } catch (err) {
       if (err.name === 'AbortError') return;
       replace(errors, messageBox('error', `Could not load the packages: ${errorText(err)}`));
     }
+  }
+
+  // Spellings that are one name on a Mac (case, Unicode normalisation) but were two packages
+  // before names compared that way: one is served, the others are reported until resolved.
+  function showCollisions(list) {
+    if (!list.length) { replace(collisions); return; }
+    replace(collisions, messageBox('warning',
+      h('strong', {}, `${plural(list.length, 'name')} spelled more than one way`),
+      ' (a Mac does not tell these apart; the first spelling is served, delete the others or re-upload them under another name):',
+      h('ul', {}, ...list.map((c) => h('li', {}, `${c.kept} is served; also: `,
+        c.others.map((o) => `${o.name} (${o.same_content ? 'same content' : 'other content'})`).join(', '))))));
   }
 
   // Downloads in progress here report progress without events: poll only while one runs.
