@@ -197,6 +197,18 @@ def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str]) -> l
         f" WHERE p.stage NOT IN ({marks}) ORDER BY p.name", (site, *stages)).fetchall()
 
 
+def replaced_held(conn: sqlite3.Connection, site: str) -> list[sqlite3.Row]:
+    """Live contents this site still says it holds although it holds its key's current package:
+    the key's one file holds the current content, so those claims are stale (a conflict loser
+    replaced here, or spellings an older log held as two packages)."""
+    return conn.execute(
+        "SELECT c.key, c.name, c.blake3 FROM availability a JOIN live_contents c ON c.key=a.key"
+        " AND c.blake3=a.blake3 JOIN packages p ON p.key=a.key AND p.blake3<>a.blake3"
+        " WHERE a.site=? AND a.status='available' AND EXISTS (SELECT 1 FROM availability h"
+        " WHERE h.key=p.key AND h.blake3=p.blake3 AND h.site=a.site AND h.status='available')"
+        " ORDER BY c.key, c.blake3", (site,)).fetchall()
+
+
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
     """Other trusted sites that hold a verified copy of this content."""
     return [r[0] for r in conn.execute(
@@ -246,10 +258,14 @@ def replicated_state(conn: sqlite3.Connection) -> list[list]:
 
 def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
     """key -> blake3 of the content this site has said it holds under that key, if still live
-    (the key is also the file's name in the store)."""
+    (the key is also the file's name in the store). Where it said so of several contents of one
+    key (spellings an older log held as two packages), the current package's: the one file
+    holds that."""
     return {r[0]: r[1] for r in conn.execute(
         "SELECT a.key, a.blake3 FROM availability a JOIN live_contents c ON c.key=a.key"
-        " AND c.blake3=a.blake3 WHERE a.site=? AND a.status='available'", (site,))}
+        " AND c.blake3=a.blake3 WHERE a.site=? AND a.status='available'"
+        " ORDER BY a.key, EXISTS (SELECT 1 FROM packages p WHERE p.key=a.key AND p.blake3=a.blake3)",
+        (site,))}
 
 
 def live_keys(conn: sqlite3.Connection) -> set[str]:

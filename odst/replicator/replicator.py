@@ -118,6 +118,7 @@ class Replicator:
     async def reconcile(self) -> None:
         self.remove_deleted()
         await self.withdraw_unaccepted()
+        await self.retract_replaced()
         if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
             self._missing_checked = time.monotonic()
             await self.repull_missing()
@@ -257,6 +258,20 @@ class Replicator:
             log.info("withdrawn package removed", package=row["name"], stage=row["stage"])
             withdrawn.append(row["name"])
         return withdrawn
+
+    async def retract_replaced(self) -> None:
+        """Say that this site no longer holds contents its key's file no longer holds (the current
+        package replaced them), so that no one pulls them from here and, should one of them become
+        current again, it is pulled again rather than served from a file with other bytes."""
+        for row in views.replaced_held(self.site.reader, self.site.id):
+            try:
+                await self.site.append(ev.PackageWithdrawn(
+                    name=row["name"], blake3=row["blake3"],
+                    reason="replaced here by the current content of that name"), actor="replicator")
+            except AppendFailed as exc:
+                log.warning("could not record a replaced content; retrying later", package=row["name"],
+                            error=str(exc))
+                return
 
     async def repull_missing(self) -> list[str]:
         """Files the log says this site holds but the store lacks (a site restored by
