@@ -41,7 +41,7 @@ class Settings:
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
-    withdraw_grace_s: int = 3600  # a held package whose stage this site stops accepting is not served at once; its file goes this long after (a demotion undone within it costs no re-pull)
+    withdraw_grace_s: int = 3600  # a held package whose stage this site no longer accepts is not served from then on; its file goes this long after (a demotion undone within it costs no re-pull)
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])

@@ -11,7 +11,9 @@ import asyncio
 import base64
 import hmac
 import os
+import re
 import time
+from urllib.parse import quote
 
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
@@ -47,6 +49,19 @@ def _authorised(settings, headers: dict[bytes, bytes]) -> bool:
         return False
     return (hmac.compare_digest(user.encode("utf-8"), settings.download_user.encode("utf-8"))
             & hmac.compare_digest(password.encode("utf-8"), settings.download_password.encode("utf-8")))
+
+
+_ACCEL = re.compile(r"/[A-Za-z0-9_/-]*/")
+
+
+def _accel_location(headers: dict[bytes, bytes]) -> str | None:
+    """The internal location of the store in an nginx in front (deploy/nginx/odst.conf sets
+    ``X-ODST-Accel-Redirect: /_odst_store/`` on the distribution point's requests, replacing
+    any a client sent). With it the gateway still decides (any spelling of the name, download
+    auth, the stage rule) and answers with ``X-Accel-Redirect``; nginx sends the file. A client
+    that sends the header itself straight to the gateway only gets that answer back."""
+    value = headers.get(b"x-odst-accel-redirect", b"").decode("latin-1")
+    return value if _ACCEL.fullmatch(value) else None
 
 
 def make_download_app(site, prefixes: list[str]):
@@ -97,6 +112,13 @@ def make_download_app(site, prefixes: list[str]):
         row = views.servable(site.reader, name, site.id, site.accepted_stages)
         if row is None:
             await _simple(send, 404, "no such package\n")
+            return
+        accel = _accel_location(headers)
+        if accel:  # nginx in front sends the file, which the store names by key (Store.path)
+            await send({"type": "http.response.start", "status": 200, "headers": _headers([
+                ("x-accel-redirect", accel + quote(row["key"])),
+                ("content-type", "application/octet-stream"), ("content-length", "0")])})
+            await send({"type": "http.response.body", "body": b""})
             return
         try:
             fd = os.open(site.store.path(name), os.O_RDONLY)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
+import shutil
 import unicodedata
 from urllib.parse import quote
 
@@ -21,7 +23,8 @@ from odst.events.signing import SiteKey
 from odst.naming import name_key
 from odst.store.hashing import manifest_of
 from harness.wait import wait_until
-from tests.conftest import all_events, run_odst, site_nats, upload_bytes
+from tests.conftest import all_events, free_port, run_odst, site_nats, upload_bytes
+from tests.system.test_deploy import nginx_in_front
 from tests.system.test_audit import audit
 
 pytestmark = pytest.mark.timeout(120)
@@ -154,3 +157,26 @@ def test_spellings_an_older_log_holds_as_two_packages_are_reported_after_a_rebui
         assert c.get("/api/v1/packages").json()["name_collisions"] == []
         for spelling in ("OFFLINE.PKG", "Offline.pkg"):
             assert httpx.get(site.url + path(spelling)).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_behind_the_shipped_nginx_any_spelling_is_served_and_the_gateway_decides(make_site, tmp_path):
+    """nginx sends the file, the gateway finds it (any spelling, the stage rule, download auth)."""
+    site = make_site(env={"ODST_ACCEPT_STAGES": "prod"}).start()
+    body = os.urandom(2 * MiB + 3)
+    with site.client() as c:
+        assert upload_bytes(c, quote(NFC), body).status_code == 201
+    (tmp_path / "nginx").mkdir()
+    with nginx_in_front(tmp_path / "nginx", site.data / "store" / "packages", site.url, free_port()) as base:
+        for spelling in (NFC, NFD, NFC.upper()):
+            r = httpx.get(base + path(spelling), timeout=30)
+            assert r.status_code == 200 and r.content == body, ascii(spelling)
+            assert re.fullmatch(r'"[0-9a-f]+-[0-9a-f]+"', r.headers["etag"])  # nginx's: nginx sent it
+        r = httpx.get(base + path(NFD, "/Packages"), headers={"Range": "bytes=5-9"})
+        assert r.status_code == 206 and r.content == body[5:10]
+        with site.client() as c:  # demoted out of the stages this site serves: 404 through nginx too
+            assert c.patch(f"/api/v1/packages/{quote(NFC)}", json={"stage": "test"}).status_code == 200
+        assert httpx.get(base + path(NFC)).status_code == 404
+        # the header that asks the gateway for a redirect does not reach past nginx's own value
+        r = httpx.get(base + "/Packages/x.pkg", headers={"X-ODST-Accel-Redirect": "/etc/"})
+        assert r.status_code == 404
