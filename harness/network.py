@@ -400,12 +400,13 @@ class Network:
 
     def upload(self, site: Site | str, name: str, size: int | None = None, *, data: bytes | None = None,
                stage: str | None = None, seed: int | str | None = None, ok=(201,),
-               same_content: bool = True) -> dict:
+               same_content: bool = True, replace: bool = False) -> dict:
         """PUT a package (``size`` deterministic pseudo-random bytes, or ``data``); returns the answer's
         package JSON plus ``sent``: size, sha1 and blake3 of the bytes actually sent.
 
         With ``same_content`` (the default) the answer must describe the bytes sent; a racing
         same-name upload elsewhere may legitimately win the name, so a conflict story turns it off.
+        ``replace`` replaces the package of that name (PUT ?replace=true).
         """
         s = self[site]
         if data is None and size is None:
@@ -421,7 +422,9 @@ class Network:
                 yield block
 
         params = {"stage": stage} if stage else {}
-        with self.step(f"upload {name} ({_fmt_size(total)}{', stage ' + stage if stage else ''}) at {s.name}"):
+        if replace:
+            params["replace"] = "true"
+        with self.step(f"{'replace' if replace else 'upload'} {name} ({_fmt_size(total)}{', stage ' + stage if stage else ''}) at {s.name}"):
             t0 = time.monotonic()
             try:
                 r = self._http.put(f"{s.url}/api/v1/packages/{quote(name, safe='')}", content=body(),

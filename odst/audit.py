@@ -22,11 +22,12 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 
+from odst.bootstrap import site_broker
 from odst.bus import connect, until_ready
-from odst.bus.embedded import BrokerConfig, BrokerError, EmbeddedBroker
+from odst.bus.embedded import BrokerError, EmbeddedBroker
 from odst.bus.identity import client_seed_path, load_or_create_client_seed, public_key_of_seed, read_seed
 from odst.config import Settings
-from odst.datadir import DataDirLock, SiteBusy, key_path, read_model_path, run_dir, running_info
+from odst.datadir import DataDirLock, SiteBusy, key_path, read_model_path, running_info
 from odst.events.log import EVENTS_STREAM, expected_settings, read_stream
 from odst.events.signing import SiteKey
 from odst.events.watch import Recorded, assess
@@ -124,11 +125,7 @@ class LogAccess:
             # only the site's own client key may use the broker we start (made now if this data
             # directory lost it, as before `odst recover`)
             seed = load_or_create_client_seed(self.data)
-            auth = f'authorization {{ users: [ {{ nkey: "{public_key_of_seed(seed)}" }} ] }}'
-            self.broker = EmbeddedBroker(
-                BrokerConfig(site=self.key.site_id, store_dir=self.data / "nats",
-                             sync_interval=self.settings.sync_interval, extra=auth),
-                run_dir(self.data))
+            self.broker = site_broker(self.settings, self.key, private_for=public_key_of_seed(seed))
             try:
                 self.url = self.broker.start()
             except BrokerError as exc:
@@ -184,7 +181,7 @@ async def stream_problems(access: LogAccess, live: sqlite3.Connection | None) ->
     return out
 
 
-async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | None = None) -> apply.Folder:
+async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | None = None) -> apply.ReadModelWriter:
     """Fold every stream from its first message into a fresh read model.
 
     The site's own stream goes first; a peer's mirror is replayed once the key
@@ -192,10 +189,10 @@ async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | N
     after its PeerRegistered was projected). Missing messages are not waited for.
     """
     conn = db.open_read_model(target)
-    folder = apply.Folder(conn, {access.key.site_id: access.key.public_key})
+    writer = apply.ReadModelWriter(conn, {access.key.site_id: access.key.public_key})
     pending = await access.streams()
     while pending:
-        ready = [s for s in pending if s == EVENTS_STREAM or folder.key_for(s.removeprefix("PEER_"))]
+        ready = [s for s in pending if s == EVENTS_STREAM or writer.key_for(s.removeprefix("PEER_"))]
         batch = ready or pending  # whatever is left has no known key: replay it to record that
         for stream in batch:
             pending.remove(stream)
@@ -207,10 +204,10 @@ async def replay_into(access: LogAccess, target: Path, until: dict[str, int] | N
             if not state.messages or end < state.first_seq:
                 continue
             async for msg in read_stream(access.js, stream, state.first_seq, until_seq=end, idle_timeout=30):
-                folder.fold(msg)
+                writer.fold(msg)
             if ready:
                 break  # re-evaluate: this stream may vouch for others
-    return folder
+    return writer
 
 
 def _quarantine_report(conn: sqlite3.Connection, report: AuditReport) -> None:
@@ -273,8 +270,8 @@ async def _audit(settings: Settings, report: AuditReport) -> None:
             report.violations += found
             damaged = damaged or bool(found)
         with tempfile.TemporaryDirectory(prefix="odst-audit-") as tmp:
-            folder = await replay_into(access, Path(tmp) / "rebuild.sqlite")
-            conn = folder.conn
+            writer = await replay_into(access, Path(tmp) / "rebuild.sqlite")
+            conn = writer.conn
             report.events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             report.sites = conn.execute("SELECT count(*) FROM sites").fetchone()[0]
             report.packages = conn.execute("SELECT count(*) FROM packages").fetchone()[0]
@@ -359,21 +356,21 @@ async def run_rebuild(settings: Settings, *, force: bool = False, notes: list[st
         fd, tmp = tempfile.mkstemp(prefix="read-model.", suffix=".rebuild", dir=data)
         os.close(fd)
         os.unlink(tmp)
-        folder = None
+        writer = None
         try:
-            folder = await replay_into(access, Path(tmp))
-            count = folder.conn.execute("SELECT count(*) FROM events").fetchone()[0]
-            changes = principal_changes(before, _principals(folder.conn, access.key.site_id))
+            writer = await replay_into(access, Path(tmp))
+            count = writer.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            changes = principal_changes(before, _principals(writer.conn, access.key.site_id))
             if changes and not force:
                 raise RebuildRefused("the rebuilt read model would change who can sign in:\n"
                                      + "\n".join(f"  - {c}" for c in changes)
                                      + "\nrecover the log from a peer (odst recover), or pass --force")
             notes += [f"accepted: {c}" for c in changes]
-            folder.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            folder.conn.close()
+            writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            writer.conn.close()
         except BaseException:
-            if folder is not None:
-                folder.conn.close()
+            if writer is not None:
+                writer.conn.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(tmp + suffix).unlink(missing_ok=True)
             raise

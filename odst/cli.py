@@ -15,7 +15,7 @@ from odst.bus.embedded import _set_pdeathsig
 from odst.bus.external import NatsConfigError, write_nats_config
 from odst.bus.identity import write_secret
 from odst.client import Client, ClientError
-from odst.config import ConfigError, load
+from odst.config import ConfigError, load, settings_env
 from odst.datadir import SiteBusy, key_path
 from odst.events.signing import SiteKey
 from odst.logs import configure
@@ -100,8 +100,9 @@ def cmd_serve(args, roles=None) -> int:
                     signal.signal(sig, handler)
 
     # deferred: only the commands that serve load the site and Litestar (~0.6 s of imports `odst upload` skips)
+    from odst.bootstrap import build, gateway_context
     from odst.gateway.app import create_app
-    from odst.site import ALL_ROLES, Site
+    from odst.site import ALL_ROLES
     roles = roles or ALL_ROLES
     _fewer_malloc_arenas()
 
@@ -110,26 +111,32 @@ def cmd_serve(args, roles=None) -> int:
                          leaf_remotes=args.leaf_remote or None, public_url=args.public_url,
                          accept_stages=args.accept_stage or None)
     configure(settings.log_format, settings.log_level)
+    if "gateway" in roles:  # a port that is not ours fails here, before the data directory is made
+        from odst.gateway import listener
+        try:
+            listener.check(settings.data, settings.http_host, settings.http_port)
+        except (listener.PortTaken, listener.AddressInvalid) as exc:
+            print(f"odst: {exc}", file=sys.stderr)
+            return 2
     _private_data_dir(settings.data)
 
     async def main() -> int:
-        site = Site(settings)
         try:
-            await site.open(roles=roles)
+            site = await build(settings, roles)
         except SiteBusy as exc:
             print(f"odst: {exc}", file=sys.stderr)
             return 2
-        except BaseException:
-            await site.close()
-            raise
         if "gateway" not in roles:
             return await _run_until_signalled(site)
+        from odst.gateway.listener import AddressInvalid, PortTaken, listen
         helpers = []
+        bound = None
         try:
-            sock = _listen(settings.http_host, settings.http_port)
+            bound = listen(settings.data, settings.http_host, settings.http_port)
+            sock = bound.socket
             if roles == ALL_ROLES and settings.http_workers > 1:
                 helpers = _start_gateway_helpers(settings, site.nats_url, settings.http_workers - 1)
-            config = uvicorn.Config(create_app(site), loop="none", http=_http_protocol(settings), ws="none",
+            config = uvicorn.Config(create_app(gateway_context(site)), loop="none", http=_http_protocol(settings), ws="none",
                                     lifespan="off", access_log=False, log_config=None,
                                     timeout_keep_alive=settings.http_keepalive_s, timeout_graceful_shutdown=10,
                                     # only a listed proxy may name the client (sign-in limits count per address)
@@ -142,11 +149,16 @@ def cmd_serve(args, roles=None) -> int:
                   file=sys.stderr, flush=True)
             await server.serve(sockets=[sock])
             return site.exit_code or (0 if server.started else 1)
+        except (PortTaken, AddressInvalid) as exc:
+            print(f"odst: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"odst: cannot listen on {settings.http}: {exc.strerror or exc}", file=sys.stderr)
             return 2
         finally:
             _stop_processes(helpers)
+            if bound is not None:
+                bound.close()
             await site.close()
 
     return _run(main())
@@ -184,21 +196,6 @@ def _private_data_dir(data: Path) -> None:
                   file=sys.stderr)
 
 
-def _listen(host: str, port: int):
-    """The gateway's socket, with SO_REUSEPORT so several gateway processes share the port
-    (the kernel spreads connections across them)."""
-    import socket
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host.strip("[]"), port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
     """`odst serve` with http_workers > 1: more gateway processes on the same port and broker."""
     import os
@@ -206,7 +203,8 @@ def _start_gateway_helpers(settings, nats_url: str, n: int) -> list:
 
     cmd = [sys.executable, "-m", "odst", "gateway", "--data", str(settings.data), "--nats", nats_url,
            "--http", settings.http]
-    env = {**os.environ, "ODST_HTTP_WORKERS": "1"}
+    # the helpers run with this process's settings (flags included: --site-name, --context, ...)
+    env = {**os.environ, **settings_env(settings), "ODST_HTTP_WORKERS": "1"}
     return [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=_set_pdeathsig)
             for _ in range(n)]
 
@@ -266,20 +264,79 @@ def cmd_upload(args) -> int:
     if not path.is_file():
         print(f"odst: {path} is not a file", file=sys.stderr)
         return 2
-    pkg = Client(args.server, args.token).upload(path, args.name or path.name, args.stage,
-                                                 progress=not args.quiet)
-    print(json.dumps({k: pkg[k] for k in ("name", "size", "sha1", "sha512", "stage")}, indent=2))
+    pkg, new = Client(args.server, args.token).upload(path, args.name or path.name, args.stage,
+                                                      progress=not args.quiet, replace=args.replace)
+    out = {k: pkg[k] for k in ("name", "size", "sha1", "sha512", "stage")}
+    out["result"] = "uploaded" if new else "identical"  # identical: these bytes were already there
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    print(f"odst: {pkg['name']}: " + ("new content uploaded" if new else
+                                      "identical to the content already stored under this name; nothing changed"),
+          file=sys.stderr)
     return 0
 
 
+def _site_names(c: Client) -> dict[str, str]:
+    """Site id -> the site's name, for this site and its peers (a site without a name keeps its id)."""
+    me = c.request("GET", "/api/v1/site")
+    names = {me["site"]: me.get("name") or ""}
+    for p in c.request("GET", "/api/v1/peers")["peers"]:
+        names.setdefault(p["site"], p.get("name") or "")
+    return names
+
+
+def _site_label(names: dict[str, str], site: str) -> str:
+    return names.get(site) or site
+
+
+def _table(headers: list[str], rows: list[list]) -> None:
+    """Tab-separated rows under a header line: columns for people, `cut -f` for scripts."""
+    print("\t".join(headers))
+    for row in rows:
+        print("\t".join(str(x) for x in row))
+
+
 def cmd_packages(args) -> int:
-    out = Client(args.server, args.token).request("GET", "/api/v1/packages")
+    c = Client(args.server, args.token)
+    out = c.request("GET", "/api/v1/packages")
     if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for p in out["packages"]:
-            sites = ",".join(s for s, a in p["availability"].items() if a["status"] == "available")
-            print(f"{p['name']}\t{p['size']}\t{p['stage']}\t{p['sha1']}\t{sites}")
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    names = _site_names(c) if out["packages"] else {}
+    cols = ["NAME", "SIZE", "STAGE", "SHA1"] + (["SHA512"] if args.sha512 else []) + ["AVAILABLE AT"]
+    rows = []
+    for p in out["packages"]:
+        sites = ",".join(_site_label(names, s) for s, a in p["availability"].items() if a["status"] == "available")
+        rows.append([p["name"], p["size"], p["stage"], p["sha1"]] + ([p["sha512"]] if args.sha512 else [])
+                    + [sites or "-"])
+    if not rows:
+        print("no packages", file=sys.stderr)
+        return 0
+    _table(cols, rows)
+    return 0
+
+
+def cmd_package(args) -> int:
+    """One package in full: the hashes Jamf asks for (SHA-512, MD5 is not kept), stage and copies."""
+    from urllib.parse import quote
+
+    c = Client(args.server, args.token)
+    p = c.request("GET", f"/api/v1/packages/{quote(args.name, safe='')}")
+    if args.json:
+        print(json.dumps(p, indent=2, ensure_ascii=False))
+        return 0
+    names = _site_names(c)
+    uploaded = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(p["uploaded_at"] / 1000)) if p.get("uploaded_at") else "-"
+    for label, value in (("name", p["name"]), ("stage", p["stage"]), ("size", f"{p['size']} bytes"),
+                         ("sha512", p["sha512"]), ("sha1", p["sha1"]), ("blake3", p["blake3"]),
+                         ("chunks", len(p.get("chunks") or [])), ("uploaded", uploaded),
+                         ("uploaded by", p.get("uploaded_by") or "-")):
+        print(f"{label + ':':<13}{value}")
+    print("copies:")
+    for site, a in p["availability"].items():
+        extra = f" ({a['detail']})" if a.get("detail") else ""
+        print(f"  {_site_label(names, site)}\t{a['status']}{extra}")
+    if not p["availability"]:
+        print("  none yet")
     return 0
 
 
@@ -287,7 +344,7 @@ def cmd_delete(args) -> int:
     from urllib.parse import quote
 
     print(json.dumps(Client(args.server, args.token).request(
-        "DELETE", f"/api/v1/packages/{quote(args.name, safe='')}")))
+        "DELETE", f"/api/v1/packages/{quote(args.name, safe='')}"), ensure_ascii=False))
     return 0
 
 
@@ -297,6 +354,37 @@ def cmd_stage(args) -> int:
     out = Client(args.server, args.token).request(
         "PATCH", f"/api/v1/packages/{quote(args.name, safe='')}", json={"stage": args.stage})
     print(f"{out['name']}: stage {out['stage']}")
+    return 0
+
+
+def cmd_jamf(args) -> int:
+    """odst jamf …: the running site does the work with its Jamf Pro credentials (admin token)."""
+    client = Client(args.server, args.token)
+    if args.jamf_cmd == "check-connection":
+        out = client.request("POST", "/api/v1/jamf/check-connection")
+        print(f"Jamf Pro {out.get('version') or '(version unknown)'} at {out['url']}: connected ({out['auth']})")
+    elif args.jamf_cmd == "register-dp":
+        out = client.request("POST", "/api/v1/jamf/distribution-points",
+                             json={"all_sites": args.all_sites, "failover": args.failover or ""})
+        for dp in out["distribution_points"]:
+            print(f"{dp['action']:8} {dp['name']} (id {dp['record_id']}, {dp['api']} API): {dp['url']}")
+    elif args.jamf_cmd == "sync":
+        out = client.request("POST", "/api/v1/jamf/sync", json={"dry_run": not args.apply})
+        for a in out["actions"]:
+            verb = ("would " if out["dry_run"] and a["action"] != "failed" else "") + a["action"]
+            print(f"{verb:16} {a['name']}" + (f" (record {a['record_id']})" if a.get("record_id") else "")
+                  + (f" {a['hash_type']} {a['hash_value'][:16]}…" if a.get("hash_value") else "")
+                  + (f": {a['detail']}" if a.get("detail") else ""))
+        if not out["actions"]:
+            print("nothing to do: every record is in sync")
+    elif args.jamf_cmd == "check":
+        out = client.request("POST", "/api/v1/jamf/check")
+        for p in out["packages"]:
+            extra = f" (expected {p['expected'][:16]}…, Jamf Pro has {p['found'][:16] or '-'})" \
+                if p["state"] == "hash_differs" else (f": {p['detail']}" if p.get("detail") else "")
+            print(f"{p['state']:13} {p['name']}" + (f" record {p['record_id']}" if p.get("record_id") else "") + extra)
+        print(f"{out['drift']} of {len(out['packages'])} packages drift from Jamf Pro")
+        return 1 if out["drift"] else 0
     return 0
 
 
@@ -319,7 +407,11 @@ def cmd_peer(args) -> int:
     else:
         out = c.request("GET", "/api/v1/peers")
         if args.json:
-            print(json.dumps(out, indent=2))
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+            return 0
+        if not out["peers"]:
+            print("no peers: this site shares packages with no other site yet "
+                  "(odst peer invite here, then odst peer join <token> on the other site)")
         for p in out["peers"]:
             link = p["link"]
             print(f"{p['site']}\t{p['name'] or '-'}\t{link.get('link')}\tlag={link.get('lag')}\t"
@@ -432,13 +524,18 @@ def cmd_credentials(args) -> int:
 
 
 def cmd_state(args) -> int:
-    out = Client(args.server, args.token).request("GET", "/api/v1/state")
+    c = Client(args.server, args.token)
+    out = c.request("GET", "/api/v1/state")
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    print(f"site {out['site']}  digest {out['digest']}")
+    names = _site_names(c)
+    own = names.get(out["site"])
+    print(f"site {own + ' (' + out['site'] + ')' if own else out['site']}  digest {out['digest']}")
     for p in out["packages"]:
-        print(f"  {p['name']}\t{p['stage']}\t{','.join(p['available_at'])}")
+        print(f"  {p['name']}\t{p['stage']}\t{','.join(_site_label(names, s) for s in p['available_at']) or '-'}")
+    if not out["packages"]:
+        print("  no packages")
     for t in out["transfers"]:
         print(f"  transfer {t['name']}: {t['status']} {t['chunks_done']}/{t['chunks_total']} {t['detail']}")
     return 0
@@ -536,12 +633,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="package name (default: the file's name)")
     p.add_argument("--stage", help="stage of the package (default: the site's default_stage)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--replace", action="store_true",
+                   help="replace the package of that name with this content (every site keeps serving "
+                        "the old one until it holds the new one; default stage: the package's)")
     p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("packages", help="list the packages of a running site")
     _client_flags(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sha512", action="store_true", help="add a SHA512 column (the checksum Jamf Pro records)")
     p.set_defaults(func=cmd_packages)
+
+    p = sub.add_parser("package", help="one package in full: size, SHA-512 and other hashes, stage, copies")
+    _client_flags(p)
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_package)
 
     p = sub.add_parser("delete", help="delete a package (its history stays in the log)")
     _client_flags(p)
@@ -569,6 +676,18 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(q)
     q.add_argument("site")
     p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("jamf", help="Jamf Pro: connection, distribution point records, package records, drift")
+    _client_flags(p)
+    jamf = p.add_subparsers(dest="jamf_cmd", required=True)
+    jamf.add_parser("check-connection", help="get a token and Jamf Pro's version with the site's settings")
+    q = jamf.add_parser("register-dp", help="create or update the site's Jamf Pro distribution point record")
+    q.add_argument("--all-sites", action="store_true", help="every site of the network, not only this one")
+    q.add_argument("--failover", metavar="SITE", help="the site (name or id) Macs fail over to")
+    q = jamf.add_parser("sync", help="show what the package record sync would change (--apply: do it now)")
+    q.add_argument("--apply", action="store_true", help="write the records now instead of a dry run")
+    jamf.add_parser("check", help="compare Jamf Pro's package records with ODST (exit 1 on drift)")
+    p.set_defaults(func=cmd_jamf)
 
     p = sub.add_parser("user", help="local users of the web UI (admin token)")
     user = p.add_subparsers(dest="user_command", required=True)

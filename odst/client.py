@@ -45,7 +45,10 @@ class Client:
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach {self.server}: {exc}") from None
 
-    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True) -> dict:
+    def upload(self, path: Path, name: str, stage: str | None, progress: bool = True,
+               replace: bool = False) -> tuple[dict, bool]:
+        """Stream the file up; the package as the site records it, and whether the content was new
+        (201) or the same bytes were already there under this name (200)."""
         size = path.stat().st_size
         started = time.monotonic()
         sent = 0
@@ -62,13 +65,15 @@ class Client:
                 sys.stderr.write("\n")
 
         params = {"stage": stage} if stage else {}
+        if replace:
+            params["replace"] = "true"
         try:
             r = self.http.put(f"/api/v1/packages/{quote(name, safe='')}", content=body(),
                               params=params, headers={"Content-Length": str(size),
                                                       "Content-Type": "application/octet-stream"})
         except httpx.TransportError as exc:
             raise ClientError(f"upload failed after {sent} of {size} bytes: {exc}") from None
-        return self._check(r)
+        return self._check(r), r.status_code == 201
 
 
 def _bar(done: int, total: int, started: float) -> None:

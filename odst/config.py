@@ -42,6 +42,9 @@ class Settings:
     replication_packages: int = 2  # packages fetched at once
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
     withdraw_grace_s: int = 3600  # a held package whose stage this site no longer accepts is not served from then on; its file goes this long after (a demotion undone within it costs no re-pull)
+    scrub_period_s: int = 7 * 86400  # the background scrub re-hashes the whole store once this often; 0: off
+    scrub_min_rate: int = 4 << 20  # bytes/s the scrub reads at least (a small store is done quickly)
+    scrub_max_rate: int = 64 << 20  # bytes/s it reads at most (also the pace of a re-check a peer's report asks for)
     context: str = "CasperShare"  # distribution point context: /<context>/Packages/<name>
     max_upload_bytes: int = 64 * (1 << 30)
     allowed_extensions: list[str] = field(default_factory=lambda: [".pkg", ".dmg", ".zip", ".mpkg"])
@@ -82,6 +85,21 @@ class Settings:
     ldap_role_map: list[str] = field(default_factory=list)  # GROUP=role; GROUP is a cn or a full DN
     ldap_timeout_s: float = 5.0
     ldap_recheck_s: int = 300  # a signed-in directory user's groups are looked up again this often
+    # Jamf Pro (odst.jamf): set jamf_url at the one site that keeps Jamf Pro's records
+    jamf_url: str = ""  # https://jamf.example.com[:8443]; empty: no Jamf Pro integration
+    jamf_client_id: str = ""  # API client (OAuth client credentials); or jamf_user/jamf_password
+    jamf_client_secret: str = ""  # better: ODST_JAMF_CLIENT_SECRET or jamf_client_secret_file
+    jamf_client_secret_file: str = ""  # a file holding the secret, mode 0600
+    jamf_user: str = ""  # a Jamf Pro account (Basic -> bearer token) instead of an API client
+    jamf_password: str = ""
+    jamf_password_file: str = ""  # a file holding the password, mode 0600
+    jamf_ca_file: str = ""  # CA bundle for Jamf Pro's certificate; empty: the system CAs
+    jamf_hash_type: str = "SHA_512"  # SHA_512 | SHA3_512 | MD5 (PreStage enrollment packages need MD5)
+    jamf_stage: str = "prod"  # packages in this stage get a Jamf Pro package record
+    jamf_quorum: int = 0  # sites that must serve a package before its record is written; 0: all that replicate the stage
+    jamf_dry_run: bool = False  # log and record what would change in Jamf Pro, change nothing
+    jamf_allow_deletes: bool = False  # delete a package's Jamf record when it is deleted here (only records ODST created)
+    jamf_check_interval_s: int = 900  # drift check: compare Jamf Pro's records with ODST this often
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -94,7 +112,7 @@ class Settings:
         return (self.public_url or f"http://{self.http}").rstrip("/")
 
     @property
-    def accepted_stages(self) -> list[str]:
+    def default_replicated_stages(self) -> list[str]:
         return self.accept_stages or self.stages
 
     @property
@@ -106,8 +124,8 @@ class Settings:
         return int(self.http.rsplit(":", 1)[1])
 
     def validate(self) -> "Settings":
-        if ":" not in self.http or not self.http.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"http must be HOST:PORT, got {self.http!r}")
+        for name in ("http", "nats_listen", "leaf_listen"):
+            _check_address(name, getattr(self, name), any_port=name == "nats_listen")
         if self.download_auth not in ("none", "basic"):
             raise ConfigError("download_auth must be 'none' or 'basic'")
         if self.download_auth == "basic" and not (self.download_user and self.download_password):
@@ -117,11 +135,11 @@ class Settings:
         if not self.context.strip("/") or "/" in self.context.strip("/"):
             raise ConfigError(f"context must be one path segment, got {self.context!r}")
         self.context = self.context.strip("/")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must start with http:// or https://, got {self.public_url!r}")
         for remote in self.leaf_remotes:
             if not remote.startswith(("nats-leaf://", "nats://", "tls://", "ws://", "wss://")):
                 raise ConfigError(f"leaf remote {remote!r} must be a URL such as nats-leaf://HOST:PORT")
-        if self.leaf_listen and ":" not in self.leaf_listen:
-            raise ConfigError(f"leaf_listen must be HOST:PORT, got {self.leaf_listen!r}")
         if not 1 <= self.http_workers <= 64:
             raise ConfigError("http_workers must be between 1 and 64")
         if not 8 * 1024 <= self.http_max_header_bytes <= 1 << 20:
@@ -170,12 +188,38 @@ class Settings:
             raise ConfigError("ldap_recheck_s must be at least 1")
         if not 0 < self.ldap_timeout_s <= 120:
             raise ConfigError("ldap_timeout_s must be more than 0 and at most 120")
+        if self.scrub_period_s < 0:
+            raise ConfigError("scrub_period_s must be 0 (no background scrub) or more")
+        if not 1 <= self.scrub_min_rate <= self.scrub_max_rate:
+            raise ConfigError("scrub_min_rate must be at least 1 and at most scrub_max_rate (bytes per second)")
+        if self.jamf_url:
+            if not self.jamf_url.startswith(("https://", "http://")):
+                raise ConfigError(f"jamf_url must start with https:// (or http://), got {self.jamf_url!r}")
+            if not (self.jamf_client_id or self.jamf_user):
+                raise ConfigError("jamf_url needs jamf_client_id (an API client) or jamf_user")
+        if self.jamf_hash_type not in ("SHA_512", "SHA3_512", "MD5"):
+            raise ConfigError("jamf_hash_type must be SHA_512, SHA3_512 or MD5")
+        if self.jamf_url and self.jamf_stage not in self.stages:
+            raise ConfigError(f"jamf_stage {self.jamf_stage!r} is not one of stages {self.stages}")
+        if self.jamf_quorum < 0 or self.jamf_check_interval_s < 1:
+            raise ConfigError("jamf_quorum must be 0 or more and jamf_check_interval_s at least 1")
         unknown = [s for s in self.accept_stages if s not in self.stages]
         if unknown:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")
         self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in self.allowed_extensions]
         return self
+
+
+def _check_address(name: str, value: str, any_port: bool = False) -> None:
+    """HOST:PORT with a port 1-65535 (or -1, any free port, where the broker allows it)."""
+    if not value and name != "http":
+        return
+    host, sep, port = value.rpartition(":")
+    ok = sep and host and (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+                           or any_port and port == "-1")
+    if not ok:
+        raise ConfigError(f"{name} must be HOST:PORT with a port from 1 to 65535, got {value!r}")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
@@ -204,6 +248,20 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if target in ("Path", Path) and not isinstance(value, Path):
         return Path(value)
     return value
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ODST_* environment that makes ``load`` give these settings back (a process started
+    by this one, such as ``odst serve``'s extra gateway processes, runs with the same choices)."""
+    out = {}
+    for f in fields(Settings):
+        v = getattr(settings, f.name)
+        if isinstance(v, bool):
+            v = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            v = ",".join(str(x) for x in v)
+        out[f"ODST_{f.name.upper()}"] = str(v)
+    return out
 
 
 def load(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

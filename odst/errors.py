@@ -63,3 +63,8 @@ class NotFound(OdstError):
 
 class Unavailable(OdstError):
     status, code = 503, "unavailable"
+
+
+class JamfUnavailable(OdstError):
+    """Jamf Pro refused or could not be reached; the detail is Jamf Pro's answer."""
+    status, code = 502, "jamf_unavailable"

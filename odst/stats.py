@@ -9,6 +9,6 @@ class SiteStats:
     """Counters the gateway and downloads bump; read by the collector."""
 
     def __init__(self):
-        self.uploads: Counter[str] = Counter()  # by result: published | identical | refused | failed
+        self.uploads: Counter[str] = Counter()  # by result: published | replaced | identical | refused | failed
         self.downloads: Counter[int] = Counter()  # by HTTP status
         self.bytes_served = 0

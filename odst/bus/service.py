@@ -8,6 +8,8 @@ import asyncio
 import nats.errors
 import structlog
 
+from odst.events.signing import SiteKey
+
 log = structlog.get_logger("odst.bus")
 
 
@@ -41,8 +43,8 @@ class NatsService:
     subject: str = ""
     queue: str = ""
 
-    def __init__(self, site):
-        self.site = site
+    def __init__(self, nc, key: SiteKey):
+        self.nc, self.key = nc, key
         self._sub = None
 
     async def start(self) -> None:
@@ -50,8 +52,8 @@ class NatsService:
         # deliver_group names it would hand the log to this service as requests (NATS
         # permissions see subjects, not consumer configurations); a name no one else can
         # know leaves such a consumer with no one to deliver to.
-        queue = self.site.key.derive(f"queue:{self.queue}".encode()).hex()[:24] if self.queue else ""
-        self._sub = await self.site.nc.subscribe(self.subject, queue=queue, cb=self._on_request)
+        queue = self.key.derive(f"queue:{self.queue}".encode()).hex()[:24] if self.queue else ""
+        self._sub = await self.nc.subscribe(self.subject, queue=queue, cb=self._on_request)
 
     async def stop(self) -> None:
         if self._sub is not None:

@@ -34,6 +34,25 @@ class PackageUploaded(Event, tag=True):
     stage: str = "prod"
 
 
+class PackageReplaced(Event, tag=True):
+    """New content was published at the origin site under an existing name, superseding
+    ``replaces`` (the content current there). ``generation`` is one more than the superseded
+    content's: the highest generation is current, and concurrent replacements of the same
+    content resolve as concurrent uploads do (the earliest wins). Every site keeps serving
+    the content it holds until it holds this one verified (``odst.events.uploads``)."""
+
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: list[str]
+    stage: str
+    replaces: str  # blake3 of the content superseded
+    generation: int
+
+
 class PackageAvailable(Event, tag=True):
     """This site (the envelope's origin) now holds a verified copy of the content.
 
@@ -61,6 +80,30 @@ class PackageTransferFailed(Event, tag=True):
     name: str
     blake3: str
     reason: str
+
+
+class ChunkRejected(Event, tag=True):
+    """This site (the envelope's origin) dropped a chunk ``source`` served it: the chunk
+    failed its SHA1. A report, not a verdict: ``source`` re-checks its own copy when it
+    sees this in its mirror of this log, and acts only on what it finds itself."""
+
+    source: str
+    name: str
+    blake3: str
+    chunk: int
+    reason: str = ""
+
+
+class PackageDamaged(Event, tag=True):
+    """This site's stored copy of a content failed its own re-check (a scrub, ``odst
+    verify``, or a re-check a peer's ChunkRejected asked for): it is out of service here
+    (downloads answer 503, peers are not sent its chunks) until a verified copy is pulled
+    from a peer and PackageAvailable says so."""
+
+    name: str
+    blake3: str
+    reason: str
+    found_by: str = ""  # scrub | verify | report
 
 
 class PackageWithdrawn(Event, tag=True):
@@ -236,12 +279,72 @@ class StagesAccepted(Event, tag=True):
     stages: list[str]
 
 
+class JamfPackageSynced(Event, tag=True):
+    """This site wrote (or, in a dry run, would write) a package's Jamf Pro record.
+
+    ``action``: created | updated | unchanged | deleted; ``result``: ok | failed (``detail``
+    says why). No credential is ever in it: only the record and the hash it carries."""
+
+    name: str
+    blake3: str
+    file_name: str
+    record_id: str
+    hash_type: str
+    hash_value: str
+    size: int
+    action: str
+    result: str = "ok"
+    detail: str = ""
+    dry_run: bool = False
+    created_by_odst: bool = False  # the record is ODST's own (only those may ever be deleted)
+
+
+class JamfDistributionPointRegistered(Event, tag=True):
+    """A Jamf Pro distribution point record for ``site`` was created or updated."""
+
+    site: str
+    record_id: str
+    dp_name: str
+    url: str
+    api: str  # pro | classic
+    action: str  # created | updated
+    failover_site: str = ""
+
+
+class JamfDriftDetected(Event, tag=True):
+    """Jamf Pro's record and ODST disagree. ``kind``: missing (no record), hash_differs,
+    no_file (the record names a file no site holds)."""
+
+    name: str
+    kind: str
+    record_id: str = ""
+    expected: str = ""
+    found: str = ""
+
+
+class JamfDriftCleared(Event, tag=True):
+    """A package's Jamf Pro record and ODST agree again."""
+
+    name: str
+    record_id: str = ""
+
+
+class SiteRenamed(Event, tag=True):
+    """This site (the envelope's origin) goes by ``name`` from now on, in its UI, its
+    peers' UIs and its mail; chosen in the web UI or API, it overrides the ``site_name``
+    setting. The site id never changes."""
+
+    name: str
+
+
 AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
             | PeerLogDiverged | PeerLogRestored
-            | NatsCredentialCreated | NatsCredentialRevoked | PackageWithdrawn)
+            | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged
+            | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
+            | PackageReplaced | SiteRenamed | PackageWithdrawn)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -269,5 +372,13 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     NatsCredentialRevoked,
     PeerLogDiverged,
     PeerLogRestored,
+    ChunkRejected,
+    PackageDamaged,
+    JamfPackageSynced,
+    JamfDistributionPointRegistered,
+    JamfDriftDetected,
+    JamfDriftCleared,
+    PackageReplaced,
+    SiteRenamed,
     PackageWithdrawn,
 )

@@ -41,18 +41,26 @@ class Uploaded:
     event: ev.PackageUploaded
 
 
+@dataclass(frozen=True)
+class Replaced:
+    """Swap the file in (the old one is served until then) and record this event."""
+
+    event: ev.PackageReplaced
+
+
 def spelled_otherwise(name: str, existing: dict | None) -> Conflict | None:
     """A package already stands for this name under another spelling (odst.naming.name_key:
     case and Unicode normalisation do not count, as on a Mac): refuse, naming that spelling."""
-    if existing is None or existing["name"] == name:
+    if existing is None or existing.get("name", name) == name:
         return None
     return Conflict(f"a package named {existing['name']!r} exists, and {name!r} is the same name on a Mac "
                     "(case and Unicode normalisation do not count); use that spelling, or delete that package first")
 
 
 def admit_upload(name: str, length: int | None, existing: dict | None, *, max_bytes: int,
-                 free_bytes: int, reserve_bytes: int) -> TooLarge | NoSpace | Conflict | None:
-    """Before the body arrives: refuse what cannot end well (None: receive it)."""
+                 free_bytes: int, reserve_bytes: int, replace: bool = False) -> TooLarge | NoSpace | Conflict | None:
+    """Before the body arrives: refuse what cannot end well (None: receive it). A replacement
+    may have any size."""
     if (other := spelled_otherwise(name, existing)) is not None:
         return other
     if length is None:
@@ -61,7 +69,7 @@ def admit_upload(name: str, length: int | None, existing: dict | None, *, max_by
         return TooLarge(f"{length} bytes exceeds max_upload_bytes ({max_bytes})")
     if length + reserve_bytes > free_bytes:
         return NoSpace(f"not enough free space in the store for {length} bytes")
-    if existing and existing["size"] != length:
+    if existing and existing["size"] != length and not replace:
         return Conflict(f"a different package named {name!r} exists ({existing['size']} bytes, "
                         f"sha1 {existing['sha1']}); delete it first or choose another name")
     return None
@@ -83,6 +91,35 @@ def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | No
                                        sha512=manifest.sha512, blake3=manifest.blake3,
                                        chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
                                        stage=stage))
+
+
+def accept_replace(name: str, stage: str | None, default_stage: str, manifest: Manifest,
+                   existing: dict | None, served_here: str | None) -> Uploaded | Replaced | Identical | Conflict:
+    """Once the body is verified, with ``?replace=true``: the content this site serves under
+    ``name`` is ``served_here``. A new name is an upload; the current content, already served
+    here, is nothing to do; the current content not served here yet is an upload of it here
+    (the file is swapped in at once); other content replaces the current one, one generation
+    up, in the current stage unless ``stage`` says otherwise. Another spelling of the name is
+    refused as for an upload: a package keeps its spelling across generations."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
+    if existing is None:
+        return Uploaded(_uploaded(name, stage or default_stage, manifest))
+    if existing["blake3"] == manifest.blake3:
+        if served_here == manifest.blake3:
+            return Identical(existing)
+        return Uploaded(_uploaded(name, stage or existing["stage"], manifest))
+    return Replaced(ev.PackageReplaced(name=name, size=manifest.size, sha1=manifest.sha1,
+                                       sha512=manifest.sha512, blake3=manifest.blake3,
+                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
+                                       stage=stage or existing["stage"], replaces=existing["blake3"],
+                                       generation=existing.get("generation", 0) + 1))
+
+
+def _uploaded(name: str, stage: str, manifest: Manifest) -> ev.PackageUploaded:
+    return ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1, sha512=manifest.sha512,
+                              blake3=manifest.blake3, chunk_size=manifest.chunk_size,
+                              chunks=list(manifest.chunks), stage=stage)
 
 
 def lost_race(name: str, manifest: Manifest, current: dict | None) -> Conflict | None:

@@ -1,4 +1,4 @@
-"""The gateway's composition root: one Litestar app over a Site."""
+"""The gateway: one Litestar app over the parts of the running site it uses (a GatewayContext)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from odst.gateway.auth import auth_guard
 from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
+from odst.gateway.jamf import JamfController
 from odst.gateway.metrics import make_metrics
+from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
 from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
@@ -26,7 +28,7 @@ from odst.gateway.settings import SettingsController
 from odst.gateway.tokens import TokenController
 from odst.gateway.users import UserController
 from odst.gateway.ui import ui_routes
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 log = structlog.get_logger("odst.gateway")
 
@@ -51,7 +53,7 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
     detail = exc.detail
     if isinstance(exc, ValidationException) and exc.extra:
         detail = f"{exc.detail}: {exc.extra}"
-    return Response({"error": "http_error", "detail": detail, "status_code": exc.status_code},
+    return Response({"error": "http_error", "detail": str(detail)},
                     status_code=exc.status_code, headers=exc.headers)
 
 
@@ -60,7 +62,7 @@ def _internal(request: Request, exc: Exception) -> Response:
     return _error(500, "internal_error", "internal error; the server log has the details")
 
 
-def create_app(site: Site) -> Litestar:
+def create_app(site: GatewayContext) -> Litestar:
     context = site.settings.context
 
     @get("/healthz", operation_id="health")
@@ -69,7 +71,7 @@ def create_app(site: Site) -> Litestar:
         return Response({"status": "ok" if ok else "unavailable", "reason": reason, "site": site.id},
                         status_code=200 if ok else 503)
 
-    render_metrics = make_metrics(site)
+    render_metrics = make_metrics(site.metrics)
 
     # Counts, lags, peer ids and alerts tell an outsider the site's shape and state: an API
     # token of any role (a scraper gets an auditor token) unless the operator makes it public.
@@ -99,7 +101,7 @@ def create_app(site: Site) -> Litestar:
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
                                            SessionController, UserController, SettingsController,
-                                           CredentialController],
+                                           CredentialController, JamfController],
                  guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,
@@ -107,8 +109,10 @@ def create_app(site: Site) -> Litestar:
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),
+        middleware=[allow_every_method],
         logging_config=None,
         debug=False,
     )
     app.state.site = site
+    document(app)  # request bodies and the error shape, into the document /schema serves
     return app

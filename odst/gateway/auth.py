@@ -23,7 +23,8 @@ from odst.accounts import ldap
 from odst.accounts.passwords import fingerprint
 from odst.errors import Forbidden, Unauthorized
 from odst.projections import views
-from odst.site import Site, token_digest
+from odst.accounts.tokens import token_digest
+from odst.gateway.context import GatewayContext
 
 READ = ("admin", "operator", "auditor")
 WRITE = ("admin", "operator")
@@ -54,7 +55,7 @@ class Principal:
         return {"token": "token", "local": "user", "ldap": "ldap"}[self.source] + ":" + self.username
 
 
-def _from_bearer(site: Site, header: str) -> Principal:
+def _from_bearer(site: GatewayContext, header: str) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send 'Authorization: Bearer <token>' or sign in")
@@ -70,7 +71,7 @@ def same_origin(connection: ASGIConnection) -> bool:
     return not origin or urlsplit(origin).netloc == connection.headers.get("host", "")
 
 
-async def _from_session(site: Site, connection: ASGIConnection, session_id: str, touch: bool) -> Principal:
+async def _from_session(site: GatewayContext, connection: ASGIConnection, session_id: str, touch: bool) -> Principal:
     s = site.sessions.get(session_id, touch=touch) if site.sessions else None
     if s is None:
         raise Unauthorized("not signed in, or the session has ended: sign in again")
@@ -93,7 +94,7 @@ async def _from_session(site: Site, connection: ASGIConnection, session_id: str,
                      csrf=s.csrf, expires_at=s.ends_at(site.sessions.idle_s))
 
 
-async def _recheck_directory(site: Site, session_id: str, username: str, role: str) -> str:
+async def _recheck_directory(site: GatewayContext, session_id: str, username: str, role: str) -> str:
     """Ask the directory whether this user still has a role; an outage keeps the session as it is."""
     try:
         user = await ldap.POOL.run(ldap.lookup, site.settings, username)
@@ -112,7 +113,7 @@ async def _recheck_directory(site: Site, session_id: str, username: str, role: s
 
 async def authenticate(connection: ASGIConnection, *, touch: bool = True) -> Principal:
     """Who sent this request; ``touch=False`` re-checks without counting as use of a session."""
-    site: Site = connection.app.state.site
+    site: GatewayContext = connection.app.state.site
     header = connection.headers.get("authorization")
     if header:
         return _from_bearer(site, header)

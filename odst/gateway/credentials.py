@@ -27,7 +27,7 @@ from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.gateway.users import users_lock
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 ROLES = ("subscriber",)
 MAX_NAME = 64
@@ -94,12 +94,12 @@ class CredentialController(Controller):
 
     @get("/", operation_id="listCredentials", opt={"roles": ADMIN})
     async def list_credentials(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return {"credentials": views.nats_credentials(site.reader)}
 
-    @post("/", operation_id="createCredential", opt={"roles": ADMIN})
+    @post("/", operation_id="createCredential", opt={"roles": ADMIN, "body": CredentialCreate})
     async def create_credential(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), CredentialCreate)
         name, role = check_name(body.name), check_role(body.role)
         seed = new_user_seed()
@@ -123,7 +123,7 @@ class CredentialController(Controller):
 
     @delete("/{credential_id:str}", operation_id="revokeCredential", opt={"roles": ADMIN}, status_code=200)
     async def revoke_credential(self, request: Request, credential_id: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         async with users_lock(site):
             if not any(c["credential_id"] == credential_id
                        for c in views.nats_credentials(site.reader, include_revoked=False)):

@@ -18,10 +18,12 @@ from urllib.parse import quote
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
 from odst.projections import views
+from odst.store.files import content_tag
 from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_modified,
                                  parse_range)
 
 BLOCK = 1 << 20
+REPAIR_RETRY_AFTER_S = 60  # Retry-After of a 503 for a package out of service here (odst.replicator.integrity)
 
 
 def _headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
@@ -108,8 +110,13 @@ def make_download_app(site, prefixes: list[str]):
             await _simple(send, 401, "authentication required\n",
                           [("www-authenticate", 'Basic realm="ODST distribution point"')])
             return
+        if views.is_damaged(site.reader, name, site.id):  # never bad bytes (nor an older version): retry later
+            await _simple(send, 503, "this site's copy failed its integrity check and is out of service until "
+                                     "a verified copy is back; try again later\n",
+                          [("retry-after", str(REPAIR_RETRY_AFTER_S))])
+            return
         # any spelling of the name (naming.name_key); only while its stage is accepted here
-        row = views.servable(site.reader, name, site.id, site.accepted_stages)
+        row = views.servable(site.reader, name, site.id, views.replicated_stages(site.reader, site.settings))
         if row is None:
             await _simple(send, 404, "no such package\n")
             return
@@ -126,11 +133,27 @@ def make_download_app(site, prefixes: list[str]):
             await _simple(send, 404, "no such package\n")
             return
         try:
+            row = _opened(site.reader, name, fd, row)
             await _serve(fd, row, method, headers, receive, send)
         finally:
             os.close(fd)
 
     return app
+
+
+def _opened(reader, name: str, fd: int, row) -> dict:
+    """What the opened file holds, by the content label on its inode: a replacement may have
+    swapped the name to a new file since the read model was asked (or the read model may
+    already name the new content while this file is still the old one), and the ETag must be
+    the one of these bytes. A swapped-in upload not yet in the read model is named from the
+    file itself (its label, and its mtime for Last-Modified)."""
+    labelled = content_tag(fd)
+    if labelled is None or labelled == row["blake3"]:
+        return row
+    known = views.served_content(reader, name, labelled)
+    if known is not None:
+        return known
+    return {"blake3": labelled, "uploaded_at": int(os.fstat(fd).st_mtime * 1000)}
 
 
 async def _serve(fd: int, row, method: str, headers: dict[bytes, bytes], receive, send) -> None:

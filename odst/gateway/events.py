@@ -14,7 +14,7 @@ from odst.errors import OdstError
 from odst.gateway.auth import READ, authenticate
 from odst.naming import MAX_INT64, ascii_int
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 KEEPALIVE_S = 15.0
 
@@ -37,16 +37,19 @@ class EventController(Controller):
         ``since``/``until`` (unix ms, [since, until)). With ``before=N``: the newest
         events below position N, newest first (paging an event log backwards).
         """
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         items = views.events(site.reader, after=after, limit=limit, type_=type, origin=origin, name=name,
                              actor=actor, since=since, until=until, before=before)
         return {"events": items, "last_position": views.last_position(site.reader)}
 
     @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})
     async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
-                            type: str | None = None) -> ServerSentEvent:
-        """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live."""
-        site: Site = request.app.state.site
+                            type: str | None = None, brief: bool = False) -> ServerSentEvent:
+        """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live.
+
+        ``brief=true`` leaves out what a live view does not need: the signed bytes and a
+        manifest's chunk hashes (``chunk_count`` instead); ``GET /api/v1/events`` has them."""
+        site: GatewayContext = request.app.state.site
         last_id = ascii_int(request.headers.get("last-event-id"))  # malformed: start from now
         position = after if after is not None else last_id if last_id is not None else \
             views.last_position(site.reader)
@@ -58,7 +61,8 @@ class EventController(Controller):
                 batch = views.events(site.reader, after=position, limit=500, type_=type)
                 for e in batch:
                     position = e["position"]
-                    yield ServerSentEventMessage(data=json.dumps(e), event=e["type"], id=position)
+                    yield ServerSentEventMessage(data=json.dumps(_brief(e) if brief else e), event=e["type"],
+                                                 id=position)
                 if batch:
                     continue
                 if not await _idle(site, KEEPALIVE_S):
@@ -78,15 +82,15 @@ class EventController(Controller):
     async def list_quarantine(self, request: Request,
                               limit: int = Parameter(default=100, ge=1, le=1000)) -> dict[str, Any]:
         """Messages that failed verification or the hash chain: recorded, never applied."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         items = views.quarantine(site.reader, limit)
         return {"quarantine": items, "count": views.count(site.reader, "quarantine")}
 
     @get("/site", operation_id="getSite", opt={"roles": READ})
     async def get_site(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         row = site.reader.execute("SELECT * FROM sites WHERE site=?", (site.id,)).fetchone()
-        return {"site": site.id, "name": site.settings.site_name, "public_key": site.key.public_key.hex(),
+        return {"site": site.id, "name": site.name, "public_key": site.key.public_key.hex(),
                 "last_seq": row["last_seq"] if row else 0, "context": site.settings.context,
                 "stages": site.settings.stages,
                 "packages": views.count(site.reader, "packages"),
@@ -94,10 +98,21 @@ class EventController(Controller):
                 "quarantined": views.count(site.reader, "quarantine")}
 
 
-async def _idle(site: Site, timeout: float) -> bool:
+def _brief(e: dict) -> dict:
+    """An event as the live feed of a page needs it: no signature, no chunk list."""
+    out = {k: v for k, v in e.items() if k != "signed"}
+    event = (e.get("envelope") or {}).get("event")
+    if isinstance(event, dict) and "chunks" in event:
+        out["envelope"] = {**e["envelope"], "event": {**{k: v for k, v in event.items() if k != "chunks"},
+                                                      "chunk_count": len(event["chunks"])}}
+    out["brief"] = True
+    return out
+
+
+async def _idle(site: GatewayContext, timeout: float) -> bool:
     """Wait for the projector to change something (or the site to stop); False when nothing changed."""
     before = views.last_position(site.reader)
-    changed = asyncio.ensure_future(site.projector.wait_changed(timeout))
+    changed = asyncio.ensure_future(site.projection.wait_changed(timeout))
     stopping = asyncio.ensure_future(site.stopping.wait())
     try:
         await asyncio.wait([changed, stopping], return_when=asyncio.FIRST_COMPLETED)

@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from odst.events.watch import log_watch_metrics
+from odst.events.watch import LogWatch, log_watch_metrics
+from odst.peering.mirrors import Linker
 from odst.projections import views
+from odst.projections.status import ProjectionStatus
+from odst.replicator.integrity import Integrity
+from odst.replicator.replicator import Replicator
+from odst.replicator.scrub import read_status
+from odst.replicator.transport import ChunkServer
+from odst.stats import SiteStats
+
+
+@dataclass(frozen=True)
+class MetricSources:
+    """What /metrics reads; the parts a process does not run are None."""
+
+    site_id: str
+    reader: sqlite3.Connection
+    stats: SiteStats
+    projection: ProjectionStatus
+    log_watch: LogWatch | None
+    linker: Linker | None
+    replicator: Replicator | None
+    chunk_server: ChunkServer | None
+    integrity: Integrity | None = None  # re-check counts (the replicator role)
+    store_root: Path | None = None  # where the scrub keeps its state (any process may read it)
 
 
 class SiteCollector:
-    def __init__(self, site):
+    def __init__(self, site: MetricSources):
         self.site = site
         self.lag: dict[str, int] = {}
         self.mirrors: dict[str, dict] = {}
@@ -19,12 +46,12 @@ class SiteCollector:
         """The parts that need the broker (projection lag, mirror state) are fetched before a scrape."""
         site = self.site
         try:
-            self.lag = await site.projector.lag()
+            self.lag = await site.projection.lag()
         except Exception:
             self.lag = {}
         self.mirrors = {}
         if site.linker is not None:
-            for p in views.peer_sites(site.reader, site.id):
+            for p in views.peer_sites(site.reader, site.site_id):
                 self.mirrors[p["site"]] = await site.linker.status(p["site"])
 
     def collect(self):
@@ -66,7 +93,7 @@ class SiteCollector:
         g = GaugeMetricFamily("odst_peer_log_diverged",
                               "1 while a peer's log no longer matches this site's mirror of it (PeerLogDiverged)",
                               labels=["peer"])
-        alarms = views.peer_log_alarms(site.reader, site.id)
+        alarms = views.peer_log_alarms(site.reader, site.site_id)
         for peer in sorted(self.mirrors):
             g.add_metric([peer], 1 if peer in alarms else 0)
         yield g
@@ -79,10 +106,11 @@ class SiteCollector:
                                 value=site.reader.execute(
                                     "SELECT count(*) FROM quarantine WHERE kind='quarantined'").fetchone()[0])
         yield GaugeMetricFamily("odst_packages", "Current packages", value=views.count(site.reader, "packages"))
+        yield from scrub_metrics(site)
         yield from log_watch_metrics(site.log_watch, site.reader)
 
 
-def make_metrics(site):
+def make_metrics(site: MetricSources):
     registry = CollectorRegistry(auto_describe=False)
     collector = SiteCollector(site)
     registry.register(collector)
@@ -92,3 +120,27 @@ def make_metrics(site):
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
     return render
+
+
+def scrub_metrics(site: MetricSources):
+    """The background scrub (its state file, shared by the site's processes) and re-checks."""
+    scrub = read_status(site.store_root) if site.store_root is not None else {}
+    yield CounterMetricFamily("odst_scrub_bytes", "Bytes of stored packages the background scrub re-hashed",
+                              value=scrub.get("bytes_total", 0))
+    yield CounterMetricFamily("odst_scrub_damaged_found", "Damaged or missing files the scrub found",
+                              value=scrub.get("damaged_total", 0))
+    yield GaugeMetricFamily("odst_scrub_last_full_pass_timestamp_seconds",
+                            "When the scrub last finished a pass over the whole store (0: not yet)",
+                            value=scrub.get("last_full_pass", 0))
+    yield GaugeMetricFamily("odst_scrub_rate_bytes", "Bytes per second the scrub reads at (this pass)",
+                            value=scrub.get("rate", 0))
+    total = scrub.get("pass_total", 0)
+    yield GaugeMetricFamily("odst_scrub_pass_progress", "Share of the pass in progress done (0..1)",
+                            value=min(1.0, scrub.get("pass_bytes", 0) / total) if total and scrub.get("cursor") else 0)
+    yield GaugeMetricFamily("odst_packages_damaged", "Packages out of service here: damaged, awaiting repair",
+                            value=len(views.damaged(site.reader, site.site_id)))
+    c = CounterMetricFamily("odst_integrity_rechecks", "Re-checks of stored packages, by trigger and result",
+                            labels=["trigger", "result"])
+    for (trigger, result), n in sorted((site.integrity.rechecks if site.integrity else {}).items()):
+        c.add_metric([trigger, result], n)
+    yield c

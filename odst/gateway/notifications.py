@@ -19,7 +19,7 @@ from odst.notify.ledger import Ledger
 from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER
 from odst.notify.webhooks import webhook_secret
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 EMAIL = re.compile(r"^[^@\s<>,;]{1,64}@[^@\s<>,;]{1,255}$")
 
@@ -61,14 +61,14 @@ class WebhookController(Controller):
 
     @get("/", operation_id="listWebhooks", opt={"roles": ADMIN})
     async def list_webhooks(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return {"webhooks": [_webhook_view(w) for w in views.webhooks(site.reader)],
                 "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createWebhook", opt={"roles": ADMIN})
+    @post("/", operation_id="createWebhook", opt={"roles": ADMIN, "body": WebhookCreate, "body_optional": True})
     async def create_webhook(self, request: Request) -> Response[dict[str, Any]]:
         """Subscribe a URL to event types. The signing secret is in this response only."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), WebhookCreate, empty_is_object=True)
         url = urlsplit(body.url)
         if url.scheme not in ("http", "https") or not url.hostname or len(body.url) > 2000:
@@ -80,13 +80,13 @@ class WebhookController(Controller):
         await site.append(ev.WebhookSubscribed(webhook_id=webhook_id, url=body.url, event_types=types,
                                                description=body.description), actor=request.state.actor)
         return Response({**_webhook_view(views.webhook(site.reader, webhook_id)),
-                         "secret": webhook_secret(site, webhook_id),
+                         "secret": webhook_secret(site.key, webhook_id),
                          "signature_header": SIGNATURE_HEADER, "delivery_header": DELIVERY_HEADER},
                         status_code=201)
 
     @delete("/{webhook_id:str}", operation_id="removeWebhook", opt={"roles": ADMIN}, status_code=200)
     async def remove_webhook(self, request: Request, webhook_id: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         w = views.webhook(site.reader, webhook_id)
         if w is None or w["removed_at"] is not None:
             raise NotFound(f"no webhook {webhook_id!r}")
@@ -97,7 +97,7 @@ class WebhookController(Controller):
     async def deliveries(self, request: Request, webhook_id: str, status: str | None = None,
                          limit: int = 100) -> dict[str, Any]:
         """The delivery log: status (pending, retrying, delivered, failed, cancelled), attempts, last error."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         if views.webhook(site.reader, webhook_id) is None:
             raise NotFound(f"no webhook {webhook_id!r}")
         if not 1 <= limit <= 1000:
@@ -112,14 +112,14 @@ class EmailSubscriptionController(Controller):
 
     @get("/", operation_id="listEmailSubscriptions", opt={"roles": ADMIN})
     async def list_subscriptions(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return {"subscriptions": views.email_subscriptions(site.reader),
                 "smtp_configured": bool(site.settings.smtp_host),
                 "digest_s": site.settings.notify_email_digest_s, "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN})
+    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN, "body": EmailSubscriptionCreate, "body_optional": True})
     async def create_subscription(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), EmailSubscriptionCreate, empty_is_object=True)
         recipient = body.recipient.strip()
         if not EMAIL.match(recipient):
@@ -134,7 +134,7 @@ class EmailSubscriptionController(Controller):
     @delete("/{subscription_id:str}", operation_id="removeEmailSubscription", opt={"roles": ADMIN},
             status_code=200)
     async def remove_subscription(self, request: Request, subscription_id: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         if not any(s["subscription_id"] == subscription_id for s in views.email_subscriptions(site.reader)):
             raise NotFound(f"no email subscription {subscription_id!r}")
         await site.append(ev.EmailUnsubscribed(subscription_id=subscription_id), actor=request.state.actor)

@@ -19,14 +19,17 @@ from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
-from odst.site import Site
-from odst.store.files import StoreFull, StreamingUpload
+from odst.gateway.context import GatewayContext
+from odst.store.files import StoreFull, StreamingUpload, tag
 
 log = structlog.get_logger("odst.gateway")
 
 
 class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
     stage: str | None = None
+
+
+MAX_NAMES = 100  # exact names one list request may ask for (?name=a&name=b…)
 
 
 class ClientGone(Exception):
@@ -72,7 +75,7 @@ def _strict(request: Request) -> str:
     return name_in_path(request.scope, PackageController.path + "/")
 
 
-def _with_local_transfer(site: Site, pkg: dict) -> dict:
+def _with_local_transfer(site: GatewayContext, pkg: dict) -> dict:
     """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
     here = pkg["availability"].get(site.id)
     if site.replicator is None or (here and here["status"] == "available"):
@@ -87,6 +90,44 @@ def _with_local_transfer(site: Site, pkg: dict) -> dict:
     return pkg
 
 
+async def _replace(request: Request, site: GatewayContext, name: str, stage: str | None, path, manifest) -> Response:
+    """Swap a verified upload in under ``name``: downloads that opened the old file finish it
+    (rename over keeps its inode), new ones get the new file; if the event cannot be recorded
+    the old file is put back. Other sites swap when they hold the new content verified."""
+    async with _lock_for(name):
+        served = views.servable(site.reader, name, site.id)
+        decision = uploads.accept_replace(name, stage, site.settings.default_stage, manifest,
+                                          views.package(site.reader, name), served["blake3"] if served else None)
+        if isinstance(decision, uploads.Identical):
+            path.unlink(missing_ok=True)
+            site.stats.uploads["identical"] += 1
+            return Response(decision.existing, status_code=200)
+        if isinstance(decision, uploads.Conflict):  # another spelling of the name
+            path.unlink(missing_ok=True)
+            site.stats.uploads["refused"] += 1
+            raise _refused(decision)
+        with site.store.publishing(name):
+            backup = site.store.swap(path, name)
+            try:
+                await site.append(decision.event, actor=request.state.actor)
+            except AppendFailed as exc:
+                site.store.swap_back(backup, name)
+                raise Unavailable(f"replacement not recorded, try again: {exc}") from None
+            except BaseException:
+                site.store.swap_back(backup, name)
+                raise
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+    log.info("package replaced" if isinstance(decision, uploads.Replaced) else "upload published",
+             package=name, size=manifest.size, sha1=manifest.sha1)
+    site.stats.uploads["replaced" if isinstance(decision, uploads.Replaced) else "published"] += 1
+    current = views.package(site.reader, name)
+    lost = uploads.lost_race(name, manifest, current)
+    if lost is not None:
+        raise _refused(lost)
+    return Response(current, status_code=201)
+
+
 class PackageController(Controller):
     path = "/api/v1/packages"
     tags = ["packages"]
@@ -94,31 +135,50 @@ class PackageController(Controller):
     @get("/", operation_id="listPackages", opt={"roles": READ})
     async def list_packages(self, request: Request,
                             stage: str | None = None, q: str | None = None,
+                            name: list[str] | None = Parameter(default=None, max_items=MAX_NAMES),
+                            sort: str = "name", order: str = "asc", include: str | None = None,
                             limit: int = Parameter(default=1000, ge=1, le=10000),
                             offset: int = Parameter(default=0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        """A page of packages (``limit``/``offset``), filtered by ``stage``, ``q`` (part of a name)
+        or exact ``name`` (repeatable, up to 100), ordered by ``sort`` (name, stage, size,
+        uploaded_at, updated_at) and ``order`` (asc, desc). ``total`` counts every match. Rows
+        carry ``chunk_count``, not the chunk hashes: ``include=chunks`` (or the package route) has them."""
+        site: GatewayContext = request.app.state.site
+        if sort not in views.PACKAGE_SORTS:
+            raise RequestInvalid(f"sort must be one of {', '.join(views.PACKAGE_SORTS)}")
+        if order not in ("asc", "desc"):
+            raise RequestInvalid("order must be asc or desc")
+        if include not in (None, "", "chunks"):
+            raise RequestInvalid("include may only be 'chunks'")
         items = [_with_local_transfer(site, p)
-                 for p in views.packages(site.reader, stage=stage, q=q, limit=limit, offset=offset)]
+                 for p in views.packages(site.reader, stage=stage, q=q, names=name, sort=sort,
+                                         descending=order == "desc", limit=limit, offset=offset,
+                                         chunks=include == "chunks")]
+        total = len(items) if name is not None else views.package_count(site.reader, stage=stage, q=q)
         # spellings that were two packages before names compared as on a Mac: shown, not merged
-        return {"packages": items, "count": len(items), "name_collisions": views.name_collisions(site.reader)}
+        return {"packages": items, "count": len(items), "total": total, "offset": offset,
+                "name_collisions": views.name_collisions(site.reader)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         pkg = views.package(site.reader, name)
         if pkg is None:
             raise PackageNotFound(f"no package named {name!r}")
         return _with_local_transfer(site, pkg)
 
-    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE}, status_code=201,
+    @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE, "body": bytes}, status_code=201,
          request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body
-    async def upload(self, request: Request, name: str,
-                     stage: str | None = None) -> Response[dict[str, Any]]:
-        """Stream the raw request body into the store; the body is never held in memory."""
-        site: Site = request.app.state.site
+    async def upload(self, request: Request, name: str, stage: str | None = None,
+                     replace: bool = False) -> Response[dict[str, Any]]:
+        """Stream the raw request body into the store; the body is never held in memory.
+        With ``replace=true`` other content under an existing name replaces it (see
+        ``_replace``) instead of being refused."""
+        site: GatewayContext = request.app.state.site
         settings = site.settings
         name = check_name(_strict(request), settings.allowed_extensions)
+        requested_stage = stage
         stage = stage or settings.default_stage
         if stage not in settings.stages:
             raise StageInvalid(f"unknown stage {stage!r}; allowed: {', '.join(settings.stages)}")
@@ -130,7 +190,7 @@ class PackageController(Controller):
                 raise RequestInvalid("Content-Length is not a number")
         refusal = uploads.admit_upload(name, length, views.package(site.reader, name),
                                        max_bytes=settings.max_upload_bytes, free_bytes=site.store.free_bytes(),
-                                       reserve_bytes=site.store.reserve_bytes())
+                                       reserve_bytes=site.store.reserve_bytes(), replace=replace)
         if refusal is not None:
             raise _refused(refusal)
         upload = StreamingUpload(site.store.new_temp())
@@ -156,6 +216,9 @@ class PackageController(Controller):
         if length is not None and manifest.size != length:
             upload.path.unlink(missing_ok=True)
             raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
+        tag(upload.path, manifest.blake3)
+        if replace:
+            return await _replace(request, site, name, requested_stage, upload.path, manifest)
         async with _lock_for(name):
             decision = uploads.accept_upload(name, stage, manifest, views.package(site.reader, name), site.id)
             if not isinstance(decision, uploads.Uploaded):
@@ -184,9 +247,9 @@ class PackageController(Controller):
             raise _refused(lost)
         return Response(current, status_code=201)
 
-    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE})
+    @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         change = decode_json(await request.body(), PackageUpdate)
         async with _lock_for(name):
@@ -203,7 +266,7 @@ class PackageController(Controller):
 
     @delete("/{name:str}", operation_id="deletePackage", opt={"roles": WRITE}, status_code=200)
     async def delete_package(self, request: Request, name: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         async with _lock_for(name):
             pkg = views.package(site.reader, name)

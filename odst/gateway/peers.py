@@ -19,8 +19,9 @@ from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
+from odst.replicator.scrub import read_status
 from odst.replicator.transport import ChunkUnavailable
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 
 class InviteCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,27 +40,27 @@ class PeerController(Controller):
     path = "/api/v1"
     tags = ["peers"]
 
-    @post("/peers/invites", operation_id="createInvite", opt={"roles": ADMIN}, status_code=201)
+    @post("/peers/invites", operation_id="createInvite", opt={"roles": ADMIN, "body": InviteCreate, "body_optional": True}, status_code=201)
     async def create_invite(self, request: Request) -> dict[str, Any]:
         """A one-time invitation token for another site (``odst peer join TOKEN``)."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), InviteCreate, empty_is_object=True)
         if not 60 <= body.ttl_s <= 30 * 86400:
             raise RequestInvalid("ttl_s must be between 60 seconds and 30 days")
-        return await registration.create_invite(site, actor=request.state.actor, ttl_s=body.ttl_s)
+        return await registration.create_invite(site.registrar, actor=request.state.actor, ttl_s=body.ttl_s)
 
-    @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN}, status_code=201)
+    @post("/peers/join", operation_id="joinPeer", opt={"roles": ADMIN, "body": Join}, status_code=201)
     async def join(self, request: Request) -> dict[str, Any]:
         """Complete a mutual registration with the site that made the invitation."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), Join, empty_is_object=True)
-        result = await registration.join(site, body.token, actor=request.state.actor)
+        result = await registration.join(site.registrar, body.token, actor=request.state.actor)
         site.replicator and site.replicator.kick()
         return result
 
     @get("/peers", operation_id="listPeers", opt={"roles": READ})
     async def list_peers(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         peers = views.peer_sites(site.reader, site.id)
         for p in peers:
             p["link"] = await site.linker.status(p["site"])
@@ -69,7 +70,7 @@ class PeerController(Controller):
     @delete("/peers/{peer:str}", operation_id="removePeer", opt={"roles": ADMIN}, status_code=200)
     async def remove_peer(self, request: Request, peer: str) -> dict[str, Any]:
         """Stop trusting a peer: its events after the last one seen here are ignored."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         if not any(p["site"] == peer for p in views.peer_sites(site.reader, site.id)):
             raise NotFound(f"no peer {peer!r}")
         chain = views.site_chain(site.reader, peer)
@@ -80,13 +81,24 @@ class PeerController(Controller):
     @post("/verify", operation_id="verifyStore", opt={"roles": WRITE}, status_code=200)
     async def verify(self, request: Request, repair: bool = True) -> dict[str, Any]:
         """Re-hash every stored package; take damaged ones out of service and repair them from peers."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return await integrity.verify_store(site, actor=request.state.actor, repair=repair)
+
+    @get("/integrity", operation_id="getIntegrity", opt={"roles": READ})
+    async def integrity_status(self, request: Request) -> dict[str, Any]:
+        """The background scrub's progress and the packages out of service here, awaiting repair."""
+        site: GatewayContext = request.app.state.site
+        st = site.settings
+        return {"scrub": {**read_status(st.store_dir), "period_s": st.scrub_period_s,
+                          "min_rate": st.scrub_min_rate, "max_rate": st.scrub_max_rate},
+                "damaged": views.damaged(site.reader, site.id),
+                "rechecks": [{"trigger": t, "result": r, "count": n}
+                             for (t, r), n in sorted((site.integrity.rechecks if site.integrity else {}).items())]}
 
     @get("/state", operation_id="getState", opt={"roles": READ})
     async def state(self, request: Request) -> dict[str, Any]:
         """Replicated state with a digest equal on every converged site, plus local transfers."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         replicated = views.replicated_state(site.reader)
         conflicts = views.conflicts(site.reader)
         return {"site": site.id,
@@ -101,7 +113,7 @@ class PeerController(Controller):
                 "quarantined": views.count(site.reader, "quarantine")}
 
 
-def make_chunk_app(site: Site):
+def make_chunk_app(site: GatewayContext):
     """Raw ASGI: GET /peer/v1/chunks/<blake3>/<index>, signed by a registered peer.
 
     Kept off the framework's response path: it is the replication hot path.
@@ -142,20 +154,20 @@ class PeerProtocolController(Controller):
     path = "/peer/v1"
     tags = ["site-to-site"]
 
-    @post("/register", operation_id="peerRegister", status_code=200,
+    @post("/register", operation_id="peerRegister", status_code=200, opt={"body": bytes},
           request_max_body_size=registration.MAX_MESSAGE_BYTES)
     async def register(self, request: Request) -> Response[bytes]:
         """A joining site's request, sealed to this site's key; the answer is signed and names
         the request it answers (see odst.peering.registration). Refusals are 4xx."""
-        site: Site = request.app.state.site
-        answer = await registration.handle_register(site, await request.body())
+        site: GatewayContext = request.app.state.site
+        answer = await registration.handle_register(site.registrar, await request.body())
         return Response(answer, media_type="application/json")
 
     @get("/mirror/{start:int}", operation_id="peerMirrorPage")
     async def mirror_page(self, request: Request, start: int) -> Response[bytes]:
         """Recovery: a page of this site's mirror of the requesting site's own log, from ``start``
         (exact stored bytes, subjects, headers). Only that site, signing with its key, may ask."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         if start < 1:
             raise RequestInvalid("start must be a stream sequence, 1 or more")
         try:

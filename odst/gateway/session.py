@@ -10,12 +10,13 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import Cookie
 
 from odst.accounts import passwords, signin
+from odst.gateway.users import forget_first_password
 from odst.errors import OdstError, RequestInvalid, Unauthorized
 from odst.events import catalogue as ev
 from odst.gateway.auth import READ, SESSION_COOKIE, CsrfFailed, Principal, same_origin
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 log = structlog.get_logger("odst.signin")
 
@@ -38,7 +39,7 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _secure(request: Request, site: Site) -> bool:
+def _secure(request: Request, site: GatewayContext) -> bool:
     mode = site.settings.cookie_secure
     if mode != "auto":
         return mode == "always"
@@ -46,7 +47,7 @@ def _secure(request: Request, site: Site) -> bool:
             or request.headers.get("x-forwarded-proto", "").lower() == "https")
 
 
-def _session_cookie(request: Request, site: Site, value: str, max_age: int) -> Cookie:
+def _session_cookie(request: Request, site: GatewayContext, value: str, max_age: int) -> Cookie:
     return Cookie(key=SESSION_COOKIE, value=value, path="/", httponly=True, samesite="strict",
                   secure=_secure(request, site), max_age=max_age)
 
@@ -60,10 +61,10 @@ class SessionController(Controller):
     path = "/api/v1/session"
     tags = ["session"]
 
-    @post("/", operation_id="signIn", opt={"public": True}, status_code=200)
+    @post("/", operation_id="signIn", opt={"public": True, "body": SignIn}, status_code=200)
     async def sign_in(self, request: Request) -> Response[dict[str, Any]]:
         """Sign in with a local or directory (LDAP) account; sets the session cookie."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         # a form on another site can post text/plain cross-origin (login CSRF); JSON cannot
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise JsonRequired("send the credentials as application/json")
@@ -100,17 +101,17 @@ class SessionController(Controller):
 
     @delete("/", operation_id="signOut", opt={"roles": READ}, status_code=200)
     async def sign_out(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         session_id = request.cookies.get(SESSION_COOKIE)
         if session_id:
             site.sessions.delete(session_id)
         log.info("signed out", user=request.state.principal.username)
         return Response({"signed_out": True}, cookies=[_session_cookie(request, site, "", 0)])
 
-    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ}, status_code=200)
+    @post("/password", operation_id="changeOwnPassword", opt={"roles": READ, "body": PasswordChange}, status_code=200)
     async def change_password(self, request: Request) -> Response[dict[str, Any]]:
         """A local user changes their own password; their other sessions end."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         p: Principal = request.state.principal
         if p.source != "local":
             raise RequestInvalid("only local users have a password here; directory users change "
@@ -128,6 +129,7 @@ class SessionController(Controller):
         await site.append(ev.UserPasswordChanged(username=row["username"], password_sealed=sealed),
                           actor=p.actor)
         site.sessions.delete_user(row["username"])
+        forget_first_password(site, row["username"])
         row = views.user_row(site.reader, row["username"])
         session_id, sess = site.sessions.create(
             username=row["username"], role=row["role"], source="local", display_name=row["display_name"],

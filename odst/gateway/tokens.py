@@ -14,7 +14,8 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site, token_digest
+from odst.accounts.tokens import token_digest
+from odst.gateway.context import GatewayContext
 
 
 class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -28,12 +29,12 @@ class TokenController(Controller):
 
     @get("/", operation_id="listTokens", opt={"roles": ADMIN})
     async def list_tokens(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return {"tokens": views.tokens(site.reader, site.id)}
 
-    @post("/", operation_id="createToken", opt={"roles": ADMIN})
+    @post("/", operation_id="createToken", opt={"roles": ADMIN, "body": TokenCreate})
     async def create_token(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), TokenCreate)
         passwords.check_role(body.role)
         if not body.name.strip() or len(body.name) > 200:
@@ -47,7 +48,7 @@ class TokenController(Controller):
 
     @delete("/{token_id:str}", operation_id="revokeToken", opt={"roles": ADMIN}, status_code=200)
     async def revoke_token(self, request: Request, token_id: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         if not any(t["token_id"] == token_id and t["revoked_at"] is None
                    for t in views.tokens(site.reader, site.id)):
             raise NotFound(f"no active token {token_id!r}")

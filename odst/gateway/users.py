@@ -18,13 +18,13 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
 from odst.projections import views
-from odst.site import Site
+from odst.gateway.context import GatewayContext
 
 _in_process = asyncio.Lock()
 
 
 @asynccontextmanager
-async def users_lock(site: Site) -> AsyncIterator[None]:
+async def users_lock(site: GatewayContext) -> AsyncIterator[None]:
     """One user change at a time across every gateway process of the site: a check such as
     "not the last admin" or "no such user yet" and the event it allows happen as one step."""
     async with _in_process:
@@ -47,6 +47,13 @@ class UserExists(OdstError):
     status, code = 409, "user_exists"
 
 
+def forget_first_password(site: GatewayContext, username: str) -> None:
+    """The generated first password of ``admin`` sits in <data>/admin-password until it no longer
+    signs anyone in: once admin's password changes (or admin is removed) the file goes."""
+    if username == "admin":
+        (site.data / "admin-password").unlink(missing_ok=True)
+
+
 class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
     username: str
     password: str
@@ -67,14 +74,14 @@ def _display_name(value: str) -> str:
     return value
 
 
-def _live(site: Site, username: str):
+def _live(site: GatewayContext, username: str):
     row = views.user_row(site.reader, username)
     if row is None:
         raise NotFound(f"no user {username!r}")
     return row
 
 
-def _other_admins(site: Site, username: str) -> int:
+def _other_admins(site: GatewayContext, username: str) -> int:
     return sum(1 for u in views.users(site.reader) if u["role"] == "admin" and u["username"].lower() != username.lower())
 
 
@@ -84,12 +91,12 @@ class UserController(Controller):
 
     @get("/", operation_id="listUsers", opt={"roles": ADMIN})
     async def list_users(self, request: Request) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         return {"users": views.users(site.reader)}
 
-    @post("/", operation_id="createUser", opt={"roles": ADMIN})
+    @post("/", operation_id="createUser", opt={"roles": ADMIN, "body": UserCreate})
     async def create_user(self, request: Request) -> Response[dict[str, Any]]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), UserCreate)
         username = passwords.check_username(body.username)
         passwords.check_role(body.role)
@@ -105,14 +112,14 @@ class UserController(Controller):
 
     @get("/{username:str}", operation_id="getUser", opt={"roles": ADMIN})
     async def get_user(self, request: Request, username: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         _live(site, username)
         return views.user(site.reader, username)
 
-    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN})
+    @patch("/{username:str}", operation_id="updateUser", opt={"roles": ADMIN, "body": UserUpdate})
     async def update_user(self, request: Request, username: str) -> dict[str, Any]:
         """Change a user's role, password (their sessions end) or display name."""
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), UserUpdate)
         if body.role is not None:
             passwords.check_role(body.role)
@@ -131,17 +138,19 @@ class UserController(Controller):
             if sealed is not None:
                 await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
                 site.sessions.delete_user(name)
+                forget_first_password(site, name)
             if display is not None and display != row["display_name"]:
                 await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
         return views.user(site.reader, name)
 
     @delete("/{username:str}", operation_id="removeUser", opt={"roles": ADMIN}, status_code=200)
     async def remove_user(self, request: Request, username: str) -> dict[str, Any]:
-        site: Site = request.app.state.site
+        site: GatewayContext = request.app.state.site
         async with users_lock(site):
             row = _live(site, username)
             if row["role"] == "admin" and _other_admins(site, row["username"]) == 0:
                 raise RequestInvalid("this is the last admin user; make another admin first")
             await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
         site.sessions.delete_user(row["username"])
+        forget_first_password(site, row["username"])
         return {"removed": row["username"]}

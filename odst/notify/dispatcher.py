@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 
 import structlog
 from nats.js import api
@@ -23,14 +24,16 @@ from odst.events.watch import AlertBook
 from odst.notify.ledger import Ledger
 from odst.notify.signing import delivery_id
 from odst.projections import views
+from odst.projections.status import ProjectionStatus
 
 log = structlog.get_logger("odst.notify")
 
 QUARANTINED = "MessageQuarantined"
 LOG_ALERT = "LogAlert"  # the site's own log was cut, deleted, replaced or reconfigured (odst.events.watch)
 NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "PackageStaged",
-              "PackageDeleted", "PeerRegistered", "PeerRemoved", "PeerLogDiverged", "PeerLogRestored",
-              QUARANTINED, LOG_ALERT)
+              "PackageDeleted", "PackageDamaged", "PeerRegistered", "PeerRemoved", "PeerLogDiverged",
+              "PeerLogRestored", QUARANTINED, LOG_ALERT, "JamfDriftDetected", "JamfDriftCleared", "JamfPackageSynced",
+              "PackageReplaced")
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 
@@ -87,15 +90,17 @@ def first_cursor(reader) -> int:
 
 
 class Dispatcher:
-    def __init__(self, site, ledger: Ledger):
-        self.site = site
+    def __init__(self, *, site_id: str, js, reader: sqlite3.Connection, projection: ProjectionStatus,
+                 replicas: int, ledger: Ledger, alerts: AlertBook):
+        self.site_id, self.js, self.reader, self.projection = site_id, js, reader, projection
+        self.replicas = replicas
         self.ledger = ledger
-        self.alerts = AlertBook(site.data)
+        self.alerts = alerts
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await ensure_stream(self.site.js, notify_stream_config(self.site.id, self.site.log.replicas))
-        reader = self.site.reader
+        await ensure_stream(self.js, notify_stream_config(self.site_id, self.replicas))
+        reader = self.reader
         if self.ledger.cursor("events") is None:
             self.ledger.set_cursor("events", first_cursor(reader))
         if self.ledger.cursor("quarantine") is None:
@@ -118,11 +123,11 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 log.warning("notification fan-out failed; retrying", error=f"{type(exc).__name__}: {exc}")
-            await self.site.projector.wait_changed(2.0)
+            await self.projection.wait_changed(2.0)
 
     async def dispatch_once(self) -> int:
         """Fan out one batch of new events and quarantined messages; return how many were seen."""
-        reader = self.site.reader
+        reader = self.reader
         hooks = views.active_subscriptions(reader, "webhooks")
         subs = views.active_subscriptions(reader, "email_subscriptions")
         seen = 0
@@ -157,7 +162,7 @@ class Dispatcher:
             self.ledger.queued(did, hook["webhook_id"], key, type_)
             job = {"delivery_id": did, "webhook_id": hook["webhook_id"], "event_key": key, "type": type_,
                    "item": made}
-            await self.site.js.publish(job_subject(self.site.id, hook["webhook_id"]),
+            await self.js.publish(job_subject(self.site_id, hook["webhook_id"]),
                                        json.dumps(job, separators=(",", ":")).encode(),
                                        stream=NOTIFY_STREAM, headers={"Nats-Msg-Id": did}, timeout=10)
         for sub in subs:

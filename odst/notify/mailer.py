@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import sqlite3
 import ssl
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from email.message import EmailMessage
 
 import structlog
 
+from odst.config import Settings
 from odst.notify.ledger import Ledger, now_ms
 from odst.projections import views
 
@@ -51,10 +53,10 @@ def compose(*, site: str, site_name: str, sender: str, recipient: str, items: li
 
 
 class Mailer:
-    def __init__(self, site, ledger: Ledger):
-        self.site = site
+    def __init__(self, *, site_id: str, reader: sqlite3.Connection, settings: Settings, ledger: Ledger):
+        self.site_id, self.reader = site_id, reader
         self.ledger = ledger
-        self.settings = site.settings
+        self.settings = settings
         self._task: asyncio.Task | None = None
         self._failures = 0
         self._retry_at = 0.0
@@ -93,7 +95,7 @@ class Mailer:
                 log.warning("email subscriptions have events to send but smtp_host is not set")
                 self._warned = True
             return 0
-        live = {sub["recipient"] for sub in views.email_subscriptions(self.site.reader)} if due else set()
+        live = {sub["recipient"] for sub in views.email_subscriptions(self.reader)} if due else set()
         sent = 0
         for recipient in due:
             if recipient not in live:
@@ -107,7 +109,7 @@ class Mailer:
             items = self.ledger.pending_mail(recipient)
             if not items:
                 continue
-            msg = compose(site=self.site.id, site_name=self.settings.site_name,
+            msg = compose(site=self.site_id, site_name=views.site_name(self.reader, self.site_id, self.settings),
                           sender=self.settings.smtp_from, recipient=recipient, items=items)
             try:
                 await asyncio.to_thread(self._send, msg)

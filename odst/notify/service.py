@@ -1,4 +1,4 @@
-"""Starts the notification parts a site process runs, by role.
+"""Runs the notification parts a site process was given (``odst.bootstrap`` picks them by role).
 
 Fan-out and email digests run once per site (with the projector, the one
 read-model writer); webhook delivery workers run with every replicator (they
@@ -12,10 +12,7 @@ import asyncio
 
 import structlog
 
-from odst.notify.dispatcher import Dispatcher
 from odst.notify.ledger import PRUNE_BATCH, RETAIN_MS, Ledger, now_ms
-from odst.notify.mailer import Mailer
-from odst.notify.webhooks import WebhookSender
 
 log = structlog.get_logger("odst.notify")
 
@@ -61,17 +58,13 @@ class Pruner:
 
 
 class Notifier:
-    def __init__(self, site):
-        self.site = site
-        self.ledger = Ledger(site.data)
-        self.parts: list = []
+    """Starts its parts in order and stops them in reverse; closes the ledger they share."""
+
+    def __init__(self, ledger: Ledger, parts: list):
+        self.ledger = ledger
+        self.parts = parts
 
     async def start(self) -> "Notifier":
-        if "projector" in self.site.roles:
-            self.parts += [Dispatcher(self.site, self.ledger), Mailer(self.site, self.ledger),
-                           Pruner(self.ledger)]
-        if "replicator" in self.site.roles:
-            self.parts.append(WebhookSender(self.site, self.ledger))
         for part in self.parts:
             await part.start()
         return self

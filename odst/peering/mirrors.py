@@ -8,6 +8,7 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 
 import structlog
@@ -16,6 +17,8 @@ from nats.js import api
 from odst.bus.streams import ensure_stream, find_stream
 from odst.events import catalogue as ev
 from odst.projections import views
+from odst.projections.appender import Append
+from odst.projections.status import ProjectionStatus
 
 log = structlog.get_logger("odst.linker")
 
@@ -51,34 +54,36 @@ def divergence(sid: str, mirror, origin: dict) -> tuple[str, dict]:
 
 
 class Linker:
-    def __init__(self, site):
-        self.site = site
+    def __init__(self, *, site_id: str, nc, js, reader: sqlite3.Connection, append: Append,
+                 projection: ProjectionStatus, replicas: int):
+        self.site_id, self.nc, self.js, self.reader = site_id, nc, js, reader
+        self.append, self.projection, self.replicas = append, projection, replicas
         self.linked: set[str] = set()
         self._watched_at = -WATCH_EVERY_S
 
     async def sync(self) -> None:
-        for peer in views.peer_sites(self.site.reader, self.site.id):
+        for peer in views.peer_sites(self.reader, self.site_id):
             sid = peer["site"]
             if sid in self.linked:
                 continue
             if not await self.ensure_mirror(sid):
                 continue  # not reachable yet: try again on the next pass
             self.linked.add(sid)
-            self.site.projector.add_stream(mirror_name(sid))
+            self.projection.add_stream(mirror_name(sid))
             log.info("mirroring peer", peer=sid, stream=mirror_name(sid))
 
     async def ensure_mirror(self, sid: str) -> bool:
         """Make the mirror of ``sid``'s log, once its JetStream answers through the leaf tree:
         a mirror made before its origin is reachable retries on a back-off of ~40 s, and
         ODST never deletes a mirror to hurry it. False: not made yet."""
-        js = self.site.js
+        js = self.js
         name = mirror_name(sid)
         if await find_stream(js, name) is not None:
             return True
         if await self._origin_info(sid) is None:
             return False
         await ensure_stream(js, api.StreamConfig(
-            name=name, storage=api.StorageType.FILE, num_replicas=self.site.log.replicas,
+            name=name, storage=api.StorageType.FILE, num_replicas=self.replicas,
             mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(api=f"$JS.{sid}.API")),
         ))
         return True
@@ -98,10 +103,10 @@ class Linker:
         if now - self._watched_at < WATCH_EVERY_S:
             return  # the linker wakes on every fold: a busy log must not mean a request per peer each time
         self._watched_at = now
-        recorded = views.peer_log_alarms(self.site.reader, self.site.id)
+        recorded = views.peer_log_alarms(self.reader, self.site_id)
         for sid in sorted(self.linked):
             try:
-                mirror = await self.site.js.stream_info(mirror_name(sid))
+                mirror = await self.js.stream_info(mirror_name(sid))
             except Exception:
                 continue
             origin = await self._origin_info(sid)
@@ -110,16 +115,16 @@ class Linker:
             reason, detail = divergence(sid, mirror, origin)
             if reason and recorded.get(sid) != reason:
                 log.error("peer's log diverged from our mirror of it; mirror kept", peer=sid, reason=reason)
-                await self.site.append(ev.PeerLogDiverged(site=sid, reason=reason, **detail), actor="system")
+                await self.append(ev.PeerLogDiverged(site=sid, reason=reason, **detail), actor="system")
             elif not reason and sid in recorded:
                 log.warning("peer's log matches our mirror again", peer=sid)
-                await self.site.append(ev.PeerLogRestored(site=sid), actor="system")
+                await self.append(ev.PeerLogRestored(site=sid), actor="system")
 
     async def _origin_info(self, sid: str) -> dict | None:
         """The peer's own view of its EVENTS stream (JetStream's stream info, through the leaf
         tree), ``{"missing": True}`` when it has none, None when it does not answer."""
         try:
-            msg = await self.site.nc.request(f"$JS.{sid}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            msg = await self.nc.request(f"$JS.{sid}.API.STREAM.INFO.EVENTS", b"", timeout=2)
             info = json.loads(msg.data)
         except Exception:
             return None
@@ -132,7 +137,7 @@ class Linker:
         """Link state of one peer: mirror lag, seconds since last contact, error, last event."""
         out: dict = {"stream": mirror_name(sid)}
         try:
-            info = await self.site.js.stream_info(mirror_name(sid))
+            info = await self.js.stream_info(mirror_name(sid))
         except Exception as exc:
             out.update(link="unknown", error=f"{type(exc).__name__}")
             return out
@@ -142,7 +147,7 @@ class Linker:
         out.update(messages=info.state.messages, lag=(m.lag if m else None),
                    last_contact_s=round(active_s, 3) if active_s is not None else None, error=error)
         out["link"] = "up" if (active_s is not None and active_s < 30 and not error) else "down"
-        chain = views.site_chain(self.site.reader, sid)
+        chain = views.site_chain(self.reader, sid)
         out["last_event_ts"] = chain["last_ts"] if chain else None
         out["last_seq"] = chain["last_seq"] if chain else 0
         return out

@@ -48,9 +48,11 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import sqlite3
 import time
 from collections import OrderedDict
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable
 
 import httpx
 import msgspec
@@ -60,10 +62,13 @@ import nats.errors
 import structlog
 
 from odst.bus.service import NatsService
+from odst.config import Settings
 from odst.errors import OdstError
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SIGNATURE_BYTES, SignatureInvalid, SiteKey, site_id_for, verify_detached
+from odst.projections import views
+from odst.projections.appender import Append
 
 log = structlog.get_logger("odst.peering")
 
@@ -162,6 +167,25 @@ class SignedAnswer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     signed: Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_BYTES)]
 
 
+@dataclass(frozen=True)
+class Registrar:
+    """What registering needs of this site: its key and settings, the read model (invitations),
+    the write path, the broker, and a way to let an inviter's leaf link in while joining."""
+
+    site_id: str
+    key: SiteKey
+    settings: Settings
+    reader: sqlite3.Connection
+    append: Append
+    nc: Any
+    admit_applicant: Callable[[str], bool]
+
+    @property
+    def name(self) -> str:
+        """This site's name as peers are told it (its last SiteRenamed, else the setting)."""
+        return views.site_name(self.reader, self.site_id, self.settings)
+
+
 def register_subject(site: str) -> str:
     return f"odst.{site}.rpc.register"
 
@@ -223,15 +247,15 @@ def decode_token(token: str) -> Invitation:
     return inv
 
 
-async def create_invite(site, *, actor: str, ttl_s: int = DEFAULT_TTL_S) -> dict:
+async def create_invite(me: Registrar, *, actor: str, ttl_s: int = DEFAULT_TTL_S) -> dict:
     secret = secrets.token_urlsafe(24)
     invite_id = secrets.token_hex(8)
     expires_ts = _now_ms() + ttl_s * 1000
-    await site.append(ev.PeerInvited(invite_id=invite_id, secret_sha256=secret_hash(secret),
+    await me.append(ev.PeerInvited(invite_id=invite_id, secret_sha256=secret_hash(secret),
                                      expires_ts=expires_ts), actor=actor)
-    inv = Invitation(v=PROTOCOL, site=site.id, public_key=site.key.public_key.hex(),
-                     seal_key=seal_public_key(site.key).hex(),
-                     name=site.settings.site_name[:200], http_url=(site.settings.base_url or "")[:500],
+    inv = Invitation(v=PROTOCOL, site=me.site_id, public_key=me.key.public_key.hex(),
+                     seal_key=seal_public_key(me.key).hex(),
+                     name=me.name[:200], http_url=(me.settings.base_url or "")[:500],
                      invite_id=invite_id, invite_secret=secret, expires_ts=expires_ts)
     return {"invite_id": invite_id, "expires_ts": expires_ts, "token": encode_token(inv)}
 
@@ -364,18 +388,18 @@ def make_answer(key: SiteKey, *, peer: str, request_digest: str, name: str = "",
     return msgspec.json.encode(SignedAnswer(v=PROTOCOL, signed=base64.b64encode(signed).decode("ascii")))
 
 
-def _answer(site, opened: _Opened, refused: str = "") -> bytes:
-    return make_answer(site.key, peer=opened.request.site, request_digest=opened.digest,
-                       name=site.settings.site_name, http_url=site.settings.base_url or "", refused=refused)
+def _answer(me: Registrar, opened: _Opened, refused: str = "") -> bytes:
+    return make_answer(me.key, peer=opened.request.site, request_digest=opened.digest,
+                       name=me.name, http_url=me.settings.base_url or "", refused=refused)
 
 
-async def _admit(site, req: RegisterRequest) -> None:
-    if req.site == site.id:
+async def _admit(me: Registrar, req: RegisterRequest) -> None:
+    if req.site == me.site_id:
         raise InviteInvalid("a site cannot register with itself")
     if abs(_now_ms() - req.ts) > MAX_SKEW_S * 1000:
         raise InviteInvalid(f"registration request timestamp is more than {MAX_SKEW_S} s from this site's "
                             "clock: check both sites' clocks (NTP) and join again")
-    row = site.reader.execute("SELECT * FROM invites WHERE invite_id=?", (req.invite_id,)).fetchone()
+    row = me.reader.execute("SELECT * FROM invites WHERE invite_id=?", (req.invite_id,)).fetchone()
     if row is None or not hmac.compare_digest(row["secret_sha256"], secret_hash(req.secret)):
         if row is not None and hmac.compare_digest(row["secret_sha256"],
                                                    hashlib.sha256(req.secret.encode()).hexdigest()):
@@ -388,59 +412,59 @@ async def _admit(site, req: RegisterRequest) -> None:
     if not _nonces.first_time(f"{req.site}:{req.nonce}"):
         raise InviteInvalid("replayed registration request")
     if not row["used_by"]:
-        await site.append(ev.PeerRegistered(site=req.site, public_key=req.public_key, name=req.name,
+        await me.append(ev.PeerRegistered(site=req.site, public_key=req.public_key, name=req.name,
                                             http_url=req.http_url, invite_id=req.invite_id),
                           actor=f"peer:{req.site}")
         log.info("peer registered", peer=req.site, via="invite")
 
 
-async def handle_register(site, body: bytes) -> bytes:
+async def handle_register(me: Registrar, body: bytes) -> bytes:
     """Site A's side, for either transport: the signed answer to a sealed request.
 
     Raises RegistrationRefused (a 4xx carrying its signed, bound form) when the request
     opened but is refused, another 4xx OdstError when it cannot be opened at all, and
     AppendFailed when the registration could not be recorded."""
-    opened = open_request(site.key, body)
+    opened = open_request(me.key, body)
     try:
         async with _admitting:
-            await _admit(site, opened.request)
+            await _admit(me, opened.request)
     except OdstError as exc:
         log.warning("registration refused", peer=opened.request.site, reason=exc.detail)
         raise RegistrationRefused(exc.detail, status=exc.status,
-                                  answer=_answer(site, opened, refused=exc.detail)) from None
-    return _answer(site, opened)
+                                  answer=_answer(me, opened, refused=exc.detail)) from None
+    return _answer(me, opened)
 
 
 # --- the joiner's side: the exchange -----------------------------------------------------------
 
-async def join(site, token: str, *, actor: str) -> dict:
+async def join(me: Registrar, token: str, *, actor: str) -> dict:
     """Site B's side: complete a mutual registration with the site that made ``token``."""
     inv = decode_token(token)
-    if inv.site == site.id:
+    if inv.site == me.site_id:
         raise InviteInvalid("this invitation was made by this very site")
     if inv.expires_ts < _now_ms():
         raise InviteInvalid("invitation expired; ask for a new one")
-    ans, via = await _exchange(site, inv)
+    ans, via = await _exchange(me, inv)
     if ans.refused:
         raise InviteInvalid(f"the inviting site refused: {ans.refused}")
-    await site.append(ev.PeerRegistered(site=inv.site, public_key=inv.public_key, name=ans.name,
+    await me.append(ev.PeerRegistered(site=inv.site, public_key=inv.public_key, name=ans.name,
                                         http_url=ans.http_url or inv.http_url, invite_id=inv.invite_id),
                       actor=actor)
     log.info("peer registered", peer=inv.site, via=via)
     return {"site": inv.site, "name": ans.name, "http_url": ans.http_url, "via": via}
 
 
-def _fresh_request(site, inv: Invitation) -> tuple[bytes, str]:
-    return make_request(site.key, inv, name=site.settings.site_name, http_url=site.settings.base_url or "")
+def _fresh_request(me: Registrar, inv: Invitation) -> tuple[bytes, str]:
+    return make_request(me.key, inv, name=me.name, http_url=me.settings.base_url or "")
 
 
-async def _exchange(site, inv: Invitation) -> tuple[RegisterAnswer, str]:
+async def _exchange(me: Registrar, inv: Invitation) -> tuple[RegisterAnswer, str]:
     notes: list[str] = []
     # the inviter may reach us only over a leaf link it dials, refused while its key is unknown
-    patience = LEAF_ADMISSION_S if site.admit_applicant(inv.public_key) else 0.0
+    patience = LEAF_ADMISSION_S if me.admit_applicant(inv.public_key) else 0.0
     deadline = time.monotonic() + patience
     while True:
-        ans = await _over_nats(site, inv, notes)
+        ans = await _over_nats(me, inv, notes)
         if ans is not None:
             return ans, "nats"
         if time.monotonic() > deadline or not notes[-1].startswith("NATS: no responder"):
@@ -448,24 +472,24 @@ async def _exchange(site, inv: Invitation) -> tuple[RegisterAnswer, str]:
         notes.pop()
         await asyncio.sleep(0.5)  # the inviter's leaf link reconnects about once a second
     if inv.http_url:
-        ans = await _over_http(site, inv, notes)
+        ans = await _over_http(me, inv, notes)
         if ans is not None:
             return ans, "http"
     raise PeerUnreachable("no valid answer from the inviting site (" + "; ".join(notes) +
                           "): link the sites with a NATS leaf node or make its address reachable")
 
 
-async def _over_nats(site, inv: Invitation, notes: list[str]) -> RegisterAnswer | None:
+async def _over_nats(me: Registrar, inv: Invitation, notes: list[str]) -> RegisterAnswer | None:
     """Ask over NATS; anyone on the broker may answer, so keep listening until an answer
     signed by the inviting site and bound to this request arrives, or the deadline."""
-    wire, digest = _fresh_request(site, inv)
+    wire, digest = _fresh_request(me, inv)
     ignored: list[str] = []  # the first few reasons, for the error message
     n_ignored = 0
     sub = None
     try:
-        inbox = site.nc.new_inbox()
-        sub = await site.nc.subscribe(inbox)
-        await site.nc.publish(register_subject(inv.site), wire, reply=inbox)
+        inbox = me.nc.new_inbox()
+        sub = await me.nc.subscribe(inbox)
+        await me.nc.publish(register_subject(inv.site), wire, reply=inbox)
         deadline = time.monotonic() + NATS_WAIT_S
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -481,7 +505,7 @@ async def _over_nats(site, inv: Invitation, notes: list[str]) -> RegisterAnswer 
                 reason = f"unverified refusal {headers.get('odst-error', '')!r}"[:300]
             else:
                 try:
-                    return check_answer(inv, site.id, digest, msg.data)
+                    return check_answer(inv, me.site_id, digest, msg.data)
                 except AnswerInvalid as exc:
                     reason = f"answer refused: {exc}"
                     if n_ignored <= 20:
@@ -501,8 +525,8 @@ async def _over_nats(site, inv: Invitation, notes: list[str]) -> RegisterAnswer 
     return None
 
 
-async def _over_http(site, inv: Invitation, notes: list[str]) -> RegisterAnswer | None:
-    wire, digest = _fresh_request(site, inv)
+async def _over_http(me: Registrar, inv: Invitation, notes: list[str]) -> RegisterAnswer | None:
+    wire, digest = _fresh_request(me, inv)
     url = inv.http_url.rstrip("/") + "/peer/v1/register"
     try:
         async with httpx.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
@@ -512,7 +536,7 @@ async def _over_http(site, inv: Invitation, notes: list[str]) -> RegisterAnswer 
         return None
     if r.status_code == 200:
         try:
-            return check_answer(inv, site.id, digest, r.content)
+            return check_answer(inv, me.site_id, digest, r.content)
         except AnswerInvalid as exc:
             log.warning("registration answer refused", peer=inv.site, via="http", reason=str(exc))
             notes.append(f"HTTP {url}: answer refused: {exc}")
@@ -532,16 +556,17 @@ class RegistrationService(NatsService):
 
     queue = "register"
 
-    def __init__(self, site):
-        super().__init__(site)
-        self.subject = register_subject(site.id)
+    def __init__(self, registrar: Registrar):
+        super().__init__(registrar.nc, registrar.key)
+        self.registrar = registrar
+        self.subject = register_subject(registrar.site_id)
 
     async def _on_request(self, msg) -> None:
         if not msg.reply:
             return  # nobody to answer
         body, headers = b"", {"odst-status": "200"}
         try:
-            body = await handle_register(self.site, msg.data)
+            body = await handle_register(self.registrar, msg.data)
         except RegistrationRefused as exc:
             body, headers = exc.answer, {"odst-status": str(exc.status), "odst-error": exc.detail}
         except OdstError as exc:
@@ -554,6 +579,6 @@ class RegistrationService(NatsService):
             log.exception("registration failed")
             headers = {"odst-status": "500", "odst-error": "internal error; the inviting site's log has the details"}
         try:
-            await self.site.nc.publish(msg.reply, body, headers=headers)
+            await self.nc.publish(msg.reply, body, headers=headers)
         except Exception as exc:  # the reply subject is the requester's: a bad one is its problem
             log.warning("registration answer not sent", error=f"{type(exc).__name__}: {exc}")

@@ -39,9 +39,10 @@ def subject_name(event: ev.Event) -> str:
         return event.token_id
     if isinstance(event, (ev.NatsCredentialCreated, ev.NatsCredentialRevoked)):
         return event.credential_id
-    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored)):
+    if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
+                          ev.JamfDistributionPointRegistered)):
         return event.site
-    if isinstance(event, ev.SiteFounded):
+    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
         return event.webhook_id
@@ -52,8 +53,9 @@ def subject_name(event: ev.Event) -> str:
     return getattr(event, "name", "")
 
 
-class Folder:
-    """Applies messages to one SQLite connection. ``trusted`` maps site id -> public key."""
+class ReadModelWriter:
+    """Folds messages into the read model (one SQLite connection): verify, check the chain,
+    apply, checkpoint, in one transaction. ``trusted`` maps site id -> public key."""
 
     def __init__(self, conn: sqlite3.Connection, trusted: dict[str, bytes]):
         self.conn = conn
@@ -193,7 +195,7 @@ def clock(ts: int, origin: str) -> str:
 
 
 def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_size, chunks, origin,
-             uploaded_at, uploaded_by, stage, at: str, from_upload: bool) -> None:
+             uploaded_at, uploaded_by, stage, at: str, from_upload: bool, generation: int = 0) -> None:
     """Record a sighting of a content at clock ``at``, order-independently.
 
     Keyed by the key of the name (naming.name_key): spellings a Mac would take for one
@@ -202,7 +204,8 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
     the latest upload is current until a later PackageStaged. Ties break on the text of the
     key (and of the spelling), so any order of folding gives the same row. Every spelling is
     also recorded in ``spellings``, so that two of them for one key are reported
-    (name_collisions), never merged silently.
+    (name_collisions), never merged silently. The generation is the highest seen (a
+    replacement's; 0 for uploads).
     """
     key = name_key(name)
     first_key = f"{at}|{0 if from_upload else 1}|{stage}"
@@ -210,8 +213,8 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
     earlier = "(excluded.first_key < first_key OR (excluded.first_key = first_key AND excluded.name < name))"
     c.execute(
         "INSERT INTO contents(key, name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
-        " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage, generation)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(key, blake3) DO UPDATE SET"
         f" name=CASE WHEN {earlier} THEN excluded.name ELSE name END,"
         " origin=CASE WHEN excluded.first_key < first_key THEN excluded.origin ELSE origin END,"
@@ -219,9 +222,10 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
         " uploaded_by=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_by ELSE uploaded_by END,"
         " first_clock=min(first_clock, excluded.first_clock), first_key=min(first_key, excluded.first_key),"
         " last_stage=CASE WHEN excluded.last_key > last_key THEN excluded.last_stage ELSE last_stage END,"
-        " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key)",
+        " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key),"
+        " generation=max(generation, excluded.generation)",
         (key, name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
-         uploaded_by, at, first_key, at, last_key, stage))
+         uploaded_by, at, first_key, at, last_key, stage, generation))
     c.execute("INSERT INTO spellings(key, name, blake3, first_clock) VALUES (?,?,?,?)"
               " ON CONFLICT(key, name, blake3) DO UPDATE SET first_clock=min(first_clock, excluded.first_clock)",
               (key, name, blake3, at))
@@ -235,36 +239,69 @@ def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status:
               (name_key(name), blake3, site, status, detail, at))
 
 
-def _package_uploaded(c, env, e: ev.PackageUploaded, folder) -> None:
+def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
     at = clock(env.ts, env.origin)
     _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
     _available(c, e.name, e.blake3, env.origin, "available", "", at)
+    _repaired(c, e.name, e.blake3, env.origin, at)
 
 
-def _package_available(c, env, e: ev.PackageAvailable, folder) -> None:
+def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
+    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
+    c.execute("DELETE FROM damaged WHERE key=? AND blake3=? AND site=? AND clock < ?",
+              (name_key(name), blake3, site, at))
+
+
+def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
+    """An upload that supersedes ``e.replaces``: that content is no longer live (unless uploaded
+    again later), and the new one carries its generation."""
+    at = clock(env.ts, env.origin)
+    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+             chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
+             uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True, generation=e.generation)
+    c.execute("INSERT INTO replacements(key, old_blake3, clock, new_blake3, origin, replaced_at, replaced_by)"
+              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, old_blake3) DO UPDATE SET clock=excluded.clock,"
+              " new_blake3=excluded.new_blake3, origin=excluded.origin, replaced_at=excluded.replaced_at,"
+              " replaced_by=excluded.replaced_by WHERE excluded.clock > clock",
+              (name_key(e.name), e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
+    _available(c, e.name, e.blake3, env.origin, "available", "", at)
+
+
+def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
     _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=e.origin, uploaded_at=e.uploaded_ts,
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
     _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
+    _repaired(c, e.name, e.blake3, env.origin, clock(env.ts, env.origin))
 
 
-def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, folder) -> None:
+def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
+    """Out of service at its origin until that site's next PackageAvailable of the content."""
+    at = clock(env.ts, env.origin)
+    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
+    c.execute("INSERT INTO damaged(key, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(key, blake3, site) DO UPDATE SET reason=excluded.reason,"
+              " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
+              (name_key(e.name), e.blake3, env.origin, e.reason, e.found_by, at))
+
+
+def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, writer) -> None:
     _available(c, e.name, e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
 
 
-def _package_withdrawn(c, env, e: ev.PackageWithdrawn, folder) -> None:
+def _package_withdrawn(c, env, e: ev.PackageWithdrawn, writer) -> None:
     _available(c, e.name, e.blake3, env.origin, "withdrawn", e.reason, clock(env.ts, env.origin))
 
 
-def _package_staged(c, env, e: ev.PackageStaged, folder) -> None:
+def _package_staged(c, env, e: ev.PackageStaged, writer) -> None:
     c.execute("INSERT OR IGNORE INTO stage_changes(key, clock, stage) VALUES (?,?,?)",
               (name_key(e.name), clock(env.ts, env.origin), e.stage))
 
 
-def _package_deleted(c, env, e: ev.PackageDeleted, folder) -> None:
+def _package_deleted(c, env, e: ev.PackageDeleted, writer) -> None:
     c.execute("INSERT INTO tombstones(key, blake3, clock, origin, deleted_at, deleted_by)"
               " VALUES (?,?,?,?,?,?) ON CONFLICT(key, blake3) DO UPDATE SET clock=excluded.clock,"
               " origin=excluded.origin, deleted_at=excluded.deleted_at, deleted_by=excluded.deleted_by"
@@ -272,77 +309,77 @@ def _package_deleted(c, env, e: ev.PackageDeleted, folder) -> None:
               (name_key(e.name), e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
 
 
-def _peer_invited(c, env, e: ev.PeerInvited, folder) -> None:
-    if env.origin in folder.trusted:  # only this site's own invitations matter here
+def _peer_invited(c, env, e: ev.PeerInvited, writer) -> None:
+    if env.origin in writer.trusted:  # only this site's own invitations matter here
         c.execute("INSERT OR IGNORE INTO invites(invite_id, secret_sha256, expires_ts) VALUES (?,?,?)",
                   (e.invite_id, e.secret_sha256, e.expires_ts))
 
 
-def _peer_registered(c, env, e: ev.PeerRegistered, folder) -> None:
+def _peer_registered(c, env, e: ev.PeerRegistered, writer) -> None:
     c.execute("INSERT INTO directory(site, vouched_by, public_key, name, http_url, clock)"
               " VALUES (?,?,?,?,?,?) ON CONFLICT(site, vouched_by) DO UPDATE SET"
               " public_key=excluded.public_key, name=excluded.name, http_url=excluded.http_url,"
               " clock=excluded.clock WHERE excluded.clock > clock",
               (e.site, env.origin, e.public_key, e.name, e.http_url, clock(env.ts, env.origin)))
-    if e.invite_id and env.origin in folder.trusted:
+    if e.invite_id and env.origin in writer.trusted:
         c.execute("UPDATE invites SET used_by=? WHERE invite_id=?", (e.site, e.invite_id))
 
 
-def _peer_removed(c, env, e: ev.PeerRemoved, folder) -> None:
-    if env.origin in folder.trusted:  # a removal binds only the site that decided it
+def _peer_removed(c, env, e: ev.PeerRemoved, writer) -> None:
+    if env.origin in writer.trusted:  # a removal binds only the site that decided it
         c.execute("INSERT OR REPLACE INTO removals(site, upto_seq, clock) VALUES (?,?,?)",
                   (e.site, e.upto_seq, clock(env.ts, env.origin)))
 
 
-def _token_created(c, env, e: ev.TokenCreated, folder) -> None:
+def _token_created(c, env, e: ev.TokenCreated, writer) -> None:
     c.execute("INSERT OR IGNORE INTO tokens(token_id, name, role, token_sha256, site, created_at,"
               " created_by) VALUES (?,?,?,?,?,?,?)",
               (e.token_id, e.name, e.role, e.token_sha256, env.origin, env.ts, env.actor))
 
 
-def _token_revoked(c, env, e: ev.TokenRevoked, folder) -> None:
+def _token_revoked(c, env, e: ev.TokenRevoked, writer) -> None:
     c.execute("UPDATE tokens SET revoked_at=? WHERE token_id=? AND site=? AND revoked_at IS NULL",
               (env.ts, e.token_id, env.origin))
 
 
-def _nats_credential_created(c, env, e: ev.NatsCredentialCreated, folder) -> None:
-    if env.origin in folder.trusted:  # who may read this site's broker is its own business
+def _nats_credential_created(c, env, e: ev.NatsCredentialCreated, writer) -> None:
+    if env.origin in writer.trusted:  # who may read this site's broker is its own business
         # OR IGNORE: a name already active (or a key already used) keeps its first credential
         c.execute("INSERT OR IGNORE INTO nats_credentials(credential_id, name, role, nkey, created_at,"
                   " created_by) VALUES (?,?,?,?,?,?)",
                   (e.credential_id, e.name, e.role, e.nkey, env.ts, env.actor))
 
 
-def _nats_credential_revoked(c, env, e: ev.NatsCredentialRevoked, folder) -> None:
-    if env.origin in folder.trusted:
+def _nats_credential_revoked(c, env, e: ev.NatsCredentialRevoked, writer) -> None:
+    if env.origin in writer.trusted:
         c.execute("UPDATE nats_credentials SET revoked_at=?, revoked_by=? WHERE credential_id=?"
                   " AND revoked_at IS NULL", (env.ts, env.actor, e.credential_id))
 
 
-def _webhook_subscribed(c, env, e: ev.WebhookSubscribed, folder) -> None:
-    if env.origin in folder.trusted:  # a subscription is this site's own business
+def _webhook_subscribed(c, env, e: ev.WebhookSubscribed, writer) -> None:
+    if env.origin in writer.trusted:  # a subscription is this site's own business
         c.execute("INSERT OR IGNORE INTO webhooks(webhook_id, url, event_types, description, event_id,"
                   " created_at, created_by) VALUES (?,?,?,?,?,?,?)",
                   (e.webhook_id, e.url, json.dumps(sorted(e.event_types)), e.description, env.id,
                    env.ts, env.actor))
 
 
-def _webhook_removed(c, env, e: ev.WebhookRemoved, folder) -> None:
-    if env.origin in folder.trusted:
+def _webhook_removed(c, env, e: ev.WebhookRemoved, writer) -> None:
+    if env.origin in writer.trusted:
         c.execute("UPDATE webhooks SET removed_at=? WHERE webhook_id=? AND removed_at IS NULL",
                   (env.ts, e.webhook_id))
 
 
-def _email_subscribed(c, env, e: ev.EmailSubscribed, folder) -> None:
-    if env.origin in folder.trusted:
+def _email_subscribed(c, env, e: ev.EmailSubscribed, writer) -> None:
+    if env.origin in writer.trusted:
         c.execute("INSERT OR IGNORE INTO email_subscriptions(subscription_id, recipient, event_types,"
                   " event_id, created_at, created_by) VALUES (?,?,?,?,?,?)",
                   (e.subscription_id, e.recipient, json.dumps(sorted(e.event_types)), env.id, env.ts,
                    env.actor))
 
 
-def _email_unsubscribed(c, env, e: ev.EmailUnsubscribed, folder) -> None:
-    if env.origin in folder.trusted:
+def _email_unsubscribed(c, env, e: ev.EmailUnsubscribed, writer) -> None:
+    if env.origin in writer.trusted:
         c.execute("UPDATE email_subscriptions SET removed_at=? WHERE subscription_id=? AND removed_at IS NULL",
                   (env.ts, e.subscription_id))
 
@@ -351,8 +388,8 @@ USER_EVENTS = (ev.UserCreated, ev.UserRoleChanged, ev.UserPasswordChanged, ev.Us
                ev.UserRemoved)
 
 
-def _user_created(c, env, e: ev.UserCreated, folder) -> None:
-    if env.origin in folder.trusted:  # a site's users are its own; a peer's never sign in here
+def _user_created(c, env, e: ev.UserCreated, writer) -> None:
+    if env.origin in writer.trusted:  # a site's users are its own; a peer's never sign in here
         c.execute("INSERT INTO users(username, display_name, role, password_sealed, created_at, created_by,"
                   " updated_at, updated_by) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(username) DO UPDATE SET"
                   " display_name=excluded.display_name, role=excluded.role,"
@@ -365,8 +402,8 @@ def _user_created(c, env, e: ev.UserCreated, folder) -> None:
 
 
 def _user_update(column: str, attribute: str):
-    def apply(c, env, e, folder) -> None:
-        if env.origin in folder.trusted:
+    def apply(c, env, e, writer) -> None:
+        if env.origin in writer.trusted:
             extra = ", password_changed_at=?" if column == "password_sealed" else ""
             args = (getattr(e, attribute), env.ts, env.actor) + ((env.ts,) if extra else ())
             c.execute(f"UPDATE users SET {column}=?, updated_at=?, updated_by=?{extra}"
@@ -374,25 +411,74 @@ def _user_update(column: str, attribute: str):
     return apply
 
 
-def _user_removed(c, env, e: ev.UserRemoved, folder) -> None:
-    if env.origin in folder.trusted:
+def _user_removed(c, env, e: ev.UserRemoved, writer) -> None:
+    if env.origin in writer.trusted:
         c.execute("UPDATE users SET removed_at=?, updated_at=?, updated_by=? WHERE username=?"
                   " AND removed_at IS NULL", (env.ts, env.ts, env.actor, e.username))
 
 
-def _stages_accepted(c, env, e: ev.StagesAccepted, folder) -> None:
+def _stages_accepted(c, env, e: ev.StagesAccepted, writer) -> None:
     c.execute("INSERT INTO stage_policies(site, stages, clock) VALUES (?,?,?) ON CONFLICT(site) DO UPDATE"
               " SET stages=excluded.stages, clock=excluded.clock WHERE excluded.clock > stage_policies.clock",
               (env.origin, json.dumps(list(e.stages)), clock(env.ts, env.origin)))
-    if env.origin in folder.trusted:  # each site chooses its own; peers' choices are theirs
+    if env.origin in writer.trusted:  # each site chooses its own; peers' choices are theirs
         c.execute("INSERT OR REPLACE INTO site_settings(key, value, updated_at, updated_by) VALUES (?,?,?,?)",
                   ("accepted_stages", json.dumps(list(e.stages)), env.ts, env.actor))
 
 
+def _jamf_package_synced(c, env, e: ev.JamfPackageSynced, folder) -> None:
+    if e.dry_run:  # a dry run changes nothing in Jamf Pro: its event is history only
+        return
+    state = {"failed": "failed"}.get(e.result, "deleted" if e.action == "deleted" else "in_sync")
+    if e.result == "failed":  # a failed write leaves the record as it was: keep what we knew of it
+        c.execute("INSERT INTO jamf_packages(name, state, detail, clock, origin) VALUES (?,?,?,?,?)"
+                  " ON CONFLICT(name) DO UPDATE SET state=excluded.state, detail=excluded.detail,"
+                  " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+                  (e.name, state, e.detail, clock(env.ts, env.origin), env.origin))
+        return
+    c.execute("INSERT INTO jamf_packages(name, blake3, file_name, record_id, hash_type, hash_value, size, state,"
+              " detail, created_by_odst, clock, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+              " ON CONFLICT(name) DO UPDATE SET blake3=excluded.blake3, file_name=excluded.file_name,"
+              " record_id=excluded.record_id, hash_type=excluded.hash_type, hash_value=excluded.hash_value,"
+              " size=excluded.size, state=excluded.state, detail=excluded.detail,"
+              " created_by_odst=CASE WHEN excluded.record_id = jamf_packages.record_id"
+              "   THEN max(excluded.created_by_odst, jamf_packages.created_by_odst) ELSE excluded.created_by_odst END,"
+              " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+              (e.name, e.blake3, e.file_name, e.record_id, e.hash_type, e.hash_value, e.size, state, e.detail,
+               int(e.created_by_odst), clock(env.ts, env.origin), env.origin))
+
+
+def _jamf_drift(c, env, e, folder) -> None:
+    state = e.kind if isinstance(e, ev.JamfDriftDetected) else "in_sync"
+    detail = (f"expected {e.expected or '-'}, found {e.found or '-'}"
+              if isinstance(e, ev.JamfDriftDetected) else "")
+    c.execute("INSERT INTO jamf_packages(name, record_id, state, detail, clock, origin) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(name) DO UPDATE SET state=excluded.state, detail=excluded.detail,"
+              " record_id=CASE WHEN excluded.record_id <> '' THEN excluded.record_id ELSE jamf_packages.record_id END,"
+              " clock=excluded.clock, origin=excluded.origin WHERE excluded.clock > jamf_packages.clock",
+              (e.name, e.record_id, state, detail, clock(env.ts, env.origin), env.origin))
+
+
+def _jamf_dp_registered(c, env, e: ev.JamfDistributionPointRegistered, folder) -> None:
+    c.execute("INSERT INTO jamf_distribution_points(site, record_id, dp_name, url, api, failover_site, clock,"
+              " origin) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET record_id=excluded.record_id,"
+              " dp_name=excluded.dp_name, url=excluded.url, api=excluded.api,"
+              " failover_site=excluded.failover_site, clock=excluded.clock, origin=excluded.origin"
+              " WHERE excluded.clock > jamf_distribution_points.clock",
+              (e.site, e.record_id, e.dp_name, e.url, e.api, e.failover_site, clock(env.ts, env.origin),
+               env.origin))
+
+
 _HANDLERS = {
+    ev.JamfPackageSynced: _jamf_package_synced,
+    ev.JamfDriftDetected: _jamf_drift,
+    ev.JamfDriftCleared: _jamf_drift,
+    ev.JamfDistributionPointRegistered: _jamf_dp_registered,
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
+    ev.PackageReplaced: _package_replaced,
     ev.PackageTransferFailed: _package_transfer_failed,
+    ev.PackageDamaged: _package_damaged,
     ev.PackageStaged: _package_staged,
     ev.PackageWithdrawn: _package_withdrawn,
     ev.PackageDeleted: _package_deleted,

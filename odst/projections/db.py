@@ -25,7 +25,7 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply sql/NNN_*.sql files newer than PRAGMA user_version; return the version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    # 010_names regroups packages by the key of their names: the one rule, from Python
+    # 014_names regroups packages by the key of their names: the one rule, from Python
     conn.create_function("name_key", 1, name_key, deterministic=True)
     files = sorted(p for p in resources.files("odst.projections").joinpath("sql").iterdir()
                    if p.name.endswith(".sql"))

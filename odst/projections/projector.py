@@ -9,7 +9,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from odst.events.log import read_stream, unfolded
-from odst.projections.apply import Folder
+from odst.projections.apply import ReadModelWriter
 from odst.projections.db import open_read_model
 
 log = structlog.get_logger("odst.projector")
@@ -28,7 +28,7 @@ class Projector:
                  streams: list[str]):
         self.js = js
         self.conn = open_read_model(db_path)
-        self.folder = Folder(self.conn, trusted)
+        self.writer = ReadModelWriter(self.conn, trusted)
         self.streams = list(streams)
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
@@ -52,7 +52,7 @@ class Projector:
             self.conn.execute("DELETE FROM projection_errors WHERE stream=?", (stream,))
 
     def checkpoint(self, stream: str) -> int:
-        return self.folder.checkpoint(stream)
+        return self.writer.checkpoint(stream)
 
     def start(self) -> None:
         for s in self.streams:
@@ -76,7 +76,7 @@ class Projector:
             try:
                 start = self.checkpoint(stream) + 1
                 async for msg in read_stream(self.js, stream, start):
-                    outcome = self.folder.fold(msg)
+                    outcome = self.writer.fold(msg)
                     if not outcome.applied and outcome.reason != "already applied":
                         log.warning("event quarantined", stream=stream, seq=msg.seq,
                                     subject=msg.subject, reason=outcome.reason)

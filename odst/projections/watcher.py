@@ -22,7 +22,7 @@ class ReadModelWatcher:
         self.js = js
         self.db_path = Path(db_path)
         self.conn: sqlite3.Connection | None = None
-        self.folder = None
+        self.writer = None
 
     @property
     def error(self) -> str | None:

@@ -97,13 +97,13 @@ def temp_path(tmp_dir: Path, blake3: str) -> Path:
 class Puller:
     def __init__(self, want: Want, sources: list[tuple[ChunkSource, float]], tmp_dir: Path, *,
                  streams: int = 8, progress: Progress | None = None,
-                 on_bad_source: Callable[[str, str], None] | None = None):
+                 on_bad_source: Callable[[str, str, int], None] | None = None):
         self.want = want
         self.states = [_SourceState(s, base) for s, base in sources]
         self.path = temp_path(tmp_dir, want.blake3)
         self.streams = max(1, streams)
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
-        self.on_bad_source = on_bad_source or (lambda site, reason: None)
+        self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-write")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-hash")
 
@@ -254,7 +254,7 @@ class Puller:
                               f"({len(data)} bytes, expected {length})")
                     log.warning("bad chunk from peer; dropped", package=w.name, chunk=index,
                                 peer=src.site, transport=src.kind)
-                    self.on_bad_source(src.site, reason)
+                    self.on_bad_source(src.site, reason, index)
                     continue
                 self.progress.done += 1
                 self.progress.bytes += len(data)

@@ -20,6 +20,7 @@ import secrets
 import socket
 import time
 from collections import Counter
+import sqlite3
 
 import nats.js.errors
 from nats.js import api
@@ -27,13 +28,19 @@ from nats.js import api
 import structlog
 
 from odst.bus.service import consume
+from odst.config import Settings
 from odst.bus.streams import ensure_key_value, ensure_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
+from odst.events.signing import SiteKey
+from odst.projections.appender import Append
 from odst.naming import name_key
 from odst.projections import views
+from odst.projections.status import ProjectionStatus
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
+from odst.store.files import PackageStore
+from odst.store.files import tag
 
 log = structlog.get_logger("odst.replicator")
 
@@ -44,6 +51,7 @@ WORK_STREAM = "REPLICATION"
 WORK_DURABLE = "replicators"
 LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
+REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
 
 
@@ -52,8 +60,12 @@ def work_subject(site: str) -> str:
 
 
 class Replicator:
-    def __init__(self, site):
-        self.site = site
+    def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
+                 append: Append, projection: ProjectionStatus,
+                 settings: Settings, replicas: int):
+        self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
+        self.reader, self.store, self.append, self.projection = reader, store, append, projection
+        self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
         self.backoff: dict[tuple[str, str], tuple[float, float]] = {}
@@ -66,31 +78,33 @@ class Replicator:
         self._kick = asyncio.Event()
         self._psub = None
         self._leases = None
-        self.lease_s = float(max(3, site.settings.replication_lease_s))
+        self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
         self._started_ms = int(time.time() * 1000)
         self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
+        self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
+        self._reporting: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.http = http_session()
-        js, site_id = self.site.js, self.site.id
+        js, site_id = self.js, self.site_id
         await ensure_stream(js, api.StreamConfig(
             name=WORK_STREAM, subjects=[f"odst.{site_id}.work.>"], retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE, duplicate_window=60.0, max_age=24 * 3600.0,
-            num_replicas=self.site.log.replicas))
+            num_replicas=self.replicas))
         self._leases = await ensure_key_value(js, api.KeyValueConfig(
             bucket=LEASE_BUCKET, ttl=self.lease_s, history=1, storage=api.StorageType.FILE,
-            replicas=self.site.log.replicas))
+            replicas=self.replicas))
         self._psub = await js.pull_subscribe(
             work_subject(site_id), durable=WORK_DURABLE, stream=WORK_STREAM,
             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.lease_s,
                                       max_deliver=-1, max_ack_pending=1000))
         self._loop_task = asyncio.create_task(self._loop(), name="replicator")
         self._workers = [asyncio.create_task(self._work(), name=f"replicator-worker-{i}")
-                         for i in range(max(1, self.site.settings.replication_packages))]
+                         for i in range(max(1, self.settings.replication_packages))]
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values()] if t]
+        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values(), *self._reporting] if t]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -108,7 +122,7 @@ class Replicator:
                 raise
             except Exception:
                 log.exception("replication pass failed; retrying")
-            waiter = asyncio.ensure_future(self.site.projector.wait_changed(2.0))
+            waiter = asyncio.ensure_future(self.projection.wait_changed(2.0))
             kicked = asyncio.ensure_future(self._kick.wait())
             await asyncio.wait([waiter, kicked], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -118,19 +132,18 @@ class Replicator:
     async def reconcile(self) -> None:
         self.remove_deleted()
         await self.withdraw_unaccepted()
-        await self.retract_replaced()
         if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
             self._missing_checked = time.monotonic()
             await self.repull_missing()
         now = time.monotonic()
-        wanted = views.wanted(self.site.reader, self.site.id, self.site.accepted_stages)
+        wanted = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings))
         wanted_keys = set()
         for row in wanted:
             key = (row["name"], row["blake3"])
             wanted_keys.add(key)
             if key in self.tasks:
                 continue
-            sources = views.sources(self.site.reader, row["name"], row["blake3"], self.site.id)
+            sources = views.sources(self.reader, row["name"], row["blake3"], self.site_id)
             progress = self.progress.setdefault(key, Progress(row["name"], row["blake3"],
                                                               len(json.loads(row["chunks"]))))
             if not sources:
@@ -149,7 +162,7 @@ class Replicator:
         """Queue a pull; the same pull (same sources) is queued at most once per dedupe bucket."""
         bucket = int(time.time() // DEDUPE_BUCKET_S)
         digest = hashlib.sha256(f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}".encode()).hexdigest()[:32]
-        await self.site.js.publish(work_subject(self.site.id), json.dumps({"name": name, "blake3": blake3}).encode(),
+        await self.js.publish(work_subject(self.site_id), json.dumps({"name": name, "blake3": blake3}).encode(),
                                    stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
 
     async def _work(self) -> None:
@@ -172,11 +185,11 @@ class Replicator:
             log.warning("malformed work item dropped")
             return
         key = (name, blake3)
-        row = self.site.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
-                                       (name_key(name), blake3)).fetchone()
+        row = self.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
+                                  (name_key(name), blake3)).fetchone()
         if row is None or key in self.tasks or (name, blake3) not in {
-                (r["name"], r["blake3"]) for r in views.wanted(self.site.reader, self.site.id,
-                                                               self.site.accepted_stages)}:
+                (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
+                                                               views.replicated_stages(self.reader, self.settings))}:
             return  # no longer wanted, or already being pulled here
         try:
             revision = await self._leases.create(blake3, self.owner.encode())
@@ -208,15 +221,17 @@ class Replicator:
     def remove_deleted(self) -> None:
         """Files whose name no longer has any live content were deleted somewhere: remove them
         (files are named by key, naming.name_key)."""
-        live = views.live_keys(self.site.reader)
-        store = self.site.store
+        live = views.live_keys(self.reader)
+        store = self.store
         for p in store.packages.iterdir():
             if p.name in live or store.is_publishing(p.name):
                 continue
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
         for p in store.tmp.glob("*.repl"):
-            if p.stem not in {k[1] for k in self.tasks} and not views.content_is_live(self.site.reader, p.stem):
+            if p.stem not in {k[1] for k in self.tasks} and (
+                    not views.content_is_live(self.reader, p.stem)
+                    or views.local_content(self.reader, p.stem, self.site_id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
     async def withdraw_unaccepted(self) -> list[str]:
@@ -227,19 +242,19 @@ class Replicator:
         pulls the package again. Within the grace period a promotion serves the kept file at
         once. A file no other site holds is kept (not served): removing it would lose the
         content. Returns the names withdrawn."""
-        stages = self.site.accepted_stages
-        rows = views.unaccepted_held(self.site.reader, self.site.id, stages)
+        stages = views.replicated_stages(self.reader, self.settings)
+        rows = views.unaccepted_held(self.reader, self.site_id, stages)
         if not rows:
             return []
-        grace_ms = self.site.settings.withdraw_grace_s * 1000
-        chosen = views.site_setting(self.site.reader, "accepted_stages")
+        grace_ms = self.settings.withdraw_grace_s * 1000
+        chosen = views.site_setting(self.reader, "accepted_stages")
         changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
         now_ms = int(time.time() * 1000)
         withdrawn = []
         for row in rows:
             if now_ms - max(changed_ms, row["updated_at"]) < grace_ms or (row["name"], row["blake3"]) in self.tasks:
                 continue
-            if not views.sources(self.site.reader, row["key"], row["blake3"], self.site.id):
+            if not views.sources(self.reader, row["key"], row["blake3"], self.site_id):
                 if (row["key"], row["blake3"]) not in self._kept_alone:
                     self._kept_alone.add((row["key"], row["blake3"]))
                     log.warning("package not accepted here but held nowhere else: file kept, not served",
@@ -247,31 +262,17 @@ class Replicator:
                 continue
             reason = f"stage {row['stage']} is not accepted here (accepts {', '.join(stages) or 'none'})"
             try:
-                await self.site.append(ev.PackageWithdrawn(name=row["name"], blake3=row["blake3"], reason=reason),
-                                       actor="replicator")
+                await self.append(ev.PackageWithdrawn(name=row["name"], blake3=row["blake3"], reason=reason),
+                                  actor="replicator")
             except AppendFailed as exc:
                 log.warning("could not record a withdrawal; retrying later", package=row["name"], error=str(exc))
                 break
             self._kept_alone.discard((row["key"], row["blake3"]))
-            if not self.site.store.is_publishing(row["key"]):
-                self.site.store.remove(row["key"])
+            if not self.store.is_publishing(row["key"]):
+                self.store.remove(row["key"])
             log.info("withdrawn package removed", package=row["name"], stage=row["stage"])
             withdrawn.append(row["name"])
         return withdrawn
-
-    async def retract_replaced(self) -> None:
-        """Say that this site no longer holds contents its key's file no longer holds (the current
-        package replaced them), so that no one pulls them from here and, should one of them become
-        current again, it is pulled again rather than served from a file with other bytes."""
-        for row in views.replaced_held(self.site.reader, self.site.id):
-            try:
-                await self.site.append(ev.PackageWithdrawn(
-                    name=row["name"], blake3=row["blake3"],
-                    reason="replaced here by the current content of that name"), actor="replicator")
-            except AppendFailed as exc:
-                log.warning("could not record a replaced content; retrying later", package=row["name"],
-                            error=str(exc))
-                return
 
     async def repull_missing(self) -> list[str]:
         """Files the log says this site holds but the store lacks (a site restored by
@@ -279,8 +280,8 @@ class Replicator:
         ``odst verify`` does, so peers stop counting on this copy and the package is wanted
         here again and pulled from the sites that hold it. Returns the names."""
         missing = []
-        store, reader = self.site.store, self.site.reader
-        for key, blake3 in sorted(views.file_holders(reader, self.site.id).items()):
+        store, reader = self.store, self.reader
+        for key, blake3 in sorted(views.file_holders(reader, self.site_id).items()):
             if store.is_publishing(key) or store.path(key).exists():
                 continue
             pkg = views.package(reader, key)
@@ -291,7 +292,7 @@ class Replicator:
                 continue
             log.warning("stored package missing; pulling it again from peers", package=name)
             try:
-                await self.site.append(ev.PackageTransferFailed(
+                await self.append(ev.PackageTransferFailed(
                     name=name, blake3=blake3, reason="stored file is missing; pulling it again from peers"),
                     actor="replicator")
             except AppendFailed as exc:
@@ -302,18 +303,34 @@ class Replicator:
         return missing
 
     def _sources(self, sites: list[str]) -> list[tuple]:
-        peers = {p["site"]: p for p in views.peer_sites(self.site.reader, self.site.id)}
+        peers = {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
         out = []
         for sid in sites:
             url = peers.get(sid, {}).get("http_url", "")
             if url:
-                out.append((HttpChunkSource(sid, url, self.site.key, self.http), HTTP_BASE_COST))
-            out.append((NatsChunkSource(sid, self.site.nc, self.site.key), NATS_BASE_COST))
+                out.append((HttpChunkSource(sid, url, self.key, self.http), HTTP_BASE_COST))
+            out.append((NatsChunkSource(sid, self.nc, self.key), NATS_BASE_COST))
         return out
 
-    def _bad_source(self, site: str, reason: str) -> None:
+    def _bad_source(self, want: Want, site: str, reason: str, index: int) -> None:
         self.bad_chunks[site] += 1
         log.warning("peer served a corrupt chunk", peer=site, reason=reason, total=self.bad_chunks[site])
+        # tell the source (through this site's log, which it mirrors) so it re-checks its copy
+        key, now = (site, want.blake3), time.monotonic()
+        if now - self._reported.get(key, -1e9) < REPORT_EVERY_S:
+            return
+        self._reported[key] = now
+        task = asyncio.ensure_future(self._report(ev.ChunkRejected(
+            source=site, name=want.name, blake3=want.blake3, chunk=index, reason=reason[:300])))
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+
+    async def _report(self, event: ev.ChunkRejected) -> None:
+        try:
+            await self.append(event, actor="replicator")
+        except AppendFailed as exc:
+            self._reported.pop((event.source, event.blake3), None)
+            log.warning("could not record a rejected chunk", peer=event.source, error=str(exc))
 
     async def _transfer(self, row) -> None:
         key = (row["name"], row["blake3"])
@@ -323,16 +340,16 @@ class Replicator:
                     uploaded_by=row["uploaded_by"])
         progress = self.progress.setdefault(key, Progress(want.name, want.blake3, len(want.chunks)))
         try:
-            sites = views.sources(self.site.reader, want.name, want.blake3, self.site.id)
+            sites = views.sources(self.reader, want.name, want.blake3, self.site_id)
             if not sites:
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 return
             progress.status, progress.detail = "downloading", ""
             progress.started = time.monotonic()
             progress.bytes = 0
-            puller = Puller(want, self._sources(sites), self.site.store.tmp,
-                            streams=self.site.settings.replication_streams, progress=progress,
-                            on_bad_source=self._bad_source)
+            puller = Puller(want, self._sources(sites), self.store.tmp,
+                            streams=self.settings.replication_streams, progress=progress,
+                            on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
             path = await puller.run()
             if not await self._publish(want, path):
@@ -351,14 +368,15 @@ class Replicator:
             self.kick()
 
     async def _publish(self, want: Want, path) -> bool:
-        current = views.package(self.site.reader, want.name)
+        current = views.package(self.reader, want.name)
         if current is None or current["blake3"] != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
-        with self.site.store.publishing(want.name):
-            self.site.store.replace(path, want.name)
-            await self.site.append(ev.PackageAvailable(
+        tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
+        with self.store.publishing(want.name):
+            self.store.replace(path, want.name)
+            await self.append(ev.PackageAvailable(
                 name=want.name, size=want.size, sha1=want.sha1, sha512=want.sha512, blake3=want.blake3,
                 chunk_size=want.chunk_size, chunks=list(want.chunks), stage=want.stage, origin=want.origin,
                 uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by), actor="replicator")
@@ -374,7 +392,7 @@ class Replicator:
         if self.last_failure.get(key) != reason:
             self.last_failure[key] = reason
             try:
-                await self.site.append(ev.PackageTransferFailed(name=want.name, blake3=want.blake3,
+                await self.append(ev.PackageTransferFailed(name=want.name, blake3=want.blake3,
                                                                 reason=reason[:500]), actor="replicator")
             except AppendFailed:
                 pass

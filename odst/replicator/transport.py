@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from collections import Counter
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from odst.events.signing import SiteKey
 from odst.naming import ascii_int
 from odst.projections import views
 from odst.projections.apply import trusted_key
+from odst.store.files import PackageStore
 from odst.store.hashing import chunk_span
 from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
 
@@ -115,29 +117,30 @@ class ChunkServer(NatsService):
 
     queue = "chunk"
 
-    def __init__(self, site):
-        super().__init__(site)
-        self.subject = chunk_subject(site.id)
+    def __init__(self, *, site_id: str, key: SiteKey, nc, reader: sqlite3.Connection, store: PackageStore):
+        super().__init__(nc, key)
+        self.site_id, self.reader, self.store = site_id, reader, store
+        self.subject = chunk_subject(site_id)
         self.verifier = RequestVerifier(self._key_of)
         self.served: Counter[str] = Counter()  # chunks served, per requesting peer
 
     def _key_of(self, site_id: str) -> bytes | None:
-        if site_id == self.site.id:
+        if site_id == self.site_id:
             return None
-        removed = self.site.reader.execute("SELECT 1 FROM removals WHERE site=?", (site_id,)).fetchone()
+        removed = self.reader.execute("SELECT 1 FROM removals WHERE site=?", (site_id,)).fetchone()
         if removed:
             return None
-        return trusted_key(self.site.reader, {}, site_id)
+        return trusted_key(self.reader, {}, site_id)
 
     def locate(self, blake3: str, index: int) -> tuple[str, int, int]:
         """(path, offset, length) of a chunk of a content held here, or ChunkUnavailable."""
-        row = views.local_content(self.site.reader, blake3, self.site.id)
+        row = views.local_content(self.reader, blake3, self.site_id)
         if row is None:
             raise ChunkUnavailable("content not held here")
         offset, length = chunk_span(index, row["size"], row["chunk_size"]) if index >= 0 else (0, 0)
         if not length:
             raise ChunkUnavailable("chunk index out of range")
-        return str(self.site.store.path(row["name"])), offset, length
+        return str(self.store.path(row["name"])), offset, length
 
     async def read(self, blake3: str, index: int) -> bytes:
         path, offset, length = self.locate(blake3, index)
@@ -169,15 +172,15 @@ class ChunkServer(NatsService):
             if index is None:
                 raise ChunkUnavailable("malformed chunk target")
             data = await self.read(parts[4], index)
-            await self.site.nc.publish(msg.reply, data, headers={"odst-status": "200"})
+            await self.nc.publish(msg.reply, data, headers={"odst-status": "200"})
             self.served[peer] += 1
             log.debug("chunk served over NATS", peer=peer, target=target)
         except PeerRequestRefused as exc:
             log.warning("peer chunk request refused", reason=str(exc), transport="nats")
-            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "403", "odst-error": str(exc)})
+            await self.nc.publish(msg.reply, b"", headers={"odst-status": "403", "odst-error": str(exc)})
         except ChunkUnavailable as exc:
-            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "404", "odst-error": str(exc)})
+            await self.nc.publish(msg.reply, b"", headers={"odst-status": "404", "odst-error": str(exc)})
         except Exception as exc:  # never let one request kill the subscription
             log.exception("chunk request failed")
-            await self.site.nc.publish(msg.reply, b"", headers={"odst-status": "500",
+            await self.nc.publish(msg.reply, b"", headers={"odst-status": "500",
                                                                "odst-error": type(exc).__name__})

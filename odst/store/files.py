@@ -38,6 +38,28 @@ log = structlog.get_logger("odst.store")
 
 MAX_INFLIGHT_BLOCKS = 8
 PACKAGE_MODE = 0o600
+CONTENT_ATTR = "user.odst.blake3"  # which content a file holds, carried by its inode
+
+
+def tag(path: Path, blake3: str) -> None:
+    """Label a file (before it is renamed into packages/) with the content it holds, so a
+    download that opened it knows what it serves even while a replacement swaps the name to
+    another inode. A file system without user xattrs gets no label (see ``content_tag``)."""
+    try:
+        os.setxattr(path, CONTENT_ATTR, blake3.encode("ascii"))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+        log.warning("store file system keeps no xattrs: downloads during a replacement name the "
+                    "content from the read model only", error=exc.strerror)
+
+
+def content_tag(fd: int) -> str | None:
+    """The blake3 a file was labelled with by ``tag``, or None (older file, no xattr support)."""
+    try:
+        return os.getxattr(fd, CONTENT_ATTR).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 class StoreFull(Exception):
@@ -144,6 +166,24 @@ class Store:
         _fsync_dir(self.packages)
         return dest
 
+    def swap(self, temp: Path, name: str) -> Path | None:
+        """Like ``replace``, but keep the previous file as a hard link in tmp/ (returned), so
+        the caller can ``swap_back`` if what the swap stands for cannot be recorded."""
+        backup = self.new_temp(".old")
+        try:
+            os.link(self.path(name), backup)
+        except FileNotFoundError:
+            backup = None
+        self.replace(temp, name)
+        return backup
+
+    def swap_back(self, backup: Path | None, name: str) -> None:
+        """Undo a ``swap``: the previous file again, or none if there was none."""
+        if backup is None:
+            self.remove(name)
+        else:
+            self.replace(backup, name)
+
     def remove(self, name: str) -> bool:
         try:
             os.unlink(self.path(name))
@@ -191,7 +231,7 @@ class Store:
                 return p.stat().st_mtime <= cutoff
             except FileNotFoundError:
                 return False
-        for p in self.tmp.glob("*.part"):
+        for p in [*self.tmp.glob("*.part"), *self.tmp.glob("*.old")]:
             if not old(p):
                 continue
             p.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import blake3
 
@@ -116,12 +116,16 @@ class WholeHash:
         return self._blake3.hexdigest()
 
 
-def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE) -> WholeHash:
-    """Read a file once and hash it whole (FileNotFoundError if it is gone)."""
+def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE,
+              pace: Callable[[int], None] | None = None) -> WholeHash:
+    """Read a file once and hash it whole (FileNotFoundError if it is gone). ``pace`` is
+    called with each block's length (a scrub's rate limit sleeps, or raises to stop, there)."""
     whole = WholeHash()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(read_size):
             whole.update(block)
+            if pace is not None:
+                pace(len(block))
     return whole
 
 
@@ -185,3 +189,22 @@ def manifest_of(pieces: Iterable[bytes], chunk_size: int = CHUNK_SIZE) -> Manife
     for p in pieces:
         b.update(p)
     return b.finish()
+
+
+JAMF_DIGESTS = {"SHA_512": "sha512", "SHA3_512": "sha3_512", "MD5": "md5"}  # Jamf Pro hashType -> hashlib
+
+
+def file_digest(path: str | Path, hash_type: str, expected_blake3: str,
+                read_size: int = FILE_READ_SIZE) -> str:
+    """A Jamf Pro hash (``SHA_512``, ``SHA3_512``, ``MD5``) of a stored file, read once, and only
+    if the file still is the content ``expected_blake3`` names (else ValueError): a record must
+    never carry the hash of other bytes than those ODST serves under its name."""
+    digest = hashlib.new(JAMF_DIGESTS[hash_type])
+    whole = blake3.blake3()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(read_size):
+            digest.update(block)
+            whole.update(block)
+    if whole.hexdigest() != expected_blake3:
+        raise ValueError(f"{path} is not the content {expected_blake3[:12]}… (it changed on disk)")
+    return digest.hexdigest()

@@ -742,7 +742,8 @@ def test_cli_upload_list_stage_delete(site, tmp_path):
 
     p = run_odst("packages", *flags)
     assert p.returncode == 0, p.stderr
-    rows = [line.split("\t") for line in p.stdout.splitlines()]
+    header, *rows = [line.split("\t") for line in p.stdout.splitlines()]
+    assert header == ["NAME", "SIZE", "STAGE", "SHA1", "AVAILABLE AT"]
     assert [r[0] for r in rows] == ["Chrome Beta.pkg", "Chrome.pkg"]
     assert rows[1][1:4] == [str(len(data)), "prod", hashlib.sha1(data).hexdigest()]
     p = run_odst("packages", *flags, "--json")

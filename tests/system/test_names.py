@@ -144,9 +144,12 @@ def test_spellings_an_older_log_holds_as_two_packages_are_reported_after_a_rebui
         assert [p.name for p in packages.iterdir()] == ["offline.pkg"]
         for spelling in ("OFFLINE.PKG", "Offline.pkg"):
             assert httpx.get(site.url + path(spelling)).content == first
-        # the site no longer claims the other content: its one file holds the kept one
-        wait_until(lambda: any(e["type"] == "PackageWithdrawn" and e["envelope"]["event"]["name"] == "OFFLINE.PKG"
-                               for e in all_events(c)), 30, what="the replaced content's claim to be withdrawn")
+        # its latest report was of the other content: at start it said again that it holds the kept
+        # one (its one file holds that), so that is what it serves ('serving')
+        kept = c.get("/api/v1/packages/offline.pkg").json()
+        assert kept["serving"] == {site.run_info()["site"]: kept["blake3"]} and kept["blake3"] != m.blake3
+        assert any(e["type"] == "PackageAvailable" and e["envelope"]["event"]["name"] == "Offline.pkg"
+                   and e["envelope"]["actor"] == "system" for e in all_events(c))
         last = all_events(c)[-1]
     # the kept one deleted as if at another site (its file stays here until the replicator acts):
     # the other content is the package now, and this site must not serve the kept one's bytes as it

@@ -58,9 +58,9 @@ def test_the_broker_urls_handed_out_carry_no_password():
 
 def _fold(tmp: Path, log: Log, trusted: dict, name: str):
     conn = db.open_read_model(tmp / name)
-    folder = apply.Folder(conn, trusted)
+    writer = apply.ReadModelWriter(conn, trusted)
     for m in log.msgs:
-        assert folder.fold(m).applied
+        assert writer.fold(m).applied
     return conn
 
 
@@ -99,9 +99,9 @@ def test_projection_one_active_credential_per_name_own_site_only(tmp_path):
     peer_log = Log(other, other)
     peer_log.append(ev.PeerRegistered(site=key.site_id, public_key=key.public_key.hex()))
     peer = _fold(tmp_path, peer_log, {other.site_id: other.public_key}, "peer.sqlite")
-    folder = apply.Folder(peer, {other.site_id: other.public_key})
+    writer = apply.ReadModelWriter(peer, {other.site_id: other.public_key})
     for m in log.msgs:
-        assert folder.fold(StoredMessage(f"PEER_{key.site_id}", m.seq, m.subject, m.payload)).applied
+        assert writer.fold(StoredMessage(f"PEER_{key.site_id}", m.seq, m.subject, m.payload)).applied
     assert views.nats_credentials(peer) == [] and views.nats_subscribers(peer) == []
 
 
@@ -631,6 +631,7 @@ def test_the_settings_page_creates_shows_once_and_revokes_a_subscriber(make_site
     site = make_site(env={"ODST_ADMIN_PASSWORD": ADMIN_PASSWORD}).start()
     sign_in(page, site, "admin", ADMIN_PASSWORD)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Settings").click()
+    page.get_by_role("tab", name="Event subscribers").click()  # Settings shows one section at a time
     subs = page.locator("section[aria-labelledby=sec-subscribers]")
     expect(subs.get_by_text("No event subscribers.")).to_be_visible()
 

@@ -178,6 +178,7 @@ def test_upload_shows_progress_and_the_package_appears_with_its_sha1(ui_site, pa
     assert moving == sorted(moving), f"the bar went backwards: {recorded}"
     assert len([v for v in observed if 0 < v < 200_000_000]) >= 2, f"polling saw {observed} in {elapsed:.1f}s"
     expect(done).to_contain_text(sha1.hexdigest())
+    expect(page.get_by_role("button", name="Upload", exact=True)).to_be_disabled()  # a second click would upload again
     shot(page, "3-uploaded")
     with ui_site.client() as c:
         pkg = c.get("/api/v1/packages/Firefox 150.pkg").json()
@@ -236,7 +237,7 @@ def test_a_refused_upload_says_why(ui_site, page, tmp_path):
     notes.write_text("not a package")
     page.locator("input[type=file]").set_input_files(str(notes))
     expect(page.get_by_label("Name on the server")).to_have_attribute("aria-invalid", "true")
-    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(page.get_by_role("button", name="Upload", exact=True)).to_be_disabled()  # nothing to send
     expect(page.locator(".field-error")).to_contain_text("The name must end with .pkg, .dmg, .zip, .mpkg.")
     expect(page.locator("progress")).to_have_count(0)  # nothing was sent
 
@@ -278,7 +279,15 @@ def test_stage_change_and_delete(ui_site, page):
     row = page.get_by_role("row", name=re.compile("Office.pkg"))
     stage = row.get_by_label("Stage of Office.pkg")
     expect(stage).to_have_value("test")
+    stage.select_option("prod")  # asks first, as Delete does; Cancel leaves it as it was
+    confirm = page.get_by_role("dialog", name="Change the stage?")
+    expect(confirm).to_contain_text("Move Office.pkg from test to prod?")
+    confirm.get_by_role("button", name="Cancel").click()
+    expect(stage).to_have_value("test")
+    with ui_site.client() as c:
+        assert c.get("/api/v1/packages/Office.pkg").json()["stage"] == "test"
     stage.select_option("prod")
+    confirm.get_by_role("button", name="Move to prod").click()
     expect(page.locator("#toasts")).to_contain_text("Office.pkg is now in stage prod.")
     shot(page, "1-restaged")
     with ui_site.client() as c:
@@ -415,6 +424,7 @@ def test_an_ended_session_returns_to_sign_in_and_says_so(ui_site, page):
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", level=1, name="Network")).to_be_visible()  # back where she was
     page.goto(ui_site.url + "/ui/#/settings")
+    page.get_by_role("tab", name="My account").click()  # Settings shows one section at a time
     account = page.locator("section[aria-labelledby=sec-account]")
     account.get_by_label("Current password").fill("a brand new secret")
     account.get_by_label("New password", exact=True).fill("my own new secret")
@@ -463,6 +473,7 @@ def test_an_admin_manages_tokens_users_and_webhooks_in_settings(ui_site, page):
     expect(page.get_by_role("heading", name="Site settings")).to_be_visible()
     expect(page.locator("dl.facts").first).to_contain_text(".pkg, .dmg, .zip, .mpkg")
 
+    page.get_by_role("tab", name="API tokens").click()  # Settings shows one section at a time
     tokens = page.locator("section[aria-labelledby=sec-tokens]")
     tokens.get_by_label("Name").fill("Jamf Pro sync")
     tokens.get_by_label("Role").select_option("auditor")
@@ -476,6 +487,7 @@ def test_an_admin_manages_tokens_users_and_webhooks_in_settings(ui_site, page):
         assert c.delete("/api/v1/packages/x.pkg").status_code == 403
     shot(page, "1-token-created")
 
+    page.get_by_role("tab", name="Users").click()  # Settings shows one section at a time
     users = page.locator("section[aria-labelledby=sec-users]")
     users.get_by_label("Role of bob").select_option("auditor")
     expect(page.locator("#toasts")).to_contain_text("bob is now auditor.")
@@ -500,6 +512,7 @@ def test_an_admin_manages_tokens_users_and_webhooks_in_settings(ui_site, page):
     expect(users.get_by_label("Role", exact=True)).to_have_value("operator")  # the form reset to its default
     shot(page, "2-users")
 
+    page.get_by_role("tab", name="Webhooks").click()  # Settings shows one section at a time
     hooks = page.locator("section[aria-labelledby=sec-webhooks]")
     hooks.get_by_label("URL").fill("https://hooks.example.com/odst")
     hooks.get_by_label("PackageUploaded").check()

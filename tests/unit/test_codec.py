@@ -86,6 +86,7 @@ def test_every_event_type_round_trips(key):
         ev.PackageDeleted(name="a.pkg", blake3="b"),
         ev.TokenCreated(token_id="t", name="n", role="admin", token_sha256="h"),
         ev.TokenRevoked(token_id="t"),
+        ev.SiteRenamed(name="Berlin office"),
     ]
     assert {type(s) for s in samples} | {ev.PackageUploaded} <= set(ev.EVENT_TYPES)
     for s in samples:

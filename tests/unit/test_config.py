@@ -51,3 +51,13 @@ def test_unknown_or_broken_toml(tmp_path):
         load({"data": str(tmp_path)}, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load({"data": str(tmp_path)}, env={}, config_file=tmp_path / "missing.toml")
+
+
+def test_settings_pass_through_the_environment_unchanged(tmp_path):
+    """`odst serve`'s extra gateway processes get the parent's settings as ODST_* variables:
+    flags such as --site-name and --context must survive the trip."""
+    from odst.config import settings_env
+    chosen = load(flags={"data": str(tmp_path), "site_name": "Paris", "context": "dp", "http": "127.0.0.1:9443",
+                         "leaf_remotes": ["nats-leaf://127.0.0.1:1", "nats-leaf://127.0.0.1:2"],
+                         "metrics_public": True, "replication_streams": 3}, env={})
+    assert load(env=settings_env(chosen)) == chosen

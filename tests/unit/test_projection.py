@@ -27,9 +27,11 @@ def command():
     token = st.builds(lambda i, r: ev.TokenCreated(token_id=f"t{i}", name="n", role=r, token_sha256=f"h{i}"),
                       st.integers(0, 3), st.sampled_from(["admin", "auditor"]))
     revoke = st.builds(lambda i: ev.TokenRevoked(token_id=f"t{i}"), st.integers(0, 3))
+    damaged = st.builds(lambda n, c: ev.PackageDamaged(name=n, blake3=c, reason="bit rot", found_by="scrub"),
+                        st.sampled_from(NAMES), st.sampled_from(CONTENT))
     forged = st.just("forged")
     replay = st.just("replay")
-    return st.one_of(up, stage, delete, token, revoke, forged, replay)
+    return st.one_of(up, stage, delete, token, revoke, damaged, forged, replay)
 
 
 class Log:
@@ -84,13 +86,13 @@ def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts
         if i in restarts:
             conn.close()
             conn = db.open_read_model(live_path)
-        apply.Folder(conn, trusted).fold(m)
+        apply.ReadModelWriter(conn, trusted).fold(m)
         if i % 7 == 3:
-            assert apply.Folder(conn, trusted).fold(m).reason == "already applied"
+            assert apply.ReadModelWriter(conn, trusted).fold(m).reason == "already applied"
     rebuilt = db.open_read_model(tmp / "rebuilt.sqlite")
-    folder = apply.Folder(rebuilt, trusted)
+    writer = apply.ReadModelWriter(rebuilt, trusted)
     for m in log.msgs:
-        folder.fold(m)
+        writer.fold(m)
     assert apply.dump(conn) == apply.dump(rebuilt)
     # nothing forged or replayed ever reached a view
     assert all(r[0] != "evil" for r in conn.execute("SELECT stage FROM packages"))
@@ -103,7 +105,7 @@ def test_an_unknown_site_is_quarantined(tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
     log = Log(key, key)
     conn = db.open_read_model(tmp_path / "m.sqlite")
-    out = apply.Folder(conn, {}).fold(log.msgs[0])
+    out = apply.ReadModelWriter(conn, {}).fold(log.msgs[0])
     assert not out.applied and "unknown site" in out.reason
     assert conn.execute("SELECT count(*) FROM sites").fetchone()[0] == 0
 
@@ -131,7 +133,9 @@ def site_commands():
                       st.sampled_from(["dev", "test", "prod"]), st.integers(0, 5))
     delete = st.builds(lambda n, c, t: (t, ev.PackageDeleted(name=n, blake3=c)), st.sampled_from(NAMES),
                        st.sampled_from(CONTENT), st.integers(0, 5))
-    return st.lists(st.one_of(up, avail, stage, delete), max_size=25)
+    damaged = st.builds(lambda n, c, t: (t, ev.PackageDamaged(name=n, blake3=c, reason="bit rot", found_by="report")),
+                        st.sampled_from(NAMES), st.sampled_from(CONTENT), st.integers(0, 5))
+    return st.lists(st.one_of(up, avail, stage, delete, damaged), max_size=25)
 
 
 class TimedLog(Log):
@@ -174,9 +178,9 @@ def test_two_sites_in_any_interleaving_fold_to_the_same_model(tmp_path_factory, 
 
     def fold(msgs, path):
         conn = db.open_read_model(path)
-        folder = apply.Folder(conn, trusted)
+        writer = apply.ReadModelWriter(conn, trusted)
         for m in msgs:
-            folder.fold(m)
+            writer.fold(m)
         return conn
 
     # B's stream can only be read once A's PeerRegistered(B) was folded, as live
@@ -195,3 +199,33 @@ def test_two_sites_in_any_interleaving_fold_to_the_same_model(tmp_path_factory, 
     assert live.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
     assert [tuple(r) for r in live.execute("SELECT * FROM packages ORDER BY name")] == \
         [tuple(r) for r in rebuilt.execute("SELECT * FROM packages ORDER BY name")]
+
+
+def test_damage_takes_a_copy_out_of_service_until_a_verified_copy_is_back(tmp_path):
+    """PackageDamaged: not servable here, wanted again, listed damaged; PackageAvailable from the
+    same site (the repair) or a new upload of the same bytes puts it back."""
+    from odst.projections import views
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+    log = Log(key, key)
+    up = ev.PackageUploaded(name="a.pkg", size=3, sha1="s", sha512="x", blake3="b3", chunk_size=1 << 20,
+                            chunks=["c"], stage="prod")
+    log.append(up)
+    log.append(ev.PackageDamaged(name="a.pkg", blake3="b3", reason="bit rot", found_by="scrub"))
+    conn = db.open_read_model(tmp_path / "m.sqlite")
+    writer = apply.ReadModelWriter(conn, {key.site_id: key.public_key})
+    for m in log.msgs:
+        assert writer.fold(m).applied
+    me = key.site_id
+    assert views.servable(conn, "a.pkg", me) is None and views.is_damaged(conn, "a.pkg", me)
+    assert [r["name"] for r in views.wanted(conn, me, ["prod"])] == ["a.pkg"]
+    assert [(d["name"], d["found_by"], d["sources"]) for d in views.damaged(conn, me)] == [("a.pkg", "scrub", [])]
+    log.append(ev.PackageAvailable(name="a.pkg", size=3, sha1="s", sha512="x", blake3="b3", chunk_size=1 << 20,
+                                   chunks=["c"], stage="prod", origin=me, uploaded_ts=1))
+    assert writer.fold(log.msgs[-1]).applied
+    assert views.servable(conn, "a.pkg", me) is not None and not views.is_damaged(conn, "a.pkg", me)
+    assert views.damaged(conn, me) == []
+    log.append(ev.PackageDamaged(name="a.pkg", blake3="b3", reason="again", found_by="verify"))
+    log.append(up)  # an admin uploads the same bytes again
+    for m in log.msgs[-2:]:
+        assert writer.fold(m).applied
+    assert views.servable(conn, "a.pkg", me) is not None and views.damaged(conn, me) == []

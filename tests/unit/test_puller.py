@@ -31,7 +31,7 @@ def data():
 def pull(tmp_path, data, sources, **kw):
     bad = []
     p = Puller(want_for(data), [(s, 0.0) for s in sources], tmp_path, streams=4,
-               on_bad_source=lambda site, reason: bad.append(site), **kw)
+               on_bad_source=lambda site, reason, index: bad.append(site), **kw)
     return asyncio.run(p.run()), bad
 
 

@@ -88,10 +88,10 @@ export function query(params) {
 export const pkgPath = (name) => `/api/v1/packages/${encodeURIComponent(name)}`;
 
 // PUT the File object itself: the browser streams it from disk, it is never read into memory.
-export function uploadFile({ name, file, stage, onProgress, onSent }) {
+export function uploadFile({ name, file, stage, replace = false, onProgress, onSent }) {
   const xhr = new XMLHttpRequest();
   const promise = new Promise((resolve, reject) => {
-    xhr.open('PUT', pkgPath(name) + query({ stage }));
+    xhr.open('PUT', pkgPath(name) + query({ stage, replace: replace ? 'true' : undefined }));
     xhr.setRequestHeader('Content-Type', 'application/octet-stream');
     xhr.setRequestHeader('Accept', 'application/json');
     if (csrfToken) xhr.setRequestHeader('X-CSRF-Token', csrfToken);
@@ -162,7 +162,7 @@ export class EventFeed {
       this.controller = new AbortController();
       this.setState(this.state === 'live' ? 'reconnecting' : 'connecting');
       try {
-        const url = '/api/v1/events/stream' + query({ after: this.last });
+        const url = '/api/v1/events/stream' + query({ after: this.last, brief: 'true' });
         const res = await fetch(url, { headers: { Accept: 'text/event-stream' }, credentials: 'same-origin',
           cache: 'no-store', signal: this.controller.signal });
         if (res.status === 401) {

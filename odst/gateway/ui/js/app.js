@@ -56,16 +56,19 @@ export const ctx = {
   },
   siteName(id) {
     const found = ctx.sites().find((s) => s.site === id);
+    if (found && !found.name && found.self) return `this site (${id})`;
     return found && found.name ? `${found.name} (${id})` : id;
   },
   shortSiteName(id) {
     const found = ctx.sites().find((s) => s.site === id);
+    if (found && !found.name && found.self) return 'this site';
     return found && found.name ? found.name : id;
   },
   stages() {
     if (state.settings && state.settings.stages) return state.settings.stages;
     return state.site && state.site.stages ? state.site.stages : ['dev', 'test', 'prod'];
   },
+  renderHeader: () => renderHeader(),
   navigate(hash) {
     if (location.hash === hash) route();
     else location.hash = hash;
@@ -188,8 +191,11 @@ function renderHeader() {
   $('topbar').hidden = false;
   const siteName = (state.settings && state.settings.site_name) || (site && site.name) || '';
   const siteId = (site && site.site) || (state.settings && state.settings.site_id) || '';
-  replace($('site-label'), siteName ? h('strong', {}, siteName) : null, siteName ? ' · ' : null,
-    h('span', { class: 'mono' }, siteId));
+  // The name, with the id on hover; a site without a name says so (an admin can name it).
+  if (siteName) replace($('site-label'), h('strong', {}, siteName));
+  else if (ctx.can('admin')) replace($('site-label'), h('a', { href: '#/settings?tab=site', class: 'unnamed' }, 'Name this site'));
+  else replace($('site-label'), h('span', { class: 'unnamed' }, 'Unnamed site'));
+  $('site-label').title = `Site id ${siteId}`;
   const who = session.display_name || session.username;
   replace($('user-label'), h('span', { class: 'user-name' }, who),
     h('span', { class: `role role-${session.role}` }, session.role),
@@ -269,7 +275,12 @@ async function boot() {
   onUnauthorized(sessionExpired);
   feed.onState(renderLive);
   feed.subscribe((e) => {
-    if (e.type && e.type.startsWith('Peer')) refreshPeersSoon();
+    if (e.type && (e.type.startsWith('Peer') || e.type === 'SiteRenamed')) refreshPeersSoon();
+    if (e.type === 'SiteRenamed' && state.site && e.origin === state.site.site && e.envelope && e.envelope.event) {
+      state.site.name = e.envelope.event.name;
+      if (state.settings) state.settings.site_name = e.envelope.event.name;
+      renderHeader();
+    }
     const who = e.envelope && e.envelope.event ? e.envelope.event.username : null;
     // My own password change: its answer carries my new session; the event may arrive before it.
     const mine = e.type === 'UserPasswordChanged' && state.changingPassword;

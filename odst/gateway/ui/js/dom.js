@@ -73,6 +73,18 @@ export function fmtBytes(n) {
   return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)} ${UNITS[i]}`;
 }
 
+const BINARY_UNITS = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+
+// Limits and settings are powers of two (max_upload_bytes = 64 GiB): say them as the README does.
+export function fmtBinaryBytes(n) {
+  if (n === null || n === undefined || Number.isNaN(n)) return '—';
+  if (n < 1024) return `${n} ${n === 1 ? 'byte' : 'bytes'}`;
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < BINARY_UNITS.length - 1) { v /= 1024; i += 1; }
+  return `${Number.isInteger(v) ? v : v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2)} ${BINARY_UNITS[i]}`;
+}
+
 export function fmtRate(bytesPerSecond) {
   if (!bytesPerSecond) return '—';
   return `${(bytesPerSecond / 1e6).toFixed(bytesPerSecond >= 1e8 ? 0 : 1)} MB/s`;

@@ -7,8 +7,11 @@ export const EVENT_TYPES = [
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
-  'NatsCredentialCreated', 'NatsCredentialRevoked', 'PackageWithdrawn',
+  'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
+  'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed', 'PackageWithdrawn',
 ];
+
+const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
 
 export function summary(item, ctx) {
   const e = (item.envelope && item.envelope.event) || {};
@@ -16,8 +19,11 @@ export function summary(item, ctx) {
   switch (item.type) {
     case 'SiteFounded': return `Site ${e.name ? `${e.name} ` : ''}(${e.site}) founded`;
     case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
+    case 'PackageReplaced': return `Replaced ${e.name} with new content (${fmtBytes(e.size)}, version ${e.generation + 1}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
+    case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
+    case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
     case 'PackageWithdrawn': return `${site(item.origin)} removed its copy of ${e.name}: ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
@@ -40,6 +46,13 @@ export function summary(item, ctx) {
     case 'UserDetailsChanged': return `User ${e.username} renamed “${e.display_name}”`;
     case 'UserRemoved': return `User ${e.username} removed`;
     case 'StagesAccepted': return `${site(item.origin)} now replicates stages ${(e.stages || []).join(', ')}`;
+    case 'JamfPackageSynced': return e.result === 'failed'
+      ? `Jamf Pro record of ${e.name} not written: ${e.detail}`
+      : `Jamf Pro record of ${e.name}${e.record_id ? ` (id ${e.record_id})` : ''}: ${e.action}${e.dry_run ? ' (dry run)' : ''}, ${e.hash_type} ${String(e.hash_value || '').slice(0, 16)}…`;
+    case 'JamfDistributionPointRegistered': return `Jamf Pro distribution point “${e.dp_name}” ${e.action} for ${site(e.site)} (${e.url}, ${e.api} API)`;
+    case 'JamfDriftDetected': return `Jamf Pro ${DRIFT_WORDS[e.kind] || e.kind} for ${e.name}`;
+    case 'JamfDriftCleared': return `Jamf Pro's record of ${e.name} is in sync again`;
+    case 'SiteRenamed': return `Site ${item.origin} is now called “${e.name}”`;
     default: return item.type;
   }
 }
@@ -47,5 +60,5 @@ export function summary(item, ctx) {
 // The package an event is about, if any.
 export function packageOf(item) {
   const e = (item.envelope && item.envelope.event) || {};
-  return item.type && item.type.startsWith('Package') ? e.name : null;
+  return item.type && (item.type.startsWith('Package') || (item.type.startsWith('Jamf') && item.type !== 'JamfDistributionPointRegistered')) ? e.name : null;
 }

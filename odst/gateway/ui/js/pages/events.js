@@ -251,7 +251,24 @@ export function mount(main, ctx) {
     quarantineTimer = setTimeout(loadQuarantine, 15000);
   }
 
-  const unsubscribe = ctx.feed.subscribe((item) => {
+  // The shared live feed is brief (no signed bytes, no chunk list): this page shows and checks
+  // the signature, so it fetches the whole event of each one it adds.
+  let queue = Promise.resolve();
+  async function whole(item) {
+    if (!item.brief) return item;
+    const data = await get('/api/v1/events' + query({ after: item.position - 1, limit: 1 }));
+    return data.events.find((e) => e.position === item.position) || null;
+  }
+
+  const unsubscribe = ctx.feed.subscribe((brief) => {
+    if (!serverFilterMatches(brief)) return;
+    const fetching = whole(brief);
+    // In order of position: a later event must not overtake an earlier one being fetched.
+    queue = queue.then(() => fetching).then((item) => { if (item) add(item); })
+      .catch((err) => replace(errors, messageBox('error', `Could not load event ${brief.position}: ${errorText(err)}`)));
+  });
+
+  function add(item) {
     if (!serverFilterMatches(item) || items.some((i) => i.position === item.position)) return;
     if (items.length && item.position < items[items.length - 1].position) return;
     items.push(item);
@@ -264,7 +281,7 @@ export function mount(main, ctx) {
     const shown = tbody.querySelectorAll('tr[data-position]').length;
     info.textContent = `${plural(shown, 'event')} shown (positions ${from + 1}–${item.position} searched).`;
     verifyAll([item]);
-  });
+  }
 
   const apply = () => {
     Object.assign(filters, { origin: origin.value, type: type.value, name: name.value.trim(), actor: actor.value.trim(),

@@ -2,7 +2,7 @@
 
 import { api, get } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtDuration, time, copyable,
-  secretBox, confirmDialog, debounce, pill, plural } from '../dom.js';
+  secretBox, confirmDialog, debounce, pill, plural, fmtBytes, fmtRate, fmtTime } from '../dom.js';
 
 const LINK_KIND = { up: 'ok', down: 'bad', unknown: 'muted' };
 
@@ -10,9 +10,10 @@ export function mount(main, ctx) {
   const isAdmin = ctx.can('admin');
   const errors = h('div', {});
   const here = h('section', { 'aria-labelledby': 'sec-here' });
+  const integrity = h('section', { 'aria-labelledby': 'sec-integrity' });
   const peersSection = h('section', { 'aria-labelledby': 'sec-peers' });
   const adminSection = isAdmin ? h('section', { 'aria-labelledby': 'sec-link', class: 'two-col' }) : null;
-  append(main, h('h1', {}, 'Network'), errors, here, peersSection, adminSection);
+  append(main, h('h1', {}, 'Network'), errors, here, integrity, peersSection, adminSection);
   let timer = null;
   let ac = null;
 
@@ -27,6 +28,29 @@ export function mount(main, ctx) {
         h('dt', {}, 'Quarantined'), h('dd', {}, site.quarantined
           ? [pill(`${site.quarantined} messages`, 'bad'), ' ', h('a', { href: '#/events' }, 'see the event log')]
           : pill('none', 'ok'))));
+  }
+
+  // Storage integrity: the background scrub and the packages out of service here (GET /api/v1/integrity).
+  function renderIntegrity(data) {
+    const s = data.scrub || {};
+    const every = s.period_s ? `every ${fmtDuration(s.period_s)}` : 'off';
+    const pass = s.cursor ? `in progress: ${Math.round(100 * (s.pass_bytes || 0) / Math.max(1, s.pass_total || 1))} %`
+      : (s.last_full_pass ? `last full pass ${fmtTime(s.last_full_pass * 1000)}` : 'no full pass yet');
+    const rows = data.damaged.map((d) => h('tr', {},
+      h('th', { scope: 'row' }, h('a', { href: `#/packages/${encodeURIComponent(d.name)}` }, d.name)),
+      h('td', {}, d.found_by || '—'), h('td', {}, time(d.found_at)),
+      h('td', {}, d.sources.length ? pill(`repairing from ${d.sources.map((x) => ctx.shortSiteName(x)).join(', ')}`, 'info')
+        : pill('no other copy: upload it again', 'bad')),
+      h('td', { class: 'hint' }, d.reason)));
+    replace(integrity, h('h2', { id: 'sec-integrity' }, 'Storage integrity'),
+      h('dl', { class: 'facts' },
+        h('dt', {}, 'Scrub'), h('dd', {}, `${every}; ${pass}`),
+        h('dt', {}, 'Re-hashed'), h('dd', {}, `${fmtBytes(s.bytes_total || 0)} in all, at ${fmtRate(s.rate)}`),
+        h('dt', {}, 'Damage found'), h('dd', {}, s.damaged_total ? pill(plural(s.damaged_total, 'file'), 'bad') : pill('none', 'ok'))),
+      rows.length ? h('div', { class: 'table-wrap' }, h('table', {}, h('caption', {}, 'Out of service here (downloads answer 503)'),
+        h('thead', {}, h('tr', {}, ['Package', 'Found by', 'When', 'Repair', 'Reason'].map((c) => h('th', { scope: 'col' }, c)))),
+        h('tbody', {}, rows)))
+        : h('p', { class: 'empty' }, 'Every stored package matches its manifest as far as checked.'));
   }
 
   function renderPeers(data) {
@@ -110,14 +134,39 @@ export function mount(main, ctx) {
       }
       joinButton.disabled = false;
     });
-    replace(adminSection, h('h2', { id: 'sec-link', class: 'span' }, 'Link sites'), inviteForm, joinForm);
+    replace(adminSection, h('h2', { id: 'sec-link', class: 'span' }, 'Link sites'), inviteForm, joinForm,
+      ctx.state.settings && ctx.state.settings.jamf_configured ? jamfDpForm() : null);
+  }
+
+  // Jamf Pro distribution point records for this site, or every site (POST /api/v1/jamf/distribution-points).
+  function jamfDpForm() {
+    const all = h('input', { type: 'checkbox', id: 'jamf-all-sites' });
+    const out = h('div', { 'aria-live': 'polite' });
+    const button = h('button', { type: 'submit' }, 'Register in Jamf Pro');
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Jamf Pro distribution points'),
+      h('p', { class: 'hint' }, 'Creates or updates a distribution point record with this site’s public URL (HTTPS through the Jamf Pro API, HTTP through the Classic API).'),
+      h('div', { class: 'check' }, all, h('label', { for: all.id }, 'every site of the network')),
+      h('div', { class: 'actions' }, button), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      button.disabled = true;
+      try {
+        const r = await api('POST', '/api/v1/jamf/distribution-points', { all_sites: all.checked });
+        replace(out, messageBox('success', r.distribution_points.map((d) => `${d.name}: ${d.action} (${d.api} API)`).join('; ')));
+      } catch (err) {
+        replace(out, messageBox('error', `Could not register: ${errorText(err)}`));
+      }
+      button.disabled = false;
+    });
+    return form;
   }
 
   async function load() {
     if (ac) ac.abort();
     ac = new AbortController();
     clearTimeout(timer);
-    const [site, peers] = await Promise.allSettled([get('/api/v1/site', { signal: ac.signal }), get('/api/v1/peers', { signal: ac.signal })]);
+    const [site, peers, health] = await Promise.allSettled([get('/api/v1/site', { signal: ac.signal }),
+      get('/api/v1/peers', { signal: ac.signal }), get('/api/v1/integrity', { signal: ac.signal })]);
     if (ac.signal.aborted) return;
     const problems = [];
     if (site.status === 'fulfilled') renderHere(site.value, ctx.state.settings);
@@ -126,6 +175,7 @@ export function mount(main, ctx) {
       ctx.state.peers = peers.value.peers;
       renderPeers(peers.value);
     } else problems.push(messageBox('error', `Could not list the sites: ${errorText(peers.reason)}`));
+    if (health.status === 'fulfilled') renderIntegrity(health.value);
     replace(errors, problems);
     // Link state and lag change without events: refresh them every few seconds while this page is open.
     timer = setTimeout(load, 5000);

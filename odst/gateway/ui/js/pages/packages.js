@@ -1,11 +1,14 @@
 // Packages: search, sort, stage filter, availability per site at a glance; re-stage and delete.
+// A catalogue may hold thousands: the server pages, sorts and filters; live events update the
+// rows on screen one by one (GET ?name=X for a changed row), never the whole list.
 
-import { api, get, pkgPath } from '../api.js';
+import { api, get, pkgPath, query } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, time,
   confirmDialog, debounce, plural } from '../dom.js';
 
 // The list's view settings outlive a visit to another page.
-const view = { q: '', stage: '', sort: 'name', dir: 1 };
+const view = { q: '', stage: '', sort: 'name', dir: 1, offset: 0 };
+const PAGE = 100;
 
 const COLUMNS = [
   ['name', 'Name'], ['stage', 'Stage'], ['size', 'Size'], ['uploaded_at', 'Uploaded'],
@@ -52,21 +55,25 @@ export function availabilityCell(pkg, ctx) {
       `${held}/${plural(expected, 'site')}`), dots);
 }
 
+// The server's order (SQLite's binary order of names), so a live row lands where a reload would put it.
+function cmp(x, y) {
+  if (typeof x === 'number' && typeof y === 'number') return x - y;
+  const a = String(x ?? '');
+  const b = String(y ?? '');
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
 function compare(a, b) {
-  const k = view.sort;
-  const x = a[k];
-  const y = b[k];
-  let c;
-  if (typeof x === 'number' && typeof y === 'number') c = x - y;
-  else c = String(x ?? '').localeCompare(String(y ?? ''), undefined, { numeric: true, sensitivity: 'base' });
-  if (c === 0 && k !== 'name') c = a.name.localeCompare(b.name);
+  let c = cmp(a[view.sort], b[view.sort]);
+  if (c === 0 && view.sort !== 'name') c = cmp(a.name, b.name);
   return c * view.dir;
 }
 
 export function mount(main, ctx) {
   const canWrite = ctx.can('write');
   const stages = ctx.stages();
-  let packages = [];
+  let packages = []; // the page on screen, in the server's order
+  let total = 0;
   let loaded = false;
   let ac = null;
 
@@ -76,32 +83,29 @@ export function mount(main, ctx) {
   const errors = h('div', {});
   const collisions = h('div', {});
   const body = h('div', { class: 'table-wrap' });
+  const prev = h('button', { type: 'button', class: 'secondary' }, '‹ Previous');
+  const next = h('button', { type: 'button', class: 'secondary' }, 'Next ›');
+  const pageInfo = h('span', { class: 'hint' });
+  const pager = h('nav', { class: 'pager', 'aria-label': 'Pages of packages' }, prev, pageInfo, next);
 
   append(main,
     h('div', { class: 'page-head' }, h('h1', {}, 'Packages'),
       canWrite ? h('a', { href: '#/upload', class: 'button' }, 'Upload a package') : null),
     h('div', { class: 'toolbar', role: 'search' },
       field('Search', search).row, field('Stage', stageFilter).row, count),
-    errors, collisions, body);
+    errors, collisions, body, pager);
 
-  function visible() {
-    const q = view.q.trim().toLowerCase();
-    return packages
-      .filter((p) => (!q || p.name.toLowerCase().includes(q)) && (!view.stage || p.stage === view.stage))
-      .sort(compare);
-  }
-
-  function header(key, label) {
+  function header(key, label, className) {
     const active = view.sort === key;
     const button = h('button', { type: 'button', class: 'sort' }, label,
       h('span', { class: 'arrow', 'aria-hidden': 'true' }, active ? (view.dir > 0 ? ' ▲' : ' ▼') : ''));
     button.addEventListener('click', () => {
       if (view.sort === key) view.dir = -view.dir;
       else { view.sort = key; view.dir = key === 'uploaded_at' || key === 'size' ? -1 : 1; }
-      render();
-      body.querySelector(`th[data-key="${key}"] button`).focus();
+      view.offset = 0;
+      load().then(() => { const b = body.querySelector(`th[data-key="${key}"] button`); if (b) b.focus(); });
     });
-    return h('th', { scope: 'col', dataset: { key }, 'aria-sort': active ? (view.dir > 0 ? 'ascending' : 'descending') : 'none' }, button);
+    return h('th', { scope: 'col', class: className, dataset: { key }, 'aria-sort': active ? (view.dir > 0 ? 'ascending' : 'descending') : 'none' }, button);
   }
 
   function stageControl(pkg) {
@@ -110,6 +114,14 @@ export function mount(main, ctx) {
     const sel = select(options, pkg.stage, { 'aria-label': `Stage of ${pkg.name}`, class: 'compact' });
     sel.addEventListener('change', async () => {
       const next = sel.value;
+      const before = pkg.stage;
+      const ok = await confirmDialog({
+        title: 'Change the stage?',
+        body: h('p', {}, 'Move ', h('strong', { class: 'break' }, pkg.name), ` from ${before} to ${next}? `,
+          'Sites that accept only some stages fetch or stop serving it accordingly.'),
+        confirm: `Move to ${next}`,
+      });
+      if (!ok) { sel.value = before; sel.focus(); return; }
       sel.disabled = true;
       try {
         const updated = await api('PATCH', pkgPath(pkg.name), { stage: next });
@@ -136,8 +148,7 @@ export function mount(main, ctx) {
     try {
       await api('DELETE', pkgPath(pkg.name));
       announce(`Deleted ${pkg.name}.`, 'success');
-      packages = packages.filter((p) => p.name !== pkg.name);
-      render();
+      dropRow(pkg.name);
       search.focus();
     } catch (err) {
       button.disabled = false;
@@ -150,41 +161,49 @@ export function mount(main, ctx) {
     if (deleteButton) deleteButton.addEventListener('click', () => remove(pkg, deleteButton));
     return h('tr', { dataset: { name: pkg.name } },
       h('th', { scope: 'row', class: 'name' }, h('a', { href: `#/packages/${encodeURIComponent(pkg.name)}` }, pkg.name)),
-      h('td', {}, stageControl(pkg)),
-      h('td', { class: 'num', title: `${pkg.size.toLocaleString()} bytes` }, fmtBytes(pkg.size)),
-      h('td', { title: pkg.uploaded_by ? `by ${pkg.uploaded_by}` : null }, time(pkg.uploaded_at)),
-      h('td', {}, availabilityCell(pkg, ctx)),
+      h('td', { class: 'stage' }, stageControl(pkg)),
+      h('td', { class: 'num size', title: `${pkg.size.toLocaleString()} bytes` }, fmtBytes(pkg.size)),
+      h('td', { class: 'uploaded', title: pkg.uploaded_by ? `by ${pkg.uploaded_by}` : null }, time(pkg.uploaded_at)),
+      h('td', { class: 'avail' }, availabilityCell(pkg, ctx)),
       h('td', { class: 'hash' }, h('code', { class: 'mono', title: `SHA1 ${pkg.sha1}` }, pkg.sha1.slice(0, 12) + '…'),
         h('span', { class: 'sr-only' }, ` SHA1 ${pkg.sha1}`)),
       canWrite ? h('td', { class: 'actions' }, deleteButton) : null);
   }
 
+  function renderCount() {
+    const first = packages.length ? view.offset + 1 : 0;
+    const filtered = view.q.trim() || view.stage;
+    count.textContent = total <= packages.length && view.offset === 0
+      ? `${plural(total, filtered ? 'matching package' : 'package')}`
+      : `${first.toLocaleString()}–${(view.offset + packages.length).toLocaleString()} of ${plural(total, filtered ? 'matching package' : 'package')}`;
+    pager.hidden = total <= PAGE && view.offset === 0;
+    prev.disabled = view.offset === 0;
+    next.disabled = view.offset + packages.length >= total;
+    pageInfo.textContent = `Page ${Math.floor(view.offset / PAGE) + 1} of ${Math.max(1, Math.ceil(total / PAGE))}`;
+  }
+
   function render() {
     if (!loaded) return;
-    const rows = visible();
-    count.textContent = rows.length === packages.length
-      ? plural(packages.length, 'package')
-      : `${rows.length} of ${plural(packages.length, 'package')}`;
+    renderCount();
     if (!packages.length) {
-      replace(body, h('p', { class: 'empty' }, 'No packages yet. ',
-        canWrite ? h('a', { href: '#/upload' }, 'Upload the first one.') : 'An operator or admin can upload them.'));
-      return;
-    }
-    if (!rows.length) {
-      replace(body, h('p', { class: 'empty' }, 'No package matches the search or stage filter.'));
+      const filtered = view.q.trim() || view.stage;
+      replace(body, filtered ? h('p', { class: 'empty' }, 'No package matches the search or stage filter.')
+        : h('p', { class: 'empty' }, 'No packages yet. ',
+          canWrite ? h('a', { href: '#/upload' }, 'Upload the first one.') : 'An operator or admin can upload them.'));
       return;
     }
     const focus = focusKey();
-    const headers = [...COLUMNS.map(([k, l]) => header(k, l)), h('th', { scope: 'col' }, 'Availability'),
-      h('th', { scope: 'col' }, 'SHA1'), canWrite ? h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, 'Actions')) : null];
+    const headers = [header('name', 'Name'), header('stage', 'Stage', 'stage'), header('size', 'Size', 'size'),
+      header('uploaded_at', 'Uploaded', 'uploaded'), h('th', { scope: 'col', class: 'avail' }, 'Availability'),
+      h('th', { scope: 'col', class: 'hash' }, 'SHA1'), canWrite ? h('th', { scope: 'col', class: 'col-actions' }, h('span', { class: 'sr-only' }, 'Actions')) : null];
     replace(body, h('table', { class: 'packages' },
       h('caption', { class: 'sr-only' }, 'Packages, with their stage, size, upload time, availability per site and SHA1'),
       h('thead', {}, h('tr', {}, headers)),
-      h('tbody', {}, rows.map(row))));
+      h('tbody', {}, packages.map(row))));
     restoreFocus(focus);
   }
 
-  // A live refresh rebuilds the table: keep keyboard focus on the same control of the same row.
+  // A live change redraws one row: keep keyboard focus on the same control of the same row.
   function focusKey() {
     const el = document.activeElement;
     const tr = el && body.contains(el) ? el.closest('tr[data-name]') : null;
@@ -193,21 +212,33 @@ export function mount(main, ctx) {
 
   function restoreFocus(key) {
     if (!key) return;
-    for (const tr of body.querySelectorAll('tr[data-name]')) {
-      if (tr.dataset.name === key.name) {
-        const el = tr.querySelector(key.tag.toLowerCase());
-        if (el) el.focus();
-        return;
-      }
-    }
+    const tr = rowEl(key.name);
+    const el = tr ? tr.querySelector(key.tag.toLowerCase()) : null;
+    if (el) el.focus();
+  }
+
+  function rowEl(name) {
+    for (const tr of body.querySelectorAll('tr[data-name]')) if (tr.dataset.name === name) return tr;
+    return null;
+  }
+
+  function listQuery(extra) {
+    return query({ limit: PAGE, offset: view.offset, q: view.q.trim(), stage: view.stage, sort: view.sort,
+      order: view.dir > 0 ? 'asc' : 'desc', ...extra });
   }
 
   async function load() {
     if (ac) ac.abort();
     ac = new AbortController();
     try {
-      const data = await get('/api/v1/packages?limit=10000', { signal: ac.signal });
+      const data = await get('/api/v1/packages' + listQuery(), { signal: ac.signal });
+      if (!data.packages.length && view.offset > 0 && data.total > 0) { // the page emptied: go to the last one
+        view.offset = Math.max(0, Math.floor((data.total - 1) / PAGE) * PAGE);
+        await load();
+        return;
+      }
       packages = data.packages;
+      total = data.total;
       loaded = true;
       replace(errors);
       showCollisions(data.name_collisions || []);
@@ -230,26 +261,112 @@ export function mount(main, ctx) {
         c.others.map((o) => `${o.name} (${o.same_content ? 'same content' : 'other content'})`).join(', '))))));
   }
 
-  // Downloads in progress here report progress without events: poll only while one runs.
+  function matchesFilter(pkg) {
+    const q = view.q.trim().toLowerCase();
+    return (!q || pkg.name.toLowerCase().includes(q)) && (!view.stage || pkg.stage === view.stage);
+  }
+
+  // Would this row sit on the page on screen? Between its first and last rows, or after the
+  // last when the page is the last and not full.
+  function belongsHere(pkg) {
+    if (!packages.length) return view.offset === 0;
+    if (compare(pkg, packages[0]) < 0) return view.offset === 0;
+    const last = packages[packages.length - 1];
+    return compare(pkg, last) <= 0 || packages.length < PAGE;
+  }
+
+  function dropRow(name) {
+    const i = packages.findIndex((p) => p.name === name);
+    if (i < 0) return;
+    packages.splice(i, 1);
+    total = Math.max(0, total - 1);
+    const tr = rowEl(name);
+    if (tr && packages.length) { tr.remove(); renderCount(); } else render();
+  }
+
+  // One row from the server (exact name), applied where it belongs: replaced, added or dropped.
+  function applyRow(name, pkg) {
+    const i = packages.findIndex((p) => p.name === name);
+    if (!pkg || !matchesFilter(pkg)) {
+      if (i >= 0) dropRow(name);
+      return;
+    }
+    if (i >= 0) {
+      packages[i] = pkg;
+      const tr = rowEl(name);
+      if (tr && compare(pkg, packages[Math.max(0, i - 1)]) >= 0 && (i + 1 >= packages.length || compare(pkg, packages[i + 1]) <= 0)) {
+        const focus = focusKey();
+        tr.replaceWith(row(pkg));
+        restoreFocus(focus);
+      } else {
+        packages.sort(compare);
+        render();
+      }
+      return;
+    }
+    total += 1;
+    if (belongsHere(pkg)) {
+      packages.push(pkg);
+      packages.sort(compare);
+      if (packages.length > PAGE) packages.pop();
+      render();
+    } else {
+      renderCount();
+    }
+  }
+
+  // Close to the server's naming.name_key (NFD + case fold) for matching rows to events.
+  function foldName(n) { return n.normalize('NFD').toLowerCase().normalize('NFD'); }
+
+  // Names whose rows must be fetched again, gathered over a short while: many events about one
+  // package (or a burst about many) cost one small request, never the whole list.
+  const stale = new Set();
+  async function refreshRows() {
+    const names = [...stale].slice(0, 100);
+    for (const n of names) stale.delete(n);
+    if (!names.length) return;
+    try {
+      const data = await get('/api/v1/packages' + query({ limit: 100 }) + names.map((n) => `&name=${encodeURIComponent(n)}`).join(''));
+      // an event may spell the name otherwise than the row (the server compares as a Mac does)
+      const found = new Map(data.packages.map((p) => [foldName(p.name), p]));
+      for (const n of names) {
+        const pkg = found.get(foldName(n)) || null;
+        applyRow(pkg ? pkg.name : n, pkg);
+      }
+      schedulePoll();
+    } catch (err) {
+      replace(errors, messageBox('error', `Could not refresh ${names.join(', ')}: ${errorText(err)}`));
+    }
+    if (stale.size) refreshSoon();
+  }
+  const refreshSoon = debounce(refreshRows, 150);
+
+  // Downloads in progress here report progress without events: poll just those rows while one runs.
   let poll = null;
   function schedulePoll() {
     clearTimeout(poll);
-    const busy = packages.some((p) => Object.values(p.availability || {}).some((a) => a.status === 'downloading' || a.status === 'pending'));
-    if (busy) poll = setTimeout(load, 3000);
+    const busy = packages.filter((p) => Object.values(p.availability || {}).some((a) => a.status === 'downloading' || a.status === 'pending'));
+    if (busy.length) {
+      poll = setTimeout(() => { for (const p of busy) stale.add(p.name); refreshRows(); }, 3000);
+    }
   }
 
-  const reload = debounce(load, 150);
+  const redrawSites = debounce(() => render(), 400);
   const unsubscribe = ctx.feed.subscribe((e) => {
-    if (e.type.startsWith('Package') || e.type.startsWith('Peer')) reload();
+    const name = e.type.startsWith('Package') && e.envelope && e.envelope.event ? e.envelope.event.name : null;
+    if (name) { stale.add(name); refreshSoon(); } else if (e.type.startsWith('Peer')) redrawSites();
   });
-  search.addEventListener('input', debounce(() => { view.q = search.value; render(); }, 120));
-  stageFilter.addEventListener('change', () => { view.stage = stageFilter.value; render(); });
+  search.addEventListener('input', debounce(() => { view.q = search.value; view.offset = 0; load(); }, 200));
+  stageFilter.addEventListener('change', () => { view.stage = stageFilter.value; view.offset = 0; load(); });
+  prev.addEventListener('click', () => { view.offset = Math.max(0, view.offset - PAGE); load(); });
+  next.addEventListener('click', () => { view.offset += PAGE; load(); });
 
   body.append(h('p', { class: 'loading' }, 'Loading packages…'));
   load();
   return () => {
     unsubscribe();
-    reload.cancel();
+    refreshSoon.cancel();
+    redrawSites.cancel();
     clearTimeout(poll);
     if (ac) ac.abort();
   };

@@ -2,7 +2,7 @@
 // event subscribers (NATS credentials), webhooks and email subscriptions.
 
 import { api, get, setCsrfToken } from '../api.js';
-import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtDuration, time, secretBox,
+import { h, append, field, select, replace, messageBox, announce, errorText, fmtBytes, fmtBinaryBytes, fmtDuration, time, secretBox,
   confirmDialog, formDialog, debounce, pill, uid } from '../dom.js';
 
 const ROLES = ['admin', 'operator', 'auditor'];
@@ -43,16 +43,42 @@ export function mount(main, ctx) {
   };
   const titles = { site: 'Site settings', account: 'My account', users: 'Users', tokens: 'API tokens',
     subscribers: 'Event subscribers', webhooks: 'Webhooks', email: 'Email digests' };
-  const toc = h('nav', { 'aria-label': 'On this page', class: 'toc' }, h('ul', {},
-    Object.entries(sections).filter(([, el]) => el).map(([key]) => {
-      const b = h('button', { type: 'button', class: 'link' }, titles[key]);
-      b.addEventListener('click', () => {
-        const heading = document.getElementById(`sec-${key}`);
-        if (heading) { heading.tabIndex = -1; heading.scrollIntoView({ block: 'start' }); heading.focus(); }
-      });
-      return h('li', {}, b);
-    })));
-  append(main, h('h1', {}, 'Settings'), toc, ...Object.values(sections).filter(Boolean));
+  // One section at a time, chosen with tabs (arrow keys move between them); the tab is in the
+  // address (#/settings?tab=users) so a reload or a link opens it again.
+  const keys = Object.entries(sections).filter(([, el]) => el).map(([key]) => key);
+  const asked = new URLSearchParams(location.hash.split('?')[1] || '').get('tab');
+  let current = keys.includes(asked) ? asked : 'site';
+  const tabs = {};
+  const tablist = h('div', { role: 'tablist', 'aria-label': 'Settings sections', class: 'tabs' });
+  for (const key of keys) {
+    const tab = h('button', { type: 'button', role: 'tab', id: `tab-${key}`, 'aria-controls': `panel-${key}` }, titles[key]);
+    tab.addEventListener('click', () => showTab(key, true));
+    tab.addEventListener('keydown', (e) => {
+      const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[e.key];
+      const jump = { Home: 0, End: keys.length - 1 }[e.key];
+      if (step === undefined && jump === undefined) return;
+      e.preventDefault();
+      const next = keys[jump !== undefined ? jump : (keys.indexOf(key) + step + keys.length) % keys.length];
+      showTab(next, true);
+      tabs[next].focus();
+    });
+    tabs[key] = tab;
+    tablist.append(tab);
+    Object.assign(sections[key], { id: `panel-${key}` });
+    sections[key].setAttribute('role', 'tabpanel');
+  }
+  function showTab(key, remember) {
+    current = key;
+    for (const k of keys) {
+      const on = k === key;
+      tabs[k].setAttribute('aria-selected', String(on));
+      tabs[k].tabIndex = on ? 0 : -1;
+      sections[k].hidden = !on;
+    }
+    if (remember) history.replaceState(null, '', `#/settings?tab=${key}`);
+  }
+  showTab(current, false);
+  append(main, h('h1', {}, 'Settings'), tablist, ...Object.values(sections).filter(Boolean));
 
   // ---- site settings (read-only)
   async function loadSite() {
@@ -72,7 +98,7 @@ export function mount(main, ctx) {
       ['Download authentication', s.download_auth === 'basic' ? 'user name and password (basic)' : 'none'],
       ['Stages', (s.stages || []).join(', ')], ['Stages replicated here', (s.accepted_stages || []).join(', ') || 'all'],
       ['Default stage', s.default_stage], ['Allowed extensions', (s.allowed_extensions || []).join(', ')],
-      ['Largest upload', `${fmtBytes(s.max_upload_bytes)}`],
+      ['Largest upload', `${fmtBinaryBytes(s.max_upload_bytes)}`],
       ['Mail (SMTP)', smtp.configured ? `${smtp.host}:${smtp.port}${smtp.starttls ? ' with STARTTLS' : ''}, from ${smtp.from}` : 'not configured'],
       ['Directory (LDAP)', ldap.configured ? `${ldap.url}, users under ${ldap.user_base}` : 'not configured (local users only)'],
       ['Directory groups → roles', ldap.configured && ldap.role_map && ldap.role_map.length ? ldap.role_map.join('; ') : '—'],
@@ -81,10 +107,78 @@ export function mount(main, ctx) {
     const choosable = isAdmin && 'accepted_stages_source' in s;
     replace(sections.site, sectionHead('sec-site', titles.site,
       'Read-only here: these come from the server’s odst.toml and ODST_* environment variables. Change them there and restart the site.'
-      + (choosable ? ' The stages this site replicates are the exception: an admin chooses them below.' : '')),
+      + (isAdmin ? ' The site’s name and the stages it replicates are the exceptions: an admin chooses them below.' : '')),
     h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
+    isAdmin ? siteNameForm(s) : null,
     choosable ? stagesForm(s) : null,
-    isAdmin && ldap.configured ? ldapCheck() : null);
+    isAdmin && ldap.configured ? ldapCheck() : null,
+    s.jamf_configured ? jamfCard(isAdmin) : null);
+  }
+
+  // Jamf Pro: the connection and what ODST keeps there (GET /api/v1/jamf); admins may test it.
+  function jamfCard(canCheck) {
+    const out = h('div', { 'aria-live': 'polite' });
+    const facts = h('dl', { class: 'facts' });
+    const card = h('div', { class: 'card', id: 'jamf-card' }, h('h3', {}, 'Jamf Pro'), facts, out);
+    function show(j) {
+      const c = j.connection || {};
+      replace(facts, [
+        ['Server', `${j.url} (${j.auth === 'oauth' ? 'API client' : 'account'})`],
+        ['Connection', !c.checked ? 'not checked since the site started' : c.ok
+          ? pill(`connected, Jamf Pro ${c.version || ''}`, 'ok') : pill(`failed: ${c.error}`, 'bad')],
+        ['Package records', `for stage ${j.stage}, hash ${j.hash_type}, ${j.quorum ? `once ${j.quorum} sites serve them` : 'once every site replicating it serves them'}`
+          + (j.dry_run ? ' — dry run: nothing is changed in Jamf Pro' : '') + (j.allow_deletes ? '; deletes allowed (records ODST created)' : '; never deleted')],
+        ['Records', Object.entries(j.records || {}).map(([k, n]) => `${n} ${k.replace('_', ' ')}`).join(', ') || 'none yet'],
+        ['Distribution points', (j.distribution_points || []).map((d) => `${d.dp_name} (${d.api})`).join(', ') || 'none registered'],
+      ].map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
+    }
+    get('/api/v1/jamf').then(show).catch((err) => replace(out, messageBox('error', `Could not read the Jamf Pro state: ${errorText(err)}`)));
+    if (canCheck) {
+      const button = h('button', { type: 'button', class: 'secondary' }, 'Check the Jamf Pro connection');
+      button.addEventListener('click', async () => {
+        button.disabled = true;
+        replace(out, messageBox('info', 'Asking Jamf Pro for a token…'));
+        try {
+          const r = await api('POST', '/api/v1/jamf/check-connection');
+          replace(out, messageBox('success', `Connected to Jamf Pro ${r.version} at ${r.url}.`));
+        } catch (err) {
+          replace(out, messageBox('error', `The Jamf Pro connection failed: ${errorText(err)}`));
+        }
+        get('/api/v1/jamf').then(show).catch(() => {});
+        button.disabled = false;
+      });
+      card.insertBefore(h('div', { class: 'actions' }, button), out);
+    }
+    return card;
+  }
+
+  // The site's name is chosen here (a signed event, SiteRenamed); peers show it too.
+  function siteNameForm(s) {
+    const input = h('input', { type: 'text', value: s.site_name || '', maxlength: 100, autocomplete: 'off', required: true });
+    const source = s.site_name_source || {};
+    const out = h('div', { 'aria-live': 'polite' });
+    const form = h('form', { class: 'card', novalidate: true }, h('h3', {}, 'Site name'),
+      h('p', { class: 'hint' }, source.from === 'event'
+        ? ['Chosen here ', time(source.updated_at), source.updated_by ? ` by ${source.updated_by}` : '', '. Every page and every peer shows it.']
+        : source.from === 'setting' ? 'From the site_name setting until chosen here. Every page and every peer shows it.'
+          : 'This site has no name yet. Name it: every page and every peer shows the name.'),
+      field('Name of this site', input).row,
+      h('div', { class: 'actions' }, h('button', { type: 'submit' }, 'Save name')), out);
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      if (!input.value.trim()) { replace(out, messageBox('error', 'Enter a name.')); input.focus(); return; }
+      try {
+        const updated = await api('PUT', '/api/v1/settings/site-name', { name: input.value });
+        ctx.state.settings = updated;
+        if (ctx.state.site) ctx.state.site.name = updated.site_name;
+        if (ctx.renderHeader) ctx.renderHeader();
+        announce(`This site is now called ${updated.site_name}.`, 'success');
+        loadSite();
+      } catch (err) {
+        replace(out, messageBox('error', `Could not rename the site: ${errorText(err)}`));
+      }
+    });
+    return form;
   }
 
   // The stages this site replicates are the one setting chosen here (a signed event), not in odst.toml.
@@ -540,7 +634,7 @@ export function mount(main, ctx) {
 
   loadSite();
   renderAccount();
-  const reloads = { Stages: debounce(loadSite, 200) };
+  const reloads = { Stages: debounce(loadSite, 200), SiteRenamed: debounce(loadSite, 200) };
   if (isAdmin) {
     Object.assign(reloads, { User: debounce(loadUsers, 200), Token: debounce(loadTokens, 200),
       NatsCredential: debounce(loadCredentials, 200),

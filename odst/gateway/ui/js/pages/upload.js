@@ -2,7 +2,7 @@
 // The File object is handed to XMLHttpRequest as is: the browser streams it from disk.
 
 import { get, pkgPath, uploadFile } from '../api.js';
-import { h, append, field, select, replace, messageBox, errorText, fmtBytes, fmtRate, fmtDuration, copyable, uid } from '../dom.js';
+import { h, append, field, select, replace, messageBox, errorText, fmtBytes, fmtBinaryBytes, fmtRate, fmtDuration, copyable, uid } from '../dom.js';
 
 const DEFAULT_EXTENSIONS = ['.pkg', '.dmg', '.zip', '.mpkg'];
 const MAX_NAME_BYTES = 255;
@@ -59,7 +59,7 @@ async function start(file, name, stage, settings) {
   // Refuse early what the server would refuse after the whole file was sent.
   const max = settings ? settings.max_upload_bytes : null;
   if (max && file.size > max) {
-    fail(`${file.name} is ${fmtBytes(file.size)}; this server accepts at most ${fmtBytes(max)} (max_upload_bytes).`, 413);
+    fail(`${file.name} is ${fmtBinaryBytes(file.size)}; this server accepts at most ${fmtBinaryBytes(max)} (max_upload_bytes).`, 413);
     return;
   }
   try {
@@ -132,7 +132,7 @@ export function mount(main, ctx) {
   const fileInput = h('input', { type: 'file', id: uid('file'), class: 'file-input' });
   const nameInput = h('input', { type: 'text', autocomplete: 'off', spellcheck: 'false' });
   const stageSelect = select(stages, defaultStage);
-  const nameHint = `Must end with ${extensions.join(', ')}.` + (settings ? ` At most ${fmtBytes(settings.max_upload_bytes)}.` : '');
+  const nameHint = `Must end with ${extensions.join(', ')}.` + (settings ? ` At most ${fmtBinaryBytes(settings.max_upload_bytes)}.` : '');
   const nameField = field('Name on the server', nameInput, nameHint);
   const nameError = h('p', { class: 'field-error', id: uid('err'), 'aria-live': 'polite' });
   const submit = h('button', { type: 'submit' }, 'Upload');
@@ -175,7 +175,16 @@ export function mount(main, ctx) {
       nameInput.removeAttribute('aria-invalid');
       nameInput.setAttribute('aria-describedby', nameField.hint.id);
     }
+    updateSubmit(problem);
     return problem;
+  }
+
+  // Upload is offered only when it would do something: not while the name is invalid, not
+  // while an upload runs, and not again for the file and name that were just uploaded.
+  function updateSubmit(problem = nameInput.value ? nameProblem(nameInput.value, extensions) : null) {
+    const justDone = job.state === 'done' && chosen === job.file && nameInput.value === job.name;
+    submit.disabled = busy() || Boolean(problem) || justDone;
+    submit.title = justDone ? 'Already uploaded: choose another file or name, or Upload another' : '';
   }
 
   fileInput.addEventListener('change', () => setFile(fileInput.files[0] || null));
@@ -218,7 +227,8 @@ export function mount(main, ctx) {
   let statusLine = null;
   function paint() {
     const running = busy();
-    for (const el of [fileInput, nameInput, stageSelect, submit]) el.disabled = running;
+    for (const el of [fileInput, nameInput, stageSelect]) el.disabled = running;
+    updateSubmit();
     zone.classList.toggle('disabled', running);
     if (job.state !== shownState) {
       shownState = job.state;

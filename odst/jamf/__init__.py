@@ -1,0 +1,1 @@
+"""Jamf Pro integration: the API client, distribution point and package records, drift checks."""

@@ -1,0 +1,81 @@
+"""Package lists at scale and the site's name, read from a real read model folded from signed
+events (no server): pages, sort orders, exact names, chunk hashes only on request; the last
+SiteRenamed wins; the live feed's brief form."""
+
+from __future__ import annotations
+
+import pytest
+
+from odst.events import catalogue as ev
+from odst.events.signing import SiteKey
+from odst.gateway.events import _brief
+from odst.gateway.settings import check_site_name
+from odst.errors import RequestInvalid
+from odst.projections import apply, db, views
+from tests.unit.test_projection import Log
+
+
+@pytest.fixture
+def model(tmp_path):
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+    log = Log(key, SiteKey.load_or_create(tmp_path / "mallory.key"))
+    for i, (name, size, stage) in enumerate([("b.pkg", 30, "prod"), ("A.pkg", 10, "test"), ("c.dmg", 20, "prod")]):
+        log.append(ev.PackageUploaded(name=name, size=size, sha1=f"s{i}", sha512=f"x{i}", blake3=f"b{i}",
+                                      chunk_size=1 << 20, chunks=[f"c{i}"] * (i + 1), stage=stage))
+    log.append(ev.SiteRenamed(name="First"))
+    log.append(ev.SiteRenamed(name="Berlin office"))
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    folder = apply.ReadModelWriter(conn, {key.site_id: key.public_key})
+    for m in log.msgs:
+        assert folder.fold(m).applied
+    return conn, key.site_id
+
+
+def test_a_page_of_packages_has_no_chunk_hashes_unless_asked(model):
+    conn, site = model
+    rows = views.packages(conn, limit=2)
+    assert [r["name"] for r in rows] == ["A.pkg", "b.pkg"]  # binary order: upper case first
+    assert all("chunks" not in r for r in rows) and [r["chunk_count"] for r in rows] == [2, 1]
+    assert rows[0]["availability"][site]["status"] == "available"
+    assert [r["name"] for r in views.packages(conn, limit=2, offset=2)] == ["c.dmg"]
+    assert views.packages(conn, names=["c.dmg"], chunks=True)[0]["chunks"] == ["c2"] * 3
+    assert views.package_count(conn) == 3 and views.package_count(conn, stage="prod") == 2
+    assert views.package_count(conn, q="PKG") == 2
+
+
+@pytest.mark.parametrize("sort,descending,expected", [
+    ("size", True, ["b.pkg", "c.dmg", "A.pkg"]), ("size", False, ["A.pkg", "c.dmg", "b.pkg"]),
+    ("stage", False, ["b.pkg", "c.dmg", "A.pkg"]), ("stage", True, ["A.pkg", "c.dmg", "b.pkg"]),
+])
+def test_sort_orders_break_ties_by_name_in_the_same_direction(model, sort, descending, expected):
+    conn, _ = model
+    assert [r["name"] for r in views.packages(conn, sort=sort, descending=descending)] == expected
+
+
+def test_an_unknown_sort_column_is_refused_not_interpolated(model):
+    with pytest.raises(ValueError):
+        views.packages(model[0], sort="name; DROP TABLE contents")
+
+
+def test_the_last_rename_is_the_name(model):
+    conn, site = model
+    assert views.site_names(conn)[site]["name"] == "Berlin office"
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "x" * 101, "two\nlines", "tab\there", "nul\x00", "c1\x85c1", "rtl\u202eoverride"])
+def test_a_site_name_needs_words_without_control_characters(bad):
+    with pytest.raises(RequestInvalid):
+        check_site_name(bad)
+
+
+def test_a_site_name_is_trimmed():
+    assert check_site_name("  Café Zürich  ") == "Café Zürich"
+
+
+def test_the_brief_feed_drops_signature_and_chunks_only():
+    whole = {"position": 7, "type": "PackageUploaded", "signed": "AAAA",
+             "envelope": {"id": "e", "event": {"type": "PackageUploaded", "name": "a.pkg", "chunks": ["1", "2"]}}}
+    brief = _brief(whole)
+    assert brief["brief"] is True and "signed" not in brief and brief["position"] == 7
+    assert brief["envelope"]["event"] == {"type": "PackageUploaded", "name": "a.pkg", "chunk_count": 2}
+    assert whole["envelope"]["event"]["chunks"] == ["1", "2"]  # the original is left alone
