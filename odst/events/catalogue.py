@@ -106,6 +106,15 @@ class PackageDamaged(Event, tag=True):
     found_by: str = ""  # scrub | verify | report
 
 
+class PackageWithdrawn(Event, tag=True):
+    """This site removed its copy of a content whose stage it no longer accepts (demoted, or the
+    site's accepted stages changed), once the grace period had passed; pulled again if accepted."""
+
+    name: str
+    blake3: str
+    reason: str
+
+
 class PackageStaged(Event, tag=True):
     """A package's stage changed (e.g. promoted from test to prod)."""
 
@@ -393,7 +402,7 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
             | PackageReplaced | SiteRenamed
             | LinkBandwidthSet | LinkBandwidthCleared | LocalNetworksSet | DownloadCapsSet
-            | PackageUrgencySet)
+            | PackageUrgencySet | PackageWithdrawn)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -434,4 +443,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PackageUrgencySet,
     PackageReplaced,
     SiteRenamed,
+    PackageWithdrawn,
 )

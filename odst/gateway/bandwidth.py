@@ -143,8 +143,10 @@ class BandwidthController(Controller):
         """Mark a package urgent (it crosses paused windows and limits on every site) or not."""
         site: GatewayContext = request.app.state.site
         check_name(name)
-        if views.package(site.reader, name) is None:
+        pkg = views.package(site.reader, name)
+        if pkg is None:
             raise NotFound(f"no package {name!r}")
+        name = pkg["name"]  # any spelling finds it; the mark names the package as it is shown
         body = decode_json(await request.body(), Urgency, empty_is_object=True)
         if len(body.reason) > 500:
             raise RequestInvalid("reason: at most 500 characters")

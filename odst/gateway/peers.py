@@ -108,6 +108,7 @@ class PeerController(Controller):
                              for n, b, s, sites in replicated],
                 "transfers": site.replicator.transfers() if site.replicator else [],
                 "conflicts": conflicts,
+                "name_collisions": views.name_collisions(site.reader),
                 "chunks_served": dict(site.chunk_server.served) if site.chunk_server else {},
                 "bad_chunks_from": dict(site.replicator.bad_chunks) if site.replicator else {},
                 "quarantined": views.count(site.reader, "quarantine")}

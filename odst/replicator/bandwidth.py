@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from odst.errors import RequestInvalid
+from odst.naming import name_key
 
 log = structlog.get_logger("odst.bandwidth")
 
@@ -327,11 +328,12 @@ def read_choices(reader: sqlite3.Connection, site_id: str) -> _Choices:
     for r in reader.execute("SELECT site, http_url FROM directory WHERE site<>? ORDER BY clock", (site_id,)):
         if r["http_url"]:
             c.hosts[r["site"]] = urlsplit(r["http_url"]).hostname or ""
-    for r in reader.execute("SELECT u.name, p.blake3 FROM urgent_packages u LEFT JOIN packages p ON p.name=u.name"
-                            " WHERE u.urgent=1"):
-        c.urgent_names.add(r["name"])
-        if r["blake3"]:
-            c.urgent_blake3.add(r["blake3"])
+    # marks name the package in the spelling the operator typed; a package is its name's key
+    for r in reader.execute("SELECT name FROM urgent_packages WHERE urgent=1"):
+        c.urgent_names.add(name_key(r["name"]))
+        p = reader.execute("SELECT blake3 FROM packages WHERE key=?", (name_key(r["name"]),)).fetchone()
+        if p is not None:
+            c.urgent_blake3.add(p["blake3"])
     row = reader.execute("SELECT * FROM download_caps WHERE site=?", (site_id,)).fetchone()
     if row is not None:
         c.caps = DownloadCaps(row["egress_bps"], row["max_concurrent"], row["per_client"])
@@ -384,7 +386,7 @@ class Bandwidth:
 
     def urgent(self, *, name: str = "", blake3: str = "") -> bool:
         c = self.choices()
-        return (bool(name) and name in c.urgent_names) or (bool(blake3) and blake3 in c.urgent_blake3)
+        return (bool(name) and name_key(name) in c.urgent_names) or (bool(blake3) and blake3 in c.urgent_blake3)
 
     def download_caps(self) -> DownloadCaps:
         return self.choices().caps

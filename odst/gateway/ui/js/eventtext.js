@@ -9,7 +9,7 @@ export const EVENT_TYPES = [
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
   'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed',
-  'LinkBandwidthSet', 'LinkBandwidthCleared', 'LocalNetworksSet', 'DownloadCapsSet', 'PackageUrgencySet',
+  'LinkBandwidthSet', 'LinkBandwidthCleared', 'LocalNetworksSet', 'DownloadCapsSet', 'PackageUrgencySet', 'PackageWithdrawn',
 ];
 
 const rate = (bps) => (bps ? `${(bps / 1e6).toLocaleString(undefined, { maximumFractionDigits: 2 })} MB/s` : 'unlimited');
@@ -28,6 +28,7 @@ export function summary(item, ctx) {
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
     case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
     case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
+    case 'PackageWithdrawn': return `${site(item.origin)} removed its copy of ${e.name}: ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
