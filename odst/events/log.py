@@ -126,6 +126,7 @@ class StoredMessage:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
+    pending: int = 0  # messages the reader knew to follow this one when it was delivered
 
 
 class Appender(Protocol):
@@ -426,7 +427,8 @@ async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
                 if seq < next_seq:  # cannot happen with a fresh consumer; never yield one twice
                     raise _ReaderLost(f"stream seq {seq} came after {next_seq - 1}")
                 next_seq, losses = seq + 1, 0
-                yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers)
+                yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers,
+                                    msg.metadata.num_pending)
                 if until_seq is not None and seq >= until_seq:
                     return
         except _ReaderLost as exc:

@@ -17,6 +17,12 @@ from odst.projections.db import open_read_model
 log = structlog.get_logger("odst.projector")
 
 
+# While catching up, whoever waits for a change (replicator, dispatcher, linker, Jamf sync,
+# SSE) is woken once this often, not after every event: each wake-up is a pass over the read
+# model, and one per event made catching up with a big log quadratic. A fold that leaves
+# nothing more to read wakes them at once.
+NOTIFY_EVERY_S = 0.1
+
 GAP_REASON = "gap in "  # how apply.py opens a chain gap's reason ("gap in <site>'s chain: …")
 
 
@@ -137,14 +143,18 @@ class Projector:
                 await self._heal(stream)
                 start = self.checkpoint(stream) + 1
                 gap_checked = False  # once per read: a gap seen while reading from here
+                clock = asyncio.get_running_loop().time
+                notified = clock()
                 async with contextlib.aclosing(read_stream(self.js, stream, start)) as messages:
                     async for msg in messages:
                         outcome = self.writer.fold(msg)
                         if not outcome.applied and outcome.reason != "already applied":
                             log.warning("event quarantined", stream=stream, seq=msg.seq,
                                         subject=msg.subject, reason=outcome.reason)
-                        async with self._changed:
-                            self._changed.notify_all()
+                        if not msg.pending or clock() - notified >= NOTIFY_EVERY_S:
+                            async with self._changed:
+                                self._changed.notify_all()
+                            notified = clock()
                         self._folded(stream)
                         if outcome.reason.startswith(GAP_REASON) and not gap_checked:
                             gap_checked = True
