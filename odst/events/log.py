@@ -391,7 +391,8 @@ class _PullReader:
                 # the pull request ended (expired, or a completion notice) with ``left`` undelivered
                 self.credit = max(0, self.credit - int(left)) if left is not None else 0
                 continue
-            raise _ReaderLost(f"{status} {(msg.headers or {}).get('Description', '')}".strip())
+            why = (msg.headers or {}).get("Description", "").splitlines()[:1]
+            raise _ReaderLost(" ".join([status, *why]).strip())
         dseq = msg.metadata.sequence.consumer
         if dseq != self.delivered + 1:
             raise _ReaderLost(f"delivery {dseq} came after {self.delivered}: messages were lost on the way")
