@@ -49,7 +49,13 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
 
     Which sites replicate a stage: this one by its own choice, each peer by its last
     StagesAccepted; a peer that never chose is counted as replicating every stage (its
-    accept_stages setting is known only to it), so ODST waits for it rather than guess."""
+    accept_stages setting is known only to it), so ODST waits for it rather than guess.
+
+    A site counts when it SERVES the content (``views.sites_serving``: its latest report under
+    the name), not when it once reported it available: during a replacement a site serves the
+    old bytes until it swapped, and after a replacement back to an older content a site's old
+    report of it still says "available" while it serves the newer one. Jamf Pro's hash must
+    match what a Mac gets from every counting site, so it moves only after the last swap."""
     sites = {site: stage in own_stages}
     for p in views.peer_sites(conn, site):
         chosen = p["accepted_stages"]
@@ -57,9 +63,8 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
     required = {s for s, replicates in sites.items() if replicates}
     out = []
     for row in conn.execute("SELECT * FROM packages WHERE stage=? ORDER BY name", (stage,)).fetchall():
-        holders = {r[0] for r in conn.execute(
-            "SELECT site FROM availability WHERE name=? AND blake3=? AND status='available'",
-            (row["name"], row["blake3"]))} & set(sites)
+        holders = {s for s, b3 in views.sites_serving(conn, row["name"]).items()
+                   if b3 == row["blake3"] and s in sites}
         if (quorum and len(holders) >= quorum) or (not quorum and required and required <= holders):
             out.append(row)
     return out
