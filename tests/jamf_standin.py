@@ -12,8 +12,10 @@ API reference (``/api/v1/distribution-points``, 11.16+; Classic ``<distribution_
 A body that fails is answered 400 and kept in ``errors``, and the tests assert it is empty.
 
 Behaviour a client must survive: tokens that live ``token_lifetime`` seconds (401 after),
-``revoke_tokens()`` (401 mid-operation), ``dp_api_404`` (a server before 11.16),
-``new_oauth_404`` (a server with only ``/api/v1/oauth/token``).
+``revoke_tokens()`` (401 mid-operation), ``revoke_after(method, path)`` (401 on the request after
+that one: a token dying between two steps of one sync), ``dp_api_404`` (a server before 11.16),
+``new_oauth_404`` (a server with only ``/api/v1/oauth/token``). ``hash_history`` records every
+change of a record's hash with the time it happened (time.monotonic()), for the replace story.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class JamfStandin:
         self.classic_dps: dict[str, dict] = {}
         self.errors: list[str] = []
         self.log: list[tuple[str, str, int]] = []
+        self.hash_history: list[tuple[float, str, str]] = []  # (monotonic time, fileName, hashValue)
+        self._revoke_after: tuple[str, str] | None = None
         self.tokens_issued = 0
         self._next_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,11 +128,27 @@ class JamfStandin:
         """Every token issued so far is refused from now on (401), as after a restart of Jamf Pro."""
         self.tokens.clear()
 
+    def revoke_after(self, method: str, path: str) -> None:
+        """Once: revoke every token right after answering the next ``method path`` (query ignored)."""
+        self._revoke_after = (method, path)
+
+    def hashes_of(self, file_name: str) -> list[str]:
+        """The hash values the record of ``file_name`` held, in order, each change once."""
+        return [h for _, f, h in self.hash_history if f == file_name]
+
+    def _note_hash(self, record: dict, before: dict | None) -> None:
+        if before is None or (before.get("hashValue"), before.get("fileName")) != (record.get("hashValue"),
+                                                                                  record.get("fileName")):
+            self.hash_history.append((time.monotonic(), record.get("fileName", ""), record.get("hashValue") or ""))
+
     def by_file(self, file_name: str) -> dict | None:
         return next((p for p in self.packages.values() if p["fileName"] == file_name), None)
 
     def edit_hash(self, file_name: str, value: str) -> None:
-        self.by_file(file_name)["hashValue"] = value
+        record = self.by_file(file_name)
+        before = dict(record)
+        record["hashValue"] = value
+        self._note_hash(record, before)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -144,6 +164,9 @@ class JamfStandin:
                 return web.json_response({"httpStatus": 401, "errors": [{"code": "INVALID_TOKEN"}]}, status=401)
         response = await handler(request)
         self.log.append((request.method, request.path, response.status))
+        if self._revoke_after == (request.method, request.path):
+            self._revoke_after = None
+            self.revoke_tokens()
         return response
 
     def _invalid(self, what: str) -> web.Response:
@@ -235,6 +258,7 @@ class JamfStandin:
         pid = str(self._next_id)
         self._next_id += 1
         self.packages[pid] = {"id": pid, **body}
+        self._note_hash(self.packages[pid], None)
         return web.json_response({"id": pid, "href": f"{self.url}/api/v1/packages/{pid}"}, status=201)
 
     async def get_package(self, request: web.Request) -> web.Response:
@@ -250,7 +274,9 @@ class JamfStandin:
         body = await self._package_body(request)
         if isinstance(body, web.Response):
             return body
+        before = self.packages[pid]
         self.packages[pid] = {"id": pid, **body}
+        self._note_hash(self.packages[pid], before)
         return web.json_response(self._checked(dict(self.packages[pid])))
 
     async def delete_package(self, request: web.Request) -> web.Response:

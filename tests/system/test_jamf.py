@@ -12,9 +12,11 @@ import json
 import os
 import random
 import re
+import threading
 
 import pytest
 
+from harness.macs import Mac
 from harness.network import Network
 from tests.conftest import ADMIN_TOKEN, run_odst, upload_bytes, wait_until
 from tests.jamf_standin import CLIENT_ID, CLIENT_SECRET, JamfStandin
@@ -29,6 +31,9 @@ def standin():
     assert server.errors == [], server.errors  # every request fit the SDK's models / Jamf's reference
 
 
+MiB = 1 << 20
+
+
 def jamf_env(standin: JamfStandin, **extra) -> dict:
     return {"ODST_JAMF_URL": standin.url, "ODST_JAMF_CLIENT_ID": CLIENT_ID,
             "ODST_JAMF_CLIENT_SECRET": CLIENT_SECRET, "ODST_JAMF_CHECK_INTERVAL_S": "3600", **FAST_RETRY,
@@ -39,10 +44,16 @@ def events_of(net_or_client, site, name: str) -> list[dict]:
     return net_or_client.get(site, f"/api/v1/events?name={name}&limit=1000")["events"]
 
 
-def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(tmp_path, standin, receiver):
+def test_three_sites_dp_records_package_record_after_prod_everywhere_replace_and_drift(tmp_path, standin, receiver):
+    """Issue 11's story: DP records for three sites; a package uploaded at a branch in stage
+    test and promoted gets its record once every prod site serves it; replaced while a Mac per
+    site downloads all along, no Mac sees a 404/5xx or a mixed body and the record's hash moves
+    once, after the last site swapped (a token dying between finding and writing the record is
+    renewed); an edited hash is drift, reported by ``odst jamf check`` and a webhook."""
     net = Network(tmp_path / "net", title="jamf", admin_token=ADMIN_TOKEN)
     try:
-        net.hub("hq", ["b", "c"], hq={"env": jamf_env(standin)})
+        # c replicates prod only: it fetches the package when it is promoted, and the record waits for it
+        net.hub("hq", ["b", "c"], hq={"env": jamf_env(standin)}, c={"accept": ["prod"]})
         net.start()
         net.register("hq", "b")
         net.register("hq", "c")
@@ -63,10 +74,10 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(t
             again = net.request("hq", "POST", "/api/v1/jamf/distribution-points", json={})
             assert [d["action"] for d in again["distribution_points"]] == ["updated"]  # found by name
 
-        data = random.Random(11).randbytes(3 * (1 << 20) + 5)
-        sha512 = hashlib.sha512(data).hexdigest()
-        net.upload("b", "Tool.pkg", data=data, stage="test")
-        net.wait_available("Tool.pkg", ["hq", "b", "c"])
+        old = random.Random(11).randbytes(3 * MiB + 5)
+        old_sha512 = hashlib.sha512(old).hexdigest()
+        v1 = net.upload("b", "Tool.pkg", data=old, stage="test")
+        net.wait_available("Tool.pkg", ["hq", "b"])
         assert standin.by_file("Tool.pkg") is None  # stage test: not Jamf's business
         standin.revoke_tokens()  # every token is void now; those issued earlier have expired too (2 s)
         issued = standin.tokens_issued
@@ -75,15 +86,61 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(t
         with net.step("the record appears with the SHA-512, after every prod site serves the content"):
             net.wait_until(lambda: standin.by_file("Tool.pkg"), 60, "the Jamf Pro record of Tool.pkg")
             record = standin.by_file("Tool.pkg")
-            assert (record["hashType"], record["hashValue"], record["size"]) == ("SHA_512", sha512, str(len(data)))
+            assert (record["hashType"], record["hashValue"], record["size"]) == ("SHA_512", old_sha512, str(len(old)))
             history = events_of(net, "hq", "Tool.pkg")
             synced = [e for e in history if e["type"] == "JamfPackageSynced"]
             assert synced and synced[0]["envelope"]["event"]["action"] == "created" and synced[0]["envelope"]["event"]["record_id"] == record["id"]
-            served = [e["ts"] for e in history if e["type"] in ("PackageAvailable", "PackageUploaded")]
-            assert len({e["origin"] for e in history if e["type"] in ("PackageAvailable", "PackageUploaded")}) == 3
-            assert synced[0]["ts"] >= max(served)
+            served = {e["origin"]: e["ts"] for e in history if e["type"] in ("PackageAvailable", "PackageUploaded")}
+            assert set(served) == {net[n].id for n in ("hq", "b", "c")}
+            assert synced[0]["ts"] >= served[net["c"].id]  # c fetched it only after the promotion
             assert standin.tokens_issued > issued  # a new token, and no write failed for the old one
             assert all(e["envelope"]["event"]["result"] == "ok" for e in synced)
+            assert net.get("hq", "/api/v1/jamf/packages/Tool.pkg")["state"] == "in_sync"
+
+        new = random.Random(12).randbytes(4 * MiB + 9)
+        new_sha512 = hashlib.sha512(new).hexdigest()
+        versions = {f'"{v1["blake3"]}"': hashlib.sha256(old).hexdigest()}
+        stop = threading.Event()
+        macs = [Mac(n, net[n].url, "Tool.pkg", stop, deadline_s=90) for n in ("hq", "b", "c")]
+        try:
+            with net.step("replace Tool.pkg at c while a Mac per site downloads it over and over"):
+                for m in macs:
+                    m.start()
+                net.wait_until(lambda: all(m.first(next(iter(versions))) for m in macs), 30, "every Mac to get v1")
+                # Jamf Pro refuses the token right after the sync found the record, before it writes it
+                standin.revoke_after("GET", "/api/v1/packages")
+                v2 = net.upload("c", "Tool.pkg", data=new, replace=True)
+                assert v2["generation"] == 1
+                new_tag = f'"{v2["blake3"]}"'
+                versions[new_tag] = hashlib.sha256(new).hexdigest()
+                net.wait_until(lambda: standin.by_file("Tool.pkg")["hashValue"] == new_sha512, 60,
+                               "the record's hash to move to the new version")
+                moved_at = max(t for t, f, h in standin.hash_history if f == "Tool.pkg" and h == new_sha512)
+                net.wait_until(lambda: all(m.first(new_tag) for m in macs), 30, "every Mac to get the new version")
+        finally:
+            stop.set()
+            for m in macs:
+                m.join(40)
+
+        with net.step("no Mac saw a 404/5xx or a mixed body; the hash moved once, after the last swap"):
+            for m in macs:
+                assert not m.is_alive()
+                assert m.problems(versions) == [], m.problems(versions)
+                # every site had swapped when Jamf Pro's hash moved: no download begun after it got the old bytes
+                late = [x for x in m.seen if x.etag != new_tag and x.started > moved_at]
+                assert late == [], f"{m.label} served the old version after the record moved: {late[:3]}"
+                assert m.first(new_tag).t > 0 and any(x.etag != new_tag for x in m.seen)
+            assert standin.hashes_of("Tool.pkg") == [old_sha512, new_sha512]
+            history = events_of(net, "hq", "Tool.pkg")
+            swaps = {e["origin"]: e["ts"] for e in history if e["type"] in ("PackageAvailable", "PackageReplaced")
+                     and e["envelope"]["event"]["blake3"] == v2["blake3"]}
+            assert set(swaps) == {net[n].id for n in ("hq", "b", "c")}
+            moved = [e for e in history if e["type"] == "JamfPackageSynced"
+                     and e["envelope"]["event"]["blake3"] == v2["blake3"]]
+            assert [e["envelope"]["event"]["action"] for e in moved] == ["updated"]
+            assert moved[0]["envelope"]["event"]["result"] == "ok" and moved[0]["ts"] >= max(swaps.values())
+            # the token died between the GET and the PUT: the PUT got 401, a new token, and went through
+            assert ("PUT", f"/api/v1/packages/{record['id']}", 401) in standin.log
             assert net.get("hq", "/api/v1/jamf/packages/Tool.pkg")["state"] == "in_sync"
 
         with net.step("a hash edited in Jamf Pro is drift: odst jamf check and a webhook report it"):
@@ -93,8 +150,9 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_and_drift(t
             net.wait_until(lambda: receiver.got("/drift", ok=True), 30, "the drift webhook")
             body = json.loads(receiver.got("/drift")[0]["body"])
             assert body["type"] == "JamfDriftDetected" and "Tool.pkg" in json.dumps(body)
+            assert new_sha512 in json.dumps(body)  # expected: the new version's hash
             # ODST owns the record's hash: the sync writes it back, and the state says so
-            net.wait_until(lambda: standin.by_file("Tool.pkg")["hashValue"] == sha512, 30, "the hash written back")
+            net.wait_until(lambda: standin.by_file("Tool.pkg")["hashValue"] == new_sha512, 30, "the hash written back")
             net.wait_until(lambda: net.get("hq", "/api/v1/jamf/packages/Tool.pkg")["state"] == "in_sync", 30,
                            "in sync again")
 
