@@ -80,12 +80,20 @@ def jamf_rows(conn: sqlite3.Connection) -> dict[str, dict]:
 
 
 def package_state(conn: sqlite3.Connection, name: str) -> dict:
-    """What the package page shows: in_sync | hash_differs | no_record (or failed, pending)."""
+    """What the package page shows: in_sync | hash_differs | no_record | previous_version (the
+    record holds the hash of content the name stood for before: during a replacement, until the
+    last counting site serves the new one) (or failed, pending)."""
     row = jamf_row(conn, name)
     if row is None:
         return {"state": "no_record", "detail": ""}
     state = {"missing": "no_record", "deleted": "no_record"}.get(row["state"], row["state"])
-    return {"state": state, "detail": row["detail"], "record_id": row["record_id"],
+    detail = row["detail"]
+    current = conn.execute("SELECT blake3 FROM packages WHERE name=?", (name,)).fetchone()
+    if state == "in_sync" and current and current[0] != row["blake3"]:
+        state = "previous_version"
+        detail = ("Jamf Pro holds the previous version's hash; it moves to this version once every site "
+                  "that counts serves it")
+    return {"state": state, "detail": detail, "record_id": row["record_id"],
             "hash_type": row["hash_type"], "hash_value": row["hash_value"], "blake3": row["blake3"],
             "updated_at": int(row["clock"][:15])}
 

@@ -4,7 +4,8 @@ available: during a replacement, and after replacing back to an older content, t
 
 from __future__ import annotations
 
-from odst.jamf.sync import ready_packages
+from odst.events import catalogue as ev
+from odst.jamf.sync import package_state, ready_packages
 from tests.unit.test_replace import Sites, available, replaced, uploaded
 
 
@@ -54,3 +55,21 @@ def test_a_quorum_counts_serving_sites_too(tmp_path):
     conn = s.fold()
     assert [r["blake3"] for r in ready_packages(conn, s.ids[0], ["prod"], "prod", 1)] == ["v2"]
     assert ready_packages(conn, s.ids[0], ["prod"], "prod", 2) == []
+
+
+def synced(c: str) -> ev.JamfPackageSynced:
+    return ev.JamfPackageSynced(name="x.pkg", blake3=c, file_name="x.pkg", record_id="7", hash_type="SHA_512",
+                                hash_value="x" + c, size=len(c), action="updated", created_by_odst=True)
+
+
+def test_the_package_page_says_jamf_pro_holds_the_previous_version_until_the_hash_moves(tmp_path):
+    s = Sites(tmp_path)
+    a, b, c = s.logs
+    a.append((1, uploaded("x.pkg", "v1")))
+    a.append((2, synced("v1")))
+    assert package_state(s.fold(name="1.sqlite"), "x.pkg")["state"] == "in_sync"
+    b.append((3, replaced("x.pkg", "v1", "v2", 1)))
+    st = package_state(s.fold(name="2.sqlite"), "x.pkg")
+    assert st["state"] == "previous_version" and "previous version" in st["detail"] and st["blake3"] == "v1"
+    a.append((4, synced("v2")))
+    assert package_state(s.fold(name="3.sqlite"), "x.pkg")["state"] == "in_sync"
