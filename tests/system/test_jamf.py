@@ -297,3 +297,44 @@ def test_jamf_refusing_the_token_during_an_upload_and_sync_does_not_fail_it(make
     finally:
         server.stop()
     assert server.errors == []
+
+
+def test_a_jamf_pro_before_11_5_gets_classic_package_records_created_replaced_checked_deleted(make_site, standin):
+    """/api/v1/packages answers 404 (Jamf Pro < 11.5): the records go through the Classic
+    /JSSResource/packages (XML checked against jamf-pro-sdk's ClassicPackage), found by name,
+    then by reading every record when an admin named it otherwise."""
+    standin.packages_api_404 = True
+    site = make_site(env=jamf_env(standin, allow_deletes="true")).start()
+    with site.client() as c:
+        v1, v2 = os.urandom(150_000), os.urandom(170_000)
+        # an admin's record for Other.pkg under another display name: found by its filename
+        standin.packages["50"] = {"id": "50", "packageName": "Other (admin)", "fileName": "Other.pkg",
+                                  "hashType": "MD5", "hashValue": "0" * 32, "notes": "the admin's"}
+        assert upload_bytes(c, "Classic.pkg", v1, params={"stage": "prod"}).status_code == 201
+        assert upload_bytes(c, "Other.pkg", v2, params={"stage": "prod"}).status_code == 201
+        wait_until(lambda: (standin.by_file("Classic.pkg") or {}).get("hashValue") == hashlib.sha512(v1).hexdigest(),
+                   30, what="the Classic record of Classic.pkg")
+        wait_until(lambda: standin.packages["50"]["hashValue"] == hashlib.sha512(v2).hexdigest(), 30,
+                   what="the admin's Classic record of Other.pkg updated")
+        other = standin.packages["50"]
+        assert (other["packageName"], other["hashType"], other["notes"]) == ("Other (admin)", "SHA_512", "the admin's")
+        assert ("POST", "/JSSResource/packages/id/0", 201) in standin.log
+        assert not any(path == "/api/v1/packages" and status != 404 for _, path, status in standin.log)
+
+        new = os.urandom(160_000)
+        r = c.put("/api/v1/packages/Classic.pkg", content=new, params={"replace": "true"})
+        assert r.status_code == 201, r.text
+        wait_until(lambda: standin.by_file("Classic.pkg")["hashValue"] == hashlib.sha512(new).hexdigest(), 30,
+                   what="the replacement's hash in the Classic record")
+        assert standin.hashes_of("Classic.pkg") == [hashlib.sha512(v1).hexdigest(), hashlib.sha512(new).hexdigest()]
+
+        standin.edit_hash("Classic.pkg", "f" * 128)
+        report = c.post("/api/v1/jamf/check").json()
+        assert {p["name"]: p["state"] for p in report["packages"]}["Classic.pkg"] == "hash_differs", report
+
+        assert c.delete("/api/v1/packages/Classic.pkg").status_code == 200
+        wait_until(lambda: standin.by_file("Classic.pkg") is None, 30, what="ODST's Classic record deleted")
+        assert ("DELETE", "/JSSResource/packages/id/1", 200) in standin.log
+        assert c.delete("/api/v1/packages/Other.pkg").status_code == 200
+        assert c.post("/api/v1/jamf/sync", json={"dry_run": False}).status_code == 200
+        assert standin.by_file("Other.pkg") is not None  # not ODST's: kept
