@@ -24,6 +24,7 @@ import structlog
 from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.jamf.client import JamfClient, JamfError, credentials
+from odst.jamf.digests import Digests
 from odst.jamf.records import NOTES_MARK, DistributionPoint, Wanted, classic_package, classic_package_ids, \
     dp_body, dp_xml, drift_kind, package_body, package_xml, record_action
 from odst.projections import views
@@ -197,6 +198,7 @@ class Deps:
     append: Callable[[ev.Event], Awaitable[object]]  # appends as actor "jamf"
     store_path: Callable[[str], Path]
     wait_changed: Callable[[float], Awaitable[object]]
+    digests: Digests | None = None  # MD5/SHA3_512 the upload computed (<data>/jamf-digests.sqlite)
 
 
 class JamfService:
@@ -320,14 +322,18 @@ class JamfService:
         else:
             key = (row["blake3"], hash_type)
             value = self._digests.get(key)
-            if value is None:
+            loop = asyncio.get_running_loop()
+            if value is None and self.d.digests is not None:  # computed in the upload's single pass
+                value = await loop.run_in_executor(None, self.d.digests.get, row["blake3"], hash_type)
+            if value is None:  # uploaded elsewhere, or before: read this site's copy once, and keep it
                 path = self.d.store_path(row["name"])
                 try:
-                    value = await asyncio.get_running_loop().run_in_executor(
-                        None, file_digest, path, hash_type, row["blake3"])
+                    value = await loop.run_in_executor(None, file_digest, path, hash_type, row["blake3"])
                 except (OSError, ValueError) as exc:
                     raise JamfError(f"{hash_type} needs this site's copy of {row['name']}: {exc}") from None
-                self._digests[key] = value
+                if self.d.digests is not None:
+                    await loop.run_in_executor(None, self.d.digests.put, row["blake3"], {hash_type: value})
+            self._digests[key] = value
         notes = (f"{NOTES_MARK}: uploaded by {row['uploaded_by'] or 'unknown'}, "
                  f"blake3 {row['blake3'][:16]}, stage {row['stage']}")
         return Wanted(name=row["name"], blake3=row["blake3"], size=row["size"], hash_type=hash_type,

@@ -17,6 +17,7 @@ import threading
 import pytest
 
 from harness.macs import Mac
+from odst.jamf.digests import Digests, digests_path
 from harness.network import Network
 from tests.conftest import ADMIN_TOKEN, run_odst, upload_bytes, wait_until
 from tests.jamf_standin import CLIENT_ID, CLIENT_SECRET, JamfStandin
@@ -193,6 +194,9 @@ def test_https_dp_via_jamf_pro_api_classic_on_404_and_dry_run(make_site, standin
         event = planned()[0]["envelope"]["event"]
         assert event["dry_run"] and event["action"] == "would create"
         assert event["hash_type"] == "SHA3_512" and event["hash_value"] == hashlib.sha3_512(data).hexdigest()
+        # computed in the upload's single pass and kept beside the site, not in any event
+        b3 = c.get("/api/v1/packages/Dry.pkg").json()["blake3"]
+        assert Digests(digests_path(site.data)).get(b3, "SHA3_512") == hashlib.sha3_512(data).hexdigest()
         assert standin.packages == {}
         assert c.get("/api/v1/jamf/packages/Dry.pkg").json()["state"] == "no_record"
         out = run_odst("jamf", "sync", env={"ODST_SERVER": site.url, "ODST_TOKEN": ADMIN_TOKEN})

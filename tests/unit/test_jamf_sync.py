@@ -4,8 +4,19 @@ available: during a replacement, and after replacing back to an older content, t
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from odst.config import Settings
 from odst.events import catalogue as ev
-from odst.jamf.sync import package_state, ready_packages
+from odst.jamf.client import JamfError
+from odst.jamf.digests import Digests, digests_path, extra_types
+from odst.jamf.sync import Deps, JamfService, package_state, ready_packages
+from odst.store.hashing import ManifestHasher, manifest_of
 from tests.unit.test_replace import Sites, available, replaced, uploaded
 
 
@@ -73,3 +84,61 @@ def test_the_package_page_says_jamf_pro_holds_the_previous_version_until_the_has
     assert st["state"] == "previous_version" and "previous version" in st["detail"] and st["blake3"] == "v1"
     a.append((4, synced("v2")))
     assert package_state(s.fold(name="3.sqlite"), "x.pkg")["state"] == "in_sync"
+
+
+# ------------------------------------------------------------------ MD5 / SHA3_512 in the upload's pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(pieces=st.lists(st.binary(max_size=3000), max_size=6), types=st.sets(st.sampled_from(["MD5", "SHA3_512", "SHA_512"])))
+def test_the_extra_digests_are_hashlibs_and_leave_the_manifest_as_it_was(pieces, types):
+    plain, extra = ManifestHasher(1024), ManifestHasher(1024, types)
+    data = b"".join(pieces)
+    for i in range(0, max(len(data), 1), 1024):
+        plain.add_block(data[i:i + 1024])
+        extra.add_block(data[i:i + 1024])
+    assert extra.manifest() == plain.manifest()
+    want = {"MD5": hashlib.md5(data).hexdigest(), "SHA3_512": hashlib.sha3_512(data).hexdigest()}
+    assert extra.extra_digests() == {t: want[t] for t in types if t != "SHA_512"}
+
+
+def service(tmp_path, hash_type: str, files: dict[str, bytes]) -> tuple[JamfService, Digests]:
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    digests = Digests(digests_path(tmp_path))
+
+    async def nothing(*_):
+        return None
+
+    deps = Deps(settings=Settings(jamf_hash_type=hash_type), site_id="s", reader=None, accepted_stages=list,
+                append=nothing, store_path=lambda n: tmp_path / n, wait_changed=nothing, digests=digests)
+    return JamfService(deps), digests
+
+
+def row(name: str, data: bytes) -> dict:
+    return {"name": name, "blake3": manifest_of([data]).blake3, "size": len(data), "sha512": "", "stage": "prod",
+            "uploaded_by": "t"}
+
+
+def test_the_sync_takes_the_uploads_digest_and_reads_the_file_only_when_it_has_none(tmp_path):
+    data = os.urandom(5000)
+    svc, digests = service(tmp_path, "SHA3_512", {})
+    digests.put(row("a.pkg", data)["blake3"], {"SHA3_512": "ab" * 64})
+    # no file in the store: the value can only come from the upload's pass
+    assert asyncio.run(svc.wanted(row("a.pkg", data))).hash_value == "ab" * 64
+
+    other = tmp_path / "other-site"
+    other.mkdir()
+    svc, digests = service(other, "MD5", {"b.pkg": data})  # uploaded elsewhere: no digest here yet
+    assert asyncio.run(svc.wanted(row("b.pkg", data))).hash_value == hashlib.md5(data).hexdigest()
+    assert digests.get(row("b.pkg", data)["blake3"], "MD5") == hashlib.md5(data).hexdigest()  # kept for next time
+    assert oct(digests.path.stat().st_mode & 0o777) == "0o600"
+    svc, _ = service(other, "MD5", {})
+    with pytest.raises(JamfError, match="needs this site's copy"):
+        asyncio.run(svc.wanted(row("c.pkg", b"other")))
+
+
+def test_only_a_configured_jamf_pro_with_another_hash_type_costs_the_upload_a_digest():
+    assert extra_types("", "MD5") == ()
+    assert extra_types("https://jamf", "SHA_512") == ()
+    assert extra_types("https://jamf", "SHA3_512") == ("SHA3_512",)
