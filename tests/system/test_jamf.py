@@ -342,3 +342,42 @@ def test_a_jamf_pro_before_11_5_gets_classic_package_records_created_replaced_ch
         assert c.delete("/api/v1/packages/Other.pkg").status_code == 200
         assert c.post("/api/v1/jamf/sync", json={"dry_run": False}).status_code == 200
         assert standin.by_file("Other.pkg") is not None  # not ODST's: kept
+
+
+def test_package_page_shows_the_cutover_per_site_beside_jamf_pros_previous_version(tmp_path, standin, page):
+    """While a site has not swapped to a replacement (here: it is stopped), the record keeps the
+    old hash and the package page says so beside the per-site cutover; once it swaps, the hash
+    moves and the page says in sync."""
+    from playwright.sync_api import expect
+
+    from tests.system.test_ui import ADMIN_PASSWORD, sign_in
+    net = Network(tmp_path / "net", title="jamf page", admin_token=ADMIN_TOKEN)
+    try:
+        net.hub("hq", ["b"], hq={"env": {**jamf_env(standin), "ODST_ADMIN_PASSWORD": ADMIN_PASSWORD}})
+        net.start()
+        net.register("hq", "b")
+        old, new = os.urandom(300_000), os.urandom(200_000)
+        net.upload("hq", "Page.pkg", data=old, stage="prod")
+        net.wait_until(lambda: standin.by_file("Page.pkg"), 60, "the record of Page.pkg")
+        net.stop("b")
+        net.upload("hq", "Page.pkg", data=new, replace=True)
+        state = net.get("hq", "/api/v1/jamf/packages/Page.pkg")
+        assert state["state"] == "previous_version", state
+        assert standin.hashes_of("Page.pkg") == [hashlib.sha512(old).hexdigest()]
+
+        sign_in(page, net["hq"], "admin", ADMIN_PASSWORD)
+        page.goto(net["hq"].url + "/#/packages/Page.pkg")
+        expect(page.locator("[data-jamf]")).to_have_text(re.compile("previous version until every site swaps"))
+        expect(page.get_by_role("row", name=re.compile(r"^hq")).get_by_text("this version")).to_be_visible()
+        expect(page.get_by_role("row", name=re.compile(r"^b\b")).get_by_text("previous version")).to_be_visible()
+        expect(page.get_by_text(re.compile("Replacement in progress: one site serves the previous version"))).to_be_visible()
+
+        net.start("b")
+        net.wait_until(lambda: standin.by_file("Page.pkg")["hashValue"] == hashlib.sha512(new).hexdigest(), 60,
+                       "the hash to move once b swapped")
+        assert net.get("hq", "/api/v1/jamf/packages/Page.pkg")["state"] == "in_sync"
+        page.reload()
+        expect(page.locator("[data-jamf]")).to_have_text(re.compile("in sync"))
+        page.goto("about:blank")  # end the page's event stream before the sites stop
+    finally:
+        net.close()
