@@ -45,6 +45,11 @@ def events_of(net_or_client, site, name: str) -> list[dict]:
     return net_or_client.get(site, f"/api/v1/events?name={name}&limit=1000")["events"]
 
 
+def synced_of(net, name: str, blake3: str) -> list[dict]:
+    return [e for e in events_of(net, "hq", name)
+            if e["type"] == "JamfPackageSynced" and e["envelope"]["event"]["blake3"] == blake3]
+
+
 def test_three_sites_dp_records_package_record_after_prod_everywhere_replace_and_drift(tmp_path, standin, receiver):
     """Issue 11's story: DP records for three sites; a package uploaded at a branch in stage
     test and promoted gets its record once every prod site serves it; replaced while a Mac per
@@ -88,6 +93,8 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_replace_and
             net.wait_until(lambda: standin.by_file("Tool.pkg"), 60, "the Jamf Pro record of Tool.pkg")
             record = standin.by_file("Tool.pkg")
             assert (record["hashType"], record["hashValue"], record["size"]) == ("SHA_512", old_sha512, str(len(old)))
+            # the record is written before its event is appended
+            net.wait_until(lambda: synced_of(net, "Tool.pkg", v1["blake3"]), 30, "the JamfPackageSynced event")
             history = events_of(net, "hq", "Tool.pkg")
             synced = [e for e in history if e["type"] == "JamfPackageSynced"]
             assert synced and synced[0]["envelope"]["event"]["action"] == "created" and synced[0]["envelope"]["event"]["record_id"] == record["id"]
@@ -132,6 +139,7 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_replace_and
                 assert late == [], f"{m.label} served the old version after the record moved: {late[:3]}"
                 assert m.first(new_tag).t > 0 and any(x.etag != new_tag for x in m.seen)
             assert standin.hashes_of("Tool.pkg") == [old_sha512, new_sha512]
+            net.wait_until(lambda: synced_of(net, "Tool.pkg", v2["blake3"]), 30, "the replacement's JamfPackageSynced")
             history = events_of(net, "hq", "Tool.pkg")
             swaps = {e["origin"]: e["ts"] for e in history if e["type"] in ("PackageAvailable", "PackageReplaced")
                      and e["envelope"]["event"]["blake3"] == v2["blake3"]}
