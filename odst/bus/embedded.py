@@ -113,6 +113,30 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     os.setpgrp()  # a Ctrl-C in the terminal goes to us; we stop our children in order
 
 
+def _command_of(pid: int) -> bytes | None:
+    """The command line of ``pid``: /proc on Linux, ``ps`` where there is no /proc (macOS)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        if Path("/proc/self").exists():
+            return None  # Linux: no such process
+    try:
+        done = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EmbeddedBroker:
     def __init__(self, config: BrokerConfig, run_dir: Path):
         self.config = config
@@ -215,15 +239,12 @@ class EmbeddedBroker:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             return
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return
-        if b"nats-server" in cmdline and str(self.run_dir).encode() in cmdline:
+        cmdline = _command_of(pid)
+        if cmdline and b"nats-server" in cmdline and str(self.run_dir).encode() in cmdline:
             log.warning("stopping a stale broker", pid=pid)
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -88,8 +88,14 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
         instr, _, rest = line.partition(" ")
         if instr.upper() == "FROM":
             stages.append([])
-        stages[-1].append((instr.upper(), rest.strip()))
+        if stages:  # instructions before the first FROM (global ARGs): dockerfile_base_image
+            stages[-1].append((instr.upper(), rest.strip()))
     return stages
+
+
+def dockerfile_base_image() -> str:
+    """The default of the BASE_IMAGE build argument every stage starts FROM."""
+    return re.search(r"^ARG BASE_IMAGE=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
 
 
 def dockerfile_cmd() -> list[str]:
@@ -683,7 +689,8 @@ def _leafs_or_zero(ports) -> int:
 def test_dockerfile_builds_in_stages_and_runs_as_a_non_root_user_with_a_healthcheck():
     stages = dockerfile_stages()
     assert len(stages) >= 2, "multi-stage: a builder and a runtime"
-    assert all(s[0] == ("FROM", s[0][1]) and s[0][1].startswith("python:3.11-slim") for s in stages)
+    assert dockerfile_base_image().startswith("python:3.11-slim")
+    assert all(s[0][0] == "FROM" and s[0][1].split()[0] == "${BASE_IMAGE}" for s in stages)
     final = stages[-1]
     instr = {}
     for i, a in final:
