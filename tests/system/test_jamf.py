@@ -366,7 +366,8 @@ def test_package_page_shows_the_cutover_per_site_beside_jamf_pros_previous_versi
         net.register("hq", "b")
         old, new = os.urandom(300_000), os.urandom(200_000)
         net.upload("hq", "Page.pkg", data=old, stage="prod")
-        net.wait_until(lambda: standin.by_file("Page.pkg"), 60, "the record of Page.pkg")
+        net.wait_until(lambda: net.get("hq", "/api/v1/jamf/packages/Page.pkg")["state"] == "in_sync", 60,
+                       "the record of Page.pkg, and its event")
         net.stop("b")
         net.upload("hq", "Page.pkg", data=new, replace=True)
         state = net.get("hq", "/api/v1/jamf/packages/Page.pkg")
@@ -383,7 +384,8 @@ def test_package_page_shows_the_cutover_per_site_beside_jamf_pros_previous_versi
         net.start("b")
         net.wait_until(lambda: standin.by_file("Page.pkg")["hashValue"] == hashlib.sha512(new).hexdigest(), 60,
                        "the hash to move once b swapped")
-        assert net.get("hq", "/api/v1/jamf/packages/Page.pkg")["state"] == "in_sync"
+        net.wait_until(lambda: net.get("hq", "/api/v1/jamf/packages/Page.pkg")["state"] == "in_sync", 30,
+                       "in sync (the event follows the write)")
         page.reload()
         expect(page.locator("[data-jamf]")).to_have_text(re.compile("in sync"))
         page.goto("about:blank")  # end the page's event stream before the sites stop
