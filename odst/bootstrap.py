@@ -230,12 +230,14 @@ def _jamf(site: Site):
     """The Jamf Pro service over this site's read model and log (None without jamf_url)."""
     if not site.settings.jamf_url:
         return None
+    from odst.jamf.digests import Digests, digests_path
     from odst.jamf.sync import Deps, JamfService
     reader, settings = site.reader, site.settings
     return JamfService(Deps(settings=settings, site_id=site.id, reader=reader,
                             accepted_stages=lambda: views.replicated_stages(reader, settings),
                             append=lambda event: site.append(event, actor="jamf"),
-                            store_path=site.store.path, wait_changed=site.projection.wait_changed))
+                            store_path=site.store.path, wait_changed=site.projection.wait_changed,
+                            digests=Digests(digests_path(site.data))))
 
 
 def gateway_context(site: Site) -> GatewayContext:

@@ -12,8 +12,12 @@ API reference (``/api/v1/distribution-points``, 11.16+; Classic ``<distribution_
 A body that fails is answered 400 and kept in ``errors``, and the tests assert it is empty.
 
 Behaviour a client must survive: tokens that live ``token_lifetime`` seconds (401 after),
-``revoke_tokens()`` (401 mid-operation), ``dp_api_404`` (a server before 11.16),
-``new_oauth_404`` (a server with only ``/api/v1/oauth/token``).
+``packages_api_404`` (a server before 11.5: package records only through the Classic
+``/JSSResource/packages``, whose XML is checked against and written by the SDK's
+``ClassicPackage``), ``revoke_tokens()`` (401 mid-operation), ``revoke_after(method, path)`` (401 on the request after
+that one: a token dying between two steps of one sync), ``dp_api_404`` (a server before 11.16),
+``new_oauth_404`` (a server with only ``/api/v1/oauth/token``). ``hash_history`` records every
+change of a record's hash with the time it happened (time.monotonic()), for the replace story.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape as xml_escape
 
 from aiohttp import web
 from defusedxml.ElementTree import fromstring as safe_xml
+from jamf_pro_sdk.models.classic.packages import ClassicPackage
 from jamf_pro_sdk.models.client import AccessToken
 from jamf_pro_sdk.models.pro.packages import Package
 from pydantic import ValidationError
@@ -58,6 +64,7 @@ class JamfStandin:
         self.token_lifetime = token_lifetime
         self.version = version
         self.dp_api_404 = False
+        self.packages_api_404 = False
         self.new_oauth_404 = False
         self.tokens: dict[str, float] = {}  # token -> monotonic expiry
         self.packages: dict[str, dict] = {}
@@ -65,6 +72,8 @@ class JamfStandin:
         self.classic_dps: dict[str, dict] = {}
         self.errors: list[str] = []
         self.log: list[tuple[str, str, int]] = []
+        self.hash_history: list[tuple[float, str, str]] = []  # (monotonic time, fileName, hashValue)
+        self._revoke_after: tuple[str, str] | None = None
         self.tokens_issued = 0
         self._next_id = 1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,6 +108,12 @@ class JamfStandin:
         r.add_get("/api/v1/packages/{id}", self.get_package)
         r.add_put("/api/v1/packages/{id}", self.update_package)
         r.add_delete("/api/v1/packages/{id}", self.delete_package)
+        r.add_get("/JSSResource/packages", self.classic_list_packages)
+        r.add_get("/JSSResource/packages/name/{name}", self.classic_get_package)
+        r.add_get("/JSSResource/packages/id/{id}", self.classic_get_package)
+        r.add_post("/JSSResource/packages/id/0", self.classic_create_package)
+        r.add_put("/JSSResource/packages/id/{id}", self.classic_put_package)
+        r.add_delete("/JSSResource/packages/id/{id}", self.classic_delete_package)
         r.add_get("/api/v1/distribution-points", self.list_dps)
         r.add_post("/api/v1/distribution-points", self.create_dp)
         r.add_put("/api/v1/distribution-points/{id}", self.update_dp)
@@ -124,11 +139,27 @@ class JamfStandin:
         """Every token issued so far is refused from now on (401), as after a restart of Jamf Pro."""
         self.tokens.clear()
 
+    def revoke_after(self, method: str, path: str) -> None:
+        """Once: revoke every token right after answering the next ``method path`` (query ignored)."""
+        self._revoke_after = (method, path)
+
+    def hashes_of(self, file_name: str) -> list[str]:
+        """The hash values the record of ``file_name`` held, in order, each change once."""
+        return [h for _, f, h in self.hash_history if f == file_name]
+
+    def _note_hash(self, record: dict, before: dict | None) -> None:
+        if before is None or (before.get("hashValue"), before.get("fileName")) != (record.get("hashValue"),
+                                                                                  record.get("fileName")):
+            self.hash_history.append((time.monotonic(), record.get("fileName", ""), record.get("hashValue") or ""))
+
     def by_file(self, file_name: str) -> dict | None:
         return next((p for p in self.packages.values() if p["fileName"] == file_name), None)
 
     def edit_hash(self, file_name: str, value: str) -> None:
-        self.by_file(file_name)["hashValue"] = value
+        record = self.by_file(file_name)
+        before = dict(record)
+        record["hashValue"] = value
+        self._note_hash(record, before)
 
     # ----------------------------------------------------------------- plumbing
 
@@ -144,6 +175,9 @@ class JamfStandin:
                 return web.json_response({"httpStatus": 401, "errors": [{"code": "INVALID_TOKEN"}]}, status=401)
         response = await handler(request)
         self.log.append((request.method, request.path, response.status))
+        if self._revoke_after == (request.method, request.path):
+            self._revoke_after = None
+            self.revoke_tokens()
         return response
 
     def _invalid(self, what: str) -> web.Response:
@@ -202,6 +236,8 @@ class JamfStandin:
             return None
 
     async def list_packages(self, request: web.Request) -> web.Response:
+        if self.packages_api_404:
+            return web.json_response({"httpStatus": 404}, status=404)
         page = int(request.query.get("page", "0"))
         size = int(request.query.get("page-size", "100"))
         found = list(self.packages.values())
@@ -227,6 +263,8 @@ class JamfStandin:
         return body
 
     async def create_package(self, request: web.Request) -> web.Response:
+        if self.packages_api_404:
+            return web.json_response({"httpStatus": 404}, status=404)
         body = await self._package_body(request)
         if isinstance(body, web.Response):
             return body
@@ -235,28 +273,108 @@ class JamfStandin:
         pid = str(self._next_id)
         self._next_id += 1
         self.packages[pid] = {"id": pid, **body}
+        self._note_hash(self.packages[pid], None)
         return web.json_response({"id": pid, "href": f"{self.url}/api/v1/packages/{pid}"}, status=201)
 
     async def get_package(self, request: web.Request) -> web.Response:
+        if self.packages_api_404:
+            return web.json_response({"httpStatus": 404}, status=404)
         p = self.packages.get(request.match_info["id"])
         if p is None:
             return web.json_response({"httpStatus": 404}, status=404)
         return web.json_response(self._checked(dict(p)))
 
     async def update_package(self, request: web.Request) -> web.Response:
+        if self.packages_api_404:
+            return web.json_response({"httpStatus": 404}, status=404)
         pid = request.match_info["id"]
         if pid not in self.packages:
             return web.json_response({"httpStatus": 404}, status=404)
         body = await self._package_body(request)
         if isinstance(body, web.Response):
             return body
+        before = self.packages[pid]
         self.packages[pid] = {"id": pid, **body}
+        self._note_hash(self.packages[pid], before)
         return web.json_response(self._checked(dict(self.packages[pid])))
 
     async def delete_package(self, request: web.Request) -> web.Response:
+        if self.packages_api_404:
+            return web.json_response({"httpStatus": 404}, status=404)
         if self.packages.pop(request.match_info["id"], None) is None:
             return web.json_response({"httpStatus": 404}, status=404)
         return web.Response(status=204)
+
+    # ----------------------------------------------------------------- packages (Classic API)
+
+    def _classic_package_body(self, text: str) -> dict | web.Response:
+        try:
+            root = safe_xml(text)
+        except ElementTree.ParseError as exc:
+            return self._invalid(f"classic package: not XML: {exc}")
+        fields = {c.tag: (c.text or "") for c in root}
+        unknown = sorted(set(fields) - set(ClassicPackage.model_fields))
+        if root.tag != "package" or unknown or "id" in fields:
+            return self._invalid(f"classic package: root <{root.tag}>, unknown elements {unknown} or an <id>")
+        try:
+            ClassicPackage.model_validate(fields)
+        except ValidationError as exc:
+            return self._invalid(f"classic package fails jamf_pro_sdk's ClassicPackage model: {exc}")
+        if fields.get("hash_type", "MD5") not in ("MD5", "SHA_512"):  # what servers before 11.5 know
+            return self._invalid(f"classic package: hash_type {fields.get('hash_type')!r}")
+        return {k: v for k, v in {"packageName": fields.get("name"), "fileName": fields.get("filename"),
+                                  "hashType": fields.get("hash_type"), "hashValue": fields.get("hash_value"),
+                                  "notes": fields.get("notes")}.items() if v is not None}
+
+    def _classic_package_xml(self, p: dict) -> str:
+        return ClassicPackage(id=int(p["id"]), name=p.get("packageName"), filename=p.get("fileName"),
+                              category="No category assigned", priority=10, notes=p.get("notes", ""),
+                              hash_type=p.get("hashType"), hash_value=p.get("hashValue")).xml()
+
+    async def classic_list_packages(self, request: web.Request) -> web.Response:
+        items = "".join(f"<package><id>{p['id']}</id><name>{xml_escape(p['packageName'])}</name></package>"
+                        for p in self.packages.values())
+        return web.Response(text=f"<packages><size>{len(self.packages)}</size>{items}</packages>",
+                            content_type="application/xml")
+
+    async def classic_get_package(self, request: web.Request) -> web.Response:
+        key = request.match_info.get("id")
+        p = self.packages.get(key) if key else next(
+            (x for x in self.packages.values() if x["packageName"] == request.match_info["name"]), None)
+        if p is None:
+            return web.Response(status=404, text="<html>Not Found</html>", content_type="text/html")
+        return web.Response(text=self._classic_package_xml(p), content_type="application/xml")
+
+    async def classic_create_package(self, request: web.Request) -> web.Response:
+        body = self._classic_package_body(await request.text())
+        if isinstance(body, web.Response):
+            return body
+        if not body.get("packageName") or not body.get("fileName"):
+            return self._invalid("classic package: a new record needs <name> and <filename>")
+        if any(p["packageName"] == body["packageName"] for p in self.packages.values()):
+            return web.Response(status=409, text="<html>Conflict: duplicate name</html>", content_type="text/html")
+        pid = str(self._next_id)
+        self._next_id += 1
+        self.packages[pid] = {"id": pid, **body}
+        self._note_hash(self.packages[pid], None)
+        return web.Response(status=201, text=f"<package><id>{pid}</id></package>", content_type="application/xml")
+
+    async def classic_put_package(self, request: web.Request) -> web.Response:
+        pid = request.match_info["id"]
+        if pid not in self.packages:
+            return web.Response(status=404, text="<html>Not Found</html>", content_type="text/html")
+        body = self._classic_package_body(await request.text())
+        if isinstance(body, web.Response):
+            return body
+        before = self.packages[pid]
+        self.packages[pid] = {**before, **body}  # a Classic PUT changes only the elements it carries
+        self._note_hash(self.packages[pid], before)
+        return web.Response(status=201, text=f"<package><id>{pid}</id></package>", content_type="application/xml")
+
+    async def classic_delete_package(self, request: web.Request) -> web.Response:
+        if self.packages.pop(request.match_info["id"], None) is None:
+            return web.Response(status=404, text="<html>Not Found</html>", content_type="text/html")
+        return web.Response(status=200, text="<package><id>0</id></package>", content_type="application/xml")
 
     # ----------------------------------------------------------------- distribution points
 

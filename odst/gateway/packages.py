@@ -20,6 +20,7 @@ from odst.gateway.bodies import decode_json
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
+from odst.jamf.digests import Digests, digests_path, extra_types
 from odst.store.files import StoreFull, StreamingUpload, tag
 
 log = structlog.get_logger("odst.gateway")
@@ -193,7 +194,8 @@ class PackageController(Controller):
                                        reserve_bytes=site.store.reserve_bytes(), replace=replace)
         if refusal is not None:
             raise _refused(refusal)
-        upload = StreamingUpload(site.store.new_temp())
+        extra = extra_types(settings.jamf_url, settings.jamf_hash_type)  # Jamf Pro's MD5/SHA3_512, same pass
+        upload = StreamingUpload(site.store.new_temp(), extra_digests=extra)
         log.info("upload started", package=name, length=length)
         try:
             await _receive_body(request, upload, settings.max_upload_bytes)
@@ -217,6 +219,9 @@ class PackageController(Controller):
             upload.path.unlink(missing_ok=True)
             raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
         tag(upload.path, manifest.blake3)
+        if extra:
+            await asyncio.get_running_loop().run_in_executor(
+                None, Digests(digests_path(site.data)).put, manifest.blake3, upload.extra_digests)
         if replace:
             return await _replace(request, site, name, requested_stage, upload.path, manifest)
         async with _lock_for(name):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 NOTES_MARK = "Managed by ODST"  # first words of the notes of a record ODST wrote
@@ -144,3 +145,44 @@ def dp_xml(dp: DistributionPoint) -> str:
         fields.update({"http_username": dp.user, "http_password": dp.password})
     inner = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in fields.items())
     return f"<distribution_point>{inner}</distribution_point>"
+
+
+# --------------------------------------------------------------------------- Classic packages
+# Jamf Pro before 11.5 has no /api/v1/packages: its package records are the Classic API's
+# <package> (/JSSResource/packages), found by display name, with filename/hash_type/hash_value.
+
+
+def classic_package(text: str) -> dict:
+    """A Classic <package> record read into the Jamf Pro API's field names (no size: Classic has none)."""
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # no entity expansion from a server's answer
+        raise ValueError("a Classic API answer with a DOCTYPE")
+    root = ElementTree.fromstring(text)
+    if root.tag != "package":
+        raise ValueError(f"a Classic API answer with <{root.tag}>, not <package>")
+    f = {c.tag: (c.text or "") for c in root}
+    return {"id": f.get("id", ""), "packageName": f.get("name", ""), "fileName": f.get("filename", ""),
+            "hashType": f.get("hash_type") or None, "hashValue": f.get("hash_value") or None,
+            "notes": f.get("notes", "")}
+
+
+def classic_package_ids(text: str) -> list[tuple[str, str]]:
+    """(id, name) of every record in GET /JSSResource/packages."""
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise ValueError("a Classic API answer with a DOCTYPE")
+    root = ElementTree.fromstring(text)
+    return [(p.findtext("id") or "", p.findtext("name") or "") for p in root.iter("package")]
+
+
+def package_xml(want: Wanted, existing: dict | None = None) -> str:
+    """POST/PUT /JSSResource/packages/id/N: only ODST's elements (a Classic PUT changes just the
+    elements it carries, so an admin's category, priority and options stay)."""
+    notes = existing.get("notes", "") if existing else ""
+    fields = {
+        "name": (existing or {}).get("packageName") or want.name,
+        "filename": want.name,
+        "hash_type": want.hash_type,
+        "hash_value": want.hash_value,
+        "notes": want.notes if not notes.strip() or notes.startswith(NOTES_MARK) else notes,
+    }
+    inner = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in fields.items())
+    return f"<package>{inner}</package>"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from xml.etree import ElementTree
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -24,8 +25,9 @@ from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.jamf.client import JamfClient, JamfError, credentials
 from odst.naming import name_key
-from odst.jamf.records import NOTES_MARK, DistributionPoint, Wanted, dp_body, dp_xml, drift_kind, \
-    package_body, record_action
+from odst.jamf.digests import Digests
+from odst.jamf.records import NOTES_MARK, DistributionPoint, Wanted, classic_package, classic_package_ids, \
+    dp_body, dp_xml, drift_kind, package_body, package_xml, record_action
 from odst.projections import views
 from odst.store.hashing import file_digest
 
@@ -50,7 +52,13 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
 
     Which sites replicate a stage: this one by its own choice, each peer by its last
     StagesAccepted; a peer that never chose is counted as replicating every stage (its
-    accept_stages setting is known only to it), so ODST waits for it rather than guess."""
+    accept_stages setting is known only to it), so ODST waits for it rather than guess.
+
+    A site counts when it SERVES the content (``views.sites_serving``: its latest report under
+    the name), not when it once reported it available: during a replacement a site serves the
+    old bytes until it swapped, and after a replacement back to an older content a site's old
+    report of it still says "available" while it serves the newer one. Jamf Pro's hash must
+    match what a Mac gets from every counting site, so it moves only after the last swap."""
     sites = {site: stage in own_stages}
     for p in views.peer_sites(conn, site):
         chosen = p["accepted_stages"]
@@ -75,12 +83,20 @@ def jamf_rows(conn: sqlite3.Connection) -> dict[str, dict]:
 
 
 def package_state(conn: sqlite3.Connection, name: str) -> dict:
-    """What the package page shows: in_sync | hash_differs | no_record (or failed, pending)."""
+    """What the package page shows: in_sync | hash_differs | no_record | previous_version (the
+    record holds the hash of content the name stood for before: during a replacement, until the
+    last counting site serves the new one) (or failed, pending)."""
     row = jamf_row(conn, name)
     if row is None:
         return {"state": "no_record", "detail": ""}
     state = {"missing": "no_record", "deleted": "no_record"}.get(row["state"], row["state"])
-    return {"state": state, "detail": row["detail"], "record_id": row["record_id"],
+    detail = row["detail"]
+    current = conn.execute("SELECT blake3 FROM packages WHERE name=?", (name,)).fetchone()
+    if state == "in_sync" and current and current[0] != row["blake3"]:
+        state = "previous_version"
+        detail = ("Jamf Pro holds the previous version's hash; it moves to this version once every site "
+                  "that counts serves it")
+    return {"state": state, "detail": detail, "record_id": row["record_id"],
             "hash_type": row["hash_type"], "hash_value": row["hash_value"], "blake3": row["blake3"],
             "updated_at": int(row["clock"][:15])}
 
@@ -88,26 +104,88 @@ def package_state(conn: sqlite3.Connection, name: str) -> dict:
 # --------------------------------------------------------------------------- Jamf Pro records
 
 
-async def find_record(client: JamfClient, file_name: str) -> dict | None:
-    """The package record whose fileName is ``file_name`` (Jamf Pro API 11.5+), or None."""
+async def find_record(client: JamfClient, file_name: str) -> tuple[dict | None, str]:
+    """(the package record whose fileName is ``file_name`` or None, the API that holds records):
+    the Jamf Pro API (11.5+), or on its 404 the Classic API (older servers)."""
     rsql = f'fileName=="{file_name}"'.replace("\\", "\\\\")
-    _, body = await client.request("GET", "/api/v1/packages",
-                                   params={"page": "0", "page-size": "10", "filter": rsql})
+    status, body = await client.request("GET", "/api/v1/packages", ok=(200, 404),
+                                        params={"page": "0", "page-size": "10", "filter": rsql})
+    if status == 404:
+        return await _classic_find(client, file_name), "classic"
     for r in (body or {}).get("results", []):
         if r.get("fileName") == file_name:
+            return r, "pro"
+    return None, "pro"
+
+
+async def _classic_get(client: JamfClient, path: str) -> dict | None:
+    status, text = await client.request("GET", path, ok=(200, 404))
+    if status == 404:
+        return None
+    try:
+        return classic_package(text or "")
+    except (ValueError, ElementTree.ParseError) as exc:
+        raise JamfError(f"Jamf Pro's Classic answer to GET {path} is not a <package>: {exc}") from None
+
+
+async def _classic_find(client: JamfClient, file_name: str) -> dict | None:
+    """Classic records are found by display name: ODST names its own after the file; an admin's
+    record with another display name is found by reading every record (older servers only)."""
+    record = await _classic_get(client, f"/JSSResource/packages/name/{quote(file_name, safe='')}")
+    if record and record["fileName"] == file_name:
+        return record
+    for r in await _classic_all(client):
+        if r["fileName"] == file_name:
             return r
     return None
+
+
+async def _classic_all(client: JamfClient) -> list[dict]:
+    _, text = await client.request("GET", "/JSSResource/packages")
+    try:
+        ids = classic_package_ids(text or "")
+    except (ValueError, ElementTree.ParseError) as exc:
+        raise JamfError(f"Jamf Pro's Classic answer to GET /JSSResource/packages is not a list: {exc}") from None
+    out = []
+    for pid, _ in ids:
+        if pid.isdigit() and (r := await _classic_get(client, f"/JSSResource/packages/id/{pid}")):
+            out.append(r)
+    return out
 
 
 async def all_records(client: JamfClient) -> list[dict]:
     out, page = [], 0
     while True:
-        _, body = await client.request("GET", "/api/v1/packages", params={"page": str(page), "page-size": str(PAGE)})
+        status, body = await client.request("GET", "/api/v1/packages", ok=(200, 404),
+                                            params={"page": str(page), "page-size": str(PAGE)})
+        if status == 404:  # Jamf Pro before 11.5
+            return await _classic_all(client)
         results = (body or {}).get("results", [])
         out += results
         if len(results) < PAGE or len(out) >= int((body or {}).get("totalCount", 0)):
             return out
         page += 1
+
+
+async def write_record(client: JamfClient, api: str, action: str, want: Wanted, record: dict | None) -> str:
+    """Create or update the record through the API that holds it; the record's id."""
+    if api == "classic":
+        if action == "create":
+            _, text = await client.request("POST", "/JSSResource/packages/id/0", xml=package_xml(want))
+            return _xml_id(text)
+        await client.request("PUT", f"/JSSResource/packages/id/{record['id']}", xml=package_xml(want, record))
+        return str(record["id"])
+    if action == "create":
+        _, made = await client.request("POST", "/api/v1/packages", json=package_body(want))
+        return str(made["id"])
+    await client.request("PUT", f"/api/v1/packages/{record['id']}", json=package_body(want, record))
+    return str(record["id"])
+
+
+async def delete_record(client: JamfClient, record_id: str) -> None:
+    status, _ = await client.request("DELETE", f"/api/v1/packages/{record_id}", ok=(200, 204, 404))
+    if status == 404:  # gone already, or a Jamf Pro before 11.5: the Classic API then
+        await client.request("DELETE", f"/JSSResource/packages/id/{record_id}", ok=(200, 204, 404))
 
 
 @dataclass
@@ -121,6 +199,7 @@ class Deps:
     append: Callable[[ev.Event], Awaitable[object]]  # appends as actor "jamf"
     store_path: Callable[[str], Path]
     wait_changed: Callable[[float], Awaitable[object]]
+    digests: Digests | None = None  # MD5/SHA3_512 the upload computed (<data>/jamf-digests.sqlite)
 
 
 class JamfService:
@@ -244,14 +323,18 @@ class JamfService:
         else:
             key = (row["blake3"], hash_type)
             value = self._digests.get(key)
-            if value is None:
+            loop = asyncio.get_running_loop()
+            if value is None and self.d.digests is not None:  # computed in the upload's single pass
+                value = await loop.run_in_executor(None, self.d.digests.get, row["blake3"], hash_type)
+            if value is None:  # uploaded elsewhere, or before: read this site's copy once, and keep it
                 path = self.d.store_path(row["name"])
                 try:
-                    value = await asyncio.get_running_loop().run_in_executor(
-                        None, file_digest, path, hash_type, row["blake3"])
+                    value = await loop.run_in_executor(None, file_digest, path, hash_type, row["blake3"])
                 except (OSError, ValueError) as exc:
                     raise JamfError(f"{hash_type} needs this site's copy of {row['name']}: {exc}") from None
-                self._digests[key] = value
+                if self.d.digests is not None:
+                    await loop.run_in_executor(None, self.d.digests.put, row["blake3"], {hash_type: value})
+            self._digests[key] = value
         notes = (f"{NOTES_MARK}: uploaded by {row['uploaded_by'] or 'unknown'}, "
                  f"blake3 {row['blake3'][:16]}, stage {row['stage']}")
         return Wanted(name=row["name"], blake3=row["blake3"], size=row["size"], hash_type=hash_type,
@@ -291,16 +374,13 @@ class JamfService:
                 continue  # the background dry run already recorded its plan for this content
             try:
                 want = await self.wanted(row)
-                record = await find_record(client, name)
+                record, api = await find_record(client, name)
                 action = record_action(want, record)
                 record_id = str(record["id"]) if record else ""
                 created = False
-                if not dry:
-                    if action == "create":
-                        _, made = await client.request("POST", "/api/v1/packages", json=package_body(want))
-                        record_id, created = str(made["id"]), True
-                    elif action == "update":
-                        await client.request("PUT", f"/api/v1/packages/{record_id}", json=package_body(want, record))
+                if not dry and action != "unchanged":
+                    record_id = await write_record(client, api, action, want, record)
+                    created = action == "create"
                 ours = created or bool((jamf_row(self.d.reader, name) or {}).get("created_by_odst")) \
                     and (jamf_row(self.d.reader, name) or {}).get("record_id") == record_id
                 item = {"name": name, "action": action, "record_id": record_id, "hash_type": want.hash_type,
@@ -329,7 +409,7 @@ class JamfService:
             item["action"] = "delete"
             if not dry:
                 try:
-                    await client.request("DELETE", f"/api/v1/packages/{j['record_id']}", ok=(200, 204, 404))
+                    await delete_record(client, j["record_id"])
                 except JamfError as exc:
                     out.append({**item, "action": "failed", "detail": str(exc)})
                     continue
@@ -420,6 +500,7 @@ class JamfService:
     async def _run(self) -> None:
         next_check = time.monotonic() + min(5.0, self.d.settings.jamf_check_interval_s)
         while True:
+            folded = self._folded()
             try:
                 await self.sync_once()
                 if time.monotonic() >= next_check:
@@ -430,7 +511,18 @@ class JamfService:
             except Exception as exc:  # Jamf Pro down, read model busy: the next wake tries again
                 log.warning("jamf pass failed; retrying", error=f"{type(exc).__name__}: {exc}")
             wait = max(0.5, min(next_check - time.monotonic(), self._next_retry() or 60.0))
+            if self._folded() != folded:
+                # the read model moved during the pass (the last site's swap, a delete): its wake-up
+                # came while nobody waited, so look again soon instead of sleeping until the next one
+                wait = 0.2
             await self.d.wait_changed(wait)
+
+    def _folded(self) -> int:
+        """How far the read model has folded (changes whenever any stream folds)."""
+        try:
+            return self.d.reader.execute("SELECT coalesce(sum(seq), 0) FROM checkpoints").fetchone()[0]
+        except sqlite3.Error:
+            return -1
 
     def _next_retry(self) -> float | None:
         if not self._retry:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import ContextManager, Iterable, Protocol
 
 import structlog
 
@@ -263,12 +263,12 @@ class StreamingUpload:
     flight, so memory stays flat and the socket gets back-pressure.
     """
 
-    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE, extra_digests: Iterable[str] = ()):
         self.path = Path(path)
         self.chunk_size = chunk_size
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
         self._rechunker = Rechunker(chunk_size)
-        self._hasher = ManifestHasher(chunk_size)
+        self._hasher = ManifestHasher(chunk_size, extra_digests)  # extra: on the SHA-512 lane
         self._pending: deque[tuple[asyncio.Future, ...]] = deque()
         self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]
         self.size = 0
@@ -310,6 +310,11 @@ class StreamingUpload:
         await asyncio.get_running_loop().run_in_executor(self._pools[2], os.fsync, self._fd)
         self._close()
         return self._hasher.manifest()
+
+    @property
+    def extra_digests(self) -> dict[str, str]:
+        """After finish(): the Jamf Pro hashes asked for besides SHA-512 ({} when none)."""
+        return self._hasher.extra_digests()
 
     @property
     def received(self) -> int:

@@ -26,6 +26,7 @@ import blake3
 
 CHUNK_SIZE = 1 << 20  # the ODS protocol's 1 MiB chunk
 FILE_READ_SIZE = 4 << 20  # block size when re-hashing a stored file
+JAMF_DIGESTS = {"SHA_512": "sha512", "SHA3_512": "sha3_512", "MD5": "md5"}  # Jamf Pro hashType -> hashlib
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +139,22 @@ class ManifestHasher:
     on large buffers.
     """
 
-    def __init__(self, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, chunk_size: int = CHUNK_SIZE, extra: Iterable[str] = ()):
         self.chunk_size = chunk_size
         self._sha512 = hashlib.sha512()
         self._whole = WholeHash()
         self._chunks: list[str] = []
+        # Jamf Pro hash types asked for besides SHA-512 (MD5, SHA3_512): same lane, same pass
+        self._extra = {t: hashlib.new(JAMF_DIGESTS[t]) for t in extra if t != "SHA_512"}
 
     def update_sha512(self, block: bytes | memoryview) -> None:
         self._sha512.update(block)
+        for h in self._extra.values():
+            h.update(block)
+
+    def extra_digests(self) -> dict[str, str]:
+        """{Jamf Pro hash type: hex} of the extra digests (not part of the manifest or any event)."""
+        return {t: h.hexdigest() for t, h in self._extra.items()}
 
     def update_whole(self, block: bytes | memoryview) -> None:
         self._whole.update(block)
@@ -189,9 +198,6 @@ def manifest_of(pieces: Iterable[bytes], chunk_size: int = CHUNK_SIZE) -> Manife
     for p in pieces:
         b.update(p)
     return b.finish()
-
-
-JAMF_DIGESTS = {"SHA_512": "sha512", "SHA3_512": "sha3_512", "MD5": "md5"}  # Jamf Pro hashType -> hashlib
 
 
 def file_digest(path: str | Path, hash_type: str, expected_blake3: str,

@@ -13,8 +13,8 @@ function chunkSize(n) {
   return n % 1048576 === 0 ? `${n / 1048576} MiB` : fmtBytes(n);
 }
 
-const JAMF_WORDS = { in_sync: 'in sync', hash_differs: 'hash differs', no_record: 'no record', no_file: 'record names a file no site holds', failed: 'not written (retrying)' };
-const JAMF_KIND = { in_sync: 'ok', hash_differs: 'bad', no_record: 'muted', no_file: 'bad', failed: 'bad' };
+const JAMF_WORDS = { in_sync: 'in sync', previous_version: 'previous version until every site swaps', hash_differs: 'hash differs', no_record: 'no record', no_file: 'record names a file no site holds', failed: 'not written (retrying)' };
+const JAMF_KIND = { in_sync: 'ok', previous_version: 'info', hash_differs: 'bad', no_record: 'muted', no_file: 'bad', failed: 'bad' };
 
 const STATUS_KIND = { available: 'ok', downloading: 'info', pending: 'info', failed: 'bad', absent: 'muted', skipped: 'muted' };
 
