@@ -9,6 +9,7 @@ import sqlite3
 from odst.bus.authorization import Subscriber
 from odst.events import codec
 from odst.events.watch import Landmark, Recorded
+from odst.store.hashing import Manifest
 
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool = True) -> dict:
@@ -429,3 +430,9 @@ def held_since(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> i
     row = conn.execute("SELECT clock FROM availability WHERE name=? AND blake3=? AND site=?"
                        " AND status='available'", (name, blake3, site)).fetchone()
     return int(row[0][:15]) if row else None
+
+
+def manifest(row: sqlite3.Row) -> Manifest:
+    """The manifest of a ``contents`` row (``wanted``, ``local_content``): what the replicator pulls."""
+    return Manifest(size=row["size"], sha1=row["sha1"], sha512=row["sha512"], blake3=row["blake3"],
+                    chunk_size=row["chunk_size"], chunks=tuple(json.loads(row["chunks"])))
