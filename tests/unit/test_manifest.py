@@ -157,3 +157,24 @@ def test_one_manifest_travels_from_upload_to_event_to_puller_unchanged_on_the_wi
     assert (want.name, want.stage, want.origin) == ("a.pkg", "test", "s1")
     with pytest.raises(AttributeError):
         want.size = 1  # frozen: the manifest a transfer verifies against cannot change under it
+
+
+def test_the_content_events_keep_their_fields_order_and_bytes():
+    """PackageUploaded / Replaced / Available declare the manifest once (ContentEvent); their
+    fields, order and encoding are those every existing log holds."""
+    import msgspec
+
+    from odst.events import catalogue as ev
+
+    m = dict(size=3, sha1="s", sha512="x", blake3="b", chunk_size=1024, chunks=["c"])
+    manifest = '"name":"a.pkg","size":3,"sha1":"s","sha512":"x","blake3":"b","chunk_size":1024,"chunks":["c"]'
+    cases = [
+        (ev.PackageUploaded(name="a.pkg", **m), '{"type":"PackageUploaded",' + manifest + ',"stage":"prod"}'),
+        (ev.PackageReplaced(name="a.pkg", **m, stage="prod", replaces="o", generation=2),
+         '{"type":"PackageReplaced",' + manifest + ',"stage":"prod","replaces":"o","generation":2}'),
+        (ev.PackageAvailable(name="a.pkg", **m, stage="prod", origin="s1", uploaded_ts=5),
+         '{"type":"PackageAvailable",' + manifest + ',"stage":"prod","origin":"s1","uploaded_ts":5,"uploaded_by":""}'),
+    ]
+    for event, wire in cases:
+        assert msgspec.json.encode(event).decode() == wire
+        assert msgspec.json.decode(wire.encode(), type=ev.AnyEvent) == event
