@@ -71,7 +71,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, median, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
+from common import free_port, median, print_table, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
 from harness.network import Network, ScenarioFailed, Site  # noqa: E402
 from harness.wait import TimedOut, wait_until  # noqa: E402
 from urllib.parse import quote
@@ -533,6 +533,17 @@ def transfer_timeout(size: int) -> float:
     return max(120.0, size / (5 * MB))
 
 
+def pair(net: Network, args, a_args: list[str] = ()) -> tuple[Site, Site, float]:
+    """A listens, B dials A; registered (invite at the spoke, join at the hub: the hub admits
+    the spoke's leaf link for the exchange, as it refuses unknown keys); warmed up. Returns
+    (A, B, warm-up seconds)."""
+    a = net.add("A", listen=True, args=a_args)
+    b = net.add("B", dial=[a])
+    net.start(timeout=args.start_timeout)
+    net.register(b, a)
+    return a, b, warm_up(net, a, [b], 120)
+
+
 def measure_http_pair(args, ctx, file: Path) -> dict:
     res: dict = {"runs": [], "rsync_s": [], "rsync_fsync_s": []}
     rsyncd = RsyncDaemon(ctx["work"], file.parent)
@@ -540,13 +551,7 @@ def measure_http_pair(args, ctx, file: Path) -> dict:
     try:
         rsyncd.start()
         rsync_fsync_ok = True
-        a = net.add("A", listen=True)
-        b = net.add("B", dial=[a])
-        net.start(timeout=args.start_timeout)
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args)
         size = file.stat().st_size
         for i in range(args.repeats):
             r = rsyncd.pull(file.name)
@@ -581,13 +586,7 @@ def measure_rss(args, ctx, big: Path) -> dict:
     net = network(ctx, "rss-pair")
     res: dict = {}
     try:
-        a = net.add("A", listen=True)
-        b = net.add("B", dial=[a])
-        net.start(timeout=args.start_timeout)
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args)
         bsize = big.stat().st_size
         log(f"rss: uploading {bsize // MIB} MiB at A, sampling B's VmRSS every 100 ms (VmHWM reset)")
         run = transfer(net, a, [b], big, "big-rss.pkg", transfer_timeout(bsize), rss_of=b)
@@ -605,13 +604,7 @@ def measure_nats_pair(args, ctx, file: Path) -> dict:
     res: dict = {"runs": []}
     net = network(ctx, "nats-pair")
     try:
-        a = net.add("A", listen=True, args=["--public-url", "http://127.0.0.1:9"])  # closed port: no HTTP
-        b = net.add("B", dial=[a])
-        net.start(timeout=args.start_timeout)
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args, a_args=["--public-url", "http://127.0.0.1:9"])  # closed port: no HTTP
         size = file.stat().st_size
         for i in range(args.repeats):
             run = transfer(net, a, [b], file, f"pair-nats-{i}.pkg", transfer_timeout(size), rss_of=b)
@@ -792,18 +785,6 @@ def build_rows(results: dict, size_mib: int) -> list[list[str]]:
     return rows
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["measurement", "value", "baseline", "ratio", "target", "verdict"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(line)
-
-
 def print_details(results: dict) -> None:
     h = results.get("http_pair") or {}
     if h.get("runs"):
@@ -954,7 +935,7 @@ def main(argv=None) -> int:
     print(f"ODST replication bench: {args.size_mib} MiB, {args.repeats} run(s) each (medians), "
           f"{os.cpu_count()} CPUs, {meta['seconds']} s, odst at {g['commit']}"
           + (" + uncommitted changes in odst/" if g["odst_dirty"] else ""))
-    print_table(rows)
+    print_table(["measurement", "value", "baseline", "ratio", "target", "verdict"], rows)
     print_details(results)
     if findings:
         print("site log findings (warnings/errors; logs in " + str(sites_root) + "):")
