@@ -1,4 +1,4 @@
-"""Small helpers both benchmarks use."""
+"""Small helpers the benchmarks share."""
 
 from __future__ import annotations
 
@@ -19,3 +19,15 @@ def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def print_table(header, rows) -> None:
+    """A plain text table on stdout: header, rows, columns as wide as their widest cell."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    print(line)

@@ -36,7 +36,7 @@ be shared: a large figure there means a noisy run).
 It is a report: a missed target does not fail the run; exit status 2 means some
 measurement could not run. Output: a table on stdout, progress on stderr,
 everything in ``<work>/replication.json`` (``--work``, default
-/tmp/odst-bench-repl). Site logs are kept in ``<work>/sites/<topology>/<site>-serve.log``
+/tmp/odst-bench-repl). Site logs are kept in ``<work>/sites/<topology>/<site>.log``
 (and ``-nats.log``); data dirs are deleted unless ``--keep-data``. The input
 files are kept for the next run.
 
@@ -68,12 +68,12 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, median, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
-from harness.site import SiteFailed, SiteProcess, stop_all  # noqa: E402
+from common import free_port, median, print_table, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
+from harness.network import Network, ScenarioFailed, Site  # noqa: E402
+from harness.wait import TimedOut, wait_until  # noqa: E402
 from urllib.parse import quote
 
 MIB = 1024 * 1024
@@ -100,6 +100,13 @@ def log(msg: str) -> None:
 
 class BenchError(Exception):
     """A measurement could not be made (the message says why)."""
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 def _child_setup() -> None:  # between fork and exec: die with the bench, own process group
@@ -167,44 +174,8 @@ def warm(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# HTTP API client (stdlib, keep-alive)
+# uploads (stdlib http.client: the bytes go out as fast as the socket takes them)
 # --------------------------------------------------------------------------- #
-
-class Api:
-    def __init__(self, port: int, token: str, timeout: float = 30.0):
-        self.port, self.token, self.timeout = port, token, timeout
-        self.conn: http.client.HTTPConnection | None = None
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-    def request(self, method: str, path: str, body=None, timeout: float | None = None):
-        """(status, decoded JSON or text). Retries once on a dropped keep-alive connection."""
-        headers = {"Authorization": f"Bearer {self.token}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        for attempt in (0, 1):
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout or self.timeout)
-            try:
-                self.conn.request(method, path, body=data, headers=headers)
-                r = self.conn.getresponse()
-                raw = r.read()
-            except (OSError, http.client.HTTPException):
-                self.close()
-                if attempt:
-                    raise
-                continue
-            try:
-                return r.status, json.loads(raw) if raw else None
-            except ValueError:
-                return r.status, raw.decode(errors="replace")
-        raise AssertionError("unreachable")
-
 
 def _put_package(port: int, token: str, name: str, size: int, write_body, timeout: float) -> dict:
     """PUT ``size`` bytes, written by ``write_body(conn)``, as package ``name``; the package
@@ -250,171 +221,81 @@ def upload_bytes(port: int, token: str, name: str, data: bytes, timeout: float =
 
 
 # --------------------------------------------------------------------------- #
-# sites
+# sites: the one harness (harness.network.Network of harness.site.SiteProcess)
 # --------------------------------------------------------------------------- #
 
-@dataclass(kw_only=True, eq=False)
-class Site(SiteProcess):
-    """One ``odst serve`` of the bench (harness.site.SiteProcess) with its keep-alive API client."""
-
-    dial: list["Site"] = field(default_factory=list)  # the sites whose leaf port it dials
-    die_with_parent: bool = True  # the bench never leaves sites behind
-    id: str = ""
-    nats_pid: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.api = Api(self.port, self.token)
-
-    def command(self) -> list[str]:
-        return super().command() + [a for hub in self.dial for a in ("--leaf-remote", f"nats-leaf://{HOST}:{hub.leaf_port}")]
-
-    def check_running(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"site {self.name} exited with code {self.proc.returncode}; "
-                             f"see {self.log_path}:\n{tail(self.log_path)}")
-
-    def wait_healthy(self, timeout: float) -> "Site":
-        try:
-            super().wait_healthy(timeout)
-        except SiteFailed:
-            self.check_running()
-            raise BenchError(f"site {self.name} not healthy after {timeout:.0f}s; see {self.log_path}") from None
-        self.id = self.call("GET", "/healthz")["site"]
-        with contextlib.suppress(OSError, ValueError):
-            self.nats_pid = int((self.data / "run" / "nats.pid").read_text().strip())
-        return self
-
-    def call(self, method: str, path: str, body=None, ok=(200, 201)):
-        self.check_running()
-        try:
-            status, out = self.api.request(method, path, body)
-        except (OSError, http.client.HTTPException) as exc:
-            raise BenchError(f"{method} {path} on {self.name}: {type(exc).__name__}: {exc}") from None
-        if status not in ok:
-            raise BenchError(f"{method} {path} on {self.name} answered {status}: {str(out)[:500]}")
-        return out
-
-    def availability(self, name: str) -> dict:
-        """This site's own availability entry for package ``name`` ({} when unknown yet)."""
-        status, out = self.api.request("GET", f"/api/v1/packages/{quote(name, safe='')}", timeout=10)
-        if status == 404:
-            return {}
-        if status != 200:
-            raise BenchError(f"GET package {name} on {self.name}: {status} {str(out)[:300]}")
-        return out.get("availability", {}).get(self.id, {})
-
-    def cpu(self) -> dict:
-        return {"python": proc_cpu(self.proc.pid if self.proc else None), "nats": proc_cpu(self.nats_pid)}
+def network(ctx, label: str) -> Network:
+    """A network of sites under ``<work>/sites/<label>``, its story on stderr; stopped at the end."""
+    net = Network(ctx["sites_root"] / label, title=label, out=sys.stderr, admin_token=ctx["token"])
+    ctx["networks"].append(net)
+    return net
 
 
-def tail(path: Path, n: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
+def check_running(s: Site) -> None:
+    if s.proc is not None and s.proc.poll() is not None:
+        raise BenchError(f"site {s.name} exited with code {s.proc.returncode}; "
+                         f"see {s.log_path}:\n{s.log_tail(25)}")
 
 
-class Network:
-    """A set of sites; stopping it stops every process it started."""
-
-    def __init__(self, root: Path, label: str, token: str, start_timeout: float):
-        self.root = root / label
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.label = label
-        self.token = token
-        self.start_timeout = start_timeout
-        self.sites: list[Site] = []
-
-    def add(self, name: str, *, leaf_listen: bool = False, dial: list[Site] | None = None,
-            public_url: str | None = None) -> Site:
-        s = Site(data=self.root / name, port=free_port(), token=self.token, name=name,
-                 leaf_port=free_port() if leaf_listen else None, dial=list(dial or []),
-                 extra_args=["--public-url", public_url] if public_url else [],
-                 env={"ODST_LOG_FORMAT": "console"})
-        self.sites.append(s)
-        return s
-
-    def start(self) -> None:
-        """Start sites in waves: a site is spawned once every site it dials is healthy, so its leaf
-        link comes up at once. (A site that dials a hub not listening yet retries, and a peer
-        mirror created while the link is still down was seen to stay idle ~40 s: not what this
-        bench measures.)"""
-        pending = list(self.sites)
-        healthy: set[str] = set()
-        while pending:
-            wave = [s for s in pending if all(h.name in healthy for h in s.dial)]
-            if not wave:
-                raise BenchError(f"{self.label}: leaf links form a cycle")
-            for s in wave:
-                s.start_process()
-            for s in wave:
-                s.wait_healthy(self.start_timeout)
-                healthy.add(s.name)
-                pending.remove(s)
-        order = self.sites
-        log(f"{self.label}: started " + ", ".join(f"{s.name}={s.id[:10]}@:{s.port}" for s in order))
-
-    def register(self, a: Site, b: Site) -> None:
-        token = a.call("POST", "/api/v1/peers/invites", {})["token"]
-        out = b.call("POST", "/api/v1/peers/join", {"token": token})
-        log(f"{self.label}: {b.name} registered with {a.name} via {out.get('via')}")
-
-    def stop(self) -> None:
-        for s in self.sites:
-            s.api.close()
-        stop_all(list(reversed(self.sites)), 20, note=log)
-
-    def keep_logs_drop_data(self, keep_data: bool) -> None:
-        for s in self.sites:
-            nats_log = s.data / "run" / "nats.log"
-            if nats_log.exists():
-                with contextlib.suppress(OSError):
-                    shutil.copy(nats_log, s.data.parent / f"{s.name}-nats.log")
-            if not keep_data:
-                shutil.rmtree(s.data, ignore_errors=True)
+def availability(net: Network, s: Site, name: str) -> dict:
+    """Site ``s``'s own availability entry for package ``name`` ({} when unknown yet)."""
+    pkg = net.package(s, name)
+    return (pkg or {}).get("availability", {}).get(s.id, {})
 
 
-def wait_available(sites: list[Site], name: str, t0: float, timeout: float) -> dict[str, float]:
+def site_cpu(s: Site) -> dict:
+    """CPU-seconds so far of the site's python process and of its nats-server."""
+    nats_pid = None
+    with contextlib.suppress(OSError, ValueError):
+        nats_pid = int((s.data / "run" / "nats.pid").read_text().strip())
+    return {"python": proc_cpu(s.proc.pid if s.proc else None), "nats": proc_cpu(nats_pid)}
+
+
+def stop(net: Network, keep_data: bool) -> None:
+    """Stop every site; keep each site's logs (its nats.log copied beside it), drop its data."""
+    net.close()
+    for s in net.sites.values():
+        if s.nats_log.exists():
+            with contextlib.suppress(OSError):
+                shutil.copy(s.nats_log, s.data.parent / f"{s.name}-nats.log")
+        if not keep_data:
+            shutil.rmtree(s.data, ignore_errors=True)
+
+
+def wait_available(net: Network, sites: list[Site], name: str, t0: float, timeout: float) -> dict[str, float]:
     """Poll every POLL_S until each site says it holds ``name``; returns seconds since t0 per site."""
     done: dict[str, float] = {}
-    deadline = time.monotonic() + timeout
     last: dict[str, dict] = {}
-    while True:
+
+    def all_there() -> bool:
         for s in sites:
             if s.name in done:
                 continue
-            s.check_running()
-            try:
-                a = s.availability(name)
-            except (OSError, http.client.HTTPException):
-                continue
+            check_running(s)
+            a = availability(net, s, name)
             if a.get("status") == "available":
                 done[s.name] = time.monotonic() - t0
             else:
                 last[s.name] = a
-        if len(done) == len(sites):
-            return done
-        now = time.monotonic()
-        if now > deadline:
-            pend = {n: a for n, a in last.items() if n not in done}
-            raise BenchError(f"{name} not available at {', '.join(pend)} after {timeout:.0f}s "
-                             f"(last availability: {pend})")
-        time.sleep(POLL_S)
+        return len(done) == len(sites)
+
+    try:
+        wait_until(all_there, timeout, POLL_S, f"{name} to be available", reraise=(BenchError, ScenarioFailed))
+    except TimedOut:
+        pend = {n: a for n, a in last.items() if n not in done}
+        raise BenchError(f"{name} not available at {', '.join(pend)} after {timeout:.0f}s "
+                         f"(last availability: {pend})") from None
+    return done
 
 
 def warm_up(net: Network, at: Site, receivers: list[Site], timeout: float) -> float:
     """A small package through the whole topology: links, mirrors, registration and transport work."""
     name = f"warmup-{secrets.token_hex(3)}.pkg"
     upload_bytes(at.port, at.token, name, os.urandom(2 * MIB))
-    secs = wait_available(receivers, name, time.monotonic(), timeout)
-    log(f"{net.label}: warm-up package reached {', '.join(receivers_names(receivers))} "
+    secs = wait_available(net, receivers, name, time.monotonic(), timeout)
+    log(f"{net.title}: warm-up package reached {', '.join(s.name for s in receivers)} "
         f"in {max(secs.values()):.2f}s")
     return round(max(secs.values()), 3)
-
-
-def receivers_names(sites: list[Site]) -> list[str]:
-    return [s.name for s in sites]
 
 
 class RssSampler:
@@ -464,23 +345,23 @@ def cpu_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def transfer(src: Site, dsts: list[Site], file: Path, name: str, timeout: float,
+def transfer(net: Network, src: Site, dsts: list[Site], file: Path, name: str, timeout: float,
              rss_of: Site | None = None) -> dict:
     """Upload ``file`` at src as ``name`` (distinct content via a tag); time until every dst has it."""
     tag = f"odst-bench {name} {time.time_ns()} ".encode().ljust(64, b".")
     warm(file)
-    cpu0 = {s.name: s.cpu() for s in [src, *dsts]}
+    cpu0 = {s.name: site_cpu(s) for s in [src, *dsts]}
     sampler = RssSampler(rss_of.proc.pid).start() if rss_of else None
     try:
         pkg, up_s = upload(src.port, src.token, name, file, tag)
         t0 = time.monotonic()
         wall0 = time.time()
-        cpu_mid = {s.name: s.cpu() for s in [src, *dsts]}
+        cpu_mid = {s.name: site_cpu(s) for s in [src, *dsts]}
         sys_mid, self_mid = system_busy_s(), self_cpu_s()
-        per_site = wait_available(dsts, name, t0, timeout)
+        per_site = wait_available(net, dsts, name, t0, timeout)
     finally:
         rss = sampler.stop() if sampler else None
-    cpu1 = {s.name: s.cpu() for s in [src, *dsts]}
+    cpu1 = {s.name: site_cpu(s) for s in [src, *dsts]}
     sys_end, self_end = system_busy_s(), self_cpu_s()
     for d in dsts:
         f = d.data / "store" / "packages" / name
@@ -529,10 +410,9 @@ def log_timeline(path: Path, name: str, wall0: float) -> dict:
     return out
 
 
-def served_and_transfers(src: Site, dst: Site) -> dict:
-    st = src.call("GET", "/api/v1/state")
-    return {"chunks_served_by_src": st.get("chunks_served", {}),
-            "bad_chunks_at_dst": dst.call("GET", "/api/v1/state").get("bad_chunks_from", {})}
+def served_and_transfers(net: Network, src: Site, dst: Site) -> dict:
+    return {"chunks_served_by_src": net.state(src).get("chunks_served", {}),
+            "bad_chunks_at_dst": net.state(dst).get("bad_chunks_from", {})}
 
 
 # --------------------------------------------------------------------------- #
@@ -653,27 +533,31 @@ def transfer_timeout(size: int) -> float:
     return max(120.0, size / (5 * MB))
 
 
+def pair(net: Network, args, a_args: list[str] = ()) -> tuple[Site, Site, float]:
+    """A listens, B dials A; registered (invite at the spoke, join at the hub: the hub admits
+    the spoke's leaf link for the exchange, as it refuses unknown keys); warmed up. Returns
+    (A, B, warm-up seconds)."""
+    a = net.add("A", listen=True, args=a_args)
+    b = net.add("B", dial=[a])
+    net.start(timeout=args.start_timeout)
+    net.register(b, a)
+    return a, b, warm_up(net, a, [b], 120)
+
+
 def measure_http_pair(args, ctx, file: Path) -> dict:
     res: dict = {"runs": [], "rsync_s": [], "rsync_fsync_s": []}
     rsyncd = RsyncDaemon(ctx["work"], file.parent)
-    net = Network(ctx["sites_root"], "http-pair", ctx["token"], args.start_timeout)
-    ctx["networks"].append(net)
+    net = network(ctx, "http-pair")
     try:
         rsyncd.start()
         rsync_fsync_ok = True
-        a = net.add("A", leaf_listen=True)
-        b = net.add("B", dial=[a])
-        net.start()
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args)
         size = file.stat().st_size
         for i in range(args.repeats):
             r = rsyncd.pull(file.name)
             res["rsync_s"].append(round(r, 3))
             log(f"http-pair: rsync daemon pull #{i + 1}: {r:.3f}s ({size / MB / r:.0f} MB/s)")
-            run = transfer(a, [b], file, f"pair-http-{i}.pkg", transfer_timeout(size), rss_of=b)
+            run = transfer(net, a, [b], file, f"pair-http-{i}.pkg", transfer_timeout(size), rss_of=b)
             res["runs"].append(run)
             log(f"http-pair: odst A->B #{i + 1}: {run['seconds']:.3f}s ({run['mb_per_s']:.0f} MB/s; "
                 f"upload took {run['upload_s']:.2f}s; B peak RSS {run['rss']['peak_mib']:.0f} MiB; "
@@ -690,83 +574,65 @@ def measure_http_pair(args, ctx, file: Path) -> dict:
         res["rsync_median_s"] = median(res["rsync_s"])
         res["rsync_fsync_median_s"] = median(res["rsync_fsync_s"])
         res["ratio"] = ratio(res["odst_s"], res["rsync_median_s"])
-        res["served"] = served_and_transfers(a, b)
+        res["served"] = served_and_transfers(net, a, b)
     finally:
         rsyncd.stop()
-        net.stop()
-        net.keep_logs_drop_data(args.keep_data)
+        stop(net, args.keep_data)
     return res
 
 
 def measure_rss(args, ctx, big: Path) -> dict:
     """Peak RSS of a fresh receiving site while it pulls the big package over HTTP."""
-    net = Network(ctx["sites_root"], "rss-pair", ctx["token"], args.start_timeout)
-    ctx["networks"].append(net)
+    net = network(ctx, "rss-pair")
     res: dict = {}
     try:
-        a = net.add("A", leaf_listen=True)
-        b = net.add("B", dial=[a])
-        net.start()
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args)
         bsize = big.stat().st_size
         log(f"rss: uploading {bsize // MIB} MiB at A, sampling B's VmRSS every 100 ms (VmHWM reset)")
-        run = transfer(a, [b], big, "big-rss.pkg", transfer_timeout(bsize), rss_of=b)
+        run = transfer(net, a, [b], big, "big-rss.pkg", transfer_timeout(bsize), rss_of=b)
         res.update(run=run, peak_mib=run["rss"]["peak_mib"], size_mib=bsize // MIB)
         log(f"rss: B pulled {bsize // MIB} MiB in {run['seconds']:.2f}s ({run['mb_per_s']:.0f} MB/s), "
             f"peak RSS {run['rss']['peak_mib']:.1f} MiB (VmHWM {fmt(run['rss']['vmhwm_mib'], '', 1)}, "
             f"sampled {run['rss']['peak_vmrss_mib']:.1f}, at start {run['rss']['start_vmrss_mib']:.1f}); "
             f"cpu {run['cpu_s']}; timeline {run['timeline']}")
     finally:
-        net.stop()
-        net.keep_logs_drop_data(args.keep_data)
+        stop(net, args.keep_data)
     return res
 
 
 def measure_nats_pair(args, ctx, file: Path) -> dict:
     res: dict = {"runs": []}
-    net = Network(ctx["sites_root"], "nats-pair", ctx["token"], args.start_timeout)
-    ctx["networks"].append(net)
+    net = network(ctx, "nats-pair")
     try:
-        a = net.add("A", leaf_listen=True, public_url="http://127.0.0.1:9")  # closed port: no HTTP
-        b = net.add("B", dial=[a])
-        net.start()
-        # invite at the spoke, join at the hub: the hub admits the spoke's leaf link for the
-        # exchange (it refuses unknown keys), and A's HTTP is closed
-        net.register(b, a)
-        res["warmup_s"] = warm_up(net, a, [b], 120)
+        a, b, res["warmup_s"] = pair(net, args, a_args=["--public-url", "http://127.0.0.1:9"])  # closed port: no HTTP
         size = file.stat().st_size
         for i in range(args.repeats):
-            run = transfer(a, [b], file, f"pair-nats-{i}.pkg", transfer_timeout(size), rss_of=b)
+            run = transfer(net, a, [b], file, f"pair-nats-{i}.pkg", transfer_timeout(size), rss_of=b)
             res["runs"].append(run)
             log(f"nats-pair: odst A->B #{i + 1}: {run['seconds']:.3f}s ({run['mb_per_s']:.0f} MB/s; "
                 f"B peak RSS {run['rss']['peak_mib']:.0f} MiB; cpu {run['cpu_s']})")
         res["odst_s"] = median([r["seconds"] for r in res["runs"]])
         res["mb_per_s"] = size / MB / res["odst_s"]
-        res["served"] = served_and_transfers(a, b)
+        res["served"] = served_and_transfers(net, a, b)
         http_failures = 0
         with contextlib.suppress(OSError):
             http_failures = sum(1 for line in b.log_path.read_text(errors="replace").splitlines()
                                 if "chunk fetch failed" in line and "transport=http" in line)
         res["http_attempts_refused_at_b"] = http_failures
     finally:
-        net.stop()
-        net.keep_logs_drop_data(args.keep_data)
+        stop(net, args.keep_data)
     return res
 
 
 def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
     res: dict = {"runs": [], "rsync1_s": [], "rsync4_s": []}
-    net = Network(ctx["sites_root"], "hub", ctx["token"], args.start_timeout)
-    ctx["networks"].append(net)
+    net = network(ctx, "hub")
     rsyncd = RsyncDaemon(ctx["work"], file.parent)
     try:
         rsyncd.start()
-        hub = net.add("H", leaf_listen=True)
+        hub = net.add("H", listen=True)
         sp = [net.add(f"S{i + 1}", dial=[hub]) for i in range(spokes)]
-        net.start()
+        net.start(timeout=args.start_timeout)
         for s in sp:
             net.register(hub, s)
         res["warmup_s"] = warm_up(net, hub, sp, 180)
@@ -778,7 +644,7 @@ def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
             res["rsync4_s"].append(round(r4, 3))
             log(f"hub: rsync yardstick: 1 pull {r1:.3f}s, {spokes} concurrent pulls {r4:.3f}s "
                 f"({r4 / r1:.2f}x)")
-            run = transfer(hub, sp, file, f"hub-{i}.pkg", transfer_timeout(size) * 2)
+            run = transfer(net, hub, sp, file, f"hub-{i}.pkg", transfer_timeout(size) * 2)
             res["runs"].append(run)
             log(f"hub: H->4 spokes #{i + 1}: {run['seconds']:.3f}s (per spoke {run['per_site_s']}; "
                 f"cpu {run['cpu_s']})")
@@ -786,26 +652,24 @@ def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
         res["rsync1_median_s"] = median(res["rsync1_s"])
         res["rsync4_median_s"] = median(res["rsync4_s"])
         res["rsync_fanout_ratio"] = ratio(res["rsync4_median_s"], res["rsync1_median_s"])
-        st = hub.call("GET", "/api/v1/state")
+        st = net.state(hub)
         res["chunks_served_by_hub"] = st.get("chunks_served", {})
-        res["chunks_served_by_spokes"] = {s.name: s.call("GET", "/api/v1/state").get("chunks_served", {})
+        res["chunks_served_by_spokes"] = {s.name: net.state(s).get("chunks_served", {})
                                           for s in sp}
     finally:
         rsyncd.stop()
-        net.stop()
-        net.keep_logs_drop_data(args.keep_data)
+        stop(net, args.keep_data)
     return res
 
 
 def measure_chain(args, ctx) -> dict:
     res: dict = {"runs": []}
-    net = Network(ctx["sites_root"], "chain", ctx["token"], args.start_timeout)
-    ctx["networks"].append(net)
+    net = network(ctx, "chain")
     try:
-        a = net.add("A", leaf_listen=True)
-        b = net.add("B", leaf_listen=True, dial=[a])
+        a = net.add("A", listen=True)
+        b = net.add("B", listen=True, dial=[a])
         c = net.add("C", dial=[b])
-        net.start()
+        net.start(timeout=args.start_timeout)
         net.register(a, b)
         net.register(b, c)
         res["warmup_s"] = warm_up(net, a, [b, c], 180)
@@ -815,7 +679,7 @@ def measure_chain(args, ctx) -> dict:
             t0 = time.monotonic()
             upload_bytes(a.port, a.token, name, data)
             t_up = time.monotonic()
-            got = wait_available([c], name, t0, 60)
+            got = wait_available(net, [c], name, t0, 60)
             run = {"name": name, "seconds": round(got["C"], 3), "upload_s": round(t_up - t0, 3),
                    "after_upload_s": round(got["C"] - (t_up - t0), 3)}
             res["runs"].append(run)
@@ -825,8 +689,7 @@ def measure_chain(args, ctx) -> dict:
         res["max_s"] = max(r["seconds"] for r in res["runs"])
         res["median_after_upload_s"] = median([r["after_upload_s"] for r in res["runs"]])
     finally:
-        net.stop()
-        net.keep_logs_drop_data(args.keep_data)
+        stop(net, args.keep_data)
     return res
 
 
@@ -842,7 +705,7 @@ _NOISE = re.compile(r"^\S+\s+")  # leading timestamp
 def scan_logs(root: Path) -> dict:
     """Warnings / errors / tracebacks per site log under root, with a few distinct examples."""
     out: dict = {}
-    for path in sorted(root.glob("*/*-serve.log")) + sorted(root.glob("*/*-nats.log")):
+    for path in sorted(root.glob("*/*.log")):
         counts: dict[str, int] = {}
         examples: dict[str, str] = {}
         try:
@@ -920,18 +783,6 @@ def build_rows(results: dict, size_mib: int) -> list[list[str]]:
                      f"{rs['run']['seconds']:.1f} s, {rs['run']['mb_per_s']:.0f} MB/s", "-",
                      f"< {TARGET_RSS_MIB:.0f} MiB", verdict(rs["peak_mib"] < TARGET_RSS_MIB)])
     return rows
-
-
-def print_table(rows: list[list[str]]) -> None:
-    header = ["measurement", "value", "baseline", "ratio", "target", "verdict"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(line)
 
 
 def print_details(results: dict) -> None:
@@ -1056,7 +907,7 @@ def main(argv=None) -> int:
             log(f"=== {label}")
             try:
                 results[label] = fn()
-            except BenchError as exc:
+            except (BenchError, ScenarioFailed) as exc:
                 log(f"{label} FAILED: {exc}")
                 ctx["errors"].append(f"{label}: {exc}")
                 results[label] = {"error": str(exc)}
@@ -1070,9 +921,7 @@ def main(argv=None) -> int:
     finally:
         for net in ctx["networks"]:
             with contextlib.suppress(Exception):
-                net.stop()
-            with contextlib.suppress(Exception):
-                net.keep_logs_drop_data(args.keep_data)
+                stop(net, args.keep_data)
 
     meta["seconds"] = round(time.monotonic() - t_start, 1)
     findings = scan_logs(sites_root)
@@ -1086,7 +935,7 @@ def main(argv=None) -> int:
     print(f"ODST replication bench: {args.size_mib} MiB, {args.repeats} run(s) each (medians), "
           f"{os.cpu_count()} CPUs, {meta['seconds']} s, odst at {g['commit']}"
           + (" + uncommitted changes in odst/" if g["odst_dirty"] else ""))
-    print_table(rows)
+    print_table(["measurement", "value", "baseline", "ratio", "target", "verdict"], rows)
     print_details(results)
     if findings:
         print("site log findings (warnings/errors; logs in " + str(sites_root) + "):")

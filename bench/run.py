@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, median, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
+from common import free_port, median, print_table, ratio  # noqa: E402  (puts the checkout's harness on sys.path)
 from harness.site import SiteFailed, SiteProcess  # noqa: E402
 from harness.wait import TimedOut  # noqa: E402
 from harness.wait import wait_until as _wait_until  # noqa: E402
@@ -1363,8 +1363,6 @@ def print_report(R: dict, out: Path) -> None:
         row("peak RSS during big upload", "skipped", "", "", f"< {TARGET_PEAK_RSS_MIB} MiB", "-")
 
     head = ("metric", "odst", "reference", "ratio", "target", "verdict")
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(6)]
-    line = "  ".join("-" * w_ for w_ in widths)
     print()
     print(f"ODST benchmark  {R['meta']['started']}  host {R['meta']['host']}  "
           f"{R['meta']['cpus']} CPUs  kernel {R['meta']['kernel']}")
@@ -1381,12 +1379,7 @@ def print_report(R: dict, out: Path) -> None:
     if iw:
         print(f"waited {iw['waited_s']:.0f} s for an idle machine: "
               f"{'idle' if iw['idle'] else 'never idle, ran anyway'}")
-    print(line)
-    print("  ".join(str(h).ljust(w_) for h, w_ in zip(head, widths)))
-    print(line)
-    for r in rows:
-        print("  ".join(str(c).ljust(w_) for c, w_ in zip(r, widths)))
-    print(line)
+    print_table(head, rows)
     by_phase = mem.get("peak_rss_kib_by_phase")
     if by_phase:
         print("odst serve peak RSS by phase (100 ms samples): " + ", ".join(

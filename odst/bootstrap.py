@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import sys
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -113,7 +114,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
                 "domain in its jetstream block, or peers' mirrors of this site never sync")
 
     # the log, the projection of it, the write path
-    site.events = events = EventLog(js, key, chain_state=site.chain_state, replicas=settings.stream_replicas)
+    site.events = events = EventLog(js, key, replicas=settings.stream_replicas)
     restored = await until_ready(events.ensure_stream, timeout=90)
     site.store.ensure()
     if "projector" in roles:
@@ -125,6 +126,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
         await site.projection.wait_ready(site_id, timeout=120)
         site.reader = connect_read_model(read_model_path(data))
     reader, projection = site.reader, site.projection
+    events.chain_state = partial(views.chain_state, reader, EVENTS_STREAM, site_id)  # where the head starts
     site.writer = ConfirmedAppender(events, projection, reader)
     append = site.writer.append
     recorded = lambda: views.recorded(reader, EVENTS_STREAM, site_id)  # noqa: E731

@@ -195,11 +195,6 @@ class Site:
                 raise TimeoutError(f"projector still behind after {timeout}s: {lag}")
             await self.projection.wait_changed(0.5)
 
-    def chain_state(self) -> tuple[int, int, str]:
-        checkpoint = self.projection.checkpoint(EVENTS_STREAM)
-        row = views.site_chain(self.reader, self.key.site_id)
-        return (checkpoint, row["last_seq"], row["last_hash"]) if row else (checkpoint, 0, "")
-
     async def append(self, event: ev.Event, *, actor: str, wait: float = 30.0) -> Appended:
         """The one write path (``ConfirmedAppender``): append, then wait until the read model applied it."""
         return await self.writer.append(event, actor=actor, wait=wait)

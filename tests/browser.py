@@ -133,3 +133,14 @@ def _api_answer(text: str, url: str) -> bool:
 def allow_console_error(page, pattern: str) -> None:
     """A console error this test provokes on purpose (say, a connection it cuts) does not fail it."""
     page._odst_allowed.append(re.compile(pattern))
+
+
+def sign_in(page, site, username: str, password: str) -> None:
+    """Sign in on the site's web UI and land on the Packages page."""
+    from playwright.sync_api import expect
+
+    page.goto(site.url + "/")
+    page.get_by_label("User name").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()

@@ -45,9 +45,10 @@ def check_username(username: str) -> str:
     return username
 
 
-def check_role(role: str) -> str:
-    if role not in ROLES:
-        raise RequestInvalid(f"role must be one of {', '.join(ROLES)}")
+def check_role(role: str, roles: tuple[str, ...] = ROLES) -> str:
+    """``role`` if it is one of ``roles`` (a user's or token's by default), else RequestInvalid."""
+    if role not in roles:
+        raise RequestInvalid(f"role must be one of {', '.join(roles)}")
     return role
 
 

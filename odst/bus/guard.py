@@ -19,6 +19,7 @@ import json
 
 import structlog
 
+from odst import tasks
 from odst.bus.authorization import inbox_prefix, subscriber_inbox
 
 log = structlog.get_logger("odst.guard")
@@ -62,9 +63,7 @@ class ConsumerGuard:
         return self
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

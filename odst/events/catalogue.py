@@ -21,8 +21,10 @@ class SiteFounded(Event, tag=True):
     name: str = ""
 
 
-class PackageUploaded(Event, tag=True):
-    """A verified package was published at the origin site (its manifest)."""
+class ContentEvent(Event):
+    """Base of the events that carry a package's content: its name, then the manifest
+    (``store.hashing.Manifest``: ``Manifest.of(event)``, ``manifest.event_fields()``), in the
+    order these fields have always had on the wire. Never published itself."""
 
     name: str
     size: int
@@ -31,29 +33,27 @@ class PackageUploaded(Event, tag=True):
     blake3: str
     chunk_size: int
     chunks: list[str]  # SHA1 hex of every chunk, in order
+
+
+class PackageUploaded(ContentEvent, tag=True):
+    """A verified package was published at the origin site (its manifest)."""
+
     stage: str = "prod"
 
 
-class PackageReplaced(Event, tag=True):
+class PackageReplaced(ContentEvent, tag=True):
     """New content was published at the origin site under an existing name, superseding
     ``replaces`` (the content current there). ``generation`` is one more than the superseded
     content's: the highest generation is current, and concurrent replacements of the same
     content resolve as concurrent uploads do (the earliest wins). Every site keeps serving
     the content it holds until it holds this one verified (``odst.events.uploads``)."""
 
-    name: str
-    size: int
-    sha1: str
-    sha512: str
-    blake3: str
-    chunk_size: int
-    chunks: list[str]
     stage: str
     replaces: str  # blake3 of the content superseded
     generation: int
 
 
-class PackageAvailable(Event, tag=True):
+class PackageAvailable(ContentEvent, tag=True):
     """This site (the envelope's origin) now holds a verified copy of the content.
 
     Carries the whole manifest and the content's upload clock (``origin``,
@@ -61,13 +61,6 @@ class PackageAvailable(Event, tag=True):
     from here and resolve conflicts exactly as everyone else does.
     """
 
-    name: str
-    size: int
-    sha1: str
-    sha512: str
-    blake3: str
-    chunk_size: int
-    chunks: list[str]
     stage: str
     origin: str
     uploaded_ts: int

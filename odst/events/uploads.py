@@ -87,10 +87,7 @@ def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | No
         if existing["blake3"] != manifest.blake3 or held_here:
             return Conflict(f"a different package named {name!r} exists (sha1 {existing['sha1']}, "
                             f"yours {manifest.sha1}); delete it first or choose another name")
-    return Uploaded(ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1,
-                                       sha512=manifest.sha512, blake3=manifest.blake3,
-                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
-                                       stage=stage))
+    return Uploaded(_uploaded(name, stage, manifest))
 
 
 def accept_replace(name: str, stage: str | None, default_stage: str, manifest: Manifest,
@@ -109,17 +106,13 @@ def accept_replace(name: str, stage: str | None, default_stage: str, manifest: M
         if served_here == manifest.blake3:
             return Identical(existing)
         return Uploaded(_uploaded(name, stage or existing["stage"], manifest))
-    return Replaced(ev.PackageReplaced(name=name, size=manifest.size, sha1=manifest.sha1,
-                                       sha512=manifest.sha512, blake3=manifest.blake3,
-                                       chunk_size=manifest.chunk_size, chunks=list(manifest.chunks),
+    return Replaced(ev.PackageReplaced(name=name, **manifest.event_fields(),
                                        stage=stage or existing["stage"], replaces=existing["blake3"],
                                        generation=existing.get("generation", 0) + 1))
 
 
 def _uploaded(name: str, stage: str, manifest: Manifest) -> ev.PackageUploaded:
-    return ev.PackageUploaded(name=name, size=manifest.size, sha1=manifest.sha1, sha512=manifest.sha512,
-                              blake3=manifest.blake3, chunk_size=manifest.chunk_size,
-                              chunks=list(manifest.chunks), stage=stage)
+    return ev.PackageUploaded(name=name, **manifest.event_fields(), stage=stage)
 
 
 def lost_race(name: str, manifest: Manifest, current: dict | None) -> Conflict | None:

@@ -18,10 +18,11 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 
+from odst.accounts import passwords
 from odst.bus import server_list
 from odst.bus.authorization import subscriber_inbox
 from odst.bus.identity import new_user_seed, public_key_of_seed
-from odst.errors import NotFound, OdstError, RequestInvalid
+from odst.errors import NotFound, OdstError
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
@@ -53,12 +54,6 @@ def check_name(name: str) -> str:
         raise CredentialNameInvalid("name may contain only ASCII letters, digits, '_' and '-' "
                                     "(it names the service's JetStream consumer)")
     return name
-
-
-def check_role(role: str) -> str:
-    if role not in ROLES:
-        raise RequestInvalid(f"role must be one of {', '.join(ROLES)}")
-    return role
 
 
 def public_servers(urls: str) -> list[str]:
@@ -101,7 +96,7 @@ class CredentialController(Controller):
     async def create_credential(self, request: Request) -> Response[dict[str, Any]]:
         site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), CredentialCreate)
-        name, role = check_name(body.name), check_role(body.role)
+        name, role = check_name(body.name), passwords.check_role(body.role, ROLES)
         seed = new_user_seed()
         nkey, credential_id = public_key_of_seed(seed), "nc_" + secrets.token_hex(8)
         # the "name is free" check and the event it allows are one step (the lock that serialises

@@ -19,6 +19,7 @@ import sqlite3
 import structlog
 from nats.js import api
 
+from odst import tasks
 from odst.bus.streams import ensure_stream
 from odst.events.watch import AlertBook
 from odst.notify.ledger import Ledger
@@ -109,9 +110,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._loop(), name="notify-dispatcher")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
         self.alerts.close()
 
     async def _loop(self) -> None:

@@ -24,6 +24,7 @@ from email.message import EmailMessage
 
 import structlog
 
+from odst import tasks
 from odst.config import Settings
 from odst.notify.ledger import Ledger, now_ms
 from odst.projections import views
@@ -67,9 +68,7 @@ class Mailer:
         self._task = asyncio.create_task(self._loop(), name="notify-mailer")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
 
     async def _loop(self) -> None:
         tick = min(5.0, max(0.5, self.settings.notify_email_digest_s / 4))

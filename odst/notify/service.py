@@ -12,6 +12,7 @@ import asyncio
 
 import structlog
 
+from odst import tasks
 from odst.notify.ledger import PRUNE_BATCH, RETAIN_MS, Ledger, now_ms
 
 log = structlog.get_logger("odst.notify")
@@ -32,9 +33,7 @@ class Pruner:
         self._task = asyncio.create_task(self._loop(), name="notify-pruner")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
 
     async def prune_once(self) -> int:
         cutoff, total = now_ms() - self.retain_ms, 0

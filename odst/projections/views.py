@@ -10,6 +10,7 @@ from odst.bus.authorization import Subscriber
 from odst.events import codec
 from odst.events.watch import Landmark, Recorded
 from odst.naming import name_key
+from odst.store.hashing import Manifest
 
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool = True) -> dict:
@@ -485,3 +486,19 @@ def held_since(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> i
     row = conn.execute("SELECT clock FROM availability WHERE key=? AND blake3=? AND site=?"
                        " AND status='available'", (name_key(name), blake3, site)).fetchone()
     return int(row[0][:15]) if row else None
+
+
+def manifest(row: sqlite3.Row) -> Manifest:
+    """The manifest of a ``contents`` row (``wanted``, ``local_content``): what the replicator pulls."""
+    return Manifest(size=row["size"], sha1=row["sha1"], sha512=row["sha512"], blake3=row["blake3"],
+                    chunk_size=row["chunk_size"], chunks=tuple(json.loads(row["chunks"])))
+
+
+def chain_state(conn: sqlite3.Connection, stream: str, site: str) -> tuple[int, int, str]:
+    """Where this site's own log stands in the read model, in one snapshot: the checkpoint of
+    ``stream`` and the seq and hash of ``site``'s last verified event (0, 0, "" before any).
+    ``EventLog`` starts its head from it."""
+    row = conn.execute("SELECT coalesce((SELECT seq FROM checkpoints WHERE stream=?), 0),"
+                       " coalesce(s.last_seq, 0), coalesce(s.last_hash, '')"
+                       " FROM (SELECT 1) LEFT JOIN sites s ON s.site=?", (stream, site)).fetchone()
+    return row[0], row[1], row[2]

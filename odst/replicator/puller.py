@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 import structlog
 
 from odst.replicator.transport import ChunkSource, ChunkUnavailable, SourceThrottled, TransportFailed
-from odst.store.hashing import WholeHash, chunk_count, chunk_ok, chunk_span
+from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span
 
 log = structlog.get_logger("odst.puller")
 
@@ -39,15 +39,10 @@ class TransferFailed(Exception):
     """The content could not be fetched and verified from any source (for now)."""
 
 
-@dataclass(frozen=True)
-class Want:
+class Want(Manifest, frozen=True, kw_only=True):
+    """A manifest to pull, with the name, stage and upload clock its PackageAvailable carries."""
+
     name: str
-    blake3: str
-    size: int
-    sha1: str
-    sha512: str
-    chunk_size: int
-    chunks: tuple[str, ...]
     stage: str
     origin: str
     uploaded_ts: int

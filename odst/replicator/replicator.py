@@ -358,10 +358,8 @@ class Replicator:
 
     async def _transfer(self, row) -> None:
         key = (row["name"], row["blake3"])
-        want = Want(name=row["name"], blake3=row["blake3"], size=row["size"], sha1=row["sha1"],
-                    sha512=row["sha512"], chunk_size=row["chunk_size"], chunks=tuple(json.loads(row["chunks"])),
-                    stage=row["stage"], origin=row["origin"], uploaded_ts=row["uploaded_at"],
-                    uploaded_by=row["uploaded_by"])
+        want = Want.of(views.manifest(row), name=row["name"], stage=row["stage"], origin=row["origin"],
+                       uploaded_ts=row["uploaded_at"], uploaded_by=row["uploaded_by"])
         progress = self.progress.setdefault(key, Progress(want.name, want.blake3, len(want.chunks)))
         try:
             sites = views.sources(self.reader, want.name, want.blake3, self.site_id)
@@ -402,8 +400,7 @@ class Replicator:
         with self.store.publishing(want.name):
             self.store.replace(path, want.name)
             await self.append(ev.PackageAvailable(
-                name=want.name, size=want.size, sha1=want.sha1, sha512=want.sha512, blake3=want.blake3,
-                chunk_size=want.chunk_size, chunks=list(want.chunks), stage=want.stage, origin=want.origin,
+                name=want.name, **want.event_fields(), stage=want.stage, origin=want.origin,
                 uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by), actor="replicator")
         log.info("package available", package=want.name, size=want.size)
         return True

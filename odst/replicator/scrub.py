@@ -34,6 +34,7 @@ from typing import Awaitable, Callable
 
 import structlog
 
+from odst import tasks
 from odst.projections import views
 from odst.replicator.integrity import Integrity
 
@@ -138,9 +139,7 @@ class Scrubber:
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -233,9 +232,7 @@ class RejectionWatch:
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
 
     async def _run(self) -> None:
         after = 0

@@ -18,25 +18,42 @@ Nothing here does I/O except ``hash_file``, which reads one file.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import blake3
+import msgspec
 
 CHUNK_SIZE = 1 << 20  # the ODS protocol's 1 MiB chunk
 FILE_READ_SIZE = 4 << 20  # block size when re-hashing a stored file
 JAMF_DIGESTS = {"SHA_512": "sha512", "SHA3_512": "sha3_512", "MD5": "md5"}  # Jamf Pro hashType -> hashlib
 
 
-@dataclass(frozen=True, slots=True)
-class Manifest:
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """The one manifest type: built by the upload, carried (field by field, unchanged on the
+    wire) by ``PackageUploaded`` / ``PackageReplaced`` / ``PackageAvailable``, read back from
+    the read model (``views.manifest``) and pulled (``replicator.puller.Want`` is a manifest
+    with the name and upload clock it is published under)."""
+
     size: int
     sha1: str
     sha512: str
     blake3: str
     chunk_size: int
     chunks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, source: Any, **more: Any):
+        """FROM an event (or another manifest): its six manifest fields, plus ``more`` for a
+        subclass's own fields (a ``Want``'s name, stage, ...)."""
+        return cls(size=source.size, sha1=source.sha1, sha512=source.sha512, blake3=source.blake3,
+                   chunk_size=source.chunk_size, chunks=tuple(source.chunks), **more)
+
+    def event_fields(self) -> dict[str, Any]:
+        """TO an event: the keyword arguments of its manifest fields (``chunks`` as the list the
+        event carries), so ``ev.PackageUploaded(name=..., stage=..., **m.event_fields())``."""
+        return {"size": self.size, "sha1": self.sha1, "sha512": self.sha512, "blake3": self.blake3,
+                "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
@@ -169,8 +186,8 @@ class ManifestHasher:
         self.add_chunk(block)
 
     def manifest(self) -> Manifest:
-        return Manifest(self._whole.size, self._whole.sha1, self._sha512.hexdigest(),
-                        self._whole.blake3, self.chunk_size, tuple(self._chunks))
+        return Manifest(size=self._whole.size, sha1=self._whole.sha1, sha512=self._sha512.hexdigest(),
+                        blake3=self._whole.blake3, chunk_size=self.chunk_size, chunks=tuple(self._chunks))
 
 
 class ManifestBuilder:

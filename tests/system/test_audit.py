@@ -134,8 +134,7 @@ def test_audit_of_a_clean_site_passes_running_and_stopped(make_site):
 def forged_upload(site_id: str, seq: int, prev: str, key: SiteKey, name: str) -> bytes:
     body = b"forged content"
     m = manifest_of([body])
-    event = ev.PackageUploaded(name=name, size=m.size, sha1=m.sha1, sha512=m.sha512, blake3=m.blake3,
-                               chunk_size=m.chunk_size, chunks=list(m.chunks), stage="prod")
+    event = ev.PackageUploaded(name=name, **m.event_fields(), stage="prod")
     envelope = codec.Envelope(id=codec.new_event_id(), origin=site_id, seq=seq, prev=prev,
                               ts=codec.now_ms(), actor="token:attacker", event=event)
     return codec.seal(envelope, key)

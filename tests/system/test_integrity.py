@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.browser import shot
+from tests.browser import shot, sign_in
 from tests.conftest import run_odst, upload_bytes, wait_until
 
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -49,11 +49,7 @@ def test_the_scrub_takes_a_rotten_file_out_of_service(scrubbing_site, page):
     audit = run_odst("audit", "--data", str(site.data))  # PackageDamaged verifies and rebuilds to the same model
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
-    page.goto(site.url + "/")
-    page.get_by_label("User name").fill("admin")
-    page.get_by_label("Password").fill(ADMIN_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()
+    sign_in(page, site, "admin", ADMIN_PASSWORD)
     page.goto(site.url + "/#/network")
     panel = page.get_by_role("region", name="Storage integrity")
     expect(panel.get_by_role("row", name="Rotten.pkg")).to_contain_text("no other copy")

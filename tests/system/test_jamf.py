@@ -19,6 +19,7 @@ import pytest
 from harness.macs import Mac
 from odst.jamf.digests import Digests, digests_path
 from harness.network import Network
+from tests.browser import sign_in
 from tests.conftest import ADMIN_TOKEN, run_odst, upload_bytes, wait_until
 from tests.jamf_standin import CLIENT_ID, CLIENT_SECRET, JamfStandin
 from tests.system.test_notifications import FAST_RETRY, receiver, subscribe  # noqa: F401 (fixture)
@@ -226,11 +227,7 @@ def test_ui_shows_the_connection_registers_dps_and_the_package_state(make_site, 
     with site.client() as c:
         assert upload_bytes(c, "Ui.pkg", os.urandom(50_000), params={"stage": "prod"}).status_code == 201
     wait_until(lambda: standin.by_file("Ui.pkg"), 30, what="the record of Ui.pkg")
-    page.goto(site.url + "/")
-    page.get_by_label("User name").fill("admin")
-    page.get_by_label("Password").fill(ADMIN_PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()
+    sign_in(page, site, "admin", ADMIN_PASSWORD)
 
     page.goto(site.url + "/#/packages/Ui.pkg")
     expect(page.locator("[data-jamf]")).to_have_text(re.compile("in sync"))

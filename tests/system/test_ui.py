@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from odst import __version__
+from tests import browser
 from tests.browser import allow_console_error, shot
 from tests.conftest import upload_bytes, wait_until, write_random
 
@@ -40,11 +41,7 @@ def add_user(site, username: str, role: str, display_name: str = "") -> None:
 
 
 def sign_in(page, site, username: str, password: str = PASSWORD) -> None:
-    page.goto(site.url + "/")
-    page.get_by_label("User name").fill(username)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", level=1, name="Packages")).to_be_visible()
+    browser.sign_in(page, site, username, password)
 
 
 def session_cookie(page) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 
 import blake3
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from odst.store.files import StreamingUpload
@@ -124,3 +125,56 @@ def test_hash_file_matches_the_manifest_whatever_the_read_size(tmp_path_factory,
     whole = hash_file(path, read_size)
     m = manifest_of([data], SMALL_CHUNK)
     assert (whole.size, whole.sha1, whole.blake3) == (m.size, m.sha1, m.blake3)
+
+
+def test_one_manifest_travels_from_upload_to_event_to_puller_unchanged_on_the_wire():
+    """The upload's Manifest goes TO each event with one function and comes back FROM it with
+    another; the events' bytes are exactly those of the field-by-field events logs already hold."""
+    import msgspec
+
+    from odst.events import catalogue as ev
+    from odst.replicator.puller import Want
+    from odst.store.hashing import Manifest
+
+    m = manifest_of([bytes(range(256)) * 9000])  # three chunks
+    assert len(m.chunks) == 3
+    by_hand = dict(size=m.size, sha1=m.sha1, sha512=m.sha512, blake3=m.blake3, chunk_size=m.chunk_size,
+                   chunks=list(m.chunks))
+    events = [
+        (ev.PackageUploaded(name="a.pkg", **m.event_fields(), stage="test"),
+         ev.PackageUploaded(name="a.pkg", stage="test", **by_hand)),
+        (ev.PackageReplaced(name="a.pkg", **m.event_fields(), stage="prod", replaces="b" * 64, generation=2),
+         ev.PackageReplaced(name="a.pkg", stage="prod", replaces="b" * 64, generation=2, **by_hand)),
+        (ev.PackageAvailable(name="a.pkg", **m.event_fields(), stage="prod", origin="s1", uploaded_ts=5),
+         ev.PackageAvailable(name="a.pkg", stage="prod", origin="s1", uploaded_ts=5, **by_hand)),
+    ]
+    for built, old in events:
+        assert msgspec.json.encode(built) == msgspec.json.encode(old)
+        assert Manifest.of(built) == m
+    want = Want.of(Manifest.of(events[0][0]), name="a.pkg", stage="test", origin="s1", uploaded_ts=5,
+                   uploaded_by="admin")
+    assert isinstance(want, Manifest) and Manifest.of(want) == m
+    assert (want.name, want.stage, want.origin) == ("a.pkg", "test", "s1")
+    with pytest.raises(AttributeError):
+        want.size = 1  # frozen: the manifest a transfer verifies against cannot change under it
+
+
+def test_the_content_events_keep_their_fields_order_and_bytes():
+    """PackageUploaded / Replaced / Available declare the manifest once (ContentEvent); their
+    fields, order and encoding are those every existing log holds."""
+    import msgspec
+
+    from odst.events import catalogue as ev
+
+    m = dict(size=3, sha1="s", sha512="x", blake3="b", chunk_size=1024, chunks=["c"])
+    manifest = '"name":"a.pkg","size":3,"sha1":"s","sha512":"x","blake3":"b","chunk_size":1024,"chunks":["c"]'
+    cases = [
+        (ev.PackageUploaded(name="a.pkg", **m), '{"type":"PackageUploaded",' + manifest + ',"stage":"prod"}'),
+        (ev.PackageReplaced(name="a.pkg", **m, stage="prod", replaces="o", generation=2),
+         '{"type":"PackageReplaced",' + manifest + ',"stage":"prod","replaces":"o","generation":2}'),
+        (ev.PackageAvailable(name="a.pkg", **m, stage="prod", origin="s1", uploaded_ts=5),
+         '{"type":"PackageAvailable",' + manifest + ',"stage":"prod","origin":"s1","uploaded_ts":5,"uploaded_by":""}'),
+    ]
+    for event, wire in cases:
+        assert msgspec.json.encode(event).decode() == wire
+        assert msgspec.json.decode(wire.encode(), type=ev.AnyEvent) == event

@@ -229,3 +229,20 @@ def test_damage_takes_a_copy_out_of_service_until_a_verified_copy_is_back(tmp_pa
     for m in log.msgs[-2:]:
         assert writer.fold(m).applied
     assert views.servable(conn, "a.pkg", me) is not None and views.damaged(conn, me) == []
+
+
+def test_chain_state_is_where_the_own_log_stands_in_the_read_model(tmp_path):
+    """views.chain_state, where EventLog starts its head: the stream's checkpoint and the last
+    verified seq and hash of the site, a forged message counted in the checkpoint only."""
+    from odst.projections import views
+
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+    log = Log(key, SiteKey.load_or_create(tmp_path / "mallory.key"))
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    assert views.chain_state(conn, "EVENTS", key.site_id) == (0, 0, "")
+    log.append(ev.PackageStaged(name="a.pkg", stage="test", previous="prod"))
+    log.append(ev.PackageStaged(name="a.pkg", stage="prod", previous="test"), signer=log.mallory)
+    writer = apply.ReadModelWriter(conn, {key.site_id: key.public_key})
+    for m in log.msgs:
+        writer.fold(m)
+    assert views.chain_state(conn, "EVENTS", key.site_id) == (3, 2, log.prev)

@@ -19,8 +19,7 @@ CHUNK = 1024
 
 def want_for(data: bytes) -> Want:
     m = manifest_of([data], CHUNK)
-    return Want(name="x.pkg", blake3=m.blake3, size=m.size, sha1=m.sha1, sha512=m.sha512, chunk_size=CHUNK,
-                chunks=m.chunks, stage="prod", origin="sa", uploaded_ts=1, uploaded_by="t")
+    return Want.of(m, name="x.pkg", stage="prod", origin="sa", uploaded_ts=1, uploaded_by="t")
 
 
 @pytest.fixture

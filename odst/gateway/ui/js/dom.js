@@ -63,26 +63,28 @@ export function select(options, value, props = {}) {
 // ---- formatting
 
 const UNITS = ['bytes', 'kB', 'MB', 'GB', 'TB', 'PB'];
+const BINARY_UNITS = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 
-export function fmtBytes(n) {
+// n bytes in the largest unit of `units` (each `base` times the one before) it reaches;
+// `number` writes the scaled value. '—' for no number, "1 byte" / "n bytes" below one unit.
+function scaledBytes(n, base, units, number) {
   if (n === null || n === undefined || Number.isNaN(n)) return '—';
-  if (n < 1000) return `${n} ${n === 1 ? 'byte' : 'bytes'}`;
+  if (n < base) return `${n} ${n === 1 ? 'byte' : 'bytes'}`;
   let i = 0;
   let v = n;
-  while (v >= 1000 && i < UNITS.length - 1) { v /= 1000; i += 1; }
-  return `${v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)} ${UNITS[i]}`;
+  while (v >= base && i < units.length - 1) { v /= base; i += 1; }
+  return `${number(v)} ${units[i]}`;
 }
 
-const BINARY_UNITS = ['bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+const digits = (v) => v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2);
+
+export function fmtBytes(n) {
+  return scaledBytes(n, 1000, UNITS, digits);
+}
 
 // Limits and settings are powers of two (max_upload_bytes = 64 GiB): say them as the README does.
 export function fmtBinaryBytes(n) {
-  if (n === null || n === undefined || Number.isNaN(n)) return '—';
-  if (n < 1024) return `${n} ${n === 1 ? 'byte' : 'bytes'}`;
-  let i = 0;
-  let v = n;
-  while (v >= 1024 && i < BINARY_UNITS.length - 1) { v /= 1024; i += 1; }
-  return `${Number.isInteger(v) ? v : v.toFixed(v >= 100 ? 0 : v >= 10 ? 1 : 2)} ${BINARY_UNITS[i]}`;
+  return scaledBytes(n, 1024, BINARY_UNITS, (v) => (Number.isInteger(v) ? v : digits(v)));
 }
 
 export function fmtRate(bytesPerSecond) {
