@@ -1,10 +1,38 @@
-"""Request bodies: JSON decoded into a request struct, or a clear 400."""
+"""Request bodies: JSON decoded into a request struct, or a clear 400.
+
+A struct's limits are ``msgspec.Meta`` constraints on its fields: the decoder enforces them and
+the OpenAPI document shows them. A field that breaks its pattern is refused in words (the
+field's ``description``), not with the regex; a struct may name the error a field's refusal
+raises in ``refusals`` (a ClassVar), so the error code stays its named check's
+(``credential_name_invalid``, not ``request_invalid``).
+"""
 
 from __future__ import annotations
 
+import re
+
 import msgspec
+import msgspec.inspect
 
 from odst.errors import RequestInvalid
+
+_AT = re.compile(r" - at `\$\.(\w+)`$")
+_REGEX = re.compile(r"matching regex '.*' - at", re.S)
+
+
+def _refusal(type_, exc: msgspec.ValidationError) -> Exception:
+    message = str(exc)
+    at = _AT.search(message)
+    field = at.group(1) if at else None
+    if field is None or field not in getattr(type_, "__struct_fields__", ()):
+        return RequestInvalid(f"invalid body: {message}")
+    if _REGEX.search(message):
+        info = next(f for f in msgspec.inspect.type_info(type_).fields if f.name == field).type
+        rule = ((getattr(info, "extra_json_schema", None) or {}).get("description")
+                or "the pattern in the API schema")
+        message = _REGEX.sub(f"that is {rule} - at", message)
+    error = (getattr(type_, "refusals", None) or {}).get(field, RequestInvalid)
+    return error(f"invalid body: {message}")
 
 
 def decode_json(body: bytes, type_, *, empty_is_object: bool = False):
@@ -14,6 +42,6 @@ def decode_json(body: bytes, type_, *, empty_is_object: bool = False):
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        raise RequestInvalid(f"invalid body: {exc}") from None
+        raise _refusal(type_, exc) from None
     except msgspec.DecodeError as exc:
         raise RequestInvalid(f"body is not valid JSON: {exc}") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -84,8 +84,11 @@ def usage(site_id: str, name: str) -> dict[str, Any]:
 
 
 class CredentialCreate(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    role: str = "subscriber"
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=f"^{_NAME.pattern}$",
+                                      description=f"1 to {MAX_NAME} ASCII letters, digits, '_' and '-' "
+                                                  "(it names the service's JetStream consumer)")]
+    role: Literal[ROLES] = "subscriber"
+    refusals: ClassVar = {"name": CredentialNameInvalid}
 
 
 class CredentialController(Controller):

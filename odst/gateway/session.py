@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
@@ -31,8 +31,9 @@ class SignIn(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PasswordChange(msgspec.Struct, forbid_unknown_fields=True):
-    current: str
-    new: str
+    current: Annotated[str, msgspec.Meta(max_length=passwords.MAX_LENGTH)]
+    # Not expressible here: the new password must not be the user name (a 400, password_rejected).
+    new: Annotated[str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH)]
 
 
 def client_address(request: Request) -> str:
