@@ -64,8 +64,9 @@ def _literal(c: str) -> str:
     return "\\" + c if c in r".^$*+?()[]{}|\-/" else c
 
 
-# odst.gateway.settings.check_site_name: 1 to 100 characters once trimmed, one of them not white
-# space, no control or format characters (the length is checked untrimmed here: maxLength).
+# odst.gateway.settings.check_site_name: 1 to 100 characters, one of them not white space, no
+# control or format characters; checked as sent (the check trims first, so it also takes a
+# name with a trailing newline or one over 100 characters only with the spaces around it).
 SITE_NAME = rf"^[^{_UNSEEN}]*[^{_SPACE}{_UNSEEN}][^{_UNSEEN}]*$"
 SITE_NAME_MAX = 100
 
