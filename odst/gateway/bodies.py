@@ -52,12 +52,12 @@ def decode_json(body: bytes, type_, *, empty_is_object: bool = False):
         body = b"{}"
     try:
         return msgspec.json.decode(body, type=type_)
-    except msgspec.ValidationError as exc:
+    except msgspec.ValidationError as exc:  # a DecodeError too: caught first
         if "got `float`" not in str(exc):
             raise _refusal(type_, exc) from None
+    except msgspec.DecodeError as exc:
+        raise RequestInvalid(f"body is not valid JSON: {exc}") from None
     try:  # an "integer" of the schema written 3600.0: msgspec's decoder takes only 3600
         return msgspec.convert(_integral(msgspec.json.decode(body)), type_)
     except msgspec.ValidationError as exc:
         raise _refusal(type_, exc) from None
-    except msgspec.DecodeError as exc:
-        raise RequestInvalid(f"body is not valid JSON: {exc}") from None
