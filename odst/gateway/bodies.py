@@ -1,10 +1,10 @@
 """Request bodies: JSON decoded into a request struct, or a clear 400.
 
 A struct's limits are ``msgspec.Meta`` constraints on its fields: the decoder enforces them and
-the OpenAPI document shows them. A field that breaks its pattern is refused in words (the
-field's ``description``), not with the regex; a struct may name the error a field's refusal
-raises in ``refusals`` (a ClassVar), so the error code stays its named check's
-(``credential_name_invalid``, not ``request_invalid``).
+the OpenAPI document shows them. A field that breaks one is refused in words, "<field> must be
+<its description>", not with msgspec's "Expected `str` matching regex '…'"; a struct may name
+the error a field's refusal raises in ``refusals`` (a ClassVar), so the error code stays its
+named check's (``credential_name_invalid``, not ``request_invalid``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import msgspec.inspect
 from odst.errors import RequestInvalid
 
 _AT = re.compile(r" - at `\$\.(\w+)`$")
-_REGEX = re.compile(r"matching regex '.*' - at", re.S)
+_LIMIT = re.compile(r"^Expected `\w+` (of length|matching regex|[<>]=?)")
 
 
 def _refusal(type_, exc: msgspec.ValidationError) -> Exception:
@@ -26,13 +26,23 @@ def _refusal(type_, exc: msgspec.ValidationError) -> Exception:
     field = at.group(1) if at else None
     if field is None or field not in getattr(type_, "__struct_fields__", ()):
         return RequestInvalid(f"invalid body: {message}")
-    if _REGEX.search(message):
-        info = next(f for f in msgspec.inspect.type_info(type_).fields if f.name == field).type
-        rule = ((getattr(info, "extra_json_schema", None) or {}).get("description")
-                or "the pattern in the API schema")
-        message = _REGEX.sub(f"that is {rule} - at", message)
     error = (getattr(type_, "refusals", None) or {}).get(field, RequestInvalid)
+    if _LIMIT.search(message):
+        rule = _description(msgspec.inspect.type_info(type_), field)
+        if rule:
+            return error(f"{field} must be {rule}")
+        message = re.sub(r"matching regex '.*' - at", "matching the pattern in the API schema - at", message, flags=re.S)
     return error(f"invalid body: {message}")
+
+
+def _description(info, field: str) -> str | None:
+    """The ``description`` of a struct field's Meta (through ``X | None``)."""
+    kind = next(f for f in info.fields if f.name == field).type
+    for candidate in [kind, *getattr(kind, "types", ())]:
+        schema = getattr(candidate, "extra_json_schema", None) or {}
+        if schema.get("description"):
+            return schema["description"]
+    return None
 
 
 def _integral(value):

@@ -7,7 +7,8 @@ The patterns read the same in Python's ``re`` (msgspec, Litestar) and in the ECM
 the OpenAPI document promises (schemathesis validates with a Rust engine that checks it): only
 lookaheads, classes, ``\\uXXXX`` escapes for the Basic Multilingual Plane and characters beyond
 it written as themselves (ECMA 262 has no escape for them that Python reads). White space is
-spelled out (str.isspace) rather than ``\\s``, whose meaning differs between the engines.
+spelled out (str.isspace) rather than ``\\s``, whose meaning differs between the engines, and a
+pattern ends with END, not ``$``, which Python also matches before a final newline.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import unicodedata
 
 from odst.naming import MAX_NAME_BYTES
+
+
+END = r"$(?!\n)"  # the end of the string in both readings
 
 
 def _escape(code: int) -> str:
@@ -48,7 +52,7 @@ _SPACE = char_class((), (range(0x10000),), space=True)
 # odst.naming.check_name: not empty, no '/', '\\', '..', no leading '.', no white space at
 # either end, no control or format characters. Its limit is 255 UTF-8 *bytes*: maxLength
 # (characters) is that limit only for ASCII names; a longer encoding is a 400.
-PACKAGE_NAME = rf"^(?!\.)(?!.*\.\.)(?![{_SPACE}])(?!.*[{_SPACE}]$)[^/\\{_UNSEEN}]+$"
+PACKAGE_NAME = rf"^(?!\.)(?!.*\.\.)(?![{_SPACE}])(?!.*[{_SPACE}]$)[^/\\{_UNSEEN}]+{END}"
 PACKAGE_NAME_MAX = MAX_NAME_BYTES
 
 
@@ -57,7 +61,7 @@ def package_name_with_extension(extensions: list[str]) -> str:
     character: check_name with the site's allowed_extensions."""
     ends = "|".join("".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else _literal(c) for c in ext)
                     for ext in extensions)
-    return PACKAGE_NAME[:-2] + rf"+(?:{ends})$"
+    return PACKAGE_NAME[:-len(END) - 1] + rf"+(?:{ends}){END}"
 
 
 def _literal(c: str) -> str:
@@ -67,15 +71,15 @@ def _literal(c: str) -> str:
 # odst.gateway.settings.check_site_name: 1 to 100 characters, one of them not white space, no
 # control or format characters; checked as sent (the check trims first, so it also takes a
 # name with a trailing newline or one over 100 characters only with the spaces around it).
-SITE_NAME = rf"^[^{_UNSEEN}]*[^{_SPACE}{_UNSEEN}][^{_UNSEEN}]*$"
+SITE_NAME = rf"^[^{_UNSEEN}]*[^{_SPACE}{_UNSEEN}][^{_UNSEEN}]*{END}"
 SITE_NAME_MAX = 100
 
 # A user's display name (users._display_name): no control characters (C0 and DEL).
-DISPLAY_NAME = r"^[^\u0000-\u001f\u007f]*$"
+DISPLAY_NAME = r"^[^\u0000-\u001f\u007f]*" + END
 DISPLAY_NAME_MAX = 200
 
 # A label such as an API token's name: at least one character that is not white space.
 NOT_BLANK = rf"[^{_SPACE}]"
 
 # notifications.EMAIL, with white space allowed around the address (the handler trims it).
-EMAIL_ADDRESS = rf"^[{_SPACE}]*[^@{_SPACE}<>,;]{{1,64}}@[^@{_SPACE}<>,;]{{1,255}}[{_SPACE}]*$"
+EMAIL_ADDRESS = rf"^[{_SPACE}]*[^@{_SPACE}<>,;]{{1,64}}@[^@{_SPACE}<>,;]{{1,255}}[{_SPACE}]*{END}"

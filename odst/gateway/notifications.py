@@ -26,7 +26,8 @@ from odst.gateway.context import GatewayContext
 EMAIL = re.compile(r"^[^@\s<>,;]{1,64}@[^@\s<>,;]{1,255}$")
 
 
-EventTypes = Annotated[list[Literal[NOTIFIABLE]], msgspec.Meta(min_length=1)]
+EventTypes = Annotated[list[Literal[NOTIFIABLE]], msgspec.Meta(
+    min_length=1, description="a non-empty list of event types (GET /api/v1/webhooks lists them)")]
 
 
 class WebhookCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,7 +35,7 @@ class WebhookCreate(msgspec.Struct, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[hH][tT][tT][pP][sS]?://",
                                      description="an http:// or https:// URL with a host")]
     event_types: EventTypes
-    description: Annotated[str, msgspec.Meta(max_length=500)] = ""
+    description: Annotated[str, msgspec.Meta(max_length=500, description="at most 500 characters")] = ""
 
 
 class EmailSubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True):

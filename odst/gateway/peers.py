@@ -26,8 +26,7 @@ from odst.gateway.context import GatewayContext
 
 
 class InviteCreate(msgspec.Struct, forbid_unknown_fields=True):
-    ttl_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400, description="seconds the invitation is valid: "
-                                       "60 s to 30 days")] = registration.DEFAULT_TTL_S
+    ttl_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400, description="between 60 seconds and 30 days")] = registration.DEFAULT_TTL_S
 
 
 class Join(msgspec.Struct, forbid_unknown_fields=True):
