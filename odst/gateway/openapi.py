@@ -97,8 +97,8 @@ def _this_site(schema: dict, settings) -> None:
         components["PackageUpdate"]["properties"]["stage"] = {"anyOf": [stage, {"type": "null"}], "default": None}
     upload = schema.get("paths", {}).get("/api/v1/packages/{name}", {}).get("put")
     for param in (upload or {}).get("parameters", []):
-        if param["name"] == "stage":
-            param["schema"] = {"oneOf": [stage, {"type": "null"}]}
+        if param["name"] == "stage":  # empty or left out: the site's default stage
+            param["schema"] = {"oneOf": [{**stage, "enum": [*stage["enum"], ""]}, {"type": "null"}]}
         elif param["name"] == "name" and settings.allowed_extensions is not None:
             param["schema"]["pattern"] = package_name_with_extension(settings.allowed_extensions)
 
