@@ -33,6 +33,7 @@ from harness.ports import free_port
 from harness.site import SiteProcess, stop_all
 from harness.wait import TimedOut, wait_until
 from odst.bus import connect_as_site
+from odst.naming import name_key
 from odst.store.hashing import WholeHash, hash_file
 
 __all__ = ["Network", "Site", "ScenarioFailed"]
@@ -94,7 +95,8 @@ class Site(SiteProcess):
         return self.accept is None or stage in self.accept
 
     def file(self, name: str) -> Path:
-        return self.packages_dir / name
+        """The store's file for any spelling of ``name`` (files are named by key)."""
+        return self.packages_dir / name_key(name)
 
     def command(self) -> list[str]:
         cmd = super().command()
@@ -594,7 +596,7 @@ class Network:
             total = 0
             for s in chosen:
                 st = self.state(s)
-                held = {p["name"] for p in st["packages"] if s.id in p["available_at"]}
+                held = {name_key(p["name"]) for p in st["packages"] if s.id in p["available_at"]}
                 present = {p.name for p in s.packages_dir.iterdir()} if s.packages_dir.exists() else set()
                 extra, missing = present - held, held - present
                 self.check(not extra, f"site {s.name} has files nobody published there: {sorted(extra)}", [s])

@@ -58,6 +58,7 @@ class AuditReport:
     junk: list[str] = field(default_factory=list)  # not valid events: reported, not violations
     junk_dropped: int = 0  # junk dropped from the bounded quarantine
     violations: list[str] = field(default_factory=list)
+    collisions: list[str] = field(default_factory=list)  # names one on a Mac: reported, not violations
     compared: bool = False
     not_compared: str = "not compared"
 
@@ -72,6 +73,11 @@ class AuditReport:
                  f"read model  {('DIFFERS' if differs else 'matches the rebuild') if self.compared else self.not_compared}",
                  f"violations  {len(self.violations)}"]
         lines += [f"  - {v}" for v in self.violations]
+        if self.collisions:
+            lines.append(f"name collisions {len(self.collisions)} (spellings that are one name on a Mac, "
+                         "case and Unicode normalisation aside: reported, not merged; delete or rename the "
+                         "others)")
+            lines += [f"  ! {c}" for c in self.collisions]
         if self.junk or self.junk_dropped:
             lines.append("junk:")
             lines += [f"  ~ {j}" for j in self.junk[:LISTED]]
@@ -215,6 +221,17 @@ def _quarantine_report(conn: sqlite3.Connection, report: AuditReport) -> None:
     report.junk_dropped = conn.execute("SELECT coalesce(sum(messages), 0) FROM quarantine_dropped").fetchone()[0]
 
 
+def collision_lines(conn: sqlite3.Connection) -> list[str]:
+    """One line per name that more than one live spelling stands for (views.name_collisions)."""
+    lines = []
+    for c in views.name_collisions(conn):
+        others = "; ".join(
+            f"{o['name']!r} ({'same content' if o['same_content'] else 'other content, blake3 ' + o['blake3'][:16]})"
+            for o in c["others"])
+        lines.append(f"{c['kept']!r} (blake3 {c['blake3'][:16]}) is served; also spelled {others}")
+    return lines
+
+
 async def run_audit(settings: Settings) -> AuditReport:
     """The audit, as a report: what cannot be read is a violation, never an exception
     (only 'this is not a data directory' or a busy data directory raise AuditError)."""
@@ -259,6 +276,7 @@ async def _audit(settings: Settings, report: AuditReport) -> None:
             report.sites = conn.execute("SELECT count(*) FROM sites").fetchone()[0]
             report.packages = conn.execute("SELECT count(*) FROM packages").fetchone()[0]
             _quarantine_report(conn, report)
+            report.collisions = collision_lines(conn)
             if live_dump is not None and damaged:
                 report.not_compared = "not compared (the log is damaged: see the violations)"
             elif live_dump is not None:

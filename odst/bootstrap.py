@@ -31,10 +31,11 @@ from odst.bus.identity import load_or_create_client_seed, public_key_of_seed
 from odst.config import ConfigError, Settings
 from odst.datadir import SiteBusy, key_path, read_model_path, run_dir
 from odst.events import catalogue as ev
-from odst.events.log import EVENTS_STREAM, EventLog
+from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
 from odst.events.watch import AlertBook, watch_own_log
 from odst.gateway.context import GatewayContext
+from odst.gateway.egress import DownloadGate
 from odst.gateway.metrics import MetricSources
 from odst.notify.dispatcher import Dispatcher
 from odst.notify.ledger import Ledger
@@ -48,11 +49,13 @@ from odst.projections.appender import ConfirmedAppender
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
+from odst.replicator.bandwidth import Bandwidth, site_timezone
 from odst.replicator.integrity import Integrity
 from odst.replicator.replicator import Replicator
 from odst.replicator.scrub import RejectionWatch, Scrubber
 from odst.replicator.transport import ChunkServer
 from odst.site import ALL_ROLES, Site
+from odst.store.hashing import hash_file
 
 log = structlog.get_logger("odst.bootstrap")
 
@@ -135,6 +138,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
                                                name=settings.site_name), actor="system")
         await site.caught_up(timeout=120)
         # a crashed upload or pull leaves temp files; alone on the data dir, sweep them all
+        await _adopt_spellings(site.store, reader, site_id, append)  # files an older ODST named by spelling
         site.store.sweep(views.published_names(reader, site_id), older_than_s=0 if all_in_one else STALE_TEMP_S)
         if bootstrap and site.log_watch.healthy:
             await _bootstrap_admin_token(site)
@@ -149,12 +153,14 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     if site.broker is not None:
         site.tasks.append(asyncio.create_task(site.supervise_broker(), name="broker-supervisor"))
 
-    site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store)
+    site.bandwidth = Bandwidth(site_id=site_id, reader=reader, tz=site_timezone(settings))
+    site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store,
+                                    bandwidth=site.bandwidth)
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,
                                      append=append, projection=projection,
-                                     settings=settings, replicas=events.replicas)
+                                     settings=settings, replicas=events.replicas, bandwidth=site.bandwidth)
         await site.replicator.start()
         site.integrity = Integrity(reader=reader, store=site.store, site_id=site_id, append=append,
                                    kick=site.replicator.kick)
@@ -234,16 +240,47 @@ def _jamf(site: Site):
 
 def gateway_context(site: Site) -> GatewayContext:
     """What the gateway's handlers may use of a running site (``create_app`` takes it)."""
+    gate = DownloadGate(site.bandwidth.download_caps)  # this gateway process's download caps
     return GatewayContext(
         id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
         replicator=site.replicator, chunk_server=site.chunk_server, integrity=site.integrity,
+        bandwidth=site.bandwidth, download_gate=gate,
         metrics=MetricSources(site_id=site.id, reader=site.reader, stats=site.stats, projection=site.projection,
                               log_watch=site.log_watch, linker=site.linker, replicator=site.replicator,
                               chunk_server=site.chunk_server, integrity=site.integrity,
-                              store_root=site.settings.store_dir))
+                              store_root=site.settings.store_dir, bandwidth=site.bandwidth, download_gate=gate))
+
+
+async def _adopt_spellings(store, reader, site_id: str, append) -> None:
+    """Files an older ODST named by spelling take the key of their name (Store.adopt_spellings).
+    Where spellings that were two packages were two files here, the current package's is kept;
+    if this site's latest report was of the other content, it says again that it holds the
+    current one (PackageAvailable), so that what it serves (view 'serving') is what its one file
+    holds. Checked by hashing the file, and only where the two differ."""
+    targets = views.adoption_targets(reader, site_id)
+    store.adopt_spellings(targets)
+    serving = views.file_holders(reader, site_id)
+    for key, blake3 in sorted(targets.items()):
+        if serving.get(key) == blake3 or not store.path(key).exists():
+            continue
+        if (await asyncio.to_thread(hash_file, store.path(key))).blake3 != blake3:
+            continue  # the file holds another content (pulled over this one): the replicator pulls it again
+        pkg = views.package(reader, key)
+        if pkg is None or pkg["blake3"] != blake3:
+            continue
+        try:
+            await append(ev.PackageAvailable(
+                name=pkg["name"], size=pkg["size"], sha1=pkg["sha1"], sha512=pkg["sha512"], blake3=blake3,
+                chunk_size=pkg["chunk_size"], chunks=list(pkg["chunks"]), stage=pkg["stage"],
+                origin=pkg["origin"], uploaded_ts=pkg["uploaded_at"], uploaded_by=pkg["uploaded_by"]),
+                actor="system")
+        except AppendFailed as exc:  # served as before; the next start tries again
+            log.warning("could not record the package file kept", package=pkg["name"], error=str(exc))
+            continue
+        log.warning("package file kept under the key of its name", package=pkg["name"])
 
 
 async def _bootstrap_admin_token(site: Site) -> None:

@@ -773,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a local log that is not a prefix of the peer's copy (saved to <data>/run first), "
                         "or accept a copy shorter than what the read model had seen")
     p.set_defaults(func=cmd_recover)
+
+    from odst import cli_bandwidth
+    cli_bandwidth.add_parser(sub, _client_flags)  # odst bandwidth ...
     return parser
 
 

@@ -41,6 +41,7 @@ class Settings:
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
+    withdraw_grace_s: int = 3600  # a held package whose stage this site no longer accepts is not served from then on; its file goes this long after (a demotion undone within it costs no re-pull)
     scrub_period_s: int = 7 * 86400  # the background scrub re-hashes the whole store once this often; 0: off
     scrub_min_rate: int = 4 << 20  # bytes/s the scrub reads at least (a small store is done quickly)
     scrub_max_rate: int = 64 << 20  # bytes/s it reads at most (also the pace of a re-check a peer's report asks for)
@@ -99,6 +100,7 @@ class Settings:
     jamf_dry_run: bool = False  # log and record what would change in Jamf Pro, change nothing
     jamf_allow_deletes: bool = False  # delete a package's Jamf record when it is deleted here (only records ODST created)
     jamf_check_interval_s: int = 900  # drift check: compare Jamf Pro's records with ODST this often
+    timezone: str = ""  # IANA zone (e.g. Europe/Berlin) of bandwidth timetables; empty: the system's
     log_format: str = "console"  # console | json
     log_level: str = "info"
 
@@ -147,6 +149,8 @@ class Settings:
             raise ConfigError("http_header_timeout_s must be more than 0 and at most 300")
         if not 1 <= self.http_keepalive_s <= 3600:
             raise ConfigError("http_keepalive_s must be between 1 and 3600")
+        if self.withdraw_grace_s < 0:
+            raise ConfigError("withdraw_grace_s must be 0 or more seconds")
         if self.stream_replicas not in (1, 3, 5):
             raise ConfigError("stream_replicas must be 1, 3 or 5 (NATS replicates to an odd number of nodes)")
         if self.stream_replicas > 1 and not self.nats:
@@ -205,6 +209,12 @@ class Settings:
             raise ConfigError(f"accept_stages {unknown} are not among stages {self.stages}")
         self.allowed_extensions = [e.lower() if e.startswith(".") else "." + e.lower()
                                    for e in self.allowed_extensions]
+        if self.timezone:
+            import zoneinfo
+            try:
+                zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ConfigError(f"timezone {self.timezone!r} is not an IANA time zone (e.g. Europe/Berlin)") from None
         return self
 
 

@@ -54,6 +54,28 @@ def name_in_path(scope, prefix: str) -> str:
     return path[len(prefix):]
 
 
+def name_key(name: str) -> str:
+    """The key a package name is compared by: two names with the same key are one package.
+
+    Names compare as a Mac compares file names. APFS (case-insensitive by default on macOS)
+    is normalisation-insensitive and case-insensitive; HFS+ stores names decomposed (NFD)
+    and compares them case-insensitively; an SMB share served by macOS compares the same
+    way. So the key is Unicode's canonical caseless match (Unicode 15, D145):
+    ``NFD(casefold(NFD(name)))``. NFD rather than NFC because that is the form HFS+ stores
+    and APFS hashes by, so a key is also a name a Mac's file system would keep as given.
+
+    Full case folding is a little broader than APFS ('Straße' and 'STRASSE' are one key
+    here): folding at least as much as any Mac means two names a Mac could confuse are
+    never two packages; the cost is a clear 409 for such a rare pair. Accents still count
+    ('Cafe.pkg' and 'Café.pkg' stay two packages), as on every Mac file system.
+
+    The uploader's spelling is kept for display; the key decides uniqueness, lookups
+    (the distribution point and the Admin API accept any spelling) and the file name in
+    the store. Idempotent: ``name_key(name_key(x)) == name_key(x)``.
+    """
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
 def check_name(name: str, allowed_extensions: list[str] | None = None) -> str:
     """Return the name if it is safe to use as a file name in the public directory."""
     if not name:

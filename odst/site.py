@@ -68,6 +68,7 @@ class Site:
         self.integrity = None  # replicator role: the one re-check of stored files (odst.replicator.integrity)
         self.healers: list = []  # the background Scrubber and RejectionWatch (odst.replicator.scrub)
         self.chunk_server = None
+        self.bandwidth = None  # odst.replicator.bandwidth.Bandwidth: link limits, download caps
         self.registration = None
         self.notifier = None
         self.sessions = None  # web UI sessions (gateway role)

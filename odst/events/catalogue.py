@@ -106,6 +106,15 @@ class PackageDamaged(Event, tag=True):
     found_by: str = ""  # scrub | verify | report
 
 
+class PackageWithdrawn(Event, tag=True):
+    """This site removed its copy of a content whose stage it no longer accepts (demoted, or the
+    site's accepted stages changed), once the grace period had passed; pulled again if accepted."""
+
+    name: str
+    blake3: str
+    reason: str
+
+
 class PackageStaged(Event, tag=True):
     """A package's stage changed (e.g. promoted from test to prod)."""
 
@@ -320,6 +329,62 @@ class JamfDriftCleared(Event, tag=True):
     record_id: str = ""
 
 
+class TimeWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of a link's weekly timetable, in the deciding site's time zone: on ``days``
+    (mon..sun) from ``start`` to ``end`` (HH:MM; an end at or before the start runs past
+    midnight) the link carries ``limit_bps`` bytes per second (0: unlimited), or nothing
+    when ``paused``."""
+
+    days: list[str]
+    start: str
+    end: str
+    limit_bps: int = 0
+    paused: bool = False
+
+
+class LinkBandwidthSet(Event, tag=True):
+    """The origin site limits its replication traffic with peer ``link`` (a site id, or
+    ``*``: the network-wide default for links without their own). Rates in bytes per second,
+    0: unlimited; ``burst_bytes`` 0: the default; ``local``: auto (by the local networks),
+    yes (never limited) or no (always limited)."""
+
+    link: str
+    send_bps: int = 0
+    receive_bps: int = 0
+    burst_bytes: int = 0
+    windows: list[TimeWindow] = []
+    local: str = "auto"
+
+
+class LinkBandwidthCleared(Event, tag=True):
+    """The origin site's own limits for ``link`` (or the default, ``*``) are gone."""
+
+    link: str
+
+
+class LocalNetworksSet(Event, tag=True):
+    """What the origin site counts as local (never limited when ``exempt``)."""
+
+    exempt: bool = True
+    cidrs: list[str] = []
+
+
+class DownloadCapsSet(Event, tag=True):
+    """The origin site's caps on Mac downloads (0: none): total egress in bytes per
+    second, downloads at once, downloads at once per client address."""
+
+    egress_bps: int = 0
+    max_concurrent: int = 0
+    per_client: int = 0
+
+
+class PackageUrgencySet(Event, tag=True):
+    """A package is (or no longer is) urgent: it crosses closed windows and limits. The
+    envelope's actor is who marked it."""
+
+    name: str
+    urgent: bool
+    reason: str = ""
 class SiteRenamed(Event, tag=True):
     """This site (the envelope's origin) goes by ``name`` from now on, in its UI, its
     peers' UIs and its mail; chosen in the web UI or API, it overrides the ``site_name``
@@ -335,7 +400,9 @@ AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFa
             | PeerLogDiverged | PeerLogRestored
             | NatsCredentialCreated | NatsCredentialRevoked | ChunkRejected | PackageDamaged
             | JamfPackageSynced | JamfDistributionPointRegistered | JamfDriftDetected | JamfDriftCleared
-            | PackageReplaced | SiteRenamed)
+            | PackageReplaced | SiteRenamed
+            | LinkBandwidthSet | LinkBandwidthCleared | LocalNetworksSet | DownloadCapsSet
+            | PackageUrgencySet | PackageWithdrawn)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
@@ -369,6 +436,12 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     JamfDistributionPointRegistered,
     JamfDriftDetected,
     JamfDriftCleared,
+    LinkBandwidthSet,
+    LinkBandwidthCleared,
+    LocalNetworksSet,
+    DownloadCapsSet,
+    PackageUrgencySet,
     PackageReplaced,
     SiteRenamed,
+    PackageWithdrawn,
 )

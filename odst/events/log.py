@@ -9,7 +9,9 @@ retries) and ``Nats-Msg-Id`` = event id (so a retried publish is idempotent).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
@@ -124,6 +126,7 @@ class StoredMessage:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
+    pending: int = 0  # messages the reader knew to follow this one when it was delivered
 
 
 class Appender(Protocol):
@@ -300,36 +303,140 @@ async def unfolded(js: JetStreamContext, stream: str, checkpoint: int) -> int:
     return state.last_seq - max(checkpoint, state.first_seq - 1)
 
 
+# How read_stream pulls. It asks for at most PULL_BATCH messages (fewer when they are large:
+# about PULL_BYTES at a time) and asks again only once it has handed them all on, so however
+# slow its caller folds, the client never holds more than one batch and never drops one.
+PULL_BATCH = 256
+PULL_BYTES = 16 << 20
+PULL_EXPIRES_S = 30.0  # a pull request waits this long for new messages (a live one comes at once)
+PULL_HEARTBEAT_S = 5.0  # while it waits the server says it is alive this often
+READER_IDLE_S = 60.0  # the server removes a reader's consumer this long after its last request
+
+
+class _ReaderLost(Exception):
+    """The reader's consumer can no longer be trusted to deliver every message: re-create it."""
+
+
+class _PullReader:
+    """One ephemeral pull consumer on ``stream`` from ``start`` on (no acks, in memory).
+
+    Ordered by us: every delivery must carry the consumer sequence after the last one
+    (JetStream numbers deliveries 1, 2, 3, … whatever the stream's own numbering), so a
+    message lost on the way (a reconnect, a pull answered while nobody listened) shows up
+    as a skipped number, and ``_ReaderLost`` tells the caller to start again after the last
+    message it has."""
+
+    def __init__(self, js: JetStreamContext, stream: str, start: int):
+        self.js, self.nc, self.stream, self.start = js, js._nc, stream, start
+        self.name = ""
+        self.sub = None
+        self.delivered = 0  # consumer sequence of the last message handed on
+        self.credit = 0  # messages the open pull request may still deliver (0: none open)
+        self.batch = PULL_BATCH
+        self._largest = 0  # of the current batch: sizes the next one
+
+    async def open(self) -> None:
+        # No client-side limit: this reader holds at most one batch it asked for.
+        self.sub = await self.nc.subscribe(self.nc.new_inbox(), pending_msgs_limit=0, pending_bytes_limit=0)
+        info = await self.js.add_consumer(self.stream, api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start,
+            ack_policy=api.AckPolicy.NONE, filter_subject=ALL_EVENTS_FILTER,
+            inactive_threshold=READER_IDLE_S, mem_storage=True, num_replicas=1,
+        ))
+        self.name = info.name
+
+    async def close(self) -> None:
+        try:
+            if self.name:  # without waiting for the answer: also on the way out of a shutdown
+                await self.nc.publish(f"{self.js._prefix}.CONSUMER.DELETE.{self.stream}.{self.name}", b"")
+            if self.sub is not None:
+                await self.sub.unsubscribe()
+        except Exception:  # connection already closed: the server drops the consumer when idle
+            pass
+
+    async def _pull(self) -> None:
+        if self._largest:
+            self.batch = max(1, min(PULL_BATCH, PULL_BYTES // self._largest))
+        self._largest = 0
+        request = {"batch": self.batch, "expires": int(PULL_EXPIRES_S * 1e9),
+                   "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9)}
+        await self.nc.publish(f"{self.js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{self.name}",
+                              json.dumps(request).encode(), reply=self.sub.subject)
+        self.credit = self.batch
+
+    async def next(self, timeout: float | None):
+        """The next message, or nats.errors.TimeoutError after ``timeout`` seconds without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if not self.credit:
+                await self._pull()
+            wait = PULL_HEARTBEAT_S * 3  # two heartbeats missed: the request or consumer is gone
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise nats.errors.TimeoutError
+            try:
+                msg = await self.sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                raise _ReaderLost(f"no message nor heartbeat for {wait:.0f} s") from None
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                break
+            left = (msg.headers or {}).get("Nats-Pending-Messages")
+            if status == "100":  # idle heartbeat
+                continue
+            if status in ("404", "408") or (status == "409" and left is not None):
+                # the pull request ended (expired, or a completion notice) with ``left`` undelivered
+                self.credit = max(0, self.credit - int(left)) if left is not None else 0
+                continue
+            why = (msg.headers or {}).get("Description", "").splitlines()[:1]
+            raise _ReaderLost(" ".join([status, *why]).strip())
+        dseq = msg.metadata.sequence.consumer
+        if dseq != self.delivered + 1:
+            raise _ReaderLost(f"delivery {dseq} came after {self.delivered}: messages were lost on the way")
+        self.delivered = dseq
+        self.credit -= 1
+        self._largest = max(self._largest, len(msg.data))
+        return msg
+
+
 async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
                       until_seq: int | None = None, idle_timeout: float | None = None,
                       ) -> AsyncIterator[StoredMessage]:
-    """Yield a stream's messages in order from start_seq (an ordered consumer).
+    """Yield a stream's messages in order from start_seq, each exactly once, never skipping one.
 
-    Stops after until_seq if given; otherwise runs forever (tail). ``idle_timeout``
-    only bounds a wait when until_seq is set and a message is still expected.
+    Stops after until_seq if given; otherwise runs forever (tail: a new message comes as soon
+    as it is stored). ``idle_timeout`` only bounds a wait when until_seq is set and a message
+    is still expected (then nats.errors.TimeoutError). A slow caller only slows the reading
+    (see ``_PullReader``); a lost consumer is re-created after the last message yielded.
+    Broker errors (no stream, connection closed) are raised.
     """
     if until_seq is not None and until_seq < start_seq:
         return
-    sub = await js.subscribe(
-        ALL_EVENTS_FILTER, stream=stream, ordered_consumer=True,
-        config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                  opt_start_seq=max(1, start_seq)),
-        idle_heartbeat=5.0, pending_msgs_limit=4096,
-    )
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout or 3600)
-            except nats.errors.TimeoutError:
-                if until_seq is not None and idle_timeout is not None:
-                    raise
-                continue
-            seq = msg.metadata.sequence.stream
-            yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers)
-            if until_seq is not None and seq >= until_seq:
-                return
-    finally:
+    next_seq = max(1, start_seq)
+    timeout = idle_timeout if until_seq is not None else None
+    losses = 0  # in a row, without a message between: back off a little
+    while True:
+        reader = _PullReader(js, stream, next_seq)
         try:
-            await sub.unsubscribe()
-        except Exception:  # connection already closed on shutdown
-            pass
+            await reader.open()
+            while True:
+                msg = await reader.next(timeout)
+                seq = msg.metadata.sequence.stream
+                if seq < next_seq:  # cannot happen with a fresh consumer; never yield one twice
+                    raise _ReaderLost(f"stream seq {seq} came after {next_seq - 1}")
+                next_seq, losses = seq + 1, 0
+                yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers,
+                                    msg.metadata.num_pending)
+                if until_seq is not None and seq >= until_seq:
+                    return
+        except _ReaderLost as exc:
+            log.warning("stream reader lost its place; reading again from where it was",
+                        stream=stream, seq=next_seq, reason=str(exc))
+            losses += 1
+        finally:
+            await reader.close()
+        if losses > 1:
+            await asyncio.sleep(min(1.0, 0.05 * losses))

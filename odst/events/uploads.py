@@ -48,10 +48,21 @@ class Replaced:
     event: ev.PackageReplaced
 
 
+def spelled_otherwise(name: str, existing: dict | None) -> Conflict | None:
+    """A package already stands for this name under another spelling (odst.naming.name_key:
+    case and Unicode normalisation do not count, as on a Mac): refuse, naming that spelling."""
+    if existing is None or existing.get("name", name) == name:
+        return None
+    return Conflict(f"a package named {existing['name']!r} exists, and {name!r} is the same name on a Mac "
+                    "(case and Unicode normalisation do not count); use that spelling, or delete that package first")
+
+
 def admit_upload(name: str, length: int | None, existing: dict | None, *, max_bytes: int,
                  free_bytes: int, reserve_bytes: int, replace: bool = False) -> TooLarge | NoSpace | Conflict | None:
     """Before the body arrives: refuse what cannot end well (None: receive it). A replacement
     may have any size."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
     if length is None:
         return NoSpace("the store is full") if free_bytes <= reserve_bytes else None
     if length > max_bytes:
@@ -67,6 +78,8 @@ def admit_upload(name: str, length: int | None, existing: dict | None, *, max_by
 def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | None,
                   site: str) -> Uploaded | Identical | Conflict:
     """Once the body is verified: publish it, report it already here, or refuse it."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
     if existing is not None:
         held_here = existing["availability"].get(site, {}).get("status") == "available"
         if held_here and existing["blake3"] == manifest.blake3:
@@ -81,12 +94,15 @@ def accept_upload(name: str, stage: str, manifest: Manifest, existing: dict | No
 
 
 def accept_replace(name: str, stage: str | None, default_stage: str, manifest: Manifest,
-                   existing: dict | None, served_here: str | None) -> Uploaded | Replaced | Identical:
+                   existing: dict | None, served_here: str | None) -> Uploaded | Replaced | Identical | Conflict:
     """Once the body is verified, with ``?replace=true``: the content this site serves under
     ``name`` is ``served_here``. A new name is an upload; the current content, already served
     here, is nothing to do; the current content not served here yet is an upload of it here
     (the file is swapped in at once); other content replaces the current one, one generation
-    up, in the current stage unless ``stage`` says otherwise."""
+    up, in the current stage unless ``stage`` says otherwise. Another spelling of the name is
+    refused as for an upload: a package keeps its spelling across generations."""
+    if (other := spelled_otherwise(name, existing)) is not None:
+        return other
     if existing is None:
         return Uploaded(_uploaded(name, stage or default_stage, manifest))
     if existing["blake3"] == manifest.blake3:

@@ -14,6 +14,7 @@ from odst import __version__
 from odst.errors import OdstError
 from odst.events.log import AppendFailed
 from odst.gateway.auth import auth_guard
+from odst.gateway.bandwidth import BandwidthController
 from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import make_download_app
 from odst.gateway.events import EventController
@@ -83,6 +84,8 @@ def create_app(site: GatewayContext) -> Litestar:
         return Response(body, media_type=content_type)
 
     downloads = make_download_app(site, [f"/{context}/Packages", "/Packages"])
+    if site.download_gate is not None:
+        downloads = site.download_gate.wrap(downloads)  # caps on Mac downloads (egress.py)
 
     @asgi(f"/{context}/Packages", is_mount=True, copy_scope=True)
     async def dist_point(scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +104,7 @@ def create_app(site: GatewayContext) -> Litestar:
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
                                            SessionController, UserController, SettingsController,
-                                           CredentialController, JamfController],
+                                           CredentialController, JamfController, BandwidthController],
                  guards=[auth_guard])
     app = Litestar(
         route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,

@@ -51,6 +51,8 @@ class GatewayContext:
     chunk_server: ChunkServer
     metrics: MetricSources
     jamf: Any = None  # odst.jamf.sync.JamfService when jamf_url is set
+    bandwidth: Any = None  # odst.replicator.bandwidth.Bandwidth: link limits, urgency, download caps
+    download_gate: Any = None  # odst.gateway.egress.DownloadGate: caps on Mac downloads
     integrity: Integrity | None = None  # replicator role: re-checks (odst verify runs them here too)
 
     @property

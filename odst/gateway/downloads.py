@@ -11,7 +11,9 @@ import asyncio
 import base64
 import hmac
 import os
+import re
 import time
+from urllib.parse import quote
 
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
@@ -49,6 +51,19 @@ def _authorised(settings, headers: dict[bytes, bytes]) -> bool:
         return False
     return (hmac.compare_digest(user.encode("utf-8"), settings.download_user.encode("utf-8"))
             & hmac.compare_digest(password.encode("utf-8"), settings.download_password.encode("utf-8")))
+
+
+_ACCEL = re.compile(r"/[A-Za-z0-9_/-]*/")
+
+
+def _accel_location(headers: dict[bytes, bytes]) -> str | None:
+    """The internal location of the store in an nginx in front (deploy/nginx/odst.conf sets
+    ``X-ODST-Accel-Redirect: /_odst_store/`` on the distribution point's requests, replacing
+    any a client sent). With it the gateway still decides (any spelling of the name, download
+    auth, the stage rule) and answers with ``X-Accel-Redirect``; nginx sends the file. A client
+    that sends the header itself straight to the gateway only gets that answer back."""
+    value = headers.get(b"x-odst-accel-redirect", b"").decode("latin-1")
+    return value if _ACCEL.fullmatch(value) else None
 
 
 def make_download_app(site, prefixes: list[str]):
@@ -100,9 +115,17 @@ def make_download_app(site, prefixes: list[str]):
                                      "a verified copy is back; try again later\n",
                           [("retry-after", str(REPAIR_RETRY_AFTER_S))])
             return
-        row = views.servable(site.reader, name, site.id)
+        # any spelling of the name (naming.name_key); only while its stage is accepted here
+        row = views.servable(site.reader, name, site.id, views.replicated_stages(site.reader, site.settings))
         if row is None:
             await _simple(send, 404, "no such package\n")
+            return
+        accel = _accel_location(headers)
+        if accel:  # nginx in front sends the file, which the store names by key (Store.path)
+            await send({"type": "http.response.start", "status": 200, "headers": _headers([
+                ("x-accel-redirect", accel + quote(row["key"])),
+                ("content-type", "application/octet-stream"), ("content-length", "0")])})
+            await send({"type": "http.response.body", "body": b""})
             return
         try:
             fd = os.open(site.store.path(name), os.O_RDONLY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,6 +33,8 @@ class MetricSources:
     linker: Linker | None
     replicator: Replicator | None
     chunk_server: ChunkServer | None
+    bandwidth: Any = None  # odst.replicator.bandwidth.Bandwidth
+    download_gate: Any = None  # odst.gateway.egress.DownloadGate
     integrity: Integrity | None = None  # re-check counts (the replicator role)
     store_root: Path | None = None  # where the scrub keeps its state (any process may read it)
 
@@ -108,6 +111,41 @@ class SiteCollector:
         yield GaugeMetricFamily("odst_packages", "Current packages", value=views.count(site.reader, "packages"))
         yield from scrub_metrics(site)
         yield from log_watch_metrics(site.log_watch, site.reader)
+        yield from bandwidth_metrics(site)
+
+
+def bandwidth_metrics(site: MetricSources):
+    """Per link and direction: the limit in force, paused or not, the measured rate; download caps."""
+    bw = site.bandwidth
+    if bw is not None:
+        limit = GaugeMetricFamily("odst_link_limit_bytes_per_second",
+                                  "Replication limit in force now (0: unlimited)", labels=["peer", "direction"])
+        paused = GaugeMetricFamily("odst_link_paused", "1 while the link's timetable pauses it",
+                                   labels=["peer", "direction"])
+        rate = GaugeMetricFamily("odst_link_rate_bytes_per_second", "Replication bytes per second measured "
+                                 "over the last seconds", labels=["peer", "direction"])
+        for p in views.peer_sites(site.reader, site.site_id):
+            status = bw.link_status(p["site"])
+            for direction in ("send", "receive"):
+                d = status[direction]
+                limit.add_metric([p["site"], direction], d["limit_bps"])
+                paused.add_metric([p["site"], direction], 1 if d["state"] == "paused" else 0)
+                rate.add_metric([p["site"], direction], d["measured_bps"])
+        yield limit
+        yield paused
+        yield rate
+    gate = site.download_gate
+    if gate is not None:
+        s = gate.status()
+        yield GaugeMetricFamily("odst_downloads_active", "Mac downloads in progress", value=s["active"])
+        yield GaugeMetricFamily("odst_downloads_max_concurrent", "Cap on downloads at once (0: none)",
+                                value=s["max_concurrent"])
+        yield GaugeMetricFamily("odst_download_egress_limit_bytes_per_second",
+                                "Cap on total download egress (0: none)", value=s["egress_bps"])
+        yield GaugeMetricFamily("odst_download_rate_bytes_per_second", "Download bytes per second measured",
+                                value=s["measured_bps"])
+        yield CounterMetricFamily("odst_downloads_refused", "Downloads answered 503 + Retry-After by a cap",
+                                  value=s["refused"])
 
 
 def make_metrics(site: MetricSources):

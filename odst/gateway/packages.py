@@ -18,7 +18,7 @@ from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
-from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path
+from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
 from odst.store.files import StoreFull, StreamingUpload, tag
@@ -49,9 +49,11 @@ _name_locks: dict[str, asyncio.Lock] = {}
 
 
 def _lock_for(name: str) -> asyncio.Lock:
-    lock = _name_locks.get(name)
+    """One lock per package: every spelling of a name shares it (naming.name_key)."""
+    key = name_key(name)
+    lock = _name_locks.get(key)
     if lock is None:
-        lock = _name_locks[name] = asyncio.Lock()
+        lock = _name_locks[key] = asyncio.Lock()
     return lock
 
 
@@ -109,6 +111,10 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
             path.unlink(missing_ok=True)
             site.stats.uploads["identical"] += 1
             return Response(decision.existing, status_code=200)
+        if isinstance(decision, uploads.Conflict):  # another spelling of the name
+            path.unlink(missing_ok=True)
+            site.stats.uploads["refused"] += 1
+            raise _refused(decision)
         with site.store.publishing(name):
             backup = site.store.swap(path, name)
             try:
@@ -153,7 +159,9 @@ class PackageController(Controller):
                                          descending=order == "desc", limit=limit, offset=offset,
                                          chunks=include == "chunks")]
         total = len(items) if name is not None else views.package_count(site.reader, stage=stage, q=q)
-        return {"packages": items, "count": len(items), "total": total, "offset": offset}
+        # spellings that were two packages before names compared as on a Mac: shown, not merged
+        return {"packages": items, "count": len(items), "total": total, "offset": offset,
+                "name_collisions": views.name_collisions(site.reader)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
     async def get_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
@@ -184,7 +192,7 @@ class PackageController(Controller):
             length = ascii_int(announced)
             if length is None:
                 raise RequestInvalid("Content-Length is not a number")
-        refusal = uploads.admit_upload(name, length, views.package(site.reader, name) if length is not None else None,
+        refusal = uploads.admit_upload(name, length, views.package(site.reader, name),
                                        max_bytes=settings.max_upload_bytes, free_bytes=site.store.free_bytes(),
                                        reserve_bytes=site.store.reserve_bytes(), replace=replace)
         if refusal is not None:
@@ -256,7 +264,7 @@ class PackageController(Controller):
                 if change.stage not in site.settings.stages:
                     raise StageInvalid(f"unknown stage {change.stage!r}; allowed: "
                                        f"{', '.join(site.settings.stages)}")
-                await site.append(ev.PackageStaged(name=name, stage=change.stage, previous=pkg["stage"]),
+                await site.append(ev.PackageStaged(name=pkg["name"], stage=change.stage, previous=pkg["stage"]),
                                   actor=request.state.actor)
         return views.package(site.reader, name)
 
@@ -268,8 +276,8 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            await site.append(ev.PackageDeleted(name=name, blake3=pkg["blake3"]), actor=request.state.actor)
+            await site.append(ev.PackageDeleted(name=pkg["name"], blake3=pkg["blake3"]), actor=request.state.actor)
             site.store.remove(name)
-        log.info("package deleted", package=name)
-        return {"deleted": name, "blake3": pkg["blake3"]}
+        log.info("package deleted", package=pkg["name"])
+        return {"deleted": pkg["name"], "blake3": pkg["blake3"]}
 

@@ -23,6 +23,7 @@ import structlog
 from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.jamf.client import JamfClient, JamfError, credentials
+from odst.naming import name_key
 from odst.jamf.records import NOTES_MARK, DistributionPoint, Wanted, dp_body, dp_xml, drift_kind, \
     package_body, record_action
 from odst.projections import views
@@ -58,8 +59,7 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
     out = []
     for row in conn.execute("SELECT * FROM packages WHERE stage=? ORDER BY name", (stage,)).fetchall():
         holders = {r[0] for r in conn.execute(
-            "SELECT site FROM availability WHERE name=? AND blake3=? AND status='available'",
-            (row["name"], row["blake3"]))} & set(sites)
+            "SELECT site FROM serving WHERE key=? AND blake3=?", (row["key"], row["blake3"]))} & set(sites)
         if (quorum and len(holders) >= quorum) or (not quorum and required and required <= holders):
             out.append(row)
     return out
@@ -266,8 +266,8 @@ class JamfService:
         todo = [r for r in ready if not (
             (j := rows.get(r["name"])) and j["state"] == "in_sync" and j["blake3"] == r["blake3"]
             and j["hash_type"] == s.jamf_hash_type)]
-        live = views.live_names(self.d.reader)
-        gone = [j for j in rows.values() if j["name"] not in live and j["created_by_odst"]
+        live = views.live_keys(self.d.reader)  # names compare by key (naming.name_key)
+        gone = [j for j in rows.values() if name_key(j["name"]) not in live and j["created_by_odst"]
                 and j["record_id"] and j["state"] != "deleted"]
         return todo, gone
 
@@ -370,14 +370,14 @@ class JamfService:
         rows = jamf_rows(self.d.reader)
         ready = {r["name"]: r for r in ready_packages(self.d.reader, self.d.site_id, self.d.accepted_stages(),
                                                       s.jamf_stage, s.jamf_quorum)}
-        live = views.live_names(self.d.reader)
+        live = views.live_keys(self.d.reader)  # names compare by key (naming.name_key)
         known = {r[0] for r in self.d.reader.execute("SELECT DISTINCT name FROM contents")}
         report = []
         names = set(ready) | {n for n, j in rows.items() if j["state"] != "deleted"} \
-            | {n for n in records if n in known and n not in live}
+            | {n for n in records if n in known and name_key(n) not in live}
         for name in sorted(names):
             row = ready.get(name)
-            if row is None and name in live:
+            if row is None and name_key(name) in live:
                 continue  # not (yet) at the stage everywhere: not Jamf's business yet
             try:
                 want = await self.wanted(row) if row is not None else None

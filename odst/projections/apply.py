@@ -12,10 +12,13 @@ import json
 import sqlite3
 from dataclasses import dataclass
 
+import msgspec
+
 from odst.events import catalogue as ev
 from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
+from odst.naming import name_key
 
 
 # Quarantine bounds, per stream (see sql/006_quarantine_bounds.sql).
@@ -197,19 +200,25 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
              uploaded_at, uploaded_by, stage, at: str, from_upload: bool, generation: int = 0) -> None:
     """Record a sighting of a content at clock ``at``, order-independently.
 
-    The metadata of the earliest sighting is kept (an upload event beats an
-    availability report of the same upload); the stage of the latest upload is
-    current until a later PackageStaged. Ties break on the text of the key, so
-    any order of folding gives the same row. The generation is the highest seen
-    (a replacement's; 0 for uploads).
+    Keyed by the key of the name (naming.name_key): spellings a Mac would take for one
+    file name are one package. The metadata of the earliest sighting is kept, its spelling
+    included (an upload event beats an availability report of the same upload); the stage of
+    the latest upload is current until a later PackageStaged. Ties break on the text of the
+    key (and of the spelling), so any order of folding gives the same row. Every spelling is
+    also recorded in ``spellings``, so that two of them for one key are reported
+    (name_collisions), never merged silently. The generation is the highest seen (a
+    replacement's; 0 for uploads).
     """
+    key = name_key(name)
     first_key = f"{at}|{0 if from_upload else 1}|{stage}"
     last_key = f"{at}|{1 if from_upload else 0}|{stage}"
+    earlier = "(excluded.first_key < first_key OR (excluded.first_key = first_key AND excluded.name < name))"
     c.execute(
-        "INSERT INTO contents(name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
+        "INSERT INTO contents(key, name, blake3, size, sha1, sha512, chunk_size, chunks, origin, uploaded_at,"
         " uploaded_by, first_clock, first_key, last_clock, last_key, last_stage, generation)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-        " ON CONFLICT(name, blake3) DO UPDATE SET"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(key, blake3) DO UPDATE SET"
+        f" name=CASE WHEN {earlier} THEN excluded.name ELSE name END,"
         " origin=CASE WHEN excluded.first_key < first_key THEN excluded.origin ELSE origin END,"
         " uploaded_at=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_at ELSE uploaded_at END,"
         " uploaded_by=CASE WHEN excluded.first_key < first_key THEN excluded.uploaded_by ELSE uploaded_by END,"
@@ -217,16 +226,19 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
         " last_stage=CASE WHEN excluded.last_key > last_key THEN excluded.last_stage ELSE last_stage END,"
         " last_clock=max(last_clock, excluded.last_clock), last_key=max(last_key, excluded.last_key),"
         " generation=max(generation, excluded.generation)",
-        (name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
+        (key, name, blake3, size, sha1, sha512, chunk_size, json.dumps(chunks), origin, uploaded_at,
          uploaded_by, at, first_key, at, last_key, stage, generation))
+    c.execute("INSERT INTO spellings(key, name, blake3, first_clock) VALUES (?,?,?,?)"
+              " ON CONFLICT(key, name, blake3) DO UPDATE SET first_clock=min(first_clock, excluded.first_clock)",
+              (key, name, blake3, at))
 
 
 def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status: str, detail: str,
                at: str) -> None:
-    c.execute("INSERT INTO availability(name, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
-              " ON CONFLICT(name, blake3, site) DO UPDATE SET status=excluded.status,"
+    c.execute("INSERT INTO availability(key, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(key, blake3, site) DO UPDATE SET status=excluded.status,"
               " detail=excluded.detail, clock=excluded.clock WHERE excluded.clock > clock",
-              (name, blake3, site, status, detail, at))
+              (name_key(name), blake3, site, status, detail, at))
 
 
 def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
@@ -240,7 +252,8 @@ def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
 
 def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
     """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
-    c.execute("DELETE FROM damaged WHERE name=? AND blake3=? AND site=? AND clock < ?", (name, blake3, site, at))
+    c.execute("DELETE FROM damaged WHERE key=? AND blake3=? AND site=? AND clock < ?",
+              (name_key(name), blake3, site, at))
 
 
 def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
@@ -250,11 +263,11 @@ def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
     _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True, generation=e.generation)
-    c.execute("INSERT INTO replacements(name, old_blake3, clock, new_blake3, origin, replaced_at, replaced_by)"
-              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(name, old_blake3) DO UPDATE SET clock=excluded.clock,"
+    c.execute("INSERT INTO replacements(key, old_blake3, clock, new_blake3, origin, replaced_at, replaced_by)"
+              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, old_blake3) DO UPDATE SET clock=excluded.clock,"
               " new_blake3=excluded.new_blake3, origin=excluded.origin, replaced_at=excluded.replaced_at,"
               " replaced_by=excluded.replaced_by WHERE excluded.clock > clock",
-              (e.name, e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
+              (name_key(e.name), e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
     _available(c, e.name, e.blake3, env.origin, "available", "", at)
 
 
@@ -271,27 +284,31 @@ def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
     """Out of service at its origin until that site's next PackageAvailable of the content."""
     at = clock(env.ts, env.origin)
     _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
-    c.execute("INSERT INTO damaged(name, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
-              " ON CONFLICT(name, blake3, site) DO UPDATE SET reason=excluded.reason,"
+    c.execute("INSERT INTO damaged(key, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
+              " ON CONFLICT(key, blake3, site) DO UPDATE SET reason=excluded.reason,"
               " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
-              (e.name, e.blake3, env.origin, e.reason, e.found_by, at))
+              (name_key(e.name), e.blake3, env.origin, e.reason, e.found_by, at))
 
 
 def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, writer) -> None:
     _available(c, e.name, e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
 
 
+def _package_withdrawn(c, env, e: ev.PackageWithdrawn, writer) -> None:
+    _available(c, e.name, e.blake3, env.origin, "withdrawn", e.reason, clock(env.ts, env.origin))
+
+
 def _package_staged(c, env, e: ev.PackageStaged, writer) -> None:
-    c.execute("INSERT OR IGNORE INTO stage_changes(name, clock, stage) VALUES (?,?,?)",
-              (e.name, clock(env.ts, env.origin), e.stage))
+    c.execute("INSERT OR IGNORE INTO stage_changes(key, clock, stage) VALUES (?,?,?)",
+              (name_key(e.name), clock(env.ts, env.origin), e.stage))
 
 
 def _package_deleted(c, env, e: ev.PackageDeleted, writer) -> None:
-    c.execute("INSERT INTO tombstones(name, blake3, clock, origin, deleted_at, deleted_by)"
-              " VALUES (?,?,?,?,?,?) ON CONFLICT(name, blake3) DO UPDATE SET clock=excluded.clock,"
+    c.execute("INSERT INTO tombstones(key, blake3, clock, origin, deleted_at, deleted_by)"
+              " VALUES (?,?,?,?,?,?) ON CONFLICT(key, blake3) DO UPDATE SET clock=excluded.clock,"
               " origin=excluded.origin, deleted_at=excluded.deleted_at, deleted_by=excluded.deleted_by"
               " WHERE excluded.clock > clock",
-              (e.name, e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
+              (name_key(e.name), e.blake3, clock(env.ts, env.origin), env.origin, env.ts, env.actor))
 
 
 def _peer_invited(c, env, e: ev.PeerInvited, writer) -> None:
@@ -454,6 +471,43 @@ def _jamf_dp_registered(c, env, e: ev.JamfDistributionPointRegistered, folder) -
                env.origin))
 
 
+def _link_bandwidth(c, env, e, writer) -> None:
+    if isinstance(e, ev.LinkBandwidthCleared):
+        row = (e.link, 0, 0, 0, "[]", "auto", 1)
+    else:
+        row = (e.link, e.send_bps, e.receive_bps, e.burst_bytes,
+               json.dumps([msgspec.to_builtins(w) for w in e.windows]), e.local, 0)
+    c.execute("INSERT INTO bandwidth_links(site, link, send_bps, receive_bps, burst_bytes, windows, local, cleared,"
+              " clock, updated_by) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(site, link) DO UPDATE SET"
+              " send_bps=excluded.send_bps, receive_bps=excluded.receive_bps, burst_bytes=excluded.burst_bytes,"
+              " windows=excluded.windows, local=excluded.local, cleared=excluded.cleared, clock=excluded.clock,"
+              " updated_by=excluded.updated_by WHERE excluded.clock > bandwidth_links.clock",
+              (env.origin, *row, clock(env.ts, env.origin), env.actor))
+
+
+def _local_networks(c, env, e: ev.LocalNetworksSet, writer) -> None:
+    c.execute("INSERT INTO local_networks(site, exempt, cidrs, clock) VALUES (?,?,?,?) ON CONFLICT(site) DO UPDATE"
+              " SET exempt=excluded.exempt, cidrs=excluded.cidrs, clock=excluded.clock"
+              " WHERE excluded.clock > local_networks.clock",
+              (env.origin, int(e.exempt), json.dumps(list(e.cidrs)), clock(env.ts, env.origin)))
+
+
+def _download_caps(c, env, e: ev.DownloadCapsSet, writer) -> None:
+    c.execute("INSERT INTO download_caps(site, egress_bps, max_concurrent, per_client, clock) VALUES (?,?,?,?,?)"
+              " ON CONFLICT(site) DO UPDATE SET egress_bps=excluded.egress_bps,"
+              " max_concurrent=excluded.max_concurrent, per_client=excluded.per_client, clock=excluded.clock"
+              " WHERE excluded.clock > download_caps.clock",
+              (env.origin, e.egress_bps, e.max_concurrent, e.per_client, clock(env.ts, env.origin)))
+
+
+def _package_urgency(c, env, e: ev.PackageUrgencySet, writer) -> None:
+    c.execute("INSERT INTO urgent_packages(name, urgent, reason, marked_by, origin, marked_at, clock)"
+              " VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET urgent=excluded.urgent,"
+              " reason=excluded.reason, marked_by=excluded.marked_by, origin=excluded.origin,"
+              " marked_at=excluded.marked_at, clock=excluded.clock WHERE excluded.clock > urgent_packages.clock",
+              (e.name, int(e.urgent), e.reason, env.actor, env.origin, env.ts, clock(env.ts, env.origin)))
+
+
 _HANDLERS = {
     ev.JamfPackageSynced: _jamf_package_synced,
     ev.JamfDriftDetected: _jamf_drift,
@@ -465,6 +519,7 @@ _HANDLERS = {
     ev.PackageTransferFailed: _package_transfer_failed,
     ev.PackageDamaged: _package_damaged,
     ev.PackageStaged: _package_staged,
+    ev.PackageWithdrawn: _package_withdrawn,
     ev.PackageDeleted: _package_deleted,
     ev.PeerInvited: _peer_invited,
     ev.PeerRegistered: _peer_registered,
@@ -483,6 +538,11 @@ _HANDLERS = {
     ev.UserDetailsChanged: _user_update("display_name", "display_name"),
     ev.UserRemoved: _user_removed,
     ev.StagesAccepted: _stages_accepted,
+    ev.LinkBandwidthSet: _link_bandwidth,
+    ev.LinkBandwidthCleared: _link_bandwidth,
+    ev.LocalNetworksSet: _local_networks,
+    ev.DownloadCapsSet: _download_caps,
+    ev.PackageUrgencySet: _package_urgency,
 }
 
 

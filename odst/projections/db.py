@@ -6,6 +6,8 @@ import sqlite3
 from importlib import resources
 from pathlib import Path
 
+from odst.naming import name_key
+
 
 def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
@@ -23,6 +25,8 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply sql/NNN_*.sql files newer than PRAGMA user_version; return the version."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
+    # 014_names regroups packages by the key of their names: the one rule, from Python
+    conn.create_function("name_key", 1, name_key, deterministic=True)
     files = sorted(p for p in resources.files("odst.projections").joinpath("sql").iterdir()
                    if p.name.endswith(".sql"))
     for f in files:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import structlog
@@ -13,6 +15,54 @@ from odst.projections.apply import ReadModelWriter
 from odst.projections.db import open_read_model
 
 log = structlog.get_logger("odst.projector")
+
+
+# While catching up, whoever waits for a change (replicator, dispatcher, linker, Jamf sync,
+# SSE) is woken once this often, not after every event: each wake-up is a pass over the read
+# model, and one per event made catching up with a big log quadratic. A fold that leaves
+# nothing more to read wakes them at once.
+NOTIFY_EVERY_S = 0.1
+
+GAP_REASON = "gap in "  # how apply.py opens a chain gap's reason ("gap in <site>'s chain: …")
+
+
+def quarantined_gap(conn: sqlite3.Connection, stream: str) -> int | None:
+    """The stream seq of the first chain gap quarantined in ``stream``, if any."""
+    return conn.execute(f"SELECT min(stream_seq) FROM quarantine WHERE stream=? AND violation=1"
+                        f" AND reason LIKE '{GAP_REASON}%'", (stream,)).fetchone()[0]
+
+
+def rewind_for_gap(conn: sqlite3.Connection, stream: str, gap: int, first_seq: int) -> int | None:
+    """Where to fold ``stream`` again from, if the chain gap quarantined at ``gap`` has
+    messages before it in the stream that this read model never folded; else None.
+
+    A reader that skipped messages (read_stream before it pulled: the client dropped what its
+    caller was too slow for) left exactly that: the next event of the origin quarantined as a
+    gap, and every later one too, while the missing ones sit in the stream below the
+    checkpoint. Rewinding to the last event applied before the gap, and clearing the
+    quarantine after it, lets the re-read fold them all in order; whatever is still due is
+    quarantined again. A true gap (every message before it folded, or the stream starts
+    after it: ``first_seq``) is left as it is, as is a stream with anything applied after the
+    gap (re-reading it would be a replay).
+    """
+    if conn.execute("SELECT 1 FROM events WHERE stream=? AND stream_seq > ? LIMIT 1", (stream, gap)).fetchone():
+        return None
+    applied = conn.execute("SELECT coalesce(max(stream_seq), 0) FROM events WHERE stream=? AND stream_seq < ?",
+                           (stream, gap)).fetchone()[0]
+    low = max(applied, first_seq - 1)
+    folded = conn.execute("SELECT count(*) FROM quarantine WHERE stream=? AND stream_seq > ? AND stream_seq < ?",
+                          (stream, low, gap)).fetchone()[0]
+    if folded >= gap - 1 - low:
+        return None
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("DELETE FROM quarantine WHERE stream=? AND stream_seq > ?", (stream, applied))
+        conn.execute("UPDATE checkpoints SET seq=? WHERE stream=?", (applied, stream))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return applied
 
 
 def errors_text(errors: dict[str, str]) -> str | None:
@@ -33,6 +83,7 @@ class Projector:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
         self._errors: dict[str, str] = {}  # stream → why its folding last failed
+        self._rewound: set[tuple[str, int]] = set()  # (stream, gap seq) folded again this run
         self.conn.execute("DELETE FROM projection_errors")  # a past run's: this one finds its own
 
     @property
@@ -71,18 +122,44 @@ class Projector:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 
+    async def _heal(self, stream: str) -> bool:
+        """Rewind ``stream`` to before a gap it can fill (``rewind_for_gap``); True if it did."""
+        gap = quarantined_gap(self.conn, stream)
+        if gap is None or (stream, gap) in self._rewound:  # once per gap and run: never a loop
+            return False
+        first_seq = (await self.js.stream_info(stream)).state.first_seq
+        checkpoint = self.checkpoint(stream)
+        rewound = rewind_for_gap(self.conn, stream, gap, first_seq)
+        if rewound is None:
+            return False
+        self._rewound.add((stream, gap))
+        log.warning("chain gap can be filled from the stream; folding it again", stream=stream,
+                    seq=rewound + 1, checkpoint=checkpoint)
+        return True
+
     async def _tail(self, stream: str) -> None:
         while True:
             try:
+                await self._heal(stream)
                 start = self.checkpoint(stream) + 1
-                async for msg in read_stream(self.js, stream, start):
-                    outcome = self.writer.fold(msg)
-                    if not outcome.applied and outcome.reason != "already applied":
-                        log.warning("event quarantined", stream=stream, seq=msg.seq,
-                                    subject=msg.subject, reason=outcome.reason)
-                    async with self._changed:
-                        self._changed.notify_all()
-                    self._folded(stream)
+                gap_checked = False  # once per read: a gap seen while reading from here
+                clock = asyncio.get_running_loop().time
+                notified = clock()
+                async with contextlib.aclosing(read_stream(self.js, stream, start)) as messages:
+                    async for msg in messages:
+                        outcome = self.writer.fold(msg)
+                        if not outcome.applied and outcome.reason != "already applied":
+                            log.warning("event quarantined", stream=stream, seq=msg.seq,
+                                        subject=msg.subject, reason=outcome.reason)
+                        if not msg.pending or clock() - notified >= NOTIFY_EVERY_S:
+                            async with self._changed:
+                                self._changed.notify_all()
+                            notified = clock()
+                        self._folded(stream)
+                        if outcome.reason.startswith(GAP_REASON) and not gap_checked:
+                            gap_checked = True
+                            if await self._heal(stream):
+                                break  # read again from the rewound checkpoint
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker hiccup: resume from the checkpoint

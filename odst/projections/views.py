@@ -9,11 +9,13 @@ import sqlite3
 from odst.bus.authorization import Subscriber
 from odst.events import codec
 from odst.events.watch import Landmark, Recorded
+from odst.naming import name_key
 
 
 def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool = True) -> dict:
     d = dict(row)
     d.pop("first_clock", None)
+    d.pop("key", None)
     if chunks:
         d["chunks"] = json.loads(d["chunks"])
         d["chunk_count"] = len(d["chunks"])
@@ -23,19 +25,22 @@ def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool 
 
 
 def package(conn: sqlite3.Connection, name: str) -> dict | None:
-    row = conn.execute("SELECT * FROM packages WHERE name=?", (name,)).fetchone()
+    """The package any spelling of ``name`` stands for (naming.name_key); ``name`` in the
+    answer is the spelling it is shown by."""
+    key = name_key(name)
+    row = conn.execute("SELECT * FROM packages WHERE key=?", (key,)).fetchone()
     if row is None:
         return None
-    avail = conn.execute("SELECT * FROM availability WHERE name=? AND blake3=? ORDER BY site",
-                         (name, row["blake3"])).fetchall()
+    avail = conn.execute("SELECT * FROM availability WHERE key=? AND blake3=? ORDER BY site",
+                         (key, row["blake3"])).fetchall()
     pkg = _package(row, avail)
-    pkg["serving"] = sites_serving(conn, name)
+    pkg["serving"] = sites_serving(conn, key)
     return pkg
 
 
 # Columns a package list may be sorted by (the API's ``sort``), each with name as tie-break.
 PACKAGE_SORTS = ("name", "stage", "size", "uploaded_at", "updated_at")
-_LIST_COLUMNS = ("name, size, sha1, sha512, blake3, chunk_size, json_array_length(chunks) AS chunk_count,"
+_LIST_COLUMNS = ("key, name, size, sha1, sha512, blake3, chunk_size, json_array_length(chunks) AS chunk_count,"
                  " stage, origin, uploaded_at, uploaded_by, updated_at")
 
 
@@ -47,9 +52,9 @@ def _package_filter(stage: str | None, q: str | None, names: list[str] | None) -
     if q:
         sql += " AND instr(lower(name), lower(?)) > 0"
         args.append(q)
-    if names is not None:
-        sql += f" AND name IN ({','.join('?' * len(names))})"
-        args += names
+    if names is not None:  # exact names, any spelling of each (naming.name_key)
+        sql += f" AND key IN ({','.join('?' * len(names))})"
+        args += [name_key(n) for n in names]
     return sql, args
 
 
@@ -68,54 +73,77 @@ def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | Non
     avail: dict[str, list] = {}
     if rows:  # only this page's availability, in one query
         marks = ",".join("?" * len(rows))
-        for a in conn.execute(f"SELECT * FROM availability WHERE name IN ({marks}) ORDER BY site",
-                              [r["name"] for r in rows]):
-            avail.setdefault(a["name"], []).append(a)
-    return [_package(r, [a for a in avail.get(r["name"], []) if a["blake3"] == r["blake3"]], chunks=chunks)
+        for a in conn.execute(f"SELECT * FROM availability WHERE key IN ({marks}) ORDER BY site",
+                              [r["key"] for r in rows]):
+            avail.setdefault(a["key"], []).append(a)
+    return [_package(r, [a for a in avail.get(r["key"], []) if a["blake3"] == r["blake3"]], chunks=chunks)
             for r in rows]
 
 
 def package_count(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None) -> int:
     where, args = _package_filter(stage, q, None)
-    # The packages view has one row per live name; without a stage filter, count the names
+    # The packages view has one row per live key; without a stage filter, count the keys
     # themselves and skip the view's per-row stage lookups (3x faster at 5,000 packages).
-    source = "packages" if stage else "(SELECT DISTINCT name FROM live_contents)"
+    # (q matches the spelling shown, which only the view has.)
+    source = "packages" if stage or q else "(SELECT DISTINCT key FROM live_contents)"
     return conn.execute(f"SELECT count(*) FROM {source}{where}", args).fetchone()[0]
 
 
-def servable(conn: sqlite3.Connection, name: str, site: str) -> sqlite3.Row | None:
-    """The content this site serves under ``name``: the one it holds, which is the current
-    content or, while a replacement is on its way here, the one it replaces (view 'serving')."""
-    return conn.execute(
-        "SELECT c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM serving s JOIN contents c"
-        " ON c.name=s.name AND c.blake3=s.blake3 WHERE s.name=? AND s.site=?", (name, site)).fetchone()
+def servable(conn: sqlite3.Connection, name: str, site: str, stages: list[str] | None = None
+             ) -> sqlite3.Row | None:
+    """The content this site serves under any spelling of ``name`` (naming.name_key): the one it
+    holds, which is the current content or, while a replacement is on its way here, the one it
+    replaces (view 'serving'). Given ``stages`` (the site's accepted stages), only while the
+    package's stage is one of them: a package demoted out of them is withdrawn here at once.
+    ``key`` is the file's name in the store."""
+    sql = ("SELECT c.key, c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM serving s JOIN contents c"
+           " ON c.key=s.key AND c.blake3=s.blake3 WHERE s.key=? AND s.site=?")
+    args: list = [name_key(name), site]
+    if stages is not None:
+        sql += (" AND (SELECT p.stage FROM packages p WHERE p.key=s.key)"
+                f" IN ({','.join('?' * len(stages))})")
+        args += stages
+    return conn.execute(sql, args).fetchone()
 
 
 def served_content(conn: sqlite3.Connection, name: str, blake3: str) -> sqlite3.Row | None:
     """A content of ``name`` that some site may still serve (not deleted, the name not gone):
     what a download names by the identity of the file it opened (``store.files.content_tag``)."""
     return conn.execute(
-        "SELECT c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM contents c"
-        " WHERE c.name=? AND c.blake3=? AND EXISTS (SELECT 1 FROM live_contents l WHERE l.name=c.name)"
-        " AND NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.name=c.name AND t.blake3=c.blake3"
-        " AND t.clock >= c.last_clock)", (name, blake3)).fetchone()
+        "SELECT c.key, c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM contents c"
+        " WHERE c.key=? AND c.blake3=? AND EXISTS (SELECT 1 FROM live_contents l WHERE l.key=c.key)"
+        " AND NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.key=c.key AND t.blake3=c.blake3"
+        " AND t.clock >= c.last_clock)", (name_key(name), blake3)).fetchone()
 
 
 def sites_serving(conn: sqlite3.Connection, name: str) -> dict[str, str]:
-    """site -> blake3 of the content each (not removed) site serves under ``name``: during a
-    replacement, the old content until that site swapped to the new one."""
+    """site -> blake3 of the content each (not removed) site serves under ``name`` (any
+    spelling): during a replacement, the old content until that site swapped to the new one."""
     return {r[0]: r[1] for r in conn.execute(
-        "SELECT site, blake3 FROM serving WHERE name=? AND site NOT IN (SELECT site FROM removals)"
-        " ORDER BY site", (name,))}
+        "SELECT site, blake3 FROM serving WHERE key=? AND site NOT IN (SELECT site FROM removals)"
+        " ORDER BY site", (name_key(name),))}
 
 
 def published_names(conn: sqlite3.Connection, site: str) -> set[str]:
-    """Names whose content this site serves: the files packages/ should contain."""
-    return {r[0] for r in conn.execute("SELECT name FROM serving WHERE site=?", (site,))}
+    """Keys (naming.name_key) under which this site serves a content: the files packages/
+    should contain (the store names files by key)."""
+    return {r[0] for r in conn.execute("SELECT key FROM serving WHERE site=?", (site,))}
 
 
 def conflicts(conn: sqlite3.Connection) -> list[dict]:
     return [dict(r) for r in conn.execute("SELECT * FROM conflicts ORDER BY name, first_clock")]
+
+
+def name_collisions(conn: sqlite3.Connection) -> list[dict]:
+    """Keys that more than one live spelling stands for (sql/014_names.sql): per key, the spelling
+    kept (and its content) and every other spelling with its content, earliest first."""
+    out: dict[str, dict] = {}
+    for r in conn.execute("SELECT * FROM name_collisions ORDER BY key, first_clock, name"):
+        entry = out.setdefault(r["key"], {"kept": r["kept"], "blake3": r["kept_blake3"], "others": []})
+        if r["name"] != r["kept"] or r["blake3"] != r["kept_blake3"]:
+            entry["others"].append({"name": r["name"], "blake3": r["blake3"],
+                                    "same_content": r["blake3"] == r["kept_blake3"]})
+    return [{"key": k, **v} for k, v in out.items()]
 
 
 def event_json(row: sqlite3.Row) -> dict:
@@ -199,7 +227,7 @@ def local_content(conn: sqlite3.Connection, blake3: str, site: str) -> sqlite3.R
     """A live content held here with this blake3 (any name), for serving chunks to peers."""
     return conn.execute(
         "SELECT c.name, c.size, c.chunk_size FROM live_contents c JOIN serving s"
-        " ON s.name=c.name AND s.blake3=c.blake3 AND s.site=?"
+        " ON s.key=c.key AND s.blake3=c.blake3 AND s.site=?"
         " WHERE c.blake3=? LIMIT 1", (site, blake3)).fetchone()
 
 
@@ -208,17 +236,30 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlit
     marks = ",".join("?" * len(stages))
     return conn.execute(
         f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("  # the view 'serving', unrolled
-        " SELECT 1 FROM availability a WHERE a.name=p.name AND a.site=? AND a.status='available'"
-        " AND a.blake3=p.blake3 AND a.clock = (SELECT max(b.clock) FROM availability b WHERE b.name=p.name"
-        " AND b.site=a.site AND b.status='available')) ORDER BY p.uploaded_at, p.name", (*stages, site)).fetchall()
+        " SELECT 1 FROM availability a WHERE a.key=p.key AND a.site=? AND a.status='available'"
+        " AND a.blake3=p.blake3 AND a.clock = (SELECT max(b.clock) FROM availability b WHERE b.key=p.key"
+        " AND b.site=a.site AND b.status IN ('available', 'withdrawn'))) ORDER BY p.uploaded_at, p.name",
+        (*stages, site)).fetchall()
+
+
+def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
+    """Packages this site serves a content of (view 'serving': the current one, or the one a
+    replacement supersedes) whose stage it does not accept: not served here (servable), their
+    files withdrawn after the grace period. ``updated_at``: when the
+    package last changed (upload or stage), in ms."""
+    marks = ",".join("?" * len(stages))
+    return conn.execute(
+        "SELECT p.key, p.name, s.blake3, p.stage, p.updated_at FROM packages p JOIN serving s"
+        " ON s.key=p.key AND s.site=?"
+        f" WHERE p.stage NOT IN ({marks}) ORDER BY p.name", (site, *stages)).fetchall()
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
     """Other trusted sites that serve a verified copy of this content under this name."""
     return [r[0] for r in conn.execute(
-        "SELECT s.site FROM serving s WHERE s.name=? AND s.blake3=?"
+        "SELECT s.site FROM serving s WHERE s.key=? AND s.blake3=?"
         " AND s.site<>? AND s.site NOT IN (SELECT site FROM removals) ORDER BY s.site",
-        (name, blake3, site))]
+        (name_key(name), blake3, site))]
 
 
 def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
@@ -254,21 +295,36 @@ def site_chain(conn: sqlite3.Connection, site: str) -> sqlite3.Row | None:
 def replicated_state(conn: sqlite3.Connection) -> list[list]:
     """What every converged site agrees on: per current package, its content, stage and holders."""
     holders: dict[tuple[str, str], list[str]] = {}
-    for a in conn.execute("SELECT s.name, s.blake3, s.site FROM serving s JOIN packages p"
-                          " ON p.name=s.name AND p.blake3=s.blake3"
+    for a in conn.execute("SELECT s.key, s.blake3, s.site FROM serving s JOIN packages p"
+                          " ON p.key=s.key AND p.blake3=s.blake3"
                           " WHERE s.site NOT IN (SELECT site FROM removals) ORDER BY s.site"):
         holders.setdefault((a[0], a[1]), []).append(a[2])
-    return [[r["name"], r["blake3"], r["stage"], holders.get((r["name"], r["blake3"]), [])]
-            for r in conn.execute("SELECT name, blake3, stage FROM packages ORDER BY name")]
+    return [[r["name"], r["blake3"], r["stage"], holders.get((r["key"], r["blake3"]), [])]
+            for r in conn.execute("SELECT key, name, blake3, stage FROM packages ORDER BY name")]
 
 
 def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
-    """name -> blake3 of the content this site has said it holds (serves) under that name."""
-    return dict(conn.execute("SELECT name, blake3 FROM serving WHERE site=?", (site,)).fetchall())
+    """key -> blake3 of the content this site has said it holds (serves) under that key (the
+    key is also the file's name in the store): the content of its latest report, which the
+    key's one file holds."""
+    return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=?", (site,)).fetchall())
 
 
-def live_names(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT DISTINCT name FROM live_contents")}
+def adoption_targets(conn: sqlite3.Connection, site: str) -> dict[str, str]:
+    """key -> the content this site's file of that key should hold after an upgrade from files
+    named by spelling (``Store.adopt_spellings``): where this site said it holds the current
+    package's content, that one (spellings that were two packages were two files, each claim
+    true then); else the content it serves (file_holders)."""
+    out = file_holders(conn, site)
+    out.update(conn.execute(
+        "SELECT p.key, p.blake3 FROM packages p JOIN availability a ON a.key=p.key AND a.blake3=p.blake3"
+        " AND a.site=? AND a.status='available'", (site,)).fetchall())
+    return out
+
+
+def live_keys(conn: sqlite3.Connection) -> set[str]:
+    """The keys of every name with live content: the only file names packages/ may hold."""
+    return {r[0] for r in conn.execute("SELECT DISTINCT key FROM live_contents")}
 
 
 def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:
@@ -392,8 +448,8 @@ def damaged(conn: sqlite3.Connection, site: str) -> list[dict]:
     """Current packages this site found damaged in its own store and has not repaired yet
     (out of service here), with whether any other site holds a verified copy to repair from."""
     rows = conn.execute(
-        "SELECT d.name, d.blake3, d.reason, d.found_by, d.clock FROM damaged d JOIN packages p"
-        " ON p.name=d.name AND p.blake3=d.blake3 WHERE d.site=? ORDER BY d.name", (site,)).fetchall()
+        "SELECT p.name, d.blake3, d.reason, d.found_by, d.clock FROM damaged d JOIN packages p"
+        " ON p.key=d.key AND p.blake3=d.blake3 WHERE d.site=? ORDER BY p.name", (site,)).fetchall()
     return [{"name": r["name"], "blake3": r["blake3"], "reason": r["reason"], "found_by": r["found_by"],
              "found_at": int(r["clock"][:15]), "sources": sources(conn, r["name"], r["blake3"], site)}
             for r in rows]
@@ -402,8 +458,8 @@ def damaged(conn: sqlite3.Connection, site: str) -> list[dict]:
 def is_damaged(conn: sqlite3.Connection, name: str, site: str) -> bool:
     """Is the current content of ``name`` out of service here, awaiting repair?"""
     return conn.execute(
-        "SELECT 1 FROM damaged d JOIN packages p ON p.name=d.name AND p.blake3=d.blake3"
-        " WHERE d.name=? AND d.site=?", (name, site)).fetchone() is not None
+        "SELECT 1 FROM damaged d JOIN packages p ON p.key=d.key AND p.blake3=d.blake3"
+        " WHERE d.key=? AND d.site=?", (name_key(name), site)).fetchone() is not None
 
 
 def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
@@ -426,6 +482,6 @@ def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
 
 def held_since(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> int | None:
     """When this site last said it holds a verified copy of this content (ms), if it does now."""
-    row = conn.execute("SELECT clock FROM availability WHERE name=? AND blake3=? AND site=?"
-                       " AND status='available'", (name, blake3, site)).fetchone()
+    row = conn.execute("SELECT clock FROM availability WHERE key=? AND blake3=? AND site=?"
+                       " AND status='available'", (name_key(name), blake3, site)).fetchone()
     return int(row[0][:15]) if row else None

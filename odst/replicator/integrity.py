@@ -85,10 +85,11 @@ class Integrity:
         return finding
 
     async def _recheck(self, name, blake3, *, found_by, detail, pace, actor, repair) -> Finding:
-        pkg = views.package(self.reader, name)
+        pkg = views.package(self.reader, name)  # any spelling (or the key) finds it
         if (pkg is None or pkg["blake3"] != blake3 or self.store.is_publishing(name)
                 or views.held_since(self.reader, name, blake3, self.site_id) is None):
             return Finding(name, blake3, "skipped", "not held here (any more)")
+        name = pkg["name"]  # events and logs say the spelling shown; the store folds it
         path = self.store.path(name)
         status, reason, nbytes = await asyncio.to_thread(check_file, path, pkg["size"], pkg["sha1"], blake3, pace)
         if status in ("ok", "skipped"):
@@ -122,10 +123,11 @@ async def verify_store(site, *, actor: str, repair: bool = True) -> dict:
     integrity = site.integrity or Integrity(reader=site.reader, store=site.store, site_id=site.id,
                                             append=site.append)
     report = {"checked": 0, "ok": 0, "damaged": [], "missing": [], "repairing": [], "unrepairable": []}
-    for name, blake3 in sorted(views.file_holders(site.reader, site.id).items()):
-        finding = await integrity.recheck(name, blake3, found_by="verify", actor=actor, repair=repair)
+    for key, blake3 in sorted(views.file_holders(site.reader, site.id).items()):
+        finding = await integrity.recheck(key, blake3, found_by="verify", actor=actor, repair=repair)
         if finding.status == "skipped":
             continue
+        name = finding.name  # the spelling shown (file_holders gives keys)
         report["checked"] += 1
         if finding.status == "ok":
             report["ok"] += 1

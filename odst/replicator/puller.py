@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 import structlog
 
-from odst.replicator.transport import ChunkSource, ChunkUnavailable, TransportFailed
+from odst.replicator.transport import ChunkSource, ChunkUnavailable, SourceThrottled, TransportFailed
 from odst.store.hashing import WholeHash, chunk_count, chunk_ok, chunk_span
 
 log = structlog.get_logger("odst.puller")
@@ -31,6 +31,7 @@ BAD_CHUNK_PENALTY = 1000.0
 FAILURE_PENALTY = 100.0
 PENALTY_HALF_LIFE_S = 30.0
 MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer gives up
+THROTTLED_RETRY_MAX_S = 2.0  # a source holding a chunk back is asked again this soon at the latest
 AHEAD_CHUNKS = 32  # chunks kept in memory ahead of the whole-file hash (bounds memory)
 
 
@@ -97,13 +98,15 @@ def temp_path(tmp_dir: Path, blake3: str) -> Path:
 class Puller:
     def __init__(self, want: Want, sources: list[tuple[ChunkSource, float]], tmp_dir: Path, *,
                  streams: int = 8, progress: Progress | None = None,
-                 on_bad_source: Callable[[str, str, int], None] | None = None):
+                 on_bad_source: Callable[[str, str, int], None] | None = None,
+                 throttle: Callable[[str, int], Awaitable[None]] | None = None):
         self.want = want
         self.states = [_SourceState(s, base) for s, base in sources]
         self.path = temp_path(tmp_dir, want.blake3)
         self.streams = max(1, streams)
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
         self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
+        self.throttle = throttle  # (peer, bytes): waits for the link's receive limit (bandwidth.py)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-write")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="odst-pull-hash")
 
@@ -226,6 +229,7 @@ class Puller:
             offset, length = chunk_span(index, w.size, w.chunk_size)
             tried: set[int] = set()
             rounds = 0
+            paid = self.throttle is None  # the link's receive limit is paid once per chunk, not per attempt
             while True:
                 state = self._pick(tried)
                 if state is None:
@@ -239,7 +243,14 @@ class Puller:
                 src = state.source
                 state.in_flight += 1
                 try:
+                    if not paid:
+                        await self.throttle(src.site, length)
+                        paid = True
                     data = await src.fetch(w.blake3, index)
+                except SourceThrottled as exc:  # held back by the source's link: not its fault
+                    tried.discard(id(state))
+                    await asyncio.sleep(min(exc.retry_after, THROTTLED_RETRY_MAX_S))
+                    continue
                 except (TransportFailed, ChunkUnavailable) as exc:
                     state.punish(FAILURE_PENALTY)
                     log.info("chunk fetch failed; trying another source", package=w.name, chunk=index,

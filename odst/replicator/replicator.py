@@ -34,8 +34,10 @@ from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SiteKey
 from odst.projections.appender import Append
+from odst.naming import name_key
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
+from odst.replicator.bandwidth import Bandwidth
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want
 from odst.replicator.transport import HttpChunkSource, NatsChunkSource, http_session
 from odst.store.files import PackageStore
@@ -61,8 +63,9 @@ def work_subject(site: str) -> str:
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
                  append: Append, projection: ProjectionStatus,
-                 settings: Settings, replicas: int):
+                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
+        self.bandwidth = bandwidth  # receive limits per link, timetables, urgency
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
@@ -79,6 +82,8 @@ class Replicator:
         self._leases = None
         self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
+        self._started_ms = int(time.time() * 1000)
+        self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
         self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
         self._reporting: set[asyncio.Task] = set()
 
@@ -128,6 +133,7 @@ class Replicator:
 
     async def reconcile(self) -> None:
         self.remove_deleted()
+        await self.withdraw_unaccepted()
         if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
             self._missing_checked = time.monotonic()
             await self.repull_missing()
@@ -149,6 +155,10 @@ class Replicator:
                 continue
             if progress.status != "failed":
                 progress.status, progress.detail = "pending", "queued"
+            if self.bandwidth is not None and self.bandwidth.urgent(name=row["name"]):
+                # the urgent lane: not behind pulls that a paused link holds in every worker
+                self.tasks[key] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
+                continue
             await self._enqueue(row["name"], row["blake3"], sources)
         for key in list(self.progress):
             if key not in wanted_keys and key not in self.tasks:
@@ -181,14 +191,22 @@ class Replicator:
             log.warning("malformed work item dropped")
             return
         key = (name, blake3)
-        row = self.reader.execute("SELECT * FROM packages WHERE name=? AND blake3=?", (name, blake3)).fetchone()
+        row = self.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
+                                  (name_key(name), blake3)).fetchone()
         if row is None or key in self.tasks or (name, blake3) not in {
                 (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
                                                                views.replicated_stages(self.reader, self.settings))}:
             return  # no longer wanted, or already being pulled here
+        await self._pull_leased(row, msg)
+
+    async def _pull_leased(self, row, msg=None) -> None:
+        """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
+        key, blake3 = (row["name"], row["blake3"]), row["blake3"]
         try:
             revision = await self._leases.create(blake3, self.owner.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
+            if self.tasks.get(key) is asyncio.current_task():
+                del self.tasks[key]
             return  # another worker holds the lease; if it dies, the pull is queued again
         heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
         self.tasks[key] = asyncio.current_task()
@@ -206,7 +224,8 @@ class Replicator:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
-                await msg.in_progress()
+                if msg is not None:
+                    await msg.in_progress()
                 revision = await self._leases.update(blake3, self.owner.encode(), last=revision)
             except asyncio.CancelledError:
                 raise
@@ -214,8 +233,9 @@ class Replicator:
                 log.warning("could not renew the pull's lease", package=blake3, error=f"{type(exc).__name__}")
 
     def remove_deleted(self) -> None:
-        """Files whose name no longer has any live content were deleted somewhere: remove them."""
-        live = views.live_names(self.reader)
+        """Files whose name no longer has any live content were deleted somewhere: remove them
+        (files are named by key, naming.name_key)."""
+        live = views.live_keys(self.reader)
         store = self.store
         for p in store.packages.iterdir():
             if p.name in live or store.is_publishing(p.name):
@@ -228,6 +248,46 @@ class Replicator:
                     or views.local_content(self.reader, p.stem, self.site_id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
+    async def withdraw_unaccepted(self) -> list[str]:
+        """Held packages whose stage this site no longer accepts (a demotion, or a change of the
+        accepted stages) are not served from the moment the read model says so (views.servable);
+        their files are removed once ``withdraw_grace_s`` has passed since the later of that
+        change and this process's start, and PackageWithdrawn records it, so that a promotion
+        pulls the package again. Within the grace period a promotion serves the kept file at
+        once. A file no other site holds is kept (not served): removing it would lose the
+        content. Returns the names withdrawn."""
+        stages = views.replicated_stages(self.reader, self.settings)
+        rows = views.unaccepted_held(self.reader, self.site_id, stages)
+        if not rows:
+            return []
+        grace_ms = self.settings.withdraw_grace_s * 1000
+        chosen = views.site_setting(self.reader, "accepted_stages")
+        changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
+        now_ms = int(time.time() * 1000)
+        withdrawn = []
+        for row in rows:
+            if now_ms - max(changed_ms, row["updated_at"]) < grace_ms or (row["name"], row["blake3"]) in self.tasks:
+                continue
+            if not views.sources(self.reader, row["key"], row["blake3"], self.site_id):
+                if (row["key"], row["blake3"]) not in self._kept_alone:
+                    self._kept_alone.add((row["key"], row["blake3"]))
+                    log.warning("package not accepted here but held nowhere else: file kept, not served",
+                                package=row["name"], stage=row["stage"])
+                continue
+            reason = f"stage {row['stage']} is not accepted here (accepts {', '.join(stages) or 'none'})"
+            try:
+                await self.append(ev.PackageWithdrawn(name=row["name"], blake3=row["blake3"], reason=reason),
+                                  actor="replicator")
+            except AppendFailed as exc:
+                log.warning("could not record a withdrawal; retrying later", package=row["name"], error=str(exc))
+                break
+            self._kept_alone.discard((row["key"], row["blake3"]))
+            if not self.store.is_publishing(row["key"]):
+                self.store.remove(row["key"])
+            log.info("withdrawn package removed", package=row["name"], stage=row["stage"])
+            withdrawn.append(row["name"])
+        return withdrawn
+
     async def repull_missing(self) -> list[str]:
         """Files the log says this site holds but the store lacks (a site restored by
         ``odst recover``, a file removed by hand): record PackageTransferFailed for each, as
@@ -235,12 +295,15 @@ class Replicator:
         here again and pulled from the sites that hold it. Returns the names."""
         missing = []
         store, reader = self.store, self.reader
-        for name, blake3 in sorted(views.file_holders(reader, self.site_id).items()):
-            if (name, blake3) in self.tasks or store.is_publishing(name) or store.path(name).exists():
+        for key, blake3 in sorted(views.file_holders(reader, self.site_id).items()):
+            if store.is_publishing(key) or store.path(key).exists():
                 continue
-            pkg = views.package(reader, name)
+            pkg = views.package(reader, key)
             if pkg is None or pkg["blake3"] != blake3:
                 continue  # a conflict loser being replaced: the pull in progress owns it
+            name = pkg["name"]
+            if (name, blake3) in self.tasks:
+                continue
             log.warning("stored package missing; pulling it again from peers", package=name)
             try:
                 await self.append(ev.PackageTransferFailed(
@@ -262,6 +325,16 @@ class Replicator:
                 out.append((HttpChunkSource(sid, url, self.key, self.http), HTTP_BASE_COST))
             out.append((NatsChunkSource(sid, self.nc, self.key), NATS_BASE_COST))
         return out
+
+    def _throttle(self, want: Want, progress: Progress):
+        """The puller's wait before each chunk: the link's receive limit, unless the package is urgent."""
+        bw = self.bandwidth
+        if bw is None:
+            return None
+
+        def waiting(why: str) -> None:
+            progress.detail = why
+        return lambda peer, n: bw.receive(peer, n, urgent=lambda: bw.urgent(name=want.name), waiting=waiting)
 
     def _bad_source(self, want: Want, site: str, reason: str, index: int) -> None:
         self.bad_chunks[site] += 1
@@ -300,7 +373,8 @@ class Replicator:
             progress.bytes = 0
             puller = Puller(want, self._sources(sites), self.store.tmp,
                             streams=self.settings.replication_streams, progress=progress,
-                            on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index))
+                            on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index),
+                            throttle=self._throttle(want, progress))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
             path = await puller.run()
             if not await self._publish(want, path):

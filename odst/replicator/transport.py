@@ -25,6 +25,7 @@ from odst.naming import ascii_int
 from odst.projections import views
 from odst.projections.apply import trusted_key
 from odst.store.files import PackageStore
+from odst.replicator.bandwidth import Bandwidth, LinkThrottled
 from odst.store.hashing import chunk_span
 from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
 
@@ -39,6 +40,22 @@ class ChunkUnavailable(Exception):
 
 class TransportFailed(Exception):
     """The source could not be reached or did not answer in time."""
+
+
+class SourceThrottled(TransportFailed):
+    """The source holds this chunk back for now (its link is paused or at its limit): ask
+    again after ``retry_after`` seconds; the source is not at fault."""
+
+    def __init__(self, detail: str, retry_after: float):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.1), 30.0)
+    except ValueError:
+        return 1.0
 
 
 def chunk_subject(site: str) -> str:
@@ -77,6 +94,8 @@ class HttpChunkSource:
         if status == 200:
             return body
         detail = body[:200].decode("utf-8", "replace")
+        if status == 503 and "retry-after" in (k.lower() for k in r.headers):
+            raise SourceThrottled(f"{self.site} over HTTP: {detail}", _retry_after(r.headers.get("Retry-After")))
         if status in (403, 404):
             raise ChunkUnavailable(f"{self.site} over HTTP: {status} {detail}")
         raise TransportFailed(f"{self.site} over HTTP: {status} {detail}")
@@ -106,6 +125,8 @@ class NatsChunkSource:
         if status == "200":
             return msg.data
         detail = (msg.headers or {}).get("odst-error", "")
+        if status == "503":
+            raise SourceThrottled(f"{self.site} over NATS: {detail}", _retry_after(msg.headers.get("retry-after")))
         if status in ("403", "404"):
             raise ChunkUnavailable(f"{self.site} over NATS: {status} {detail}")
         raise TransportFailed(f"{self.site} over NATS: {status or 'no status'} {detail}")
@@ -117,9 +138,11 @@ class ChunkServer(NatsService):
 
     queue = "chunk"
 
-    def __init__(self, *, site_id: str, key: SiteKey, nc, reader: sqlite3.Connection, store: PackageStore):
+    def __init__(self, *, site_id: str, key: SiteKey, nc, reader: sqlite3.Connection, store: PackageStore,
+                 bandwidth: Bandwidth | None = None):
         super().__init__(nc, key)
         self.site_id, self.reader, self.store = site_id, reader, store
+        self.bandwidth = bandwidth  # send limits per peer (odst.replicator.bandwidth)
         self.subject = chunk_subject(site_id)
         self.verifier = RequestVerifier(self._key_of)
         self.served: Counter[str] = Counter()  # chunks served, per requesting peer
@@ -142,8 +165,12 @@ class ChunkServer(NatsService):
             raise ChunkUnavailable("chunk index out of range")
         return str(self.store.path(row["name"])), offset, length
 
-    async def read(self, blake3: str, index: int) -> bytes:
+    async def read(self, blake3: str, index: int, peer: str = "") -> bytes:
+        """The chunk's bytes; for a ``peer``, once its link's send limit lets them go
+        (LinkThrottled: not now)."""
         path, offset, length = self.locate(blake3, index)
+        if peer and self.bandwidth is not None:
+            await self.bandwidth.send(peer, length, blake3=blake3)
 
         def pread() -> bytes:
             fd = os.open(path, os.O_RDONLY)
@@ -171,7 +198,7 @@ class ChunkServer(NatsService):
             index = ascii_int(parts[5]) if len(parts) == 6 and parts[:4] == ["", "peer", "v1", "chunks"] else None
             if index is None:
                 raise ChunkUnavailable("malformed chunk target")
-            data = await self.read(parts[4], index)
+            data = await self.read(parts[4], index, peer)
             await self.nc.publish(msg.reply, data, headers={"odst-status": "200"})
             self.served[peer] += 1
             log.debug("chunk served over NATS", peer=peer, target=target)
@@ -180,6 +207,9 @@ class ChunkServer(NatsService):
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "403", "odst-error": str(exc)})
         except ChunkUnavailable as exc:
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "404", "odst-error": str(exc)})
+        except LinkThrottled as exc:
+            await self.nc.publish(msg.reply, b"", headers={"odst-status": "503", "odst-error": str(exc),
+                                                           "retry-after": f"{exc.retry_after:.1f}"})
         except Exception as exc:  # never let one request kill the subscription
             log.exception("chunk request failed")
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "500",

@@ -3,7 +3,11 @@
 Layout under the store root::
 
     tmp/<random>.part        uploads and downloads in progress (never served)
-    packages/<name>          verified packages: the public distribution directory
+    packages/<key>           verified packages: the public distribution directory
+
+A package's file is named by the key of its name (odst.naming.name_key: NFD + case fold),
+never by a spelling: every spelling of a name maps to the one file, and one file is one
+package. Callers pass any spelling; ``path`` folds it.
 
 Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir.
 
@@ -27,7 +31,8 @@ from typing import ContextManager, Protocol
 
 import structlog
 
-from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, Rechunker
+from odst.naming import name_key
+from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, Rechunker, hash_file
 
 log = structlog.get_logger("odst.store")
 
@@ -89,6 +94,8 @@ class PackageStore(Protocol):
 
     def remove(self, name: str) -> bool: ...
 
+    def adopt_spellings(self, held: dict[str, str]) -> list[str]: ...
+
     def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]: ...
 
 
@@ -107,7 +114,8 @@ class Store:
                 d.chmod(0o700)
 
     def path(self, name: str) -> Path:
-        return self.packages / name
+        """The file of the package any spelling of ``name`` stands for."""
+        return self.packages / name_key(name)
 
     def new_temp(self, suffix: str = ".part") -> Path:
         return self.tmp / f"{secrets.token_hex(12)}{suffix}"
@@ -117,7 +125,7 @@ class Store:
         return st.f_bavail * st.f_frsize
 
     def _marker(self, name: str) -> Path:
-        return self.tmp / (hashlib.sha256(name.encode("utf-8")).hexdigest() + ".publishing")
+        return self.tmp / (hashlib.sha256(name_key(name).encode("utf-8")).hexdigest() + ".publishing")
 
     @contextlib.contextmanager
     def publishing(self, name: str):
@@ -184,8 +192,33 @@ class Store:
         _fsync_dir(self.packages)
         return True
 
+    def adopt_spellings(self, held: dict[str, str]) -> list[str]:
+        """Start-up, once after an upgrade: files an older ODST named by spelling take their key's
+        name (see ``path``). ``held`` maps key -> blake3 of the content the read model says this
+        site holds. Where several files map to one key (spellings that were two packages), each
+        is hashed and only the one holding ``held[key]`` is kept; the others are left to
+        ``sweep``. Returns what was renamed, as 'old -> new'."""
+        groups: dict[str, list[Path]] = {}
+        for p in self.packages.iterdir():
+            groups.setdefault(name_key(p.name), []).append(p)
+        renamed = []
+        for key, files in groups.items():
+            if len(files) == 1 and files[0].name == key:
+                continue
+            keep = files[0] if len(files) == 1 else next(
+                (p for p in files if key in held and hash_file(p).blake3 == held[key]), None)
+            if keep is None or keep.name == key:
+                continue
+            os.replace(keep, self.packages / key)
+            renamed.append(f"{keep.name} -> {key}")
+        if renamed:
+            _fsync_dir(self.packages)
+            log.warning("package files renamed to the keys of their names", files=renamed)
+        return renamed
+
     def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]:
-        """Start-up clean-up: drop upload temp files and any file no event ever published.
+        """Start-up clean-up: drop upload temp files and any file no event ever published
+        (``published``: keys, as views.published_names gives them).
 
         With other processes on the same store, only files untouched for
         ``older_than_s`` are taken: a younger one may be another gateway's upload.

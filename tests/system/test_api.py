@@ -248,8 +248,8 @@ def test_upload_returns_manifest_and_file_downloads_identically(site):
     r = httpx.get(f"{site.url}/CasperShare/Packages/{quote('Firefox 140.pkg')}", timeout=30)
     assert r.status_code == 200
     assert hashlib.sha1(r.content).hexdigest() == want["sha1"] and r.content == data
-    assert store_files(site) == (["Firefox 140.pkg"], [])
-    assert (site.data / "store" / "packages" / "Firefox 140.pkg").read_bytes() == data
+    assert store_files(site) == (["firefox 140.pkg"], [])  # named by the key of its name (name_key)
+    assert (site.data / "store" / "packages" / "firefox 140.pkg").read_bytes() == data
 
     # One PackageUploaded event carries the same manifest.
     [event] = events_of(c, type="PackageUploaded")
@@ -776,7 +776,7 @@ def test_cli_upload_list_stage_delete(site, tmp_path):
     p = run_odst("packages", "--server", f"http://127.0.0.1:{free_port()}", "--token", ADMIN_TOKEN)
     assert p.returncode == 2 and "cannot reach" in p.stderr and "Traceback" not in p.stderr
     # The upload with the wrong token left nothing behind.
-    assert store_files(site) == (["Chrome Beta.pkg"], [])
+    assert store_files(site) == (["chrome beta.pkg"], [])
 
 
 def test_metrics_in_prometheus_format(site, tmp_path):

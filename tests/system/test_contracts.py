@@ -17,6 +17,7 @@ import contextlib
 import os
 import stat
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -34,7 +35,9 @@ from odst.projections.status import ProjectionStatus
 from odst.projections.watcher import ReadModelWatcher
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, HttpChunkSource, NatsChunkSource,
                                        TransportFailed, http_session)
+from odst.naming import name_key
 from odst.store.files import PACKAGE_MODE, PackageStore, Store
+from odst.store.hashing import manifest_of
 from odst.store.hashing import CHUNK_SIZE
 from tests.conftest import SiteProcess, free_port, site_nats, write_random
 from tests.sources import MemorySource
@@ -331,6 +334,7 @@ def test_store_directories_are_private_even_when_made_loosely(tmp_path):
 
 
 def test_a_temp_file_is_never_visible_until_published_and_then_only_under_its_name(store):
+    """Under the key of its name (odst.naming.name_key): every spelling of it is that one file."""
     temp = written(store, b"payload")
     other = store.new_temp()
     assert temp != other and temp.parent == other.parent == store.tmp
@@ -338,7 +342,26 @@ def test_a_temp_file_is_never_visible_until_published_and_then_only_under_its_na
     dest = store.publish(temp, "Fïrefox 3.pkg")
     assert dest == store.path("Fïrefox 3.pkg") and dest.read_bytes() == b"payload"
     assert stat.S_IMODE(dest.stat().st_mode) == PACKAGE_MODE
-    assert not temp.exists() and visible(store) == {"Fïrefox 3.pkg"}
+    assert not temp.exists() and visible(store) == {name_key("Fïrefox 3.pkg")}
+    for spelling in ("FÏREFOX 3.PKG", unicodedata.normalize("NFD", "fïrefox 3.pkg")):
+        assert store.path(spelling) == dest
+    with pytest.raises(FileExistsError):  # another spelling can never become a second file
+        store.publish(written(store, b"other"), "FÏREFOX 3.pkg")
+    assert store.remove("FÏREFOX 3.PKG") and visible(store) == set()
+
+
+def test_files_an_older_odst_named_by_spelling_are_adopted_under_their_keys(store):
+    """Start-up after an upgrade: a lone file takes its key's name; of several spellings of one
+    key, the one holding the content the read model says is held is kept (hashed to tell)."""
+    packages = store.path("x").parent
+    (packages / "Lone.pkg").write_bytes(b"lone")
+    (packages / "Two.pkg").write_bytes(b"kept")
+    (packages / "TWO.PKG").write_bytes(b"other")
+    renamed = store.adopt_spellings({"two.pkg": manifest_of([b"kept"]).blake3})
+    assert sorted(renamed) == ["Lone.pkg -> lone.pkg", "Two.pkg -> two.pkg"]
+    assert store.path("LONE.pkg").read_bytes() == b"lone" and store.path("two.pkg").read_bytes() == b"kept"
+    assert store.sweep({"lone.pkg", "two.pkg"}) == ["packages/TWO.PKG"]
+    assert visible(store) == {"lone.pkg", "two.pkg"}
 
 
 def test_publish_never_overwrites_and_replace_does(store):

@@ -20,6 +20,7 @@ import threading
 from dataclasses import fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -35,6 +36,7 @@ from odst.bus.identity import client_seed_path, new_user_seed, public_key_of_see
 from odst.events.signing import SiteKey
 from odst.cli import build_parser
 from odst.config import Settings, load
+from odst.naming import name_key
 from odst.store.files import Store
 from tests.conftest import free_port, run_odst, wait_until
 
@@ -317,11 +319,16 @@ def nginx_conf() -> str:
 
 def test_nginx_alias_is_where_the_store_publishes_packages():
     """compose mounts odst-data at /data in ODST and nginx; --data /data puts the store at
-    /data/store, whose packages/ nginx must serve for /<context>/Packages/."""
+    /data/store, whose packages/ nginx serves from an internal location the gateway redirects
+    /<context>/Packages/ to (X-Accel-Redirect: the gateway finds any spelling of a name)."""
     settings = load({"data": "/data"}, env={})
     packages = Store(settings.store_dir).packages
-    aliases = dict(re.findall(r"location\s+(\S+)\s*\{\s*alias\s+(\S+);", nginx_conf()))
-    assert aliases == {f"/{settings.context}/Packages/": f"{packages}/", "/Packages/": f"{packages}/"}
+    aliases = dict(re.findall(r"location\s+(\S+)\s*\{\s*internal;\s*alias\s+(\S+);", nginx_conf()))
+    assert aliases == {"/_odst_store/": f"{packages}/"}
+    for prefix in (f"/{settings.context}/Packages/", "/Packages/"):
+        block = re.search(r"location\s+" + re.escape(prefix) + r"\s*\{(.*?)\n    \}", nginx_conf(), re.S).group(1)
+        assert "proxy_pass $odst_gateway;" in block
+        assert "proxy_set_header X-ODST-Accel-Redirect /_odst_store/;" in block
     services = compose("compose.yaml")["services"]
     assert ("odst-data", "/data", True) in volume_mounts(services["nginx"])
     assert services["nginx"]["profiles"] == ["nginx"]
@@ -334,7 +341,9 @@ def test_nginx_alias_is_where_the_store_publishes_packages():
 
 @pytest.fixture
 def gateway_stub():
-    """A stand-in for the gateway: answers every request with what it received."""
+    """A stand-in for the gateway: answers every request with what it received, and a download
+    that nginx marks with X-ODST-Accel-Redirect with X-Accel-Redirect to the file named by the
+    key of the name, as the gateway does."""
     received = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -342,6 +351,13 @@ def gateway_stub():
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
             received[self.path] = (self.command, len(body))
+            accel = self.headers.get("X-ODST-Accel-Redirect")
+            if accel and self.path.startswith(("/CasperShare/Packages/", "/Packages/")):
+                self.send_response(200)
+                self.send_header("X-Accel-Redirect", accel + quote(name_key(unquote(self.path.rsplit("/", 1)[1]))))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             out = json.dumps({"path": self.path, "method": self.command, "bytes": len(body)}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -349,7 +365,7 @@ def gateway_stub():
             self.end_headers()
             self.wfile.write(out)
 
-        do_GET = do_PUT = do_POST = _answer
+        do_GET = do_PUT = do_POST = do_HEAD = _answer
 
         def log_message(self, *args):
             pass
@@ -361,18 +377,15 @@ def gateway_stub():
     server.server_close()
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
-def test_nginx_serves_the_store_and_proxies_the_rest(tmp_path, gateway_stub):
-    stub_port, received = gateway_stub
-    port = free_port()
-    store = Store(tmp_path / "data" / "store")
-    store.ensure()
-    payload = os.urandom(3 << 20)
-    store.path("Firefox.pkg").write_bytes(payload)
+@contextlib.contextmanager
+def nginx_in_front(tmp_path: Path, packages: Path, gateway_url: str, port: int):
+    """The shipped nginx config, run on 127.0.0.1:``port`` in front of ``gateway_url``, serving
+    ``packages`` (a store's packages/); yields its base URL."""
     conf = nginx_conf()
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    conf = conf.replace("alias /data/store/packages/;", f"alias {store.packages}/;")
-    conf = conf.replace("http://gateway:8080", f"http://127.0.0.1:{stub_port}")
+    assert "alias /data/store/packages/;" in conf
+    conf = conf.replace("alias /data/store/packages/;", f"alias {packages}/;")
+    conf = conf.replace("http://gateway:8080", gateway_url)
     (tmp_path / "odst.conf").write_text(conf)
     user = "user root root;" if os.geteuid() == 0 else ""  # workers must read tmp_path
     (tmp_path / "nginx.conf").write_text(f"""
@@ -400,6 +413,22 @@ http {{
                 raise AssertionError(f"nginx exited: {(tmp_path / 'nginx.out').read_text()}")
             return httpx.get(base + "/Packages/none", timeout=1).status_code == 404
         wait_until(up, 15, what="nginx to listen")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_nginx_serves_the_store_and_proxies_the_rest(tmp_path, gateway_stub):
+    stub_port, received = gateway_stub
+    port = free_port()
+    store = Store(tmp_path / "data" / "store")
+    store.ensure()
+    payload = os.urandom(3 << 20)
+    store.path("Firefox.pkg").write_bytes(payload)
+    with nginx_in_front(tmp_path, store.packages, f"http://127.0.0.1:{stub_port}", port) as base:
+        received.clear()
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.get("/CasperShare/Packages/Firefox.pkg")
             assert r.status_code == 200 and r.content == payload
@@ -408,16 +437,18 @@ http {{
             assert r.status_code == 206 and r.content == payload[1048576:1048586]
             assert c.head("/CasperShare/Packages/Firefox.pkg").headers["content-length"] == str(len(payload))
             assert c.post("/CasperShare/Packages/Firefox.pkg", content=b"x").status_code == 403
+            assert c.get("/CasperShare/Packages/FIREFOX.PKG").content == payload  # any spelling
+            assert c.get("/_odst_store/firefox.pkg").status_code == 404  # internal: only by redirect
+            assert set(received) == {"/CasperShare/Packages/Firefox.pkg", "/Packages/Firefox.pkg",
+                                     "/CasperShare/Packages/FIREFOX.PKG"}  # the gateway decides
+            assert all(method in ("GET", "HEAD") for method, _ in received.values())
             assert c.get("/CasperShare/Packages/").status_code in (403, 404)  # no listing
-            assert received == {}
+            received.clear()
             # everything else reaches the gateway, uploads of any size included
             assert c.get("/healthz").json() == {"path": "/healthz", "method": "GET", "bytes": 0}
             r = c.put("/api/v1/packages/Big.pkg?stage=test", content=payload)
             assert r.status_code == 200, r.text
             assert received["/api/v1/packages/Big.pkg?stage=test"] == ("PUT", len(payload))
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 # ---- NATS configs ----------------------------------------------------------------------------

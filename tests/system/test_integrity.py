@@ -31,7 +31,7 @@ def test_the_scrub_takes_a_rotten_file_out_of_service(scrubbing_site, page):
         assert upload_bytes(c, "Fine.pkg", body[::-1]).status_code == 201
     url = f"{site.url}/CasperShare/Packages/Rotten.pkg"
     assert httpx.get(url).content == body
-    path = site.data / "store" / "packages" / "Rotten.pkg"
+    path = site.data / "store" / "packages" / "rotten.pkg"  # the store names files by key
     with open(path, "r+b") as f:
         f.seek(1000)
         f.write(b"\x00" if body[1000] else b"\x01")

@@ -14,6 +14,7 @@ import re
 import httpx
 import pytest
 
+from odst.naming import name_key
 from tests.conftest import run_odst
 from tests.system.test_audit import audit
 
@@ -92,7 +93,7 @@ def test_replace_at_one_site_swaps_the_bytes_and_the_etag_and_never_mixes_them(s
         assert c.delete(PKG).status_code == 200
     with httpx.Client(base_url=site.url, timeout=30) as mac:
         assert mac.get(URL).status_code == 404
-    assert not (site.data / "store" / "packages" / NAME).exists()
+    assert not (site.data / "store" / "packages" / name_key(NAME)).exists()  # the store names files by key
 
     code, summary, text = audit(site.data)
     assert code == 0 and summary["read model"] == "matches the rebuild", text

@@ -30,4 +30,4 @@ def test_scenario(path: Path, tmp_path: Path) -> None:
 def test_there_are_scenarios() -> None:
     names = {p.stem for p in SCENARIOS}
     assert {"chain3", "hub4", "partition_heal", "kill9_resume", "corrupt_chunk", "forged_event",
-            "stage_promotion", "offline_delete", "late_join"} <= names
+            "stage_promotion", "offline_delete", "late_join", "demote_withdraw"} <= names

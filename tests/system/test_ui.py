@@ -222,7 +222,7 @@ def test_a_cancelled_upload_publishes_nothing(ui_site, page, tmp_path):
     tmp = ui_site.data / "store" / "tmp"
     wait_until(lambda: not any(tmp.iterdir()) if tmp.exists() else True, 15,
                what="the server to drop the partial upload")
-    assert not (ui_site.data / "store" / "packages" / "Huge.dmg").exists()
+    assert not (ui_site.data / "store" / "packages" / "huge.dmg").exists()
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Packages").click()
     expect(page.get_by_text("No packages yet.")).to_be_visible()
 

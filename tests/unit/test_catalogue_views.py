@@ -25,7 +25,7 @@ def model(tmp_path):
     log.append(ev.SiteRenamed(name="First"))
     log.append(ev.SiteRenamed(name="Berlin office"))
     conn = db.open_read_model(tmp_path / "rm.sqlite")
-    folder = apply.Folder(conn, {key.site_id: key.public_key})
+    folder = apply.ReadModelWriter(conn, {key.site_id: key.public_key})
     for m in log.msgs:
         assert folder.fold(m).applied
     return conn, key.site_id

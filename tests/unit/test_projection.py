@@ -12,7 +12,7 @@ from odst.events.log import StoredMessage
 from odst.events.signing import SiteKey
 from odst.projections import apply, db
 
-NAMES = ["a.pkg", "b.dmg", "c.zip"]
+NAMES = ["a.pkg", "A.PKG", "b.dmg", "c.zip"]  # a.pkg and A.PKG: one package
 CONTENT = ["b3-one", "b3-two"]
 
 

@@ -184,7 +184,7 @@ def test_replacing_back_to_an_older_content_and_deleting_after_a_replacement(tmp
     conn = s.fold(name="m2.sqlite")
     assert views.package(conn, "x.pkg") is None
     assert views.sites_serving(conn, "x.pkg") == {} and views.published_names(conn, s.ids[0]) == set()
-    assert views.live_names(conn) == set()
+    assert views.live_keys(conn) == set()
 
 
 def cutover_commands():

@@ -15,9 +15,9 @@ def manifest_of(data: bytes):
     return manifest_of_pieces([data])
 
 
-def existing(data: bytes, *, here: bool) -> dict:
+def existing(data: bytes, *, here: bool, name: str = "a.pkg") -> dict:
     m = manifest_of(data)
-    return {"size": m.size, "sha1": m.sha1, "blake3": m.blake3,
+    return {"name": name, "size": m.size, "sha1": m.sha1, "blake3": m.blake3,
             "availability": {SITE: {"status": "available"}} if here else {"sother": {"status": "available"}}}
 
 
@@ -66,8 +66,22 @@ def test_losing_a_race_names_the_winner():
 
 @given(st.binary(max_size=2048), st.binary(max_size=2048), st.booleans())
 def test_other_content_under_a_name_is_never_published(mine, theirs, here):
-    decision = uploads.accept_upload("d.pkg", "prod", manifest_of(mine), existing(theirs, here=here), SITE)
+    decision = uploads.accept_upload("d.pkg", "prod", manifest_of(mine), existing(theirs, here=here, name="d.pkg"),
+                                      SITE)
     if manifest_of(mine).blake3 != manifest_of(theirs).blake3:
         assert isinstance(decision, uploads.Conflict)
     else:
         assert isinstance(decision, uploads.Identical if here else uploads.Uploaded)
+
+
+@given(st.sampled_from(["A.pkg", "a.PKG", "A.PKG"]), st.booleans(), st.booleans())
+def test_another_spelling_of_an_existing_name_is_refused_naming_that_spelling(spelling, same, here):
+    """Case (and Unicode normalisation) do not count: the existing spelling is named, whatever
+    the content, before the body (admit) and after it (accept)."""
+    data = b"package bytes"
+    held = existing(data if same else b"other", here=here, name="a.pkg")
+    before = uploads.admit_upload(spelling, len(data), held, max_bytes=100, free_bytes=1000, reserve_bytes=10)
+    after = uploads.accept_upload(spelling, "prod", manifest_of(data), held, SITE)
+    for decision in (before, after):
+        assert isinstance(decision, uploads.Conflict) and "a package named 'a.pkg' exists" in decision.detail
+        assert repr(spelling) in decision.detail

@@ -9,7 +9,11 @@ export const EVENT_TYPES = [
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
   'NatsCredentialCreated', 'NatsCredentialRevoked', 'ChunkRejected', 'PackageDamaged',
   'JamfPackageSynced', 'JamfDistributionPointRegistered', 'JamfDriftDetected', 'JamfDriftCleared', 'PackageReplaced', 'SiteRenamed',
+  'LinkBandwidthSet', 'LinkBandwidthCleared', 'LocalNetworksSet', 'DownloadCapsSet', 'PackageUrgencySet', 'PackageWithdrawn',
 ];
+
+const rate = (bps) => (bps ? `${(bps / 1e6).toLocaleString(undefined, { maximumFractionDigits: 2 })} MB/s` : 'unlimited');
+const linkName = (link, site) => (link === '*' ? 'every link (network default)' : `the link to ${site(link)}`);
 
 const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
 
@@ -24,6 +28,7 @@ export function summary(item, ctx) {
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
     case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
     case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
+    case 'PackageWithdrawn': return `${site(item.origin)} removed its copy of ${e.name}: ${e.reason}`;
     case 'PackageStaged': return `${e.name}: stage ${e.previous || '?'} → ${e.stage}`;
     case 'PackageDeleted': return `Deleted ${e.name}`;
     case 'PeerInvited': return `Invitation ${e.invite_id} created, valid until ${fmtTime(e.expires_ts)}`;
@@ -51,6 +56,12 @@ export function summary(item, ctx) {
     case 'JamfDistributionPointRegistered': return `Jamf Pro distribution point “${e.dp_name}” ${e.action} for ${site(e.site)} (${e.url}, ${e.api} API)`;
     case 'JamfDriftDetected': return `Jamf Pro ${DRIFT_WORDS[e.kind] || e.kind} for ${e.name}`;
     case 'JamfDriftCleared': return `Jamf Pro's record of ${e.name} is in sync again`;
+    case 'LinkBandwidthSet': return `${site(item.origin)} limits ${linkName(e.link, site)}: send ${rate(e.send_bps)}, receive ${rate(e.receive_bps)}`
+      + `${(e.windows || []).length ? `, ${(e.windows || []).length} timetable window(s)` : ''}${e.local && e.local !== 'auto' ? `, local: ${e.local}` : ''}`;
+    case 'LinkBandwidthCleared': return `${site(item.origin)} removed its limits on ${linkName(e.link, site)}`;
+    case 'LocalNetworksSet': return `${site(item.origin)} counts ${(e.cidrs || []).join(', ') || 'no networks'} as local (${e.exempt ? 'exempt from limits' : 'limited'})`;
+    case 'DownloadCapsSet': return `${site(item.origin)} caps Mac downloads: egress ${rate(e.egress_bps)}, ${e.max_concurrent || 'no cap'} at once, ${e.per_client || 'no cap'} per client`;
+    case 'PackageUrgencySet': return `${e.name} ${e.urgent ? 'marked urgent' : 'no longer urgent'} by ${item.actor}${e.reason ? `: ${e.reason}` : ''}`;
     case 'SiteRenamed': return `Site ${item.origin} is now called “${e.name}”`;
     default: return item.type;
   }

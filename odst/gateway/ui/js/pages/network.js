@@ -3,6 +3,7 @@
 import { api, get } from '../api.js';
 import { h, append, field, select, replace, messageBox, announce, errorText, fmtDuration, time, copyable,
   secretBox, confirmDialog, debounce, pill, plural, fmtBytes, fmtRate, fmtTime } from '../dom.js';
+import { bandwidthPanel } from './bandwidth-panel.js';
 
 const LINK_KIND = { up: 'ok', down: 'bad', unknown: 'muted' };
 
@@ -14,6 +15,8 @@ export function mount(main, ctx) {
   const peersSection = h('section', { 'aria-labelledby': 'sec-peers' });
   const adminSection = isAdmin ? h('section', { 'aria-labelledby': 'sec-link', class: 'two-col' }) : null;
   append(main, h('h1', {}, 'Network'), errors, here, integrity, peersSection, adminSection);
+  const bandwidth = bandwidthPanel(ctx);  // limits, windows and measured rates per link (issue 14)
+  main.append(bandwidth.section);
   let timer = null;
   let ac = null;
 
@@ -187,6 +190,7 @@ export function mount(main, ctx) {
   here.append(h('p', { class: 'loading' }, 'Loading…'));
   load();
   return () => {
+    bandwidth.stop();
     unsubscribe();
     reload.cancel();
     clearTimeout(timer);

@@ -16,6 +16,7 @@ const COLUMNS = [
 
 export const STATUS_WORDS = {
   available: 'available', downloading: 'downloading', pending: 'waiting to download', failed: 'failed',
+  withdrawn: 'withdrawn',
 };
 
 // A site that does not replicate the package's stage is not missing it.
@@ -27,6 +28,10 @@ export function siteStatus(pkg, site, accepted = null) {
   const a = pkg.availability ? pkg.availability[site] : null;
   if (!a && accepted && !accepted.includes(pkg.stage)) return { status: 'skipped', words: `not replicated (accepts ${accepted.join(', ')})` };
   if (!a) return { status: 'absent', words: 'not held' };
+  // demoted out of the stages a site accepts: not served there; the file goes after a grace period
+  if (a.status === 'available' && accepted && !accepted.includes(pkg.stage)) {
+    return { status: 'skipped', words: `withdrawn: not served (accepts ${accepted.join(', ')})` };
+  }
   let words = STATUS_WORDS[a.status] || a.status;
   if (a.status === 'downloading' && a.chunks_total) words += ` ${Math.floor((100 * a.chunks_done) / a.chunks_total)} %`;
   if (a.status === 'failed' && a.detail) words += `: ${a.detail}`;
@@ -76,6 +81,7 @@ export function mount(main, ctx) {
   const stageFilter = select([['', 'All stages'], ...stages], view.stage);
   const count = h('p', { class: 'count', 'aria-live': 'polite' });
   const errors = h('div', {});
+  const collisions = h('div', {});
   const body = h('div', { class: 'table-wrap' });
   const prev = h('button', { type: 'button', class: 'secondary' }, '‹ Previous');
   const next = h('button', { type: 'button', class: 'secondary' }, 'Next ›');
@@ -87,7 +93,7 @@ export function mount(main, ctx) {
       canWrite ? h('a', { href: '#/upload', class: 'button' }, 'Upload a package') : null),
     h('div', { class: 'toolbar', role: 'search' },
       field('Search', search).row, field('Stage', stageFilter).row, count),
-    errors, body, pager);
+    errors, collisions, body, pager);
 
   function header(key, label, className) {
     const active = view.sort === key;
@@ -235,12 +241,24 @@ export function mount(main, ctx) {
       total = data.total;
       loaded = true;
       replace(errors);
+      showCollisions(data.name_collisions || []);
       render();
       schedulePoll();
     } catch (err) {
       if (err.name === 'AbortError') return;
       replace(errors, messageBox('error', `Could not load the packages: ${errorText(err)}`));
     }
+  }
+
+  // Spellings that are one name on a Mac (case, Unicode normalisation) but were two packages
+  // before names compared that way: one is served, the others are reported until resolved.
+  function showCollisions(list) {
+    if (!list.length) { replace(collisions); return; }
+    replace(collisions, messageBox('warning',
+      h('strong', {}, `${plural(list.length, 'name')} spelled more than one way`),
+      ' (a Mac does not tell these apart; the first spelling is served, delete the others or re-upload them under another name):',
+      h('ul', {}, ...list.map((c) => h('li', {}, `${c.kept} is served; also: `,
+        c.others.map((o) => `${o.name} (${o.same_content ? 'same content' : 'other content'})`).join(', '))))));
   }
 
   function matchesFilter(pkg) {
@@ -297,6 +315,9 @@ export function mount(main, ctx) {
     }
   }
 
+  // Close to the server's naming.name_key (NFD + case fold) for matching rows to events.
+  function foldName(n) { return n.normalize('NFD').toLowerCase().normalize('NFD'); }
+
   // Names whose rows must be fetched again, gathered over a short while: many events about one
   // package (or a burst about many) cost one small request, never the whole list.
   const stale = new Set();
@@ -306,8 +327,12 @@ export function mount(main, ctx) {
     if (!names.length) return;
     try {
       const data = await get('/api/v1/packages' + query({ limit: 100 }) + names.map((n) => `&name=${encodeURIComponent(n)}`).join(''));
-      const found = new Map(data.packages.map((p) => [p.name, p]));
-      for (const n of names) applyRow(n, found.get(n) || null);
+      // an event may spell the name otherwise than the row (the server compares as a Mac does)
+      const found = new Map(data.packages.map((p) => [foldName(p.name), p]));
+      for (const n of names) {
+        const pkg = found.get(foldName(n)) || null;
+        applyRow(pkg ? pkg.name : n, pkg);
+      }
       schedulePoll();
     } catch (err) {
       replace(errors, messageBox('error', `Could not refresh ${names.join(', ')}: ${errorText(err)}`));
