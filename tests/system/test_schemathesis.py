@@ -12,7 +12,7 @@ structs and parameters carry their limits (msgspec ``Meta``, Litestar ``Paramete
 odst.gateway.constraints) and the document names what a site's settings decide. It is not
 asked of the operations whose acceptance rests on something no schema can say (NOT_BY_SCHEMA: an
 invitation another site signed, a sealed registration request, a password change by a signed-in
-user); their other checks still run.
+user, the bandwidth grammar of rates, networks and timetables); their other checks still run.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ NOT_BY_SCHEMA = {
     "joinPeer": "only an invitation another site made and signed is accepted (invite_invalid)",
     "peerRegister": "the body is a registration request sealed to this site's key",
     "changeOwnPassword": "a signed-in local user changes their own password; the test calls with an API token",
+    # a rate ("20MB", "2MiB", "off") is a small grammar with a ceiling of 10^12 bytes/s after its
+    # unit, a network is whatever Python's ipaddress reads (IPv6 included), a timetable window is
+    # "DAYS HH:MM-HH:MM RATE": no pattern says them without refusing some that are valid
+    "setDownloadCaps": "a rate's grammar and ceiling",
+    "setLinkLimits": "rates and timetable windows",
+    "setLocalNetworks": "networks as ipaddress reads them",
 }
 # A parameter's schema that generated invalid values can break (a bare string path parameter
 # has none: hypothesis would search for seconds and give up).
