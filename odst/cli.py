@@ -14,7 +14,7 @@ from odst.audit import AuditError, RebuildRefused, run_audit, run_rebuild
 from odst.bus.embedded import _set_pdeathsig
 from odst.bus.external import NatsConfigError, write_nats_config
 from odst.bus.identity import write_secret
-from odst.client import Client, ClientError
+from odst.client import PAGE_SIZE, Client, ClientError
 from odst.config import ConfigError, load, settings_env
 from odst.datadir import SiteBusy, key_path
 from odst.events.signing import SiteKey
@@ -295,9 +295,16 @@ def _table(headers: list[str], rows: list[list]) -> None:
         print("\t".join(str(x) for x in row))
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
 def cmd_packages(args) -> int:
     c = Client(args.server, args.token)
-    out = c.request("GET", "/api/v1/packages")
+    packages, total = c.packages(limit=args.limit, page_size=args.page_size)
+    out = {"packages": packages, "count": len(packages), "total": total, "offset": 0}
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
@@ -312,6 +319,8 @@ def cmd_packages(args) -> int:
         print("no packages", file=sys.stderr)
         return 0
     _table(cols, rows)
+    if len(rows) < total:
+        print(f"showing {len(rows)} of {total} packages", file=sys.stderr)
     return 0
 
 
@@ -642,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     _client_flags(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--sha512", action="store_true", help="add a SHA512 column (the checksum Jamf Pro records)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="show the first N packages (by name) and say how many there are; default: all")
+    p.add_argument("--page-size", type=_positive_int, default=PAGE_SIZE, help=argparse.SUPPRESS)  # tests
     p.set_defaults(func=cmd_packages)
 
     p = sub.add_parser("package", help="one package in full: size, SHA-512 and other hashes, stage, copies")

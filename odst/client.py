@@ -11,6 +11,9 @@ from urllib.parse import quote
 import httpx
 
 
+PAGE_SIZE = 1000  # packages a list request asks for (the API's default page)
+
+
 class ClientError(Exception):
     """The server refused or could not be reached; the message is for the user."""
 
@@ -44,6 +47,23 @@ class Client:
             return self._check(self.http.request(method, path, **kw))
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach {self.server}: {exc}") from None
+
+    def packages(self, *, limit: int | None = None, page_size: int = PAGE_SIZE) -> tuple[list[dict], int]:
+        """Every package (or the first ``limit``) in name order, a page of ``page_size`` at a time,
+        and how many the site has (``total``). A package added or removed while paging may shift
+        the pages: one seen twice is kept once."""
+        found: dict[str, dict] = {}
+        total, offset = 0, 0
+        while limit is None or len(found) < limit:
+            size = page_size if limit is None else min(page_size, limit - len(found))
+            page = self.request("GET", "/api/v1/packages", params={"limit": size, "offset": offset})
+            total = page["total"]
+            for p in page["packages"]:
+                found.setdefault(p["name"], p)
+            offset += len(page["packages"])
+            if not page["packages"] or offset >= total:
+                break
+        return list(found.values())[:limit], total
 
     def upload(self, path: Path, name: str, stage: str | None, progress: bool = True,
                replace: bool = False) -> tuple[dict, bool]:

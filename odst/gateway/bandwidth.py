@@ -9,7 +9,7 @@ admin), and the event names who did it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, put
@@ -19,6 +19,7 @@ from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.gateway.context import GatewayContext
+from odst.gateway.packages import PACKAGE_NAME_PARAM
 from odst.naming import check_name
 from odst.projections import views
 from odst.replicator import bandwidth as bw
@@ -38,18 +39,22 @@ class LinkLimits(msgspec.Struct, forbid_unknown_fields=True):
 
 class LocalNetworks(msgspec.Struct, forbid_unknown_fields=True):
     exempt: bool = True
-    cidrs: list[str] = msgspec.field(default_factory=lambda: list(bw.DEFAULT_LOCAL_CIDRS))
+    cidrs: Annotated[list[str], msgspec.Meta(max_length=MAX_CIDRS, description=f"at most {MAX_CIDRS} networks")] = \
+        msgspec.field(default_factory=lambda: list(bw.DEFAULT_LOCAL_CIDRS))
+
+
+Cap = Annotated[int, msgspec.Meta(ge=0, le=MAX_CAP, description=f"0 (no cap) up to {MAX_CAP}")]
 
 
 class DownloadCapsBody(msgspec.Struct, forbid_unknown_fields=True):
-    egress: str | int = 0  # bytes per second to Macs in total; 0: no limit
-    max_concurrent: int = 0  # downloads at once; 0: no cap
-    per_client: int = 0  # downloads at once per client address; 0: no cap
+    egress: str | Annotated[int, msgspec.Meta(ge=0, le=bw.MAX_RATE)] = 0  # bytes per second to Macs in total; 0: no limit
+    max_concurrent: Cap = 0  # downloads at once; 0: no cap
+    per_client: Cap = 0  # downloads at once per client address; 0: no cap
 
 
 class Urgency(msgspec.Struct, forbid_unknown_fields=True):
     urgent: bool = True
-    reason: str = ""
+    reason: Annotated[str, msgspec.Meta(max_length=500, description="at most 500 characters")] = ""
 
 
 def _link_name(site: GatewayContext, link: str) -> str:
@@ -139,7 +144,7 @@ class BandwidthController(Controller):
         return bandwidth_json(site)
 
     @put("/urgent/{name:str}", operation_id="setPackageUrgency", opt={"roles": WRITE, "body": Urgency})
-    async def set_urgency(self, request: Request, name: str) -> dict[str, Any]:
+    async def set_urgency(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
         """Mark a package urgent (it crosses paused windows and limits on every site) or not."""
         site: GatewayContext = request.app.state.site
         check_name(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -26,6 +26,7 @@ from odst.errors import NotFound, OdstError
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import END
 from odst.gateway.users import users_lock
 from odst.projections import views
 from odst.gateway.context import GatewayContext
@@ -79,8 +80,11 @@ def usage(site_id: str, name: str) -> dict[str, Any]:
 
 
 class CredentialCreate(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    role: str = "subscriber"
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=f"^{_NAME.pattern}{END}",
+                                      description=f"1 to {MAX_NAME} ASCII letters, digits, '_' and '-' "
+                                                  "(it names the service's JetStream consumer)")]
+    role: Literal[ROLES] = "subscriber"
+    refusals: ClassVar = {"name": CredentialNameInvalid}
 
 
 class CredentialController(Controller):

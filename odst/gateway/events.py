@@ -28,8 +28,9 @@ class EventController(Controller):
                           limit: int = Parameter(default=100, ge=1, le=1000),
                           type: str | None = None, origin: str | None = None,
                           name: str | None = None, actor: str | None = None,
-                          since: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
-                          until: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
+                          # schema_extra: Litestar leaves out a minimum of 0 on an optional parameter
+                          since: int | None = Parameter(default=None, ge=0, le=MAX_INT64, schema_extra={"minimum": 0}),
+                          until: int | None = Parameter(default=None, ge=0, le=MAX_INT64, schema_extra={"minimum": 0}),
                           before: int | None = Parameter(default=None, ge=1, le=MAX_INT64)) -> dict[str, Any]:
         """Events with position > after, oldest first, each in its signed envelope.
 
@@ -43,7 +44,8 @@ class EventController(Controller):
         return {"events": items, "last_position": views.last_position(site.reader)}
 
     @get("/events/stream", operation_id="streamEvents", opt={"roles": READ})
-    async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0, le=MAX_INT64),
+    async def stream_events(self, request: Request, after: int | None = Parameter(default=None, ge=0, le=MAX_INT64,
+                                                                                  schema_extra={"minimum": 0}),
                             type: str | None = None, brief: bool = False) -> ServerSentEvent:
         """Server-Sent Events: every event after ``after`` (or Last-Event-ID), then live.
 

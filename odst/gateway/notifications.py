@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
 
 from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import EMAIL_ADDRESS
 from odst.notify.dispatcher import NOTIFIABLE
 from odst.notify.ledger import Ledger
 from odst.notify.signing import DELIVERY_HEADER, SIGNATURE_HEADER
@@ -24,15 +26,22 @@ from odst.gateway.context import GatewayContext
 EMAIL = re.compile(r"^[^@\s<>,;]{1,64}@[^@\s<>,;]{1,255}$")
 
 
+EventTypes = Annotated[list[Literal[NOTIFIABLE]], msgspec.Meta(
+    min_length=1, description="a non-empty list of event types (GET /api/v1/webhooks lists them)")]
+
+
 class WebhookCreate(msgspec.Struct, forbid_unknown_fields=True):
-    url: str
-    event_types: list[str]
-    description: str = ""
+    # the host is checked by the handler (urlsplit): a 400 if it has none
+    url: Annotated[str, msgspec.Meta(max_length=2000, pattern=r"^[hH][tT][tT][pP][sS]?://",
+                                     description="an http:// or https:// URL with a host")]
+    event_types: EventTypes
+    description: Annotated[str, msgspec.Meta(max_length=500, description="at most 500 characters")] = ""
 
 
 class EmailSubscriptionCreate(msgspec.Struct, forbid_unknown_fields=True):
-    recipient: str
-    event_types: list[str]
+    recipient: Annotated[str, msgspec.Meta(pattern=EMAIL_ADDRESS,
+                                           description="one email address, such as admin@example.com")]
+    event_types: EventTypes
 
 
 def _event_types(types: list[str]) -> list[str]:
@@ -65,7 +74,7 @@ class WebhookController(Controller):
         return {"webhooks": [_webhook_view(w) for w in views.webhooks(site.reader)],
                 "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createWebhook", opt={"roles": ADMIN, "body": WebhookCreate, "body_optional": True})
+    @post("/", operation_id="createWebhook", opt={"roles": ADMIN, "body": WebhookCreate})
     async def create_webhook(self, request: Request) -> Response[dict[str, Any]]:
         """Subscribe a URL to event types. The signing secret is in this response only."""
         site: GatewayContext = request.app.state.site
@@ -95,13 +104,11 @@ class WebhookController(Controller):
 
     @get("/{webhook_id:str}/deliveries", operation_id="listWebhookDeliveries", opt={"roles": ADMIN})
     async def deliveries(self, request: Request, webhook_id: str, status: str | None = None,
-                         limit: int = 100) -> dict[str, Any]:
+                         limit: int = Parameter(default=100, ge=1, le=1000)) -> dict[str, Any]:
         """The delivery log: status (pending, retrying, delivered, failed, cancelled), attempts, last error."""
         site: GatewayContext = request.app.state.site
         if views.webhook(site.reader, webhook_id) is None:
             raise NotFound(f"no webhook {webhook_id!r}")
-        if not 1 <= limit <= 1000:
-            raise RequestInvalid("limit must be between 1 and 1000")
         return {"webhook_id": webhook_id,
                 "deliveries": _ledger(request).deliveries(webhook_id, limit=limit, status=status)}
 
@@ -117,7 +124,7 @@ class EmailSubscriptionController(Controller):
                 "smtp_configured": bool(site.settings.smtp_host),
                 "digest_s": site.settings.notify_email_digest_s, "event_types": list(NOTIFIABLE)}
 
-    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN, "body": EmailSubscriptionCreate, "body_optional": True})
+    @post("/", operation_id="createEmailSubscription", opt={"roles": ADMIN, "body": EmailSubscriptionCreate})
     async def create_subscription(self, request: Request) -> Response[dict[str, Any]]:
         site: GatewayContext = request.app.state.site
         body = decode_json(await request.body(), EmailSubscriptionCreate, empty_is_object=True)

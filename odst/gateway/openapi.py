@@ -5,7 +5,8 @@ Handlers decode their own bodies (``bodies.decode_json``, for clear 400s), so Li
 ``opt``: ``"body": SomeStruct`` (JSON, schema from msgspec, the decoder that enforces it;
 ``"body_optional": True`` where an empty body means ``{}``) or ``"body": bytes`` (raw
 octets). Every error the API sends is ``{"error": code, "detail": text}`` (``app._error``),
-so that shape is the one documented for every error status.
+so that shape is the one documented for every error status. What a site's settings decide (its
+stages, the package extensions it takes) is written into the document that site serves.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import msgspec
 from litestar import Litestar
 from litestar.routes import HTTPRoute
+
+from odst.gateway.constraints import package_name_with_extension
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 ERROR_SCHEMA = {
@@ -78,7 +81,26 @@ def document(app: Litestar) -> dict:
                     responses.setdefault(status, _error_response(text))
             responses.setdefault("default", _error_response(
                 "any other error (404, 409, 413, 415, 429, 503, 507, ...), in the same shape"))
+    site = getattr(app.state, "site", None)
+    if site is not None:
+        _this_site(schema, site.settings)
     return schema
+
+
+def _this_site(schema: dict, settings) -> None:
+    """The rules a site's settings make: which stages exist, which extensions an upload may have."""
+    stage = {"type": "string", "enum": list(settings.stages)}
+    components = schema["components"]["schemas"]
+    if "StagesChoice" in components:
+        components["StagesChoice"]["properties"]["stages"]["items"] = stage
+    if "PackageUpdate" in components:
+        components["PackageUpdate"]["properties"]["stage"] = {"anyOf": [stage, {"type": "null"}], "default": None}
+    upload = schema.get("paths", {}).get("/api/v1/packages/{name}", {}).get("put")
+    for param in (upload or {}).get("parameters", []):
+        if param["name"] == "stage":  # empty or left out: the site's default stage
+            param["schema"] = {"oneOf": [{**stage, "enum": [*stage["enum"], ""]}, {"type": "null"}]}
+        elif param["name"] == "name" and settings.allowed_extensions is not None:
+            param["schema"]["pattern"] = package_name_with_extension(settings.allowed_extensions)
 
 
 def _methods_by_path(app: Litestar) -> dict[str, bytes]:

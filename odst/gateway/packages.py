@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import structlog
@@ -17,6 +17,7 @@ from odst.events import uploads
 from odst.events.log import AppendFailed
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
@@ -27,7 +28,15 @@ log = structlog.get_logger("odst.gateway")
 
 
 class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    stage: str | None = None
+    stage: str | None = None  # one of the site's stages: the document served names them (openapi.document)
+
+
+# The {name} of the package routes. check_name (on the path exactly as sent) enforces the rules
+# and says which one failed; the pattern only documents them (Litestar would answer a failed
+# pattern with the regex itself). Names longer than 255 UTF-8 bytes are a 400 too.
+PACKAGE_NAME_PARAM = Parameter(min_length=1, max_length=PACKAGE_NAME_MAX, schema_extra={"pattern": PACKAGE_NAME},
+                               description="a package name: no '/', '\\', '..', leading '.', white space at "
+                                           "either end, control or format characters; at most 255 UTF-8 bytes")
 
 
 MAX_NAMES = 100  # exact names one list request may ask for (?name=a&name=b…)
@@ -137,7 +146,8 @@ class PackageController(Controller):
     async def list_packages(self, request: Request,
                             stage: str | None = None, q: str | None = None,
                             name: list[str] | None = Parameter(default=None, max_items=MAX_NAMES),
-                            sort: str = "name", order: str = "asc", include: str | None = None,
+                            sort: Literal[views.PACKAGE_SORTS] = "name", order: Literal["asc", "desc"] = "asc",
+                            include: Literal["chunks", ""] | None = None,
                             limit: int = Parameter(default=1000, ge=1, le=10000),
                             offset: int = Parameter(default=0, ge=0, le=MAX_INT64)) -> dict[str, Any]:
         """A page of packages (``limit``/``offset``), filtered by ``stage``, ``q`` (part of a name)
@@ -145,12 +155,6 @@ class PackageController(Controller):
         uploaded_at, updated_at) and ``order`` (asc, desc). ``total`` counts every match. Rows
         carry ``chunk_count``, not the chunk hashes: ``include=chunks`` (or the package route) has them."""
         site: GatewayContext = request.app.state.site
-        if sort not in views.PACKAGE_SORTS:
-            raise RequestInvalid(f"sort must be one of {', '.join(views.PACKAGE_SORTS)}")
-        if order not in ("asc", "desc"):
-            raise RequestInvalid("order must be asc or desc")
-        if include not in (None, "", "chunks"):
-            raise RequestInvalid("include may only be 'chunks'")
         items = [_with_local_transfer(site, p)
                  for p in views.packages(site.reader, stage=stage, q=q, names=name, sort=sort,
                                          descending=order == "desc", limit=limit, offset=offset,
@@ -161,7 +165,7 @@ class PackageController(Controller):
                 "name_collisions": views.name_collisions(site.reader)}
 
     @get("/{name:str}", operation_id="getPackage", opt={"roles": READ})
-    async def get_package(self, request: Request, name: str) -> dict[str, Any]:
+    async def get_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         pkg = views.package(site.reader, name)
@@ -171,7 +175,7 @@ class PackageController(Controller):
 
     @put("/{name:str}", operation_id="uploadPackage", opt={"roles": WRITE, "body": bytes}, status_code=201,
          request_max_body_size=None)  # the cap is max_upload_bytes, enforced in _receive_body
-    async def upload(self, request: Request, name: str, stage: str | None = None,
+    async def upload(self, request: Request, name: str = PACKAGE_NAME_PARAM, stage: str | None = None,
                      replace: bool = False) -> Response[dict[str, Any]]:
         """Stream the raw request body into the store; the body is never held in memory.
         With ``replace=true`` other content under an existing name replaces it (see
@@ -253,7 +257,7 @@ class PackageController(Controller):
         return Response(current, status_code=201)
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
-    async def update_package(self, request: Request, name: str) -> dict[str, Any]:
+    async def update_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         change = decode_json(await request.body(), PackageUpdate)
@@ -270,7 +274,7 @@ class PackageController(Controller):
         return views.package(site.reader, name)
 
     @delete("/{name:str}", operation_id="deletePackage", opt={"roles": WRITE}, status_code=200)
-    async def delete_package(self, request: Request, name: str) -> dict[str, Any]:
+    async def delete_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         name = check_name(_strict(request))
         async with _lock_for(name):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import Parameter
 
 from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import ascii_int, sent_path
+from odst.naming import MAX_INT64, ascii_int, sent_path
 from odst.peering import registration
 from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
@@ -26,11 +27,13 @@ from odst.gateway.context import GatewayContext
 
 
 class InviteCreate(msgspec.Struct, forbid_unknown_fields=True):
-    ttl_s: int = registration.DEFAULT_TTL_S
+    ttl_s: Annotated[int, msgspec.Meta(ge=60, le=30 * 86400, description="between 60 seconds and 30 days")] = registration.DEFAULT_TTL_S
 
 
 class Join(msgspec.Struct, forbid_unknown_fields=True):
-    token: str
+    token: Annotated[str, msgspec.Meta(pattern=r"^\s*odst-invite-", max_length=registration.MAX_MESSAGE_BYTES,
+                                       description="an invitation from `odst peer invite` (odst-invite-...)")]
+    refusals: ClassVar = {"token": registration.InviteInvalid}
 
 
 def state_digest(state: list) -> str:
@@ -170,7 +173,8 @@ class PeerProtocolController(Controller):
         return Response(answer, media_type="application/json")
 
     @get("/mirror/{start:int}", operation_id="peerMirrorPage")
-    async def mirror_page(self, request: Request, start: int) -> Response[bytes]:
+    async def mirror_page(self, request: Request,
+                          start: int = Parameter(ge=1, le=MAX_INT64, description="a stream sequence")) -> Response[bytes]:
         """Recovery: a page of this site's mirror of the requesting site's own log, from ``start``
         (exact stored bytes, subjects, headers). Only that site, signing with its key, may ask."""
         site: GatewayContext = request.app.state.site

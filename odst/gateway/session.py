@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import structlog
@@ -31,8 +31,13 @@ class SignIn(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PasswordChange(msgspec.Struct, forbid_unknown_fields=True):
-    current: str
-    new: str
+    current: Annotated[str, msgspec.Meta(max_length=passwords.MAX_LENGTH,
+                                         description=f"at most {passwords.MAX_LENGTH} characters")]
+    # Not expressible here: the new password must not be the user name (a 400, password_rejected).
+    new: Annotated[str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH,
+                                     description=f"at least {passwords.MIN_LENGTH} characters "
+                                                 f"(and at most {passwords.MAX_LENGTH})")]
+    refusals: ClassVar = {"new": passwords.PasswordRejected}
 
 
 def client_address(request: Request) -> str:

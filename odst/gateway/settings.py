@@ -4,7 +4,7 @@ check of the LDAP settings. Settings from odst.toml / ODST_* are read-only here.
 from __future__ import annotations
 
 import unicodedata
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, get, post, put
@@ -14,19 +14,20 @@ from odst.errors import RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import SITE_NAME, SITE_NAME_MAX
 from odst.projections import views
 from odst.gateway.context import GatewayContext
 
 
 class StagesChoice(msgspec.Struct, forbid_unknown_fields=True):
-    stages: list[str]
+    # which stages exist is the site's setting: the document served names them (openapi.document)
+    stages: Annotated[list[str], msgspec.Meta(min_length=1, description="one or more of the site's stages")]
 
 
 class SiteNameChoice(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-
-
-SITE_NAME_MAX = 100
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=SITE_NAME_MAX, pattern=SITE_NAME,
+                                      description=f"1 to {SITE_NAME_MAX} characters, not all white space, "
+                                                  "without control or format characters")]
 
 
 def check_site_name(name: str) -> str:

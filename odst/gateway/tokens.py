@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
@@ -13,14 +13,16 @@ from odst.errors import NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import NOT_BLANK
 from odst.projections import views
 from odst.accounts.tokens import token_digest
 from odst.gateway.context import GatewayContext
 
 
 class TokenCreate(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    role: str = "operator"
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NOT_BLANK,
+                                      description="1 to 200 characters, not all white space")]
+    role: Literal[passwords.ROLES] = "operator"
 
 
 class TokenController(Controller):

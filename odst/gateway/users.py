@@ -6,7 +6,7 @@ import asyncio
 import fcntl
 import os
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Annotated, Any, AsyncIterator, ClassVar, Literal
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
@@ -17,6 +17,7 @@ from odst.errors import NotFound, OdstError, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN
 from odst.gateway.bodies import decode_json
+from odst.gateway.constraints import DISPLAY_NAME, DISPLAY_NAME_MAX, END
 from odst.projections import views
 from odst.gateway.context import GatewayContext
 
@@ -54,17 +55,31 @@ def forget_first_password(site: GatewayContext, username: str) -> None:
         (site.data / "admin-password").unlink(missing_ok=True)
 
 
+Username = Annotated[str, msgspec.Meta(pattern=f"^{passwords.USERNAME.pattern}{END}", description=(
+    "1 to 64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"))]
+# Not expressible here: a password must not be the user name (a 400, password_rejected).
+Password = Annotated[str, msgspec.Meta(min_length=passwords.MIN_LENGTH, max_length=passwords.MAX_LENGTH,
+                                       description=f"at least {passwords.MIN_LENGTH} characters "
+                                                   f"(and at most {passwords.MAX_LENGTH})")]
+Role = Literal[passwords.ROLES]
+DisplayName = Annotated[str, msgspec.Meta(max_length=DISPLAY_NAME_MAX, pattern=DISPLAY_NAME,
+                                          description=f"at most {DISPLAY_NAME_MAX} characters, "
+                                                      "without control characters")]
+
+
 class UserCreate(msgspec.Struct, forbid_unknown_fields=True):
-    username: str
-    password: str
-    role: str = "operator"
-    display_name: str = ""
+    username: Username
+    password: Password
+    role: Role = "operator"
+    display_name: DisplayName = ""
+    refusals: ClassVar = {"password": passwords.PasswordRejected}
 
 
 class UserUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    role: str | None = None
-    password: str | None = None
-    display_name: str | None = None
+    role: Role | None = None
+    password: Password | None = None
+    display_name: DisplayName | None = None
+    refusals: ClassVar = {"password": passwords.PasswordRejected}
 
 
 def _display_name(value: str) -> str:
