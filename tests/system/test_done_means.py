@@ -123,5 +123,6 @@ def test_ldap_admin_uploads_2gb_and_sees_it_reach_the_second_site_with_webhook_a
 
     # The delivery log in the UI shows it delivered.
     page.get_by_role("link", name="Settings").click()
+    page.get_by_role("tab", name="Webhooks").click()  # Settings shows one section at a time
     expect(page.get_by_text(receiver.url("/odst"))).to_be_visible()
     shot(page, "5-settings-webhook")
