@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, run_odst, wait_until, write_random
-from tests.system.test_replication import available_at, register, state, upload
+from tests.system.test_replication import available_at, register, start_pair, state, upload
 
 MIB = 1 << 20
 MB = 1_000_000
@@ -59,10 +59,7 @@ def hold(predicate, seconds: float, what: str) -> None:
 
 @pytest.fixture
 def pair(make_site):
-    leaf = free_port()
-    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
-    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
-    register(a, b)
+    a, b = start_pair(make_site)
     return a, b, site_id(a), site_id(b)
 
 

@@ -37,13 +37,18 @@ def wait_linked(*sites) -> None:
         wait_until(lambda: linked(s), 60, what=f"{s.data.name} to mirror its peers")
 
 
-@pytest.fixture
-def pair(make_site):
+def start_pair(make_site) -> tuple:
+    """Sites A (leaf listener) and B (dials A), registered and mirroring each other."""
     leaf = free_port()
     a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
     b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
     register(a, b)
     return a, b
+
+
+@pytest.fixture
+def pair(make_site):
+    return start_pair(make_site)
 
 
 def upload(site, name: str, path, stage: str | None = None) -> dict:
