@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from typing import Any, Callable
 
@@ -36,3 +38,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         if time.monotonic() > deadline:
             raise TimedOut(what, timeout, last_error)
         time.sleep(interval)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+                interval: float = 0.02) -> Any:
+    """``wait_until`` inside a running event loop: poll ``predicate`` (plain or async) without
+    blocking the loop; raise :class:`TimedOut` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimedOut(what, timeout, None)
+        await asyncio.sleep(interval)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import nats
-import pytest
 from nats.js import api
 
 from odst.events import catalogue as ev
@@ -15,16 +14,9 @@ from odst.events.log import EVENTS_STREAM, EventLog
 from odst.events.signing import SiteKey
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
+from harness.wait import until
 
 MIRROR = "PEER_GONE"  # a peer's mirror this broker does not hold (deleted, or not made yet)
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_a_failing_mirror_stays_reported_while_events_fold(nats_server, tmp_path):
