@@ -35,6 +35,7 @@ and a client still sending its body (it reads the answer only after) would never
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import httptools
@@ -45,6 +46,8 @@ log = structlog.get_logger("odst.gateway")
 
 LINGER_IDLE_S = 5.0  # nginx's lingering_timeout
 LINGER_MAX_S = 30.0  # nginx's lingering_time
+ZEROCOPY = "http.response.zerocopysend"  # the ASGI zero-copy send extension this protocol offers
+SPILL_BYTES = 256 * 1024  # what goes by copy when the socket is full (the transport waits for room)
 
 
 @dataclass(frozen=True)
@@ -154,19 +157,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
+        self.scope.setdefault("extensions", {})[ZEROCOPY] = {}  # the app's task starts after this
         super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.more_body:
-            send = cycle.send
+        if cycle is None:
+            return
+        send = cycle.send
+        early = cycle.more_body  # the request has a body still to come
 
-            async def send_early_answer_closing(message) -> None:
-                # An answer that starts before the request's body is all in ends the connection:
-                # say so (a client must not reuse it), and let uvicorn's close linger instead.
-                if message["type"] == "http.response.start" and cycle.more_body:
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-                    cycle.transport = _LingerOnClose(self)
-                await send(message)
-            cycle.send = send_early_answer_closing
+        async def guarded_send(message) -> None:
+            if message["type"] == ZEROCOPY:
+                await self._send_file(cycle, send, message)
+                return
+            # An answer that starts before the request's body is all in ends the connection:
+            # say so (a client must not reuse it), and let uvicorn's close linger instead.
+            if early and message["type"] == "http.response.start" and cycle.more_body:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                cycle.transport = _LingerOnClose(self)
+            await send(message)
+        cycle.send = guarded_send
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -177,6 +186,82 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self._in_head and not self.transport.is_closing():  # its body is still coming
             self._linger()
+
+    # -- zero-copy bodies --------------------------------------------------------------------
+
+    async def _send_file(self, cycle, send, message) -> None:
+        """The ASGI zero-copy send extension: ``count`` bytes of the open ``file`` (an fd or an
+        object with fileno()) from ``offset``, sent by ``os.sendfile`` straight from the page
+        cache to the socket; uvicorn's own bookkeeping (Content-Length, completion, keep-alive)
+        then sees an empty body message. What sendfile cannot put in a full socket buffer goes
+        as one copied block through the transport, which waits for room; then sendfile again.
+        A HEAD, a chunked response or a body longer than promised takes uvicorn's path."""
+        if cycle.disconnected:
+            return
+        if not cycle.response_started or cycle.response_complete:
+            raise RuntimeError(f"Unexpected ASGI message '{ZEROCOPY}' outside a response body.")
+        file = message["file"]
+        fd = file if isinstance(file, int) else file.fileno()
+        offset = message.get("offset", 0)
+        count = message.get("count")
+        if count is None:
+            count = os.fstat(fd).st_size - offset
+        more = message.get("more_body", False)
+        if cycle.scope["method"] == "HEAD" or cycle.chunked_encoding or count > cycle.expected_content_length:
+            end = offset + count
+            while True:
+                data = os.pread(fd, min(SPILL_BYTES, end - offset), offset) if offset < end else b""
+                offset += len(data)
+                last = offset >= end or not data
+                await send({"type": "http.response.body", "body": data, "more_body": more or not last})
+                if last:
+                    return
+        sent = await self._sendfile(fd, offset, count)
+        if sent < count:  # the client went away, or the file is shorter than promised: close
+            if not self.transport.is_closing():
+                self.transport.close()
+            return
+        cycle.expected_content_length -= count
+        await send({"type": "http.response.body", "body": b"", "more_body": more})
+
+    async def _sendfile(self, fd: int, offset: int, count: int) -> int:
+        """Bytes sent of ``count`` (fewer: the connection broke or the file ended)."""
+        transport = self.transport
+        out = transport.get_extra_info("socket").fileno()
+        await self._drained()  # the head uvicorn wrote goes first
+        sent = 0
+        while sent < count:
+            if transport.is_closing():
+                break
+            try:
+                n = os.sendfile(out, fd, offset + sent, count - sent)
+            except BlockingIOError:  # socket buffer full: one block through the transport
+                piece = os.pread(fd, min(SPILL_BYTES, count - sent), offset + sent)
+                if not piece:
+                    break
+                transport.write(piece)
+                sent += len(piece)
+                await self._drained()
+                continue
+            except OSError:  # reset, broken pipe: connection_lost follows
+                break
+            if n == 0:
+                break  # end of file
+            sent += n
+        return sent
+
+    async def _drained(self) -> None:
+        """Wait until the transport has written everything it holds."""
+        transport = self.transport
+        if not transport.get_write_buffer_size() or transport.is_closing():
+            return
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0)  # pauses the protocol until the buffer is empty
+        try:
+            await self.flow.drain()
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=high, low=low)
 
     # -- refusals ----------------------------------------------------------------------------
 
