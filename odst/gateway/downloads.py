@@ -42,6 +42,7 @@ from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_
 BLOCK = 1 << 20
 REPAIR_RETRY_AFTER_S = 60  # Retry-After of a 503 for a package out of service here (odst.replicator.integrity)
 MAX_CACHED = 4096  # names (answers) and open files kept; past it the cache starts again
+IDLE_CLOSE_S = 10.0  # an open file no request used for this long is closed (a deleted one frees its space)
 
 _OCTETS = (b"content-type", b"application/octet-stream")
 _ACCEPT_RANGES = (b"accept-ranges", b"bytes")
@@ -102,7 +103,7 @@ class _File:
     its path must still show for the name to mean this inode; ``labels`` caches, per read-model
     row, the ETag, Last-Modified and headers of these bytes."""
 
-    __slots__ = ("fd", "ident", "size", "tag", "mtime_ms", "users", "retired", "labels")
+    __slots__ = ("fd", "ident", "size", "tag", "mtime_ms", "users", "retired", "labels", "used")
 
     def __init__(self, fd: int) -> None:
         st = os.fstat(fd)
@@ -112,6 +113,7 @@ class _File:
         self.mtime_ms = int(st.st_mtime * 1000)
         self.tag = content_tag(fd)
         self.users = 0
+        self.used = time.monotonic()
         self.retired = False
         self.labels: dict[tuple, _Label] = {}
 
@@ -154,6 +156,7 @@ class Downloads:
         self._version = None  # the read model's data_version the answers were read at
         self._answers: dict[str, _Answer] = {}
         self._files: dict[str, _File] = {}  # by store path
+        self._sweep: asyncio.TimerHandle | None = None  # closes idle files
         self.app = wrap(self.serve) if wrap is not None else self.serve
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -229,7 +232,21 @@ class Downloads:
                 old.retire()
             self._files.clear()
         self._files[path] = opened
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle)
         return opened
+
+    def _close_idle(self) -> None:
+        """Close the files no response read for IDLE_CLOSE_S: a package deleted (its file
+        unlinked) while no one asks for it again must not keep its disk space."""
+        self._sweep = None
+        now = time.monotonic()
+        for path, file in list(self._files.items()):
+            if file.users == 0 and now - file.used >= IDLE_CLOSE_S:
+                del self._files[path]
+                file.retire()
+        if self._files:
+            self._sweep = asyncio.get_running_loop().call_later(IDLE_CLOSE_S, self._close_idle)
 
     def _label(self, name: str, file: _File, row) -> _Label:
         """What the opened file holds, by the content label on its inode: a replacement may have
@@ -237,7 +254,7 @@ class Downloads:
         already name the new content while this file is still the old one), and the ETag must be
         the one of these bytes. A swapped-in upload not yet in the read model is named from the
         file itself (its label, and its mtime for Last-Modified)."""
-        key = (row["blake3"], row["uploaded_at"])
+        key = (self._version, row["blake3"], row["uploaded_at"])  # served_content may change too
         label = file.labels.get(key)
         if label is not None and (label.until is None or time.time() < label.until):
             return label
@@ -247,6 +264,8 @@ class Downloads:
         else:
             known = views.served_content(self.site.reader, name, labelled)
             label = _Label(labelled, known["uploaded_at"] if known is not None else file.mtime_ms, file.size)
+        if len(file.labels) >= 8:  # older read-model versions
+            file.labels.clear()
         file.labels[key] = label
         return label
 
@@ -293,6 +312,7 @@ class Downloads:
         if file is None:
             return await self._refuse(send, 404, "no such package\n")
         file.users += 1
+        file.used = time.monotonic()
         try:
             label = self._label(name, file, answer.row)
             await self._send(scope, file, label, method, headers, receive, send)

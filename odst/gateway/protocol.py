@@ -48,6 +48,7 @@ LINGER_IDLE_S = 5.0  # nginx's lingering_timeout
 LINGER_MAX_S = 30.0  # nginx's lingering_time
 ZEROCOPY = "http.response.zerocopysend"  # the ASGI zero-copy send extension this protocol offers
 SPILL_BYTES = 256 * 1024  # what goes by copy when the socket is full (the transport waits for room)
+YIELD_BYTES = 8 << 20  # a sendfile loop lets other connections run after this many bytes
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cache to the socket; uvicorn's own bookkeeping (Content-Length, completion, keep-alive)
         then sees an empty body message. What sendfile cannot put in a full socket buffer goes
         as one copied block through the transport, which waits for room; then sendfile again.
-        A HEAD, a chunked response or a body longer than promised takes uvicorn's path."""
+        A chunked response or a body longer than promised takes uvicorn's path (pread)."""
         if cycle.disconnected:
             return
         if not cycle.response_started or cycle.response_complete:
@@ -207,7 +208,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if count is None:
             count = os.fstat(fd).st_size - offset
         more = message.get("more_body", False)
-        if cycle.scope["method"] == "HEAD" or cycle.chunked_encoding or count > cycle.expected_content_length:
+        if cycle.scope["method"] == "HEAD":  # no body goes out
+            await send({"type": "http.response.body", "body": b"", "more_body": more})
+            return
+        if cycle.chunked_encoding or count > cycle.expected_content_length:
             end = offset + count
             while True:
                 data = os.pread(fd, min(SPILL_BYTES, end - offset), offset) if offset < end else b""
@@ -229,7 +233,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = self.transport
         out = transport.get_extra_info("socket").fileno()
         await self._drained()  # the head uvicorn wrote goes first
-        sent = 0
+        sent = since_yield = 0
         while sent < count:
             if transport.is_closing():
                 break
@@ -248,6 +252,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if n == 0:
                 break  # end of file
             sent += n
+            since_yield += n
+            if since_yield >= YIELD_BYTES:  # a client that always keeps up must not hold the loop
+                since_yield = 0
+                await asyncio.sleep(0)
         return sent
 
     async def _drained(self) -> None:
