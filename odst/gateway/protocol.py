@@ -1,4 +1,5 @@
-"""HTTP/1.1 for the gateway: uvicorn's httptools protocol with limits on request heads.
+"""HTTP/1.1 for the gateway: uvicorn's httptools protocol with limits on request heads, and
+zero-copy response bodies from files.
 
 The gateway may face the network without nginx. uvicorn 0.54 with httptools
 puts no bound on a request head: httptools joins a header's pieces in memory
@@ -8,8 +9,8 @@ or never sends a byte, is kept for ever (uvicorn's keep-alive timer only runs
 after a response). h11 bounds the head (``h11_max_incomplete_event_size``)
 but answers 400, has no head deadline either and parses bodies in Python.
 
-So the head is guarded here, before the parser sees the bytes; bodies take
-uvicorn's own path untouched (upload and download speed do not change):
+So the head is guarded here, before the parser sees the bytes; request bodies take
+uvicorn's own path untouched (upload speed does not change):
 
 * the bytes of a head (request line and fields) are counted as they are fed;
   past ``max_bytes`` the request is answered 431 and the connection closed, so
@@ -30,6 +31,12 @@ After a refusal or such an early answer the connection is half-closed and what t
 still sends is read and dropped (nginx's lingering close): until the client's EOF, LINGER_IDLE_S
 without a byte, or LINGER_MAX_S in all. Closing with unread bytes would reset the connection,
 and a client still sending its body (it reads the answer only after) would never read why.
+
+uvicorn has no zero-copy send, so this protocol offers the ASGI extension
+``http.response.zerocopysend`` (``scope["extensions"]``): the downloads send
+``{"type": "http.response.zerocopysend", "file": fd, "offset": o, "count": n}``
+and the bytes go from the page cache to the socket by ``os.sendfile``, as nginx
+sends them, instead of through a Python buffer twice (``_send_file``).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import http.client as httpclient
 import os
 import random
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -355,6 +356,30 @@ def test_the_inode_under_the_name_decides_the_bytes_and_the_etag(dist, anon):
             assert anon.head(dist.url(name)).status_code == 404
         finally:
             assert admin.delete(f"/api/v1/packages/{quote(name)}").status_code == 200
+
+
+def test_a_client_with_a_tiny_window_gets_every_byte_in_order(dist):
+    """Bodies go by sendfile until the socket is full, then a block through the transport, then
+    sendfile again: a client with a 4 KiB receive buffer (the socket is full all the time) must
+    still get the exact bytes, twice on one connection."""
+    data = dist.files[BIG]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", dist.site.port))
+        f = s.makefile("rb", buffering=0)
+        for first in (0, 12345):
+            s.sendall(f"GET {dist.url(BIG)} HTTP/1.1\r\nHost: x\r\nRange: bytes={first}-\r\n\r\n".encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += f.read(1)
+            assert head.startswith(b"HTTP/1.1 206"), head
+            got = bytearray()
+            while len(got) < len(data) - first:
+                piece = f.read(min(4096, len(data) - first - len(got)))
+                assert piece, f"connection closed after {len(got)} bytes"
+                got += piece
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data[first:]).digest()
 
 
 def test_a_deleted_package_does_not_keep_its_disk_space(dist, anon):
