@@ -355,13 +355,16 @@ class Downloads:
                 head = [*label.common, (b"content-length", str(length).encode("latin-1")),
                         (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
         stats.downloads[status] += 1
-        await send({"type": "http.response.start", "status": status, "headers": head})
         if method == "HEAD" or length == 0:
+            await send({"type": "http.response.start", "status": status, "headers": head})
             await send({"type": "http.response.body", "body": b""})
         elif ZEROCOPY in (scope.get("extensions") or ()):
+            # ZEROCOPY in the start: the body follows at once, so the head may wait for it
+            await send({"type": "http.response.start", "status": status, "headers": head, ZEROCOPY: True})
             await send({"type": ZEROCOPY, "file": file.fd, "offset": start, "count": length})
             stats.bytes_served += length
         else:
+            await send({"type": "http.response.start", "status": status, "headers": head})
             await _pread_body(file.fd, start, length, receive, send, stats)
 
 

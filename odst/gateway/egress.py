@@ -91,6 +91,9 @@ class DownloadGate:
                 elif kind == ZEROCOPY:  # a file's bytes sent by the server: paced a block at a time
                     await self._send_file(message, send)
                     return
+                elif message.get(ZEROCOPY) and self.caps().egress_bps:
+                    # the body may wait for the bucket: the head must not wait with it
+                    message = {k: v for k, v in message.items() if k != ZEROCOPY}
                 await send(message)
             try:
                 await app(scope, receive, paced)
