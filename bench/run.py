@@ -1482,7 +1482,22 @@ def print_report(R: dict, out: Path) -> None:
     row("upload CPU-s per GiB (gateway vs sha512sum)", fmt(up.get("gateway_cpu_s_per_gib")),
         fmt(up.get("sha512sum_cpu_s_per_gib")),
         fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),
-        "", "")
+        f"<= {TARGET_UPLOAD_CPU_S_PER_GIB}", verdict(None if up.get("gateway_cpu_s_per_gib") is None
+                                                     else up["gateway_cpu_s_per_gib"] <= TARGET_UPLOAD_CPU_S_PER_GIB))
+    sm = R.get("small", {})
+    so_, sn_ = sm.get("odst", {}), sm.get("nginx", {})
+    if sm:
+        row(f"small uploads {sm['count']} x {sm['kib']} KiB, {sm['concurrency']} conns (/s) vs nginx WebDAV PUT",
+            fmt(so_.get("per_s"), ".0f"), fmt(sn_.get("per_s"), ".0f"), fmt(sm.get("ratio"), ".3f", "x"),
+            f">= {TARGET_SMALL_PER_S}/s", verdict(None if so_.get("per_s") is None
+                                                  else so_["per_s"] >= TARGET_SMALL_PER_S))
+        row("  server CPU-ms per small upload (all its processes)", fmt(so_.get("server_cpu_ms_per_upload")),
+            fmt(sn_.get("server_cpu_ms_per_upload")), fmt(sm.get("cpu_ratio"), ".1f", "x"), "", "")
+        row("  latency p50 / p99 (ms)",
+            f"{fmt(so_.get('lat_p50_ms'), '.1f')} / {fmt(so_.get('lat_p99_ms'), '.1f')}",
+            f"{fmt(sn_.get('lat_p50_ms'), '.1f')} / {fmt(sn_.get('lat_p99_ms'), '.1f')}", "", "", "")
+        row("  noise: other CPU busy (cores)", fmt(so_.get("other_cores")), fmt(sn_.get("other_cores")),
+            "", "~0", "")
     wo, wn = w.get("odst", {}), w.get("nginx", {})
     row(f"wrk {p['connections']} conn, 1 MiB ranges (MB/s, median of {p['rounds']})",
         fmt(wo.get("mb_per_s"), ".0f"), fmt(wn.get("mb_per_s"), ".0f"), fmt(dl.get("ratio"), ".2f", "x"),
