@@ -38,6 +38,7 @@ and a client still sending its body (it reads the answer only after) would never
 from __future__ import annotations
 
 import asyncio
+import collections
 from dataclasses import dataclass
 
 import httptools
@@ -59,21 +60,26 @@ class HeadLimits:
 
 
 def _body_receive(cycle):
-    """uvicorn's ``RequestResponseCycle.receive``, handing out the pieces ``on_body`` kept:
-    one piece as it is, several joined (one copy), instead of uvicorn's two copies."""
+    """uvicorn's ``RequestResponseCycle.receive``, handing out the pieces ``on_body`` kept one
+    at a time, as they are (no copy: uvicorn makes two, and joining the pieces one)."""
     async def receive():
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
         if not cycle.disconnected and not cycle.response_complete:
-            cycle.flow.resume_reading()
+            if cycle.pieces_bytes <= BODY_HIGH_WATER:
+                cycle.flow.resume_reading()
             await cycle.message_event.wait()
-            cycle.message_event.clear()
         if cycle.disconnected or cycle.response_complete:
             return {"type": "http.disconnect"}
         pieces = cycle.pieces
-        cycle.pieces, cycle.pieces_bytes = [], 0
-        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if len(pieces) > 1:  # more kept: the next receive takes the next one at once
+            body = pieces.popleft()
+            cycle.pieces_bytes -= len(body)
+            return {"type": "http.request", "body": body, "more_body": True}
+        cycle.message_event.clear()
+        body = pieces.popleft() if pieces else b""
+        cycle.pieces_bytes = 0
         return {"type": "http.request", "body": body, "more_body": cycle.more_body}
     return receive
 
@@ -192,7 +198,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None:
-            cycle.pieces, cycle.pieces_bytes = [], 0
+            cycle.pieces, cycle.pieces_bytes = collections.deque(), 0
             cycle.receive = _body_receive(cycle)
         if cycle is not None and cycle.more_body:
             send = cycle.send
