@@ -73,3 +73,50 @@ def test_concurrent_uploads_of_one_name_have_one_winner(site, size):
     store = site.data / "store"
     assert [p.name for p in (store / "packages").iterdir()] == ["race.pkg"]
     assert list((store / "tmp").glob("*.part")) == []
+
+
+def read_response(sock) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length body from a raw socket: (status, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, data
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        piece = sock.recv(65536)
+        assert piece, body
+        body += piece
+    assert len(body) == length, (head, body)  # nothing beyond: the next response is not sent yet
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_a_body_after_100_continue_in_ragged_pieces_then_a_second_request_on_the_connection(site):
+    """The gateway hands the body's pieces to the upload as the parser makes them (no joining):
+    a body sent in pieces of 1 byte to 700 KiB after ``Expect: 100-continue`` lands whole, and
+    the kept-alive connection then serves the next request with nothing left over."""
+    import json
+    import socket
+    data = random.Random(5).randbytes(3 * 1024 * KiB + 5)
+    with socket.create_connection(("127.0.0.1", site.port), timeout=30) as s:
+        s.sendall(b"PUT /api/v1/packages/ragged.pkg HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\n"
+                  + f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(1024)
+        assert got.startswith(b"HTTP/1.1 100 "), got
+        rnd, at = random.Random(6), 0
+        while at < len(data):
+            n = rnd.choice([1, 7, 4096, 65536, 700 * KiB])
+            s.sendall(data[at:at + n])
+            at += n
+        status, body = read_response(s)
+        assert status == 201, body
+        assert json.loads(body)["sha512"] == hashlib.sha512(data).hexdigest()
+        s.sendall(f"GET /api/v1/packages/ragged.pkg HTTP/1.1\r\nHost: test\r\n"
+                  f"Authorization: Bearer {ADMIN_TOKEN}\r\n\r\n".encode())
+        status, body = read_response(s)
+        assert status == 200 and json.loads(body)["blake3"] == blake3.blake3(data).hexdigest()
+    assert httpx.get(f"{site.url}/CasperShare/Packages/ragged.pkg", timeout=30).content == data
