@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from odst.store.files import StreamingUpload
-from odst.store.hashing import (CHUNK_SIZE, ManifestBuilder, Rechunker, WholeHash, chunk_count, chunk_ok,
+from odst.store.hashing import (CHUNK_SIZE, ChunkHashes, ManifestBuilder, Rechunker, WholeHash, chunk_count, chunk_ok,
                                 chunk_span, hash_file, manifest_of)
 
 SMALL_CHUNK = 64  # the same code with a small chunk keeps the properties cheap to explore
@@ -34,6 +34,14 @@ def test_manifest_matches_hashlib_however_the_bytes_are_split(data, cuts):
     m = manifest_of(splits(data, cuts), SMALL_CHUNK)
     assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
     assert len(m.chunks) == chunk_count(len(data), SMALL_CHUNK)
+
+
+@given(st.binary(max_size=1000), st.lists(st.integers(min_value=0), max_size=20))
+def test_chunk_hashes_of_pieces_are_the_chunks_sha1s_however_the_bytes_are_split(data, cuts):
+    hashes = ChunkHashes(SMALL_CHUNK)
+    for piece in splits(data, cuts):
+        hashes.update(piece)
+    assert hashes.finish() == reference(data, SMALL_CHUNK)[4]
 
 
 @given(st.integers(min_value=0, max_value=10 * SMALL_CHUNK))
