@@ -375,6 +375,23 @@ def test_publish_never_overwrites_and_replace_does(store):
     assert stat.S_IMODE(store.path("a.pkg").stat().st_mode) == PACKAGE_MODE
 
 
+def test_grouped_publishes_land_every_file_and_never_overwrite(store):
+    """publish_grouped (many uploads at once sharing a directory fsync): each file under its own
+    name, a taken name refused as by publish, and a second round after the first works too."""
+    async def run():
+        temps = {f"g{i}.pkg": written(store, f"body {i}".encode()) for i in range(12)}
+        await asyncio.gather(*(store.publish_grouped(t, n) for n, t in temps.items()))
+        loser = written(store, b"late")
+        with pytest.raises(FileExistsError):
+            await store.publish_grouped(loser, "G3.pkg")
+        await store.publish_grouped(written(store, b"again"), "h.pkg")
+        return loser
+    loser = asyncio.run(run())
+    assert visible(store) == {f"g{i}.pkg" for i in range(12)} | {"h.pkg"}
+    assert store.path("g3.pkg").read_bytes() == b"body 3" and loser.exists()
+    assert stat.S_IMODE(store.path("g7.pkg").stat().st_mode) == PACKAGE_MODE
+
+
 def test_remove_says_whether_there_was_a_file(store):
     store.publish(written(store, b"x"), "a.pkg")
     assert store.remove("a.pkg") is True
