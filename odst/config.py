@@ -40,6 +40,7 @@ class Settings:
     accept_stages: list[str] = field(default_factory=list)  # stages replicated here; empty: all
     replication_streams: int = 8  # chunks in flight per package
     replication_packages: int = 2  # packages fetched at once
+    peer_run_chunks: int = 16  # chunks a peer may ask for in one HTTP request; 1: one per request (as before 0.x)
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
     withdraw_grace_s: int = 3600  # a held package whose stage this site no longer accepts is not served from then on; its file goes this long after (a demotion undone within it costs no re-pull)
     scrub_period_s: int = 7 * 86400  # the background scrub re-hashes the whole store once this often; 0: off

@@ -14,15 +14,14 @@ from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import MAX_INT64, ascii_int, sent_path
+from odst.naming import MAX_INT64, sent_path
 from odst.peering import registration
 from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
-from odst.replicator.bandwidth import LinkThrottled
 from odst.replicator.scrub import read_status
-from odst.replicator.transport import ChunkUnavailable
+from odst.replicator.transport import RunCut
 from odst.gateway.context import GatewayContext
 
 
@@ -118,43 +117,46 @@ class PeerController(Controller):
 
 
 def make_chunk_app(site: GatewayContext):
-    """Raw ASGI: GET /peer/v1/chunks/<blake3>/<index>, signed by a registered peer.
+    """Raw ASGI: GET /peer/v1/chunks/<blake3>/<index> or /<first>-<last>, signed by a registered
+    peer; ``ChunkServer.serve`` parses and answers (the NATS transport calls it too).
 
-    Kept off the framework's response path: it is the replication hot path.
+    Kept off the framework's response path: it is the replication hot path. A run goes out
+    chunk by chunk under one Content-Length; one cut short (RunCut) ends the connection early.
     """
-    prefix = "/peer/v1/chunks/"
 
     async def app(scope, receive, send) -> None:
-        path = sent_path(scope)  # as signed: never decoded
-        status, body, ctype = 200, b"", "application/octet-stream"
-        extra: list[tuple[bytes, bytes]] = []
         if scope["method"] != "GET":
-            status, body = 405, b'{"error":"method_not_allowed","detail":"GET only"}'
-        else:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
-            try:
-                peer = site.chunk_server.authorise("GET", path, headers)
-                index = ascii_int(parts[1]) if len(parts) == 2 else None
-                if index is None:
-                    raise ChunkUnavailable("malformed chunk path")
-                body = await site.chunk_server.read(parts[0], index, peer)
-                site.chunk_server.served[headers.get("x-odst-site", "")] += 1
-            except PeerRequestRefused as exc:
-                status, body = 403, json.dumps({"error": "peer_refused", "detail": str(exc)}).encode()
-            except ChunkUnavailable as exc:
-                status, body = 404, json.dumps({"error": "chunk_unavailable", "detail": str(exc)}).encode()
-            except LinkThrottled as exc:  # the link's send limit or timetable: ask again later
-                status, body = 503, json.dumps({"error": "link_throttled", "detail": str(exc)}).encode()
-                extra = [(b"retry-after", f"{max(1, round(exc.retry_after))}".encode())]
-        if status != 200:
-            ctype = "application/json"
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-                                *extra]})
-        await send({"type": "http.response.body", "body": body})
+            return await _reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        answer = await site.chunk_server.serve("GET", sent_path(scope), headers, runs=True)  # path as signed
+        if answer.status != 200:
+            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
+            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
+            return await _reply(send, answer.status, body, "application/json", extra)
+        if answer.rest is None:
+            return await _reply(send, 200, answer.body)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", str(answer.length).encode())]})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": True})
+        try:
+            async for data in answer.rest:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except RunCut:
+            return  # the response stays short of its length: the server closes the connection
+        finally:
+            await answer.rest.aclose()
+        await send({"type": "http.response.body", "body": b""})
 
     return app
+
+
+async def _reply(send, status: int, body: bytes, ctype: str = "application/octet-stream",
+                 extra: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class PeerProtocolController(Controller):
