@@ -278,6 +278,7 @@ class Puller:
             except RunsUnsupported:  # an older peer: one chunk per request from now on
                 state.runs = False
                 tried.discard(id(state))
+                log.info("source serves one chunk per request", package=w.name, peer=src.site)
             except SourceThrottled as exc:  # held back by the source's link: not its fault
                 tried.discard(id(state))
                 throttled = min(exc.retry_after, THROTTLED_RETRY_MAX_S)
