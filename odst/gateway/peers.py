@@ -14,14 +14,13 @@ from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import MAX_INT64, sent_path
+from odst.naming import MAX_INT64
 from odst.peering import registration
 from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
 from odst.replicator.scrub import read_status
-from odst.replicator.transport import RunCut
 from odst.gateway.context import GatewayContext
 
 
@@ -114,49 +113,6 @@ class PeerController(Controller):
                 "chunks_served": dict(site.chunk_server.served) if site.chunk_server else {},
                 "bad_chunks_from": dict(site.replicator.bad_chunks) if site.replicator else {},
                 "quarantined": views.count(site.reader, "quarantine")}
-
-
-def make_chunk_app(site: GatewayContext):
-    """Raw ASGI: GET /peer/v1/chunks/<blake3>/<index> or /<first>-<last>, signed by a registered
-    peer; ``ChunkServer.serve`` parses and answers (the NATS transport calls it too).
-
-    Kept off the framework's response path: it is the replication hot path. A run goes out
-    chunk by chunk under one Content-Length; one cut short (RunCut) ends the connection early.
-    """
-
-    async def app(scope, receive, send) -> None:
-        if scope["method"] != "GET":
-            return await _reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        answer = await site.chunk_server.serve("GET", sent_path(scope), headers, runs=True)  # path as signed
-        if answer.status != 200:
-            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
-            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
-            return await _reply(send, answer.status, body, "application/json", extra)
-        if answer.rest is None:
-            return await _reply(send, 200, answer.body)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream"),
-                                (b"content-length", str(answer.length).encode())]})
-        await send({"type": "http.response.body", "body": answer.body, "more_body": True})
-        try:
-            async for data in answer.rest:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-        except RunCut:
-            return  # the response stays short of its length: the server closes the connection
-        finally:
-            await answer.rest.aclose()
-        await send({"type": "http.response.body", "body": b""})
-
-    return app
-
-
-async def _reply(send, status: int, body: bytes, ctype: str = "application/octet-stream",
-                 extra: list[tuple[bytes, bytes]] = ()) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-                            *extra]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class PeerProtocolController(Controller):

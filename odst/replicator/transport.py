@@ -17,6 +17,7 @@ run 404, and the puller asks that source one chunk at a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 from collections import Counter
@@ -28,7 +29,7 @@ import structlog
 
 from odst.bus.service import NatsService
 from odst.events.signing import SiteKey
-from odst.naming import ascii_int
+from odst.naming import ascii_int, sent_path
 from odst.projections import views
 from odst.projections.apply import trusted_key
 from odst.store.files import PackageStore
@@ -234,7 +235,8 @@ class RunCut(Exception):
 
 class ChunkServer(NatsService):
     """Serves chunks of the contents this site holds, to trusted peers only: ``serve`` is the
-    one entry of both transports (NATS here, HTTP through the gateway's /peer/v1/chunks mount)."""
+    one entry of both transports (``_on_request`` over NATS, ``http`` for the gateway's
+    /peer/v1/chunks mount)."""
 
     queue = "chunk"
 
@@ -283,7 +285,7 @@ class ChunkServer(NatsService):
     async def _read_span(self, fd: int, offset: int, length: int, peer: str, blake3: str) -> bytes:
         if peer and self.bandwidth is not None:
             await self.bandwidth.send(peer, length, blake3=blake3)
-        data = await asyncio.to_thread(os.pread, fd, length, offset)
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, length, offset)
         if len(data) != length:
             raise ChunkUnavailable("content file shorter than its manifest")
         return data
@@ -339,6 +341,34 @@ class ChunkServer(NatsService):
         finally:
             os.close(fd)
 
+    async def http(self, scope, receive, send) -> None:
+        """Raw ASGI (the gateway mounts it at /peer/v1/chunks): GET one chunk or a run, signed
+        by a registered peer. Kept off the framework's response path: it is the replication
+        hot path. A run goes out chunk by chunk under one Content-Length; one cut short
+        (RunCut) leaves the response short, and the server closes the connection."""
+        if scope["method"] != "GET":
+            return await _http_reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        answer = await self.serve("GET", sent_path(scope), headers, runs=True)  # the path as signed
+        if answer.status != 200:
+            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
+            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
+            return await _http_reply(send, answer.status, body, b"application/json", extra)
+        if answer.rest is None:
+            return await _http_reply(send, 200, answer.body)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream"),
+                                (b"content-length", str(answer.length).encode())]})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": True})
+        try:
+            async for data in answer.rest:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except RunCut:
+            return
+        finally:
+            await answer.rest.aclose()
+        await send({"type": "http.response.body", "body": b""})
+
     async def _on_request(self, msg) -> None:
         headers = {k.lower(): v for k, v in (msg.headers or {}).items()}
         try:
@@ -353,6 +383,13 @@ class ChunkServer(NatsService):
             log.exception("chunk request failed")
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "500",
                                                            "odst-error": type(exc).__name__})
+
+
+async def _http_reply(send, status: int, body: bytes, ctype: bytes = b"application/octet-stream",
+                      extra: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _open(path: str) -> int:
