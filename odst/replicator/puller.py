@@ -39,7 +39,7 @@ PENALTY_HALF_LIFE_S = 30.0
 MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer gives up
 THROTTLED_RETRY_MAX_S = 2.0  # a source holding a chunk back is asked again this soon at the latest
 AHEAD_CHUNKS = 32  # chunks kept in memory ahead of the whole-file hash (bounds memory)
-RUN_CHUNKS = 8  # chunks asked for in one request from a source that serves runs
+RUN_CHUNKS = 16  # most chunks asked for in one request (a server serves up to peer_run_chunks, 16 by default)
 WRITE_PIECE = 256 << 10  # pwrite size: a 1 MiB copy into cold page-cache pages costs 4-5x four of these
 PAY_WAITED_S = 0.001  # a receive-limit payment that took longer made the puller wait: the link is limited
 
@@ -109,6 +109,9 @@ class Puller:
         self.states = [_SourceState(s, base) for s, base in sources]
         self.path = temp_path(tmp_dir, want.blake3)
         self.streams = max(1, streams)
+        # requests in flight x chunks each stay within the whole-file hash's window (memory as
+        # with one chunk a request): 8 streams ask for runs of 4
+        self.run_chunks = max(1, min(RUN_CHUNKS, AHEAD_CHUNKS // self.streams))
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
         self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
         self.throttle = throttle  # (peer, bytes): waits for the link's receive limit (bandwidth.py)
@@ -264,7 +267,7 @@ class Puller:
             try:
                 waited = await self._pay(src.site, index)
                 if state.runs and not waited:  # a limited link is paced chunk by chunk
-                    while (len(run) < RUN_CHUNKS and self._queue and self._queue[0] == run[-1] + 1
+                    while (len(run) < self.run_chunks and self._queue and self._queue[0] == run[-1] + 1
                            and id(state) not in self._tried[self._queue[0]]):
                         run.append(self._queue.popleft())
                         if await self._pay(src.site, run[-1]):

@@ -226,6 +226,12 @@ class ChunkAnswer:
     body: bytes = b""
     length: int = 0  # bytes of the whole answer (body + rest)
     rest: AsyncIterator[bytes] | None = None
+    fd: int = -1  # the content file while ``rest`` reads from it: ``close()`` when done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class RunCut(Exception):
@@ -319,7 +325,7 @@ class ChunkServer(NatsService):
                 os.close(fd)
                 return ChunkAnswer(200, body=body, length=len(body))
             return ChunkAnswer(200, body=body, length=sum(n for _, n in spans),
-                               rest=self._rest(fd, spans[1:], peer, blake3))
+                               rest=self._rest(fd, spans[1:], peer, blake3), fd=fd)
         except PeerRequestRefused as exc:
             log.warning("peer chunk request refused", reason=str(exc))
             return ChunkAnswer(403, "peer_refused", str(exc))
@@ -329,17 +335,14 @@ class ChunkServer(NatsService):
             return ChunkAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
 
     async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str) -> AsyncIterator[bytes]:
-        try:
-            for i, (offset, length) in enumerate(spans):
-                try:
-                    data = await self._read_span(fd, offset, length, peer, blake3)
-                except (LinkThrottled, ChunkUnavailable) as exc:
-                    log.info("chunk run cut short", peer=peer, blake3=blake3, left=len(spans) - i, reason=str(exc))
-                    raise RunCut(str(exc)) from None
-                yield data
-                self.served[peer] += 1
-        finally:
-            os.close(fd)
+        for i, (offset, length) in enumerate(spans):
+            try:
+                data = await self._read_span(fd, offset, length, peer, blake3)
+            except (LinkThrottled, ChunkUnavailable) as exc:
+                log.info("chunk run cut short", peer=peer, blake3=blake3, left=len(spans) - i, reason=str(exc))
+                raise RunCut(str(exc)) from None
+            yield data
+            self.served[peer] += 1
 
     async def http(self, scope, receive, send) -> None:
         """Raw ASGI (the gateway mounts it at /peer/v1/chunks): GET one chunk or a run, signed
@@ -356,17 +359,18 @@ class ChunkServer(NatsService):
             return await _http_reply(send, answer.status, body, b"application/json", extra)
         if answer.rest is None:
             return await _http_reply(send, 200, answer.body)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream"),
-                                (b"content-length", str(answer.length).encode())]})
-        await send({"type": "http.response.body", "body": answer.body, "more_body": True})
         try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream"),
+                                    (b"content-length", str(answer.length).encode())]})
+            await send({"type": "http.response.body", "body": answer.body, "more_body": True})
             async for data in answer.rest:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
         except RunCut:
             return
         finally:
             await answer.rest.aclose()
+            answer.close()
         await send({"type": "http.response.body", "body": b""})
 
     async def _on_request(self, msg) -> None:
