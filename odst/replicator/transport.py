@@ -115,8 +115,9 @@ class RunSource(ChunkSource, Protocol):
 
 
 class HttpChunkSource:
-    """GET /peer/v1/chunks/<blake3>/<index> from the peer's gateway (aiohttp: twice httpx's
-    throughput for 1 MiB bodies, measured)."""
+    """GET /peer/v1/chunks/<blake3>/<index> (``fetch``) or /<first>-<last> (``fetch_run``,
+    the chunks handed over as the pieces the socket gave, never joined) from the peer's
+    gateway (aiohttp: twice httpx's throughput for 1 MiB bodies, measured)."""
 
     kind = "http"
 
