@@ -18,7 +18,7 @@ def test_one_chunk_and_a_run_parse_back():
 def test_malformed_targets_are_refused():
     for bad in ["", "/peer/v1/chunks", f"/peer/v1/chunks/{B3}", f"/peer/v1/chunks/{B3}/", f"/peer/v1/chunks/{B3}/-1",
                 f"/peer/v1/chunks/{B3}/5-3", f"/peer/v1/chunks/{B3}/3-", f"/peer/v1/chunks/{B3}/1-2-3",
-                f"/peer/v1/chunks/{B3}/+1", f"/peer/v1/chunks/{B3}/１", f"/peer/v1/chunks//1",
+                f"/peer/v1/chunks/{B3}/+1", f"/peer/v1/chunks/{B3}/１", "/peer/v1/chunks//1",
                 f"/peer/v1/chunks/{B3}/1/2", f"/peer/v2/chunks/{B3}/1", f"/peer/v1/chunks/{B3}/0x1"]:
         assert parse_target(bad) is None, bad
 
