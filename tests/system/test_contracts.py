@@ -175,6 +175,24 @@ def test_a_chunk_source_that_cannot_be_reached_says_transport_failed(chunk_sourc
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("chunk_sources", ["http", "memory"], indirect=True)  # NATS serves one chunk a request
+def test_a_run_source_streams_a_run_chunk_by_chunk(chunk_sources):
+    """``RunSource.fetch_run``: the chunks of one request, each as pieces of exactly its length."""
+    kind, s, sources = chunk_sources
+
+    async def run():
+        async with sources() as src:
+            chunks = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 0, [CHUNK_SIZE, CHUNK_SIZE, 5])]
+            tail = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 1, [CHUNK_SIZE, 5])]
+            with pytest.raises(ChunkUnavailable):
+                async for _ in src.good.fetch_run(s.blake3, 2, [5, CHUNK_SIZE]):
+                    pass
+            return chunks, tail
+    chunks, tail = asyncio.run(run())
+    assert [len(c) for c in chunks] == [CHUNK_SIZE, CHUNK_SIZE, 5] and b"".join(chunks) == s.data
+    assert b"".join(tail) == s.data[CHUNK_SIZE:]
+
+
 @pytest.mark.parametrize("chunk_sources", ["http", "nats"], indirect=True)  # the memory one signs nothing
 def test_a_signed_chunk_source_is_refused_under_a_key_the_server_does_not_trust(chunk_sources):
     kind, s, sources = chunk_sources
