@@ -52,7 +52,9 @@ MB = 1_000_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 
-TARGET_UPLOAD_RATIO = 1.5      # odst upload time / sha512sum time, at most
+TARGET_UPLOAD_RATIO = 1.3      # odst upload time / sha512sum time, at most
+TARGET_UPLOAD_CPU_S_PER_GIB = 3.5  # gateway CPU-s per GiB uploaded, at most
+TARGET_SMALL_PER_S = 600       # small uploads per second at --small-concurrency 8, at least
 TARGET_DOWNLOAD_RATIO = 0.9    # odst / nginx wrk throughput, at least (issue 13)
 TARGET_DOWNLOAD_CPU_RATIO = 1.2  # odst / nginx server CPU-s per GiB served, at most (issue 13)
 TARGET_PEAK_RSS_MIB = 150      # odst serve peak RSS during the big upload, below
@@ -740,6 +742,12 @@ def parse_args(argv=None):
     ap.add_argument("--big-mib", type=int, default=4096,
                     help="big upload for the memory check (default 4096)")
     ap.add_argument("--skip-big", action="store_true", help="skip the big-upload memory check")
+    ap.add_argument("--skip-download", action="store_true", help="skip the download phase (nginx, wrk)")
+    ap.add_argument("--small-count", type=int, default=3000,
+                    help="small uploads, odst vs nginx WebDAV PUT (default 3000; 0 skips them)")
+    ap.add_argument("--small-kib", type=int, default=8, help="size of each small upload (default 8 KiB)")
+    ap.add_argument("--small-concurrency", type=int, default=8,
+                    help="connections the small uploads share (default 8)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="upload / sha512sum / single-stream repeats; median reported")
     ap.add_argument("--duration", type=float, default=10.0, help="wrk seconds per server")
@@ -770,6 +778,10 @@ def parse_args(argv=None):
     a.repeats = max(1, min(a.repeats, 20))
     a.rounds = max(1, min(a.rounds, 20))
     return a
+
+
+class _Skipped(Exception):
+    """A phase the command line said to skip."""
 
 
 def main(argv=None) -> int:
@@ -858,10 +870,16 @@ def main(argv=None) -> int:
         R["upload"] = phase_upload(args, R, errors, bench_file, size, odst, odst_port,
                                    token, sampler, work)
 
+        # ---------------------------------------------------------- small uploads
+        if args.small_count > 0:
+            R["small"] = phase_small(args, errors, procs, odst, odst_port, token, work)
+
         # ---------------------------------------------------------- download
         nginx = None
         nginx_port = free_port()
         try:
+            if args.skip_download:
+                raise _Skipped()
             (work / "nginx" / "nginx.conf").write_text(NGINX_CONF.format(
                 dir=work / "nginx", host=HOST, port=nginx_port, bench_file=bench_file))
             nginx = procs.start("nginx", [nginx_binary(), "-e", str(work / "nginx" / "error.log"),
@@ -875,6 +893,8 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"nginx did not serve {url}: "
                                    f"{tail(work / 'nginx' / 'error.log', 10)}")
             R["nginx"] = {"pid": nginx.pid, "port": nginx_port}
+        except _Skipped:
+            nginx = None
         except Exception as e:  # noqa: BLE001
             errors.append(f"nginx: {e}")
             nginx = None
@@ -897,6 +917,8 @@ def main(argv=None) -> int:
             servers.append(("nginx", nginx_port, nginx.pid, lambda pid, comm: "nginx"))
         if odst_serves:
             servers.append(("odst", odst_port, odst.pid, odst_classify))
+        if args.skip_download:
+            servers = []
         R["download"] = phase_download(args, R, errors, servers, bench_file, size, chunk,
                                        aligned, pkg_path, work, sampler)
 
@@ -1091,6 +1113,147 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
                               f"sha1={got['sha1']}, chunk_size={got['chunk_size']})")
         else:
             errors.append(f"GET /api/v1/packages/bench.pkg: {meta}")
+    return res
+
+
+# --------------------------------------------------------------------------- #
+# small uploads: many 8 KiB PUTs at a fixed concurrency, odst vs nginx WebDAV PUT
+# --------------------------------------------------------------------------- #
+
+NGINX_DAV_CONF = """\
+daemon off;
+master_process on;
+worker_processes auto;
+user root;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/tmp;
+    client_max_body_size 1m;
+    server {{
+        listen {host}:{port};
+        location /dav/ {{
+            root {dir}/root;
+            dav_methods PUT;
+            create_full_put_path on;
+            dav_access user:rw;
+        }}
+    }}
+}}
+"""
+
+
+async def _put_many(port: int, paths: list[str], bodies: list[bytes], headers: str,
+                    concurrency: int) -> tuple[dict[int, int], list[float]]:
+    """PUT bodies[i] to paths[i] over ``concurrency`` keep-alive HTTP/1.1 connections (a
+    minimal client: the bench must not spend more CPU than the servers it measures).
+    Returns ({status: count}, latencies in s)."""
+    import asyncio
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    queue = list(range(len(paths)))[::-1]
+
+    async def one_connection():
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            while queue:
+                i = queue.pop()
+                body = bodies[i]
+                t0 = time.perf_counter()
+                writer.write(f"PUT {paths[i]} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{headers}"
+                             f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                latencies.append(time.perf_counter() - t0)
+                statuses[status] = statuses.get(status, 0) + 1
+                if re.search(rb"(?i)\r\nconnection: *close", head):
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(HOST, port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+    return statuses, latencies
+
+
+def time_small_uploads(port: int, paths: list[str], bodies: list[bytes], headers: str,
+                       concurrency: int, server_pid: int, classify, timeout: float) -> dict:
+    import asyncio
+    c0 = time.process_time()
+    with Meter(server_pid, classify) as m:
+        statuses, lat = asyncio.run(asyncio.wait_for(
+            _put_many(port, paths, bodies, headers, concurrency), timeout))
+    n = len(paths)
+    lat.sort()
+    server_cpu = sum(m.server_cpu.values())
+    return {"count": n, "seconds": m.wall, "per_s": n / m.wall, "statuses": statuses,
+            "lat_p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
+            "lat_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+            "server_cpu_s": m.server_cpu, "server_cpu_ms_per_upload": server_cpu / n * 1000,
+            "client_cpu_s": time.process_time() - c0, "other_cores": m.other_cores}
+
+
+def phase_small(args, errors, procs: Procs, odst, port, token, work) -> dict:
+    """``--small-count`` uploads of ``--small-kib`` KiB each (distinct names and contents) at
+    ``--small-concurrency``, to ODST and to nginx WebDAV PUT on the same machine, same run."""
+    res: dict = {"count": args.small_count, "kib": args.small_kib,
+                 "concurrency": args.small_concurrency}
+    n, size = args.small_count, args.small_kib * 1024
+    seed = os.urandom(size)
+    bodies = [i.to_bytes(8, "big") + seed[8:] for i in range(n)]
+    timeout = max(120.0, n / 10)
+    dav = work / "nginx-dav"
+    shutil.rmtree(dav, ignore_errors=True)
+    for d in (dav / "tmp", dav / "root" / "dav"):
+        d.mkdir(parents=True, exist_ok=True)
+    nginx_port = free_port()
+    try:
+        (dav / "nginx.conf").write_text(NGINX_DAV_CONF.format(dir=dav, host=HOST, port=nginx_port))
+        nginx = procs.start("nginx dav", [nginx_binary(), "-e", str(dav / "error.log"), "-p", str(dav),
+                                          "-c", str(dav / "nginx.conf")],
+                            log_path=work / "logs" / "nginx-dav.out", stop_sig=signal.SIGQUIT, grace=15)
+        if not wait_until(lambda: http_status(f"http://{HOST}:{nginx_port}/dav/", "OPTIONS") is not None, 15,
+                          alive=lambda: nginx.poll() is None):
+            raise RuntimeError(f"nginx (WebDAV) did not start: {tail(dav / 'error.log', 10)}")
+        os.sync()
+        r = time_small_uploads(nginx_port, [f"/dav/small-{i:05d}.pkg" for i in range(n)], bodies, "",
+                               args.small_concurrency, nginx.pid, lambda pid, comm: "nginx", timeout)
+        res["nginx"] = r
+        log(f"nginx WebDAV PUT: {n} x {args.small_kib} KiB in {r['seconds']:.2f}s = {r['per_s']:.0f}/s, "
+            f"{r['server_cpu_ms_per_upload']:.2f} CPU-ms each (other load {r['other_cores']:.2f} cores)")
+        if r["statuses"].get(201, 0) + r["statuses"].get(204, 0) != n:
+            errors.append(f"nginx WebDAV PUT: statuses {r['statuses']}")
+        procs.stop(nginx)
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"nginx WebDAV: {e!r}")
+    if odst is not None:
+        try:
+            os.sync()
+            r = time_small_uploads(port, [f"/api/v1/packages/small-{i:05d}.pkg" for i in range(n)], bodies,
+                                   f"Authorization: Bearer {token}\r\n", args.small_concurrency,
+                                   odst.pid, odst_classify, timeout)
+            res["odst"] = r
+            log(f"odst PUT: {n} x {args.small_kib} KiB in {r['seconds']:.2f}s = {r['per_s']:.0f}/s, "
+                f"{r['server_cpu_ms_per_upload']:.2f} CPU-ms each {r['server_cpu_s']} "
+                f"(other load {r['other_cores']:.2f} cores)")
+            if r["statuses"].get(201, 0) != n:
+                errors.append(f"odst small uploads: statuses {r['statuses']}")
+            got = get_package(port, token, f"small-{n - 1:05d}.pkg")
+            want = hashlib.sha512(bodies[-1]).hexdigest()
+            if not isinstance(got, dict) or got.get("sha512") != want:
+                errors.append(f"odst small upload small-{n - 1:05d}.pkg: package JSON {str(got)[:200]}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"odst small uploads: {e!r}")
+    if "odst" in res and "nginx" in res:
+        res["ratio"] = ratio(res["odst"]["per_s"], res["nginx"]["per_s"])
+        res["cpu_ratio"] = ratio(res["odst"]["server_cpu_ms_per_upload"], res["nginx"]["server_cpu_ms_per_upload"])
     return res
 
 
@@ -1325,7 +1488,22 @@ def print_report(R: dict, out: Path) -> None:
     row("upload CPU-s per GiB (gateway vs sha512sum)", fmt(up.get("gateway_cpu_s_per_gib")),
         fmt(up.get("sha512sum_cpu_s_per_gib")),
         fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),
-        "", "")
+        f"<= {TARGET_UPLOAD_CPU_S_PER_GIB}", verdict(None if up.get("gateway_cpu_s_per_gib") is None
+                                                     else up["gateway_cpu_s_per_gib"] <= TARGET_UPLOAD_CPU_S_PER_GIB))
+    sm = R.get("small", {})
+    so_, sn_ = sm.get("odst", {}), sm.get("nginx", {})
+    if sm:
+        row(f"small uploads {sm['count']} x {sm['kib']} KiB, {sm['concurrency']} conns (/s) vs nginx WebDAV PUT",
+            fmt(so_.get("per_s"), ".0f"), fmt(sn_.get("per_s"), ".0f"), fmt(sm.get("ratio"), ".3f", "x"),
+            f">= {TARGET_SMALL_PER_S}/s", verdict(None if so_.get("per_s") is None
+                                                  else so_["per_s"] >= TARGET_SMALL_PER_S))
+        row("  server CPU-ms per small upload (all its processes)", fmt(so_.get("server_cpu_ms_per_upload")),
+            fmt(sn_.get("server_cpu_ms_per_upload")), fmt(sm.get("cpu_ratio"), ".1f", "x"), "", "")
+        row("  latency p50 / p99 (ms)",
+            f"{fmt(so_.get('lat_p50_ms'), '.1f')} / {fmt(so_.get('lat_p99_ms'), '.1f')}",
+            f"{fmt(sn_.get('lat_p50_ms'), '.1f')} / {fmt(sn_.get('lat_p99_ms'), '.1f')}", "", "", "")
+        row("  noise: other CPU busy (cores)", fmt(so_.get("other_cores")), fmt(sn_.get("other_cores")),
+            "", "~0", "")
     wo, wn = w.get("odst", {}), w.get("nginx", {})
     row(f"wrk {p['connections']} conn, 1 MiB ranges (MB/s, median of {p['rounds']})",
         fmt(wo.get("mb_per_s"), ".0f"), fmt(wn.get("mb_per_s"), ".0f"), fmt(dl.get("ratio"), ".2f", "x"),

@@ -157,7 +157,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
 
     site.bandwidth = Bandwidth(site_id=site_id, reader=reader, tz=site_timezone(settings))
     site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store,
-                                    bandwidth=site.bandwidth)
+                                    bandwidth=site.bandwidth, run_chunks=settings.peer_run_chunks)
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,

@@ -23,7 +23,7 @@ from odst.gateway.metrics import make_metrics
 from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
-from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
+from odst.gateway.peers import PeerController, PeerProtocolController
 from odst.gateway.session import SessionController
 from odst.gateway.settings import SettingsController
 from odst.gateway.tokens import TokenController
@@ -93,11 +93,9 @@ def create_app(site: GatewayContext) -> Litestar:
         body, content_type = await render_metrics()
         return Response(body, media_type=content_type)
 
-    chunks = make_chunk_app(site)
-
     @asgi("/peer/v1/chunks", is_mount=True, copy_scope=True)
     async def peer_chunks(scope: Scope, receive: Receive, send: Send) -> None:
-        await chunks(scope, receive, send)
+        await site.chunk_server.http(scope, receive, send)  # ChunkServer.serve, over HTTP
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,

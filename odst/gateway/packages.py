@@ -22,7 +22,7 @@ from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
 from odst.jamf.digests import Digests, digests_path, extra_types
-from odst.store.files import StoreFull, StreamingUpload, tag
+from odst.store.files import StoreFull, StreamingUpload
 
 log = structlog.get_logger("odst.gateway")
 
@@ -66,7 +66,7 @@ async def _receive_body(request: Request, upload: StreamingUpload, limit: int) -
             raise ClientGone()
         body = message.get("body", b"")
         if body:
-            if upload.size + len(body) > limit:
+            if upload.received + len(body) > limit:
                 raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes (max_upload_bytes)")
             await upload.feed(body)
         if not message.get("more_body", False):
@@ -222,7 +222,6 @@ class PackageController(Controller):
         if length is not None and manifest.size != length:
             upload.path.unlink(missing_ok=True)
             raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
-        tag(upload.path, manifest.blake3)
         if extra:
             await asyncio.get_running_loop().run_in_executor(
                 None, Digests(digests_path(site.data)).put, manifest.blake3, upload.extra_digests)
@@ -239,7 +238,7 @@ class PackageController(Controller):
                 raise _refused(decision)
             with site.store.publishing(name):
                 try:
-                    site.store.publish(upload.path, name)
+                    await site.store.publish_grouped(upload.path, name)
                 except FileExistsError:
                     upload.path.unlink(missing_ok=True)
                     raise PackageConflict(f"a file named {name!r} is being published; retry") from None

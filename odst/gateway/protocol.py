@@ -9,8 +9,11 @@ or never sends a byte, is kept for ever (uvicorn's keep-alive timer only runs
 after a response). h11 bounds the head (``h11_max_incomplete_event_size``)
 but answers 400, has no head deadline either and parses bodies in Python.
 
-So the head is guarded here, before the parser sees the bytes; request bodies take
-uvicorn's own path untouched (upload speed does not change):
+So the head is guarded here, before the parser sees the bytes. A body's pieces are handed
+to the app as the parser gives them (uvicorn copies each into a bytearray, then copies that
+into the bytes it hands out: two copies of every uploaded byte, on the event loop's thread),
+and reading pauses only past BODY_HIGH_WATER bytes unread (uvicorn: 64 KiB, so a pause and a
+resume after nearly every 256 KiB read):
 
 * the bytes of a head (request line and fields) are counted as they are fed;
   past ``max_bytes`` the request is answered 431 and the connection closed, so
@@ -44,6 +47,7 @@ once: its head is then sent with MSG_MORE and leaves with the body (``_HeadWithF
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = structlog.get_logger("odst.gateway")
 
+BODY_HIGH_WATER = 1 << 20  # bytes of a request body held unread by the app before reading pauses
 LINGER_IDLE_S = 5.0  # nginx's lingering_timeout
 LINGER_MAX_S = 30.0  # nginx's lingering_time
 ZEROCOPY = "http.response.zerocopysend"  # the ASGI zero-copy send extension this protocol offers
@@ -66,6 +71,31 @@ class HeadLimits:
     max_bytes: int = 64 * 1024
     max_fields: int = 100  # Apache's LimitRequestFields; browsers send about 15
     timeout_s: float = 10.0
+
+
+def _body_receive(cycle):
+    """uvicorn's ``RequestResponseCycle.receive``, handing out the pieces ``on_body`` kept one
+    at a time, as they are (no copy: uvicorn makes two, and joining the pieces one)."""
+    async def receive():
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        if not cycle.disconnected and not cycle.response_complete:
+            if cycle.pieces_bytes <= BODY_HIGH_WATER:
+                cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+        if cycle.disconnected or cycle.response_complete:
+            return {"type": "http.disconnect"}
+        pieces = cycle.pieces
+        if len(pieces) > 1:  # more kept: the next receive takes the next one at once
+            body = pieces.popleft()
+            cycle.pieces_bytes -= len(body)
+            return {"type": "http.request", "body": body, "more_body": True}
+        cycle.message_event.clear()
+        body = pieces.popleft() if pieces else b""
+        cycle.pieces_bytes = 0
+        return {"type": "http.request", "body": body, "more_body": cycle.more_body}
+    return receive
 
 
 class _HeadRefused(Exception):
@@ -200,6 +230,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadRefused(f"Too many header fields (at most {self.limits.max_fields})")
         super().on_header(name, value)
 
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's on_body, keeping the parser's bytes as they are (see ``_body_receive``)."""
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.pieces.append(body)
+        cycle.pieces_bytes += len(body)
+        if cycle.pieces_bytes > BODY_HIGH_WATER:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
@@ -208,6 +249,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None:
             return
+        cycle.pieces, cycle.pieces_bytes = collections.deque(), 0
+        cycle.receive = _body_receive(cycle)
         send = cycle.send
         early = cycle.more_body  # the request has a body still to come
 

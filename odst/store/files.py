@@ -22,9 +22,10 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import secrets
+import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ContextManager, Iterable, Protocol
@@ -32,11 +33,10 @@ from typing import ContextManager, Iterable, Protocol
 import structlog
 
 from odst.naming import name_key
-from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, Rechunker, hash_file
+from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, hash_file
 
 log = structlog.get_logger("odst.store")
 
-MAX_INFLIGHT_BLOCKS = 8
 PACKAGE_MODE = 0o600
 CONTENT_ATTR = "user.odst.blake3"  # which content a file holds, carried by its inode
 
@@ -89,6 +89,8 @@ class PackageStore(Protocol):
     def is_publishing(self, name: str, max_age_s: float = 600) -> bool: ...
 
     def publish(self, temp: Path, name: str) -> Path: ...
+
+    async def publish_grouped(self, temp: Path, name: str) -> Path: ...
 
     def replace(self, temp: Path, name: str) -> Path: ...
 
@@ -157,6 +159,25 @@ class Store:
         os.unlink(temp)
         _fsync_dir(self.packages)
         return dest
+
+    async def publish_grouped(self, temp: Path, name: str) -> Path:
+        """``publish`` for many concurrent callers: the link is made here, and the directory
+        fsync, off the event loop, is shared with every other caller whose link came before
+        it started (group commit: one fsync of packages/ for several files). Returns when the
+        link is durable, as ``publish`` does."""
+        dest = self.path(name)
+        os.chmod(temp, PACKAGE_MODE)
+        os.link(temp, dest)  # FileExistsError if a file is already published there
+        os.unlink(temp)
+        await self._packages_sync().sync()
+        return dest
+
+    def _packages_sync(self) -> "GroupSync":
+        loop = asyncio.get_running_loop()
+        group = getattr(self, "_group", None)
+        if group is None or group.loop is not loop:
+            group = self._group = GroupSync(self.packages, loop)
+        return group
 
     def replace(self, temp: Path, name: str) -> Path:
         """Atomically put a verified temp file at packages/<name>, replacing what was there."""
@@ -245,6 +266,43 @@ class Store:
         return removed
 
 
+class GroupSync:
+    """fsync one directory on behalf of many: whoever asks while an fsync runs waits for the
+    next one, which starts after their change and serves all of them together."""
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop):
+        self.path, self.loop = path, loop
+        self._pending: asyncio.Future | None = None  # the next fsync's waiters
+        self._busy = False
+        self._task: asyncio.Task | None = None
+
+    async def sync(self) -> None:
+        fut = self._pending
+        if fut is None:
+            fut = self._pending = self.loop.create_future()
+            if not self._busy:
+                self._busy = True
+                self._task = self.loop.create_task(self._drain())
+        await asyncio.shield(fut)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending is not None:
+                fut, self._pending = self._pending, None  # later askers wait for the next round
+                try:
+                    await self.loop.run_in_executor(_STORE_POOL, _fsync_dir, self.path)
+                except Exception as exc:  # noqa: BLE001 - every waiter of this round gets it
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: a cancelled waiter must not make it "never retrieved"
+                else:
+                    fut.set_result(None)
+        finally:
+            self._busy = False
+            if self._pending is not None and not self._pending.done():  # the loop is stopping
+                self._pending.cancel()
+                self._pending = None
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -253,63 +311,244 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class StreamingUpload:
-    """Write a stream to a temp file while computing its manifest, off the event loop.
+# Tuned on a 2-core VM (bench/run.py): a 1 MiB write(2) of bytes that are no longer in the
+# CPU cache costs ~3x the CPU of four 256 KiB ones, and each hash reading a piece while another
+# hash just read it finds it in cache; a hand-off to a thread costs ~20-50 us, so pieces travel
+# in batches.
+BATCH_BYTES = 256 << 10  # pieces handed to the hash/write threads together; the largest write(2)
+SMALL_BYTES = 256 << 10  # a body no larger is written, hashed and fsynced in one hand-off
+MAX_BACKLOG = 8 << 20  # bytes handed to the threads and not done yet: memory stays flat
+WRITEBACK_BYTES = 8 << 20  # start the disk write of every this many bytes (the final fsync waits less)
 
-    Bytes arrive in pieces of any size; a hashing.Rechunker re-splits them into
-    chunk-sized blocks and each block goes, in order, to three single-thread
-    executors, one per lane of the hashing.ManifestHasher: SHA-512 | whole-file
-    SHA1 + blake3 | write + chunk SHA1. At most MAX_INFLIGHT_BLOCKS blocks are in
-    flight, so memory stays flat and the socket gets back-pressure.
+# Small uploads share these threads (no thread is started per upload); several fsyncs in flight
+# at once are one journal commit on ext4/xfs.
+_STORE_POOL = ThreadPoolExecutor(8, thread_name_prefix="odst-store")
+
+
+def _start_writeback():
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing those dirty pages
+    to disk now, without waiting, so the fsync at the end has little left to do. None where the
+    call does not exist (not Linux): then the fsync does it all, as before."""
+    import ctypes
+    import ctypes.util
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, n: int) -> None:
+        fn(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE; a failure leaves the work to fsync
+    return start
+
+
+_writeback = _start_writeback()
+
+
+class _Lane:
+    """One thread applying ``step`` to each batch handed to it, in order; ``done`` counts the
+    bytes of the batches it finished. After a failure it only counts (``error`` says why)."""
+
+    def __init__(self, name: str, step, on_done):
+        self.step, self.on_done = step, on_done
+        self.done = 0
+        self.exited = False
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def put(self, batch: list, n: int) -> None:
+        self._queue.put((batch, n))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                batch, n = item
+                if self.error is None:
+                    try:
+                        self.step(batch)
+                    except BaseException as exc:  # noqa: BLE001 - reported by the upload
+                        self.error = exc
+                self.done += n
+                self.on_done(None)
+        finally:
+            self.exited = True
+            self.on_done(self)
+
+
+class StreamingUpload:
+    """Write a stream to a temp file while computing its manifest (and the Jamf digests asked
+    for), off the event loop, reading each byte into the CPU once per thread.
+
+    Pieces arrive in any size and are never re-split or joined. A body of at most SMALL_BYTES
+    is written, hashed, labelled (``tag``) and fsynced in one hand-off to a shared pool. A larger
+    one goes, in batches of BATCH_BYTES, to two threads of its own: SHA-512 (+ Jamf digests) and
+    blake3 | whole-file SHA1, chunk SHA1s and the write (in pieces of at most BATCH_BYTES), with
+    the disk write of every WRITEBACK_BYTES started early. At most MAX_BACKLOG bytes wait for
+    the threads, so memory stays flat and the socket gets back-pressure. ``finish`` labels the
+    file with its blake3 and fsyncs it: the file is durable when it returns.
     """
 
-    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE, extra_digests: Iterable[str] = ()):
+    def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE, extra_digests: Iterable[str] = (), *,
+                 batch_bytes: int = BATCH_BYTES, small_bytes: int = SMALL_BYTES):
         self.path = Path(path)
         self.chunk_size = chunk_size
+        self.batch_bytes, self.small_bytes = batch_bytes, small_bytes
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
-        self._rechunker = Rechunker(chunk_size)
-        self._hasher = ManifestHasher(chunk_size, extra_digests)  # extra: on the SHA-512 lane
-        self._pending: deque[tuple[asyncio.Future, ...]] = deque()
-        self._pools = [ThreadPoolExecutor(1, thread_name_prefix="odst-hash") for _ in range(3)]
-        self.size = 0
+        self._users = 1  # who still holds the fd: this object, and a thread writing to it
+        self._fd_lock = threading.Lock()
+        self._hasher = ManifestHasher(chunk_size, extra_digests)
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._lanes: list[_Lane] = []
+        self._written = 0  # by the writer lane
+        self._synced_to = 0  # writeback started up to here
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future | None = None
+        self._wait_below = 0
+        self.size = 0  # bytes handed to the threads
         self._closed = False
 
-    def _write(self, block: bytes | memoryview) -> None:
-        view = memoryview(block)
+    # ------------------------------------------------------------ the threads' side
+
+    def _write(self, piece: bytes | memoryview) -> None:
+        view = memoryview(piece)
         while view:
             try:
-                n = os.write(self._fd, view)
+                n = os.write(self._fd, view[:self.batch_bytes])
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise StoreFull(f"no space left on the store: {exc.strerror}") from exc
                 raise
             view = view[n:]
-        self._hasher.add_chunk(block)
+        self._written += len(piece)
 
-    async def _submit(self, block: bytes | memoryview) -> None:
-        loop = asyncio.get_running_loop()
-        self.size += len(block)
-        self._pending.append((
-            loop.run_in_executor(self._pools[0], self._hasher.update_sha512, block),
-            loop.run_in_executor(self._pools[1], self._hasher.update_whole, block),
-            loop.run_in_executor(self._pools[2], self._write, block),
-        ))
-        while len(self._pending) > MAX_INFLIGHT_BLOCKS:
-            await asyncio.gather(*self._pending.popleft())
+    def _hash_a(self, batch: list) -> None:
+        for piece in batch:
+            self._hasher.update_sha512_blake3(piece)
+
+    def _hash_b_write(self, batch: list) -> None:
+        for piece in batch:  # each piece hashed twice and written while it is in this CPU's cache
+            self._hasher.update_sha1s(piece)
+            self._write(piece)
+        if _writeback is not None and self._written - self._synced_to >= WRITEBACK_BYTES:
+            _writeback(self._fd, self._synced_to, self._written - self._synced_to)
+            self._synced_to = self._written
+
+    def _lane_done(self, exited: _Lane | None) -> None:
+        """On a lane's thread, after each batch and once when it ends: wake the event loop if
+        it waits for this."""
+        if exited is not None and exited.step == self._hash_b_write:
+            self._release_fd()  # the writer's hold
+        waiter = self._waiter
+        if waiter is not None and (exited is not None or self._backlog() <= self._wait_below
+                                   or any(lane.error for lane in self._lanes)):
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+    def _backlog(self) -> int:
+        return self.size - min((lane.done for lane in self._lanes), default=self.size)
+
+    def _release_fd(self) -> None:
+        with self._fd_lock:
+            self._users -= 1
+            if self._users == 0:
+                os.close(self._fd)
+
+    def _small(self, batch: list) -> Manifest:
+        """The whole of a small body, on a pool thread: write, hash, label, fsync (holding the fd)."""
+        try:
+            for piece in batch:
+                self._write(piece)
+                self._hasher.update_sha512_blake3(piece)
+                self._hasher.update_sha1s(piece)
+            manifest = self._hasher.manifest()
+            tag(self.path, manifest.blake3)
+            os.fsync(self._fd)
+            return manifest
+        finally:
+            self._release_fd()
+
+    def _last(self) -> Manifest:
+        """After the lanes, on a pool thread: label and fsync (holding the fd; the writer lane
+        started most of the writeback already)."""
+        try:
+            manifest = self._hasher.manifest()
+            tag(self.path, manifest.blake3)
+            os.fsync(self._fd)
+            return manifest
+        finally:
+            self._release_fd()
+
+    async def _on_pool(self, job, *args) -> Manifest:
+        with self._fd_lock:
+            self._users += 1  # the job's hold: a cancelled wait must not close the fd under it
+        return await asyncio.get_running_loop().run_in_executor(_STORE_POOL, job, *args)
+
+    # ------------------------------------------------------------ the event loop's side
+
+    def _raise_lane_error(self) -> None:
+        for lane in self._lanes:
+            if lane.error is not None:
+                raise lane.error
+
+    async def _wait(self, below: int) -> None:
+        """Until at most ``below`` bytes wait for the threads (or one failed)."""
+        while self._backlog() > below:
+            self._raise_lane_error()
+            self._wait_below = below
+            self._waiter = self._loop.create_future()
+            if self._backlog() > below and not any(lane.error for lane in self._lanes):
+                await self._waiter  # a lane wakes it (the check above closes the race)
+            self._waiter = None
+        self._raise_lane_error()
+
+    def _hand_off(self) -> None:
+        if not self._lanes:
+            self._loop = asyncio.get_running_loop()
+            with self._fd_lock:
+                self._users += 1  # the writer lane's
+            self._lanes = [_Lane("odst-hash-a", self._hash_a, self._lane_done),
+                           _Lane("odst-hash-b", self._hash_b_write, self._lane_done)]
+        batch, n = self._batch, self._batched
+        self._batch, self._batched = [], 0
+        self.size += n
+        for lane in self._lanes:
+            lane.put(batch, n)
 
     async def feed(self, piece: bytes) -> None:
-        """Take a piece; blocks of exactly chunk_size go to the hash and write threads."""
-        for block in self._rechunker.feed(piece):
-            await self._submit(block)
+        """Take a piece (kept, not copied, until the threads are done with it)."""
+        if not piece:
+            return
+        self._batch.append(piece)
+        self._batched += len(piece)
+        if self._lanes:
+            if self._batched >= self.batch_bytes:
+                self._hand_off()
+                if self.size - min(lane.done for lane in self._lanes) > MAX_BACKLOG:
+                    await self._wait(MAX_BACKLOG // 2)
+        elif self._batched > self.small_bytes:  # not a small body after all: start the threads
+            self._hand_off()
 
     async def finish(self) -> Manifest:
-        if rest := self._rechunker.rest():
-            await self._submit(rest)
-        while self._pending:
-            await asyncio.gather(*self._pending.popleft())
-        await asyncio.get_running_loop().run_in_executor(self._pools[2], os.fsync, self._fd)
+        """Every byte written, hashed, labelled with its blake3 and fsynced: the manifest."""
+        if not self._lanes:
+            batch, self._batch = self._batch, []
+            self.size, self._batched = self._batched, 0
+            manifest = await self._on_pool(self._small, batch)
+        else:
+            if self._batch:
+                self._hand_off()
+            await self._wait(0)
+            for lane in self._lanes:
+                lane.stop()
+            manifest = await self._on_pool(self._last)
         self._close()
-        return self._hasher.manifest()
+        return manifest
 
     @property
     def extra_digests(self) -> dict[str, str]:
@@ -318,24 +557,44 @@ class StreamingUpload:
 
     @property
     def received(self) -> int:
-        """Bytes taken in so far, including a chunk still being assembled."""
-        return self.size + self._rechunker.buffered
+        """Bytes taken in so far, including those not handed to the threads yet."""
+        return self.size + self._batched
 
     def abort_now(self) -> None:
-        """Delete the temp file without waiting (the task is being cancelled)."""
+        """Delete the temp file without waiting (the task is being cancelled); a thread still
+        busy with it finishes on an unlinked file, and the last one out closes it."""
+        for lane in self._lanes:
+            lane.error = lane.error or UploadAborted()
+            lane.stop()
         self._close()
         self.path.unlink(missing_ok=True)
 
     async def abort(self) -> None:
         """Stop, wait for in-flight work, delete the temp file."""
-        while self._pending:
-            await asyncio.gather(*self._pending.popleft(), return_exceptions=True)
+        for lane in self._lanes:
+            lane.error = lane.error or UploadAborted()
+            lane.stop()
+        if self._lanes:
+            self._loop = asyncio.get_running_loop()
+            while not all(lane.exited for lane in self._lanes):
+                self._wait_below = -1
+                self._waiter = self._loop.create_future()
+                if not all(lane.exited for lane in self._lanes):
+                    await self._waiter
+                self._waiter = None
         self._close()
         self.path.unlink(missing_ok=True)
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
-            for p in self._pools:
-                p.shutdown(wait=False)
+            self._release_fd()
+
+
+class UploadAborted(Exception):
+    """The upload was abandoned; its threads skip what is left."""
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -5,12 +5,15 @@ its size, SHA1 of the whole file and of every 1 MiB chunk, SHA-512 and blake3.
 
 * ``Rechunker`` re-splits pieces of any size (uvicorn hands out at most 256,000
   bytes, sometimes tiny ones) into blocks of exactly ``chunk_size``.
-* ``ManifestHasher`` folds those blocks into a manifest. Its three lanes
-  (``update_sha512``, ``update_whole``, ``add_chunk``) share no state, so the upload
-  runs each on its own thread; ``ManifestBuilder`` runs them in line.
-* ``chunk_ok`` is the chunk check (length + SHA1) a puller applies to every chunk.
-* ``WholeHash`` / ``hash_file`` give the whole-file SHA1 + blake3 a pull and a scrub
-  compare with the manifest.
+* ``ManifestHasher`` folds bytes into a manifest. Its lanes share no state, so the upload
+  runs two on threads of their own (``update_sha512_blake3`` | ``update_sha1s``, pieces of
+  any size); ``ManifestBuilder`` runs them in line over blocks.
+* ``ChunkHashes``: the chunk SHA1s of pieces of any size, without re-splitting them.
+* ``chunk_ok`` is the chunk check (length + SHA1) a puller applies to every chunk
+  (``pieces_ok``: the same over a chunk received in pieces, never joined).
+* ``WholeHash`` / ``hash_file`` give the whole-file SHA1 + blake3 a scrub compares with the
+  manifest; a pull, whose every chunk already passed its SHA1, checks the blake3 alone
+  (``WholeHash(sha1=False)``).
 
 Nothing here does I/O except ``hash_file``, which reads one file.
 """
@@ -75,6 +78,15 @@ def chunk_ok(data: bytes, length: int, expected_sha1: str) -> bool:
     return len(data) == length and chunk_sha1(data) == expected_sha1
 
 
+def pieces_ok(pieces: Iterable[bytes | memoryview], length: int, expected_sha1: str) -> bool:
+    """``chunk_ok`` of the pieces joined, without joining them."""
+    h, n = hashlib.sha1(), 0
+    for piece in pieces:
+        h.update(piece)
+        n += len(piece)
+    return n == length and h.hexdigest() == expected_sha1
+
+
 class Rechunker:
     """Collect pieces of any size; hand back blocks of exactly ``chunk_size``, then the rest.
 
@@ -113,21 +125,32 @@ class Rechunker:
 
 
 class WholeHash:
-    """SHA1 and blake3 of a whole file, fed in order: what a pull and a scrub verify."""
+    """SHA1 and blake3 of a whole file, fed in order: what a scrub verifies. A pull, whose
+    chunks each passed their SHA1 already, asks for the blake3 alone (``sha1=False``:
+    ``sha1`` is then empty); blake3 is the manifest's signed whole-file hash too."""
 
-    def __init__(self) -> None:
-        self._sha1 = hashlib.sha1()
+    def __init__(self, *, sha1: bool = True) -> None:
+        self._sha1 = hashlib.sha1() if sha1 else None
         self._blake3 = blake3.blake3()
         self.size = 0
 
     def update(self, block: bytes | memoryview) -> None:
-        self._sha1.update(block)
+        if self._sha1 is not None:
+            self._sha1.update(block)
         self._blake3.update(block)
         self.size += len(block)
 
+    def update_sha1(self, block: bytes | memoryview) -> None:
+        """SHA1 and size only: with ``update_blake3`` on another thread, the same as ``update``."""
+        self._sha1.update(block)
+        self.size += len(block)
+
+    def update_blake3(self, block: bytes | memoryview) -> None:
+        self._blake3.update(block)
+
     @property
     def sha1(self) -> str:
-        return self._sha1.hexdigest()
+        return self._sha1.hexdigest() if self._sha1 is not None else ""
 
     @property
     def blake3(self) -> str:
@@ -147,13 +170,43 @@ def hash_file(path: str | Path, read_size: int = FILE_READ_SIZE,
     return whole
 
 
-class ManifestHasher:
-    """Fold chunk-sized blocks, in order, into a Manifest.
+class ChunkHashes:
+    """The SHA1 of every ``chunk_size`` chunk of bytes fed in pieces of any size, in order
+    (the pieces need not line up with chunks: no re-splitting copy is made)."""
 
-    Three lanes with separate state, each to be called once per block in order:
-    ``update_sha512``, ``update_whole`` (SHA1 + blake3) and ``add_chunk`` (chunk SHA1).
-    A caller may run each lane on its own thread; hashlib and blake3 release the GIL
-    on large buffers.
+    def __init__(self, chunk_size: int = CHUNK_SIZE):
+        self.chunk_size = chunk_size
+        self.hashes: list[str] = []
+        self._current = hashlib.sha1()
+        self._left = chunk_size  # bytes still missing from the current chunk
+
+    def update(self, piece: bytes | memoryview) -> None:
+        view = memoryview(piece)
+        while len(view) >= self._left:
+            self._current.update(view[:self._left])
+            self.hashes.append(self._current.hexdigest())
+            view = view[self._left:]
+            self._current, self._left = hashlib.sha1(), self.chunk_size
+        if view:
+            self._current.update(view)
+            self._left -= len(view)
+
+    def finish(self) -> list[str]:
+        """Every chunk's SHA1, the last (short) one included; call once, at the end."""
+        if self._left < self.chunk_size:
+            self.hashes.append(self._current.hexdigest())
+            self._current, self._left = hashlib.sha1(), self.chunk_size
+        return self.hashes
+
+
+class ManifestHasher:
+    """Fold bytes, in order, into a Manifest.
+
+    Lanes with separate state, each to be given every byte in order: ``update_sha512``
+    (and the extra Jamf digests), ``update_whole`` (SHA1 + blake3) and the chunk SHA1s,
+    either ``add_chunk`` with chunk-sized blocks or ``update_chunks`` with pieces of any
+    size (one or the other). A caller may run lanes on threads of their own; hashlib and
+    blake3 release the GIL on large buffers.
     """
 
     def __init__(self, chunk_size: int = CHUNK_SIZE, extra: Iterable[str] = ()):
@@ -161,6 +214,7 @@ class ManifestHasher:
         self._sha512 = hashlib.sha512()
         self._whole = WholeHash()
         self._chunks: list[str] = []
+        self._pieces = ChunkHashes(chunk_size)  # update_chunks' state
         # Jamf Pro hash types asked for besides SHA-512 (MD5, SHA3_512): same lane, same pass
         self._extra = {t: hashlib.new(JAMF_DIGESTS[t]) for t in extra if t != "SHA_512"}
 
@@ -179,6 +233,22 @@ class ManifestHasher:
     def add_chunk(self, block: bytes | memoryview) -> None:
         self._chunks.append(chunk_sha1(block))
 
+    def update_chunks(self, piece: bytes | memoryview) -> None:
+        """The chunk lane for pieces of any size (instead of ``add_chunk``)."""
+        self._pieces.update(piece)
+
+    def update_sha512_blake3(self, piece: bytes | memoryview) -> None:
+        """SHA-512 (+ extra digests) and blake3: the two cheap-to-pair hashes, for a thread
+        that hashes pieces while they are still in its CPU cache (``update_sha1s`` the other)."""
+        self.update_sha512(piece)
+        self._whole.update_blake3(piece)
+
+    def update_sha1s(self, piece: bytes | memoryview) -> None:
+        """The whole-file SHA1, the size and the chunk SHA1s (with ``update_sha512_blake3``:
+        every hash once)."""
+        self._whole.update_sha1(piece)
+        self._pieces.update(piece)
+
     def add_block(self, block: bytes | memoryview) -> None:
         """All three lanes in line."""
         self.update_sha512(block)
@@ -186,8 +256,9 @@ class ManifestHasher:
         self.add_chunk(block)
 
     def manifest(self) -> Manifest:
+        chunks = self._chunks or self._pieces.finish()
         return Manifest(size=self._whole.size, sha1=self._whole.sha1, sha512=self._sha512.hexdigest(),
-                        blake3=self._whole.blake3, chunk_size=self.chunk_size, chunks=tuple(self._chunks))
+                        blake3=self._whole.blake3, chunk_size=self.chunk_size, chunks=tuple(chunks))
 
 
 class ManifestBuilder:

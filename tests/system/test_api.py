@@ -472,7 +472,8 @@ def test_longest_allowed_name_is_accepted(clean_site):
 def test_truncated_upload_is_cleaned_up_and_server_stays_healthy(site):
     tmp = site.data / "store" / "tmp"
     c = site.client()
-    for sent in (1_000_000, 2 * MiB + 12345):  # within the first chunk, and past two chunks
+    # a small body (held until it is all in), within the first chunk, and past two chunks (threads)
+    for sent in (100_000, 1_000_000, 2 * MiB + 12345):
         s = socket.create_connection(("127.0.0.1", site.port), timeout=20)
         s.sendall(b"PUT /api/v1/packages/truncated.pkg HTTP/1.1\r\nHost: test\r\n"
                   + f"Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 5000000\r\n\r\n".encode())

@@ -175,6 +175,24 @@ def test_a_chunk_source_that_cannot_be_reached_says_transport_failed(chunk_sourc
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("chunk_sources", ["http", "memory"], indirect=True)  # NATS serves one chunk a request
+def test_a_run_source_streams_a_run_chunk_by_chunk(chunk_sources):
+    """``RunSource.fetch_run``: the chunks of one request, each as pieces of exactly its length."""
+    kind, s, sources = chunk_sources
+
+    async def run():
+        async with sources() as src:
+            chunks = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 0, [CHUNK_SIZE, CHUNK_SIZE, 5])]
+            tail = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 1, [CHUNK_SIZE, 5])]
+            with pytest.raises(ChunkUnavailable):
+                async for _ in src.good.fetch_run(s.blake3, 2, [5, CHUNK_SIZE]):
+                    pass
+            return chunks, tail
+    chunks, tail = asyncio.run(run())
+    assert [len(c) for c in chunks] == [CHUNK_SIZE, CHUNK_SIZE, 5] and b"".join(chunks) == s.data
+    assert b"".join(tail) == s.data[CHUNK_SIZE:]
+
+
 @pytest.mark.parametrize("chunk_sources", ["http", "nats"], indirect=True)  # the memory one signs nothing
 def test_a_signed_chunk_source_is_refused_under_a_key_the_server_does_not_trust(chunk_sources):
     kind, s, sources = chunk_sources
@@ -373,6 +391,23 @@ def test_publish_never_overwrites_and_replace_does(store):
     store.replace(temp, "a.pkg")
     assert store.path("a.pkg").read_bytes() == b"two" and not temp.exists()
     assert stat.S_IMODE(store.path("a.pkg").stat().st_mode) == PACKAGE_MODE
+
+
+def test_grouped_publishes_land_every_file_and_never_overwrite(store):
+    """publish_grouped (many uploads at once sharing a directory fsync): each file under its own
+    name, a taken name refused as by publish, and a second round after the first works too."""
+    async def run():
+        temps = {f"g{i}.pkg": written(store, f"body {i}".encode()) for i in range(12)}
+        await asyncio.gather(*(store.publish_grouped(t, n) for n, t in temps.items()))
+        loser = written(store, b"late")
+        with pytest.raises(FileExistsError):
+            await store.publish_grouped(loser, "G3.pkg")
+        await store.publish_grouped(written(store, b"again"), "h.pkg")
+        return loser
+    loser = asyncio.run(run())
+    assert visible(store) == {f"g{i}.pkg" for i in range(12)} | {"h.pkg"}
+    assert store.path("g3.pkg").read_bytes() == b"body 3" and loser.exists()
+    assert stat.S_IMODE(store.path("g7.pkg").stat().st_mode) == PACKAGE_MODE
 
 
 def test_remove_says_whether_there_was_a_file(store):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import random
 
 import blake3
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from odst.store.files import StreamingUpload
-from odst.store.hashing import (CHUNK_SIZE, ManifestBuilder, Rechunker, WholeHash, chunk_count, chunk_ok,
+from odst.store.hashing import (CHUNK_SIZE, ChunkHashes, ManifestBuilder, Rechunker, WholeHash, chunk_count, chunk_ok,
                                 chunk_span, hash_file, manifest_of)
 
 SMALL_CHUNK = 64  # the same code with a small chunk keeps the properties cheap to explore
@@ -32,6 +34,14 @@ def test_manifest_matches_hashlib_however_the_bytes_are_split(data, cuts):
     m = manifest_of(splits(data, cuts), SMALL_CHUNK)
     assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
     assert len(m.chunks) == chunk_count(len(data), SMALL_CHUNK)
+
+
+@given(st.binary(max_size=1000), st.lists(st.integers(min_value=0), max_size=20))
+def test_chunk_hashes_of_pieces_are_the_chunks_sha1s_however_the_bytes_are_split(data, cuts):
+    hashes = ChunkHashes(SMALL_CHUNK)
+    for piece in splits(data, cuts):
+        hashes.update(piece)
+    assert hashes.finish() == reference(data, SMALL_CHUNK)[4]
 
 
 @given(st.integers(min_value=0, max_value=10 * SMALL_CHUNK))
@@ -65,6 +75,67 @@ def test_streaming_upload_writes_the_bytes_and_agrees_with_the_reference(tmp_pat
     m = asyncio.run(run())
     assert path.read_bytes() == data
     assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0), max_size=30), st.integers(1, 400),
+       st.integers(0, 500))
+def test_streaming_upload_through_its_threads_agrees_with_the_reference(tmp_path_factory, data, cuts, batch, small):
+    """Bodies over ``small_bytes`` go to the two hash/write threads in batches: the same bytes
+    on disk and the same manifest however they are split and batched."""
+    path = tmp_path_factory.mktemp("up") / "x.part"
+
+    async def run():
+        up = StreamingUpload(path, chunk_size=SMALL_CHUNK, batch_bytes=batch, small_bytes=small)
+        for piece in splits(data, cuts):
+            await up.feed(piece)
+        assert up.received == len(data)
+        return await up.finish()
+
+    m = asyncio.run(run())
+    assert path.read_bytes() == data
+    assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, SMALL_CHUNK)
+
+
+def test_streaming_upload_of_megabytes_in_uvicorn_sized_pieces(tmp_path):
+    """Real chunk size, more than MAX_BACKLOG in flight (back-pressure), writeback started:
+    the file and the manifest are the reference's, and the file carries its blake3 label."""
+    from odst.store.files import MAX_BACKLOG, content_tag
+    data = random.Random(7).randbytes(MAX_BACKLOG + 3 * CHUNK_SIZE + 12345)
+    path = tmp_path / "big.part"
+
+    async def run():
+        up = StreamingUpload(path)
+        for i in range(0, len(data), 256_000):
+            await up.feed(data[i:i + 256_000])
+        return await up.finish()
+
+    m = asyncio.run(run())
+    assert path.read_bytes() == data
+    assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, CHUNK_SIZE)
+    with open(path, "rb") as f:
+        assert content_tag(f.fileno()) in (m.blake3, None)  # None: a file system without xattrs
+
+
+@pytest.mark.parametrize("size", [100, 3 * CHUNK_SIZE])
+def test_streaming_upload_abort_after_a_failed_write_leaves_nothing(tmp_path, size):
+    """A write that fails (the store full) is reported by finish and loses the temp file on abort,
+    on the small path and on the threads' path alike."""
+    from odst.store.files import StoreFull
+    path = tmp_path / "z.part"
+
+    async def run():
+        up = StreamingUpload(path)
+        os.close(up._fd)  # noqa: SLF001 - the write fails as on a full disk: EBADF instead of ENOSPC
+        up._fd = os.open("/dev/full", os.O_WRONLY)  # noqa: SLF001
+        with pytest.raises((StoreFull, OSError)):
+            for i in range(0, size, 65536):
+                await up.feed(b"x" * min(65536, size - i))
+            await up.finish()
+        await up.abort()
+
+    asyncio.run(run())
+    assert not path.exists()
 
 
 def test_streaming_upload_abort_leaves_nothing(tmp_path):
