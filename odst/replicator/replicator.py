@@ -1,7 +1,11 @@
 """The replicator: make this site hold every current package its stage policy accepts.
 
-Reacts to every change of the read model: removes files of deleted packages,
-and queues a pull for each missing content that some site holds. Workers — in
+Reacts to what changed in the read model (``views.changed_keys``: the packages the
+events folded since the last pass touched), not to the whole catalogue: keeps the
+set of wanted packages in memory, removes files of deleted packages, and queues a
+pull for each missing content that some site holds. A full rescan runs at start, when
+a change may concern every package (accepted stages, peers), and every
+``FULL_PASS_S`` as a safety net. Workers — in
 this process and in any other ``odst replicator`` on the same site — take pulls
 from one JetStream work-queue consumer; a lease in a KV bucket (renewed while
 the pull runs, expiring when its worker dies) makes sure one worker at a time
@@ -54,6 +58,13 @@ LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
 REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
+FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
+KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
+PUBLISH_WINDOW = 256  # work items published before their acks are awaited
+
+
+def json_len(chunks: str) -> int:
+    return len(json.loads(chunks))
 
 
 def work_subject(site: str) -> str:
@@ -86,6 +97,16 @@ class Replicator:
         self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
         self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
         self._reporting: set[asyncio.Task] = set()
+        # what changed: the read model's event position read up to, the wanted packages
+        # (key -> packages row), keys to look at again on the next pass, and when
+        self._cursor = 0
+        self._full_at = -1e9
+        self._wanted: dict[str, sqlite3.Row] = {}
+        self._dirty: set[str] = set()
+        self._retry: dict[str, float] = {}  # key -> monotonic time to look again (backoff, lease held)
+        self._withdraw_pending: set[str] = set()  # unaccepted here, within the grace period
+        self._retries: dict[str, int] = {}  # key -> times looked at again on a timer (a new work item each)
+        self.full_passes = 0  # counted for tests: a change is picked up without one
 
     async def start(self) -> None:
         self.http = http_session()
@@ -132,42 +153,129 @@ class Replicator:
             self._kick.clear()
 
     async def reconcile(self) -> None:
-        self.remove_deleted()
-        await self.withdraw_unaccepted()
-        if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
-            self._missing_checked = time.monotonic()
-            await self.repull_missing()
+        upto, keys, everything = views.changed_keys(self.reader, self._cursor)
         now = time.monotonic()
-        wanted = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings))
-        wanted_keys = set()
-        for row in wanted:
-            key = (row["name"], row["blake3"])
-            wanted_keys.add(key)
-            if key in self.tasks:
+        if everything or upto < self._cursor or now - self._full_at >= FULL_PASS_S:
+            await self._full_pass(upto)
+        else:
+            self._cursor = upto
+            if keys:
+                await self._changed(keys)
+            elif self._withdraw_pending:
+                await self.withdraw_unaccepted(set(self._withdraw_pending))
+        if now - self._missing_checked >= MISSING_CHECK_S:
+            self._missing_checked = now
+            await self.repull_missing()
+        for key, at in list(self._retry.items()):
+            if at <= now:
+                del self._retry[key]
+                self._dirty.add(key)
+                self._retries[key] = self._retries.get(key, 0) + 1
+        await self._queue_dirty()
+
+    async def _full_pass(self, upto: int) -> None:
+        """Look at every package: at start, when a change may concern all, and as a safety net."""
+        self._cursor, self._full_at = upto, time.monotonic()
+        self.full_passes += 1
+        stages = views.replicated_stages(self.reader, self.settings)
+        wanted = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages)}
+        for key in set(self._wanted) - set(wanted):
+            self._forget(self._wanted[key])
+        self._wanted = wanted
+        self._dirty = set(wanted)
+        self.remove_deleted()
+        self._withdraw_pending.clear()
+        await self.withdraw_unaccepted()
+
+    async def _changed(self, keys: set[str]) -> None:
+        """Bring the wanted set up to date for the packages whose events were folded since the
+        last pass; remove the files of those no longer live (deleted here or at a peer)."""
+        stages = views.replicated_stages(self.reader, self.settings)
+        ordered = sorted(keys)
+        gone = []
+        for i in range(0, len(ordered), KEYS_PER_QUERY):
+            chunk = ordered[i:i + KEYS_PER_QUERY]
+            rows = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages, keys=chunk)}
+            live = views.live_keys(self.reader, chunk)
+            for key in chunk:
+                old, row = self._wanted.get(key), rows.get(key)
+                if old is not None and (row is None or row["blake3"] != old["blake3"]):
+                    self._forget(old)
+                if row is None:
+                    self._wanted.pop(key, None)
+                    self._retries.pop(key, None)
+                else:
+                    self._wanted[key] = row
+                    self._dirty.add(key)
+                if key not in live:
+                    gone.append(key)
+        for key in gone:
+            if not self.store.is_publishing(key) and self.store.remove(key):
+                log.info("removed a deleted package", package=key)
+        if gone:
+            self._remove_stale_partials()
+        await self.withdraw_unaccepted(keys | self._withdraw_pending)
+
+    def _forget(self, row) -> None:
+        """A package no longer wanted (or wanted with another content): its progress goes."""
+        pair = (row["name"], row["blake3"])
+        if pair not in self.tasks:
+            self.progress.pop(pair, None)
+
+    async def _queue_dirty(self) -> None:
+        """Queue a pull for each wanted package looked at again that some site holds."""
+        now = time.monotonic()
+        dirty, self._dirty = self._dirty, set()
+        items = []
+        for key in sorted(dirty, key=lambda k: (self._wanted[k]["uploaded_at"], self._wanted[k]["name"])
+                          if k in self._wanted else (0, "")):
+            row = self._wanted.get(key)
+            if row is None:
+                continue
+            pair = (row["name"], row["blake3"])
+            if pair in self.tasks:
                 continue
             sources = views.sources(self.reader, row["name"], row["blake3"], self.site_id)
-            progress = self.progress.setdefault(key, Progress(row["name"], row["blake3"],
-                                                              len(json.loads(row["chunks"]))))
-            if not sources:
+            progress = self.progress.setdefault(pair, Progress(row["name"], row["blake3"],
+                                                               json_len(row["chunks"])))
+            if not sources:  # a site that gets it says so in an event: looked at again then
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 continue
-            if now < self.backoff.get(key, (0.0, 0.0))[0]:
+            until = self.backoff.get(pair, (0.0, 0.0))[0]
+            if now < until:
+                self._retry[key] = until
                 continue
             if progress.status != "failed":
                 progress.status, progress.detail = "pending", "queued"
             if self.bandwidth is not None and self.bandwidth.urgent(name=row["name"]):
                 # the urgent lane: not behind pulls that a paused link holds in every worker
-                self.tasks[key] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
+                self.tasks[pair] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
                 continue
-            await self._enqueue(row["name"], row["blake3"], sources)
-        for key in list(self.progress):
-            if key not in wanted_keys and key not in self.tasks:
-                del self.progress[key]
+            items.append((row["name"], row["blake3"], sources))
+        for i in range(0, len(items), PUBLISH_WINDOW):
+            await self._enqueue_many(items[i:i + PUBLISH_WINDOW])
+
+    async def _enqueue_many(self, items: list[tuple[str, str, list[str]]]) -> None:
+        """Queue pulls, published together and then acknowledged together (one round trip for
+        many); the same pull (same sources) is queued at most once per dedupe bucket. A pull
+        that could not be queued is looked at again after a while."""
+        results = await asyncio.gather(*(self._enqueue(*item) for item in items), return_exceptions=True)
+        failed = [item for item, r in zip(items, results) if isinstance(r, Exception)]
+        if failed:
+            log.warning("could not queue pulls; retrying", count=len(failed), error=repr(next(
+                r for r in results if isinstance(r, Exception))))
+            again = time.monotonic() + BACKOFF_MIN_S
+            for name, _, _ in failed:
+                self._retry[name_key(name)] = again
 
     async def _enqueue(self, name: str, blake3: str, sources: list[str]) -> None:
-        """Queue a pull; the same pull (same sources) is queued at most once per dedupe bucket."""
+        """Queue a pull. The same pull (same sources, looked at for the same read-model change
+        or retry) is queued at most once per dedupe bucket, by any replicator of the site; a
+        later change of the package (its copy here found damaged, say) queues it again."""
         bucket = int(time.time() // DEDUPE_BUCKET_S)
-        digest = hashlib.sha256(f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}".encode()).hexdigest()[:32]
+        mark = f"{self._cursor}:{self._retries.get(name_key(name), 0)}"
+        digest = hashlib.sha256(
+            f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}\0{mark}".encode()).hexdigest()[:32]
         await self.js.publish(work_subject(self.site_id), json.dumps({"name": name, "blake3": blake3}).encode(),
                                    stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
 
@@ -190,14 +298,13 @@ class Replicator:
         except (ValueError, KeyError, TypeError):
             log.warning("malformed work item dropped")
             return
-        key = (name, blake3)
-        row = self.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
-                                  (name_key(name), blake3)).fetchone()
-        if row is None or key in self.tasks or (name, blake3) not in {
-                (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
-                                                               views.replicated_stages(self.reader, self.settings))}:
-            return  # no longer wanted, or already being pulled here
-        await self._pull_leased(row, msg)
+        if (name, blake3) in self.tasks:
+            return  # already being pulled here
+        rows = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings),
+                            keys=[name_key(name)])
+        if not rows or (rows[0]["name"], rows[0]["blake3"]) != (name, blake3):
+            return  # no longer wanted
+        await self._pull_leased(rows[0], msg)
 
     async def _pull_leased(self, row, msg=None) -> None:
         """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
@@ -207,7 +314,9 @@ class Replicator:
         except nats.js.errors.KeyWrongLastSequenceError:
             if self.tasks.get(key) is asyncio.current_task():
                 del self.tasks[key]
-            return  # another worker holds the lease; if it dies, the pull is queued again
+            # another worker holds the lease; if it dies, the pull is queued again then
+            self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+            return
         heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
         self.tasks[key] = asyncio.current_task()
         try:
@@ -242,22 +351,36 @@ class Replicator:
                 continue
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
-        for p in store.tmp.glob("*.repl"):
+        self._remove_stale_partials()
+
+    def _remove_stale_partials(self) -> None:
+        """Partial pulls of contents deleted since, or held here again, are removed."""
+        for p in self.store.tmp.glob("*.repl"):
             if p.stem not in {k[1] for k in self.tasks} and (
                     not views.content_is_live(self.reader, p.stem)
                     or views.local_content(self.reader, p.stem, self.site_id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
-    async def withdraw_unaccepted(self) -> list[str]:
+    async def withdraw_unaccepted(self, keys: set[str] | None = None) -> list[str]:
         """Held packages whose stage this site no longer accepts (a demotion, or a change of the
         accepted stages) are not served from the moment the read model says so (views.servable);
         their files are removed once ``withdraw_grace_s`` has passed since the later of that
         change and this process's start, and PackageWithdrawn records it, so that a promotion
         pulls the package again. Within the grace period a promotion serves the kept file at
         once. A file no other site holds is kept (not served): removing it would lose the
-        content. Returns the names withdrawn."""
+        content. Given ``keys``, only among those packages (what changed, and those still within
+        their grace period). Returns the names withdrawn."""
         stages = views.replicated_stages(self.reader, self.settings)
-        rows = views.unaccepted_held(self.reader, self.site_id, stages)
+        if keys is not None:
+            self._withdraw_pending -= keys
+            if not keys:
+                return []
+            ordered = sorted(keys)
+            rows = [r for i in range(0, len(ordered), KEYS_PER_QUERY)
+                    for r in views.unaccepted_held(self.reader, self.site_id, stages,
+                                                   keys=ordered[i:i + KEYS_PER_QUERY])]
+        else:
+            rows = views.unaccepted_held(self.reader, self.site_id, stages)
         if not rows:
             return []
         grace_ms = self.settings.withdraw_grace_s * 1000
@@ -265,8 +388,9 @@ class Replicator:
         changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
         now_ms = int(time.time() * 1000)
         withdrawn = []
-        for row in rows:
+        for n, row in enumerate(rows):
             if now_ms - max(changed_ms, row["updated_at"]) < grace_ms or (row["name"], row["blake3"]) in self.tasks:
+                self._withdraw_pending.add(row["key"])  # looked at again on every pass
                 continue
             if not views.sources(self.reader, row["key"], row["blake3"], self.site_id):
                 if (row["key"], row["blake3"]) not in self._kept_alone:
@@ -280,6 +404,7 @@ class Replicator:
                                   actor="replicator")
             except AppendFailed as exc:
                 log.warning("could not record a withdrawal; retrying later", package=row["name"], error=str(exc))
+                self._withdraw_pending.update(r["key"] for r in rows[n:])
                 break
             self._kept_alone.discard((row["key"], row["blake3"]))
             if not self.store.is_publishing(row["key"]):
@@ -410,6 +535,7 @@ class Replicator:
         _, delay = self.backoff.get(key, (0.0, BACKOFF_MIN_S / 2))
         delay = min(delay * 2, BACKOFF_MAX_S)
         self.backoff[key] = (time.monotonic() + delay, delay)
+        self._retry[name_key(want.name)] = time.monotonic() + delay
         log.warning("transfer failed; will retry", package=want.name, reason=reason, retry_in_s=delay)
         if self.last_failure.get(key) != reason:
             self.last_failure[key] = reason
