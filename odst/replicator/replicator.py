@@ -17,6 +17,7 @@ Each finished pull records PackageAvailable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -26,18 +27,18 @@ import time
 from collections import Counter
 import sqlite3
 
+import nats.errors
 import nats.js.errors
 from nats.js import api
 
 import structlog
 
-from odst.bus.service import consume
 from odst.config import Settings
 from odst.bus.streams import ensure_key_value, ensure_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SiteKey
-from odst.projections.appender import Append
+from odst.projections.appender import Append, AppendMany
 from odst.naming import name_key
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
@@ -61,6 +62,8 @@ MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat 
 FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
+WORK_BATCH = 32  # work items a worker takes at once: its small packages are pulled together
+SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
 
 
 def json_len(chunks: str) -> int:
@@ -74,10 +77,12 @@ def work_subject(site: str) -> str:
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
                  append: Append, projection: ProjectionStatus,
-                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None):
+                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None,
+                 append_many: AppendMany | None = None):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
         self.bandwidth = bandwidth  # receive limits per link, timetables, urgency
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
+        self.append_many = append_many  # several PackageAvailable in one round trip (else one by one)
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
@@ -106,7 +111,7 @@ class Replicator:
         self._retry: dict[str, float] = {}  # key -> monotonic time to look again (backoff, lease held)
         self._withdraw_pending: set[str] = set()  # unaccepted here, within the grace period
         self._retries: dict[str, int] = {}  # key -> times looked at again on a timer (a new work item each)
-        self.full_passes = 0  # counted for tests: a change is picked up without one
+        self.full_passes = 0  # each logged: tests check that a change is picked up without one
 
     async def start(self) -> None:
         self.http = http_session()
@@ -179,6 +184,7 @@ class Replicator:
         self.full_passes += 1
         stages = views.replicated_stages(self.reader, self.settings)
         wanted = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages)}
+        log.info("replication: full rescan of the catalogue", wanted=len(wanted), passes=self.full_passes)
         for key in set(self._wanted) - set(wanted):
             self._forget(self._wanted[key])
         self._wanted = wanted
@@ -280,31 +286,115 @@ class Replicator:
                                    stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
 
     async def _work(self) -> None:
-        """One worker: take a queued pull, hold its lease while it runs, ack it when done."""
-        async def take_and_ack(msg) -> None:
+        """One worker: take up to WORK_BATCH queued pulls; pull the small packages among them
+        together (``_pull_small``), the big ones one at a time under their own lease; ack each
+        work item when its pull is done or dropped (the broker redelivers what is not acked,
+        and keeps in progress what is waiting here)."""
+        while True:
             try:
-                await self._take(msg)
+                msgs = await self._psub.fetch(WORK_BATCH, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker reconnecting
+                log.warning("replication: fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            keepalive = asyncio.create_task(self._keep_in_progress(msgs))
+            try:
+                await self._take(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("replication: handling work items failed")
             finally:
-                try:
-                    await msg.ack()
-                except Exception:
-                    pass  # the broker redelivers; the lease and the read model make that harmless
-        await consume(self._psub, take_and_ack, "replication")
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
+                # the broker redelivers what is not acked; the lease and the read model make that harmless
+                await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
 
-    async def _take(self, msg) -> None:
-        try:
-            item = json.loads(msg.data)
-            name, blake3 = str(item["name"]), str(item["blake3"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("malformed work item dropped")
+    async def _keep_in_progress(self, msgs) -> None:
+        """Work items taken together stay this worker's while it pulls them."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+
+    async def _take(self, msgs) -> None:
+        """The work items still wanted here (and not being pulled here already): small ones
+        pulled together, then the first big one; further big ones are handed back at once
+        (nak) for another worker, so big pulls keep running ``replication_packages`` at a time."""
+        items: dict[tuple[str, str], object] = {}
+        for msg in msgs:
+            try:
+                item = json.loads(msg.data)
+                items.setdefault((str(item["name"]), str(item["blake3"])), msg)
+            except (ValueError, KeyError, TypeError):
+                log.warning("malformed work item dropped")
+        stages = views.replicated_stages(self.reader, self.settings)
+        keys = sorted({name_key(name) for name, _ in items})
+        rows = {(r["name"], r["blake3"]): r for i in range(0, len(keys), KEYS_PER_QUERY)
+                for r in views.wanted(self.reader, self.site_id, stages, keys=keys[i:i + KEYS_PER_QUERY])}
+        small, big = [], []
+        for pair, msg in items.items():
+            row = rows.get(pair)
+            if row is None or pair in self.tasks:
+                continue  # no longer wanted, or already being pulled here
+            (small if row["size"] <= SMALL_BYTES else big).append((row, msg))
+        for _, msg in big[1:]:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if small:
+            await self._pull_small([row for row, _ in small])
+        if big:
+            await self._pull_leased(big[0][0])
+
+    async def _pull_small(self, rows: list) -> None:
+        """Pull several small packages at once: their leases taken together (one round trip),
+        the pulls run side by side, and the PackageAvailable events appended together."""
+        results = await asyncio.gather(*(self._leases.create(r["blake3"], self.owner.encode()) for r in rows),
+                                       return_exceptions=True)
+        leased: dict[str, int] = {}
+        mine = []
+        for row, rev in zip(rows, results):
+            pair = (row["name"], row["blake3"])
+            if isinstance(rev, BaseException) or row["blake3"] in leased or pair in self.tasks:
+                if isinstance(rev, nats.js.errors.KeyWrongLastSequenceError):
+                    # another worker holds the lease; if it dies, the pull is queued again then
+                    self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+                elif isinstance(rev, BaseException):
+                    log.warning("could not take a pull's lease", package=row["name"], error=repr(rev))
+                    self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
+                continue
+            leased[row["blake3"]] = rev
+            self.tasks[pair] = asyncio.current_task()
+            mine.append(row)
+        if not mine:
             return
-        if (name, blake3) in self.tasks:
-            return  # already being pulled here
-        rows = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings),
-                            keys=[name_key(name)])
-        if not rows or (rows[0]["name"], rows[0]["blake3"]) != (name, blake3):
-            return  # no longer wanted
-        await self._pull_leased(rows[0], msg)
+        heartbeat = asyncio.create_task(self._renew_leases(leased))
+        try:
+            fetched = [f for f in await asyncio.gather(*(self._fetch(row) for row in mine)) if f is not None]
+            if fetched:
+                await self._publish_many(fetched)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.gather(*(self._leases.delete(b) for b in leased), return_exceptions=True)
+            for row in mine:
+                self.tasks.pop((row["name"], row["blake3"]), None)
+            self.kick()
+
+    async def _renew_leases(self, leased: dict[str, int]) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            blake3s = list(leased)
+            results = await asyncio.gather(*(self._leases.update(b, self.owner.encode(), last=leased[b])
+                                             for b in blake3s), return_exceptions=True)
+            for b, rev in zip(blake3s, results):
+                if isinstance(rev, BaseException):
+                    log.warning("could not renew the pull's lease", package=b, error=f"{type(rev).__name__}")
+                else:
+                    leased[b] = rev
 
     async def _pull_leased(self, row, msg=None) -> None:
         """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
@@ -481,7 +571,9 @@ class Replicator:
             self._reported.pop((event.source, event.blake3), None)
             log.warning("could not record a rejected chunk", peer=event.source, error=str(exc))
 
-    async def _transfer(self, row) -> None:
+    async def _fetch(self, row) -> tuple[Want, Progress, object] | None:
+        """Pull a content into a verified, fsynced temp file; None if it failed (recorded) or
+        no site holds it now."""
         key = (row["name"], row["blake3"])
         want = Want.of(views.manifest(row), name=row["name"], stage=row["stage"], origin=row["origin"],
                        uploaded_ts=row["uploaded_at"], uploaded_by=row["uploaded_by"])
@@ -490,7 +582,7 @@ class Replicator:
             sites = views.sources(self.reader, want.name, want.blake3, self.site_id)
             if not sites:
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
-                return
+                return None
             progress.status, progress.detail = "downloading", ""
             progress.started = time.monotonic()
             progress.bytes = 0
@@ -499,36 +591,99 @@ class Replicator:
                             on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index),
                             throttle=self._throttle(want, progress))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
-            path = await puller.run()
-            if not await self._publish(want, path):
-                return
-            progress.status, progress.detail = "available", ""
-            self.backoff.pop(key, None)
-            self.last_failure.pop(key, None)
+            return want, progress, await puller.run()
         except TransferFailed as exc:
             await self._failed(key, want, progress, str(exc))
-        except AppendFailed as exc:
-            await self._failed(key, want, progress, f"could not record availability: {exc}")
         except OSError as exc:
             await self._failed(key, want, progress, f"store error: {exc.strerror or exc}")
+        return None
+
+    def _done(self, want: Want, progress: Progress) -> None:
+        key = (want.name, want.blake3)
+        progress.status, progress.detail = "available", ""
+        self.backoff.pop(key, None)
+        self.last_failure.pop(key, None)
+        self._retries.pop(name_key(want.name), None)
+
+    async def _transfer(self, row) -> None:
+        key = (row["name"], row["blake3"])
+        try:
+            fetched = await self._fetch(row)
+            if fetched is None:
+                return
+            want, progress, path = fetched
+            try:
+                if not await self._publish(want, path):
+                    return
+            except AppendFailed as exc:
+                await self._failed(key, want, progress, f"could not record availability: {exc}")
+                return
+            except OSError as exc:
+                await self._failed(key, want, progress, f"store error: {exc.strerror or exc}")
+                return
+            self._done(want, progress)
         finally:
             self.tasks.pop(key, None)
             self.kick()
 
-    async def _publish(self, want: Want, path) -> bool:
+    def _still_current(self, want: Want, path) -> bool:
         current = views.package(self.reader, want.name)
         if current is None or current["blake3"] != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
+        return True
+
+    def _available_event(self, want: Want) -> ev.PackageAvailable:
+        return ev.PackageAvailable(name=want.name, **want.event_fields(), stage=want.stage, origin=want.origin,
+                                   uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by)
+
+    async def _publish(self, want: Want, path) -> bool:
+        if not self._still_current(want, path):
+            return False
         tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
         with self.store.publishing(want.name):
             self.store.replace(path, want.name)
-            await self.append(ev.PackageAvailable(
-                name=want.name, **want.event_fields(), stage=want.stage, origin=want.origin,
-                uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by), actor="replicator")
+            await self.append(self._available_event(want), actor="replicator")
         log.info("package available", package=want.name, size=want.size)
         return True
+
+    async def _publish_many(self, fetched: list[tuple[Want, Progress, object]]) -> None:
+        """Put several pulled files in place, then record their PackageAvailable events in one
+        round trip (``append_many``; one by one without it). Each file is in place (and
+        fsynced) before its event is appended, as in ``_publish``."""
+        placed = []
+        with contextlib.ExitStack() as publishing:
+            for want, progress, path in fetched:
+                if not self._still_current(want, path):
+                    continue
+                try:
+                    tag(path, want.blake3)
+                    publishing.enter_context(self.store.publishing(want.name))
+                    await asyncio.to_thread(self.store.replace, path, want.name)
+                except OSError as exc:
+                    await self._failed((want.name, want.blake3), want, progress, f"store error: {exc.strerror or exc}")
+                    continue
+                placed.append((want, progress))
+            if not placed:
+                return
+            events = [self._available_event(want) for want, _ in placed]
+            if self.append_many is not None:
+                results = await self.append_many(events, actor="replicator")
+            else:
+                results = []
+                for event in events:
+                    try:
+                        results.append(await self.append(event, actor="replicator"))
+                    except AppendFailed as exc:
+                        results.append(exc)
+        for (want, progress), result in zip(placed, results):
+            if isinstance(result, AppendFailed):
+                await self._failed((want.name, want.blake3), want, progress,
+                                   f"could not record availability: {result}")
+            else:
+                self._done(want, progress)
+                log.info("package available", package=want.name, size=want.size)
 
     async def _failed(self, key, want: Want, progress: Progress, reason: str) -> None:
         progress.status, progress.detail = "failed", reason
