@@ -292,6 +292,12 @@ def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str],
         f" WHERE p.stage NOT IN ({marks}){only} ORDER BY p.name", (site, *stages, *args)).fetchall()
 
 
+def current_blake3(conn: sqlite3.Connection, name: str) -> str | None:
+    """The content the package ``name`` (any spelling) stands for now, if any."""
+    row = conn.execute("SELECT blake3 FROM packages WHERE key=?", (name_key(name),)).fetchone()
+    return row[0] if row else None
+
+
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
     """Other trusted sites that serve a verified copy of this content under this name."""
     return [r[0] for r in conn.execute(

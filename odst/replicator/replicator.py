@@ -373,7 +373,8 @@ class Replicator:
             return
         heartbeat = asyncio.create_task(self._renew_leases(leased))
         try:
-            fetched = [f for f in await asyncio.gather(*(self._fetch(row) for row in mine)) if f is not None]
+            peers = self._peers()  # once for the batch
+            fetched = [f for f in await asyncio.gather(*(self._fetch(row, peers) for row in mine)) if f is not None]
             if fetched:
                 await self._publish_many(fetched)
         finally:
@@ -531,8 +532,11 @@ class Replicator:
             missing.append(name)
         return missing
 
-    def _sources(self, sites: list[str]) -> list[tuple]:
-        peers = {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+    def _peers(self) -> dict[str, dict]:
+        return {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+
+    def _sources(self, sites: list[str], peers: dict[str, dict] | None = None) -> list[tuple]:
+        peers = self._peers() if peers is None else peers
         out = []
         for sid in sites:
             url = peers.get(sid, {}).get("http_url", "")
@@ -571,9 +575,9 @@ class Replicator:
             self._reported.pop((event.source, event.blake3), None)
             log.warning("could not record a rejected chunk", peer=event.source, error=str(exc))
 
-    async def _fetch(self, row) -> tuple[Want, Progress, object] | None:
+    async def _fetch(self, row, peers: dict[str, dict] | None = None) -> tuple[Want, Progress, object] | None:
         """Pull a content into a verified, fsynced temp file; None if it failed (recorded) or
-        no site holds it now."""
+        no site holds it now. ``peers``: views.peer_sites by site, if the caller has them."""
         key = (row["name"], row["blake3"])
         want = Want.of(views.manifest(row), name=row["name"], stage=row["stage"], origin=row["origin"],
                        uploaded_ts=row["uploaded_at"], uploaded_by=row["uploaded_by"])
@@ -586,7 +590,7 @@ class Replicator:
             progress.status, progress.detail = "downloading", ""
             progress.started = time.monotonic()
             progress.bytes = 0
-            puller = Puller(want, self._sources(sites), self.store.tmp,
+            puller = Puller(want, self._sources(sites, peers), self.store.tmp,
                             streams=self.settings.replication_streams, progress=progress,
                             on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index),
                             throttle=self._throttle(want, progress))
@@ -627,8 +631,7 @@ class Replicator:
             self.kick()
 
     def _still_current(self, want: Want, path) -> bool:
-        current = views.package(self.reader, want.name)
-        if current is None or current["blake3"] != want.blake3:
+        if views.current_blake3(self.reader, want.name) != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
