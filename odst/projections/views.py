@@ -292,10 +292,16 @@ def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str],
         f" WHERE p.stage NOT IN ({marks}){only} ORDER BY p.name", (site, *stages, *args)).fetchall()
 
 
-def current_blake3(conn: sqlite3.Connection, name: str) -> str | None:
-    """The content the package ``name`` (any spelling) stands for now, if any."""
-    row = conn.execute("SELECT blake3 FROM packages WHERE key=?", (name_key(name),)).fetchone()
-    return row[0] if row else None
+def current_contents(conn: sqlite3.Connection, names: list[str]) -> dict[str, str]:
+    """key (naming.name_key) -> the content each of the packages ``names`` (any spelling)
+    stands for now; a name with no package is absent."""
+    keys = sorted({name_key(n) for n in names})
+    out: dict[str, str] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        out.update(conn.execute(f"SELECT key, blake3 FROM packages WHERE key IN ({','.join('?' * len(chunk))})",
+                                chunk).fetchall())
+    return out
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:

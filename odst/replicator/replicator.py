@@ -630,8 +630,12 @@ class Replicator:
             self.tasks.pop(key, None)
             self.kick()
 
-    def _still_current(self, want: Want, path) -> bool:
-        if views.current_blake3(self.reader, want.name) != want.blake3:
+    def _still_current(self, want: Want, path, current: dict[str, str] | None = None) -> bool:
+        """Is ``want`` still the package's content (``current``: views.current_contents, if
+        the caller has it)? If not, its pulled file is dropped."""
+        if current is None:
+            current = views.current_contents(self.reader, [want.name])
+        if current.get(name_key(want.name)) != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False
@@ -656,9 +660,10 @@ class Replicator:
         round trip (``append_many``; one by one without it). Each file is in place (and
         fsynced) before its event is appended, as in ``_publish``."""
         placed = []
+        current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
         with contextlib.ExitStack() as publishing:
             for want, progress, path in fetched:
-                if not self._still_current(want, path):
+                if not self._still_current(want, path, current):
                     continue
                 try:
                     tag(path, want.blake3)
