@@ -301,9 +301,10 @@ class Replicator:
                 log.warning("replication: fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
                 continue
-            keepalive = asyncio.create_task(self._keep_in_progress(msgs))
+            held = list(msgs)  # handed back ones (nak) leave it: another worker has them then
+            keepalive = asyncio.create_task(self._keep_in_progress(held))
             try:
-                await self._take(msgs)
+                await self._take(held)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -312,7 +313,7 @@ class Replicator:
                 keepalive.cancel()
                 await asyncio.gather(keepalive, return_exceptions=True)
                 # the broker redelivers what is not acked; the lease and the read model make that harmless
-                await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
+                await asyncio.gather(*(m.ack() for m in held), return_exceptions=True)
 
     async def _keep_in_progress(self, msgs) -> None:
         """Work items taken together stay this worker's while it pulls them."""
@@ -320,10 +321,11 @@ class Replicator:
             await asyncio.sleep(self.lease_s / 3)
             await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
 
-    async def _take(self, msgs) -> None:
+    async def _take(self, msgs: list) -> None:
         """The work items still wanted here (and not being pulled here already): small ones
         pulled together, then the first big one; further big ones are handed back at once
-        (nak) for another worker, so big pulls keep running ``replication_packages`` at a time."""
+        (nak, and taken out of ``msgs``) for another worker, so big pulls keep running
+        ``replication_packages`` at a time."""
         items: dict[tuple[str, str], object] = {}
         for msg in msgs:
             try:
@@ -342,6 +344,7 @@ class Replicator:
                 continue  # no longer wanted, or already being pulled here
             (small if row["size"] <= SMALL_BYTES else big).append((row, msg))
         for _, msg in big[1:]:
+            msgs.remove(msg)
             with contextlib.suppress(Exception):
                 await msg.nak()
         if small:
