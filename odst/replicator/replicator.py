@@ -111,6 +111,7 @@ class Replicator:
         self._retry: dict[str, float] = {}  # key -> monotonic time to look again (backoff, lease held)
         self._withdraw_pending: set[str] = set()  # unaccepted here, within the grace period
         self._retries: dict[str, int] = {}  # key -> times looked at again on a timer (a new work item each)
+        self._queued: set[str] = set()  # wanted keys a work item was queued for
         self.full_passes = 0  # each logged: tests check that a change is picked up without one
 
     async def start(self) -> None:
@@ -185,13 +186,28 @@ class Replicator:
         stages = views.replicated_stages(self.reader, self.settings)
         wanted = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages)}
         log.info("replication: full rescan of the catalogue", wanted=len(wanted), passes=self.full_passes)
-        for key in set(self._wanted) - set(wanted):
-            self._forget(self._wanted[key])
+        for key, old in self._wanted.items():
+            if key not in wanted or wanted[key]["blake3"] != old["blake3"]:
+                self._forget(old)
+                self._queued.discard(key)
         self._wanted = wanted
-        self._dirty = set(wanted)
+        if self._queued and await self._queue_busy():
+            # pulls queued before are still on their way: only the others (a safety net that
+            # re-queued a whole catch-up every few minutes would double it)
+            self._dirty |= set(wanted) - self._queued
+        else:
+            self._dirty = set(wanted)
         self.remove_deleted()
         self._withdraw_pending.clear()
         await self.withdraw_unaccepted()
+
+    async def _queue_busy(self) -> bool:
+        """Are work items waiting or being pulled (by any worker of this site)?"""
+        try:
+            info = await self._psub.consumer_info()
+        except Exception:
+            return False  # unknown: queue again (duplicates are dropped when taken)
+        return bool(info.num_pending or info.num_ack_pending)
 
     async def _changed(self, keys: set[str]) -> None:
         """Bring the wanted set up to date for the packages whose events were folded since the
@@ -210,6 +226,7 @@ class Replicator:
                 if row is None:
                     self._wanted.pop(key, None)
                     self._retries.pop(key, None)
+                    self._queued.discard(key)
                 else:
                     self._wanted[key] = row
                     self._dirty.add(key)
@@ -266,6 +283,7 @@ class Replicator:
         many); the same pull (same sources) is queued at most once per dedupe bucket. A pull
         that could not be queued is looked at again after a while."""
         results = await asyncio.gather(*(self._enqueue(*item) for item in items), return_exceptions=True)
+        self._queued.update(name_key(item[0]) for item, r in zip(items, results) if not isinstance(r, Exception))
         failed = [item for item, r in zip(items, results) if isinstance(r, Exception)]
         if failed:
             log.warning("could not queue pulls; retrying", count=len(failed), error=repr(next(
