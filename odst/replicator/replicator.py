@@ -59,6 +59,7 @@ LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
 REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
+PASS_MIN_S = 0.1  # passes start at most this often: changes folded meanwhile are taken together
 FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
@@ -145,6 +146,7 @@ class Replicator:
 
     async def _loop(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
@@ -156,6 +158,8 @@ class Replicator:
             await asyncio.wait([waiter, kicked], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             kicked.cancel()
+            # coalesce: while events fold back to back (a catch-up), one pass takes many of them
+            await asyncio.sleep(max(0.0, started + PASS_MIN_S - time.monotonic()))
             self._kick.clear()
 
     async def reconcile(self) -> None:
