@@ -353,11 +353,16 @@ def replicated_state(conn: sqlite3.Connection) -> list[list]:
             for r in conn.execute("SELECT key, name, blake3, stage FROM packages ORDER BY name")]
 
 
-def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
+def file_holders(conn: sqlite3.Connection, site: str, *, after: str | None = None,
+                 limit: int | None = None) -> dict[str, str]:
     """key -> blake3 of the content this site has said it holds (serves) under that key (the
     key is also the file's name in the store): the content of its latest report, which the
-    key's one file holds."""
-    return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=?", (site,)).fetchall())
+    key's one file holds. With ``after`` / ``limit``: one page, in key order, of the keys
+    after ``after``."""
+    if after is None and limit is None:
+        return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=?", (site,)).fetchall())
+    return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=? AND key > ? ORDER BY key LIMIT ?",
+                             (site, after or "", -1 if limit is None else limit)).fetchall())
 
 
 def adoption_targets(conn: sqlite3.Connection, site: str) -> dict[str, str]:

@@ -59,6 +59,7 @@ LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
 REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
+MISSING_PAGE = 2000  # held files checked each time (the next ones the next time)
 PASS_MIN_S = 0.1  # passes start at most this often: changes folded meanwhile are taken together
 FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
@@ -99,6 +100,7 @@ class Replicator:
         self._leases = None
         self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
+        self._missing_after = ""  # the last key the missing-file check looked at
         self._started_ms = int(time.time() * 1000)
         self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
         self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
@@ -533,10 +535,14 @@ class Replicator:
         """Files the log says this site holds but the store lacks (a site restored by
         ``odst recover``, a file removed by hand): record PackageTransferFailed for each, as
         ``odst verify`` does, so peers stop counting on this copy and the package is wanted
-        here again and pulled from the sites that hold it. Returns the names."""
+        here again and pulled from the sites that hold it. Each call looks at one page of
+        MISSING_PAGE held files, the next page on the next call (a bounded cost whatever the
+        catalogue's size). Returns the names."""
         missing = []
         store, reader = self.store, self.reader
-        for key, blake3 in sorted(views.file_holders(reader, self.site_id).items()):
+        page = views.file_holders(reader, self.site_id, after=self._missing_after, limit=MISSING_PAGE)
+        self._missing_after, before = (max(page) if len(page) == MISSING_PAGE else ""), self._missing_after
+        for key, blake3 in sorted(page.items()):
             if store.is_publishing(key) or store.path(key).exists():
                 continue
             pkg = views.package(reader, key)
@@ -552,9 +558,10 @@ class Replicator:
                     actor="replicator")
             except AppendFailed as exc:
                 log.warning("could not record a missing package; retrying later", package=name, error=str(exc))
-                self._missing_checked = -1e9
+                self._missing_checked, self._missing_after = -1e9, before  # this one again, soon
                 break
             missing.append(name)
+            before = key
         return missing
 
     def _peers(self) -> dict[str, dict]:

@@ -58,3 +58,20 @@ def test_changed_keys_names_what_was_folded_after_the_cursor(tmp_path):
     assert keys == {"old.pkg"} and everything
     assert views.live_keys(conn, ["old.pkg", "new.pkg"]) == {"new.pkg"}
     assert views.changed_keys(conn, after + 100)[0] == after  # a cursor past the end: rebuilt
+
+
+def test_held_files_come_in_pages_in_key_order(tmp_path):
+    """The replicator's missing-file check looks at one page of held files at a time."""
+    peer = SiteKey.load_or_create(tmp_path / "peer.key")
+    log = Log(peer, SiteKey.load_or_create(tmp_path / "mallory.key"))
+    for i, name in enumerate(["c.pkg", "A.pkg", "b.pkg"]):
+        upload(log, name, i)
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    writer = apply.ReadModelWriter(conn, {peer.site_id: peer.public_key})
+    for m in log.msgs:
+        assert writer.fold(m).applied
+    site = peer.site_id
+    assert views.file_holders(conn, site) == {"a.pkg": "b1", "b.pkg": "b2", "c.pkg": "b0"}
+    assert views.file_holders(conn, site, after="", limit=2) == {"a.pkg": "b1", "b.pkg": "b2"}
+    assert views.file_holders(conn, site, after="b.pkg", limit=2) == {"c.pkg": "b0"}
+    assert views.file_holders(conn, site, after="c.pkg", limit=2) == {}
