@@ -6,6 +6,7 @@ import base64
 import json
 import sqlite3
 from collections.abc import Collection
+from typing import NamedTuple
 
 from odst.bus.authorization import Subscriber
 from odst.events import codec
@@ -260,7 +261,15 @@ PACKAGE_EVENTS = ("PackageUploaded", "PackageReplaced", "PackageAvailable", "Pac
 CATALOGUE_EVENTS = ("StagesAccepted", "PeerRemoved", "PeerRegistered", "SiteFounded")
 
 
-def changed_keys(conn: sqlite3.Connection, after: int) -> tuple[int, set[str], bool]:
+class Changes(NamedTuple):
+    """What was folded after a cursor (``changed_keys``)."""
+    upto: int  # the event position read up to: the next cursor
+    keys: set[str]  # naming.name_key of every package those events touched
+    everything: bool  # one of them may change every package's standing (CATALOGUE_EVENTS)
+    types: set[str]  # the event types among them (PACKAGE_EVENTS and CATALOGUE_EVENTS only)
+
+
+def changed_keys(conn: sqlite3.Connection, after: int) -> Changes:
     """What was folded after event ``position`` ``after``: the position read up to, the keys
     (naming.name_key) of the packages those events touched, and whether one of them may change
     every package's standing (CATALOGUE_EVENTS). Positions are given in commit order by the one
@@ -268,14 +277,15 @@ def changed_keys(conn: sqlite3.Connection, after: int) -> tuple[int, set[str], b
     A position below ``after`` means the read model was rebuilt: the caller starts over."""
     upto = last_position(conn)
     keys: set[str] = set()
-    everything = False
+    types: set[str] = set()
     for type_, subject in conn.execute(
             "SELECT type, subject_name FROM events WHERE position > ? AND position <= ?", (after, upto)):
         if type_ in PACKAGE_EVENTS:
             keys.add(name_key(subject))
+            types.add(type_)
         elif type_ in CATALOGUE_EVENTS:
-            everything = True
-    return upto, keys, everything
+            types.add(type_)
+    return Changes(upto, keys, bool(types & set(CATALOGUE_EVENTS)), types)
 
 
 def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str],

@@ -165,7 +165,9 @@ class Replicator:
             self._kick.clear()
 
     async def reconcile(self) -> None:
-        upto, keys, everything = views.changed_keys(self.reader, self._cursor)
+        upto, keys, everything, types = views.changed_keys(self.reader, self._cursor)
+        if "PackageUrgencySet" in types and self.bandwidth is not None:
+            self.bandwidth.refresh()  # its choices are cached: the urgent lane must see this one now
         now = time.monotonic()
         if everything or upto < self._cursor or now - self._full_at >= FULL_PASS_S:
             await self._full_pass(upto)

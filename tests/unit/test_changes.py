@@ -32,16 +32,17 @@ def test_changed_keys_names_what_was_folded_after_the_cursor(tmp_path):
     fold_all.done = 0
 
     fold_all()
-    start, keys, everything = views.changed_keys(conn, 0)
+    start, keys, everything, _ = views.changed_keys(conn, 0)
     assert keys == {"old.pkg"} and everything  # SiteFounded: a new site's log concerns every package
-    assert views.changed_keys(conn, start) == (start, set(), False)  # nothing since
+    assert views.changed_keys(conn, start) == (start, set(), False, set())  # nothing since
 
     upload(log, "New.PKG", 1)
     log.append(ev.PackageStaged(name="old.pkg", stage="test"))  # another spelling of Old.pkg
     log.append(ev.TokenCreated(token_id="t1", name="ci", role="uploader", token_sha256="0" * 64))
     fold_all()
-    upto, keys, everything = views.changed_keys(conn, start)
+    upto, keys, everything, types = views.changed_keys(conn, start)
     assert upto > start and keys == {"new.pkg", "old.pkg"} and not everything
+    assert types == {"PackageUploaded", "PackageStaged"}  # TokenCreated concerns no package
 
     # the keyed views answer for the changed packages only
     wanted = views.wanted(conn, here, ["prod"], keys=sorted(keys))
@@ -54,7 +55,7 @@ def test_changed_keys_names_what_was_folded_after_the_cursor(tmp_path):
     log.append(ev.PackageDeleted(name="Old.pkg", blake3="b0"))
     log.append(ev.StagesAccepted(stages=["prod"]))
     fold_all()
-    after, keys, everything = views.changed_keys(conn, upto)
+    after, keys, everything, _ = views.changed_keys(conn, upto)
     assert keys == {"old.pkg"} and everything
     assert views.live_keys(conn, ["old.pkg", "new.pkg"]) == {"new.pkg"}
     assert views.changed_keys(conn, after + 100)[0] == after  # a cursor past the end: rebuilt
