@@ -15,6 +15,8 @@ import re
 import time
 from urllib.parse import quote
 
+import msgspec
+
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
 from odst.projections import views
@@ -123,7 +125,7 @@ def make_download_app(site, prefixes: list[str]):
         accel = _accel_location(headers)
         if accel:  # nginx in front sends the file, which the store names by key (Store.path)
             await send({"type": "http.response.start", "status": 200, "headers": _headers([
-                ("x-accel-redirect", accel + quote(row["key"])),
+                ("x-accel-redirect", accel + quote(row.key)),
                 ("content-type", "application/octet-stream"), ("content-length", "0")])})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -141,25 +143,26 @@ def make_download_app(site, prefixes: list[str]):
     return app
 
 
-def _opened(reader, name: str, fd: int, row) -> dict:
+def _opened(reader, name: str, fd: int, row: views.ServedContent) -> views.ServedContent:
     """What the opened file holds, by the content label on its inode: a replacement may have
     swapped the name to a new file since the read model was asked (or the read model may
     already name the new content while this file is still the old one), and the ETag must be
     the one of these bytes. A swapped-in upload not yet in the read model is named from the
     file itself (its label, and its mtime for Last-Modified)."""
     labelled = content_tag(fd)
-    if labelled is None or labelled == row["blake3"]:
+    if labelled is None or labelled == row.blake3:
         return row
     known = views.served_content(reader, name, labelled)
     if known is not None:
         return known
-    return {"blake3": labelled, "uploaded_at": int(os.fstat(fd).st_mtime * 1000)}
+    # (only blake3 and uploaded_at name a response: _serve takes the size from the file)
+    return msgspec.structs.replace(row, blake3=labelled, uploaded_at=int(os.fstat(fd).st_mtime * 1000))
 
 
-async def _serve(fd: int, row, method: str, headers: dict[bytes, bytes], receive, send) -> None:
+async def _serve(fd: int, row: views.ServedContent, method: str, headers: dict[bytes, bytes], receive, send) -> None:
     size = os.fstat(fd).st_size
-    etag = f'"{row["blake3"]}"'
-    modified_s = min(row["uploaded_at"] // 1000, int(time.time()))  # never later than Date
+    etag = f'"{row.blake3}"'
+    modified_s = min(row.uploaded_at // 1000, int(time.time()))  # never later than Date
     common = [("accept-ranges", "bytes"), ("etag", etag),
               ("last-modified", http_date(modified_s)),
               ("content-type", "application/octet-stream")]

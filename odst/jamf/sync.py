@@ -61,8 +61,8 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
     match what a Mac gets from every counting site, so it moves only after the last swap."""
     sites = {site: stage in own_stages}
     for p in views.peer_sites(conn, site):
-        chosen = p["accepted_stages"]
-        sites[p["site"]] = chosen is None or stage in chosen
+        chosen = p.accepted_stages
+        sites[p.site] = chosen is None or stage in chosen
     required = {s for s, replicates in sites.items() if replicates}
     out = []
     for row in conn.execute("SELECT * FROM packages WHERE stage=? ORDER BY name", (stage,)).fetchall():
@@ -248,10 +248,10 @@ class JamfService:
         if site == self.d.site_id:
             name, url = s.site_name or site[:12], s.base_url
         else:
-            peer = next((p for p in views.peer_sites(self.d.reader, self.d.site_id) if p["site"] == site), None)
-            if peer is None or not peer["http_url"]:
+            peer = next((p for p in views.peer_sites(self.d.reader, self.d.site_id) if p.site == site), None)
+            if peer is None or not peer.http_url:
                 raise JamfError(f"site {site} is not a known peer with a public URL")
-            name, url = peer["name"] or site[:12], peer["http_url"]
+            name, url = peer.name or site[:12], peer.http_url
         user = s.download_user if s.download_auth == "basic" else ""
         password = s.download_password if s.download_auth == "basic" else ""
         return DistributionPoint(name=f"ODST {name}", public_url=url, context=s.context,
@@ -261,7 +261,7 @@ class JamfService:
     def site_ids(self, all_sites: bool) -> list[str]:
         ids = [self.d.site_id]
         if all_sites:
-            ids += [p["site"] for p in views.peer_sites(self.d.reader, self.d.site_id) if p["http_url"]]
+            ids += [p.site for p in views.peer_sites(self.d.reader, self.d.site_id) if p.http_url]
         return ids
 
     def resolve_site(self, ref: str) -> str:
@@ -269,8 +269,8 @@ class JamfService:
         if ref in (self.d.site_id, self.d.settings.site_name):
             return self.d.site_id
         for p in views.peer_sites(self.d.reader, self.d.site_id):
-            if ref in (p["site"], p["name"]):
-                return p["site"]
+            if ref in (p.site, p.name):
+                return p.site
         raise JamfError(f"no site {ref!r}: name a site of the Network page")
 
     async def register_dps(self, *, all_sites: bool = False, failover: str = "") -> list[dict]:

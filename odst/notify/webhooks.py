@@ -77,7 +77,7 @@ class WebhookSender:
         did, hook_id = job["delivery_id"], job["webhook_id"]
         attempt = msg.metadata.num_delivered
         hook = views.webhook(self.reader, hook_id)
-        if hook is None or hook["removed_at"] is not None:
+        if hook is None or hook.removed_at is not None:
             self.ledger.attempted(did, status="cancelled", attempts=attempt - 1, http_status=None,
                                   error="webhook removed")
             await msg.term()

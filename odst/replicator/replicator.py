@@ -262,7 +262,7 @@ class Replicator:
             return []
         grace_ms = self.settings.withdraw_grace_s * 1000
         chosen = views.site_setting(self.reader, "accepted_stages")
-        changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
+        changed_ms = max(self._started_ms, chosen.updated_at if chosen else 0)
         now_ms = int(time.time() * 1000)
         withdrawn = []
         for row in rows:
@@ -299,9 +299,9 @@ class Replicator:
             if store.is_publishing(key) or store.path(key).exists():
                 continue
             pkg = views.package(reader, key)
-            if pkg is None or pkg["blake3"] != blake3:
+            if pkg is None or pkg.blake3 != blake3:
                 continue  # a conflict loser being replaced: the pull in progress owns it
-            name = pkg["name"]
+            name = pkg.name
             if (name, blake3) in self.tasks:
                 continue
             log.warning("stored package missing; pulling it again from peers", package=name)
@@ -317,10 +317,10 @@ class Replicator:
         return missing
 
     def _sources(self, sites: list[str]) -> list[tuple]:
-        peers = {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+        peers = {p.site: p.http_url for p in views.peer_sites(self.reader, self.site_id)}
         out = []
         for sid in sites:
-            url = peers.get(sid, {}).get("http_url", "")
+            url = peers.get(sid, "")
             if url:
                 out.append((HttpChunkSource(sid, url, self.key, self.http), HTTP_BASE_COST))
             out.append((NatsChunkSource(sid, self.nc, self.key), NATS_BASE_COST))
@@ -392,7 +392,7 @@ class Replicator:
 
     async def _publish(self, want: Want, path) -> bool:
         current = views.package(self.reader, want.name)
-        if current is None or current["blake3"] != want.blake3:
+        if current is None or current.blake3 != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
             return False

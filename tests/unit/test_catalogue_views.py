@@ -34,11 +34,11 @@ def model(tmp_path):
 def test_a_page_of_packages_has_no_chunk_hashes_unless_asked(model):
     conn, site = model
     rows = views.packages(conn, limit=2)
-    assert [r["name"] for r in rows] == ["A.pkg", "b.pkg"]  # binary order: upper case first
-    assert all("chunks" not in r for r in rows) and [r["chunk_count"] for r in rows] == [2, 1]
-    assert rows[0]["availability"][site]["status"] == "available"
-    assert [r["name"] for r in views.packages(conn, limit=2, offset=2)] == ["c.dmg"]
-    assert views.packages(conn, names=["c.dmg"], chunks=True)[0]["chunks"] == ["c2"] * 3
+    assert [r.name for r in rows] == ["A.pkg", "b.pkg"]  # binary order: upper case first
+    assert all(not hasattr(r, "chunks") for r in rows) and [r.chunk_count for r in rows] == [2, 1]
+    assert rows[0].availability[site].status == "available"
+    assert [r.name for r in views.packages(conn, limit=2, offset=2)] == ["c.dmg"]
+    assert views.packages(conn, names=["c.dmg"], chunks=True)[0].chunks == ["c2"] * 3
     assert views.package_count(conn) == 3 and views.package_count(conn, stage="prod") == 2
     assert views.package_count(conn, q="PKG") == 2
 
@@ -49,7 +49,7 @@ def test_a_page_of_packages_has_no_chunk_hashes_unless_asked(model):
 ])
 def test_sort_orders_break_ties_by_name_in_the_same_direction(model, sort, descending, expected):
     conn, _ = model
-    assert [r["name"] for r in views.packages(conn, sort=sort, descending=descending)] == expected
+    assert [r.name for r in views.packages(conn, sort=sort, descending=descending)] == expected
 
 
 def test_an_unknown_sort_column_is_refused_not_interpolated(model):
@@ -59,7 +59,7 @@ def test_an_unknown_sort_column_is_refused_not_interpolated(model):
 
 def test_the_last_rename_is_the_name(model):
     conn, site = model
-    assert views.site_names(conn)[site]["name"] == "Berlin office"
+    assert views.site_names(conn)[site].name == "Berlin office"
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "x" * 101, "two\nlines", "tab\there", "nul\x00", "c1\x85c1", "rtl\u202eoverride"])
