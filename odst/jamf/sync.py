@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import structlog
 
+from odst import tasks
 from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.jamf.client import JamfClient, JamfError, credentials
@@ -491,9 +492,7 @@ class JamfService:
         return self
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
         if self.client:
             await self.client.close()
 

@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from nats.js import api
 
-from odst import __version__
+from odst import __version__, tasks
 from odst.bus.service import consume
 from odst.bus.streams import ensure_stream
 from odst.config import Settings
@@ -63,9 +63,7 @@ class WebhookSender:
         self._workers = [asyncio.create_task(self._work(), name=f"webhook-worker-{i}") for i in range(WORKERS)]
 
     async def stop(self) -> None:
-        for t in self._workers:
-            t.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await tasks.cancel(*self._workers)
         if self.http is not None:
             await self.http.close()
 
