@@ -95,7 +95,7 @@ class WebhookSender:
                    DELIVERY_HEADER: did, "X-ODST-Event": job["type"]}
         status, error = None, ""
         try:
-            async with self.http.post(hook["url"], data=raw, headers=headers, allow_redirects=False) as r:
+            async with self.http.post(hook.url, data=raw, headers=headers, allow_redirects=False) as r:
                 status = r.status
                 if not 200 <= status < 300:
                     error = f"HTTP {status}: {(await r.text(errors='replace'))[:200]}"

@@ -84,9 +84,9 @@ def test_projection_one_active_credential_per_name_own_site_only(tmp_path):
     assert [(u.name, u.nkey) for u in views.nats_subscribers(live)] == [("other", public_key_of_seed(seeds[2]))]
     rows = {c.credential_id: c for c in views.nats_credentials(live)}
     assert set(rows) == {"c1", "c3", "c4"}  # c2 (name taken) and c5 (key reused) never applied
-    assert rows["c1"]["revoked_at"] and rows["c1"]["revoked_by"] == "t"
-    assert rows["c3"]["revoked_at"] is None and rows["c3"]["created_by"] == "t"
-    assert rows["c4"]["revoked_at"] == _ts(log.msgs[-3])  # the first revocation stands
+    assert rows["c1"].revoked_at and rows["c1"].revoked_by == "t"
+    assert rows["c3"].revoked_at is None and rows["c3"].created_by == "t"
+    assert rows["c4"].revoked_at == _ts(log.msgs[-3])  # the first revocation stands
     assert [c.credential_id for c in views.nats_credentials(live, include_revoked=False)] == ["c3"]
     dump = json.dumps(apply.dump(live), default=str)
     assert not any(s in dump for s in seeds)  # public keys only
@@ -135,7 +135,7 @@ def test_admin_api_creates_lists_and_revokes_only_for_admins(make_site):
     events = admin.get("/api/v1/events", params={"type": "NatsCredentialCreated"}).json()["events"]
     assert len(events) == 1 and made["seed"] not in json.dumps(events)
     assert events[0]["envelope"]["event"]["nkey"] == made["nkey"]
-    assert [(c.credential_id, c.name, c.role, c.nkey, c.created_by, c.revoked_at)
+    assert [(c["credential_id"], c["name"], c["role"], c["nkey"], c["created_by"], c["revoked_at"])
             for c in listed] == [(made["credential_id"], "jamf-sync", "subscriber", made["nkey"],
                                   events[0]["actor"], None)]
     assert made["seed"] not in json.dumps(listed)
@@ -195,7 +195,7 @@ def test_cli_add_list_revoke(make_site, tmp_path):
     assert "inbox_prefix='_INBOX_reporting'" in p.stdout and "--inbox-prefix _INBOX_reporting" in p.stdout
     assert "durable='reporting'" in p.stdout and "ordered_consumer" not in p.stdout
     info = site.client().get("/api/v1/credentials").json()["credentials"]
-    assert [(c.name, c.nkey) for c in info] == [("reporting", public_key_of_seed(seed))]
+    assert [(c["name"], c["nkey"]) for c in info] == [("reporting", public_key_of_seed(seed))]
 
     # never overwrites a seed file; nothing is created then
     p = odst("credentials", "add", "--role", "subscriber", "reporting2", "--out", str(seed_file))
@@ -218,7 +218,7 @@ def test_cli_add_list_revoke(make_site, tmp_path):
     p = odst("credentials", "revoke", "reporting")
     assert p.returncode == 2 and "no active credential" in p.stderr
     listed = json.loads(odst("credentials", "list", "--json").stdout)["credentials"]
-    assert all(c.revoked_at for c in listed)
+    assert all(c["revoked_at"] for c in listed)
 
 
 # ---------------------------------------------------------------- on the broker itself
@@ -649,7 +649,7 @@ def test_the_settings_page_creates_shows_once_and_revokes_a_subscriber(make_site
     expect(row).to_contain_text("by ")
     with site.client() as c:
         listed = c.get("/api/v1/credentials").json()["credentials"]
-    assert [(x.name, x.nkey) for x in listed] == [("jamf-sync", public_key_of_seed(seed))]
+    assert [(x["name"], x["nkey"]) for x in listed] == [("jamf-sync", public_key_of_seed(seed))]
     assert accessibility_problems(page) == []
     shot(page, "1-created")
 
