@@ -274,18 +274,18 @@ async def _adopt_spellings(store, reader, site_id: str, append) -> None:
         if (await asyncio.to_thread(hash_file, store.path(key))).blake3 != blake3:
             continue  # the file holds another content (pulled over this one): the replicator pulls it again
         pkg = views.package(reader, key)
-        if pkg is None or pkg["blake3"] != blake3:
+        if pkg is None or pkg.blake3 != blake3:
             continue
         try:
             await append(ev.PackageAvailable(
-                name=pkg["name"], size=pkg["size"], sha1=pkg["sha1"], sha512=pkg["sha512"], blake3=blake3,
-                chunk_size=pkg["chunk_size"], chunks=list(pkg["chunks"]), stage=pkg["stage"],
-                origin=pkg["origin"], uploaded_ts=pkg["uploaded_at"], uploaded_by=pkg["uploaded_by"]),
+                name=pkg.name, size=pkg.size, sha1=pkg.sha1, sha512=pkg.sha512, blake3=blake3,
+                chunk_size=pkg.chunk_size, chunks=list(pkg.chunks), stage=pkg.stage,
+                origin=pkg.origin, uploaded_ts=pkg.uploaded_at, uploaded_by=pkg.uploaded_by),
                 actor="system")
         except AppendFailed as exc:  # served as before; the next start tries again
-            log.warning("could not record the package file kept", package=pkg["name"], error=str(exc))
+            log.warning("could not record the package file kept", package=pkg.name, error=str(exc))
             continue
-        log.warning("package file kept under the key of its name", package=pkg["name"])
+        log.warning("package file kept under the key of its name", package=pkg.name)
 
 
 async def _bootstrap_admin_token(site: Site) -> None:

@@ -31,6 +31,8 @@ import re
 import time
 from urllib.parse import quote
 
+import msgspec
+
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
 from odst.projections import views
@@ -254,16 +256,16 @@ class Downloads:
         already name the new content while this file is still the old one), and the ETag must be
         the one of these bytes. A swapped-in upload not yet in the read model is named from the
         file itself (its label, and its mtime for Last-Modified)."""
-        key = (self._version, row["blake3"], row["uploaded_at"])  # served_content may change too
+        key = (self._version, row.blake3, row.uploaded_at)  # served_content may change too
         label = file.labels.get(key)
         if label is not None and (label.until is None or time.time() < label.until):
             return label
         labelled = file.tag
-        if labelled is None or labelled == row["blake3"]:
-            label = _Label(row["blake3"], row["uploaded_at"], file.size)
+        if labelled is None or labelled == row.blake3:
+            label = _Label(row.blake3, row.uploaded_at, file.size)
         else:
             known = views.served_content(self.site.reader, name, labelled)
-            label = _Label(labelled, known["uploaded_at"] if known is not None else file.mtime_ms, file.size)
+            label = _Label(labelled, known.uploaded_at if known is not None else file.mtime_ms, file.size)
         if len(file.labels) >= 8:  # older read-model versions
             file.labels.clear()
         file.labels[key] = label
@@ -304,7 +306,7 @@ class Downloads:
         if accel:  # nginx in front sends the file, which the store names by key (Store.path)
             stats.downloads[200] += 1
             await send({"type": "http.response.start", "status": 200, "headers": _headers([
-                ("x-accel-redirect", accel + quote(answer.row["key"])),
+                ("x-accel-redirect", accel + quote(answer.row.key)),
                 ("content-type", "application/octet-stream"), ("content-length", "0")])})
             await send({"type": "http.response.body", "body": b""})
             return

@@ -85,18 +85,18 @@ def _strict(request: Request) -> str:
     return name_in_path(request.scope, PackageController.path + "/")
 
 
-def _with_local_transfer(site: GatewayContext, pkg: dict) -> dict:
+def _with_local_transfer(site: GatewayContext, pkg: views.Package | views.PackageRow):
     """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
-    here = pkg["availability"].get(site.id)
-    if site.replicator is None or (here and here["status"] == "available"):
+    here = pkg.availability.get(site.id)
+    if site.replicator is None or (here and here.status == "available"):
         return pkg
-    progress = site.replicator.progress.get((pkg["name"], pkg["blake3"]))
+    progress = site.replicator.progress.get((pkg.name, pkg.blake3))
     if progress is not None and progress.status != "available":
         t = progress.as_dict()
-        pkg["availability"][site.id] = {"status": t["status"], "detail": t["detail"],
-                                        "chunks_done": t["chunks_done"], "chunks_total": t["chunks_total"],
-                                        "rate_bytes_per_s": t["rate_bytes_per_s"],
-                                        "updated_at": here["updated_at"] if here else None}
+        now = views.Availability(status=t["status"], detail=t["detail"], chunks_done=t["chunks_done"],
+                                 chunks_total=t["chunks_total"], rate_bytes_per_s=t["rate_bytes_per_s"],
+                                 updated_at=here.updated_at if here else None)
+        pkg = msgspec.structs.replace(pkg, availability={**pkg.availability, site.id: now})
     return pkg
 
 
@@ -107,7 +107,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
     async with _lock_for(name):
         served = views.servable(site.reader, name, site.id)
         decision = uploads.accept_replace(name, stage, site.settings.default_stage, manifest,
-                                          views.package(site.reader, name), served["blake3"] if served else None)
+                                          views.package(site.reader, name), served.blake3 if served else None)
         if isinstance(decision, uploads.Identical):
             path.unlink(missing_ok=True)
             site.stats.uploads["identical"] += 1
@@ -264,11 +264,11 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            if change.stage is not None and change.stage != pkg["stage"]:
+            if change.stage is not None and change.stage != pkg.stage:
                 if change.stage not in site.settings.stages:
                     raise StageInvalid(f"unknown stage {change.stage!r}; allowed: "
                                        f"{', '.join(site.settings.stages)}")
-                await site.append(ev.PackageStaged(name=pkg["name"], stage=change.stage, previous=pkg["stage"]),
+                await site.append(ev.PackageStaged(name=pkg.name, stage=change.stage, previous=pkg.stage),
                                   actor=request.state.actor)
         return views.package(site.reader, name)
 
@@ -280,8 +280,8 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            await site.append(ev.PackageDeleted(name=pkg["name"], blake3=pkg["blake3"]), actor=request.state.actor)
+            await site.append(ev.PackageDeleted(name=pkg.name, blake3=pkg.blake3), actor=request.state.actor)
             site.store.remove(name)
-        log.info("package deleted", package=pkg["name"])
-        return {"deleted": pkg["name"], "blake3": pkg["blake3"]}
+        log.info("package deleted", package=pkg.name)
+        return {"deleted": pkg.name, "blake3": pkg.blake3}
 

@@ -63,20 +63,20 @@ class PeerController(Controller):
     @get("/peers", operation_id="listPeers", opt={"roles": READ})
     async def list_peers(self, request: Request) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
-        peers = views.peer_sites(site.reader, site.id)
-        for p in peers:
-            p["link"] = await site.linker.status(p["site"])
-            p["bad_chunks"] = site.replicator.bad_chunks.get(p["site"], 0) if site.replicator else 0
+        peers = [msgspec.to_builtins(p) | {
+            "link": await site.linker.status(p.site),
+            "bad_chunks": site.replicator.bad_chunks.get(p.site, 0) if site.replicator else 0}
+            for p in views.peer_sites(site.reader, site.id)]
         return {"site": site.id, "peers": peers, "removed": views.removed_peers(site.reader)}
 
     @delete("/peers/{peer:str}", operation_id="removePeer", opt={"roles": ADMIN}, status_code=200)
     async def remove_peer(self, request: Request, peer: str) -> dict[str, Any]:
         """Stop trusting a peer: its events after the last one seen here are ignored."""
         site: GatewayContext = request.app.state.site
-        if not any(p["site"] == peer for p in views.peer_sites(site.reader, site.id)):
+        if not any(p.site == peer for p in views.peer_sites(site.reader, site.id)):
             raise NotFound(f"no peer {peer!r}")
         chain = views.site_chain(site.reader, peer)
-        upto = chain["last_seq"] if chain else 0
+        upto = chain.last_seq if chain else 0
         await site.append(ev.PeerRemoved(site=peer, upto_seq=upto), actor=request.state.actor)
         return {"removed": peer, "upto_seq": upto}
 
@@ -104,7 +104,7 @@ class PeerController(Controller):
         replicated = views.replicated_state(site.reader)
         conflicts = views.conflicts(site.reader)
         return {"site": site.id,
-                "digest": state_digest([replicated, [[c["name"], c["blake3"], c["winner"]] for c in conflicts]]),
+                "digest": state_digest([replicated, [[c.name, c.blake3, c.winner] for c in conflicts]]),
                 "packages": [{"name": n, "blake3": b, "stage": s, "available_at": sites}
                              for n, b, s, sites in replicated],
                 "transfers": site.replicator.transfers() if site.replicator else [],

@@ -39,7 +39,7 @@ from odst.naming import name_key
 from odst.store.files import PACKAGE_MODE, PackageStore, Store
 from odst.store.hashing import manifest_of
 from odst.store.hashing import CHUNK_SIZE
-from tests.conftest import SiteProcess, free_port, site_nats, write_random
+from tests.conftest import SiteProcess, free_port, open_log, site_nats, write_random
 from tests.sources import MemorySource
 from tests.system.test_replication import register, site_id, upload
 
@@ -463,10 +463,7 @@ class Projection:
 
 @contextlib.asynccontextmanager
 async def folding(url: str, key: SiteKey, db: Path) -> AsyncIterator[tuple[EventLog, Projector]]:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    log = EventLog(js, key)
-    await log.ensure_stream()
+    nc, js, log = await open_log(url, key)
     writer = Projector(js, db, {key.site_id: key.public_key}, [EVENTS_STREAM])
     writer.start()
     founded = await log.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="C"),
