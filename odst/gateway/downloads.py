@@ -31,8 +31,6 @@ import re
 import time
 from urllib.parse import quote
 
-import msgspec
-
 from odst.errors import OdstError, PackageNameInvalid
 from odst.naming import check_name, request_path
 from odst.projections import views
@@ -88,6 +86,18 @@ def _accel_location(headers: dict[bytes, bytes]) -> str | None:
     that sends the header itself straight to the gateway only gets that answer back."""
     value = headers.get(b"x-odst-accel-redirect", b"").decode("latin-1")
     return value if _ACCEL.fullmatch(value) else None
+
+
+def content_named(reader, name: str, labelled: str | None, row: views.ServedContent,
+                  mtime_ms: int) -> tuple[str, int]:
+    """(blake3, uploaded_at ms) of the bytes an opened file holds, by its content label
+    (``labelled``, ``store.files.content_tag``): the read model's ``row`` unless the label names
+    other content, which is then looked up; a swapped-in upload not yet folded is named from its
+    label and ``mtime_ms``."""
+    if labelled is None or labelled == row.blake3:
+        return row.blake3, row.uploaded_at
+    known = views.served_content(reader, name, labelled)
+    return labelled, (known.uploaded_at if known is not None else mtime_ms)
 
 
 class _Answer:
@@ -260,12 +270,8 @@ class Downloads:
         label = file.labels.get(key)
         if label is not None and (label.until is None or time.time() < label.until):
             return label
-        labelled = file.tag
-        if labelled is None or labelled == row.blake3:
-            label = _Label(row.blake3, row.uploaded_at, file.size)
-        else:
-            known = views.served_content(self.site.reader, name, labelled)
-            label = _Label(labelled, known.uploaded_at if known is not None else file.mtime_ms, file.size)
+        blake3, uploaded_at = content_named(self.site.reader, name, file.tag, row, file.mtime_ms)
+        label = _Label(blake3, uploaded_at, file.size)
         if len(file.labels) >= 8:  # older read-model versions
             file.labels.clear()
         file.labels[key] = label

@@ -233,8 +233,8 @@ def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_
     disagree: the label on the opened inode decides the ETag (odst.gateway.downloads)."""
     import os
 
-    from odst.gateway.downloads import _opened
-    from odst.store.files import Store, tag
+    from odst.gateway.downloads import content_named
+    from odst.store.files import Store, content_tag, tag
 
     s = Sites(tmp_path, 1)
     (a,) = s.logs
@@ -253,7 +253,7 @@ def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_
         store.replace(temp, "x.pkg")
         fd = os.open(store.path("x.pkg"), os.O_RDONLY)
         try:
-            assert _opened(conn, "x.pkg", fd, guess).blake3 == expect
+            assert content_named(conn, "x.pkg", content_tag(fd), guess, 0)[0] == expect
         finally:
             os.close(fd)
     # a label survives the swap into packages/, and swap_back restores the previous file
