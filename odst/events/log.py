@@ -29,6 +29,7 @@ log = structlog.get_logger("odst.events")
 
 EVENTS_STREAM = "EVENTS"
 WRONG_LAST_SEQUENCE = 10071
+WRONG_LAST_MSG_ID = 10070
 ALL_EVENTS_FILTER = "odst.*.ev.>"
 
 # The largest message an event stream takes (JetStream ``max_msg_size``) and the projector
@@ -284,6 +285,71 @@ class EventLog:
                 self._head = (ack.seq, envelope.seq, codec.chain_hash(payload))
                 return Appended(ack.seq, envelope, payload)
         raise AppendFailed("too many concurrent writers; gave up re-chaining")
+
+
+    async def append_many(self, events: list[Event], *, actor: str) -> list[Appended | AppendFailed]:
+        """Append several events in one round trip: chained one after another as ``append``
+        would (same envelopes, same signatures), published together, then their acks awaited.
+
+        The first carries ``Nats-Expected-Last-Sequence`` (the head); each later one also
+        ``Nats-Expected-Last-Msg-Id`` = the event id before it, so if another writer gets in
+        anywhere in the run, every event after that point is refused rather than chained onto
+        the wrong predecessor. Those (and any refused for contention) are appended one by one
+        with ``append``. Returns, per event in order, its ``Appended`` or the ``AppendFailed``."""
+        if self.refusal:
+            raise LogDamaged(f"writes are refused: {self.refusal}")
+        if len(events) <= 1:
+            out: list[Appended | AppendFailed] = []
+            for event in events:
+                try:
+                    out.append(await self.append(event, actor=actor))
+                except AppendFailed as exc:
+                    out.append(exc)
+            return out
+        results: list[Appended | AppendFailed | None] = [None] * len(events)
+        async with self._lock:
+            if self._head is None:
+                try:
+                    self._head = await self.head()
+                except nats.errors.Error as exc:
+                    raise AppendFailed(f"broker unavailable: {exc!r}") from exc
+            last_seq, env_seq, last_hash = self._head
+            sealed, previous_id = [], None
+            for i, event in enumerate(events):
+                envelope = codec.Envelope(id=codec.new_event_id(), origin=self.site, seq=env_seq + 1 + i,
+                                          prev=last_hash, ts=codec.now_ms(), actor=actor, event=event)
+                payload = codec.seal(envelope, self.key)
+                if len(payload) > EVENT_MAX_BYTES:
+                    raise AppendFailed(f"the {type(event).__name__} event is {len(payload)} bytes, over the "
+                                       f"event size cap of {EVENT_MAX_BYTES} bytes")
+                headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Sequence": str(last_seq + i)}
+                if previous_id is not None:
+                    headers["Nats-Expected-Last-Msg-Id"] = previous_id
+                sealed.append((envelope, payload, headers))
+                last_hash, previous_id = codec.chain_hash(payload), envelope.id
+            acks = await asyncio.gather(*(
+                self.js.publish(subject_for(self.site, e), payload, stream=self.stream, timeout=10, headers=h)
+                for e, (_, payload, h) in zip(events, sealed)), return_exceptions=True)
+            for i, ((envelope, payload, _), ack) in enumerate(zip(sealed, acks)):
+                if isinstance(ack, nats.js.errors.APIError):
+                    if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
+                        results[i] = AppendFailed(f"broker refused the event: {ack.description}")
+                    # else refused for contention: not stored; appended again below
+                elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
+                    results[i] = AppendFailed(f"broker unavailable: {ack!r}")
+                elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
+                    results[i] = Appended(ack.seq, envelope, payload)
+                else:
+                    results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
+            landed = all(isinstance(r, Appended) for r in results)
+            self._head = (last_seq + len(events), env_seq + len(events), last_hash) if landed else None
+        for i, event in enumerate(events):  # refused for contention: one by one, re-chained
+            if results[i] is None:
+                try:
+                    results[i] = await self.append(event, actor=actor)
+                except AppendFailed as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
 
 
 async def last_seq(js: JetStreamContext, stream: str) -> int:

@@ -18,6 +18,11 @@ class Append(Protocol):
     async def __call__(self, event: ev.Event, *, actor: str, wait: float = 30.0) -> Appended: ...
 
 
+class AppendMany(Protocol):
+    async def __call__(self, events: list[ev.Event], *, actor: str,
+                       wait: float = 30.0) -> list[Appended | AppendFailed]: ...
+
+
 class ConfirmedAppender:
     def __init__(self, events: EventLog, projection: ProjectionStatus, reader: sqlite3.Connection):
         self.events = events
@@ -39,3 +44,27 @@ class ConfirmedAppender:
             raise AppendFailed(f"event {appended.envelope.id} was refused by the projector: "
                                f"{q[0] if q else 'unknown reason'}")
         return appended
+
+    async def append_many(self, events: list[ev.Event], *, actor: str,
+                          wait: float = 30.0) -> list[Appended | AppendFailed]:
+        """Append several events in one round trip (``EventLog.append_many``), then wait once
+        until the read model has applied them all. Per event, its ``Appended`` or the
+        ``AppendFailed`` saying why not (not appended, or refused by the projector)."""
+        results = await self.events.append_many(events, actor=actor)
+        done = [r for r in results if isinstance(r, Appended)]
+        if not done:
+            return results
+        if not await self.projection.wait_for(EVENTS_STREAM, max(r.seq for r in done), timeout=wait):
+            return [AppendFailed(f"event {r.envelope.id} was stored but not applied within {wait}s")
+                    if isinstance(r, Appended) else r for r in results]
+        out: list[Appended | AppendFailed] = []
+        for r in results:
+            if isinstance(r, Appended) and self.reader.execute(
+                    "SELECT 1 FROM events WHERE id=?", (r.envelope.id,)).fetchone() is None:
+                q = self.reader.execute("SELECT reason FROM quarantine WHERE stream=? AND stream_seq=?",
+                                        (EVENTS_STREAM, r.seq)).fetchone()
+                self.events.forget_head()
+                r = AppendFailed(f"event {r.envelope.id} was refused by the projector: "
+                                 f"{q[0] if q else 'unknown reason'}")
+            out.append(r)
+        return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from collections.abc import Collection
+from typing import NamedTuple
 
 from odst.bus.authorization import Subscriber
 from odst.events import codec
@@ -232,27 +234,84 @@ def local_content(conn: sqlite3.Connection, blake3: str, site: str) -> sqlite3.R
         " WHERE c.blake3=? LIMIT 1", (site, blake3)).fetchone()
 
 
-def wanted(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
-    """Current packages in an accepted stage that this site does not serve yet."""
+def _keys_clause(column: str, keys: Collection[str] | None) -> tuple[str, list]:
+    if keys is None:
+        return "", []
+    return f" AND {column} IN ({','.join('?' * len(keys))})", list(keys)
+
+
+def wanted(conn: sqlite3.Connection, site: str, stages: list[str],
+           keys: Collection[str] | None = None) -> list[sqlite3.Row]:
+    """Current packages in an accepted stage that this site does not serve yet; given ``keys``
+    (naming.name_key), only among those (what changed: ``changed_keys``)."""
     marks = ",".join("?" * len(stages))
+    only, args = _keys_clause("p.key", keys)
     return conn.execute(
-        f"SELECT * FROM packages p WHERE p.stage IN ({marks}) AND NOT EXISTS ("  # the view 'serving', unrolled
+        f"SELECT * FROM packages p WHERE p.stage IN ({marks}){only} AND NOT EXISTS ("  # the view 'serving', unrolled
         " SELECT 1 FROM availability a WHERE a.key=p.key AND a.site=? AND a.status='available'"
         " AND a.blake3=p.blake3 AND a.clock = (SELECT max(b.clock) FROM availability b WHERE b.key=p.key"
         " AND b.site=a.site AND b.status IN ('available', 'withdrawn'))) ORDER BY p.uploaded_at, p.name",
-        (*stages, site)).fetchall()
+        (*stages, *args, site)).fetchall()
 
 
-def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str]) -> list[sqlite3.Row]:
+# Events that change what the replicator wants of one package (named by subject_name), and
+# events that may change it for every package (accepted stages, the peers' standing).
+PACKAGE_EVENTS = ("PackageUploaded", "PackageReplaced", "PackageAvailable", "PackageTransferFailed",
+                  "PackageDamaged", "PackageStaged", "PackageWithdrawn", "PackageDeleted", "PackageUrgencySet")
+CATALOGUE_EVENTS = ("StagesAccepted", "PeerRemoved", "PeerRegistered", "SiteFounded")
+
+
+class Changes(NamedTuple):
+    """What was folded after a cursor (``changed_keys``)."""
+    upto: int  # the event position read up to: the next cursor
+    keys: set[str]  # naming.name_key of every package those events touched
+    everything: bool  # one of them may change every package's standing (CATALOGUE_EVENTS)
+    types: set[str]  # the event types among them (PACKAGE_EVENTS and CATALOGUE_EVENTS only)
+
+
+def changed_keys(conn: sqlite3.Connection, after: int) -> Changes:
+    """What was folded after event ``position`` ``after``: the position read up to, the keys
+    (naming.name_key) of the packages those events touched, and whether one of them may change
+    every package's standing (CATALOGUE_EVENTS). Positions are given in commit order by the one
+    writer, so every event up to the returned position is visible to the caller's next query.
+    A position below ``after`` means the read model was rebuilt: the caller starts over."""
+    upto = last_position(conn)
+    keys: set[str] = set()
+    types: set[str] = set()
+    for type_, subject in conn.execute(
+            "SELECT type, subject_name FROM events WHERE position > ? AND position <= ?", (after, upto)):
+        if type_ in PACKAGE_EVENTS:
+            keys.add(name_key(subject))
+            types.add(type_)
+        elif type_ in CATALOGUE_EVENTS:
+            types.add(type_)
+    return Changes(upto, keys, bool(types & set(CATALOGUE_EVENTS)), types)
+
+
+def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str],
+                    keys: Collection[str] | None = None) -> list[sqlite3.Row]:
     """Packages this site serves a content of (view 'serving': the current one, or the one a
     replacement supersedes) whose stage it does not accept: not served here (servable), their
     files withdrawn after the grace period. ``updated_at``: when the
-    package last changed (upload or stage), in ms."""
+    package last changed (upload or stage), in ms. Given ``keys``, only among those."""
     marks = ",".join("?" * len(stages))
+    only, args = _keys_clause("p.key", keys)
     return conn.execute(
         "SELECT p.key, p.name, s.blake3, p.stage, p.updated_at FROM packages p JOIN serving s"
         " ON s.key=p.key AND s.site=?"
-        f" WHERE p.stage NOT IN ({marks}) ORDER BY p.name", (site, *stages)).fetchall()
+        f" WHERE p.stage NOT IN ({marks}){only} ORDER BY p.name", (site, *stages, *args)).fetchall()
+
+
+def current_contents(conn: sqlite3.Connection, names: list[str]) -> dict[str, str]:
+    """key (naming.name_key) -> the content each of the packages ``names`` (any spelling)
+    stands for now; a name with no package is absent."""
+    keys = sorted({name_key(n) for n in names})
+    out: dict[str, str] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        out.update(conn.execute(f"SELECT key, blake3 FROM packages WHERE key IN ({','.join('?' * len(chunk))})",
+                                chunk).fetchall())
+    return out
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
@@ -304,11 +363,16 @@ def replicated_state(conn: sqlite3.Connection) -> list[list]:
             for r in conn.execute("SELECT key, name, blake3, stage FROM packages ORDER BY name")]
 
 
-def file_holders(conn: sqlite3.Connection, site: str) -> dict[str, str]:
+def file_holders(conn: sqlite3.Connection, site: str, *, after: str | None = None,
+                 limit: int | None = None) -> dict[str, str]:
     """key -> blake3 of the content this site has said it holds (serves) under that key (the
     key is also the file's name in the store): the content of its latest report, which the
-    key's one file holds."""
-    return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=?", (site,)).fetchall())
+    key's one file holds. With ``after`` / ``limit``: one page, in key order, of the keys
+    after ``after``."""
+    if after is None and limit is None:
+        return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=?", (site,)).fetchall())
+    return dict(conn.execute("SELECT key, blake3 FROM serving WHERE site=? AND key > ? ORDER BY key LIMIT ?",
+                             (site, after or "", -1 if limit is None else limit)).fetchall())
 
 
 def adoption_targets(conn: sqlite3.Connection, site: str) -> dict[str, str]:
@@ -323,9 +387,11 @@ def adoption_targets(conn: sqlite3.Connection, site: str) -> dict[str, str]:
     return out
 
 
-def live_keys(conn: sqlite3.Connection) -> set[str]:
-    """The keys of every name with live content: the only file names packages/ may hold."""
-    return {r[0] for r in conn.execute("SELECT DISTINCT key FROM live_contents")}
+def live_keys(conn: sqlite3.Connection, keys: Collection[str] | None = None) -> set[str]:
+    """The keys of every name with live content: the only file names packages/ may hold.
+    Given ``keys``, those of them that are live."""
+    only, args = _keys_clause("key", keys)
+    return {r[0] for r in conn.execute(f"SELECT DISTINCT key FROM live_contents WHERE 1=1{only}", args)}
 
 
 def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:

@@ -1,7 +1,11 @@
 """The replicator: make this site hold every current package its stage policy accepts.
 
-Reacts to every change of the read model: removes files of deleted packages,
-and queues a pull for each missing content that some site holds. Workers — in
+Reacts to what changed in the read model (``views.changed_keys``: the packages the
+events folded since the last pass touched), not to the whole catalogue: keeps the
+set of wanted packages in memory, removes files of deleted packages, and queues a
+pull for each missing content that some site holds. A full rescan runs at start, when
+a change may concern every package (accepted stages, peers), and every
+``FULL_PASS_S`` as a safety net. Workers — in
 this process and in any other ``odst replicator`` on the same site — take pulls
 from one JetStream work-queue consumer; a lease in a KV bucket (renewed while
 the pull runs, expiring when its worker dies) makes sure one worker at a time
@@ -13,6 +17,7 @@ Each finished pull records PackageAvailable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -22,18 +27,18 @@ import time
 from collections import Counter
 import sqlite3
 
+import nats.errors
 import nats.js.errors
 from nats.js import api
 
 import structlog
 
-from odst.bus.service import consume
 from odst.config import Settings
 from odst.bus.streams import ensure_key_value, ensure_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SiteKey
-from odst.projections.appender import Append
+from odst.projections.appender import Append, AppendMany
 from odst.naming import name_key
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
@@ -54,6 +59,17 @@ LEASE_BUCKET = "ODST_LEASES"
 DEDUPE_BUCKET_S = 30
 REPORT_EVERY_S = 60.0  # a source's bad chunks of one content are reported at most this often
 MISSING_CHECK_S = 10.0  # how often held files are checked for presence (a stat each)
+MISSING_PAGE = 2000  # held files checked each time (the next ones the next time)
+PASS_MIN_S = 0.1  # passes start at most this often: changes folded meanwhile are taken together
+FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
+KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
+PUBLISH_WINDOW = 256  # work items published before their acks are awaited
+WORK_BATCH = 32  # work items a worker takes at once: its small packages are pulled together
+SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
+
+
+def json_len(chunks: str) -> int:
+    return len(json.loads(chunks))
 
 
 def work_subject(site: str) -> str:
@@ -63,10 +79,12 @@ def work_subject(site: str) -> str:
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
                  append: Append, projection: ProjectionStatus,
-                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None):
+                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None,
+                 append_many: AppendMany | None = None):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
         self.bandwidth = bandwidth  # receive limits per link, timetables, urgency
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
+        self.append_many = append_many  # several PackageAvailable in one round trip (else one by one)
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
@@ -82,10 +100,22 @@ class Replicator:
         self._leases = None
         self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
+        self._missing_after = ""  # the last key the missing-file check looked at
         self._started_ms = int(time.time() * 1000)
         self._kept_alone: set[tuple[str, str]] = set()  # withdrawn here, but no other site holds it
         self._reported: dict[tuple[str, str], float] = {}  # (source, blake3) -> when a ChunkRejected was last recorded
         self._reporting: set[asyncio.Task] = set()
+        # what changed: the read model's event position read up to, the wanted packages
+        # (key -> packages row), keys to look at again on the next pass, and when
+        self._cursor = 0
+        self._full_at = -1e9
+        self._wanted: dict[str, sqlite3.Row] = {}
+        self._dirty: set[str] = set()
+        self._retry: dict[str, float] = {}  # key -> monotonic time to look again (backoff, lease held)
+        self._withdraw_pending: set[str] = set()  # unaccepted here, within the grace period
+        self._retries: dict[str, int] = {}  # key -> times looked at again on a timer (a new work item each)
+        self._queued: set[str] = set()  # wanted keys a work item was queued for
+        self.full_passes = 0  # each logged: tests check that a change is picked up without one
 
     async def start(self) -> None:
         self.http = http_session()
@@ -118,6 +148,7 @@ class Replicator:
 
     async def _loop(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
@@ -129,75 +160,271 @@ class Replicator:
             await asyncio.wait([waiter, kicked], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             kicked.cancel()
+            # coalesce: while events fold back to back (a catch-up), one pass takes many of them
+            await asyncio.sleep(max(0.0, started + PASS_MIN_S - time.monotonic()))
             self._kick.clear()
 
     async def reconcile(self) -> None:
-        self.remove_deleted()
-        await self.withdraw_unaccepted()
-        if time.monotonic() - self._missing_checked >= MISSING_CHECK_S:
-            self._missing_checked = time.monotonic()
-            await self.repull_missing()
+        upto, keys, everything, types = views.changed_keys(self.reader, self._cursor)
+        if "PackageUrgencySet" in types and self.bandwidth is not None:
+            self.bandwidth.refresh()  # its choices are cached: the urgent lane must see this one now
         now = time.monotonic()
-        wanted = views.wanted(self.reader, self.site_id, views.replicated_stages(self.reader, self.settings))
-        wanted_keys = set()
-        for row in wanted:
-            key = (row["name"], row["blake3"])
-            wanted_keys.add(key)
-            if key in self.tasks:
+        if everything or upto < self._cursor or now - self._full_at >= FULL_PASS_S:
+            await self._full_pass(upto)
+        else:
+            self._cursor = upto
+            if keys:
+                await self._changed(keys)
+            elif self._withdraw_pending:
+                await self.withdraw_unaccepted(set(self._withdraw_pending))
+        if now - self._missing_checked >= MISSING_CHECK_S:
+            self._missing_checked = now
+            await self.repull_missing()
+        for key, at in list(self._retry.items()):
+            if at <= now:
+                del self._retry[key]
+                self._dirty.add(key)
+                self._retries[key] = self._retries.get(key, 0) + 1
+        await self._queue_dirty()
+
+    async def _full_pass(self, upto: int) -> None:
+        """Look at every package: at start, when a change may concern all, and as a safety net."""
+        self._cursor, self._full_at = upto, time.monotonic()
+        self.full_passes += 1
+        stages = views.replicated_stages(self.reader, self.settings)
+        wanted = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages)}
+        log.info("replication: full rescan of the catalogue", wanted=len(wanted), passes=self.full_passes)
+        for key, old in self._wanted.items():
+            if key not in wanted or wanted[key]["blake3"] != old["blake3"]:
+                self._forget(old)
+                self._queued.discard(key)
+        self._wanted = wanted
+        if self._queued and await self._queue_busy():
+            # pulls queued before are still on their way: only the others (a safety net that
+            # re-queued a whole catch-up every few minutes would double it)
+            self._dirty |= set(wanted) - self._queued
+        else:
+            self._dirty = set(wanted)
+        self.remove_deleted()
+        self._withdraw_pending.clear()
+        await self.withdraw_unaccepted()
+
+    async def _queue_busy(self) -> bool:
+        """Are work items waiting or being pulled (by any worker of this site)?"""
+        try:
+            info = await self._psub.consumer_info()
+        except Exception:
+            return False  # unknown: queue again (duplicates are dropped when taken)
+        return bool(info.num_pending or info.num_ack_pending)
+
+    async def _changed(self, keys: set[str]) -> None:
+        """Bring the wanted set up to date for the packages whose events were folded since the
+        last pass; remove the files of those no longer live (deleted here or at a peer)."""
+        stages = views.replicated_stages(self.reader, self.settings)
+        ordered = sorted(keys)
+        gone = []
+        for i in range(0, len(ordered), KEYS_PER_QUERY):
+            chunk = ordered[i:i + KEYS_PER_QUERY]
+            rows = {r["key"]: r for r in views.wanted(self.reader, self.site_id, stages, keys=chunk)}
+            live = views.live_keys(self.reader, chunk)
+            for key in chunk:
+                old, row = self._wanted.get(key), rows.get(key)
+                if old is not None and (row is None or row["blake3"] != old["blake3"]):
+                    self._forget(old)
+                if row is None:
+                    self._wanted.pop(key, None)
+                    self._retries.pop(key, None)
+                    self._queued.discard(key)
+                else:
+                    self._wanted[key] = row
+                    self._dirty.add(key)
+                if key not in live:
+                    gone.append(key)
+        for key in gone:
+            if not self.store.is_publishing(key) and self.store.remove(key):
+                log.info("removed a deleted package", package=key)
+        if gone:
+            self._remove_stale_partials()
+        await self.withdraw_unaccepted(keys | self._withdraw_pending)
+
+    def _forget(self, row) -> None:
+        """A package no longer wanted (or wanted with another content): its progress goes."""
+        pair = (row["name"], row["blake3"])
+        if pair not in self.tasks:
+            self.progress.pop(pair, None)
+
+    async def _queue_dirty(self) -> None:
+        """Queue a pull for each wanted package looked at again that some site holds."""
+        now = time.monotonic()
+        dirty, self._dirty = self._dirty, set()
+        items = []
+        for key in sorted(dirty, key=lambda k: (self._wanted[k]["uploaded_at"], self._wanted[k]["name"])
+                          if k in self._wanted else (0, "")):
+            row = self._wanted.get(key)
+            if row is None:
+                continue
+            pair = (row["name"], row["blake3"])
+            if pair in self.tasks:
                 continue
             sources = views.sources(self.reader, row["name"], row["blake3"], self.site_id)
-            progress = self.progress.setdefault(key, Progress(row["name"], row["blake3"],
-                                                              len(json.loads(row["chunks"]))))
-            if not sources:
+            progress = self.progress.setdefault(pair, Progress(row["name"], row["blake3"],
+                                                               json_len(row["chunks"])))
+            if not sources:  # a site that gets it says so in an event: looked at again then
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 continue
-            if now < self.backoff.get(key, (0.0, 0.0))[0]:
+            until = self.backoff.get(pair, (0.0, 0.0))[0]
+            if now < until:
+                self._retry[key] = until
                 continue
             if progress.status != "failed":
                 progress.status, progress.detail = "pending", "queued"
             if self.bandwidth is not None and self.bandwidth.urgent(name=row["name"]):
                 # the urgent lane: not behind pulls that a paused link holds in every worker
-                self.tasks[key] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
+                self.tasks[pair] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
                 continue
-            await self._enqueue(row["name"], row["blake3"], sources)
-        for key in list(self.progress):
-            if key not in wanted_keys and key not in self.tasks:
-                del self.progress[key]
+            items.append((row["name"], row["blake3"], sources))
+        for i in range(0, len(items), PUBLISH_WINDOW):
+            await self._enqueue_many(items[i:i + PUBLISH_WINDOW])
+
+    async def _enqueue_many(self, items: list[tuple[str, str, list[str]]]) -> None:
+        """Queue pulls, published together and then acknowledged together (one round trip for
+        many); the same pull (same sources) is queued at most once per dedupe bucket. A pull
+        that could not be queued is looked at again after a while."""
+        results = await asyncio.gather(*(self._enqueue(*item) for item in items), return_exceptions=True)
+        self._queued.update(name_key(item[0]) for item, r in zip(items, results) if not isinstance(r, Exception))
+        failed = [item for item, r in zip(items, results) if isinstance(r, Exception)]
+        if failed:
+            log.warning("could not queue pulls; retrying", count=len(failed), error=repr(next(
+                r for r in results if isinstance(r, Exception))))
+            again = time.monotonic() + BACKOFF_MIN_S
+            for name, _, _ in failed:
+                self._retry[name_key(name)] = again
 
     async def _enqueue(self, name: str, blake3: str, sources: list[str]) -> None:
-        """Queue a pull; the same pull (same sources) is queued at most once per dedupe bucket."""
+        """Queue a pull. The same pull (same sources, looked at for the same read-model change
+        or retry) is queued at most once per dedupe bucket, by any replicator of the site; a
+        later change of the package (its copy here found damaged, say) queues it again."""
         bucket = int(time.time() // DEDUPE_BUCKET_S)
-        digest = hashlib.sha256(f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}".encode()).hexdigest()[:32]
+        mark = f"{self._cursor}:{self._retries.get(name_key(name), 0)}"
+        digest = hashlib.sha256(
+            f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}\0{mark}".encode()).hexdigest()[:32]
         await self.js.publish(work_subject(self.site_id), json.dumps({"name": name, "blake3": blake3}).encode(),
                                    stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
 
     async def _work(self) -> None:
-        """One worker: take a queued pull, hold its lease while it runs, ack it when done."""
-        async def take_and_ack(msg) -> None:
+        """One worker: take up to WORK_BATCH queued pulls; pull the small packages among them
+        together (``_pull_small``), the big ones one at a time under their own lease; ack each
+        work item when its pull is done or dropped (the broker redelivers what is not acked,
+        and keeps in progress what is waiting here)."""
+        while True:
             try:
-                await self._take(msg)
+                msgs = await self._psub.fetch(WORK_BATCH, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker reconnecting
+                log.warning("replication: fetch failed; retrying", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+                continue
+            held = list(msgs)  # handed back ones (nak) leave it: another worker has them then
+            keepalive = asyncio.create_task(self._keep_in_progress(held))
+            try:
+                await self._take(held)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("replication: handling work items failed")
             finally:
-                try:
-                    await msg.ack()
-                except Exception:
-                    pass  # the broker redelivers; the lease and the read model make that harmless
-        await consume(self._psub, take_and_ack, "replication")
+                keepalive.cancel()
+                await asyncio.gather(keepalive, return_exceptions=True)
+                # the broker redelivers what is not acked; the lease and the read model make that harmless
+                await asyncio.gather(*(m.ack() for m in held), return_exceptions=True)
 
-    async def _take(self, msg) -> None:
-        try:
-            item = json.loads(msg.data)
-            name, blake3 = str(item["name"]), str(item["blake3"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("malformed work item dropped")
+    async def _keep_in_progress(self, msgs) -> None:
+        """Work items taken together stay this worker's while it pulls them."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.gather(*(m.in_progress() for m in msgs), return_exceptions=True)
+
+    async def _take(self, msgs: list) -> None:
+        """The work items still wanted here (and not being pulled here already): small ones
+        pulled together, then the first big one; further big ones are handed back at once
+        (nak, and taken out of ``msgs``) for another worker, so big pulls keep running
+        ``replication_packages`` at a time."""
+        items: dict[tuple[str, str], object] = {}
+        for msg in msgs:
+            try:
+                item = json.loads(msg.data)
+                items.setdefault((str(item["name"]), str(item["blake3"])), msg)
+            except (ValueError, KeyError, TypeError):
+                log.warning("malformed work item dropped")
+        stages = views.replicated_stages(self.reader, self.settings)
+        keys = sorted({name_key(name) for name, _ in items})
+        rows = {(r["name"], r["blake3"]): r for i in range(0, len(keys), KEYS_PER_QUERY)
+                for r in views.wanted(self.reader, self.site_id, stages, keys=keys[i:i + KEYS_PER_QUERY])}
+        small, big = [], []
+        for pair, msg in items.items():
+            row = rows.get(pair)
+            if row is None or pair in self.tasks:
+                continue  # no longer wanted, or already being pulled here
+            (small if row["size"] <= SMALL_BYTES else big).append((row, msg))
+        for _, msg in big[1:]:
+            msgs.remove(msg)
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        if small:
+            await self._pull_small([row for row, _ in small])
+        if big:
+            await self._pull_leased(big[0][0])
+
+    async def _pull_small(self, rows: list) -> None:
+        """Pull several small packages at once: their leases taken together (one round trip),
+        the pulls run side by side, and the PackageAvailable events appended together."""
+        results = await asyncio.gather(*(self._leases.create(r["blake3"], self.owner.encode()) for r in rows),
+                                       return_exceptions=True)
+        leased: dict[str, int] = {}
+        mine = []
+        for row, rev in zip(rows, results):
+            pair = (row["name"], row["blake3"])
+            if isinstance(rev, BaseException) or row["blake3"] in leased or pair in self.tasks:
+                if isinstance(rev, nats.js.errors.KeyWrongLastSequenceError):
+                    # another worker holds the lease; if it dies, the pull is queued again then
+                    self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+                elif isinstance(rev, BaseException):
+                    log.warning("could not take a pull's lease", package=row["name"], error=repr(rev))
+                    self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
+                continue
+            leased[row["blake3"]] = rev
+            self.tasks[pair] = asyncio.current_task()
+            mine.append(row)
+        if not mine:
             return
-        key = (name, blake3)
-        row = self.reader.execute("SELECT * FROM packages WHERE key=? AND blake3=?",
-                                  (name_key(name), blake3)).fetchone()
-        if row is None or key in self.tasks or (name, blake3) not in {
-                (r["name"], r["blake3"]) for r in views.wanted(self.reader, self.site_id,
-                                                               views.replicated_stages(self.reader, self.settings))}:
-            return  # no longer wanted, or already being pulled here
-        await self._pull_leased(row, msg)
+        heartbeat = asyncio.create_task(self._renew_leases(leased))
+        try:
+            peers = self._peers()  # once for the batch
+            fetched = [f for f in await asyncio.gather(*(self._fetch(row, peers) for row in mine)) if f is not None]
+            if fetched:
+                await self._publish_many(fetched)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.gather(*(self._leases.delete(b) for b in leased), return_exceptions=True)
+            for row in mine:
+                self.tasks.pop((row["name"], row["blake3"]), None)
+            self.kick()
+
+    async def _renew_leases(self, leased: dict[str, int]) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            blake3s = list(leased)
+            results = await asyncio.gather(*(self._leases.update(b, self.owner.encode(), last=leased[b])
+                                             for b in blake3s), return_exceptions=True)
+            for b, rev in zip(blake3s, results):
+                if isinstance(rev, BaseException):
+                    log.warning("could not renew the pull's lease", package=b, error=f"{type(rev).__name__}")
+                else:
+                    leased[b] = rev
 
     async def _pull_leased(self, row, msg=None) -> None:
         """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
@@ -207,7 +434,9 @@ class Replicator:
         except nats.js.errors.KeyWrongLastSequenceError:
             if self.tasks.get(key) is asyncio.current_task():
                 del self.tasks[key]
-            return  # another worker holds the lease; if it dies, the pull is queued again
+            # another worker holds the lease; if it dies, the pull is queued again then
+            self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+            return
         heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
         self.tasks[key] = asyncio.current_task()
         try:
@@ -242,22 +471,36 @@ class Replicator:
                 continue
             if store.remove(p.name):
                 log.info("removed a deleted package", package=p.name)
-        for p in store.tmp.glob("*.repl"):
+        self._remove_stale_partials()
+
+    def _remove_stale_partials(self) -> None:
+        """Partial pulls of contents deleted since, or held here again, are removed."""
+        for p in self.store.tmp.glob("*.repl"):
             if p.stem not in {k[1] for k in self.tasks} and (
                     not views.content_is_live(self.reader, p.stem)
                     or views.local_content(self.reader, p.stem, self.site_id) is not None):  # held again
                 p.unlink(missing_ok=True)
 
-    async def withdraw_unaccepted(self) -> list[str]:
+    async def withdraw_unaccepted(self, keys: set[str] | None = None) -> list[str]:
         """Held packages whose stage this site no longer accepts (a demotion, or a change of the
         accepted stages) are not served from the moment the read model says so (views.servable);
         their files are removed once ``withdraw_grace_s`` has passed since the later of that
         change and this process's start, and PackageWithdrawn records it, so that a promotion
         pulls the package again. Within the grace period a promotion serves the kept file at
         once. A file no other site holds is kept (not served): removing it would lose the
-        content. Returns the names withdrawn."""
+        content. Given ``keys``, only among those packages (what changed, and those still within
+        their grace period). Returns the names withdrawn."""
         stages = views.replicated_stages(self.reader, self.settings)
-        rows = views.unaccepted_held(self.reader, self.site_id, stages)
+        if keys is not None:
+            self._withdraw_pending -= keys
+            if not keys:
+                return []
+            ordered = sorted(keys)
+            rows = [r for i in range(0, len(ordered), KEYS_PER_QUERY)
+                    for r in views.unaccepted_held(self.reader, self.site_id, stages,
+                                                   keys=ordered[i:i + KEYS_PER_QUERY])]
+        else:
+            rows = views.unaccepted_held(self.reader, self.site_id, stages)
         if not rows:
             return []
         grace_ms = self.settings.withdraw_grace_s * 1000
@@ -265,8 +508,9 @@ class Replicator:
         changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
         now_ms = int(time.time() * 1000)
         withdrawn = []
-        for row in rows:
+        for n, row in enumerate(rows):
             if now_ms - max(changed_ms, row["updated_at"]) < grace_ms or (row["name"], row["blake3"]) in self.tasks:
+                self._withdraw_pending.add(row["key"])  # looked at again on every pass
                 continue
             if not views.sources(self.reader, row["key"], row["blake3"], self.site_id):
                 if (row["key"], row["blake3"]) not in self._kept_alone:
@@ -280,6 +524,7 @@ class Replicator:
                                   actor="replicator")
             except AppendFailed as exc:
                 log.warning("could not record a withdrawal; retrying later", package=row["name"], error=str(exc))
+                self._withdraw_pending.update(r["key"] for r in rows[n:])
                 break
             self._kept_alone.discard((row["key"], row["blake3"]))
             if not self.store.is_publishing(row["key"]):
@@ -292,10 +537,14 @@ class Replicator:
         """Files the log says this site holds but the store lacks (a site restored by
         ``odst recover``, a file removed by hand): record PackageTransferFailed for each, as
         ``odst verify`` does, so peers stop counting on this copy and the package is wanted
-        here again and pulled from the sites that hold it. Returns the names."""
+        here again and pulled from the sites that hold it. Each call looks at one page of
+        MISSING_PAGE held files, the next page on the next call (a bounded cost whatever the
+        catalogue's size). Returns the names."""
         missing = []
         store, reader = self.store, self.reader
-        for key, blake3 in sorted(views.file_holders(reader, self.site_id).items()):
+        page = views.file_holders(reader, self.site_id, after=self._missing_after, limit=MISSING_PAGE)
+        self._missing_after, before = (max(page) if len(page) == MISSING_PAGE else ""), self._missing_after
+        for key, blake3 in sorted(page.items()):
             if store.is_publishing(key) or store.path(key).exists():
                 continue
             pkg = views.package(reader, key)
@@ -311,13 +560,17 @@ class Replicator:
                     actor="replicator")
             except AppendFailed as exc:
                 log.warning("could not record a missing package; retrying later", package=name, error=str(exc))
-                self._missing_checked = -1e9
+                self._missing_checked, self._missing_after = -1e9, before  # this one again, soon
                 break
             missing.append(name)
+            before = key
         return missing
 
-    def _sources(self, sites: list[str]) -> list[tuple]:
-        peers = {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+    def _peers(self) -> dict[str, dict]:
+        return {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+
+    def _sources(self, sites: list[str], peers: dict[str, dict] | None = None) -> list[tuple]:
+        peers = self._peers() if peers is None else peers
         out = []
         for sid in sites:
             url = peers.get(sid, {}).get("http_url", "")
@@ -356,7 +609,9 @@ class Replicator:
             self._reported.pop((event.source, event.blake3), None)
             log.warning("could not record a rejected chunk", peer=event.source, error=str(exc))
 
-    async def _transfer(self, row) -> None:
+    async def _fetch(self, row, peers: dict[str, dict] | None = None) -> tuple[Want, Progress, object] | None:
+        """Pull a content into a verified, fsynced temp file; None if it failed (recorded) or
+        no site holds it now. ``peers``: views.peer_sites by site, if the caller has them."""
         key = (row["name"], row["blake3"])
         want = Want.of(views.manifest(row), name=row["name"], stage=row["stage"], origin=row["origin"],
                        uploaded_ts=row["uploaded_at"], uploaded_by=row["uploaded_by"])
@@ -365,51 +620,119 @@ class Replicator:
             sites = views.sources(self.reader, want.name, want.blake3, self.site_id)
             if not sites:
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
-                return
+                return None
             progress.status, progress.detail = "downloading", ""
             progress.started = time.monotonic()
             progress.bytes = 0
-            puller = Puller(want, self._sources(sites), self.store.tmp,
+            puller = Puller(want, self._sources(sites, peers), self.store.tmp,
                             streams=self.settings.replication_streams, progress=progress,
                             on_bad_source=lambda site, reason, index: self._bad_source(want, site, reason, index),
                             throttle=self._throttle(want, progress))
             log.info("pulling package", package=want.name, size=want.size, sources=sites)
-            path = await puller.run()
-            if not await self._publish(want, path):
-                return
-            progress.status, progress.detail = "available", ""
-            self.backoff.pop(key, None)
-            self.last_failure.pop(key, None)
+            return want, progress, await puller.run()
         except TransferFailed as exc:
             await self._failed(key, want, progress, str(exc))
-        except AppendFailed as exc:
-            await self._failed(key, want, progress, f"could not record availability: {exc}")
         except OSError as exc:
             await self._failed(key, want, progress, f"store error: {exc.strerror or exc}")
+        return None
+
+    def _done(self, want: Want, progress: Progress) -> None:
+        key = (want.name, want.blake3)
+        progress.status, progress.detail = "available", ""
+        self.backoff.pop(key, None)
+        self.last_failure.pop(key, None)
+        self._retries.pop(name_key(want.name), None)
+
+    async def _transfer(self, row) -> None:
+        key = (row["name"], row["blake3"])
+        try:
+            fetched = await self._fetch(row)
+            if fetched is None:
+                return
+            want, progress, path = fetched
+            try:
+                if not await self._publish(want, path):
+                    return
+            except AppendFailed as exc:
+                await self._failed(key, want, progress, f"could not record availability: {exc}")
+                return
+            except OSError as exc:
+                await self._failed(key, want, progress, f"store error: {exc.strerror or exc}")
+                return
+            self._done(want, progress)
         finally:
             self.tasks.pop(key, None)
             self.kick()
 
-    async def _publish(self, want: Want, path) -> bool:
-        current = views.package(self.reader, want.name)
-        if current is None or current["blake3"] != want.blake3:
+    def _still_current(self, want: Want, path, current: dict[str, str] | None = None) -> bool:
+        """Is ``want`` still the package's content (``current``: views.current_contents, if
+        the caller has it)? If not, its pulled file is dropped."""
+        if current is None:
+            current = views.current_contents(self.reader, [want.name])
+        if current.get(name_key(want.name)) != want.blake3:
             path.unlink(missing_ok=True)
             log.info("content no longer current; discarded", package=want.name)
+            return False
+        return True
+
+    def _available_event(self, want: Want) -> ev.PackageAvailable:
+        return ev.PackageAvailable(name=want.name, **want.event_fields(), stage=want.stage, origin=want.origin,
+                                   uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by)
+
+    async def _publish(self, want: Want, path) -> bool:
+        if not self._still_current(want, path):
             return False
         tag(path, want.blake3)  # downloads in flight keep the old inode; new ones see this label
         with self.store.publishing(want.name):
             self.store.replace(path, want.name)
-            await self.append(ev.PackageAvailable(
-                name=want.name, **want.event_fields(), stage=want.stage, origin=want.origin,
-                uploaded_ts=want.uploaded_ts, uploaded_by=want.uploaded_by), actor="replicator")
+            await self.append(self._available_event(want), actor="replicator")
         log.info("package available", package=want.name, size=want.size)
         return True
+
+    async def _publish_many(self, fetched: list[tuple[Want, Progress, object]]) -> None:
+        """Put several pulled files in place, then record their PackageAvailable events in one
+        round trip (``append_many``; one by one without it). Each file is in place (and
+        fsynced) before its event is appended, as in ``_publish``."""
+        placed = []
+        current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
+        with contextlib.ExitStack() as publishing:
+            for want, progress, path in fetched:
+                if not self._still_current(want, path, current):
+                    continue
+                try:
+                    tag(path, want.blake3)
+                    publishing.enter_context(self.store.publishing(want.name))
+                    await asyncio.to_thread(self.store.replace, path, want.name)
+                except OSError as exc:
+                    await self._failed((want.name, want.blake3), want, progress, f"store error: {exc.strerror or exc}")
+                    continue
+                placed.append((want, progress))
+            if not placed:
+                return
+            events = [self._available_event(want) for want, _ in placed]
+            if self.append_many is not None:
+                results = await self.append_many(events, actor="replicator")
+            else:
+                results = []
+                for event in events:
+                    try:
+                        results.append(await self.append(event, actor="replicator"))
+                    except AppendFailed as exc:
+                        results.append(exc)
+        for (want, progress), result in zip(placed, results):
+            if isinstance(result, AppendFailed):
+                await self._failed((want.name, want.blake3), want, progress,
+                                   f"could not record availability: {result}")
+            else:
+                self._done(want, progress)
+                log.info("package available", package=want.name, size=want.size)
 
     async def _failed(self, key, want: Want, progress: Progress, reason: str) -> None:
         progress.status, progress.detail = "failed", reason
         _, delay = self.backoff.get(key, (0.0, BACKOFF_MIN_S / 2))
         delay = min(delay * 2, BACKOFF_MAX_S)
         self.backoff[key] = (time.monotonic() + delay, delay)
+        self._retry[name_key(want.name)] = time.monotonic() + delay
         log.warning("transfer failed; will retry", package=want.name, reason=reason, retry_in_s=delay)
         if self.last_failure.get(key) != reason:
             self.last_failure[key] = reason

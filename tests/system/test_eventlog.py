@@ -51,6 +51,35 @@ def test_appends_form_one_chain_even_with_concurrent_writers(nats_server, tmp_pa
     assert assert_one_chain(msgs, key) == 80
 
 
+def test_batched_appends_form_one_chain_while_another_writer_races(nats_server, tmp_path):
+    """append_many publishes a run of chained events before awaiting their acks: a writer that
+    gets in between must make the rest of the run be refused and re-chained, never stored
+    after the wrong predecessor (a fork the projector would quarantine)."""
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+
+    async def run():
+        nc1 = await nats.connect(nats_server.url)
+        nc2 = await nats.connect(nats_server.url)
+        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
+        await a.ensure_stream()
+        batches = [[staged(100 * k + i) for i in range(20)] for k in range(6)]
+        results, _ = await asyncio.gather(
+            asyncio.gather(*(a.append_many(batch, actor="t") for batch in batches)),
+            asyncio.gather(*(b.append(staged(9000 + i), actor="t") for i in range(60))))
+        msgs = await messages(nc1.jetstream(), 180)
+        await nc1.close()
+        await nc2.close()
+        return [r for batch in results for r in batch], msgs
+
+    appended, msgs = asyncio.run(run())
+    assert all(r.envelope.seq > 0 for r in appended) and len(appended) == 120  # every one Appended
+    assert len(msgs) == 180
+    assert assert_one_chain(msgs, key) == 180
+    names = {codec.open_signed(m.payload, key.public_key).event.name for m in msgs}
+    assert names == {f"p{100 * k + i}.pkg" for k in range(6) for i in range(20)} | {
+        f"p{9000 + i}.pkg" for i in range(60)}  # each event stored once
+
+
 def test_a_forged_message_in_the_stream_is_never_chained_onto(nats_server, tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
     mallory = SiteKey.load_or_create(tmp_path / "mallory.key")

@@ -1,0 +1,234 @@
+"""Catch-up bench: a new site pulls a catalogue of many small packages, against rsync.
+
+    ./run bench-sync [--packages 3000 30000] [--size-kib 8] [--concurrency 8]
+
+For each ``--packages`` N (a fresh pair of sites each):
+
+1. Starts site ``hq`` and uploads N packages of ``--size-kib`` KiB (random, each different),
+   ``--concurrency`` API PUTs at a time.
+2. Yardstick: an ``rsync`` daemon serving hq's packages directory, pulled into an empty
+   directory (``rsync -a rsync://…/mod/ dest/``), median of ``--rsync-repeats`` runs.
+3. A new site ``branch`` dials hq and is started; then the two register, and the clock runs
+   until branch's read model says it holds every package AND every file is in its store.
+   Afterwards each of branch's files is compared with hq's (SHA-256): a figure is only printed
+   for a catch-up that delivered the right bytes.
+
+Prints, per N: seconds for rsync and for ODST, their ratio (target <= 10 at 3,000; the cost
+per package at 30,000 no worse than at 3,000), milliseconds per package, CPU-seconds of
+branch's processes (python + nats-server) per package and per GiB, hq's CPU, and the load
+average beside each figure. Writes ``<work>/sync.json``. Everything listens on 127.0.0.1;
+every process started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import HOST, print_table  # noqa: E402
+from bench.replication import RsyncDaemon, ensure_rsync, site_cpu  # noqa: E402
+from harness.network import Network  # noqa: E402
+from odst.datadir import read_model_path  # noqa: E402
+
+TARGET_RATIO_3000 = 10.0
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def upload_all(net: Network, site, n: int, size: int, concurrency: int) -> float:
+    """Upload n different packages, ``concurrency`` PUTs at a time; returns seconds."""
+    rnd = random.Random(n)
+    bodies = [rnd.randbytes(size) for _ in range(min(n, 64))]
+    local = threading.local()
+
+    def one(i: int) -> None:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(base_url=site.url, timeout=120,
+                                                 headers={"Authorization": f"Bearer {net.token}"})
+        body = bodies[i % len(bodies)][:-8] + i.to_bytes(8, "big")  # every content different
+        r = client.put(f"/api/v1/packages/Pkg {i:06d}.pkg", content=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"upload {i}: {r.status_code} {r.text}")
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for k, _ in enumerate(pool.map(one, range(n)), 1):
+            if k % 2000 == 0:
+                net.say(f"  {k}/{n} uploaded ({time.monotonic() - t0:.0f} s)")
+    return time.monotonic() - t0
+
+
+def rsync_pull(daemon: RsyncDaemon, work: Path, repeats: int) -> dict:
+    """``rsync -a`` of the whole module into an empty directory, ``repeats`` times."""
+    times, cpus = [], []
+    dest = work / "rsync-dest"
+    for _ in range(repeats):
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        before = os.times()
+        t0 = time.monotonic()
+        p = subprocess.run(["rsync", "-a", f"rsync://{HOST}:{daemon.port}/mod/", f"{dest}/"],
+                           capture_output=True, text=True, timeout=3600)
+        times.append(time.monotonic() - t0)
+        after = os.times()
+        cpus.append(after.children_user + after.children_system - before.children_user - before.children_system)
+        if p.returncode != 0:
+            raise RuntimeError(f"rsync pull failed ({p.returncode}): {p.stderr[-500:]}")
+    files = sum(1 for _ in dest.iterdir())
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"s": statistics.median(times), "all_s": times, "client_cpu_s": statistics.median(cpus),
+            "files": files, "load": load()}
+
+
+def held(db: Path, site_id: str) -> int:
+    """Packages whose current content branch's read model says branch serves."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return 0
+    try:
+        return conn.execute("SELECT count(*) FROM packages p JOIN serving s ON s.key=p.key AND s.blake3=p.blake3"
+                            " AND s.site=?", (site_id,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def catch_up(net: Network, hq, n: int) -> dict:
+    branch = net.add("branch", dial=["hq"], env={"ODST_LOG_LEVEL": "warning"})
+    net.start(branch, timeout=120)
+    db = read_model_path(branch.data)
+    cpu0, hq0 = site_cpu(branch), site_cpu(hq)
+    t0 = time.monotonic()
+    net.register("hq", branch)
+    last_note = time.monotonic()
+
+    def done() -> bool:
+        nonlocal last_note
+        count = held(db, branch.id)
+        if time.monotonic() - last_note > 30:
+            net.say(f"  branch holds {count}/{n} ({time.monotonic() - t0:.0f} s, load {load()})")
+            last_note = time.monotonic()
+        return count == n and sum(1 for _ in branch.packages_dir.iterdir()) == n
+
+    net.wait_until(done, 7200, what="every package at branch", interval=0.1)
+    seconds = time.monotonic() - t0
+    cpu1, hq1 = site_cpu(branch), site_cpu(hq)
+    out = {"s": seconds, "load": load(),
+           "branch_cpu_s": {k: (cpu1[k] or 0) - (cpu0[k] or 0) for k in cpu1},
+           "hq_cpu_s": {k: (hq1[k] or 0) - (hq0[k] or 0) for k in hq1}}
+    theirs, ours = digests(hq.packages_dir), digests(branch.packages_dir)
+    if theirs != ours:
+        wrong = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise RuntimeError(f"branch's files differ from hq's: {len(wrong)} of them, e.g. {wrong[:5]}")
+    out["files_checked"] = len(ours)
+    return out
+
+
+def run_one(n: int, args, work: Path) -> dict:
+    net = Network(work / f"sites-{n}", title=f"sync {n}", out=sys.stderr)
+    size = args.size_kib * 1024
+    result: dict = {"packages": n, "size_kib": args.size_kib}
+    daemon = None
+    try:
+        hq = net.add("hq", listen=True, env={"ODST_LOG_LEVEL": "warning"})
+        net.start(hq, timeout=120)
+        with net.step(f"upload {n} packages of {args.size_kib} KiB, {args.concurrency} at a time"):
+            result["upload_s"] = upload_all(net, hq, n, size, args.concurrency)
+            result["upload_load"] = load()
+        daemon = RsyncDaemon(work / f"rsync-{n}", hq.packages_dir)
+        daemon.start()
+        with net.step("rsync daemon pull of hq's packages directory"):
+            result["rsync"] = rsync_pull(daemon, work / f"rsync-{n}", args.rsync_repeats)
+            if result["rsync"]["files"] != n:
+                raise RuntimeError(f"rsync pulled {result['rsync']['files']} files, not {n}")
+        with net.step("a new site catches up"):
+            result["odst"] = catch_up(net, hq, n)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        net.close()
+        if not args.keep:
+            shutil.rmtree(work / f"sites-{n}", ignore_errors=True)
+    o, r = result["odst"], result["rsync"]
+    gib = n * size / (1 << 30)
+    cpu = sum(o["branch_cpu_s"].values())
+    result["ratio"] = o["s"] / r["s"]
+    result["odst_ms_per_package"] = o["s"] / n * 1000
+    result["rsync_ms_per_package"] = r["s"] / n * 1000
+    result["branch_cpu_ms_per_package"] = cpu / n * 1000
+    result["branch_cpu_s_per_gib"] = cpu / gib
+    result["hq_cpu_ms_per_package"] = sum(o["hq_cpu_s"].values()) / n * 1000
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--packages", type=int, nargs="+", default=[3000, 30000],
+                    help="catalogue sizes, one run each (default 3000 30000)")
+    ap.add_argument("--size-kib", type=int, default=8, help="size of each package (default 8 KiB)")
+    ap.add_argument("--concurrency", type=int, default=8, help="uploads at once (default 8)")
+    ap.add_argument("--rsync-repeats", type=int, default=3)
+    ap.add_argument("--keep", action="store_true", help="keep the sites' data directories")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
+    args = ap.parse_args()
+    ensure_rsync()
+    work = Path(args.work or tempfile.mkdtemp(prefix="odst-bench-sync-"))
+    results: list[dict] = []
+    for n in args.packages:
+        results.append(run_one(n, args, work))
+        (work / "sync.json").write_text(json.dumps(results, indent=2))
+    report(results, work)
+    return 0
+
+
+def report(results: list[dict], work: Path) -> None:
+    print(f"\nODST catch-up bench: a new site pulls N small packages; yardstick rsync daemon pull "
+          f"({os.cpu_count()} CPUs, {work / 'sync.json'})")
+    rows = []
+    for r in results:
+        o = r["odst"]
+        rows.append([f"{r['packages']:,} x {r['size_kib']} KiB", f"{r['rsync']['s']:.2f} s ({r['rsync']['load']})",
+                     f"{o['s']:.1f} s ({o['load']})", f"{r['ratio']:.1f}x",
+                     f"{r['odst_ms_per_package']:.2f} / {r['rsync_ms_per_package']:.3f}",
+                     f"{r['branch_cpu_ms_per_package']:.2f} ({r['branch_cpu_s_per_gib']:.0f}/GiB)",
+                     f"{r['hq_cpu_ms_per_package']:.2f}"])
+    print_table(["packages", "rsync (load)", "odst (load)", "odst/rsync", "ms/pkg odst / rsync",
+                 "branch CPU-ms/pkg (CPU-s/GiB)", "hq CPU-ms/pkg"], rows)
+    if results and results[0]["packages"] <= 3000:
+        ok = results[0]["ratio"] <= TARGET_RATIO_3000
+        print(f"  target at {results[0]['packages']:,}: <= {TARGET_RATIO_3000:.0f}x rsync: "
+              f"{'met' if ok else 'NOT met'} ({results[0]['ratio']:.1f}x)")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"  cost per package at {b['packages']:,} vs {a['packages']:,}: "
+              f"{b['odst_ms_per_package'] / a['odst_ms_per_package']:.2f}x wall, "
+              f"{b['branch_cpu_ms_per_package'] / a['branch_cpu_ms_per_package']:.2f}x branch CPU (linear: <= 1)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
