@@ -119,7 +119,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
         with site.store.publishing(name):
             backup = site.store.swap(path, name)
             try:
-                await site.append(decision.event, actor=request.state.actor)
+                appended = await site.append(decision.event, actor=request.state.actor)
             except AppendFailed as exc:
                 site.store.swap_back(backup, name)
                 raise Unavailable(f"replacement not recorded, try again: {exc}") from None
@@ -135,7 +135,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
     lost = uploads.lost_race(name, manifest, current)
     if lost is not None:
         raise _refused(lost)
-    return Response(current, status_code=201)
+    return Response({**current, "event_id": appended.envelope.id}, status_code=201)
 
 
 class PackageController(Controller):
@@ -200,7 +200,7 @@ class PackageController(Controller):
             raise _refused(refusal)
         extra = extra_types(settings.jamf_url, settings.jamf_hash_type)  # Jamf Pro's MD5/SHA3_512, same pass
         upload = StreamingUpload(site.store.new_temp(), extra_digests=extra)
-        log.info("upload started", package=name, length=length)
+        log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
         try:
             await _receive_body(request, upload, settings.max_upload_bytes)
             manifest = await upload.finish()
@@ -243,7 +243,7 @@ class PackageController(Controller):
                     upload.path.unlink(missing_ok=True)
                     raise PackageConflict(f"a file named {name!r} is being published; retry") from None
                 try:
-                    await site.append(decision.event, actor=request.state.actor)
+                    appended = await site.append(decision.event, actor=request.state.actor)
                 except AppendFailed as exc:
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None
@@ -253,7 +253,7 @@ class PackageController(Controller):
         lost = uploads.lost_race(name, manifest, current)
         if lost is not None:
             raise _refused(lost)
-        return Response(current, status_code=201)
+        return Response({**current, "event_id": appended.envelope.id}, status_code=201)  # the event that recorded it
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:

@@ -182,6 +182,15 @@ def last_position(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
 
 
+def folded_types(conn: sqlite3.Connection, after: int) -> tuple[int, set[str]]:
+    """The position read up to and the event types folded after position ``after`` (a cheap
+    look at what changed, for work that cares about a few types; a returned position below
+    ``after`` means the read model was rebuilt)."""
+    upto = last_position(conn)
+    return upto, {r[0] for r in conn.execute(
+        "SELECT DISTINCT type FROM events WHERE position > ? AND position <= ?", (after, upto))}
+
+
 def quarantine(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
     return [{"stream": r["stream"], "stream_seq": r["stream_seq"], "subject": r["subject"],
              "origin": r["origin"], "kind": r["kind"], "reason": r["reason"],
