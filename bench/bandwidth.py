@@ -123,6 +123,30 @@ def limit(net, site, peer_id, **body):
     return net.request(site, "PUT", f"/api/v1/bandwidth/links/{peer_id}", json=body)
 
 
+def limited_transfer(net: Network, sender, receiver, *, limited, peer, direction: str, name: str, size: int,
+                     rate: int, average_s: float) -> dict:
+    """Limit ``direction`` (send or receive) at ``limited`` on its link to ``peer``, send a package
+    of ``size`` bytes from ``sender`` to ``receiver`` while sampling the receiver, lift the limit:
+    the rate figures (rate_figures)."""
+    limit(net, limited, peer.id, **{direction: rate}, local="no")
+    sampler = Sampler(net, receiver, name=name)
+    sampler.start()
+    net.upload(sender, name, size)
+    net.wait_available(name, [receiver], timeout=size / rate * 2 + 60)
+    time.sleep(0.2)  # the sampler's last period
+    sampler.stop.set()
+    sampler.join()
+    net.request(limited, "DELETE", f"/api/v1/bandwidth/links/{peer.id}")
+    return rate_figures(sampler, MIB, average_s)
+
+
+def rate_marks(label: str, fig: dict, rate_mb: float) -> list[tuple[str, str, bool]]:
+    """The average within 5 % of the limit, and no second above 1.5 times it."""
+    return [(f"{label}: average over {fig['average_window_s']} s", f"{fig['average_MBps']} MB/s",
+             0.95 * rate_mb <= fig["average_MBps"] <= 1.05 * rate_mb),
+            ("  highest second", f"{fig['max_second_MBps']} MB/s", (fig["max_second_MBps"] or 0) <= 1.5 * rate_mb)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/odst-bench-bw")
@@ -154,40 +178,20 @@ def main() -> int:
         # 1. receive limit at B
         if "receive" in only:
             with net.step(f"1. B receives from A at most {args.rate_mb} MB/s: {args.size_mib} MiB"):
-                limit(net, b, a.id, receive=rate, local="no")
-                sampler = Sampler(net, b, name="recv.pkg")
-                sampler.start()
-                net.upload(a, "recv.pkg", args.size_mib * MIB)
-                net.wait_available("recv.pkg", [b], timeout=args.size_mib * MIB / rate * 2 + 60)
-                time.sleep(0.2)
-                sampler.stop.set()
-                sampler.join()
-                fig = rate_figures(sampler, MIB, args.average_s)
+                fig = limited_transfer(net, a, b, limited=b, peer=a, direction="receive", name="recv.pkg",
+                                       size=args.size_mib * MIB, rate=rate, average_s=args.average_s)
                 results["receive_limit"] = fig
-                marks.append((f"receive limit {args.rate_mb} MB/s: average over {fig['average_window_s']} s",
-                              f"{fig['average_MBps']} MB/s", 0.95 * args.rate_mb <= fig["average_MBps"] <= 1.05 * args.rate_mb))
-                marks.append(("  highest second", f"{fig['max_second_MBps']} MB/s",
-                              (fig["max_second_MBps"] or 0) <= 1.5 * args.rate_mb))
-                net.request(b, "DELETE", f"/api/v1/bandwidth/links/{a.id}")
+                marks += rate_marks(f"receive limit {args.rate_mb} MB/s", fig, args.rate_mb)
 
         # 2. send limit at A
         if "send" in only:
             with net.step(f"2. A sends to B at most {args.rate_mb} MB/s: {args.send_size_mib} MiB"):
-                limit(net, a, b.id, send=rate, local="no")
-                sampler = Sampler(net, b, name="send.pkg")
-                sampler.start()
-                net.upload(a, "send.pkg", args.send_size_mib * MIB)
-                net.wait_available("send.pkg", [b], timeout=args.send_size_mib * MIB / rate * 2 + 60)
-                time.sleep(0.2)
-                sampler.stop.set()
-                sampler.join()
-                fig = rate_figures(sampler, MIB, min(args.average_s, args.send_size_mib * MIB / rate * 0.8))
+                send_bytes = args.send_size_mib * MIB
+                fig = limited_transfer(net, a, b, limited=a, peer=b, direction="send", name="send.pkg",
+                                       size=send_bytes, rate=rate,
+                                       average_s=min(args.average_s, send_bytes / rate * 0.8))
                 results["send_limit"] = fig
-                marks.append((f"send limit {args.rate_mb} MB/s (server side): average over {fig['average_window_s']} s",
-                              f"{fig['average_MBps']} MB/s", 0.95 * args.rate_mb <= fig["average_MBps"] <= 1.05 * args.rate_mb))
-                marks.append(("  highest second", f"{fig['max_second_MBps']} MB/s",
-                              (fig["max_second_MBps"] or 0) <= 1.5 * args.rate_mb))
-                net.request(a, "DELETE", f"/api/v1/bandwidth/links/{b.id}")
+                marks += rate_marks(f"send limit {args.rate_mb} MB/s (server side)", fig, args.rate_mb)
 
         # 3. a window closing mid-transfer, then opening again
         if "window" in only:

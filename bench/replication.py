@@ -7,17 +7,19 @@ dials another's leaf port is started once that one is healthy) and measures,
 side by side:
 
 1. HTTP pair (A listens, B dials A, registered): a package uploaded at A until
-   B's availability for it says ``available`` (B pulls chunks from A's gateway),
+   B's availability for it says ``available`` (B pulls runs of chunks from A's gateway),
    vs an ``rsync`` daemon pull of the same file on the same machine (warm cache
-   for both, DEST deleted between runs), interleaved. Target: odst/rsync <= 1.2.
-   ``rsync --fsync`` is shown for information (the receiver fsyncs before it
-   announces a package; plain rsync does not).
+   for both, DEST deleted between runs), interleaved. Targets (issue 13): odst/rsync
+   <= 1.6, odst/``rsync --fsync`` <= 1.2 (the receiver fsyncs before it announces a
+   package; plain rsync does not); CPU-seconds per GiB of the receiving site (python +
+   its nats-server) <= 2.0 and of the sending site <= 0.8, shown per run beside rsync's
+   receiver and sender (daemon) CPU per GiB.
 2. NATS pair: the same, with A started with ``--public-url http://127.0.0.1:9``
    (a closed port) so B can only fetch chunks over NATS request/reply through the
    leaf link. Target: >= 150 MB/s.
 3. Hub + 4 spokes (each registered with the hub): upload at the hub until all 4
-   spokes have it, vs the HTTP pair time. Target: <= 1.6x. For information, the
-   same fan-out with rsync on this machine: 4 concurrent pulls vs one.
+   spokes have it, vs 4 concurrent rsync pulls of the same file from the daemon.
+   Target: <= 1.5x. Also shown: the HTTP pair time and rsync x4 vs x1.
 4. 3-site chain A <- B <- C (registered A-B and B-C only): a 1 MiB package
    uploaded at A until available at C, from the start of the upload, median of
    ``--chain-uploads`` (10). Target: < 2 s.
@@ -25,8 +27,13 @@ side by side:
    fresh receiving ``odst serve`` python process while it pulls a big package
    (``--big-mib``, default 4096; ``--skip-big`` skips it) over HTTP. Target: < 150 MiB.
 
+Every figure is printed with the machine's 1-minute load average during its runs (the
+machine may be shared: compare ratios within one run, not absolute times across runs).
+
 Timing for 1-3: from the moment the upload's 201 arrives until the receiving
-sites' ``GET /api/v1/packages/NAME`` (polled every 20 ms) show it available;
+sites' ``GET /api/v1/packages/NAME`` (polled every 100 ms: each poll is work for the
+receiver, counted in its CPU) show it available, taken to the millisecond from the
+receiver's own log line "package available" when that is earlier;
 every upload is distinct content (its first bytes are tagged). Medians of
 ``--repeats`` (3) runs. Per run the JSON also has CPU-seconds of every site
 (python and nats-server) during the transfer, the receiver's log timeline, and
@@ -59,6 +66,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -81,11 +89,16 @@ MB = 1_000_000
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL_S = 0.020
+TRANSFER_POLL_S = 0.100  # during a measured transfer: each poll is a request the receiver serves
 REPO = Path(__file__).resolve().parent.parent
 
-TARGET_HTTP_RATIO = 1.2       # odst pair time / rsync time, at most
+GIB = 1024 * MIB
+TARGET_HTTP_RATIO = 1.6       # odst pair time / rsync daemon pull time, at most
+TARGET_FSYNC_RATIO = 1.2      # odst pair time / rsync --fsync pull time, at most
+TARGET_RECV_CPU = 2.0         # receiving site's CPU-seconds per GiB, at most
+TARGET_SEND_CPU = 0.8         # sending site's CPU-seconds per GiB, at most
 TARGET_NATS_MBPS = 150.0      # MB/s over NATS request/reply, at least
-TARGET_HUB_RATIO = 1.6        # hub->4 spokes time / pair time, at most
+TARGET_HUB_RATIO = 1.5        # hub->4 spokes time / 4 concurrent rsync pulls, at most
 TARGET_CHAIN_S = 2.0          # median 1 MiB latency A -> C, below
 TARGET_RSS_MIB = 150.0        # receiver peak RSS, below
 
@@ -126,6 +139,28 @@ def proc_cpu(pid: int | None) -> float | None:
         return None
     rest = data[data.rindex(")") + 2:].split()
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def proc_cpu_with_children(pid: int | None) -> float | None:
+    """CPU-seconds of a process and of its children it has reaped (the rsync daemon's forks)."""
+    if not pid:
+        return None
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = data[data.rindex(")") + 2:].split()
+    return sum(int(x) for x in rest[11:15]) / CLK_TCK
+
+
+def has_children(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().strip())
+    return False
+
+
+def loadavg1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def proc_status_kib(pid: int, field: str) -> int | None:
@@ -262,8 +297,9 @@ def stop(net: Network, keep_data: bool) -> None:
             shutil.rmtree(s.data, ignore_errors=True)
 
 
-def wait_available(net: Network, sites: list[Site], name: str, t0: float, timeout: float) -> dict[str, float]:
-    """Poll every POLL_S until each site says it holds ``name``; returns seconds since t0 per site."""
+def wait_available(net: Network, sites: list[Site], name: str, t0: float, timeout: float,
+                   poll_s: float = POLL_S) -> dict[str, float]:
+    """Poll every ``poll_s`` until each site says it holds ``name``; returns seconds since t0 per site."""
     done: dict[str, float] = {}
     last: dict[str, dict] = {}
 
@@ -280,7 +316,7 @@ def wait_available(net: Network, sites: list[Site], name: str, t0: float, timeou
         return len(done) == len(sites)
 
     try:
-        wait_until(all_there, timeout, POLL_S, f"{name} to be available", reraise=(BenchError, ScenarioFailed))
+        wait_until(all_there, timeout, poll_s, f"{name} to be available", reraise=(BenchError, ScenarioFailed))
     except TimedOut:
         pend = {n: a for n, a in last.items() if n not in done}
         raise BenchError(f"{name} not available at {', '.join(pend)} after {timeout:.0f}s "
@@ -358,7 +394,7 @@ def transfer(net: Network, src: Site, dsts: list[Site], file: Path, name: str, t
         wall0 = time.time()
         cpu_mid = {s.name: site_cpu(s) for s in [src, *dsts]}
         sys_mid, self_mid = system_busy_s(), self_cpu_s()
-        per_site = wait_available(net, dsts, name, t0, timeout)
+        per_site = wait_available(net, dsts, name, t0, timeout, TRANSFER_POLL_S)
     finally:
         rss = sampler.stop() if sampler else None
     cpu1 = {s.name: site_cpu(s) for s in [src, *dsts]}
@@ -367,18 +403,26 @@ def transfer(net: Network, src: Site, dsts: list[Site], file: Path, name: str, t
         f = d.data / "store" / "packages" / name
         if not f.exists() or f.stat().st_size != pkg["size"]:
             raise BenchError(f"{d.name} says {name} is available but {f} is missing or the wrong size")
+    timeline = {d.name: log_timeline(d.log_path, name, wall0) for d in dsts}
+    for d in dsts:  # the receiver's own log says when (ms); the slower poll only says that
+        logged = timeline[d.name].get("package available")
+        if logged is not None and 0 < logged < per_site[d.name]:
+            per_site[d.name] = logged
     secs = max(per_site.values())
     ours = sum(v or 0 for n in cpu_mid for v in cpu_delta(cpu_mid[n], cpu1[n]).values())
     other = (sys_end - sys_mid) - ours - (self_end - self_mid)
+    cpu_s = {n: cpu_delta(cpu_mid[n], cpu1[n]) for n in cpu0}
     out = {"name": name, "size": pkg["size"], "upload_s": round(up_s, 3), "seconds": round(secs, 3),
+           "cpu_s_per_gib": {n: round(sum(v or 0 for v in c.values()) / (pkg["size"] / GIB), 3)
+                             for n, c in cpu_s.items()},  # python + its nats-server, per GiB moved
            "per_site_s": {k: round(v, 3) for k, v in per_site.items()},
            "mb_per_s": round(pkg["size"] / MB / secs, 1),
-           "cpu_s": {n: cpu_delta(cpu_mid[n], cpu1[n]) for n in cpu0},
+           "cpu_s": cpu_s,
            "upload_cpu_s": {n: cpu_delta(cpu0[n], cpu_mid[n]) for n in cpu0},
            "sites_cpu_s": round(ours, 2), "bench_cpu_s": round(self_end - self_mid, 2),
            "other_cpu_s": round(max(other, 0.0), 2),  # other processes on the (shared) machine
-           "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-           "timeline": {d.name: log_timeline(d.log_path, name, wall0) for d in dsts}}
+           "loadavg": Path("/proc/loadavg").read_text().split()[:3], "load1": loadavg1(),
+           "timeline": timeline}
     if rss:
         out["rss"] = rss
     return out
@@ -442,6 +486,7 @@ class RsyncDaemon:
         self.module_dir = module_dir
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.last_cpu: dict = {}
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -497,18 +542,34 @@ class RsyncDaemon:
         shutil.rmtree(dest_dir, ignore_errors=True)
         return secs
 
+    def _served_cpu(self) -> float | None:
+        """The daemon's CPU-seconds so far, its finished per-connection children included."""
+        pid = self.proc.pid if self.proc else None
+        if pid:
+            with contextlib.suppress(TimedOut):  # its child for the last pull may still be exiting
+                wait_until(lambda: not has_children(pid), 5, 0.01, "the rsync daemon's children to exit")
+        return proc_cpu_with_children(pid)
+
     def pull(self, name: str, extra: list[str] | None = None, timeout: float = 600) -> float:
+        """Seconds for one pull; ``last_cpu`` has the receiver's and the daemon's CPU-seconds."""
         dest_dir = self.dir / "dest"
         shutil.rmtree(dest_dir, ignore_errors=True)
         dest_dir.mkdir(parents=True)
         dest = dest_dir / name
         warm(self.module_dir / name)
+        served0 = self._served_cpu()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # only reaped children count: the rsync client
         t0 = time.monotonic()
         p = subprocess.run(["rsync", *(extra or []), f"rsync://{HOST}:{self.port}/mod/{name}", str(dest)],
                            capture_output=True, text=True, timeout=timeout)
         secs = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        served1 = self._served_cpu()
+        self.last_cpu = {"receiver": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 3),
+                         "sender": None if None in (served0, served1) else round(served1 - served0, 3)}
+        stderr = p.stderr
         if p.returncode != 0:
-            raise BenchError(f"rsync pull failed ({p.returncode}): {p.stderr[-500:]}")
+            raise BenchError(f"rsync pull failed ({p.returncode}): {stderr[-500:]}")
         if dest.stat().st_size != (self.module_dir / name).stat().st_size:
             raise BenchError("rsync produced a file of the wrong size")
         shutil.rmtree(dest_dir, ignore_errors=True)
@@ -529,6 +590,10 @@ class RsyncDaemon:
 # measurements
 # --------------------------------------------------------------------------- #
 
+def per_gib(cpu: dict, size: int) -> dict:
+    return {k: None if v is None else round(v / (size / GIB), 3) for k, v in cpu.items()}
+
+
 def transfer_timeout(size: int) -> float:
     return max(120.0, size / (5 * MB))
 
@@ -545,7 +610,8 @@ def pair(net: Network, args, a_args: list[str] = ()) -> tuple[Site, Site, float]
 
 
 def measure_http_pair(args, ctx, file: Path) -> dict:
-    res: dict = {"runs": [], "rsync_s": [], "rsync_fsync_s": []}
+    res: dict = {"runs": [], "rsync_s": [], "rsync_fsync_s": [], "rsync_cpu": [], "rsync_fsync_cpu": [],
+                 "load1": []}
     rsyncd = RsyncDaemon(ctx["work"], file.parent)
     net = network(ctx, "http-pair")
     try:
@@ -556,17 +622,22 @@ def measure_http_pair(args, ctx, file: Path) -> dict:
         for i in range(args.repeats):
             r = rsyncd.pull(file.name)
             res["rsync_s"].append(round(r, 3))
-            log(f"http-pair: rsync daemon pull #{i + 1}: {r:.3f}s ({size / MB / r:.0f} MB/s)")
+            res["rsync_cpu"].append(per_gib(rsyncd.last_cpu, size))
+            res["load1"].append(loadavg1())
+            log(f"http-pair: rsync daemon pull #{i + 1}: {r:.3f}s ({size / MB / r:.0f} MB/s; "
+                f"CPU-s/GiB {res['rsync_cpu'][-1]}; load {res['load1'][-1]})")
             run = transfer(net, a, [b], file, f"pair-http-{i}.pkg", transfer_timeout(size), rss_of=b)
             res["runs"].append(run)
+            res["load1"].append(run["load1"])
             log(f"http-pair: odst A->B #{i + 1}: {run['seconds']:.3f}s ({run['mb_per_s']:.0f} MB/s; "
                 f"upload took {run['upload_s']:.2f}s; B peak RSS {run['rss']['peak_mib']:.0f} MiB; "
-                f"cpu {run['cpu_s']})")
+                f"CPU-s/GiB {run['cpu_s_per_gib']}; load {run['load1']})")
             if rsync_fsync_ok:
                 try:
                     rf = rsyncd.pull(file.name, ["--fsync"])
                     res["rsync_fsync_s"].append(round(rf, 3))
-                    log(f"http-pair: rsync --fsync pull #{i + 1}: {rf:.3f}s (information only)")
+                    res["rsync_fsync_cpu"].append(per_gib(rsyncd.last_cpu, size))
+                    log(f"http-pair: rsync --fsync pull #{i + 1}: {rf:.3f}s")
                 except BenchError as exc:
                     rsync_fsync_ok = False
                     log(f"http-pair: rsync --fsync not usable: {exc}")
@@ -574,6 +645,12 @@ def measure_http_pair(args, ctx, file: Path) -> dict:
         res["rsync_median_s"] = median(res["rsync_s"])
         res["rsync_fsync_median_s"] = median(res["rsync_fsync_s"])
         res["ratio"] = ratio(res["odst_s"], res["rsync_median_s"])
+        res["fsync_ratio"] = ratio(res["odst_s"], res["rsync_fsync_median_s"])
+        res["recv_cpu_per_gib"] = median([r["cpu_s_per_gib"]["B"] for r in res["runs"]])
+        res["send_cpu_per_gib"] = median([r["cpu_s_per_gib"]["A"] for r in res["runs"]])
+        res["rsync_recv_cpu_per_gib"] = median([c["receiver"] for c in res["rsync_cpu"]])
+        res["rsync_send_cpu_per_gib"] = median([c["sender"] for c in res["rsync_cpu"]])
+        res["load1_median"] = median(res["load1"])
         res["served"] = served_and_transfers(net, a, b)
     finally:
         rsyncd.stop()
@@ -625,7 +702,7 @@ def measure_nats_pair(args, ctx, file: Path) -> dict:
 
 
 def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
-    res: dict = {"runs": [], "rsync1_s": [], "rsync4_s": []}
+    res: dict = {"runs": [], "rsync1_s": [], "rsync4_s": [], "load1": []}
     net = network(ctx, "hub")
     rsyncd = RsyncDaemon(ctx["work"], file.parent)
     try:
@@ -642,16 +719,20 @@ def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
             r4 = rsyncd.pull_many(file.name, spokes)
             res["rsync1_s"].append(round(r1, 3))
             res["rsync4_s"].append(round(r4, 3))
+            res["load1"].append(loadavg1())
             log(f"hub: rsync yardstick: 1 pull {r1:.3f}s, {spokes} concurrent pulls {r4:.3f}s "
                 f"({r4 / r1:.2f}x)")
             run = transfer(net, hub, sp, file, f"hub-{i}.pkg", transfer_timeout(size) * 2)
             res["runs"].append(run)
+            res["load1"].append(run["load1"])
             log(f"hub: H->4 spokes #{i + 1}: {run['seconds']:.3f}s (per spoke {run['per_site_s']}; "
-                f"cpu {run['cpu_s']})")
+                f"CPU-s/GiB {run['cpu_s_per_gib']}; load {run['load1']})")
         res["odst_s"] = median([r["seconds"] for r in res["runs"]])
         res["rsync1_median_s"] = median(res["rsync1_s"])
         res["rsync4_median_s"] = median(res["rsync4_s"])
         res["rsync_fanout_ratio"] = ratio(res["rsync4_median_s"], res["rsync1_median_s"])
+        res["ratio"] = ratio(res["odst_s"], res["rsync4_median_s"])
+        res["load1_median"] = median(res["load1"])
         st = net.state(hub)
         res["chunks_served_by_hub"] = st.get("chunks_served", {})
         res["chunks_served_by_spokes"] = {s.name: net.state(s).get("chunks_served", {})
@@ -686,6 +767,7 @@ def measure_chain(args, ctx) -> dict:
             log(f"chain: {name} at C {run['seconds']:.3f}s after the upload began "
                 f"(upload {run['upload_s']:.3f}s)")
         res["median_s"] = median([r["seconds"] for r in res["runs"]])
+        res["load1"] = loadavg1()
         res["max_s"] = max(r["seconds"] for r in res["runs"])
         res["median_after_upload_s"] = median([r["after_upload_s"] for r in res["runs"]])
     finally:
@@ -746,42 +828,56 @@ def verdict(ok) -> str:
 def build_rows(results: dict, size_mib: int) -> list[list[str]]:
     rows = []
     h = results.get("http_pair") or {}
+    hload = fmt(h.get("load1_median"), "", 1)
     if "odst_s" in h:
         r = h.get("ratio")
         rows.append([f"{size_mib} MiB A->B over HTTP", fmt(h["odst_s"], " s", 3),
                      f"rsync daemon {fmt(h.get('rsync_median_s'), ' s', 3)}", fmt(r, "x"),
-                     f"<= {TARGET_HTTP_RATIO}x", verdict(None if r is None else r <= TARGET_HTTP_RATIO)])
+                     f"<= {TARGET_HTTP_RATIO}x", verdict(None if r is None else r <= TARGET_HTTP_RATIO), hload])
         if h.get("rsync_fsync_median_s"):
-            rr = ratio(h["odst_s"], h["rsync_fsync_median_s"])
-            rows.append(["  (same, vs rsync --fsync: info)", fmt(h["odst_s"], " s", 3),
-                         f"rsync --fsync {fmt(h['rsync_fsync_median_s'], ' s', 3)}", fmt(rr, "x"), "-", "-"])
+            rr = h.get("fsync_ratio")
+            rows.append(["  (same, vs rsync --fsync)", fmt(h["odst_s"], " s", 3),
+                         f"rsync --fsync {fmt(h['rsync_fsync_median_s'], ' s', 3)}", fmt(rr, "x"),
+                         f"<= {TARGET_FSYNC_RATIO}x", verdict(None if rr is None else rr <= TARGET_FSYNC_RATIO), hload])
+        for label, key, rkey, target in (("receiver (B)", "recv_cpu_per_gib", "rsync_recv_cpu_per_gib", TARGET_RECV_CPU),
+                                         ("sender (A)", "send_cpu_per_gib", "rsync_send_cpu_per_gib", TARGET_SEND_CPU)):
+            v = h.get(key)
+            rows.append([f"  {label} CPU-s/GiB", fmt(v, "", 2),
+                         f"rsync {fmt(h.get(rkey), '', 2)}", fmt(ratio(v, h.get(rkey)), "x"),
+                         f"<= {target}", verdict(None if v is None else v <= target), hload])
     n = results.get("nats_pair") or {}
     if "odst_s" in n:
         mbps = n["mb_per_s"]
         rows.append([f"{size_mib} MiB A->B over NATS req/reply", f"{mbps:.0f} MB/s ({n['odst_s']:.3f} s)",
                      f"HTTP pair {fmt(h.get('odst_s'), ' s', 3)}" if h.get("odst_s") else "-",
                      fmt(ratio(n["odst_s"], h.get("odst_s")), "x"), f">= {TARGET_NATS_MBPS:.0f} MB/s",
-                     verdict(mbps >= TARGET_NATS_MBPS)])
+                     verdict(mbps >= TARGET_NATS_MBPS), fmt(median([r["load1"] for r in n["runs"]]), "", 1)])
     hb = results.get("hub") or {}
     if "odst_s" in hb:
-        r = ratio(hb["odst_s"], h.get("odst_s"))
+        r = hb.get("ratio")
+        bload = fmt(hb.get("load1_median"), "", 1)
         rows.append([f"{size_mib} MiB hub -> 4 spokes", fmt(hb["odst_s"], " s", 3),
-                     f"HTTP pair {fmt(h.get('odst_s'), ' s', 3)}", fmt(r, "x"), f"<= {TARGET_HUB_RATIO}x",
-                     verdict(None if r is None else r <= TARGET_HUB_RATIO)])
+                     f"rsync x4 concurrent {fmt(hb.get('rsync4_median_s'), ' s', 3)}", fmt(r, "x"),
+                     f"<= {TARGET_HUB_RATIO}x", verdict(None if r is None else r <= TARGET_HUB_RATIO), bload])
+        if h.get("odst_s"):
+            rows.append(["  (same, vs the HTTP pair: info)", fmt(hb["odst_s"], " s", 3),
+                         f"HTTP pair {fmt(h.get('odst_s'), ' s', 3)}", fmt(ratio(hb["odst_s"], h["odst_s"]), "x"),
+                         "-", "-", bload])
         if hb.get("rsync_fanout_ratio"):
             rows.append([f"  (yardstick: {size_mib} MiB rsync x4 concurrent)", fmt(hb["rsync4_median_s"], " s", 3),
                          f"rsync x1 {fmt(hb['rsync1_median_s'], ' s', 3)}", fmt(hb["rsync_fanout_ratio"], "x"),
-                         "-", "-"])
+                         "-", "-", bload])
     c = results.get("chain") or {}
     if "median_s" in c:
         rows.append([f"1 MiB A->C, 3-site chain (median of {len(c['runs'])})", fmt(c["median_s"], " s", 3),
                      f"max {fmt(c['max_s'], ' s', 3)}", "-", f"< {TARGET_CHAIN_S:.0f} s",
-                     verdict(c["median_s"] < TARGET_CHAIN_S)])
+                     verdict(c["median_s"] < TARGET_CHAIN_S), fmt(c.get("load1"), "", 1)])
     rs = results.get("rss") or {}
     if "peak_mib" in rs:
         rows.append([f"receiver peak RSS, {rs['size_mib']} MiB pull", fmt(rs["peak_mib"], " MiB", 1),
                      f"{rs['run']['seconds']:.1f} s, {rs['run']['mb_per_s']:.0f} MB/s", "-",
-                     f"< {TARGET_RSS_MIB:.0f} MiB", verdict(rs["peak_mib"] < TARGET_RSS_MIB)])
+                     f"< {TARGET_RSS_MIB:.0f} MiB", verdict(rs["peak_mib"] < TARGET_RSS_MIB),
+                     fmt(rs["run"].get("load1"), "", 1)])
     return rows
 
 
@@ -793,6 +889,8 @@ def print_details(results: dict) -> None:
         print(f"  uploads at A (s): {[r['upload_s'] for r in h['runs']]}; B peak RSS (MiB): "
               f"{[round(r['rss']['peak_mib']) for r in h['runs']]}; CPU-s per run: "
               f"{[r['cpu_s'] for r in h['runs']]}")
+        print(f"  CPU-s/GiB per run: odst {[r['cpu_s_per_gib'] for r in h['runs']]}; rsync {h.get('rsync_cpu')}; "
+              f"rsync --fsync {h.get('rsync_fsync_cpu')}; load (1m) per step {h.get('load1')}")
     def timelines(runs, dst):
         return ", ".join(f"{tl.get('pulling package', '?')}/{tl.get('package available', '?')}"
                          for tl in (r.get("timeline", {}).get(dst, {}) for r in runs))
@@ -935,7 +1033,9 @@ def main(argv=None) -> int:
     print(f"ODST replication bench: {args.size_mib} MiB, {args.repeats} run(s) each (medians), "
           f"{os.cpu_count()} CPUs, {meta['seconds']} s, odst at {g['commit']}"
           + (" + uncommitted changes in odst/" if g["odst_dirty"] else ""))
-    print_table(["measurement", "value", "baseline", "ratio", "target", "verdict"], rows)
+    print(f"load average now: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+          f"({os.cpu_count()} CPUs; above it the figures are noisy)")
+    print_table(["measurement", "value", "baseline", "ratio", "target", "verdict", "load 1m"], rows)
     print_details(results)
     if findings:
         print("site log findings (warnings/errors; logs in " + str(sites_root) + "):")

@@ -55,7 +55,8 @@ HOST = "127.0.0.1"
 TARGET_UPLOAD_RATIO = 1.3      # odst upload time / sha512sum time, at most
 TARGET_UPLOAD_CPU_S_PER_GIB = 3.5  # gateway CPU-s per GiB uploaded, at most
 TARGET_SMALL_PER_S = 600       # small uploads per second at --small-concurrency 8, at least
-TARGET_DOWNLOAD_RATIO = 0.5    # odst / nginx wrk throughput, at least
+TARGET_DOWNLOAD_RATIO = 0.9    # odst / nginx wrk throughput, at least (issue 13)
+TARGET_DOWNLOAD_CPU_RATIO = 1.2  # odst / nginx server CPU-s per GiB served, at most (issue 13)
 TARGET_PEAK_RSS_MIB = 150      # odst serve peak RSS during the big upload, below
 
 
@@ -811,6 +812,7 @@ def main(argv=None) -> int:
         "params": {k: v for k, v in vars(args).items()},
         "targets": {"upload_ratio_max": TARGET_UPLOAD_RATIO,
                     "download_ratio_min": TARGET_DOWNLOAD_RATIO,
+                    "download_cpu_ratio_max": TARGET_DOWNLOAD_CPU_RATIO,
                     "peak_rss_mib_max": TARGET_PEAK_RSS_MIB},
         "errors": errors,
     }
@@ -1359,12 +1361,13 @@ def phase_download(args, R, errors, servers, bench_file, size, chunk, aligned, p
                     sampler.set_phase("other")
                 main_group = "gateway" if name == "odst" else "nginx"
                 w["server_cpu_main_s"] = w["server_cpu_s"].get(main_group, 0)
+                w["loadavg_1m"] = os.getloadavg()[0]
                 runs[name].append(w)
                 served_gib = w["bytes"] / GIB
                 log(f"wrk {name} round {rnd + 1}: {w['mb_per_s']:.0f} MB/s, "
                     f"{w['req_per_s']:.0f} req/s, server "
                     f"{w['server_cpu_main_s'] / served_gib if served_gib else 0:.2f} CPU-s/GiB, "
-                    f"other load {w['other_cores']:.2f} cores")
+                    f"other load {w['other_cores']:.2f} cores, load average {w['loadavg_1m']:.2f}")
                 errs = {k: w[k] for k in ("err_connect", "err_read", "err_write", "err_status",
                                           "err_timeout") if w[k]}
                 if errs:
@@ -1394,6 +1397,7 @@ def phase_download(args, R, errors, servers, bench_file, size, chunk, aligned, p
             "nats_cpu_s": sum(r["server_cpu_s"].get("nats", 0) for r in rs),
             "wrk_client_cpu_s_per_gib": sum(r["wrk_client_cpu_s"] for r in rs) / gib if gib else None,
             "other_cores": sum(r["other_cpu_s"] for r in rs) / secs if secs else None,
+            "loadavg_1m": [r["loadavg_1m"] for r in rs],
         }
     # separate short pass per server that inspects every response
     if args.check_duration > 0:
@@ -1410,6 +1414,8 @@ def phase_download(args, R, errors, servers, bench_file, size, chunk, aligned, p
                 errors.append(f"wrk check {name}: {e}")
     if "odst" in res["wrk"] and "nginx" in res["wrk"]:
         res["ratio"] = ratio(res["wrk"]["odst"]["mb_per_s"], res["wrk"]["nginx"]["mb_per_s"])
+        res["cpu_ratio"] = ratio(res["wrk"]["odst"]["server_cpu_s_per_gib"],
+                                 res["wrk"]["nginx"]["server_cpu_s_per_gib"])
     ss = res["single_stream"]
     if "odst" in ss and "nginx" in ss:
         res["single_stream_ratio"] = ratio(ss["odst"].get("mb_per_s"), ss["nginx"].get("mb_per_s"))
@@ -1531,9 +1537,12 @@ def print_report(R: dict, out: Path) -> None:
         f"{fmt(_ms(wn.get('lat_p50_us')), '.1f')} / {fmt(_ms(wn.get('lat_p99_us')), '.1f')}",
         "", "", "")
     row("server CPU-s per GiB served (wrk)", fmt(wo.get("server_cpu_s_per_gib")),
-        fmt(wn.get("server_cpu_s_per_gib")),
-        fmt(ratio(wo.get("server_cpu_s_per_gib"), wn.get("server_cpu_s_per_gib")), ".2f", "x"),
-        "", "")
+        fmt(wn.get("server_cpu_s_per_gib")), fmt(dl.get("cpu_ratio"), ".2f", "x"),
+        f"<= {TARGET_DOWNLOAD_CPU_RATIO}",
+        verdict(None if dl.get("cpu_ratio") is None else dl["cpu_ratio"] <= TARGET_DOWNLOAD_CPU_RATIO))
+    row("  load average (1 min) at each round's end",
+        " ".join(f"{x:.1f}" for x in wo.get("loadavg_1m", [])) or "-",
+        " ".join(f"{x:.1f}" for x in wn.get("loadavg_1m", [])) or "-", "", "", "")
     row("wrk client CPU-s per GiB", fmt(wo.get("wrk_client_cpu_s_per_gib")),
         fmt(wn.get("wrk_client_cpu_s_per_gib")), "", "", "")
     row("noise: other CPU busy during upload / wrk (cores)",

@@ -226,9 +226,9 @@ def collision_lines(conn: sqlite3.Connection) -> list[str]:
     lines = []
     for c in views.name_collisions(conn):
         others = "; ".join(
-            f"{o['name']!r} ({'same content' if o['same_content'] else 'other content, blake3 ' + o['blake3'][:16]})"
-            for o in c["others"])
-        lines.append(f"{c['kept']!r} (blake3 {c['blake3'][:16]}) is served; also spelled {others}")
+            f"{o.name!r} ({'same content' if o.same_content else 'other content, blake3 ' + o.blake3[:16]})"
+            for o in c.others)
+        lines.append(f"{c.kept!r} (blake3 {c.blake3[:16]}) is served; also spelled {others}")
     return lines
 
 

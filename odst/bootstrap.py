@@ -158,7 +158,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
 
     site.bandwidth = Bandwidth(site_id=site_id, reader=reader, tz=site_timezone(settings))
     site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store,
-                                    bandwidth=site.bandwidth)
+                                    bandwidth=site.bandwidth, run_chunks=settings.peer_run_chunks)
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,
@@ -276,18 +276,18 @@ async def _adopt_spellings(store, reader, site_id: str, append) -> None:
         if (await asyncio.to_thread(hash_file, store.path(key))).blake3 != blake3:
             continue  # the file holds another content (pulled over this one): the replicator pulls it again
         pkg = views.package(reader, key)
-        if pkg is None or pkg["blake3"] != blake3:
+        if pkg is None or pkg.blake3 != blake3:
             continue
         try:
             await append(ev.PackageAvailable(
-                name=pkg["name"], size=pkg["size"], sha1=pkg["sha1"], sha512=pkg["sha512"], blake3=blake3,
-                chunk_size=pkg["chunk_size"], chunks=list(pkg["chunks"]), stage=pkg["stage"],
-                origin=pkg["origin"], uploaded_ts=pkg["uploaded_at"], uploaded_by=pkg["uploaded_by"]),
+                name=pkg.name, size=pkg.size, sha1=pkg.sha1, sha512=pkg.sha512, blake3=blake3,
+                chunk_size=pkg.chunk_size, chunks=list(pkg.chunks), stage=pkg.stage,
+                origin=pkg.origin, uploaded_ts=pkg.uploaded_at, uploaded_by=pkg.uploaded_by),
                 actor="system")
         except AppendFailed as exc:  # served as before; the next start tries again
-            log.warning("could not record the package file kept", package=pkg["name"], error=str(exc))
+            log.warning("could not record the package file kept", package=pkg.name, error=str(exc))
             continue
-        log.warning("package file kept under the key of its name", package=pkg["name"])
+        log.warning("package file kept under the key of its name", package=pkg.name)
 
 
 async def _bootstrap_admin_token(site: Site) -> None:

@@ -101,7 +101,7 @@ def cmd_serve(args, roles=None) -> int:
 
     # deferred: only the commands that serve load the site and Litestar (~0.6 s of imports `odst upload` skips)
     from odst.bootstrap import build, gateway_context
-    from odst.gateway.app import create_app
+    from odst.gateway.app import create_gateway
     from odst.site import ALL_ROLES
     roles = roles or ALL_ROLES
     _fewer_malloc_arenas()
@@ -136,7 +136,7 @@ def cmd_serve(args, roles=None) -> int:
             sock = bound.socket
             if roles == ALL_ROLES and settings.http_workers > 1:
                 helpers = _start_gateway_helpers(settings, site.nats_url, settings.http_workers - 1)
-            config = uvicorn.Config(create_app(gateway_context(site)), loop="none", http=_http_protocol(settings), ws="none",
+            config = uvicorn.Config(create_gateway(gateway_context(site)), loop="none", http=_http_protocol(settings), ws="none",
                                     lifespan="off", access_log=False, log_config=None,
                                     timeout_keep_alive=settings.http_keepalive_s, timeout_graceful_shutdown=10,
                                     # only a listed proxy may name the client (sign-in limits count per address)

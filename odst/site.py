@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from odst import tasks
 from odst.bus import authorization as authz
 from odst.bus.embedded import BrokerError, EmbeddedBroker
 from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
@@ -247,9 +248,7 @@ class Site:
             self.stopping.set()
 
     async def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await tasks.cancel(*self.tasks)
         if self.jamf:
             await self.jamf.stop()
         if self.notifier:

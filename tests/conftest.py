@@ -99,10 +99,35 @@ def all_events(client: httpx.Client) -> list[dict]:
         after = batch[-1]["position"]
 
 
+def read_status_line(sock: socket.socket, timeout: float = 20.0) -> tuple[int, bytes]:
+    """Read an HTTP response head from a raw socket: (status, whole head)."""
+    sock.settimeout(timeout)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        head += piece
+    assert head.startswith(b"HTTP/1.1 "), head
+    return int(head.split(b" ", 2)[1]), head
+
+
 def site_run_info(data: Path) -> dict:
     """What a running ``odst serve`` published about itself (broker URL, pid, ...)."""
     import json
     return json.loads((data / "run" / "site.json").read_text())
+
+
+async def open_log(url: str, key):
+    """A connection to the NATS server at ``url`` and the event log of ``key``'s site on it,
+    its stream made: (connection, JetStream context, log). The caller closes the connection."""
+    import nats
+    from odst.events.log import EventLog
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    log = EventLog(js, key)
+    await log.ensure_stream()
+    return nc, js, log
 
 
 async def site_nats(data: Path, **kw):

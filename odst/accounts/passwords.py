@@ -100,4 +100,4 @@ async def verify_async(key: SiteKey, sealed: str | None, password: str) -> bool:
 def fingerprint(row) -> str:
     """What a session remembers of the credential it signed in with: a new password, or the
     user removed and made again, changes it, and the session ends."""
-    return hashlib.sha256(f"{row['password_sealed']}\0{row['created_at']}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{row.password_sealed}\0{row.created_at}".encode()).hexdigest()[:32]

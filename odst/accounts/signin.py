@@ -50,10 +50,10 @@ class Identity:
 async def check_password(reader, key: SiteKey, settings: Settings, username: str, password: str) -> Identity:
     """The identity these credentials prove; SigninFailed if none, DirectoryDown if the
     directory cannot say."""
-    row = views.user_row(reader, username)
+    row = views.user_account(reader, username)
     if row is not None:
-        if await passwords.verify_async(key, row["password_sealed"], password):
-            return Identity(row["username"], row["role"], "local", row["display_name"], passwords.fingerprint(row))
+        if await passwords.verify_async(key, row.password_sealed, password):
+            return Identity(row.username, row.role, "local", row.display_name, passwords.fingerprint(row))
         raise SigninFailed(WRONG)
     # an unknown local name costs one hash whether or not the directory is asked, so timing
     # does not tell local users from the rest

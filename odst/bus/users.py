@@ -18,6 +18,6 @@ def authorization_users(reader, site: str, client_nkey: str, applicants=()) -> l
         subscribers = views.nats_subscribers(reader)
     except sqlite3.OperationalError:  # a read model not yet created
         peers, subscribers = [], []
-    streams = [EVENTS_STREAM] + [f"PEER_{p['site']}" for p in peers]
-    return authz.users(site, client_nkey, [user_public_key(bytes.fromhex(p["public_key"])) for p in peers],
+    streams = [EVENTS_STREAM] + [f"PEER_{p.site}" for p in peers]
+    return authz.users(site, client_nkey, [user_public_key(bytes.fromhex(p.public_key)) for p in peers],
                        subscribers, streams, list(applicants))

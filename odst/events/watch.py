@@ -28,6 +28,7 @@ import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 
+from odst import tasks
 from odst.events.log import EventLog, config_drift
 
 log = structlog.get_logger("odst.logwatch")
@@ -171,10 +172,8 @@ class LogWatch:
         return self
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await tasks.cancel(self._task)
+        self._task = None
         if self.alerts:
             self.alerts.close()
 

@@ -16,14 +16,14 @@ from odst.events.log import AppendFailed
 from odst.gateway.auth import auth_guard
 from odst.gateway.bandwidth import BandwidthController
 from odst.gateway.credentials import CredentialController
-from odst.gateway.downloads import make_download_app
+from odst.gateway.downloads import Downloads
 from odst.gateway.events import EventController
 from odst.gateway.jamf import JamfController
 from odst.gateway.metrics import make_metrics
 from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
 from odst.gateway.packages import PackageController
-from odst.gateway.peers import PeerController, PeerProtocolController, make_chunk_app
+from odst.gateway.peers import PeerController, PeerProtocolController
 from odst.gateway.session import SessionController
 from odst.gateway.settings import SettingsController
 from odst.gateway.tokens import TokenController
@@ -63,8 +63,18 @@ def _internal(request: Request, exc: Exception) -> Response:
     return _error(500, "internal_error", "internal error; the server log has the details")
 
 
+def create_gateway(site: GatewayContext):
+    """The ASGI app the gateway serves: the distribution point's downloads (``downloads.py``,
+    under the Mac download caps of ``egress.py``) in front of the Litestar app, so a download
+    never passes the framework."""
+    gate = site.download_gate
+    downloads = Downloads(site, [f"/{site.settings.context}/Packages", "/Packages"],
+                          wrap=gate.wrap if gate is not None else None)
+    return downloads.front(create_app(site))
+
+
 def create_app(site: GatewayContext) -> Litestar:
-    context = site.settings.context
+    """The Litestar app: the Admin API, the peer protocol, the web UI, health and metrics."""
 
     @get("/healthz", operation_id="health")
     async def healthz(request: Request) -> Response[dict[str, Any]]:
@@ -83,23 +93,9 @@ def create_app(site: GatewayContext) -> Litestar:
         body, content_type = await render_metrics()
         return Response(body, media_type=content_type)
 
-    downloads = make_download_app(site, [f"/{context}/Packages", "/Packages"])
-    if site.download_gate is not None:
-        downloads = site.download_gate.wrap(downloads)  # caps on Mac downloads (egress.py)
-
-    @asgi(f"/{context}/Packages", is_mount=True, copy_scope=True)
-    async def dist_point(scope: Scope, receive: Receive, send: Send) -> None:
-        await downloads(scope, receive, send)
-
-    @asgi("/Packages", is_mount=True, copy_scope=True)
-    async def dist_point_alias(scope: Scope, receive: Receive, send: Send) -> None:
-        await downloads(scope, receive, send)
-
-    chunks = make_chunk_app(site)
-
     @asgi("/peer/v1/chunks", is_mount=True, copy_scope=True)
     async def peer_chunks(scope: Scope, receive: Receive, send: Send) -> None:
-        await chunks(scope, receive, send)
+        await site.chunk_server.http(scope, receive, send)  # ChunkServer.serve, over HTTP
 
     api = Router(path="/", route_handlers=[PackageController, EventController, TokenController,
                                            PeerController, WebhookController, EmailSubscriptionController,
@@ -107,7 +103,7 @@ def create_app(site: GatewayContext) -> Litestar:
                                            CredentialController, JamfController, BandwidthController],
                  guards=[auth_guard])
     app = Litestar(
-        route_handlers=[healthz, metrics, dist_point, dist_point_alias, peer_chunks, api, PeerProtocolController,
+        route_handlers=[healthz, metrics, peer_chunks, api, PeerProtocolController,
                         *ui_routes()],
         exception_handlers={OdstError: _odst_error, AppendFailed: _append_failed,
                             HTTPException: _http_error, Exception: _internal},

@@ -62,7 +62,7 @@ def _from_bearer(site: GatewayContext, header: str) -> Principal:
     row = views.token_by_hash(site.reader, token_digest(token.strip()), site.id)
     if row is None:
         raise Unauthorized("token not recognised or revoked")
-    return Principal(username=f"{row['token_id']}:{row['name']}", role=row["role"], source="token")
+    return Principal(username=f"{row.token_id}:{row.name}", role=row.role, source="token")
 
 
 def same_origin(connection: ASGIConnection) -> bool:
@@ -77,11 +77,11 @@ async def _from_session(site: GatewayContext, connection: ASGIConnection, sessio
         raise Unauthorized("not signed in, or the session has ended: sign in again")
     role = s.role
     if s.source == "local":  # role changes apply to open sessions at once; new passwords end them
-        row = views.user_row(site.reader, s.username)
+        row = views.user_account(site.reader, s.username)
         if row is None or not hmac.compare_digest(fingerprint(row), s.credential):
             site.sessions.delete(session_id)
             raise Unauthorized("the account changed since this session began: sign in again")
-        role = row["role"]
+        role = row.role
     elif s.source == "ldap" and time.time() - s.checked_at > site.settings.ldap_recheck_s:
         role = await _recheck_directory(site, session_id, s.username, role)
     if connection.scope["method"] not in SAFE_METHODS:

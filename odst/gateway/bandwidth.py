@@ -60,7 +60,7 @@ class Urgency(msgspec.Struct, forbid_unknown_fields=True):
 def _link_name(site: GatewayContext, link: str) -> str:
     if link == "default":
         return bw.DEFAULT_LINK
-    if not any(p["site"] == link for p in views.peer_sites(site.reader, site.id)):
+    if not any(p.site == link for p in views.peer_sites(site.reader, site.id)):
         raise NotFound(f"no peer {link!r} (a peer's site id, or 'default' for every link without its own)")
     return link
 
@@ -86,7 +86,7 @@ def bandwidth_json(site: GatewayContext) -> dict[str, Any]:
     return {"site": site.id, "timezone": site.settings.timezone or "system",
             "local_time": b.wall().isoformat(timespec="seconds"),
             "default": bw.policy_json(choices.default),
-            "links": [b.link_status(p["site"]) | {"name": p["name"]}
+            "links": [b.link_status(p.site) | {"name": p.name}
                       for p in views.peer_sites(site.reader, site.id)],
             "local_networks": {"exempt": choices.exempt, "cidrs": choices.cidrs},
             "downloads": site.download_gate.status() if site.download_gate else None,
@@ -151,7 +151,7 @@ class BandwidthController(Controller):
         pkg = views.package(site.reader, name)
         if pkg is None:
             raise NotFound(f"no package {name!r}")
-        name = pkg["name"]  # any spelling finds it; the mark names the package as it is shown
+        name = pkg.name  # any spelling finds it; the mark names the package as it is shown
         body = decode_json(await request.body(), Urgency, empty_is_object=True)
         if len(body.reason) > 500:
             raise RequestInvalid("reason: at most 500 characters")

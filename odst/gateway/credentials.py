@@ -106,13 +106,13 @@ class CredentialController(Controller):
         # the "name is free" check and the event it allows are one step (the lock that serialises
         # user changes across the site's gateway processes; credentials are identities too)
         async with users_lock(site):
-            if any(c["name"].lower() == name.lower()
+            if any(c.name.lower() == name.lower()
                    for c in views.nats_credentials(site.reader, include_revoked=False)):
                 raise CredentialExists(f"a credential named {name!r} is active; revoke it first "
                                        "or choose another name")
             await site.append(ev.NatsCredentialCreated(credential_id=credential_id, name=name, role=role,
                                                        nkey=nkey), actor=request.state.actor)
-        if not any(c["credential_id"] == credential_id  # the projection keeps the first of a name
+        if not any(c.credential_id == credential_id  # the projection keeps the first of a name
                    for c in views.nats_credentials(site.reader, include_revoked=False)):
             raise CredentialExists(f"a credential named {name!r} was created at the same time; "
                                    "this one was not")
@@ -124,7 +124,7 @@ class CredentialController(Controller):
     async def revoke_credential(self, request: Request, credential_id: str) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         async with users_lock(site):
-            if not any(c["credential_id"] == credential_id
+            if not any(c.credential_id == credential_id
                        for c in views.nats_credentials(site.reader, include_revoked=False)):
                 raise NotFound(f"no active credential {credential_id!r}")
             await site.append(ev.NatsCredentialRevoked(credential_id=credential_id),

@@ -1,7 +1,8 @@
 """Download caps for Macs: downloads at once (in total and per client address) and total egress.
 
 A wrapper around the distribution point's ASGI app (``gateway/downloads.py`` is not
-changed): a GET beyond a cap is answered ``503`` with ``Retry-After``, so the Mac's
+changed; a body the server sends from the file, the ASGI zero-copy extension, is paced in
+1 MiB blocks): a GET beyond a cap is answered ``503`` with ``Retry-After``, so the Mac's
 download (curl ``--retry``, the Jamf binary) tries again later instead of failing; a GET
 within the caps is served, its body paced by one token bucket shared by every download
 when an egress limit is set. The caps are the site's own ``DownloadCapsSet`` choice, read
@@ -19,11 +20,13 @@ from typing import Callable
 
 import structlog
 
+from odst.gateway.protocol import ZEROCOPY
 from odst.replicator.bandwidth import DownloadCaps, RateMeter, TokenBucket, default_burst
 
 log = structlog.get_logger("odst.egress")
 
 RETRY_AFTER_S = 2  # what a refused Mac is told; curl --retry waits this long
+PACE_BLOCK = 1 << 20  # a zero-copy body under an egress limit goes out in blocks this size
 
 
 class DownloadGate:
@@ -77,13 +80,20 @@ class DownloadGate:
             self.by_client[client] += 1
 
             async def paced(message) -> None:
-                if message["type"] == "http.response.body":
+                kind = message["type"]
+                if kind == "http.response.body":
                     n = len(message.get("body", b""))
                     if n:
                         rate = self.caps().egress_bps
                         if rate:
                             await self._pace(n, rate)
                         self.meter.add(n, self.clock())
+                elif kind == ZEROCOPY:  # a file's bytes sent by the server: paced a block at a time
+                    await self._send_file(message, send)
+                    return
+                elif message.get(ZEROCOPY) and self.caps().egress_bps:
+                    # the body may wait for the bucket: the head must not wait with it
+                    message = {k: v for k, v in message.items() if k != ZEROCOPY}
                 await send(message)
             try:
                 await app(scope, receive, paced)
@@ -93,6 +103,20 @@ class DownloadGate:
                 if self.by_client[client] <= 0:
                     del self.by_client[client]
         return capped
+
+    async def _send_file(self, message, send) -> None:
+        offset, count = message.get("offset", 0), message["count"]
+        end, more = offset + count, message.get("more_body", False)
+        while True:
+            rate = self.caps().egress_bps
+            n = min(PACE_BLOCK, end - offset) if rate else end - offset
+            if rate:
+                await self._pace(n, rate)
+            self.meter.add(n, self.clock())
+            offset += n
+            await send({**message, "offset": offset - n, "count": n, "more_body": more or offset < end})
+            if offset >= end:
+                return
 
     def status(self) -> dict:
         caps = self.caps()

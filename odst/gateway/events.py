@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any, AsyncGenerator
 
+import msgspec
 from litestar import Controller, Request, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -62,8 +63,9 @@ class EventController(Controller):
             while not site.stopping.is_set():
                 batch = views.events(site.reader, after=position, limit=500, type_=type)
                 for e in batch:
-                    position = e["position"]
-                    yield ServerSentEventMessage(data=json.dumps(_brief(e) if brief else e), event=e["type"],
+                    position = e.position
+                    item = msgspec.to_builtins(e)
+                    yield ServerSentEventMessage(data=json.dumps(_brief(item) if brief else item), event=e.type,
                                                  id=position)
                 if batch:
                     continue
@@ -91,9 +93,9 @@ class EventController(Controller):
     @get("/site", operation_id="getSite", opt={"roles": READ})
     async def get_site(self, request: Request) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
-        row = site.reader.execute("SELECT * FROM sites WHERE site=?", (site.id,)).fetchone()
+        chain = views.site_chain(site.reader, site.id)
         return {"site": site.id, "name": site.name, "public_key": site.key.public_key.hex(),
-                "last_seq": row["last_seq"] if row else 0, "context": site.settings.context,
+                "last_seq": chain.last_seq if chain else 0, "context": site.settings.context,
                 "stages": site.settings.stages,
                 "packages": views.count(site.reader, "packages"),
                 "events": views.count(site.reader, "events"),

@@ -55,7 +55,7 @@ class SiteCollector:
         self.mirrors = {}
         if site.linker is not None:
             for p in views.peer_sites(site.reader, site.site_id):
-                self.mirrors[p["site"]] = await site.linker.status(p["site"])
+                self.mirrors[p.site] = await site.linker.status(p.site)
 
     def collect(self):
         site, stats = self.site, self.site.stats
@@ -130,12 +130,12 @@ def bandwidth_metrics(site: MetricSources):
         rate = GaugeMetricFamily("odst_link_rate_bytes_per_second", "Replication bytes per second measured "
                                  "over the last seconds", labels=["peer", "direction"])
         for p in views.peer_sites(site.reader, site.site_id):
-            status = bw.link_status(p["site"])
+            status = bw.link_status(p.site)
             for direction in ("send", "receive"):
                 d = status[direction]
-                limit.add_metric([p["site"], direction], d["limit_bps"])
-                paused.add_metric([p["site"], direction], 1 if d["state"] == "paused" else 0)
-                rate.add_metric([p["site"], direction], d["measured_bps"])
+                limit.add_metric([p.site, direction], d["limit_bps"])
+                paused.add_metric([p.site, direction], 1 if d["state"] == "paused" else 0)
+                rate.add_metric([p.site, direction], d["measured_bps"])
         yield limit
         yield paused
         yield rate

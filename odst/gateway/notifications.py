@@ -59,8 +59,8 @@ def _ledger(request: Request) -> Ledger:
     return state.notify_ledger
 
 
-def _webhook_view(w: dict) -> dict:
-    return {k: w[k] for k in ("webhook_id", "url", "event_types", "description", "created_at", "created_by",
+def _webhook_view(w: views.Webhook) -> dict:
+    return {k: getattr(w, k) for k in ("webhook_id", "url", "event_types", "description", "created_at", "created_by",
                               "removed_at")}
 
 
@@ -97,7 +97,7 @@ class WebhookController(Controller):
     async def remove_webhook(self, request: Request, webhook_id: str) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
         w = views.webhook(site.reader, webhook_id)
-        if w is None or w["removed_at"] is not None:
+        if w is None or w.removed_at is not None:
             raise NotFound(f"no webhook {webhook_id!r}")
         await site.append(ev.WebhookRemoved(webhook_id=webhook_id), actor=request.state.actor)
         return {"removed": webhook_id}
@@ -135,14 +135,14 @@ class EmailSubscriptionController(Controller):
         await site.append(ev.EmailSubscribed(subscription_id=sub_id, recipient=recipient,
                                              event_types=_event_types(body.event_types)),
                           actor=request.state.actor)
-        row = next(s for s in views.email_subscriptions(site.reader) if s["subscription_id"] == sub_id)
+        row = next(s for s in views.email_subscriptions(site.reader) if s.subscription_id == sub_id)
         return Response(row, status_code=201)
 
     @delete("/{subscription_id:str}", operation_id="removeEmailSubscription", opt={"roles": ADMIN},
             status_code=200)
     async def remove_subscription(self, request: Request, subscription_id: str) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
-        if not any(s["subscription_id"] == subscription_id for s in views.email_subscriptions(site.reader)):
+        if not any(s.subscription_id == subscription_id for s in views.email_subscriptions(site.reader)):
             raise NotFound(f"no email subscription {subscription_id!r}")
         await site.append(ev.EmailUnsubscribed(subscription_id=subscription_id), actor=request.state.actor)
         return {"removed": subscription_id}

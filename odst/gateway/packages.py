@@ -27,6 +27,16 @@ from odst.store.files import StoreFull, StreamingUpload
 log = structlog.get_logger("odst.gateway")
 
 
+class Uploaded(views.Package, kw_only=True):
+    """An upload's 201 answer: the package as recorded, and the id of the event that recorded
+    this very upload (its events may have been appended together with others': batch.GroupCommit)."""
+    event_id: str
+
+    @classmethod
+    def of(cls, package: views.Package, appended) -> "Uploaded":
+        return cls(**msgspec.structs.asdict(package), event_id=appended.envelope.id)
+
+
 class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
     stage: str | None = None  # one of the site's stages: the document served names them (openapi.document)
 
@@ -85,18 +95,18 @@ def _strict(request: Request) -> str:
     return name_in_path(request.scope, PackageController.path + "/")
 
 
-def _with_local_transfer(site: GatewayContext, pkg: dict) -> dict:
+def _with_local_transfer(site: GatewayContext, pkg: views.Package | views.PackageRow):
     """Show this site's transfer in progress (pending/downloading/failed) beside the logged availability."""
-    here = pkg["availability"].get(site.id)
-    if site.replicator is None or (here and here["status"] == "available"):
+    here = pkg.availability.get(site.id)
+    if site.replicator is None or (here and here.status == "available"):
         return pkg
-    progress = site.replicator.progress.get((pkg["name"], pkg["blake3"]))
+    progress = site.replicator.progress.get((pkg.name, pkg.blake3))
     if progress is not None and progress.status != "available":
         t = progress.as_dict()
-        pkg["availability"][site.id] = {"status": t["status"], "detail": t["detail"],
-                                        "chunks_done": t["chunks_done"], "chunks_total": t["chunks_total"],
-                                        "rate_bytes_per_s": t["rate_bytes_per_s"],
-                                        "updated_at": here["updated_at"] if here else None}
+        now = views.Availability(status=t["status"], detail=t["detail"], chunks_done=t["chunks_done"],
+                                 chunks_total=t["chunks_total"], rate_bytes_per_s=t["rate_bytes_per_s"],
+                                 updated_at=here.updated_at if here else None)
+        pkg = msgspec.structs.replace(pkg, availability={**pkg.availability, site.id: now})
     return pkg
 
 
@@ -107,7 +117,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
     async with _lock_for(name):
         served = views.servable(site.reader, name, site.id)
         decision = uploads.accept_replace(name, stage, site.settings.default_stage, manifest,
-                                          views.package(site.reader, name), served["blake3"] if served else None)
+                                          views.package(site.reader, name), served.blake3 if served else None)
         if isinstance(decision, uploads.Identical):
             path.unlink(missing_ok=True)
             site.stats.uploads["identical"] += 1
@@ -135,7 +145,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
     lost = uploads.lost_race(name, manifest, current)
     if lost is not None:
         raise _refused(lost)
-    return Response({**current, "event_id": appended.envelope.id}, status_code=201)
+    return Response(Uploaded.of(current, appended), status_code=201)
 
 
 class PackageController(Controller):
@@ -253,7 +263,7 @@ class PackageController(Controller):
         lost = uploads.lost_race(name, manifest, current)
         if lost is not None:
             raise _refused(lost)
-        return Response({**current, "event_id": appended.envelope.id}, status_code=201)  # the event that recorded it
+        return Response(Uploaded.of(current, appended), status_code=201)
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:
@@ -264,11 +274,11 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            if change.stage is not None and change.stage != pkg["stage"]:
+            if change.stage is not None and change.stage != pkg.stage:
                 if change.stage not in site.settings.stages:
                     raise StageInvalid(f"unknown stage {change.stage!r}; allowed: "
                                        f"{', '.join(site.settings.stages)}")
-                await site.append(ev.PackageStaged(name=pkg["name"], stage=change.stage, previous=pkg["stage"]),
+                await site.append(ev.PackageStaged(name=pkg.name, stage=change.stage, previous=pkg.stage),
                                   actor=request.state.actor)
         return views.package(site.reader, name)
 
@@ -280,8 +290,8 @@ class PackageController(Controller):
             pkg = views.package(site.reader, name)
             if pkg is None:
                 raise PackageNotFound(f"no package named {name!r}")
-            await site.append(ev.PackageDeleted(name=pkg["name"], blake3=pkg["blake3"]), actor=request.state.actor)
+            await site.append(ev.PackageDeleted(name=pkg.name, blake3=pkg.blake3), actor=request.state.actor)
             site.store.remove(name)
-        log.info("package deleted", package=pkg["name"])
-        return {"deleted": pkg["name"], "blake3": pkg["blake3"]}
+        log.info("package deleted", package=pkg.name)
+        return {"deleted": pkg.name, "blake3": pkg.blake3}
 

@@ -14,15 +14,13 @@ from odst.errors import Forbidden, NotFound, RequestInvalid
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
-from odst.naming import MAX_INT64, ascii_int, sent_path
+from odst.naming import MAX_INT64
 from odst.peering import registration
 from odst.peering.requests import PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
-from odst.replicator.bandwidth import LinkThrottled
 from odst.replicator.scrub import read_status
-from odst.replicator.transport import ChunkUnavailable
 from odst.gateway.context import GatewayContext
 
 
@@ -65,20 +63,20 @@ class PeerController(Controller):
     @get("/peers", operation_id="listPeers", opt={"roles": READ})
     async def list_peers(self, request: Request) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
-        peers = views.peer_sites(site.reader, site.id)
-        for p in peers:
-            p["link"] = await site.linker.status(p["site"])
-            p["bad_chunks"] = site.replicator.bad_chunks.get(p["site"], 0) if site.replicator else 0
+        peers = [msgspec.to_builtins(p) | {
+            "link": await site.linker.status(p.site),
+            "bad_chunks": site.replicator.bad_chunks.get(p.site, 0) if site.replicator else 0}
+            for p in views.peer_sites(site.reader, site.id)]
         return {"site": site.id, "peers": peers, "removed": views.removed_peers(site.reader)}
 
     @delete("/peers/{peer:str}", operation_id="removePeer", opt={"roles": ADMIN}, status_code=200)
     async def remove_peer(self, request: Request, peer: str) -> dict[str, Any]:
         """Stop trusting a peer: its events after the last one seen here are ignored."""
         site: GatewayContext = request.app.state.site
-        if not any(p["site"] == peer for p in views.peer_sites(site.reader, site.id)):
+        if not any(p.site == peer for p in views.peer_sites(site.reader, site.id)):
             raise NotFound(f"no peer {peer!r}")
         chain = views.site_chain(site.reader, peer)
-        upto = chain["last_seq"] if chain else 0
+        upto = chain.last_seq if chain else 0
         await site.append(ev.PeerRemoved(site=peer, upto_seq=upto), actor=request.state.actor)
         return {"removed": peer, "upto_seq": upto}
 
@@ -106,7 +104,7 @@ class PeerController(Controller):
         replicated = views.replicated_state(site.reader)
         conflicts = views.conflicts(site.reader)
         return {"site": site.id,
-                "digest": state_digest([replicated, [[c["name"], c["blake3"], c["winner"]] for c in conflicts]]),
+                "digest": state_digest([replicated, [[c.name, c.blake3, c.winner] for c in conflicts]]),
                 "packages": [{"name": n, "blake3": b, "stage": s, "available_at": sites}
                              for n, b, s, sites in replicated],
                 "transfers": site.replicator.transfers() if site.replicator else [],
@@ -115,46 +113,6 @@ class PeerController(Controller):
                 "chunks_served": dict(site.chunk_server.served) if site.chunk_server else {},
                 "bad_chunks_from": dict(site.replicator.bad_chunks) if site.replicator else {},
                 "quarantined": views.count(site.reader, "quarantine")}
-
-
-def make_chunk_app(site: GatewayContext):
-    """Raw ASGI: GET /peer/v1/chunks/<blake3>/<index>, signed by a registered peer.
-
-    Kept off the framework's response path: it is the replication hot path.
-    """
-    prefix = "/peer/v1/chunks/"
-
-    async def app(scope, receive, send) -> None:
-        path = sent_path(scope)  # as signed: never decoded
-        status, body, ctype = 200, b"", "application/octet-stream"
-        extra: list[tuple[bytes, bytes]] = []
-        if scope["method"] != "GET":
-            status, body = 405, b'{"error":"method_not_allowed","detail":"GET only"}'
-        else:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            parts = path[len(prefix):].split("/") if path.startswith(prefix) else []
-            try:
-                peer = site.chunk_server.authorise("GET", path, headers)
-                index = ascii_int(parts[1]) if len(parts) == 2 else None
-                if index is None:
-                    raise ChunkUnavailable("malformed chunk path")
-                body = await site.chunk_server.read(parts[0], index, peer)
-                site.chunk_server.served[headers.get("x-odst-site", "")] += 1
-            except PeerRequestRefused as exc:
-                status, body = 403, json.dumps({"error": "peer_refused", "detail": str(exc)}).encode()
-            except ChunkUnavailable as exc:
-                status, body = 404, json.dumps({"error": "chunk_unavailable", "detail": str(exc)}).encode()
-            except LinkThrottled as exc:  # the link's send limit or timetable: ask again later
-                status, body = 503, json.dumps({"error": "link_throttled", "detail": str(exc)}).encode()
-                extra = [(b"retry-after", f"{max(1, round(exc.retry_after))}".encode())]
-        if status != 200:
-            ctype = "application/json"
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-                                *extra]})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
 
 
 class PeerProtocolController(Controller):

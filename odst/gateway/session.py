@@ -124,24 +124,24 @@ class SessionController(Controller):
         body = decode_json(await request.body(), PasswordChange)
         address = client_address(request)
         reservation = signin.reserve_attempt(site.sessions, site.settings, p.username, address)
-        row = views.user_row(site.reader, p.username)
-        if row is None or not await passwords.verify_async(site.key, row["password_sealed"], body.current):
+        row = views.user_account(site.reader, p.username)
+        if row is None or not await passwords.verify_async(site.key, row.password_sealed, body.current):
             log.warning("password change: current password wrong", user=p.username, address=address)
             raise Unauthorized("current password is wrong")
         site.sessions.succeeded(p.username, address, reservation)
         passwords.check_new_password(body.new, p.username)
         sealed = await passwords.seal_async(site.key, body.new)
-        await site.append(ev.UserPasswordChanged(username=row["username"], password_sealed=sealed),
+        await site.append(ev.UserPasswordChanged(username=row.username, password_sealed=sealed),
                           actor=p.actor)
-        site.sessions.delete_user(row["username"])
-        forget_first_password(site, row["username"])
-        row = views.user_row(site.reader, row["username"])
+        site.sessions.delete_user(row.username)
+        forget_first_password(site, row.username)
+        row = views.user_account(site.reader, row.username)
         session_id, sess = site.sessions.create(
-            username=row["username"], role=row["role"], source="local", display_name=row["display_name"],
+            username=row.username, role=row.role, source="local", display_name=row.display_name,
             address=address, user_agent=request.headers.get("user-agent", ""),
             credential=passwords.fingerprint(row))
-        fresh = Principal(username=row["username"], role=row["role"], source="local",
-                          display_name=row["display_name"], csrf=sess.csrf,
+        fresh = Principal(username=row.username, role=row.role, source="local",
+                          display_name=row.display_name, csrf=sess.csrf,
                           expires_at=sess.ends_at(site.sessions.idle_s))
         return Response(session_json(fresh),
                         cookies=[_session_cookie(request, site, session_id, site.settings.session_max_s)])

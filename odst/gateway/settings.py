@@ -45,11 +45,11 @@ def settings_json(site: GatewayContext) -> dict[str, Any]:
     named = views.site_names(site.reader).get(site.id)
     return {
         "site_id": site.id, "site_name": site.name,
-        "site_name_source": ({"from": "event", "updated_at": named["updated_at"], "updated_by": named["updated_by"]}
+        "site_name_source": ({"from": "event", "updated_at": named.updated_at, "updated_by": named.updated_by}
                              if named else {"from": "setting" if s.site_name else "default"}), "public_url": s.base_url, "context": s.context,
         "download_auth": s.download_auth, "stages": s.stages, "accepted_stages": views.replicated_stages(site.reader, s),
-        "accepted_stages_source": ({"from": "event", "updated_at": chosen["updated_at"],
-                                    "updated_by": chosen["updated_by"]} if chosen else
+        "accepted_stages_source": ({"from": "event", "updated_at": chosen.updated_at,
+                                    "updated_by": chosen.updated_by} if chosen else
                                    {"from": "setting" if s.accept_stages else "default"}),
         "default_stage": s.default_stage, "allowed_extensions": s.allowed_extensions,
         "max_upload_bytes": s.max_upload_bytes,

@@ -51,7 +51,7 @@ class TokenController(Controller):
     @delete("/{token_id:str}", operation_id="revokeToken", opt={"roles": ADMIN}, status_code=200)
     async def revoke_token(self, request: Request, token_id: str) -> dict[str, Any]:
         site: GatewayContext = request.app.state.site
-        if not any(t["token_id"] == token_id and t["revoked_at"] is None
+        if not any(t.token_id == token_id and t.revoked_at is None
                    for t in views.tokens(site.reader, site.id)):
             raise NotFound(f"no active token {token_id!r}")
         await site.append(ev.TokenRevoked(token_id=token_id), actor=request.state.actor)

@@ -90,14 +90,14 @@ def _display_name(value: str) -> str:
 
 
 def _live(site: GatewayContext, username: str):
-    row = views.user_row(site.reader, username)
+    row = views.user_account(site.reader, username)
     if row is None:
         raise NotFound(f"no user {username!r}")
     return row
 
 
 def _other_admins(site: GatewayContext, username: str) -> int:
-    return sum(1 for u in views.users(site.reader) if u["role"] == "admin" and u["username"].lower() != username.lower())
+    return sum(1 for u in views.users(site.reader) if u.role == "admin" and u.username.lower() != username.lower())
 
 
 class UserController(Controller):
@@ -119,7 +119,7 @@ class UserController(Controller):
         display = _display_name(body.display_name)
         sealed = await passwords.seal_async(site.key, body.password)
         async with users_lock(site):
-            if views.user_row(site.reader, username) is not None:
+            if views.user_account(site.reader, username) is not None:
                 raise UserExists(f"user {username!r} exists already")
             await site.append(ev.UserCreated(username=username, role=body.role, password_sealed=sealed,
                                              display_name=display), actor=request.state.actor)
@@ -145,16 +145,16 @@ class UserController(Controller):
         actor = request.state.actor
         async with users_lock(site):
             row = _live(site, username)
-            name = row["username"]
-            if body.role is not None and body.role != row["role"]:
-                if row["role"] == "admin" and _other_admins(site, name) == 0:
+            name = row.username
+            if body.role is not None and body.role != row.role:
+                if row.role == "admin" and _other_admins(site, name) == 0:
                     raise RequestInvalid("this is the last admin user; make another admin first")
                 await site.append(ev.UserRoleChanged(username=name, role=body.role), actor=actor)
             if sealed is not None:
                 await site.append(ev.UserPasswordChanged(username=name, password_sealed=sealed), actor=actor)
                 site.sessions.delete_user(name)
                 forget_first_password(site, name)
-            if display is not None and display != row["display_name"]:
+            if display is not None and display != row.display_name:
                 await site.append(ev.UserDetailsChanged(username=name, display_name=display), actor=actor)
         return views.user(site.reader, name)
 
@@ -163,9 +163,9 @@ class UserController(Controller):
         site: GatewayContext = request.app.state.site
         async with users_lock(site):
             row = _live(site, username)
-            if row["role"] == "admin" and _other_admins(site, row["username"]) == 0:
+            if row.role == "admin" and _other_admins(site, row.username) == 0:
                 raise RequestInvalid("this is the last admin user; make another admin first")
-            await site.append(ev.UserRemoved(username=row["username"]), actor=request.state.actor)
-        site.sessions.delete_user(row["username"])
-        forget_first_password(site, row["username"])
-        return {"removed": row["username"]}
+            await site.append(ev.UserRemoved(username=row.username), actor=request.state.actor)
+        site.sessions.delete_user(row.username)
+        forget_first_password(site, row.username)
+        return {"removed": row.username}

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import structlog
 
+from odst import tasks
 from odst.config import Settings
 from odst.events import catalogue as ev
 from odst.jamf.client import JamfClient, JamfError, credentials
@@ -61,8 +62,8 @@ def ready_packages(conn: sqlite3.Connection, site: str, own_stages: list[str], s
     match what a Mac gets from every counting site, so it moves only after the last swap."""
     sites = {site: stage in own_stages}
     for p in views.peer_sites(conn, site):
-        chosen = p["accepted_stages"]
-        sites[p["site"]] = chosen is None or stage in chosen
+        chosen = p.accepted_stages
+        sites[p.site] = chosen is None or stage in chosen
     required = {s for s, replicates in sites.items() if replicates}
     out = []
     for row in conn.execute("SELECT * FROM packages WHERE stage=? ORDER BY name", (stage,)).fetchall():
@@ -248,10 +249,10 @@ class JamfService:
         if site == self.d.site_id:
             name, url = s.site_name or site[:12], s.base_url
         else:
-            peer = next((p for p in views.peer_sites(self.d.reader, self.d.site_id) if p["site"] == site), None)
-            if peer is None or not peer["http_url"]:
+            peer = next((p for p in views.peer_sites(self.d.reader, self.d.site_id) if p.site == site), None)
+            if peer is None or not peer.http_url:
                 raise JamfError(f"site {site} is not a known peer with a public URL")
-            name, url = peer["name"] or site[:12], peer["http_url"]
+            name, url = peer.name or site[:12], peer.http_url
         user = s.download_user if s.download_auth == "basic" else ""
         password = s.download_password if s.download_auth == "basic" else ""
         return DistributionPoint(name=f"ODST {name}", public_url=url, context=s.context,
@@ -261,7 +262,7 @@ class JamfService:
     def site_ids(self, all_sites: bool) -> list[str]:
         ids = [self.d.site_id]
         if all_sites:
-            ids += [p["site"] for p in views.peer_sites(self.d.reader, self.d.site_id) if p["http_url"]]
+            ids += [p.site for p in views.peer_sites(self.d.reader, self.d.site_id) if p.http_url]
         return ids
 
     def resolve_site(self, ref: str) -> str:
@@ -269,8 +270,8 @@ class JamfService:
         if ref in (self.d.site_id, self.d.settings.site_name):
             return self.d.site_id
         for p in views.peer_sites(self.d.reader, self.d.site_id):
-            if ref in (p["site"], p["name"]):
-                return p["site"]
+            if ref in (p.site, p.name):
+                return p.site
         raise JamfError(f"no site {ref!r}: name a site of the Network page")
 
     async def register_dps(self, *, all_sites: bool = False, failover: str = "") -> list[dict]:
@@ -491,9 +492,7 @@ class JamfService:
         return self
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await tasks.cancel(self._task)
         if self.client:
             await self.client.close()
 

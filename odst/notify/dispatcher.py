@@ -12,10 +12,10 @@ on ``X-ODST-Delivery``: delivery is at least once.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import sqlite3
 
+import msgspec
 import structlog
 from nats.js import api
 
@@ -53,13 +53,13 @@ def notify_stream_config(site: str, replicas: int) -> api.StreamConfig:
 
 
 def event_item(row) -> dict:
-    return views.event_json(row)
+    """A job's item for an event: the event as the API shows it."""
+    return msgspec.to_builtins(views.event(row))
 
 
 def quarantine_item(row) -> dict:
-    return {"stream": row["stream"], "stream_seq": row["stream_seq"], "subject": row["subject"],
-            "origin": row["origin"], "kind": row["kind"], "reason": row["reason"],
-            "payload": base64.b64encode(bytes(row["payload"])).decode("ascii")}
+    """A job's item for a quarantined message: as the API's quarantine list shows it."""
+    return msgspec.to_builtins(views.quarantined(row))
 
 
 def summary(type_: str, item: dict) -> dict:
@@ -86,7 +86,7 @@ def first_cursor(reader) -> int:
     Read "now" first: a subscription made after it begins after it.
     """
     now = views.last_position(reader)
-    sinces = [s["since"] for table in ("webhooks", "email_subscriptions")
+    sinces = [s.since for table in ("webhooks", "email_subscriptions")
               for s in views.active_subscriptions(reader, table)]
     return min([now, *sinces])
 
@@ -161,18 +161,18 @@ class Dispatcher:
     async def _fan_out(self, type_: str, key: str, position: int | None, item, hooks, subs) -> None:
         made = None
         for hook in hooks:
-            if type_ not in hook["event_types"] or (position is not None and position <= hook["since"]):
+            if type_ not in hook.event_types or (position is not None and position <= hook.since):
                 continue
             made = made or item()
-            did = delivery_id(hook["webhook_id"], key)
-            self.ledger.queued(did, hook["webhook_id"], key, type_)
-            job = {"delivery_id": did, "webhook_id": hook["webhook_id"], "event_key": key, "type": type_,
+            did = delivery_id(hook.id, key)
+            self.ledger.queued(did, hook.id, key, type_)
+            job = {"delivery_id": did, "webhook_id": hook.id, "event_key": key, "type": type_,
                    "item": made}
-            await self.js.publish(job_subject(self.site_id, hook["webhook_id"]),
+            await self.js.publish(job_subject(self.site_id, hook.id),
                                        json.dumps(job, separators=(",", ":")).encode(),
                                        stream=NOTIFY_STREAM, headers={"Nats-Msg-Id": did}, timeout=10)
         for sub in subs:
-            if type_ not in sub["event_types"] or (position is not None and position <= sub["since"]):
+            if type_ not in sub.event_types or (position is not None and position <= sub.since):
                 continue
             made = made or item()
-            self.ledger.enqueue_mail(sub["recipient"], key, type_, summary(type_, made))
+            self.ledger.enqueue_mail(sub.recipient, key, type_, summary(type_, made))

@@ -94,7 +94,7 @@ class Mailer:
                 log.warning("email subscriptions have events to send but smtp_host is not set")
                 self._warned = True
             return 0
-        live = {sub["recipient"] for sub in views.email_subscriptions(self.reader)} if due else set()
+        live = {sub.recipient for sub in views.email_subscriptions(self.reader)} if due else set()
         sent = 0
         for recipient in due:
             if recipient not in live:

@@ -19,7 +19,7 @@ import aiohttp
 import structlog
 from nats.js import api
 
-from odst import __version__
+from odst import __version__, tasks
 from odst.bus.service import consume
 from odst.bus.streams import ensure_stream
 from odst.config import Settings
@@ -63,9 +63,7 @@ class WebhookSender:
         self._workers = [asyncio.create_task(self._work(), name=f"webhook-worker-{i}") for i in range(WORKERS)]
 
     async def stop(self) -> None:
-        for t in self._workers:
-            t.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await tasks.cancel(*self._workers)
         if self.http is not None:
             await self.http.close()
 
@@ -77,7 +75,7 @@ class WebhookSender:
         did, hook_id = job["delivery_id"], job["webhook_id"]
         attempt = msg.metadata.num_delivered
         hook = views.webhook(self.reader, hook_id)
-        if hook is None or hook["removed_at"] is not None:
+        if hook is None or hook.removed_at is not None:
             self.ledger.attempted(did, status="cancelled", attempts=attempt - 1, http_status=None,
                                   error="webhook removed")
             await msg.term()
@@ -97,7 +95,7 @@ class WebhookSender:
                    DELIVERY_HEADER: did, "X-ODST-Event": job["type"]}
         status, error = None, ""
         try:
-            async with self.http.post(hook["url"], data=raw, headers=headers, allow_redirects=False) as r:
+            async with self.http.post(hook.url, data=raw, headers=headers, allow_redirects=False) as r:
                 status = r.status
                 if not 200 <= status < 300:
                     error = f"HTTP {status}: {(await r.text(errors='replace'))[:200]}"

@@ -63,7 +63,7 @@ class Linker:
 
     async def sync(self) -> None:
         for peer in views.peer_sites(self.reader, self.site_id):
-            sid = peer["site"]
+            sid = peer.site
             if sid in self.linked:
                 continue
             if not await self.ensure_mirror(sid):
@@ -148,6 +148,6 @@ class Linker:
                    last_contact_s=round(active_s, 3) if active_s is not None else None, error=error)
         out["link"] = "up" if (active_s is not None and active_s < 30 and not error) else "down"
         chain = views.site_chain(self.reader, sid)
-        out["last_event_ts"] = chain["last_ts"] if chain else None
-        out["last_seq"] = chain["last_seq"] if chain else 0
+        out["last_event_ts"] = chain.last_ts if chain else None
+        out["last_seq"] = chain.last_seq if chain else 0
         return out

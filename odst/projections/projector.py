@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 from nats.js import JetStreamContext
 
+from odst import tasks
 from odst.events.log import read_stream, unfolded
 from odst.projections.apply import ReadModelWriter
 from odst.projections.db import open_read_model
@@ -117,9 +118,7 @@ class Projector:
         self._tasks.append(asyncio.create_task(self._tail(stream), name=f"projector:{stream}"))
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await tasks.cancel(*self._tasks)
         self._tasks.clear()
 
     async def _heal(self, stream: str) -> bool:

@@ -1,4 +1,8 @@
-"""The read side: plain SQL over the read model, returning plain dicts."""
+"""The read side: plain SQL over the read model, returning typed, frozen msgspec structs.
+
+A struct's fields are in the order the API has always sent them: the gateway returns them as
+they are (Litestar encodes msgspec structs), so the JSON keeps its keys, values and order.
+Fields a row has only in some answers default to ``UNSET`` and are left out of the JSON."""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import sqlite3
 from collections.abc import Collection
 from typing import NamedTuple
 
+import msgspec
+from msgspec import UNSET, UnsetType
+
 from odst.bus.authorization import Subscriber
 from odst.events import codec
 from odst.events.watch import Landmark, Recorded
@@ -15,19 +22,276 @@ from odst.naming import name_key
 from odst.store.hashing import Manifest
 
 
-def _package(row: sqlite3.Row, availability: list[sqlite3.Row], *, chunks: bool = True) -> dict:
-    d = dict(row)
-    d.pop("first_clock", None)
-    d.pop("key", None)
-    if chunks:
-        d["chunks"] = json.loads(d["chunks"])
-        d["chunk_count"] = len(d["chunks"])
-    d["availability"] = {a["site"]: {"status": a["status"], "detail": a["detail"],
-                                     "updated_at": int(a["clock"][:15])} for a in availability}
-    return d
+class View(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every view's answer: frozen (inherited); each struct says kw_only=True itself,
+    as msgspec does not inherit it."""
 
 
-def package(conn: sqlite3.Connection, name: str) -> dict | None:
+class Availability(View, kw_only=True):
+    """One site's latest report on a package's current content. A transfer in progress here
+    (gateway: the replicator's progress) adds its chunk counts and rate."""
+    status: str
+    detail: str
+    chunks_done: int | UnsetType = UNSET
+    chunks_total: int | UnsetType = UNSET
+    rate_bytes_per_s: float | UnsetType = UNSET
+    updated_at: int | None
+
+
+class Package(View, kw_only=True):
+    """A current package with its chunk hashes, availability per site and, from ``package()``,
+    the content each site serves under the name (``serving``)."""
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunks: list[str]
+    stage: str
+    origin: str
+    uploaded_at: int
+    uploaded_by: str
+    updated_at: int
+    generation: int
+    chunk_count: int
+    availability: dict[str, Availability]
+    serving: dict[str, str] | UnsetType = UNSET
+
+
+class PackageRow(View, kw_only=True):
+    """A row of a package list: ``chunk_count`` instead of the chunk hashes."""
+    name: str
+    size: int
+    sha1: str
+    sha512: str
+    blake3: str
+    chunk_size: int
+    chunk_count: int
+    stage: str
+    origin: str
+    uploaded_at: int
+    uploaded_by: str
+    updated_at: int
+    availability: dict[str, Availability]
+
+
+class ServedContent(View, kw_only=True):
+    """A content a site may serve under a name; ``key`` (naming.name_key) is its file's name."""
+    key: str
+    name: str
+    size: int
+    blake3: str
+    sha1: str
+    uploaded_at: int
+
+
+class Conflict(View, kw_only=True):
+    """A live content that lost its name (any spelling) to an earlier upload elsewhere."""
+    name: str
+    blake3: str
+    origin: str
+    first_clock: str
+    winner: str
+    winner_origin: str
+    winner_name: str
+
+
+class Spelling(View, kw_only=True):
+    name: str
+    blake3: str
+    same_content: bool
+
+
+class NameCollision(View, kw_only=True):
+    """A key more than one live spelling stands for: the one kept and the others."""
+    key: str
+    kept: str
+    blake3: str
+    others: list[Spelling]
+
+
+class Event(View, kw_only=True):
+    """A folded event as the API and webhooks show it: the envelope decoded, and the signed bytes."""
+    position: int
+    id: str
+    stream: str
+    stream_seq: int
+    subject: str
+    origin: str
+    seq: int
+    type: str
+    ts: int
+    actor: str
+    verified: bool
+    envelope: dict
+    signed: str
+
+
+class Quarantined(View, kw_only=True):
+    """A message the projector refused, with its bytes (base64)."""
+    stream: str
+    stream_seq: int
+    subject: str
+    origin: str
+    kind: str
+    reason: str
+    payload: str
+
+
+class Token(View, kw_only=True):
+    token_id: str
+    name: str
+    role: str
+    created_at: int
+    created_by: str
+    revoked_at: int | None
+
+
+class NatsCredential(View, kw_only=True):
+    credential_id: str
+    name: str
+    role: str
+    nkey: str
+    created_at: int
+    created_by: str
+    revoked_at: int | None
+    revoked_by: str | None
+
+
+class PeerSite(View, kw_only=True):
+    """A site this one knows a key for: registered here, or vouched for by peers."""
+    site: str
+    public_key: str
+    name: str
+    http_url: str
+    registered_here: bool
+    vouched_by: list[str]
+    accepted_stages: list[str] | None
+
+
+class Removal(View, kw_only=True):
+    site: str
+    upto_seq: int
+
+
+class SiteChain(View, kw_only=True):
+    """Where a site's verified chain stands in the read model."""
+    site: str
+    public_key: str
+    name: str
+    last_seq: int
+    last_hash: str
+    last_ts: int
+
+
+class Webhook(View, kw_only=True):
+    webhook_id: str
+    url: str
+    event_types: list[str]
+    description: str
+    event_id: str
+    created_at: int
+    created_by: str
+    removed_at: int | None
+
+
+class EmailSubscription(View, kw_only=True):
+    subscription_id: str
+    recipient: str
+    event_types: list[str]
+    event_id: str
+    created_at: int
+    created_by: str
+    removed_at: int | None
+
+
+class Subscription(View, kw_only=True):
+    """A live webhook or email subscription and ``since``: the position of the event that made it."""
+    id: str
+    event_types: list[str]
+    since: int
+    recipient: str = ""  # email subscriptions
+
+
+class User(View, kw_only=True):
+    """A local user as the API shows it (never the password)."""
+    username: str
+    display_name: str
+    role: str
+    created_at: int
+    created_by: str
+    updated_at: int | None
+    updated_by: str | None
+    password_changed_at: int | None
+
+
+class UserAccount(View, kw_only=True):
+    """A live local user with its sealed password: what sign-in and sessions check."""
+    username: str
+    display_name: str
+    role: str
+    password_sealed: str
+    created_at: int
+
+
+class SiteSetting(View, kw_only=True):
+    value: object
+    updated_at: int
+    updated_by: str
+
+
+class SiteName(View, kw_only=True):
+    """The name a site chose last (its latest SiteRenamed)."""
+    name: str
+    updated_at: int
+    updated_by: str
+
+
+class Damaged(View, kw_only=True):
+    """A current package found damaged here, awaiting repair, and who could repair it."""
+    name: str
+    blake3: str
+    reason: str
+    found_by: str
+    found_at: int
+    sources: list[str]
+
+
+class ChunkRejection(View, kw_only=True):
+    """A peer's ChunkRejected naming this site as the source."""
+    position: int
+    reporter: str
+    ts: int
+    name: str
+    blake3: str
+    chunk: int
+    reason: str
+
+
+def _availability(availability: list[sqlite3.Row]) -> dict[str, Availability]:
+    return {a["site"]: Availability(status=a["status"], detail=a["detail"], updated_at=int(a["clock"][:15]))
+            for a in availability}
+
+
+def _package(row: sqlite3.Row, availability: list[sqlite3.Row], **more) -> Package:
+    chunks = json.loads(row["chunks"])
+    return Package(name=row["name"], size=row["size"], sha1=row["sha1"], sha512=row["sha512"],
+                   blake3=row["blake3"], chunk_size=row["chunk_size"], chunks=chunks, stage=row["stage"],
+                   origin=row["origin"], uploaded_at=row["uploaded_at"], uploaded_by=row["uploaded_by"],
+                   updated_at=row["updated_at"], generation=row["generation"], chunk_count=len(chunks),
+                   availability=_availability(availability), **more)
+
+
+def _package_row(row: sqlite3.Row, availability: list[sqlite3.Row]) -> PackageRow:
+    return PackageRow(name=row["name"], size=row["size"], sha1=row["sha1"], sha512=row["sha512"],
+                      blake3=row["blake3"], chunk_size=row["chunk_size"], chunk_count=row["chunk_count"],
+                      stage=row["stage"], origin=row["origin"], uploaded_at=row["uploaded_at"],
+                      uploaded_by=row["uploaded_by"], updated_at=row["updated_at"],
+                      availability=_availability(availability))
+
+
+def package(conn: sqlite3.Connection, name: str) -> Package | None:
     """The package any spelling of ``name`` stands for (naming.name_key); ``name`` in the
     answer is the spelling it is shown by."""
     key = name_key(name)
@@ -36,9 +300,7 @@ def package(conn: sqlite3.Connection, name: str) -> dict | None:
         return None
     avail = conn.execute("SELECT * FROM availability WHERE key=? AND blake3=? ORDER BY site",
                          (key, row["blake3"])).fetchall()
-    pkg = _package(row, avail)
-    pkg["serving"] = sites_serving(conn, key)
-    return pkg
+    return _package(row, avail, serving=sites_serving(conn, key))
 
 
 # Columns a package list may be sorted by (the API's ``sort``), each with name as tie-break.
@@ -63,7 +325,7 @@ def _package_filter(stage: str | None, q: str | None, names: list[str] | None) -
 
 def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None,
              names: list[str] | None = None, sort: str = "name", descending: bool = False,
-             limit: int = 1000, offset: int = 0, chunks: bool = False) -> list[dict]:
+             limit: int = 1000, offset: int = 0, chunks: bool = False) -> list[PackageRow] | list[Package]:
     """One page of current packages. Without ``chunks`` a row carries ``chunk_count`` instead of
     every chunk's SHA1 (13.5 KB for a 300 MB package): lists stay small at thousands of packages."""
     if sort not in PACKAGE_SORTS:
@@ -79,8 +341,8 @@ def packages(conn: sqlite3.Connection, *, stage: str | None = None, q: str | Non
         for a in conn.execute(f"SELECT * FROM availability WHERE key IN ({marks}) ORDER BY site",
                               [r["key"] for r in rows]):
             avail.setdefault(a["key"], []).append(a)
-    return [_package(r, [a for a in avail.get(r["key"], []) if a["blake3"] == r["blake3"]], chunks=chunks)
-            for r in rows]
+    make = _package if chunks else _package_row
+    return [make(r, [a for a in avail.get(r["key"], []) if a["blake3"] == r["blake3"]]) for r in rows]
 
 
 def package_count(conn: sqlite3.Connection, *, stage: str | None = None, q: str | None = None) -> int:
@@ -92,8 +354,12 @@ def package_count(conn: sqlite3.Connection, *, stage: str | None = None, q: str 
     return conn.execute(f"SELECT count(*) FROM {source}{where}", args).fetchone()[0]
 
 
+def _served(row: sqlite3.Row | None) -> ServedContent | None:
+    return ServedContent(**row) if row is not None else None
+
+
 def servable(conn: sqlite3.Connection, name: str, site: str, stages: list[str] | None = None
-             ) -> sqlite3.Row | None:
+             ) -> ServedContent | None:
     """The content this site serves under any spelling of ``name`` (naming.name_key): the one it
     holds, which is the current content or, while a replacement is on its way here, the one it
     replaces (view 'serving'). Given ``stages`` (the site's accepted stages), only while the
@@ -106,17 +372,17 @@ def servable(conn: sqlite3.Connection, name: str, site: str, stages: list[str] |
         sql += (" AND (SELECT p.stage FROM packages p WHERE p.key=s.key)"
                 f" IN ({','.join('?' * len(stages))})")
         args += stages
-    return conn.execute(sql, args).fetchone()
+    return _served(conn.execute(sql, args).fetchone())
 
 
-def served_content(conn: sqlite3.Connection, name: str, blake3: str) -> sqlite3.Row | None:
+def served_content(conn: sqlite3.Connection, name: str, blake3: str) -> ServedContent | None:
     """A content of ``name`` that some site may still serve (not deleted, the name not gone):
     what a download names by the identity of the file it opened (``store.files.content_tag``)."""
-    return conn.execute(
+    return _served(conn.execute(
         "SELECT c.key, c.name, c.size, c.blake3, c.sha1, c.uploaded_at FROM contents c"
         " WHERE c.key=? AND c.blake3=? AND EXISTS (SELECT 1 FROM live_contents l WHERE l.key=c.key)"
         " AND NOT EXISTS (SELECT 1 FROM tombstones t WHERE t.key=c.key AND t.blake3=c.blake3"
-        " AND t.clock >= c.last_clock)", (name_key(name), blake3)).fetchone()
+        " AND t.clock >= c.last_clock)", (name_key(name), blake3)).fetchone())
 
 
 def sites_serving(conn: sqlite3.Connection, name: str) -> dict[str, str]:
@@ -133,38 +399,37 @@ def published_names(conn: sqlite3.Connection, site: str) -> set[str]:
     return {r[0] for r in conn.execute("SELECT key FROM serving WHERE site=?", (site,))}
 
 
-def conflicts(conn: sqlite3.Connection) -> list[dict]:
-    return [dict(r) for r in conn.execute("SELECT * FROM conflicts ORDER BY name, first_clock")]
+def conflicts(conn: sqlite3.Connection) -> list[Conflict]:
+    return [Conflict(**r) for r in conn.execute("SELECT * FROM conflicts ORDER BY name, first_clock")]
 
 
-def name_collisions(conn: sqlite3.Connection) -> list[dict]:
+def name_collisions(conn: sqlite3.Connection) -> list[NameCollision]:
     """Keys that more than one live spelling stands for (sql/014_names.sql): per key, the spelling
     kept (and its content) and every other spelling with its content, earliest first."""
-    out: dict[str, dict] = {}
+    out: dict[str, NameCollision] = {}
     for r in conn.execute("SELECT * FROM name_collisions ORDER BY key, first_clock, name"):
-        entry = out.setdefault(r["key"], {"kept": r["kept"], "blake3": r["kept_blake3"], "others": []})
+        entry = out.setdefault(r["key"], NameCollision(key=r["key"], kept=r["kept"], blake3=r["kept_blake3"],
+                                                        others=[]))
         if r["name"] != r["kept"] or r["blake3"] != r["kept_blake3"]:
-            entry["others"].append({"name": r["name"], "blake3": r["blake3"],
-                                    "same_content": r["blake3"] == r["kept_blake3"]})
-    return [{"key": k, **v} for k, v in out.items()]
+            entry.others.append(Spelling(name=r["name"], blake3=r["blake3"],
+                                         same_content=r["blake3"] == r["kept_blake3"]))
+    return list(out.values())
 
 
-def event_json(row: sqlite3.Row) -> dict:
+def event(row: sqlite3.Row) -> Event:
+    """A row of ``events`` as the API shows it (verified when it was folded)."""
     payload = bytes(row["payload"])
     envelope = codec.to_builtins(codec.decode_body(codec.unverified_body(payload)))
-    return {
-        "position": row["position"], "id": row["id"], "stream": row["stream"],
-        "stream_seq": row["stream_seq"], "subject": row["subject"], "origin": row["origin"],
-        "seq": row["seq"], "type": row["type"], "ts": row["ts"], "actor": row["actor"],
-        "verified": True, "envelope": envelope,
-        "signed": base64.b64encode(payload).decode("ascii"),
-    }
+    return Event(position=row["position"], id=row["id"], stream=row["stream"], stream_seq=row["stream_seq"],
+                 subject=row["subject"], origin=row["origin"], seq=row["seq"], type=row["type"], ts=row["ts"],
+                 actor=row["actor"], verified=True, envelope=envelope,
+                 signed=base64.b64encode(payload).decode("ascii"))
 
 
 def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
            type_: str | None = None, origin: str | None = None, name: str | None = None,
            actor: str | None = None, since: int | None = None, until: int | None = None,
-           before: int | None = None) -> list[dict]:
+           before: int | None = None) -> list[Event]:
     """Events after ``after``, oldest first; with ``before``, the newest ones below it, newest first."""
     sql, args = "SELECT * FROM events WHERE position > ?", [after]
     for clause, value in (("position < ?", before), ("actor = ?", actor or None), ("ts >= ?", since),
@@ -175,7 +440,7 @@ def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
             args.append(value)
     sql += f" ORDER BY position {'DESC' if before is not None else ''} LIMIT ?"
     args.append(limit)
-    return [event_json(r) for r in conn.execute(sql, args)]
+    return [event(r) for r in conn.execute(sql, args)]
 
 
 def last_position(conn: sqlite3.Connection) -> int:
@@ -191,33 +456,36 @@ def folded_types(conn: sqlite3.Connection, after: int) -> tuple[int, set[str]]:
         "SELECT DISTINCT type FROM events WHERE position > ? AND position <= ?", (after, upto))}
 
 
-def quarantine(conn: sqlite3.Connection, limit: int = 100) -> list[dict]:
-    return [{"stream": r["stream"], "stream_seq": r["stream_seq"], "subject": r["subject"],
-             "origin": r["origin"], "kind": r["kind"], "reason": r["reason"],
-             "payload": base64.b64encode(bytes(r["payload"])).decode("ascii")}
-            for r in conn.execute("SELECT * FROM quarantine ORDER BY stream, stream_seq LIMIT ?",
+def quarantined(row: sqlite3.Row) -> Quarantined:
+    """A row of ``quarantine`` as the API and webhooks show it."""
+    return Quarantined(stream=row["stream"], stream_seq=row["stream_seq"], subject=row["subject"],
+                       origin=row["origin"], kind=row["kind"], reason=row["reason"],
+                       payload=base64.b64encode(bytes(row["payload"])).decode("ascii"))
+
+
+def quarantine(conn: sqlite3.Connection, limit: int = 100) -> list[Quarantined]:
+    return [quarantined(r) for r in conn.execute("SELECT * FROM quarantine ORDER BY stream, stream_seq LIMIT ?",
                                   (limit,))]
 
 
-def token_by_hash(conn: sqlite3.Connection, digest: str, site: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM tokens WHERE token_sha256=? AND site=? AND revoked_at IS NULL",
-                        (digest, site)).fetchone()
+_TOKEN = "SELECT token_id, name, role, created_at, created_by, revoked_at FROM tokens"
 
 
-def tokens(conn: sqlite3.Connection, site: str) -> list[dict]:
-    return [{"token_id": r["token_id"], "name": r["name"], "role": r["role"],
-             "created_at": r["created_at"], "created_by": r["created_by"],
-             "revoked_at": r["revoked_at"]}
-            for r in conn.execute("SELECT * FROM tokens WHERE site=? ORDER BY created_at", (site,))]
+def token_by_hash(conn: sqlite3.Connection, digest: str, site: str) -> Token | None:
+    row = conn.execute(_TOKEN + " WHERE token_sha256=? AND site=? AND revoked_at IS NULL",
+                       (digest, site)).fetchone()
+    return Token(**row) if row is not None else None
 
 
-def nats_credentials(conn: sqlite3.Connection, *, include_revoked: bool = True) -> list[dict]:
+def tokens(conn: sqlite3.Connection, site: str) -> list[Token]:
+    return [Token(**r) for r in conn.execute(_TOKEN + " WHERE site=? ORDER BY created_at", (site,))]
+
+
+def nats_credentials(conn: sqlite3.Connection, *, include_revoked: bool = True) -> list[NatsCredential]:
     """This site's NATS credentials for downstream services (public keys only), oldest first."""
-    sql = "SELECT * FROM nats_credentials" + ("" if include_revoked else " WHERE revoked_at IS NULL")
-    return [{"credential_id": r["credential_id"], "name": r["name"], "role": r["role"], "nkey": r["nkey"],
-             "created_at": r["created_at"], "created_by": r["created_by"],
-             "revoked_at": r["revoked_at"], "revoked_by": r["revoked_by"]}
-            for r in conn.execute(sql + " ORDER BY created_at, credential_id")]
+    sql = ("SELECT credential_id, name, role, nkey, created_at, created_by, revoked_at, revoked_by"
+           " FROM nats_credentials" + ("" if include_revoked else " WHERE revoked_at IS NULL"))
+    return [NatsCredential(**r) for r in conn.execute(sql + " ORDER BY created_at, credential_id")]
 
 
 def nats_subscribers(conn: sqlite3.Connection) -> list:
@@ -331,7 +599,7 @@ def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list
         (name_key(name), blake3, site))]
 
 
-def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
+def peer_sites(conn: sqlite3.Connection, site: str) -> list[PeerSite]:
     """Every site this one knows a key for (registered here or vouched for by a peer), less removed."""
     rows = conn.execute(
         "SELECT d.site, d.public_key, d.name, d.http_url, d.vouched_by, d.clock FROM directory d"
@@ -343,22 +611,24 @@ def peer_sites(conn: sqlite3.Connection, site: str) -> list[dict]:
     for r in rows:
         chosen = renamed.get(r["site"])
         entry = out.setdefault(r["site"], {"site": r["site"], "public_key": r["public_key"],
-                                           "name": chosen["name"] if chosen else r["name"], "http_url": r["http_url"],
+                                           "name": chosen.name if chosen else r["name"], "http_url": r["http_url"],
                                            "registered_here": False, "vouched_by": [],
                                            "accepted_stages": policies.get(r["site"])})
         if r["vouched_by"] == site:
             entry["registered_here"] = True
         else:
             entry["vouched_by"].append(r["vouched_by"])
-    return list(out.values())
+    return [PeerSite(**e) for e in out.values()]
 
 
-def removed_peers(conn: sqlite3.Connection) -> list[dict]:
-    return [dict(r) for r in conn.execute("SELECT site, upto_seq FROM removals ORDER BY site")]
+def removed_peers(conn: sqlite3.Connection) -> list[Removal]:
+    return [Removal(**r) for r in conn.execute("SELECT site, upto_seq FROM removals ORDER BY site")]
 
 
-def site_chain(conn: sqlite3.Connection, site: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM sites WHERE site=?", (site,)).fetchone()
+def site_chain(conn: sqlite3.Connection, site: str) -> SiteChain | None:
+    row = conn.execute("SELECT site, public_key, name, last_seq, last_hash, last_ts FROM sites WHERE site=?",
+                       (site,)).fetchone()
+    return SiteChain(**row) if row is not None else None
 
 
 def replicated_state(conn: sqlite3.Connection) -> list[list]:
@@ -407,62 +677,62 @@ def content_is_live(conn: sqlite3.Connection, blake3: str) -> bool:
     return conn.execute("SELECT 1 FROM live_contents WHERE blake3=? LIMIT 1", (blake3,)).fetchone() is not None
 
 
-def _subscription(row: sqlite3.Row) -> dict:
-    d = dict(row)
-    d["event_types"] = json.loads(d["event_types"])
-    return d
+def _webhook(row: sqlite3.Row) -> Webhook:
+    return Webhook(**{**row, "event_types": json.loads(row["event_types"])})
 
 
-def webhooks(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[dict]:
+def _email_subscription(row: sqlite3.Row) -> EmailSubscription:
+    return EmailSubscription(**{**row, "event_types": json.loads(row["event_types"])})
+
+
+def webhooks(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[Webhook]:
     sql = "SELECT * FROM webhooks" + ("" if include_removed else " WHERE removed_at IS NULL")
-    return [_subscription(r) for r in conn.execute(sql + " ORDER BY created_at, webhook_id")]
+    return [_webhook(r) for r in conn.execute(sql + " ORDER BY created_at, webhook_id")]
 
 
-def webhook(conn: sqlite3.Connection, webhook_id: str) -> dict | None:
+def webhook(conn: sqlite3.Connection, webhook_id: str) -> Webhook | None:
     row = conn.execute("SELECT * FROM webhooks WHERE webhook_id=?", (webhook_id,)).fetchone()
-    return _subscription(row) if row else None
+    return _webhook(row) if row else None
 
 
-def email_subscriptions(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[dict]:
+def email_subscriptions(conn: sqlite3.Connection, *, include_removed: bool = False) -> list[EmailSubscription]:
     sql = "SELECT * FROM email_subscriptions" + ("" if include_removed else " WHERE removed_at IS NULL")
-    return [_subscription(r) for r in conn.execute(sql + " ORDER BY created_at, subscription_id")]
+    return [_email_subscription(r) for r in conn.execute(sql + " ORDER BY created_at, subscription_id")]
 
 
-def active_subscriptions(conn: sqlite3.Connection, table: str) -> list[dict]:
+def active_subscriptions(conn: sqlite3.Connection, table: str) -> list[Subscription]:
     """Live webhooks or email subscriptions with ``since``: the position of the event that made them."""
-    assert table in ("webhooks", "email_subscriptions")
-    return [_subscription(r) for r in conn.execute(
-        f"SELECT s.*, e.position AS since FROM {table} s JOIN events e ON e.id = s.event_id"
+    id_, recipient = {"webhooks": ("webhook_id", "''"),
+                      "email_subscriptions": ("subscription_id", "s.recipient")}[table]
+    return [Subscription(id=r[0], event_types=json.loads(r[1]), since=r[2], recipient=r[3]) for r in conn.execute(
+        f"SELECT s.{id_}, s.event_types, e.position, {recipient} FROM {table} s JOIN events e ON e.id = s.event_id"
         " WHERE s.removed_at IS NULL")]
 
 
-def _user(row: sqlite3.Row) -> dict:
-    return {"username": row["username"], "display_name": row["display_name"], "role": row["role"],
-            "created_at": row["created_at"], "created_by": row["created_by"],
-            "updated_at": row["updated_at"], "updated_by": row["updated_by"],
-            "password_changed_at": row["password_changed_at"]}
+_USER = ("SELECT username, display_name, role, created_at, created_by, updated_at, updated_by,"
+         " password_changed_at FROM users WHERE removed_at IS NULL")
 
 
-def users(conn: sqlite3.Connection) -> list[dict]:
-    return [_user(r) for r in conn.execute(
-        "SELECT * FROM users WHERE removed_at IS NULL ORDER BY username")]
+def users(conn: sqlite3.Connection) -> list[User]:
+    return [User(**r) for r in conn.execute(_USER + " ORDER BY username")]
 
 
-def user_row(conn: sqlite3.Connection, username: str) -> sqlite3.Row | None:
+def user_account(conn: sqlite3.Connection, username: str) -> UserAccount | None:
     """A live local user (case-insensitive name), with its sealed password."""
-    return conn.execute("SELECT * FROM users WHERE username=? AND removed_at IS NULL",
-                        (username,)).fetchone()
+    row = conn.execute("SELECT username, display_name, role, password_sealed, created_at FROM users"
+                       " WHERE username=? AND removed_at IS NULL", (username,)).fetchone()
+    return UserAccount(**row) if row is not None else None
 
 
-def user(conn: sqlite3.Connection, username: str) -> dict | None:
-    row = user_row(conn, username)
-    return _user(row) if row else None
+def user(conn: sqlite3.Connection, username: str) -> User | None:
+    row = conn.execute(_USER + " AND username=?", (username,)).fetchone()
+    return User(**row) if row is not None else None
 
 
-def site_setting(conn: sqlite3.Connection, key: str) -> dict | None:
+def site_setting(conn: sqlite3.Connection, key: str) -> SiteSetting | None:
     row = conn.execute("SELECT * FROM site_settings WHERE key=?", (key,)).fetchone()
-    return {"value": json.loads(row["value"]), "updated_at": row["updated_at"],
-            "updated_by": row["updated_by"]} if row else None
+    return SiteSetting(value=json.loads(row["value"]), updated_at=row["updated_at"],
+                       updated_by=row["updated_by"]) if row else None
 
 
 def replicated_stages(conn: sqlite3.Connection, settings) -> list[str]:
@@ -471,24 +741,24 @@ def replicated_stages(conn: sqlite3.Connection, settings) -> list[str]:
     chosen = site_setting(conn, "accepted_stages")
     if chosen is None:
         return settings.default_replicated_stages
-    return [s for s in chosen["value"] if s in settings.stages]
+    return [s for s in chosen.value if s in settings.stages]
 
 
-def site_names(conn: sqlite3.Connection) -> dict[str, dict]:
+def site_names(conn: sqlite3.Connection) -> dict[str, SiteName]:
     """The name each site chose last (its latest SiteRenamed, by its own sequence): site id ->
-    {name, updated_at, updated_by}. A site that never renamed itself is absent."""
-    out: dict[str, dict] = {}
+    its SiteName. A site that never renamed itself is absent."""
+    out: dict[str, SiteName] = {}
     for row in conn.execute("SELECT origin, ts, actor, payload FROM events WHERE type='SiteRenamed'"
                             " ORDER BY origin, seq"):
         event = codec.decode_body(codec.unverified_body(bytes(row["payload"]))).event
-        out[row["origin"]] = {"name": event.name, "updated_at": row["ts"], "updated_by": row["actor"]}
+        out[row["origin"]] = SiteName(name=event.name, updated_at=row["ts"], updated_by=row["actor"])
     return out
 
 
 def site_name(conn: sqlite3.Connection, site_id: str, settings) -> str:
     """This site's name: its last SiteRenamed, else the site_name setting."""
     chosen = site_names(conn).get(site_id)
-    return chosen["name"] if chosen else settings.site_name
+    return chosen.name if chosen else settings.site_name
 
 
 def peer_log_alarms(conn: sqlite3.Connection, site: str) -> dict[str, str]:
@@ -520,14 +790,14 @@ def recorded(conn: sqlite3.Connection, stream: str, origin: str):
     return Recorded(checkpoint=row[0] if row else 0, first=marks[0], last=marks[1])
 
 
-def damaged(conn: sqlite3.Connection, site: str) -> list[dict]:
+def damaged(conn: sqlite3.Connection, site: str) -> list[Damaged]:
     """Current packages this site found damaged in its own store and has not repaired yet
     (out of service here), with whether any other site holds a verified copy to repair from."""
     rows = conn.execute(
         "SELECT p.name, d.blake3, d.reason, d.found_by, d.clock FROM damaged d JOIN packages p"
         " ON p.key=d.key AND p.blake3=d.blake3 WHERE d.site=? ORDER BY p.name", (site,)).fetchall()
-    return [{"name": r["name"], "blake3": r["blake3"], "reason": r["reason"], "found_by": r["found_by"],
-             "found_at": int(r["clock"][:15]), "sources": sources(conn, r["name"], r["blake3"], site)}
+    return [Damaged(name=r["name"], blake3=r["blake3"], reason=r["reason"], found_by=r["found_by"],
+                    found_at=int(r["clock"][:15]), sources=sources(conn, r["name"], r["blake3"], site))
             for r in rows]
 
 
@@ -539,7 +809,7 @@ def is_damaged(conn: sqlite3.Connection, name: str, site: str) -> bool:
 
 
 def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
-                     limit: int = 500) -> tuple[list[dict], int]:
+                     limit: int = 500) -> tuple[list[ChunkRejection], int]:
     """Peers' ChunkRejected events naming ``site`` as the source, after event ``position``
     (reporter, when, and the event's fields, verified when they were folded), and the
     position to read on from."""
@@ -551,8 +821,8 @@ def chunk_rejections(conn: sqlite3.Connection, site: str, after: int,
     for r in rows:
         e = codec.decode_body(codec.unverified_body(bytes(r["payload"]))).event
         if e.source == site:
-            out.append({"position": r["position"], "reporter": r["origin"], "ts": r["ts"], "name": e.name,
-                        "blake3": e.blake3, "chunk": e.chunk, "reason": e.reason})
+            out.append(ChunkRejection(position=r["position"], reporter=r["origin"], ts=r["ts"], name=e.name,
+                                      blake3=e.blake3, chunk=e.chunk, reason=e.reason))
     return out, last
 
 

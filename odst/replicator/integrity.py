@@ -86,12 +86,12 @@ class Integrity:
 
     async def _recheck(self, name, blake3, *, found_by, detail, pace, actor, repair) -> Finding:
         pkg = views.package(self.reader, name)  # any spelling (or the key) finds it
-        if (pkg is None or pkg["blake3"] != blake3 or self.store.is_publishing(name)
+        if (pkg is None or pkg.blake3 != blake3 or self.store.is_publishing(name)
                 or views.held_since(self.reader, name, blake3, self.site_id) is None):
             return Finding(name, blake3, "skipped", "not held here (any more)")
-        name = pkg["name"]  # events and logs say the spelling shown; the store folds it
+        name = pkg.name  # events and logs say the spelling shown; the store folds it
         path = self.store.path(name)
-        status, reason, nbytes = await asyncio.to_thread(check_file, path, pkg["size"], pkg["sha1"], blake3, pace)
+        status, reason, nbytes = await asyncio.to_thread(check_file, path, pkg.size, pkg.sha1, blake3, pace)
         if status in ("ok", "skipped"):
             return Finding(name, blake3, status, reason, nbytes)
         log.error("stored package damaged", package=name, reason=reason, found_by=found_by)

@@ -1,12 +1,16 @@
 """The puller: one content from many sources, as a documented pipeline.
 
-    pick source (least busy, not failing) -> fetch chunk -> verify length + SHA1 (hashing.chunk_ok)
-    -> pwrite into tmp/<blake3>.repl -> ... -> fsync -> whole-file SHA1 + blake3 (hashing.WholeHash)
+    pick source (least busy, not failing) -> fetch a run of chunks (one signed request, the
+    chunks streamed back to back; one chunk per request from a source that serves no runs)
+    -> verify each chunk's length + SHA1 as it arrives (hashing.pieces_ok)
+    -> pwrite it in <= 256 KiB pieces into tmp/<blake3>.repl -> ... -> fsync
+    -> whole-file blake3 (hashing.WholeHash; the signed manifest's hash, over the verified chunks)
     -> (caller) atomic rename into packages/ -> PackageAvailable
 
-A chunk that fails its SHA1 is dropped, the source is reported and penalised,
-and the chunk is fetched again from another source. After a crash the temp file
-is re-verified chunk by chunk and only missing or bad chunks are fetched again.
+A chunk that fails its SHA1 is dropped, the source is reported and penalised, the rest of
+its run is still taken, and the chunk is fetched again from another source. A run cut
+short keeps the chunks that came; the rest are asked for again. After a crash the temp
+file is re-verified chunk by chunk and only missing or bad chunks are fetched again.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import os
 import random
 import time
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +27,9 @@ from typing import Awaitable, Callable
 
 import structlog
 
-from odst.replicator.transport import ChunkSource, ChunkUnavailable, SourceThrottled, TransportFailed
-from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span
+from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
+                                       TransportFailed)
+from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, pieces_ok
 
 log = structlog.get_logger("odst.puller")
 
@@ -33,6 +39,9 @@ PENALTY_HALF_LIFE_S = 30.0
 MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer gives up
 THROTTLED_RETRY_MAX_S = 2.0  # a source holding a chunk back is asked again this soon at the latest
 AHEAD_CHUNKS = 32  # chunks kept in memory ahead of the whole-file hash (bounds memory)
+RUN_CHUNKS = 16  # most chunks asked for in one request (a server serves up to peer_run_chunks, 16 by default)
+WRITE_PIECE = 256 << 10  # pwrite size: a 1 MiB copy into cold page-cache pages costs 4-5x four of these
+PAY_WAITED_S = 0.001  # a receive-limit payment that took longer made the puller wait: the link is limited
 
 
 class TransferFailed(Exception):
@@ -76,6 +85,7 @@ class _SourceState:
         self.in_flight = 0
         self.penalty = 0.0
         self.penalty_at = time.monotonic()
+        self.runs = hasattr(source, "fetch_run")  # until it answers a run 404 (an older peer)
 
     def cost(self) -> float:
         age = time.monotonic() - self.penalty_at
@@ -99,6 +109,9 @@ class Puller:
         self.states = [_SourceState(s, base) for s, base in sources]
         self.path = temp_path(tmp_dir, want.blake3)
         self.streams = max(1, streams)
+        # requests in flight x chunks each stay within the whole-file hash's window (memory as
+        # with one chunk a request): 8 streams ask for runs of 4
+        self.run_chunks = max(1, min(RUN_CHUNKS, AHEAD_CHUNKS // self.streams))
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
         self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
         self.throttle = throttle  # (peer, bytes): waits for the link's receive limit (bandwidth.py)
@@ -125,16 +138,17 @@ class Puller:
             if done:
                 log.info("resuming transfer", package=w.name, verified_chunks=len(done), total=len(w.chunks))
             self._written = set(done)
-            self._ahead: dict[int, bytes] = {}
+            self._ahead: dict[int, list] = {}
             self._hashed_upto = 0
             self._hash_task: asyncio.Task | None = None
-            self._whole = WholeHash()
-            queue: asyncio.Queue[int] = asyncio.Queue()
-            for i in range(len(w.chunks)):
-                if i not in done:
-                    queue.put_nowait(i)
-            workers = [asyncio.create_task(self._worker(fd, queue))
-                       for _ in range(min(self.streams, queue.qsize()))]
+            self._whole = WholeHash(sha1=False)
+            self._queue: deque[int] = deque(i for i in range(len(w.chunks)) if i not in done)
+            self._tried: defaultdict[int, set[int]] = defaultdict(set)  # sources tried per chunk, this round
+            self._rounds: Counter[int] = Counter()
+            self._paid: set[int] = set()  # chunks whose receive limit is paid (once per chunk)
+            self._fd = fd
+            workers = [asyncio.create_task(self._worker(fd))
+                       for _ in range(min(self.streams, len(self._queue)))]
             try:
                 await asyncio.gather(*workers)
             finally:
@@ -149,14 +163,14 @@ class Puller:
             await asyncio.to_thread(os.fsync, fd)
             if self._hashed_upto != len(w.chunks):
                 raise TransferFailed("internal: not every chunk was hashed")
-            sha1, b3 = self._whole.sha1, self._whole.blake3
+            b3 = self._whole.blake3
         finally:
             os.close(fd)
             self._writer.shutdown(wait=False)
             self._hasher.shutdown(wait=False)
-        if sha1 != w.sha1 or b3 != w.blake3:
+        if b3 != w.blake3:  # every chunk passed its SHA1: this is the whole-file check
             self.path.unlink(missing_ok=True)
-            raise TransferFailed(f"whole-file hash mismatch (sha1 {sha1}, blake3 {b3}); discarded")
+            raise TransferFailed(f"whole-file hash mismatch (blake3 {b3}); discarded")
         return self.path
 
     def _verified_chunks(self, fd: int) -> set[int]:
@@ -171,7 +185,7 @@ class Puller:
         return done
 
     async def _advance_hashes(self, fd: int) -> None:
-        """Feed the whole-file SHA1 and blake3 as the contiguous written prefix grows.
+        """Feed the whole-file blake3 as the contiguous written prefix grows.
 
         Runs beside the transfer on its own thread, from the chunks still in
         memory (kept while they are a few ahead of the hashed prefix) or else
@@ -190,21 +204,23 @@ class Puller:
         if self._hash_task is None or self._hash_task.done():
             self._hash_task = asyncio.ensure_future(self._advance_hashes(fd))
 
-    def _hash_range(self, fd: int, start: int, blocks: list[bytes | None]) -> None:
+    def _hash_range(self, fd: int, start: int, blocks: list[list | None]) -> None:
         w = self.want
-        for i, data in enumerate(blocks, start):
-            if data is None:
+        for i, pieces in enumerate(blocks, start):
+            if pieces is None:
                 offset, length = chunk_span(i, w.size, w.chunk_size)
-                data = os.pread(fd, length, offset)
-            self._whole.update(data)
+                pieces = [os.pread(fd, length, offset)]
+            for piece in pieces:
+                self._whole.update(piece)
 
-    def _verify_and_write(self, fd: int, index: int, data: bytes, offset: int, length: int) -> bool:
-        if not chunk_ok(data, length, self.want.chunks[index]):
+    def _verify_and_write(self, fd: int, index: int, pieces: list, offset: int, length: int) -> bool:
+        if not pieces_ok(pieces, length, self.want.chunks[index]):
             return False
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                n = os.pwrite(fd, view[:WRITE_PIECE], offset)
+                view, offset = view[n:], offset + n
         return True
 
     def _pick(self, tried: set[int]) -> _SourceState | None:
@@ -214,58 +230,119 @@ class Puller:
         best = min(s.cost() for s in candidates)
         return random.choice([s for s in candidates if s.cost() - best < 0.5])
 
-    async def _worker(self, fd: int, queue: asyncio.Queue) -> None:
+    async def _pay(self, site: str, index: int) -> bool:
+        """The link's receive limit for one chunk, once per chunk; True if it made us wait."""
+        if self.throttle is None or index in self._paid:
+            return False
+        t0 = time.monotonic()
+        await self.throttle(site, chunk_span(index, self.want.size, self.want.chunk_size)[1])
+        self._paid.add(index)
+        return time.monotonic() - t0 > PAY_WAITED_S
+
+    async def _worker(self, fd: int) -> None:
+        while self._queue:
+            await self._fetch(fd, self._queue.popleft())
+
+    async def _fetch(self, fd: int, index: int) -> None:
+        """Until chunk ``index`` is written: pick a source, ask it for a run starting at
+        ``index`` (as far as the next chunks are still wanted and the link lets them come
+        without waiting), keep every good chunk that arrives."""
         w = self.want
-        while True:
+        while index not in self._written:
+            tried = self._tried[index]
+            state = self._pick(tried)
+            if state is None:
+                self._rounds[index] += 1
+                if self._rounds[index] >= MAX_ROUNDS:
+                    raise TransferFailed(f"chunk {index}: every source failed {MAX_ROUNDS} times")
+                tried.clear()
+                await asyncio.sleep(min(2.0 ** self._rounds[index] * 0.25, 5.0))  # back off before another round
+                continue
+            tried.add(id(state))
+            src = state.source
+            run = [index]
+            state.in_flight += 1
+            got: list[int] = []
+            throttled = 0.0
             try:
-                index = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            offset, length = chunk_span(index, w.size, w.chunk_size)
-            tried: set[int] = set()
-            rounds = 0
-            paid = self.throttle is None  # the link's receive limit is paid once per chunk, not per attempt
-            while True:
-                state = self._pick(tried)
-                if state is None:
-                    rounds += 1
-                    if rounds >= MAX_ROUNDS:
-                        raise TransferFailed(f"chunk {index}: every source failed {MAX_ROUNDS} times")
-                    tried.clear()
-                    await asyncio.sleep(min(2.0 ** rounds * 0.25, 5.0))  # back off before another round
-                    continue
-                tried.add(id(state))
-                src = state.source
-                state.in_flight += 1
-                try:
-                    if not paid:
-                        await self.throttle(src.site, length)
-                        paid = True
+                waited = await self._pay(src.site, index)
+                if state.runs and not waited:  # a limited link is paced chunk by chunk
+                    while (len(run) < self.run_chunks and self._queue and self._queue[0] == run[-1] + 1
+                           and id(state) not in self._tried[self._queue[0]]):
+                        run.append(self._queue.popleft())
+                        if await self._pay(src.site, run[-1]):
+                            break
+                if state.runs:
+                    await self._take_run(fd, state, run, got)
+                else:
                     data = await src.fetch(w.blake3, index)
-                except SourceThrottled as exc:  # held back by the source's link: not its fault
-                    tried.discard(id(state))
-                    await asyncio.sleep(min(exc.retry_after, THROTTLED_RETRY_MAX_S))
-                    continue
-                except (TransportFailed, ChunkUnavailable) as exc:
+                    got.append(index)
+                    await self._settle(state, index, [data], self._write(fd, index, [data]))
+            except RunsUnsupported:  # an older peer: one chunk per request from now on
+                state.runs = False
+                tried.discard(id(state))
+                log.info("source serves one chunk per request", package=w.name, peer=src.site)
+            except SourceThrottled as exc:  # held back by the source's link: not its fault
+                tried.discard(id(state))
+                throttled = min(exc.retry_after, THROTTLED_RETRY_MAX_S)
+            except (TransportFailed, ChunkUnavailable) as exc:
+                if not got:  # a run that delivered chunks before it broke made progress
                     state.punish(FAILURE_PENALTY)
-                    log.info("chunk fetch failed; trying another source", package=w.name, chunk=index,
-                             peer=src.site, transport=src.kind, error=str(exc))
-                    continue
-                finally:
-                    state.in_flight -= 1
-                if not await asyncio.get_running_loop().run_in_executor(
-                        self._writer, self._verify_and_write, fd, index, data, offset, length):
-                    state.punish(BAD_CHUNK_PENALTY)
-                    reason = (f"chunk {index} of {w.name} failed verification "
-                              f"({len(data)} bytes, expected {length})")
-                    log.warning("bad chunk from peer; dropped", package=w.name, chunk=index,
-                                peer=src.site, transport=src.kind)
-                    self.on_bad_source(src.site, reason, index)
-                    continue
-                self.progress.done += 1
-                self.progress.bytes += len(data)
-                self._written.add(index)
-                if index - self._hashed_upto < AHEAD_CHUNKS:
-                    self._ahead[index] = data  # hashed from memory, not re-read
-                self._kick_hashes(fd)
-                break
+                log.info("chunk fetch failed; trying another source", package=w.name, chunk=index,
+                         chunks=len(run), delivered=len(got), peer=src.site, transport=src.kind, error=str(exc))
+            finally:
+                state.in_flight -= 1
+            self._requeue(run[1:])
+            if throttled:
+                await asyncio.sleep(throttled)
+
+    def _requeue(self, rest: list[int]) -> None:
+        """Chunks of a run that did not arrive, or failed their check, go back to the front,
+        in order (the hashed prefix waits for them)."""
+        self._queue.extendleft(reversed([i for i in rest if i not in self._written]))
+
+    async def _take_run(self, fd: int, state: _SourceState, run: list[int], got: list[int]) -> None:
+        """Stream ``run`` from the source; each chunk is verified and written on the writer
+        thread while the next one arrives."""
+        w = self.want
+        lengths = [chunk_span(i, w.size, w.chunk_size)[1] for i in run]
+        pending = None
+        stream = state.source.fetch_run(w.blake3, run[0], lengths)
+        try:
+            async for pieces in stream:
+                index = run[len(got)]
+                got.append(index)
+                future = self._write(fd, index, pieces)
+                if pending is not None:
+                    await self._settle(state, *pending)
+                pending = (index, pieces, future)
+        finally:
+            await stream.aclose()
+            if pending is not None:
+                await self._settle(state, *pending)
+
+    def _write(self, fd: int, index: int, pieces: list) -> asyncio.Future:
+        offset, length = chunk_span(index, self.want.size, self.want.chunk_size)
+        return asyncio.get_running_loop().run_in_executor(
+            self._writer, self._verify_and_write, fd, index, pieces, offset, length)
+
+    async def _settle(self, state: _SourceState, index: int, pieces: list, future: asyncio.Future) -> None:
+        """The outcome of one chunk's check and write: counted, or dropped and reported."""
+        w = self.want
+        src = state.source
+        if not await future:
+            state.punish(BAD_CHUNK_PENALTY)
+            self._tried[index].add(id(state))
+            n = sum(len(p) for p in pieces)
+            reason = f"chunk {index} of {w.name} failed verification ({n} bytes, expected " \
+                     f"{chunk_span(index, w.size, w.chunk_size)[1]})"
+            log.warning("bad chunk from peer; dropped", package=w.name, chunk=index,
+                        peer=src.site, transport=src.kind)
+            self.on_bad_source(src.site, reason, index)
+            return
+        self.progress.done += 1
+        self.progress.bytes += sum(len(p) for p in pieces)
+        self._written.add(index)
+        if index - self._hashed_upto < AHEAD_CHUNKS:
+            self._ahead[index] = pieces  # hashed from memory, not re-read
+        self._kick_hashes(self._fd)

@@ -505,7 +505,7 @@ class Replicator:
             return []
         grace_ms = self.settings.withdraw_grace_s * 1000
         chosen = views.site_setting(self.reader, "accepted_stages")
-        changed_ms = max(self._started_ms, chosen["updated_at"] if chosen else 0)
+        changed_ms = max(self._started_ms, chosen.updated_at if chosen else 0)
         now_ms = int(time.time() * 1000)
         withdrawn = []
         for n, row in enumerate(rows):
@@ -548,9 +548,9 @@ class Replicator:
             if store.is_publishing(key) or store.path(key).exists():
                 continue
             pkg = views.package(reader, key)
-            if pkg is None or pkg["blake3"] != blake3:
+            if pkg is None or pkg.blake3 != blake3:
                 continue  # a conflict loser being replaced: the pull in progress owns it
-            name = pkg["name"]
+            name = pkg.name
             if (name, blake3) in self.tasks:
                 continue
             log.warning("stored package missing; pulling it again from peers", package=name)
@@ -566,14 +566,15 @@ class Replicator:
             before = key
         return missing
 
-    def _peers(self) -> dict[str, dict]:
-        return {p["site"]: p for p in views.peer_sites(self.reader, self.site_id)}
+    def _peers(self) -> dict[str, str]:
+        """Each peer's HTTP URL ("" if it has none)."""
+        return {p.site: p.http_url for p in views.peer_sites(self.reader, self.site_id)}
 
-    def _sources(self, sites: list[str], peers: dict[str, dict] | None = None) -> list[tuple]:
+    def _sources(self, sites: list[str], peers: dict[str, str] | None = None) -> list[tuple]:
         peers = self._peers() if peers is None else peers
         out = []
         for sid in sites:
-            url = peers.get(sid, {}).get("http_url", "")
+            url = peers.get(sid, "")
             if url:
                 out.append((HttpChunkSource(sid, url, self.key, self.http), HTTP_BASE_COST))
             out.append((NatsChunkSource(sid, self.nc, self.key), NATS_BASE_COST))

@@ -186,7 +186,7 @@ class Scrubber:
         """Check every held file after the cursor, paced; then record the full pass."""
         state, path = self.state, self.root / STATE_FILE
         held = sorted(views.file_holders(self.reader, self.site_id).items())
-        sizes = {name: (views.package(self.reader, name) or {}).get("size", 0) for name, _ in held}
+        sizes = {name: getattr(views.package(self.reader, name), "size", 0) for name, _ in held}
         state.pass_total = sum(sizes.values())
         state.rate = scrub_rate(state.pass_total, self.period_s, self.min_rate, self.max_rate)
         pace = Pace(state.rate, self._stop)
@@ -258,19 +258,19 @@ class RejectionWatch:
                 # time, at most one look per REPORTS_EVERY_S, not one per fold
                 await asyncio.sleep(max(0.0, passed_at + REPORTS_EVERY_S - time.monotonic()))
 
-    async def consider(self, report: dict) -> None:
-        name, blake3, reporter = report["name"], report["blake3"], report["reporter"]
+    async def consider(self, report: views.ChunkRejection) -> None:
+        name, blake3, reporter = report.name, report.blake3, report.reporter
         since = views.held_since(self.reader, name, blake3, self.site_id)
-        if since is None or report["ts"] < since - REPORT_SKEW_MS:
+        if since is None or report.ts < since - REPORT_SKEW_MS:
             return  # not held here (now), or about a copy this site has replaced since
         good_at = self.checked_good.get(blake3)
         if good_at is not None and time.monotonic() - good_at < self.cooldown_s:
             return
         log.warning("a peer rejected a chunk this site served; re-checking the package", package=name,
-                    peer=reporter, chunk=report["chunk"])
+                    peer=reporter, chunk=report.chunk)
         finding = await self.integrity.recheck(
             name, blake3, found_by="report", pace=Pace(self.rate, self._stop),
-            detail=f"re-checked because site {reporter} rejected chunk {report['chunk']}")
+            detail=f"re-checked because site {reporter} rejected chunk {report.chunk}")
         if finding.status == "ok":
             self.checked_good[blake3] = time.monotonic()
             log.info("re-checked on a peer's report: the stored copy is good", package=name, peer=reporter)

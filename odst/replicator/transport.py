@@ -1,27 +1,35 @@
-"""Chunk transports: how one site fetches a 1 MiB chunk of a content from another.
+"""Chunk transports: how one site fetches 1 MiB chunks of a content from another.
 
 Two implementations of one ``ChunkSource`` protocol (contract-tested together with the
 tests' in-memory one, tests/system/test_contracts.py):
 HTTP from the peer's gateway (fast path), and NATS request/reply on the peer's
 ``odst.<site>.chunk`` subject through the leaf tree (for sites that only dial
 out). Both sign every request with the site key. The serving side of both is
-``ChunkServer``.
+``ChunkServer.serve``: one parser of the chunk target, one set of answers.
+
+Targets (what is signed): ``/peer/v1/chunks/<blake3>/<index>`` names one chunk (every
+version serves it); ``/peer/v1/chunks/<blake3>/<first>-<last>`` names a run of chunks,
+served over HTTP as one response of their bytes back to back (``RunSource.fetch_run``).
+A site that does not serve runs (an older version, or ``peer_run_chunks = 1``) answers a
+run 404, and the puller asks that source one chunk at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 from collections import Counter
-from typing import Protocol
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
 
 import aiohttp
 import structlog
 
 from odst.bus.service import NatsService
 from odst.events.signing import SiteKey
-from odst.naming import ascii_int
+from odst.naming import ascii_int, sent_path
 from odst.projections import views
 from odst.projections.apply import trusted_key
 from odst.store.files import PackageStore
@@ -66,6 +74,24 @@ def chunk_target(blake3: str, index: int) -> str:
     return f"/peer/v1/chunks/{blake3}/{index}"
 
 
+def run_target(blake3: str, first: int, last: int) -> str:
+    """Chunks ``first`` to ``last`` (inclusive) of a content; one chunk is ``chunk_target``."""
+    return chunk_target(blake3, first) if first == last else f"/peer/v1/chunks/{blake3}/{first}-{last}"
+
+
+def parse_target(target: str) -> tuple[str, int, int] | None:
+    """(blake3, first, last) of a chunk or run target, or None when it is not one."""
+    parts = target.split("/")
+    if len(parts) != 6 or parts[:4] != ["", "peer", "v1", "chunks"] or not parts[4]:
+        return None
+    first_text, dash, last_text = parts[5].partition("-")
+    first = ascii_int(first_text)
+    last = ascii_int(last_text) if dash else first
+    if first is None or last is None or last < first:
+        return None
+    return parts[4], first, last
+
+
 class ChunkSource(Protocol):
     site: str
     kind: str
@@ -73,9 +99,25 @@ class ChunkSource(Protocol):
     async def fetch(self, blake3: str, index: int) -> bytes: ...
 
 
+class RunsUnsupported(ChunkUnavailable):
+    """The source answers runs 404: it serves one chunk per request (or not this content)."""
+
+
+class RunSource(ChunkSource, Protocol):
+    """A source that can also stream a run of chunks for one signed request."""
+
+    def fetch_run(self, blake3: str, first: int, lengths: list[int]) -> AsyncIterator[list[bytes]]:
+        """Chunk ``first``, ``first + 1``, ... (``lengths`` from the manifest), each as its
+        pieces, as they arrive. Before the first: the errors of ``fetch``, or RunsUnsupported;
+        after it, a broken stream is TransportFailed (the chunks already given are good to keep
+        once they pass their check)."""
+        ...
+
+
 class HttpChunkSource:
-    """GET /peer/v1/chunks/<blake3>/<index> from the peer's gateway (aiohttp: twice httpx's
-    throughput for 1 MiB bodies, measured)."""
+    """GET /peer/v1/chunks/<blake3>/<index> (``fetch``) or /<first>-<last> (``fetch_run``,
+    the chunks handed over as the pieces the socket gave, never joined) from the peer's
+    gateway (aiohttp: twice httpx's throughput for 1 MiB bodies, measured)."""
 
     kind = "http"
 
@@ -99,6 +141,46 @@ class HttpChunkSource:
         if status in (403, 404):
             raise ChunkUnavailable(f"{self.site} over HTTP: {status} {detail}")
         raise TransportFailed(f"{self.site} over HTTP: {status} {detail}")
+
+    async def fetch_run(self, blake3: str, first: int, lengths: list[int]) -> AsyncIterator[list[bytes]]:
+        target = run_target(blake3, first, first + len(lengths) - 1)
+        given = 0
+        try:
+            async with self.session.get(self.base_url + target, timeout=RUN_TIMEOUT,
+                                        headers=sign_request(self.key, "GET", target)) as r:
+                if r.status != 200:
+                    detail = (await r.read())[:200].decode("utf-8", "replace")
+                    if r.status == 503 and "Retry-After" in r.headers:
+                        raise SourceThrottled(f"{self.site} over HTTP: {detail}",
+                                              _retry_after(r.headers.get("Retry-After")))
+                    if r.status == 404 and len(lengths) > 1:
+                        raise RunsUnsupported(f"{self.site} over HTTP: run answered 404 {detail}")
+                    if r.status in (403, 404):
+                        raise ChunkUnavailable(f"{self.site} over HTTP: {r.status} {detail}")
+                    raise TransportFailed(f"{self.site} over HTTP: {r.status} {detail}")
+                stream = r.content
+                carry = b""
+                for length in lengths:
+                    pieces: list[bytes] = []
+                    need = length
+                    while need:
+                        piece = carry or await stream.readany()
+                        carry = b""
+                        if not piece:
+                            raise TransportFailed(f"{self.site} over HTTP: run cut after {given} of "
+                                                  f"{len(lengths)} chunks")
+                        if len(piece) > need:  # the next chunk begins inside this piece
+                            piece, carry = memoryview(piece)[:need], memoryview(piece)[need:]
+                        pieces.append(piece)
+                        need -= len(piece)
+                    given += 1
+                    yield pieces
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise TransportFailed(f"{self.site} over HTTP: run cut after {given} of {len(lengths)} chunks: "
+                                  f"{type(exc).__name__}: {exc}") from None
+
+
+RUN_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_read=30)  # a run: no bound on the whole
 
 
 def http_session() -> aiohttp.ClientSession:
@@ -132,17 +214,45 @@ class NatsChunkSource:
         raise TransportFailed(f"{self.site} over NATS: {status or 'no status'} {detail}")
 
 
+@dataclass
+class ChunkAnswer:
+    """What ``ChunkServer.serve`` answers, whichever transport asked: a status, the first
+    chunk's bytes, and for a run the rest of its chunks (``rest``, paced by the send limit;
+    it may stop early, and the transport then cuts the response short)."""
+
+    status: int
+    error: str = ""  # machine-readable: peer_refused, chunk_unavailable, link_throttled, internal
+    detail: str = ""
+    retry_after: float = 0.0
+    body: bytes = b""
+    length: int = 0  # bytes of the whole answer (body + rest)
+    rest: AsyncIterator[bytes] | None = None
+    fd: int = -1  # the content file while ``rest`` reads from it: ``close()`` when done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class RunCut(Exception):
+    """A run stops before its last chunk (the send limit fell too far behind, or the file
+    changed): the transport cuts the response; the puller keeps what came and asks again."""
+
+
 class ChunkServer(NatsService):
-    """Serves chunks of the contents this site holds, to trusted peers only (NATS here,
-    HTTP through the gateway's /peer/v1/chunks route)."""
+    """Serves chunks of the contents this site holds, to trusted peers only: ``serve`` is the
+    one entry of both transports (``_on_request`` over NATS, ``http`` for the gateway's
+    /peer/v1/chunks mount)."""
 
     queue = "chunk"
 
     def __init__(self, *, site_id: str, key: SiteKey, nc, reader: sqlite3.Connection, store: PackageStore,
-                 bandwidth: Bandwidth | None = None):
+                 bandwidth: Bandwidth | None = None, run_chunks: int = 16):
         super().__init__(nc, key)
         self.site_id, self.reader, self.store = site_id, reader, store
         self.bandwidth = bandwidth  # send limits per peer (odst.replicator.bandwidth)
+        self.run_chunks = max(1, run_chunks)  # the longest run one request may ask for (1: no runs)
         self.subject = chunk_subject(site_id)
         self.verifier = RequestVerifier(self._key_of)
         self.served: Counter[str] = Counter()  # chunks served, per requesting peer
@@ -157,31 +267,32 @@ class ChunkServer(NatsService):
 
     def locate(self, blake3: str, index: int) -> tuple[str, int, int]:
         """(path, offset, length) of a chunk of a content held here, or ChunkUnavailable."""
+        path, spans = self._locate_run(blake3, index, index)
+        return path, *spans[0]
+
+    def _locate_run(self, blake3: str, first: int, last: int) -> tuple[str, list[tuple[int, int]]]:
         row = views.local_content(self.reader, blake3, self.site_id)
         if row is None:
             raise ChunkUnavailable("content not held here")
-        offset, length = chunk_span(index, row["size"], row["chunk_size"]) if index >= 0 else (0, 0)
-        if not length:
+        spans = [chunk_span(i, row["size"], row["chunk_size"]) for i in range(first, last + 1)]
+        if not spans[-1][1]:
             raise ChunkUnavailable("chunk index out of range")
-        return str(self.store.path(row["name"])), offset, length
+        return str(self.store.path(row["name"])), spans
 
     async def read(self, blake3: str, index: int, peer: str = "") -> bytes:
         """The chunk's bytes; for a ``peer``, once its link's send limit lets them go
         (LinkThrottled: not now)."""
         path, offset, length = self.locate(blake3, index)
+        fd = _open(path)
+        try:
+            return await self._read_span(fd, offset, length, peer, blake3)
+        finally:
+            os.close(fd)
+
+    async def _read_span(self, fd: int, offset: int, length: int, peer: str, blake3: str) -> bytes:
         if peer and self.bandwidth is not None:
             await self.bandwidth.send(peer, length, blake3=blake3)
-
-        def pread() -> bytes:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                return os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
-        try:
-            data = await asyncio.to_thread(pread)
-        except FileNotFoundError:
-            raise ChunkUnavailable("content file missing") from None
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, length, offset)
         if len(data) != length:
             raise ChunkUnavailable("content file shorter than its manifest")
         return data
@@ -189,28 +300,105 @@ class ChunkServer(NatsService):
     def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
         return self.verifier.verify(method, target, {k.lower(): v for k, v in headers.items()})
 
+    async def serve(self, method: str, target: str, headers: dict[str, str], *, runs: bool) -> ChunkAnswer:
+        """Answer a signed chunk request: one chunk, or (``runs``: a transport that can stream)
+        a run of at most ``run_chunks``. The first chunk is read before answering, so a refusal,
+        a missing file or the send limit is a status, never a cut stream."""
+        try:
+            peer = self.authorise(method, target, headers)
+            parsed = parse_target(target)
+            if parsed is None:
+                raise ChunkUnavailable("malformed chunk target")
+            blake3, first, last = parsed
+            if last > first and not runs:
+                raise ChunkUnavailable("runs of chunks are served over HTTP only")
+            if last - first + 1 > self.run_chunks:
+                raise ChunkUnavailable(f"a run is at most {self.run_chunks} chunks here")
+            path, spans = self._locate_run(blake3, first, last)
+            fd = _open(path)
+            try:
+                body = await self._read_span(fd, *spans[0], peer, blake3)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.served[peer] += 1
+            if len(spans) == 1:
+                os.close(fd)
+                return ChunkAnswer(200, body=body, length=len(body))
+            return ChunkAnswer(200, body=body, length=sum(n for _, n in spans),
+                               rest=self._rest(fd, spans[1:], peer, blake3), fd=fd)
+        except PeerRequestRefused as exc:
+            log.warning("peer chunk request refused", reason=str(exc))
+            return ChunkAnswer(403, "peer_refused", str(exc))
+        except ChunkUnavailable as exc:
+            return ChunkAnswer(404, "chunk_unavailable", str(exc))
+        except LinkThrottled as exc:  # the link's send limit or timetable: ask again later
+            return ChunkAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
+
+    async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str) -> AsyncIterator[bytes]:
+        for i, (offset, length) in enumerate(spans):
+            try:
+                data = await self._read_span(fd, offset, length, peer, blake3)
+            except (LinkThrottled, ChunkUnavailable) as exc:
+                log.info("chunk run cut short", peer=peer, blake3=blake3, left=len(spans) - i, reason=str(exc))
+                raise RunCut(str(exc)) from None
+            yield data
+            self.served[peer] += 1
+
+    async def http(self, scope, receive, send) -> None:
+        """Raw ASGI (the gateway mounts it at /peer/v1/chunks): GET one chunk or a run, signed
+        by a registered peer. Kept off the framework's response path: it is the replication
+        hot path. A run goes out chunk by chunk under one Content-Length; one cut short
+        (RunCut) leaves the response short, and the server closes the connection."""
+        if scope["method"] != "GET":
+            return await _http_reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        answer = await self.serve("GET", sent_path(scope), headers, runs=True)  # the path as signed
+        if answer.status != 200:
+            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
+            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
+            return await _http_reply(send, answer.status, body, b"application/json", extra)
+        if answer.rest is None:
+            return await _http_reply(send, 200, answer.body)
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream"),
+                                    (b"content-length", str(answer.length).encode())]})
+            await send({"type": "http.response.body", "body": answer.body, "more_body": True})
+            async for data in answer.rest:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except RunCut:
+            return
+        finally:
+            await answer.rest.aclose()
+            answer.close()
+        await send({"type": "http.response.body", "body": b""})
+
     async def _on_request(self, msg) -> None:
         headers = {k.lower(): v for k, v in (msg.headers or {}).items()}
-        target = headers.get("target", "")
         try:
-            peer = self.authorise(CHUNK_METHOD, target, headers)
-            parts = target.split("/")
-            index = ascii_int(parts[5]) if len(parts) == 6 and parts[:4] == ["", "peer", "v1", "chunks"] else None
-            if index is None:
-                raise ChunkUnavailable("malformed chunk target")
-            data = await self.read(parts[4], index, peer)
-            await self.nc.publish(msg.reply, data, headers={"odst-status": "200"})
-            self.served[peer] += 1
-            log.debug("chunk served over NATS", peer=peer, target=target)
-        except PeerRequestRefused as exc:
-            log.warning("peer chunk request refused", reason=str(exc), transport="nats")
-            await self.nc.publish(msg.reply, b"", headers={"odst-status": "403", "odst-error": str(exc)})
-        except ChunkUnavailable as exc:
-            await self.nc.publish(msg.reply, b"", headers={"odst-status": "404", "odst-error": str(exc)})
-        except LinkThrottled as exc:
-            await self.nc.publish(msg.reply, b"", headers={"odst-status": "503", "odst-error": str(exc),
-                                                           "retry-after": f"{exc.retry_after:.1f}"})
+            answer = await self.serve(CHUNK_METHOD, headers.get("target", ""), headers, runs=False)
+            if answer.status == 200:
+                await self.nc.publish(msg.reply, answer.body, headers={"odst-status": "200"})
+                return
+            extra = {"retry-after": f"{answer.retry_after:.1f}"} if answer.status == 503 else {}
+            await self.nc.publish(msg.reply, b"", headers={"odst-status": str(answer.status),
+                                                           "odst-error": answer.detail, **extra})
         except Exception as exc:  # never let one request kill the subscription
             log.exception("chunk request failed")
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "500",
-                                                               "odst-error": type(exc).__name__})
+                                                           "odst-error": type(exc).__name__})
+
+
+async def _http_reply(send, status: int, body: bytes, ctype: bytes = b"application/octet-stream",
+                      extra: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkUnavailable("content file missing") from None

@@ -9,9 +9,11 @@ its size, SHA1 of the whole file and of every 1 MiB chunk, SHA-512 and blake3.
   runs two on threads of their own (``update_sha512_blake3`` | ``update_sha1s``, pieces of
   any size); ``ManifestBuilder`` runs them in line over blocks.
 * ``ChunkHashes``: the chunk SHA1s of pieces of any size, without re-splitting them.
-* ``chunk_ok`` is the chunk check (length + SHA1) a puller applies to every chunk.
-* ``WholeHash`` / ``hash_file`` give the whole-file SHA1 + blake3 a pull and a scrub
-  compare with the manifest.
+* ``chunk_ok`` is the chunk check (length + SHA1) a puller applies to every chunk
+  (``pieces_ok``: the same over a chunk received in pieces, never joined).
+* ``WholeHash`` / ``hash_file`` give the whole-file SHA1 + blake3 a scrub compares with the
+  manifest; a pull, whose every chunk already passed its SHA1, checks the blake3 alone
+  (``WholeHash(sha1=False)``).
 
 Nothing here does I/O except ``hash_file``, which reads one file.
 """
@@ -76,6 +78,15 @@ def chunk_ok(data: bytes, length: int, expected_sha1: str) -> bool:
     return len(data) == length and chunk_sha1(data) == expected_sha1
 
 
+def pieces_ok(pieces: Iterable[bytes | memoryview], length: int, expected_sha1: str) -> bool:
+    """``chunk_ok`` of the pieces joined, without joining them."""
+    h, n = hashlib.sha1(), 0
+    for piece in pieces:
+        h.update(piece)
+        n += len(piece)
+    return n == length and h.hexdigest() == expected_sha1
+
+
 class Rechunker:
     """Collect pieces of any size; hand back blocks of exactly ``chunk_size``, then the rest.
 
@@ -114,15 +125,18 @@ class Rechunker:
 
 
 class WholeHash:
-    """SHA1 and blake3 of a whole file, fed in order: what a pull and a scrub verify."""
+    """SHA1 and blake3 of a whole file, fed in order: what a scrub verifies. A pull, whose
+    chunks each passed their SHA1 already, asks for the blake3 alone (``sha1=False``:
+    ``sha1`` is then empty); blake3 is the manifest's signed whole-file hash too."""
 
-    def __init__(self) -> None:
-        self._sha1 = hashlib.sha1()
+    def __init__(self, *, sha1: bool = True) -> None:
+        self._sha1 = hashlib.sha1() if sha1 else None
         self._blake3 = blake3.blake3()
         self.size = 0
 
     def update(self, block: bytes | memoryview) -> None:
-        self._sha1.update(block)
+        if self._sha1 is not None:
+            self._sha1.update(block)
         self._blake3.update(block)
         self.size += len(block)
 
@@ -136,7 +150,7 @@ class WholeHash:
 
     @property
     def sha1(self) -> str:
-        return self._sha1.hexdigest()
+        return self._sha1.hexdigest() if self._sha1 is not None else ""
 
     @property
     def blake3(self) -> str:

@@ -23,7 +23,8 @@ import nacl.exceptions
 import nacl.signing
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, SiteProcess, free_port, run_odst, wait_until, write_random
+from tests.conftest import (ADMIN_TOKEN, SiteProcess, free_port, read_status_line, run_odst, wait_until,
+                            write_random)
 
 MiB = 1 << 20
 
@@ -103,19 +104,6 @@ def upload(c: httpx.Client, name: str, data: bytes, **params) -> httpx.Response:
 
 def randbytes(n: int, seed: int = 1) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def read_status_line(sock: socket.socket, timeout: float = 20.0) -> tuple[int, bytes]:
-    """Read an HTTP response head from a raw socket: (status, whole head)."""
-    sock.settimeout(timeout)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        piece = sock.recv(65536)
-        if not piece:
-            break
-        head += piece
-    assert head.startswith(b"HTTP/1.1 "), head
-    return int(head.split(b" ", 2)[1]), head
 
 
 # ---------------------------------------------------------------- auth

@@ -137,7 +137,7 @@ def test_a_send_limit_holds_over_nats_and_a_paused_sender_holds_the_pull(make_si
     a = make_site("a", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}",
                                    "--public-url", "http://127.0.0.1:9"]).start()  # closed: NATS only
     register(a, b)
-    a_id, b_id = site_id(a), site_id(b)
+    b_id = site_id(b)
     put(a, f"/api/v1/bandwidth/links/{b_id}", {"send": RATE, "local": "no"})
     size = 10 * MIB
     t0 = time.monotonic()

@@ -19,7 +19,7 @@ from odst.projections.apply import ReadModelWriter
 from odst.projections.db import open_read_model
 from odst.projections.projector import Projector
 from harness.wait import until
-from tests.conftest import ADMIN_TOKEN, site_nats, wait_until
+from tests.conftest import ADMIN_TOKEN, open_log, site_nats, wait_until
 
 
 async def fill(js, stream: str, subject: str, n: int, **config) -> None:
@@ -119,10 +119,7 @@ def test_the_projector_heals_gaps_a_skipping_reader_left_and_keeps_true_ones(nat
     db = tmp_path / "read-model.sqlite"
 
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
+        nc, js, log = await open_log(nats_server.url, key)
         await log.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="hq"),
                          actor="t")
         for i in range(2, 61):

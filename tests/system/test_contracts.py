@@ -39,7 +39,7 @@ from odst.naming import name_key
 from odst.store.files import PACKAGE_MODE, PackageStore, Store
 from odst.store.hashing import manifest_of
 from odst.store.hashing import CHUNK_SIZE
-from tests.conftest import SiteProcess, free_port, site_nats, write_random
+from tests.conftest import SiteProcess, free_port, open_log, site_nats, write_random
 from tests.sources import MemorySource
 from tests.system.test_replication import register, site_id, upload
 
@@ -173,6 +173,24 @@ def test_a_chunk_source_that_cannot_be_reached_says_transport_failed(chunk_sourc
             with pytest.raises(TransportFailed):
                 await src.unreachable.fetch(s.blake3, 0)
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("chunk_sources", ["http", "memory"], indirect=True)  # NATS serves one chunk a request
+def test_a_run_source_streams_a_run_chunk_by_chunk(chunk_sources):
+    """``RunSource.fetch_run``: the chunks of one request, each as pieces of exactly its length."""
+    kind, s, sources = chunk_sources
+
+    async def run():
+        async with sources() as src:
+            chunks = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 0, [CHUNK_SIZE, CHUNK_SIZE, 5])]
+            tail = [b"".join(pieces) async for pieces in src.good.fetch_run(s.blake3, 1, [CHUNK_SIZE, 5])]
+            with pytest.raises(ChunkUnavailable):
+                async for _ in src.good.fetch_run(s.blake3, 2, [5, CHUNK_SIZE]):
+                    pass
+            return chunks, tail
+    chunks, tail = asyncio.run(run())
+    assert [len(c) for c in chunks] == [CHUNK_SIZE, CHUNK_SIZE, 5] and b"".join(chunks) == s.data
+    assert b"".join(tail) == s.data[CHUNK_SIZE:]
 
 
 @pytest.mark.parametrize("chunk_sources", ["http", "nats"], indirect=True)  # the memory one signs nothing
@@ -445,10 +463,7 @@ class Projection:
 
 @contextlib.asynccontextmanager
 async def folding(url: str, key: SiteKey, db: Path) -> AsyncIterator[tuple[EventLog, Projector]]:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    log = EventLog(js, key)
-    await log.ensure_stream()
+    nc, js, log = await open_log(url, key)
     writer = Projector(js, db, {key.site_id: key.public_key}, [EVENTS_STREAM])
     writer.start()
     founded = await log.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="C"),

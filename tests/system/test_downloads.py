@@ -8,10 +8,13 @@ configurable context and optional HTTP Basic download auth.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client as httpclient
+import os
 import random
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.wait import wait_until
 from tests.conftest import SiteProcess, free_port
 
 MiB = 1 << 20
@@ -318,6 +322,89 @@ def test_unknown_and_deleted_packages_are_404(dist, anon):
     for path in ("/CasperShare/Packages/gone.pkg", "/Packages/gone.pkg"):
         assert anon.get(path).status_code == 404
         assert anon.get(path, headers={"Range": "bytes=0-1"}).status_code == 404
+
+
+def test_the_inode_under_the_name_decides_the_bytes_and_the_etag(dist, anon):
+    """The gateway keeps a package's file open between requests and its answer until the read
+    model changes: a name asked for before its upload is served once the upload is folded. A file renamed over the name (what the replicator's swap does before its
+    PackageAvailable is folded) is served at once, named by its own label; a file gone from
+    the store is 404 at once, though a descriptor of it was held."""
+    from odst.naming import name_key
+    from odst.store.files import CONTENT_ATTR
+    from odst.store.hashing import manifest_of
+
+    name, old, new = "held open.pkg", _bytes(2 * MiB + 11, 7), _bytes(MiB + 5, 8)
+    path = dist.site.data / "store" / "packages" / name_key(name)
+    with dist.site.client() as admin:
+        assert anon.get(dist.url(name)).status_code == 404  # an answer kept until the next fold
+        assert admin.put(f"/api/v1/packages/{quote(name)}", content=old).status_code == 201
+        try:
+            for _ in range(2):  # the second answer comes from what the first one kept
+                r = anon.get(dist.url(name))
+                assert_whole(r, old)
+                assert r.headers["etag"] == f'"{manifest_of([old]).blake3}"'
+            swapped = path.with_name("swap.part")
+            swapped.write_bytes(new)
+            os.setxattr(swapped, CONTENT_ATTR, manifest_of([new]).blake3.encode())
+            os.replace(swapped, path)
+            r = anon.get(dist.url(name))
+            assert_whole(r, new)
+            assert r.headers["etag"] == f'"{manifest_of([new]).blake3}"'
+            assert_partial(anon.get(dist.url(name), headers={"Range": "bytes=-100"}), new, len(new) - 100, len(new) - 1)
+            path.unlink()
+            assert anon.get(dist.url(name)).status_code == 404
+            assert anon.head(dist.url(name)).status_code == 404
+        finally:
+            assert admin.delete(f"/api/v1/packages/{quote(name)}").status_code == 200
+
+
+def test_a_client_with_a_tiny_window_gets_every_byte_in_order(dist):
+    """Bodies go by sendfile until the socket is full, then a block through the transport, then
+    sendfile again: a client with a 4 KiB receive buffer (the socket is full all the time) must
+    still get the exact bytes, twice on one connection."""
+    data = dist.files[BIG]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", dist.site.port))
+        f = s.makefile("rb", buffering=0)
+        for first in (0, 12345):
+            s.sendall(f"GET {dist.url(BIG)} HTTP/1.1\r\nHost: x\r\nRange: bytes={first}-\r\n\r\n".encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += f.read(1)
+            assert head.startswith(b"HTTP/1.1 206"), head
+            got = bytearray()
+            while len(got) < len(data) - first:
+                piece = f.read(min(4096, len(data) - first - len(got)))
+                assert piece, f"connection closed after {len(got)} bytes"
+                got += piece
+            assert hashlib.sha256(got).digest() == hashlib.sha256(data[first:]).digest()
+
+
+def test_a_deleted_package_does_not_keep_its_disk_space(dist, anon):
+    """The file a download opened stays open for the next request, but not once the package is
+    deleted: no descriptor of the unlinked file is left in the gateway (its space is freed)."""
+    from odst.naming import name_key
+
+    name = "freed.pkg"
+    path = str(dist.site.data / "store" / "packages" / name_key(name))
+    fds = f"/proc/{dist.site.proc.pid}/fd"
+
+    def held() -> list[str]:
+        found = []
+        for fd in os.listdir(fds):
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(f"{fds}/{fd}").startswith(path):
+                    found.append(fd)
+        return found
+
+    with dist.site.client() as admin:
+        assert admin.put(f"/api/v1/packages/{name}", content=_bytes(MiB, 9)).status_code == 201
+        assert anon.get(dist.url(name)).status_code == 200
+        assert held()  # kept open for the next request
+        assert admin.delete(f"/api/v1/packages/{name}").status_code == 200
+    wait_until(lambda: not held(), timeout=60, what="the deleted package's file closed")
 
 
 HOSTILE_PATHS = [

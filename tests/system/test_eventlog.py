@@ -11,6 +11,7 @@ from odst.events import catalogue as ev
 from odst.events import codec
 from odst.events.log import EventLog, read_stream
 from odst.events.signing import SiteKey
+from tests.conftest import open_log
 
 
 def staged(i: int) -> ev.PackageStaged:
@@ -85,10 +86,7 @@ def test_a_forged_message_in_the_stream_is_never_chained_onto(nats_server, tmp_p
     mallory = SiteKey.load_or_create(tmp_path / "mallory.key")
 
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
+        nc, js, log = await open_log(nats_server.url, key)
         first = await log.append(staged(1), actor="t")
         forged = codec.Envelope(id=codec.new_event_id(), origin=key.site_id, seq=2,
                                 prev=codec.chain_hash(first.payload), ts=codec.now_ms(), actor="x",
@@ -109,10 +107,7 @@ def test_stream_refuses_deletes(nats_server, tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
 
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
+        nc, js, log = await open_log(nats_server.url, key)
         await log.append(staged(1), actor="t")
         try:
             with pytest.raises(Exception):

@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-from tests.conftest import wait_until
+from tests.conftest import read_status_line, wait_until
 
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
 MiB = 1 << 20
@@ -26,13 +26,7 @@ def ask(site, head: bytes, timeout: float = 30) -> bytes:
     """Send a raw request head; return the status line of the answer."""
     with socket.create_connection(("127.0.0.1", site.port), timeout=timeout) as s:
         s.sendall(head)
-        answer = b""
-        while b"\r\n" not in answer:
-            data = s.recv(4096)
-            if not data:
-                break
-            answer += data
-        return answer.split(b"\r\n")[0]
+        return read_status_line(s, timeout)[1].split(b"\r\n")[0]
 
 
 def rss_mib(pid: int) -> float:

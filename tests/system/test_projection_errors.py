@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
-import nats
 from nats.js import api
 
 from odst.events import catalogue as ev
-from odst.events.log import EVENTS_STREAM, EventLog
+from odst.events.log import EVENTS_STREAM
 from odst.events.signing import SiteKey
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
 from harness.wait import until
+from tests.conftest import open_log
 
 MIRROR = "PEER_GONE"  # a peer's mirror this broker does not hold (deleted, or not made yet)
 
@@ -24,10 +24,7 @@ def test_a_failing_mirror_stays_reported_while_events_fold(nats_server, tmp_path
     db = tmp_path / "read.sqlite"
 
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
+        nc, js, log = await open_log(nats_server.url, key)
         projector = Projector(js, db, {key.site_id: key.public_key}, [EVENTS_STREAM])
         projector.start()
         watcher = ReadModelWatcher(js, db)

@@ -82,12 +82,12 @@ def test_projection_one_active_credential_per_name_own_site_only(tmp_path):
     live = _fold(tmp_path, log, {key.site_id: key.public_key}, "live.sqlite")
     # the broker's users (odst.bus.authorization.Subscriber): the active one only
     assert [(u.name, u.nkey) for u in views.nats_subscribers(live)] == [("other", public_key_of_seed(seeds[2]))]
-    rows = {c["credential_id"]: c for c in views.nats_credentials(live)}
+    rows = {c.credential_id: c for c in views.nats_credentials(live)}
     assert set(rows) == {"c1", "c3", "c4"}  # c2 (name taken) and c5 (key reused) never applied
-    assert rows["c1"]["revoked_at"] and rows["c1"]["revoked_by"] == "t"
-    assert rows["c3"]["revoked_at"] is None and rows["c3"]["created_by"] == "t"
-    assert rows["c4"]["revoked_at"] == _ts(log.msgs[-3])  # the first revocation stands
-    assert [c["credential_id"] for c in views.nats_credentials(live, include_revoked=False)] == ["c3"]
+    assert rows["c1"].revoked_at and rows["c1"].revoked_by == "t"
+    assert rows["c3"].revoked_at is None and rows["c3"].created_by == "t"
+    assert rows["c4"].revoked_at == _ts(log.msgs[-3])  # the first revocation stands
+    assert [c.credential_id for c in views.nats_credentials(live, include_revoked=False)] == ["c3"]
     dump = json.dumps(apply.dump(live), default=str)
     assert not any(s in dump for s in seeds)  # public keys only
 

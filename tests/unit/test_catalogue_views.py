@@ -4,6 +4,9 @@ SiteRenamed wins; the live feed's brief form."""
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
 from odst.events import catalogue as ev
@@ -34,11 +37,11 @@ def model(tmp_path):
 def test_a_page_of_packages_has_no_chunk_hashes_unless_asked(model):
     conn, site = model
     rows = views.packages(conn, limit=2)
-    assert [r["name"] for r in rows] == ["A.pkg", "b.pkg"]  # binary order: upper case first
-    assert all("chunks" not in r for r in rows) and [r["chunk_count"] for r in rows] == [2, 1]
-    assert rows[0]["availability"][site]["status"] == "available"
-    assert [r["name"] for r in views.packages(conn, limit=2, offset=2)] == ["c.dmg"]
-    assert views.packages(conn, names=["c.dmg"], chunks=True)[0]["chunks"] == ["c2"] * 3
+    assert [r.name for r in rows] == ["A.pkg", "b.pkg"]  # binary order: upper case first
+    assert all(not hasattr(r, "chunks") for r in rows) and [r.chunk_count for r in rows] == [2, 1]
+    assert rows[0].availability[site].status == "available"
+    assert [r.name for r in views.packages(conn, limit=2, offset=2)] == ["c.dmg"]
+    assert views.packages(conn, names=["c.dmg"], chunks=True)[0].chunks == ["c2"] * 3
     assert views.package_count(conn) == 3 and views.package_count(conn, stage="prod") == 2
     assert views.package_count(conn, q="PKG") == 2
 
@@ -49,7 +52,7 @@ def test_a_page_of_packages_has_no_chunk_hashes_unless_asked(model):
 ])
 def test_sort_orders_break_ties_by_name_in_the_same_direction(model, sort, descending, expected):
     conn, _ = model
-    assert [r["name"] for r in views.packages(conn, sort=sort, descending=descending)] == expected
+    assert [r.name for r in views.packages(conn, sort=sort, descending=descending)] == expected
 
 
 def test_an_unknown_sort_column_is_refused_not_interpolated(model):
@@ -59,7 +62,7 @@ def test_an_unknown_sort_column_is_refused_not_interpolated(model):
 
 def test_the_last_rename_is_the_name(model):
     conn, site = model
-    assert views.site_names(conn)[site]["name"] == "Berlin office"
+    assert views.site_names(conn)[site].name == "Berlin office"
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "x" * 101, "two\nlines", "tab\there", "nul\x00", "c1\x85c1", "rtl\u202eoverride"])
@@ -79,3 +82,30 @@ def test_the_brief_feed_drops_signature_and_chunks_only():
     assert brief["brief"] is True and "signed" not in brief and brief["position"] == 7
     assert brief["envelope"]["event"] == {"type": "PackageUploaded", "name": "a.pkg", "chunk_count": 2}
     assert whole["envelope"]["event"]["chunks"] == ["1", "2"]  # the original is left alone
+
+
+def test_a_package_answers_with_the_keys_the_api_always_sent_in_that_order(model):
+    """Views return structs; the gateway sends them as they are, so their field order is the JSON's."""
+    conn, site = model
+    whole = json.loads(msgspec.json.encode(views.package(conn, "a.PKG")))
+    assert list(whole) == ["name", "size", "sha1", "sha512", "blake3", "chunk_size", "chunks", "stage", "origin",
+                           "uploaded_at", "uploaded_by", "updated_at", "generation", "chunk_count",
+                           "availability", "serving"]
+    assert whole["availability"] == {site: {"status": "available", "detail": "", "updated_at": 1_700_000_000_002}}
+    assert whole["serving"] == {site: "b1"} and whole["chunk_count"] == 2
+    row = json.loads(msgspec.json.encode(views.packages(conn, names=["A.pkg"])[0]))
+    assert list(row) == ["name", "size", "sha1", "sha512", "blake3", "chunk_size", "chunk_count", "stage", "origin",
+                         "uploaded_at", "uploaded_by", "updated_at", "availability"]
+    assert list(json.loads(msgspec.json.encode(views.packages(conn, names=["A.pkg"], chunks=True)[0]))) == \
+        list(whole)[:-1]  # no serving in a list
+
+
+@pytest.mark.parametrize("struct, table, left_out", [
+    (views.Token, "tokens", {"token_sha256", "site"}), (views.NatsCredential, "nats_credentials", set()),
+    (views.Webhook, "webhooks", set()), (views.EmailSubscription, "email_subscriptions", set()),
+    (views.User, "users", {"password_sealed", "removed_at"}), (views.Conflict, "conflicts", set()),
+    (views.SiteChain, "sites", set()), (views.Removal, "removals", {"clock"})])
+def test_a_row_struct_has_its_tables_columns_in_their_order(model, struct, table, left_out):
+    """What the API sent as the row's columns, before views returned structs: same keys, same order."""
+    columns = [r[1] for r in model[0].execute(f"PRAGMA table_info({table})") if r[1] not in left_out]
+    assert list(struct.__struct_fields__) == columns

@@ -75,29 +75,29 @@ def test_spellings_that_were_two_packages_are_one_and_the_other_is_reported(tmp_
     log.append(upload("Cafe\u0301.pkg", "b3-c"))  # the same bytes under the NFD spelling
     conn = fold(tmp_path / "m.sqlite", log, key)
     listed = views.packages(conn)
-    assert [p["name"] for p in listed] == ["Caf\u00e9.pkg", "Offline.pkg"]
+    assert [p.name for p in listed] == ["Caf\u00e9.pkg", "Offline.pkg"]
     for spelling in ("OFFLINE.PKG", "offline.pkg", "Offline.pkg"):
-        assert views.package(conn, spelling)["blake3"] == "b3-a"
+        assert views.package(conn, spelling).blake3 == "b3-a"
     # this site's latest report is of the later upload: its one file holds that (view 'serving')
     # until, at start-up, it keeps the current package's file and says so again
-    assert views.servable(conn, "OFFLINE.PKG", key.site_id)["name"] == "offline.PKG"
+    assert views.servable(conn, "OFFLINE.PKG", key.site_id).name == "offline.PKG"
     assert views.adoption_targets(conn, key.site_id)[name_key("Offline.pkg")] == "b3-a"
     log.append(ev.PackageAvailable(name="Offline.pkg", size=4, sha1="sb3-a", sha512="xb3-a", blake3="b3-a",
                                    chunk_size=1 << 20, chunks=["c"], stage="prod", origin=key.site_id,
                                    uploaded_ts=1, uploaded_by="t"))
     conn = fold(tmp_path / "m1.sqlite", log, key)
     for spelling in ("OFFLINE.PKG", "offline.pkg", "Offline.pkg"):
-        assert views.servable(conn, spelling, key.site_id)["name"] == "Offline.pkg"
-    assert views.package(conn, "cafe\u0301.PKG")["name"] == "Caf\u00e9.pkg"
-    collisions = {c["kept"]: c for c in views.name_collisions(conn)}
-    assert collisions["Offline.pkg"]["others"] == [{"name": "offline.PKG", "blake3": "b3-b", "same_content": False}]
-    assert collisions["Caf\u00e9.pkg"]["others"] == [{"name": "Cafe\u0301.pkg", "blake3": "b3-c", "same_content": True}]
-    assert [(c["name"], c["winner_name"]) for c in views.conflicts(conn)] == [("offline.PKG", "Offline.pkg")]
+        assert views.servable(conn, spelling, key.site_id).name == "Offline.pkg"
+    assert views.package(conn, "cafe\u0301.PKG").name == "Caf\u00e9.pkg"
+    collisions = {c.kept: c for c in views.name_collisions(conn)}
+    assert collisions["Offline.pkg"].others == [views.Spelling(name="offline.PKG", blake3="b3-b", same_content=False)]
+    assert collisions["Caf\u00e9.pkg"].others == [views.Spelling(name="Cafe\u0301.pkg", blake3="b3-c", same_content=True)]
+    assert [(c.name, c.winner_name) for c in views.conflicts(conn)] == [("offline.PKG", "Offline.pkg")]
     # deleting the kept package under any spelling ends that collision: the other content is current
     log.append(ev.PackageDeleted(name="OFFLINE.pkg", blake3="b3-a"))
     conn = fold(tmp_path / "m2.sqlite", log, key)
-    assert views.package(conn, "Offline.pkg")["name"] == "offline.PKG"
-    assert [c["kept"] for c in views.name_collisions(conn)] == ["Caf\u00e9.pkg"]
+    assert views.package(conn, "Offline.pkg").name == "offline.PKG"
+    assert [c.kept for c in views.name_collisions(conn)] == ["Caf\u00e9.pkg"]
 
 
 def test_a_stage_change_under_any_spelling_is_the_packages(tmp_path):
@@ -106,7 +106,7 @@ def test_a_stage_change_under_any_spelling_is_the_packages(tmp_path):
     log.append(upload("Offline.pkg", "b3-a", stage="test"))
     log.append(ev.PackageStaged(name="OFFLINE.PKG", stage="prod"))
     conn = fold(tmp_path / "m.sqlite", log, key)
-    assert views.package(conn, "offline.pkg")["stage"] == "prod"
+    assert views.package(conn, "offline.pkg").stage == "prod"
     assert views.servable(conn, "Offline.pkg", key.site_id, ["test"]) is None  # withdrawn there
     assert views.servable(conn, "Offline.pkg", key.site_id, ["prod"]) is not None
 
@@ -193,5 +193,5 @@ def test_the_migration_keys_what_replace_and_scrub_added_as_a_rebuild_would(tmp_
     for view in ("packages", "conflicts", "name_collisions", "serving"):
         assert sorted(map(tuple, migrated.execute(f"SELECT * FROM {view}"))) == \
             sorted(map(tuple, rebuilt.execute(f"SELECT * FROM {view}"))), view
-    assert views.package(migrated, "OFFLINE.PKG")["generation"] == 1
+    assert views.package(migrated, "OFFLINE.PKG").generation == 1
     assert views.is_damaged(migrated, "offline.pkg", site)

@@ -218,7 +218,7 @@ def test_damage_takes_a_copy_out_of_service_until_a_verified_copy_is_back(tmp_pa
     me = key.site_id
     assert views.servable(conn, "a.pkg", me) is None and views.is_damaged(conn, "a.pkg", me)
     assert [r["name"] for r in views.wanted(conn, me, ["prod"])] == ["a.pkg"]
-    assert [(d["name"], d["found_by"], d["sources"]) for d in views.damaged(conn, me)] == [("a.pkg", "scrub", [])]
+    assert [(d.name, d.found_by, d.sources) for d in views.damaged(conn, me)] == [("a.pkg", "scrub", [])]
     log.append(ev.PackageAvailable(name="a.pkg", size=3, sha1="s", sha512="x", blake3="b3", chunk_size=1 << 20,
                                    chunks=["c"], stage="prod", origin=me, uploaded_ts=1))
     assert writer.fold(log.msgs[-1]).applied

@@ -82,3 +82,54 @@ def test_empty_package(tmp_path):
     path, _ = pull(tmp_path, b"", [MemorySource("sa", b"", CHUNK)])
     assert path.read_bytes() == b""
     assert blake3.blake3(b"").hexdigest() == want_for(b"").blake3
+
+
+# ------------------------------------------------------------------ runs of chunks per request
+
+def test_chunks_come_in_runs_from_a_source_that_serves_them(tmp_path, data):
+    src = MemorySource("sa", data, CHUNK)
+    path, bad = pull(tmp_path, data, [src])
+    assert path.read_bytes() == data and not bad
+    assert sorted(src.fetched) == list(range(21))
+    assert len(src.run_requests) < 21 and max(n for _, n in src.run_requests) > 1
+
+
+def test_a_corrupt_chunk_inside_a_run_is_refetched_and_the_rest_of_the_run_kept(tmp_path, data):
+    evil = MemorySource("sevil", data, CHUNK, corrupt={5})
+    good = MemorySource("sgood", data, CHUNK)
+    bad = []
+    p = Puller(want_for(data), [(evil, 0.0), (good, 50.0)], tmp_path, streams=1,  # evil is asked first
+               on_bad_source=lambda site, reason, index: bad.append((site, index)))
+    path = asyncio.run(p.run())
+    assert path.read_bytes() == data
+    assert bad == [("sevil", 5)]
+    assert 6 in evil.fetched and 5 in good.fetched  # the run went on past the bad chunk
+    assert sorted(evil.fetched + good.fetched).count(6) == 1  # ... and kept what came after it
+
+
+def test_a_run_cut_short_keeps_what_came_and_asks_for_the_rest(tmp_path, data):
+    src = MemorySource("sa", data, CHUNK, cut_after=3, cuts=2)
+    path, bad = pull(tmp_path, data, [src])
+    assert path.read_bytes() == data and not bad
+    assert sorted(src.fetched) == list(range(21))  # nothing fetched twice
+
+
+def test_a_source_that_serves_no_runs_is_asked_one_chunk_at_a_time(tmp_path, data):
+    old = MemorySource("sold", data, CHUNK, runs=False)
+    path, bad = pull(tmp_path, data, [old])
+    assert path.read_bytes() == data and not bad
+    assert sorted(old.fetched) == list(range(21))
+    assert sum(1 for _, n in old.run_requests if n > 1) == 1  # refused once, then never asked again
+
+
+def test_a_limited_link_is_paced_chunk_by_chunk(tmp_path, data):
+    src = MemorySource("sa", data, CHUNK)
+    paid: list[int] = []
+
+    async def throttle(peer: str, n: int) -> None:
+        paid.append(n)
+        await asyncio.sleep(0.01)  # every payment waits: the link is at its limit
+    path, _ = pull(tmp_path, data, [src], throttle=throttle)
+    assert path.read_bytes() == data
+    assert len(paid) == 21 and sum(paid) == len(data)
+    assert all(n == 1 for _, n in src.run_requests)  # never more than what was paid for

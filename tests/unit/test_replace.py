@@ -14,14 +14,13 @@ from odst.events.signing import SiteKey
 from odst.projections import apply, db, views
 from odst.store.hashing import manifest_of
 from tests.unit.test_projection import Log, TimedLog
+from tests.unit.test_uploads import package_of
 
 HERE = "shere"
 
 
-def pkg(data: bytes, *, stage: str = "prod", generation: int = 0) -> dict:
-    m = manifest_of([data])
-    return {"size": m.size, "sha1": m.sha1, "blake3": m.blake3, "stage": stage, "generation": generation,
-            "availability": {}}
+def pkg(data: bytes, *, stage: str = "prod", generation: int = 0) -> views.Package:
+    return package_of(data, stage=stage, generation=generation)
 
 
 # ------------------------------------------------------------------ decisions
@@ -47,10 +46,10 @@ def test_replacing_a_name_nobody_uploaded_is_an_upload_in_the_default_stage():
 def test_other_content_replaces_the_current_one_a_generation_up_in_its_stage():
     old = pkg(b"old", stage="prod", generation=2)
     m = manifest_of([b"new bytes"])
-    d = uploads.accept_replace("a.pkg", None, "test", m, old, old["blake3"])
+    d = uploads.accept_replace("a.pkg", None, "test", m, old, old.blake3)
     assert isinstance(d, uploads.Replaced)
     e = d.event
-    assert (e.replaces, e.blake3, e.generation, e.stage) == (old["blake3"], m.blake3, 3, "prod")
+    assert (e.replaces, e.blake3, e.generation, e.stage) == (old.blake3, m.blake3, 3, "prod")
     assert (e.size, e.sha1, e.sha512, e.chunks) == (m.size, m.sha1, m.sha512, list(m.chunks))
     assert uploads.accept_replace("a.pkg", "dev", "test", m, old, None).event.stage == "dev"
 
@@ -58,21 +57,21 @@ def test_other_content_replaces_the_current_one_a_generation_up_in_its_stage():
 def test_the_current_content_served_here_is_identical_and_not_served_here_is_published_here():
     cur = pkg(b"cur")
     m = manifest_of([b"cur"])
-    assert isinstance(uploads.accept_replace("a.pkg", None, "prod", m, cur, cur["blake3"]), uploads.Identical)
+    assert isinstance(uploads.accept_replace("a.pkg", None, "prod", m, cur, cur.blake3), uploads.Identical)
     # this site still serves older content (the replacement is on its way): take the new one from the admin
     d = uploads.accept_replace("a.pkg", None, "prod", m, cur, "someoldb3")
-    assert isinstance(d, uploads.Uploaded) and d.event.blake3 == cur["blake3"]
+    assert isinstance(d, uploads.Uploaded) and d.event.blake3 == cur.blake3
 
 
 @given(a=st.binary(max_size=64), b=st.binary(max_size=64), served=st.booleans())
 def test_a_replace_never_refuses_and_never_records_the_current_content_as_a_replacement(a, b, served):
     cur = pkg(a)
     m = manifest_of([b])
-    d = uploads.accept_replace("a.pkg", None, "prod", m, cur, cur["blake3"] if served else None)
-    if m.blake3 == cur["blake3"]:
+    d = uploads.accept_replace("a.pkg", None, "prod", m, cur, cur.blake3 if served else None)
+    if m.blake3 == cur.blake3:
         assert isinstance(d, uploads.Identical if served else uploads.Uploaded)
     else:
-        assert isinstance(d, uploads.Replaced) and d.event.replaces == cur["blake3"]
+        assert isinstance(d, uploads.Replaced) and d.event.replaces == cur.blake3
 
 
 # ------------------------------------------------------------------ folding
@@ -137,10 +136,10 @@ def test_a_replacement_is_current_and_each_site_serves_the_old_content_until_it_
     b.append((3, replaced("x.pkg", "old", "new", 1)))
     conn = s.fold()
     p = views.package(conn, "x.pkg")
-    assert (p["blake3"], p["generation"]) == ("new", 1)
+    assert (p.blake3, p.generation) == ("new", 1)
     assert views.conflicts(conn) == []
     assert views.sites_serving(conn, "x.pkg") == {s.ids[0]: "old", s.ids[1]: "new", s.ids[2]: "old"}
-    assert views.servable(conn, "x.pkg", s.ids[0])["blake3"] == "old"
+    assert views.servable(conn, "x.pkg", s.ids[0]).blake3 == "old"
     assert [r["name"] for r in views.wanted(conn, s.ids[0], ["prod"])] == ["x.pkg"]
     assert views.sources(conn, "x.pkg", "new", s.ids[0]) == [s.ids[1]]
     assert views.sources(conn, "x.pkg", "old", s.ids[2]) == [s.ids[0]]  # B serves old no longer
@@ -152,7 +151,7 @@ def test_a_replacement_is_current_and_each_site_serves_the_old_content_until_it_
     assert views.wanted(conn, s.ids[2], ["prod"]) == []
     # the superseded content is no longer live: no peer asks for its chunks
     assert views.local_content(conn, "old", s.ids[0]) is None
-    assert views.served_content(conn, "x.pkg", "old")["blake3"] == "old"  # a download still open on it
+    assert views.served_content(conn, "x.pkg", "old").blake3 == "old"  # a download still open on it
 
 
 def test_concurrent_replacements_resolve_as_concurrent_uploads_do_the_earliest_wins(tmp_path):
@@ -162,12 +161,12 @@ def test_concurrent_replacements_resolve_as_concurrent_uploads_do_the_earliest_w
     c.append((3, replaced("x.pkg", "v1", "late", 1)))
     b.append((2, replaced("x.pkg", "v1", "early", 1)))
     conn = s.fold()
-    assert views.package(conn, "x.pkg")["blake3"] == "early"
-    assert [(x["blake3"], x["winner"]) for x in views.conflicts(conn)] == [("late", "early")]
+    assert views.package(conn, "x.pkg").blake3 == "early"
+    assert [(x.blake3, x.winner) for x in views.conflicts(conn)] == [("late", "early")]
     # a later replacement of the winner (one generation up) is current, not the older loser
     a.append((5, replaced("x.pkg", "early", "v3", 2)))
     conn = s.fold(name="m2.sqlite")
-    assert views.package(conn, "x.pkg")["blake3"] == "v3"
+    assert views.package(conn, "x.pkg").blake3 == "v3"
 
 
 def test_replacing_back_to_an_older_content_and_deleting_after_a_replacement(tmp_path):
@@ -177,7 +176,7 @@ def test_replacing_back_to_an_older_content_and_deleting_after_a_replacement(tmp
     a.append((2, replaced("x.pkg", "v1", "v2", 1)))
     a.append((3, replaced("x.pkg", "v2", "v1", 2)))
     conn = s.fold()
-    assert views.package(conn, "x.pkg")["blake3"] == "v1"
+    assert views.package(conn, "x.pkg").blake3 == "v1"
     assert views.sites_serving(conn, "x.pkg") == {s.ids[0]: "v1"}
     assert views.conflicts(conn) == []
     a.append((4, ev.PackageDeleted(name="x.pkg", blake3="v1")))
@@ -244,7 +243,8 @@ def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_
     conn = s.fold()
     store = Store(tmp_path / "store")
     store.ensure()
-    guess = {"blake3": "old", "uploaded_at": 1}  # what the read model said before the swap
+    # what the read model said before the swap
+    guess = views.ServedContent(key="x.pkg", name="x.pkg", size=5, blake3="old", sha1="s-old", uploaded_at=1)
     for label, expect in (("new", "new"), ("old", "old"), ("unknown-yet", "unknown-yet"), (None, "old")):
         temp = store.new_temp()
         temp.write_bytes(b"bytes")
@@ -253,7 +253,7 @@ def test_a_download_names_the_content_of_the_file_it_opened_not_the_read_models_
         store.replace(temp, "x.pkg")
         fd = os.open(store.path("x.pkg"), os.O_RDONLY)
         try:
-            assert _opened(conn, "x.pkg", fd, guess)["blake3"] == expect
+            assert _opened(conn, "x.pkg", fd, guess).blake3 == expect
         finally:
             os.close(fd)
     # a label survives the swap into packages/, and swap_back restores the previous file
@@ -272,9 +272,9 @@ def test_a_replacement_in_a_stage_a_site_does_not_accept_leaves_it_serving_the_o
     b.append((2, available("x.pkg", "v1", s.ids[0], 0)))
     a.append((3, replaced("x.pkg", "v1", "v2", 1, stage="test")))
     conn = s.fold()
-    assert views.package(conn, "x.pkg")["stage"] == "test"
+    assert views.package(conn, "x.pkg").stage == "test"
     assert views.wanted(conn, s.ids[1], ["prod"]) == []  # B replicates prod only: it does not pull v2 ...
-    assert views.servable(conn, "x.pkg", s.ids[1])["blake3"] == "v1"  # ... and keeps serving v1
+    assert views.servable(conn, "x.pkg", s.ids[1]).blake3 == "v1"  # ... and keeps serving v1
     a.append((4, ev.PackageStaged(name="x.pkg", stage="prod")))
     conn = s.fold(name="m2.sqlite")
     assert [r["blake3"] for r in views.wanted(conn, s.ids[1], ["prod"])] == ["v2"]  # promoted: now it does

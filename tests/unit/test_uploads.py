@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from odst.events import uploads
+from odst.projections import views
 from odst.store.hashing import manifest_of as manifest_of_pieces
 
 SITE = "shere"
@@ -15,10 +16,19 @@ def manifest_of(data: bytes):
     return manifest_of_pieces([data])
 
 
-def existing(data: bytes, *, here: bool, name: str = "a.pkg") -> dict:
+def package_of(data: bytes, *, name: str = "a.pkg", held_at: tuple[str, ...] = (), stage: str = "prod",
+               generation: int = 0, origin: str = "sother") -> views.Package:
+    """What views.package gives for ``data`` under ``name``, held (available) at ``held_at``."""
     m = manifest_of(data)
-    return {"name": name, "size": m.size, "sha1": m.sha1, "blake3": m.blake3,
-            "availability": {SITE: {"status": "available"}} if here else {"sother": {"status": "available"}}}
+    held = views.Availability(status="available", detail="", updated_at=1)
+    return views.Package(name=name, size=m.size, sha1=m.sha1, sha512=m.sha512, blake3=m.blake3,
+                         chunk_size=m.chunk_size, chunks=list(m.chunks), stage=stage, origin=origin,
+                         uploaded_at=1, uploaded_by="admin", updated_at=1, generation=generation,
+                         chunk_count=len(m.chunks), availability={site: held for site in held_at})
+
+
+def existing(data: bytes, *, here: bool, name: str = "a.pkg", origin: str = "sother") -> views.Package:
+    return package_of(data, name=name, held_at=(SITE if here else "sother",), origin=origin)
 
 
 def admit(length, existing=None, *, max_bytes=100, free=1000, reserve=10):
@@ -41,7 +51,7 @@ def test_the_same_content_already_here_is_identical_elsewhere_published_and_othe
     m = manifest_of(data)
     assert isinstance(uploads.accept_upload("a.pkg", "prod", m, None, SITE), uploads.Uploaded)
     same_here = uploads.accept_upload("a.pkg", "prod", m, existing(data, here=True), SITE)
-    assert isinstance(same_here, uploads.Identical) and same_here.existing["sha1"] == m.sha1
+    assert isinstance(same_here, uploads.Identical) and same_here.existing.sha1 == m.sha1
     # known, not yet held here (still replicating): the upload publishes it
     assert isinstance(uploads.accept_upload("a.pkg", "prod", m, existing(data, here=False), SITE),
                       uploads.Uploaded)
@@ -59,8 +69,8 @@ def test_the_event_is_the_manifest_of_the_bytes_received():
 
 def test_losing_a_race_names_the_winner():
     m = manifest_of(b"mine")
-    assert uploads.lost_race("c.pkg", m, {"blake3": m.blake3, "origin": SITE}) is None
-    lost = uploads.lost_race("c.pkg", m, {"blake3": "0" * 64, "origin": "sfirst"})
+    assert uploads.lost_race("c.pkg", m, existing(b"mine", here=True, name="c.pkg", origin=SITE)) is None
+    lost = uploads.lost_race("c.pkg", m, existing(b"theirs", here=False, name="c.pkg", origin="sfirst"))
     assert isinstance(lost, uploads.Conflict) and "at site sfirst" in lost.detail
 
 

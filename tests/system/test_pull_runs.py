@@ -1,0 +1,128 @@
+"""Runs of chunks between real sites: one signed request, several chunks, each verified as it
+streams; what happens when a chunk in the middle is corrupt, when the stream is cut, and when
+the peer serves one chunk per request only (as older versions do).
+
+The puller here runs in the test process with the real HTTP transport and a site's real key,
+against real ``odst serve`` gateways, so each case can be made to happen for certain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import httpx
+import pytest
+
+from odst.events.signing import SiteKey
+from odst.naming import name_key
+from odst.peering.requests import sign_request
+from odst.replicator.puller import Puller, Want
+from odst.replicator.transport import HttpChunkSource, http_session, run_target
+from odst.store.hashing import CHUNK_SIZE, manifest_of
+from tests.conftest import free_port, wait_until, write_random
+from tests.system.test_bandwidth import put
+from tests.system.test_replication import available_at, register, site_id, start_pair, state, upload
+
+MIB = 1 << 20
+
+
+def want_of(data: bytes, name: str) -> Want:
+    return Want.of(manifest_of([data]), name=name, stage="prod", origin="s", uploaded_ts=1, uploaded_by="t")
+
+
+def pull(want: Want, sources, tmp_path, **kw) -> tuple[bytes, list]:
+    bad: list = []
+
+    async def run():
+        async with http_session() as http:
+            made = [(HttpChunkSource(sid, url, key, http), cost) for sid, url, key, cost in sources]
+            p = Puller(want, made, tmp_path, on_bad_source=lambda site, reason, index: bad.append((site, index)),
+                       **kw)
+            return (await p.run()).read_bytes()
+    return asyncio.run(run()), bad
+
+
+@pytest.fixture
+def pair_holding(make_site, tmp_path):
+    """A and B registered, both holding one 8-chunk package (B pulled it from A)."""
+    a, b = start_pair(make_site)
+    src = write_random(tmp_path / "runs.pkg", 8 * CHUNK_SIZE, seed=21)
+    upload(a, "runs.pkg", src)
+    a_id, b_id = site_id(a), site_id(b)
+    wait_until(lambda: available_at(b, "runs.pkg", b_id), 60, what="the package at B")
+    return a, b, a_id, b_id, src.read_bytes()
+
+
+def test_a_corrupt_chunk_in_the_middle_of_a_run_is_refetched_and_the_rest_kept(pair_holding, tmp_path):
+    a, b, a_id, b_id, data = pair_holding
+    with open(a.data / "store" / "packages" / name_key("runs.pkg"), "r+b") as f:  # bit rot at A, chunk 3
+        f.seek(3 * CHUNK_SIZE + 100)
+        f.write(bytes([data[3 * CHUNK_SIZE + 100] ^ 0x01]))
+    a_key, b_key = SiteKey.load_or_create(a.data / "site.key"), SiteKey.load_or_create(b.data / "site.key")
+    served_a, served_b = state(a)["chunks_served"].get(b_id, 0), state(b)["chunks_served"].get(a_id, 0)
+    out = tmp_path / "pull"
+    out.mkdir()
+    # A is asked first (cheaper) as B; B, holding a good copy, is the fallback, asked as A
+    got, bad = pull(want_of(data, "runs.pkg"), [(a_id, a.url, b_key, 0.0), (b_id, b.url, a_key, 50.0)], out,
+                    streams=1)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    assert bad == [(a_id, 3)]
+    assert state(a)["chunks_served"][b_id] - served_a == 8  # one run of all eight, bad chunk 3 included
+    assert state(b)["chunks_served"][a_id] - served_b == 1  # only chunk 3 again, from the other source
+
+
+def test_a_run_cut_short_by_the_senders_limit_resumes_without_fetching_a_chunk_twice(pair_holding, tmp_path):
+    a, b, a_id, b_id, _ = pair_holding
+    data = write_random(tmp_path / "cut.pkg", 3 * CHUNK_SIZE, seed=22).read_bytes()
+    upload(a, "cut.pkg", tmp_path / "cut.pkg")
+    wait_until(lambda: available_at(b, "cut.pkg", b_id), 60, what="cut.pkg at B")
+    # A sends to B at 480 KB/s: the second chunk of a run would wait > 2 s, so A cuts the run there
+    put(a, f"/api/v1/bandwidth/links/{b_id}", {"send": 480_000, "local": "no"})
+    served = state(a)["chunks_served"].get(b_id, 0)
+    out = tmp_path / "pull"
+    out.mkdir()
+    got, bad = pull(want_of(data, "cut.pkg"), [(a_id, a.url, SiteKey.load_or_create(b.data / "site.key"), 0.0)],
+                    out, streams=1)
+    assert got == data and not bad
+    assert state(a)["chunks_served"][b_id] - served == 3  # every chunk once: the cut kept what came
+    assert "chunk run cut short" in a.log_tail(200_000)
+
+
+def test_a_peer_that_serves_one_chunk_per_request_is_still_pulled_from(make_site, tmp_path):
+    leaf = free_port()
+    old = make_site("old", env={"ODST_PEER_RUN_CHUNKS": "1"},  # answers a run 404, as older versions do
+                    extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "Old"]).start()
+    new = make_site("new", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "New"]).start()
+    register(old, new)
+    pkg = upload(old, "old.pkg", write_random(tmp_path / "old.pkg", 5 * CHUNK_SIZE + 7, seed=23))
+    old_id, new_id = site_id(old), site_id(new)
+
+    key = SiteKey.load_or_create(new.data / "site.key")
+    target = run_target(pkg["blake3"], 0, 1)
+    r = httpx.get(old.url + target, headers=sign_request(key, "GET", target))
+    assert r.status_code == 404 and r.json()["error"] == "chunk_unavailable"
+
+    wait_until(lambda: available_at(new, "old.pkg", new_id), 60, what="the pull from the one-chunk peer")
+    assert hashlib.sha1(httpx.get(f"{new.url}/Packages/old.pkg").content).hexdigest() == pkg["sha1"]
+    assert state(old)["chunks_served"][new_id] == 6
+    assert "source serves one chunk per request" in new.log_tail(200_000)
+
+    # and the other way: the one-chunk site pulls from the new one
+    back = upload(new, "new.pkg", write_random(tmp_path / "new.pkg", 2 * CHUNK_SIZE + 1, seed=24))
+    wait_until(lambda: available_at(old, "new.pkg", old_id), 60, what="the pull by the one-chunk peer")
+    assert hashlib.sha1(httpx.get(f"{old.url}/Packages/new.pkg").content).hexdigest() == back["sha1"]
+
+
+def test_a_run_is_signed_as_one_target_and_bounded(pair_holding):
+    a, b, a_id, b_id, data = pair_holding
+    blake3 = want_of(data, "runs.pkg").blake3
+    key = SiteKey.load_or_create(b.data / "site.key")
+    target = run_target(blake3, 2, 5)
+    r = httpx.get(a.url + target, headers=sign_request(key, "GET", target))
+    assert r.status_code == 200 and r.content == data[2 * CHUNK_SIZE:6 * CHUNK_SIZE]
+    other = sign_request(key, "GET", run_target(blake3, 2, 6))
+    assert httpx.get(a.url + target, headers=other).status_code == 403  # signed for another run
+    too_long = run_target(blake3, 0, 40)
+    r = httpx.get(a.url + too_long, headers=sign_request(key, "GET", too_long))
+    assert r.status_code == 404 and "at most" in r.json()["detail"]
