@@ -112,7 +112,7 @@ def test_a_new_peer_is_linked_while_uploads_keep_the_read_model_busy(make_site):
     a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
     b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.map(lambda i: put(a, f"a-{i:03d}.pkg", random.Random(i).randbytes(8 * KiB)), range(80))
+        busy = pool.map(lambda i: put(a, f"a-{i:03d}.pkg", random.Random(i).randbytes(8 * KiB)), range(40))
         with a.client() as c:
             token = c.post("/api/v1/peers/invites", json={}).json()["token"]
         with httpx.Client(base_url=b.url, headers={"Authorization": f"Bearer {b.token}"}, timeout=90) as c:
