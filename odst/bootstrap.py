@@ -47,6 +47,7 @@ from odst.peering.mirrors import Linker
 from odst.peering.registration import Registrar, RegistrationService
 from odst.projections import views
 from odst.projections.appender import ConfirmedAppender
+from odst.projections.batch import GroupCommit
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
@@ -248,7 +249,8 @@ def gateway_context(site: Site) -> GatewayContext:
     gate = DownloadGate(site.bandwidth.download_caps)  # this gateway process's download caps
     return GatewayContext(
         id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
-        js=site.js, reader=site.reader, store=site.store, append=site.writer.append, projection=site.projection,
+        js=site.js, reader=site.reader, store=site.store, projection=site.projection,
+        append=GroupCommit(site.writer.append, site.writer.append_many, counts=site.stats.appends),  # uploads side by side: one round trip
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
         replicator=site.replicator, chunk_server=site.chunk_server, integrity=site.integrity,

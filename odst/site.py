@@ -41,6 +41,10 @@ log = structlog.get_logger("odst.site")
 ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
 APPLICANT_S = 600  # how long a joined invitation's site may use the leaf port for registering
 BROKER_RESTARTS = 5  # the embedded broker dying this many times in a row ends `odst serve` (exit 1)
+LINK_EVERY_S = 5.0  # link_peers' pass at least this often, whatever was folded
+# Events that change nothing link_peers looks at (peers, their keys and names, credentials):
+# a package's life, and Jamf Pro's records of them.
+LINK_IGNORES = frozenset(views.PACKAGE_EVENTS) | {"JamfPackageSynced", "JamfDriftDetected", "JamfDriftCleared"}
 
 
 class Site:
@@ -174,17 +178,32 @@ class Site:
             backoff = min(backoff * 2, 8.0)
 
     async def link_peers(self) -> None:
-        """Projector role: mirror every peer the read model learns of, as soon as it does."""
+        """Projector role: mirror every peer the read model learns of, as soon as it does.
+
+        A pass (mirrors, the broker's users, the peers' logs) runs when an event other than a
+        package's was folded (peers, sites, credentials: ``views.folded_types``), and every
+        LINK_EVERY_S whatever happened (a peer not reachable yet, an applicant's admission
+        running out). Package events, the bulk of a busy log, wake it for one indexed query."""
+        loop = asyncio.get_running_loop()
+        cursor, passed_at = -1, -LINK_EVERY_S
         while True:
             try:
-                await self.linker.sync()
-                self.sync_authorization()
-                await self.linker.watch()
+                due = cursor < 0 or loop.time() - passed_at >= LINK_EVERY_S
+                if not due:
+                    upto, types = views.folded_types(self.reader, cursor)
+                    due = upto < cursor or not types <= LINK_IGNORES
+                    cursor = upto
+                if due:
+                    cursor, passed_at = views.last_position(self.reader), loop.time()
+                    await self.linker.sync()
+                    self.sync_authorization()
+                    await self.linker.watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                cursor = -1  # the next wake makes a whole pass
                 log.warning("linking peers failed; retrying", error=f"{type(exc).__name__}: {exc}")
-            await self.projection.wait_changed(5.0)
+            await self.projection.wait_changed(LINK_EVERY_S)
 
     async def caught_up(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

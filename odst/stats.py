@@ -10,5 +10,6 @@ class SiteStats:
 
     def __init__(self):
         self.uploads: Counter[str] = Counter()  # by result: published | replaced | identical | refused | failed
+        self.appends: Counter[str] = Counter()  # the gateway's group commit: rounds | events (batch.GroupCommit)
         self.downloads: Counter[int] = Counter()  # by HTTP status
         self.bytes_served = 0

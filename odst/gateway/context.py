@@ -39,7 +39,7 @@ class GatewayContext:
     js: Any  # JetStream: recovery pages of a peer's mirror
     reader: sqlite3.Connection  # the read model
     store: PackageStore
-    append: Append  # the one write path: append, then wait for the fold
+    append: Append  # the one write path: append, then wait for the fold (grouped: odst.projections.batch)
     projection: ProjectionStatus
     sessions: SessionStore | None
     stats: SiteStats

@@ -68,6 +68,12 @@ class SiteCollector:
             c.add_metric([str(status)], n)
         yield c
         yield CounterMetricFamily("odst_bytes_served", "Package bytes sent to clients", value=stats.bytes_served)
+        c = CounterMetricFamily("odst_event_appends", "The gateway's appends to the event log: rounds (groups "
+                                "of events appended in one round trip and one fold wait; one by one if the "
+                                "broker refused the group as a whole) and the events they carried", labels=["kind"])
+        for kind in ("rounds", "events"):
+            c.add_metric([kind], stats.appends[kind])
+        yield c
         rep = site.replicator
         transfers = rep.transfers() if rep else []
         g = GaugeMetricFamily("odst_replication_queue", "Contents this site still has to pull, by status",

@@ -27,6 +27,16 @@ from odst.store.files import StoreFull, StreamingUpload
 log = structlog.get_logger("odst.gateway")
 
 
+class Uploaded(views.Package, kw_only=True):
+    """An upload's 201 answer: the package as recorded, and the id of the event that recorded
+    this very upload (its events may have been appended together with others': batch.GroupCommit)."""
+    event_id: str
+
+    @classmethod
+    def of(cls, package: views.Package, appended) -> "Uploaded":
+        return cls(**msgspec.structs.asdict(package), event_id=appended.envelope.id)
+
+
 class PackageUpdate(msgspec.Struct, forbid_unknown_fields=True):
     stage: str | None = None  # one of the site's stages: the document served names them (openapi.document)
 
@@ -119,7 +129,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
         with site.store.publishing(name):
             backup = site.store.swap(path, name)
             try:
-                await site.append(decision.event, actor=request.state.actor)
+                appended = await site.append(decision.event, actor=request.state.actor)
             except AppendFailed as exc:
                 site.store.swap_back(backup, name)
                 raise Unavailable(f"replacement not recorded, try again: {exc}") from None
@@ -135,7 +145,7 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
     lost = uploads.lost_race(name, manifest, current)
     if lost is not None:
         raise _refused(lost)
-    return Response(current, status_code=201)
+    return Response(Uploaded.of(current, appended), status_code=201)
 
 
 class PackageController(Controller):
@@ -200,7 +210,7 @@ class PackageController(Controller):
             raise _refused(refusal)
         extra = extra_types(settings.jamf_url, settings.jamf_hash_type)  # Jamf Pro's MD5/SHA3_512, same pass
         upload = StreamingUpload(site.store.new_temp(), extra_digests=extra)
-        log.info("upload started", package=name, length=length)
+        log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
         try:
             await _receive_body(request, upload, settings.max_upload_bytes)
             manifest = await upload.finish()
@@ -243,7 +253,7 @@ class PackageController(Controller):
                     upload.path.unlink(missing_ok=True)
                     raise PackageConflict(f"a file named {name!r} is being published; retry") from None
                 try:
-                    await site.append(decision.event, actor=request.state.actor)
+                    appended = await site.append(decision.event, actor=request.state.actor)
                 except AppendFailed as exc:
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None
@@ -253,7 +263,7 @@ class PackageController(Controller):
         lost = uploads.lost_race(name, manifest, current)
         if lost is not None:
             raise _refused(lost)
-        return Response(current, status_code=201)
+        return Response(Uploaded.of(current, appended), status_code=201)
 
     @patch("/{name:str}", operation_id="updatePackage", opt={"roles": WRITE, "body": PackageUpdate})
     async def update_package(self, request: Request, name: str = PACKAGE_NAME_PARAM) -> dict[str, Any]:

@@ -37,6 +37,7 @@ NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "P
               "PackageReplaced")
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
+PASS_EVERY_S = 0.2  # at most one fan-out pass this often: a notification waits this long at most
 
 
 def job_subject(site: str, webhook_id: str) -> str:
@@ -114,7 +115,9 @@ class Dispatcher:
         self.alerts.close()
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            passed_at = loop.time()
             try:
                 while await self.dispatch_once():
                     pass
@@ -123,6 +126,10 @@ class Dispatcher:
             except Exception as exc:
                 log.warning("notification fan-out failed; retrying", error=f"{type(exc).__name__}: {exc}")
             await self.projection.wait_changed(2.0)
+            # a burst of folds (uploads side by side, a catch-up) is fanned out a batch at a
+            # time, at most one pass per PASS_EVERY_S, not one pass (subscriptions read, cursor
+            # written) per event
+            await asyncio.sleep(max(0.0, passed_at + PASS_EVERY_S - loop.time()))
 
     async def dispatch_once(self) -> int:
         """Fan out one batch of new events and quarantined messages; return how many were seen."""

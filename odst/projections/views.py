@@ -447,6 +447,15 @@ def last_position(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
 
 
+def folded_types(conn: sqlite3.Connection, after: int) -> tuple[int, set[str]]:
+    """The position read up to and the event types folded after position ``after`` (a cheap
+    look at what changed, for work that cares about a few types; a returned position below
+    ``after`` means the read model was rebuilt)."""
+    upto = last_position(conn)
+    return upto, {r[0] for r in conn.execute(
+        "SELECT DISTINCT type FROM events WHERE position > ? AND position <= ?", (after, upto))}
+
+
 def quarantined(row: sqlite3.Row) -> Quarantined:
     """A row of ``quarantine`` as the API and webhooks show it."""
     return Quarantined(stream=row["stream"], stream_seq=row["stream_seq"], subject=row["subject"],

@@ -44,6 +44,7 @@ STATE_FILE = "scrub.json"
 LOCK_FILE = "scrub.lock"
 SAVE_EVERY_S = 2.0  # progress written at most this often during a pass (and after it)
 LOCK_RETRY_S = 30.0  # another process scrubs this store: try to take over this often
+REPORTS_EVERY_S = 0.5  # RejectionWatch reads peers' reports at most this often
 RECHECK_COOLDOWN_S = 600.0  # a copy that checked good is not re-read for another report for this long
 REPORT_SKEW_MS = 600_000  # a report this much older than our latest verified copy is about an earlier one
 BURST_S = 1.0  # a paced reader may catch up on at most this much idle time at once
@@ -251,7 +252,11 @@ class RejectionWatch:
                 await asyncio.sleep(5.0)
                 continue
             if after >= views.last_position(self.reader):  # caught up: wait for the next fold
+                passed_at = time.monotonic()
                 await self.wait_changed(2.0)
+                # reports are rare: a burst of folds (uploads, a catch-up) is read a batch at a
+                # time, at most one look per REPORTS_EVERY_S, not one per fold
+                await asyncio.sleep(max(0.0, passed_at + REPORTS_EVERY_S - time.monotonic()))
 
     async def consider(self, report: views.ChunkRejection) -> None:
         name, blake3, reporter = report.name, report.blake3, report.reporter

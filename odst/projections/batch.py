@@ -1,0 +1,87 @@
+"""Group commit: appends that arrive while one is in flight go to the log together.
+
+``GroupCommit`` is an ``Append`` (odst.projections.appender) for many concurrent writers,
+such as uploads finishing side by side. While one append (publish, JetStream's ack after its
+fsync, the fold) is in flight, the events that arrive queue up; when it is done they are
+appended in one ``ConfirmedAppender.append_many``: one round trip to the broker, one fsync
+for the run, one wait for the fold. Each caller is still answered only once ITS event is
+durable and folded, with its own ``Appended`` or its own ``AppendFailed`` (an event the
+broker or the projector refuses fails alone; the others land). Envelopes, chain and
+signatures are exactly those one-by-one appends would make (``EventLog.append_many``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from itertools import groupby
+
+from odst.events import catalogue as ev
+from odst.events.log import AppendFailed, Appended
+from odst.projections.appender import Append, AppendMany
+
+MAX_BATCH = 64  # events in one append_many: bounds one round trip's size and one failure's reach
+
+
+class GroupCommit:
+    def __init__(self, append: Append, append_many: AppendMany, *, counts: Counter | None = None,
+                 max_batch: int = MAX_BATCH):
+        self._append, self._append_many = append, append_many
+        self.max_batch = max_batch
+        self._pending: list[tuple[ev.Event, str, float, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.counts = Counter() if counts is None else counts  # rounds made, events they carried (/metrics)
+
+    async def __call__(self, event: ev.Event, *, actor: str, wait: float = 30.0) -> Appended:
+        """Append ``event`` (in the next group) and wait until the read model applied it.
+        Raises AppendFailed as ``ConfirmedAppender.append`` would, for this event alone."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((event, actor, wait, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="group-commit")
+        result = await future
+        if isinstance(result, AppendFailed):
+            raise result
+        return result
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+            # one actor per append_many (the envelope names it): consecutive runs of one actor
+            for actor, run in groupby(batch, key=lambda item: item[1]):
+                await self._commit(actor, list(run))
+
+    async def _commit(self, actor: str, run: list[tuple[ev.Event, str, float, asyncio.Future]]) -> None:
+        events = [item[0] for item in run]
+        wait = max(item[2] for item in run)
+        self.counts["rounds"] += 1
+        self.counts["events"] += len(run)
+        try:
+            if len(run) == 1:  # alone: exactly the one-by-one path
+                try:
+                    results: list = [await self._append(events[0], actor=actor, wait=wait)]
+                except AppendFailed as exc:
+                    results = [exc]
+            else:
+                try:
+                    results = await self._append_many(events, actor=actor, wait=wait)
+                except AppendFailed:
+                    # refused as a whole (e.g. one event over the size cap): one by one, so
+                    # that each caller gets its own answer
+                    results = []
+                    for event in events:
+                        try:
+                            results.append(await self._append(event, actor=actor, wait=wait))
+                        except AppendFailed as exc:
+                            results.append(exc)
+        except BaseException as exc:  # anything else reaches every caller of the run, as it would have
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            for *_, future in run:
+                if not future.done():
+                    future.cancel() if cancelled else future.set_exception(exc)
+            if cancelled:
+                raise
+            return
+        for (*_, future), result in zip(run, results):
+            if not future.done():  # its caller may have gone (cancelled)
+                future.set_result(result)
