@@ -15,6 +15,7 @@ from odst.errors import OdstError
 from odst.events.log import AppendFailed
 from odst.gateway.auth import auth_guard
 from odst.gateway.bandwidth import BandwidthController
+from odst.gateway.constraints import one_value_each
 from odst.gateway.credentials import CredentialController
 from odst.gateway.downloads import Downloads
 from odst.gateway.events import EventController
@@ -109,6 +110,7 @@ def create_app(site: GatewayContext) -> Litestar:
                             HTTPException: _http_error, Exception: _internal},
         openapi_config=OpenAPIConfig(title="ODST Admin API", version=__version__, path="/schema"),
         middleware=[allow_every_method],
+        before_request=one_value_each,
         logging_config=None,
         debug=False,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import unicodedata
 
+from litestar.exceptions import ValidationException
 from odst.naming import MAX_NAME_BYTES
 
 
@@ -83,3 +84,24 @@ NOT_BLANK = rf"[^{_SPACE}]"
 
 # notifications.EMAIL, with white space allowed around the address (the handler trims it).
 EMAIL_ADDRESS = rf"^[{_SPACE}]*[^@{_SPACE}<>,;]{{1,64}}@[^@{_SPACE}<>,;]{{1,255}}[{_SPACE}]*{END}"
+
+
+def one_value_each(request) -> None:
+    """Litestar's ``before_request``: a query parameter the handler takes as one value, given
+    more than once (``?stage=a&stage=b``), is a 400 naming it. Litestar would silently keep the
+    last; the answer would then depend on an order the caller may not control. Parameters the
+    handler takes as a list (``name``) repeat freely; ones it does not take are ignored as before."""
+    query = request.query_params
+    repeated = [k for k in query.keys() if len(query.getall(k)) > 1]
+    if not repeated:
+        return None
+    once = set()
+    for pname, param in request.route_handler.parsed_fn_signature.parameters.items():
+        field = getattr(param, "field_definition", param)
+        alias = getattr(getattr(field, "kwarg_definition", None), "query", None) or pname
+        if not field.is_non_string_sequence:
+            once.add(alias)
+    for key in repeated:
+        if key in once:
+            raise ValidationException(f"query parameter {key!r} was given more than once; it takes one value")
+    return None

@@ -310,6 +310,13 @@ def test_list_filter_stage_delete_and_reupload(site):
     assert names(stage="prod") == ["alpha-tool.pkg", "gamma.zip"]
     assert names(stage="dev") == []
     assert names(stage="prod", q="gam") == ["gamma.zip"]
+    # a one-value parameter given twice is a 400 naming it (not silently the last); name repeats
+    r = c.get("/api/v1/packages", params=[("stage", "prod"), ("stage", "test")])
+    assert r.status_code == 400 and "'stage'" in r.json()["detail"], r.text
+    r = c.get("/api/v1/packages", params=[("limit", "1"), ("limit", "2")])
+    assert r.status_code == 400 and "'limit'" in r.json()["detail"], r.text
+    r = c.get("/api/v1/packages", params=[("name", "gamma.zip"), ("name", "beta-tool.dmg")])
+    assert r.status_code == 200 and sorted(p["name"] for p in r.json()["packages"]) == ["beta-tool.dmg", "gamma.zip"]
 
     # Re-stage: an event records the change and the previous stage.
     r = c.patch("/api/v1/packages/alpha-tool.pkg", json={"stage": "test"})
