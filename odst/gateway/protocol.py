@@ -42,6 +42,11 @@ and the bytes go from the page cache to the socket by ``os.sendfile``, as nginx
 sends them, instead of through a Python buffer twice (``_send_file``). A start
 message carrying ``"http.response.zerocopysend": True`` says such a body follows at
 once: its head is then sent with MSG_MORE and leaves with the body (``_HeadWithFile``).
+
+A response may also be ended short on purpose (a run of chunks cut by the sender's limit):
+the ASGI extension ``http.response.cut`` (``{"type": "http.response.cut"}``) closes the
+connection after what was sent, and the app returning then is no error (uvicorn logs
+"ASGI callable returned without completing response" for a response left short).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ LINGER_MAX_S = 30.0  # nginx's lingering_time
 ZEROCOPY = "http.response.zerocopysend"  # the ASGI zero-copy send extension this protocol offers
 SPILL_BYTES = 256 * 1024  # what goes by copy when the socket is full (the transport waits for room)
 YIELD_BYTES = 8 << 20  # a sendfile loop lets other connections run after this many bytes
+CUT = "http.response.cut"  # the ASGI extension that ends a started response short, on purpose
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm_head_timer()
         self.scope.setdefault("extensions", {})[ZEROCOPY] = {}  # the app's task starts after this
+        self.scope["extensions"][CUT] = {}
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is None:
@@ -257,6 +264,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         async def guarded_send(message) -> None:
             if message["type"] == ZEROCOPY:
                 await self._send_file(cycle, send, message)
+                return
+            if message["type"] == CUT:
+                self._cut(cycle)
                 return
             if message.get(ZEROCOPY) and message["type"] == "http.response.start":
                 # the app says a zero-copy body follows: the head goes with its first bytes
@@ -283,6 +293,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if not self._in_head and not self.transport.is_closing():  # its body is still coming
             self._linger()
+
+    def _cut(self, cycle) -> None:
+        """The app ends its response short (``CUT``): what was sent goes out, then the connection
+        closes; the client sees a body shorter than its Content-Length. The cycle is marked as
+        uvicorn marks one whose client went away, so the app's return is no error."""
+        if cycle.response_complete or cycle.disconnected:
+            return
+        if not cycle.response_started:
+            raise RuntimeError(f"Unexpected ASGI message '{CUT}' before the response started.")
+        cycle.disconnected = True
+        cycle.keep_alive = False
+        if not self.transport.is_closing():
+            self.transport.close()
 
     # -- zero-copy bodies --------------------------------------------------------------------
 

@@ -28,11 +28,12 @@ import aiohttp
 import structlog
 
 from odst.bus.service import NatsService
+from odst.gateway.protocol import CUT, ZEROCOPY
 from odst.events.signing import SiteKey
 from odst.naming import ascii_int, sent_path
 from odst.projections import views
 from odst.projections.apply import trusted_key
-from odst.store.files import PackageStore
+from odst.store.files import PackageStore, content_tag
 from odst.replicator.bandwidth import Bandwidth, LinkThrottled
 from odst.store.hashing import chunk_span
 from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
@@ -164,7 +165,9 @@ class HttpChunkSource:
                     pieces: list[bytes] = []
                     need = length
                     while need:
-                        piece = carry or await stream.readany()
+                        # one piece as the socket gave it: readany joins every piece waiting
+                        # (a copy of most of the body, a tenth of the receiver's CPU)
+                        piece = carry or (await stream.readchunk())[0]
                         carry = b""
                         if not piece:
                             raise TransportFailed(f"{self.site} over HTTP: run cut after {given} of "
@@ -216,18 +219,22 @@ class NatsChunkSource:
 
 @dataclass
 class ChunkAnswer:
-    """What ``ChunkServer.serve`` answers, whichever transport asked: a status, the first
-    chunk's bytes, and for a run the rest of its chunks (``rest``, paced by the send limit;
-    it may stop early, and the transport then cuts the response short)."""
+    """What ``ChunkServer.serve`` answers, whichever transport asked: a status, and for a 200
+    the content file (``fd``, closed by ``close()``) with the spans of the chunks asked for. The
+    first chunk's send limit is paid before answering; ``body`` is its bytes when they were read
+    (``read``), and ``rest`` yields the rest of a run: their bytes, or (not ``read``: the
+    transport sends them from ``fd`` itself, zero-copy) their spans, each once the send limit
+    lets it go. ``rest`` may stop early (RunCut), and the transport then cuts the response short."""
 
     status: int
     error: str = ""  # machine-readable: peer_refused, chunk_unavailable, link_throttled, internal
     detail: str = ""
     retry_after: float = 0.0
     body: bytes = b""
-    length: int = 0  # bytes of the whole answer (body + rest)
-    rest: AsyncIterator[bytes] | None = None
-    fd: int = -1  # the content file while ``rest`` reads from it: ``close()`` when done
+    length: int = 0  # bytes of the whole answer (every chunk)
+    first: tuple[int, int] = (0, 0)  # (offset, length) of the first chunk in ``fd``
+    rest: AsyncIterator | None = None
+    fd: int = -1  # the content file while the answer is sent: ``close()`` when done
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -267,31 +274,50 @@ class ChunkServer(NatsService):
 
     def locate(self, blake3: str, index: int) -> tuple[str, int, int]:
         """(path, offset, length) of a chunk of a content held here, or ChunkUnavailable."""
-        path, spans = self._locate_run(blake3, index, index)
+        path, size, spans = self._locate_run(blake3, index, index)
         return path, *spans[0]
 
-    def _locate_run(self, blake3: str, first: int, last: int) -> tuple[str, list[tuple[int, int]]]:
+    def _locate_run(self, blake3: str, first: int, last: int) -> tuple[str, int, list[tuple[int, int]]]:
         row = views.local_content(self.reader, blake3, self.site_id)
         if row is None:
             raise ChunkUnavailable("content not held here")
         spans = [chunk_span(i, row["size"], row["chunk_size"]) for i in range(first, last + 1)]
         if not spans[-1][1]:
             raise ChunkUnavailable("chunk index out of range")
-        return str(self.store.path(row["name"])), spans
+        return str(self.store.path(row["name"])), row["size"], spans
+
+    def _open_content(self, path: str, blake3: str, size: int) -> int:
+        """The content file, if the name still holds that content. A replacement renames a new
+        file over the name before the read model knows (and the read model keeps naming the old
+        content for a while after): the label on the inode opened (``store.files.tag``) says which
+        content it is, and every chunk sent comes from that one inode."""
+        fd = _open(path)
+        try:
+            held = content_tag(fd)
+            if (held is not None and held != blake3) or os.fstat(fd).st_size != size:
+                raise ChunkUnavailable("content no longer held under its name here (replaced)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     async def read(self, blake3: str, index: int, peer: str = "") -> bytes:
         """The chunk's bytes; for a ``peer``, once its link's send limit lets them go
         (LinkThrottled: not now)."""
-        path, offset, length = self.locate(blake3, index)
-        fd = _open(path)
+        path, size, spans = self._locate_run(blake3, index, index)
+        fd = self._open_content(path, blake3, size)
         try:
-            return await self._read_span(fd, offset, length, peer, blake3)
+            await self._pay(peer, spans[0][1], blake3)
+            return await self._pread(fd, *spans[0])
         finally:
             os.close(fd)
 
-    async def _read_span(self, fd: int, offset: int, length: int, peer: str, blake3: str) -> bytes:
+    async def _pay(self, peer: str, length: int, blake3: str) -> None:
         if peer and self.bandwidth is not None:
             await self.bandwidth.send(peer, length, blake3=blake3)
+
+    @staticmethod
+    async def _pread(fd: int, offset: int, length: int) -> bytes:
         data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, length, offset)
         if len(data) != length:
             raise ChunkUnavailable("content file shorter than its manifest")
@@ -300,10 +326,12 @@ class ChunkServer(NatsService):
     def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
         return self.verifier.verify(method, target, {k.lower(): v for k, v in headers.items()})
 
-    async def serve(self, method: str, target: str, headers: dict[str, str], *, runs: bool) -> ChunkAnswer:
+    async def serve(self, method: str, target: str, headers: dict[str, str], *, runs: bool,
+                    read: bool = True) -> ChunkAnswer:
         """Answer a signed chunk request: one chunk, or (``runs``: a transport that can stream)
-        a run of at most ``run_chunks``. The first chunk is read before answering, so a refusal,
-        a missing file or the send limit is a status, never a cut stream."""
+        a run of at most ``run_chunks``. The file is opened and the first chunk's send limit paid
+        before answering (and with ``read`` its bytes read), so a refusal, a missing file or the
+        send limit is a status, never a cut stream."""
         try:
             peer = self.authorise(method, target, headers)
             parsed = parse_target(target)
@@ -314,19 +342,20 @@ class ChunkServer(NatsService):
                 raise ChunkUnavailable("runs of chunks are served over HTTP only")
             if last - first + 1 > self.run_chunks:
                 raise ChunkUnavailable(f"a run is at most {self.run_chunks} chunks here")
-            path, spans = self._locate_run(blake3, first, last)
-            fd = _open(path)
+            path, size, spans = self._locate_run(blake3, first, last)
+            fd = self._open_content(path, blake3, size)
+            answer = ChunkAnswer(200, length=sum(n for _, n in spans), first=spans[0], fd=fd)
             try:
-                body = await self._read_span(fd, *spans[0], peer, blake3)
+                await self._pay(peer, spans[0][1], blake3)
+                if read:
+                    answer.body = await self._pread(fd, *spans[0])
             except BaseException:
-                os.close(fd)
+                answer.close()
                 raise
             self.served[peer] += 1
-            if len(spans) == 1:
-                os.close(fd)
-                return ChunkAnswer(200, body=body, length=len(body))
-            return ChunkAnswer(200, body=body, length=sum(n for _, n in spans),
-                               rest=self._rest(fd, spans[1:], peer, blake3), fd=fd)
+            if len(spans) > 1:
+                answer.rest = self._rest(fd, spans[1:], peer, blake3, read)
+            return answer
         except PeerRequestRefused as exc:
             log.warning("peer chunk request refused", reason=str(exc))
             return ChunkAnswer(403, "peer_refused", str(exc))
@@ -335,42 +364,59 @@ class ChunkServer(NatsService):
         except LinkThrottled as exc:  # the link's send limit or timetable: ask again later
             return ChunkAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
 
-    async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str) -> AsyncIterator[bytes]:
+    async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str,
+                    read: bool) -> AsyncIterator:
         for i, (offset, length) in enumerate(spans):
             try:
-                data = await self._read_span(fd, offset, length, peer, blake3)
+                await self._pay(peer, length, blake3)
+                item = await self._pread(fd, offset, length) if read else (offset, length)
             except (LinkThrottled, ChunkUnavailable) as exc:
                 log.info("chunk run cut short", peer=peer, blake3=blake3, left=len(spans) - i, reason=str(exc))
                 raise RunCut(str(exc)) from None
-            yield data
+            yield item
             self.served[peer] += 1
 
     async def http(self, scope, receive, send) -> None:
         """Raw ASGI (the gateway mounts it at /peer/v1/chunks): GET one chunk or a run, signed
         by a registered peer. Kept off the framework's response path: it is the replication
-        hot path. A run goes out chunk by chunk under one Content-Length; one cut short
-        (RunCut) leaves the response short, and the server closes the connection."""
+        hot path. A run goes out chunk by chunk under one Content-Length, each chunk sent from
+        the file by the server (the ASGI zero-copy extension, ``gateway.protocol``: no byte
+        passes through Python) or else read and sent. One cut short (RunCut) leaves the response
+        short: the server closes the connection (``http.response.cut`` where offered)."""
         if scope["method"] != "GET":
             return await _http_reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        answer = await self.serve("GET", sent_path(scope), headers, runs=True)  # the path as signed
+        extensions = scope.get("extensions") or {}
+        zerocopy = ZEROCOPY in extensions
+        answer = await self.serve("GET", sent_path(scope), headers, runs=True, read=not zerocopy)  # the path as signed
         if answer.status != 200:
             extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
             body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
             return await _http_reply(send, answer.status, body, b"application/json", extra)
-        if answer.rest is None:
-            return await _http_reply(send, 200, answer.body)
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/octet-stream"),
-                                    (b"content-length", str(answer.length).encode())]})
-            await send({"type": "http.response.body", "body": answer.body, "more_body": True})
-            async for data in answer.rest:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            start = {"type": "http.response.start", "status": 200,
+                     "headers": [(b"content-type", b"application/octet-stream"),
+                                 (b"content-length", str(answer.length).encode())]}
+            if zerocopy:
+                await send({**start, ZEROCOPY: True})  # the head leaves with the first chunk
+                await _send_span(send, answer.fd, *answer.first)
+                if answer.rest is not None:
+                    async for offset, length in answer.rest:
+                        await _send_span(send, answer.fd, offset, length)
+            elif answer.rest is None:
+                return await _http_reply(send, 200, answer.body)
+            else:
+                await send(start)
+                await send({"type": "http.response.body", "body": answer.body, "more_body": True})
+                async for data in answer.rest:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
         except RunCut:
+            if CUT in extensions:  # ended on purpose: no "returned without completing response"
+                await send({"type": CUT})
             return
         finally:
-            await answer.rest.aclose()
+            if answer.rest is not None:
+                await answer.rest.aclose()
             answer.close()
         await send({"type": "http.response.body", "body": b""})
 
@@ -388,6 +434,10 @@ class ChunkServer(NatsService):
             log.exception("chunk request failed")
             await self.nc.publish(msg.reply, b"", headers={"odst-status": "500",
                                                            "odst-error": type(exc).__name__})
+
+
+async def _send_span(send, fd: int, offset: int, length: int) -> None:
+    await send({"type": ZEROCOPY, "file": fd, "offset": offset, "count": length, "more_body": True})
 
 
 async def _http_reply(send, status: int, body: bytes, ctype: bytes = b"application/octet-stream",
