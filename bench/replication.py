@@ -130,7 +130,9 @@ def _child_setup() -> None:  # between fork and exec: die with the bench, own pr
     os.setpgrp()
 
 
-def proc_cpu(pid: int | None) -> float | None:
+def proc_cpu(pid: int | None, *, children: bool = False) -> float | None:
+    """CPU-seconds of a process (``children``: and of the children it has reaped, such as the
+    rsync daemon's forks)."""
     if not pid:
         return None
     try:
@@ -138,19 +140,11 @@ def proc_cpu(pid: int | None) -> float | None:
     except OSError:
         return None
     rest = data[data.rindex(")") + 2:].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return sum(int(x) for x in rest[11:15 if children else 13]) / CLK_TCK
 
 
 def proc_cpu_with_children(pid: int | None) -> float | None:
-    """CPU-seconds of a process and of its children it has reaped (the rsync daemon's forks)."""
-    if not pid:
-        return None
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = data[data.rindex(")") + 2:].split()
-    return sum(int(x) for x in rest[11:15]) / CLK_TCK
+    return proc_cpu(pid, children=True)
 
 
 def has_children(pid: int) -> bool:

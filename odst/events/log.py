@@ -162,7 +162,7 @@ class EventLog:
         self.replicas = replicas
         self.chain_state = chain_state  # () -> (stream checkpoint, envelope seq, hash) from the read model
         self._lock = asyncio.Lock()
-        self._head: tuple[int, str] | None = None
+        self._head: tuple[int, int, str] | None = None
         self.refusal = ""  # set by the log watch while the stream is damaged: appends refused
 
     def expected(self) -> dict[str, object]:
@@ -246,12 +246,7 @@ class EventLog:
         event_id = codec.new_event_id()
         async with self._lock:
             for attempt in range(attempts):
-                if self._head is None:
-                    try:
-                        self._head = await self.head()
-                    except nats.errors.Error as exc:
-                        raise AppendFailed(f"broker unavailable: {exc!r}") from exc
-                last_seq, env_seq, last_hash = self._head
+                last_seq, env_seq, last_hash = await self._known_head()
                 envelope = codec.Envelope(
                     id=event_id, origin=self.site, seq=env_seq + 1, prev=last_hash,
                     ts=codec.now_ms(), actor=actor, event=event,
@@ -287,6 +282,16 @@ class EventLog:
         raise AppendFailed("too many concurrent writers; gave up re-chaining")
 
 
+    async def _known_head(self) -> tuple[int, int, str]:
+        """The head appends chain onto (under ``_lock``): the one kept since the last append, or
+        read from the stream and the read model after a failure forgot it."""
+        if self._head is None:
+            try:
+                self._head = await self.head()
+            except nats.errors.Error as exc:
+                raise AppendFailed(f"broker unavailable: {exc!r}") from exc
+        return self._head
+
     async def append_many(self, events: list[Event], *, actor: str) -> list[Appended | AppendFailed]:
         """Append several events in one round trip: chained one after another as ``append``
         would (same envelopes, same signatures), published together, then their acks awaited.
@@ -308,12 +313,7 @@ class EventLog:
             return out
         results: list[Appended | AppendFailed | None] = [None] * len(events)
         async with self._lock:
-            if self._head is None:
-                try:
-                    self._head = await self.head()
-                except nats.errors.Error as exc:
-                    raise AppendFailed(f"broker unavailable: {exc!r}") from exc
-            last_seq, env_seq, last_hash = self._head
+            last_seq, env_seq, last_hash = await self._known_head()
             sealed, previous_id = [], None
             for i, event in enumerate(events):
                 envelope = codec.Envelope(id=codec.new_event_id(), origin=self.site, seq=env_seq + 1 + i,

@@ -466,16 +466,14 @@ class StreamingUpload:
                 self._write(piece)
                 self._hasher.update_sha512_blake3(piece)
                 self._hasher.update_sha1s(piece)
-            manifest = self._hasher.manifest()
-            tag(self.path, manifest.blake3)
-            os.fsync(self._fd)
-            return manifest
-        finally:
+        except BaseException:
             self._release_fd()
+            raise
+        return self._last()
 
     def _last(self) -> Manifest:
-        """After the lanes, on a pool thread: label and fsync (holding the fd; the writer lane
-        started most of the writeback already)."""
+        """After the lanes (or a small body's writes), on a pool thread: label and fsync (holding
+        the fd; for a large body the writer lane started most of the writeback already)."""
         try:
             manifest = self._hasher.manifest()
             tag(self.path, manifest.blake3)
