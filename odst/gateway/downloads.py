@@ -197,9 +197,14 @@ class Downloads:
             self._version = version
         answer = self._answers.get(name)
         if answer is None:
+            answer = self._ask(name)
+            if answer.status == 400:
+                # not a name: nothing to save by keeping it, and a request head may carry a
+                # 64 KiB one (4096 of them held 240 MB until the next fold)
+                return answer
             if len(self._answers) >= MAX_CACHED:
                 self._answers.clear()
-            answer = self._answers[name] = self._ask(name)
+            self._answers[name] = answer
         return answer
 
     def _ask(self, name: str) -> _Answer:

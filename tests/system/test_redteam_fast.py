@@ -150,6 +150,28 @@ def test_range_abuse_never_amplifies_nor_fails(prod_site):
             assert body == data
 
 
+def _rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) // 1024
+
+
+def test_long_names_that_are_not_names_are_not_kept(site):
+    """The answers cache is keyed by the name asked for, and a request head may be 64 KiB: 4000
+    requests for 60 KB non-names (a control character) used to keep 240 MB in the gateway until
+    the next fold. Only answers for real package names are kept now."""
+    before = _rss_mib(site.proc.pid)
+    with socket.create_connection(("127.0.0.1", site.port), timeout=30) as s, s.makefile("rb") as f:
+        for i in range(4000):
+            s.sendall(f"GET /Packages/{i:05d}%01{'a' * 60000} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            status, length = f.readline(), 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            f.read(length)
+            assert b" 404 " in status, status
+    assert _rss_mib(site.proc.pid) - before < 80  # was +236 MiB
+
+
 def _set_caps(site, **caps) -> None:
     with site.client() as admin:
         assert admin.put("/api/v1/bandwidth/downloads", json=caps).status_code == 200
