@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import nats
@@ -331,7 +330,8 @@ def test_a_group_commit_beside_another_writer_of_the_same_log(nats_server, tmp_p
 
 @pytest.fixture
 def small_store(tmp_path):
-    """An 8 MiB tmpfs as the store (its 2% reserve is below a small body) (needs root to mount; the only way to get a real ENOSPC)."""
+    """An 8 MiB tmpfs as the store: a real ENOSPC (mounting needs root), and a 2% reserve
+    smaller than a small body, so one can be admitted and still not fit."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small-store"
