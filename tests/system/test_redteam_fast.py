@@ -178,7 +178,6 @@ def test_held_package_files_stay_within_the_descriptor_limit(site):
     descriptors when Macs asked for more packages than that at once, and then failed every
     connection. The files held are now a quarter of the limit at most."""
     import resource
-    from concurrent.futures import ThreadPoolExecutor
 
     names = [f"p{i:03d}.pkg" for i in range(150)]
     with site.client() as admin, ThreadPoolExecutor(8) as pool:
