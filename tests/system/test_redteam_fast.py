@@ -199,6 +199,42 @@ def _set_caps(site, **caps) -> None:
         10, what="the caps in force")
 
 
+def test_download_auth_and_per_client_caps_hold_against_header_tricks(make_site):
+    """With download_auth=basic, nothing of a package without the password: not the accel
+    answer, not a 503 that tells it exists. The per-client cap counts the connection's address:
+    X-Forwarded-For from a client is not believed (no trusted_proxies). A client that hangs up
+    gives its slot back."""
+    site = make_site(env={"ODST_DOWNLOAD_AUTH": "basic", "ODST_DOWNLOAD_USER": "mac",
+                          "ODST_DOWNLOAD_PASSWORD": "pw"}).start()
+    with site.client() as admin:
+        assert admin.put("/api/v1/packages/Big.pkg", content=random.Random(3).randbytes(16 * MiB)).status_code == 201
+    right = "Basic bWFjOnB3"  # mac:pw
+    for headers in ({"X-ODST-Accel-Redirect": "/_odst_store/"}, {"Authorization": "Basic bWFjOnB3IA=="},
+                    {"Authorization": f"{right}, Basic x"}, {"X-Original-URL": "/healthz"}):
+        status, got, body = raw(site, "GET", "/Packages/Big.pkg", headers)
+        assert status == 401 and "x-accel-redirect" not in got and len(body) < 100, headers
+    status, got, _ = raw(site, "GET", "/Packages/Big.pkg", {"Authorization": right,
+                                                          "X-ODST-Accel-Redirect": "/_odst_store/"})
+    assert (status, got["x-accel-redirect"]) == (200, "/_odst_store/big.pkg")
+    _set_caps(site, max_concurrent=0, per_client=1)
+    auth = {"Authorization": right}
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    held.connect(("127.0.0.1", site.port))
+    held.sendall(b"GET /Packages/Big.pkg HTTP/1.1\r\nHost: x\r\nAuthorization: Basic bWFjOnB3\r\n\r\n")
+    try:
+        wait_until(lambda: raw(site, "HEAD", "/Packages/Big.pkg", auth)[0] == 200 and
+                   raw(site, "GET", "/Packages/Big.pkg", {**auth, "Range": "bytes=0-0"})[0] == 503, 10,
+                   what="the one slot of this address taken")
+        for spoof in ("10.9.8.7", "10.9.8.7, 127.0.0.1"):
+            assert raw(site, "GET", "/Packages/Big.pkg", {**auth, "Range": "bytes=0-0",
+                                                          "X-Forwarded-For": spoof})[0] == 503, spoof
+    finally:
+        held.close()
+    wait_until(lambda: raw(site, "GET", "/Packages/Big.pkg", {**auth, "Range": "bytes=0-0"})[0] == 206, 10,
+               what="the slot given back when the client hung up")
+
+
 def test_a_client_that_stops_reading_does_not_hold_a_download_slot_for_ever(make_site):
     """REPORTED, fails today (fix belongs in gateway/protocol.py, P6's file): a response body
     waits for room in the socket with no deadline (``_drained`` / uvicorn's drain), so a client
