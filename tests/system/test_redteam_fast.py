@@ -29,7 +29,7 @@ from odst.projections.db import connect
 from odst.projections.projector import Projector
 from odst.replicator.transport import run_target
 from odst.store.hashing import CHUNK_SIZE, manifest_of
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until, write_random
 from tests.system.test_eventlog import assert_one_chain, messages
 from tests.system.test_pull_runs import pair_holding  # noqa: F401 - a fixture
 
@@ -309,6 +309,26 @@ def test_a_removed_peer_gets_no_chunks(pair_holding):
         assert r.status_code == 200, r.text
     r = httpx.get(a.url + target, headers=sign_request(key, "GET", target), timeout=30)
     assert r.status_code == 403 and "not a registered peer" in r.text
+
+
+def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_site, tmp_path):
+    """REPORTED, fails today (the fix belongs with ChunkServer in replicator/transport.py, P6's
+    file, or a nonce store the processes share): with http_workers > 1 each gateway process
+    keeps its own nonces (RequestVerifier), so one captured signed request is served once per
+    process within the 300 s window. Measured with 2 workers: 200, 200, then 403s."""
+    from tests.system.test_replication import register, upload
+
+    leaf = free_port()
+    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"],
+                  env={"ODST_HTTP_WORKERS": "2"}).start()
+    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
+    register(a, b)
+    src = write_random(tmp_path / "x.pkg", 2 * MiB, seed=3)
+    upload(a, "x.pkg", src)
+    target = run_target(manifest_of([src.read_bytes()]).blake3, 0, 0)
+    signed = sign_request(SiteKey.load_or_create(b.data / "site.key"), "GET", target)
+    codes = [httpx.get(a.url + target, headers=signed, timeout=30).status_code for _ in range(12)]  # new connections
+    assert codes == [200] + [403] * 11, codes
 
 
 # ---------------------------------------------------------------- group commit
