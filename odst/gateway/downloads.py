@@ -28,6 +28,7 @@ import base64
 import hmac
 import os
 import re
+import resource
 import time
 from urllib.parse import quote
 
@@ -42,6 +43,14 @@ from odst.gateway.ranges import (Unsatisfiable, http_date, if_range_allows, not_
 BLOCK = 1 << 20
 REPAIR_RETRY_AFTER_S = 60  # Retry-After of a 503 for a package out of service here (odst.replicator.integrity)
 MAX_CACHED = 4096  # names (answers) and open files kept; past it the cache starts again
+
+
+def max_open_files() -> int:
+    """Package files kept open at most: MAX_CACHED, but never more than a quarter of the
+    process's descriptor limit (``odst serve`` started from a shell gets 1024 on Linux, 256 on
+    macOS): the held files must leave room for connections, the broker and SQLite."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_CACHED if soft == resource.RLIM_INFINITY else max(8, min(MAX_CACHED, soft // 4))
 IDLE_CLOSE_S = 10.0  # an open file no request used for this long is closed (a deleted one frees its space)
 
 _OCTETS = (b"content-type", b"application/octet-stream")
@@ -197,9 +206,14 @@ class Downloads:
             self._version = version
         answer = self._answers.get(name)
         if answer is None:
+            answer = self._ask(name)
+            if answer.status == 400:
+                # not a name: nothing to save by keeping it, and a request head may carry a
+                # 64 KiB one (4096 of them held 240 MB until the next fold)
+                return answer
             if len(self._answers) >= MAX_CACHED:
                 self._answers.clear()
-            answer = self._answers[name] = self._ask(name)
+            self._answers[name] = answer
         return answer
 
     def _ask(self, name: str) -> _Answer:
@@ -239,7 +253,7 @@ class Downloads:
         opened = _File(fd)
         if held is not None:
             held.retire()
-        elif len(self._files) >= MAX_CACHED:
+        elif len(self._files) >= max_open_files():
             for old in self._files.values():
                 old.retire()
             self._files.clear()
