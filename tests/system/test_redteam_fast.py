@@ -235,6 +235,7 @@ def test_download_auth_and_per_client_caps_hold_against_header_tricks(make_site)
                what="the slot given back when the client hung up")
 
 
+@pytest.mark.xfail(strict=True, reason='send deadline not built yet (red-team finding 3)')
 def test_a_client_that_stops_reading_does_not_hold_a_download_slot_for_ever(make_site):
     """REPORTED, fails today (fix belongs in gateway/protocol.py, P6's file): a response body
     waits for room in the socket with no deadline (``_drained`` / uvicorn's drain), so a client
@@ -311,6 +312,7 @@ def test_a_removed_peer_gets_no_chunks(pair_holding):
     assert r.status_code == 403 and "not a registered peer" in r.text
 
 
+@pytest.mark.xfail(strict=True, reason='nonces not shared across gateway processes yet (red-team finding 4)')
 def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_site, tmp_path):
     """REPORTED, fails today (the fix belongs with ChunkServer in replicator/transport.py, P6's
     file, or a nonce store the processes share): with http_workers > 1 each gateway process
