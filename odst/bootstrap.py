@@ -250,7 +250,8 @@ def gateway_context(site: Site) -> GatewayContext:
     return GatewayContext(
         id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, projection=site.projection,
-        append=GroupCommit(site.writer.append, site.writer.append_many, counts=site.stats.appends),  # uploads side by side: one round trip
+        append=GroupCommit(site.writer.append, site.writer.append_many, counts=site.stats.appends,
+                           wait_s=site.settings.apply_wait_s),  # uploads side by side: one round trip
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
         replicator=site.replicator, chunk_server=site.chunk_server, integrity=site.integrity,

@@ -42,6 +42,7 @@ class Settings:
     replication_packages: int = 2  # packages fetched at once
     peer_run_chunks: int = 16  # chunks a peer may ask for in one HTTP request; 1: one per request (runs answered 404, as by older versions)
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
+    apply_wait_s: float = 30.0  # how long an API write waits for this site's read model to apply its event; past it a 503 says the write stands and will appear
     withdraw_grace_s: int = 3600  # a held package whose stage this site no longer accepts is not served from then on; its file goes this long after (a demotion undone within it costs no re-pull)
     scrub_period_s: int = 7 * 86400  # the background scrub re-hashes the whole store once this often; 0: off
     scrub_min_rate: int = 4 << 20  # bytes/s the scrub reads at least (a small store is done quickly)
@@ -150,6 +151,8 @@ class Settings:
             raise ConfigError("http_header_timeout_s must be more than 0 and at most 300")
         if not 1 <= self.http_keepalive_s <= 3600:
             raise ConfigError("http_keepalive_s must be between 1 and 3600")
+        if not 0.1 <= self.apply_wait_s <= 3600:
+            raise ConfigError("apply_wait_s must be between 0.1 and 3600 seconds")
         if self.withdraw_grace_s < 0:
             raise ConfigError("withdraw_grace_s must be 0 or more seconds")
         if self.stream_replicas not in (1, 3, 5):

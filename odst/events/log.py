@@ -55,6 +55,11 @@ class AppendFailed(Exception):
     """The event could not be appended (broker unavailable or too much contention)."""
 
 
+class NotYetApplied(AppendFailed):
+    """The event is stored in the log (durable, it will be folded) but the read model had not
+    applied it within the wait: the write happened, so nothing it published may be undone."""
+
+
 class LogDamaged(AppendFailed):
     """The log is shorter than, or not the one, the read model was built from, or its
     stream's configuration was changed: appending would chain onto a broken history."""

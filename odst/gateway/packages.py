@@ -14,7 +14,7 @@ from odst.errors import (InsufficientStorage, PackageConflict, PackageNotFound, 
                          StageInvalid, Unavailable, UploadIncomplete, UploadTooLarge)
 from odst.events import catalogue as ev
 from odst.events import uploads
-from odst.events.log import AppendFailed
+from odst.events.log import AppendFailed, NotYetApplied
 from odst.gateway.auth import READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
@@ -25,6 +25,11 @@ from odst.jamf.digests import Digests, digests_path, extra_types
 from odst.store.files import StoreFull, StreamingUpload
 
 log = structlog.get_logger("odst.gateway")
+
+# The event is in the log but this site's read model had not applied it in time: the package
+# will appear (nothing is undone); the same bytes sent again are answered 200 once it has.
+NOT_YET_APPLIED = ("recorded, but this site has not applied it yet; it will appear shortly "
+                   "(sending the same bytes again answers 200 once it has)")
 
 
 class Uploaded(views.Package, kw_only=True):
@@ -130,6 +135,10 @@ async def _replace(request: Request, site: GatewayContext, name: str, stage: str
             backup = site.store.swap(path, name)
             try:
                 appended = await site.append(decision.event, actor=request.state.actor)
+            except NotYetApplied as exc:  # recorded: the new file stays, as the log says
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
             except AppendFailed as exc:
                 site.store.swap_back(backup, name)
                 raise Unavailable(f"replacement not recorded, try again: {exc}") from None
@@ -254,6 +263,8 @@ class PackageController(Controller):
                     raise PackageConflict(f"a file named {name!r} is being published; retry") from None
                 try:
                     appended = await site.append(decision.event, actor=request.state.actor)
+                except NotYetApplied as exc:  # recorded: the file stays, as the log says
+                    raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
                 except AppendFailed as exc:
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None

@@ -10,7 +10,7 @@ import sqlite3
 from typing import Protocol
 
 from odst.events import catalogue as ev
-from odst.events.log import EVENTS_STREAM, AppendFailed, Appended, EventLog
+from odst.events.log import EVENTS_STREAM, AppendFailed, Appended, EventLog, NotYetApplied
 from odst.projections.status import ProjectionStatus
 
 
@@ -36,7 +36,7 @@ class ConfirmedAppender:
         """
         appended = await self.events.append(event, actor=actor)
         if not await self.projection.wait_for(EVENTS_STREAM, appended.seq, timeout=wait):
-            raise AppendFailed(f"event {appended.envelope.id} was stored but not applied within {wait}s")
+            raise NotYetApplied(f"event {appended.envelope.id} was stored but not applied within {wait}s")
         if self.reader.execute("SELECT 1 FROM events WHERE id=?", (appended.envelope.id,)).fetchone() is None:
             q = self.reader.execute("SELECT reason FROM quarantine WHERE stream=? AND stream_seq=?",
                                     (EVENTS_STREAM, appended.seq)).fetchone()
@@ -55,7 +55,7 @@ class ConfirmedAppender:
         if not done:
             return results
         if not await self.projection.wait_for(EVENTS_STREAM, max(r.seq for r in done), timeout=wait):
-            return [AppendFailed(f"event {r.envelope.id} was stored but not applied within {wait}s")
+            return [NotYetApplied(f"event {r.envelope.id} was stored but not applied within {wait}s")
                     if isinstance(r, Appended) else r for r in results]
         out: list[Appended | AppendFailed] = []
         for r in results:

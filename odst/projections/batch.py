@@ -25,18 +25,19 @@ MAX_BATCH = 64  # events in one append_many: bounds one round trip's size and on
 
 class GroupCommit:
     def __init__(self, append: Append, append_many: AppendMany, *, counts: Counter | None = None,
-                 max_batch: int = MAX_BATCH):
+                 max_batch: int = MAX_BATCH, wait_s: float = 30.0):
         self._append, self._append_many = append, append_many
+        self.wait_s = wait_s  # a caller's default wait for the fold (Settings.apply_wait_s)
         self.max_batch = max_batch
         self._pending: list[tuple[ev.Event, str, float, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self.counts = Counter() if counts is None else counts  # rounds made, events they carried (/metrics)
 
-    async def __call__(self, event: ev.Event, *, actor: str, wait: float = 30.0) -> Appended:
+    async def __call__(self, event: ev.Event, *, actor: str, wait: float | None = None) -> Appended:
         """Append ``event`` (in the next group) and wait until the read model applied it.
         Raises AppendFailed as ``ConfirmedAppender.append`` would, for this event alone."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((event, actor, wait, future))
+        self._pending.append((event, actor, self.wait_s if wait is None else wait, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
         result = await future

@@ -99,8 +99,10 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
     procs.start("projector", odst("projector", *common),
                 env={"ODST_NATS_AUTH_FILE": str(tmp_path / "nats" / "site" / "auth.conf")})
     g1, g2 = free_port(), free_port()
+    projector = procs.procs[-1]
     for g in (g1, g2):
-        procs.start(f"gateway-{g}", odst("gateway", *common, "--http", f"127.0.0.1:{g}"))
+        procs.start(f"gateway-{g}", odst("gateway", *common, "--http", f"127.0.0.1:{g}"),
+                    env={"ODST_APPLY_WAIT_S": "8"})
     u1, u2 = f"http://127.0.0.1:{g1}", f"http://127.0.0.1:{g2}"
     wait_until(lambda: healthy(u1) and healthy(u2), 90, what="both gateways healthy")
 
@@ -115,6 +117,22 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
     r2 = httpx.get(f"{u2}/api/v1/packages/roles.pkg", headers=HEADERS)
     assert r2.status_code == 200 and r2.json()["sha1"] == hashlib.sha1(body).hexdigest()
     assert httpx.get(f"{u2}/CasperShare/Packages/roles.pkg").content == body
+
+    # a read model that does not apply an upload in time: the upload stands (its event is in
+    # the log), so the answer says so and its file stays; it appears once the projector folds it
+    projector.send_signal(signal.SIGSTOP)
+    try:
+        late = os.urandom(50_000)
+        r = httpx.put(f"{u1}/api/v1/packages/late.pkg", content=late, headers=HEADERS, timeout=60)
+        assert r.status_code == 503 and "recorded" in r.text, r.text
+        assert (data / "store" / "packages" / "late.pkg").read_bytes() == late
+    finally:
+        projector.send_signal(signal.SIGCONT)
+    wait_until(lambda: httpx.get(f"{u2}/api/v1/packages/late.pkg", headers=HEADERS).status_code == 200, 30,
+               what="the late upload to be applied")
+    assert httpx.get(f"{u2}/CasperShare/Packages/late.pkg").content == late
+    again = httpx.put(f"{u1}/api/v1/packages/late.pkg", content=late, headers=HEADERS, timeout=60)
+    assert again.status_code == 200, again.text  # the same bytes: identical, nothing new recorded
 
     # two replicators share one work queue; a killed one's pull passes to the other
     rep_env = {"ODST_REPLICATION_STREAMS": "1", "ODST_REPLICATION_LEASE_S": "6"}
