@@ -75,6 +75,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.closed: BaseException | None = None
         self._spill = bytearray(SPILL)
+        self._spill_view = memoryview(self._spill)
         self._spilled = bytearray()  # bytes read ahead of any buffer (head, the start of a body)
         self._target: memoryview | None = None
         self._filled = 0
@@ -97,7 +98,7 @@ class _Conn(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int):
         if self._target is not None:
             return self._target[self._filled:]
-        return self._spill
+        return self._spill_view  # a view, never the bytearray: asyncio's TLS reads into buf[offset:]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._target is not None:
@@ -107,7 +108,7 @@ class _Conn(asyncio.BufferedProtocol):
                 if self._done is not None and not self._done.done():
                     self._done.set_result(None)
             return
-        self._spilled += memoryview(self._spill)[:nbytes]
+        self._spilled += self._spill_view[:nbytes]
         if self._head_wanted:
             if b"\r\n\r\n" in self._spilled or len(self._spilled) > HEAD_MAX:
                 self._head_wanted = False
@@ -253,8 +254,8 @@ class RunClient:
                     return
                 body = bytearray(answer.length)
                 await self._fill(conn, body)
+                finished = answer.keep_alive  # read to its end: the connection may serve again
                 yield body
-                finished = answer.keep_alive
                 return
             left = answer.length
             ahead: tuple[bytearray, asyncio.Future] | None = None
