@@ -148,11 +148,12 @@ class _Conn(asyncio.BufferedProtocol):
         if take:
             view[:take] = self._spilled[:take]
             del self._spilled[:take]
-        fut = self._wait()
-        if take == len(view):
+        if take == len(view):  # all here already (even if the peer closed since)
+            fut = asyncio.get_running_loop().create_future()
             fut.set_result(None)
-        else:
-            self._target, self._filled = view, take
+            return fut
+        fut = self._wait()
+        self._target, self._filled = view, take
         return fut
 
     def leftover(self) -> int:
@@ -160,8 +161,11 @@ class _Conn(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         self._target = None
-        if self._done is not None and not self._done.done():
-            self._done.cancel()  # a buffer nobody waits for any more
+        if self._done is not None:
+            if not self._done.done():
+                self._done.cancel()  # a buffer nobody waits for any more
+            elif not self._done.cancelled():
+                self._done.exception()  # seen: the connection is being closed for it
         if self.transport is not None:
             self.transport.close()
 

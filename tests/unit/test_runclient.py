@@ -244,3 +244,16 @@ def test_a_run_over_tls(tmp_path):
     (one, two), (got, err), connections = run(go())
     assert one == (data, None) and two == (data, None) and connections == 1
     assert got == [] and isinstance(err, TransportFailed)
+
+
+def test_an_answer_that_ends_with_a_close_is_whole_and_its_connection_not_kept():
+    small = [os.urandom(1000) for _ in range(3)]  # the whole answer in the first read, then EOF
+
+    async def go():
+        answer = (ok(b"".join(small), "Connection: close"), CLOSE)
+        async with Scripted([answer, answer]) as server, http_session() as http:
+            src = HttpChunkSource("peer", server.url(), KEY, http)
+            first = await take(src, [1000] * 3)
+            return first, await take(src, [1000] * 3), server.connections
+    first, second, connections = run(go())
+    assert first == (small, None) and second == (small, None) and connections == 2
