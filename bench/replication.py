@@ -592,12 +592,17 @@ def transfer_timeout(size: int) -> float:
     return max(120.0, size / (5 * MB))
 
 
+def receiver_env(args) -> dict[str, str]:
+    """The pulling sites' settings from the command line (``--streams``)."""
+    return {"ODST_REPLICATION_STREAMS": str(args.streams)} if args.streams else {}
+
+
 def pair(net: Network, args, a_args: list[str] = ()) -> tuple[Site, Site, float]:
     """A listens, B dials A; registered (invite at the spoke, join at the hub: the hub admits
     the spoke's leaf link for the exchange, as it refuses unknown keys); warmed up. Returns
     (A, B, warm-up seconds)."""
     a = net.add("A", listen=True, args=a_args)
-    b = net.add("B", dial=[a])
+    b = net.add("B", dial=[a], env=receiver_env(args))
     net.start(timeout=args.start_timeout)
     net.register(b, a)
     return a, b, warm_up(net, a, [b], 120)
@@ -702,7 +707,7 @@ def measure_hub(args, ctx, file: Path, spokes: int = 4) -> dict:
     try:
         rsyncd.start()
         hub = net.add("H", listen=True)
-        sp = [net.add(f"S{i + 1}", dial=[hub]) for i in range(spokes)]
+        sp = [net.add(f"S{i + 1}", dial=[hub], env=receiver_env(args)) for i in range(spokes)]
         net.start(timeout=args.start_timeout)
         for s in sp:
             net.register(hub, s)
@@ -947,6 +952,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/odst-bench-repl", help="scratch dir (default %(default)s)")
     ap.add_argument("--size-mib", type=int, default=1024, help="package size for 1-3 (default 1024)")
     ap.add_argument("--big-mib", type=int, default=4096, help="package size for the RSS check (default 4096)")
+    ap.add_argument("--streams", type=int, default=0,
+                    help="replication_streams of the pulling sites (default: theirs, 8)")
     ap.add_argument("--skip-big", action="store_true", help="skip the RSS check with the big package")
     ap.add_argument("--repeats", type=int, default=3, help="runs of 1-3, medians reported (default 3)")
     ap.add_argument("--chain-uploads", type=int, default=10, help="1 MiB uploads through the chain (default 10)")

@@ -1,0 +1,298 @@
+"""A small HTTP/1.1 client for chunk runs only: each chunk's bytes go from the socket straight
+into that chunk's own buffer (asyncio ``BufferedProtocol``), never through a bytes object per
+read and a parser's copy, which cost the receiving side half its CPU with aiohttp.
+
+It speaks exactly what a run needs: one GET with the signed headers, a status line, headers
+(Content-Length, Connection), a body of known length; connections are kept per peer and reused.
+Anything else in a response head (no Content-Length, a transfer coding, not HTTP/1.x) is
+``RunUnexpected``: nothing has been handed over yet, and the caller asks again by its general
+client (aiohttp). Everything else is as ``HttpChunkSource.fetch_run`` promises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from collections import defaultdict
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+HEAD_MAX = 16 << 10  # a response head longer than this is not one of ours
+ERROR_BODY_MAX = 64 << 10  # an error answer's body is read for its detail up to this
+SPILL = 16 << 10  # what the socket may read while no chunk buffer is waiting (then reading pauses)
+IDLE_PER_PEER = 16  # idle connections kept per peer
+
+
+class RunUnexpected(Exception):
+    """The answer is not the plain HTTP/1.1 response this client reads: ask by another client."""
+
+
+class RunBroken(Exception):
+    """The connection failed, closed, or went quiet for too long."""
+
+
+class Answer:
+    """A response head: status, headers (lower-case names), and how long the body is."""
+
+    def __init__(self, status: int, headers: dict[str, str], length: int, keep_alive: bool):
+        self.status, self.headers, self.length, self.keep_alive = status, headers, length, keep_alive
+
+
+def parse_head(head: bytes) -> Answer:
+    """The status line and headers of a response (without the blank line), or RunUnexpected."""
+    try:
+        lines = head.decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise RunUnexpected(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or not name.isascii():
+                raise RunUnexpected(f"malformed header line: {line[:80]!r}")
+            name = name.lower()
+            if name in headers and name == "content-length":
+                raise RunUnexpected("more than one Content-Length")
+            headers[name] = value.strip()
+    except UnicodeError:  # latin-1 decodes every byte: kept for clarity
+        raise RunUnexpected("undecodable head") from None
+    if "transfer-encoding" in headers:
+        raise RunUnexpected(f"Transfer-Encoding {headers['transfer-encoding'][:40]!r}")
+    text = headers.get("content-length", "")
+    if not (text.isascii() and text.isdigit()):
+        raise RunUnexpected(f"Content-Length {text[:40]!r}")
+    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
+    return Answer(int(code), headers, int(text), keep_alive)
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One connection. Bytes go into the buffer ``receive_into`` gave (a chunk's own), or while
+    none waits into a small spill, after which reading pauses until a buffer is given."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed: BaseException | None = None
+        self._spill = bytearray(SPILL)
+        self._spill_view = memoryview(self._spill)
+        self._spilled = bytearray()  # bytes read ahead of any buffer (head, the start of a body)
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._done: asyncio.Future | None = None
+        self._head_wanted = False
+        self._paused = False
+
+    # --- protocol side
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.closed = exc or ConnectionResetError("connection closed by the peer")
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(RunBroken(str(self.closed) or type(self.closed).__name__))
+
+    def eof_received(self):
+        return False  # close the transport: connection_lost follows
+
+    def get_buffer(self, sizehint: int):
+        if self._target is not None:
+            return self._target[self._filled:]
+        return self._spill_view  # a view, never the bytearray: asyncio's TLS reads into buf[offset:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._target = None
+                if self._done is not None and not self._done.done():
+                    self._done.set_result(None)
+            return
+        self._spilled += self._spill_view[:nbytes]
+        if self._head_wanted:
+            if b"\r\n\r\n" in self._spilled or len(self._spilled) > HEAD_MAX:
+                self._head_wanted = False
+                if self._done is not None and not self._done.done():
+                    self._done.set_result(None)
+        elif not self._paused and self.transport is not None:
+            self._paused = True  # nobody asked for these bytes yet: wait for a buffer
+            self.transport.pause_reading()
+
+    # --- reader side
+    def _wait(self) -> asyncio.Future:
+        if self.closed is not None:
+            raise RunBroken(str(self.closed) or type(self.closed).__name__)
+        self._done = asyncio.get_running_loop().create_future()
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return self._done
+
+    async def read_head(self, timeout: float) -> bytes:
+        while True:
+            end = self._spilled.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self._spilled[:end])
+                del self._spilled[:end + 4]
+                return head
+            if len(self._spilled) > HEAD_MAX:
+                raise RunUnexpected("response head too long")
+            self._head_wanted = True
+            async with asyncio.timeout(timeout):
+                await self._wait()
+
+    def receive_into(self, buf: bytearray | memoryview) -> asyncio.Future:
+        """A future done once ``buf`` is full (the bytes read ahead first, then the socket's)."""
+        view = memoryview(buf).cast("B")
+        take = min(len(self._spilled), len(view))
+        if take:
+            view[:take] = self._spilled[:take]
+            del self._spilled[:take]
+        if take == len(view):  # all here already (even if the peer closed since)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        fut = self._wait()
+        self._target, self._filled = view, take
+        return fut
+
+    def leftover(self) -> int:
+        return len(self._spilled)
+
+    def close(self) -> None:
+        self._target = None
+        if self._done is not None:
+            if not self._done.done():
+                self._done.cancel()  # a buffer nobody waits for any more
+            elif not self._done.cancelled():
+                self._done.exception()  # seen: the connection is being closed for it
+        if self.transport is not None:
+            self.transport.close()
+
+
+class RunClient:
+    """Connections to peers for runs, kept for reuse (``IDLE_PER_PEER`` idle ones a peer)."""
+
+    def __init__(self, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
+                 ssl_context: ssl_module.SSLContext | None = None):
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._ssl = ssl_context
+        self._idle: defaultdict[tuple, list[_Conn]] = defaultdict(list)
+        self.connections = 0  # opened so far (tests: reuse)
+
+    def _ssl_context(self) -> ssl_module.SSLContext:
+        if self._ssl is None:  # what aiohttp uses for an https URL: the system's trust store
+            self._ssl = ssl_module.create_default_context()
+        return self._ssl
+
+    async def _connect(self, peer: tuple) -> _Conn:
+        scheme, host, port = peer
+        loop = asyncio.get_running_loop()
+        tls = self._ssl_context() if scheme == "https" else None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(_Conn, host, port, ssl=tls,
+                                                       server_hostname=host if tls else None)
+        except (OSError, TimeoutError, ssl_module.SSLError) as exc:
+            raise RunBroken(f"connect: {type(exc).__name__}: {exc}") from None
+        self.connections += 1
+        return conn
+
+    def _take(self, peer: tuple) -> _Conn | None:
+        idle = self._idle[peer]
+        while idle:
+            conn = idle.pop()
+            if conn.closed is None and conn.leftover() == 0:
+                return conn
+            conn.close()
+        return None
+
+    def _give_back(self, peer: tuple, conn: _Conn) -> None:
+        if conn.closed is None and conn.leftover() == 0 and len(self._idle[peer]) < IDLE_PER_PEER:
+            self._idle[peer].append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    async def get_run(self, url: str, target: str, headers: dict[str, str],
+                      lengths: list[int]) -> AsyncIterator[Answer | bytearray]:
+        """GET ``url`` (``target`` is its path, as signed): first the Answer; for a 200 then each
+        chunk (``lengths``) as its own bytearray once complete; for another status then its body
+        (up to ERROR_BODY_MAX). A stale kept connection that fails before any answer is retried
+        once on a new one. RunBroken when the connection fails; RunUnexpected as above (before
+        the Answer only); a body shorter than the chunks asked for ends early after the chunks
+        it held whole (the caller sees fewer chunks than asked)."""
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise RunUnexpected(f"not an http(s) URL: {url[:80]!r}")
+        peer = (scheme, parts.hostname, parts.port or (443 if scheme == "https" else 80))
+        host = parts.netloc.rpartition("@")[2]
+        request = (f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: identity\r\n"
+                   + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
+        conn = self._take(peer)
+        reused = conn is not None
+        finished = False
+        try:
+            while True:
+                if conn is None:
+                    conn = await self._connect(peer)
+                try:
+                    conn.transport.write(request)
+                    answer = parse_head(await conn.read_head(self.read_timeout))
+                    break
+                except (RunBroken, TimeoutError) as exc:
+                    conn.close()
+                    conn = None
+                    if not reused:
+                        raise RunBroken(f"no answer: {type(exc).__name__}: {exc}") from None
+                    reused = False  # the peer had closed a kept connection: once more, afresh
+            yield answer
+            if answer.status != 200:
+                if answer.length > ERROR_BODY_MAX:
+                    return
+                body = bytearray(answer.length)
+                await self._fill(conn, body)
+                finished = answer.keep_alive  # read to its end: the connection may serve again
+                yield body
+                return
+            left = answer.length
+            ahead: tuple[bytearray, asyncio.Future] | None = None
+            for i, length in enumerate(lengths):
+                if ahead is None:
+                    if length > left:
+                        return
+                    buf = bytearray(length)
+                    fut = conn.receive_into(buf)
+                else:
+                    buf, fut = ahead
+                    ahead = None
+                try:
+                    async with asyncio.timeout(self.read_timeout):
+                        await fut
+                except TimeoutError:
+                    raise RunBroken(f"no bytes for {self.read_timeout:g} s") from None
+                left -= length
+                if i + 1 < len(lengths) and lengths[i + 1] <= left:  # the next buffer waits before
+                    nxt = bytearray(lengths[i + 1])                   # this one is handed over
+                    ahead = (nxt, conn.receive_into(nxt))
+                yield buf
+            finished = left == 0 and answer.keep_alive
+        finally:
+            if conn is not None:
+                if finished:
+                    self._give_back(peer, conn)
+                else:
+                    conn.close()
+
+    async def _fill(self, conn: _Conn, buf: bytearray) -> None:
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await conn.receive_into(buf)
+        except TimeoutError:
+            raise RunBroken(f"no bytes for {self.read_timeout:g} s") from None
