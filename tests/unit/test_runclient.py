@@ -27,7 +27,7 @@ def chunks(n: int, seed: int = 0) -> list[bytes]:
 
 
 def ok(body: bytes, *extra: str, length: int | None = None) -> bytes:
-    head = [f"HTTP/1.1 200 OK", f"Content-Length: {len(body) if length is None else length}", *extra]
+    head = ["HTTP/1.1 200 OK", f"Content-Length: {len(body) if length is None else length}", *extra]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
