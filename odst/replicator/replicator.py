@@ -65,6 +65,10 @@ FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
 WORK_BATCH = 32  # work items a worker takes at once: its small packages are pulled together
+# Workers taking work items: small packages' batches run this many side by side (one round
+# trip each is mostly waiting: leases, the peer, the fsync, the fold of PackageAvailable);
+# big pulls still run at most ``replication_packages`` at once (``_big``).
+SMALL_LANES = 4
 SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
 
 
@@ -132,8 +136,9 @@ class Replicator:
             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.lease_s,
                                       max_deliver=-1, max_ack_pending=1000))
         self._loop_task = asyncio.create_task(self._loop(), name="replicator")
+        self._big = asyncio.Semaphore(max(1, self.settings.replication_packages))
         self._workers = [asyncio.create_task(self._work(), name=f"replicator-worker-{i}")
-                         for i in range(max(1, self.settings.replication_packages))]
+                         for i in range(max(1, self.settings.replication_packages, SMALL_LANES))]
 
     async def stop(self) -> None:
         tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values(), *self._reporting] if t]
@@ -350,8 +355,8 @@ class Replicator:
     async def _take(self, msgs: list) -> None:
         """The work items still wanted here (and not being pulled here already): small ones
         pulled together, then the first big one; further big ones are handed back at once
-        (nak, and taken out of ``msgs``) for another worker, so big pulls keep running
-        ``replication_packages`` at a time."""
+        (nak, and taken out of ``msgs``) for another worker; big pulls run
+        ``replication_packages`` at a time (``_big``), batches of small ones beside them."""
         items: dict[tuple[str, str], object] = {}
         for msg in msgs:
             try:
@@ -376,7 +381,8 @@ class Replicator:
         if small:
             await self._pull_small([row for row, _ in small])
         if big:
-            await self._pull_leased(big[0][0])
+            async with self._big:  # big transfers: replication_packages at a time
+                await self._pull_leased(big[0][0])
 
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
@@ -694,7 +700,7 @@ class Replicator:
         """Put several pulled files in place, then record their PackageAvailable events in one
         round trip (``append_many``; one by one without it). Each file is in place (and
         fsynced) before its event is appended, as in ``_publish``."""
-        placed = []
+        placed, ready = [], []
         current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
         with contextlib.ExitStack() as publishing:
             for want, progress, path in fetched:
@@ -703,11 +709,22 @@ class Replicator:
                 try:
                     tag(path, want.blake3)
                     publishing.enter_context(self.store.publishing(want.name))
-                    await asyncio.to_thread(self.store.replace, path, want.name)
                 except OSError as exc:
                     await self._failed((want.name, want.blake3), want, progress, f"store error: {exc.strerror or exc}")
                     continue
-                placed.append((want, progress))
+                ready.append((want, progress, path))
+            # all renamed, then one fsync of packages/ for the batch (off the event loop)
+            try:
+                results = await asyncio.to_thread(self.store.replace_many,
+                                                  [(path, want.name) for want, _, path in ready])
+            except OSError as exc:
+                results = [exc] * len(ready)
+            for (want, progress, _), result in zip(ready, results):
+                if isinstance(result, OSError):
+                    await self._failed((want.name, want.blake3), want, progress,
+                                       f"store error: {result.strerror or result}")
+                else:
+                    placed.append((want, progress))
             if not placed:
                 return
             events = [self._available_event(want) for want, _ in placed]
