@@ -69,6 +69,8 @@ WORK_BATCH = 32  # work items a worker takes at once: its small packages are pul
 # trip each is mostly waiting: leases, the peer, the fsync, the fold of PackageAvailable);
 # big pulls still run at most ``replication_packages`` at once (``_big``).
 SMALL_LANES = 4
+FETCH_WAIT_S = 5.0  # a worker's wait for a work item (then it asks again)
+FETCH_MORE_S = 0.05  # how long the rest of a batch is waited for once one item came
 SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
 
 
@@ -323,8 +325,14 @@ class Replicator:
         and keeps in progress what is waiting here)."""
         while True:
             try:
-                msgs = await self._psub.fetch(WORK_BATCH, timeout=5)
-            except nats.errors.TimeoutError:
+                # Wait for one item, then take what else is queued right now. A fetch of the
+                # whole batch at once is a pull request the broker holds open until the batch
+                # is full or it expires: items queued a few at a time (a catch-up still being
+                # folded, its last items) waited there for the request's whole timeout.
+                msgs = await self._psub.fetch(1, timeout=FETCH_WAIT_S)
+                with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
+                    msgs += await self._psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing queued (either kind, by client version)
                 continue
             except asyncio.CancelledError:
                 raise
