@@ -389,8 +389,14 @@ class Replicator:
         if small:
             await self._pull_small([row for row, _ in small])
         if big:
+            row = big[0][0]
             async with self._big:  # big transfers: replication_packages at a time
-                await self._pull_leased(big[0][0])
+                # while this waited, the same content may have been pulled (another item for it)
+                still = {(r["name"], r["blake3"]) for r in views.wanted(
+                    self.reader, self.site_id, views.replicated_stages(self.reader, self.settings),
+                    keys=[name_key(row["name"])])}
+                if (row["name"], row["blake3"]) in still and (row["name"], row["blake3"]) not in self.tasks:
+                    await self._pull_leased(row)
 
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
