@@ -714,23 +714,31 @@ class Replicator:
         """Put several pulled files in place, then record their PackageAvailable events in one
         round trip (``append_many``; one by one without it). Each file is in place (and
         fsynced) before its event is appended, as in ``_publish``."""
-        placed, ready = [], []
+        placed = []
         current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
-        with contextlib.ExitStack() as publishing:
-            for want, progress, path in fetched:
-                if not self._still_current(want, path, current):
-                    continue
+        ready = [(want, progress, path) for want, progress, path in fetched
+                 if self._still_current(want, path, current)]
+        publishing = contextlib.ExitStack()  # the files' "being published" markers, until their events are folded
+
+        def place() -> list:
+            """Off the event loop (a few syscalls per file): label, mark, rename each, then one
+            fsync of packages/ for the batch. Per file its path or the OSError."""
+            out: list = []
+            for want, _, path in ready:
                 try:
                     tag(path, want.blake3)
                     publishing.enter_context(self.store.publishing(want.name))
                 except OSError as exc:
-                    await self._failed((want.name, want.blake3), want, progress, f"store error: {exc.strerror or exc}")
-                    continue
-                ready.append((want, progress, path))
-            # all renamed, then one fsync of packages/ for the batch (off the event loop)
+                    out.append(exc)
+                else:
+                    out.append(None)
+            renamed = iter(self.store.replace_many(
+                [(path, want.name) for (want, _, path), r in zip(ready, out) if r is None]))
+            return [r if r is not None else next(renamed) for r in out]
+
+        try:
             try:
-                results = await asyncio.to_thread(self.store.replace_many,
-                                                  [(path, want.name) for want, _, path in ready])
+                results = await asyncio.to_thread(place)
             except OSError as exc:
                 results = [exc] * len(ready)
             for (want, progress, _), result in zip(ready, results):
@@ -751,6 +759,8 @@ class Replicator:
                         results.append(await self.append(event, actor="replicator"))
                     except AppendFailed as exc:
                         results.append(exc)
+        finally:
+            await asyncio.shield(asyncio.to_thread(publishing.close))
         for (want, progress), result in zip(placed, results):
             if isinstance(result, AppendFailed):
                 await self._failed((want.name, want.blake3), want, progress,
