@@ -39,7 +39,7 @@ class Settings:
     leaf_remotes: list[str] = field(default_factory=list)  # nats-leaf://HOST:PORT to dial (a spoke)
     accept_stages: list[str] = field(default_factory=list)  # stages replicated here; empty: all
     replication_streams: int = 8  # requests in flight per package (a chunk, or a run of chunks)
-    replication_packages: int = 2  # packages fetched at once
+    replication_packages: int = 2  # big packages (over 1 MiB) fetched at once; small ones go in batches beside them
     peer_run_chunks: int = 16  # chunks a peer may ask for in one HTTP request; 1: one per request (runs answered 404, as by older versions)
     replication_lease_s: int = 30  # a dead replicator's pull passes to another after this long
     apply_wait_s: float = 30.0  # how long an API write waits for this site's read model to apply its event; past it a 503 says the write stands and will appear

@@ -42,6 +42,7 @@ ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
 APPLICANT_S = 600  # how long a joined invitation's site may use the leaf port for registering
 BROKER_RESTARTS = 5  # the embedded broker dying this many times in a row ends `odst serve` (exit 1)
 LINK_EVERY_S = 5.0  # link_peers' pass at least this often, whatever was folded
+LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon, doubling up to LINK_EVERY_S
 # Events that change nothing link_peers looks at (peers, their keys and names, credentials):
 # a package's life, and Jamf Pro's records of them.
 LINK_IGNORES = frozenset(views.PACKAGE_EVENTS) | {"JamfPackageSynced", "JamfDriftDetected", "JamfDriftCleared"}
@@ -182,13 +183,15 @@ class Site:
 
         A pass (mirrors, the broker's users, the peers' logs) runs when an event other than a
         package's was folded (peers, sites, credentials: ``views.folded_types``), and every
-        LINK_EVERY_S whatever happened (a peer not reachable yet, an applicant's admission
-        running out). Package events, the bulk of a busy log, wake it for one indexed query."""
+        LINK_EVERY_S whatever happened (an applicant's admission running out); while a known
+        peer is not mirrored yet (its leaf link coming up), after LINK_RETRY_S, doubling.
+        Package events, the bulk of a busy log, wake it for one indexed query."""
         loop = asyncio.get_running_loop()
         cursor, passed_at = -1, -LINK_EVERY_S
+        every, backoff = LINK_EVERY_S, None  # shorter while a known peer is not mirrored yet (its leaf link coming up)
         while True:
             try:
-                due = cursor < 0 or loop.time() - passed_at >= LINK_EVERY_S
+                due = cursor < 0 or loop.time() - passed_at >= every
                 if not due:
                     upto, types = views.folded_types(self.reader, cursor)
                     due = upto < cursor or not types <= LINK_IGNORES
@@ -198,12 +201,18 @@ class Site:
                     await self.linker.sync()
                     self.sync_authorization()
                     await self.linker.watch()
+                    unlinked = any(p.site not in self.linker.linked for p in views.peer_sites(self.reader, self.id))
+                    if not unlinked:
+                        backoff, every = None, LINK_EVERY_S
+                    else:
+                        backoff = LINK_RETRY_S if backoff is None else min(backoff * 2, LINK_EVERY_S)
+                        every = backoff
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 cursor = -1  # the next wake makes a whole pass
                 log.warning("linking peers failed; retrying", error=f"{type(exc).__name__}: {exc}")
-            await self.projection.wait_changed(LINK_EVERY_S)
+            await self.projection.wait_changed(max(0.0, passed_at + every - loop.time()))
 
     async def caught_up(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -74,26 +74,67 @@ class ReadModelWriter:
             if msg.seq <= self.checkpoint(msg.stream):
                 c.execute("ROLLBACK")
                 return Outcome(False, "already applied")
-            outcome = self._check(msg)
-            if outcome.applied:
-                self._apply(msg, outcome.envelope)
-            else:
-                kind = "ignored" if outcome.reason.startswith(IGNORED) else "quarantined"
-                c.execute(
-                    "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, kind, reason,"
-                    " payload, violation, size) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (msg.stream, msg.seq, msg.subject[:256], site_of_subject(msg.subject) or "", kind,
-                     outcome.reason, msg.payload[:QUARANTINE_KEEP_BYTES], int(outcome.violation),
-                     len(msg.payload)))
-                if not outcome.violation:
-                    self._bound_quarantine(msg.stream)
-            c.execute("INSERT INTO checkpoints(stream, seq) VALUES (?,?)"
-                      " ON CONFLICT(stream) DO UPDATE SET seq=excluded.seq", (msg.stream, msg.seq))
+            outcome = self._fold_one(msg)
             c.execute("COMMIT")
             return outcome
         except BaseException:
             c.execute("ROLLBACK")
             raise
+
+    def fold_many(self, msgs: list[StoredMessage], *, stop=None) -> list[Outcome]:
+        """``fold`` each of ``msgs`` (of one stream, in order) in ONE transaction: the same
+        checks, the same outcome per message (one that fails a check is quarantined, those
+        around it applied), the checkpoint advanced with each, but one commit for the run.
+        Each message has a savepoint: one whose folding raises is rolled back alone, those
+        before it are committed, and the error is raised. ``stop(outcome)``: stop after the
+        message whose outcome it says yes to (its outcome is the last returned); the caller
+        folds the rest later, if it still wants them."""
+        c = self.conn
+        outcomes: list[Outcome] = []
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for msg in msgs:
+                if msg.seq <= self.checkpoint(msg.stream):
+                    outcomes.append(Outcome(False, "already applied"))
+                    continue
+                c.execute("SAVEPOINT fold_one")
+                try:
+                    outcome = self._fold_one(msg)
+                except BaseException:
+                    c.execute("ROLLBACK TO fold_one")
+                    c.execute("RELEASE fold_one")
+                    c.execute("COMMIT")  # those before it stand, as one by one they would
+                    raise
+                c.execute("RELEASE fold_one")
+                outcomes.append(outcome)
+                if stop is not None and stop(outcome):
+                    break
+            c.execute("COMMIT")
+            return outcomes
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
+    def _fold_one(self, msg: StoredMessage) -> Outcome:
+        """Check, apply or quarantine, checkpoint: inside the caller's transaction."""
+        c = self.conn
+        outcome = self._check(msg)
+        if outcome.applied:
+            self._apply(msg, outcome.envelope)
+        else:
+            kind = "ignored" if outcome.reason.startswith(IGNORED) else "quarantined"
+            c.execute(
+                "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, kind, reason,"
+                " payload, violation, size) VALUES (?,?,?,?,?,?,?,?,?)",
+                (msg.stream, msg.seq, msg.subject[:256], site_of_subject(msg.subject) or "", kind,
+                 outcome.reason, msg.payload[:QUARANTINE_KEEP_BYTES], int(outcome.violation),
+                 len(msg.payload)))
+            if not outcome.violation:
+                self._bound_quarantine(msg.stream)
+        c.execute("INSERT INTO checkpoints(stream, seq) VALUES (?,?)"
+                  " ON CONFLICT(stream) DO UPDATE SET seq=excluded.seq", (msg.stream, msg.seq))
+        return outcome
 
     def key_for(self, origin: str) -> bytes | None:
         return trusted_key(self.conn, self.trusted, origin)

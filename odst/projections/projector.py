@@ -24,6 +24,11 @@ log = structlog.get_logger("odst.projector")
 # nothing more to read wakes them at once.
 NOTIFY_EVERY_S = 0.1
 
+# Messages folded in one transaction while more are known to follow (a catch-up): one
+# commit, and one wake-up of the waiters, for the run instead of one per event. Bounds how
+# long one fold holds the event loop.
+FOLD_BATCH = 64
+
 GAP_REASON = "gap in "  # how apply.py opens a chain gap's reason ("gap in <site>'s chain: …")
 
 
@@ -145,20 +150,33 @@ class Projector:
                 clock = asyncio.get_running_loop().time
                 notified = clock()
                 async with contextlib.aclosing(read_stream(self.js, stream, start)) as messages:
+                    batch: list = []
                     async for msg in messages:
-                        outcome = self.writer.fold(msg)
-                        if not outcome.applied and outcome.reason != "already applied":
-                            log.warning("event quarantined", stream=stream, seq=msg.seq,
-                                        subject=msg.subject, reason=outcome.reason)
+                        batch.append(msg)
+                        if msg.pending and len(batch) < FOLD_BATCH:
+                            continue  # more are on their way: fold them together
+                        run, batch = batch, []
+                        rewound = False
+                        while run:
+                            outcomes = self.writer.fold_many(run, stop=lambda o: o.reason.startswith(GAP_REASON)
+                                                             and not gap_checked)
+                            for m, outcome in zip(run, outcomes):
+                                if not outcome.applied and outcome.reason != "already applied":
+                                    log.warning("event quarantined", stream=stream, seq=m.seq,
+                                                subject=m.subject, reason=outcome.reason)
+                            run = run[len(outcomes):]
+                            if outcomes and outcomes[-1].reason.startswith(GAP_REASON) and not gap_checked:
+                                gap_checked = True
+                                if await self._heal(stream):
+                                    rewound = True
+                                    break
                         if not msg.pending or clock() - notified >= NOTIFY_EVERY_S:
                             async with self._changed:
                                 self._changed.notify_all()
                             notified = clock()
                         self._folded(stream)
-                        if outcome.reason.startswith(GAP_REASON) and not gap_checked:
-                            gap_checked = True
-                            if await self._heal(stream):
-                                break  # read again from the rewound checkpoint
+                        if rewound:
+                            break  # read again from the rewound checkpoint
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # broker hiccup: resume from the checkpoint

@@ -65,6 +65,12 @@ FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
 WORK_BATCH = 32  # work items a worker takes at once: its small packages are pulled together
+# Workers taking work items: small packages' batches run this many side by side (one round
+# trip each is mostly waiting: leases, the peer, the fsync, the fold of PackageAvailable);
+# big pulls still run at most ``replication_packages`` at once (``_big``).
+SMALL_LANES = 4
+FETCH_WAIT_S = 5.0  # a worker's wait for a work item (then it asks again)
+FETCH_MORE_S = 0.05  # how long the rest of a batch is waited for once one item came
 SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
 
 
@@ -132,8 +138,9 @@ class Replicator:
             config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.lease_s,
                                       max_deliver=-1, max_ack_pending=1000))
         self._loop_task = asyncio.create_task(self._loop(), name="replicator")
+        self._big = asyncio.Semaphore(max(1, self.settings.replication_packages))
         self._workers = [asyncio.create_task(self._work(), name=f"replicator-worker-{i}")
-                         for i in range(max(1, self.settings.replication_packages))]
+                         for i in range(max(1, self.settings.replication_packages, SMALL_LANES))]
 
     async def stop(self) -> None:
         tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values(), *self._reporting] if t]
@@ -318,8 +325,14 @@ class Replicator:
         and keeps in progress what is waiting here)."""
         while True:
             try:
-                msgs = await self._psub.fetch(WORK_BATCH, timeout=5)
-            except nats.errors.TimeoutError:
+                # Wait for one item, then take what else is queued right now. A fetch of the
+                # whole batch at once is a pull request the broker holds open until the batch
+                # is full or it expires: items queued a few at a time (a catch-up still being
+                # folded, its last items) waited there for the request's whole timeout.
+                msgs = await self._psub.fetch(1, timeout=FETCH_WAIT_S)
+                with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
+                    msgs += await self._psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing queued (either kind, by client version)
                 continue
             except asyncio.CancelledError:
                 raise
@@ -350,8 +363,8 @@ class Replicator:
     async def _take(self, msgs: list) -> None:
         """The work items still wanted here (and not being pulled here already): small ones
         pulled together, then the first big one; further big ones are handed back at once
-        (nak, and taken out of ``msgs``) for another worker, so big pulls keep running
-        ``replication_packages`` at a time."""
+        (nak, and taken out of ``msgs``) for another worker; big pulls run
+        ``replication_packages`` at a time (``_big``), batches of small ones beside them."""
         items: dict[tuple[str, str], object] = {}
         for msg in msgs:
             try:
@@ -376,7 +389,14 @@ class Replicator:
         if small:
             await self._pull_small([row for row, _ in small])
         if big:
-            await self._pull_leased(big[0][0])
+            row = big[0][0]
+            async with self._big:  # big transfers: replication_packages at a time
+                # while this waited, the same content may have been pulled (another item for it)
+                still = {(r["name"], r["blake3"]) for r in views.wanted(
+                    self.reader, self.site_id, views.replicated_stages(self.reader, self.settings),
+                    keys=[name_key(row["name"])])}
+                if (row["name"], row["blake3"]) in still and (row["name"], row["blake3"]) not in self.tasks:
+                    await self._pull_leased(row)
 
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
@@ -696,18 +716,37 @@ class Replicator:
         fsynced) before its event is appended, as in ``_publish``."""
         placed = []
         current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
-        with contextlib.ExitStack() as publishing:
-            for want, progress, path in fetched:
-                if not self._still_current(want, path, current):
-                    continue
+        ready = [(want, progress, path) for want, progress, path in fetched
+                 if self._still_current(want, path, current)]
+        publishing = contextlib.ExitStack()  # the files' "being published" markers, until their events are folded
+
+        def place() -> list:
+            """Off the event loop (a few syscalls per file): label, mark, rename each, then one
+            fsync of packages/ for the batch. Per file its path or the OSError."""
+            out: list = []
+            for want, _, path in ready:
                 try:
                     tag(path, want.blake3)
                     publishing.enter_context(self.store.publishing(want.name))
-                    await asyncio.to_thread(self.store.replace, path, want.name)
                 except OSError as exc:
-                    await self._failed((want.name, want.blake3), want, progress, f"store error: {exc.strerror or exc}")
-                    continue
-                placed.append((want, progress))
+                    out.append(exc)
+                else:
+                    out.append(None)
+            renamed = iter(self.store.replace_many(
+                [(path, want.name) for (want, _, path), r in zip(ready, out) if r is None]))
+            return [r if r is not None else next(renamed) for r in out]
+
+        try:
+            try:
+                results = await asyncio.to_thread(place)
+            except OSError as exc:
+                results = [exc] * len(ready)
+            for (want, progress, _), result in zip(ready, results):
+                if isinstance(result, OSError):
+                    await self._failed((want.name, want.blake3), want, progress,
+                                       f"store error: {result.strerror or result}")
+                else:
+                    placed.append((want, progress))
             if not placed:
                 return
             events = [self._available_event(want) for want, _ in placed]
@@ -720,6 +759,8 @@ class Replicator:
                         results.append(await self.append(event, actor="replicator"))
                     except AppendFailed as exc:
                         results.append(exc)
+        finally:
+            await asyncio.shield(asyncio.to_thread(publishing.close))
         for (want, progress), result in zip(placed, results):
             if isinstance(result, AppendFailed):
                 await self._failed((want.name, want.blake3), want, progress,

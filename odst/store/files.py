@@ -94,6 +94,8 @@ class PackageStore(Protocol):
 
     def replace(self, temp: Path, name: str) -> Path: ...
 
+    def replace_many(self, items: list[tuple[Path, str]]) -> list[Path | OSError]: ...
+
     def remove(self, name: str) -> bool: ...
 
     def adopt_spellings(self, held: dict[str, str]) -> list[str]: ...
@@ -186,6 +188,24 @@ class Store:
         os.replace(temp, dest)
         _fsync_dir(self.packages)
         return dest
+
+    def replace_many(self, items: list[tuple[Path, str]]) -> list[Path | OSError]:
+        """``replace`` for several (temp, name): each renamed in place, then ONE fsync of
+        packages/ makes them all durable before this returns (as ``replace`` does for one).
+        Per item its path, or the OSError that left it out (the others still go)."""
+        out: list[Path | OSError] = []
+        for temp, name in items:
+            dest = self.path(name)
+            try:
+                os.chmod(temp, PACKAGE_MODE)
+                os.replace(temp, dest)
+            except OSError as exc:
+                out.append(exc)
+            else:
+                out.append(dest)
+        if any(isinstance(r, Path) for r in out):
+            _fsync_dir(self.packages)
+        return out
 
     def swap(self, temp: Path, name: str) -> Path | None:
         """Like ``replace``, but keep the previous file as a hard link in tmp/ (returned), so

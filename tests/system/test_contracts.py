@@ -393,6 +393,20 @@ def test_publish_never_overwrites_and_replace_does(store):
     assert stat.S_IMODE(store.path("a.pkg").stat().st_mode) == PACKAGE_MODE
 
 
+def test_replace_many_places_each_and_reports_the_one_that_fails(store):
+    """replace_many (a batch of pulled files, one directory fsync): each file replaces what was
+    at its name with the package mode; one whose temp file is gone is reported alone."""
+    store.publish(written(store, b"old"), "a.pkg")
+    temps = [(written(store, b"new a"), "a.pkg"), (store.tmp / "gone.part", "b.pkg"),
+             (written(store, b"new c"), "C.pkg")]
+    out = store.replace_many(temps)
+    assert out[0] == store.path("a.pkg") and out[2] == store.path("c.pkg")
+    assert isinstance(out[1], FileNotFoundError)
+    assert store.path("a.pkg").read_bytes() == b"new a" and store.path("c.pkg").read_bytes() == b"new c"
+    assert not store.path("b.pkg").exists() and not temps[0][0].exists() and not temps[2][0].exists()
+    assert stat.S_IMODE(store.path("c.pkg").stat().st_mode) == PACKAGE_MODE
+
+
 def test_grouped_publishes_land_every_file_and_never_overwrite(store):
     """publish_grouped (many uploads at once sharing a directory fsync): each file under its own
     name, a taken name refused as by publish, and a second round after the first works too."""
