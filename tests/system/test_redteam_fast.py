@@ -235,16 +235,13 @@ def test_download_auth_and_per_client_caps_hold_against_header_tricks(make_site)
                what="the slot given back when the client hung up")
 
 
-@pytest.mark.xfail(strict=True, reason='send deadline not built yet (red-team finding 3)')
 def test_a_client_that_stops_reading_does_not_hold_a_download_slot_for_ever(make_site):
-    """REPORTED, fails today (fix belongs in gateway/protocol.py, P6's file): a response body
-    waits for room in the socket with no deadline (``_drained`` / uvicorn's drain), so a client
-    that requests a package and never reads keeps its connection, descriptors and, under the
-    ``max_concurrent`` download cap, its slot for ever: a handful of such clients and every Mac
-    gets 503. nginx closes such a connection after ``send_timeout`` (60 s) without progress.
-    Measured: the slot was still held after 75 s. The deadline here (15 s) assumes the fix
-    makes the send timeout short enough, or settable, for a test."""
-    site = make_site().start()
+    """A response body waited for room in the socket with no deadline, so a client that requests
+    a package and never reads kept its connection, descriptors and, under the ``max_concurrent``
+    download cap, its slot for ever: a handful of such clients and every Mac got 503 (measured:
+    the slot still held after 75 s). Now the response is dropped after ``send_timeout_s``
+    without a byte taken (nginx's ``send_timeout``, 60 s by default; 2 s here)."""
+    site = make_site(env={"ODST_SEND_TIMEOUT_S": "2"}).start()
     with site.client() as admin:
         assert admin.put("/api/v1/packages/Big.pkg", content=random.Random(2).randbytes(16 * MiB)).status_code == 201
     _set_caps(site, max_concurrent=1)
