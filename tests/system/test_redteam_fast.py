@@ -309,12 +309,11 @@ def test_a_removed_peer_gets_no_chunks(pair_holding):
     assert r.status_code == 403 and "not a registered peer" in r.text
 
 
-@pytest.mark.xfail(strict=True, reason='nonces not shared across gateway processes yet (red-team finding 4)')
 def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_site, tmp_path):
-    """REPORTED, fails today (the fix belongs with ChunkServer in replicator/transport.py, P6's
-    file, or a nonce store the processes share): with http_workers > 1 each gateway process
-    keeps its own nonces (RequestVerifier), so one captured signed request is served once per
-    process within the 300 s window. Measured with 2 workers: 200, 200, then 403s."""
+    """With http_workers > 1 each gateway process kept its own nonces (RequestVerifier), so one
+    captured signed request was served once per process within the 300 s window (measured with
+    2 workers: 200, 200, then 403s). The nonce is now claimed in a bucket every process of the
+    site shares (peering.requests.SharedNonces): served once, whichever process answers."""
     from tests.system.test_replication import register, upload
 
     leaf = free_port()
