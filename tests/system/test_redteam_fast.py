@@ -6,6 +6,7 @@ two-thread streaming upload on a full disk."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client as httpclient
 import os
 import random
@@ -22,7 +23,8 @@ from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, Appended, EventLog
 from odst.events.signing import SiteKey
 from odst.naming import name_key
-from odst.peering.requests import sign_request
+from odst.peering.requests import (HEADER_NONCE, HEADER_SIG, HEADER_TS, NonceStoreUnavailable, PeerRequestRefused,
+                                   RequestVerifier, SharedNonces, sign_request)
 from odst.projections.appender import ConfirmedAppender
 from odst.projections.batch import GroupCommit
 from odst.projections.db import connect
@@ -327,6 +329,36 @@ def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_
     signed = sign_request(SiteKey.load_or_create(b.data / "site.key"), "GET", target)
     codes = [httpx.get(a.url + target, headers=signed, timeout=30).status_code for _ in range(12)]  # new connections
     assert codes == [200] + [403] * 11, codes
+
+
+def test_the_shared_nonce_record_accepts_a_nonce_once_whichever_process_asks(nats_server, tmp_path):
+    """Two processes' verifiers, each on its own connection to one broker: a request one of them
+    accepted is a replay to the other (and to itself, already in process); a nonce is one
+    site's (another site may use the same); with the broker unreachable nothing is accepted."""
+    peer, other = (SiteKey.load_or_create(tmp_path / f"{n}.key") for n in ("peer", "other"))
+    keys = {peer.site_id: peer.public_key, other.site_id: other.public_key}
+
+    async def story():
+        ncs = [await nats.connect(nats_server.url) for _ in range(2)]
+        try:
+            first, second = [RequestVerifier(keys.get, shared=await SharedNonces(nc.jetstream()).open())
+                             for nc in ncs]
+            signed = sign_request(peer, "GET", "/t")
+            assert await first.check("GET", "/t", signed) == peer.site_id
+            for verifier in (second, first):
+                with pytest.raises(PeerRequestRefused, match="replayed"):
+                    await verifier.check("GET", "/t", signed)
+            assert await second.check("GET", "/t", sign_request(peer, "GET", "/t")) == peer.site_id
+            theirs = {**sign_request(other, "GET", "/t"), HEADER_NONCE: signed[HEADER_NONCE]}
+            theirs[HEADER_SIG] = base64.b64encode(other.sign_detached(
+                f"GET\n/t\n{theirs[HEADER_TS]}\n{signed[HEADER_NONCE]}\n{other.site_id}".encode())).decode()
+            assert await second.check("GET", "/t", theirs) == other.site_id
+        finally:
+            await ncs[1].close()
+        await ncs[0].close()
+        with pytest.raises(NonceStoreUnavailable):
+            await first.check("GET", "/t", sign_request(peer, "GET", "/t"))
+    asyncio.run(story())
 
 
 # ---------------------------------------------------------------- group commit
