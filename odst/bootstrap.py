@@ -47,6 +47,7 @@ from odst.peering.mirrors import Linker
 from odst.peering.registration import Registrar, RegistrationService
 from odst.projections import views
 from odst.projections.appender import ConfirmedAppender
+from odst.peering.requests import SharedNonces
 from odst.projections.batch import GroupCommit
 from odst.projections.db import connect as connect_read_model
 from odst.projections.projector import Projector
@@ -158,7 +159,8 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
 
     site.bandwidth = Bandwidth(site_id=site_id, reader=reader, tz=site_timezone(settings))
     site.chunk_server = ChunkServer(site_id=site_id, key=key, nc=nc, reader=reader, store=site.store,
-                                    bandwidth=site.bandwidth, run_chunks=settings.peer_run_chunks)
+                                    bandwidth=site.bandwidth, run_chunks=settings.peer_run_chunks,
+                                    nonces=await SharedNonces(js, replicas=events.replicas).open())
     if "replicator" in roles:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,

@@ -36,7 +36,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 import blake3
 import msgspec
@@ -104,11 +104,11 @@ def mirror_target(start_seq: int) -> str:
 
 # --- serving side -------------------------------------------------------------------------
 
-async def serve_page(js, site_id: str, authorise: Callable[[str, str, dict[str, str]], str],
+async def serve_page(js, site_id: str, authorise: Callable[[str, str, dict[str, str]], Awaitable[str]],
                      method: str, headers: dict[str, str], start_seq: int) -> bytes:
     """One page of PEER_<requester> from ``start_seq``; ``authorise`` returns the verified
     requesting site or raises PeerRequestRefused."""
-    requester = authorise(method, mirror_target(start_seq), headers)
+    requester = await authorise(method, mirror_target(start_seq), headers)
     stream = mirror_name(requester)
     try:
         info = await js.stream_info(stream)

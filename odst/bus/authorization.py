@@ -8,7 +8,8 @@ Three kinds of identity connect to a site's broker, each an NKey (odst.bus.ident
   it in the leaf tree (a hub carries its spokes' traffic), and nothing else: create a
   mirror consumer on an ``EVENTS`` stream, answer flow control, carry mirror deliveries,
   requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
-  never update, purge or delete a stream, delete a consumer, touch KV buckets or the
+  never update, purge or delete a stream, delete a consumer, touch KV buckets (the
+  replicator's leases, the used nonces of signed peer requests) or the
   NOTIFY and REPLICATION streams, publish into any site's event subjects, or subscribe to
   internal subjects (work queues, notifications, the JetStream API). What it can see:
   replies on ``_INBOX.>`` that cross its link.
@@ -28,7 +29,7 @@ import json
 from dataclasses import dataclass
 
 # Streams of a site that exist for its own machinery, never for peers.
-INTERNAL_STREAMS = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES")
+INTERNAL_STREAMS = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES", "KV_ODST_NONCES")
 
 
 def inbox_prefix(site: str) -> str:

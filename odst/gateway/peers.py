@@ -10,13 +10,13 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import Parameter
 
-from odst.errors import Forbidden, NotFound, RequestInvalid
+from odst.errors import Forbidden, NotFound, RequestInvalid, Unavailable
 from odst.events import catalogue as ev
 from odst.gateway.auth import ADMIN, READ, WRITE
 from odst.gateway.bodies import decode_json
 from odst.naming import MAX_INT64
 from odst.peering import registration
-from odst.peering.requests import PeerRequestRefused
+from odst.peering.requests import NonceStoreUnavailable, PeerRequestRefused
 from odst.projections import views
 from odst.recovery import MirrorUnavailable, serve_page
 from odst.replicator import integrity
@@ -143,6 +143,8 @@ class PeerProtocolController(Controller):
                                     dict(request.headers), start)
         except PeerRequestRefused as exc:
             raise Forbidden(str(exc)) from None
+        except NonceStoreUnavailable as exc:
+            raise Unavailable(str(exc)) from None
         except MirrorUnavailable as exc:
             raise NotFound(str(exc)) from None
         return Response(body, media_type="application/json")

@@ -26,6 +26,9 @@ resume after nearly every 256 KiB read):
   part of a request had come. A head pipelined behind a response still being
   sent waits for that response.
 * idle kept-alive connections close after uvicorn's ``timeout_keep_alive``.
+* a response whose bytes the socket stops taking (a client that asked and no longer reads)
+  is dropped after ``send_timeout_s`` without progress (nginx's ``send_timeout``); see
+  ``_watch_send``.
 * a response sent before its request's body was all received (401 to an upload without a
   token, 413, 409) ends the connection: uvicorn would otherwise read and drop whatever
   body the client announced, for as long as it trickles in.
@@ -156,9 +159,13 @@ class _HeadWithFile:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args, limits: HeadLimits = HeadLimits(), **kwargs) -> None:
+    def __init__(self, *args, limits: HeadLimits = HeadLimits(), send_timeout_s: float = 60.0,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.send_timeout_s = send_timeout_s
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_left = 0  # bytes the transport held when the send timer was last armed
         self._in_head = True  # the next bytes belong to a request head (none has come yet)
         self._head_bytes = 0
         self._head_fields = 0
@@ -175,6 +182,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._unwatch_send()
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -223,6 +231,45 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
             return False
         return True
+
+    # -- send deadline ---------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_send()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch_send()
+
+    def _watch_send(self) -> None:
+        """The transport holds more than it may (every wait for room in the socket, uvicorn's
+        drain after a body piece and ``_drained``, starts here): from now on, each
+        ``send_timeout_s`` in which the socket took no byte of it drops the connection. Without
+        this a client that asks for a package and never reads holds its connection, the file
+        and a download slot (gateway.egress) for ever. Progress is looked at once per period,
+        so a stalled client is dropped between one and two periods after its last byte."""
+        if self._send_timer is None:
+            self._send_left = self.transport.get_write_buffer_size()
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def _unwatch_send(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        left = self.transport.get_write_buffer_size()
+        if not left:
+            return
+        if left < self._send_left:  # the client reads, however slowly
+            self._watch_send()
+            return
+        log.info("response send timed out", held=left, timeout_s=self.send_timeout_s,
+                 client=f"{self.client[0]}:{self.client[1]}" if self.client else None)
+        # abort, not close: close() would wait for the buffer to drain, that is, for ever
+        self.transport.abort()
 
     # -- parser callbacks --------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ from odst.store.files import PackageStore, content_tag
 from odst.replicator.bandwidth import Bandwidth, LinkThrottled
 from odst.replicator.runclient import RunBroken, RunClient, RunUnexpected
 from odst.store.hashing import chunk_span
-from odst.peering.requests import PeerRequestRefused, RequestVerifier, sign_request
+from odst.peering.requests import (NonceStoreUnavailable, PeerRequestRefused, RequestVerifier, SharedNonces,
+                                   sign_request)
 
 log = structlog.get_logger("odst.transport")
 
@@ -297,7 +298,7 @@ class ChunkAnswer:
     lets it go. ``rest`` may stop early (RunCut), and the transport then cuts the response short."""
 
     status: int
-    error: str = ""  # machine-readable: peer_refused, chunk_unavailable, link_throttled, internal
+    error: str = ""  # machine-readable: peer_refused, chunk_unavailable, link_throttled, nonce_store_unavailable, internal
     detail: str = ""
     retry_after: float = 0.0
     body: bytes = b""
@@ -325,13 +326,13 @@ class ChunkServer(NatsService):
     queue = "chunk"
 
     def __init__(self, *, site_id: str, key: SiteKey, nc, reader: sqlite3.Connection, store: PackageStore,
-                 bandwidth: Bandwidth | None = None, run_chunks: int = 16):
+                 bandwidth: Bandwidth | None = None, run_chunks: int = 16, nonces: SharedNonces | None = None):
         super().__init__(nc, key)
         self.site_id, self.reader, self.store = site_id, reader, store
         self.bandwidth = bandwidth  # send limits per peer (odst.replicator.bandwidth)
         self.run_chunks = max(1, run_chunks)  # the longest run one request may ask for (1: no runs)
         self.subject = chunk_subject(site_id)
-        self.verifier = RequestVerifier(self._key_of)
+        self.verifier = RequestVerifier(self._key_of, shared=nonces)  # nonces: every process's
         self.served: Counter[str] = Counter()  # chunks served, per requesting peer
 
     def _key_of(self, site_id: str) -> bytes | None:
@@ -393,8 +394,8 @@ class ChunkServer(NatsService):
             raise ChunkUnavailable("content file shorter than its manifest")
         return data
 
-    def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
-        return self.verifier.verify(method, target, {k.lower(): v for k, v in headers.items()})
+    async def authorise(self, method: str, target: str, headers: dict[str, str]) -> str:
+        return await self.verifier.check(method, target, {k.lower(): v for k, v in headers.items()})
 
     async def serve(self, method: str, target: str, headers: dict[str, str], *, runs: bool,
                     read: bool = True) -> ChunkAnswer:
@@ -403,7 +404,7 @@ class ChunkServer(NatsService):
         before answering (and with ``read`` its bytes read), so a refusal, a missing file or the
         send limit is a status, never a cut stream."""
         try:
-            peer = self.authorise(method, target, headers)
+            peer = await self.authorise(method, target, headers)
             parsed = parse_target(target)
             if parsed is None:
                 raise ChunkUnavailable("malformed chunk target")
@@ -429,6 +430,9 @@ class ChunkServer(NatsService):
         except PeerRequestRefused as exc:
             log.warning("peer chunk request refused", reason=str(exc))
             return ChunkAnswer(403, "peer_refused", str(exc))
+        except NonceStoreUnavailable as exc:  # cannot tell a replay: not now
+            log.warning("peer chunk request not checked", reason=str(exc))
+            return ChunkAnswer(503, "nonce_store_unavailable", str(exc), retry_after=1.0)
         except ChunkUnavailable as exc:
             return ChunkAnswer(404, "chunk_unavailable", str(exc))
         except LinkThrottled as exc:  # the link's send limit or timetable: ask again later

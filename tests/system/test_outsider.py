@@ -34,7 +34,7 @@ from tests.conftest import free_port, run_odst, site_nats, wait_until, write_ran
 from tests.system.test_replication import available_at, register, site_id, upload
 
 MiB = 1 << 20
-INTERNAL = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES")
+INTERNAL = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES", "KV_ODST_NONCES")
 
 
 # --- what we look at before and after -------------------------------------------------------
@@ -105,6 +105,7 @@ def destructive_requests(target: str, events_config: dict, peer: str) -> list[tu
         (f"{api}.STREAM.DELETE.REPLICATION", b""),
         (f"{api}.STREAM.DELETE.NOTIFY", b""),
         (f"{api}.STREAM.DELETE.KV_ODST_LEASES", b""),
+        (f"{api}.STREAM.DELETE.KV_ODST_NONCES", b""),
         (f"{api}.CONSUMER.DELETE.REPLICATION.replicators", b""),
         (f"{api}.CONSUMER.CREATE.REPLICATION.thief", json.dumps(
             {"stream_name": "REPLICATION", "config": {"name": "thief", "ack_policy": "none"}}).encode()),

@@ -6,6 +6,7 @@ two-thread streaming upload on a full disk."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import http.client as httpclient
 import os
 import random
@@ -22,7 +23,8 @@ from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, Appended, EventLog
 from odst.events.signing import SiteKey
 from odst.naming import name_key
-from odst.peering.requests import sign_request
+from odst.peering.requests import (HEADER_NONCE, HEADER_SIG, HEADER_TS, NonceStoreUnavailable, PeerRequestRefused,
+                                   RequestVerifier, SharedNonces, sign_request)
 from odst.projections.appender import ConfirmedAppender
 from odst.projections.batch import GroupCommit
 from odst.projections.db import connect
@@ -235,16 +237,13 @@ def test_download_auth_and_per_client_caps_hold_against_header_tricks(make_site)
                what="the slot given back when the client hung up")
 
 
-@pytest.mark.xfail(strict=True, reason='send deadline not built yet (red-team finding 3)')
 def test_a_client_that_stops_reading_does_not_hold_a_download_slot_for_ever(make_site):
-    """REPORTED, fails today (fix belongs in gateway/protocol.py, P6's file): a response body
-    waits for room in the socket with no deadline (``_drained`` / uvicorn's drain), so a client
-    that requests a package and never reads keeps its connection, descriptors and, under the
-    ``max_concurrent`` download cap, its slot for ever: a handful of such clients and every Mac
-    gets 503. nginx closes such a connection after ``send_timeout`` (60 s) without progress.
-    Measured: the slot was still held after 75 s. The deadline here (15 s) assumes the fix
-    makes the send timeout short enough, or settable, for a test."""
-    site = make_site().start()
+    """A response body waited for room in the socket with no deadline, so a client that requests
+    a package and never reads kept its connection, descriptors and, under the ``max_concurrent``
+    download cap, its slot for ever: a handful of such clients and every Mac got 503 (measured:
+    the slot still held after 75 s). Now the response is dropped after ``send_timeout_s``
+    without a byte taken (nginx's ``send_timeout``, 60 s by default; 2 s here)."""
+    site = make_site(env={"ODST_SEND_TIMEOUT_S": "2"}).start()
     with site.client() as admin:
         assert admin.put("/api/v1/packages/Big.pkg", content=random.Random(2).randbytes(16 * MiB)).status_code == 201
     _set_caps(site, max_concurrent=1)
@@ -312,12 +311,11 @@ def test_a_removed_peer_gets_no_chunks(pair_holding):
     assert r.status_code == 403 and "not a registered peer" in r.text
 
 
-@pytest.mark.xfail(strict=True, reason='nonces not shared across gateway processes yet (red-team finding 4)')
 def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_site, tmp_path):
-    """REPORTED, fails today (the fix belongs with ChunkServer in replicator/transport.py, P6's
-    file, or a nonce store the processes share): with http_workers > 1 each gateway process
-    keeps its own nonces (RequestVerifier), so one captured signed request is served once per
-    process within the 300 s window. Measured with 2 workers: 200, 200, then 403s."""
+    """With http_workers > 1 each gateway process kept its own nonces (RequestVerifier), so one
+    captured signed request was served once per process within the 300 s window (measured with
+    2 workers: 200, 200, then 403s). The nonce is now claimed in a bucket every process of the
+    site shares (peering.requests.SharedNonces): served once, whichever process answers."""
     from tests.system.test_replication import register, upload
 
     leaf = free_port()
@@ -331,6 +329,36 @@ def test_a_signed_chunk_request_is_not_replayable_across_gateway_processes(make_
     signed = sign_request(SiteKey.load_or_create(b.data / "site.key"), "GET", target)
     codes = [httpx.get(a.url + target, headers=signed, timeout=30).status_code for _ in range(12)]  # new connections
     assert codes == [200] + [403] * 11, codes
+
+
+def test_the_shared_nonce_record_accepts_a_nonce_once_whichever_process_asks(nats_server, tmp_path):
+    """Two processes' verifiers, each on its own connection to one broker: a request one of them
+    accepted is a replay to the other (and to itself, already in process); a nonce is one
+    site's (another site may use the same); with the broker unreachable nothing is accepted."""
+    peer, other = (SiteKey.load_or_create(tmp_path / f"{n}.key") for n in ("peer", "other"))
+    keys = {peer.site_id: peer.public_key, other.site_id: other.public_key}
+
+    async def story():
+        ncs = [await nats.connect(nats_server.url) for _ in range(2)]
+        try:
+            first, second = [RequestVerifier(keys.get, shared=await SharedNonces(nc.jetstream()).open())
+                             for nc in ncs]
+            signed = sign_request(peer, "GET", "/t")
+            assert await first.check("GET", "/t", signed) == peer.site_id
+            for verifier in (second, first):
+                with pytest.raises(PeerRequestRefused, match="replayed"):
+                    await verifier.check("GET", "/t", signed)
+            assert await second.check("GET", "/t", sign_request(peer, "GET", "/t")) == peer.site_id
+            theirs = {**sign_request(other, "GET", "/t"), HEADER_NONCE: signed[HEADER_NONCE]}
+            theirs[HEADER_SIG] = base64.b64encode(other.sign_detached(
+                f"GET\n/t\n{theirs[HEADER_TS]}\n{signed[HEADER_NONCE]}\n{other.site_id}".encode())).decode()
+            assert await second.check("GET", "/t", theirs) == other.site_id
+        finally:
+            await ncs[1].close()
+        await ncs[0].close()
+        with pytest.raises(NonceStoreUnavailable):
+            await first.check("GET", "/t", sign_request(peer, "GET", "/t"))
+    asyncio.run(story())
 
 
 # ---------------------------------------------------------------- group commit

@@ -508,7 +508,7 @@ def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anyw
 
     site, url, seeds = _start_with_two_services(make_site, tmp_path)
     site_id = site.client().get("/healthz").json()["site"]
-    internal = ["REPLICATION", "KV_ODST_LEASES", "NOTIFY"]
+    internal = ["REPLICATION", "KV_ODST_LEASES", "KV_ODST_NONCES", "NOTIFY"]
 
     async def story():
         errors: list[str] = []
@@ -535,7 +535,8 @@ def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anyw
 
         streams = [s.config.name for s in await own_js.streams_info()]
         assert set(internal) <= set(streams), streams
-        for target in (f"odst.{site_id}.work.pull", "$KV.ODST_LEASES.x", f"odst.{site_id}.notify.x"):
+        for target in (f"odst.{site_id}.work.pull", "$KV.ODST_LEASES.x", "$KV.ODST_NONCES.x",
+                       f"odst.{site_id}.notify.x"):
             # interest in the subject, as any of the site's own processes could have: so that
             # JetStream really delivers there
             witnessed: list[bytes] = []
