@@ -172,7 +172,7 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
         if owner and tmp_file.exists():
             with peer.client() as pc:
                 served = sum(pc.get("/api/v1/state").json()["chunks_served"].values())
-            return (int(owner.split(":")[1]), served) if served >= 10 else None
+            return (int(owner.split(":")[1]), served) if served >= 24 else None
     pid, served_before = wait_until(holder, 90, what="one replicator to hold the pull")
     victim = next(p for p in reps if p.pid == pid)
     victim.kill()
@@ -186,6 +186,7 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
     with peer.client() as pc:
         served = sum(pc.get("/api/v1/state").json()["chunks_served"].values())
     # the survivor resumed from the verified chunks: at most the in-flight ones were fetched twice
-    assert len(pkg["chunks"]) <= served <= len(pkg["chunks"]) + 4, (served, len(pkg["chunks"]))
+    # (one stream asks for runs of up to 16 chunks; a fresh start would have cost 24 + all)
+    assert len(pkg["chunks"]) <= served <= len(pkg["chunks"]) + 16, (served, len(pkg["chunks"]))
     audit = run_odst("audit", "--data", str(data))
     assert audit.returncode == 0, audit.stdout + audit.stderr
