@@ -63,12 +63,9 @@ class Log:
             self.bad += 1
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cmds=st.lists(command(), max_size=40), restarts=st.sets(st.integers(0, 40), max_size=4))
-def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts):
-    tmp: Path = tmp_path_factory.mktemp("proj")
-    key = SiteKey.load_or_create(tmp / "site.key")
-    log = Log(key, SiteKey.load_or_create(tmp / "mallory.key"))
+def log_of(cmds, key: SiteKey, mallory: SiteKey) -> "Log":
+    """A log made by ``cmds``: events signed by ``key``, "forged" ones by ``mallory``, "replay"s."""
+    log = Log(key, mallory)
     for c in cmds:
         if c == "forged":
             log.append(ev.PackageStaged(name="a.pkg", stage="evil"), signer=log.mallory)
@@ -76,6 +73,15 @@ def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts
             log.replay()
         else:
             log.append(c)
+    return log
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cmds=st.lists(command(), max_size=40), restarts=st.sets(st.integers(0, 40), max_size=4))
+def test_rebuild_equals_live_after_any_sequence(tmp_path_factory, cmds, restarts):
+    tmp: Path = tmp_path_factory.mktemp("proj")
+    key = SiteKey.load_or_create(tmp / "site.key")
+    log = log_of(cmds, key, SiteKey.load_or_create(tmp / "mallory.key"))
     trusted = {key.site_id: key.public_key}
 
     # live: applied one by one, the process "restarting" (new connection) now and then,
@@ -109,14 +115,7 @@ def test_a_batched_fold_equals_one_by_one(tmp_path_factory, cmds, cuts):
     applied: the read model, quarantine and checkpoint equal folding one message at a time."""
     tmp: Path = tmp_path_factory.mktemp("batch")
     key = SiteKey.load_or_create(tmp / "site.key")
-    log = Log(key, SiteKey.load_or_create(tmp / "mallory.key"))
-    for c in cmds:
-        if c == "forged":
-            log.append(ev.PackageStaged(name="a.pkg", stage="evil"), signer=log.mallory)
-        elif c == "replay":
-            log.replay()
-        else:
-            log.append(c)
+    log = log_of(cmds, key, SiteKey.load_or_create(tmp / "mallory.key"))
     trusted = {key.site_id: key.public_key}
     one = db.open_read_model(tmp / "one.sqlite")
     writer = apply.ReadModelWriter(one, trusted)
