@@ -255,9 +255,18 @@ class Replicator:
         await self.withdraw_unaccepted(keys | self._withdraw_pending)
 
     def _forget(self, row) -> None:
-        """A package no longer wanted (or wanted with another content): its progress goes."""
+        """A package no longer wanted (or wanted with another content): its progress goes
+        (a pull still running keeps it until ``_finished``)."""
         pair = (row["name"], row["blake3"])
         if pair not in self.tasks:
+            self.progress.pop(pair, None)
+
+    def _finished(self, pair: tuple[str, str]) -> None:
+        """A pull's task ends. If the package stopped being wanted while it ran (its own
+        PackageAvailable folded before the task returned, say), its progress goes now."""
+        self.tasks.pop(pair, None)
+        row = self._wanted.get(name_key(pair[0]))
+        if row is None or row["blake3"] != pair[1]:
             self.progress.pop(pair, None)
 
     async def _queue_dirty(self) -> None:
@@ -431,7 +440,7 @@ class Replicator:
             await asyncio.gather(heartbeat, return_exceptions=True)
             await asyncio.gather(*(self._leases.delete(b) for b in leased), return_exceptions=True)
             for row in mine:
-                self.tasks.pop((row["name"], row["blake3"]), None)
+                self._finished((row["name"], row["blake3"]))
             self.kick()
 
     async def _renew_leases(self, leased: dict[str, int]) -> None:
@@ -682,7 +691,7 @@ class Replicator:
                 return
             self._done(want, progress)
         finally:
-            self.tasks.pop(key, None)
+            self._finished(key)
             self.kick()
 
     def _still_current(self, want: Want, path, current: dict[str, str] | None = None) -> bool:
