@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -128,6 +129,34 @@ async def open_log(url: str, key):
     log = EventLog(js, key)
     await log.ensure_stream()
     return nc, js, log
+
+
+@contextlib.asynccontextmanager
+async def founded_log(url: str, tmp_path: Path):
+    """A site's event log on the NATS server at ``url`` with a real projector folding it into
+    ``tmp_path/read.sqlite`` and a ConfirmedAppender over both, the site founded: yields
+    (JetStream context, site key, log, appender, reader). Everything is closed on the way out."""
+    from odst.events import catalogue as ev
+    from odst.events.log import EVENTS_STREAM
+    from odst.events.signing import SiteKey
+    from odst.projections.appender import ConfirmedAppender
+    from odst.projections.db import connect
+    from odst.projections.projector import Projector
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+    nc, js, log = await open_log(url, key)
+    projector = Projector(js, tmp_path / "read.sqlite", {key.site_id: key.public_key}, [EVENTS_STREAM])
+    projector.start()
+    reader = connect(tmp_path / "read.sqlite")
+    try:
+        writer = ConfirmedAppender(log, projector, reader)
+        await writer.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="G"),
+                            actor="system")
+        yield js, key, log, writer, reader
+    finally:
+        reader.close()
+        await projector.stop()
+        projector.conn.close()
+        await nc.close()
 
 
 async def site_nats(data: Path, **kw):

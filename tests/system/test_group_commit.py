@@ -13,17 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 import httpx
-import nats
 import pytest
 
 from odst.events import catalogue as ev
-from odst.events.log import EVENT_MAX_BYTES, EVENTS_STREAM, AppendFailed, Appended, EventLog
-from odst.events.signing import SiteKey
-from odst.projections.appender import ConfirmedAppender
+from odst.events.log import EVENT_MAX_BYTES, AppendFailed, Appended
 from odst.projections.batch import GroupCommit
-from odst.projections.db import connect
-from odst.projections.projector import Projector
-from tests.conftest import ADMIN_TOKEN, all_events, free_port, wait_until
+from tests.conftest import ADMIN_TOKEN, all_events, founded_log, free_port, wait_until
 from tests.system.test_eventlog import assert_one_chain, messages
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,33 +64,16 @@ def test_an_event_refused_in_a_group_fails_alone_and_the_others_land(nats_server
     """Twelve appends queued at once go as one group; one of them is over the event size cap
     (the broker would refuse it): its caller gets AppendFailed, the eleven others are stored,
     folded and chained as one-by-one appends would be."""
-    key = SiteKey.load_or_create(tmp_path / "site.key")
-
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
-        projector = Projector(js, tmp_path / "read.sqlite", {key.site_id: key.public_key}, [EVENTS_STREAM])
-        projector.start()
-        reader = connect(tmp_path / "read.sqlite")
-        try:
-            writer = ConfirmedAppender(log, projector, reader)
-            await writer.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="G"),
-                                actor="system")
+        async with founded_log(nats_server.url, tmp_path) as (js, key, _, writer, reader):
             group = GroupCommit(writer.append, writer.append_many)
             events = [ev.PackageStaged(name=f"p{i}.pkg", stage="test") for i in range(12)]
             events[5] = ev.PackageStaged(name="x" * (EVENT_MAX_BYTES + 1), stage="test")
             results = await asyncio.gather(*(group(e, actor="t") for e in events), return_exceptions=True)
             folded = {r[0] for r in reader.execute("SELECT subject_name FROM events WHERE type='PackageStaged'")}
-            return results, dict(group.counts), folded, await messages(js, 12)
-        finally:
-            reader.close()
-            await projector.stop()
-            projector.conn.close()
-            await nc.close()
+            return results, dict(group.counts), folded, await messages(js, 12), key
 
-    results, counts, folded, msgs = asyncio.run(run())
+    results, counts, folded, msgs, key = asyncio.run(run())
     assert isinstance(results[5], AppendFailed) and "size cap" in str(results[5])
     landed = [r for i, r in enumerate(results) if i != 5]
     assert all(isinstance(r, Appended) for r in landed), results

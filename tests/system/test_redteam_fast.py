@@ -20,18 +20,15 @@ import nats
 import pytest
 
 from odst.events import catalogue as ev
-from odst.events.log import EVENTS_STREAM, Appended, EventLog
+from odst.events.log import Appended, EventLog
 from odst.events.signing import SiteKey
 from odst.naming import name_key
 from odst.peering.requests import (HEADER_NONCE, HEADER_SIG, HEADER_TS, NonceStoreUnavailable, PeerRequestRefused,
                                    RequestVerifier, SharedNonces, sign_request)
-from odst.projections.appender import ConfirmedAppender
 from odst.projections.batch import GroupCommit
-from odst.projections.db import connect
-from odst.projections.projector import Projector
 from odst.replicator.transport import run_target
 from odst.store.hashing import CHUNK_SIZE, manifest_of
-from tests.conftest import free_port, wait_until, write_random
+from tests.conftest import founded_log, free_port, wait_until, write_random
 from tests.system.test_eventlog import assert_one_chain, messages
 from tests.system.test_pull_runs import pair_holding  # noqa: F401 - a fixture
 
@@ -367,21 +364,9 @@ def test_a_group_commit_beside_another_writer_of_the_same_log(nats_server, tmp_p
     """A second gateway process (http_workers > 1) appends to the same log while a group is in
     flight: runs are refused at the point the other writer got in and re-chained; every caller
     gets its own event, and the log stays one chain."""
-    key = SiteKey.load_or_create(tmp_path / "site.key")
-
     async def run():
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        log = EventLog(js, key)
-        await log.ensure_stream()
-        projector = Projector(js, tmp_path / "read.sqlite", {key.site_id: key.public_key}, [EVENTS_STREAM])
-        projector.start()
-        reader = connect(tmp_path / "read.sqlite")
-        other = EventLog(js, key)  # the other process's writer: its own idea of the head
-        try:
-            writer = ConfirmedAppender(log, projector, reader)
-            await writer.append(ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex(), name="G"),
-                                actor="system")
+        async with founded_log(nats_server.url, tmp_path) as (js, key, _, writer, _reader):
+            other = EventLog(js, key)  # the other process's writer: its own idea of the head
             group = GroupCommit(writer.append, writer.append_many, max_batch=8)
             mine = [ev.PackageStaged(name=f"g{i}.pkg", stage="test") for i in range(40)]
             theirs = [ev.PackageStaged(name=f"o{i}.pkg", stage="test") for i in range(40)]
@@ -395,14 +380,9 @@ def test_a_group_commit_beside_another_writer_of_the_same_log(nats_server, tmp_p
             grouped, alone = await asyncio.gather(
                 asyncio.gather(*(group(e, actor="t") for e in mine), return_exceptions=True), other_writer())
             total = 1 + len(mine) + len(theirs)
-            return grouped, alone, dict(group.counts), await messages(js, total), total
-        finally:
-            reader.close()
-            await projector.stop()
-            projector.conn.close()
-            await nc.close()
+            return grouped, alone, dict(group.counts), await messages(js, total), total, key
 
-    grouped, alone, counts, msgs, total = asyncio.run(run())
+    grouped, alone, counts, msgs, total, key = asyncio.run(run())
     assert all(isinstance(r, Appended) for r in grouped), [r for r in grouped if not isinstance(r, Appended)][:3]
     assert [r.envelope.event.name for r in grouped] == [f"g{i}.pkg" for i in range(40)]  # each its own
     assert [r.envelope.event.name for r in alone] == [f"o{i}.pkg" for i in range(40)]
