@@ -164,3 +164,27 @@ async def site_nats(data: Path, **kw):
     (every right: tests that publish straight into a site's broker act as the site itself)."""
     from odst.bus import connect_as_site
     return await connect_as_site(data, **kw)
+
+
+# Modules whose tests take minutes (images and wheels built, three-site stories): started first,
+# so the two xdist workers do not end with one of them alone on a long test.
+SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_packaging.py", "test_cluster.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (``./run test``), the tests of a module that share a
+    module-scoped fixture (a built image, a wheel, a browser, a site) go to one worker, so the
+    fixture is made once, not once per worker; and the slow modules come first.
+
+    The group is named here, not by an ``xdist_group`` mark: xdist 3.8 names it by setting
+    ``item._nodeid``, which pytest 9.2 no longer reads (the id is ``item._id``), so a mark
+    would quietly leave ``loadgroup`` acting as ``load``."""
+    from _pytest.nodeid import coerce_node_id
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: otherwise as collected
+    if not config.getvalue("loadgroup"):
+        return
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if "@" not in item.nodeid and info and any(
+                defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
+            item._id = coerce_node_id(f"{item.nodeid}@{item.module.__name__}")
