@@ -25,6 +25,7 @@ import secrets
 import socket
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import sqlite3
 
@@ -75,6 +76,28 @@ SMALL_LANES = 4
 FETCH_WAIT_S = 5.0  # a worker's wait for a work item (then it asks again)
 FETCH_MORE_S = 0.05  # how long the rest of a batch is waited for once one item came
 SMALL_BYTES = 1 << 20  # a package this size or smaller is "small": one chunk, one request
+NO_BATCH_S = 600.0  # a peer that serves no batches is asked for one again after this long (upgraded?)
+
+
+_FSYNCS: ThreadPoolExecutor | None = None
+
+
+def _fsyncs() -> ThreadPoolExecutor:
+    """Threads that fsync a batch's temp files side by side (mostly waiting on the disk)."""
+    global _FSYNCS
+    if _FSYNCS is None:
+        _FSYNCS = ThreadPoolExecutor(8, thread_name_prefix="odst-fsync")
+    return _FSYNCS
+
+
+def _fsync_close(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
 
 
 def json_len(chunks: str) -> int:
@@ -108,7 +131,7 @@ class Replicator:
         self._psub = None
         self._leases = None
         self._recovering = asyncio.Lock()
-        self._no_batch: set[str] = set()  # peers that answered a batch 404: their small packages one by one
+        self._no_batch: dict[str, float] = {}  # peer -> until when its small packages go one by one (no batches)
         self.lease_s = float(max(3, settings.replication_lease_s))
         self._missing_checked = -1e9
         self._missing_after = ""  # the last key the missing-file check looked at
@@ -515,9 +538,10 @@ class Replicator:
         asks every source again, as for any pull)."""
         groups: dict[str, list] = {}
         rest = []
+        now = time.monotonic()
         for row in rows:
             sites = [s for s in views.sources(self.reader, row["name"], row["blake3"], self.site_id)
-                     if peers.get(s) and s not in self._no_batch]
+                     if peers.get(s) and self._no_batch.get(s, 0.0) <= now]
             if not sites or not 0 < row["size"] <= BATCH_ITEM_MAX:
                 rest.append(row)
                 continue
@@ -547,10 +571,11 @@ class Replicator:
             async for buf in source.fetch_batch([w.blake3 for w in wants], [w.size for w in wants]):
                 bufs.append(buf)
         except RunsUnsupported as exc:
-            self._no_batch.add(site)
-            log.info("peer serves no batches; pulling its small packages one by one", peer=site, reason=str(exc))
+            self._no_batch[site] = time.monotonic() + NO_BATCH_S
+            log.warning("peer serves no batches; pulling its small packages one by one", peer=site,
+                        reason=str(exc), ask_again_in_s=NO_BATCH_S)
         except (TransportFailed, ChunkUnavailable) as exc:
-            log.info("batch request failed; pulling its packages one by one", peer=site,
+            log.warning("batch request failed; pulling its packages one by one", peer=site,
                      delivered=len(bufs), of=len(wants), error=str(exc))
         checked = await asyncio.to_thread(self._write_batch, wants[:len(bufs)], bufs) if bufs else []
         fetched, rest = [], []
@@ -594,17 +619,31 @@ class Replicator:
                 try:
                     while view:
                         view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
+                except OSError:
                     os.close(fd)
+                    raise
             except OSError as exc:
-                log.warning("could not store a pulled package; pulling it again", package=want.name,
-                            error=exc.strerror or str(exc))
-                path.unlink(missing_ok=True)
+                self._not_stored(want, path, exc)
                 out.append(None)
                 continue
-            out.append(path)
+            out.append((path, fd))
+        # the fsyncs side by side: the file system commits them together (one after the
+        # other, each waits for its own journal commit: a batch took a second on a busy disk)
+        written = [(i, r) for i, r in enumerate(out) if isinstance(r, tuple) and isinstance(r[0], Path)]
+        synced = list(_fsyncs().map(_fsync_close, [fd for _, (_, fd) in written]))
+        for (i, (path, _)), error in zip(written, synced):
+            if error is None:
+                out[i] = path
+            else:
+                self._not_stored(wants[i], path, error)
+                out[i] = None
         return out
+
+    @staticmethod
+    def _not_stored(want: Want, path: Path, exc: OSError) -> None:
+        log.warning("could not store a pulled package; pulling it again", package=want.name,
+                    error=exc.strerror or str(exc))
+        path.unlink(missing_ok=True)
 
     async def _renew_leases(self, leased: dict[str, int]) -> None:
         while True:

@@ -94,6 +94,20 @@ BATCH_MAX = 32  # contents one batch request may name
 BATCH_ITEM_MAX = 1 << 20  # the largest content a batch carries (a small package: one chunk)
 
 
+BATCH_REFUSED = "batch_unavailable"  # a 404's error: not this batch (one by one); any other 404: no batches
+
+
+class BatchUnsupported(ChunkUnavailable):
+    """This site serves no batches (``peer_run_chunks = 1``), or the target is not one."""
+
+
+def _error_of(body) -> str:
+    try:
+        return str(json.loads(bytes(body)).get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
 def batch_target(blake3s: list[str]) -> str:
     """Several whole small contents, back to back, for one signed request."""
     return BATCH_PREFIX + ",".join(blake3s)
@@ -236,7 +250,7 @@ class HttpChunkSource:
         checks). By the run client only: RunsUnsupported without it, or for an answer it does
         not read."""
         runs: RunClient | None = getattr(self.session.connector, "runs", None)
-        if runs is None or not self.direct:
+        if runs is None:
             raise RunsUnsupported(f"{self.site} over HTTP: batches need the run client")
         target = batch_target(blake3s)
         given = 0
@@ -249,16 +263,16 @@ class HttpChunkSource:
                 if answer.status == 503 and "retry-after" in answer.headers:
                     raise SourceThrottled(f"{self.site} over HTTP: {detail}",
                                           _retry_after(answer.headers["retry-after"]))
-                if answer.status == 404:
+                if answer.status == 404 and _error_of(body) != BATCH_REFUSED:  # an older peer
                     raise RunsUnsupported(f"{self.site} over HTTP: batch answered 404 {detail}")
-                if answer.status == 403:
+                if answer.status in (403, 404):
                     raise ChunkUnavailable(f"{self.site} over HTTP: {answer.status} {detail}")
                 raise TransportFailed(f"{self.site} over HTTP: {answer.status} {detail}")
             async for buf in stream:
                 given += 1
                 yield buf
         except RunUnexpected as exc:
-            raise RunsUnsupported(f"{self.site} over HTTP: {exc}") from None
+            raise TransportFailed(f"{self.site} over HTTP: batch answer not read: {exc}") from None
         except RunBroken as exc:
             raise TransportFailed(f"{self.site} over HTTP: batch cut after {given} of {len(sizes)} contents: "
                                   f"{exc}") from None
@@ -532,9 +546,9 @@ class ChunkServer(NatsService):
             peer = await self.authorise(method, target, headers)
             blake3s = parse_batch(target)
             if blake3s is None:
-                raise ChunkUnavailable("malformed batch target")
+                raise BatchUnsupported("malformed batch target")
             if self.run_chunks == 1:
-                raise ChunkUnavailable("batches are not served here (peer_run_chunks = 1)")
+                raise BatchUnsupported("batches are not served here (peer_run_chunks = 1)")
             if len(blake3s) > BATCH_MAX:
                 raise ChunkUnavailable(f"a batch is at most {BATCH_MAX} contents here")
             answer = BatchAnswer(200)
@@ -561,8 +575,10 @@ class ChunkServer(NatsService):
             return BatchAnswer(403, "peer_refused", str(exc))
         except NonceStoreUnavailable as exc:
             return BatchAnswer(503, "nonce_store_unavailable", str(exc), retry_after=1.0)
-        except ChunkUnavailable as exc:
-            return BatchAnswer(404, "chunk_unavailable", str(exc))
+        except BatchUnsupported as exc:
+            return BatchAnswer(404, "chunk_unavailable", str(exc))  # as older versions answer
+        except ChunkUnavailable as exc:  # this batch only: the asker pulls its contents one by one
+            return BatchAnswer(404, BATCH_REFUSED, str(exc))
         except LinkThrottled as exc:
             return BatchAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
 
