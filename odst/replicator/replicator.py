@@ -100,6 +100,19 @@ def _fsync_close(fd: int) -> OSError | None:
     return None
 
 
+def _pulls_of(msg) -> list[tuple[str, str]]:
+    """The (name, blake3) pulls of a work item: ``{"pulls": [[name, blake3], ...]}``, or one
+    ``{"name", "blake3"}`` as earlier versions queue; a malformed one holds none."""
+    try:
+        item = json.loads(msg.data)
+        if isinstance(item, dict) and "pulls" in item:
+            return [(str(name), str(blake3)) for name, blake3 in item["pulls"]]
+        return [(str(item["name"]), str(item["blake3"]))]
+    except (ValueError, KeyError, TypeError):
+        log.warning("malformed work item dropped")
+        return []
+
+
 def json_len(chunks: str) -> int:
     return len(json.loads(chunks))
 
@@ -377,34 +390,42 @@ class Replicator:
                 # the urgent lane: not behind pulls that a paused link holds in every worker
                 self.tasks[pair] = asyncio.create_task(self._pull_leased(row), name=f"urgent-{row['name']}")
                 continue
-            items.append((row["name"], row["blake3"], sources))
+            items.append((row["name"], row["blake3"], sources, row["size"] <= SMALL_BYTES))
         for i in range(0, len(items), PUBLISH_WINDOW):
             await self._enqueue_many(items[i:i + PUBLISH_WINDOW])
 
-    async def _enqueue_many(self, items: list[tuple[str, str, list[str]]]) -> None:
-        """Queue pulls, published together and then acknowledged together (one round trip for
-        many); the same pull (same sources) is queued at most once per dedupe bucket. A pull
-        that could not be queued is looked at again after a while."""
-        results = await asyncio.gather(*(self._enqueue(*item) for item in items), return_exceptions=True)
-        self._queued.update(name_key(item[0]) for item, r in zip(items, results) if not isinstance(r, Exception))
-        failed = [item for item, r in zip(items, results) if isinstance(r, Exception)]
+    async def _enqueue_many(self, items: list[tuple[str, str, list[str], bool]]) -> None:
+        """Queue pulls (name, blake3, sources, small?): small ones WORK_BATCH to a work item,
+        each big one alone (a worker pulls one big package at a time, and hands the others
+        back); the items published together and then acknowledged together (one round trip
+        for many). The same pulls (same sources) are queued at most once per dedupe bucket. A
+        pull that could not be queued is looked at again after a while."""
+        small = [item[:3] for item in items if item[3]]
+        groups = [small[i:i + WORK_BATCH] for i in range(0, len(small), WORK_BATCH)]
+        groups += [[item[:3]] for item in items if not item[3]]
+        results = await asyncio.gather(*(self._enqueue(group) for group in groups), return_exceptions=True)
+        self._queued.update(name_key(name) for group, r in zip(groups, results) if not isinstance(r, Exception)
+                            for name, _, _ in group)
+        failed = [group for group, r in zip(groups, results) if isinstance(r, Exception)]
         if failed:
-            log.warning("could not queue pulls; retrying", count=len(failed), error=repr(next(
+            log.warning("could not queue pulls; retrying", count=sum(map(len, failed)), error=repr(next(
                 r for r in results if isinstance(r, Exception))))
             again = time.monotonic() + BACKOFF_MIN_S
-            for name, _, _ in failed:
-                self._retry[name_key(name)] = again
+            for group in failed:
+                for name, _, _ in group:
+                    self._retry[name_key(name)] = again
 
-    async def _enqueue(self, name: str, blake3: str, sources: list[str]) -> None:
-        """Queue a pull. The same pull (same sources, looked at for the same read-model change
-        or retry) is queued at most once per dedupe bucket, by any replicator of the site; a
-        later change of the package (its copy here found damaged, say) queues it again."""
+    async def _enqueue(self, group: list[tuple[str, str, list[str]]]) -> None:
+        """Queue one work item: ``{"pulls": [[name, blake3], ...]}``. The same pulls (same
+        sources, looked at for the same read-model change or retry) are queued at most once per
+        dedupe bucket, by any replicator of the site; a later change of a package (its copy
+        here found damaged, say) queues it again."""
         bucket = int(time.time() // DEDUPE_BUCKET_S)
-        mark = f"{self._cursor}:{self._retries.get(name_key(name), 0)}"
-        digest = hashlib.sha256(
-            f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}\0{mark}".encode()).hexdigest()[:32]
-        await self.js.publish(work_subject(self.site_id), json.dumps({"name": name, "blake3": blake3}).encode(),
-                                   stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
+        marks = "\0\0".join(f"{name}\0{blake3}\0{','.join(sources)}\0{bucket}\0"
+                            f"{self._cursor}:{self._retries.get(name_key(name), 0)}" for name, blake3, sources in group)
+        digest = hashlib.sha256(marks.encode()).hexdigest()[:32]
+        body = json.dumps({"pulls": [[name, blake3] for name, blake3, _ in group]}).encode()
+        await self.js.publish(work_subject(self.site_id), body, stream=WORK_STREAM, headers={"Nats-Msg-Id": digest})
 
     async def _work(self) -> None:
         """One worker: take up to WORK_BATCH queued pulls; pull the small packages among them
@@ -419,8 +440,9 @@ class Replicator:
                 # folded, its last items) waited there for the request's whole timeout.
                 psub = self._psub
                 msgs = await psub.fetch(1, timeout=FETCH_WAIT_S)
-                with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
-                    msgs += await psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S)
+                if len(_pulls_of(msgs[0])) < WORK_BATCH:  # single items (an upload, a retry): take more
+                    with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
+                        msgs += await psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing queued (either kind, by client version)
                 continue
             except asyncio.CancelledError:
@@ -461,11 +483,8 @@ class Replicator:
         ``replication_packages`` at a time (``_big``), batches of small ones beside them."""
         items: dict[tuple[str, str], object] = {}
         for msg in msgs:
-            try:
-                item = json.loads(msg.data)
-                items.setdefault((str(item["name"]), str(item["blake3"])), msg)
-            except (ValueError, KeyError, TypeError):
-                log.warning("malformed work item dropped")
+            for pair in _pulls_of(msg):
+                items.setdefault(pair, msg)
         stages = views.replicated_stages(self.reader, self.settings)
         keys = sorted({name_key(name) for name, _ in items})
         rows = {(r["name"], r["blake3"]): r for i in range(0, len(keys), KEYS_PER_QUERY)
@@ -477,9 +496,10 @@ class Replicator:
                 continue  # no longer wanted, or already being pulled here
             (small if row["size"] <= SMALL_BYTES else big).append((row, msg))
         for _, msg in big[1:]:
-            msgs.remove(msg)
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            if msg in msgs and len(_pulls_of(msg)) == 1:  # (big ones are queued alone)
+                msgs.remove(msg)
+                with contextlib.suppress(Exception):
+                    await msg.nak()
         if small:
             await self._pull_small([row for row, _ in small])
         if big:
@@ -536,7 +556,7 @@ class Replicator:
         with HTTP holds, a peer that serves no batches, a cut or refused batch, and a content
         whose bytes failed a check (the peer is reported, as for a bad chunk; the puller then
         asks every source again, as for any pull)."""
-        groups: dict[str, list] = {}
+        groups: dict[str, list[list]] = {}
         rest = []
         now = time.monotonic()
         for row in rows:
@@ -545,11 +565,14 @@ class Replicator:
             if not sites or not 0 < row["size"] <= BATCH_ITEM_MAX:
                 rest.append(row)
                 continue
-            site = next((s for s in sites if s in groups and len(groups[s]) < BATCH_MAX), sites[0])
-            groups.setdefault(site, []).append(row)
+            site = next((s for s in sites if s in groups), sites[0])  # as few requests as may be
+            lists = groups.setdefault(site, [[]])
+            if len(lists[-1]) == BATCH_MAX:
+                lists.append([])
+            lists[-1].append(row)
         fetched = []
         for got, left in await asyncio.gather(*(self._batch(site, peers[site], group)
-                                               for site, group in groups.items())):
+                                               for site, lists in groups.items() for group in lists)):
             fetched += got
             rest += left
         return fetched, rest
