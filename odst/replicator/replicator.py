@@ -373,6 +373,9 @@ class Replicator:
                 continue
             pair = (row["name"], row["blake3"])
             if pair in self.tasks:
+                # being pulled here: looked at again soon, in case that pull fails (its retry
+                # timer may fire while its batch still records the failure, and be lost here)
+                self._retry[key] = min(self._retry.get(key, now + BACKOFF_MIN_S), now + BACKOFF_MIN_S)
                 continue
             sources = views.sources(self.reader, row["name"], row["blake3"], self.site_id)
             progress = self.progress.setdefault(pair, Progress(row["name"], row["blake3"],
