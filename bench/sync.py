@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -118,10 +119,20 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
 
-def catch_up(net: Network, hq, n: int) -> dict:
+def profile(sites: list, folder: Path) -> list[subprocess.Popen]:
+    """``py-spy record`` of each site's python process until stopped (SIGINT), collapsed stacks (flamegraph.pl input) each."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([spy, "record", "-p", str(s.proc.pid), "-r", "200", "--nonblocking",
+                              "-f", "raw", "-o", str(folder / f"{s.name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in sites]
+
+
+def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None) -> dict:
     branch = net.add("branch", dial=["hq"], env={"ODST_LOG_LEVEL": "warning"})
     net.start(branch, timeout=120)
     db = read_model_path(branch.data)
+    spies = profile([hq, branch], profile_dir) if profile_dir else []
     cpu0, hq0 = site_cpu(branch), site_cpu(hq)
     t0 = time.monotonic()
     net.register("hq", branch)
@@ -138,6 +149,10 @@ def catch_up(net: Network, hq, n: int) -> dict:
     net.wait_until(done, 7200, what="every package at branch", interval=0.1)
     seconds = time.monotonic() - t0
     cpu1, hq1 = site_cpu(branch), site_cpu(hq)
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        spy.wait(60)
     out = {"s": seconds, "load": load(),
            "branch_cpu_s": {k: (cpu1[k] or 0) - (cpu0[k] or 0) for k in cpu1},
            "hq_cpu_s": {k: (hq1[k] or 0) - (hq0[k] or 0) for k in hq1}}
@@ -167,7 +182,7 @@ def run_one(n: int, args, work: Path) -> dict:
             if result["rsync"]["files"] != n:
                 raise RuntimeError(f"rsync pulled {result['rsync']['files']} files, not {n}")
         with net.step("a new site catches up"):
-            result["odst"] = catch_up(net, hq, n)
+            result["odst"] = catch_up(net, hq, n, Path(args.profile) / str(n) if args.profile else None)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -193,6 +208,8 @@ def main() -> int:
     ap.add_argument("--size-kib", type=int, default=8, help="size of each package (default 8 KiB)")
     ap.add_argument("--concurrency", type=int, default=8, help="uploads at once (default 8)")
     ap.add_argument("--rsync-repeats", type=int, default=3)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="py-spy record hq's and branch's python during each catch-up into DIR/<N>/<site>.txt (collapsed stacks)")
     ap.add_argument("--keep", action="store_true", help="keep the sites' data directories")
     ap.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     args = ap.parse_args()

@@ -185,22 +185,26 @@ class Projector:
                 log.error("projector stream failed; resuming", stream=stream, error=error)
                 await asyncio.sleep(1.0)
 
+    # Both wait inside the caller's task (asyncio.timeout), not in an inner task of
+    # asyncio.wait_for: a caller cancelled while wait_for was cancelling its inner wait released
+    # the condition's lock from a task that did not hold it ("Lock is not acquired"), and the
+    # projector then stopped folding: seen under load, a catch-up stalled for good.
     async def wait_for(self, stream: str, seq: int, timeout: float = 10.0) -> bool:
         """Wait until stream's checkpoint reaches seq (read-your-writes for the gateway)."""
-        async def reached() -> None:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self.checkpoint(stream) >= seq)
         try:
-            await asyncio.wait_for(reached(), timeout)
+            async with asyncio.timeout(timeout):
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self.checkpoint(stream) >= seq)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def wait_changed(self, timeout: float) -> None:
         try:
-            async with self._changed:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                async with self._changed:
+                    await self._changed.wait()
+        except TimeoutError:
             pass
 
     async def lag(self) -> dict[str, int]:

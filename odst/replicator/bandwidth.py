@@ -14,6 +14,7 @@ are: the transfer keeps its verified chunks and goes on when the window opens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import re
@@ -252,6 +253,13 @@ def parse_cidrs(values: list[str]) -> list[str]:
 
 
 def host_is_local(host: str, cidrs: list[str]) -> bool:
+    return _host_is_local(host, tuple(cidrs))
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_is_local(host: str, cidrs: tuple[str, ...]) -> bool:
+    """Cached: asked before every chunk pulled, and parsing the addresses was most of a
+    small package's receive-limit check."""
     try:
         addr = ipaddress.ip_address(host.strip("[]"))
     except ValueError:

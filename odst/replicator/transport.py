@@ -12,6 +12,13 @@ version serves it); ``/peer/v1/chunks/<blake3>/<first>-<last>`` names a run of c
 served over HTTP as one response of their bytes back to back (``RunSource.fetch_run``).
 A site that does not serve runs (an older version, or ``peer_run_chunks = 1``) answers a
 run 404, and the puller asks that source one chunk at a time.
+``/peer/v1/chunks/batch/<blake3>,<blake3>,…`` names several small contents (at most
+``BATCH_MAX``, each at most ``BATCH_ITEM_MAX`` bytes: one chunk each), served over HTTP as one
+response of their bytes back to back, each file sent zero-copy (``RunSource.fetch_batch``):
+a catch-up of thousands of small packages makes one signed request per batch, not per
+package. Every chunk is still checked against its SHA1 by the receiver. A site that does not
+serve batches (an older version, or ``peer_run_chunks = 1``) answers 404, and the contents are
+pulled one by one.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import os
 import sqlite3
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 import aiohttp
@@ -80,6 +87,40 @@ def chunk_target(blake3: str, index: int) -> str:
 def run_target(blake3: str, first: int, last: int) -> str:
     """Chunks ``first`` to ``last`` (inclusive) of a content; one chunk is ``chunk_target``."""
     return chunk_target(blake3, first) if first == last else f"/peer/v1/chunks/{blake3}/{first}-{last}"
+
+
+BATCH_PREFIX = "/peer/v1/chunks/batch/"
+BATCH_MAX = 32  # contents one batch request may name
+BATCH_ITEM_MAX = 1 << 20  # the largest content a batch carries (a small package: one chunk)
+
+
+BATCH_REFUSED = "batch_unavailable"  # a 404's error: not this batch (one by one); any other 404: no batches
+
+
+class BatchUnsupported(ChunkUnavailable):
+    """This site serves no batches (``peer_run_chunks = 1``), or the target is not one."""
+
+
+def _error_of(body) -> str:
+    try:
+        return str(json.loads(bytes(body)).get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+def batch_target(blake3s: list[str]) -> str:
+    """Several whole small contents, back to back, for one signed request."""
+    return BATCH_PREFIX + ",".join(blake3s)
+
+
+def parse_batch(target: str) -> list[str] | None:
+    """The contents a batch target names, or None when it is not one."""
+    if not target.startswith(BATCH_PREFIX):
+        return None
+    items = target[len(BATCH_PREFIX):].split(",")
+    if not all(b and b.isascii() and b.isalnum() for b in items):
+        return None
+    return items
 
 
 def parse_target(target: str) -> tuple[str, int, int] | None:
@@ -201,6 +242,45 @@ class HttpChunkSource:
         if given < len(lengths):  # the answer held fewer bytes than the chunks asked for
             raise TransportFailed(f"{self.site} over HTTP: run cut after {given} of {len(lengths)} chunks")
 
+    async def fetch_batch(self, blake3s: list[str], sizes: list[int]) -> AsyncIterator[bytearray]:
+        """Whole small contents (``sizes`` from their manifests) for one signed request, each as
+        one buffer, as they arrive. Before the first: the errors of ``fetch``, or RunsUnsupported
+        (the peer serves no batches: pull them one by one); after it, a broken stream is
+        TransportFailed (the contents already given are good to keep once they pass their
+        checks). By the run client only: RunsUnsupported without it, or for an answer it does
+        not read."""
+        runs: RunClient | None = getattr(self.session.connector, "runs", None)
+        if runs is None:
+            raise RunsUnsupported(f"{self.site} over HTTP: batches need the run client")
+        target = batch_target(blake3s)
+        given = 0
+        stream = runs.get_run(self.base_url + target, target, sign_request(self.key, "GET", target), sizes)
+        try:
+            answer = await anext(stream)
+            if answer.status != 200:
+                body = await anext(stream, b"")
+                detail = bytes(body[:200]).decode("utf-8", "replace")
+                if answer.status == 503 and "retry-after" in answer.headers:
+                    raise SourceThrottled(f"{self.site} over HTTP: {detail}",
+                                          _retry_after(answer.headers["retry-after"]))
+                if answer.status == 404 and _error_of(body) != BATCH_REFUSED:  # an older peer
+                    raise RunsUnsupported(f"{self.site} over HTTP: batch answered 404 {detail}")
+                if answer.status in (403, 404):
+                    raise ChunkUnavailable(f"{self.site} over HTTP: {answer.status} {detail}")
+                raise TransportFailed(f"{self.site} over HTTP: {answer.status} {detail}")
+            async for buf in stream:
+                given += 1
+                yield buf
+        except RunUnexpected as exc:
+            raise TransportFailed(f"{self.site} over HTTP: batch answer not read: {exc}") from None
+        except RunBroken as exc:
+            raise TransportFailed(f"{self.site} over HTTP: batch cut after {given} of {len(sizes)} contents: "
+                                  f"{exc}") from None
+        finally:
+            await stream.aclose()
+        if given < len(sizes):
+            raise TransportFailed(f"{self.site} over HTTP: batch cut after {given} of {len(sizes)} contents")
+
     async def _fetch_run_aiohttp(self, blake3: str, first: int, lengths: list[int]) -> AsyncIterator[list[bytes]]:
         target = run_target(blake3, first, first + len(lengths) - 1)
         given = 0
@@ -311,6 +391,25 @@ class ChunkAnswer:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass
+class BatchAnswer:
+    """What ``ChunkServer.serve_batch`` answers: a status, and for a 200 the files (fd, size,
+    blake3; closed by ``close()``) and ``items``, which yields each content as it may go."""
+
+    status: int
+    error: str = ""
+    detail: str = ""
+    retry_after: float = 0.0
+    length: int = 0
+    files: list = field(default_factory=list)
+    items: AsyncIterator | None = None
+
+    def close(self) -> None:
+        for fd, _, _ in self.files:
+            os.close(fd)
+        self.files = []
 
 
 class RunCut(Exception):
@@ -438,6 +537,93 @@ class ChunkServer(NatsService):
         except LinkThrottled as exc:  # the link's send limit or timetable: ask again later
             return ChunkAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
 
+    async def serve_batch(self, method: str, target: str, headers: dict[str, str], *,
+                          read: bool = True) -> "BatchAnswer":
+        """Answer a signed batch request: every content it names held here and small, or 404
+        (the asker pulls them one by one). The files are opened and the first content's send
+        limit paid before answering, as ``serve`` does for a run."""
+        try:
+            peer = await self.authorise(method, target, headers)
+            blake3s = parse_batch(target)
+            if blake3s is None:
+                raise BatchUnsupported("malformed batch target")
+            if self.run_chunks == 1:
+                raise BatchUnsupported("batches are not served here (peer_run_chunks = 1)")
+            if len(blake3s) > BATCH_MAX:
+                raise ChunkUnavailable(f"a batch is at most {BATCH_MAX} contents here")
+            answer = BatchAnswer(200)
+            try:
+                for blake3 in blake3s:
+                    row = views.local_content(self.reader, blake3, self.site_id)
+                    if row is None:
+                        raise ChunkUnavailable(f"content {blake3[:16]} not held here")
+                    if not 0 < row["size"] <= BATCH_ITEM_MAX:
+                        raise ChunkUnavailable(f"content {blake3[:16]} is not for a batch ({row['size']} bytes)")
+                    fd = self._open_content(str(self.store.path(row["name"])), blake3, row["size"])
+                    answer.files.append((fd, row["size"], blake3))
+                answer.length = sum(size for _, size, _ in answer.files)
+                await self._pay(peer, answer.files[0][1], blake3s[0])
+                first = await self._pread(answer.files[0][0], 0, answer.files[0][1]) if read else None
+            except BaseException:
+                answer.close()
+                raise
+            self.served[peer] += len(blake3s)
+            answer.items = self._batch_items(answer.files, first, peer)
+            return answer
+        except PeerRequestRefused as exc:
+            log.warning("peer batch request refused", reason=str(exc))
+            return BatchAnswer(403, "peer_refused", str(exc))
+        except NonceStoreUnavailable as exc:
+            return BatchAnswer(503, "nonce_store_unavailable", str(exc), retry_after=1.0)
+        except BatchUnsupported as exc:
+            return BatchAnswer(404, "chunk_unavailable", str(exc))  # as older versions answer
+        except ChunkUnavailable as exc:  # this batch only: the asker pulls its contents one by one
+            return BatchAnswer(404, BATCH_REFUSED, str(exc))
+        except LinkThrottled as exc:
+            return BatchAnswer(503, "link_throttled", str(exc), retry_after=exc.retry_after)
+
+    async def _batch_items(self, files: list[tuple[int, int, str]], first: bytes | None,
+                           peer: str) -> AsyncIterator:
+        """Each content of a batch: its bytes (``first`` already read), or (fd, size) for the
+        transport to send zero-copy; the send limit paid for each after the first (RunCut)."""
+        for i, (fd, size, blake3) in enumerate(files):
+            try:
+                if i:
+                    await self._pay(peer, size, blake3)
+                item = (first if i == 0 else await self._pread(fd, 0, size)) if first is not None else (fd, size)
+            except (LinkThrottled, ChunkUnavailable) as exc:
+                log.info("chunk batch cut short", peer=peer, left=len(files) - i, reason=str(exc))
+                raise RunCut(str(exc)) from None
+            yield item
+
+    async def _http_batch(self, scope, send, headers: dict[str, str], extensions: dict) -> None:
+        """A batch over HTTP: the contents back to back under one Content-Length, each file sent
+        zero-copy where the server offers it; one cut short leaves the response short."""
+        zerocopy = ZEROCOPY in extensions
+        answer = await self.serve_batch("GET", sent_path(scope), headers, read=not zerocopy)
+        if answer.status != 200:
+            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
+            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
+            return await _http_reply(send, answer.status, body, b"application/json", extra)
+        try:
+            start = {"type": "http.response.start", "status": 200,
+                     "headers": [(b"content-type", b"application/octet-stream"),
+                                 (b"content-length", str(answer.length).encode())]}
+            await send({**start, ZEROCOPY: True} if zerocopy else start)
+            async for item in answer.items:
+                if zerocopy:
+                    await _send_span(send, item[0], 0, item[1])
+                else:
+                    await send({"type": "http.response.body", "body": item, "more_body": True})
+        except RunCut:
+            if CUT in extensions:
+                await send({"type": CUT})
+            return
+        finally:
+            await answer.items.aclose()
+            answer.close()
+        await send({"type": "http.response.body", "body": b""})
+
     async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str,
                     read: bool) -> AsyncIterator:
         for i, (offset, length) in enumerate(spans):
@@ -461,6 +647,8 @@ class ChunkServer(NatsService):
             return await _http_reply(send, 405, b'{"error":"method_not_allowed","detail":"GET only"}')
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         extensions = scope.get("extensions") or {}
+        if sent_path(scope).startswith(BATCH_PREFIX):
+            return await self._http_batch(scope, send, headers, extensions)
         zerocopy = ZEROCOPY in extensions
         answer = await self.serve("GET", sent_path(scope), headers, runs=True, read=not zerocopy)  # the path as signed
         if answer.status != 200:
