@@ -15,7 +15,7 @@ from odst.errors import (InsufficientStorage, OdstError, PackageConflict, Packag
 from odst.events import catalogue as ev
 from odst.events import uploads
 from odst.events.log import AppendFailed, NotYetApplied
-from odst.gateway.auth import READ, WRITE, allowed, bearer
+from odst.gateway.auth import READ, WRITE, Principal, allowed, bearer
 from odst.gateway.bodies import decode_json
 from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
@@ -343,6 +343,24 @@ class Uploads:
 
     def __init__(self, site: GatewayContext) -> None:
         self.site = site
+        self._version = None  # the read model's data_version the principals were read at
+        self._principals: dict[str, Principal] = {}  # by Authorization header
+
+    def _principal(self, authorization: str) -> Principal:
+        """``auth.bearer``, remembered while the read model is unchanged: PRAGMA data_version
+        moves with every fold, so a revoked token is refused from the fold that revokes it on,
+        exactly as a fresh lookup would (uploads side by side share one lookup per fold)."""
+        version = self.site.reader.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._principals.clear()
+            self._version = version
+        principal = self._principals.get(authorization)
+        if principal is None:
+            principal = bearer(self.site, authorization)  # Unauthorized: not remembered
+            if len(self._principals) >= MAX_PRINCIPALS:
+                self._principals.clear()
+            self._principals[authorization] = principal
+        return principal
 
     def front(self, app):
         """An ASGI app taking token uploads here and everything else to ``app``."""
@@ -359,7 +377,7 @@ class Uploads:
         site = self.site
         headers: dict[str, str] = {}
         try:
-            principal = allowed(bearer(site, authorization), WRITE)
+            principal = allowed(self._principal(authorization), WRITE)
             status, answer = await take_upload(site, principal.actor, _strict(scope), stage, replace,
                                                announced, receive)
         except (OdstError, AppendFailed) as exc:
@@ -377,6 +395,7 @@ class Uploads:
 
 
 _JSON = msgspec.json.Encoder()
+MAX_PRINCIPALS = 64  # tokens remembered between two folds
 _TAKES_ONCE = {b"stage", b"replace"}
 
 

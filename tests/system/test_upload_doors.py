@@ -67,3 +67,18 @@ def test_front_door_and_litestar_route_answer_alike(site):
     r = httpx.put(f"{site.url}/api/v1/packages/dup.pkg?stage=dev&stage=prod", content=b"x",
                   headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert r.status_code == 400 and "'stage'" in r.json()["detail"], r.text
+
+
+def test_a_revoked_token_uploads_no_more_by_the_front_door(site):
+    """The front door remembers a token between folds: revoking it (a fold) must end that."""
+    with site.client() as admin:
+        made = admin.post("/api/v1/tokens", json={"name": "ci", "role": "operator"}).json()
+        ci = {"Authorization": f"Bearer {made['token']}"}
+        for i in range(3):  # looked up once, then remembered until the next fold
+            r = httpx.put(f"{site.url}/api/v1/packages/ci-{i}.pkg", content=b"%d" % i, headers=ci)
+            assert r.status_code == 201, r.text
+        assert admin.delete(f"/api/v1/tokens/{made['token_id']}").status_code == 200
+    r = httpx.put(f"{site.url}/api/v1/packages/ci-late.pkg", content=b"late", headers=ci)
+    assert (r.status_code, r.json()["error"]) == (401, "unauthorized"), r.text
+    with site.client() as admin:
+        assert admin.get("/api/v1/packages/ci-late.pkg").status_code == 404
