@@ -23,7 +23,7 @@ from odst.gateway.jamf import JamfController
 from odst.gateway.metrics import make_metrics
 from odst.gateway.openapi import allow_every_method, document
 from odst.gateway.notifications import EmailSubscriptionController, WebhookController
-from odst.gateway.packages import PackageController
+from odst.gateway.packages import PackageController, Uploads, error_answer
 from odst.gateway.peers import PeerController, PeerProtocolController
 from odst.gateway.session import SessionController
 from odst.gateway.settings import SettingsController
@@ -35,20 +35,15 @@ from odst.gateway.context import GatewayContext
 log = structlog.get_logger("odst.gateway")
 
 
-def _error(status: int, code: str, detail: str) -> Response:
-    return Response({"error": code, "detail": detail}, status_code=status)
-
-
 def _odst_error(request: Request, exc: OdstError) -> Response:
-    response = _error(exc.status, exc.code, exc.detail)
-    if getattr(exc, "retry_after", None):
-        response.headers["Retry-After"] = str(exc.retry_after)
-    return response
+    status, body, headers = error_answer(exc)
+    return Response(body, status_code=status, headers=headers)
 
 
 def _append_failed(request: Request, exc: AppendFailed) -> Response:
     log.error("event append failed", error=str(exc), path=request.url.path)
-    return _error(503, "unavailable", f"change not recorded, try again: {exc}")
+    status, body, headers = error_answer(exc)
+    return Response(body, status_code=status, headers=headers)
 
 
 def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -61,17 +56,18 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
 
 def _internal(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error", path=request.url.path)
-    return _error(500, "internal_error", "internal error; the server log has the details")
+    status, body, headers = error_answer(exc)
+    return Response(body, status_code=status, headers=headers)
 
 
 def create_gateway(site: GatewayContext):
     """The ASGI app the gateway serves: the distribution point's downloads (``downloads.py``,
-    under the Mac download caps of ``egress.py``) in front of the Litestar app, so a download
-    never passes the framework."""
+    under the Mac download caps of ``egress.py``) and token-authenticated package uploads
+    (``packages.Uploads``) in front of the Litestar app, so neither passes the framework."""
     gate = site.download_gate
     downloads = Downloads(site, [f"/{site.settings.context}/Packages", "/Packages"],
                           wrap=gate.wrap if gate is not None else None)
-    return downloads.front(create_app(site))
+    return downloads.front(Uploads(site).front(create_app(site)))
 
 
 def create_app(site: GatewayContext) -> Litestar:
