@@ -27,8 +27,10 @@ from typing import Awaitable, Callable
 
 import structlog
 
+from odst.replicator.runclient import BUFFERS
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
                                        TransportFailed)
+from odst.store.files import start_writeback
 from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, pieces_ok
 
 log = structlog.get_logger("odst.puller")
@@ -138,6 +140,7 @@ class Puller:
         if not self.states:
             raise TransferFailed("no source has this content")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        BUFFERS.hold()
         try:
             existing = os.fstat(fd).st_size
             if existing > w.size:
@@ -179,6 +182,7 @@ class Puller:
             b3 = self._whole.blake3
         finally:
             os.close(fd)
+            BUFFERS.release()
         if b3 != w.blake3:  # every chunk passed its SHA1: this is the whole-file check
             self.path.unlink(missing_ok=True)
             raise TransferFailed(f"whole-file hash mismatch (blake3 {b3}); discarded")
@@ -210,6 +214,7 @@ class Puller:
             blocks = [self._ahead.pop(i, None) for i in range(start, end)]
             await loop.run_in_executor(self._hasher, self._hash_range, fd, start, blocks)
             self._hashed_upto = end
+            _give_back(blocks)  # hashed: nothing refers to these bytes any more
 
     def _kick_hashes(self, fd: int) -> None:
         if self._hash_task is None or self._hash_task.done():
@@ -227,11 +232,14 @@ class Puller:
     def _verify_and_write(self, fd: int, index: int, pieces: list, offset: int, length: int) -> bool:
         if not pieces_ok(pieces, length, self.want.chunks[index]):
             return False
+        start = offset
         for piece in pieces:
             view = memoryview(piece)
             while view:
                 n = os.pwrite(fd, view[:WRITE_PIECE], offset)
                 view, offset = view[n:], offset + n
+        if start_writeback is not None:  # the disk write starts now: the final fsync has little left
+            start_writeback(fd, start, length)
         return True
 
     def _pick(self, tried: set[int]) -> _SourceState | None:
@@ -350,10 +358,22 @@ class Puller:
             log.warning("bad chunk from peer; dropped", package=w.name, chunk=index,
                         peer=src.site, transport=src.kind)
             self.on_bad_source(src.site, reason, index)
+            _give_back([pieces])  # checked and refused: not written, not kept
             return
         self.progress.done += 1
         self.progress.bytes += sum(len(p) for p in pieces)
         self._written.add(index)
         if index - self._hashed_upto < AHEAD_CHUNKS:
-            self._ahead[index] = pieces  # hashed from memory, not re-read
+            self._ahead[index] = pieces  # hashed from memory, not re-read (given back then)
+        else:
+            _give_back([pieces])  # written; the hash re-reads it from the page cache
         self._kick_hashes(self._fd)
+
+
+def _give_back(blocks: list[list | None]) -> None:
+    """Chunk buffers nothing refers to any more go back to the run client's pool (``runclient.
+    BufferPool``; bytes from another client are not the pool's and are left alone). Called on
+    the event loop's thread, after the verify/write or hash job that used them has returned."""
+    for pieces in blocks:
+        for piece in pieces or ():
+            BUFFERS.give(piece)
