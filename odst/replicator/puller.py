@@ -42,6 +42,7 @@ MAX_ROUNDS = 4  # times every source may fail one chunk before the transfer give
 THROTTLED_RETRY_MAX_S = 2.0  # a source holding a chunk back is asked again this soon at the latest
 AHEAD_CHUNKS = 32  # chunks kept in memory ahead of the whole-file hash (bounds memory)
 RUN_CHUNKS = 16  # most chunks asked for in one request (a server serves up to peer_run_chunks, 16 by default)
+STREAMS_PER_SOURCE = 2  # requests in flight per source: one streams while the other's answer starts
 WRITE_PIECE = 256 << 10  # pwrite size: a 1 MiB copy into cold page-cache pages costs 4-5x four of these
 PAY_WAITED_S = 0.001  # a receive-limit payment that took longer made the puller wait: the link is limited
 
@@ -124,9 +125,12 @@ class Puller:
         self.want = want
         self.states = [_SourceState(s, base) for s, base in sources]
         self.path = temp_path(tmp_dir, want.blake3)
-        self.streams = max(1, streams)
+        # at most ``streams`` requests in flight, and two per source: more to one source only cut
+        # the runs shorter (more requests to sign, check and answer, more sockets to wake for;
+        # measured on a pair: a third less CPU per GiB at the sender with 2 streams than with 8)
+        self.streams = max(1, min(streams, STREAMS_PER_SOURCE * len(sources)))
         # requests in flight x chunks each stay within the whole-file hash's window (memory as
-        # with one chunk a request): 8 streams ask for runs of 4
+        # with one chunk a request): 2 streams ask for runs of 16, 8 for runs of 4
         self.run_chunks = max(1, min(RUN_CHUNKS, AHEAD_CHUNKS // self.streams))
         self.progress = progress or Progress(want.name, want.blake3, len(want.chunks))
         self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
