@@ -364,6 +364,7 @@ def _start_writeback():
 
 
 _writeback = _start_writeback()
+start_writeback = _writeback  # the same, for the puller's chunk writes (None where unsupported)
 
 
 class _Lane:

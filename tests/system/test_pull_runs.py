@@ -20,6 +20,7 @@ from odst.events.signing import SiteKey
 from odst.naming import name_key
 from odst.peering.requests import sign_request
 from odst.replicator.puller import Puller, Want
+from odst.replicator.runclient import BUFFERS
 from odst.replicator.transport import HttpChunkSource, http_session, run_target
 from odst.store.files import tag
 from odst.store.hashing import CHUNK_SIZE, manifest_of
@@ -43,6 +44,21 @@ def pull(want: Want, sources, tmp_path, **kw) -> tuple[bytes, list]:
             p = Puller(want, made, tmp_path, on_bad_source=lambda site, reason, index: bad.append((site, index)),
                        **kw)
             return (await p.run()).read_bytes()
+    return asyncio.run(run()), bad
+
+
+def pull_together(wants: list[Want], sources, tmp_path, **kw) -> tuple[list[bytes], list]:
+    """Several pulls at once in one process (sharing its run client and chunk buffers)."""
+    bad: list = []
+
+    async def run():
+        async with http_session() as http:
+            made = [(HttpChunkSource(sid, url, key, http), cost) for sid, url, key, cost in sources]
+            pullers = [Puller(w, made, tmp_path / str(i), on_bad_source=lambda site, reason, index: bad.append(
+                (site, index)), **kw) for i, w in enumerate(wants)]
+            for i in range(len(wants)):
+                (tmp_path / str(i)).mkdir(parents=True)
+            return [p.read_bytes() for p in await asyncio.gather(*(p.run() for p in pullers))]
     return asyncio.run(run()), bad
 
 
@@ -73,6 +89,36 @@ def test_a_corrupt_chunk_in_the_middle_of_a_run_is_refetched_and_the_rest_kept(p
     assert bad == [(a_id, 3)]
     assert state(a)["chunks_served"][b_id] - served_a == 8  # one run of all eight, bad chunk 3 included
     assert state(b)["chunks_served"][a_id] - served_b == 1  # only chunk 3 again, from the other source
+
+
+def test_reused_chunk_buffers_never_mix_pulls_and_a_corrupt_chunk_is_still_refused(pair_holding, tmp_path):
+    """Chunk buffers go back to the process's pool once written and hashed, and the next chunks
+    (of this pull, of the next, of one running beside it) are read into them: every pull must
+    still come out exact, a corrupt chunk in the middle of a run still refused."""
+    a, b, a_id, b_id, data = pair_holding
+    other = write_random(tmp_path / "other.pkg", 12 * CHUNK_SIZE + 5, seed=26).read_bytes()
+    upload(a, "other.pkg", tmp_path / "other.pkg")
+    wait_until(lambda: available_at(b, "other.pkg", b_id), 60, what="other.pkg at B")
+    with open(a.data / "store" / "packages" / name_key("runs.pkg"), "r+b") as f:  # bit rot at A, chunk 5
+        f.seek(5 * CHUNK_SIZE + 7)
+        f.write(bytes([data[5 * CHUNK_SIZE + 7] ^ 0x80]))
+    a_key, b_key = SiteKey.load_or_create(a.data / "site.key"), SiteKey.load_or_create(b.data / "site.key")
+    sources = [(a_id, a.url, b_key, 0.0), (b_id, b.url, a_key, 50.0)]
+    runs, more = want_of(data, "runs.pkg"), want_of(other, "other.pkg")
+    BUFFERS.hold()  # as a site's other pulls would: the pool outlives each pull
+    try:
+        (first,), bad1 = pull_together([runs], sources, tmp_path / "one", streams=1)
+        assert BUFFERS.free() > 0  # every buffer of the first pull came back
+        reused = BUFFERS.reused
+        together, bad2 = pull_together([more, runs], sources, tmp_path / "two", streams=2)
+        assert BUFFERS.reused > reused  # the second round read into the first one's buffers
+    finally:
+        BUFFERS.release()
+    assert BUFFERS.free() == 0  # no pull running: no chunk memory kept
+    assert hashlib.sha256(first).digest() == hashlib.sha256(data).digest()
+    assert hashlib.sha256(together[0]).digest() == hashlib.sha256(other).digest()
+    assert hashlib.sha256(together[1]).digest() == hashlib.sha256(data).digest()
+    assert bad1 == [(a_id, 5)] and bad2 == [(a_id, 5)]  # refused each time, fetched from B instead
 
 
 def test_a_run_cut_short_by_the_senders_limit_resumes_without_fetching_a_chunk_twice(pair_holding, tmp_path):

@@ -14,7 +14,7 @@ import nacl.signing
 import pytest
 
 from odst.events.signing import SiteKey
-from odst.replicator.runclient import RunClient
+from odst.replicator.runclient import BufferPool, ChunkBuffer, RunClient
 from odst.replicator.transport import (ChunkUnavailable, HttpChunkSource, RunsUnsupported, SourceThrottled,
                                        TransportFailed, http_session)
 
@@ -257,3 +257,58 @@ def test_an_answer_that_ends_with_a_close_is_whole_and_its_connection_not_kept()
             return first, await take(src, [1000] * 3), server.connections
     first, second, connections = run(go())
     assert first == (small, None) and second == (small, None) and connections == 2
+
+
+def test_the_buffer_pool_hands_a_buffer_out_again_only_once_it_is_given_back_while_pulls_run():
+    pool = BufferPool(size=CHUNK, keep=2)
+    pool.hold()
+    a, b = pool.take(CHUNK), pool.take(CHUNK)
+    assert type(a) is ChunkBuffer and len(a) == CHUNK and a is not b
+    short = pool.take(CHUNK - 1)  # a short last chunk is never pooled
+    assert type(short) is bytearray and len(short) == CHUNK - 1
+    pool.give(short)
+    pool.give(bytearray(CHUNK))  # not the pool's: never handed out by it
+    pool.give(bytes(CHUNK))
+    assert pool.free() == 0
+    pool.give(a)
+    pool.give(a)  # given twice by mistake: still handed out once
+    assert pool.free() == 1
+    assert pool.take(CHUNK) is a and pool.reused == 1
+    assert pool.take(CHUNK) is not b  # b is still out: a new one
+    pool.give(a), pool.give(b), pool.give(ChunkBuffer(CHUNK))
+    assert pool.free() == 2  # keep bounds what stays
+    pool.release()  # the last pull ended: nothing kept
+    assert pool.free() == 0
+    pool.give(a)  # and nothing is kept while no pull runs
+    assert pool.free() == 0
+
+
+def test_a_reused_buffer_holds_exactly_the_next_runs_bytes():
+    """Buffers of one run given back are the buffers of the next: every byte of them is
+    overwritten by the new chunks (nothing of the old run shows through), over a real socket."""
+    one, two = chunks(3, 1), chunks(3, 40)
+    pool = BufferPool(size=CHUNK)
+
+    async def go():
+        client = RunClient(buffers=pool)
+        pool.hold()
+        try:
+            async with Scripted([ok(b"".join(one)), ok(b"".join(two))]) as server:
+                url = server.url()
+                first: list = []
+                async for part in client.get_run(url + "/r/0-2", "/r/0-2", {}, [CHUNK] * 3):
+                    first.append(part)
+                kept = [bytes(b) for b in first[1:]]
+                for buf in first[1:]:
+                    pool.give(buf)
+                second: list = []
+                async for part in client.get_run(url + "/r/3-5", "/r/3-5", {}, [CHUNK] * 3):
+                    second.append(part)
+                return first, kept, second
+        finally:
+            pool.release()
+            client.close()
+    first, kept, second = run(go())
+    assert kept == one
+    assert second[0].status == 200 and [bytes(b) for b in second[1:]] == two
+    assert pool.reused >= 2 and any(b is c for b in first[1:] for c in second[1:])
