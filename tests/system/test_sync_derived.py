@@ -107,8 +107,9 @@ def test_a_work_queue_and_lease_bucket_kept_in_files_are_recreated_in_memory_at_
                                str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ports = tmp_path / f"nats-server_{server.pid}.ports"
-        wait_until(ports.exists, 20, interval=0.05, what="the bare broker to start")
-        url = json.loads(ports.read_text())["nats"][0]
+        # the ports file is created, then written: wait until it holds the whole answer
+        url = wait_until(lambda: json.loads(ports.read_text())["nats"][0], 20, interval=0.05,
+                         what="the bare broker to start")
 
         async def as_before():
             nc = await site_nats(a.data, url=url)
