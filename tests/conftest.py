@@ -172,19 +172,6 @@ SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_packaging.py", "te
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup`` (``./run test``), the tests of a module that share a
-    module-scoped fixture (a built image, a wheel, a browser, a site) go to one worker, so the
-    fixture is made once, not once per worker; and the slow modules come first.
-
-    The group is named here, not by an ``xdist_group`` mark: xdist 3.8 names it by setting
-    ``item._nodeid``, which pytest 9.2 no longer reads (the id is ``item._id``), so a mark
-    would quietly leave ``loadgroup`` acting as ``load``."""
-    from _pytest.nodeid import coerce_node_id
+    """The slow modules first: under xdist the two workers share them from the start instead
+    of one of them ending the run alone on a long test."""
     items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: otherwise as collected
-    if not config.getvalue("loadgroup"):
-        return
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if "@" not in item.nodeid and info and any(
-                defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
-            item._id = coerce_node_id(f"{item.nodeid}@{item.module.__name__}")
