@@ -211,6 +211,18 @@ class HttpChunkSource:
         async for pieces in self._fetch_run_aiohttp(blake3, first, lengths):
             yield pieces
 
+    def _refusal(self, answer, body, what: str, *, unsupported: bool) -> Exception:
+        """The error for a run's or batch's answer other than 200 (``body``: its first bytes);
+        ``unsupported``: a 404 says the peer serves no such requests (ask one by one)."""
+        detail = bytes(body[:200]).decode("utf-8", "replace")
+        if answer.status == 503 and "retry-after" in answer.headers:
+            return SourceThrottled(f"{self.site} over HTTP: {detail}", _retry_after(answer.headers["retry-after"]))
+        if answer.status == 404 and unsupported:
+            return RunsUnsupported(f"{self.site} over HTTP: {what} answered 404 {detail}")
+        if answer.status in (403, 404):
+            return ChunkUnavailable(f"{self.site} over HTTP: {answer.status} {detail}")
+        return TransportFailed(f"{self.site} over HTTP: {answer.status} {detail}")
+
     async def _fetch_run_direct(self, runs: RunClient, blake3: str, first: int,
                                 lengths: list[int]) -> AsyncIterator[list[bytearray]]:
         """The run by the run client (``runclient``): each chunk read from the socket into its
@@ -222,15 +234,7 @@ class HttpChunkSource:
             answer = await anext(stream)
             if answer.status != 200:
                 body = await anext(stream, b"")
-                detail = bytes(body[:200]).decode("utf-8", "replace")
-                if answer.status == 503 and "retry-after" in answer.headers:
-                    raise SourceThrottled(f"{self.site} over HTTP: {detail}",
-                                          _retry_after(answer.headers["retry-after"]))
-                if answer.status == 404 and len(lengths) > 1:
-                    raise RunsUnsupported(f"{self.site} over HTTP: run answered 404 {detail}")
-                if answer.status in (403, 404):
-                    raise ChunkUnavailable(f"{self.site} over HTTP: {answer.status} {detail}")
-                raise TransportFailed(f"{self.site} over HTTP: {answer.status} {detail}")
+                raise self._refusal(answer, body, "run", unsupported=len(lengths) > 1)
             async for buf in stream:
                 given += 1
                 yield [buf]
@@ -259,15 +263,8 @@ class HttpChunkSource:
             answer = await anext(stream)
             if answer.status != 200:
                 body = await anext(stream, b"")
-                detail = bytes(body[:200]).decode("utf-8", "replace")
-                if answer.status == 503 and "retry-after" in answer.headers:
-                    raise SourceThrottled(f"{self.site} over HTTP: {detail}",
-                                          _retry_after(answer.headers["retry-after"]))
-                if answer.status == 404 and _error_of(body) != BATCH_REFUSED:  # an older peer
-                    raise RunsUnsupported(f"{self.site} over HTTP: batch answered 404 {detail}")
-                if answer.status in (403, 404):
-                    raise ChunkUnavailable(f"{self.site} over HTTP: {answer.status} {detail}")
-                raise TransportFailed(f"{self.site} over HTTP: {answer.status} {detail}")
+                # a 404 naming this batch only: pull its contents one by one; any other: an older peer
+                raise self._refusal(answer, body, "batch", unsupported=_error_of(body) != BATCH_REFUSED)
             async for buf in stream:
                 given += 1
                 yield buf
@@ -602,13 +599,9 @@ class ChunkServer(NatsService):
         zerocopy = ZEROCOPY in extensions
         answer = await self.serve_batch("GET", sent_path(scope), headers, read=not zerocopy)
         if answer.status != 200:
-            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
-            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
-            return await _http_reply(send, answer.status, body, b"application/json", extra)
+            return await _http_refusal(send, answer)
         try:
-            start = {"type": "http.response.start", "status": 200,
-                     "headers": [(b"content-type", b"application/octet-stream"),
-                                 (b"content-length", str(answer.length).encode())]}
+            start = _octets_start(answer.length)
             await send({**start, ZEROCOPY: True} if zerocopy else start)
             async for item in answer.items:
                 if zerocopy:
@@ -652,13 +645,9 @@ class ChunkServer(NatsService):
         zerocopy = ZEROCOPY in extensions
         answer = await self.serve("GET", sent_path(scope), headers, runs=True, read=not zerocopy)  # the path as signed
         if answer.status != 200:
-            extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
-            body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
-            return await _http_reply(send, answer.status, body, b"application/json", extra)
+            return await _http_refusal(send, answer)
         try:
-            start = {"type": "http.response.start", "status": 200,
-                     "headers": [(b"content-type", b"application/octet-stream"),
-                                 (b"content-length", str(answer.length).encode())]}
+            start = _octets_start(answer.length)
             if zerocopy:
                 await send({**start, ZEROCOPY: True})  # the head leaves with the first chunk
                 await _send_span(send, answer.fd, *answer.first)
@@ -700,6 +689,18 @@ class ChunkServer(NatsService):
 
 async def _send_span(send, fd: int, offset: int, length: int) -> None:
     await send({"type": ZEROCOPY, "file": fd, "offset": offset, "count": length, "more_body": True})
+
+
+async def _http_refusal(send, answer) -> None:
+    """A chunk, run or batch answer other than 200, as JSON (a 503 says when to ask again)."""
+    extra = [(b"retry-after", f"{max(1, round(answer.retry_after))}".encode())] if answer.status == 503 else []
+    body = json.dumps({"error": answer.error, "detail": answer.detail}).encode()
+    await _http_reply(send, answer.status, body, b"application/json", extra)
+
+
+def _octets_start(length: int) -> dict:
+    return {"type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"application/octet-stream"), (b"content-length", str(length).encode())]}
 
 
 async def _http_reply(send, status: int, body: bytes, ctype: bytes = b"application/octet-stream",

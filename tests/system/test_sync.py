@@ -17,6 +17,18 @@ import pytest
 from tests.conftest import free_port, wait_until
 from tests.system.test_replication import available_at, register, site_id
 
+
+def upload_many(site, bodies: dict[str, bytes]) -> None:
+    """Upload every (name, body), eight at a time, each answered 201."""
+    def one(item) -> None:
+        name, body = item
+        with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {site.token}"}, timeout=120) as c:
+            r = c.put(f"/api/v1/packages/{name}", content=body)
+            assert r.status_code == 201, r.text
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, bodies.items()))
+
 pytestmark = pytest.mark.timeout(300)
 
 FULL_RESCAN = "full rescan of the catalogue"
@@ -91,14 +103,7 @@ def test_a_new_site_catches_up_with_a_few_hundred_small_packages(make_site):
     a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
     bodies = {f"Small {i:03d}.pkg": hashlib.sha512(str(i).encode()).digest() * (40 + i % 90) for i in range(n)}
 
-    def one(item) -> None:
-        name, body = item
-        with httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {a.token}"}, timeout=120) as c:
-            r = c.put(f"/api/v1/packages/{name}", content=body)
-            assert r.status_code == 201, r.text
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, bodies.items()))
+    upload_many(a, bodies)
     b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
     register(a, b)
     b_id = site_id(b)

@@ -12,9 +12,7 @@ import json
 import os
 import signal
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import nats.js.errors
 import pytest
 from nats.js import api
@@ -22,22 +20,13 @@ from nats.js import api
 from odst.bus.embedded import nats_server_binary
 from tests.conftest import free_port, site_nats, wait_until
 from tests.system.test_replication import register, site_id
+from tests.system.test_sync import upload_many
 
 pytestmark = pytest.mark.timeout(300)
 
 LOST = "the work queue was lost"
 RECREATED = "recreating derived state in memory"
 
-
-def upload_many(site, bodies: dict[str, bytes]) -> None:
-    def one(item) -> None:
-        name, body = item
-        with httpx.Client(base_url=site.url, headers={"Authorization": f"Bearer {site.token}"}, timeout=120) as c:
-            r = c.put(f"/api/v1/packages/{name}", content=body)
-            assert r.status_code == 201, r.text
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(one, bodies.items()))
 
 
 def held_at(site, sid: str) -> int:
