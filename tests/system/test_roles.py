@@ -150,6 +150,11 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
         assert joined.status_code == 201, joined.text
         wait_until(lambda: leafs() == 1, 30, what="the registered peer's leaf link, after a reload")
         assert nats_proc.poll() is None  # the same nats-server: reloaded, not restarted
+        # a pull slow enough to be caught in the middle (unthrottled, 80 MiB takes under a second;
+        # loopback is a local network, exempt unless the link says otherwise)
+        peer_id = pc.get("/api/v1/site").json()["site"]
+        r = httpx.put(f"{u1}/api/v1/bandwidth/links/{peer_id}", json={"receive": "16MB", "local": "no"}, headers=HEADERS)
+        assert r.status_code == 200, r.text
         src = write_random(tmp_path / "big.pkg", 80 * (1 << 20), seed=11)
         with open(src, "rb") as f:
             assert pc.put("/api/v1/packages/big.pkg", content=f).status_code == 201
