@@ -284,7 +284,11 @@ class Site:
                 await self.nc.flush(timeout=2)
             except Exception:
                 pass
-            await self.nc.close()
+            try:
+                async with asyncio.timeout(5):  # with the broker gone, close must not wait on it
+                    await self.nc.close()
+            except TimeoutError:
+                log.warning("the broker connection did not close in 5 s; left behind")
         if self.broker:
             await asyncio.get_running_loop().run_in_executor(None, self.broker.stop)
         if self.lock.fd is not None:

@@ -35,6 +35,7 @@ from nats.js import api
 
 import structlog
 
+from odst import tasks
 from odst.config import Settings
 from odst.bus.streams import ensure_key_value, ensure_stream, find_stream
 from odst.events import catalogue as ev
@@ -234,10 +235,7 @@ class Replicator:
             pass  # the broker unreachable for now: looked at again next time
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._loop_task, *self._workers, *self.tasks.values(), *self._reporting] if t]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await tasks.cancel(self._loop_task, *self._workers, *self.tasks.values(), *self._reporting)
         if self.http is not None:
             await self.http.close()
 
