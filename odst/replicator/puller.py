@@ -335,10 +335,11 @@ class Puller:
             async for pieces in stream:
                 index = run[len(got)]
                 got.append(index)
-                future = self._write(fd, index, pieces)
-                if pending is not None:
-                    await self._settle(state, *pending)
-                pending = (index, pieces, future)
+                # the newest write is pending before the one before it is settled: if that one
+                # failed (the disk is full), this one is still settled below, its failure read
+                previous, pending = pending, (index, pieces, self._write(fd, index, pieces))
+                if previous is not None:
+                    await self._settle(state, *previous)
         finally:
             await stream.aclose()
             if pending is not None:

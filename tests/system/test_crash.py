@@ -6,6 +6,7 @@ on 127.0.0.1 and synchronises only by polling with a deadline.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -325,3 +326,41 @@ def test_disk_full(small_store, make_site):  # this order: the site stops before
         assert r.json()["sha1"] == hashlib.sha1(small).hexdigest()
         assert sorted(os.listdir(small_store / "packages")) == ["small.pkg", "streamed.pkg"]
     assert download_sha1(site.url, "small.pkg") == hashlib.sha1(small).hexdigest()
+
+
+def test_a_pull_that_fills_the_disk_fails_whole_and_reports_every_write(small_store):
+    """A pull into a store that runs out of space mid-way (several chunk writes in flight on the
+    writer thread): it fails with the disk's error, and no write's failure goes unread (asyncio's
+    "exception was never retrieved" is a failure nobody handled)."""
+    import asyncio
+    import gc
+    import random
+
+    from odst.replicator.puller import Puller, Want
+    from odst.store.hashing import manifest_of
+    from tests.sources import MemorySource
+
+    data = random.Random(3).randbytes(12 * MiB)  # the tmpfs holds 8 MiB
+    want = Want.of(manifest_of([data], MiB), name="big.pkg", stage="prod", origin="sa",
+                   uploaded_ts=1, uploaded_by="t")
+    unhandled = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        puller = Puller(want, [(MemorySource("sa", data, MiB), 0.0)], small_store, streams=4,
+                        on_bad_source=lambda *a: None)
+        try:
+            await puller.run()
+        except OSError as exc:
+            failure = (exc.errno, str(exc))  # kept without its traceback, which holds the frames
+        else:
+            failure = None
+        del puller
+        gc.collect()  # an unread failed future reports itself when it is collected
+        await asyncio.sleep(0)
+        return failure
+
+    failure = asyncio.run(main())
+    gc.collect()
+    assert failure is not None and failure[0] == errno.ENOSPC, failure
+    assert unhandled == [], [c.get("message") for c in unhandled]
