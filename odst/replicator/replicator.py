@@ -877,6 +877,9 @@ class Replicator:
             if not sites:
                 progress.status, progress.detail = "pending", "waiting for a site that holds it"
                 return None
+            if (short := self._short_of_space(want)) is not None:
+                await self._failed(key, want, progress, short)
+                return None
             progress.status, progress.detail = "downloading", ""
             progress.started = time.monotonic()
             progress.bytes = 0
@@ -891,6 +894,25 @@ class Replicator:
         except OSError as exc:
             await self._failed(key, want, progress, f"store error: {exc.strerror or exc}")
         return None
+
+    def _short_of_space(self, want: Want) -> str | None:
+        """Why a pull is not started now: it would not fit in the store beside its reserve (as
+        an upload would be refused). It would fill the disk and fail, and its partial file would
+        hold space the packages that do fit need; so that file goes too. Tried again with the
+        failure's backoff: space may be freed. None: it fits (what its temp file holds counts)."""
+        path = temp_path(self.store.tmp, want.blake3)
+        try:
+            held = os.stat(path).st_blocks * 512
+        except FileNotFoundError:
+            held = 0
+        free = self.store.free_bytes()
+        if max(0, want.size - held) + self.store.reserve_bytes() <= free:
+            return None
+        if held:
+            path.unlink(missing_ok=True)
+        log.warning("not enough free space in the store for a pull", package=want.name, size=want.size,
+                    free=free, reserve=self.store.reserve_bytes())
+        return f"not enough free space in the store for {want.size} bytes"  # the same each time: one event
 
     def _done(self, want: Want, progress: Progress) -> None:
         key = (want.name, want.blake3)

@@ -364,3 +364,40 @@ def test_a_pull_that_fills_the_disk_fails_whole_and_reports_every_write(small_st
     gc.collect()
     assert failure is not None and failure[0] == errno.ENOSPC, failure
     assert unhandled == [], [c.get("message") for c in unhandled]
+
+
+def test_a_package_too_big_for_the_receiving_store_is_not_pulled_and_the_others_are(small_store, make_site):
+    """B's store (8 MiB) cannot hold a 12 MiB package A holds: B does not start it (it would
+    fill the disk and its partial file would starve the rest), says why once in its log of
+    events and in its transfers, tries again later, and still pulls what fits."""
+    from tests.system.test_replication import register, site_id, state
+
+    leaf = free_port()
+    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}"]).start()
+    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}"],
+                  env={"ODST_STORE": str(small_store)}).start()
+    register(a, b)
+    b_id = site_id(b)
+    big, small = os.urandom(12 * MiB), os.urandom(300_000)
+    with a.client() as c:
+        assert upload(c, "big.pkg", big).status_code == 201
+        assert upload(c, "small.pkg", small).status_code == 201
+
+    def big_transfer():
+        return next((t for t in state(b)["transfers"] if t["name"] == "big.pkg"), None)
+
+    wait_until(lambda: (big_transfer() or {}).get("status") == "failed", 60, what="B to give up on big.pkg for now")
+    assert "not enough free space" in big_transfer()["detail"], big_transfer()
+    with b.client() as c:
+        wait_until(lambda: c.get("/api/v1/packages/small.pkg").json()["availability"].get(b_id, {}).get("status")
+                   == "available", 60, what="small.pkg at B")
+    assert download_sha1(b.url, "small.pkg") == hashlib.sha1(small).hexdigest()
+    log = b.log_path
+    wait_until(lambda: log.read_text().count("not enough free space in the store for a pull") >= 2, 30,
+               what="B to look at big.pkg again")
+    with b.client() as c:
+        failures = [e for e in all_events(c) if e["type"] == "PackageTransferFailed"
+                    and e["envelope"]["event"]["name"] == "big.pkg"]
+    assert len(failures) == 1 and "not enough free space" in failures[0]["envelope"]["event"]["reason"], failures
+    assert not [p for p in os.listdir(small_store / "tmp") if p.endswith(".repl")]
+    assert "never retrieved" not in log.read_text()
