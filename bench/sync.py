@@ -119,20 +119,23 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
 
-def profile(sites: list, folder: Path) -> list[subprocess.Popen]:
-    """``py-spy record`` of each site's python process until stopped (SIGINT), collapsed stacks (flamegraph.pl input) each."""
+def profile(sites: list, folder: Path, gil: bool = False) -> list[subprocess.Popen]:
+    """``py-spy record`` of each site's python process until stopped (SIGINT), collapsed stacks
+    (flamegraph.pl input) each. ``gil``: only the thread holding the GIL is sampled (Python's
+    CPU, less time blocked in fsync or SQLite's I/O, which the default samples count too)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     folder.mkdir(parents=True, exist_ok=True)
     return [subprocess.Popen([spy, "record", "-p", str(s.proc.pid), "-r", "200", "--nonblocking",
+                              *(["--gil"] if gil else []),
                               "-f", "raw", "-o", str(folder / f"{s.name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in sites]
 
 
-def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None) -> dict:
+def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: bool = False) -> dict:
     branch = net.add("branch", dial=["hq"], env={"ODST_LOG_LEVEL": "warning"})
     net.start(branch, timeout=120)
     db = read_model_path(branch.data)
-    spies = profile([hq, branch], profile_dir) if profile_dir else []
+    spies = profile([hq, branch], profile_dir, gil) if profile_dir else []
     cpu0, hq0 = site_cpu(branch), site_cpu(hq)
     t0 = time.monotonic()
     net.register("hq", branch)
@@ -182,7 +185,8 @@ def run_one(n: int, args, work: Path) -> dict:
             if result["rsync"]["files"] != n:
                 raise RuntimeError(f"rsync pulled {result['rsync']['files']} files, not {n}")
         with net.step("a new site catches up"):
-            result["odst"] = catch_up(net, hq, n, Path(args.profile) / str(n) if args.profile else None)
+            result["odst"] = catch_up(net, hq, n, Path(args.profile) / str(n) if args.profile else None,
+                                      args.profile_gil)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -210,6 +214,8 @@ def main() -> int:
     ap.add_argument("--rsync-repeats", type=int, default=3)
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="py-spy record hq's and branch's python during each catch-up into DIR/<N>/<site>.txt (collapsed stacks)")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: sample only the thread holding the GIL (Python's CPU, not I/O waits)")
     ap.add_argument("--keep", action="store_true", help="keep the sites' data directories")
     ap.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     args = ap.parse_args()

@@ -405,10 +405,30 @@ class _PullReader:
         self.credit = 0  # messages the open pull request may still deliver (0: none open)
         self.batch = PULL_BATCH
         self._largest = 0  # of the current batch: sizes the next one
+        # what the subscription delivered, in order: taken without a wait when it holds some
+        # (``next_msg`` made a task, a uuid and a ``wait_for`` per message: a tenth of the
+        # projector's time in a catch-up)
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    async def _deliver(self, msg) -> None:
+        self._queue.put_nowait(msg)
+
+    async def _next_msg(self, timeout: float):
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if self.nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            if self.nc.is_closed:
+                raise nats.errors.ConnectionClosedError from None
+            raise nats.errors.TimeoutError from None
 
     async def open(self) -> None:
         # No client-side limit: this reader holds at most one batch it asked for.
-        self.sub = await self.nc.subscribe(self.nc.new_inbox(), pending_msgs_limit=0, pending_bytes_limit=0)
+        self.sub = await self.nc.subscribe(self.nc.new_inbox(), cb=self._deliver,
+                                           pending_msgs_limit=0, pending_bytes_limit=0)
         info = await self.js.add_consumer(self.stream, api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start,
             ack_policy=api.AckPolicy.NONE, filter_subject=ALL_EVENTS_FILTER,
@@ -447,7 +467,7 @@ class _PullReader:
                 if wait <= 0:
                     raise nats.errors.TimeoutError
             try:
-                msg = await self.sub.next_msg(timeout=wait)
+                msg = await self._next_msg(wait)
             except nats.errors.TimeoutError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise

@@ -62,6 +62,10 @@ class ReadModelWriter:
     def __init__(self, conn: sqlite3.Connection, trusted: dict[str, bytes]):
         self.conn = conn
         self.trusted = dict(trusted)
+        # peers' keys found in the directory, by site: a site id is the hash of its key, so the
+        # key found for one never changes (a removed peer is refused by ``removals``, checked
+        # per event); only a fold that fails and rolls back forgets them
+        self._keys: dict[str, bytes] = {}
 
     def checkpoint(self, stream: str) -> int:
         row = self.conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
@@ -78,6 +82,7 @@ class ReadModelWriter:
             c.execute("COMMIT")
             return outcome
         except BaseException:
+            self._keys.clear()
             c.execute("ROLLBACK")
             raise
 
@@ -93,8 +98,11 @@ class ReadModelWriter:
         outcomes: list[Outcome] = []
         c.execute("BEGIN IMMEDIATE")
         try:
+            done: dict[str, int] = {}  # stream -> its checkpoint in this transaction (read once)
             for msg in msgs:
-                if msg.seq <= self.checkpoint(msg.stream):
+                if msg.stream not in done:
+                    done[msg.stream] = self.checkpoint(msg.stream)
+                if msg.seq <= done[msg.stream]:
                     outcomes.append(Outcome(False, "already applied"))
                     continue
                 c.execute("SAVEPOINT fold_one")
@@ -106,12 +114,14 @@ class ReadModelWriter:
                     c.execute("COMMIT")  # those before it stand, as one by one they would
                     raise
                 c.execute("RELEASE fold_one")
+                done[msg.stream] = msg.seq
                 outcomes.append(outcome)
                 if stop is not None and stop(outcome):
                     break
             c.execute("COMMIT")
             return outcomes
         except BaseException:
+            self._keys.clear()  # a key found in a directory row rolled back is not kept
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise
@@ -137,7 +147,12 @@ class ReadModelWriter:
         return outcome
 
     def key_for(self, origin: str) -> bytes | None:
-        return trusted_key(self.conn, self.trusted, origin)
+        key = self._keys.get(origin)
+        if key is None:
+            key = trusted_key(self.conn, self.trusted, origin)
+            if key is not None:
+                self._keys[origin] = key
+        return key
 
     def _bound_quarantine(self, stream: str) -> None:
         """Drop the stream's oldest junk while its quarantine is over a bound (violations stay)."""

@@ -516,8 +516,7 @@ class Replicator:
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
         the pulls run side by side, and the PackageAvailable events appended together."""
-        results = await asyncio.gather(*(self._leases.create(r["blake3"], self.owner.encode()) for r in rows),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._take_lease(r["blake3"]) for r in rows), return_exceptions=True)
         leased: dict[str, int] = {}
         mine = []
         for row, rev in zip(rows, results):
@@ -536,16 +535,22 @@ class Replicator:
         if not mine:
             return
         heartbeat = asyncio.create_task(self._renew_leases(leased))
+        published: set[str] = set()
         try:
             peers = self._peers()  # once for the batch
             fetched, rest = await self._fetch_batches(mine, peers)
             fetched += [f for f in await asyncio.gather(*(self._fetch(row, peers) for row in rest)) if f is not None]
             if fetched:
-                await self._publish_many(fetched)
+                published = await self._publish_many(fetched)
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
-            await asyncio.gather(*(self._leases.delete(b) for b in leased), return_exceptions=True)
+            # A content published here keeps its lease until the lease expires (lease_s): it is
+            # held and folded here, so no worker of this site wants it now, and a delete per
+            # content was a third of a small pull's round trips to the broker. Those not
+            # published are released at once, for their retry.
+            await asyncio.gather(*(self._leases.delete(b) for b in leased if b not in published),
+                                 return_exceptions=True)
             for row in mine:
                 self._finished((row["name"], row["blake3"]))
             self.kick()
@@ -669,6 +674,21 @@ class Replicator:
                     error=exc.strerror or str(exc))
         path.unlink(missing_ok=True)
 
+    async def _take_lease(self, blake3: str) -> int:
+        """Create the content's lease; its revision. One this process left on a content it
+        published (``_pull_small`` lets those expire) is its own, taken again at once; one
+        another worker holds raises KeyWrongLastSequenceError."""
+        try:
+            return await self._leases.create(blake3, self.owner.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            try:
+                entry = await self._leases.get(blake3)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):  # gone meanwhile
+                return await self._leases.create(blake3, self.owner.encode())
+            if entry.value != self.owner.encode():
+                raise
+            return await self._leases.update(blake3, self.owner.encode(), last=entry.revision)
+
     async def _renew_leases(self, leased: dict[str, int]) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
@@ -685,7 +705,7 @@ class Replicator:
         """Pull under the content's lease (``msg``: the work item to keep in progress, if any)."""
         key, blake3 = (row["name"], row["blake3"]), row["blake3"]
         try:
-            revision = await self._leases.create(blake3, self.owner.encode())
+            revision = await self._take_lease(blake3)
         except nats.js.errors.KeyWrongLastSequenceError:
             if self.tasks.get(key) is asyncio.current_task():
                 del self.tasks[key]
@@ -967,11 +987,13 @@ class Replicator:
         log.info("package available", package=want.name, size=want.size)
         return True
 
-    async def _publish_many(self, fetched: list[tuple[Want, Progress, object]]) -> None:
+    async def _publish_many(self, fetched: list[tuple[Want, Progress, object]]) -> set[str]:
         """Put several pulled files in place, then record their PackageAvailable events in one
         round trip (``append_many``; one by one without it). Each file is in place (and
-        fsynced) before its event is appended, as in ``_publish``."""
+        fsynced) before its event is appended, as in ``_publish``. Returns the blake3s of the
+        contents whose events were appended and folded."""
         placed = []
+        published: set[str] = set()
         current = views.current_contents(self.reader, [want.name for want, _, _ in fetched])
         ready = [(want, progress, path) for want, progress, path in fetched
                  if self._still_current(want, path, current)]
@@ -1005,7 +1027,7 @@ class Replicator:
                 else:
                     placed.append((want, progress))
             if not placed:
-                return
+                return published
             events = [self._available_event(want) for want, _ in placed]
             if self.append_many is not None:
                 results = await self.append_many(events, actor="replicator")
@@ -1024,7 +1046,9 @@ class Replicator:
                                    f"could not record availability: {result}")
             else:
                 self._done(want, progress)
+                published.add(want.blake3)
                 log.info("package available", package=want.name, size=want.size)
+        return published
 
     async def _failed(self, key, want: Want, progress: Progress, reason: str) -> None:
         progress.status, progress.detail = "failed", reason
