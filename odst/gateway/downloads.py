@@ -18,7 +18,12 @@ nginx):
   last response reading it ends;
 * the headers of a file are built once per opened file and answer;
 * the body goes by ``sendfile`` when the server offers the ASGI zero-copy extension
-  (``gateway.protocol`` does), else by ``pread`` in 1 MiB blocks.
+  (``gateway.protocol`` does), else by ``pread`` in 1 MiB blocks;
+* the plain case (a GET of a servable package, whole or one range, no conditional headers,
+  no Mac download caps set, no nginx in front) is decided without the ASGI cycle:
+  ``gateway.protocol`` asks ``quick`` from the parser's callback and sends the head and the
+  file itself, without a task per request (``protocol._Quick``). Whatever ``quick`` declines
+  (None) takes the ASGI path below, which answers every case.
 """
 
 from __future__ import annotations
@@ -194,6 +199,7 @@ class Downloads:
                 await downloads(scope, receive, send)
             else:
                 await app(scope, receive, send)
+        front.quick = self.quick  # what gateway.protocol looks for (see quick)
         return front
 
     # -- the read model, cached until it changes ---------------------------------------------
@@ -293,6 +299,74 @@ class Downloads:
 
     # -- the request -------------------------------------------------------------------------
 
+    def quick(self, scope) -> "Quick | None":
+        """The plain GET decided at once, for the server to send without the ASGI cycle
+        (``gateway.protocol``): what to send, or None when the request takes the ASGI path
+        (``serve``), which answers every case. Only a 200 or 206 with a body, no conditional
+        request headers, download auth passed, no ``X-ODST-Accel-Redirect``, and no download
+        cap set (``egress``: a cap may refuse or pace, which the ASGI wrapper does). The file's
+        ``users`` count is taken for the caller, who calls ``Quick.done`` at the end."""
+        gate = self.site.download_gate
+        if scope["method"] != "GET" or not self.serves(scope["path"]):
+            return None
+        if gate is not None:
+            caps = gate.caps()
+            if caps.egress_bps or caps.max_concurrent or caps.per_client:
+                return None
+        try:
+            path = request_path(scope)
+        except PackageNameInvalid:
+            return None
+        name = None
+        for start in self._starts:
+            if path.startswith(start):
+                name = path[len(start):]
+                break
+        if name is None:
+            return None
+        answer = self._answer(name)
+        if answer.status != 200:
+            return None
+        headers = dict(scope["headers"])
+        if (b"if-none-match" in headers or b"if-modified-since" in headers
+                or b"x-odst-accel-redirect" in headers):
+            return None
+        if self.site.settings.download_auth != "none" and not _authorised(self.site.settings, headers):
+            return None
+        file = self._open(answer.path)
+        if file is None:
+            return None
+        file.users += 1
+        file.used = time.monotonic()
+        try:
+            label = self._label(name, file, answer.row)
+            status, start, length, head = self._body(file, label, headers)
+        except Unsatisfiable:
+            file.release()
+            return None
+        except BaseException:
+            file.release()
+            raise
+        if length == 0:
+            file.release()
+            return None
+        self.site.stats.downloads[status] += 1
+        return Quick(self, file, status, head, start, length, gate)
+
+    def _body(self, file: _File, label: _Label, headers: dict[bytes, bytes]):
+        """(status, start, length, head) of a GET or HEAD past the conditional checks: the
+        whole file, or the one range asked (Unsatisfiable: a 416)."""
+        size = file.size
+        if b"range" in headers:
+            v = headers.get(b"if-range")
+            if if_range_allows(v.decode("latin-1") if v is not None else None, label.etag, label.modified_s):
+                rng = parse_range(headers[b"range"].decode("latin-1"), size)
+                if rng is not None:
+                    return 206, rng.start, rng.length, [
+                        *label.common, (b"content-length", str(rng.length).encode("latin-1")),
+                        (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
+        return 200, 0, size, label.full
+
     async def serve(self, scope, receive, send) -> None:
         stats = self.site.stats
         method = scope["method"]
@@ -361,21 +435,15 @@ class Downloads:
             await send({"type": "http.response.start", "status": 304, "headers": label.common[:3]})
             await send({"type": "http.response.body", "body": b""})
             return
-        status, start, length, head = 200, 0, size, label.full
-        if b"range" in headers and if_range_allows(h(b"if-range"), etag, modified_s):
-            try:
-                rng = parse_range(h(b"range"), size)
-            except Unsatisfiable:
-                stats.downloads[416] += 1
-                await send({"type": "http.response.start", "status": 416, "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"22"),
-                    (b"content-range", f"bytes */{size}".encode("latin-1")), *label.common[:3]]})
-                await send({"type": "http.response.body", "body": b"range not satisfiable\n"})
-                return
-            if rng is not None:
-                status, start, length = 206, rng.start, rng.length
-                head = [*label.common, (b"content-length", str(length).encode("latin-1")),
-                        (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
+        try:
+            status, start, length, head = self._body(file, label, headers)
+        except Unsatisfiable:
+            stats.downloads[416] += 1
+            await send({"type": "http.response.start", "status": 416, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"22"),
+                (b"content-range", f"bytes */{size}".encode("latin-1")), *label.common[:3]]})
+            await send({"type": "http.response.body", "body": b"range not satisfiable\n"})
+            return
         stats.downloads[status] += 1
         if method == "HEAD" or length == 0:
             await send({"type": "http.response.start", "status": status, "headers": head})
@@ -388,6 +456,29 @@ class Downloads:
         else:
             await send({"type": "http.response.start", "status": status, "headers": head})
             await _pread_body(file.fd, start, length, receive, send, stats)
+
+
+class Quick:
+    """A GET decided by ``Downloads.quick``: ``status`` and ``head`` (header pairs), ``length``
+    bytes of ``fd`` from ``start``. The server calls ``done`` once, with the bytes it sent."""
+
+    __slots__ = ("_downloads", "_file", "_gate", "status", "head", "fd", "start", "length")
+
+    def __init__(self, downloads: Downloads, file: _File, status: int, head, start: int, length: int,
+                 gate) -> None:
+        self._downloads, self._file, self._gate = downloads, file, gate
+        self.status, self.head, self.fd, self.start, self.length = status, head, file.fd, start, length
+        if gate is not None:  # counted as the egress wrapper counts (GET /api/v1/bandwidth shows them)
+            gate.active += 1
+            gate.peak = max(gate.peak, gate.active)
+
+    def done(self, sent: int) -> None:
+        self._file.release()
+        self._downloads.site.stats.bytes_served += sent
+        gate = self._gate
+        if gate is not None:
+            gate.active -= 1
+            gate.meter.add(sent, gate.clock())
 
 
 async def _pread_body(fd: int, start: int, length: int, receive, send, stats) -> None:
