@@ -10,7 +10,8 @@ nginx):
 * the answer for a name (servable here? damaged? which content?) comes from the read model
   once and is kept until the read model changes: ``PRAGMA data_version`` (one call, no table
   read) moves whenever another connection commits, i.e. at every fold, so a package deleted,
-  demoted, replaced or withdrawn stops being served by the first request after the fold;
+  demoted, replaced or withdrawn stops being served by the first request after the fold
+  (read through ``ReadModelWatch``: one stat of the write-ahead log while it is unchanged);
 * the package file stays open between requests, keyed by the identity of the inode its path
   names (one ``stat`` a request): a replacement renames a new file over the name, the stat
   sees another inode and the new file is opened, its ETag read from the label
@@ -114,6 +115,47 @@ def content_named(reader, name: str, labelled: str | None, row: views.ServedCont
     return labelled, (known.uploaded_at if known is not None else mtime_ms)
 
 
+class ReadModelWatch:
+    """The read model's ``PRAGMA data_version`` (it moves whenever another connection commits:
+    at every fold), for one ``stat`` of its write-ahead log while nothing was written to it.
+
+    The PRAGMA takes and drops a read lock (two ``fcntl``) and runs a statement: under 32
+    connections of 1 MiB ranges it was the largest Python cost per request left. In WAL mode
+    every commit writes to ``<db>-wal``, and a write sets the file's mtime to the (coarse, at
+    most a jiffy late) wall clock. So the version last read stays true while the log's
+    (inode, size, mtime) is what a stat showed just before that read AND that mtime is older
+    than the read by more than ``MARGIN_NS``: a commit after the read would have set an mtime
+    no earlier than the read less one tick, which differs. Anything else (a recent write, no
+    log, a stat that fails) reads the PRAGMA."""
+
+    MARGIN_NS = 50_000_000  # five times the coarsest timestamp tick (HZ=100)
+
+    def __init__(self, reader, clock=time.time_ns) -> None:
+        self.reader, self.clock = reader, clock
+        row = reader.execute("PRAGMA database_list").fetchone()
+        mode = reader.execute("PRAGMA journal_mode").fetchone()[0]
+        self.wal = f"{row[2]}-wal" if row is not None and row[2] and mode == "wal" else None
+        self._key = None
+        self._read_ns = 0
+        self._version = None
+
+    def version(self) -> int:
+        key = None
+        if self.wal is not None:
+            try:
+                st = os.stat(self.wal)
+            except OSError:
+                pass
+            else:
+                key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+                if key == self._key and st.st_mtime_ns < self._read_ns - self.MARGIN_NS:
+                    return self._version
+        read_ns = self.clock()
+        self._version = self.reader.execute("PRAGMA data_version").fetchone()[0]
+        self._key, self._read_ns = key, read_ns
+        return self._version
+
+
 class _Answer:
     """What the read model says about a name here, until it changes: 404, 503 (out of service
     for repair) or 200 with the row of the content served."""
@@ -183,6 +225,7 @@ class Downloads:
         self._answers: dict[str, _Answer] = {}
         self._files: dict[str, _File] = {}  # by store path
         self._sweep: asyncio.TimerHandle | None = None  # closes idle files
+        self._watch: ReadModelWatch | None = None  # made at the first request (the reader is open)
         self.app = wrap(self.serve) if wrap is not None else self.serve
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -206,7 +249,9 @@ class Downloads:
 
     def _answer(self, name: str) -> _Answer:
         reader = self.site.reader
-        version = reader.execute("PRAGMA data_version").fetchone()[0]
+        if self._watch is None or self._watch.reader is not reader:
+            self._watch = ReadModelWatch(reader)
+        version = self._watch.version()
         if version != self._version:
             self._answers.clear()
             self._version = version
