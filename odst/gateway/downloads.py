@@ -10,7 +10,8 @@ nginx):
 * the answer for a name (servable here? damaged? which content?) comes from the read model
   once and is kept until the read model changes: ``PRAGMA data_version`` (one call, no table
   read) moves whenever another connection commits, i.e. at every fold, so a package deleted,
-  demoted, replaced or withdrawn stops being served by the first request after the fold;
+  demoted, replaced or withdrawn stops being served by the first request after the fold
+  (read through ``ReadModelWatch``: one stat of the write-ahead log while it is unchanged);
 * the package file stays open between requests, keyed by the identity of the inode its path
   names (one ``stat`` a request): a replacement renames a new file over the name, the stat
   sees another inode and the new file is opened, its ETag read from the label
@@ -18,7 +19,12 @@ nginx):
   last response reading it ends;
 * the headers of a file are built once per opened file and answer;
 * the body goes by ``sendfile`` when the server offers the ASGI zero-copy extension
-  (``gateway.protocol`` does), else by ``pread`` in 1 MiB blocks.
+  (``gateway.protocol`` does), else by ``pread`` in 1 MiB blocks;
+* the plain case (a GET of a servable package, whole or one range, no conditional headers,
+  no Mac download caps set, no nginx in front) is decided without the ASGI cycle:
+  ``gateway.protocol`` asks ``quick`` from the parser's callback and sends the head and the
+  file itself, without a task per request (``protocol._Quick``). Whatever ``quick`` declines
+  (None) takes the ASGI path below, which answers every case.
 """
 
 from __future__ import annotations
@@ -109,6 +115,47 @@ def content_named(reader, name: str, labelled: str | None, row: views.ServedCont
     return labelled, (known.uploaded_at if known is not None else mtime_ms)
 
 
+class ReadModelWatch:
+    """The read model's ``PRAGMA data_version`` (it moves whenever another connection commits:
+    at every fold), for one ``stat`` of its write-ahead log while nothing was written to it.
+
+    The PRAGMA takes and drops a read lock (two ``fcntl``) and runs a statement: under 32
+    connections of 1 MiB ranges it was the largest Python cost per request left. In WAL mode
+    every commit writes to ``<db>-wal``, and a write sets the file's mtime to the (coarse, at
+    most a jiffy late) wall clock. So the version last read stays true while the log's
+    (inode, size, mtime) is what a stat showed just before that read AND that mtime is older
+    than the read by more than ``MARGIN_NS``: a commit after the read would have set an mtime
+    no earlier than the read less one tick, which differs. Anything else (a recent write, no
+    log, a stat that fails) reads the PRAGMA."""
+
+    MARGIN_NS = 50_000_000  # five times the coarsest timestamp tick (HZ=100)
+
+    def __init__(self, reader, clock=time.time_ns) -> None:
+        self.reader, self.clock = reader, clock
+        row = reader.execute("PRAGMA database_list").fetchone()
+        mode = reader.execute("PRAGMA journal_mode").fetchone()[0]
+        self.wal = f"{row[2]}-wal" if row is not None and row[2] and mode == "wal" else None
+        self._key = None
+        self._read_ns = 0
+        self._version = None
+
+    def version(self) -> int:
+        key = None
+        if self.wal is not None:
+            try:
+                st = os.stat(self.wal)
+            except OSError:
+                pass
+            else:
+                key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+                if key == self._key and st.st_mtime_ns < self._read_ns - self.MARGIN_NS:
+                    return self._version
+        read_ns = self.clock()
+        self._version = self.reader.execute("PRAGMA data_version").fetchone()[0]
+        self._key, self._read_ns = key, read_ns
+        return self._version
+
+
 class _Answer:
     """What the read model says about a name here, until it changes: 404, 503 (out of service
     for repair) or 200 with the row of the content served."""
@@ -178,6 +225,7 @@ class Downloads:
         self._answers: dict[str, _Answer] = {}
         self._files: dict[str, _File] = {}  # by store path
         self._sweep: asyncio.TimerHandle | None = None  # closes idle files
+        self._watch: ReadModelWatch | None = None  # made at the first request (the reader is open)
         self.app = wrap(self.serve) if wrap is not None else self.serve
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -194,13 +242,16 @@ class Downloads:
                 await downloads(scope, receive, send)
             else:
                 await app(scope, receive, send)
+        front.quick = self.quick  # what gateway.protocol looks for (see quick)
         return front
 
     # -- the read model, cached until it changes ---------------------------------------------
 
     def _answer(self, name: str) -> _Answer:
         reader = self.site.reader
-        version = reader.execute("PRAGMA data_version").fetchone()[0]
+        if self._watch is None or self._watch.reader is not reader:
+            self._watch = ReadModelWatch(reader)
+        version = self._watch.version()
         if version != self._version:
             self._answers.clear()
             self._version = version
@@ -293,6 +344,74 @@ class Downloads:
 
     # -- the request -------------------------------------------------------------------------
 
+    def quick(self, scope) -> "Quick | None":
+        """The plain GET decided at once, for the server to send without the ASGI cycle
+        (``gateway.protocol``): what to send, or None when the request takes the ASGI path
+        (``serve``), which answers every case. Only a 200 or 206 with a body, no conditional
+        request headers, download auth passed, no ``X-ODST-Accel-Redirect``, and no download
+        cap set (``egress``: a cap may refuse or pace, which the ASGI wrapper does). The file's
+        ``users`` count is taken for the caller, who calls ``Quick.done`` at the end."""
+        gate = self.site.download_gate
+        if scope["method"] != "GET" or not self.serves(scope["path"]):
+            return None
+        if gate is not None:
+            caps = gate.caps()
+            if caps.egress_bps or caps.max_concurrent or caps.per_client:
+                return None
+        try:
+            path = request_path(scope)
+        except PackageNameInvalid:
+            return None
+        name = None
+        for start in self._starts:
+            if path.startswith(start):
+                name = path[len(start):]
+                break
+        if name is None:
+            return None
+        answer = self._answer(name)
+        if answer.status != 200:
+            return None
+        headers = dict(scope["headers"])
+        if (b"if-none-match" in headers or b"if-modified-since" in headers
+                or b"x-odst-accel-redirect" in headers):
+            return None
+        if self.site.settings.download_auth != "none" and not _authorised(self.site.settings, headers):
+            return None
+        file = self._open(answer.path)
+        if file is None:
+            return None
+        file.users += 1
+        file.used = time.monotonic()
+        try:
+            label = self._label(name, file, answer.row)
+            status, start, length, head = self._body(file, label, headers)
+        except Unsatisfiable:
+            file.release()
+            return None
+        except BaseException:
+            file.release()
+            raise
+        if length == 0:
+            file.release()
+            return None
+        self.site.stats.downloads[status] += 1
+        return Quick(self, file, status, head, start, length, gate)
+
+    def _body(self, file: _File, label: _Label, headers: dict[bytes, bytes]):
+        """(status, start, length, head) of a GET or HEAD past the conditional checks: the
+        whole file, or the one range asked (Unsatisfiable: a 416)."""
+        size = file.size
+        if b"range" in headers:
+            v = headers.get(b"if-range")
+            if if_range_allows(v.decode("latin-1") if v is not None else None, label.etag, label.modified_s):
+                rng = parse_range(headers[b"range"].decode("latin-1"), size)
+                if rng is not None:
+                    return 206, rng.start, rng.length, [
+                        *label.common, (b"content-length", str(rng.length).encode("latin-1")),
+                        (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
+        return 200, 0, size, label.full
+
     async def serve(self, scope, receive, send) -> None:
         stats = self.site.stats
         method = scope["method"]
@@ -361,21 +480,15 @@ class Downloads:
             await send({"type": "http.response.start", "status": 304, "headers": label.common[:3]})
             await send({"type": "http.response.body", "body": b""})
             return
-        status, start, length, head = 200, 0, size, label.full
-        if b"range" in headers and if_range_allows(h(b"if-range"), etag, modified_s):
-            try:
-                rng = parse_range(h(b"range"), size)
-            except Unsatisfiable:
-                stats.downloads[416] += 1
-                await send({"type": "http.response.start", "status": 416, "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"22"),
-                    (b"content-range", f"bytes */{size}".encode("latin-1")), *label.common[:3]]})
-                await send({"type": "http.response.body", "body": b"range not satisfiable\n"})
-                return
-            if rng is not None:
-                status, start, length = 206, rng.start, rng.length
-                head = [*label.common, (b"content-length", str(length).encode("latin-1")),
-                        (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
+        try:
+            status, start, length, head = self._body(file, label, headers)
+        except Unsatisfiable:
+            stats.downloads[416] += 1
+            await send({"type": "http.response.start", "status": 416, "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"22"),
+                (b"content-range", f"bytes */{size}".encode("latin-1")), *label.common[:3]]})
+            await send({"type": "http.response.body", "body": b"range not satisfiable\n"})
+            return
         stats.downloads[status] += 1
         if method == "HEAD" or length == 0:
             await send({"type": "http.response.start", "status": status, "headers": head})
@@ -388,6 +501,29 @@ class Downloads:
         else:
             await send({"type": "http.response.start", "status": status, "headers": head})
             await _pread_body(file.fd, start, length, receive, send, stats)
+
+
+class Quick:
+    """A GET decided by ``Downloads.quick``: ``status`` and ``head`` (header pairs), ``length``
+    bytes of ``fd`` from ``start``. The server calls ``done`` once, with the bytes it sent."""
+
+    __slots__ = ("_downloads", "_file", "_gate", "status", "head", "fd", "start", "length")
+
+    def __init__(self, downloads: Downloads, file: _File, status: int, head, start: int, length: int,
+                 gate) -> None:
+        self._downloads, self._file, self._gate = downloads, file, gate
+        self.status, self.head, self.fd, self.start, self.length = status, head, file.fd, start, length
+        if gate is not None:  # counted as the egress wrapper counts (GET /api/v1/bandwidth shows them)
+            gate.active += 1
+            gate.peak = max(gate.peak, gate.active)
+
+    def done(self, sent: int) -> None:
+        self._file.release()
+        self._downloads.site.stats.bytes_served += sent
+        gate = self._gate
+        if gate is not None:
+            gate.active -= 1
+            gate.meter.add(sent, gate.clock())
 
 
 async def _pread_body(fd: int, start: int, length: int, receive, send, stats) -> None:

@@ -46,6 +46,13 @@ sends them, instead of through a Python buffer twice (``_send_file``). A start
 message carrying ``"http.response.zerocopysend": True`` says such a body follows at
 once: its head is then sent with MSG_MORE and leaves with the body (``_HeadWithFile``).
 
+The app may also offer a quick answer (``app.quick``, ``Downloads.quick``): a function
+deciding a plain download at once from the request's scope. Such a request is answered from
+the parser's callback, head and sendfile, without the ASGI cycle (no task, no send messages:
+that was most of the Python cost of a 1 MiB range). What sendfile cannot put in the socket
+at once goes on in a task (``_quick_rest``); until it ends, a request pipelined behind it
+waits as it would behind an ASGI response (``_QuickCycle``).
+
 A response may also be ended short on purpose (a run of chunks cut by the sender's limit):
 the ASGI extension ``http.response.cut`` (``{"type": "http.response.cut"}``) closes the
 connection after what was sent, and the app returning then is no error (uvicorn logs
@@ -58,6 +65,7 @@ import asyncio
 import collections
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 
 import httptools
@@ -158,6 +166,32 @@ class _HeadWithFile:
         self._protocol.transport.close()
 
 
+class _QuickCycle:
+    """What ``self.cycle`` is while a quick answer is still being sent: uvicorn queues a
+    request that comes meanwhile behind it (``pipeline``), as behind any unfinished cycle, and
+    its ``shutdown`` and ``connection_lost`` mark it as they mark one."""
+
+    __slots__ = ("response_complete", "keep_alive", "disconnected", "message_event")
+
+    def __init__(self) -> None:
+        self.response_complete = False
+        self.keep_alive = True
+        self.disconnected = False
+        self.message_event = asyncio.Event()
+
+
+def _quick_of(app):
+    """The app's ``quick`` (see the module's doc), looked for through uvicorn's wrappers."""
+    for _ in range(4):
+        quick = getattr(app, "quick", None)
+        if quick is not None:
+            return quick
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, limits: HeadLimits = HeadLimits(), send_timeout_s: float = 60.0,
                  **kwargs) -> None:
@@ -173,6 +207,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = False  # refused: the rest of what the client sends is dropped
         self._linger_until = 0.0
         self._out: socket.socket | None = None  # see _socket
+        self._quick = _quick_of(self.app)
+        self._quick_request = False  # the request being parsed was answered quickly
 
     # -- connection ------------------------------------------------------------------------
 
@@ -297,6 +333,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
+        if self._quick is not None and self._answer_quickly():
+            return
         self.scope.setdefault("extensions", {})[ZEROCOPY] = {}  # the app's task starts after this
         self.scope["extensions"][CUT] = {}
         super().on_headers_complete()
@@ -332,7 +370,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.send = guarded_send
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        if self._quick_request:
+            self._quick_request = False  # its answer was sent, or is being sent, without a cycle
+        else:
+            super().on_message_complete()
         self._in_head = True  # what follows is the next request's head
         self._head_bytes = 0
 
@@ -353,6 +394,108 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.keep_alive = False
         if not self.transport.is_closing():
             self.transport.close()
+
+    # -- quick answers -----------------------------------------------------------------------
+
+    def _answer_quickly(self) -> bool:
+        """Answer the request whose head is complete with the app's ``quick`` (True), or leave
+        it to uvicorn's cycle (False). Only a GET of HTTP/1.1 kept alive, without a body, with
+        nothing of an earlier response still unsent."""
+        parser = self.parser
+        if (parser.get_method() != b"GET" or parser.get_http_version() != "1.1"
+                or not parser.should_keep_alive() or parser.should_upgrade()
+                or (self.cycle is not None and not self.cycle.response_complete)
+                or self.transport.get_write_buffer_size() or self.transport.is_closing()):
+            return False
+        for name, _ in self.headers:
+            if name in (b"content-length", b"transfer-encoding"):
+                return False
+        scope = self.scope
+        parsed = httptools.parse_url(self.url)
+        path = parsed.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["method"] = "GET"
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + parsed.path
+        scope["query_string"] = parsed.query or b""
+        try:
+            answer = self._quick(scope)
+        except Exception:  # noqa: BLE001 - the ASGI path answers it again, and says what failed
+            log.exception("quick download answer failed", path=scope["path"])
+            return False
+        if answer is None:
+            return False
+        self._quick_request = True
+        self._send_quick(answer)
+        return True
+
+    def _send_quick(self, answer) -> None:
+        content = [STATUS_LINE[answer.status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        for name, value in answer.head:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.append(b"\r\n")
+        head = b"".join(content)
+        sock = self._socket()
+        fd, offset, count = answer.fd, answer.start, answer.length
+        try:
+            put = sock.send(head, socket.MSG_MORE)
+        except (BlockingIOError, InterruptedError):
+            put = 0
+        except OSError:  # gone: connection_lost follows
+            answer.done(0)
+            self.transport.close()
+            return
+        sent = 0
+        if put < len(head):
+            self.transport.write(head[put:])
+        else:
+            out = sock.fileno()
+            while sent < count:
+                try:
+                    n = os.sendfile(out, fd, offset + sent, count - sent)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    n = 0
+                if n == 0:  # the connection broke or the file shrank: close
+                    answer.done(sent)
+                    self.transport.close()
+                    return
+                sent += n
+        if sent == count:
+            answer.done(sent)
+            self.server_state.total_requests += 1
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            return
+        # the socket is full: the rest in a task; a request meanwhile waits in uvicorn's pipeline
+        cycle = _QuickCycle()
+        self.cycle = cycle
+        self.flow.pause_reading()
+        task = self.loop.create_task(self._quick_rest(cycle, answer, sent))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _quick_rest(self, cycle: _QuickCycle, answer, sent: int) -> None:
+        count = answer.length
+        try:
+            await self._drained()
+            if not cycle.disconnected:
+                sent += await self._sendfile(answer.fd, answer.start + sent, count - sent)
+        finally:
+            answer.done(sent)
+        cycle.response_complete = True
+        if sent < count or not cycle.keep_alive or cycle.disconnected:
+            if not self.transport.is_closing():
+                self.transport.close()
+            return
+        if self.cycle is cycle:
+            self.cycle = None
+        self.on_response_complete()  # the next pipelined request starts, or the keep-alive timer
 
     # -- zero-copy bodies --------------------------------------------------------------------
 

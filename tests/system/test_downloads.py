@@ -382,6 +382,61 @@ def test_a_client_with_a_tiny_window_gets_every_byte_in_order(dist):
             assert hashlib.sha256(got).digest() == hashlib.sha256(data[first:]).digest()
 
 
+def _read_response(f, body: bool = True) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response, not chunked, from a socket file: (head, body); ``body``
+    False for the answer to a HEAD."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        c = f.read(1)
+        assert c, f"connection closed in a head: {head!r}"
+        head += c
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    length = int(length.group(1)) if length else 0  # a 304 has none
+    got = bytearray()
+    while body and len(got) < length:
+        piece = f.read(min(65536, length - len(got)))
+        assert piece, f"connection closed after {len(got)} of {length} bytes"
+        got += piece
+    return head, bytes(got)
+
+
+def test_pipelined_requests_behind_a_download_still_being_sent_answer_in_order(dist):
+    """A plain GET is answered from the parser's callback (protocol._send_quick); what the
+    socket cannot take at once goes on in a task, and requests pipelined behind it (quick
+    ones, a conditional one, a HEAD and one for the Litestar app) must wait for it and be
+    answered in order, each with its own bytes."""
+    name, big, small = "pipelined.pkg", _bytes(10 * MiB + 17, 7), dist.files[SMALL]
+    # larger than the most a loopback socket buffers (tcp_wmem's 4 MiB), so sendfile fills it
+    with dist.site.client() as admin:
+        assert admin.put(f"/api/v1/packages/{name}", content=big).status_code == 201
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", dist.site.port))
+        f = s.makefile("rb", buffering=0)
+        s.sendall(f"HEAD {dist.url(SMALL)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head, _ = _read_response(f, body=False)
+        etag = re.search(rb"(?i)\r\netag: *(\S+)", head).group(1).decode()
+        asks = [
+            (f"GET {dist.url(name)} HTTP/1.1", "", b"HTTP/1.1 200", big),
+            (f"GET {dist.url(SMALL)} HTTP/1.1", "Range: bytes=1000-1999\r\n", b"HTTP/1.1 206", small[1000:2000]),
+            ("GET /healthz HTTP/1.1", "", b"HTTP/1.1 200", None),
+            (f"GET {dist.url(SMALL)} HTTP/1.1", f"If-None-Match: {etag}\r\n", b"HTTP/1.1 304", b""),
+            (f"GET {dist.url(name)} HTTP/1.1", "Range: bytes=5-\r\n", b"HTTP/1.1 206", big[5:]),
+            (f"GET {dist.url(SMALL)} HTTP/1.1", "", b"HTTP/1.1 200", small),
+        ]
+        s.sendall(b"".join(f"{line}\r\nHost: x\r\n{extra}\r\n".encode() for line, extra, _, _ in asks))
+        for line, _, status, expected in asks:
+            head, body = _read_response(f)
+            assert head.startswith(status), (line, head)
+            if expected is not None:
+                assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest(), line
+            else:
+                assert b'"status":"ok"' in body.replace(b" ", b""), body
+    with dist.site.client() as admin:
+        assert admin.delete(f"/api/v1/packages/{name}").status_code == 200
+
+
 def test_a_deleted_package_does_not_keep_its_disk_space(dist, anon):
     """The file a download opened stays open for the next request, but not once the package is
     deleted: no descriptor of the unlinked file is left in the gateway (its space is freed)."""
