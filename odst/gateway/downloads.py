@@ -344,6 +344,13 @@ class Downloads:
 
     # -- the request -------------------------------------------------------------------------
 
+    def _name_in(self, path: str) -> str | None:
+        """The package name a download path asks for (None: not under a served prefix)."""
+        for start in self._starts:
+            if path.startswith(start):
+                return path[len(start):]
+        return None
+
     def quick(self, scope) -> "Quick | None":
         """The plain GET decided at once, for the server to send without the ASGI cycle
         (``gateway.protocol``): what to send, or None when the request takes the ASGI path
@@ -362,11 +369,7 @@ class Downloads:
             path = request_path(scope)
         except PackageNameInvalid:
             return None
-        name = None
-        for start in self._starts:
-            if path.startswith(start):
-                name = path[len(start):]
-                break
+        name = self._name_in(path)
         if name is None:
             return None
         answer = self._answer(name)
@@ -421,11 +424,7 @@ class Downloads:
             path = request_path(scope)
         except PackageNameInvalid as exc:
             return await self._refuse(send, 400, f"{exc}\n")
-        name = None
-        for start in self._starts:
-            if path.startswith(start):
-                name = path[len(start):]
-                break
+        name = self._name_in(path)
         if name is None:
             return await self._refuse(send, 404, "not found\n")
         answer = self._answer(name)
