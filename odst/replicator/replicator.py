@@ -101,6 +101,10 @@ def _fsync_close(fd: int) -> OSError | None:
     return None
 
 
+class LeasedHere(Exception):
+    """A pull of this process holds the content's lease now (under another name)."""
+
+
 def _pulls_of(msg) -> list[tuple[str, str]]:
     """The (name, blake3) pulls of a work item: ``{"pulls": [[name, blake3], ...]}``, or one
     ``{"name", "blake3"}`` as earlier versions queue; a malformed one holds none."""
@@ -160,6 +164,7 @@ class Replicator:
         self._wanted: dict[str, sqlite3.Row] = {}
         self._dirty: set[str] = set()
         self._retry: dict[str, float] = {}  # key -> monotonic time to look again (backoff, lease held)
+        self._leased_here: set[str] = set()  # contents a pull of this process holds the lease of
         self._withdraw_pending: set[str] = set()  # unaccepted here, within the grace period
         self._retries: dict[str, int] = {}  # key -> times looked at again on a timer (a new work item each)
         self._queued: set[str] = set()  # wanted keys a work item was queued for
@@ -515,16 +520,29 @@ class Replicator:
 
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
-        the pulls run side by side, and the PackageAvailable events appended together."""
+        the pulls run side by side, and the PackageAvailable events appended together. A content
+        asked for under several names is pulled for the first; the others are looked at again
+        soon (the lease is per content), not left to the next full rescan."""
+        firsts, seen = [], set()
+        for row in rows:
+            if row["blake3"] in seen:
+                self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
+            else:
+                seen.add(row["blake3"])
+                firsts.append(row)
+        rows = firsts
         results = await asyncio.gather(*(self._take_lease(r["blake3"]) for r in rows), return_exceptions=True)
+        taken = {r["blake3"] for r, rev in zip(rows, results) if not isinstance(rev, BaseException)}
         leased: dict[str, int] = {}
         mine = []
         for row, rev in zip(rows, results):
             pair = (row["name"], row["blake3"])
-            if isinstance(rev, BaseException) or row["blake3"] in leased or pair in self.tasks:
+            if isinstance(rev, BaseException) or pair in self.tasks:
                 if isinstance(rev, nats.js.errors.KeyWrongLastSequenceError):
                     # another worker holds the lease; if it dies, the pull is queued again then
                     self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+                elif isinstance(rev, LeasedHere):  # under another name: looked at once that is done
+                    self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
                 elif isinstance(rev, BaseException):
                     log.warning("could not take a pull's lease", package=row["name"], error=repr(rev))
                     self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
@@ -532,6 +550,7 @@ class Replicator:
             leased[row["blake3"]] = rev
             self.tasks[pair] = asyncio.current_task()
             mine.append(row)
+        self._leased_here -= taken - set(leased)  # taken, then not used (already pulled here)
         if not mine:
             return
         heartbeat = asyncio.create_task(self._renew_leases(leased))
@@ -551,6 +570,7 @@ class Replicator:
             # published are released at once, for their retry.
             await asyncio.gather(*(self._leases.delete(b) for b in leased if b not in published),
                                  return_exceptions=True)
+            self._leased_here -= set(leased)
             for row in mine:
                 self._finished((row["name"], row["blake3"]))
             self.kick()
@@ -677,17 +697,26 @@ class Replicator:
     async def _take_lease(self, blake3: str) -> int:
         """Create the content's lease; its revision. One this process left on a content it
         published (``_pull_small`` lets those expire) is its own, taken again at once; one
-        another worker holds raises KeyWrongLastSequenceError."""
+        another worker holds raises KeyWrongLastSequenceError; one a pull of this process holds
+        now (the same content under another name) raises LeasedHere. The caller that gets a
+        revision removes ``blake3`` from ``_leased_here`` when its pull ends."""
+        if blake3 in self._leased_here:  # checked and marked before any await: no second pull
+            raise LeasedHere(blake3)     # of one content into its one temp file
+        self._leased_here.add(blake3)
         try:
-            return await self._leases.create(blake3, self.owner.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
             try:
-                entry = await self._leases.get(blake3)
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):  # gone meanwhile
                 return await self._leases.create(blake3, self.owner.encode())
-            if entry.value != self.owner.encode():
-                raise
-            return await self._leases.update(blake3, self.owner.encode(), last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                try:
+                    entry = await self._leases.get(blake3)
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):  # gone meanwhile
+                    return await self._leases.create(blake3, self.owner.encode())
+                if entry.value != self.owner.encode():
+                    raise
+                return await self._leases.update(blake3, self.owner.encode(), last=entry.revision)
+        except BaseException:
+            self._leased_here.discard(blake3)
+            raise
 
     async def _renew_leases(self, leased: dict[str, int]) -> None:
         while True:
@@ -706,11 +735,13 @@ class Replicator:
         key, blake3 = (row["name"], row["blake3"]), row["blake3"]
         try:
             revision = await self._take_lease(blake3)
-        except nats.js.errors.KeyWrongLastSequenceError:
+        except (nats.js.errors.KeyWrongLastSequenceError, LeasedHere) as exc:
             if self.tasks.get(key) is asyncio.current_task():
                 del self.tasks[key]
-            # another worker holds the lease; if it dies, the pull is queued again then
-            self._retry[name_key(row["name"])] = time.monotonic() + self.lease_s
+            # another worker holds the lease (if it dies, the pull is queued again then), or a
+            # pull here has this content under another name (looked at again once it is done)
+            wait = BACKOFF_MIN_S if isinstance(exc, LeasedHere) else self.lease_s
+            self._retry[name_key(row["name"])] = time.monotonic() + wait
             return
         heartbeat = asyncio.create_task(self._heartbeat(msg, blake3, revision))
         self.tasks[key] = asyncio.current_task()
@@ -719,6 +750,7 @@ class Replicator:
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
+            self._leased_here.discard(blake3)
             try:
                 await self._leases.delete(blake3)
             except Exception:

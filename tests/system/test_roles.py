@@ -153,7 +153,7 @@ def test_roles_share_one_site(tmp_path, procs, make_site):
         # a pull slow enough to be caught in the middle (unthrottled, 80 MiB takes under a second;
         # loopback is a local network, exempt unless the link says otherwise)
         peer_id = pc.get("/api/v1/site").json()["site"]
-        r = httpx.put(f"{u1}/api/v1/bandwidth/links/{peer_id}", json={"receive": "16MB", "local": "no"}, headers=HEADERS)
+        r = httpx.put(f"{u1}/api/v1/bandwidth/links/{peer_id}", json={"receive": "8MB", "local": "no"}, headers=HEADERS)
         assert r.status_code == 200, r.text
         src = write_random(tmp_path / "big.pkg", 80 * (1 << 20), seed=11)
         with open(src, "rb") as f:
