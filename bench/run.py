@@ -1172,13 +1172,14 @@ http {{
 
 
 async def _put_many(port: int, paths: list[str], bodies: list[bytes], headers: str,
-                    concurrency: int) -> tuple[dict[int, int], list[float]]:
+                    concurrency: int) -> tuple[dict[int, int], list[float], list[str]]:
     """PUT bodies[i] to paths[i] over ``concurrency`` keep-alive HTTP/1.1 connections (a
     minimal client: the bench must not spend more CPU than the servers it measures).
-    Returns ({status: count}, latencies in s)."""
+    Returns ({status: count}, latencies in s, the first answers that were not 2xx)."""
     import asyncio
     statuses: dict[int, int] = {}
     latencies: list[float] = []
+    failures: list[str] = []
     queue = list(range(len(paths)))[::-1]
 
     async def one_connection():
@@ -1193,8 +1194,9 @@ async def _put_many(port: int, paths: list[str], bodies: list[bytes], headers: s
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
                 length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                if length:
-                    await reader.readexactly(int(length.group(1)))
+                answer = await reader.readexactly(int(length.group(1))) if length else b""
+                if status >= 300 and len(failures) < 5:
+                    failures.append(f"{paths[i]}: {status} {answer[:300].decode(errors='replace')}")
                 latencies.append(time.perf_counter() - t0)
                 statuses[status] = statuses.get(status, 0) + 1
                 if re.search(rb"(?i)\r\nconnection: *close", head):
@@ -1204,7 +1206,7 @@ async def _put_many(port: int, paths: list[str], bodies: list[bytes], headers: s
             writer.close()
 
     await asyncio.gather(*(one_connection() for _ in range(concurrency)))
-    return statuses, latencies
+    return statuses, latencies, failures
 
 
 def time_small_uploads(port: int, paths: list[str], bodies: list[bytes], headers: str,
@@ -1212,12 +1214,12 @@ def time_small_uploads(port: int, paths: list[str], bodies: list[bytes], headers
     import asyncio
     c0 = time.process_time()
     with Meter(server_pid, classify) as m:
-        statuses, lat = asyncio.run(asyncio.wait_for(
+        statuses, lat, failures = asyncio.run(asyncio.wait_for(
             _put_many(port, paths, bodies, headers, concurrency), timeout))
     n = len(paths)
     lat.sort()
     server_cpu = sum(m.server_cpu.values())
-    return {"count": n, "seconds": m.wall, "per_s": n / m.wall, "statuses": statuses,
+    return {"count": n, "seconds": m.wall, "per_s": n / m.wall, "statuses": statuses, "failures": failures,
             "lat_p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
             "lat_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
             "server_cpu_s": m.server_cpu, "server_cpu_ms_per_upload": server_cpu / n * 1000,
@@ -1254,7 +1256,7 @@ def phase_small(args, errors, procs: Procs, odst, port, token, work) -> dict:
         log(f"nginx WebDAV PUT: {n} x {args.small_kib} KiB in {r['seconds']:.2f}s = {r['per_s']:.0f}/s, "
             f"{r['server_cpu_ms_per_upload']:.2f} CPU-ms each (other load {r['other_cores']:.2f} cores)")
         if r["statuses"].get(201, 0) + r["statuses"].get(204, 0) != n:
-            errors.append(f"nginx WebDAV PUT: statuses {r['statuses']}")
+            errors.append(f"nginx WebDAV PUT: statuses {r['statuses']}; first answers: {r['failures']}")
         procs.stop(nginx)
     except Exception as e:  # noqa: BLE001
         errors.append(f"nginx WebDAV: {e!r}")
@@ -1275,7 +1277,7 @@ def phase_small(args, errors, procs: Procs, odst, port, token, work) -> dict:
                 f"(other load {r['other_cores']:.2f} cores; "
                 f"{r.get('events_per_round', 1):.1f} events per append round trip)")
             if r["statuses"].get(201, 0) != n:
-                errors.append(f"odst small uploads: statuses {r['statuses']}")
+                errors.append(f"odst small uploads: statuses {r['statuses']}; first answers: {r['failures']}")
             got = get_package(port, token, f"small-{n - 1:05d}.pkg")
             want = hashlib.sha512(bodies[-1]).hexdigest()
             if not isinstance(got, dict) or got.get("sha512") != want:

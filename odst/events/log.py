@@ -220,8 +220,11 @@ class EventLog:
         projector's own rule — signed by us, next seq, right prev — so nothing
         forged, replayed or re-signed in our stream is ever chained onto.
         """
-        last = (await self.js.stream_info(self.stream)).state.last_seq
+        # the read model first, then the stream: the stream only grows, so read in this order a
+        # checkpoint past its end means the log was cut. Read the other way round, another
+        # process's append folded in between looked like one (a spurious 503 under load).
         checkpoint, seq, prev = self.chain_state() if self.chain_state else (0, 0, codec.GENESIS)
+        last = (await self.js.stream_info(self.stream)).state.last_seq
         if checkpoint > last:
             # Never start a second history over a cut one: the read model (and every peer's
             # mirror) holds events this log lost.
