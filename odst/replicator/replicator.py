@@ -521,18 +521,10 @@ class Replicator:
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
         the pulls run side by side, and the PackageAvailable events appended together. A content
-        asked for under several names is pulled for the first; the others are looked at again
-        soon (the lease is per content), not left to the next full rescan."""
-        firsts, seen = [], set()
-        for row in rows:
-            if row["blake3"] in seen:
-                self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
-            else:
-                seen.add(row["blake3"])
-                firsts.append(row)
-        rows = firsts
+        asked for under several names is pulled for the first (``_take_lease`` marks it before
+        any await); the others get LeasedHere and are looked at again soon, not left to the next
+        full rescan."""
         results = await asyncio.gather(*(self._take_lease(r["blake3"]) for r in rows), return_exceptions=True)
-        taken = {r["blake3"] for r, rev in zip(rows, results) if not isinstance(rev, BaseException)}
         leased: dict[str, int] = {}
         mine = []
         for row, rev in zip(rows, results):
@@ -546,11 +538,12 @@ class Replicator:
                 elif isinstance(rev, BaseException):
                     log.warning("could not take a pull's lease", package=row["name"], error=repr(rev))
                     self._retry[name_key(row["name"])] = time.monotonic() + BACKOFF_MIN_S
+                else:  # taken, then not used: already being pulled here
+                    self._leased_here.discard(row["blake3"])
                 continue
             leased[row["blake3"]] = rev
             self.tasks[pair] = asyncio.current_task()
             mine.append(row)
-        self._leased_here -= taken - set(leased)  # taken, then not used (already pulled here)
         if not mine:
             return
         heartbeat = asyncio.create_task(self._renew_leases(leased))
@@ -957,13 +950,13 @@ class Replicator:
             held = os.stat(path).st_blocks * 512
         except FileNotFoundError:
             held = 0
-        free = self.store.free_bytes()
-        if max(0, want.size - held) + self.store.reserve_bytes() <= free:
+        free, reserve = self.store.free_bytes(), self.store.reserve_bytes()
+        if max(0, want.size - held) + reserve <= free:
             return None
         if held:
             path.unlink(missing_ok=True)
         log.warning("not enough free space in the store for a pull", package=want.name, size=want.size,
-                    free=free, reserve=self.store.reserve_bytes())
+                    free=free, reserve=reserve)
         return f"not enough free space in the store for {want.size} bytes"  # the same each time: one event
 
     def _done(self, want: Want, progress: Progress) -> None:
