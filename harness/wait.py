@@ -40,10 +40,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
-async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-                interval: float = 0.02) -> Any:
+async def until(predicate: Callable[[], Any], timeout: float = 30.0,
+                what: str | Callable[[], str] = "condition", interval: float = 0.02) -> Any:
     """``wait_until`` inside a running event loop: poll ``predicate`` (plain or async) without
-    blocking the loop; raise :class:`TimedOut` after ``timeout`` seconds."""
+    blocking the loop; raise :class:`TimedOut` after ``timeout`` seconds. ``what`` may be a
+    callable, asked at the deadline (to say what is still missing)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -52,5 +53,5 @@ async def until(predicate: Callable[[], Any], timeout: float = 30.0, what: str =
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimedOut(what, timeout, None)
+            raise TimedOut(what() if callable(what) else what, timeout, None)
         await asyncio.sleep(interval)

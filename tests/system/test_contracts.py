@@ -39,18 +39,10 @@ from odst.naming import name_key
 from odst.store.files import PACKAGE_MODE, PackageStore, Store
 from odst.store.hashing import manifest_of
 from odst.store.hashing import CHUNK_SIZE
+from harness.wait import until
 from tests.conftest import SiteProcess, free_port, open_log, site_nats, write_random
 from tests.sources import MemorySource
 from tests.system.test_replication import register, site_id, upload
-
-
-async def eventually(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``predicate`` on the event loop until truthy; fail after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def staged(i: int) -> ev.PackageStaged:
@@ -597,7 +589,7 @@ def test_error_is_none_while_folding_works_and_names_a_stream_that_fails(project
             assert p.status.error is None
             for status in {id(s): s for s in (p.writer, p.status)}.values():
                 status.add_stream("NOSUCHSTREAM")  # the projector process is told of it too
-            await eventually(lambda: p.status.error is not None, 10, "the failing stream to be reported")
+            await until(lambda: p.status.error is not None, 10, "the failing stream to be reported")
             return p.status.error
     error = asyncio.run(run())
     assert "NotFound" in error and "NOSUCHSTREAM" in error

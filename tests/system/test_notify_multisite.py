@@ -23,6 +23,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from odst.bus.embedded import nats_server_binary
 from odst.notify.ledger import RETAIN_MS, Ledger, ledger_path, now_ms
 from odst.notify.service import Pruner
+from harness.wait import until
 from tests.conftest import ADMIN_TOKEN, free_port, run_odst, upload_bytes, wait_until
 from tests.system.test_notifications import FAST_RETRY, Mailbox, deliveries, documented_verifier, subscribe
 from tests.system.test_notifications import receiver, smtp  # noqa: F401, F811  (fixtures)
@@ -398,7 +399,7 @@ def test_ledger_prunes_old_finished_rows_only(tmp_path):
     async def run():
         await pruner.start()
         try:
-            await asyncio.wait_for(_until(lambda: len(ledger_rows(tmp_path, "SELECT * FROM deliveries")) == 6), 10)
+            await until(lambda: len(ledger_rows(tmp_path, "SELECT * FROM deliveries")) == 6, 10, what="six deliveries in the ledger")
         finally:
             await pruner.stop()
     asyncio.run(run())
@@ -422,8 +423,3 @@ def test_ledger_prunes_in_batches(tmp_path):
     assert asyncio.run(Pruner(ledger).prune_once()) == 12_345
     assert ledger.conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 0
     ledger.close()
-
-
-async def _until(predicate, interval: float = 0.02):
-    while not predicate():
-        await asyncio.sleep(interval)

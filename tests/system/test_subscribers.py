@@ -32,6 +32,7 @@ from odst.events.log import StoredMessage
 from odst.events.signing import SiteKey
 from odst.gateway.credentials import CredentialNameInvalid, check_name, public_servers
 from odst.projections import apply, db, views
+from harness.wait import until
 from tests.conftest import ADMIN_TOKEN, all_events, site_run_info, upload_bytes, wait_until
 from tests.unit.test_projection import Log
 
@@ -244,16 +245,6 @@ async def _try_connect(url: str, seed: str) -> str:
     return "ok"
 
 
-async def _until(predicate, timeout: float, what):
-    """Await ``predicate()`` becoming true, polling (the async twin of wait_until); ``what``
-    may be a callable, to say what is still missing at the deadline."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
-        await asyncio.sleep(0.02)
-
-
 def _add_credential(site, cwd: Path, name: str) -> str:
     p = subprocess.run([sys.executable, "-m", "odst", "credentials", "add", "--role", "subscriber", name,
                         "--server", site.url, "--token", ADMIN_TOKEN], capture_output=True, text=True,
@@ -357,7 +348,7 @@ def test_a_subscriber_reads_every_event_and_is_refused_everything_else(make_site
         expected += [f'subscription to "{s}"' for s in (f"odst.{site_id}.work.>", f"_INBOX.{site_id}.>",
                                                         f"odst.{site_id}.rpc.>", "$JS.API.>", "$KV.>", ">")]
         missing = lambda: [e for e in expected if not any(e.lower() in err.lower() for err in errors)]  # noqa: E731
-        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        await until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
         assert all("permissions violation" in err.lower() for err in errors), errors
 
         # nothing happened: the log is whole, the other service's consumer is there
@@ -387,7 +378,7 @@ def test_a_revoked_subscriber_is_cut_off(make_site, tmp_path):
             subprocess.run, [sys.executable, "-m", "odst", "credentials", "revoke", "feed", "--server", site.url,
                              "--token", ADMIN_TOKEN], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
-        await _until(lambda: nc.is_closed, 30, what="the broker to close the revoked service's connection")
+        await until(lambda: nc.is_closed, 30, what="the broker to close the revoked service's connection")
     asyncio.run(revoke_while_connected())
     refusal = wait_until(lambda: (r := asyncio.run(_try_connect(url, feed))) != "ok" and r, 30,
                          what="the revoked seed to be refused")
@@ -439,7 +430,7 @@ def test_a_subscriber_cannot_rewrite_another_subscribers_consumer(make_site, tmp
         missing = _violations_for(errors, [f'publish to "{s}"' for s in (
             "$JS.API.CONSUMER.CREATE.EVENTS", "$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.other",
             "$JS.API.CONSUMER.CREATE.EVENTS.other.odst.nothing.ev.>")])
-        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        await until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
         # its own route with a body naming the other consumer: the server holds name and subject together
         r = json.loads((await nc.request("$JS.API.CONSUMER.CREATE.EVENTS.feed", body, timeout=5)).data)
         assert r.get("error"), r
@@ -462,7 +453,7 @@ def test_a_subscriber_never_receives_another_ones_replies(make_site, tmp_path):
         plain = await _connect(url, seeds["feed"], None, errors)
         with pytest.raises(nats.errors.TimeoutError):
             await plain.jetstream(timeout=2).stream_info("EVENTS")
-        await _until(lambda: any('subscription to "_inbox.' in e.lower() for e in errors), 10,
+        await until(lambda: any('subscription to "_inbox.' in e.lower() for e in errors), 10,
                      what="the server to refuse the default reply subscription")
         await plain.close()
 
@@ -479,7 +470,7 @@ def test_a_subscriber_never_receives_another_ones_replies(make_site, tmp_path):
         own = await nc.subscribe("_INBOX_feed.>", cb=record)  # its own: allowed, hears only its own
         await nc.flush()
         missing = _violations_for(errors, [f'subscription to "{s}"' for s in spying])
-        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        await until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
         assert not any('"_inbox_feed.>"' in e.lower() for e in errors), errors
 
         info = await nc_other.jetstream(timeout=5).stream_info("EVENTS")  # its reply: _INBOX_other.…
@@ -530,7 +521,7 @@ def test_a_subscriber_creates_only_its_named_consumer_and_it_stores_nothing_anyw
                 await attempt()
         missing = _violations_for(errors, ['publish to "$JS.API.CONSUMER.CREATE.EVENTS"',
                                            'publish to "$JS.API.CONSUMER.DURABLE.CREATE.EVENTS.feed"'])
-        await _until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
+        await until(lambda: not missing(), 10, what=lambda: f"a permissions violation for {missing()}")
         assert "feed" not in [c.name for c in await own_js.consumers_info("EVENTS")]
 
         streams = [s.config.name for s in await own_js.streams_info()]
