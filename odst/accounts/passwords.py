@@ -9,6 +9,7 @@ fold stays a pure copy of what the event carried.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 
@@ -30,8 +31,14 @@ _hasher = argon2.PasswordHasher()
 # Each hash takes 64 MiB and ~0.1-0.2 s of a core; two at a time bound what a sign-in flood
 # can take, and callers beyond 32 waiting get a 503 at once.
 POOL = BoundedPool("argon2", workers=2, max_waiting=32)
-# Compared against when the user does not exist, so a wrong name costs what a wrong password does.
-_DUMMY = _hasher.hash("odst-no-such-user")
+
+
+@functools.cache
+def _dummy() -> str:
+    """Compared against when the user does not exist, so a wrong name costs what a wrong password
+    does. Made on first use, not at import: one argon2 hash is 0.2-0.8 s of a core, and every
+    ``odst`` command imports this module."""
+    return _hasher.hash("odst-no-such-user")
 
 
 class PasswordRejected(RequestInvalid):
@@ -74,12 +81,12 @@ def seal(key: SiteKey, password: str) -> str:
 
 def verify(key: SiteKey, sealed: str | None, password: str) -> bool:
     """True when ``password`` matches the sealed hash; a missing user still costs one hash."""
-    digest = _DUMMY
+    digest = _dummy()
     if sealed:
         try:
             digest = _box(key).decrypt(base64.b64decode(sealed)).decode("ascii")
         except (nacl.exceptions.CryptoError, ValueError):
-            digest = _DUMMY  # sealed by another key (a restored backup with a new key): no match
+            digest = _dummy()  # sealed by another key (a restored backup with a new key): no match
             sealed = None
     if not password or len(password) > MAX_LENGTH:
         return False
