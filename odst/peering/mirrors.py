@@ -7,11 +7,13 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 
 import structlog
+from nats.errors import NoRespondersError
 from nats.js import api
 
 from odst.bus.streams import ensure_stream, find_stream
@@ -24,6 +26,13 @@ log = structlog.get_logger("odst.linker")
 
 WATCH_EVERY_S = 5.0  # how often peers' logs are compared with their mirrors here
 STREAM_NOT_FOUND = 10059  # JetStream's error code
+# A mirror's request for its consumer on the origin (nats-server's setupMirrorConsumer),
+# and the reply subject its server waits on.
+CONSUMER_CREATE = ("$JS.*.API.CONSUMER.CREATE.EVENTS", "$JS.*.API.CONSUMER.CREATE.EVENTS.>")
+MIRROR_REPLY_PREFIX = "$JSC.R."
+RESEND_WITHIN_S = 20.0  # nats-server waits 30 s for the answer; ours must come before that
+REACH_EVERY_S = 0.25
+CLUSTER_NOT_AVAILABLE = 10008  # JetStream's "temporarily unavailable"; not one that changes the request
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
 
@@ -51,6 +60,104 @@ def divergence(sid: str, mirror, origin: dict) -> tuple[str, dict]:
     if changed:
         return (f"site {sid}'s event log is no longer append-only ({', '.join(changed)} changed)", detail)
     return "", detail
+
+
+def mirror_request(site_id: str, subject: str, reply: str | None, data: bytes) -> str | None:
+    """The origin site whose log this site's own mirror asks a consumer of, or None when the
+    request is not one of this site's mirrors (a peer's, seen through the leaf tree)."""
+    if not reply or not reply.startswith(MIRROR_REPLY_PREFIX):
+        return None
+    origin = subject.split(".")[1]
+    try:
+        meta = json.loads(data)["config"]["metadata"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if meta.get("_nats.mirror.domain") != site_id or meta.get("_nats.mirror.stream") != mirror_name(origin):
+        return None
+    return origin
+
+
+def unreachable_answer(origin: str, site_id: str) -> bytes:
+    """The answer to a mirror's consumer request that no server heard: an error, so nats-server
+    stops waiting for it and the next leaf link to come up retries the mirror at once."""
+    return json.dumps({"type": "io.nats.jetstream.api.v1.consumer_create_response",
+                       "error": {"code": 503, "err_code": CLUSTER_NOT_AVAILABLE,
+                                 "description": f"site {origin} is not reachable through the leaf links "
+                                                f"(answered by ODST at site {site_id})"}}).encode()
+
+
+class MirrorResume:
+    """Gets this site's mirrors their consumer on the origin as soon as the origin is reachable.
+
+    nats-server asks for a mirror's consumer when it restores the mirror (0.1-0.2 s after
+    start, before any leaf link is up) and after a stall; a request no server heard is
+    waited on for 30 s, during which the leaf link coming up does not retry the mirror,
+    then retried after a back-off of 10 s per failure: ~40 s after a restart. So this
+    site's connection listens to its own mirrors' requests: when the origin does not answer
+    (no responders), it sends the very same request again once the origin is reachable
+    (within RESEND_WITHIN_S) and relays the origin's answer to the mirror; an origin that
+    stays unreachable gets the mirror an error instead of 30 s of silence. Nothing is
+    deleted or recreated: the consumer is the one the mirror asked for, with its config.
+    """
+
+    def __init__(self, *, site_id: str, nc):
+        self.site_id, self.nc = site_id, nc
+        self._subs: list = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> "MirrorResume":
+        for subject in CONSUMER_CREATE:
+            self._subs.append(await self.nc.subscribe(subject, cb=self._on_request))
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_request(self, msg) -> None:
+        origin = mirror_request(self.site_id, msg.subject, msg.reply, msg.data)
+        if origin is None:
+            return
+        task = asyncio.create_task(self._see_answered(origin, msg), name=f"mirror-resume-{origin}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reachable(self, origin: str) -> bool | None:
+        """True: the origin's JetStream answers; False: no server listens for it; None: unsure."""
+        try:
+            await self.nc.request(f"$JS.{origin}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            return True
+        except NoRespondersError:
+            return False
+        except Exception:
+            return None
+
+    async def _see_answered(self, origin: str, msg) -> None:
+        if await self._reachable(origin) is not False:
+            return  # the request reached the origin, whose answer goes straight to the mirror
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESEND_WITHIN_S
+        while loop.time() < deadline:
+            await asyncio.sleep(REACH_EVERY_S)
+            if await self._reachable(origin):
+                try:
+                    answer = await self.nc.request(msg.subject, msg.data, timeout=5, headers=msg.headers)
+                except Exception as exc:
+                    log.warning("mirror consumer request resent, unanswered", peer=origin, error=type(exc).__name__)
+                    return
+                await self.nc.publish(msg.reply, answer.data)
+                log.info("mirror consumer request resent once the origin was reachable", peer=origin,
+                         stream=mirror_name(origin))
+                return
+        await self.nc.publish(msg.reply, unreachable_answer(origin, self.site_id))
+        log.info("mirror's origin unreachable; its mirror retries when a leaf link comes up", peer=origin)
 
 
 class Linker:
