@@ -32,6 +32,7 @@ CONSUMER_CREATE = ("$JS.*.API.CONSUMER.CREATE.EVENTS", "$JS.*.API.CONSUMER.CREAT
 MIRROR_REPLY_PREFIX = "$JSC.R."
 RESEND_WITHIN_S = 20.0  # nats-server waits 30 s for the answer; ours must come before that
 REACH_EVERY_S = 0.25
+ANSWER_WAIT_S = 3.0  # an origin that is reachable answers a request it heard within this
 CLUSTER_NOT_AVAILABLE = 10008  # JetStream's "temporarily unavailable"; not one that changes the request
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
@@ -93,21 +94,25 @@ class MirrorResume:
     start, before any leaf link is up) and after a stall; a request no server heard is
     waited on for 30 s, during which the leaf link coming up does not retry the mirror,
     then retried after a back-off of 10 s per failure: ~40 s after a restart. So this
-    site's connection listens to its own mirrors' requests: when the origin does not answer
-    (no responders), it sends the very same request again once the origin is reachable
-    (within RESEND_WITHIN_S) and relays the origin's answer to the mirror; an origin that
-    stays unreachable gets the mirror an error instead of 30 s of silence. Nothing is
-    deleted or recreated: the consumer is the one the mirror asked for, with its config.
+    site's connection listens to its own mirrors' requests and to the answers they get
+    (``$JSC.R.>``): a request no answer came to, because no server listened for the origin
+    or the link came up just after it, is sent again, unchanged, once the origin is
+    reachable (within RESEND_WITHIN_S), and the origin's answer relayed to the mirror; an
+    origin that stays unreachable gets the mirror an error instead of 30 s of silence, so
+    that the next leaf link to come up retries it. Nothing is deleted or recreated: the
+    consumer is the one the mirror asked for, with its config.
     """
 
     def __init__(self, *, site_id: str, nc):
         self.site_id, self.nc = site_id, nc
         self._subs: list = []
         self._tasks: set[asyncio.Task] = set()
+        self._answered: dict[str, float] = {}  # reply subject -> when an answer went to it
 
     async def start(self) -> "MirrorResume":
         for subject in CONSUMER_CREATE:
             self._subs.append(await self.nc.subscribe(subject, cb=self._on_request))
+        self._subs.append(await self.nc.subscribe(f"{MIRROR_REPLY_PREFIX}>", cb=self._on_answer))
         await self.nc.flush()
         return self
 
@@ -120,6 +125,12 @@ class MirrorResume:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_answer(self, msg) -> None:
+        now = time.monotonic()
+        if len(self._answered) > 1000:
+            self._answered = {k: t for k, t in self._answered.items() if now - t < 2 * RESEND_WITHIN_S}
+        self._answered[msg.subject] = now
 
     async def _on_request(self, msg) -> None:
         origin = mirror_request(self.site_id, msg.subject, msg.reply, msg.data)
@@ -140,24 +151,36 @@ class MirrorResume:
             return None
 
     async def _see_answered(self, origin: str, msg) -> None:
-        if await self._reachable(origin) is not False:
-            return  # the request reached the origin, whose answer goes straight to the mirror
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RESEND_WITHIN_S
-        while loop.time() < deadline:
-            await asyncio.sleep(REACH_EVERY_S)
-            if await self._reachable(origin):
-                try:
-                    answer = await self.nc.request(msg.subject, msg.data, timeout=5, headers=msg.headers)
-                except Exception as exc:
-                    log.warning("mirror consumer request resent, unanswered", peer=origin, error=type(exc).__name__)
-                    return
-                await self.nc.publish(msg.reply, answer.data)
-                log.info("mirror consumer request resent once the origin was reachable", peer=origin,
-                         stream=mirror_name(origin))
+        started, missed = loop.time(), False
+        while True:
+            reachable = await self._reachable(origin)
+            waited = loop.time() - started
+            if msg.reply in self._answered:
+                return  # the origin heard it (or the mirror was answered already)
+            if reachable is False:
+                missed = True  # nobody heard the request
+            elif reachable and (missed or waited >= ANSWER_WAIT_S):
+                await self._resend(origin, msg)  # missed, or lost just before the link came up
                 return
-        await self.nc.publish(msg.reply, unreachable_answer(origin, self.site_id))
-        log.info("mirror's origin unreachable; its mirror retries when a leaf link comes up", peer=origin)
+            if waited > RESEND_WITHIN_S:
+                await self.nc.publish(msg.reply, unreachable_answer(origin, self.site_id))
+                log.info("mirror's origin unreachable; its mirror retries when a leaf link comes up", peer=origin)
+                return
+            await asyncio.sleep(max(REACH_EVERY_S, ANSWER_WAIT_S - waited) if reachable and not missed
+                                else REACH_EVERY_S)
+
+    async def _resend(self, origin: str, msg) -> None:
+        """The mirror's request again, unchanged, and the origin's answer to the mirror."""
+        try:
+            answer = await self.nc.request(msg.subject, msg.data, timeout=5, headers=msg.headers)
+        except Exception as exc:
+            log.warning("mirror consumer request resent, unanswered", peer=origin, error=type(exc).__name__)
+            return
+        if msg.reply not in self._answered:
+            await self.nc.publish(msg.reply, answer.data)
+            log.info("mirror consumer request resent once the origin was reachable", peer=origin,
+                     stream=mirror_name(origin))
 
 
 class Linker:
@@ -181,8 +204,8 @@ class Linker:
 
     async def ensure_mirror(self, sid: str) -> bool:
         """Make the mirror of ``sid``'s log, once its JetStream answers through the leaf tree:
-        a mirror made before its origin is reachable retries on a back-off of ~40 s, and
-        ODST never deletes a mirror to hurry it. False: not made yet."""
+        a mirror made before its origin is reachable waits on a request nobody heard (see
+        MirrorResume), and ODST never deletes a mirror to hurry it. False: not made yet."""
         js = self.js
         name = mirror_name(sid)
         if await find_stream(js, name) is not None:
