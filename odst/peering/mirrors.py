@@ -32,6 +32,7 @@ CONSUMER_CREATE = ("$JS.*.API.CONSUMER.CREATE.EVENTS", "$JS.*.API.CONSUMER.CREAT
 MIRROR_REPLY_PREFIX = "$JSC.R."
 RESEND_WITHIN_S = 20.0  # nats-server waits 30 s for the answer; ours must come before that
 REACH_EVERY_S = 0.25
+MAX_WATCHED = 256  # requests watched at once (one per origin: a mirror has one pending)
 ANSWER_WAIT_S = 3.0  # an origin that is reachable answers a request it heard within this
 CLUSTER_NOT_AVAILABLE = 10008  # JetStream's "temporarily unavailable"; not one that changes the request
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
@@ -106,7 +107,7 @@ class MirrorResume:
     def __init__(self, *, site_id: str, nc):
         self.site_id, self.nc = site_id, nc
         self._subs: list = []
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}  # origin -> watch of its mirror's latest request
         self._answered: dict[str, float] = {}  # reply subject -> when an answer went to it
 
     async def start(self) -> "MirrorResume":
@@ -122,9 +123,9 @@ class MirrorResume:
                 await sub.unsubscribe()
             except Exception:
                 pass
-        for task in list(self._tasks):
+        for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _on_answer(self, msg) -> None:
         now = time.monotonic()
@@ -136,9 +137,14 @@ class MirrorResume:
         origin = mirror_request(self.site_id, msg.subject, msg.reply, msg.data)
         if origin is None:
             return
+        earlier = self._tasks.pop(origin, None)
+        if earlier is not None:
+            earlier.cancel()  # the mirror asks again: its earlier request is moot
+        elif len(self._tasks) >= MAX_WATCHED:
+            return  # more origins than any site has peers: a peer sending look-alike requests
         task = asyncio.create_task(self._see_answered(origin, msg), name=f"mirror-resume-{origin}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[origin] = task
+        task.add_done_callback(lambda t: self._tasks.pop(origin, None) if self._tasks.get(origin) is t else None)
 
     async def _reachable(self, origin: str) -> bool | None:
         """True: the origin's JetStream answers; False: no server listens for it; None: unsure."""
