@@ -43,7 +43,7 @@ from odst.notify.ledger import Ledger
 from odst.notify.mailer import Mailer
 from odst.notify.service import Notifier, Pruner
 from odst.notify.webhooks import WebhookSender
-from odst.peering.mirrors import Linker
+from odst.peering.mirrors import Linker, MirrorResume
 from odst.peering.registration import Registrar, RegistrationService
 from odst.projections import views
 from odst.projections.appender import ConfirmedAppender
@@ -100,11 +100,14 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     else:
         seed = load_or_create_client_seed(data)
         site.broker = site_broker(settings, key, authorization=site.broker_users(public_key_of_seed(seed)))
-        site.nats_url = site.broker.start()
+        site.nats_url = site.broker.start(defer_jetstream=True)  # on below, once we listen
         site.client_nkey = public_key_of_seed(seed)
     site.nc = nc = await connect(site.nats_url, seed=seed, site=site_id,
                                  name=f"odst-{site_id}-{'+'.join(sorted(roles))}",
                                  max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    if all_in_one or "projector" in roles:  # the role that makes the mirrors
+        site.mirror_resume = await MirrorResume(site_id=site_id, nc=nc).start()
+    await site.resume_jetstream()
     site.js = js = nc.jetstream(timeout=10)
     if settings.nats:
         info = await until_ready(js.account_info, timeout=90)

@@ -19,7 +19,7 @@ import structlog
 
 from odst import tasks
 from odst.bus import authorization as authz
-from odst.bus.embedded import BrokerError, EmbeddedBroker
+from odst.bus.embedded import BrokerError, EmbeddedBroker, wait_for_jetstream
 from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
 from odst.bus.identity import client_seed_path, public_key_of_seed, read_seed, user_public_key
 from odst.bus.users import authorization_users
@@ -69,6 +69,7 @@ class Site:
         self.lock = DataDirLock(self.data)  # held by the projector (the one read-model writer)
         self.printed_token: str | None = None
         self.linker = None
+        self.mirror_resume = None  # odst.peering.mirrors.MirrorResume: listens before JetStream restores
         self.log_watch = None  # odst.events.watch.LogWatch: is EVENTS still the log the read model folded?
         self.replicator = None
         self.integrity = None  # replicator role: the one re-check of stored files (odst.replicator.integrity)
@@ -148,6 +149,22 @@ class Site:
                                                  self.data / SYSTEM_SEED_FILE)
             self._auth_include.update(self.broker_users(public_key_of_seed(self.external_seed())))
 
+    async def resume_jetstream(self, reconnect_s: float = 0) -> None:
+        """Turn the embedded broker's JetStream on once this connection listens for its
+        mirrors' consumer requests (odst.bus.embedded): within ``reconnect_s`` of a broker
+        restart, once the connection is back, its subscriptions with it."""
+        if self.broker is None:
+            return
+        deadline = asyncio.get_running_loop().time() + reconnect_s
+        while not self.nc.is_connected and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        try:
+            await self.nc.flush(timeout=2)
+        except Exception:
+            pass  # not back yet: JetStream goes on all the same
+        if self.broker.enable_jetstream():
+            await wait_for_jetstream(self.nc)
+
     async def supervise_broker(self) -> None:
         """Restart the embedded broker when it dies (back-off 0.5 s doubling to 8 s); after
         BROKER_RESTARTS failures in a row, stop the site with exit code 1 so that systemd
@@ -162,6 +179,7 @@ class Site:
             try:
                 await loop.run_in_executor(None, self.broker.restart)
                 log.warning("broker restarted", url=self.broker.url)
+                await self.resume_jetstream(reconnect_s=10)
                 continue
             except (BrokerError, OSError) as exc:
                 failures += 1
@@ -258,6 +276,8 @@ class Site:
 
     async def close(self) -> None:
         await tasks.cancel(*self.tasks)
+        if self.mirror_resume:
+            await self.mirror_resume.stop()
         if self.jamf:
             await self.jamf.stop()
         if self.notifier:

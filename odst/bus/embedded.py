@@ -5,10 +5,17 @@ JetStream on, store under the data directory, the site id as JetStream domain,
 server on a path must allow it, hub included, or it drops the connection). The
 child gets SIGTERM if we die (PR_SET_PDEATHSIG), so a kill -9 of ``odst serve``
 never leaves a broker holding the store.
+
+``odst serve`` starts it with JetStream off and turns it on (a config reload) once its
+own connection listens for its mirrors' consumer requests (odst.peering.mirrors.
+MirrorResume): JetStream asks each peer for a mirror consumer 0.1-0.2 s after restoring
+the mirror, before any leaf link is up, and a request nobody hears is waited on for 30 s,
+deaf to the leaf link that comes up meanwhile, then retried 10 s later (~40 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -61,6 +68,7 @@ class BrokerConfig:
     leaf_seed: str = ""  # this site's NKey seed, presented to the hubs it dials
     leaf_deny_imports: list[str] = field(default_factory=list)
     leaf_deny_exports: list[str] = field(default_factory=list)
+    jetstream: bool = True  # off: started without it, turned on by enable_jetstream()
     extra: str = ""
 
     def render(self) -> str:
@@ -76,6 +84,7 @@ class BrokerConfig:
             f'  store_dir: "{self.store_dir}"',
             f'  domain: "{self.site}"',
             f"  sync_interval: {self.sync_interval}",
+            "" if self.jetstream else "  enabled: false",
             "}",
         ]
         if self.leaf_listen or self.leaf_remotes:
@@ -145,8 +154,14 @@ class EmbeddedBroker:
         self.url: str | None = None
         self._log_offset = 0
         self._problem = ""
+        self._defer_jetstream = False
 
-    def start(self, timeout: float = 20.0) -> str:
+    def start(self, timeout: float = 20.0, *, defer_jetstream: bool = False) -> str:
+        """Start nats-server and return its URL. ``defer_jetstream``: without JetStream
+        until enable_jetstream() (also after a restart), so that the site's connection can
+        listen before the mirrors are restored (see the module docstring)."""
+        self._defer_jetstream = defer_jetstream
+        self.config.jetstream = not defer_jetstream
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.store_dir.mkdir(parents=True, exist_ok=True)
         self._stop_stale()
@@ -198,6 +213,18 @@ class EmbeddedBroker:
         log.info("broker authorization reloaded")
         return True
 
+    def enable_jetstream(self) -> bool:
+        """Turn JetStream on (a config reload: the leaf links stay up); it restores the
+        streams at once. False if it was on already."""
+        if self.config.jetstream:
+            return False
+        self.config.jetstream = True
+        self._write_config()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+        log.info("broker JetStream enabled")
+        return True
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -209,7 +236,7 @@ class EmbeddedBroker:
         code = self.proc.poll() if self.proc else None
         log.error("broker died; restarting it", code=code)
         self.stop()
-        return self.start(timeout)
+        return self.start(timeout, defer_jetstream=self._defer_jetstream)
 
     def problem(self) -> str:
         """A broker problem an operator must fix (e.g. a leaf-node loop), read from its log."""
@@ -257,3 +284,19 @@ class EmbeddedBroker:
             self.proc.kill()
             self.proc.wait(5)
         log.info("broker stopped", code=self.proc.returncode)
+
+
+async def wait_for_jetstream(nc, timeout: float = 20.0) -> None:
+    """Poll until the broker's JetStream answers (after enable_jetstream()); BrokerError if not."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            msg = await nc.request("$JS.API.INFO", b"", timeout=1)
+            if b'"error"' not in msg.data:
+                return
+        except Exception:  # no responders yet, a timeout, a reconnect in progress
+            pass
+        if loop.time() > deadline:
+            raise BrokerError(f"JetStream did not answer within {timeout}s of being enabled")
+        await asyncio.sleep(0.05)

@@ -7,11 +7,13 @@ through the leaf tree with ``$JS.<site>.API`` — no relaying, no echo.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
 
 import structlog
+from nats.errors import NoRespondersError
 from nats.js import api
 
 from odst.bus.streams import ensure_stream, find_stream
@@ -24,6 +26,15 @@ log = structlog.get_logger("odst.linker")
 
 WATCH_EVERY_S = 5.0  # how often peers' logs are compared with their mirrors here
 STREAM_NOT_FOUND = 10059  # JetStream's error code
+# A mirror's request for its consumer on the origin (nats-server's setupMirrorConsumer),
+# and the reply subject its server waits on.
+CONSUMER_CREATE = ("$JS.*.API.CONSUMER.CREATE.EVENTS", "$JS.*.API.CONSUMER.CREATE.EVENTS.>")
+MIRROR_REPLY_PREFIX = "$JSC.R."
+RESEND_WITHIN_S = 20.0  # nats-server waits 30 s for the answer; ours must come before that
+REACH_EVERY_S = 0.25
+MAX_WATCHED = 256  # requests watched at once (one per origin: a mirror has one pending)
+ANSWER_WAIT_S = 3.0  # an origin that is reachable answers a request it heard within this
+CLUSTER_NOT_AVAILABLE = 10008  # JetStream's "temporarily unavailable"; not one that changes the request
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
 
@@ -53,6 +64,131 @@ def divergence(sid: str, mirror, origin: dict) -> tuple[str, dict]:
     return "", detail
 
 
+def mirror_request(site_id: str, subject: str, reply: str | None, data: bytes) -> str | None:
+    """The origin site whose log this site's own mirror asks a consumer of, or None when the
+    request is not one of this site's mirrors (a peer's, seen through the leaf tree)."""
+    if not reply or not reply.startswith(MIRROR_REPLY_PREFIX):
+        return None
+    origin = subject.split(".")[1]
+    try:
+        meta = json.loads(data)["config"]["metadata"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if meta.get("_nats.mirror.domain") != site_id or meta.get("_nats.mirror.stream") != mirror_name(origin):
+        return None
+    return origin
+
+
+def unreachable_answer(origin: str, site_id: str) -> bytes:
+    """The answer to a mirror's consumer request that no server heard: an error, so nats-server
+    stops waiting for it and the next leaf link to come up retries the mirror at once."""
+    return json.dumps({"type": "io.nats.jetstream.api.v1.consumer_create_response",
+                       "error": {"code": 503, "err_code": CLUSTER_NOT_AVAILABLE,
+                                 "description": f"site {origin} is not reachable through the leaf links "
+                                                f"(answered by ODST at site {site_id})"}}).encode()
+
+
+class MirrorResume:
+    """Gets this site's mirrors their consumer on the origin as soon as the origin is reachable.
+
+    nats-server asks for a mirror's consumer when it restores the mirror (0.1-0.2 s after
+    start, before any leaf link is up) and after a stall; a request no server heard is
+    waited on for 30 s, during which the leaf link coming up does not retry the mirror,
+    then retried after a back-off of 10 s per failure: ~40 s after a restart. So this
+    site's connection listens to its own mirrors' requests and to the answers they get
+    (``$JSC.R.>``): a request no answer came to, because no server listened for the origin
+    or the link came up just after it, is sent again, unchanged, once the origin is
+    reachable (within RESEND_WITHIN_S), and the origin's answer relayed to the mirror; an
+    origin that stays unreachable gets the mirror an error instead of 30 s of silence, so
+    that the next leaf link to come up retries it. Nothing is deleted or recreated: the
+    consumer is the one the mirror asked for, with its config.
+    """
+
+    def __init__(self, *, site_id: str, nc):
+        self.site_id, self.nc = site_id, nc
+        self._subs: list = []
+        self._tasks: dict[str, asyncio.Task] = {}  # origin -> watch of its mirror's latest request
+        self._answered: dict[str, float] = {}  # reply subject -> when an answer went to it
+
+    async def start(self) -> "MirrorResume":
+        for subject in CONSUMER_CREATE:
+            self._subs.append(await self.nc.subscribe(subject, cb=self._on_request))
+        self._subs.append(await self.nc.subscribe(f"{MIRROR_REPLY_PREFIX}>", cb=self._on_answer))
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _on_answer(self, msg) -> None:
+        now = time.monotonic()
+        if len(self._answered) > 1000:
+            self._answered = {k: t for k, t in self._answered.items() if now - t < 2 * RESEND_WITHIN_S}
+        self._answered[msg.subject] = now
+
+    async def _on_request(self, msg) -> None:
+        origin = mirror_request(self.site_id, msg.subject, msg.reply, msg.data)
+        if origin is None:
+            return
+        earlier = self._tasks.pop(origin, None)
+        if earlier is not None:
+            earlier.cancel()  # the mirror asks again: its earlier request is moot
+        elif len(self._tasks) >= MAX_WATCHED:
+            return  # more origins than any site has peers: a peer sending look-alike requests
+        task = asyncio.create_task(self._see_answered(origin, msg), name=f"mirror-resume-{origin}")
+        self._tasks[origin] = task
+        task.add_done_callback(lambda t: self._tasks.pop(origin, None) if self._tasks.get(origin) is t else None)
+
+    async def _reachable(self, origin: str) -> bool | None:
+        """True: the origin's JetStream answers; False: no server listens for it; None: unsure."""
+        try:
+            await self.nc.request(f"$JS.{origin}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            return True
+        except NoRespondersError:
+            return False
+        except Exception:
+            return None
+
+    async def _see_answered(self, origin: str, msg) -> None:
+        loop = asyncio.get_running_loop()
+        started, missed = loop.time(), False
+        while True:
+            reachable = await self._reachable(origin)
+            waited = loop.time() - started
+            if msg.reply in self._answered:
+                return  # the origin heard it (or the mirror was answered already)
+            if reachable is False:
+                missed = True  # nobody heard the request
+            elif reachable and (missed or waited >= ANSWER_WAIT_S):
+                await self._resend(origin, msg)  # missed, or lost just before the link came up
+                return
+            if waited > RESEND_WITHIN_S:
+                await self.nc.publish(msg.reply, unreachable_answer(origin, self.site_id))
+                log.info("mirror's origin unreachable; its mirror retries when a leaf link comes up", peer=origin)
+                return
+            await asyncio.sleep(max(REACH_EVERY_S, ANSWER_WAIT_S - waited) if reachable and not missed
+                                else REACH_EVERY_S)
+
+    async def _resend(self, origin: str, msg) -> None:
+        """The mirror's request again, unchanged, and the origin's answer to the mirror."""
+        try:
+            answer = await self.nc.request(msg.subject, msg.data, timeout=5, headers=msg.headers)
+        except Exception as exc:
+            log.warning("mirror consumer request resent, unanswered", peer=origin, error=type(exc).__name__)
+            return
+        if msg.reply not in self._answered:
+            await self.nc.publish(msg.reply, answer.data)
+            log.info("mirror consumer request resent once the origin was reachable", peer=origin,
+                     stream=mirror_name(origin))
+
+
 class Linker:
     def __init__(self, *, site_id: str, nc, js, reader: sqlite3.Connection, append: Append,
                  projection: ProjectionStatus, replicas: int):
@@ -74,8 +210,8 @@ class Linker:
 
     async def ensure_mirror(self, sid: str) -> bool:
         """Make the mirror of ``sid``'s log, once its JetStream answers through the leaf tree:
-        a mirror made before its origin is reachable retries on a back-off of ~40 s, and
-        ODST never deletes a mirror to hurry it. False: not made yet."""
+        a mirror made before its origin is reachable waits on a request nobody heard (see
+        MirrorResume), and ODST never deletes a mirror to hurry it. False: not made yet."""
         js = self.js
         name = mirror_name(sid)
         if await find_stream(js, name) is not None:
