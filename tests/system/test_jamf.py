@@ -116,7 +116,11 @@ def test_three_sites_dp_records_package_record_after_prod_everywhere_replace_and
                 for m in macs:
                     m.start()
                 net.wait_until(lambda: all(m.first(next(iter(versions))) for m in macs), 30, "every Mac to get v1")
-                # Jamf Pro refuses the token right after the sync found the record, before it writes it
+                # Jamf Pro refuses the token right after the sync found the record, before it writes it.
+                # Tokens live 60 s from here (the 2 s ones are void): on a loaded machine a 2 s token
+                # could age out between the lookup and the write, and ODST would renew it unasked.
+                standin.token_lifetime = 60.0
+                standin.revoke_tokens()
                 standin.revoke_after("GET", "/api/v1/packages")
                 revoked_from = len(standin.log)
                 v2 = net.upload("c", "Tool.pkg", data=new, replace=True)
