@@ -17,7 +17,8 @@ import pytest
 from odst.accounts import passwords
 from odst.accounts.sessions import SessionStore
 from odst.events.signing import SiteKey
-from tests.conftest import run_odst, wait_until
+from harness.site import SiteProcess
+from tests.conftest import free_port, run_odst, wait_until
 
 PW = "correct horse battery"
 
@@ -104,6 +105,15 @@ def test_the_last_admin_cannot_be_demoted_or_removed(site):
     assert admin.patch("/api/v1/users/admin", json={"role": "auditor"}).json()["role"] == "auditor"
 
 
+@pytest.fixture(scope="module")
+def shared_site(tmp_path_factory):
+    """One site for the many small refusal cases below: each asserts it changed nothing."""
+    s = SiteProcess(data=tmp_path_factory.mktemp("accounts") / "site", port=free_port())
+    s.start()
+    yield s
+    s.stop()
+
+
 @pytest.mark.parametrize("body, status", [
     ({"username": "../etc", "password": PW}, 400),
     ({"username": "a\x00b", "password": PW}, 400),
@@ -114,8 +124,8 @@ def test_the_last_admin_cannot_be_demoted_or_removed(site):
     ({"username": "ok", "password": PW, "display_name": "bell\x07"}, 400),
     ({"username": "ok", "password": PW, "extra": 1}, 400),
 ])
-def test_bad_user_input_is_refused_and_creates_nothing(site, body, status):
-    admin = site.client()
+def test_bad_user_input_is_refused_and_creates_nothing(shared_site, body, status):
+    admin = shared_site.client()
     r = admin.post("/api/v1/users", json=body)
     assert r.status_code == status and r.json()["detail"], r.text
     assert [u["username"] for u in admin.get("/api/v1/users").json()["users"]] == ["admin"]
@@ -185,8 +195,8 @@ def test_sign_in_is_rate_limited_per_user_and_per_address(make_site):
 @pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"username": "admin"}', b'{"username": 1, "password": 2}',
                                      json.dumps({"username": "a" * 100_000, "password": "x"}).encode(),
                                      json.dumps({"username": "admin\x00", "password": "x"}).encode()])
-def test_malformed_sign_in_is_a_clear_4xx(site, content):
-    r = httpx.post(f"{site.url}/api/v1/session", content=content, timeout=30,
+def test_malformed_sign_in_is_a_clear_4xx(shared_site, content):
+    r = httpx.post(f"{shared_site.url}/api/v1/session", content=content, timeout=30,
                    headers={"Content-Type": "application/json"})
     assert r.status_code in (400, 401) and r.json()["detail"], r.text
     assert "set-cookie" not in r.headers
