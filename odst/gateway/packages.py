@@ -21,6 +21,7 @@ from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
+from odst.gateway.protocol import BODY_FOLLOWS
 from odst.jamf.digests import Digests, digests_path, extra_types
 from odst.store.files import StoreFull, StreamingUpload
 
@@ -388,7 +389,7 @@ class Uploads:
             log.exception("unhandled error", path=scope["path"])
             status, answer, headers = error_answer(exc)
         body = _JSON.encode(answer)
-        await send({"type": "http.response.start", "status": status, "headers": [
+        await send({"type": "http.response.start", "status": status, BODY_FOLLOWS: True, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1")),
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": body})
