@@ -307,8 +307,9 @@ class Store:
         return renamed
 
     def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]:
-        """Start-up clean-up: drop upload temp files and any file no event ever published
-        (``published``: keys, as views.published_names gives them).
+        """Start-up clean-up: drop upload temp files, publishing markers a killed publisher left
+        (``publishing``) and any file no event ever published (``published``: keys, as
+        views.published_names gives them).
 
         With other processes on the same store, only files untouched for
         ``older_than_s`` are taken: a younger one may be another gateway's upload.
@@ -321,7 +322,7 @@ class Store:
                 return p.stat().st_mtime <= cutoff
             except FileNotFoundError:
                 return False
-        for p in [*self.tmp.glob("*.part"), *self.tmp.glob("*.old")]:
+        for p in [*self.tmp.glob("*.part"), *self.tmp.glob("*.old"), *self.tmp.glob("*.publishing")]:
             if not old(p):
                 continue
             p.unlink(missing_ok=True)
