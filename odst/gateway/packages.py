@@ -188,7 +188,7 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
     try:
         await _receive_body(receive, upload, settings.max_upload_bytes)
-        # a new package's file is fsynced once linked (publish_grouped), a replacement's here
+        # a new package's file is fsynced once linked (Store.publishing_upload), a replacement's here
         manifest = await upload.finish(fsync=replace)
     except ClientGone:
         await upload.abort()
