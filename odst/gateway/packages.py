@@ -21,6 +21,7 @@ from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
 from odst.naming import MAX_INT64, ascii_int, check_name, name_in_path, name_key
 from odst.projections import views
 from odst.gateway.context import GatewayContext
+from odst.gateway.protocol import BODY_FOLLOWS
 from odst.jamf.digests import Digests, digests_path, extra_types
 from odst.store.files import StoreFull, StreamingUpload
 
@@ -187,7 +188,8 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
     try:
         await _receive_body(receive, upload, settings.max_upload_bytes)
-        manifest = await upload.finish()
+        # a new package's file is fsynced once linked (Store.publishing_upload), a replacement's here
+        manifest = await upload.finish(fsync=replace)
     except ClientGone:
         await upload.abort()
         log.warning("upload truncated: client disconnected", package=name, received=upload.received)
@@ -220,19 +222,18 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
                 return 200, decision.existing
             site.stats.uploads["refused"] += 1
             raise _refused(decision)
-        with site.store.publishing(name):
-            try:
-                await site.store.publish_grouped(upload.path, name)
-            except FileExistsError:
-                upload.path.unlink(missing_ok=True)
-                raise PackageConflict(f"a file named {name!r} is being published; retry") from None
-            try:
-                appended = await site.append(decision.event, actor=actor)
-            except NotYetApplied as exc:  # recorded: the file stays, as the log says
-                raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
-            except AppendFailed as exc:
-                site.store.remove(name)
-                raise Unavailable(f"upload not recorded, try again: {exc}") from None
+        try:
+            async with site.store.publishing_upload(upload.path, name):  # file and link durable
+                try:
+                    appended = await site.append(decision.event, actor=actor)
+                except NotYetApplied as exc:  # recorded: the file stays, as the log says
+                    raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
+                except AppendFailed as exc:
+                    site.store.remove(name)
+                    raise Unavailable(f"upload not recorded, try again: {exc}") from None
+        except FileExistsError:  # from the link alone: nothing was published
+            upload.path.unlink(missing_ok=True)
+            raise PackageConflict(f"a file named {name!r} is being published; retry") from None
     log.info("upload published", package=name, size=manifest.size, sha1=manifest.sha1)
     site.stats.uploads["published"] += 1
     current = views.package(site.reader, name)
@@ -388,7 +389,7 @@ class Uploads:
             log.exception("unhandled error", path=scope["path"])
             status, answer, headers = error_answer(exc)
         body = _JSON.encode(answer)
-        await send({"type": "http.response.start", "status": status, "headers": [
+        await send({"type": "http.response.start", "status": status, BODY_FOLLOWS: True, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("latin-1")),
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": body})

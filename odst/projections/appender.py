@@ -7,7 +7,7 @@ gets a ``ConfirmedAppender``'s ``append``, so that what it reads next already sh
 from __future__ import annotations
 
 import sqlite3
-from typing import Protocol
+from typing import Callable, Protocol
 
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, AppendFailed, Appended, EventLog, NotYetApplied
@@ -19,8 +19,8 @@ class Append(Protocol):
 
 
 class AppendMany(Protocol):
-    async def __call__(self, events: list[ev.Event], *, actor: str,
-                       wait: float = 30.0) -> list[Appended | AppendFailed]: ...
+    async def __call__(self, events: list[ev.Event], *, actor: str, wait: float = 30.0,
+                       on_published: Callable[[], None] | None = None) -> list[Appended | AppendFailed]: ...
 
 
 class ConfirmedAppender:
@@ -45,12 +45,16 @@ class ConfirmedAppender:
                                f"{q[0] if q else 'unknown reason'}")
         return appended
 
-    async def append_many(self, events: list[ev.Event], *, actor: str,
-                          wait: float = 30.0) -> list[Appended | AppendFailed]:
+    async def append_many(self, events: list[ev.Event], *, actor: str, wait: float = 30.0,
+                          on_published: Callable[[], None] | None = None) -> list[Appended | AppendFailed]:
         """Append several events in one round trip (``EventLog.append_many``), then wait once
         until the read model has applied them all. Per event, its ``Appended`` or the
-        ``AppendFailed`` saying why not (not appended, or refused by the projector)."""
+        ``AppendFailed`` saying why not (not appended, or refused by the projector).
+        ``on_published`` is called once the broker has answered for every event (stored and
+        fsynced, or refused), before the wait for the fold (batch.GroupCommit's next round)."""
         results = await self.events.append_many(events, actor=actor)
+        if on_published is not None:
+            on_published()
         done = [r for r in results if isinstance(r, Appended)]
         if not done:
             return results

@@ -3,8 +3,11 @@
 ``GroupCommit`` is an ``Append`` (odst.projections.appender) for many concurrent writers,
 such as uploads finishing side by side. While one append (publish, JetStream's ack after its
 fsync, the fold) is in flight, the events that arrive queue up; when it is done they are
-appended in one ``ConfirmedAppender.append_many``: one round trip to the broker, one fsync
-for the run, one wait for the fold. Each caller is still answered only once ITS event is
+appended in one ``ConfirmedAppender.append_many``: one round trip to the broker, one wait
+for the fold. The next group is published as soon as the broker has answered for this one
+(its acks: stored and fsynced), while this one waits for its fold: rounds overlap, so a fold
+no longer holds up the next publish (before, ~1.6 events per round trip at 8 uploads side by
+side, each waiting for the previous round's fold too). Each caller is still answered only once ITS event is
 durable and folded, with its own ``Appended`` or its own ``AppendFailed`` (an event the
 broker or the projector refuses fails alone; the others land). Envelopes, chain and
 signatures are exactly those one-by-one appends would make (``EventLog.append_many``).
@@ -31,6 +34,7 @@ class GroupCommit:
         self.max_batch = max_batch
         self._pending: list[tuple[ev.Event, str, float, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._rounds: set[asyncio.Task] = set()  # rounds published and waiting for their fold
         self.counts = Counter() if counts is None else counts  # rounds made, events they carried (/metrics)
 
     async def __call__(self, event: ev.Event, *, actor: str, wait: float | None = None) -> Appended:
@@ -46,35 +50,42 @@ class GroupCommit:
         return result
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             # one actor per append_many (the envelope names it): consecutive runs of one actor
             for actor, run in groupby(batch, key=lambda item: item[1]):
-                await self._commit(actor, list(run))
+                # the round goes on by itself; the next one starts once this one is published
+                # (the log's order is the rounds' order) or over (failed before the broker answered)
+                published = loop.create_future()
 
-    async def _commit(self, actor: str, run: list[tuple[ev.Event, str, float, asyncio.Future]]) -> None:
+                def done(_=None, published=published) -> None:
+                    if not published.done():
+                        published.set_result(None)
+                task = loop.create_task(self._commit(actor, list(run), done), name="group-commit-round")
+                self._rounds.add(task)
+                task.add_done_callback(self._rounds.discard)
+                task.add_done_callback(done)
+                await published
+
+    async def _commit(self, actor: str, run: list[tuple[ev.Event, str, float, asyncio.Future]],
+                      published) -> None:
         events = [item[0] for item in run]
         wait = max(item[2] for item in run)
         self.counts["rounds"] += 1
         self.counts["events"] += len(run)
         try:
-            if len(run) == 1:  # alone: exactly the one-by-one path
-                try:
-                    results: list = [await self._append(events[0], actor=actor, wait=wait)]
-                except AppendFailed as exc:
-                    results = [exc]
-            else:
-                try:
-                    results = await self._append_many(events, actor=actor, wait=wait)
-                except AppendFailed:
-                    # refused as a whole (e.g. one event over the size cap): one by one, so
-                    # that each caller gets its own answer
-                    results = []
-                    for event in events:
-                        try:
-                            results.append(await self._append(event, actor=actor, wait=wait))
-                        except AppendFailed as exc:
-                            results.append(exc)
+            try:  # one event too: EventLog.append_many of one is exactly the one-by-one append
+                results: list = await self._append_many(events, actor=actor, wait=wait, on_published=published)
+            except AppendFailed:
+                # refused as a whole (e.g. one event over the size cap): one by one, so
+                # that each caller gets its own answer (the next round waits for these)
+                results = []
+                for event in events:
+                    try:
+                        results.append(await self._append(event, actor=actor, wait=wait))
+                    except AppendFailed as exc:
+                        results.append(exc)
         except BaseException as exc:  # anything else reaches every caller of the run, as it would have
             cancelled = isinstance(exc, asyncio.CancelledError)
             for *_, future in run:

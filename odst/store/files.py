@@ -9,7 +9,10 @@ A package's file is named by the key of its name (odst.naming.name_key: NFD + ca
 never by a spelling: every spelling of a name maps to the one file, and one file is one
 package. Callers pass any spelling; ``path`` folds it.
 
-Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir.
+Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir; an upload
+(``publish_grouped(fsync_file=True)``) links first and fsyncs the file, then the directory,
+before its event is appended: a file nobody published yet is the sweep's (see ``sweep``), and
+on ext4 the file's fsync then commits the link too, so the directory's costs next to nothing.
 
 Both directories are 0700 and package files 0600, owned by ODST's user: a front end that
 serves packages/ itself (deploy/nginx/odst.conf) runs as that same user.
@@ -90,7 +93,9 @@ class PackageStore(Protocol):
 
     def publish(self, temp: Path, name: str) -> Path: ...
 
-    async def publish_grouped(self, temp: Path, name: str) -> Path: ...
+    async def publish_grouped(self, temp: Path, name: str, *, fsync_file: bool = False) -> Path: ...
+
+    def publishing_upload(self, temp: Path, name: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
 
     def replace(self, temp: Path, name: str) -> Path: ...
 
@@ -110,6 +115,7 @@ class Store:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.packages = self.root / "packages"
+        self._thread_sync = ThreadGroupSync(self.packages)
 
     def ensure(self) -> None:
         for d in (self.tmp, self.packages):
@@ -162,16 +168,59 @@ class Store:
         _fsync_dir(self.packages)
         return dest
 
-    async def publish_grouped(self, temp: Path, name: str) -> Path:
+    async def publish_grouped(self, temp: Path, name: str, *, fsync_file: bool = False) -> Path:
         """``publish`` for many concurrent callers: the link is made here, and the directory
         fsync, off the event loop, is shared with every other caller whose link came before
         it started (group commit: one fsync of packages/ for several files). Returns when the
-        link is durable, as ``publish`` does."""
+        link is durable, as ``publish`` does. With ``fsync_file`` the temp file was written but
+        not fsynced (``StreamingUpload.finish(fsync=False)``): it is fsynced here, after the
+        link and before the directory, so that one journal commit makes both durable; if that
+        fails the link is taken back and the error raised."""
         dest = self.path(name)
         os.chmod(temp, PACKAGE_MODE)
         os.link(temp, dest)  # FileExistsError if a file is already published there
         os.unlink(temp)
+        if fsync_file:
+            try:
+                await asyncio.get_running_loop().run_in_executor(_STORE_POOL, _fsync_file, dest)
+            except BaseException:
+                dest.unlink(missing_ok=True)
+                raise
         await self._packages_sync().sync()
+        return dest
+
+    @contextlib.asynccontextmanager
+    async def publishing_upload(self, temp: Path, name: str):
+        """``publishing(name)`` around ``publish_grouped(temp, name, fsync_file=True)``, for an
+        upload, in ONE hand-off to a pool thread and with no file operation on the event loop
+        but the marker's removal (each may wait for the journal while other uploads' fsyncs
+        commit it): the marker is made, the temp file linked in (FileExistsError if a file is
+        there: nothing else changed), dropped and fsynced, then packages/ fsynced together with
+        every upload that linked meanwhile (``ThreadGroupSync``). The block runs with the file
+        durable under its name (the event's append); the marker goes when it ends."""
+        marker = self._marker(name)
+        dest = await asyncio.get_running_loop().run_in_executor(_STORE_POOL, self._mark_and_link, temp, name, marker)
+        try:
+            yield dest
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _mark_and_link(self, temp: Path, name: str, marker: Path) -> Path:
+        dest = self.path(name)
+        marker.touch()
+        try:
+            os.chmod(temp, PACKAGE_MODE)
+            os.link(temp, dest)  # FileExistsError if a file is already published there
+            os.unlink(temp)
+            try:
+                _fsync_file(dest)
+                self._thread_sync.sync()
+            except BaseException:
+                dest.unlink(missing_ok=True)
+                raise
+        except BaseException:
+            marker.unlink(missing_ok=True)
+            raise
         return dest
 
     def _packages_sync(self) -> "GroupSync":
@@ -258,8 +307,9 @@ class Store:
         return renamed
 
     def sweep(self, published: set[str], older_than_s: float = 0) -> list[str]:
-        """Start-up clean-up: drop upload temp files and any file no event ever published
-        (``published``: keys, as views.published_names gives them).
+        """Start-up clean-up: drop upload temp files, publishing markers a killed publisher left
+        (``publishing``) and any file no event ever published (``published``: keys, as
+        views.published_names gives them).
 
         With other processes on the same store, only files untouched for
         ``older_than_s`` are taken: a younger one may be another gateway's upload.
@@ -272,7 +322,7 @@ class Store:
                 return p.stat().st_mtime <= cutoff
             except FileNotFoundError:
                 return False
-        for p in [*self.tmp.glob("*.part"), *self.tmp.glob("*.old")]:
+        for p in [*self.tmp.glob("*.part"), *self.tmp.glob("*.old"), *self.tmp.glob("*.publishing")]:
             if not old(p):
                 continue
             p.unlink(missing_ok=True)
@@ -321,6 +371,53 @@ class GroupSync:
             if self._pending is not None and not self._pending.done():  # the loop is stopping
                 self._pending.cancel()
                 self._pending = None
+
+
+class ThreadGroupSync:
+    """``GroupSync`` for callers on threads: ``sync`` returns once an fsync of the directory
+    that started after the call has ended; whoever finds none running starts one, the others
+    wait for it (several links, one fsync)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cv = threading.Condition()
+        self._started = 0  # fsyncs started
+        self._done = 0  # fsyncs ended (their outcome in _failed)
+        self._running = False
+        self._failed: dict[int, BaseException] = {}
+
+    def sync(self) -> None:
+        with self._cv:
+            mine = self._started + 1  # the first fsync to start from now on
+            while self._done < mine:
+                if self._running:
+                    self._cv.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                round_, error = self._started, None
+                self._cv.release()
+                try:
+                    _fsync_dir(self.path)
+                except BaseException as exc:  # noqa: BLE001 - every waiter of this round gets it
+                    error = exc
+                finally:
+                    self._cv.acquire()
+                    self._running = False
+                    self._done = round_
+                    if error is not None:  # kept: a waiter of this round may wake after the next
+                        self._failed[round_] = error
+                    self._cv.notify_all()
+            if mine in self._failed:
+                raise self._failed[mine]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -412,7 +509,12 @@ class StreamingUpload:
     blake3 | whole-file SHA1, chunk SHA1s and the write (in pieces of at most BATCH_BYTES), with
     the disk write of every WRITEBACK_BYTES started early. At most MAX_BACKLOG bytes wait for
     the threads, so memory stays flat and the socket gets back-pressure. ``finish`` labels the
-    file with its blake3 and fsyncs it: the file is durable when it returns.
+    file with its blake3 and fsyncs it: the file is durable when it returns (unless asked not
+    to: then the caller fsyncs it, as ``Store.publish_grouped(fsync_file=True)`` does).
+
+    The temp file is created by the first thread that writes to it (a small body's pool job,
+    or the first hand-off to the lanes), never by the event loop: creating a file waits for
+    the file system's journal while other uploads' fsyncs commit it.
     """
 
     def __init__(self, path: Path, chunk_size: int = CHUNK_SIZE, extra_digests: Iterable[str] = (), *,
@@ -420,7 +522,9 @@ class StreamingUpload:
         self.path = Path(path)
         self.chunk_size = chunk_size
         self.batch_bytes, self.small_bytes = batch_bytes, small_bytes
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
+        self._fd: int | None = None  # opened by _open, on the first thread that writes
+        self._fsync = True  # finish(fsync=False): the caller fsyncs the file
+        self._aborted = False
         self._users = 1  # who still holds the fd: this object, and a thread writing to it
         self._fd_lock = threading.Lock()
         self._hasher = ManifestHasher(chunk_size, extra_digests)
@@ -436,6 +540,16 @@ class StreamingUpload:
         self._closed = False
 
     # ------------------------------------------------------------ the threads' side
+
+    def _open(self) -> None:
+        """Create the temp file (once; on a pool thread for a small body). An upload aborted
+        meanwhile finds its temp file gone: one made after the abort is removed here."""
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PACKAGE_MODE)
+        if self._aborted:
+            self.path.unlink(missing_ok=True)
+            raise UploadAborted()
 
     def _write(self, piece: bytes | memoryview) -> None:
         view = memoryview(piece)
@@ -477,12 +591,13 @@ class StreamingUpload:
     def _release_fd(self) -> None:
         with self._fd_lock:
             self._users -= 1
-            if self._users == 0:
+            if self._users == 0 and self._fd is not None:
                 os.close(self._fd)
 
     def _small(self, batch: list) -> Manifest:
         """The whole of a small body, on a pool thread: write, hash, label, fsync (holding the fd)."""
         try:
+            self._open()
             for piece in batch:
                 self._write(piece)
                 self._hasher.update_sha512_blake3(piece)
@@ -498,7 +613,8 @@ class StreamingUpload:
         try:
             manifest = self._hasher.manifest()
             tag(self.path, manifest.blake3)
-            os.fsync(self._fd)
+            if self._fsync:
+                os.fsync(self._fd)
             return manifest
         finally:
             self._release_fd()
@@ -529,6 +645,7 @@ class StreamingUpload:
     def _hand_off(self) -> None:
         if not self._lanes:
             self._loop = asyncio.get_running_loop()
+            self._open()  # a large body: once, here, before the lanes write
             with self._fd_lock:
                 self._users += 1  # the writer lane's
             self._lanes = [_Lane("odst-hash-a", self._hash_a, self._lane_done),
@@ -553,8 +670,10 @@ class StreamingUpload:
         elif self._batched > self.small_bytes:  # not a small body after all: start the threads
             self._hand_off()
 
-    async def finish(self) -> Manifest:
-        """Every byte written, hashed, labelled with its blake3 and fsynced: the manifest."""
+    async def finish(self, *, fsync: bool = True) -> Manifest:
+        """Every byte written, hashed, labelled with its blake3 and (unless ``fsync`` is False:
+        then the caller must) fsynced: the manifest."""
+        self._fsync = fsync
         if not self._lanes:
             batch, self._batch = self._batch, []
             self.size, self._batched = self._batched, 0
@@ -582,6 +701,7 @@ class StreamingUpload:
     def abort_now(self) -> None:
         """Delete the temp file without waiting (the task is being cancelled); a thread still
         busy with it finishes on an unlinked file, and the last one out closes it."""
+        self._aborted = True
         for lane in self._lanes:
             lane.error = lane.error or UploadAborted()
             lane.stop()
@@ -590,6 +710,7 @@ class StreamingUpload:
 
     async def abort(self) -> None:
         """Stop, wait for in-flight work, delete the temp file."""
+        self._aborted = True
         for lane in self._lanes:
             lane.error = lane.error or UploadAborted()
             lane.stop()

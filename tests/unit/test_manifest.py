@@ -126,6 +126,8 @@ def test_streaming_upload_abort_after_a_failed_write_leaves_nothing(tmp_path, si
 
     async def run():
         up = StreamingUpload(path)
+        up._open()  # noqa: SLF001 - the temp file, as the first write would make it
+        assert path.exists()
         os.close(up._fd)  # noqa: SLF001 - the write fails as on a full disk: EBADF instead of ENOSPC
         up._fd = os.open("/dev/full", os.O_WRONLY)  # noqa: SLF001
         with pytest.raises((StoreFull, OSError)):
