@@ -12,6 +12,7 @@ client (aiohttp). Everything else is as ``HttpChunkSource.fetch_run`` promises.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import ssl as ssl_module
 from collections import defaultdict
 from typing import AsyncIterator
@@ -32,11 +33,17 @@ class RunBroken(Exception):
     """The connection failed, closed, or went quiet for too long."""
 
 
-class ChunkBuffer(bytearray):
-    """A chunk's buffer from a ``BufferPool`` (a bytearray: sockets read into it, hashes and
-    pwrite take it); only these go back into the pool."""
+class ChunkBuffer(mmap.mmap):
+    """A chunk's buffer from a ``BufferPool``: sockets read into it, hashes and pwrite take it;
+    only these go back into the pool. Anonymous memory of its own, so it starts on a page
+    boundary: the puller writes it to the temp file with O_DIRECT, which takes only aligned
+    buffers (a bytearray's bytes start wherever malloc put them). Its pages are zero until
+    first touched, as the kernel hands them out (no memset of a fresh bytearray)."""
 
     __slots__ = ()
+
+    def __new__(cls, length: int):
+        return super().__new__(cls, -1, length)
 
 
 class BufferPool:
