@@ -194,6 +194,7 @@ class Puller:
         self.on_bad_source = on_bad_source or (lambda site, reason, index: None)
         self.throttle = throttle  # (peer, bytes): waits for the link's receive limit (bandwidth.py)
         self._writer = self._hasher = _threads()
+        self.direct_chunks: set[int] = set()  # chunks written with O_DIRECT (set.add: one at a time)
 
     async def run(self) -> Path:
         w = self.want
@@ -304,6 +305,7 @@ class Puller:
                 while view:  # a short direct write ends on a block boundary: the rest stays aligned
                     n = os.pwrite(self._direct_fd, view, offset)
                     view, offset = view[n:], offset + n
+                self.direct_chunks.add(index)
                 return True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
