@@ -10,7 +10,9 @@ import random
 import blake3
 import pytest
 
-from odst.replicator.puller import Puller, TransferFailed, Want
+from odst.replicator import puller as puller_module
+from odst.replicator.puller import DIRECT_ALIGN, Puller, TransferFailed, Want
+from odst.replicator.runclient import ChunkBuffer
 from odst.store.hashing import manifest_of
 from tests.sources import MemorySource
 
@@ -133,3 +135,60 @@ def test_a_limited_link_is_paced_chunk_by_chunk(tmp_path, data):
     assert path.read_bytes() == data
     assert len(paid) == 21 and sum(paid) == len(data)
     assert all(n == 1 for _, n in src.run_requests)  # never more than what was paid for
+
+
+# ------------------------------------------------------------------ how chunks reach the disk
+
+class BufferSource(MemorySource):
+    """Hands each chunk over as the run client does: whole, in a page-aligned ``ChunkBuffer``."""
+
+    async def fetch_run(self, blake3_hex: str, first: int, lengths: list[int]):
+        async for pieces in super().fetch_run(blake3_hex, first, lengths):
+            chunk = b"".join(pieces)
+            buf = ChunkBuffer(len(chunk))
+            buf[:] = chunk
+            yield [buf]
+
+
+def test_whole_chunks_in_run_client_buffers_go_direct_and_a_corrupt_one_is_still_refetched(tmp_path):
+    size = DIRECT_ALIGN  # chunks the size O_DIRECT takes; the last one short (written buffered)
+    data = random.Random(9).randbytes(12 * size + 100)
+    want = Want.of(manifest_of([data], size), name="d.pkg", stage="prod", origin="sa", uploaded_ts=1,
+                   uploaded_by="t")
+    evil, good = BufferSource("sevil", data, size, corrupt={5}), BufferSource("sgood", data, size)
+    bad = []
+    p = Puller(want, [(evil, 0.0), (good, 50.0)], tmp_path, streams=1,
+               on_bad_source=lambda site, reason, index: bad.append((site, index)))
+    path = asyncio.run(p.run())
+    assert path.read_bytes() == data  # read back through the page cache: the direct writes are there
+    assert bad == [("sevil", 5)] and 5 in good.fetched
+    assert p.direct_chunks == set(range(12))  # every whole chunk, chunk 5 from the good source
+
+
+def test_where_o_direct_is_refused_every_chunk_is_written_buffered(tmp_path, monkeypatch):
+    monkeypatch.setattr(puller_module, "_open_direct", lambda path: -1)  # as on a file system without it
+    size = DIRECT_ALIGN
+    data = random.Random(10).randbytes(6 * size)
+    want = Want.of(manifest_of([data], size), name="b.pkg", stage="prod", origin="sa", uploaded_ts=1,
+                   uploaded_by="t")
+    p = Puller(want, [(BufferSource("sa", data, size), 0.0)], tmp_path, streams=2)
+    assert asyncio.run(p.run()).read_bytes() == data
+    assert p.direct_chunks == set()
+
+
+def test_the_pull_threads_hand_back_each_result_or_error_to_its_own_awaiter():
+    workers = puller_module._Workers(2, "test-pull")
+
+    def boom(n):
+        raise OSError(28, f"no space left ({n})")
+
+    async def go():
+        futs = [workers.run(pow, 2, i) for i in range(20)] + [workers.run(boom, 7)]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        cancelled = workers.run(pow, 3, 3)
+        cancelled.cancel()  # its outcome comes back to nobody; the threads go on
+        return results, await workers.run(pow, 3, 2)
+    results, after = asyncio.run(go())
+    assert results[:20] == [2 ** i for i in range(20)]
+    assert isinstance(results[20], OSError) and "(7)" in str(results[20])
+    assert after == 9 and len(workers._threads) == 2

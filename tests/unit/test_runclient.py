@@ -163,6 +163,23 @@ def test_a_peer_that_goes_quiet_mid_chunk_fails_after_the_read_timeout():
     assert isinstance(err, TransportFailed) and "no bytes" in str(err)
 
 
+def test_a_puller_busier_than_the_read_timeout_does_not_fail_the_run():
+    """The read timeout is the peer's silence while a chunk is awaited, not the time a run takes:
+    a puller that holds on to one chunk for longer (a slow disk) still gets the rest."""
+    data = chunks(4)
+
+    async def go():
+        async with Scripted([ok(b"".join(data))]) as server, http_session() as http:
+            http.connector.runs.read_timeout = 0.2
+            got = []
+            async for pieces in HttpChunkSource("peer", server.url(), KEY, http).fetch_run("b3", 0, [CHUNK] * 4):
+                got.append(b"".join(bytes(p) for p in pieces))
+                if len(got) == 1:
+                    await asyncio.sleep(0.8)  # the scenario (a busy puller), not a synchronisation
+            return got
+    assert run(go()) == data
+
+
 def test_garbage_headers_are_asked_again_by_aiohttp_and_fail_cleanly():
     garbage = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nthis is not a header\r\n\r\n0123456789"
 
