@@ -28,6 +28,7 @@ from odst.peering.requests import (HEADER_NONCE, HEADER_SIG, HEADER_TS, NonceSto
 from odst.projections.batch import GroupCommit
 from odst.replicator.transport import run_target
 from odst.store.hashing import CHUNK_SIZE, manifest_of
+from harness.site import SiteProcess
 from tests.conftest import founded_log, free_port, wait_until, write_random
 from tests.system.test_eventlog import assert_one_chain, messages
 from tests.system.test_pull_runs import pair_holding  # noqa: F401 - a fixture
@@ -54,15 +55,29 @@ def raw(site, method: str, path: str, headers: dict | None = None) -> tuple[int,
 
 # ---------------------------------------------------------------- downloads
 
-@pytest.fixture
-def prod_site(make_site):
-    """A site replicating only the stage 'prod', holding Foo.pkg (prod, 3 MB) and T.pkg (test)."""
-    site = make_site(extra_args=["--accept-stage", "prod"]).start()
+def _holding_foo_and_t(site):
     data = random.Random(1).randbytes(3 * MiB + 17)
     with site.client() as admin:
         assert admin.put("/api/v1/packages/Foo.pkg", params={"stage": "prod"}, content=data).status_code == 201
         assert admin.put("/api/v1/packages/T.pkg", params={"stage": "test"}, content=b"t" * 999).status_code == 201
     return site, data
+
+
+@pytest.fixture
+def prod_site(make_site):
+    """A site replicating only the stage 'prod', holding Foo.pkg (prod, 3 MB) and T.pkg (test)."""
+    return _holding_foo_and_t(make_site(extra_args=["--accept-stage", "prod"]).start())
+
+
+@pytest.fixture(scope="module")
+def prod_site_read_only(tmp_path_factory):
+    """``prod_site`` shared by the tests below that only read from it."""
+    site = SiteProcess(data=tmp_path_factory.mktemp("prod") / "site", port=free_port(),
+                       extra_args=["--accept-stage", "prod"]).start()
+    try:
+        yield _holding_foo_and_t(site)
+    finally:
+        site.stop()
 
 
 def test_a_warm_download_cache_follows_every_fold(prod_site):
@@ -106,8 +121,8 @@ NOT_SERVED = ["/Packages/Foo.pkg/", "/Packages//Foo.pkg", "/packages/Foo.pkg", "
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-def test_path_spellings_that_are_not_a_served_package_are_4xx(prod_site, method):
-    site, data = prod_site
+def test_path_spellings_that_are_not_a_served_package_are_4xx(prod_site_read_only, method):
+    site, data = prod_site_read_only
     for path in NOT_SERVED:
         status, headers, body = raw(site, method, path)
         assert 400 <= status < 500, (path, status)
@@ -116,8 +131,8 @@ def test_path_spellings_that_are_not_a_served_package_are_4xx(prod_site, method)
     assert status == 200 and body == data
 
 
-def test_other_methods_and_the_accel_header(prod_site):
-    site, data = prod_site
+def test_other_methods_and_the_accel_header(prod_site_read_only):
+    site, data = prod_site_read_only
     for method in ("OPTIONS", "TRACE", "CONNECT", "PROPFIND", "DELETE"):
         status, headers, body = raw(site, method, "/Packages/Foo.pkg")
         assert status == 405 and headers["allow"] == "GET, HEAD" and data[:64] not in body, method
@@ -132,10 +147,10 @@ def test_other_methods_and_the_accel_header(prod_site):
         assert status == 200 and "x-accel-redirect" not in headers and body == data, bad
 
 
-def test_range_abuse_never_amplifies_nor_fails(prod_site):
+def test_range_abuse_never_amplifies_nor_fails(prod_site_read_only):
     """Many ranges, overlapping ranges and numbers past 64 bits: the whole file once (multiple
     ranges are not served), a 416, or the one range; never a 5xx, never more than the file."""
-    site, data = prod_site
+    site, data = prod_site_read_only
     size = len(data)
     cases = {"bytes=" + ",".join(f"{i}-{i + 1000}" for i in range(0, 2000 * 7, 7)): 200,
              "bytes=0-99999999999999999999999999": 200, "bytes=99999999999999999999999-": 200,
