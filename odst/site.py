@@ -184,6 +184,10 @@ class Site:
             except (BrokerError, OSError) as exc:
                 failures += 1
                 log.error("broker restart failed", error=str(exc)[-500:], failures=failures)
+                # a broker whose JetStream did not come on (resume_jetstream) runs on without
+                # it, alive to the check above: stop it, so that it is restarted (or, after
+                # BROKER_RESTARTS, the site stops) instead of serving on with no log
+                await loop.run_in_executor(None, self.broker.stop)
             if failures >= BROKER_RESTARTS:
                 log.error("the embedded broker cannot be kept running; stopping the site")
                 self.exit_code = 1
