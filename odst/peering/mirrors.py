@@ -162,7 +162,19 @@ class MirrorResume:
         except Exception:
             return None
 
+    async def _mirrored_here(self, origin: str) -> bool:
+        """Whether this site has a mirror of ``origin``'s log: only such a mirror asks for a
+        consumer, and a request's metadata is its sender's to write (a peer may publish on
+        these subjects). Unsure (JetStream busy): True, the watch goes ahead."""
+        try:
+            answer = await self.nc.request(f"$JS.API.STREAM.INFO.{mirror_name(origin)}", b"", timeout=2)
+            return not json.loads(answer.data).get("error")
+        except Exception:
+            return True
+
     async def _see_answered(self, origin: str, msg) -> None:
+        if not await self._mirrored_here(origin):
+            return  # a look-alike: nothing here asked it
         loop = asyncio.get_running_loop()
         started, missed = loop.time(), False
         while True:
