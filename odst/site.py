@@ -163,7 +163,9 @@ class Site:
         except Exception:
             pass  # not back yet: JetStream goes on all the same
         if self.broker.enable_jetstream():
-            await wait_for_jetstream(self.nc)
+            # as long as a start gives JetStream (until_ready, 90 s) to restore a large store;
+            # a JetStream nats-server will not start fails at once
+            await wait_for_jetstream(self.nc, timeout=90, refused=self.broker.jetstream_refused)
 
     async def supervise_broker(self) -> None:
         """Restart the embedded broker when it dies (back-off 0.5 s doubling to 8 s); after
