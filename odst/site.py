@@ -163,7 +163,9 @@ class Site:
         except Exception:
             pass  # not back yet: JetStream goes on all the same
         if self.broker.enable_jetstream():
-            await wait_for_jetstream(self.nc)
+            # as long as a start gives JetStream (until_ready, 90 s) to restore a large store;
+            # a JetStream nats-server will not start fails at once
+            await wait_for_jetstream(self.nc, timeout=90, refused=self.broker.jetstream_refused)
 
     async def supervise_broker(self) -> None:
         """Restart the embedded broker when it dies (back-off 0.5 s doubling to 8 s); after
@@ -184,6 +186,10 @@ class Site:
             except (BrokerError, OSError) as exc:
                 failures += 1
                 log.error("broker restart failed", error=str(exc)[-500:], failures=failures)
+                # a broker whose JetStream did not come on (resume_jetstream) runs on without
+                # it, alive to the check above: stop it, so that it is restarted (or, after
+                # BROKER_RESTARTS, the site stops) instead of serving on with no log
+                await loop.run_in_executor(None, self.broker.stop)
             if failures >= BROKER_RESTARTS:
                 log.error("the embedded broker cannot be kept running; stopping the site")
                 self.exit_code = 1

@@ -155,6 +155,7 @@ class EmbeddedBroker:
         self._log_offset = 0
         self._problem = ""
         self._defer_jetstream = False
+        self._js_log_offset = 0  # where the log stood when JetStream was turned on
 
     def start(self, timeout: float = 20.0, *, defer_jetstream: bool = False) -> str:
         """Start nats-server and return its URL. ``defer_jetstream``: without JetStream
@@ -219,11 +220,29 @@ class EmbeddedBroker:
         if self.config.jetstream:
             return False
         self.config.jetstream = True
+        try:
+            self._js_log_offset = (self.run_dir / "nats.log").stat().st_size
+        except OSError:
+            self._js_log_offset = 0
         self._write_config()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
         log.info("broker JetStream enabled")
         return True
+
+    def jetstream_refused(self) -> str:
+        """What nats-server logged if it could not start JetStream since enable_jetstream()
+        (it then runs on without it), or ''."""
+        try:
+            with open(self.run_dir / "nats.log", "rb") as f:
+                f.seek(self._js_log_offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        for line in text.splitlines():
+            if "Can't start JetStream" in line:
+                return line.strip()[-300:]
+        return ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -286,11 +305,15 @@ class EmbeddedBroker:
         log.info("broker stopped", code=self.proc.returncode)
 
 
-async def wait_for_jetstream(nc, timeout: float = 20.0) -> None:
-    """Poll until the broker's JetStream answers (after enable_jetstream()); BrokerError if not."""
+async def wait_for_jetstream(nc, timeout: float = 20.0, refused=None) -> None:
+    """Poll until the broker's JetStream answers (after enable_jetstream()); BrokerError if not,
+    at once if ``refused()`` says why it will not (EmbeddedBroker.jetstream_refused)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
+        why = refused() if refused is not None else ""
+        if why:
+            raise BrokerError(f"JetStream did not start: {why}")
         try:
             msg = await nc.request("$JS.API.INFO", b"", timeout=1)
             if b'"error"' not in msg.data:

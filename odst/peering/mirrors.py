@@ -34,6 +34,7 @@ RESEND_WITHIN_S = 20.0  # nats-server waits 30 s for the answer; ours must come 
 REACH_EVERY_S = 0.25
 MAX_WATCHED = 256  # requests watched at once (one per origin: a mirror has one pending)
 ANSWER_WAIT_S = 3.0  # an origin that is reachable answers a request it heard within this
+MAX_ANSWERED = 1024  # answers remembered (newest); a peer may publish on $JSC.R.> at any rate
 CLUSTER_NOT_AVAILABLE = 10008  # JetStream's "temporarily unavailable"; not one that changes the request
 APPEND_ONLY = {"max_msgs": -1, "max_bytes": -1, "max_age": 0, "deny_delete": True, "deny_purge": True}
 
@@ -128,10 +129,15 @@ class MirrorResume:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def _on_answer(self, msg) -> None:
+        # O(1) a message, at most MAX_ANSWERED kept: a peer may publish on "$JSC.R.>" at any
+        # rate. Insertion order is time order (a repeat moves to the end), so the oldest go first.
         now = time.monotonic()
-        if len(self._answered) > 1000:
-            self._answered = {k: t for k, t in self._answered.items() if now - t < 2 * RESEND_WITHIN_S}
-        self._answered[msg.subject] = now
+        answered = self._answered
+        answered.pop(msg.subject, None)
+        answered[msg.subject] = now
+        while answered and (len(answered) > MAX_ANSWERED
+                            or now - next(iter(answered.values())) >= 2 * RESEND_WITHIN_S):
+            del answered[next(iter(answered))]
 
     async def _on_request(self, msg) -> None:
         origin = mirror_request(self.site_id, msg.subject, msg.reply, msg.data)
@@ -156,7 +162,19 @@ class MirrorResume:
         except Exception:
             return None
 
+    async def _mirrored_here(self, origin: str) -> bool:
+        """Whether this site has a mirror of ``origin``'s log: only such a mirror asks for a
+        consumer, and a request's metadata is its sender's to write (a peer may publish on
+        these subjects). Unsure (JetStream busy): True, the watch goes ahead."""
+        try:
+            answer = await self.nc.request(f"$JS.API.STREAM.INFO.{mirror_name(origin)}", b"", timeout=2)
+            return not json.loads(answer.data).get("error")
+        except Exception:
+            return True
+
     async def _see_answered(self, origin: str, msg) -> None:
+        if not await self._mirrored_here(origin):
+            return  # a look-alike: nothing here asked it
         loop = asyncio.get_running_loop()
         started, missed = loop.time(), False
         while True:

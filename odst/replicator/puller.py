@@ -195,6 +195,8 @@ class Puller:
         self.throttle = throttle  # (peer, bytes): waits for the link's receive limit (bandwidth.py)
         self._writer = self._hasher = _threads()
         self.direct_chunks: set[int] = set()  # chunks written with O_DIRECT (set.add: one at a time)
+        self._fds_cv = threading.Condition()  # the temp file's descriptors: writes in progress, closed
+        self._fds_users, self._fds_closed = 0, False
 
     async def run(self) -> Path:
         w = self.want
@@ -246,9 +248,7 @@ class Puller:
                 raise TransferFailed("internal: not every chunk was hashed")
             b3 = self._whole.blake3
         finally:
-            os.close(fd)
-            if self._direct_fd >= 0:
-                os.close(self._direct_fd)
+            self._close_fds(fd)  # waits for a write in progress (at most one chunk's)
             BUFFERS.release()
         if b3 != w.blake3:  # every chunk passed its SHA1: this is the whole-file check
             self.path.unlink(missing_ok=True)
@@ -296,6 +296,32 @@ class Puller:
                 self._whole.update(piece)
 
     def _verify_and_write(self, fd: int, index: int, pieces: list, offset: int, length: int) -> bool:
+        """On a pull thread. A job whose pull has ended (cancelled while the job waited for a
+        thread: nothing awaits it) writes nothing: the descriptors' numbers may be another
+        file's by now (``_close_fds``)."""
+        with self._fds_cv:
+            if self._fds_closed:
+                raise TransferFailed("the pull has ended; chunk not written")
+            self._fds_users += 1
+        try:
+            return self._verify_and_write_open(fd, index, pieces, offset, length)
+        finally:
+            with self._fds_cv:
+                self._fds_users -= 1
+                self._fds_cv.notify_all()
+
+    def _close_fds(self, fd: int) -> None:
+        """Close the temp file's descriptors once no pull thread writes through them, and let
+        no write start after (a write waiting for a thread when its pull was cancelled)."""
+        with self._fds_cv:
+            self._fds_closed = True
+            while self._fds_users:
+                self._fds_cv.wait()
+        os.close(fd)
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+
+    def _verify_and_write_open(self, fd: int, index: int, pieces: list, offset: int, length: int) -> bool:
         if not pieces_ok(pieces, length, self.want.chunks[index]):
             return False
         if (self._direct and len(pieces) == 1 and type(pieces[0]) is ChunkBuffer

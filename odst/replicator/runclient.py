@@ -145,6 +145,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._head_wanted = False
         self._paused = False
         self.received = 0  # bytes read so far (``_Quiet`` looks whether it grows)
+        self.awaited_since: float | None = None  # when the run's reader began to await a buffer
 
     # --- protocol side
     def connection_made(self, transport) -> None:
@@ -243,6 +244,9 @@ class _Conn(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+TRICKLE_WAITS = 2  # a buffer awaited for this many read timeouts fails its run, bytes or not
+
+
 class _Quiet:
     """Fails a connection's waiting read once no byte has come for ``timeout`` seconds while
     a reader waited: one timer a run, looking every quarter of ``timeout``, instead of an
@@ -262,6 +266,14 @@ class _Quiet:
             self.seen, self.since = self.conn.received, now
         elif now - self.since >= self.timeout:
             self.conn.fail(RunBroken(f"no bytes for {self.timeout:g} s"))
+            return
+        awaited = self.conn.awaited_since
+        if awaited is not None and self.conn.waiting() and now - awaited >= TRICKLE_WAITS * self.timeout:
+            # bytes come, but a trickle: a buffer awaited this long fails its run, as each
+            # chunk's asyncio.timeout did before (read_timeout; else a peer holds the pull for
+            # as long as it likes). Twice that: a slow honest link keeps more room than it had.
+            self.conn.fail(RunBroken(f"a chunk still not whole {TRICKLE_WAITS * self.timeout:g} s after it "
+                                     "was awaited (bytes trickle)"))
             return
         self.handle = self.loop.call_later(self.timeout / 4, self._look)
 
@@ -374,7 +386,11 @@ class RunClient:
                 else:
                     buf, fut = ahead
                     ahead = None
-                await fut  # RunBroken when the connection fails or goes quiet (``_Quiet``)
+                conn.awaited_since = quiet.loop.time()
+                try:
+                    await fut  # RunBroken when the connection fails, goes quiet or trickles (``_Quiet``)
+                finally:
+                    conn.awaited_since = None
                 left -= length
                 if i + 1 < len(lengths) and lengths[i + 1] <= left:  # the next buffer waits before
                     nxt = self.buffers.take(lengths[i + 1])           # this one is handed over

@@ -207,7 +207,12 @@ class Store:
 
     def _mark_and_link(self, temp: Path, name: str, marker: Path) -> Path:
         dest = self.path(name)
-        marker.touch()
+        try:  # the marker is the name's, not this upload's: another process may be publishing it
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            mine = True
+        except FileExistsError:
+            marker.touch()
+            mine = False
         try:
             os.chmod(temp, PACKAGE_MODE)
             os.link(temp, dest)  # FileExistsError if a file is already published there
@@ -218,8 +223,11 @@ class Store:
             except BaseException:
                 dest.unlink(missing_ok=True)
                 raise
-        except BaseException:
-            marker.unlink(missing_ok=True)
+        except BaseException as exc:
+            # a link refused (FileExistsError) under another publisher's marker leaves it:
+            # it keeps the janitor off that publisher's file until its event is folded
+            if mine or not isinstance(exc, FileExistsError):
+                marker.unlink(missing_ok=True)
             raise
         return dest
 

@@ -52,3 +52,29 @@ def test_jetstream_can_start_off_and_keeps_its_domain():
     assert "enabled: false" in off and "enabled" not in on
     # the domain is in the config from the start: leaf links deny JetStream across domains
     assert f'domain: "{SITE}"' in off
+
+
+class _Answer:
+    def __init__(self, subject: str):
+        self.subject = subject
+
+
+def test_a_flood_of_answers_from_a_peer_keeps_what_is_remembered_bounded():
+    # A registered peer may publish on "$JSC.R.>" (authorization.PEER_SUBJECTS), and every such
+    # message reaches MirrorResume._on_answer. Remembered without a bound, and pruned by a scan
+    # of all of them on every message once over 1000, a flood of distinct subjects grew the
+    # table for 40 s and made each message cost a pass over all of it (the projector's loop).
+    import asyncio
+
+    from odst.peering.mirrors import MAX_ANSWERED, MirrorResume
+
+    resume = MirrorResume(site_id=SITE, nc=None)
+
+    async def flood():
+        for i in range(5 * MAX_ANSWERED):
+            await resume._on_answer(_Answer(f"$JSC.R.flood{i}"))
+        await resume._on_answer(_Answer("$JSC.R.mine"))
+
+    asyncio.run(flood())
+    assert len(resume._answered) <= MAX_ANSWERED
+    assert "$JSC.R.mine" in resume._answered  # the newest answer is the one kept

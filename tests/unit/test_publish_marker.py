@@ -1,0 +1,41 @@
+"""Two publishers of one name on one store (two gateway processes: each has its own per-name
+lock, only the store is shared). The loser's link fails (FileExistsError -> 409); it must not
+take away the winner's publishing marker, which keeps the janitor (Replicator.remove_deleted,
+in the replicator's process) off the winner's linked file until its event is folded: without
+the marker that file is "not live" and is removed, and the winner still answers 201."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from odst.store.files import Store, StreamingUpload
+
+
+def written(store: Store, data: bytes):
+    async def run():
+        up = StreamingUpload(store.new_temp())
+        await up.feed(data)
+        await up.finish(fsync=False)
+        return up.path
+    return asyncio.run(run())
+
+
+def test_a_losing_publisher_leaves_the_winners_marker(tmp_path):
+    winner, loser = Store(tmp_path), Store(tmp_path)  # one store, two processes
+    winner.ensure()
+    mine, theirs = written(winner, b"winner"), written(loser, b"loser")
+
+    async def run():
+        async with winner.publishing_upload(mine, "Same.pkg") as dest:
+            # the winner's event is on its way; the other process's upload of the name fails
+            with pytest.raises(FileExistsError):
+                async with loser.publishing_upload(theirs, "same.pkg"):
+                    pass
+            return dest, winner.is_publishing("Same.pkg"), dest.read_bytes()
+    dest, marked, content = asyncio.run(run())
+    assert content == b"winner"
+    assert marked, "the losing publisher removed the winner's publishing marker"
+    assert not winner.is_publishing("Same.pkg")  # gone once the winner is done
+    assert theirs.exists()  # the loser's temp is the loser's to drop (packages.py does)
