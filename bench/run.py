@@ -138,6 +138,23 @@ def cpu_by_group(root: int, classify) -> dict[str, float]:
     return acc
 
 
+def kernel_and_switches(root: int) -> tuple[float, int]:
+    """(CPU seconds in the kernel, context switches of every thread) of root's process tree:
+    counts that move little with the machine's load, unlike CPU per upload (each switch is a
+    thread or process woken: a thread-pool hop, a GIL hand-over, a peer process's turn)."""
+    kernel, switches = 0.0, 0
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                kernel += int(f.read().rsplit(")", 1)[1].split()[12]) / CLK_TCK
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except (OSError, IndexError, ValueError):
+            continue
+    return kernel, switches
+
+
 def odst_classify(pid: int, comm: str) -> str:
     # The gateway is python; `odst serve` may run an embedded nats-server child.
     return "nats" if comm.startswith("nats") else "gateway"
@@ -188,6 +205,7 @@ class Meter:
 
     def __enter__(self):
         self.s0 = cpu_by_group(self.root, self.classify) if self.root else {}
+        self.k0 = kernel_and_switches(self.root) if self.root else (0.0, 0)
         self.b0, self.c0, self.t0 = sys_busy_s(), _children_cpu(), time.perf_counter()
         return self
 
@@ -196,6 +214,8 @@ class Meter:
         self.client_cpu = _children_cpu() - self.c0
         busy = sys_busy_s() - self.b0
         s1 = cpu_by_group(self.root, self.classify) if self.root else {}
+        k1 = kernel_and_switches(self.root) if self.root else (0.0, 0)
+        self.server_kernel_s, self.server_switches = k1[0] - self.k0[0], k1[1] - self.k0[1]
         self.server_cpu = {g: round(s1.get(g, 0) - self.s0.get(g, 0), 3) for g in s1}
         self.other_cpu = max(0.0, busy - self.client_cpu - sum(self.server_cpu.values()))
         self.other_cores = self.other_cpu / self.wall if self.wall > 0 else None
@@ -1223,6 +1243,8 @@ def time_small_uploads(port: int, paths: list[str], bodies: list[bytes], headers
             "lat_p50_ms": lat[len(lat) // 2] * 1000 if lat else None,
             "lat_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
             "server_cpu_s": m.server_cpu, "server_cpu_ms_per_upload": server_cpu / n * 1000,
+            "server_kernel_ms_per_upload": m.server_kernel_s / n * 1000,
+            "server_switches_per_upload": m.server_switches / n,
             "client_cpu_s": time.process_time() - c0, "other_cores": m.other_cores}
 
 
@@ -1274,6 +1296,8 @@ def phase_small(args, errors, procs: Procs, odst, port, token, work) -> dict:
             res["odst"] = r
             log(f"odst PUT: {n} x {args.small_kib} KiB in {r['seconds']:.2f}s = {r['per_s']:.0f}/s, "
                 f"{r['server_cpu_ms_per_upload']:.2f} CPU-ms each {r['server_cpu_s']} "
+                f"({r['server_kernel_ms_per_upload']:.2f} in the kernel; "
+                f"{r['server_switches_per_upload']:.1f} context switches each) "
                 f"(other load {r['other_cores']:.2f} cores; "
                 f"{r.get('events_per_round', 1):.1f} events per append round trip)")
             if r["statuses"].get(201, 0) != n:
@@ -1543,6 +1567,10 @@ def print_report(R: dict, out: Path) -> None:
                                                   else so_["per_s"] >= TARGET_SMALL_PER_S))
         row("  server CPU-ms per small upload (all its processes)", fmt(so_.get("server_cpu_ms_per_upload")),
             fmt(sn_.get("server_cpu_ms_per_upload")), fmt(sm.get("cpu_ratio"), ".1f", "x"), "", "")
+        row("  of which in the kernel (ms) / context switches per upload",
+            f"{fmt(so_.get('server_kernel_ms_per_upload'))} / {fmt(so_.get('server_switches_per_upload'), '.1f')}",
+            f"{fmt(sn_.get('server_kernel_ms_per_upload'))} / {fmt(sn_.get('server_switches_per_upload'), '.1f')}",
+            "", "", "")
         row("  latency p50 / p99 (ms)",
             f"{fmt(so_.get('lat_p50_ms'), '.1f')} / {fmt(so_.get('lat_p99_ms'), '.1f')}",
             f"{fmt(sn_.get('lat_p50_ms'), '.1f')} / {fmt(sn_.get('lat_p99_ms'), '.1f')}", "", "", "")
