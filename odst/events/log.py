@@ -13,7 +13,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -498,14 +498,15 @@ class _PullReader:
 
 async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
                       until_seq: int | None = None, idle_timeout: float | None = None,
-                      ) -> AsyncIterator[StoredMessage]:
+                      on_open: Callable[[], None] | None = None) -> AsyncIterator[StoredMessage]:
     """Yield a stream's messages in order from start_seq, each exactly once, never skipping one.
 
     Stops after until_seq if given; otherwise runs forever (tail: a new message comes as soon
     as it is stored). ``idle_timeout`` only bounds a wait when until_seq is set and a message
     is still expected (then nats.errors.TimeoutError). A slow caller only slows the reading
     (see ``_PullReader``); a lost consumer is re-created after the last message yielded.
-    Broker errors (no stream, connection closed) are raised.
+    Broker errors (no stream, connection closed) are raised. ``on_open`` is called each time
+    the stream is open for reading (its consumer made), before any message comes.
     """
     if until_seq is not None and until_seq < start_seq:
         return
@@ -516,6 +517,8 @@ async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
         reader = _PullReader(js, stream, next_seq)
         try:
             await reader.open()
+            if on_open is not None:
+                on_open()
             while True:
                 msg = await reader.next(timeout)
                 seq = msg.metadata.sequence.stream

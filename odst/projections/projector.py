@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -149,7 +150,9 @@ class Projector:
                 gap_checked = False  # once per read: a gap seen while reading from here
                 clock = asyncio.get_running_loop().time
                 notified = clock()
-                async with contextlib.aclosing(read_stream(self.js, stream, start)) as messages:
+                # open for reading again: a broker error is over (a fold error recurs at once)
+                reopened = functools.partial(self._folded, stream)
+                async with contextlib.aclosing(read_stream(self.js, stream, start, on_open=reopened)) as messages:
                     batch: list = []
                     async for msg in messages:
                         batch.append(msg)

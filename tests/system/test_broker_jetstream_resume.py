@@ -3,9 +3,8 @@ config reload (odst.site.Site.resume_jetstream). When that reload cannot start J
 broker must not be left running without it: the supervisor treats it as a failed restart (it
 tries again, and gives up with exit 1 after BROKER_RESTARTS, for systemd to restart the site).
 
-(Seen here and left to the projections' owner: a projector read that failed while JetStream was
-off leaves ProjectionStatus.error set, /healthz 503, until the next event is folded, however
-long that takes.)"""
+A projector read that failed while the broker was gone is over once the stream is open
+for reading again: the site is healthy with no event to fold."""
 
 from __future__ import annotations
 
@@ -46,3 +45,14 @@ def test_a_restarted_broker_whose_jetstream_will_not_start_is_not_kept(site):
     assert site.proc.returncode == 1, site.log()
     assert "cannot be kept running" in site.log()
     assert not healthy(site)
+
+
+def test_a_restarted_broker_leaves_the_site_healthy_with_no_event_to_fold(site):
+    """The projector's reads fail while the broker is gone; once it is back and the stream is
+    open for reading again, that error is over: /healthz says 200 without waiting for an event
+    to fold (before: 503 'projector: EVENTS: ...' until the next upload, however long)."""
+    first = broker_pid(site)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not healthy(site), 30, what="the site to say it is unhealthy while its broker is gone")
+    wait_until(lambda: broker_pid(site) not in (None, first), 60, what="the supervisor to restart the broker")
+    wait_until(lambda: healthy(site), 60, what=lambda: f"/healthz 200 again: {httpx.get(f'{site.url}/healthz').text}")
