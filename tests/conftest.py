@@ -70,6 +70,17 @@ def site(make_site) -> SiteProcess:
     return make_site().start()
 
 
+@contextlib.contextmanager
+def module_site(tmp_path_factory, label: str, **kw):
+    """A site for a module's fixture (``scope="module"``): one start for many small cases that
+    each leave it as they found it."""
+    s = SiteProcess(data=tmp_path_factory.mktemp(label) / "site", port=free_port(), **kw).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 def write_random(path: Path, size: int, seed: int = 0) -> Path:
     import random
     rnd = random.Random(seed)

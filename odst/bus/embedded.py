@@ -208,11 +208,15 @@ class EmbeddedBroker:
         if authorization == self.config.authorization:
             return False
         self.config.authorization = authorization
+        self._reload()
+        log.info("broker authorization reloaded")
+        return True
+
+    def _reload(self) -> None:
+        """Write the config and have a running nats-server re-read it (SIGHUP)."""
         self._write_config()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGHUP)
-        log.info("broker authorization reloaded")
-        return True
 
     def enable_jetstream(self) -> bool:
         """Turn JetStream on (a config reload: the leaf links stay up); it restores the
@@ -224,9 +228,7 @@ class EmbeddedBroker:
             self._js_log_offset = (self.run_dir / "nats.log").stat().st_size
         except OSError:
             self._js_log_offset = 0
-        self._write_config()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGHUP)
+        self._reload()
         log.info("broker JetStream enabled")
         return True
 

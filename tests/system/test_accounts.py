@@ -17,8 +17,7 @@ import pytest
 from odst.accounts import passwords
 from odst.accounts.sessions import SessionStore
 from odst.events.signing import SiteKey
-from harness.site import SiteProcess
-from tests.conftest import free_port, run_odst, wait_until
+from tests.conftest import module_site, run_odst, wait_until
 
 PW = "correct horse battery"
 
@@ -108,10 +107,8 @@ def test_the_last_admin_cannot_be_demoted_or_removed(site):
 @pytest.fixture(scope="module")
 def shared_site(tmp_path_factory):
     """One site for the many small refusal cases below: each asserts it changed nothing."""
-    s = SiteProcess(data=tmp_path_factory.mktemp("accounts") / "site", port=free_port())
-    s.start()
-    yield s
-    s.stop()
+    with module_site(tmp_path_factory, "accounts") as s:
+        yield s
 
 
 @pytest.mark.parametrize("body, status", [

@@ -23,8 +23,8 @@ import nacl.exceptions
 import nacl.signing
 import pytest
 
-from tests.conftest import (ADMIN_TOKEN, SiteProcess, free_port, read_status_line, run_odst, wait_until,
-                            write_random)
+from tests.conftest import (ADMIN_TOKEN, SiteProcess, free_port, module_site, read_status_line, run_odst,
+                            wait_until, write_random)
 
 MiB = 1 << 20
 
@@ -375,10 +375,8 @@ def test_list_filter_stage_delete_and_reupload(site):
 @pytest.fixture(scope="module")
 def shared_site(tmp_path_factory):
     """One site for the many small cases below (hostile names, odd query values); each leaves it clean."""
-    s = SiteProcess(data=tmp_path_factory.mktemp("hostile") / "site", port=free_port())
-    s.start()
-    yield s
-    s.stop()
+    with module_site(tmp_path_factory, "hostile") as s:
+        yield s
 
 
 @pytest.fixture

@@ -14,20 +14,7 @@ import signal
 import httpx
 
 from tests.conftest import wait_until
-
-
-def broker_pid(site) -> int | None:
-    try:
-        return int((site.data / "run" / "nats.pid").read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def healthy(site) -> bool:
-    try:
-        return httpx.get(f"{site.url}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+from tests.system.test_broker_supervision import broker_pid, healthy
 
 
 def test_a_restarted_broker_whose_jetstream_will_not_start_is_not_kept(site):

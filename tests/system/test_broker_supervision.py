@@ -16,8 +16,12 @@ from tests.conftest import all_events, site_run_info, upload_bytes, wait_until
 MiB = 1 << 20
 
 
-def broker_pid(site) -> int:
-    return int((site.data / "run" / "nats.pid").read_text().strip())
+def broker_pid(site) -> int | None:
+    """The embedded nats-server's pid, None while it has none (between a death and a restart)."""
+    try:
+        return int((site.data / "run" / "nats.pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def healthy(site) -> bool:

@@ -28,8 +28,7 @@ from odst.peering.requests import (HEADER_NONCE, HEADER_SIG, HEADER_TS, NonceSto
 from odst.projections.batch import GroupCommit
 from odst.replicator.transport import run_target
 from odst.store.hashing import CHUNK_SIZE, manifest_of
-from harness.site import SiteProcess
-from tests.conftest import founded_log, free_port, wait_until, write_random
+from tests.conftest import founded_log, free_port, module_site, wait_until, write_random
 from tests.system.test_eventlog import assert_one_chain, messages
 from tests.system.test_pull_runs import pair_holding  # noqa: F401 - a fixture
 
@@ -72,12 +71,8 @@ def prod_site(make_site):
 @pytest.fixture(scope="module")
 def prod_site_read_only(tmp_path_factory):
     """``prod_site`` shared by the tests below that only read from it."""
-    site = SiteProcess(data=tmp_path_factory.mktemp("prod") / "site", port=free_port(),
-                       extra_args=["--accept-stage", "prod"]).start()
-    try:
+    with module_site(tmp_path_factory, "prod", extra_args=["--accept-stage", "prod"]) as site:
         yield _holding_foo_and_t(site)
-    finally:
-        site.stop()
 
 
 def test_a_warm_download_cache_follows_every_fold(prod_site):
