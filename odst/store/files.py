@@ -10,9 +10,9 @@ never by a spelling: every spelling of a name maps to the one file, and one file
 package. Callers pass any spelling; ``path`` folds it.
 
 Writes go temp file -> fsync -> link into packages/ (no clobber) -> fsync dir; an upload
-(``publish_grouped(fsync_file=True)``) links first and fsyncs the file, then the directory,
-before its event is appended: a file nobody published yet is the sweep's (see ``sweep``), and
-on ext4 the file's fsync then commits the link too, so the directory's costs next to nothing.
+(``publishing_upload``) links first and fsyncs the file, then the directory, before its event
+is appended: a file nobody published yet is the sweep's (see ``sweep``), and on ext4 the
+file's fsync then commits the link too, so the directory's costs next to nothing.
 
 Both directories are 0700 and package files 0600, owned by ODST's user: a front end that
 serves packages/ itself (deploy/nginx/odst.conf) runs as that same user.
@@ -93,8 +93,6 @@ class PackageStore(Protocol):
 
     def publish(self, temp: Path, name: str) -> Path: ...
 
-    async def publish_grouped(self, temp: Path, name: str, *, fsync_file: bool = False) -> Path: ...
-
     def publishing_upload(self, temp: Path, name: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
 
     def replace(self, temp: Path, name: str) -> Path: ...
@@ -168,31 +166,10 @@ class Store:
         _fsync_dir(self.packages)
         return dest
 
-    async def publish_grouped(self, temp: Path, name: str, *, fsync_file: bool = False) -> Path:
-        """``publish`` for many concurrent callers: the link is made here, and the directory
-        fsync, off the event loop, is shared with every other caller whose link came before
-        it started (group commit: one fsync of packages/ for several files). Returns when the
-        link is durable, as ``publish`` does. With ``fsync_file`` the temp file was written but
-        not fsynced (``StreamingUpload.finish(fsync=False)``): it is fsynced here, after the
-        link and before the directory, so that one journal commit makes both durable; if that
-        fails the link is taken back and the error raised."""
-        dest = self.path(name)
-        os.chmod(temp, PACKAGE_MODE)
-        os.link(temp, dest)  # FileExistsError if a file is already published there
-        os.unlink(temp)
-        if fsync_file:
-            try:
-                await asyncio.get_running_loop().run_in_executor(_STORE_POOL, _fsync_file, dest)
-            except BaseException:
-                dest.unlink(missing_ok=True)
-                raise
-        await self._packages_sync().sync()
-        return dest
-
     @contextlib.asynccontextmanager
     async def publishing_upload(self, temp: Path, name: str):
-        """``publishing(name)`` around ``publish_grouped(temp, name, fsync_file=True)``, for an
-        upload, in ONE hand-off to a pool thread and with no file operation on the event loop
+        """``publishing(name)`` around ``publish`` of a temp file written but not fsynced
+        (``StreamingUpload.finish(fsync=False)``), for an upload, in ONE hand-off to a pool thread and with no file operation on the event loop
         but the marker's removal (each may wait for the journal while other uploads' fsyncs
         commit it): the marker is made, the temp file linked in (FileExistsError if a file is
         there: nothing else changed), dropped and fsynced, then packages/ fsynced together with
@@ -230,13 +207,6 @@ class Store:
                 marker.unlink(missing_ok=True)
             raise
         return dest
-
-    def _packages_sync(self) -> "GroupSync":
-        loop = asyncio.get_running_loop()
-        group = getattr(self, "_group", None)
-        if group is None or group.loop is not loop:
-            group = self._group = GroupSync(self.packages, loop)
-        return group
 
     def replace(self, temp: Path, name: str) -> Path:
         """Atomically put a verified temp file at packages/<name>, replacing what was there."""
@@ -344,47 +314,10 @@ class Store:
         return removed
 
 
-class GroupSync:
-    """fsync one directory on behalf of many: whoever asks while an fsync runs waits for the
-    next one, which starts after their change and serves all of them together."""
-
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop):
-        self.path, self.loop = path, loop
-        self._pending: asyncio.Future | None = None  # the next fsync's waiters
-        self._busy = False
-        self._task: asyncio.Task | None = None
-
-    async def sync(self) -> None:
-        fut = self._pending
-        if fut is None:
-            fut = self._pending = self.loop.create_future()
-            if not self._busy:
-                self._busy = True
-                self._task = self.loop.create_task(self._drain())
-        await asyncio.shield(fut)
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending is not None:
-                fut, self._pending = self._pending, None  # later askers wait for the next round
-                try:
-                    await self.loop.run_in_executor(_STORE_POOL, _fsync_dir, self.path)
-                except Exception as exc:  # noqa: BLE001 - every waiter of this round gets it
-                    fut.set_exception(exc)
-                    fut.exception()  # retrieved: a cancelled waiter must not make it "never retrieved"
-                else:
-                    fut.set_result(None)
-        finally:
-            self._busy = False
-            if self._pending is not None and not self._pending.done():  # the loop is stopping
-                self._pending.cancel()
-                self._pending = None
-
-
 class ThreadGroupSync:
-    """``GroupSync`` for callers on threads: ``sync`` returns once an fsync of the directory
-    that started after the call has ended; whoever finds none running starts one, the others
-    wait for it (several links, one fsync)."""
+    """fsync one directory on behalf of many callers on threads: ``sync`` returns once an fsync
+    of the directory that started after the call has ended; whoever finds none running starts
+    one, the others wait for it (several links, one fsync)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -518,7 +451,7 @@ class StreamingUpload:
     the disk write of every WRITEBACK_BYTES started early. At most MAX_BACKLOG bytes wait for
     the threads, so memory stays flat and the socket gets back-pressure. ``finish`` labels the
     file with its blake3 and fsyncs it: the file is durable when it returns (unless asked not
-    to: then the caller fsyncs it, as ``Store.publish_grouped(fsync_file=True)`` does).
+    to: then the caller fsyncs it, as ``Store.publishing_upload`` does).
 
     The temp file is created by the first thread that writes to it (a small body's pool job,
     or the first hand-off to the lanes), never by the event loop: creating a file waits for

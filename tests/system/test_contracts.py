@@ -400,15 +400,19 @@ def test_replace_many_places_each_and_reports_the_one_that_fails(store):
 
 
 def test_grouped_publishes_land_every_file_and_never_overwrite(store):
-    """publish_grouped (many uploads at once sharing a directory fsync): each file under its own
-    name, a taken name refused as by publish, and a second round after the first works too."""
+    """publishing_upload (many uploads at once sharing a directory fsync): each file under its
+    own name, a taken name refused as by publish, and a second round after the first works too."""
+    async def publish(temp, name):
+        async with store.publishing_upload(temp, name):
+            pass
+
     async def run():
         temps = {f"g{i}.pkg": written(store, f"body {i}".encode()) for i in range(12)}
-        await asyncio.gather(*(store.publish_grouped(t, n) for n, t in temps.items()))
+        await asyncio.gather(*(publish(t, n) for n, t in temps.items()))
         loser = written(store, b"late")
         with pytest.raises(FileExistsError):
-            await store.publish_grouped(loser, "G3.pkg")
-        await store.publish_grouped(written(store, b"again"), "h.pkg")
+            await publish(loser, "G3.pkg")
+        await publish(written(store, b"again"), "h.pkg")
         return loser
     loser = asyncio.run(run())
     assert visible(store) == {f"g{i}.pkg" for i in range(12)} | {"h.pkg"}
