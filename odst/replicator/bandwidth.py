@@ -445,11 +445,21 @@ class Bandwidth:
                 waiting("")
         self._count(peer, "receive", n)
 
+    def _send_limit(self, peer: str, blake3: str) -> Limit | None:
+        """The send limit that holds for ``blake3`` to ``peer``; None for an urgent content."""
+        return None if self.urgent(blake3=blake3) else self.limit(peer, "send")
+
+    def send_unpaced(self, peer: str, blake3: str = "") -> bool:
+        """``send`` would neither wait nor refuse now (no limit, a local peer, an open window,
+        an urgent content): it would only count the bytes."""
+        lim = self._send_limit(peer, blake3)
+        return lim is None or (lim.unlimited and not lim.paused)
+
     async def send(self, peer: str, n: int, *, blake3: str = "") -> None:
         """Before the chunk server sends ``n`` bytes to ``peer``: wait a little, or refuse
         (LinkThrottled) when paused or too far behind, so the peer's request does not time out."""
-        if not self.urgent(blake3=blake3):
-            lim = self.limit(peer, "send")
+        lim = self._send_limit(peer, blake3)
+        if lim is not None:
             if lim.paused:
                 raise LinkThrottled(f"the link from {self.site_id} is paused by its timetable", 2.0)
             if not lim.unlimited:

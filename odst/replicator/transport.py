@@ -620,10 +620,7 @@ class ChunkServer(NatsService):
     def _open_link(self, peer: str, blake3: str) -> bool:
         """No send limit holds the chunks to ``peer`` back now (none set, a local peer, an open
         window, an urgent content): paying per chunk would only count them."""
-        if not peer or self.bandwidth is None or self.bandwidth.urgent(blake3=blake3):
-            return True
-        lim = self.bandwidth.limit(peer, "send")
-        return lim.unlimited and not lim.paused
+        return not peer or self.bandwidth is None or self.bandwidth.send_unpaced(peer, blake3)
 
     async def _rest(self, fd: int, spans: list[tuple[int, int]], peer: str, blake3: str,
                     read: bool) -> AsyncIterator:
