@@ -167,8 +167,7 @@ class MirrorResume:
         consumer, and a request's metadata is its sender's to write (a peer may publish on
         these subjects). Unsure (JetStream busy): True, the watch goes ahead."""
         try:
-            answer = await self.nc.request(f"$JS.API.STREAM.INFO.{mirror_name(origin)}", b"", timeout=2)
-            return not json.loads(answer.data).get("error")
+            return await find_stream(self.nc.jetstream(timeout=2), mirror_name(origin)) is not None
         except Exception:
             return True
 
