@@ -12,6 +12,7 @@ from datetime import datetime
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from harness.wait import until
 from odst.events import catalogue as ev
 from odst.events.signing import SiteKey
 from odst.gateway.bandwidth import LinkLimits, link_event
@@ -187,8 +188,7 @@ def test_a_paused_receive_waits_until_urgent_without_taking_tokens(tmp_path):
 
     async def scenario():
         waiter = asyncio.create_task(b.receive(peer, MIB, urgent=urgent.is_set, waiting=reasons.append))
-        while not reasons:
-            await asyncio.sleep(0.01)
+        await until(lambda: reasons, 30, "the receive to say why it waits")
         assert not waiter.done() and b.waiting[(peer, "receive")] == 1
         urgent.set()
         await asyncio.wait_for(waiter, 30)
@@ -241,8 +241,7 @@ def test_the_gate_answers_503_with_retry_after_beyond_its_caps_and_frees_slots()
     async def scenario():
         first = asyncio.create_task(asgi_get(app, "10.0.0.1"))
         second = asyncio.create_task(asgi_get(app, "10.0.0.2"))
-        while gate.active < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: gate.active >= 2, 30, "both downloads to be active")
         over_total = await asgi_get(app, "10.0.0.3")
         release.clear()
         release.set()
@@ -269,8 +268,7 @@ def test_the_gate_caps_each_client_and_lets_head_through():
 
     async def scenario():
         first = asyncio.create_task(asgi_get(app, "10.0.0.1"))
-        while gate.active < 1:
-            await asyncio.sleep(0.01)
+        await until(lambda: gate.active >= 1, 30, "the first download to be active")
         same = await asgi_get(app, "10.0.0.1")
         other = asyncio.create_task(asgi_get(app, "10.0.0.2"))
         head: list[dict] = []
@@ -333,8 +331,7 @@ def test_the_clock_entering_and_leaving_a_paused_window_holds_and_releases_a_tra
         await b.receive(peer, MIB)  # 07:59: open, unlimited
         now[0] = MONDAY.replace(hour=8)
         waiter = asyncio.create_task(b.receive(peer, MIB, waiting=reasons.append))
-        while not reasons:
-            await asyncio.sleep(0.01)
+        await until(lambda: reasons, 30, "the receive to say why it waits")
         assert not waiter.done() and b.link_status(peer)["receive"]["state"] == "paused"
         now[0] = MONDAY.replace(hour=9)
         await asyncio.wait_for(waiter, 30)
