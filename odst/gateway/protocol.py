@@ -54,10 +54,9 @@ at once goes on in a task (``_quick_rest``); until it ends, a request pipelined 
 waits as it would behind an ASGI response (``_QuickCycle``).
 
 A start message carrying ``"odst.body_follows": True`` (``BODY_FOLLOWS``; the uploads' answers)
-says its whole body comes in the very next message (nothing else between; the head is not sent
-before it), at once: the head is held and written with
-the body, one write(2) instead of two (on loopback each write runs the receiver's TCP path
-too: the head's write alone was ~8 % of an 8 KiB upload's event-loop time).
+says its whole body comes in the very next message, at once: the head is held and written
+with the body, one write(2) instead of two (on loopback each write runs the receiver's TCP
+path too: the head's write alone was ~8 % of an 8 KiB upload's event-loop time).
 
 A response may also be ended short on purpose (a run of chunks cut by the sender's limit):
 the ASGI extension ``http.response.cut`` (``{"type": "http.response.cut"}``) closes the

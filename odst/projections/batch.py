@@ -7,8 +7,8 @@ appended in one ``ConfirmedAppender.append_many``: one round trip to the broker,
 for the fold. The next group is published as soon as the broker has answered for this one
 (its acks: stored and fsynced), while this one waits for its fold: rounds overlap, so a fold
 no longer holds up the next publish (before, ~1.6 events per round trip at 8 uploads side by
-side, each waiting for the previous round's fold too). Each caller is still answered only once ITS event is
-durable and folded, with its own ``Appended`` or its own ``AppendFailed`` (an event the
+side, each waiting for the previous round's fold too). Each caller is still answered only once
+ITS event is durable and folded, with its own ``Appended`` or its own ``AppendFailed`` (an event the
 broker or the projector refuses fails alone; the others land). Envelopes, chain and
 signatures are exactly those one-by-one appends would make (``EventLog.append_many``).
 """
