@@ -76,3 +76,12 @@ def test_damage_reported_in_a_run_stands_until_repaired(tmp_path):
     own.append(ev.PackageUploaded(name="a.PKG", stage="prod", **content(1)))  # uploaded again
     assert all(o.applied for o in writer.fold_many(own.msgs[-1:]))
     assert conn.execute("SELECT count(*) FROM damaged").fetchone()[0] == 0
+
+
+def test_a_folds_rollback_scratch_stays_in_memory(tmp_path):
+    """Each message folds in a savepoint; its journal spilled to a temp file past 64 KiB (~30
+    page writes a message in a catch-up) until the writer's temp storage was put in memory."""
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] != 2  # SQLite's default: a file
+    apply.ReadModelWriter(conn, {})
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
