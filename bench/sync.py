@@ -43,7 +43,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import HOST, print_table  # noqa: E402
-from bench.replication import RsyncDaemon, ensure_rsync, site_cpu  # noqa: E402
+from bench.replication import CLK_TCK, RsyncDaemon, ensure_rsync, site_cpu  # noqa: E402
 from harness.network import Network  # noqa: E402
 from odst.datadir import read_model_path  # noqa: E402
 
@@ -115,6 +115,13 @@ def held(db: Path, site_id: str) -> int:
         conn.close()
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """(user, system) CPU-seconds of a process so far: system time is the kernel's work for it
+    (file creation, renames, fsyncs, sockets), user time its own code (Python, SQLite, hashing)."""
+    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
+
+
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
 
@@ -137,6 +144,7 @@ def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: boo
     db = read_model_path(branch.data)
     spies = profile([hq, branch], profile_dir, gil) if profile_dir else []
     cpu0, hq0 = site_cpu(branch), site_cpu(hq)
+    split0 = {s.name: user_system(s.proc.pid) for s in (hq, branch)}
     t0 = time.monotonic()
     net.register("hq", branch)
     last_note = time.monotonic()
@@ -152,13 +160,16 @@ def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: boo
     net.wait_until(done, 7200, what="every package at branch", interval=0.1)
     seconds = time.monotonic() - t0
     cpu1, hq1 = site_cpu(branch), site_cpu(hq)
+    split1 = {s.name: user_system(s.proc.pid) for s in (hq, branch)}
     for spy in spies:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
     for spy in spies:
         spy.wait(60)
     out = {"s": seconds, "load": load(),
            "branch_cpu_s": {k: (cpu1[k] or 0) - (cpu0[k] or 0) for k in cpu1},
-           "hq_cpu_s": {k: (hq1[k] or 0) - (hq0[k] or 0) for k in hq1}}
+           "hq_cpu_s": {k: (hq1[k] or 0) - (hq0[k] or 0) for k in hq1},
+           # each site's python process: user and system CPU-seconds
+           "python_user_system_s": {k: [round(split1[k][i] - split0[k][i], 2) for i in (0, 1)] for k in split1}}
     theirs, ours = digests(hq.packages_dir), digests(branch.packages_dir)
     if theirs != ours:
         wrong = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
@@ -242,6 +253,11 @@ def report(results: list[dict], work: Path) -> None:
                      f"{r['hq_cpu_ms_per_package']:.2f}"])
     print_table(["packages", "rsync (load)", "odst (load)", "odst/rsync", "ms/pkg odst / rsync",
                  "branch CPU-ms/pkg (CPU-s/GiB)", "hq CPU-ms/pkg"], rows)
+    for r in results:
+        us = r["odst"].get("python_user_system_s", {})
+        print("  python CPU-ms per package, user + system: " + ", ".join(
+            f"{site} {u / r['packages'] * 1000:.2f} + {s / r['packages'] * 1000:.2f}" for site, (u, s) in us.items())
+            + f" ({r['packages']:,})")
     if results and results[0]["packages"] <= 3000:
         ok = results[0]["ratio"] <= TARGET_RATIO_3000
         print(f"  target at {results[0]['packages']:,}: <= {TARGET_RATIO_3000:.0f}x rsync: "

@@ -132,7 +132,9 @@ class StoredMessage:
     subject: str
     payload: bytes
     headers: dict[str, str] | None = None  # as stored (recovery restores them with the bytes)
-    pending: int = 0  # messages the reader knew to follow this one when it was delivered
+    # messages the reader knew to follow this one: those the stream held after it when it was
+    # delivered, or those already received after it, if more (a folder takes them together)
+    pending: int = 0
 
 
 class Appender(Protocol):
@@ -412,8 +414,11 @@ class _PullReader:
         # (``next_msg`` made a task, a uuid and a ``wait_for`` per message: a tenth of the
         # projector's time in a catch-up)
         self._queue: asyncio.Queue = asyncio.Queue()
+        self.queued = 0  # stream messages (not status notices) delivered and not yet handed on
 
     async def _deliver(self, msg) -> None:
+        if not (msg.headers and "Status" in msg.headers):
+            self.queued += 1
         self._queue.put_nowait(msg)
 
     async def _next_msg(self, timeout: float):
@@ -487,6 +492,7 @@ class _PullReader:
                 continue
             why = (msg.headers or {}).get("Description", "").splitlines()[:1]
             raise _ReaderLost(" ".join([status, *why]).strip())
+        self.queued -= 1
         dseq = msg.metadata.sequence.consumer
         if dseq != self.delivered + 1:
             raise _ReaderLost(f"delivery {dseq} came after {self.delivered}: messages were lost on the way")
@@ -526,7 +532,7 @@ async def read_stream(js: JetStreamContext, stream: str, start_seq: int = 1, *,
                     raise _ReaderLost(f"stream seq {seq} came after {next_seq - 1}")
                 next_seq, losses = seq + 1, 0
                 yield StoredMessage(stream, seq, msg.subject, msg.data, msg.headers,
-                                    msg.metadata.num_pending)
+                                    max(msg.metadata.num_pending, reader.queued))
                 if until_seq is not None and seq >= until_seq:
                     return
         except _ReaderLost as exc:

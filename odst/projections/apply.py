@@ -37,22 +37,33 @@ class Outcome:
 
 def subject_name(event: ev.Event) -> str:
     """What an event is about: the package name, the token id or the peer site."""
+    field = _SUBJECT_FIELD.get(type(event))
+    if field is None:
+        field = _SUBJECT_FIELD[type(event)] = _subject_field(event)
+    return getattr(event, field, "") if field else ""
+
+
+def _subject_field(event: ev.Event) -> str:
+    """The field ``subject_name`` reads for events of this type ("": none)."""
     if isinstance(event, (ev.TokenCreated, ev.TokenRevoked)):
-        return event.token_id
+        return "token_id"
     if isinstance(event, (ev.NatsCredentialCreated, ev.NatsCredentialRevoked)):
-        return event.credential_id
+        return "credential_id"
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
                           ev.JamfDistributionPointRegistered)):
-        return event.site
+        return "site"
     if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
         return ""
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
-        return event.webhook_id
+        return "webhook_id"
     if isinstance(event, (ev.EmailSubscribed, ev.EmailUnsubscribed)):
-        return event.subscription_id
+        return "subscription_id"
     if isinstance(event, USER_EVENTS):
-        return event.username
-    return getattr(event, "name", "")
+        return "username"
+    return "name"
+
+
+_SUBJECT_FIELD: dict[type, str] = {}  # event type -> its subject field, filled as types are seen
 
 
 class ReadModelWriter:
@@ -61,11 +72,31 @@ class ReadModelWriter:
 
     def __init__(self, conn: sqlite3.Connection, trusted: dict[str, bytes]):
         self.conn = conn
+        # Each message folds inside a SAVEPOINT, whose journal (the pages it changed, as they
+        # were) SQLite keeps in memory only up to 64 KiB and then in a temp file: a fold of
+        # 64 messages wrote ~30 pages a message to that file (a third of a catch-up's system
+        # CPU). Temp storage in memory keeps it off the disk: it is rollback scratch, never
+        # the read model, so nothing durable changes.
+        conn.execute("PRAGMA temp_store=MEMORY")
         self.trusted = dict(trusted)
         # peers' keys found in the directory, by site: a site id is the hash of its key, so the
         # key found for one never changes (a removed peer is refused by ``removals``, checked
         # per event); only a fold that fails and rolls back forgets them
         self._keys: dict[str, bytes] = {}
+        # What this transaction has read or written of the rows every event's check reads
+        # (``_begin`` empties it): each origin's chain head, each origin's removal (None: not
+        # removed), whether any copy is recorded damaged. BEGIN IMMEDIATE keeps every other
+        # writer out meanwhile, and the handlers that change these rows keep them current, so
+        # a run of events reads each once instead of once per event.
+        self._heads: dict[str, tuple[int, str]] = {}
+        self._removed: dict[str, int | None] = {}
+        self.damaged_any: bool | None = None
+
+    def _begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._heads.clear()
+        self._removed.clear()
+        self.damaged_any = None
 
     def checkpoint(self, stream: str) -> int:
         row = self.conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
@@ -73,7 +104,7 @@ class ReadModelWriter:
 
     def fold(self, msg: StoredMessage) -> Outcome:
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             if msg.seq <= self.checkpoint(msg.stream):
                 c.execute("ROLLBACK")
@@ -96,7 +127,7 @@ class ReadModelWriter:
         folds the rest later, if it still wants them."""
         c = self.conn
         outcomes: list[Outcome] = []
-        c.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             done: dict[str, int] = {}  # stream -> its checkpoint in this transaction (read once)
             for msg in msgs:
@@ -187,13 +218,20 @@ class ReadModelWriter:
         if env.origin != origin:
             return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}",
                            violation=True)
-        removed = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (origin,)).fetchone()
-        if removed is not None and env.seq > removed[0]:
-            return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {removed[0]}",
+        if origin in self._removed:
+            upto = self._removed[origin]
+        else:
+            row = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (origin,)).fetchone()
+            upto = self._removed[origin] = row[0] if row is not None else None
+        if upto is not None and env.seq > upto:
+            return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {upto}",
                            envelope=env)
-        row = self.conn.execute("SELECT last_seq, last_hash FROM sites WHERE site=?",
-                                (origin,)).fetchone()
-        last_seq, last_hash = (row[0], row[1]) if row else (0, codec.GENESIS)
+        head = self._heads.get(origin)
+        if head is None:
+            row = self.conn.execute("SELECT last_seq, last_hash FROM sites WHERE site=?",
+                                    (origin,)).fetchone()
+            head = self._heads[origin] = (row[0], row[1]) if row else (0, codec.GENESIS)
+        last_seq, last_hash = head
         position = chain.link(env, last_seq, last_hash)
         if position is chain.Link.REPLAY:  # a copy of a valid event: anyone who can read the log can make one
             return Outcome(False, f"replayed event: seq {env.seq} already seen from {origin}")
@@ -218,6 +256,7 @@ class ReadModelWriter:
             (env.id, msg.stream, msg.seq, msg.subject, env.origin, env.seq, type(e).__name__,
              env.ts, env.actor, subject_name(e), msg.payload))
         chain = (env.seq, codec.chain_hash(msg.payload), env.ts, env.origin)
+        self._heads[env.origin] = chain[:2]
         if isinstance(e, ev.SiteFounded):
             c.execute("INSERT INTO sites(site, public_key, name, last_seq, last_hash, last_ts)"
                       " VALUES (?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET name=excluded.name,"
@@ -252,7 +291,7 @@ def clock(ts: int, origin: str) -> str:
     return f"{ts:015d}:{origin}"
 
 
-def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_size, chunks, origin,
+def _content(c: sqlite3.Connection, *, key: str, name, blake3, size, sha1, sha512, chunk_size, chunks, origin,
              uploaded_at, uploaded_by, stage, at: str, from_upload: bool, generation: int = 0) -> None:
     """Record a sighting of a content at clock ``at``, order-independently.
 
@@ -263,9 +302,8 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
     key (and of the spelling), so any order of folding gives the same row. Every spelling is
     also recorded in ``spellings``, so that two of them for one key are reported
     (name_collisions), never merged silently. The generation is the highest seen (a
-    replacement's; 0 for uploads).
+    replacement's; 0 for uploads). ``key`` is ``name_key(name)``.
     """
-    key = name_key(name)
     first_key = f"{at}|{0 if from_upload else 1}|{stage}"
     last_key = f"{at}|{1 if from_upload else 0}|{stage}"
     earlier = "(excluded.first_key < first_key OR (excluded.first_key = first_key AND excluded.name < name))"
@@ -289,57 +327,68 @@ def _content(c: sqlite3.Connection, *, name, blake3, size, sha1, sha512, chunk_s
               (key, name, blake3, at))
 
 
-def _available(c: sqlite3.Connection, name: str, blake3: str, site: str, status: str, detail: str,
+def _available(c: sqlite3.Connection, key: str, blake3: str, site: str, status: str, detail: str,
                at: str) -> None:
+    """``site``'s copy of the content of package ``key`` (a name_key) is in ``status`` as of ``at``."""
     c.execute("INSERT INTO availability(key, blake3, site, status, detail, clock) VALUES (?,?,?,?,?,?)"
               " ON CONFLICT(key, blake3, site) DO UPDATE SET status=excluded.status,"
               " detail=excluded.detail, clock=excluded.clock WHERE excluded.clock > clock",
-              (name_key(name), blake3, site, status, detail, at))
+              (key, blake3, site, status, detail, at))
 
 
 def _package_uploaded(c, env, e: ev.PackageUploaded, writer) -> None:
     at = clock(env.ts, env.origin)
-    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+    key = name_key(e.name)
+    _content(c, key=key, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True)
-    _available(c, e.name, e.blake3, env.origin, "available", "", at)
-    _repaired(c, e.name, e.blake3, env.origin, at)
+    _available(c, key, e.blake3, env.origin, "available", "", at)
+    _repaired(c, writer, key, e.blake3, env.origin, at)
 
 
-def _repaired(c: sqlite3.Connection, name: str, blake3: str, site: str, at: str) -> None:
-    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again."""
-    c.execute("DELETE FROM damaged WHERE key=? AND blake3=? AND site=? AND clock < ?",
-              (name_key(name), blake3, site, at))
+def _repaired(c: sqlite3.Connection, writer: ReadModelWriter, key: str, blake3: str, site: str,
+              at: str) -> None:
+    """A verified copy is back at ``site`` (pulled, or uploaded again): in service again.
+    Nothing to do while no copy anywhere is recorded damaged (asked once per transaction)."""
+    if writer.damaged_any is None:
+        writer.damaged_any = c.execute("SELECT EXISTS (SELECT 1 FROM damaged)").fetchone()[0] == 1
+    if writer.damaged_any:
+        c.execute("DELETE FROM damaged WHERE key=? AND blake3=? AND site=? AND clock < ?",
+                  (key, blake3, site, at))
 
 
 def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
     """An upload that supersedes ``e.replaces``: that content is no longer live (unless uploaded
     again later), and the new one carries its generation."""
     at = clock(env.ts, env.origin)
-    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+    key = name_key(e.name)
+    _content(c, key=key, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=env.origin, uploaded_at=env.ts,
              uploaded_by=env.actor, stage=e.stage, at=at, from_upload=True, generation=e.generation)
     c.execute("INSERT INTO replacements(key, old_blake3, clock, new_blake3, origin, replaced_at, replaced_by)"
               " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, old_blake3) DO UPDATE SET clock=excluded.clock,"
               " new_blake3=excluded.new_blake3, origin=excluded.origin, replaced_at=excluded.replaced_at,"
               " replaced_by=excluded.replaced_by WHERE excluded.clock > clock",
-              (name_key(e.name), e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
-    _available(c, e.name, e.blake3, env.origin, "available", "", at)
+              (key, e.replaces, at, e.blake3, env.origin, env.ts, env.actor))
+    _available(c, key, e.blake3, env.origin, "available", "", at)
 
 
 def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
-    _content(c, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
+    key = name_key(e.name)
+    _content(c, key=key, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=e.origin, uploaded_at=e.uploaded_ts,
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),
              from_upload=False)
-    _available(c, e.name, e.blake3, env.origin, "available", "", clock(env.ts, env.origin))
-    _repaired(c, e.name, e.blake3, env.origin, clock(env.ts, env.origin))
+    at = clock(env.ts, env.origin)
+    _available(c, key, e.blake3, env.origin, "available", "", at)
+    _repaired(c, writer, key, e.blake3, env.origin, at)
 
 
 def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
     """Out of service at its origin until that site's next PackageAvailable of the content."""
     at = clock(env.ts, env.origin)
-    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, at)
+    _available(c, name_key(e.name), e.blake3, env.origin, "failed", e.reason, at)
+    writer.damaged_any = True
     c.execute("INSERT INTO damaged(key, blake3, site, reason, found_by, clock) VALUES (?,?,?,?,?,?)"
               " ON CONFLICT(key, blake3, site) DO UPDATE SET reason=excluded.reason,"
               " found_by=excluded.found_by, clock=excluded.clock WHERE excluded.clock > damaged.clock",
@@ -347,11 +396,11 @@ def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
 
 
 def _package_transfer_failed(c, env, e: ev.PackageTransferFailed, writer) -> None:
-    _available(c, e.name, e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
+    _available(c, name_key(e.name), e.blake3, env.origin, "failed", e.reason, clock(env.ts, env.origin))
 
 
 def _package_withdrawn(c, env, e: ev.PackageWithdrawn, writer) -> None:
-    _available(c, e.name, e.blake3, env.origin, "withdrawn", e.reason, clock(env.ts, env.origin))
+    _available(c, name_key(e.name), e.blake3, env.origin, "withdrawn", e.reason, clock(env.ts, env.origin))
 
 
 def _package_staged(c, env, e: ev.PackageStaged, writer) -> None:
@@ -387,6 +436,7 @@ def _peer_removed(c, env, e: ev.PeerRemoved, writer) -> None:
     if env.origin in writer.trusted:  # a removal binds only the site that decided it
         c.execute("INSERT OR REPLACE INTO removals(site, upto_seq, clock) VALUES (?,?,?)",
                   (e.site, e.upto_seq, clock(env.ts, env.origin)))
+        writer._removed[e.site] = e.upto_seq
 
 
 def _token_created(c, env, e: ev.TokenCreated, writer) -> None:
