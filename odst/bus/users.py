@@ -18,24 +18,25 @@ from odst.projections.views import PeerSite
 def path_to(peers: list[PeerSite], origin: str) -> list[str]:
     """The sites ``origin``'s log passes on its way here, as registration says: a site
     registered here comes straight ([origin]); one known because a peer vouched for it comes
-    through that peer ([peer, origin]), and so on (shortest path, at most MAX_PATH sites).
-    A delivery is labelled with it (authorization.mirror_deliver_prefix) and each site on the
-    way lets only the named ones send it in."""
+    through that peer ([peer, origin]), and so on (shortest path, at most MAX_PATH sites; of
+    two vouchers, the one that vouched first: a later voucher cannot divert a path). A
+    delivery is labelled with it (authorization.mirror_deliver_prefix) and each site on the
+    way lets only the named ones send it in. Fixed when the mirror is made."""
     known = {p.site: p for p in peers}
-    frontier = [[p.site] for p in peers if p.registered_here]
-    seen = {path[0] for path in frontier}
+    if origin in known and known[origin].registered_here:
+        return [origin]
+    frontier = {p.site: [p.site] for p in peers if p.registered_here}
+    seen = set(frontier)
     while frontier:
-        for path in frontier:
-            if path[-1] == origin:
-                return path
-        nxt = []
-        for path in frontier:
-            if len(path) >= authz.MAX_PATH:
-                continue
-            for other in sorted(known):
-                if other not in seen and path[-1] in known[other].vouched_by:
-                    seen.add(other)
-                    nxt.append(path + [other])
+        nxt: dict[str, list[str]] = {}
+        for other in sorted(set(known) - seen):
+            by = known[other].vouched_by  # newest first
+            via = [frontier[v] for v in reversed(by) if v in frontier and len(frontier[v]) < authz.MAX_PATH]
+            if via:
+                nxt[other] = via[0] + [other]
+        if origin in nxt:
+            return nxt[origin]
+        seen |= set(nxt)
         frontier = nxt
     return [origin]
 

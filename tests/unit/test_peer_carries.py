@@ -69,3 +69,9 @@ def test_legacy_mirrors_are_found_in_the_store_on_disk(tmp_path):
                                                                          if external else {})}))
     assert legacy_mirrors(tmp_path) == ["PEER_old"]
     assert legacy_mirrors(tmp_path / "absent") == []
+
+
+def test_of_two_vouchers_the_first_one_labels_the_path():
+    # b vouched for c first, p later (newest first in vouched_by): p cannot divert c's path
+    peers = [peer("b"), peer("p"), peer("c", "p", "b", here=False)]
+    assert path_to(peers, "c") == ["b", "c"]
