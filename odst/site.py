@@ -9,6 +9,7 @@ stopping everything in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sqlite3
@@ -21,8 +22,8 @@ from odst import tasks
 from odst.bus import authorization as authz
 from odst.bus.embedded import BrokerError, EmbeddedBroker, wait_for_jetstream
 from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
-from odst.bus.identity import client_seed_path, public_key_of_seed, read_seed, user_public_key
-from odst.bus.users import authorization_users
+from odst.bus.identity import client_seed_path, public_key_of_seed, read_seed
+from odst.bus.users import authorization_users, legacy_mirrors
 from odst.config import Settings
 from odst.datadir import DataDirLock, read_model_path, run_dir
 from odst.events import catalogue as ev
@@ -64,7 +65,7 @@ class Site:
         self.reader: sqlite3.Connection | None = None
         self.nats_url = ""
         self.client_nkey = ""
-        self._applicants: dict[str, float] = {}  # NKey -> monotonic expiry (admit_applicant)
+        self._applicants: dict[str, float] = {}  # public key (hex) -> monotonic expiry (admit_applicant)
         self.guard = None  # projector role: deletes consumers that aim the event log elsewhere
         self.lock = DataDirLock(self.data)  # held by the projector (the one read-model writer)
         self.printed_token: str | None = None
@@ -106,6 +107,16 @@ class Site:
         path = client_seed_path(self.data)
         return read_seed(path) if path.exists() else None
 
+    @functools.cached_property
+    def legacy_mirrors(self) -> bool:
+        """Whether this site keeps a peer's mirror made before path-labelled deliveries
+        (authorization.LEGACY_DELIVERIES): any peer may then deliver into it."""
+        old = legacy_mirrors(self.data / "nats" / "jetstream")
+        if old:
+            log.warning("mirrors made by an older ODST: any registered peer can write into them",
+                        mirrors=old)
+        return bool(old)
+
     def broker_users(self, client_nkey: str) -> str:
         """The broker's users: this site's processes, its peers' leaf identities, its
         subscribers, from the read model (as it is on disk before the projector runs)."""
@@ -118,7 +129,7 @@ class Site:
             now = time.monotonic()
             self._applicants = {k: t for k, t in self._applicants.items() if t > now}
             return authz.render_users(authorization_users(reader, self.key.site_id, client_nkey,
-                                                          self._applicants))
+                                                          self._applicants, self.legacy_mirrors))
         finally:
             if reader is not self.reader:
                 reader.close()
@@ -129,16 +140,16 @@ class Site:
         True when the broker's users changed (its leaf link reconnects within about a second)."""
         if self.broker is None or not self.settings.leaf_listen:
             return False  # no one can dial us: nothing to admit
-        nkey = user_public_key(bytes.fromhex(public_key_hex))
-        known = nkey in self._applicants
-        self._applicants[nkey] = time.monotonic() + APPLICANT_S
+        known = public_key_hex in self._applicants
+        self._applicants[public_key_hex] = time.monotonic() + APPLICANT_S
         return not known and self.broker.reload(self.broker_users(self.client_nkey))
 
     _auth_include = None  # external NATS with nats_auth_file: odst.bus.external.AuthInclude
 
     def sync_authorization(self) -> None:
         """Projector role: peers or subscribers changed in the read model -> reload the broker's
-        users (a removed peer's leaf link is cut at once). With a NATS server ODST does not run,
+        users (nats-server checks client connections again, but not an accepted leaf link: a
+        removed peer's link stays up, with its rights, until it drops). With a NATS server ODST does not run,
         rewrite the auth.conf it includes (``nats_auth_file``) and ask its servers to reload."""
         if self.broker is not None and self.reader is not None:
             if self.broker.reload(self.broker_users(self.client_nkey)):

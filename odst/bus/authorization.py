@@ -6,8 +6,9 @@ Three kinds of identity connect to a site's broker, each an NKey (odst.bus.ident
 * **peer**: a registered site's leaf connection, identified by its site key. It may do
   what mirroring, chunk transfer and registration need, for itself and for sites behind
   it in the leaf tree (a hub carries its spokes' traffic), and nothing else: create a
-  mirror consumer on an ``EVENTS`` stream, answer flow control, carry mirror deliveries,
-  requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
+  mirror consumer on an ``EVENTS`` stream, answer flow control, deliver into this site's
+  mirrors of the logs whose path runs through it (its own, and those of the sites this site
+  knows through it: ``peer_permissions``) and of no other log, requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
   never update, purge or delete a stream, delete a consumer, touch KV buckets (the
   replicator's leases, the used nonces of signed peer requests) or the
   NOTIFY and REPLICATION streams, publish into any site's event subjects, or subscribe to
@@ -43,19 +44,44 @@ PEER_SUBJECTS = [
     "$JS.*.API.CONSUMER.CREATE.EVENTS.>",
     "$JS.*.API.STREAM.INFO.EVENTS",         # read-only: is the origin's log still whole?
     "$JSC.R.>",                            # the consumer-create answer to the mirroring server
-    "$JS.M.>",                             # mirror deliveries and heartbeats
     "$JS.FC.>",                            # mirror flow control
     "odst.*.chunk",                        # chunk requests (NATS transport)
     "odst.*.rpc.>",                        # registration and other signed peer requests
     "_INBOX.>",                            # replies to requests
 ]
 
+# Mirror deliveries. A mirror made by this version labels its delivery subject with the path
+# its origin's log takes to reach it: ``$JS.M.<p1>…<origin>.M.<random>``, p1 the site this one
+# links to, then each site the previous one vouched for, down to the origin
+# (``mirror_deliver_prefix``; odst.bus.users.path_to). A peer may send in only deliveries whose
+# path names it (``peer_permissions``): a static right, since nats-server keeps a leaf
+# connection's permissions for as long as it lasts. nats-server itself checks nothing else of
+# a delivery that comes over a leaf link: a peer allowed to publish on every delivery subject
+# could write into this site's mirror of ANOTHER site's log (a message the origin never wrote,
+# which also hides the origin's own message of that sequence). Under "$JS.M" still, so that a
+# hub of an older version, which allows "$JS.M.>", carries them.
+DELIVERIES = "$JS.M.>"
+LEGACY_DELIVERIES = "$JS.M.*"  # a mirror made before: nats-server's own "$JS.M.<random>"
+MAX_PATH = 4  # sites on a delivery's path that the permissions can name
 
-def peer_permissions() -> dict:
-    # Both directions carry the same subjects (a peer mirrors us and we mirror it). No deny
-    # list: nats-server checks the hub's own interest in these subjects against the same
-    # table on the spoke, so denying "this site's replies" would also cut its requests.
-    return {"publish": {"allow": PEER_SUBJECTS}, "subscribe": {"allow": PEER_SUBJECTS}}
+
+def mirror_deliver_prefix(path: list[str]) -> str:
+    return "$JS.M." + ".".join(path[:MAX_PATH])
+
+
+def peer_permissions(site: str, legacy: bool = False) -> dict:
+    """A peer's leaf rights; ``site``: its site id. ``legacy``: this site still has a mirror
+    made before path-labelled deliveries (``LEGACY_DELIVERIES``), whose origin any peer may
+    then deliver into.
+
+    Both directions carry the same subjects otherwise (a peer mirrors us and we mirror it); it
+    is sent every delivery, for the mirrors it makes itself. No deny list: nats-server checks
+    the hub's own interest in these subjects against the same table on the spoke, so denying
+    "this site's replies" would also cut its requests."""
+    publish = PEER_SUBJECTS + ["$JS.M." + "*." * i + f"{site}.>" for i in range(MAX_PATH)]
+    if legacy:
+        publish.append(LEGACY_DELIVERIES)
+    return {"publish": {"allow": publish}, "subscribe": {"allow": PEER_SUBJECTS + [DELIVERIES]}}
 
 
 def subscriber_inbox(name: str) -> str:
@@ -114,14 +140,20 @@ class Subscriber:
     nkey: str  # public 'U…' key
 
 
-def users(site: str, site_nkey: str, peer_nkeys: list[str], subscribers: list[Subscriber],
-          streams: list[str], applicant_nkeys: list[str] = ()) -> list[dict]:
+@dataclass(frozen=True)
+class Peer:
+    nkey: str
+    site: str
+
+
+def users(site: str, site_nkey: str, peers: list[Peer], subscribers: list[Subscriber],
+          streams: list[str], applicants: list[Peer] = (), legacy: bool = False) -> list[dict]:
     # An applicant is a site whose invitation this site's admin is joining: its leaf link (the
     # only way to reach a firewalled inviter) gets a peer's rights at once, since nats-server
     # keeps a leaf connection's permissions for as long as it lasts.
     out: list[dict] = [{"nkey": site_nkey}]
-    out += [{"nkey": nk, "permissions": peer_permissions()}
-            for nk in sorted(set(peer_nkeys) | set(applicant_nkeys))]
+    by_nkey = {p.nkey: p for p in [*applicants, *peers]}
+    out += [{"nkey": nk, "permissions": peer_permissions(p.site, legacy)} for nk, p in sorted(by_nkey.items())]
     out += [{"nkey": s.nkey, "permissions": subscriber_permissions(s.name, streams)}
             for s in sorted(subscribers, key=lambda s: s.name)]
     return out

@@ -16,7 +16,9 @@ import structlog
 from nats.errors import NoRespondersError
 from nats.js import api
 
+from odst.bus.authorization import mirror_deliver_prefix
 from odst.bus.streams import ensure_stream, find_stream
+from odst.bus.users import path_to
 from odst.events import catalogue as ev
 from odst.projections import views
 from odst.projections.appender import Append
@@ -237,7 +239,9 @@ class Linker:
             return False
         await ensure_stream(js, api.StreamConfig(
             name=name, storage=api.StorageType.FILE, num_replicas=self.replicas,
-            mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(api=f"$JS.{sid}.API")),
+            mirror=api.StreamSource(name="EVENTS", external=api.ExternalStream(
+                api=f"$JS.{sid}.API",
+                deliver=mirror_deliver_prefix(path_to(views.peer_sites(self.reader, self.site_id), sid)))),
         ))
         return True
 

@@ -640,8 +640,8 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
     # registration makes the spoke's site key a peer in the hub's users: rewritten, reloaded
     hub_system = read_seed(hub_data / SYSTEM_SEED_FILE)
     spoke_nkey = public_key_of_seed(SiteKey.load_or_create(spoke_data / "site.key").nkey_seed())
-    users = authz.users(hub_id, public_key_of_seed(read_seed(client_seed_path(hub_data))), [spoke_nkey], [],
-                        ["EVENTS"])
+    users = authz.users(hub_id, public_key_of_seed(read_seed(client_seed_path(hub_data))),
+                        [authz.Peer(spoke_nkey, spoke_id)], [], ["EVENTS"])
     assert write_include(tmp_path / "hub" / "site" / "auth.conf",
                          render_auth(hub_id, authz.render_users(users), public_key_of_seed(hub_system)))
     assert len(asyncio.run(reload_servers(hub_url, hub_system))) == 1
