@@ -50,6 +50,7 @@ from odst.projections.appender import ConfirmedAppender
 from odst.peering.requests import SharedNonces
 from odst.projections.batch import GroupCommit
 from odst.projections.db import connect as connect_read_model
+from odst.projections.handoff import ChainClient, ChainService
 from odst.projections.projector import Projector
 from odst.projections.watcher import ReadModelWatcher
 from odst.replicator.bandwidth import Bandwidth, site_timezone
@@ -134,6 +135,14 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     events.chain_state = partial(views.chain_state, reader, EVENTS_STREAM, site_id)  # where the head starts
     site.writer = ConfirmedAppender(events, projection, reader)
     append = site.writer.append
+    # the gateway's appends (uploads side by side: one round trip): one writer per chain. The
+    # projector's process owns it and appends for the gateway helpers too (odst.projections.handoff)
+    site.commit = GroupCommit(site.writer.append, site.writer.append_many, counts=site.stats.appends,
+                              wait_s=settings.apply_wait_s)
+    if "projector" in roles:
+        site.chain_service = await ChainService(nc, site_id, site.commit).start()
+    elif "gateway" in roles:
+        site.commit = ChainClient(nc, key, site.commit, wait_s=settings.apply_wait_s, counts=site.stats.appends)
     recorded = lambda: views.recorded(reader, EVENTS_STREAM, site_id)  # noqa: E731
     site.linker = Linker(site_id=site_id, nc=nc, js=js, reader=reader, append=append,
                          projection=projection, replicas=events.replicas)
@@ -255,8 +264,7 @@ def gateway_context(site: Site) -> GatewayContext:
     return GatewayContext(
         id=site.id, roles=site.roles, settings=site.settings, key=site.key, data=site.data, nats_url=site.nats_url,
         js=site.js, reader=site.reader, store=site.store, projection=site.projection,
-        append=GroupCommit(site.writer.append, site.writer.append_many, counts=site.stats.appends,
-                           wait_s=site.settings.apply_wait_s),  # uploads side by side: one round trip
+        append=site.commit,  # uploads side by side: one round trip, one writer per chain
         sessions=site.sessions, stats=site.stats, stopping=site.stopping, health=site.health,
         registrar=site.registrar, linker=site.linker, jamf=site.jamf,
         replicator=site.replicator, chunk_server=site.chunk_server, integrity=site.integrity,

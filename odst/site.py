@@ -60,6 +60,8 @@ class Site:
         self.events: EventLog | None = None  # the site's own signed, chained event log
         self.projection: ProjectionStatus | None = None  # a Projector, or a ReadModelWatcher of another process's
         self.writer: ConfirmedAppender | None = None  # append + wait for the fold: every writer's path
+        self.commit = None  # the gateway's append: a GroupCommit, or a helper's ChainClient (bootstrap)
+        self.chain_service = None  # projector role: appends the gateway helpers' events (odst.projections.handoff)
         self.registrar: Registrar | None = None
         self.store: PackageStore = Store(settings.store_dir)
         self.reader: sqlite3.Connection | None = None
@@ -292,6 +294,11 @@ class Site:
             self.stopping.set()
 
     async def close(self) -> None:
+        if self.events is not None and (self.events.contention or self.stats.appends):
+            # how this process's appends went: handed to the chain's owner, or appended here, and how
+            # often another writer of the same log got in first (odst.projections.handoff)
+            log.info("event appends this run", pid=os.getpid(), roles="+".join(sorted(self.roles)),
+                     **{**self.stats.appends, **self.events.contention})
         await tasks.cancel(*self.tasks)
         if self.mirror_resume:
             await self.mirror_resume.stop()
@@ -308,6 +315,8 @@ class Site:
         for service in (self.chunk_server, self.registration):
             if service:
                 await service.stop()
+        if self.chain_service:
+            await self.chain_service.stop()
         if self.log_watch:
             await self.log_watch.stop()
         if self.projection:

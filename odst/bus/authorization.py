@@ -11,7 +11,8 @@ Three kinds of identity connect to a site's broker, each an NKey (odst.bus.ident
   knows through it: ``peer_permissions``) and of no other log, requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
   never update, purge or delete a stream, delete a consumer, touch KV buckets (the
   replicator's leases, the used nonces of signed peer requests) or the
-  NOTIFY and REPLICATION streams, publish into any site's event subjects, or subscribe to
+  NOTIFY and REPLICATION streams, publish into any site's event subjects or hand events to
+  its chain's owner (``chain_subject``), or subscribe to
   internal subjects (work queues, notifications, the JetStream API). What it can see:
   replies on ``_INBOX.>`` that cross its link.
 * **subscriber**: a downstream service (``odst credentials add``). Read-only: it may
@@ -31,6 +32,13 @@ from dataclasses import dataclass
 
 # Streams of a site that exist for its own machinery, never for peers.
 INTERNAL_STREAMS = ("REPLICATION", "NOTIFY", "KV_ODST_LEASES", "KV_ODST_NONCES")
+
+
+def chain_subject(site: str) -> str:
+    """Where a site's gateway helpers hand their events to the process that owns its event chain
+    (odst.projections.handoff). Only the site's own identity may use it: no peer's or subscriber's
+    allow list names it, and a spoke's leaf deny lists keep its hub away from it."""
+    return f"odst.{site}.chain.append"
 
 
 def inbox_prefix(site: str) -> str:
@@ -124,14 +132,14 @@ def remote_deny_imports(site: str) -> list[str]:
         deny += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>"]
     # (no "$JS.API.>" here: requests to "$JS.<site>.API" are mapped to it before this check)
     deny += ["$KV.>", "$O.>", "$SYS.>", "$JS.ACK.>",
-             f"odst.{site}.ev.>", f"odst.{site}.work.>", f"odst.{site}.notify.>"]
+             f"odst.{site}.ev.>", f"odst.{site}.work.>", f"odst.{site}.notify.>", f"odst.{site}.chain.>"]
     return deny
 
 
 def remote_deny_exports(site: str) -> list[str]:
     """What a site dialing out never sends to its hub: its own replies and internal traffic."""
     return [f"{inbox_prefix(site)}.>", "$JS.API.>", "$KV.>", "$O.>",
-            f"odst.{site}.work.>", f"odst.{site}.notify.>"]
+            f"odst.{site}.work.>", f"odst.{site}.notify.>", f"odst.{site}.chain.>"]
 
 
 @dataclass(frozen=True)

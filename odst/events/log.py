@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Protocol
 
@@ -171,6 +172,8 @@ class EventLog:
         self._lock = asyncio.Lock()
         self._head: tuple[int, int, str] | None = None
         self.refusal = ""  # set by the log watch while the stream is damaged: appends refused
+        # appends refused because another writer got in first (re-chained), heads re-read from the broker
+        self.contention: Counter[str] = Counter()
 
     def expected(self) -> dict[str, object]:
         return expected_settings(self.site, self.replicas)
@@ -274,6 +277,7 @@ class EventLog:
                 except nats.js.errors.APIError as exc:
                     self._head = None
                     if exc.err_code == WRONG_LAST_SEQUENCE:
+                        self.contention["rechained"] += 1
                         # another writer appended first: back off a little, re-chain on the new head
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
                         continue
@@ -296,6 +300,7 @@ class EventLog:
         """The head appends chain onto (under ``_lock``): the one kept since the last append, or
         read from the stream and the read model after a failure forgot it."""
         if self._head is None:
+            self.contention["head_reads"] += 1
             try:
                 self._head = await self.head()
             except nats.errors.Error as exc:
@@ -344,7 +349,8 @@ class EventLog:
                 if isinstance(ack, nats.js.errors.APIError):
                     if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                         results[i] = AppendFailed(f"broker refused the event: {ack.description}")
-                    # else refused for contention: not stored; appended again below
+                    else:  # refused for contention: not stored; appended again below
+                        self.contention["rechained"] += 1
                 elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
                     results[i] = AppendFailed(f"broker unavailable: {ack!r}")
                 elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)

@@ -178,7 +178,8 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
         length = ascii_int(announced)
         if length is None:
             raise RequestInvalid("Content-Length is not a number")
-    refusal = uploads.admit_upload(name, length, views.package(site.reader, name),
+    known = views.package(site.reader, name)
+    refusal = uploads.admit_upload(name, length, known,
                                    max_bytes=settings.max_upload_bytes, free_bytes=site.store.free_bytes(),
                                    reserve_bytes=site.store.reserve_bytes(), replace=replace)
     if refusal is not None:
@@ -188,8 +189,15 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
     try:
         await _receive_body(receive, upload, settings.max_upload_bytes)
-        # a new package's file is fsynced once linked (Store.publishing_upload), a replacement's here
-        manifest = await upload.finish(fsync=replace)
+        # a new package's file is fsynced once linked (Store.publishing_upload), a replacement's
+        # here; a small one of a name not known yet is published in the job that writes it
+        # (undone if refused below)
+        if replace:
+            manifest, published = await upload.finish(fsync=True), None
+        elif known is not None:  # the name's file may be another's (a pull): never touched before deciding
+            manifest, published = await upload.finish(fsync=False), None
+        else:
+            manifest, published = await upload.finish_publishing(site.store, name)
     except ClientGone:
         await upload.abort()
         log.warning("upload truncated: client disconnected", package=name, received=upload.received)
@@ -206,7 +214,7 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
         await upload.abort()
         raise
     if length is not None and manifest.size != length:
-        upload.path.unlink(missing_ok=True)
+        site.store.unpublish(name, published) if published is not None else upload.path.unlink(missing_ok=True)
         raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")
     if extra:
         await asyncio.get_running_loop().run_in_executor(
@@ -216,14 +224,15 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     async with _lock_for(name):
         decision = uploads.accept_upload(name, stage, manifest, views.package(site.reader, name), site.id)
         if not isinstance(decision, uploads.Uploaded):
-            upload.path.unlink(missing_ok=True)
+            site.store.unpublish(name, published) if published is not None else upload.path.unlink(missing_ok=True)
             if isinstance(decision, uploads.Identical):
                 site.stats.uploads["identical"] += 1
                 return 200, decision.existing
             site.stats.uploads["refused"] += 1
             raise _refused(decision)
         try:
-            async with site.store.publishing_upload(upload.path, name):  # file and link durable
+            async with (site.store.published_upload(name) if published is not None  # file and link durable
+                        else site.store.publishing_upload(upload.path, name)):
                 try:
                     appended = await site.append(decision.event, actor=actor)
                 except NotYetApplied as exc:  # recorded: the file stays, as the log says

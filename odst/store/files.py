@@ -95,6 +95,12 @@ class PackageStore(Protocol):
 
     def publishing_upload(self, temp: Path, name: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
 
+    def publish_small(self, temp: Path, fd: int, name: str) -> int | None: ...
+
+    def published_upload(self, name: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
+
+    def unpublish(self, name: str, inode: int) -> None: ...
+
     def replace(self, temp: Path, name: str) -> Path: ...
 
     def replace_many(self, items: list[tuple[Path, str]]) -> list[Path | OSError]: ...
@@ -181,6 +187,59 @@ class Store:
             yield dest
         finally:
             marker.unlink(missing_ok=True)
+
+    def publish_small(self, temp: Path, fd: int, name: str) -> int | None:
+        """On a pool thread, in the job that wrote ``temp`` (``StreamingUpload.finish_publishing``,
+        ``fd`` still open on it): what ``publishing_upload`` does, in the same order, without a
+        hand-off of its own: the marker made (O_EXCL), the temp file linked in as ``name``,
+        fsynced (through ``fd``), packages/ fsynced with every upload that linked meanwhile;
+        returns the file's inode. None, with nothing changed, if the name's marker or file is there (another publisher,
+        a package already stored): the caller goes the long way. Done before the upload is
+        decided, so the caller ends it with ``published_upload`` or ``unpublish``."""
+        marker = self._marker(name)
+        dest = self.path(name)
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return None
+        try:
+            os.fchmod(fd, PACKAGE_MODE)
+            try:
+                os.link(temp, dest)
+            except FileExistsError:
+                marker.unlink(missing_ok=True)
+                return None
+            os.unlink(temp)
+            try:
+                os.fsync(fd)
+                self._thread_sync.sync()
+            except BaseException:
+                dest.unlink(missing_ok=True)
+                raise
+        except BaseException:
+            marker.unlink(missing_ok=True)
+            raise
+        return os.fstat(fd).st_ino
+
+    @contextlib.asynccontextmanager
+    async def published_upload(self, name: str):
+        """The rest of ``publishing_upload`` for a file ``publish_small`` published: the block runs
+        with the file durable under its name and the marker held; the marker goes when it ends."""
+        try:
+            yield self.path(name)
+        finally:
+            self._marker(name).unlink(missing_ok=True)
+
+    def unpublish(self, name: str, inode: int) -> None:
+        """Undo ``publish_small`` of an upload refused once decided: its file (if the name still
+        holds that ``inode``) and its marker go. An unannounced file left by a crash here is
+        swept at the next start, as any other."""
+        try:
+            if os.stat(self.path(name)).st_ino == inode:
+                self.path(name).unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        self._marker(name).unlink(missing_ok=True)
 
     def _mark_and_link(self, temp: Path, name: str, marker: Path) -> Path:
         dest = self.path(name)
@@ -548,6 +607,20 @@ class StreamingUpload:
             raise
         return self._last()
 
+    def _small_published(self, batch: list, publish) -> tuple[Manifest, int | None]:
+        """``_small`` and ``_last`` (unfsynced) and then ``publish(path, fd)``, in one pool job."""
+        try:
+            self._open()
+            for piece in batch:
+                self._write(piece)
+                self._hasher.update_sha512_blake3(piece)
+                self._hasher.update_sha1s(piece)
+            manifest = self._hasher.manifest()
+            tag(self.path, manifest.blake3)
+            return manifest, publish(self.path, self._fd)
+        finally:
+            self._release_fd()
+
     def _last(self) -> Manifest:
         """After the lanes (or a small body's writes), on a pool thread: label and fsync (holding
         the fd; for a large body the writer lane started most of the writeback already)."""
@@ -628,6 +701,24 @@ class StreamingUpload:
             manifest = await self._on_pool(self._last)
         self._close()
         return manifest
+
+    async def finish_publishing(self, store: "Store", name: str) -> tuple[Manifest, int | None]:
+        """``finish(fsync=False)``, and for a small body, in the same hand-off to the pool,
+        ``store.publish_small(name)``: (manifest, the published file's inode) — the marker held, to be
+        ended with ``store.published_upload`` or ``store.unpublish`` — or (manifest, None) when
+        the body was large or the name was taken (the temp file unfsynced, as ``finish`` leaves
+        it). One pool job and one wake of the event loop instead of two for a small upload."""
+        if self._lanes:
+            return await self.finish(fsync=False), None
+        self._fsync = False
+        batch, self._batch = self._batch, []
+        self.size, self._batched = self._batched, 0
+        with self._fd_lock:
+            self._users += 1  # the job's hold, as _on_pool takes it
+        result = await asyncio.get_running_loop().run_in_executor(
+            _STORE_POOL, self._small_published, batch, lambda temp, fd: store.publish_small(temp, fd, name))
+        self._close()
+        return result
 
     @property
     def extra_digests(self) -> dict[str, str]:

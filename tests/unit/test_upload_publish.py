@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import stat
 import threading
 
 import pytest
@@ -110,3 +112,91 @@ def test_a_failed_fsync_reaches_its_caller_and_the_next_round_is_fresh(tmp_path,
     with pytest.raises(OSError, match="Input/output"):
         group.sync()
     group.sync()  # the next round succeeds
+
+
+# --- a small upload written and published in one pool job (StreamingUpload.finish_publishing) ---
+
+class CountingPool:
+    """The store's pool, counting the jobs handed to it."""
+
+    def __init__(self, pool):
+        self.pool, self.jobs = pool, 0
+
+    def submit(self, fn, *args, **kw):
+        self.jobs += 1
+        return self.pool.submit(fn, *args, **kw)
+
+
+def finish_publishing(store: Store, name: str, data: bytes, **kw):
+    async def run():
+        up = StreamingUpload(store.new_temp(), **kw)
+        await up.feed(data)
+        return up.path, *(await up.finish_publishing(store, name))
+    return asyncio.run(run())
+
+
+def test_a_small_upload_is_written_linked_and_fsynced_in_one_job_in_order(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    store.ensure()
+    pool = CountingPool(files._STORE_POOL)  # noqa: SLF001
+    monkeypatch.setattr(files, "_STORE_POOL", pool)
+    order: list[str] = []
+    real_fsync, real_dir = files.os.fsync, files._fsync_dir  # noqa: SLF001
+    dest = store.path("Small.pkg")
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # _fsync_dir's own, recorded there
+            return real_fsync(fd)
+        order.append("file fsync, linked" if dest.exists() and store.is_publishing("small.pkg") else "file fsync")
+        real_fsync(fd)
+
+    def fsync_dir(path):
+        order.append(f"dir fsync {path.name}")
+        real_dir(path)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files, "_fsync_dir", fsync_dir)
+    temp, manifest, inode = finish_publishing(store, "Small.pkg", b"small body")
+    assert pool.jobs == 1
+    assert order == ["file fsync, linked", "dir fsync packages"]  # marker, link, file, then directory
+    assert inode == dest.stat().st_ino and dest.read_bytes() == b"small body" and not temp.exists()
+    assert files.content_tag(os.open(dest, os.O_RDONLY)) == manifest.blake3
+    assert oct(dest.stat().st_mode & 0o777) == oct(files.PACKAGE_MODE)
+    assert store.is_publishing("small.pkg")  # held until the event is out
+
+    async def after():
+        async with store.published_upload("Small.pkg") as path:
+            assert path == dest
+    asyncio.run(after())
+    assert not store.is_publishing("small.pkg") and list(store.tmp.iterdir()) == []
+
+
+def test_a_taken_name_or_a_large_body_goes_the_long_way_untouched(tmp_path):
+    store = Store(tmp_path)
+    store.ensure()
+    store.path("taken.pkg").write_bytes(b"theirs")
+    temp, manifest, inode = finish_publishing(store, "TAKEN.pkg", b"mine")
+    assert inode is None and temp.read_bytes() == b"mine" and store.path("taken.pkg").read_bytes() == b"theirs"
+    assert not store.is_publishing("taken.pkg")  # the marker it made is gone again
+    temp.unlink()
+    store._marker("busy.pkg").touch()  # noqa: SLF001 - another process is publishing this name
+    temp, _, inode = finish_publishing(store, "busy.pkg", b"mine")
+    assert inode is None and temp.exists() and not store.path("busy.pkg").exists()
+    assert store.is_publishing("busy.pkg")  # theirs, left alone
+    temp.unlink()
+    temp, manifest, inode = finish_publishing(store, "large.pkg", b"x" * 300_000, small_bytes=1024)
+    assert inode is None and temp.stat().st_size == 300_000 and not store.path("large.pkg").exists()
+    assert manifest.size == 300_000
+
+
+def test_an_upload_refused_once_decided_takes_back_only_its_own_file(tmp_path):
+    store = Store(tmp_path)
+    store.ensure()
+    _, _, inode = finish_publishing(store, "r.pkg", b"refused")
+    store.unpublish("r.pkg", inode)
+    assert not store.path("r.pkg").exists() and not store.is_publishing("r.pkg")
+    _, _, inode = finish_publishing(store, "s.pkg", b"mine")
+    other = store.tmp / "pulled.part"
+    other.write_bytes(b"pulled meanwhile")
+    os.replace(other, store.path("s.pkg"))  # e.g. a pull put its verified file there
+    store.unpublish("s.pkg", inode)
+    assert store.path("s.pkg").read_bytes() == b"pulled meanwhile" and not store.is_publishing("s.pkg")
