@@ -26,6 +26,9 @@ from harness.wait import TimedOut, wait_until
 ADMIN_TOKEN = "test-admin-token-0123456789"
 CHECKOUT = Path(__file__).resolve().parent.parent  # the sites run the odst of this very checkout
 STOP_TIMEOUT = 30.0
+# the caller's ODST_* variables a site still gets: the test suite's cheap-argon2 knob
+# (odst.accounts.passwords.TEST_KNOB, honoured only inside a pytest run)
+PASSED_ON = ("ODST_TEST_ARGON2",)
 
 
 class SiteFailed(AssertionError):
@@ -44,7 +47,8 @@ def _die_with_parent() -> None:  # in the child between fork and exec
 class SiteProcess:
     """``odst serve --data DATA --http 127.0.0.1:PORT [--site-name NAME] [--leaf-listen ...] *extra_args``.
 
-    The process inherits the caller's environment without its ``ODST_*`` variables, plus
+    The process inherits the caller's environment without its ``ODST_*`` variables (but those in
+    ``PASSED_ON``), plus
     ``ODST_ADMIN_TOKEN``, ``ODST_LOG_LEVEL=info`` and ``env``; stdout and stderr go to
     ``log_path`` (default ``<data>-serve.log`` beside the data directory).
 
@@ -116,7 +120,7 @@ class SiteProcess:
 
     def start_process(self) -> "SiteProcess":
         """Spawn ``odst serve`` and return at once (see :meth:`start` to wait until healthy)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_") or k in PASSED_ON}
         env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join([str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                     **self.env})

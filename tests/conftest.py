@@ -14,11 +14,17 @@ import httpx
 import pytest
 
 from harness.ports import free_port  # noqa: F401  (one port allocator, safe under pytest-xdist)
-from harness.site import ADMIN_TOKEN, SiteProcess  # noqa: F401  (one harness for tests, scenarios, benches)
+from harness.site import ADMIN_TOKEN, SiteProcess, stop_all  # noqa: F401  (one harness for tests, scenarios, benches)
 from harness.wait import wait_until
 from odst.bus.embedded import nats_server_binary
 
 pytest_plugins = ["tests.ldap_server", "tests.browser"]
+
+# Every site and odst command the tests start hashes passwords with argon2's smallest parameters
+# (odst.accounts.passwords.TEST_KNOB; the harness passes it on, odst honours it only under
+# pytest): each site start makes one hash and many tests sign in. test_accounts'
+# sign-in flood keeps the real ones, and checks that it has them.
+os.environ["ODST_TEST_ARGON2"] = "cheap"
 
 
 @dataclass
@@ -61,8 +67,7 @@ def make_site(tmp_path):
         started.append(s)
         return s
     yield make
-    for s in started:
-        s.stop()
+    stop_all(started)  # SIGTERM to every site at once: a test's sites stop side by side
 
 
 @pytest.fixture
