@@ -29,6 +29,15 @@ def _fewer_malloc_arenas(n: int = 2) -> None:
         pass  # not glibc
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything made while starting (modules, the site, the Litestar app) out of the
+    cyclic GC's reach: it lives until exit, yet every full collection walked it, and the
+    collection at interpreter exit took 0.4-2.7 s of a stop (measured under load; 0.2-0.4 s
+    frozen). Objects made later are collected as before."""
+    import gc
+    gc.freeze()
+
+
 def _run(coro):
     try:
         import uvloop
@@ -123,6 +132,7 @@ def cmd_serve(args, roles=None) -> int:
             print(f"odst: {exc}", file=sys.stderr)
             return 2
         if "gateway" not in roles:
+            _freeze_startup_objects()
             return await _run_until_signalled(site)
         from odst.gateway.listener import AddressInvalid, PortTaken, listen
         helpers = []
@@ -138,6 +148,7 @@ def cmd_serve(args, roles=None) -> int:
                                     # only a listed proxy may name the client (sign-in limits count per address)
                                     proxy_headers=bool(settings.trusted_proxies),
                                     forwarded_allow_ips=list(settings.trusted_proxies) or None)
+            _freeze_startup_objects()
             server = Server(config)
             server.on_exit = site.begin_stop
             print(f"odst: site {site.id} serving on http://{settings.http} (data {settings.data}"
