@@ -182,12 +182,32 @@ async def site_nats(data: Path, **kw):
     return await connect_as_site(data, **kw)
 
 
-# Modules whose tests take minutes (images and wheels built, three-site stories): started first,
-# so the two xdist workers do not end with one of them alone on a long test.
-SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_packaging.py", "test_cluster.py")
+# Modules with the longest single tests (images and wheels built, three-site stories, rebuilds
+# from the log, 2 GB uploads), longest first as measured: started first, so the two xdist workers
+# do not end the run with one of them alone on a long test while the other has finished.
+SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_roles.py", "test_done_means.py",
+              "test_docs.py", "test_packaging.py", "test_cluster.py", "test_audit.py", "test_recovery.py",
+              "test_jamf.py", "test_peer_evidence.py", "test_schemathesis.py", "test_backup.py",
+              "test_logwatch.py", "test_registration.py")
 
 
+def _uses_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope == "module"
+                                    for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The slow modules first: under xdist the two workers share them from the start instead
-    of one of them ending the run alone on a long test."""
-    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: otherwise as collected
+    """The slow modules first, in SLOW_FIRST's order: under xdist the two workers share them
+    from the start instead of one of them ending the run alone on a long test.
+
+    ``./run test`` distributes with ``--dist loadgroup --no-loadscope-reorder``: test by test in
+    this order, except that the tests of a module with a module-scoped fixture (a shared site,
+    a browser, a built image or wheel) are one group and run on one worker, so that fixture is
+    made once, not once per worker."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
+    for item in items:
+        if _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
