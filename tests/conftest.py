@@ -27,6 +27,25 @@ pytest_plugins = ["tests.ldap_server", "tests.browser"]
 os.environ["ODST_TEST_ARGON2"] = "cheap"
 
 
+def _one_default_tls_context() -> None:
+    """httpx builds a new SSL context (certifi's CA bundle parsed: ~25 ms of a core) for every
+    ``httpx.get`` and every Client, even for http:// URLs, and the tests poll plain-HTTP sites
+    thousands of times. Clients that ask for httpx's default verification (``verify=True``, no
+    ``cert``) share the one the harness made; any other ``verify`` is built as asked."""
+    from httpx._transports import default
+    from harness.site import tls_context
+    build = default.create_ssl_context
+
+    def shared(verify=True, cert=None, trust_env=True):
+        if verify is True and cert is None and trust_env:
+            return tls_context()
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+    default.create_ssl_context = shared
+
+
+_one_default_tls_context()
+
+
 @dataclass
 class NatsServer:
     url: str
