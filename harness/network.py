@@ -30,7 +30,7 @@ from urllib.parse import quote
 import httpx
 
 from harness.ports import free_port
-from harness.site import SiteProcess, stop_all
+from harness.site import SiteProcess, stop_all, tls_context
 from harness.wait import TimedOut, wait_until
 from odst.bus import connect_as_site
 from odst.naming import name_key
@@ -142,7 +142,7 @@ class Network:
         self.token = admin_token or "scenario-admin-" + secrets.token_hex(12)
         self.sites: dict[str, Site] = {}
         self.started = time.monotonic()
-        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0),
+        self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0), verify=tls_context(),
                                   headers={"Authorization": f"Bearer {self.token}"})
         self._print_lock = threading.Lock()
         self.results: dict[str, Any] = {}  # figures a scenario wants to report (e.g. latencies)
@@ -290,7 +290,7 @@ class Network:
                     self.fail(f"site {s.name}: odst serve exited with code {s.proc.returncode} while starting",
                               [s])
                 try:
-                    r = httpx.get(f"{s.url}/healthz", timeout=2)
+                    r = httpx.get(f"{s.url}/healthz", timeout=2, verify=tls_context())
                     if r.status_code == 200:
                         pending.remove(s)
                     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -26,6 +27,18 @@ from harness.wait import TimedOut, wait_until
 ADMIN_TOKEN = "test-admin-token-0123456789"
 CHECKOUT = Path(__file__).resolve().parent.parent  # the sites run the odst of this very checkout
 STOP_TIMEOUT = 30.0
+# the caller's ODST_* variables a site still gets: the test suite's cheap-argon2 knob
+# (odst.accounts.passwords.TEST_KNOB, honoured only inside a pytest run)
+PASSED_ON = ("ODST_TEST_ARGON2",)
+
+
+@functools.cache
+def tls_context():
+    """The SSL context every harness client shares (httpx's default: certifi's CA bundle).
+    httpx otherwise builds one for each Client and each ``httpx.get``, parsing the bundle again:
+    ~25 ms of a core, though sites speak plain HTTP. Readiness polls every 50 ms made that
+    about as much CPU as the site's own start."""
+    return httpx.create_ssl_context()
 
 
 class SiteFailed(AssertionError):
@@ -44,7 +57,8 @@ def _die_with_parent() -> None:  # in the child between fork and exec
 class SiteProcess:
     """``odst serve --data DATA --http 127.0.0.1:PORT [--site-name NAME] [--leaf-listen ...] *extra_args``.
 
-    The process inherits the caller's environment without its ``ODST_*`` variables, plus
+    The process inherits the caller's environment without its ``ODST_*`` variables (but those in
+    ``PASSED_ON``), plus
     ``ODST_ADMIN_TOKEN``, ``ODST_LOG_LEVEL=info`` and ``env``; stdout and stderr go to
     ``log_path`` (default ``<data>-serve.log`` beside the data directory).
 
@@ -93,6 +107,7 @@ class SiteProcess:
         return cmd + [str(a) for a in self.extra_args]
 
     def client(self, token: str | None = None, **kw) -> httpx.Client:
+        kw.setdefault("verify", tls_context())
         return httpx.Client(base_url=self.url, timeout=60,
                             headers={"Authorization": f"Bearer {token or self.token}"}, **kw)
 
@@ -116,7 +131,7 @@ class SiteProcess:
 
     def start_process(self) -> "SiteProcess":
         """Spawn ``odst serve`` and return at once (see :meth:`start` to wait until healthy)."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ODST_") or k in PASSED_ON}
         env.update({"ODST_ADMIN_TOKEN": self.token, "ODST_LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": os.pathsep.join([str(CHECKOUT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                     **self.env})
@@ -136,7 +151,7 @@ class SiteProcess:
         if self.proc is not None and self.proc.poll() is not None:
             raise SiteFailed(f"odst serve ({self.data.name}) exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=2, verify=tls_context()).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -14,11 +14,36 @@ import httpx
 import pytest
 
 from harness.ports import free_port  # noqa: F401  (one port allocator, safe under pytest-xdist)
-from harness.site import ADMIN_TOKEN, SiteProcess  # noqa: F401  (one harness for tests, scenarios, benches)
+from harness.site import ADMIN_TOKEN, SiteProcess, stop_all  # noqa: F401  (one harness for tests, scenarios, benches)
 from harness.wait import wait_until
 from odst.bus.embedded import nats_server_binary
 
 pytest_plugins = ["tests.ldap_server", "tests.browser"]
+
+# Every site and odst command the tests start hashes passwords with argon2's smallest parameters
+# (odst.accounts.passwords.TEST_KNOB; the harness passes it on, odst honours it only under
+# pytest): each site start makes one hash and many tests sign in. test_accounts'
+# sign-in flood keeps the real ones, and checks that it has them.
+os.environ["ODST_TEST_ARGON2"] = "cheap"
+
+
+def _one_default_tls_context() -> None:
+    """httpx builds a new SSL context (certifi's CA bundle parsed: ~25 ms of a core) for every
+    ``httpx.get`` and every Client, even for http:// URLs, and the tests poll plain-HTTP sites
+    thousands of times. Clients that ask for httpx's default verification (``verify=True``, no
+    ``cert``) share the one the harness made; any other ``verify`` is built as asked."""
+    from httpx._transports import default
+    from harness.site import tls_context
+    build = default.create_ssl_context
+
+    def shared(verify=True, cert=None, trust_env=True):
+        if verify is True and cert is None and trust_env:
+            return tls_context()
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+    default.create_ssl_context = shared
+
+
+_one_default_tls_context()
 
 
 @dataclass
@@ -61,8 +86,7 @@ def make_site(tmp_path):
         started.append(s)
         return s
     yield make
-    for s in started:
-        s.stop()
+    stop_all(started)  # SIGTERM to every site at once: a test's sites stop side by side
 
 
 @pytest.fixture
@@ -177,12 +201,32 @@ async def site_nats(data: Path, **kw):
     return await connect_as_site(data, **kw)
 
 
-# Modules whose tests take minutes (images and wheels built, three-site stories): started first,
-# so the two xdist workers do not end with one of them alone on a long test.
-SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_packaging.py", "test_cluster.py")
+# Modules with the longest single tests (images and wheels built, three-site stories, rebuilds
+# from the log, 2 GB uploads), longest first as measured: started first, so the two xdist workers
+# do not end the run with one of them alone on a long test while the other has finished.
+SLOW_FIRST = ("test_container.py", "test_scenarios.py", "test_roles.py", "test_done_means.py",
+              "test_docs.py", "test_packaging.py", "test_cluster.py", "test_audit.py", "test_recovery.py",
+              "test_jamf.py", "test_peer_evidence.py", "test_schemathesis.py", "test_backup.py",
+              "test_logwatch.py", "test_registration.py")
 
 
+def _uses_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope == "module"
+                                    for defs in info.name2fixturedefs.values())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """The slow modules first: under xdist the two workers share them from the start instead
-    of one of them ending the run alone on a long test."""
-    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: otherwise as collected
+    """The slow modules first, in SLOW_FIRST's order: under xdist the two workers share them
+    from the start instead of one of them ending the run alone on a long test.
+
+    ``./run test`` distributes with ``--dist loadgroup --no-loadscope-reorder``: test by test in
+    this order, except that the tests of a module with a module-scoped fixture (a shared site,
+    a browser, a built image or wheel) are one group and run on one worker, so that fixture is
+    made once, not once per worker."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
+    for item in items:
+        if _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))

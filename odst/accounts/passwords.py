@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
 import re
 
 import argon2
@@ -27,7 +28,29 @@ USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 ROLES = ("admin", "operator", "auditor")
 
 # RFC 9106's second recommended option (argon2-cffi's default): t=3, m=64 MiB, p=4.
-_hasher = argon2.PasswordHasher()
+REAL_PARAMETERS = argon2.PasswordHasher()
+
+# Test-only knob: the test suite starts hundreds of sites, and each makes the first admin's hash
+# (0.2-0.4 s of a core) and every sign-in verifies one. With TEST_KNOB=cheap, and only inside a
+# pytest run (pytest sets PYTEST_CURRENT_TEST for the test and the processes it starts), hashes
+# use argon2's smallest parameters. Anywhere else the knob is ignored with a warning: the real
+# parameters are a security setting. tests/system/test_accounts.py keeps a site on them.
+TEST_KNOB = "ODST_TEST_ARGON2"
+CHEAP_PARAMETERS = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@functools.cache
+def _hasher() -> argon2.PasswordHasher:
+    """The hasher, chosen on first use (after logging is configured, so the warning is seen)."""
+    if os.environ.get(TEST_KNOB, "") != "cheap":
+        return REAL_PARAMETERS
+    if os.environ.get("PYTEST_CURRENT_TEST"):
+        return CHEAP_PARAMETERS
+    import structlog
+    structlog.get_logger("odst.accounts").warning(
+        f"{TEST_KNOB} is for the test suite only; ignored, passwords keep the real argon2 parameters")
+    return REAL_PARAMETERS
+
 # Each hash takes 64 MiB and ~0.1-0.2 s of a core; two at a time bound what a sign-in flood
 # can take, and callers beyond 32 waiting get a 503 at once.
 POOL = BoundedPool("argon2", workers=2, max_waiting=32)
@@ -38,7 +61,7 @@ def _dummy() -> str:
     """Compared against when the user does not exist, so a wrong name costs what a wrong password
     does. Made on first use, not at import: one argon2 hash is 0.2-0.8 s of a core, and every
     ``odst`` command imports this module."""
-    return _hasher.hash("odst-no-such-user")
+    return _hasher().hash("odst-no-such-user")
 
 
 class PasswordRejected(RequestInvalid):
@@ -75,7 +98,7 @@ def _box(key: SiteKey) -> nacl.secret.SecretBox:
 
 def seal(key: SiteKey, password: str) -> str:
     """Hash ``password`` with argon2id and seal the hash for the event log."""
-    digest = _hasher.hash(password)
+    digest = _hasher().hash(password)
     return base64.b64encode(_box(key).encrypt(digest.encode("ascii"))).decode("ascii")
 
 
@@ -91,7 +114,7 @@ def verify(key: SiteKey, sealed: str | None, password: str) -> bool:
     if not password or len(password) > MAX_LENGTH:
         return False
     try:
-        return _hasher.verify(digest, password) and sealed is not None
+        return _hasher().verify(digest, password) and sealed is not None
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 
