@@ -7,14 +7,14 @@ Three kinds of identity connect to a site's broker, each an NKey (odst.bus.ident
   what mirroring, chunk transfer and registration need, for itself and for sites behind
   it in the leaf tree (a hub carries its spokes' traffic), and nothing else: create a
   mirror consumer on an ``EVENTS`` stream, answer flow control, deliver into this site's
-  mirrors of the logs whose path runs through it (its own, and those of the sites this site
-  knows through it: ``peer_permissions``) and of no other log, requests to ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can
-  never update, purge or delete a stream, delete a consumer, touch KV buckets (the
-  replicator's leases, the used nonces of signed peer requests) or the
-  NOTIFY and REPLICATION streams, publish into any site's event subjects or hand events to
-  its chain's owner (``chain_subject``), or subscribe to
-  internal subjects (work queues, notifications, the JetStream API). What it can see:
-  replies on ``_INBOX.>`` that cross its link.
+  mirrors of the logs whose path runs through it (its own, and those of the sites this
+  site knows through it: ``peer_permissions``) and of no other log, requests to
+  ``odst.<site>.chunk`` and ``odst.<site>.rpc.*`` and their replies. It can never update,
+  purge or delete a stream, delete a consumer, touch KV buckets (the replicator's leases,
+  the used nonces of signed peer requests) or the NOTIFY and REPLICATION streams, publish
+  into any site's event subjects or hand events to its chain's owner (``chain_subject``),
+  or subscribe to internal subjects (work queues, notifications, the JetStream API). What
+  it can see: replies on ``_INBOX.>`` that cross its link.
 * **subscriber**: a downstream service (``odst credentials add``). Read-only: it may
   subscribe to event subjects and read the event streams through consumers of its own.
 

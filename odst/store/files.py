@@ -597,24 +597,23 @@ class StreamingUpload:
     def _small(self, batch: list) -> Manifest:
         """The whole of a small body, on a pool thread: write, hash, label, fsync (holding the fd)."""
         try:
-            self._open()
-            for piece in batch:
-                self._write(piece)
-                self._hasher.update_sha512_blake3(piece)
-                self._hasher.update_sha1s(piece)
+            self._write_hashed(batch)
         except BaseException:
             self._release_fd()
             raise
         return self._last()
 
+    def _write_hashed(self, batch: list) -> None:
+        self._open()
+        for piece in batch:
+            self._write(piece)
+            self._hasher.update_sha512_blake3(piece)
+            self._hasher.update_sha1s(piece)
+
     def _small_published(self, batch: list, publish) -> tuple[Manifest, int | None]:
         """``_small`` and ``_last`` (unfsynced) and then ``publish(path, fd)``, in one pool job."""
         try:
-            self._open()
-            for piece in batch:
-                self._write(piece)
-                self._hasher.update_sha512_blake3(piece)
-                self._hasher.update_sha1s(piece)
+            self._write_hashed(batch)
             manifest = self._hasher.manifest()
             tag(self.path, manifest.blake3)
             return manifest, publish(self.path, self._fd)

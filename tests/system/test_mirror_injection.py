@@ -10,7 +10,6 @@ for the logs it carries (odst.bus.authorization.peer_permissions)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -20,21 +19,9 @@ import time
 import httpx
 import nkeys
 
-from tests.conftest import free_port, site_nats, wait_until, write_random
+from tests.conftest import free_port, wait_until, write_random
+from tests.system.test_peer_evidence import stream_state as state
 from tests.system.test_replication import available_at, register, site_id, upload
-
-
-async def _state(data, stream: str) -> tuple[int, int]:
-    nc = await site_nats(data)
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return info.state.messages, info.state.last_seq
-    finally:
-        await nc.close()
-
-
-def state(site, stream: str) -> tuple[int, int]:
-    return asyncio.run(_state(site.data, stream))
 
 
 def leaf_seed(site) -> str:
