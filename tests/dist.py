@@ -9,6 +9,7 @@ between runs to pay once.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -24,9 +25,14 @@ def cache_dir() -> Path:
 
 
 def build_dist(out: Path) -> tuple[Path, Path]:
-    """``python -m build`` of this checkout into ``out``: (wheel, sdist)."""
-    done = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(CHECKOUT)],
-                          capture_output=True, text=True, timeout=300)
+    """``python -m build`` of this checkout into ``out``: (wheel, sdist). One build at a time
+    (a lock file in the cache): the build writes ``odst.egg-info`` and ``build/`` into the
+    checkout, and two at once (the container and packaging tests, on two xdist workers) broke
+    each other's sdist ("No such file or directory")."""
+    with open(cache_dir() / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(CHECKOUT)],
+                              capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"python -m build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     wheels, sdists = sorted(out.glob("odst-*.whl")), sorted(out.glob("odst-*.tar.gz"))
     assert len(wheels) == 1 and len(sdists) == 1, f"expected one wheel and one sdist in {out}: {list(out.iterdir())}"
