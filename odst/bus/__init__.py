@@ -1,6 +1,9 @@
 """The message bus: the embedded nats-server and connections to NATS."""
 
-from odst.bus.authorization import inbox_prefix
+import contextlib
+import secrets
+
+from odst.bus.authorization import inbox_prefix, private_inbox
 from odst.bus.identity import client_seed_path, read_seed
 from odst.events.signing import SiteKey
 
@@ -13,15 +16,36 @@ def server_list(urls: str) -> list[str]:
 async def connect(servers: str, *, seed: str | None = None, site: str = "", name: str = "odst", **kw):
     """Connect to NATS as one identity: ``seed`` is a NATS user seed ('SU…'), or None for a
     server without authentication (only a test's bare nats-server). A site's own processes
-    pass ``site``: their replies then use its own inbox prefix, which no peer is sent."""
+    pass ``site``: their replies then use its private inbox, which no peer is sent or may
+    publish to; a request another site answers goes through ``peer_request``."""
     import nats
 
     opts = {"connect_timeout": 5, **kw}
     if seed:
         opts["nkeys_seed_str"] = seed
     if site:
-        opts["inbox_prefix"] = inbox_prefix(site)
+        opts.setdefault("inbox_prefix", private_inbox(site))
     return await nats.connect(servers=server_list(servers), name=name, **opts)
+
+
+async def peer_request(nc, site: str, subject: str, data: bytes = b"", *, timeout: float, headers=None):
+    """A request another site answers, through the leaf tree: its reply subject is under
+    ``_INBOX.<site>`` (peers may publish there, to answer) with a random 128-bit token, not
+    nats-py's own (a NUID: the next is guessable from the last). Like ``nc.request``: the
+    answer, or nats.errors.TimeoutError, or NoRespondersError when nobody listens."""
+    import nats.errors
+
+    reply = f"{inbox_prefix(site)}.{secrets.token_hex(16)}"
+    sub = await nc.subscribe(reply, max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=reply, headers=headers)
+        msg = await sub.next_msg(timeout=timeout)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+        raise nats.errors.NoRespondersError
+    return msg
 
 
 async def connect_as_site(data, url: str | None = None, **kw):

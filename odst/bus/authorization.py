@@ -13,8 +13,8 @@ Three kinds of identity connect to a site's broker, each an NKey (odst.bus.ident
   purge or delete a stream, delete a consumer, touch KV buckets (the replicator's leases,
   the used nonces of signed peer requests) or the NOTIFY and REPLICATION streams, publish
   into any site's event subjects or hand events to its chain's owner (``chain_subject``),
-  or subscribe to internal subjects (work queues, notifications, the JetStream API). What
-  it can see: replies on ``_INBOX.>`` that cross its link.
+  or subscribe to internal subjects (work queues, notifications, the JetStream API, the
+  site's private inbox). What it can see: replies on ``_INBOX.>`` that cross its link.
 * **subscriber**: a downstream service (``odst credentials add``). Read-only: it may
   subscribe to event subjects and read the event streams through consumers of its own.
 
@@ -42,8 +42,18 @@ def chain_subject(site: str) -> str:
 
 
 def inbox_prefix(site: str) -> str:
-    """The reply-subject prefix of a site's own processes: peers are never sent it."""
+    """The reply subjects of a site's requests to OTHER sites (``odst.bus.peer_request``):
+    under ``_INBOX.``, which peers may publish to (to answer) and are sent. A random token
+    each, so a peer that sees some cannot guess the next."""
     return f"_INBOX.{site}"
+
+
+def private_inbox(site: str) -> str:
+    """The reply subjects of everything else a site's processes ask (JetStream, KV, their
+    own consumers' deliveries, the chain hand-off): no peer may publish to it or is sent it.
+    Under ``_INBOX.<site>`` they were: a peer's leaf link received every reply of the site's
+    own requests, and could answer ones whose nats-py token (a NUID) it predicted."""
+    return f"_ODST.{site}"
 
 
 # What a peer's leaf connection may send in and be sent, for every site of the tree.
@@ -131,14 +141,14 @@ def remote_deny_imports(site: str) -> list[str]:
     for stream in INTERNAL_STREAMS:
         deny += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>"]
     # (no "$JS.API.>" here: requests to "$JS.<site>.API" are mapped to it before this check)
-    deny += ["$KV.>", "$O.>", "$SYS.>", "$JS.ACK.>",
+    deny += ["$KV.>", "$O.>", "$SYS.>", "$JS.ACK.>", f"{private_inbox(site)}.>",
              f"odst.{site}.ev.>", f"odst.{site}.work.>", f"odst.{site}.notify.>", f"odst.{site}.chain.>"]
     return deny
 
 
 def remote_deny_exports(site: str) -> list[str]:
     """What a site dialing out never sends to its hub: its own replies and internal traffic."""
-    return [f"{inbox_prefix(site)}.>", "$JS.API.>", "$KV.>", "$O.>",
+    return [f"{inbox_prefix(site)}.>", f"{private_inbox(site)}.>", "$JS.API.>", "$KV.>", "$O.>",
             f"odst.{site}.work.>", f"odst.{site}.notify.>", f"odst.{site}.chain.>"]
 
 

@@ -20,7 +20,7 @@ import json
 import structlog
 
 from odst import tasks
-from odst.bus.authorization import inbox_prefix, subscriber_inbox
+from odst.bus.authorization import private_inbox, subscriber_inbox
 
 log = structlog.get_logger("odst.guard")
 
@@ -40,7 +40,7 @@ def refusal(site: str, name: str, config: dict, subscribers: set[str]) -> str:
     subject = config.get("deliver_subject") or ""
     if not subject:
         return ""  # a pull consumer delivers only to whoever asks (and may ask)
-    if subject.startswith("$JS.M.") or subject.startswith(f"{inbox_prefix(site)}."):
+    if subject.startswith("$JS.M.") or subject.startswith(f"{private_inbox(site)}."):
         return ""
     if name in subscribers and subject.startswith(f"{subscriber_inbox(name)}."):
         return ""

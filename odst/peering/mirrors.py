@@ -16,6 +16,7 @@ import structlog
 from nats.errors import NoRespondersError
 from nats.js import api
 
+from odst.bus import peer_request
 from odst.bus.authorization import mirror_deliver_prefix
 from odst.bus.streams import ensure_stream, find_stream
 from odst.bus.users import path_to
@@ -157,7 +158,7 @@ class MirrorResume:
     async def _reachable(self, origin: str) -> bool | None:
         """True: the origin's JetStream answers; False: no server listens for it; None: unsure."""
         try:
-            await self.nc.request(f"$JS.{origin}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            await peer_request(self.nc, self.site_id, f"$JS.{origin}.API.STREAM.INFO.EVENTS", timeout=2)
             return True
         except NoRespondersError:
             return False
@@ -198,7 +199,8 @@ class MirrorResume:
     async def _resend(self, origin: str, msg) -> None:
         """The mirror's request again, unchanged, and the origin's answer to the mirror."""
         try:
-            answer = await self.nc.request(msg.subject, msg.data, timeout=5, headers=msg.headers)
+            answer = await peer_request(self.nc, self.site_id, msg.subject, msg.data, timeout=5,
+                                        headers=msg.headers)
         except Exception as exc:
             log.warning("mirror consumer request resent, unanswered", peer=origin, error=type(exc).__name__)
             return
@@ -281,7 +283,7 @@ class Linker:
         """The peer's own view of its EVENTS stream (JetStream's stream info, through the leaf
         tree), ``{"missing": True}`` when it has none, None when it does not answer."""
         try:
-            msg = await self.nc.request(f"$JS.{sid}.API.STREAM.INFO.EVENTS", b"", timeout=2)
+            msg = await peer_request(self.nc, self.site_id, f"$JS.{sid}.API.STREAM.INFO.EVENTS", timeout=2)
             info = json.loads(msg.data)
         except Exception:
             return None

@@ -61,6 +61,7 @@ import nacl.public
 import nats.errors
 import structlog
 
+from odst.bus.authorization import inbox_prefix
 from odst.bus.service import NatsService
 from odst.config import Settings
 from odst.errors import OdstError
@@ -487,7 +488,7 @@ async def _over_nats(me: Registrar, inv: Invitation, notes: list[str]) -> Regist
     n_ignored = 0
     sub = None
     try:
-        inbox = me.nc.new_inbox()
+        inbox = f"{inbox_prefix(me.site_id)}.{secrets.token_hex(16)}"  # a peer answers: odst.bus.peer_request
         sub = await me.nc.subscribe(inbox)
         await me.nc.publish(register_subject(inv.site), wire, reply=inbox)
         deadline = time.monotonic() + NATS_WAIT_S

@@ -34,6 +34,7 @@ from typing import AsyncIterator, Protocol
 import aiohttp
 import structlog
 
+from odst.bus import peer_request
 from odst.bus.service import NatsService
 from odst.gateway.protocol import CUT, ZEROCOPY
 from odst.events.signing import SiteKey
@@ -350,8 +351,8 @@ class NatsChunkSource:
     async def fetch(self, blake3: str, index: int) -> bytes:
         target = chunk_target(blake3, index)
         try:
-            msg = await self.nc.request(chunk_subject(self.site), b"", timeout=self.timeout,
-                                        headers=sign_request(self.key, CHUNK_METHOD, target) | {"target": target})
+            msg = await peer_request(self.nc, self.key.site_id, chunk_subject(self.site), timeout=self.timeout,
+                                     headers=sign_request(self.key, CHUNK_METHOD, target) | {"target": target})
         except Exception as exc:  # nats timeout / no responders / connection closed
             raise TransportFailed(f"{self.site} over NATS: {type(exc).__name__}") from None
         status = (msg.headers or {}).get("odst-status", "")

@@ -130,3 +130,32 @@ def test_a_registered_peer_cannot_write_into_the_mirror_of_another_peers_log(mak
         assert client.get("/api/v1/quarantine").json()["count"] == 0
     assert httpx.get(f"{hub.url}/healthz", timeout=5).status_code == 200
     assert "Publish Violation" in (hub.data / "run" / "nats.log").read_text(errors="replace")
+
+
+def test_a_peer_is_not_sent_the_sites_own_replies(make_site, tmp_path):
+    """A site's processes ask their own JetStream (appends, reads, KV, their consumers'
+    deliveries) with replies on their private inbox, which no peer is sent: before, these went
+    to ``_INBOX.<site>``, and a peer's leaf link listening on ``_INBOX.>`` received every one
+    (and could answer one whose nats-py token it predicted)."""
+    leaf = free_port()
+    hub = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
+    p = make_site("p", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "P"]).start()
+    register(hub, p)
+    hub_id = site_id(hub)
+    spy = RawLeaf(leaf, leaf_seed(p))
+    try:
+        spy.send(b"LS+ _INBOX.>\r\nLS+ _ODST.>\r\nLS+ $JS.M.>\r\nPING\r\n")
+        spy.buf = b""
+        assert spy.read(lambda: b"PONG" in spy.buf, 10)
+        upload(hub, "H1.pkg", write_random(tmp_path / "h1.pkg", 1000, seed=1))
+        wait_until(lambda: available_at(p, "H1.pkg", site_id(p)), 60, what="H1.pkg at P")
+        # the link is live: it is sent the deliveries of P's own mirror of the hub's log
+        assert spy.read(lambda: f"odst.{hub_id}.ev.PackageUploaded".encode() in spy.buf, 20), spy.buf[:2000]
+        spy.read(lambda: False, 2)
+    finally:
+        spy.close()
+    own = f"_ODST.{hub_id}".encode()
+    assert own not in spy.buf
+    for answer in (f'{{"stream":"EVENTS","domain":"{hub_id}"'.encode(),  # the hub's append acks
+                   b"stream_msg_get_response", b'"stream":"KV_ODST'):
+        assert answer not in spy.buf, spy.buf[spy.buf.find(answer) - 200:][:600]

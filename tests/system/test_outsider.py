@@ -29,6 +29,7 @@ import nats.errors
 import pytest
 
 from odst.bus.embedded import nats_server_binary
+from odst.bus import authorization as authz
 from odst.bus.identity import new_user_seed
 from tests.conftest import free_port, run_odst, site_nats, wait_until, write_random
 from tests.system.test_replication import available_at, register, site_id, upload
@@ -298,7 +299,9 @@ def test_no_outsider_or_registered_peer_can_erase_or_corrupt_a_site(linked, tmp_
 
     # 3. the registered spoke B, using its own broker (every right there) through its leaf link
     async def from_peer(src, target_id, cfg, peer_id):
-        nc = await site_nats(src.data)
+        # replies under the peer-facing inbox, as its requests to other sites use (odst.bus.peer_request):
+        # the target's answers come back, so a granted request would be seen
+        nc = await site_nats(src.data, inbox_prefix=authz.inbox_prefix(peer_id))
         try:
             return await attack(nc, target_id, cfg, peer_id)
         finally:
