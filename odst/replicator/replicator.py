@@ -25,6 +25,7 @@ import secrets
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import sqlite3
@@ -124,6 +125,21 @@ def json_len(chunks: str) -> int:
 
 def work_subject(site: str) -> str:
     return f"odst.{site}.work.pull"
+
+
+def remove_unlisted(store: PackageStore, live_keys: Callable[[], set[str]]) -> list[str]:
+    """Remove the files of ``store.packages`` that no live name has (``live_keys()``, read from
+    the read model) and no publisher marks; the names removed. The markers are checked BEFORE
+    the live names are read again: an upload in another process marks its name before its file
+    is linked and unmarks it only after its event is folded, so a file unmarked at the check is
+    either live in the read after it, or not an upload's. (Read once before the check, an upload
+    folded and unmarked in between was removed though it had answered 201.)"""
+    live = live_keys()
+    unmarked = [p.name for p in store.packages.iterdir() if p.name not in live and not store.is_publishing(p.name)]
+    if not unmarked:
+        return []
+    live = live_keys()
+    return [name for name in unmarked if name not in live and store.remove(name)]
 
 
 class Replicator:
@@ -764,13 +780,8 @@ class Replicator:
     def remove_deleted(self) -> None:
         """Files whose name no longer has any live content were deleted somewhere: remove them
         (files are named by key, naming.name_key)."""
-        live = views.live_keys(self.reader)
-        store = self.store
-        for p in store.packages.iterdir():
-            if p.name in live or store.is_publishing(p.name):
-                continue
-            if store.remove(p.name):
-                log.info("removed a deleted package", package=p.name)
+        for name in remove_unlisted(self.store, lambda: views.live_keys(self.reader)):
+            log.info("removed a deleted package", package=name)
         self._remove_stale_partials()
 
     def _remove_stale_partials(self) -> None:

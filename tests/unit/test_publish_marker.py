@@ -7,6 +7,7 @@ the marker that file is "not live" and is removed, and the winner still answers 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -39,3 +40,34 @@ def test_a_losing_publisher_leaves_the_winners_marker(tmp_path):
     assert marked, "the losing publisher removed the winner's publishing marker"
     assert not winner.is_publishing("Same.pkg")  # gone once the winner is done
     assert theirs.exists()  # the loser's temp is the loser's to drop (packages.py does)
+
+
+def test_the_janitor_keeps_an_upload_folded_between_its_reads(tmp_path):
+    """Replicator.remove_deleted (remove_unlisted): an upload in another process is folded,
+    and unmarks its name, right after the janitor read the live names. The janitor checks the
+    markers first, then reads the live names again: the file is kept. (With one read before
+    the marker check, it was removed though the upload had answered 201.)"""
+    from odst.replicator.replicator import remove_unlisted
+
+    store = Store(tmp_path)
+    store.ensure()
+    path = written(store, b"just uploaded")
+    dest = store.packages / "fresh.pkg"
+    os.link(path, dest)  # linked by the upload, its event not folded yet: its name is marked
+    marker = store._marker("Fresh.pkg")
+    marker.touch()
+    assert store.is_publishing("Fresh.pkg")
+    orphan = store.packages / "deleted-elsewhere.pkg"
+    orphan.write_bytes(b"old")
+    live = set()
+
+    def live_keys():
+        seen = set(live)
+        if marker.exists():  # the upload's fold commits and its marker goes, right after this read
+            live.add(dest.name)
+            marker.unlink()
+        return seen
+
+    assert remove_unlisted(store, live_keys) == ["deleted-elsewhere.pkg"]
+    assert dest.read_bytes() == b"just uploaded"
+    assert not orphan.exists()
