@@ -146,11 +146,17 @@ class Store:
         """Mark ``name`` as being published (file placed, event not folded yet), for every
         process on this store: the janitor leaves such a file alone."""
         marker = self._marker(name)
-        marker.touch()
+        try:  # the name's marker, not this publisher's: only its maker removes it (as _mark_and_link)
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            mine = True
+        except FileExistsError:
+            marker.touch()
+            mine = False
         try:
             yield
         finally:
-            marker.unlink(missing_ok=True)
+            if mine:
+                marker.unlink(missing_ok=True)
 
     def is_publishing(self, name: str, max_age_s: float = 600) -> bool:
         try:

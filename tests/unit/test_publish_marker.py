@@ -71,3 +71,15 @@ def test_the_janitor_keeps_an_upload_folded_between_its_reads(tmp_path):
     assert remove_unlisted(store, live_keys) == ["deleted-elsewhere.pkg"]
     assert dest.read_bytes() == b"just uploaded"
     assert not orphan.exists()
+
+
+def test_a_second_publisher_of_a_name_leaves_the_first_ones_marker(tmp_path):
+    """Store.publishing (replace in place, the replicator): two at once on one name; the one
+    that ends first did not make the marker, so the other's file stays marked until it ends."""
+    first, second = Store(tmp_path), Store(tmp_path)
+    first.ensure()
+    with first.publishing("Same.pkg"):
+        with second.publishing("same.pkg"):
+            pass
+        assert first.is_publishing("Same.pkg"), "the second publisher removed the first one's marker"
+    assert not first.is_publishing("Same.pkg")
