@@ -54,6 +54,12 @@ class RawLeaf:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def listen(self, *subjects: str) -> None:
+        """Ask the hub for ``subjects`` (leaf interest), and wait until it has taken the ask."""
+        self.send(b"".join(f"LS+ {s}\r\n".encode() for s in subjects) + b"PING\r\n")
+        self.buf = b""
+        assert self.read(lambda: b"PONG" in self.buf, 10), self.buf[:500]
+
     def read(self, done, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -89,9 +95,7 @@ def test_a_registered_peer_cannot_write_into_the_mirror_of_another_peers_log(mak
     # P, with its own key, speaks the leaf protocol itself and listens to every delivery it may
     intruder = RawLeaf(leaf, leaf_seed(p))
     try:
-        intruder.send(b"LS+ $JS.M.>\r\nPING\r\n")
-        intruder.buf = b""
-        assert intruder.read(lambda: b"PONG" in intruder.buf, 10)
+        intruder.listen("$JS.M.>")
         upload(c, "C2.pkg", write_random(tmp_path / "c2.pkg", 1000, seed=2))
         delivery = re.compile(rb"(?:HMSG|LMSG) (\$JS\.M\.\S+) (?:\+ )?(\$JS\.ACK\.\S+) ")
         assert intruder.read(lambda: any(c_id.encode() in m.group(2) for m in delivery.finditer(intruder.buf)),
@@ -144,9 +148,7 @@ def test_a_peer_is_not_sent_the_sites_own_replies(make_site, tmp_path):
     hub_id = site_id(hub)
     spy = RawLeaf(leaf, leaf_seed(p))
     try:
-        spy.send(b"LS+ _INBOX.>\r\nLS+ _ODST.>\r\nLS+ $JS.M.>\r\nPING\r\n")
-        spy.buf = b""
-        assert spy.read(lambda: b"PONG" in spy.buf, 10)
+        spy.listen("_INBOX.>", "_ODST.>", "$JS.M.>")
         upload(hub, "H1.pkg", write_random(tmp_path / "h1.pkg", 1000, seed=1))
         wait_until(lambda: available_at(p, "H1.pkg", site_id(p)), 60, what="H1.pkg at P")
         # the link is live: it is sent the deliveries of P's own mirror of the hub's log
