@@ -151,8 +151,9 @@ class Site:
     def sync_authorization(self) -> None:
         """Projector role: peers or subscribers changed in the read model -> reload the broker's
         users (nats-server checks client connections again, but not an accepted leaf link: a
-        removed peer's link stays up, with its rights, until it drops). With a NATS server ODST does not run,
-        rewrite the auth.conf it includes (``nats_auth_file``) and ask its servers to reload."""
+        removed peer's link stays up, with its rights, until it drops). With a NATS server ODST
+        does not run, rewrite the auth.conf it includes (``nats_auth_file``) and ask its servers
+        to reload."""
         if self.broker is not None and self.reader is not None:
             if self.broker.reload(self.broker_users(self.client_nkey)):
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))

@@ -146,12 +146,7 @@ class Store:
         """Mark ``name`` as being published (file placed, event not folded yet), for every
         process on this store: the janitor leaves such a file alone."""
         marker = self._marker(name)
-        try:  # the name's marker, not this publisher's: only its maker removes it (as _mark_and_link)
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            mine = True
-        except FileExistsError:
-            marker.touch()
-            mine = False
+        mine = _claim_marker(marker)
         try:
             yield
         finally:
@@ -249,12 +244,7 @@ class Store:
 
     def _mark_and_link(self, temp: Path, name: str, marker: Path) -> Path:
         dest = self.path(name)
-        try:  # the marker is the name's, not this upload's: another process may be publishing it
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            mine = True
-        except FileExistsError:
-            marker.touch()
-            mine = False
+        mine = _claim_marker(marker)
         try:
             os.chmod(temp, PACKAGE_MODE)
             os.link(temp, dest)  # FileExistsError if a file is already published there
@@ -377,6 +367,18 @@ class Store:
         if removed:
             log.warning("swept files left by an interrupted write", files=removed)
         return removed
+
+
+def _claim_marker(marker: Path) -> bool:
+    """Make a name's publishing marker (True), or refresh the one another publisher made
+    (False). The marker is the name's, not a publisher's: only its maker removes it, so a
+    second publisher ending first leaves the first one's file marked (the janitor keeps off)."""
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return True
+    except FileExistsError:
+        marker.touch()
+        return False
 
 
 class ThreadGroupSync:
