@@ -19,10 +19,13 @@ import httpx
 import nats
 import nats.errors
 import pytest
+import structlog.testing
+from nats.js import api
 
 from odst.bus import connect
 from odst.bus.embedded import nats_server_binary
 from odst.bus.identity import client_seed_path, read_seed
+from odst.bus.streams import ensure_key_value, ensure_stream
 from tests.conftest import ADMIN_TOKEN, all_events, free_port, run_odst, wait_until
 
 HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -114,6 +117,38 @@ def test_cluster_routes_refuse_a_node_without_the_route_credential(cluster, tmp_
     finally:
         p.terminate()
         p.wait(10)
+
+
+def test_streams_and_buckets_wait_for_a_node_that_is_down(cluster):
+    """An R3 stream or bucket asked for while a node is down (as when a site starts with its
+    cluster, or a node blinks) is made once the node is back: "no suitable peers" is the
+    cluster not being ready, not another process having made it first."""
+    data, site_id, urls, nodes, start, leaf = cluster
+    nodes[2].terminate()
+    nodes[2].wait(15)
+
+    async def main():
+        nc = await connect(urls, seed=read_seed(client_seed_path(data)))
+        js = nc.jetstream(timeout=5)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                kv = asyncio.create_task(ensure_key_value(js, api.KeyValueConfig(bucket="waits", replicas=3)))
+                stream = asyncio.create_task(ensure_stream(js, api.StreamConfig(
+                    name="WAITS", subjects=[f"odst.{site_id}.waits"], num_replicas=3)))
+                deadline = asyncio.get_running_loop().time() + 60
+                while sum(e["event"] == "JetStream not ready yet; retrying" for e in logs) < 2:
+                    assert asyncio.get_running_loop().time() < deadline, "no refused placement seen"
+                    assert not kv.done() and not stream.done(), "made with a node down"
+                    await asyncio.sleep(0.05)
+                start(2)
+                bucket, info = await asyncio.wait_for(asyncio.gather(kv, stream), 120)
+            assert info.config.num_replicas == 3
+            await bucket.put("k", b"v")
+            assert (await bucket.get("k")).value == b"v"
+            assert (await js.stream_info("KV_waits")).config.num_replicas == 3
+        finally:
+            await nc.close()
+    asyncio.run(main())
 
 
 def test_r3_event_log_survives_a_node_loss(cluster, make_site, tmp_path):
