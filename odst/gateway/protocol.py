@@ -565,7 +565,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if name == b"transfer-encoding":
                 return False
             if name == b"content-length":
-                length = int(value)  # the parser took it: digits only, one value
+                if length is not None or not value.isdigit():  # the parser's business: leave it there
+                    return False
+                length = int(value)
         if length is None or length - cycle.body_seen <= 0:
             return False
         self._body_into = _BodyInto(self, length - cycle.body_seen)
