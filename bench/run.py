@@ -1091,6 +1091,8 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
         res["statuses"].append(status)
         res["curl"].append(info)
         res.setdefault("gateway_cpu_s", []).append(m.server_cpu.get("gateway", 0))
+        res.setdefault("server_kernel_s", []).append(round(m.server_kernel_s, 3))  # nats' too (~0)
+        res.setdefault("load1", []).append(os.getloadavg()[0])
         res.setdefault("nats_cpu_s", []).append(m.server_cpu.get("nats", 0))
         res.setdefault("curl_cpu_s", []).append(m.client_cpu)
         res.setdefault("odst_other_cores", []).append(m.other_cores)
@@ -1133,6 +1135,7 @@ def phase_upload(args, R, errors, bench_file, size, odst, port, token, sampler, 
         res["sha512sum_mb_per_s"] = size / res["sha512sum_median_s"] / MB
     if res.get("gateway_cpu_s"):
         res["gateway_cpu_s_per_gib"] = median(res["gateway_cpu_s"]) / (size / GIB)
+        res["server_kernel_s_per_gib"] = median(res["server_kernel_s"]) / (size / GIB)
     if res.get("sha512sum_cpu_s"):
         res["sha512sum_cpu_s_per_gib"] = median(res["sha512sum_cpu_s"]) / (size / GIB)
     res["other_cores_median"] = median(res.get("sha512sum_other_cores", [])
@@ -1561,6 +1564,9 @@ def print_report(R: dict, out: Path) -> None:
         fmt(ratio(up.get("gateway_cpu_s_per_gib"), up.get("sha512sum_cpu_s_per_gib")), ".2f", "x"),
         f"<= {TARGET_UPLOAD_CPU_S_PER_GIB}", verdict(None if up.get("gateway_cpu_s_per_gib") is None
                                                      else up["gateway_cpu_s_per_gib"] <= TARGET_UPLOAD_CPU_S_PER_GIB))
+    if up.get("server_kernel_s_per_gib") is not None:
+        row("  (info) of which in the kernel (median); 1-min load at each upload",
+            fmt(up["server_kernel_s_per_gib"]), " ".join(f"{x:.1f}" for x in up.get("load1", [])), "", "", "")
     sm = R.get("small", {})
     so_, sn_ = sm.get("odst", {}), sm.get("nginx", {})
     if sm:

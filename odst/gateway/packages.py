@@ -75,7 +75,14 @@ def _lock_for(name: str) -> asyncio.Lock:
     return lock
 
 
-async def _receive_body(receive, upload: StreamingUpload, limit: int) -> None:
+async def _receive_body(receive, upload: StreamingUpload, limit: int, length: int | None) -> None:
+    """The body into ``upload``. A large one of announced length is taken as memoryviews read
+    straight into the protocol's buffers (``receive.into_buffers``, protocol.py), with no copy
+    on the event loop's thread; the threads hash and write them where they lie."""
+    if length is not None and length > upload.small_bytes:
+        into_buffers = getattr(receive, "into_buffers", None)
+        if into_buffers is not None:
+            into_buffers()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -188,7 +195,7 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     upload = StreamingUpload(site.store.new_temp(), extra_digests=extra)
     log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
     try:
-        await _receive_body(receive, upload, settings.max_upload_bytes)
+        await _receive_body(receive, upload, settings.max_upload_bytes, length)
         # a new package's file is fsynced once linked (Store.publishing_upload), a replacement's
         # here; a small one of a name not known yet is published in the job that writes it
         # (undone if refused below)

@@ -53,6 +53,13 @@ that was most of the Python cost of a 1 MiB range). What sendfile cannot put in 
 at once goes on in a task (``_quick_rest``); until it ends, a request pipelined behind it
 waits as it would behind an ASGI response (``_QuickCycle``).
 
+A large body may also be read with no copy on the event loop's thread at all: an app that
+can take memoryviews calls ``receive.into_buffers()`` (``_body_receive``) before its first
+receive, and the rest of a body of known length is read by ``_BodyInto`` straight from the
+socket into a few reused 1 MiB buffers, past the parser (no bytes object per read, no copy
+by httptools); the pieces are memoryviews of those buffers, each reused only once nothing
+holds a view of it. The uploads take large bodies so (``packages.take_upload``).
+
 A start message carrying ``"odst.body_follows": True`` (``BODY_FOLLOWS``; the uploads' answers)
 says its whole body comes in the very next message, at once: the head is held and written
 with the body, one write(2) instead of two (on loopback each write runs the receiver's TCP
@@ -70,6 +77,7 @@ import asyncio
 import collections
 import os
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 
@@ -87,6 +95,9 @@ SPILL_BYTES = 256 * 1024  # what goes by copy when the socket is full (the trans
 YIELD_BYTES = 8 << 20  # a sendfile loop lets other connections run after this many bytes
 CUT = "http.response.cut"  # the ASGI extension that ends a started response short, on purpose
 BODY_FOLLOWS = "odst.body_follows"  # a start message's key: hold the head for the body (module doc)
+INTO_BYTES = 1 << 20  # a buffer _BodyInto reads a body into (at most this much per read)
+INTO_MIN_ROOM = 64 << 10  # a buffer with less room left is set aside for the next idle one
+INTO_POOL = 16  # buffers one body keeps for reuse (about 11 are in use at the high-water marks)
 
 
 @dataclass(frozen=True)
@@ -96,9 +107,14 @@ class HeadLimits:
     timeout_s: float = 10.0
 
 
-def _body_receive(cycle):
+def _body_receive(cycle, protocol: "GuardedHttpToolsProtocol"):
     """uvicorn's ``RequestResponseCycle.receive``, handing out the pieces ``on_body`` kept one
-    at a time, as they are (no copy: uvicorn makes two, and joining the pieces one)."""
+    at a time, as they are (no copy: uvicorn makes two, and joining the pieces one).
+
+    ``receive.into_buffers()``: the app takes the rest of the body as memoryviews read straight
+    into reused buffers (``_BodyInto``); True if it will come so (a body of known length not all
+    read yet, on a connection without TLS), False if it comes as before. A view is valid for as
+    long as it is held: its buffer is reused only once no view of it is left."""
     async def receive():
         if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
             cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -118,7 +134,76 @@ def _body_receive(cycle):
         body = pieces.popleft() if pieces else b""
         cycle.pieces_bytes = 0
         return {"type": "http.request", "body": body, "more_body": cycle.more_body}
+    receive.into_buffers = lambda: protocol._read_into_buffers(cycle)
     return receive
+
+
+def _held_elsewhere_refs() -> int:
+    """What ``sys.getrefcount`` says of a pooled buffer nobody else holds, in ``_idle``'s loop
+    (measured, not assumed: the count of the loop's own references is the interpreter's)."""
+    return _idle([bytearray(1)], refs=None)
+
+
+def _idle(pool: list[bytearray], refs: int | None) -> bytearray | int | None:
+    for buffer in pool:  # the same shape as the measurement in _held_elsewhere_refs
+        count = sys.getrefcount(buffer)
+        if refs is None:
+            return count
+        if count <= refs:
+            return buffer
+    return None
+
+
+class _BodyInto(asyncio.BufferedProtocol):
+    """The transport's protocol while the rest of a body of known length is read straight into
+    reused buffers (``receive.into_buffers``): each read lands in the room left in the current
+    buffer (never past the body's end, so a pipelined request stays in the socket) and goes to
+    the cycle as a memoryview of it, through the protocol's ``on_body`` (same queue, same
+    high-water pause). A buffer is taken again only when nothing holds a view of it (its
+    reference count says so). Once the body is in, the transport goes back to the protocol,
+    with a fresh parser for the next request; the connection's other events go to it as well."""
+
+    _IDLE_REFS: int | None = None
+
+    def __init__(self, http: "GuardedHttpToolsProtocol", left: int) -> None:
+        self._http, self.left = http, left
+        self._pool: list[bytearray] = []
+        self._buffer: bytearray | None = None
+        self._at = 0
+        if _BodyInto._IDLE_REFS is None:
+            _BodyInto._IDLE_REFS = _held_elsewhere_refs()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._buffer is None or len(self._buffer) - self._at < INTO_MIN_ROOM:
+            self._buffer, self._at = None, 0
+            idle = _idle(self._pool, self._IDLE_REFS)
+            if idle is None:
+                idle = bytearray(INTO_BYTES)
+                if len(self._pool) < INTO_POOL:
+                    self._pool.append(idle)
+            self._buffer = idle
+        end = min(len(self._buffer), self._at + self.left)
+        return memoryview(self._buffer)[self._at:end]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        piece = memoryview(self._buffer)[self._at:self._at + nbytes]
+        self._at += nbytes
+        self.left -= nbytes
+        self._http.on_body(piece)
+        if self.left <= 0:
+            self._http._body_into_done()
+
+    def eof_received(self):
+        return self._http.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._http.resume_writing()
 
 
 class _HeadRefused(Exception):
@@ -256,6 +341,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._out: socket.socket | None = None  # see _socket
         self._quick = _quick_of(self.app)
         self._quick_request = False  # the request being parsed was answered quickly
+        self._body_into: _BodyInto | None = None  # reading a body into buffers (receive.into_buffers)
 
     # -- connection ------------------------------------------------------------------------
 
@@ -264,6 +350,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._body_into = None
         self._disarm_head_timer()
         self._unwatch_send()
         if self._out is not None:
@@ -373,6 +460,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         cycle.pieces.append(body)
         cycle.pieces_bytes += len(body)
+        cycle.body_seen += len(body)
         if cycle.pieces_bytes > BODY_HIGH_WATER:
             self.flow.pause_reading()
         cycle.message_event.set()
@@ -388,8 +476,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None:
             return
-        cycle.pieces, cycle.pieces_bytes = collections.deque(), 0
-        cycle.receive = _body_receive(cycle)
+        cycle.pieces, cycle.pieces_bytes, cycle.body_seen = collections.deque(), 0, 0
+        cycle.receive = _body_receive(cycle, self)
         send = cycle.send
         early = cycle.more_body  # the request has a body still to come
         held: _HeldHead | None = None  # a BODY_FOLLOWS head, until its body is sent
@@ -461,6 +549,47 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.keep_alive = False
         if not self.transport.is_closing():
             self.transport.close()
+
+    # -- a body read into buffers (_BodyInto) ------------------------------------------------
+
+    def _read_into_buffers(self, cycle) -> bool:
+        """``receive.into_buffers()``: read the rest of ``cycle``'s body with ``_BodyInto``."""
+        if self._body_into is not None:
+            return cycle is self.cycle
+        if (cycle is not self.cycle or not cycle.more_body or cycle.response_complete
+                or self._lingering or self.transport.is_closing()
+                or self.transport.get_extra_info("sslcontext") is not None):
+            return False
+        length = None
+        for name, value in cycle.scope["headers"]:  # this request's (self.headers: the latest head's)
+            if name == b"transfer-encoding":
+                return False
+            if name == b"content-length":
+                if length is not None or not value.isdigit():  # the parser's business: leave it there
+                    return False
+                length = int(value)
+        if length is None or length - cycle.body_seen <= 0:
+            return False
+        self._body_into = _BodyInto(self, length - cycle.body_seen)
+        self.transport.set_protocol(self._body_into)
+        return True
+
+    def _body_into_done(self) -> None:
+        """The whole body is in: the transport comes back, the next request gets a new parser
+        (this one still waits for the body it never saw), and the cycle hears the body ended."""
+        self._end_body_into()
+        self.parser = httptools.HttpRequestParser(self)
+        try:
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+        except AttributeError:  # httptools < 0.6.3
+            pass
+        self.on_message_complete()
+
+    def _end_body_into(self) -> None:
+        if self._body_into is not None:
+            self._body_into = None
+            if not self.transport.is_closing():
+                self.transport.set_protocol(self)
 
     # -- quick answers -----------------------------------------------------------------------
 
@@ -697,6 +826,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering:
             return
         self._lingering = True
+        self._end_body_into()
         self._disarm_head_timer()
         self._unset_keepalive_if_required()
         # uvicorn pauses reading while a body the app never reads piles up (a 413 answered

@@ -677,8 +677,9 @@ class StreamingUpload:
         for lane in self._lanes:
             lane.put(batch, n)
 
-    async def feed(self, piece: bytes) -> None:
-        """Take a piece (kept, not copied, until the threads are done with it)."""
+    async def feed(self, piece: bytes | memoryview) -> None:
+        """Take a piece (kept, not copied, until the threads are done with it: a memoryview's
+        buffer must not change while it is held)."""
         if not piece:
             return
         self._batch.append(piece)
