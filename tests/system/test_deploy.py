@@ -31,8 +31,9 @@ import nats.errors
 
 from odst.bus import authorization as authz
 from odst.bus.embedded import nats_server_binary
-from odst.bus.external import SYSTEM_SEED_FILE, reload_servers, render_auth, write_include, write_nats_config
+from odst.bus.external import render_auth, write_include, write_nats_config
 from odst.bus.identity import client_seed_path, new_user_seed, public_key_of_seed, read_seed
+from odst.bus.system import SYSTEM_SEED_FILE, reload_servers
 from odst.events.signing import SiteKey
 from odst.cli import build_parser
 from odst.config import Settings, load
@@ -644,7 +645,7 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
                         [authz.Peer(spoke_nkey, spoke_id)], [], ["EVENTS"])
     assert write_include(tmp_path / "hub" / "site" / "auth.conf",
                          render_auth(hub_id, authz.render_users(users), public_key_of_seed(hub_system)))
-    assert len(asyncio.run(reload_servers(hub_url, hub_system))) == 1
+    assert len(asyncio.run(reload_servers(hub_url, hub_system)).servers) == 1
     wait_until(lambda: leafs(hub_ports) == 1 and leafs(spoke_ports) == 1, 30, what="the leaf link")
     assert hub.poll() is None and monitor(hub_ports, "varz")["config_load_time"] != monitor(hub_ports, "varz")["start"]
 
