@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
+from pathlib import Path
 
 from odst.bus import connect
 from odst.bus.identity import public_key_of_seed, read_seed
 from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, server_ids
 from tests.conftest import free_port, wait_until, write_random
+from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
 from tests.system.test_mirror_injection import RawLeaf, leaf_seed
 from tests.system.test_replication import available_at, register, site_id, upload
 
@@ -104,3 +107,43 @@ def test_removing_a_peer_cuts_its_leaf_link_and_the_others_go_on(make_site, tmp_
     upload(a, "after.pkg", write_random(tmp_path / "after.pkg", 5000, seed=7))
     wait_until(lambda: available_at(c, "after.pkg", c_id), 60, what="after.pkg at C")
     assert not available_at(b, "after.pkg", b_id)
+
+
+def leaf_port(conf: Path) -> int:
+    """The leaf port a node of the cluster fixture listens on (from its config)."""
+    block = conf.read_text().split("leafnodes", 1)[1]
+    return int(re.search(r'"127\.0\.0\.1:(\d+)"', block).group(1))
+
+
+def test_on_a_cluster_every_node_cuts_a_removed_peers_links(cluster, make_site, tmp_path):
+    """A NATS cluster ODST does not run: the projector rewrites auth.conf, reloads every node
+    and closes the removed peer's links on each of them."""
+    data, _, urls, _, _, leaf = cluster
+    site = make_site("site", env={"ODST_NATS_AUTH_FILE": str(tmp_path / "nodes" / "site" / "auth.conf")},
+                     extra_args=["--nats", urls])
+    site.data = data
+    site.start(timeout=120)
+    peer = make_site("peer", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}"]).start()
+    with site.client() as c, peer.client() as pc:
+        token = c.post("/api/v1/peers/invites", json={}).json()["token"]
+        assert pc.post("/api/v1/peers/join", json={"token": token}).status_code == 201
+    peer_id, seed = site_id(peer), leaf_seed(peer)
+    ports = [leaf, leaf_port(tmp_path / "nodes" / "n1.conf")]
+    # the peer's key on a link to node 0 and to node 1 (accepted once the users are reloaded)
+    wait_until(lambda: refused(ports[1], seed) == b"accepted", 30, what="node 1 to accept the peer's key")
+    held = [RawLeaf(p, seed) for p in ports]
+    try:
+        for link in held:
+            link.listen("$JS.M.>")
+        assert not any(cut(link) for link in held), "a link was closed before the removal: the test proves nothing"
+        with site.client() as c:
+            assert c.delete(f"/api/v1/peers/{peer_id}").status_code == 200
+        for link, port in zip(held, ports):
+            wait_until(lambda: cut(link), 30, what=f"the node on leaf port {port} to close the peer's link")
+    finally:
+        for link in held:
+            link.close()
+    for port in ports:
+        answer = refused(port, seed)
+        assert b"Authorization Violation" in answer, answer
+    assert "leaf link of a removed user closed" in site.log(1 << 20)
