@@ -36,8 +36,7 @@ import structlog
 
 from odst.bus import authorization as authz
 from odst.bus.identity import load_or_create_client_seed, public_key_of_seed, read_seed, write_secret
-from odst.bus.system import SYSTEM_SEED_FILE, LinkCutter, load_or_create_system_seed, render_system_account, \
-    user_keys
+from odst.bus.system import LinkCutter, load_or_create_system_seed, render_system_account, user_keys
 from odst.bus.users import authorization_users
 from odst.datadir import key_path, read_model_path
 from odst.events.log import EVENTS_STREAM

@@ -187,11 +187,12 @@ class LinkCutter:
         self.names = names or (lambda nkey: "")  # the peer site an NKey is, for the log
         self._keys: frozenset[str] | None = None  # the users to keep at the next pass
         self._task: asyncio.Task | None = None
-        self.passes = 0  # completed passes (reload + cut)
 
     def reloaded(self, keys: frozenset[str]) -> None:
-        """The users are now ``keys``: reload and cut in the background (the latest keys win)."""
-        self._keys = keys
+        """The users are now ``keys``: reload and cut in the background (the latest keys win;
+        the same keys again while a pass for them runs add nothing)."""
+        if keys != self._keys:
+            self._keys = keys
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-cut-links")
 
@@ -212,9 +213,8 @@ class LinkCutter:
                 log.error("NATS servers not reloaded; removed users' leaf links may still be up; retrying",
                           error=f"{type(exc).__name__}: {exc}")
                 return
-            if self._keys is keys:
+            if self._keys == keys:
                 self._keys = None
-            self.passes += 1
             for link in done.closed:
                 log.warning("leaf link of a removed user closed", peer=self.names(link.nkey), nkey=link.nkey,
                             server=link.server, cid=link.cid, calls_itself=link.name, address=link.address)
