@@ -33,7 +33,7 @@ from odst.bus import authorization as authz
 from odst.bus.embedded import nats_server_binary
 from odst.bus.external import render_auth, write_include, write_nats_config
 from odst.bus.identity import client_seed_path, new_user_seed, public_key_of_seed, read_seed
-from odst.bus.system import SYSTEM_SEED_FILE, reload_servers
+from odst.bus.system import SYSTEM_ACCOUNT, SYSTEM_SEED_FILE, reload_servers
 from odst.events.signing import SiteKey
 from odst.cli import build_parser
 from odst.config import Settings, load
@@ -661,9 +661,11 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
             assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.INFO")
             assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.STREAM.DELETE.EVENTS")
             await hub_nc.jetstream().stream_info("EVENTS")  # still there
-            # the system user may ask for reloads, and nothing else
-            assert await not_answered(system, "$SYS.REQ.SERVER.PING.CONNZ")
-            assert await not_answered(system, f"$JS.{hub_id}.API.INFO")
+            # the system user may ask for reloads, connection lists and kicks, and nothing else
+            assert not await not_answered(system, "$SYS.REQ.SERVER.PING.CONNZ")
+            for subject in ("$SYS.REQ.SERVER.PING.VARZ", "$SYS.REQ.SERVER.PING.JSZ",
+                            f"$SYS.REQ.ACCOUNT.{SYSTEM_ACCOUNT}.CONNZ", f"$JS.{hub_id}.API.INFO"):
+                assert await not_answered(system, subject), subject
         finally:
             for nc in (hub_nc, spoke_nc, system):
                 await nc.close()
