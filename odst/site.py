@@ -164,12 +164,12 @@ class Site:
     def sync_authorization(self) -> None:
         """Projector role: peers or subscribers changed in the read model -> reload the broker's
         users. nats-server then checks client connections again, but not an accepted leaf link,
-        so after each such reload every leaf link authenticated with a key that is
-        no user any more (a removed peer's, an applicant's whose time ran out) is closed, on the
-        embedded broker or on every server of a NATS ODST does not run (odst.bus.system.
-        LinkCutter, one log line per link); its re-dial is refused. The other peers' links stay
-        up. With a NATS server ODST does not run, rewrite the auth.conf it includes
-        (``nats_auth_file``) and ask its servers to reload."""
+        so after each such reload every leaf link authenticated with a key that is no user any
+        more (a removed peer's, an applicant's whose time ran out) is closed, on the embedded
+        broker or on every server of a NATS ODST does not run (odst.bus.system.LinkCutter, one
+        log line per link, by the key nats-server verified, not the name the remote gives); its
+        re-dial is refused, and the other peers' links stay up. With a NATS server ODST does
+        not run, rewrite the auth.conf it includes (``nats_auth_file``); its servers reload it."""
         if self.broker is not None and self.reader is not None:
             users = self.nats_users(self.client_nkey)
             if self._link_cutter is None:
