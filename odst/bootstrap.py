@@ -29,6 +29,7 @@ from odst.bus import connect, until_ready
 from odst.bus.embedded import BrokerConfig, EmbeddedBroker
 from odst.bus.guard import ConsumerGuard
 from odst.bus.identity import load_or_create_client_seed, public_key_of_seed
+from odst.bus.system import load_or_create_system_seed
 from odst.config import ConfigError, Settings
 from odst.datadir import SiteBusy, key_path, read_model_path, run_dir
 from odst.events import catalogue as ev
@@ -224,7 +225,8 @@ def site_broker(settings: Settings, key: SiteKey, *, authorization: str = "", pr
                      leaf_remotes=list(settings.leaf_remotes), authorization=authorization,
                      leaf_seed=key.nkey_seed(),
                      leaf_deny_imports=authz.remote_deny_imports(key.site_id),
-                     leaf_deny_exports=authz.remote_deny_exports(key.site_id)),
+                     leaf_deny_exports=authz.remote_deny_exports(key.site_id),
+                     system_nkey=public_key_of_seed(load_or_create_system_seed(data))),
         run_dir(data))
 
 

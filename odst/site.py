@@ -21,14 +21,15 @@ import structlog
 from odst import tasks
 from odst.bus import authorization as authz
 from odst.bus.embedded import BrokerError, EmbeddedBroker, wait_for_jetstream
-from odst.bus.external import SYSTEM_SEED_FILE, AuthInclude
-from odst.bus.identity import client_seed_path, public_key_of_seed, read_seed
+from odst.bus.external import AuthInclude
+from odst.bus.identity import client_seed_path, public_key_of_seed, raw_public_key, read_seed
+from odst.bus.system import SYSTEM_SEED_FILE, LinkCutter, user_keys
 from odst.bus.users import authorization_users, legacy_mirrors
 from odst.config import Settings
 from odst.datadir import DataDirLock, read_model_path, run_dir
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, Appended, EventLog
-from odst.events.signing import SiteKey
+from odst.events.signing import SiteKey, site_id_for
 from odst.peering.registration import Registrar
 from odst.projections import views
 from odst.projections.appender import ConfirmedAppender
@@ -47,6 +48,14 @@ LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon,
 # Events that change nothing link_peers looks at (peers, their keys and names, credentials):
 # a package's life, and Jamf Pro's records of them.
 LINK_IGNORES = frozenset(views.PACKAGE_EVENTS) | {"JamfPackageSynced", "JamfDriftDetected", "JamfDriftCleared"}
+
+
+def _peer_of(nkey: str) -> str:
+    """The site whose key a NATS user NKey is (a peer's leaf identity), for the log."""
+    try:
+        return site_id_for(raw_public_key(nkey))
+    except ValueError:
+        return ""
 
 
 class Site:
@@ -120,18 +129,21 @@ class Site:
         return bool(old)
 
     def broker_users(self, client_nkey: str) -> str:
+        """The broker's users, rendered (odst.bus.authorization.render_users)."""
+        return authz.render_users(self.nats_users(client_nkey))
+
+    def nats_users(self, client_nkey: str) -> list[dict]:
         """The broker's users: this site's processes, its peers' leaf identities, its
         subscribers, from the read model (as it is on disk before the projector runs)."""
         reader = self.reader
         if reader is None:
             if not read_model_path(self.data).exists():
-                return authz.render_users(authz.users(self.key.site_id, client_nkey, [], [], [EVENTS_STREAM]))
+                return authz.users(self.key.site_id, client_nkey, [], [], [EVENTS_STREAM])
             reader = connect_read_model(read_model_path(self.data))
         try:
             now = time.monotonic()
             self._applicants = {k: t for k, t in self._applicants.items() if t > now}
-            return authz.render_users(authorization_users(reader, self.key.site_id, client_nkey,
-                                                          self._applicants, self.legacy_mirrors))
+            return authorization_users(reader, self.key.site_id, client_nkey, self._applicants, self.legacy_mirrors)
         finally:
             if reader is not self.reader:
                 reader.close()
@@ -147,21 +159,31 @@ class Site:
         return not known and self.broker.reload(self.broker_users(self.client_nkey))
 
     _auth_include = None  # external NATS with nats_auth_file: odst.bus.external.AuthInclude
+    _link_cutter = None  # embedded broker: odst.bus.system.LinkCutter
 
     def sync_authorization(self) -> None:
         """Projector role: peers or subscribers changed in the read model -> reload the broker's
-        users (nats-server checks client connections again, but not an accepted leaf link: a
-        removed peer's link stays up, with its rights, until it drops). With a NATS server ODST
-        does not run, rewrite the auth.conf it includes (``nats_auth_file``) and ask its servers
-        to reload."""
+        users. nats-server then checks client connections again, but not an accepted leaf link,
+        so after each such reload every leaf link authenticated with a key that is no user any
+        more (a removed peer's, an applicant's whose time ran out) is closed, on the embedded
+        broker or on every server of a NATS ODST does not run (odst.bus.system.LinkCutter, one
+        log line per link, by the key nats-server verified, not the name the remote gives); its
+        re-dial is refused, and the other peers' links stay up. With a NATS server ODST does
+        not run, rewrite the auth.conf it includes (``nats_auth_file``); its servers reload it."""
         if self.broker is not None and self.reader is not None:
-            if self.broker.reload(self.broker_users(self.client_nkey)):
+            users = self.nats_users(self.client_nkey)
+            if self._link_cutter is None:
+                self._link_cutter = LinkCutter(self.nats_url, self.data / SYSTEM_SEED_FILE, _peer_of)
+            changed = self.broker.reload(authz.render_users(users))
+            if changed:
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
+            if changed or self._link_cutter.pending:
+                self._link_cutter.reloaded(user_keys(users))
         elif self.settings.nats_auth_file and self.reader is not None and self.external_seed():
             if self._auth_include is None:
                 self._auth_include = AuthInclude(self.id, Path(self.settings.nats_auth_file), self.nats_url,
-                                                 self.data / SYSTEM_SEED_FILE)
-            self._auth_include.update(self.broker_users(public_key_of_seed(self.external_seed())))
+                                                 self.data / SYSTEM_SEED_FILE, _peer_of)
+            self._auth_include.update(self.nats_users(public_key_of_seed(self.external_seed())))
 
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:
         """Turn the embedded broker's JetStream on once this connection listens for its
@@ -320,6 +342,9 @@ class Site:
             await self.chain_service.stop()
         if self.log_watch:
             await self.log_watch.stop()
+        for cutter in (self._link_cutter, self._auth_include and self._auth_include.cutter):
+            if cutter is not None:
+                await cutter.stop()
         if self.projection:
             await self.projection.stop()
         if self.sessions:

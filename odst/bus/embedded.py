@@ -4,7 +4,9 @@ JetStream on, store under the data directory, the site id as JetStream domain,
 ``max_payload`` 8MB (a 1 MiB chunk plus headers is over NATS's 1MB default, and every
 server on a path must allow it, hub included, or it drops the connection). The
 child gets SIGTERM if we die (PR_SET_PDEATHSIG), so a kill -9 of ``odst serve``
-never leaves a broker holding the store.
+never leaves a broker holding the store. Serving, it has a system account (``system_nkey``;
+odst.bus.system), whose one user may reload it, list its connections and close one: a reload
+does not re-check accepted leaf links, so the site closes a removed peer's itself.
 
 ``odst serve`` starts it with JetStream off and turns it on (a config reload) once its
 own connection listens for its mirrors' consumer requests (odst.peering.mirrors.
@@ -31,6 +33,7 @@ from pathlib import Path
 import structlog
 
 from odst.bus.identity import write_secret
+from odst.bus.system import render_system_account
 
 log = structlog.get_logger("odst.bus")
 
@@ -69,6 +72,7 @@ class BrokerConfig:
     leaf_deny_imports: list[str] = field(default_factory=list)
     leaf_deny_exports: list[str] = field(default_factory=list)
     jetstream: bool = True  # off: started without it, turned on by enable_jetstream()
+    system_nkey: str = ""  # the system user's public key (odst.bus.system), or no system account
     extra: str = ""
 
     def render(self) -> str:
@@ -98,6 +102,8 @@ class BrokerConfig:
             lines.append("}")
         if self.authorization:
             lines.append(self.authorization)
+        if self.system_nkey:
+            lines.append(render_system_account(self.system_nkey).rstrip("\n"))
         if self.extra:
             lines.append(self.extra)
         return "\n".join(line for line in lines if line) + "\n"
@@ -204,7 +210,8 @@ class EmbeddedBroker:
 
     def reload(self, authorization: str) -> bool:
         """Swap the authorization block (peers or subscribers changed) without a restart:
-        nats-server re-reads its config on SIGHUP and drops connections whose user is gone."""
+        nats-server re-reads its config on SIGHUP and drops client connections whose user is
+        gone, not leaf links (odst.bus.system.LinkCutter closes those)."""
         if authorization == self.config.authorization:
             return False
         self.config.authorization = authorization

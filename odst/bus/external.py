@@ -6,7 +6,8 @@
 * ``site.conf``: ``SITE_ID``, the server's name and JetStream domain.
 * ``auth.conf``: the ``authorization { users: [...] }`` block exactly as the embedded broker
   has it (odst.bus.authorization: the site's processes, every peer's leaf identity, every
-  event subscriber), plus a system account whose one user may only ask servers to reload.
+  event subscriber), plus the system account (odst.bus.system: its one user may only ask
+  servers to reload, list their connections and close one).
 * ``leaf.conf`` (0600): ``LEAF_NKEY`` (the site key as the NKey seed a spoke's leaf remote
   presents to its hub) and ``LEAF_DENY_IMPORTS``/``LEAF_DENY_EXPORTS``, what a spoke refuses
   from and never sends to its hub. NATS config variables hold arrays, so the shipped spoke
@@ -18,12 +19,13 @@ The site's roles then connect with ``<data>/nats-client.nk``. When peers or subs
 change, the projector rewrites ``auth.conf`` (setting ``nats_auth_file``) and asks every
 server of the cluster to reload it with a request to ``$SYS.REQ.SERVER.<id>.RELOAD`` as the
 system user (``<data>/nats-system.nk``): in compose the projector cannot signal the NATS
-container, and a request reaches every node of a cluster.
+container, and a request reaches every node of a cluster. Then it closes, on every node, the
+accepted leaf links of keys that are no user any more (a removed peer's), which nats-server
+does not check again on a reload (odst.bus.system.LinkCutter).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -33,9 +35,8 @@ from pathlib import Path
 import structlog
 
 from odst.bus import authorization as authz
-from odst.bus import connect
-from odst.bus.identity import load_or_create_client_seed, new_user_seed, public_key_of_seed, read_seed, \
-    write_secret
+from odst.bus.identity import load_or_create_client_seed, public_key_of_seed, read_seed, write_secret
+from odst.bus.system import LinkCutter, load_or_create_system_seed, render_system_account, user_keys
 from odst.bus.users import authorization_users
 from odst.datadir import key_path, read_model_path
 from odst.events.log import EVENTS_STREAM
@@ -44,18 +45,9 @@ from odst.projections.db import connect as connect_read_model
 
 log = structlog.get_logger("odst.bus")
 
-SYSTEM_SEED_FILE = "nats-system.nk"
 ROUTE_SECRET_FILE = "nats-route.secret"
-SYSTEM_ACCOUNT = "SYS"
 ROUTE_USER = "odst-route"
 SITE_FILE, AUTH_FILE, LEAF_FILE, CLUSTER_FILE = "site.conf", "auth.conf", "leaf.conf", "cluster.conf"
-
-PING_IDZ = "$SYS.REQ.SERVER.PING.IDZ"  # every server of the cluster answers with its id
-RELOAD = "$SYS.REQ.SERVER.{id}.RELOAD"  # nats-server re-reads its config (server/events.go)
-# The system user may ask for ids and reloads, and nothing else of the system account
-# (no connection lists, no kicks, no account changes).
-SYSTEM_PERMISSIONS = {"publish": {"allow": [PING_IDZ, RELOAD.format(id="*")]},
-                      "subscribe": {"allow": ["_INBOX.>"]}}
 
 HEADER = "# Written by `odst nats-config` for site {site}; do not edit: the next run replaces it.\n"
 AUTH_HEADER = ("# The site's projector rewrites it when peers or subscribers change (setting\n"
@@ -73,11 +65,8 @@ def render_site(site: str) -> str:
 
 
 def render_auth(site: str, authorization_block: str, system_nkey: str) -> str:
-    """The site's users (odst.bus.authorization.render_users) and the reload-only system user."""
-    system = {"nkey": system_nkey, "permissions": SYSTEM_PERMISSIONS}
-    return (HEADER.format(site=site) + AUTH_HEADER + authorization_block + "\n"
-            + f"accounts {{\n  {SYSTEM_ACCOUNT}: {{ users: [ {json.dumps(system)} ] }}\n}}\n"
-            + f"system_account: {SYSTEM_ACCOUNT}\n")
+    """The site's users (odst.bus.authorization.render_users) and the system user."""
+    return HEADER.format(site=site) + AUTH_HEADER + authorization_block + "\n" + render_system_account(system_nkey)
 
 
 def render_leaf(site: str, leaf_seed: str) -> str:
@@ -103,13 +92,6 @@ def render_cluster(site: str, password: str, routes: list[str]) -> str:
 
 
 # ---- files -----------------------------------------------------------------------------------
-
-def load_or_create_system_seed(data: Path) -> str:
-    path = Path(data) / SYSTEM_SEED_FILE
-    if not path.exists():
-        write_secret(path, new_user_seed() + "\n")
-    return read_seed(path)
-
 
 def load_or_create_route_password(data: Path) -> str:
     """One route password per site, kept in the data directory: every node of the cluster gets
@@ -180,71 +162,35 @@ def write_nats_config(settings, out: Path, routes: list[str] = ()) -> Written:
 
 # ---- reload ----------------------------------------------------------------------------------
 
-async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0) -> list[str]:
-    """Ask every server of the cluster behind ``servers`` to re-read its config; the ids of
-    those that did. Raises NatsConfigError when none answers or one refuses."""
-    import nats.errors
-
-    nc = await connect(servers, seed=system_seed, name="odst-reload", allow_reconnect=False)
-    try:
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        await nc.publish(PING_IDZ, b"", reply=inbox)
-        ids: list[str] = []
-        wait = timeout
-        while True:  # every server answers the ping; the last answer is followed by silence
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats.errors.TimeoutError:
-                if ids:
-                    break
-                raise NatsConfigError(f"no NATS server at {servers} answered {PING_IDZ} as the system user: "
-                                      "is auth.conf (from `odst nats-config`) included in its config?") from None
-            ids.append(json.loads(msg.data)["id"])
-            wait = 0.5
-        await sub.unsubscribe()
-        for server_id in ids:
-            reply = json.loads((await nc.request(RELOAD.format(id=server_id), b"", timeout=timeout)).data)
-            if reply.get("error"):
-                raise NatsConfigError(f"NATS server {server_id} refused to reload its config: "
-                                      f"{reply['error'].get('description', reply['error'])}")
-        return ids
-    finally:
-        await nc.close()
-
-
 class AuthInclude:
     """The projector's hold on ``auth.conf`` of a NATS server ODST does not run: rewrite it
-    when the site's users change, then reload every server, again until one reload works."""
+    when the site's users change, then reload every server and cut the leaf links of keys that
+    are no user any more (odst.bus.system.LinkCutter), again until that works."""
 
-    def __init__(self, site: str, path: Path, servers: str, system_seed_path: Path):
-        self.site, self.path, self.servers = site, Path(path), servers
+    def __init__(self, site: str, path: Path, servers: str, system_seed_path: Path, names=None):
+        self.site, self.path = site, Path(path)
         self.system_seed_path = Path(system_seed_path)
-        self.pending = False
-        self._task: asyncio.Task | None = None
+        self.cutter = LinkCutter(servers, system_seed_path, names)
+        self._checked = False  # the first update reloads and cuts whatever changed: a link of a key
+        # removed while no projector ran (or before its cut was done) is not left up
 
-    def update(self, authorization_block: str) -> None:
-        """Called with the rendered users whenever the read model may have changed them. Never
-        raises: a problem is logged (and retried at the next call), peers' mirrors go on."""
+    @property
+    def pending(self) -> bool:
+        return self.cutter.pending
+
+    def update(self, users: list[dict]) -> None:
+        """Called with the site's users (odst.bus.authorization.users) whenever the read model
+        may have changed them. Never raises: a problem is logged (and retried at the next
+        call), peers' mirrors go on."""
         try:
             system_nkey = public_key_of_seed(read_seed(self.system_seed_path))
-            changed = write_include(self.path, render_auth(self.site, authorization_block, system_nkey))
+            changed = write_include(self.path, render_auth(self.site, authz.render_users(users), system_nkey))
         except (OSError, ValueError) as exc:
             log.error("cannot write the NATS users include: run `odst nats-config` for this data directory "
                       "and check nats_auth_file", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
             return
         if changed:
             log.info("NATS users written", path=str(self.path))
-            self.pending = True
-        if self.pending and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._reload(), name="nats-reload")
-
-    async def _reload(self) -> None:
-        try:
-            ids = await reload_servers(self.servers, read_seed(self.system_seed_path))
-        except Exception as exc:  # retried at the next update
-            log.error("NATS servers not reloaded; retrying", error=f"{type(exc).__name__}: {exc}",
-                      path=str(self.path))
-            return
-        self.pending = False
-        log.info("NATS servers reloaded their users", servers=len(ids))
+        if changed or not self._checked or self.cutter.pending:
+            self._checked = True
+            self.cutter.reloaded(user_keys(users))

@@ -29,6 +29,19 @@ def user_public_key(raw_public_key: bytes) -> str:
     return base64.b32encode(bytes(src)).decode("ascii").rstrip("=")
 
 
+def raw_public_key(nkey: str) -> bytes:
+    """The ed25519 public key of a user NKey ('U…'): the inverse of user_public_key.
+    ValueError if ``nkey`` is not one."""
+    try:
+        raw = base64.b32decode(nkey + "=" * (-len(nkey) % 8))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a user NKey: {nkey!r}") from exc
+    if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER \
+            or nkeys.crc16(bytearray(raw[:-2])) != int.from_bytes(raw[-2:], "little"):
+        raise ValueError(f"not a user NKey: {nkey!r}")
+    return raw[1:33]
+
+
 def public_key_of_seed(seed: str) -> str:
     return nkeys.from_seed(seed.encode("ascii")).public_key.decode("ascii")
 

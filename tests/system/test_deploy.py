@@ -31,8 +31,9 @@ import nats.errors
 
 from odst.bus import authorization as authz
 from odst.bus.embedded import nats_server_binary
-from odst.bus.external import SYSTEM_SEED_FILE, reload_servers, render_auth, write_include, write_nats_config
+from odst.bus.external import render_auth, write_include, write_nats_config
 from odst.bus.identity import client_seed_path, new_user_seed, public_key_of_seed, read_seed
+from odst.bus.system import SYSTEM_ACCOUNT, SYSTEM_SEED_FILE, reload_servers
 from odst.events.signing import SiteKey
 from odst.cli import build_parser
 from odst.config import Settings, load
@@ -644,7 +645,7 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
                         [authz.Peer(spoke_nkey, spoke_id)], [], ["EVENTS"])
     assert write_include(tmp_path / "hub" / "site" / "auth.conf",
                          render_auth(hub_id, authz.render_users(users), public_key_of_seed(hub_system)))
-    assert len(asyncio.run(reload_servers(hub_url, hub_system))) == 1
+    assert len(asyncio.run(reload_servers(hub_url, hub_system)).servers) == 1
     wait_until(lambda: leafs(hub_ports) == 1 and leafs(spoke_ports) == 1, 30, what="the leaf link")
     assert hub.poll() is None and monitor(hub_ports, "varz")["config_load_time"] != monitor(hub_ports, "varz")["start"]
 
@@ -660,9 +661,11 @@ def test_shipped_nats_configs_admit_only_the_sites_users(tmp_path, nats_procs):
             assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.INFO")
             assert await not_answered(spoke_nc, f"$JS.{hub_id}.API.STREAM.DELETE.EVENTS")
             await hub_nc.jetstream().stream_info("EVENTS")  # still there
-            # the system user may ask for reloads, and nothing else
-            assert await not_answered(system, "$SYS.REQ.SERVER.PING.CONNZ")
-            assert await not_answered(system, f"$JS.{hub_id}.API.INFO")
+            # the system user may ask for reloads, connection lists and kicks, and nothing else
+            assert not await not_answered(system, "$SYS.REQ.SERVER.PING.CONNZ")
+            for subject in ("$SYS.REQ.SERVER.PING.VARZ", "$SYS.REQ.SERVER.PING.JSZ",
+                            f"$SYS.REQ.ACCOUNT.{SYSTEM_ACCOUNT}.CONNZ", f"$JS.{hub_id}.API.INFO"):
+                assert await not_answered(system, subject), subject
         finally:
             for nc in (hub_nc, spoke_nc, system):
                 await nc.close()

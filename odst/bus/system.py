@@ -1,0 +1,221 @@
+"""The system account: the one NATS user that reloads a site's servers and cuts the leaf links
+a reload leaves behind.
+
+Who: ``<data>/nats-system.nk`` (0600, beside ``nats-client.nk``), in the account ``SYS`` of the
+embedded broker and of a NATS server ODST does not run (``odst nats-config``'s auth.conf).
+What it may do: find the servers (``PING.IDZ``), ask one to re-read its config (``RELOAD``),
+list its connections with the key each authenticated with (``CONNZ``) and close one by id
+(``KICK``). Nothing else of the system account (no account changes, no lame duck, no
+shutdown), no JetStream, no ODST subject. No peer can reach it: leaf links are bound to the
+global account and peers may not publish ``$SYS``.
+
+Why the cut: nats-server (2.15) checks client connections again on a reload, not accepted
+leaf connections (server/reload.go ``reloadAuthorization`` walks the clients only), so a
+removed peer's link would keep a peer's rights until it drops. After a reload ``cut_stale_links``
+closes every accepted leaf link whose key (``authorized_user`` of ``CONNZ`` with ``auth``: the
+NKey nats-server verified at connect, so not one the remote can choose, unlike its
+server_name) is not one of the site's users any more. Honest peers' links stay up; the
+removed peer's re-dial is refused by the reloaded users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from odst import tasks
+from odst.bus import connect
+from odst.bus.identity import new_user_seed, read_seed, write_secret
+
+log = structlog.get_logger("odst.bus")
+
+SYSTEM_SEED_FILE = "nats-system.nk"
+SYSTEM_ACCOUNT = "SYS"
+
+PING_IDZ = "$SYS.REQ.SERVER.PING.IDZ"  # every server of the cluster answers with its id
+RELOAD = "$SYS.REQ.SERVER.{id}.RELOAD"  # nats-server re-reads its config (server/events.go)
+CONNZ = "$SYS.REQ.SERVER.{id}.CONNZ"  # its connections, leaf links included; with "auth", their keys
+KICK = "$SYS.REQ.SERVER.{id}.KICK"  # {"cid": N}: close that client or leaf connection
+# The system user may ask for ids, reloads, connection lists and kicks, and nothing else of
+# the system account (no account changes, no lame duck mode, no shutdown).
+SYSTEM_PERMISSIONS = {"publish": {"allow": [PING_IDZ, RELOAD.format(id="*"), CONNZ.format(id="*"),
+                                            KICK.format(id="*")]},
+                      "subscribe": {"allow": ["_INBOX.>"]}}
+CONNZ_PAGE = 1024  # nats-server's own default page
+
+
+class SystemRequestError(Exception):
+    """A NATS server did not answer the system user, or refused; the message says what to check."""
+
+
+def render_system_account(system_nkey: str) -> str:
+    """The config lines of the system account and its one user (public key ``system_nkey``)."""
+    system = {"nkey": system_nkey, "permissions": SYSTEM_PERMISSIONS}
+    return (f"accounts {{\n  {SYSTEM_ACCOUNT}: {{ users: [ {json.dumps(system)} ] }}\n}}\n"
+            f"system_account: {SYSTEM_ACCOUNT}\n")
+
+
+def load_or_create_system_seed(data: Path) -> str:
+    path = Path(data) / SYSTEM_SEED_FILE
+    if not path.exists():
+        write_secret(path, new_user_seed() + "\n")
+    return read_seed(path)
+
+
+@dataclass(frozen=True)
+class ClosedLink:
+    server: str  # the id of the server that had accepted it
+    cid: int
+    nkey: str  # the key it authenticated with (a user no longer)
+    name: str  # what the remote calls itself (its server_name: its own choice)
+    address: str
+
+
+def stale_links(connections: list[dict], users: frozenset[str]) -> list[dict]:
+    """Of a CONNZ page (with ``auth``), the accepted leaf links whose key is none of ``users``.
+    A link this server dialed itself carries no authorized_user and is never one."""
+    return [c for c in connections
+            if c.get("kind") == "Leafnode" and c.get("authorized_user") and c["authorized_user"] not in users]
+
+
+async def _ask(nc, subject: str, body: dict | None, timeout: float) -> dict:
+    import nats.errors
+
+    try:
+        msg = await nc.request(subject, json.dumps(body).encode() if body is not None else b"", timeout=timeout)
+    except nats.errors.TimeoutError:
+        raise SystemRequestError(f"no answer to {subject} within {timeout}s") from None
+    reply = json.loads(msg.data)
+    if reply.get("error"):
+        raise SystemRequestError(f"{subject} refused: {reply['error'].get('description', reply['error'])}")
+    return reply.get("data") or {}
+
+
+async def server_ids(nc, servers: str, timeout: float) -> list[str]:
+    """The ids of every server of the cluster behind ``servers`` (all answer the ping)."""
+    import nats.errors
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(PING_IDZ, b"", reply=inbox)
+        ids: list[str] = []
+        wait = timeout
+        while True:  # the last answer is followed by silence
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                if ids:
+                    return ids
+                raise SystemRequestError(
+                    f"no NATS server at {servers} answered {PING_IDZ} as the system user: is its system "
+                    "account configured (auth.conf from `odst nats-config` included)?") from None
+            ids.append(json.loads(msg.data)["id"])
+            wait = 0.5
+    finally:
+        await sub.unsubscribe()
+
+
+async def cut_stale_links(nc, server: str, users: frozenset[str], timeout: float) -> list[ClosedLink]:
+    """Close every leaf link ``server`` accepted whose key is none of ``users``."""
+    closed: list[ClosedLink] = []
+    offset = 0
+    while True:
+        page = await _ask(nc, CONNZ.format(id=server), {"auth": True, "offset": offset, "limit": CONNZ_PAGE},
+                          timeout)
+        conns = page.get("connections") or []
+        for c in stale_links(conns, users):
+            try:
+                await _ask(nc, KICK.format(id=server), {"cid": c["cid"]}, timeout)
+            except SystemRequestError as exc:
+                if "no such client" not in str(exc):
+                    raise
+                continue  # gone already
+            closed.append(ClosedLink(server, c["cid"], c["authorized_user"], c.get("name") or "",
+                                     f"{c.get('ip', '')}:{c.get('port', '')}"))
+        offset += len(conns)
+        if not conns or offset >= int(page.get("total") or 0):
+            return closed
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    servers: list[str]  # the ids of the servers that reloaded
+    closed: list[ClosedLink]  # the leaf links cut after it (keep_only given)
+
+
+async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *,
+                         keep_only: frozenset[str] | None = None) -> Reloaded:
+    """Ask every server of the cluster behind ``servers`` to re-read its config (the answer
+    comes once the new users are in force), then, with ``keep_only`` (the NKeys of the site's
+    users now), close on each the leaf links authenticated with any other key. Raises
+    SystemRequestError when no server answers or one refuses."""
+    nc = await connect(servers, seed=system_seed, name="odst-system", allow_reconnect=False)
+    try:
+        ids = await server_ids(nc, servers, timeout)
+        closed: list[ClosedLink] = []
+        for server in ids:
+            try:
+                await _ask(nc, RELOAD.format(id=server), None, timeout)
+            except SystemRequestError as exc:
+                raise SystemRequestError(f"NATS server {server} did not reload its config: {exc}") from None
+        if keep_only is not None:  # only once every server runs the new users: a cut link's re-dial is refused
+            for server in ids:
+                closed += await cut_stale_links(nc, server, keep_only, timeout)
+        return Reloaded(ids, closed)
+    finally:
+        await nc.close()
+
+
+def user_keys(users: list[dict]) -> frozenset[str]:
+    """The NKeys of rendered users (odst.bus.authorization.users)."""
+    return frozenset(u["nkey"] for u in users if u.get("nkey"))
+
+
+class LinkCutter:
+    """Keeps a site's servers' leaf links to its users: after its users were reloaded, reload
+    every server again through the system account (so the new users are surely in force),
+    then close each leaf link whose key is no user's (one log line per link). Runs in the
+    background; a failure is logged and the work is done again at the next call."""
+
+    def __init__(self, servers: str, system_seed_path: Path, names=None):
+        self.servers, self.system_seed_path = servers, Path(system_seed_path)
+        self.names = names or (lambda nkey: "")  # the peer site an NKey is, for the log
+        self._keys: frozenset[str] | None = None  # the users to keep at the next pass
+        self._task: asyncio.Task | None = None
+
+    def reloaded(self, keys: frozenset[str]) -> None:
+        """The users are now ``keys``: reload and cut in the background (the latest keys win;
+        the same keys again while a pass for them runs add nothing)."""
+        if keys != self._keys:
+            self._keys = keys
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-cut-links")
+
+    @property
+    def pending(self) -> bool:
+        return self._keys is not None
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await tasks.cancel(self._task)
+
+    async def _run(self) -> None:
+        while self._keys is not None:
+            keys = self._keys
+            try:
+                done = await reload_servers(self.servers, read_seed(self.system_seed_path), keep_only=keys)
+            except Exception as exc:  # done again at the next call
+                log.error("NATS servers not reloaded; removed users' leaf links may still be up; retrying",
+                          error=f"{type(exc).__name__}: {exc}")
+                return
+            if self._keys == keys:
+                self._keys = None
+            for link in done.closed:
+                log.warning("leaf link of a removed user closed", peer=self.names(link.nkey), nkey=link.nkey,
+                            server=link.server, cid=link.cid, calls_itself=link.name, address=link.address)
+            log.info("NATS servers reloaded their users", servers=len(done.servers), closed=len(done.closed))

@@ -1,0 +1,149 @@
+"""Removing a peer cuts its live leaf link, and only its.
+
+nats-server (2.15) checks client connections again when it reloads its users, not the leaf
+connections it accepted: a removed peer's open link kept a peer's NATS rights (reading the
+site's log through its mirror, delivering into mirrors labelled with its path) until it
+dropped. The site now closes, after the reload, every accepted leaf link whose key is no user
+any more, found by the key nats-server verified at connect (odst.bus.system.LinkCutter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+from pathlib import Path
+
+from odst.bus import connect
+from odst.bus.identity import public_key_of_seed, read_seed
+from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, server_ids
+from tests.conftest import free_port, wait_until, write_random
+from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
+from tests.system.test_mirror_injection import RawLeaf, leaf_seed
+from tests.system.test_replication import available_at, register, site_id, upload
+
+
+def leaf_links(site) -> dict[str, int]:
+    """The leaf links the site's broker accepted: the key each authenticated with -> its cid,
+    as nats-server itself reports them to the site's system user."""
+    async def ask():
+        nc = await connect(site.run_info()["nats"], seed=read_seed(site.data / SYSTEM_SEED_FILE),
+                           allow_reconnect=False)
+        try:
+            (server,) = await server_ids(nc, "", 5)
+            msg = await nc.request(CONNZ.format(id=server), json.dumps({"auth": True}).encode(), timeout=5)
+            return {c["authorized_user"]: c["cid"] for c in json.loads(msg.data)["data"]["connections"]
+                    if c.get("kind") == "Leafnode" and c.get("authorized_user")}
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
+def cut(link: RawLeaf) -> bool:
+    """The hub closed this connection (an EOF, or a reset), within a short read."""
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        try:
+            data = link.sock.recv(1 << 16)
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+        if not data:
+            return True
+        link.buf += data
+        if b"PING\r\n" in data:
+            link.send(b"PONG\r\n")
+    return False
+
+
+def refused(port: int, seed: str) -> bytes:
+    """Dial the leaf port with ``seed`` and return what the hub answered before closing."""
+    try:
+        RawLeaf(port, seed).close()
+    except AssertionError as exc:  # no PONG: refused
+        return str(exc).encode()
+    return b"accepted"
+
+
+def test_removing_a_peer_cuts_its_leaf_link_and_the_others_go_on(make_site, tmp_path):
+    leaf = free_port()
+    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
+    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
+    c = make_site("c", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "C"]).start()
+    register(a, b)
+    register(a, c)
+    b_id, c_id = site_id(b), site_id(c)
+    b_seed, c_seed = leaf_seed(b), leaf_seed(c)
+    b_key, c_key = public_key_of_seed(b_seed), public_key_of_seed(c_seed)
+    wait_until(lambda: {b_key, c_key} <= set(leaf_links(a)), 30, what="B's and C's links at A")
+    c_link = leaf_links(a)[c_key]
+
+    # B's own key on a link of its own: what a removed peer would keep using
+    held = RawLeaf(leaf, b_seed)
+    try:
+        held.listen("$JS.M.>")
+        assert not cut(held), "the hub closed B's link before B was removed: the test proves nothing"
+        with a.client() as admin:
+            r = admin.delete(f"/api/v1/peers/{b_id}")
+            assert r.status_code == 200, r.text
+
+        wait_until(lambda: cut(held), 20, what="A to close the link B's key holds")
+    finally:
+        held.close()
+    wait_until(lambda: b_key not in leaf_links(a), 20, what="B's own broker's link at A to be closed")
+    # B's re-dial is checked against A's new users: refused
+    answer = refused(leaf, b_seed)
+    assert b"Authorization Violation" in answer, answer
+    assert b_key not in leaf_links(a)
+    # one log line per closed link, naming the peer, the server and the connection
+    assert "leaf link of a removed user closed" in a.log(1 << 20)
+    assert b_id in a.log(1 << 20)
+
+    # C's link was never cut, and C still gets what A publishes
+    assert leaf_links(a).get(c_key) == c_link
+    upload(a, "after.pkg", write_random(tmp_path / "after.pkg", 5000, seed=7))
+    wait_until(lambda: available_at(c, "after.pkg", c_id), 60, what="after.pkg at C")
+    assert not available_at(b, "after.pkg", b_id)
+
+
+def leaf_port(conf: Path) -> int:
+    """The leaf port a node of the cluster fixture listens on (from its config)."""
+    block = conf.read_text().split("leafnodes", 1)[1]
+    return int(re.search(r'"127\.0\.0\.1:(\d+)"', block).group(1))
+
+
+def test_on_a_cluster_every_node_cuts_a_removed_peers_links(cluster, make_site, tmp_path):
+    """A NATS cluster ODST does not run: the projector rewrites auth.conf, reloads every node
+    and closes the removed peer's links on each of them."""
+    data, _, urls, _, _, leaf = cluster
+    site = make_site("site", env={"ODST_NATS_AUTH_FILE": str(tmp_path / "nodes" / "site" / "auth.conf")},
+                     extra_args=["--nats", urls])
+    site.data = data
+    site.start(timeout=120)
+    peer = make_site("peer", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}"]).start()
+    with site.client() as c, peer.client() as pc:
+        token = c.post("/api/v1/peers/invites", json={}).json()["token"]
+        assert pc.post("/api/v1/peers/join", json={"token": token}).status_code == 201
+    peer_id, seed = site_id(peer), leaf_seed(peer)
+    ports = [leaf, leaf_port(tmp_path / "nodes" / "n1.conf")]
+    # the peer's key on a link to node 0 and to node 1 (accepted once the users are reloaded)
+    wait_until(lambda: refused(ports[1], seed) == b"accepted", 30, what="node 1 to accept the peer's key")
+    held = [RawLeaf(p, seed) for p in ports]
+    try:
+        for link in held:
+            link.listen("$JS.M.>")
+        assert not any(cut(link) for link in held), "a link was closed before the removal: the test proves nothing"
+        with site.client() as c:
+            assert c.delete(f"/api/v1/peers/{peer_id}").status_code == 200
+        for link, port in zip(held, ports):
+            wait_until(lambda: cut(link), 30, what=f"the node on leaf port {port} to close the peer's link")
+    finally:
+        for link in held:
+            link.close()
+    for port in ports:
+        answer = refused(port, seed)
+        assert b"Authorization Violation" in answer, answer
+    assert "leaf link of a removed user closed" in site.log(1 << 20)
