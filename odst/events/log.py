@@ -307,7 +307,8 @@ class EventLog:
                 raise AppendFailed(f"broker unavailable: {exc!r}") from exc
         return self._head
 
-    async def append_many(self, events: list[Event], *, actor: str) -> list[Appended | AppendFailed]:
+    async def append_many(self, events: list[Event], *, actor: str,
+                          on_sent: Callable[[], None] | None = None) -> list[Appended | AppendFailed]:
         """Append several events in one round trip: chained one after another as ``append``
         would (same envelopes, same signatures), published together, then their acks awaited.
 
@@ -315,10 +316,18 @@ class EventLog:
         ``Nats-Expected-Last-Msg-Id`` = the event id before it, so if another writer gets in
         anywhere in the run, every event after that point is refused rather than chained onto
         the wrong predecessor. Those (and any refused for contention) are appended one by one
-        with ``append``. Returns, per event in order, its ``Appended`` or the ``AppendFailed``."""
+        with ``append``. Returns, per event in order, its ``Appended`` or the ``AppendFailed``.
+
+        The head moves on as soon as the run is handed to the broker's connection, not once it
+        is acked: the next append chains onto this run's last event and goes out behind it (one
+        connection, in order) while the broker still stores and fsyncs this one. Should any event
+        of the run not be stored, the broker refuses everything chained after it (its expected
+        last sequence is not the stream's), those are re-chained, and the head is read again.
+        ``on_sent`` is called then (a writer's next run may start); with it, one event goes this
+        way too (the same envelope and headers as ``append``)."""
         if self.refusal:
             raise LogDamaged(f"writes are refused: {self.refusal}")
-        if len(events) <= 1:
+        if len(events) == 0 or (len(events) == 1 and on_sent is None):
             out: list[Appended | AppendFailed] = []
             for event in events:
                 try:
@@ -342,23 +351,29 @@ class EventLog:
                     headers["Nats-Expected-Last-Msg-Id"] = previous_id
                 sealed.append((envelope, payload, headers))
                 last_hash, previous_id = codec.chain_hash(payload), envelope.id
-            acks = await asyncio.gather(*(
-                self.js.publish(subject_for(self.site, e), payload, stream=self.stream, timeout=10, headers=h)
-                for e, (_, payload, h) in zip(events, sealed)), return_exceptions=True)
-            for i, ((envelope, payload, _), ack) in enumerate(zip(sealed, acks)):
-                if isinstance(ack, nats.js.errors.APIError):
-                    if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
-                        results[i] = AppendFailed(f"broker refused the event: {ack.description}")
-                    else:  # refused for contention: not stored; appended again below
-                        self.contention["rechained"] += 1
-                elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
-                    results[i] = AppendFailed(f"broker unavailable: {ack!r}")
-                elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
-                    results[i] = Appended(ack.seq, envelope, payload)
-                else:
-                    results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
-            landed = all(isinstance(r, Appended) for r in results)
-            self._head = (last_seq + len(events), env_seq + len(events), last_hash) if landed else None
+            sends = [asyncio.ensure_future(self.js.publish(subject_for(self.site, e), payload, stream=self.stream,
+                                                           timeout=10, headers=h))
+                     for e, (_, payload, h) in zip(events, sealed)]
+            await asyncio.sleep(0)  # each publish runs up to its write, in order, before the lock goes
+            self._head = (last_seq + len(events), env_seq + len(events), last_hash)
+        if on_sent is not None:
+            on_sent()
+        acks = await asyncio.gather(*sends, return_exceptions=True)
+        # the acks, outside the lock: runs chained behind this one may be on their way already
+        for i, ((envelope, payload, _), ack) in enumerate(zip(sealed, acks)):
+            if isinstance(ack, nats.js.errors.APIError):
+                if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
+                    results[i] = AppendFailed(f"broker refused the event: {ack.description}")
+                else:  # refused for contention: not stored; appended again below
+                    self.contention["rechained"] += 1
+            elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
+                results[i] = AppendFailed(f"broker unavailable: {ack!r}")
+            elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
+                results[i] = Appended(ack.seq, envelope, payload)
+            else:
+                results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
+        if not all(isinstance(r, Appended) for r in results):
+            self._head = None  # whatever was chained behind this run is refused: read it again
         for i, event in enumerate(events):  # refused for contention: one by one, re-chained
             if results[i] is None:
                 try:
