@@ -171,6 +171,11 @@ class EventLog:
         self.chain_state = chain_state  # () -> (stream checkpoint, envelope seq, hash) from the read model
         self._lock = asyncio.Lock()
         self._head: tuple[int, int, str] | None = None
+        # the id of the event the head ends with while that event is sent but not acked yet
+        # (append_many moves the head on at once): what chains onto it must also name it
+        # (Nats-Expected-Last-Msg-Id), so that if it is never stored, the broker refuses the
+        # events behind it even when other writers' events have made the sequence fit
+        self._unacked_id: str | None = None
         self.refusal = ""  # set by the log watch while the stream is damaged: appends refused
         # appends refused because another writer got in first (re-chained), heads re-read from the broker
         self.contention: Counter[str] = Counter()
@@ -251,7 +256,7 @@ class EventLog:
 
     def forget_head(self) -> None:
         """Re-read the head from the broker on the next append."""
-        self._head = None
+        self._head, self._unacked_id = None, None
 
     async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
         if self.refusal:
@@ -271,29 +276,36 @@ class EventLog:
                 try:
                     ack = await self.js.publish(
                         subject_for(self.site, event), payload, stream=self.stream, timeout=10,
-                        headers={"Nats-Msg-Id": event_id,
-                                 "Nats-Expected-Last-Sequence": str(last_seq)},
+                        headers=self._chain_headers(event_id, last_seq),
                     )
                 except nats.js.errors.APIError as exc:
-                    self._head = None
-                    if exc.err_code == WRONG_LAST_SEQUENCE:
+                    self._head, self._unacked_id = None, None
+                    if exc.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                         self.contention["rechained"] += 1
                         # another writer appended first: back off a little, re-chain on the new head
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
                         continue
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
                 except nats.errors.Error as exc:  # no responders, no stream response, timeout, closed
-                    self._head = None
+                    self._head, self._unacked_id = None, None
                     raise AppendFailed(f"broker unavailable: {exc!r}") from exc
                 if ack.duplicate:
                     # A retry of a publish that had landed: the stored one is the truth.
-                    self._head = None
+                    self._head, self._unacked_id = None, None
                     stored = await self.js.get_msg(self.stream, ack.seq)
                     env = codec.decode_body(codec.unverified_body(stored.data))
                     return Appended(ack.seq, env, stored.data)
-                self._head = (ack.seq, envelope.seq, codec.chain_hash(payload))
+                self._head, self._unacked_id = (ack.seq, envelope.seq, codec.chain_hash(payload)), None
                 return Appended(ack.seq, envelope, payload)
         raise AppendFailed("too many concurrent writers; gave up re-chaining")
+
+    def _chain_headers(self, event_id: str, last_seq: int) -> dict[str, str]:
+        """The headers of an event chained onto the head (at stream seq ``last_seq``): its id, the
+        sequence it must follow and, while the head's event is not acked yet, that event's id."""
+        headers = {"Nats-Msg-Id": event_id, "Nats-Expected-Last-Sequence": str(last_seq)}
+        if self._unacked_id is not None:
+            headers["Nats-Expected-Last-Msg-Id"] = self._unacked_id
+        return headers
 
 
     async def _known_head(self) -> tuple[int, int, str]:
@@ -346,7 +358,7 @@ class EventLog:
                 if len(payload) > EVENT_MAX_BYTES:
                     raise AppendFailed(f"the {type(event).__name__} event is {len(payload)} bytes, over the "
                                        f"event size cap of {EVENT_MAX_BYTES} bytes")
-                headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Sequence": str(last_seq + i)}
+                headers = self._chain_headers(envelope.id, last_seq + i)
                 if previous_id is not None:
                     headers["Nats-Expected-Last-Msg-Id"] = previous_id
                 sealed.append((envelope, payload, headers))
@@ -355,7 +367,7 @@ class EventLog:
                                                            timeout=10, headers=h))
                      for e, (_, payload, h) in zip(events, sealed)]
             await asyncio.sleep(0)  # each publish runs up to its write, in order, before the lock goes
-            self._head = (last_seq + len(events), env_seq + len(events), last_hash)
+            self._head, self._unacked_id = (last_seq + len(events), env_seq + len(events), last_hash), previous_id
         if on_sent is not None:
             on_sent()
         acks = await asyncio.gather(*sends, return_exceptions=True)
@@ -373,7 +385,9 @@ class EventLog:
             else:
                 results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
         if not all(isinstance(r, Appended) for r in results):
-            self._head = None  # whatever was chained behind this run is refused: read it again
+            self._head, self._unacked_id = None, None  # what was chained behind this run is refused: read it again
+        elif self._unacked_id == previous_id:  # nothing chained behind it since: its last event is acked
+            self._unacked_id = None
         for i, event in enumerate(events):  # refused for contention: one by one, re-chained
             if results[i] is None:
                 try:

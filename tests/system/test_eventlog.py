@@ -116,6 +116,43 @@ def test_a_run_sent_behind_a_run_on_a_stale_head_is_refused_and_rechained_too(na
     assert sorted(names) == sorted(f"p{i}.pkg" for i in (0, 1, *range(10, 14), *range(20, 24)))
 
 
+def test_an_event_chained_behind_a_run_never_stored_is_refused_even_when_the_sequence_fits(nats_server, tmp_path):
+    """A run is refused (another writer got in) after the head moved on past it; other writers'
+    events then fill the stream up to the sequence the head expected. The next event, chained
+    onto the run's never-stored last event, names it (Nats-Expected-Last-Msg-Id): the broker
+    refuses it, and it is re-chained onto what is really there. One unbroken chain.
+
+    The interleave (the run's refusal not yet seen when the next event goes out, the other
+    writer's events landing in between) depends on the event loop's order, so the state it
+    leaves is taken as the run left it (on_sent) and put back before the next append."""
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+
+    async def run():
+        nc1 = await nats.connect(nats_server.url)
+        nc2 = await nats.connect(nats_server.url)
+        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
+        await a.ensure_stream()
+        await a.append(staged(0), actor="t")
+        await b.append(staged(1), actor="t")  # a's head is stale from here on
+        left: list = []
+        refused = await a.append_many([staged(10), staged(11)], actor="t",
+                                      on_sent=lambda: left.append((a._head, a._unacked_id)))
+        (_, env_seq, never_stored_hash), never_stored_id = left[0]  # the run's last event, as first sent
+        other = await b.append(staged(2), actor="t")
+        # as if other writers' events had made the stream as long as the run would have
+        a._head, a._unacked_id = (other.seq, env_seq, never_stored_hash), never_stored_id
+        landed = await a.append(staged(3), actor="t")
+        msgs = await messages(nc1.jetstream(), 6)
+        await nc1.close()
+        await nc2.close()
+        return refused, landed, msgs
+
+    refused, landed, msgs = asyncio.run(run())
+    assert all(isinstance(r, Appended) for r in refused)  # re-chained one by one after their refusal
+    assert isinstance(landed, Appended) and landed.seq == 6
+    assert len(msgs) == 6 and assert_one_chain(msgs, key) == 6
+
+
 def test_a_forged_message_in_the_stream_is_never_chained_onto(nats_server, tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
     mallory = SiteKey.load_or_create(tmp_path / "mallory.key")
