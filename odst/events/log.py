@@ -171,6 +171,11 @@ class EventLog:
         self.chain_state = chain_state  # () -> (stream checkpoint, envelope seq, hash) from the read model
         self._lock = asyncio.Lock()
         self._head: tuple[int, int, str] | None = None
+        # the id of the event the head ends with while that event is sent but not acked yet
+        # (append_many moves the head on at once): what chains onto it must also name it
+        # (Nats-Expected-Last-Msg-Id), so that if it is never stored, the broker refuses the
+        # events behind it even when other writers' events have made the sequence fit
+        self._unacked_id: str | None = None
         self.refusal = ""  # set by the log watch while the stream is damaged: appends refused
         # appends refused because another writer got in first (re-chained), heads re-read from the broker
         self.contention: Counter[str] = Counter()
@@ -251,7 +256,7 @@ class EventLog:
 
     def forget_head(self) -> None:
         """Re-read the head from the broker on the next append."""
-        self._head = None
+        self._head, self._unacked_id = None, None
 
     async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
         if self.refusal:
@@ -271,29 +276,36 @@ class EventLog:
                 try:
                     ack = await self.js.publish(
                         subject_for(self.site, event), payload, stream=self.stream, timeout=10,
-                        headers={"Nats-Msg-Id": event_id,
-                                 "Nats-Expected-Last-Sequence": str(last_seq)},
+                        headers=self._chain_headers(event_id, last_seq),
                     )
                 except nats.js.errors.APIError as exc:
-                    self._head = None
-                    if exc.err_code == WRONG_LAST_SEQUENCE:
+                    self._head, self._unacked_id = None, None
+                    if exc.err_code in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
                         self.contention["rechained"] += 1
                         # another writer appended first: back off a little, re-chain on the new head
                         await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
                         continue
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
                 except nats.errors.Error as exc:  # no responders, no stream response, timeout, closed
-                    self._head = None
+                    self._head, self._unacked_id = None, None
                     raise AppendFailed(f"broker unavailable: {exc!r}") from exc
                 if ack.duplicate:
                     # A retry of a publish that had landed: the stored one is the truth.
-                    self._head = None
+                    self._head, self._unacked_id = None, None
                     stored = await self.js.get_msg(self.stream, ack.seq)
                     env = codec.decode_body(codec.unverified_body(stored.data))
                     return Appended(ack.seq, env, stored.data)
-                self._head = (ack.seq, envelope.seq, codec.chain_hash(payload))
+                self._head, self._unacked_id = (ack.seq, envelope.seq, codec.chain_hash(payload)), None
                 return Appended(ack.seq, envelope, payload)
         raise AppendFailed("too many concurrent writers; gave up re-chaining")
+
+    def _chain_headers(self, event_id: str, last_seq: int) -> dict[str, str]:
+        """The headers of an event chained onto the head (at stream seq ``last_seq``): its id, the
+        sequence it must follow and, while the head's event is not acked yet, that event's id."""
+        headers = {"Nats-Msg-Id": event_id, "Nats-Expected-Last-Sequence": str(last_seq)}
+        if self._unacked_id is not None:
+            headers["Nats-Expected-Last-Msg-Id"] = self._unacked_id
+        return headers
 
 
     async def _known_head(self) -> tuple[int, int, str]:
@@ -307,7 +319,8 @@ class EventLog:
                 raise AppendFailed(f"broker unavailable: {exc!r}") from exc
         return self._head
 
-    async def append_many(self, events: list[Event], *, actor: str) -> list[Appended | AppendFailed]:
+    async def append_many(self, events: list[Event], *, actor: str,
+                          on_sent: Callable[[], None] | None = None) -> list[Appended | AppendFailed]:
         """Append several events in one round trip: chained one after another as ``append``
         would (same envelopes, same signatures), published together, then their acks awaited.
 
@@ -315,10 +328,18 @@ class EventLog:
         ``Nats-Expected-Last-Msg-Id`` = the event id before it, so if another writer gets in
         anywhere in the run, every event after that point is refused rather than chained onto
         the wrong predecessor. Those (and any refused for contention) are appended one by one
-        with ``append``. Returns, per event in order, its ``Appended`` or the ``AppendFailed``."""
+        with ``append``. Returns, per event in order, its ``Appended`` or the ``AppendFailed``.
+
+        The head moves on as soon as the run is handed to the broker's connection, not once it
+        is acked: the next append chains onto this run's last event and goes out behind it (one
+        connection, in order) while the broker still stores and fsyncs this one. Should any event
+        of the run not be stored, the broker refuses everything chained after it (its expected
+        last sequence is not the stream's), those are re-chained, and the head is read again.
+        ``on_sent`` is called then (a writer's next run may start); with it, one event goes this
+        way too (the same envelope and headers as ``append``)."""
         if self.refusal:
             raise LogDamaged(f"writes are refused: {self.refusal}")
-        if len(events) <= 1:
+        if len(events) == 0 or (len(events) == 1 and on_sent is None):
             out: list[Appended | AppendFailed] = []
             for event in events:
                 try:
@@ -337,28 +358,36 @@ class EventLog:
                 if len(payload) > EVENT_MAX_BYTES:
                     raise AppendFailed(f"the {type(event).__name__} event is {len(payload)} bytes, over the "
                                        f"event size cap of {EVENT_MAX_BYTES} bytes")
-                headers = {"Nats-Msg-Id": envelope.id, "Nats-Expected-Last-Sequence": str(last_seq + i)}
+                headers = self._chain_headers(envelope.id, last_seq + i)
                 if previous_id is not None:
                     headers["Nats-Expected-Last-Msg-Id"] = previous_id
                 sealed.append((envelope, payload, headers))
                 last_hash, previous_id = codec.chain_hash(payload), envelope.id
-            acks = await asyncio.gather(*(
-                self.js.publish(subject_for(self.site, e), payload, stream=self.stream, timeout=10, headers=h)
-                for e, (_, payload, h) in zip(events, sealed)), return_exceptions=True)
-            for i, ((envelope, payload, _), ack) in enumerate(zip(sealed, acks)):
-                if isinstance(ack, nats.js.errors.APIError):
-                    if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
-                        results[i] = AppendFailed(f"broker refused the event: {ack.description}")
-                    else:  # refused for contention: not stored; appended again below
-                        self.contention["rechained"] += 1
-                elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
-                    results[i] = AppendFailed(f"broker unavailable: {ack!r}")
-                elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
-                    results[i] = Appended(ack.seq, envelope, payload)
-                else:
-                    results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
-            landed = all(isinstance(r, Appended) for r in results)
-            self._head = (last_seq + len(events), env_seq + len(events), last_hash) if landed else None
+            sends = [asyncio.ensure_future(self.js.publish(subject_for(self.site, e), payload, stream=self.stream,
+                                                           timeout=10, headers=h))
+                     for e, (_, payload, h) in zip(events, sealed)]
+            await asyncio.sleep(0)  # each publish runs up to its write, in order, before the lock goes
+            self._head, self._unacked_id = (last_seq + len(events), env_seq + len(events), last_hash), previous_id
+        if on_sent is not None:
+            on_sent()
+        acks = await asyncio.gather(*sends, return_exceptions=True)
+        # the acks, outside the lock: runs chained behind this one may be on their way already
+        for i, ((envelope, payload, _), ack) in enumerate(zip(sealed, acks)):
+            if isinstance(ack, nats.js.errors.APIError):
+                if ack.err_code not in (WRONG_LAST_SEQUENCE, WRONG_LAST_MSG_ID):
+                    results[i] = AppendFailed(f"broker refused the event: {ack.description}")
+                else:  # refused for contention: not stored; appended again below
+                    self.contention["rechained"] += 1
+            elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
+                results[i] = AppendFailed(f"broker unavailable: {ack!r}")
+            elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
+                results[i] = Appended(ack.seq, envelope, payload)
+            else:
+                results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
+        if not all(isinstance(r, Appended) for r in results):
+            self._head, self._unacked_id = None, None  # what was chained behind this run is refused: read it again
+        elif self._unacked_id == previous_id:  # nothing chained behind it since: its last event is acked
+            self._unacked_id = None
         for i, event in enumerate(events):  # refused for contention: one by one, re-chained
             if results[i] is None:
                 try:

@@ -50,9 +50,10 @@ class ConfirmedAppender:
         """Append several events in one round trip (``EventLog.append_many``), then wait once
         until the read model has applied them all. Per event, its ``Appended`` or the
         ``AppendFailed`` saying why not (not appended, or refused by the projector).
-        ``on_published`` is called once the broker has answered for every event (stored and
-        fsynced, or refused), before the wait for the fold (batch.GroupCommit's next round)."""
-        results = await self.events.append_many(events, actor=actor)
+        ``on_published`` is called once the events are handed to the broker's connection
+        (``EventLog.append_many``'s ``on_sent``; at the latest once it answered), before their
+        acks and the wait for the fold: batch.GroupCommit's next round goes out behind them."""
+        results = await self.events.append_many(events, actor=actor, on_sent=on_published)
         if on_published is not None:
             on_published()
         done = [r for r in results if isinstance(r, Appended)]

@@ -4,10 +4,12 @@
 such as uploads finishing side by side. While one append (publish, JetStream's ack after its
 fsync, the fold) is in flight, the events that arrive queue up; when it is done they are
 appended in one ``ConfirmedAppender.append_many``: one round trip to the broker, one wait
-for the fold. The next group is published as soon as the broker has answered for this one
-(its acks: stored and fsynced), while this one waits for its fold: rounds overlap, so a fold
-no longer holds up the next publish (before, ~1.6 events per round trip at 8 uploads side by
-side, each waiting for the previous round's fold too). Each caller is still answered only once
+for the fold. The next group is published as soon as this one is handed to the broker's
+connection (``EventLog.append_many``: chained onto it, sent behind it), while the broker still
+stores and fsyncs this one and the projector folds it: rounds overlap, so neither this round's
+acks nor its fold hold up the next publish (waiting for the fold: ~1.6 events per round trip at
+8 uploads side by side; for the acks: each upload waited ~2 ms for the round before it to be
+stored, the broker idle meanwhile). Each caller is still answered only once
 ITS event is durable and folded, with its own ``Appended`` or its own ``AppendFailed`` (an event the
 broker or the projector refuses fails alone; the others land). Envelopes, chain and
 signatures are exactly those one-by-one appends would make (``EventLog.append_many``).

@@ -29,6 +29,7 @@ import queue
 import secrets
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ContextManager, Iterable, Protocol
@@ -120,6 +121,7 @@ class Store:
         self.tmp = self.root / "tmp"
         self.packages = self.root / "packages"
         self._thread_sync = ThreadGroupSync(self.packages)
+        self._reserve: int | None = None  # reserve_bytes, once known
 
     def ensure(self) -> None:
         for d in (self.tmp, self.packages):
@@ -160,9 +162,12 @@ class Store:
             return False
 
     def reserve_bytes(self) -> int:
-        """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB."""
-        st = os.statvfs(self.tmp)
-        return min(64 << 20, st.f_blocks * st.f_frsize // 50)
+        """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB
+        (the file system's size, read once: not a statvfs per upload)."""
+        if self._reserve is None:
+            st = os.statvfs(self.tmp)
+            self._reserve = min(64 << 20, st.f_blocks * st.f_frsize // 50)
+        return self._reserve
 
     def publish(self, temp: Path, name: str) -> Path:
         """Move a complete, fsynced temp file to packages/<name>; never overwrites."""
@@ -196,15 +201,24 @@ class Store:
         fsynced (through ``fd``), packages/ fsynced with every upload that linked meanwhile;
         returns the file's inode. None, with nothing changed, if the name's marker or file is there (another publisher,
         a package already stored): the caller goes the long way. Done before the upload is
-        decided, so the caller ends it with ``published_upload`` or ``unpublish``."""
+        decided, so the caller ends it with ``published_upload`` or ``unpublish``.
+
+        The marker is a second name of the upload's own file (a hard link: as exclusive as
+        O_CREAT|O_EXCL), not a file of its own: no inode made and freed per upload, and an open
+        and a close fewer (ext4's allocator steps past each inode freed in the last seconds,
+        reading its table block: perf showed that in a run of small uploads). Its mtime is the
+        upload's last write, so ``is_publishing`` sees it fresh; the upload's end removes the
+        name, not the file. ``_claim_marker`` leaves such a marker's time alone (it is the file's)."""
         marker = self._marker(name)
         dest = self.path(name)
         try:
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.link(temp, marker)
         except FileExistsError:
             return None
         try:
-            os.fchmod(fd, PACKAGE_MODE)
+            st = os.fstat(fd)
+            if st.st_mode & 0o7777 != PACKAGE_MODE:  # made with PACKAGE_MODE: only an odd umask takes bits off
+                os.fchmod(fd, PACKAGE_MODE)
             try:
                 os.link(temp, dest)
             except FileExistsError:
@@ -220,7 +234,7 @@ class Store:
         except BaseException:
             marker.unlink(missing_ok=True)
             raise
-        return os.fstat(fd).st_ino
+        return st.st_ino
 
     @contextlib.asynccontextmanager
     async def published_upload(self, name: str):
@@ -377,17 +391,25 @@ def _claim_marker(marker: Path) -> bool:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         return True
     except FileExistsError:
-        marker.touch()
+        try:  # a small upload's marker is a second name of its file (publish_small): that file's mtime stays
+            if os.stat(marker).st_nlink == 1:
+                marker.touch()
+        except FileNotFoundError:  # its maker just ended
+            pass
         return False
 
 
 class ThreadGroupSync:
     """fsync one directory on behalf of many callers on threads: ``sync`` returns once an fsync
     of the directory that started after the call has ended; whoever finds none running starts
-    one, the others wait for it (several links, one fsync)."""
+    one, the others wait for it (several links, one fsync). The directory stays open from the
+    first fsync on (closed with this object; the store's directories are never replaced while
+    it runs): an open and a close fewer per round, each a syscall a pool thread gives the GIL
+    up for and, with the GIL busy, a wait to get it back."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._fd: int | None = None
         self._cv = threading.Condition()
         self._started = 0  # fsyncs started
         self._done = 0  # fsyncs ended (their outcome in _failed)
@@ -406,7 +428,10 @@ class ThreadGroupSync:
                 round_, error = self._started, None
                 self._cv.release()
                 try:
-                    _fsync_dir(self.path)
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                        weakref.finalize(self, os.close, self._fd)
+                    _fsync_open_dir(self._fd)
                 except BaseException as exc:  # noqa: BLE001 - every waiter of this round gets it
                     error = exc
                 finally:
@@ -434,6 +459,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_open_dir(fd: int) -> None:
+    """fsync a directory ``ThreadGroupSync`` holds open."""
+    os.fsync(fd)
 
 
 # Tuned on a 2-core VM (bench/run.py): a 1 MiB write(2) of bytes that are no longer in the

@@ -9,7 +9,7 @@ import pytest
 
 from odst.events import catalogue as ev
 from odst.events import codec
-from odst.events.log import EventLog, read_stream
+from odst.events.log import Appended, EventLog, read_stream
 from odst.events.signing import SiteKey
 from tests.conftest import open_log
 
@@ -79,6 +79,78 @@ def test_batched_appends_form_one_chain_while_another_writer_races(nats_server, 
     names = {codec.open_signed(m.payload, key.public_key).event.name for m in msgs}
     assert names == {f"p{100 * k + i}.pkg" for k in range(6) for i in range(20)} | {
         f"p{9000 + i}.pkg" for i in range(60)}  # each event stored once
+
+
+def test_a_run_sent_behind_a_run_on_a_stale_head_is_refused_and_rechained_too(nats_server, tmp_path):
+    """append_many hands a run to the broker and moves the head on before its acks
+    (``on_sent``), so the next run goes out chained behind it. When the first run was chained
+    on a stale head (another writer got in), the broker refuses it and the run sent behind it
+    alike (never stored after the wrong predecessor); both are re-chained: every event
+    Appended, each stored once, one unbroken chain."""
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+
+    async def run():
+        nc1 = await nats.connect(nats_server.url)
+        nc2 = await nats.connect(nats_server.url)
+        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
+        await a.ensure_stream()
+        await a.append(staged(0), actor="t")  # a keeps this head
+        await b.append(staged(1), actor="t")  # ... which is stale from here on
+        behind: list[asyncio.Future] = []
+
+        def sent() -> None:  # the first run is on the connection: the second goes out behind it
+            behind.append(asyncio.ensure_future(a.append_many([staged(20 + i) for i in range(4)], actor="t",
+                                                              on_sent=lambda: None)))
+        first = await a.append_many([staged(10 + i) for i in range(4)], actor="t", on_sent=sent)
+        second = await behind[0]
+        msgs = await messages(nc1.jetstream(), 10)
+        await nc1.close()
+        await nc2.close()
+        return first + second, dict(a.contention), msgs
+
+    appended, contention, msgs = asyncio.run(run())
+    assert all(isinstance(r, Appended) for r in appended), appended
+    assert contention["rechained"] == 8  # the second run was chained behind the first, not on a fresh head
+    assert len(msgs) == 10 and assert_one_chain(msgs, key) == 10
+    names = [codec.open_signed(m.payload, key.public_key).event.name for m in msgs]
+    assert sorted(names) == sorted(f"p{i}.pkg" for i in (0, 1, *range(10, 14), *range(20, 24)))
+
+
+def test_an_event_chained_behind_a_run_never_stored_is_refused_even_when_the_sequence_fits(nats_server, tmp_path):
+    """A run is refused (another writer got in) after the head moved on past it; other writers'
+    events then fill the stream up to the sequence the head expected. The next event, chained
+    onto the run's never-stored last event, names it (Nats-Expected-Last-Msg-Id): the broker
+    refuses it, and it is re-chained onto what is really there. One unbroken chain.
+
+    The interleave (the run's refusal not yet seen when the next event goes out, the other
+    writer's events landing in between) depends on the event loop's order, so the state it
+    leaves is taken as the run left it (on_sent) and put back before the next append."""
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+
+    async def run():
+        nc1 = await nats.connect(nats_server.url)
+        nc2 = await nats.connect(nats_server.url)
+        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
+        await a.ensure_stream()
+        await a.append(staged(0), actor="t")
+        await b.append(staged(1), actor="t")  # a's head is stale from here on
+        left: list = []
+        refused = await a.append_many([staged(10), staged(11)], actor="t",
+                                      on_sent=lambda: left.append((a._head, a._unacked_id)))
+        (_, env_seq, never_stored_hash), never_stored_id = left[0]  # the run's last event, as first sent
+        other = await b.append(staged(2), actor="t")
+        # as if other writers' events had made the stream as long as the run would have
+        a._head, a._unacked_id = (other.seq, env_seq, never_stored_hash), never_stored_id
+        landed = await a.append(staged(3), actor="t")
+        msgs = await messages(nc1.jetstream(), 6)
+        await nc1.close()
+        await nc2.close()
+        return refused, landed, msgs
+
+    refused, landed, msgs = asyncio.run(run())
+    assert all(isinstance(r, Appended) for r in refused)  # re-chained one by one after their refusal
+    assert isinstance(landed, Appended) and landed.seq == 6
+    assert len(msgs) == 6 and assert_one_chain(msgs, key) == 6
 
 
 def test_a_forged_message_in_the_stream_is_never_chained_onto(nats_server, tmp_path):

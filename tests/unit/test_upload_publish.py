@@ -8,6 +8,7 @@ import itertools
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -71,17 +72,17 @@ def test_each_thread_returns_only_after_an_fsync_that_started_after_it_asked(tmp
     clock = itertools.count()
     tick = threading.Lock()
     rounds: list[tuple[int, int]] = []
-    real = files._fsync_dir  # noqa: SLF001
+    real = files._fsync_open_dir  # noqa: SLF001
 
     def now() -> int:
         with tick:
             return next(clock)
 
-    def counted(path):
+    def counted(fd):
         start = now()
-        real(path)
+        real(fd)
         rounds.append((start, now()))
-    monkeypatch.setattr(files, "_fsync_dir", counted)
+    monkeypatch.setattr(files, "_fsync_open_dir", counted)
     group = ThreadGroupSync(tmp_path)
     calls: list[tuple[int, int]] = []
 
@@ -101,13 +102,13 @@ def test_each_thread_returns_only_after_an_fsync_that_started_after_it_asked(tmp
 
 def test_a_failed_fsync_reaches_its_caller_and_the_next_round_is_fresh(tmp_path, monkeypatch):
     failures = [OSError(5, "Input/output error")]
-    real = files._fsync_dir  # noqa: SLF001
+    real = files._fsync_open_dir  # noqa: SLF001
 
-    def flaky(path):
+    def flaky(fd):
         if failures:
             raise failures.pop()
-        real(path)
-    monkeypatch.setattr(files, "_fsync_dir", flaky)
+        real(fd)
+    monkeypatch.setattr(files, "_fsync_open_dir", flaky)
     group = ThreadGroupSync(tmp_path)
     with pytest.raises(OSError, match="Input/output"):
         group.sync()
@@ -141,20 +142,21 @@ def test_a_small_upload_is_written_linked_and_fsynced_in_one_job_in_order(tmp_pa
     pool = CountingPool(files._STORE_POOL)  # noqa: SLF001
     monkeypatch.setattr(files, "_STORE_POOL", pool)
     order: list[str] = []
-    real_fsync, real_dir = files.os.fsync, files._fsync_dir  # noqa: SLF001
+    real_fsync, real_dir = files.os.fsync, files._fsync_open_dir  # noqa: SLF001
     dest = store.path("Small.pkg")
 
     def fsync(fd):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):  # _fsync_dir's own, recorded there
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # _fsync_open_dir's own, recorded there
             return real_fsync(fd)
         order.append("file fsync, linked" if dest.exists() and store.is_publishing("small.pkg") else "file fsync")
         real_fsync(fd)
 
-    def fsync_dir(path):
-        order.append(f"dir fsync {path.name}")
-        real_dir(path)
+    def fsync_dir(fd):
+        assert os.path.samestat(os.fstat(fd), os.stat(store.packages))
+        order.append("dir fsync packages")
+        real_dir(fd)
     monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(files, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(files, "_fsync_open_dir", fsync_dir)
     temp, manifest, inode = finish_publishing(store, "Small.pkg", b"small body")
     assert pool.jobs == 1
     assert order == ["file fsync, linked", "dir fsync packages"]  # marker, link, file, then directory
@@ -200,3 +202,45 @@ def test_an_upload_refused_once_decided_takes_back_only_its_own_file(tmp_path):
     os.replace(other, store.path("s.pkg"))  # e.g. a pull put its verified file there
     store.unpublish("s.pkg", inode)
     assert store.path("s.pkg").read_bytes() == b"pulled meanwhile" and not store.is_publishing("s.pkg")
+
+
+def test_a_small_uploads_marker_is_a_second_name_of_its_file_and_goes_as_a_name(tmp_path):
+    """publish_small marks the name with a hard link to the upload's own file (no inode of its
+    own): while the event goes out the marker and the package are one inode; another publisher
+    of the name finds it taken and leaves that file's time alone; the upload's end takes the
+    marker's name and leaves the package whole, with one name."""
+    store = Store(tmp_path)
+    store.ensure()
+    _, _, inode = finish_publishing(store, "Linked.pkg", b"linked body")
+    dest, marker = store.path("Linked.pkg"), store._marker("linked.pkg")  # noqa: SLF001
+    assert os.stat(marker).st_ino == os.stat(dest).st_ino == inode and os.stat(dest).st_nlink == 2
+    past = time.time() - 120
+    os.utime(dest, (past, past))
+    with store.publishing("LINKED.pkg"):  # e.g. a pull of the name, in another process
+        assert store.is_publishing("linked.pkg")
+    assert os.stat(dest).st_mtime == past  # its marker was not "refreshed" through the file
+    assert store.is_publishing("linked.pkg")  # the other publisher did not take it away
+
+    async def after():
+        async with store.published_upload("Linked.pkg"):
+            pass
+    asyncio.run(after())
+    assert not store.is_publishing("linked.pkg") and list(store.tmp.iterdir()) == []
+    assert dest.read_bytes() == b"linked body" and os.stat(dest).st_nlink == 1
+
+
+def test_a_killed_small_publishers_marker_is_swept_as_a_name(tmp_path):
+    """A publisher killed after publish_small leaves its marker, a link to the package file:
+    the sweep takes the marker's name; the file stays if its event was folded (published),
+    and goes like any unannounced file if it was not."""
+    for folded in (True, False):
+        store = Store(tmp_path / str(folded))
+        store.ensure()
+        finish_publishing(store, "k.pkg", b"killed")
+        old = time.time() - 3600
+        os.utime(store.path("k.pkg"), (old, old))  # the marker's time too: one inode
+        store.sweep({"k.pkg"} if folded else set())
+        assert list(store.tmp.iterdir()) == [] and not store.is_publishing("k.pkg")
+        assert store.path("k.pkg").exists() == folded
+        if folded:
+            assert store.path("k.pkg").read_bytes() == b"killed" and os.stat(store.path("k.pkg")).st_nlink == 1
