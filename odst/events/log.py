@@ -61,6 +61,20 @@ class NotYetApplied(AppendFailed):
     applied it within the wait: the write happened, so nothing it published may be undone."""
 
 
+class AppendUnconfirmed(NotYetApplied):
+    """The event was sent, but the broker did not answer (a timeout, the connection lost): it
+    may be stored, now or once the broker catches up. Kept as if it were, as ``NotYetApplied``:
+    nothing it published is undone (a file the log never names is swept by the replicator's
+    janitor); undoing it could leave the log naming a file that is gone."""
+
+
+def _unanswered(exc: BaseException) -> AppendFailed:
+    """What a publish that raised ``exc`` (a NATS error, not the broker's refusal) means."""
+    if isinstance(exc, nats.errors.NoRespondersError):  # no stream took it: not stored
+        return AppendFailed(f"broker unavailable: {exc!r}")
+    return AppendUnconfirmed(f"the broker did not answer ({exc!r}); the event may be stored")
+
+
 class LogDamaged(AppendFailed):
     """The log is shorter than, or not the one, the read model was built from, or its
     stream's configuration was changed: appending would chain onto a broken history."""
@@ -288,7 +302,7 @@ class EventLog:
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
                 except nats.errors.Error as exc:  # no responders, no stream response, timeout, closed
                     self._head, self._unacked_id = None, None
-                    raise AppendFailed(f"broker unavailable: {exc!r}") from exc
+                    raise _unanswered(exc) from exc
                 if ack.duplicate:
                     # A retry of a publish that had landed: the stored one is the truth.
                     self._head, self._unacked_id = None, None
@@ -379,7 +393,7 @@ class EventLog:
                 else:  # refused for contention: not stored; appended again below
                     self.contention["rechained"] += 1
             elif isinstance(ack, BaseException):  # no responders, timeout, closed: stored or not
-                results[i] = AppendFailed(f"broker unavailable: {ack!r}")
+                results[i] = _unanswered(ack)
             elif ack.seq == last_seq + 1 + i:  # where it was chained to be (a duplicate ack too)
                 results[i] = Appended(ack.seq, envelope, payload)
             else:

@@ -14,7 +14,7 @@ from odst.errors import (InsufficientStorage, OdstError, PackageConflict, Packag
                          StageInvalid, Unavailable, UploadIncomplete, UploadTooLarge)
 from odst.events import catalogue as ev
 from odst.events import uploads
-from odst.events.log import AppendFailed, NotYetApplied
+from odst.events.log import AppendFailed, AppendUnconfirmed, NotYetApplied
 from odst.gateway.auth import READ, WRITE, Principal, allowed, bearer
 from odst.gateway.bodies import decode_json
 from odst.gateway.constraints import PACKAGE_NAME, PACKAGE_NAME_MAX
@@ -31,6 +31,14 @@ log = structlog.get_logger("odst.gateway")
 # will appear (nothing is undone); the same bytes sent again are answered 200 once it has.
 NOT_YET_APPLIED = ("recorded, but this site has not applied it yet; it will appear shortly "
                    "(sending the same bytes again answers 200 once it has)")
+# The event was sent but the broker did not answer (AppendUnconfirmed): it may be stored. The
+# file is kept as if it were; if the log never names it, the replicator's janitor removes it.
+UNCONFIRMED = ("not known whether recorded: the event log did not answer in time; the file is kept "
+               "and the package appears if the log stored it (look before sending it again)")
+
+
+def _not_yet(exc: NotYetApplied) -> str:
+    return f"{UNCONFIRMED if isinstance(exc, AppendUnconfirmed) else NOT_YET_APPLIED} ({exc})"
 
 
 class Uploaded(views.Package, kw_only=True):
@@ -146,7 +154,7 @@ async def _replace(site: GatewayContext, actor: str, name: str, stage: str | Non
             except NotYetApplied as exc:  # recorded: the new file stays, as the log says
                 if backup is not None:
                     backup.unlink(missing_ok=True)
-                raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
+                raise Unavailable(_not_yet(exc)) from None
             except AppendFailed as exc:
                 site.store.swap_back(backup, name)
                 raise Unavailable(f"replacement not recorded, try again: {exc}") from None
@@ -243,7 +251,7 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
                 try:
                     appended = await site.append(decision.event, actor=actor)
                 except NotYetApplied as exc:  # recorded: the file stays, as the log says
-                    raise Unavailable(f"{NOT_YET_APPLIED} ({exc})") from None
+                    raise Unavailable(_not_yet(exc)) from None
                 except AppendFailed as exc:
                     site.store.remove(name)
                     raise Unavailable(f"upload not recorded, try again: {exc}") from None

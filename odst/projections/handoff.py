@@ -19,8 +19,9 @@ it would its own; the helper checks that the answer is signed by the site key an
 event, so a forged reply on its inbox is not taken for a recorded upload.
 
 Outcomes, as ``ConfirmedAppender.append`` gives them: ``Appended``; ``NotYetApplied`` (stored,
-or perhaps stored: no answer in time, so the caller keeps what the event publishes; a file no
-event names is swept at the next start); ``LogDamaged``; ``AppendFailed`` (not appended). With
+not folded in time); ``AppendUnconfirmed`` (perhaps stored: no answer in time, from the broker
+or from the owner); with either, the caller keeps what the event publishes (a file no event
+names is swept); ``LogDamaged``; ``AppendFailed`` (not appended). With
 no owner listening (a gateway beside an older projector, or none yet), the helper appends
 directly as before (``fallback``).
 """
@@ -37,7 +38,7 @@ import structlog
 from odst.bus.authorization import chain_subject
 from odst.events import codec
 from odst.events.catalogue import AnyEvent, Event
-from odst.events.log import AppendFailed, Appended, LogDamaged, NotYetApplied
+from odst.events.log import AppendFailed, Appended, AppendUnconfirmed, LogDamaged, NotYetApplied
 from odst.events.signing import SignatureInvalid, SiteKey
 from odst.projections.appender import Append
 
@@ -48,7 +49,7 @@ ANSWER_MARGIN_S = 5.0  # the helper waits this much longer than the owner waits 
 MAX_WAIT_S = 120.0  # the longest fold wait a request may ask of the owner
 
 # The answer's first byte; the rest is the seq (8 bytes, big-endian) and the stored bytes, or a message.
-OK, NOT_YET_APPLIED, DAMAGED, FAILED = b"A", b"N", b"D", b"F"
+OK, NOT_YET_APPLIED, UNCONFIRMED, DAMAGED, FAILED = b"A", b"N", b"U", b"D", b"F"
 
 
 class _Request(msgspec.Struct, frozen=True):
@@ -95,6 +96,8 @@ class ChainService:
         wait = min(max(request.wait, 0.0), MAX_WAIT_S)
         try:
             appended = await self.append(request.event, actor=request.actor, wait=wait)
+        except AppendUnconfirmed as exc:
+            answer = UNCONFIRMED + str(exc).encode()
         except NotYetApplied as exc:
             answer = NOT_YET_APPLIED + str(exc).encode()
         except LogDamaged as exc:
@@ -146,10 +149,10 @@ class ChainClient:
             self.counts["direct"] += 1
             return await self.fallback(event, actor=actor, wait=wait)
         except nats.errors.TimeoutError:
-            raise NotYetApplied(f"the chain's owner did not answer within {wait + ANSWER_MARGIN_S:.0f}s: "
+            raise AppendUnconfirmed(f"the chain's owner did not answer within {wait + ANSWER_MARGIN_S:.0f}s: "
                                 "the event may have been recorded") from None
         except nats.errors.Error as exc:  # sent or not: no telling, so kept as if it were
-            raise NotYetApplied(f"broker connection lost handing the event on ({exc!r}): "
+            raise AppendUnconfirmed(f"broker connection lost handing the event on ({exc!r}): "
                                 "it may have been recorded") from None
         self.counts["handed_on"] += 1
         kind, body = msg.data[:1], msg.data[1:]
@@ -158,13 +161,15 @@ class ChainClient:
             try:
                 envelope = codec.open_signed(payload, self.key.public_key)
             except (SignatureInvalid, codec.EnvelopeInvalid):
-                raise NotYetApplied("the chain's owner answered with bytes not signed by this site: "
+                raise AppendUnconfirmed("the chain's owner answered with bytes not signed by this site: "
                                     "the event may have been recorded") from None
             if envelope.event != event or envelope.actor != actor or envelope.origin != self.key.site_id:
-                raise NotYetApplied("the chain's owner answered with another event: "
+                raise AppendUnconfirmed("the chain's owner answered with another event: "
                                     "this one may have been recorded") from None
             return Appended(int.from_bytes(body[:8], "big"), envelope, payload)
         text = body.decode(errors="replace")
+        if kind == UNCONFIRMED:
+            raise AppendUnconfirmed(text)
         if kind == NOT_YET_APPLIED:
             raise NotYetApplied(text)
         if kind == DAMAGED:
