@@ -173,7 +173,8 @@ class Site:
         if self.broker is not None and self.reader is not None:
             users = self.nats_users(self.client_nkey)
             if self._link_cutter is None:
-                self._link_cutter = LinkCutter(self.nats_url, self.data / SYSTEM_SEED_FILE, _peer_of)
+                self._link_cutter = LinkCutter(self.nats_url, self.data / SYSTEM_SEED_FILE, _peer_of,
+                                               lambda: user_keys(self.nats_users(self.client_nkey)))
             changed = self.broker.reload(authz.render_users(users))
             if changed:
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
@@ -181,8 +182,9 @@ class Site:
                 self._link_cutter.reloaded(user_keys(users))
         elif self.settings.nats_auth_file and self.reader is not None and self.external_seed():
             if self._auth_include is None:
-                self._auth_include = AuthInclude(self.id, Path(self.settings.nats_auth_file), self.nats_url,
-                                                 self.data / SYSTEM_SEED_FILE, _peer_of)
+                self._auth_include = AuthInclude(
+                    self.id, Path(self.settings.nats_auth_file), self.nats_url, self.data / SYSTEM_SEED_FILE, _peer_of,
+                    lambda: user_keys(self.nats_users(public_key_of_seed(self.external_seed()))))
             self._auth_include.update(self.nats_users(public_key_of_seed(self.external_seed())))
 
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:

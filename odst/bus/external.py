@@ -167,10 +167,10 @@ class AuthInclude:
     when the site's users change, then reload every server and cut the leaf links of keys that
     are no user any more (odst.bus.system.LinkCutter), again until that works."""
 
-    def __init__(self, site: str, path: Path, servers: str, system_seed_path: Path, names=None):
+    def __init__(self, site: str, path: Path, servers: str, system_seed_path: Path, names=None, current=None):
         self.site, self.path = site, Path(path)
         self.system_seed_path = Path(system_seed_path)
-        self.cutter = LinkCutter(servers, system_seed_path, names)
+        self.cutter = LinkCutter(servers, system_seed_path, names, current)
         self._checked = False  # the first update reloads and cuts whatever changed: a link of a key
         # removed while no projector ran (or before its cut was done) is not left up
 

@@ -24,6 +24,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
@@ -120,26 +121,34 @@ async def server_ids(nc, servers: str, timeout: float) -> list[str]:
         await sub.unsubscribe()
 
 
-async def cut_stale_links(nc, server: str, users: frozenset[str], timeout: float) -> list[ClosedLink]:
-    """Close every leaf link ``server`` accepted whose key is none of ``users``."""
-    closed: list[ClosedLink] = []
-    offset = 0
+async def cut_stale_links(nc, server: str, users: frozenset[str], timeout: float,
+                          current: Callable[[], frozenset[str]] | None = None) -> list[ClosedLink]:
+    """Close every leaf link ``server`` accepted whose key is none of ``users``. Every page of
+    its connections is read first (a kick shifts the pages after it); ``current()``, if given,
+    gives the users as they are now, so that a key that became a user again while the pass ran
+    (a peer registered, an applicant admitted) keeps its link."""
+    conns: list[dict] = []
     while True:
-        page = await _ask(nc, CONNZ.format(id=server), {"auth": True, "offset": offset, "limit": CONNZ_PAGE},
+        page = await _ask(nc, CONNZ.format(id=server), {"auth": True, "offset": len(conns), "limit": CONNZ_PAGE},
                           timeout)
-        conns = page.get("connections") or []
-        for c in stale_links(conns, users):
-            try:
-                await _ask(nc, KICK.format(id=server), {"cid": c["cid"]}, timeout)
-            except SystemRequestError as exc:
-                if "no such client" not in str(exc):
-                    raise
-                continue  # gone already
-            closed.append(ClosedLink(server, c["cid"], c["authorized_user"], c.get("name") or "",
-                                     f"{c.get('ip', '')}:{c.get('port', '')}"))
-        offset += len(conns)
-        if not conns or offset >= int(page.get("total") or 0):
-            return closed
+        got = page.get("connections") or []
+        conns += got
+        if not got or len(conns) >= int(page.get("total") or 0):
+            break
+    stale = stale_links(conns, users)
+    if stale and current is not None:
+        stale = stale_links(stale, current())
+    closed: list[ClosedLink] = []
+    for c in stale:
+        try:
+            await _ask(nc, KICK.format(id=server), {"cid": c["cid"]}, timeout)
+        except SystemRequestError as exc:
+            if "no such client" not in str(exc):
+                raise
+            continue  # gone already
+        closed.append(ClosedLink(server, c["cid"], c["authorized_user"], c.get("name") or "",
+                                 f"{c.get('ip', '')}:{c.get('port', '')}"))
+    return closed
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,8 @@ class Reloaded:
 
 
 async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *,
-                         keep_only: frozenset[str] | None = None) -> Reloaded:
+                         keep_only: frozenset[str] | None = None,
+                         current: Callable[[], frozenset[str]] | None = None) -> Reloaded:
     """Ask every server of the cluster behind ``servers`` to re-read its config (the answer
     comes once the new users are in force), then, with ``keep_only`` (the NKeys of the site's
     users now), close on each the leaf links authenticated with any other key. Raises
@@ -165,7 +175,7 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *
                 raise SystemRequestError(f"NATS server {server} did not reload its config: {exc}") from None
         if keep_only is not None:  # only once every server runs the new users: a cut link's re-dial is refused
             for server in ids:
-                closed += await cut_stale_links(nc, server, keep_only, timeout)
+                closed += await cut_stale_links(nc, server, keep_only, timeout, current)
         return Reloaded(ids, closed)
     finally:
         await nc.close()
@@ -182,8 +192,10 @@ class LinkCutter:
     then close each leaf link whose key is no user's (one log line per link). Runs in the
     background; a failure is logged and the work is done again at the next call."""
 
-    def __init__(self, servers: str, system_seed_path: Path, names=None):
+    def __init__(self, servers: str, system_seed_path: Path, names=None,
+                 current: Callable[[], frozenset[str]] | None = None):
         self.servers, self.system_seed_path = servers, Path(system_seed_path)
+        self.current = current  # the users' keys as they are now, read again before a kick
         self.names = names or (lambda nkey: "")  # the peer site an NKey is, for the log
         self._keys: frozenset[str] | None = None  # the users to keep at the next pass
         self._task: asyncio.Task | None = None
@@ -208,7 +220,8 @@ class LinkCutter:
         while self._keys is not None:
             keys = self._keys
             try:
-                done = await reload_servers(self.servers, read_seed(self.system_seed_path), keep_only=keys)
+                done = await reload_servers(self.servers, read_seed(self.system_seed_path), keep_only=keys,
+                                            current=self.current)
             except Exception as exc:  # done again at the next call
                 log.error("NATS servers not reloaded; removed users' leaf links may still be up; retrying",
                           error=f"{type(exc).__name__}: {exc}")

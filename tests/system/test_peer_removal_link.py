@@ -18,7 +18,7 @@ from pathlib import Path
 
 from odst.bus import connect
 from odst.bus.identity import public_key_of_seed, read_seed
-from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, server_ids
+from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, reload_servers, server_ids
 from tests.conftest import free_port, wait_until, write_random
 from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
 from tests.system.test_mirror_injection import RawLeaf, leaf_seed
@@ -107,6 +107,12 @@ def test_removing_a_peer_cuts_its_leaf_link_and_the_others_go_on(make_site, tmp_
     upload(a, "after.pkg", write_random(tmp_path / "after.pkg", 5000, seed=7))
     wait_until(lambda: available_at(c, "after.pkg", c_id), 60, what="after.pkg at C")
     assert not available_at(b, "after.pkg", b_id)
+
+    # a pass that began before C was a user (keep_only without C's key) reads the users again
+    # before it kicks: C, a user by then, keeps its link
+    stale_pass = asyncio.run(reload_servers(a.run_info()["nats"], read_seed(a.data / SYSTEM_SEED_FILE),
+                                            keep_only=frozenset(), current=lambda: frozenset({c_key})))
+    assert stale_pass.closed == [] and leaf_links(a).get(c_key) == c_link
 
 
 def leaf_port(conf: Path) -> int:
