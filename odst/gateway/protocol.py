@@ -178,7 +178,9 @@ class _BodyInto(asyncio.BufferedProtocol):
             self._buffer, self._at = None, 0
             idle = _idle(self._pool, self._IDLE_REFS)
             if idle is None:
-                idle = bytearray(INTO_BYTES)
+                # no bigger than what is left of the body: a short body, or the last part of
+                # one, pins no 1 MiB for as long as its client takes to send it
+                idle = bytearray(min(INTO_BYTES, max(self.left, INTO_MIN_ROOM)))
                 if len(self._pool) < INTO_POOL:
                     self._pool.append(idle)
             self._buffer = idle
