@@ -230,3 +230,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _uses_a_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def read_http_response(sock, buffered: bytes = b"") -> tuple[int, bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length body from a raw socket (after ``buffered``,
+    bytes already read): (status, body, bytes read past it)."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, data
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
+                      if line.lower().startswith(b"content-length:")))
+    while len(rest) < length:
+        piece = sock.recv(65536)
+        assert piece, rest
+        rest += piece
+    return int(head.split(b" ", 2)[1]), rest[:length], rest[length:]

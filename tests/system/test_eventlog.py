@@ -31,14 +31,21 @@ def assert_one_chain(msgs, key):
     return seq
 
 
+async def two_writers(url: str, key: SiteKey):
+    """Two connections, each with its own EventLog of one site (as two processes would have),
+    the stream made: (nc1, nc2, a, b)."""
+    nc1 = await nats.connect(url)
+    nc2 = await nats.connect(url)
+    a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
+    await a.ensure_stream()
+    return nc1, nc2, a, b
+
+
 def test_appends_form_one_chain_even_with_concurrent_writers(nats_server, tmp_path):
     key = SiteKey.load_or_create(tmp_path / "site.key")
 
     async def run():
-        nc1 = await nats.connect(nats_server.url)
-        nc2 = await nats.connect(nats_server.url)
-        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
-        await a.ensure_stream()
+        nc1, nc2, a, b = await two_writers(nats_server.url, key)
         # two writers (as two gateway processes would be) racing on the same stream
         await asyncio.gather(*[w.append(staged(i), actor="t") for i in range(40)
                                for w in (a, b)])
@@ -59,10 +66,7 @@ def test_batched_appends_form_one_chain_while_another_writer_races(nats_server, 
     key = SiteKey.load_or_create(tmp_path / "site.key")
 
     async def run():
-        nc1 = await nats.connect(nats_server.url)
-        nc2 = await nats.connect(nats_server.url)
-        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
-        await a.ensure_stream()
+        nc1, nc2, a, b = await two_writers(nats_server.url, key)
         batches = [[staged(100 * k + i) for i in range(20)] for k in range(6)]
         results, _ = await asyncio.gather(
             asyncio.gather(*(a.append_many(batch, actor="t") for batch in batches)),
@@ -90,10 +94,7 @@ def test_a_run_sent_behind_a_run_on_a_stale_head_is_refused_and_rechained_too(na
     key = SiteKey.load_or_create(tmp_path / "site.key")
 
     async def run():
-        nc1 = await nats.connect(nats_server.url)
-        nc2 = await nats.connect(nats_server.url)
-        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
-        await a.ensure_stream()
+        nc1, nc2, a, b = await two_writers(nats_server.url, key)
         await a.append(staged(0), actor="t")  # a keeps this head
         await b.append(staged(1), actor="t")  # ... which is stale from here on
         behind: list[asyncio.Future] = []
@@ -128,10 +129,7 @@ def test_an_event_chained_behind_a_run_never_stored_is_refused_even_when_the_seq
     key = SiteKey.load_or_create(tmp_path / "site.key")
 
     async def run():
-        nc1 = await nats.connect(nats_server.url)
-        nc2 = await nats.connect(nats_server.url)
-        a, b = EventLog(nc1.jetstream(), key), EventLog(nc2.jetstream(), key)
-        await a.ensure_stream()
+        nc1, nc2, a, b = await two_writers(nats_server.url, key)
         await a.append(staged(0), actor="t")
         await b.append(staged(1), actor="t")  # a's head is stale from here on
         left: list = []

@@ -80,13 +80,20 @@ class RawLeaf:
         self.sock.close()
 
 
-def test_a_registered_peer_cannot_write_into_the_mirror_of_another_peers_log(make_site, tmp_path):
+def hub_with_spokes(make_site, *names: str):
+    """Site A listening for leaf links and a spoke per name dialing it, each registered at A:
+    (A's leaf port, A, the spokes)."""
     leaf = free_port()
     hub = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
-    c = make_site("c", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "C"]).start()
-    p = make_site("p", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "P"]).start()
-    register(hub, c)
-    register(hub, p)
+    spokes = [make_site(n.lower(), extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}",
+                                               "--site-name", n]).start() for n in names]
+    for spoke in spokes:
+        register(hub, spoke)
+    return leaf, hub, spokes
+
+
+def test_a_registered_peer_cannot_write_into_the_mirror_of_another_peers_log(make_site, tmp_path):
+    leaf, hub, (c, p) = hub_with_spokes(make_site, "C", "P")
     hub_id, c_id = site_id(hub), site_id(c)
     upload(c, "C1.pkg", write_random(tmp_path / "c1.pkg", 1000, seed=1))
     wait_until(lambda: available_at(hub, "C1.pkg", hub_id), 60, what="C1.pkg at the hub")

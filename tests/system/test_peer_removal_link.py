@@ -19,10 +19,10 @@ from pathlib import Path
 from odst.bus import connect
 from odst.bus.identity import public_key_of_seed, read_seed
 from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, reload_servers, server_ids
-from tests.conftest import free_port, wait_until, write_random
+from tests.conftest import wait_until, write_random
 from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
-from tests.system.test_mirror_injection import RawLeaf, leaf_seed
-from tests.system.test_replication import available_at, register, site_id, upload
+from tests.system.test_mirror_injection import RawLeaf, hub_with_spokes, leaf_seed
+from tests.system.test_replication import available_at, site_id, upload
 
 
 def leaf_links(site) -> dict[str, int]:
@@ -69,12 +69,7 @@ def refused(port: int, seed: str) -> bytes:
 
 
 def test_removing_a_peer_cuts_its_leaf_link_and_the_others_go_on(make_site, tmp_path):
-    leaf = free_port()
-    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
-    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
-    c = make_site("c", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "C"]).start()
-    register(a, b)
-    register(a, c)
+    leaf, a, (b, c) = hub_with_spokes(make_site, "B", "C")
     b_id, c_id = site_id(b), site_id(c)
     b_seed, c_seed = leaf_seed(b), leaf_seed(c)
     b_key, c_key = public_key_of_seed(b_seed), public_key_of_seed(c_seed)

@@ -16,7 +16,7 @@ import blake3
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, wait_until
+from tests.conftest import ADMIN_TOKEN, read_http_response, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,21 +29,7 @@ def manifest_of(data: bytes) -> dict:
             "chunks": [hashlib.sha1(data[i:i + MiB]).hexdigest() for i in range(0, len(data), MiB)]}
 
 
-def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[int, bytes, bytes]:
-    """One response with a Content-Length body: (status, body, bytes read past it)."""
-    data = buffered
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, data
-        data += piece
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
-                      if line.lower().startswith(b"content-length:")))
-    while len(rest) < length:
-        piece = sock.recv(65536)
-        assert piece, rest
-        rest += piece
-    return int(head.split(b" ", 2)[1]), rest[:length], rest[length:]
+read_response = read_http_response
 
 
 def test_a_large_body_lands_whole_and_a_request_pipelined_behind_it_is_answered(site):

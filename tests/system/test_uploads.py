@@ -12,7 +12,7 @@ import blake3
 import httpx
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, read_http_response
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,21 +76,10 @@ def test_concurrent_uploads_of_one_name_have_one_winner(site, size):
 
 
 def read_response(sock) -> tuple[int, bytes]:
-    """One HTTP/1.1 response with a Content-Length body from a raw socket: (status, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, data
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")[1:]
-                      if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        piece = sock.recv(65536)
-        assert piece, body
-        body += piece
-    assert len(body) == length, (head, body)  # nothing beyond: the next response is not sent yet
-    return int(head.split(b" ", 2)[1]), body
+    """One response from a raw socket, nothing beyond it (the next one is not sent yet)."""
+    status, body, rest = read_http_response(sock)
+    assert rest == b"", (status, body, rest)
+    return status, body
 
 
 def test_a_body_after_100_continue_in_ragged_pieces_then_a_second_request_on_the_connection(site):
