@@ -1,0 +1,72 @@
+"""Red team of the upload door's body reader (gateway/protocol.py ``_BodyInto``) and the embedded
+broker's system account (odst/bus/system.py), as an outsider, a writer with a real token and a
+registered peer or subscriber with real credentials, against real ``odst serve`` processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, module_site, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+AUTH = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory):
+    with module_site(tmp_path_factory, "door") as site:
+        yield site
+
+
+def put_head(name: str, length: int | str, extra: bytes = b"") -> bytes:
+    return (f"PUT /api/v1/packages/{name} HTTP/1.1\r\nHost: t\r\n".encode() + AUTH
+            + f"Content-Length: {length}\r\n".encode() + extra + b"\r\n")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def answered(site) -> None:
+    """One request answered by the gateway's event loop: reads that were ready before it was
+    sent have been taken (the loop serves every ready socket in one turn)."""
+    assert httpx.get(f"{site.url}/healthz", timeout=30).status_code == 200
+
+
+def test_slow_large_uploads_do_not_pin_a_megabyte_each(door):
+    """A writer opens 64 uploads announcing 100 MiB each and trickles a few bytes into every
+    one. Each body is read into buffers (it is large); a buffer sized for the body's length
+    (1 MiB, zero-filled) pinned per few bytes received let one token hold a GiB of the gateway's
+    memory with a thousand such connections. Now a slow body holds about what it sent."""
+    pid = door.run_info()["pid"]
+    conns = []
+    try:
+        answered(door)
+        before = rss_bytes(pid)
+        for i in range(64):
+            c = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+            conns.append(c)
+            c.sendall(put_head(f"slow-{i}.pkg", 100 * MiB) + b"x")
+        answered(door)
+        for _ in range(3):  # the first bytes the body reader takes, after the parser's
+            for c in conns:
+                c.sendall(b"y")
+            answered(door)
+        grown = rss_bytes(pid) - before
+        assert grown < 24 * MiB, f"64 slow uploads of 4 bytes each grew the gateway by {grown / MiB:.0f} MiB"
+    finally:
+        for c in conns:
+            c.close()
+    wait_until(lambda: not list((door.data / "store" / "tmp").glob("*.part")), 15,
+               what="the slow uploads' temp files removed")
