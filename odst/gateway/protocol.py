@@ -549,7 +549,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self._in_head and not self.transport.is_closing():  # its body is still coming
+        # the answered request's own body is still coming; not a pipelined request's, whose
+        # head the parser read meanwhile (self.cycle is then that one, not answered yet)
+        if (not self._in_head and self.cycle is not None and self.cycle.response_complete
+                and not self.transport.is_closing()):
             self._linger()
 
     def _cut(self, cycle) -> None:

@@ -70,3 +70,41 @@ def test_slow_large_uploads_do_not_pin_a_megabyte_each(door):
             c.close()
     wait_until(lambda: not list((door.data / "store" / "tmp").glob("*.part")), 15,
                what="the slow uploads' temp files removed")
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` responses with a Content-Length body, or fewer if the server closes first."""
+    data, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            if not piece:
+                return out
+            data += piece
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                      if line.lower().startswith(b"content-length:"))
+        while len(data) < length:
+            piece = sock.recv(65536)
+            if not piece:
+                return out
+            data += piece
+        out.append((int(head.split(b" ", 2)[1]), data[:length]))
+        data = data[length:]
+    return out
+
+
+@pytest.mark.parametrize("size", [100_000, 3 * MiB])
+def test_an_upload_pipelined_behind_another_is_answered(door, size):
+    """Two uploads and a GET sent in one go on one connection (HTTP/1.1 pipelining). The first
+    upload's answer found the parser inside the second's body and took it for its own body
+    still coming: the connection was half-closed, the second upload dropped unanswered."""
+    body = os.urandom(size)
+    names = [f"pipe-{size}-{i}.pkg" for i in range(2)]
+    get = f"GET /api/v1/packages/{names[1]} HTTP/1.1\r\nHost: t\r\n".encode() + AUTH + b"\r\n"
+    with socket.create_connection(("127.0.0.1", door.port), timeout=30) as s:
+        s.sendall(put_head(names[0], size) + body + put_head(names[1], size) + body[::-1] + get)
+        answers = read_answers(s, 3)
+    assert [status for status, _ in answers] == [201, 201, 200], answers
+    with door.client() as admin:
+        for name, data in zip(names, [body, body[::-1]]):
+            assert admin.get(f"/CasperShare/Packages/{name}").content == data
+            assert admin.delete(f"/api/v1/packages/{name}").status_code == 200
