@@ -4,14 +4,24 @@ registered peer or subscriber with real credentials, against real ``odst serve``
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
-import time
+import stat
 
 import httpx
+import nats
 import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
-from tests.conftest import ADMIN_TOKEN, module_site, wait_until
+from odst.bus.identity import public_key_of_seed, read_seed
+from odst.bus.system import KICK, RELOAD, SYSTEM_SEED_FILE
+from tests.conftest import ADMIN_TOKEN, free_port, module_site, wait_until
+from tests.system.test_mirror_injection import RawLeaf, leaf_seed
+from tests.system.test_peer_removal_link import leaf_links
+from tests.system.test_replication import register
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,3 +171,92 @@ def test_a_request_hidden_in_an_upload_body_is_never_executed(door):
             assert admin.delete(f"/api/v1/packages/{name}").status_code == 200
     wait_until(lambda: not list((door.data / "store" / "tmp").glob("*.part")), 15,
                what="the cut upload's temp file removed")
+
+
+# ---------------------------------------------------------------- the system account
+
+
+def test_no_one_but_the_system_user_reaches_sys_and_its_seed_stays_in_its_file(make_site):
+    """Held (what was tried): an anonymous client and a user/password one are refused; a
+    subscriber (real credential) and a peer's key as a client are refused every $SYS request
+    (server ping, CONNZ, KICK, RELOAD, account CONNZ, user info); the site's own client user is
+    in the global account, where no system service answers KICK, RELOAD or IDZ; a registered
+    peer on a leaf link of its own asking to KICK its real link is refused and that link stays.
+    The system seed is 0600 and in no other file of either site (logs, stream store, read
+    model), nor in any API answer."""
+    leaf = free_port()
+    a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start_process()
+    b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start_process()
+    a.wait_healthy()
+    b.wait_healthy()
+    register(a, b)
+    url = a.run_info()["nats"]
+    b_seed = leaf_seed(b)
+    b_key = public_key_of_seed(b_seed)
+    wait_until(lambda: b_key in leaf_links(a), 30, what="B's link at A")
+    b_cid = leaf_links(a)[b_key]
+    with a.client() as admin:
+        made = admin.post("/api/v1/credentials", json={"name": "sys-probe", "role": "subscriber"}).json()
+
+    async def asks(**credentials) -> dict[str, str]:
+        """What each $SYS request gets: an answer's first bytes, or the error's name; under
+        "refused", the subjects the server said were a permissions violation."""
+        errors: list[str] = []
+
+        async def on_error(exc):
+            errors.append(str(exc))
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=on_error, **credentials)
+        try:
+            server = nc._server_info["server_id"]
+            got = {}
+            for subject, body in [("$SYS.REQ.SERVER.PING.IDZ", b""), ("$SYS.REQ.SERVER.PING.CONNZ", b'{"auth":true}'),
+                                  (KICK.format(id=server), json.dumps({"cid": b_cid}).encode()),
+                                  (RELOAD.format(id=server), b""), ("$SYS.REQ.SERVER.PING.STATZ", b"")]:
+                try:
+                    got[subject.replace(server, "<id>")] = (await nc.request(subject, body, timeout=0.3)).data[:40].decode()
+                except (NatsTimeout, NoRespondersError) as exc:
+                    got[subject.replace(server, "<id>")] = type(exc).__name__
+            await nc.flush(5)
+            got["server"] = server
+            got["refused"] = {subject.replace(server.lower(), "<id>") for e in errors
+                              if (subject := e.partition('publish to "')[2].rstrip('"'))}
+            return got
+        finally:
+            await nc.close()
+
+    for credentials in [{}, {"user": "admin", "password": "admin"}]:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            asyncio.run(asks(**credentials))
+    for credentials in [{"nkeys_seed_str": made["seed"], "inbox_prefix": made["inbox_prefix"]},
+                        {"nkeys_seed_str": b_seed}]:
+        got = asyncio.run(asks(**credentials))
+        asked = {k for k in got if k.startswith("$SYS")}
+        assert {got[k] for k in asked} == {"TimeoutError"}, got  # unanswered
+        assert got["refused"] == {k.lower() for k in asked}, got  # because refused
+    own = asyncio.run(asks(nkeys_seed_str=read_seed(a.data / "nats-client.nk")))
+    for subject in ["$SYS.REQ.SERVER.PING.IDZ", "$SYS.REQ.SERVER.<id>.KICK", "$SYS.REQ.SERVER.<id>.RELOAD"]:
+        assert own[subject] == "NoRespondersError", own
+    assert leaf_links(a).get(b_key) == b_cid
+
+    intruder = RawLeaf(leaf, b_seed)  # B's own key on a link of its own
+    try:
+        kick = KICK.format(id=own["server"]).encode()
+        body = json.dumps({"cid": b_cid}).encode()
+        intruder.listen("_INBOX.>")
+        intruder.send(b"LMSG " + kick + b" _INBOX.k1 " + str(len(body)).encode() + b"\r\n" + body + b"\r\nPING\r\n")
+        assert intruder.read(lambda: b"Permissions Violation" in intruder.buf, 5), intruder.buf[:300]
+        assert b"LMSG _INBOX.k1" not in intruder.buf
+    finally:
+        intruder.close()
+    assert leaf_links(a).get(b_key) == b_cid
+
+    seed = read_seed(a.data / SYSTEM_SEED_FILE)
+    assert stat.S_IMODE((a.data / SYSTEM_SEED_FILE).stat().st_mode) == 0o600
+    leaked = [str(p) for site in (a, b) for p in [site.log_path, *site.data.rglob("*")]
+              if p.is_file() and p.name != SYSTEM_SEED_FILE and seed.encode() in p.read_bytes()]
+    assert leaked == []
+    with a.client() as admin:
+        for path in ["/api/v1/site", "/api/v1/settings", "/api/v1/peers", "/api/v1/credentials", "/metrics",
+                     "/api/v1/events?limit=1000"]:
+            r = admin.get(path)
+            assert r.status_code == 200 and seed not in r.text, path
