@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import stat
+import time
 
 import httpx
 import nats
@@ -260,3 +261,36 @@ def test_no_one_but_the_system_user_reaches_sys_and_its_seed_stays_in_its_file(m
                      "/api/v1/events?limit=1000"]:
             r = admin.get(path)
             assert r.status_code == 200 and seed not in r.text, path
+
+
+# ---------------------------------------------------------------- a body that stalls
+
+
+def test_a_stalled_upload_body_is_dropped_and_a_slow_one_is_not(make_site):
+    """A writer's upload that announces 100 MiB, sends 300 KB (its two hash/write threads
+    started) and goes quiet was held for ever: connection, temp file, threads; a hundred of
+    them held 200 threads. Now body_timeout_s without a byte closes it and nothing is kept. A
+    body that keeps coming, however slowly, is never cut."""
+    site = make_site(env={"ODST_BODY_TIMEOUT_S": "1"}).start()
+    tmp = site.data / "store" / "tmp"
+    with socket.create_connection(("127.0.0.1", site.port), timeout=30) as stalled:
+        stalled.sendall(put_head("stalled.pkg", 100 * MiB) + os.urandom(300_000))
+        wait_until(lambda: list(tmp.glob("*.part")), 10, what="the stalled upload's temp file")
+        stalled.settimeout(15)
+        try:
+            assert stalled.recv(65536) == b""  # closed by the server, nothing answered
+        except ConnectionResetError:
+            pass
+    wait_until(lambda: not list(tmp.glob("*.part")), 15, what="the stalled upload's temp file removed")
+    assert "request body timed out" in site.log(1 << 20)
+
+    data = os.urandom(400_000)
+    with socket.create_connection(("127.0.0.1", site.port), timeout=30) as slow:
+        slow.sendall(put_head("slow.pkg", len(data)) + data[:1000])
+        for i in range(1, 9):  # a piece every 0.3 s, 2.4 s in all: more than two timeouts
+            time.sleep(0.3)  # the client's pace, not a wait for the server
+            slow.sendall(data[i * 1000:(i + 1) * 1000])
+        slow.sendall(data[9000:])
+        assert [status for status, _ in read_answers(slow, 1)] == [201]
+    with site.client() as admin:
+        assert admin.get("/CasperShare/Packages/slow.pkg").content == data
