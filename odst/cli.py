@@ -181,7 +181,7 @@ def _http_protocol(settings):
     from odst.gateway.protocol import GuardedHttpToolsProtocol, HeadLimits
     return functools.partial(GuardedHttpToolsProtocol, limits=HeadLimits(
         max_bytes=settings.http_max_header_bytes, timeout_s=settings.http_header_timeout_s),
-        send_timeout_s=settings.send_timeout_s)
+        send_timeout_s=settings.send_timeout_s, body_timeout_s=settings.body_timeout_s)
 
 
 def _private_files() -> None:

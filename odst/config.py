@@ -28,6 +28,7 @@ class Settings:
     http_header_timeout_s: float = 10.0  # a request head not complete this long after connecting: closed
     http_keepalive_s: int = 30  # an idle kept-alive connection is closed after this long
     send_timeout_s: float = 60.0  # a response the client takes no byte of for this long is dropped (nginx's send_timeout)
+    body_timeout_s: float = 60.0  # a request body no byte of which comes for this long: closed (nginx's client_body_timeout)
     metrics_public: bool = False  # GET /metrics without credentials; false: an API token (any role) or a session
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
@@ -156,6 +157,8 @@ class Settings:
             raise ConfigError("apply_wait_s must be between 0.1 and 3600 seconds")
         if not 0 < self.send_timeout_s <= 3600:
             raise ConfigError("send_timeout_s must be more than 0 and at most 3600")
+        if not 0 < self.body_timeout_s <= 3600:
+            raise ConfigError("body_timeout_s must be more than 0 and at most 3600")
         if self.withdraw_grace_s < 0:
             raise ConfigError("withdraw_grace_s must be 0 or more seconds")
         if self.stream_replicas not in (1, 3, 5):

@@ -29,6 +29,9 @@ resume after nearly every 256 KiB read):
 * a response whose bytes the socket stops taking (a client that asked and no longer reads)
   is dropped after ``send_timeout_s`` without progress (nginx's ``send_timeout``); see
   ``_watch_send``.
+* a request body no byte of which comes for ``body_timeout_s`` closes the connection (nginx's
+  ``client_body_timeout``; see ``_watch_body``): uvicorn waits for a stalled body for ever, and
+  a stalled upload holds its connection, its temp file and, past 256 KiB, two threads.
 * a response sent before its request's body was all received (401 to an upload without a
   token, 413, 409) ends the connection: uvicorn would otherwise read and drop whatever
   body the client announced, for as long as it trickles in.
@@ -96,6 +99,7 @@ YIELD_BYTES = 8 << 20  # a sendfile loop lets other connections run after this m
 CUT = "http.response.cut"  # the ASGI extension that ends a started response short, on purpose
 BODY_FOLLOWS = "odst.body_follows"  # a start message's key: hold the head for the body (module doc)
 INTO_BYTES = 1 << 20  # a buffer _BodyInto reads a body into (at most this much per read)
+INTO_FIRST = 16 << 10  # a body's first buffer; each one its client fills makes the next twice as big
 INTO_MIN_ROOM = 64 << 10  # a buffer with less room left is set aside for the next idle one
 INTO_POOL = 16  # buffers one body keeps for reuse (about 11 are in use at the high-water marks)
 
@@ -161,7 +165,13 @@ class _BodyInto(asyncio.BufferedProtocol):
     the cycle as a memoryview of it, through the protocol's ``on_body`` (same queue, same
     high-water pause). A buffer is taken again only when nothing holds a view of it (its
     reference count says so). Once the body is in, the transport goes back to the protocol,
-    with a fresh parser for the next request; the connection's other events go to it as well."""
+    with a fresh parser for the next request; the connection's other events go to it as well.
+
+    The first buffer is small (INTO_FIRST) and each one filled makes the next twice as big, up
+    to INTO_BYTES: the length a client announces is no promise that it sends, and a buffer is
+    zero-filled memory from the start. A trickle into a 1 MiB first buffer pinned 1 MiB per few
+    bytes received (64 slow uploads of one writer: +66 MiB of the gateway's RSS); now a slow
+    body holds about twice what it sent, a fast one reaches 1 MiB reads within seven."""
 
     _IDLE_REFS: int | None = None
 
@@ -170,17 +180,23 @@ class _BodyInto(asyncio.BufferedProtocol):
         self._pool: list[bytearray] = []
         self._buffer: bytearray | None = None
         self._at = 0
+        self._size = INTO_FIRST  # of the next buffer made
         if _BodyInto._IDLE_REFS is None:
             _BodyInto._IDLE_REFS = _held_elsewhere_refs()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._buffer is None or len(self._buffer) - self._at < INTO_MIN_ROOM:
+        buffer = self._buffer
+        if buffer is None or len(buffer) - self._at < min(INTO_MIN_ROOM, len(buffer) // 4):
+            if buffer is not None and self._size < INTO_BYTES:  # filled: the client keeps up
+                self._size *= 2
+                self._pool = []  # smaller buffers are dropped once nothing holds them
+            del buffer  # or _idle counts this reference as a holder
             self._buffer, self._at = None, 0
             idle = _idle(self._pool, self._IDLE_REFS)
             if idle is None:
                 # no bigger than what is left of the body: a short body, or the last part of
-                # one, pins no 1 MiB for as long as its client takes to send it
-                idle = bytearray(min(INTO_BYTES, max(self.left, INTO_MIN_ROOM)))
+                # one, pins no more for as long as its client takes to send it
+                idle = bytearray(min(self._size, max(self.left, INTO_MIN_ROOM)))
                 if len(self._pool) < INTO_POOL:
                     self._pool.append(idle)
             self._buffer = idle
@@ -328,10 +344,14 @@ def _quick_of(app):
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args, limits: HeadLimits = HeadLimits(), send_timeout_s: float = 60.0,
-                 **kwargs) -> None:
+                 body_timeout_s: float = 60.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
         self.send_timeout_s = send_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0  # body bytes received on this connection (see _watch_body)
+        self._body_bytes_seen = 0  # what _watch_body last saw of them
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_left = 0  # bytes the transport held when the send timer was last armed
         self._in_head = True  # the next bytes belong to a request head (none has come yet)
@@ -354,6 +374,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._body_into = None
         self._disarm_head_timer()
+        self._unwatch_body()
         self._unwatch_send()
         if self._out is not None:
             self._out.close()
@@ -443,6 +464,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # abort, not close: close() would wait for the buffer to drain, that is, for ever
         self.transport.abort()
 
+    # -- body deadline ---------------------------------------------------------------------
+
+    def _watch_body(self) -> None:
+        """A request's body is coming: from now until it is all in, each ``body_timeout_s`` in
+        which no byte of it came closes the connection (the app hears a disconnect; an upload
+        removes its temp file). Not counted: a wait that is the server's (reading paused for a
+        full queue, a request queued behind another, a client waiting for 100 Continue).
+        Progress is looked at once per period, as ``_watch_send`` does."""
+        self._body_bytes_seen = self._body_bytes
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+
+    def _unwatch_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self._in_head:
+            return
+        cycle = self.cycle
+        waiting = (self.flow.read_paused or cycle is None or cycle.waiting_for_100_continue
+                   or self._lingering)
+        if self._body_bytes != self._body_bytes_seen or waiting:
+            self._watch_body()
+            return
+        log.info("request body timed out", timeout_s=self.body_timeout_s,
+                 client=f"{self.client[0]}:{self.client[1]}" if self.client else None)
+        self.transport.close()
+
     # -- parser callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -463,6 +514,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.pieces.append(body)
         cycle.pieces_bytes += len(body)
         cycle.body_seen += len(body)
+        self._body_bytes += len(body)
         if cycle.pieces_bytes > BODY_HIGH_WATER:
             self.flow.pause_reading()
         cycle.message_event.set()
@@ -479,6 +531,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle is None:
             return
         cycle.pieces, cycle.pieces_bytes, cycle.body_seen = collections.deque(), 0, 0
+        self._unwatch_body()
+        self._watch_body()  # until on_message_complete: the body, if any, is all in
         cycle.receive = _body_receive(cycle, self)
         send = cycle.send
         early = cycle.more_body  # the request has a body still to come
@@ -527,6 +581,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         cycle.send = guarded_send
 
     def on_message_complete(self) -> None:
+        self._unwatch_body()
         if self._quick_request:
             self._quick_request = False  # its answer was sent, or is being sent, without a cycle
         else:
@@ -536,7 +591,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self._in_head and not self.transport.is_closing():  # its body is still coming
+        # the answered request's own body is still coming; not a pipelined request's, whose
+        # head the parser read meanwhile (self.cycle is then that one, not answered yet)
+        if (not self._in_head and self.cycle is not None and self.cycle.response_complete
+                and not self.transport.is_closing()):
             self._linger()
 
     def _cut(self, cycle) -> None:
