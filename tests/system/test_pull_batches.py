@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+import blake3
 import httpx
 import pytest
 
@@ -15,6 +16,7 @@ from odst.events.signing import SiteKey
 from odst.naming import name_key
 from odst.peering.requests import sign_request
 from odst.replicator.transport import BATCH_MAX, batch_target
+from odst.store.files import content_tag
 from tests.conftest import all_events, free_port, wait_until, write_random
 from tests.system.test_replication import available_at, register, site_id, start_pair, upload
 from tests.system.test_sync_derived import held_at, upload_many
@@ -87,6 +89,8 @@ def test_corrupt_bytes_for_one_package_of_a_batch_reject_that_package_alone(make
     for name, body in bodies.items():
         if name != bad:
             assert (folder / name_key(name)).read_bytes() == body, f"{name} differs at B"
+            with open(folder / name_key(name), "rb") as f:  # labelled with its content (set by fd as written)
+                assert content_tag(f.fileno()) == blake3.blake3(body).hexdigest(), f"{name}'s label at B"
     # the good ones came in batches: only the rejected one was pulled again on its own
     pulled_alone = [line for line in b.log(1 << 22).splitlines() if "pulling package" in line]
     assert pulled_alone and all(bad in line for line in pulled_alone), pulled_alone[:5]
