@@ -71,7 +71,7 @@ KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
 WORK_BATCH = 64  # work items a worker takes at once: its small packages are pulled together
 # (64, not 32: a batch waits on three journal commits in a row - its files' fsyncs, packages/'s
-# fsync, the atomic append of its PackageAvailable events - whatever its size; fetched as
+# fsync, the append of its PackageAvailable events - whatever its size; fetched as
 # requests of BATCH_MAX each, side by side)
 # Workers taking work items: small packages' batches run this many side by side (one round
 # trip each is mostly waiting: leases, the peer, the fsync, the fold of PackageAvailable);
