@@ -68,6 +68,10 @@ class AppendUnconfirmed(NotYetApplied):
     janitor); undoing it could leave the log naming a file that is gone."""
 
 
+SETTLE_S = 10.0  # after a publish the broker did not answer: how long to look for what became of it
+SETTLE_READ_S = 2.0  # one look (a read of the place the event was chained to take)
+
+
 def _unanswered(exc: BaseException) -> AppendFailed:
     """What a publish that raised ``exc`` (a NATS error, not the broker's refusal) means."""
     if isinstance(exc, nats.errors.NoRespondersError):  # no stream took it: not stored
@@ -302,7 +306,13 @@ class EventLog:
                     raise AppendFailed(f"broker refused the event: {exc.description}") from exc
                 except nats.errors.Error as exc:  # no responders, no stream response, timeout, closed
                     self._head, self._unacked_id = None, None
-                    raise _unanswered(exc) from exc
+                    outcome = _unanswered(exc)
+                    if isinstance(outcome, AppendUnconfirmed):
+                        outcome = await self._settle(last_seq + 1, envelope, payload, outcome)
+                    if isinstance(outcome, Appended):
+                        self._head = (outcome.seq, envelope.seq, codec.chain_hash(payload))
+                        return outcome
+                    raise outcome from exc
                 if ack.duplicate:
                     # A retry of a publish that had landed: the stored one is the truth.
                     self._head, self._unacked_id = None, None
@@ -312,6 +322,29 @@ class EventLog:
                 self._head, self._unacked_id = (ack.seq, envelope.seq, codec.chain_hash(payload)), None
                 return Appended(ack.seq, envelope, payload)
         raise AppendFailed("too many concurrent writers; gave up re-chaining")
+
+    async def _settle(self, seq: int, envelope: codec.Envelope, payload: bytes,
+                      unanswered: AppendUnconfirmed) -> Appended | AppendFailed:
+        """An event chained to take stream seq ``seq`` whose publish the broker did not answer
+        (a timeout, the connection lost): what became of it, read from that place in the
+        stream. The event there -> Appended; another event there -> AppendFailed (it was not
+        stored and never will be: its expected last sequence is gone); nothing there yet
+        after SETTLE_S -> ``unanswered`` (it may still be stored: kept as if it were). A
+        cluster that lost its leader mid-publish usually answers within a few seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_S
+        while True:
+            try:
+                stored = await asyncio.wait_for(self.js.get_msg(self.stream, seq), SETTLE_READ_S)
+            except (nats.errors.Error, nats.js.errors.APIError, asyncio.TimeoutError):
+                stored = None  # nothing there yet, or no answer yet
+            if stored is not None:
+                if (stored.headers or {}).get("Nats-Msg-Id") == envelope.id:
+                    return Appended(seq, envelope, payload)
+                return AppendFailed(f"event {envelope.id} was not stored: seq {seq} holds another event")
+            if loop.time() >= deadline:
+                return unanswered
+            await asyncio.sleep(0.2)
 
     def _chain_headers(self, event_id: str, last_seq: int) -> dict[str, str]:
         """The headers of an event chained onto the head (at stream seq ``last_seq``): its id, the
@@ -398,6 +431,13 @@ class EventLog:
                 results[i] = Appended(ack.seq, envelope, payload)
             else:
                 results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
+        not_stored = False  # an event of the run was not stored: none after it was (each names the one before)
+        for i, (envelope, payload, _) in enumerate(sealed):
+            if isinstance(results[i], AppendUnconfirmed):
+                results[i] = (AppendFailed(f"event {envelope.id} was not stored: one before it in its run was not")
+                              if not_stored else await self._settle(last_seq + 1 + i, envelope, payload, results[i]))
+            not_stored = not_stored or (isinstance(results[i], AppendFailed)
+                                        and not isinstance(results[i], AppendUnconfirmed))
         if not all(isinstance(r, Appended) for r in results):
             self._head, self._unacked_id = None, None  # what was chained behind this run is refused: read it again
         elif self._unacked_id == previous_id:  # nothing chained behind it since: its last event is acked

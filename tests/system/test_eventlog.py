@@ -9,7 +9,8 @@ import pytest
 
 from odst.events import catalogue as ev
 from odst.events import codec
-from odst.events.log import Appended, EventLog, read_stream
+from odst.events import log as log_module
+from odst.events.log import AppendFailed, Appended, AppendUnconfirmed, EventLog, read_stream
 from odst.events.signing import SiteKey
 from tests.conftest import open_log
 
@@ -149,6 +150,63 @@ def test_an_event_chained_behind_a_run_never_stored_is_refused_even_when_the_seq
     assert all(isinstance(r, Appended) for r in refused)  # re-chained one by one after their refusal
     assert isinstance(landed, Appended) and landed.seq == 6
     assert len(msgs) == 6 and assert_one_chain(msgs, key) == 6
+
+
+class LostAnswers:
+    """A JetStream context whose next publishes reach the broker (``sent``) or not, but whose
+    answers never come back: the caller sees a timeout, as when a broker stalls or a cluster
+    loses its leader mid-publish."""
+
+    def __init__(self, js, lose: int, sent: bool):
+        self._js, self.lose, self.sent = js, lose, sent
+
+    def __getattr__(self, name):
+        return getattr(self._js, name)
+
+    async def publish(self, *args, **kw):
+        if self.lose <= 0:
+            return await self._js.publish(*args, **kw)
+        self.lose -= 1
+        if self.sent:
+            await self._js.publish(*args, **kw)
+        raise nats.errors.TimeoutError
+
+
+def test_an_event_whose_answer_is_lost_is_settled_by_reading_its_place(nats_server, tmp_path, monkeypatch):
+    """A publish with no answer is not taken for a failure: the log reads the place the event
+    was chained to take. Its own event there: Appended (the caller's file stays, its 201
+    given). Another writer's there: not stored (AppendFailed: undo is safe). Nothing there
+    after the settle time: AppendUnconfirmed (kept as if stored)."""
+    monkeypatch.setattr(log_module, "SETTLE_S", 1.0)
+    key = SiteKey.load_or_create(tmp_path / "site.key")
+
+    async def run():
+        nc1, nc2, a, b = await two_writers(nats_server.url, key)
+        await a.append(staged(0), actor="t")
+        a.js = LostAnswers(a.js, lose=1, sent=True)
+        stored = await a.append(staged(1), actor="t")  # stored, its answer lost
+        a.js = LostAnswers(a.js._js, lose=1, sent=False)
+        await b.append(staged(2), actor="t")  # b's head is stale: it re-reads; a's is not
+        with pytest.raises(AppendFailed) as taken:  # a's event was never sent; b's holds its place
+            await a.append(staged(3), actor="t")
+        a.js = LostAnswers(a.js._js, lose=1, sent=False)
+        with pytest.raises(AppendUnconfirmed):  # never sent, nothing took its place
+            await a.append(staged(4), actor="t")
+        a.js = a.js._js
+        after = await a.append(staged(5), actor="t")
+        many = await a.append_many([staged(6), staged(7)], actor="t")
+        msgs = await messages(nc1.jetstream(), 5)
+        await nc1.close()
+        await nc2.close()
+        return stored, taken.value, after, many, msgs
+
+    stored, taken, after, many, msgs = asyncio.run(run())
+    assert isinstance(stored, Appended) and stored.seq == 2
+    assert not isinstance(taken, AppendUnconfirmed) and "holds another" in str(taken)
+    assert after.seq == 4 and [m.seq for m in many] == [5, 6]
+    assert assert_one_chain(msgs, key) == 5
+    names = [codec.open_signed(m.payload, key.public_key).event.name for m in msgs]
+    assert names == ["p0.pkg", "p1.pkg", "p2.pkg", "p5.pkg", "p6.pkg"]
 
 
 def test_a_forged_message_in_the_stream_is_never_chained_onto(nats_server, tmp_path):
