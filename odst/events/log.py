@@ -431,11 +431,16 @@ class EventLog:
                 results[i] = Appended(ack.seq, envelope, payload)
             else:
                 results[i] = AppendFailed(f"event {envelope.id} stored at seq {ack.seq}, not {last_seq + 1 + i}")
-        not_stored = False  # an event of the run was not stored: none after it was (each names the one before)
+        # each event names the one before it: after one not stored, none is; after one still
+        # unsettled, the rest are too (each could only follow it), so they are not waited for again
+        not_stored = unsettled = False
         for i, (envelope, payload, _) in enumerate(sealed):
             if isinstance(results[i], AppendUnconfirmed):
-                results[i] = (AppendFailed(f"event {envelope.id} was not stored: one before it in its run was not")
-                              if not_stored else await self._settle(last_seq + 1 + i, envelope, payload, results[i]))
+                if not_stored:
+                    results[i] = AppendFailed(f"event {envelope.id} was not stored: one before it in its run was not")
+                elif not unsettled:
+                    results[i] = await self._settle(last_seq + 1 + i, envelope, payload, results[i])
+                    unsettled = isinstance(results[i], AppendUnconfirmed)
             not_stored = not_stored or (isinstance(results[i], AppendFailed)
                                         and not isinstance(results[i], AppendUnconfirmed))
         if not all(isinstance(r, Appended) for r in results):

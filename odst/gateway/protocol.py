@@ -413,9 +413,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if isinstance(exc.__context__, _HeadRefused):  # raised in on_header, kept by httptools
                 self._refuse(431, str(exc.__context__))
                 return False
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+            # answered as a refused head is: the answer, then a lingering close. uvicorn's
+            # send_400_response closes at once, and a client still sending a body (a
+            # Content-Length given twice, with Transfer-Encoding) got a reset, not the 400
+            self._refuse(400, "Invalid HTTP request received.")
             return False
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():

@@ -192,15 +192,23 @@ def test_an_event_whose_answer_is_lost_is_settled_by_reading_its_place(nats_serv
         a.js = LostAnswers(a.js._js, lose=1, sent=False)
         with pytest.raises(AppendUnconfirmed):  # never sent, nothing took its place
             await a.append(staged(4), actor="t")
+        a.js = LostAnswers(a.js._js, lose=3, sent=False)
+        settles = []
+        settle = a._settle
+        a._settle = lambda *args: settles.append(args[0]) or settle(*args)
+        lost_run = await a.append_many([staged(40), staged(41), staged(42)], actor="t")
+        a._settle = settle
         a.js = a.js._js
         after = await a.append(staged(5), actor="t")
         many = await a.append_many([staged(6), staged(7)], actor="t")
         msgs = await messages(nc1.jetstream(), 5)
         await nc1.close()
         await nc2.close()
-        return stored, taken.value, after, many, msgs
+        return stored, taken.value, after, many, msgs, lost_run, settles
 
-    stored, taken, after, many, msgs = asyncio.run(run())
+    stored, taken, after, many, msgs, lost_run, settles = asyncio.run(run())
+    # a run none of which is there is waited for once: the others could only follow the first
+    assert all(isinstance(r, AppendUnconfirmed) for r in lost_run) and settles == [4]
     assert isinstance(stored, Appended) and stored.seq == 2
     assert not isinstance(taken, AppendUnconfirmed) and "holds another" in str(taken)
     assert after.seq == 4 and [m.seq for m in many] == [5, 6]
