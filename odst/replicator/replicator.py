@@ -69,10 +69,7 @@ PASS_MIN_S = 0.1  # passes start at most this often: changes folded meanwhile ar
 FULL_PASS_S = 300.0  # the safety net: the whole catalogue is rescanned at least this often
 KEYS_PER_QUERY = 500  # changed keys looked up per SQL query
 PUBLISH_WINDOW = 256  # work items published before their acks are awaited
-WORK_BATCH = 64  # work items a worker takes at once: its small packages are pulled together
-# (64, not 32: a batch waits on three journal commits in a row - its files' fsyncs, packages/'s
-# fsync, the append of its PackageAvailable events - whatever its size; fetched as
-# requests of BATCH_MAX each, side by side)
+WORK_BATCH = 32  # work items a worker takes at once: its small packages are pulled together
 # Workers taking work items: small packages' batches run this many side by side (one round
 # trip each is mostly waiting: leases, the peer, the fsync, the fold of PackageAvailable);
 # big pulls still run at most ``replication_packages`` at once (``_big``).
