@@ -447,6 +447,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_left = self.transport.get_write_buffer_size()
             self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
 
+    @property
+    def _client_address(self) -> str | None:
+        """host:port of the client, for the log lines of a connection closed on it."""
+        return f"{self.client[0]}:{self.client[1]}" if self.client else None
+
     def _unwatch_send(self) -> None:
         if self._send_timer is not None:
             self._send_timer.cancel()
@@ -461,7 +466,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._watch_send()
             return
         log.info("response send timed out", held=left, timeout_s=self.send_timeout_s,
-                 client=f"{self.client[0]}:{self.client[1]}" if self.client else None)
+                 client=self._client_address)
         # abort, not close: close() would wait for the buffer to drain, that is, for ever
         self.transport.abort()
 
@@ -492,7 +497,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._watch_body()
             return
         log.info("request body timed out", timeout_s=self.body_timeout_s,
-                 client=f"{self.client[0]}:{self.client[1]}" if self.client else None)
+                 client=self._client_address)
         self.transport.close()
 
     # -- parser callbacks --------------------------------------------------------------------
@@ -870,7 +875,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, msg: str) -> None:
         """Answer a refused head and close (the request never reaches the app)."""
         log.info("request head refused", status=status, reason=msg,
-                 client=f"{self.client[0]}:{self.client[1]}" if self.client else None)
+                 client=self._client_address)
         body = msg.encode("ascii")
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
