@@ -29,6 +29,7 @@ class Settings:
     http_keepalive_s: int = 30  # an idle kept-alive connection is closed after this long
     send_timeout_s: float = 60.0  # a response the client takes no byte of for this long is dropped (nginx's send_timeout)
     body_timeout_s: float = 60.0  # a request body no byte of which comes for this long: closed (nginx's client_body_timeout)
+    uploads_per_user: int = 16  # large uploads (over 256 KiB) one user or token may have in progress per gateway process; more: 429
     metrics_public: bool = False  # GET /metrics without credentials; false: an API token (any role) or a session
     nats: str = ""  # URL of an existing NATS server; empty: run the embedded one
     nats_credentials: str = ""  # with nats: a NATS user seed file (.nk or .creds); empty: <data>/nats-client.nk
@@ -159,6 +160,8 @@ class Settings:
             raise ConfigError("send_timeout_s must be more than 0 and at most 3600")
         if not 0 < self.body_timeout_s <= 3600:
             raise ConfigError("body_timeout_s must be more than 0 and at most 3600")
+        if not 1 <= self.uploads_per_user <= 10_000:
+            raise ConfigError("uploads_per_user must be between 1 and 10000")
         if self.withdraw_grace_s < 0:
             raise ConfigError("withdraw_grace_s must be 0 or more seconds")
         if self.stream_replicas not in (1, 3, 5):

@@ -41,6 +41,11 @@ class InsufficientStorage(OdstError):
     status, code = 507, "insufficient_storage"
 
 
+class TooManyUploads(OdstError):
+    status, code = 429, "too_many_uploads"
+    retry_after = 5  # seconds: about the least a large upload in progress takes to end
+
+
 class StageInvalid(OdstError):
     status, code = 400, "stage_invalid"
 

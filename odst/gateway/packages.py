@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any, Literal
 
 import msgspec
@@ -11,7 +12,7 @@ from litestar import Controller, Request, Response, delete, get, patch, put
 from litestar.params import Parameter
 
 from odst.errors import (InsufficientStorage, OdstError, PackageConflict, PackageNotFound, RequestInvalid,
-                         StageInvalid, Unavailable, UploadIncomplete, UploadTooLarge)
+                         StageInvalid, TooManyUploads, Unavailable, UploadIncomplete, UploadTooLarge)
 from odst.events import catalogue as ev
 from odst.events import uploads
 from odst.events.log import AppendFailed, AppendUnconfirmed, NotYetApplied
@@ -23,7 +24,7 @@ from odst.projections import views
 from odst.gateway.context import GatewayContext
 from odst.gateway.protocol import BODY_FOLLOWS
 from odst.jamf.digests import Digests, digests_path, extra_types
-from odst.store.files import StoreFull, StreamingUpload
+from odst.store.files import SMALL_BYTES, StoreFull, StreamingUpload
 
 log = structlog.get_logger("odst.gateway")
 
@@ -81,6 +82,26 @@ def _lock_for(name: str) -> asyncio.Lock:
     if lock is None:
         lock = _name_locks[key] = asyncio.Lock()
     return lock
+
+
+# Large uploads in progress in this process, by actor. Each holds two threads and up to
+# MAX_BACKLOG bytes while its body comes (StreamingUpload); body_timeout_s ends a stalled one,
+# and uploads_per_user bounds how many one user or token runs at once.
+_large_uploads: Counter[str] = Counter()
+
+
+def _start_large_upload(actor: str, limit: int) -> None:
+    if _large_uploads[actor] >= limit:
+        log.warning("upload refused: too many large uploads in progress", actor=actor, limit=limit)
+        raise TooManyUploads(f"{limit} large uploads of yours are in progress here (uploads_per_user); "
+                             "send this one when one of them has ended")
+    _large_uploads[actor] += 1
+
+
+def _end_large_upload(actor: str) -> None:
+    _large_uploads[actor] -= 1
+    if not _large_uploads[actor]:
+        del _large_uploads[actor]
 
 
 async def _receive_body(receive, upload: StreamingUpload, limit: int, length: int | None) -> None:
@@ -199,6 +220,9 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
                                    reserve_bytes=site.store.reserve_bytes(), replace=replace)
     if refusal is not None:
         raise _refused(refusal)
+    large = length is None or length > SMALL_BYTES  # a small body is one job on a shared pool
+    if large:  # (nothing below raises before the try that ends it)
+        _start_large_upload(actor, settings.uploads_per_user)
     extra = extra_types(settings.jamf_url, settings.jamf_hash_type)  # Jamf Pro's MD5/SHA3_512, same pass
     upload = StreamingUpload(site.store.new_temp(), extra_digests=extra)
     log.debug("upload started", package=name, length=length)  # info: the one "upload published" line
@@ -228,6 +252,9 @@ async def take_upload(site: GatewayContext, actor: str, raw_name: str, stage: st
     except BaseException:
         await upload.abort()
         raise
+    finally:
+        if large:
+            _end_large_upload(actor)
     if length is not None and manifest.size != length:
         site.store.unpublish(name, published) if published is not None else upload.path.unlink(missing_ok=True)
         raise UploadIncomplete(f"received {manifest.size} bytes, Content-Length said {length}")

@@ -32,7 +32,8 @@ AUTH = f"Authorization: Bearer {ADMIN_TOKEN}\r\n".encode()
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory):
-    with module_site(tmp_path_factory, "door") as site:
+    # one token opens 64 uploads at once below: uploads_per_user (16) is not what those tests try
+    with module_site(tmp_path_factory, "door", env={"ODST_UPLOADS_PER_USER": "100"}) as site:
         yield site
 
 
@@ -294,3 +295,41 @@ def test_a_stalled_upload_body_is_dropped_and_a_slow_one_is_not(make_site):
         assert [status for status, _ in read_answers(slow, 1)] == [201]
     with site.client() as admin:
         assert admin.get("/CasperShare/Packages/slow.pkg").content == data
+
+
+# ---------------------------------------------------------------- uploads per user
+
+
+def test_one_token_cannot_hold_more_than_its_large_uploads(make_site):
+    """Each large upload holds two threads while its body comes; a writer's token could open
+    hundreds at once. Now one user or token has at most uploads_per_user large uploads in
+    progress (per gateway process): one more is answered 429 before its body is read, and
+    nothing of it is kept. Small uploads, and other tokens, are not held back; an upload that
+    ends gives its place back."""
+    site = make_site(env={"ODST_UPLOADS_PER_USER": "3"}).start()
+    tmp = site.data / "store" / "tmp"
+    stalled = [socket.create_connection(("127.0.0.1", site.port), timeout=30) for _ in range(3)]
+    try:
+        for i, c in enumerate(stalled):
+            c.sendall(put_head(f"held-{i}.pkg", 100 * MiB) + os.urandom(300_000))
+        wait_until(lambda: len(list(tmp.glob("*.part"))) == 3, 15, what="three uploads in progress")
+        with socket.create_connection(("127.0.0.1", site.port), timeout=30) as one_more:
+            one_more.sendall(put_head("one-more.pkg", 100 * MiB) + os.urandom(300_000))
+            [(status, body)] = read_answers(one_more, 1)
+        assert status == 429 and json.loads(body)["error"] == "too_many_uploads"
+        assert len(list(tmp.glob("*.part"))) == 3
+        with site.client() as admin:
+            refused = admin.put("/api/v1/packages/refused.pkg", content=os.urandom(300_000))
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+            assert admin.put("/api/v1/packages/small.pkg", content=os.urandom(8192)).status_code == 201
+            other = admin.post("/api/v1/tokens", json={"name": "another writer", "role": "operator"}).json()
+            with httpx.Client(base_url=site.url, timeout=30,
+                              headers={"Authorization": f"Bearer {other['token']}"}) as writer:
+                assert writer.put("/api/v1/packages/other.pkg", content=os.urandom(300_000)).status_code == 201
+            stalled.pop().close()  # its upload ends (client gone): its place is free again
+            body = os.urandom(300_000)
+            wait_until(lambda: admin.put("/api/v1/packages/next.pkg", content=body).status_code == 201, 15,
+                       what="a large upload taken again once one of the three ended")
+    finally:
+        for c in stalled:
+            c.close()
