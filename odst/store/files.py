@@ -147,19 +147,24 @@ class Store:
     def publishing(self, name: str):
         """Mark ``name`` as being published (file placed, event not folded yet), for every
         process on this store: the janitor leaves such a file alone."""
-        marker = self._marker(name)
-        mine = _claim_marker(marker)
+        own = _claim_marker(self._marker(name))
         try:
             yield
         finally:
-            if mine:
-                marker.unlink(missing_ok=True)
+            own.unlink(missing_ok=True)
 
     def is_publishing(self, name: str, max_age_s: float = 600) -> bool:
-        try:
-            return time.time() - self._marker(name).stat().st_mtime < max_age_s  # older: a crashed publisher
-        except FileNotFoundError:
-            return False
+        """A marker of the name younger than ``max_age_s`` (older: a crashed publisher's): the
+        name's own, or one a second publisher made while that was held (``_claim_marker``)."""
+        marker = self._marker(name)
+        now = time.time()
+        for found in (marker, *self.tmp.glob(f"{marker.stem}.*.publishing")):
+            try:
+                if now - found.stat().st_mtime < max_age_s:
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
 
     def reserve_bytes(self) -> int:
         """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB
@@ -187,12 +192,11 @@ class Store:
         there: nothing else changed), dropped and fsynced, then packages/ fsynced together with
         every upload that linked meanwhile (``ThreadGroupSync``). The block runs with the file
         durable under its name (the event's append); the marker goes when it ends."""
-        marker = self._marker(name)
-        dest = await asyncio.get_running_loop().run_in_executor(_STORE_POOL, self._mark_and_link, temp, name, marker)
+        dest, own = await asyncio.get_running_loop().run_in_executor(_STORE_POOL, self._mark_and_link, temp, name)
         try:
             yield dest
         finally:
-            marker.unlink(missing_ok=True)
+            own.unlink(missing_ok=True)
 
     def publish_small(self, temp: Path, fd: int, name: str) -> int | None:
         """On a pool thread, in the job that wrote ``temp`` (``StreamingUpload.finish_publishing``,
@@ -208,7 +212,8 @@ class Store:
         and a close fewer (ext4's allocator steps past each inode freed in the last seconds,
         reading its table block: perf showed that in a run of small uploads). Its mtime is the
         upload's last write, so ``is_publishing`` sees it fresh; the upload's end removes the
-        name, not the file. ``_claim_marker`` leaves such a marker's time alone (it is the file's)."""
+        name, not the file. Another publisher of the name meanwhile marks it with a marker of
+        its own (``_claim_marker``), leaving this one and its file's time alone."""
         marker = self._marker(name)
         dest = self.path(name)
         try:
@@ -256,9 +261,9 @@ class Store:
             pass
         self._marker(name).unlink(missing_ok=True)
 
-    def _mark_and_link(self, temp: Path, name: str, marker: Path) -> Path:
+    def _mark_and_link(self, temp: Path, name: str) -> tuple[Path, Path]:
         dest = self.path(name)
-        mine = _claim_marker(marker)
+        own = _claim_marker(self._marker(name))
         try:
             os.chmod(temp, PACKAGE_MODE)
             os.link(temp, dest)  # FileExistsError if a file is already published there
@@ -269,13 +274,10 @@ class Store:
             except BaseException:
                 dest.unlink(missing_ok=True)
                 raise
-        except BaseException as exc:
-            # a link refused (FileExistsError) under another publisher's marker leaves it:
-            # it keeps the janitor off that publisher's file until its event is folded
-            if mine or not isinstance(exc, FileExistsError):
-                marker.unlink(missing_ok=True)
+        except BaseException:
+            own.unlink(missing_ok=True)  # (another publisher's marker stays: its file is not folded yet)
             raise
-        return dest
+        return dest, own
 
     def replace(self, temp: Path, name: str) -> Path:
         """Atomically put a verified temp file at packages/<name>, replacing what was there."""
@@ -383,20 +385,20 @@ class Store:
         return removed
 
 
-def _claim_marker(marker: Path) -> bool:
-    """Make a name's publishing marker (True), or refresh the one another publisher made
-    (False). The marker is the name's, not a publisher's: only its maker removes it, so a
-    second publisher ending first leaves the first one's file marked (the janitor keeps off)."""
+def _claim_marker(marker: Path) -> Path:
+    """Mark a name as being published by this publisher; returns the marker to remove when done:
+    the name's ``marker``, or, while another publisher holds that, one of this publisher's own
+    beside it (``<marker>.<random>.publishing``). Each publisher removes only its own, so the
+    name stays marked while any of them publishes (a shared marker taken away by whichever
+    ended first left the other's file unmarked: the janitor could sweep it before its fold)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        return True
+        os.close(os.open(marker, flags, 0o600))
+        return marker
     except FileExistsError:
-        try:  # a small upload's marker is a second name of its file (publish_small): that file's mtime stays
-            if os.stat(marker).st_nlink == 1:
-                marker.touch()
-        except FileNotFoundError:  # its maker just ended
-            pass
-        return False
+        own = marker.with_name(f"{marker.stem}.{secrets.token_hex(8)}.publishing")
+        os.close(os.open(own, flags, 0o600))
+        return own
 
 
 class ThreadGroupSync:

@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from odst.replicator.replicator import remove_unlisted
 from odst.store.files import Store, StreamingUpload
 
 
@@ -47,7 +48,6 @@ def test_the_janitor_keeps_an_upload_folded_between_its_reads(tmp_path):
     and unmarks its name, right after the janitor read the live names. The janitor checks the
     markers first, then reads the live names again: the file is kept. (With one read before
     the marker check, it was removed though the upload had answered 201.)"""
-    from odst.replicator.replicator import remove_unlisted
 
     store = Store(tmp_path)
     store.ensure()
@@ -83,3 +83,22 @@ def test_a_second_publisher_of_a_name_leaves_the_first_ones_marker(tmp_path):
             pass
         assert first.is_publishing("Same.pkg"), "the second publisher removed the first one's marker"
     assert not first.is_publishing("Same.pkg")
+
+
+def test_the_first_publisher_ending_first_leaves_the_second_ones_file_marked(tmp_path):
+    """The other order: the marker's maker ends while a second publisher of the name (a pull
+    beside a replace, in another process) has placed its file and waits for its fold. The
+    shared marker went with the first: the janitor then swept the second's file. Now the
+    name stays marked until the second ends too; nothing of either is left behind."""
+    first, second = Store(tmp_path), Store(tmp_path)
+    first.ensure()
+    held_by_first, held_by_second = first.publishing("Same.pkg"), second.publishing("same.pkg")
+    held_by_first.__enter__()  # the name's marker made
+    held_by_second.__enter__()  # while it is there
+    second.path("same.pkg").write_bytes(b"placed, not folded yet")
+    held_by_first.__exit__(None, None, None)  # the first ends first
+    assert first.is_publishing("Same.pkg"), "the first publisher's end unmarked the second one's file"
+    assert remove_unlisted(first, set) == [] and second.path("same.pkg").exists()
+    held_by_second.__exit__(None, None, None)
+    assert not first.is_publishing("Same.pkg") and list(first.tmp.iterdir()) == []
+    assert remove_unlisted(first, set) == ["same.pkg"]  # unmarked, unlisted: swept as before
