@@ -79,10 +79,15 @@ def upload_all(net: Network, site, n: int, size: int, concurrency: int) -> float
 
 
 def rsync_pull(daemon: RsyncDaemon, work: Path, repeats: int) -> dict:
-    """``rsync -a`` of the whole module into an empty directory, ``repeats`` times."""
+    """``rsync -a`` of the whole module into an empty directory, ``repeats`` times, each into
+    a new one. None is removed here (``run_one`` does, after the catch-up): on ext4 without a
+    journal each file created steps past every inode freed in the last seconds, reading its
+    table block, so the files of one run removed before the next made the next one's creates
+    (rsync's, then branch's) pay for them: rsync's time swung 0.23-1.16 s, and a tenth of
+    branch's CPU in the catch-up was that walk (perf)."""
     times, cpus = [], []
-    dest = work / "rsync-dest"
-    for _ in range(repeats):
+    for i in range(repeats):
+        dest = work / f"rsync-dest-{i}"
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
         before = os.times()
@@ -95,7 +100,6 @@ def rsync_pull(daemon: RsyncDaemon, work: Path, repeats: int) -> dict:
         if p.returncode != 0:
             raise RuntimeError(f"rsync pull failed ({p.returncode}): {p.stderr[-500:]}")
     files = sum(1 for _ in dest.iterdir())
-    shutil.rmtree(dest, ignore_errors=True)
     return {"s": statistics.median(times), "all_s": times, "client_cpu_s": statistics.median(cpus),
             "files": files, "load": load()}
 
@@ -204,6 +208,7 @@ def run_one(n: int, args, work: Path) -> dict:
         net.close()
         if not args.keep:
             shutil.rmtree(work / f"sites-{n}", ignore_errors=True)
+            shutil.rmtree(work / f"rsync-{n}", ignore_errors=True)  # rsync's copies, once branch is measured
     o, r = result["odst"], result["rsync"]
     gib = n * size / (1 << 30)
     cpu = sum(o["branch_cpu_s"].values())

@@ -44,10 +44,24 @@ ALL_ROLES = frozenset({"projector", "gateway", "replicator"})
 APPLICANT_S = 600  # how long a joined invitation's site may use the leaf port for registering
 BROKER_RESTARTS = 5  # the embedded broker dying this many times in a row ends `odst serve` (exit 1)
 LINK_EVERY_S = 5.0  # link_peers' pass at least this often, whatever was folded
-LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon, doubling up to LINK_EVERY_S
+LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon (link_retry)
+# ... for this long, then doubling up to LINK_EVERY_S: a new peer's leaf link comes up within
+# its dialer's reconnect interval (1 s) of the registration; doubling from the start put the
+# pass that found it up to a second later (a new site's catch-up waited 0.6-0.9 s for it)
+LINK_STEADY_S = 5.0
 # Events that change nothing link_peers looks at (peers, their keys and names, credentials):
 # a package's life, and Jamf Pro's records of them.
 LINK_IGNORES = frozenset(views.PACKAGE_EVENTS) | {"JamfPackageSynced", "JamfDriftDetected", "JamfDriftCleared"}
+
+
+def link_retry(backoff: float | None, waited_s: float) -> float:
+    """link_peers' wait before its next pass while a known peer is not mirrored yet, ``waited_s``
+    into that state (``backoff``: the wait before, None at first): LINK_RETRY_S for the first
+    LINK_STEADY_S, then doubling up to LINK_EVERY_S (a peer down for long is not asked for its
+    log four times a second)."""
+    if backoff is None or waited_s < LINK_STEADY_S:
+        return LINK_RETRY_S
+    return min(backoff * 2, LINK_EVERY_S)
 
 
 def _peer_of(nkey: str) -> str:
@@ -246,11 +260,13 @@ class Site:
         A pass (mirrors, the broker's users, the peers' logs) runs when an event other than a
         package's was folded (peers, sites, credentials: ``views.folded_types``), and every
         LINK_EVERY_S whatever happened (an applicant's admission running out); while a known
-        peer is not mirrored yet (its leaf link coming up), after LINK_RETRY_S, doubling.
+        peer is not mirrored yet (its leaf link coming up), every LINK_RETRY_S, then doubling
+        (``link_retry``).
         Package events, the bulk of a busy log, wake it for one indexed query."""
         loop = asyncio.get_running_loop()
         cursor, passed_at = -1, -LINK_EVERY_S
         every, backoff = LINK_EVERY_S, None  # shorter while a known peer is not mirrored yet (its leaf link coming up)
+        unlinked_at = None  # since when a known peer is not mirrored
         while True:
             try:
                 due = cursor < 0 or loop.time() - passed_at >= every
@@ -265,10 +281,10 @@ class Site:
                     await self.linker.watch()
                     unlinked = any(p.site not in self.linker.linked for p in views.peer_sites(self.reader, self.id))
                     if not unlinked:
-                        backoff, every = None, LINK_EVERY_S
+                        backoff, every, unlinked_at = None, LINK_EVERY_S, None
                     else:
-                        backoff = LINK_RETRY_S if backoff is None else min(backoff * 2, LINK_EVERY_S)
-                        every = backoff
+                        unlinked_at = loop.time() if unlinked_at is None else unlinked_at
+                        backoff = every = link_retry(backoff, loop.time() - unlinked_at)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -852,7 +852,7 @@ class Replicator:
         page = views.file_holders(reader, self.site_id, after=self._missing_after, limit=MISSING_PAGE)
         self._missing_after, before = (max(page) if len(page) == MISSING_PAGE else ""), self._missing_after
         for key, blake3 in sorted(page.items()):
-            if store.is_publishing(key) or store.path(key).exists():
+            if store.path(key).exists() or store.is_publishing(key):  # a stat first: is_publishing lists tmp/
                 continue
             pkg = views.package(reader, key)
             if pkg is None or pkg.blake3 != blake3:
@@ -1041,7 +1041,7 @@ class Replicator:
                 try:
                     if path not in tagged:  # labelled when written (a batch); the puller's files here
                         tag(path, want.blake3)
-                    publishing.enter_context(self.store.publishing(want.name))
+                    publishing.enter_context(self.store.publishing_file(path, want.name))
                 except OSError as exc:
                     out.append(exc)
                 else:
