@@ -107,6 +107,23 @@ def _pulls_of(msg) -> list[tuple[str, str]]:
         return []
 
 
+async def _up_to_a_batch(msgs: list) -> list:
+    """The first work items, up to WORK_BATCH pulls in all; the rest handed back (nak: at once
+    to a free worker). The items taken after a first one of few pulls may be whole batches: a
+    catch-up's pass queues its changes as batches and a remainder, and one worker took up to
+    31 batches at once (~1,000 pulls, seen), leaving the other lanes idle while its files
+    waited for one append at the end."""
+    kept, pulls = [], 0
+    for i, msg in enumerate(msgs):
+        n = len(_pulls_of(msg))
+        if kept and pulls + n > WORK_BATCH:
+            await asyncio.gather(*(m.nak() for m in msgs[i:]), return_exceptions=True)
+            break
+        kept.append(msg)
+        pulls += n
+    return kept
+
+
 def json_len(chunks: str) -> int:
     return len(json.loads(chunks))
 
@@ -452,7 +469,7 @@ class Replicator:
                 msgs = await psub.fetch(1, timeout=FETCH_WAIT_S)
                 if len(_pulls_of(msgs[0])) < WORK_BATCH:  # single items (an upload, a retry): take more
                     with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
-                        msgs += await psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S)
+                        msgs = await _up_to_a_batch(msgs + await psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S))
             except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nothing queued (either kind, by client version)
                 continue
             except asyncio.CancelledError:
