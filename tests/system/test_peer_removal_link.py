@@ -16,9 +16,13 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
+from harness.wait import TimedOut
 from odst.bus import connect
+from odst.bus.hubs import HUBS_FILE
 from odst.bus.identity import public_key_of_seed, read_seed
-from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, reload_servers, server_ids
+from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, dialed_links, reload_servers, server_ids
 from tests.conftest import wait_until, write_random
 from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
 from tests.system.test_mirror_injection import RawLeaf, hub_with_spokes, leaf_seed
@@ -148,3 +152,52 @@ def test_on_a_cluster_every_node_cuts_a_removed_peers_links(cluster, make_site, 
         answer = refused(port, seed)
         assert b"Authorization Violation" in answer, answer
     assert "leaf link of a removed user closed" in site.log(1 << 20)
+
+
+def dialed(site) -> list[str]:
+    """The hubs the site's broker dialed (LEAFZ: the links it is the spoke of), by the name
+    each hub gave, as nats-server reports them to the site's system user."""
+    async def ask():
+        nc = await connect(site.run_info()["nats"], seed=read_seed(site.data / SYSTEM_SEED_FILE),
+                           allow_reconnect=False)
+        try:
+            (server,) = await server_ids(nc, "", 5)
+            return [link["name"] for link in await dialed_links(nc, server, 5)]
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
+def remotes(site) -> list[dict]:
+    """The leaf remotes of the site's rendered broker config."""
+    text = (site.data / "run" / "nats.conf").read_text()
+    return json.loads("[" + re.search(r"remotes: \[ (.*) \]", text).group(1) + "]")
+
+
+def test_removing_the_hub_this_site_dials_closes_that_link_for_good(make_site):
+    """The link a spoke dialed carries no key of the hub's, so the cut by key never closed it:
+    a spoke that removed its hub kept dialing it, and the removed hub could go on reading the
+    spoke's log over it. The spoke now disables that remote (odst.bus.hubs)."""
+    leaf, a, (b,) = hub_with_spokes(make_site, "B")
+    a_id, b_key = site_id(a), public_key_of_seed(leaf_seed(b))
+    wait_until(lambda: b_key in leaf_links(a), 30, what="B's link at A")
+    assert not any(r.get("disabled") for r in remotes(b))
+    with b.client() as admin:
+        r = admin.delete(f"/api/v1/peers/{a_id}")
+        assert r.status_code == 200, r.text
+
+    wait_until(lambda: b_key not in leaf_links(a), 20, what="B's link at A to be closed")
+    assert dialed(b) == []
+    (remote,) = remotes(b)
+    assert remote["url"] == f"nats-leaf://127.0.0.1:{leaf}" and remote["disabled"] is True
+    assert (b.data / HUBS_FILE).stat().st_mode & 0o777 == 0o600
+    line = next(x for x in b.log(1 << 20).splitlines() if "hub is dialed no more" in x)
+    assert a_id in line and f"127.0.0.1:{leaf}" in line
+
+    # after a restart B still does not dial A: the remote is rendered disabled from the start,
+    # and no link comes up over a window of several of the remote's 1 s re-dial intervals
+    b.stop()
+    b.start()
+    assert remotes(b)[0]["disabled"] is True
+    with pytest.raises(TimedOut):
+        wait_until(lambda: dialed(b) or b_key in leaf_links(a), 4, what="a link between B and A")
