@@ -36,14 +36,15 @@ import structlog
 
 from odst.bus import connect
 from odst.bus.identity import read_seed, write_secret
-from odst.bus.system import PING_IDZ, dialed_links, kick, reload_server, server_ids
+from odst.bus.system import PING_IDZ, SystemRequestError, dialed_links, kick, reload_server, server_ids
 
 log = structlog.get_logger("odst.bus")
 
 HUBS_FILE = "nats-hubs.json"  # {remote URL: the site its link led to}
 LEAF_PORT = 7422  # nats-server's default leaf port, for a remote URL that names none
 TIMEOUT_S = 5.0
-EXTERNAL_REPEAT_S = 600.0  # how often the ERROR about one link of an external server is repeated
+EXTERNAL_EVERY_S = 60.0  # how often the servers of a NATS server ODST does not run are asked, at most
+EXTERNAL_REPEAT_S = 600.0  # how often the ERROR about one link of such a server is repeated
 
 
 def read_hubs(data: Path) -> dict[str, str]:
@@ -113,7 +114,11 @@ class HubGuard:
             off = disabled_remotes(known, removed) & frozenset(urls)
             was = self.broker.config.disabled_remotes
             if self.broker.disable_remotes(off):
-                await reload_server(nc, server, TIMEOUT_S)  # answered once in force
+                try:
+                    await reload_server(nc, server, TIMEOUT_S)  # answered once in force
+                except SystemRequestError:
+                    self.broker.config.disabled_remotes = was  # not surely in force: written again next pass
+                    raise
                 for url in sorted(was - off):
                     log.info("a hub is dialed again: its site is no removed peer any more", peer=known.get(url), url=url)
                 for url in sorted(off - was):
@@ -131,30 +136,31 @@ class HubGuard:
 
 class ExternalHubWatch:
     """A NATS server ODST does not run: its remotes are the operator's, so a link one of its
-    servers dialed to a removed peer is reported (ERROR, once per EXTERNAL_REPEAT_S a link)."""
+    servers dialed to a removed peer is reported (ERROR, once per EXTERNAL_REPEAT_S a link).
+    The servers are asked when the removed peers change and every EXTERNAL_EVERY_S (each ask
+    waits for every server's answer, and one whose system user predates LEAFZ never answers)."""
 
     def __init__(self, servers: str, system_seed_path: Path):
         self.servers, self.system_seed_path = servers, Path(system_seed_path)
-        self._said: dict[tuple[str, int], float] = {}
+        self._asked: tuple[frozenset[str], float] | None = None  # the removed peers, when
+        self._said: dict[tuple[str, int], float] = {}  # (server, cid) -> when its ERROR was logged
 
     async def check(self, removed: frozenset[str]) -> None:
-        if not removed or not self.system_seed_path.exists():
+        now = time.monotonic()
+        if not removed or not self.system_seed_path.exists() or (
+                self._asked and self._asked[0] == removed and now - self._asked[1] < EXTERNAL_EVERY_S):
             return
+        self._asked = (removed, now)
+        self._said = {key: at for key, at in self._said.items() if now - at < EXTERNAL_REPEAT_S}
         nc = await connect(self.servers, seed=read_seed(self.system_seed_path), name="odst-system",
                            allow_reconnect=False)
         try:
             for server in await server_ids(nc, self.servers, TIMEOUT_S):
                 for link in await dialed_links(nc, server, TIMEOUT_S):
-                    if link.get("name") in removed and self._due((server, link["id"])):
+                    if link.get("name") in removed and (server, link["id"]) not in self._said:
+                        self._said[(server, link["id"])] = now
                         log.error("a NATS server dials a removed peer, which can still read this site's log over "
                                   "that link: the operator must remove that leaf remote from its config",
                                   peer=link["name"], server=server, address=f"{link.get('ip')}:{link.get('port')}")
         finally:
             await nc.close()
-
-    def _due(self, key: tuple[str, int]) -> bool:
-        now = time.monotonic()
-        if now - self._said.get(key, -EXTERNAL_REPEAT_S) < EXTERNAL_REPEAT_S:
-            return False
-        self._said[key] = now
-        return True

@@ -5,6 +5,7 @@ connections it accepted: a removed peer's open link kept a peer's NATS rights (r
 site's log through its mirror, delivering into mirrors labelled with its path) until it
 dropped. The site now closes, after the reload, every accepted leaf link whose key is no user
 any more, found by the key nats-server verified at connect (odst.bus.system.LinkCutter).
+The link a spoke dialed to a hub it removed is closed, and dialed no more (odst.bus.hubs).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from harness.wait import TimedOut
 from odst.bus import connect
-from odst.bus.hubs import HUBS_FILE
+from odst.bus.embedded import nats_server_binary
+from odst.bus.hubs import HUBS_FILE, ExternalHubWatch
 from odst.bus.identity import public_key_of_seed, read_seed
-from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, dialed_links, reload_servers, server_ids
-from tests.conftest import wait_until, write_random
+from odst.bus.system import (CONNZ, SYSTEM_SEED_FILE, dialed_links, load_or_create_system_seed, reload_servers,
+                              render_system_account, server_ids)
+from tests.conftest import free_port, wait_until, write_random
 from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
 from tests.system.test_mirror_injection import RawLeaf, hub_with_spokes, leaf_seed
 from tests.system.test_replication import available_at, site_id, upload
@@ -201,3 +206,46 @@ def test_removing_the_hub_this_site_dials_closes_that_link_for_good(make_site):
     assert remotes(b)[0]["disabled"] is True
     with pytest.raises(TimedOut):
         wait_until(lambda: dialed(b) or b_key in leaf_links(a), 4, what="a link between B and A")
+
+
+def bare_server(tmp_path: Path, name: str, body: str) -> tuple[subprocess.Popen, int]:
+    """A nats-server of its own config (what an operator runs), listening on a free port."""
+    port = free_port()
+    conf = tmp_path / f"{name}.conf"
+    conf.write_text(f'server_name: "{name}"\nlisten: "127.0.0.1:{port}"\n{body}')
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+def test_a_nats_server_odst_does_not_run_that_dials_a_removed_peer_is_named_for_the_operator(tmp_path):
+    """ODST cannot change an external server's remotes: it says which link the operator must remove."""
+    seed_path = tmp_path / SYSTEM_SEED_FILE
+    seed = load_or_create_system_seed(tmp_path)
+    leaf = free_port()
+    hub, _ = bare_server(tmp_path, "s-removed", f'leafnodes {{ listen: "127.0.0.1:{leaf}" }}\n')
+    server, port = bare_server(tmp_path, "ext", f'leafnodes {{ remotes: [ {{ url: "nats-leaf://127.0.0.1:{leaf}" }} ] }}\n'
+                               + render_system_account(public_key_of_seed(seed)))
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        async def links():
+            nc = await connect(url, seed=seed, allow_reconnect=False)
+            try:
+                return [link["name"] for s in await server_ids(nc, url, 5) for link in await dialed_links(nc, s, 5)]
+            finally:
+                await nc.close()
+        wait_until(lambda: asyncio.run(links()) == ["s-removed"], 30, what="the external server's link to its hub")
+
+        watch = ExternalHubWatch(url, seed_path)
+        with capture_logs() as logs:
+            asyncio.run(watch.check(frozenset({"s-other"})))  # not the hub: nothing to say
+            asyncio.run(watch.check(frozenset({"s-other", "s-removed"})))
+            asyncio.run(watch.check(frozenset({"s-removed"})))  # said already for this link
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert len(errors) == 1, logs
+        assert errors[0]["peer"] == "s-removed" and errors[0]["address"] == f"127.0.0.1:{leaf}"
+        assert "operator must remove that leaf remote" in errors[0]["event"]
+    finally:
+        for proc in (server, hub):
+            proc.terminate()
+            proc.wait(10)
