@@ -99,15 +99,15 @@ class HubGuard:
 
     async def check(self, removed: frozenset[str]) -> None:
         urls = self.broker.config.leaf_remotes
-        if not urls:
-            return
+        hubs = read_hubs(self.data)
+        if not urls or (not removed and not self.broker.config.disabled_remotes and set(urls) <= hubs.keys()):
+            return  # nothing to disable or enable again, every remote's site known: no need to ask
         nc = await connect(self.broker.url, seed=read_seed(self.system_seed_path), name="odst-system",
                            allow_reconnect=False)
         try:
             # the embedded broker is one server: the first answer is the only one
             server = json.loads((await nc.request(PING_IDZ, b"", timeout=TIMEOUT_S)).data)["id"]
             addresses = await remote_addresses(urls)
-            hubs = read_hubs(self.data)
             known = remember(hubs, seen_hubs(await dialed_links(nc, server, TIMEOUT_S), addresses), removed)
             if known != hubs:
                 write_secret(self.data / HUBS_FILE, json.dumps(known, indent=1, sort_keys=True) + "\n")
