@@ -101,7 +101,8 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
         seed = site.external_seed()
     else:
         seed = load_or_create_client_seed(data)
-        site.broker = site_broker(settings, key, authorization=site.broker_users(public_key_of_seed(seed)))
+        site.broker = site_broker(settings, key, authorization=site.broker_users(public_key_of_seed(seed)),
+                                  disabled_remotes=site.dialed_off())
         site.nats_url = site.broker.start(defer_jetstream=True)  # on below, once we listen
         site.client_nkey = public_key_of_seed(seed)
     site.nc = nc = await connect(site.nats_url, seed=seed, site=site_id,
@@ -207,9 +208,11 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
     log.info("site open", data=str(data), nats=site.nats_url, roles=sorted(roles))
 
 
-def site_broker(settings: Settings, key: SiteKey, *, authorization: str = "", private_for: str = "") -> EmbeddedBroker:
+def site_broker(settings: Settings, key: SiteKey, *, authorization: str = "", private_for: str = "",
+                disabled_remotes: frozenset[str] = frozenset()) -> EmbeddedBroker:
     """The embedded nats-server of a data directory. Serving (``authorization``: the rendered
-    users): on ``nats_listen`` with the leaf links and the spoke's deny lists. ``private_for``
+    users): on ``nats_listen`` with the leaf links (but ``disabled_remotes``: odst.bus.hubs)
+    and the spoke's deny lists. ``private_for``
     a client NKey (``odst audit|rebuild|recover`` with no site running): any free port, no
     leaf links, only that client."""
     data = Path(settings.data)
@@ -222,7 +225,8 @@ def site_broker(settings: Settings, key: SiteKey, *, authorization: str = "", pr
     return EmbeddedBroker(
         BrokerConfig(site=key.site_id, store_dir=data / "nats", host=host, port=int(port),
                      sync_interval=settings.sync_interval, leaf_listen=settings.leaf_listen or None,
-                     leaf_remotes=list(settings.leaf_remotes), authorization=authorization,
+                     leaf_remotes=list(settings.leaf_remotes), disabled_remotes=disabled_remotes,
+                     authorization=authorization,
                      leaf_seed=key.nkey_seed(),
                      leaf_deny_imports=authz.remote_deny_imports(key.site_id),
                      leaf_deny_exports=authz.remote_deny_exports(key.site_id),

@@ -22,6 +22,7 @@ from odst import tasks
 from odst.bus import authorization as authz
 from odst.bus.embedded import BrokerError, EmbeddedBroker, wait_for_jetstream
 from odst.bus.external import AuthInclude
+from odst.bus.hubs import ExternalHubWatch, HubGuard, disabled_remotes, read_hubs
 from odst.bus.identity import client_seed_path, public_key_of_seed, raw_public_key, read_seed
 from odst.bus.system import SYSTEM_SEED_FILE, LinkCutter, user_keys
 from odst.bus.users import authorization_users, legacy_mirrors
@@ -201,6 +202,44 @@ class Site:
                     lambda: user_keys(self.nats_users(public_key_of_seed(self.external_seed()))))
             self._auth_include.update(self.nats_users(public_key_of_seed(self.external_seed())))
 
+    _hub_guard = None  # odst.bus.hubs.HubGuard (embedded broker) or ExternalHubWatch
+
+    def removed_sites(self) -> frozenset[str]:
+        """The peers this site removed, from the read model (as it is on disk before the projector runs)."""
+        reader = self.reader
+        if reader is None:
+            if not read_model_path(self.data).exists():
+                return frozenset()
+            reader = connect_read_model(read_model_path(self.data))
+        try:
+            return frozenset(r.site for r in views.removed_peers(reader))
+        finally:
+            if reader is not self.reader:
+                reader.close()
+
+    def dialed_off(self) -> frozenset[str]:
+        """The leaf remotes the embedded broker starts with disabled: those that lead to a removed
+        peer (odst.bus.hubs)."""
+        off = disabled_remotes(read_hubs(self.data), self.removed_sites()) & frozenset(self.settings.leaf_remotes)
+        if off:
+            log.warning("leaf remotes not dialed: they lead to removed peers; this site reaches no other site "
+                        "through them until leaf_remotes names another hub or the peer is registered again",
+                        urls=sorted(off))
+        return off
+
+    async def guard_hubs(self) -> None:
+        """Projector role: dial no hub that is a removed peer (odst.bus.hubs); with a NATS server
+        ODST does not run, name each of its links to one, for the operator to remove. A failure
+        is logged and the check is made again at the next pass."""
+        if self._hub_guard is None:
+            self._hub_guard = (HubGuard(self.broker, self.data, self.data / SYSTEM_SEED_FILE) if self.broker is not None
+                               else ExternalHubWatch(self.nats_url, self.data / SYSTEM_SEED_FILE))
+        try:
+            await self._hub_guard.check(self.removed_sites())
+        except Exception as exc:
+            log.error("the hubs this site dials were not checked against its removed peers; retrying",
+                      error=f"{type(exc).__name__}: {exc}")
+
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:
         """Turn the embedded broker's JetStream on once this connection listens for its
         mirrors' consumer requests (odst.bus.embedded): within ``reconnect_s`` of a broker
@@ -278,6 +317,7 @@ class Site:
                     cursor, passed_at = views.last_position(self.reader), loop.time()
                     await self.linker.sync()
                     self.sync_authorization()
+                    await self.guard_hubs()
                     await self.linker.watch()
                     unlinked = any(p.site not in self.linker.linked for p in views.peer_sites(self.reader, self.id))
                     if not unlinked:

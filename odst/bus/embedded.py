@@ -66,6 +66,7 @@ class BrokerConfig:
     sync_interval: str = "always"
     leaf_listen: str | None = None  # HOST:PORT to accept leaf connections
     leaf_remotes: list[str] = field(default_factory=list)
+    disabled_remotes: frozenset[str] = frozenset()  # of leaf_remotes, those not dialed (odst.bus.hubs)
     log_file: str = ""  # nats-server rotates it itself at 50MB, keeping 5
     authorization: str = ""  # the rendered authorization block (odst.bus.authorization)
     leaf_seed: str = ""  # this site's NKey seed, presented to the hubs it dials
@@ -110,6 +111,8 @@ class BrokerConfig:
 
     def _remote(self, url: str) -> dict:
         remote: dict = {"url": url}
+        if url in self.disabled_remotes:  # nats-server >= 2.14 closes its link and stops dialing on a reload
+            remote["disabled"] = True
         if self.leaf_seed:
             remote["nkey"] = self.leaf_seed
         if self.leaf_deny_imports:
@@ -217,6 +220,15 @@ class EmbeddedBroker:
         self.config.authorization = authorization
         self._reload()
         log.info("broker authorization reloaded")
+        return True
+
+    def disable_remotes(self, urls: frozenset[str]) -> bool:
+        """Dial none of ``urls`` of the leaf remotes, and again the others (a reload: nats-server
+        closes a disabled remote's link). False if that was so already."""
+        if urls == self.config.disabled_remotes:
+            return False
+        self.config.disabled_remotes = urls
+        self._reload()
         return True
 
     def _reload(self) -> None:

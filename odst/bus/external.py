@@ -7,7 +7,7 @@
 * ``auth.conf``: the ``authorization { users: [...] }`` block exactly as the embedded broker
   has it (odst.bus.authorization: the site's processes, every peer's leaf identity, every
   event subscriber), plus the system account (odst.bus.system: its one user may only ask
-  servers to reload, list their connections and close one).
+  servers to reload, list their connections and leaf links and close one).
 * ``leaf.conf`` (0600): ``LEAF_NKEY`` (the site key as the NKey seed a spoke's leaf remote
   presents to its hub) and ``LEAF_DENY_IMPORTS``/``LEAF_DENY_EXPORTS``, what a spoke refuses
   from and never sends to its hub. NATS config variables hold arrays, so the shipped spoke

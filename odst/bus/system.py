@@ -4,8 +4,9 @@ a reload leaves behind.
 Who: ``<data>/nats-system.nk`` (0600, beside ``nats-client.nk``), in the account ``SYS`` of the
 embedded broker and of a NATS server ODST does not run (``odst nats-config``'s auth.conf).
 What it may do: find the servers (``PING.IDZ``), ask one to re-read its config (``RELOAD``),
-list its connections with the key each authenticated with (``CONNZ``) and close one by id
-(``KICK``). Nothing else of the system account (no account changes, no lame duck, no
+list its connections with the key each authenticated with (``CONNZ``), list its leaf links
+with the name of the server at the other end (``LEAFZ``: which links it dialed, to whom;
+odst.bus.hubs) and close one by id (``KICK``). Nothing else of the system account (no account changes, no lame duck, no
 shutdown), no JetStream, no ODST subject. No peer can reach it: leaf links are bound to the
 global account and peers may not publish ``$SYS``.
 
@@ -41,10 +42,11 @@ PING_IDZ = "$SYS.REQ.SERVER.PING.IDZ"  # every server of the cluster answers wit
 RELOAD = "$SYS.REQ.SERVER.{id}.RELOAD"  # nats-server re-reads its config (server/events.go)
 CONNZ = "$SYS.REQ.SERVER.{id}.CONNZ"  # its connections, leaf links included; with "auth", their keys
 KICK = "$SYS.REQ.SERVER.{id}.KICK"  # {"cid": N}: close that client or leaf connection
-# The system user may ask for ids, reloads, connection lists and kicks, and nothing else of
-# the system account (no account changes, no lame duck mode, no shutdown).
+LEAFZ = "$SYS.REQ.SERVER.{id}.LEAFZ"  # its leaf links with the name of the server at the other end
+# The system user may ask for ids, reloads, connection and leaf link lists and kicks, and
+# nothing else of the system account (no account changes, no lame duck mode, no shutdown).
 SYSTEM_PERMISSIONS = {"publish": {"allow": [PING_IDZ, RELOAD.format(id="*"), CONNZ.format(id="*"),
-                                            KICK.format(id="*")]},
+                                            KICK.format(id="*"), LEAFZ.format(id="*")]},
                       "subscribe": {"allow": ["_INBOX.>"]}}
 CONNZ_PAGE = 1024  # nats-server's own default page
 
@@ -140,15 +142,34 @@ async def cut_stale_links(nc, server: str, users: frozenset[str], timeout: float
         stale = stale_links(stale, current())
     closed: list[ClosedLink] = []
     for c in stale:
-        try:
-            await _ask(nc, KICK.format(id=server), {"cid": c["cid"]}, timeout)
-        except SystemRequestError as exc:
-            if "no such client" not in str(exc):
-                raise
+        if not await kick(nc, server, c["cid"], timeout):
             continue  # gone already
         closed.append(ClosedLink(server, c["cid"], c["authorized_user"], c.get("name") or "",
                                  f"{c.get('ip', '')}:{c.get('port', '')}"))
     return closed
+
+
+async def dialed_links(nc, server: str, timeout: float) -> list[dict]:
+    """The leaf links ``server`` dialed itself (to a hub), each with ``id`` (its cid), ``name``
+    (the server_name the hub gave), ``ip`` and ``port`` (the hub's address)."""
+    leafz = await _ask(nc, LEAFZ.format(id=server), {}, timeout)
+    return [link for link in leafz.get("leafs") or [] if link.get("is_spoke")]
+
+
+async def reload_server(nc, server: str, timeout: float) -> None:
+    """Have ``server`` re-read its config; the answer comes once the new config is in force."""
+    await _ask(nc, RELOAD.format(id=server), None, timeout)
+
+
+async def kick(nc, server: str, cid: int, timeout: float) -> bool:
+    """Close connection ``cid`` of ``server``; False if it was gone already."""
+    try:
+        await _ask(nc, KICK.format(id=server), {"cid": cid}, timeout)
+    except SystemRequestError as exc:
+        if "no such client" not in str(exc):
+            raise
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -170,7 +191,7 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *
         closed: list[ClosedLink] = []
         for server in ids:
             try:
-                await _ask(nc, RELOAD.format(id=server), None, timeout)
+                await reload_server(nc, server, timeout)
             except SystemRequestError as exc:
                 raise SystemRequestError(f"NATS server {server} did not reload its config: {exc}") from None
         if keep_only is not None:  # only once every server runs the new users: a cut link's re-dial is refused

@@ -5,6 +5,7 @@ connections it accepted: a removed peer's open link kept a peer's NATS rights (r
 site's log through its mirror, delivering into mirrors labelled with its path) until it
 dropped. The site now closes, after the reload, every accepted leaf link whose key is no user
 any more, found by the key nats-server verified at connect (odst.bus.system.LinkCutter).
+The link a spoke dialed to a hub it removed is closed, and dialed no more (odst.bus.hubs).
 """
 
 from __future__ import annotations
@@ -13,13 +14,21 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+from structlog.testing import capture_logs
+
+from harness.wait import TimedOut
 from odst.bus import connect
+from odst.bus.embedded import nats_server_binary
+from odst.bus.hubs import HUBS_FILE, ExternalHubWatch
 from odst.bus.identity import public_key_of_seed, read_seed
-from odst.bus.system import CONNZ, SYSTEM_SEED_FILE, reload_servers, server_ids
-from tests.conftest import wait_until, write_random
+from odst.bus.system import (CONNZ, SYSTEM_SEED_FILE, dialed_links, load_or_create_system_seed, reload_servers,
+                              render_system_account, server_ids)
+from tests.conftest import free_port, wait_until, write_random
 from tests.system.test_cluster import cluster  # noqa: F401  (a fixture)
 from tests.system.test_mirror_injection import RawLeaf, hub_with_spokes, leaf_seed
 from tests.system.test_replication import available_at, site_id, upload
@@ -148,3 +157,95 @@ def test_on_a_cluster_every_node_cuts_a_removed_peers_links(cluster, make_site, 
         answer = refused(port, seed)
         assert b"Authorization Violation" in answer, answer
     assert "leaf link of a removed user closed" in site.log(1 << 20)
+
+
+def dialed(site) -> list[str]:
+    """The hubs the site's broker dialed (LEAFZ: the links it is the spoke of), by the name
+    each hub gave, as nats-server reports them to the site's system user."""
+    async def ask():
+        nc = await connect(site.run_info()["nats"], seed=read_seed(site.data / SYSTEM_SEED_FILE),
+                           allow_reconnect=False)
+        try:
+            (server,) = await server_ids(nc, "", 5)
+            return [link["name"] for link in await dialed_links(nc, server, 5)]
+        finally:
+            await nc.close()
+    return asyncio.run(ask())
+
+
+def remotes(site) -> list[dict]:
+    """The leaf remotes of the site's rendered broker config."""
+    text = (site.data / "run" / "nats.conf").read_text()
+    return json.loads("[" + re.search(r"remotes: \[ (.*) \]", text).group(1) + "]")
+
+
+def test_removing_the_hub_this_site_dials_closes_that_link_for_good(make_site):
+    """The link a spoke dialed carries no key of the hub's, so the cut by key never closed it:
+    a spoke that removed its hub kept dialing it, and the removed hub could go on reading the
+    spoke's log over it. The spoke now disables that remote (odst.bus.hubs)."""
+    leaf, a, (b,) = hub_with_spokes(make_site, "B")
+    a_id, b_key = site_id(a), public_key_of_seed(leaf_seed(b))
+    wait_until(lambda: b_key in leaf_links(a), 30, what="B's link at A")
+    assert not any(r.get("disabled") for r in remotes(b))
+    with b.client() as admin:
+        r = admin.delete(f"/api/v1/peers/{a_id}")
+        assert r.status_code == 200, r.text
+
+    wait_until(lambda: b_key not in leaf_links(a), 20, what="B's link at A to be closed")
+    assert dialed(b) == []
+    (remote,) = remotes(b)
+    assert remote["url"] == f"nats-leaf://127.0.0.1:{leaf}" and remote["disabled"] is True
+    assert (b.data / HUBS_FILE).stat().st_mode & 0o777 == 0o600
+    line = next(x for x in b.log(1 << 20).splitlines() if "hub is dialed no more" in x)
+    assert a_id in line and f"127.0.0.1:{leaf}" in line
+
+    # after a restart B still does not dial A: the remote is rendered disabled from the start,
+    # and no link comes up over a window of several of the remote's 1 s re-dial intervals
+    b.stop()
+    b.start()
+    assert remotes(b)[0]["disabled"] is True
+    with pytest.raises(TimedOut):
+        wait_until(lambda: dialed(b) or b_key in leaf_links(a), 4, what="a link between B and A")
+
+
+def bare_server(tmp_path: Path, name: str, body: str) -> tuple[subprocess.Popen, int]:
+    """A nats-server of its own config (what an operator runs), listening on a free port."""
+    port = free_port()
+    conf = tmp_path / f"{name}.conf"
+    conf.write_text(f'server_name: "{name}"\nlisten: "127.0.0.1:{port}"\n{body}')
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    return proc, port
+
+
+def test_a_nats_server_odst_does_not_run_that_dials_a_removed_peer_is_named_for_the_operator(tmp_path):
+    """ODST cannot change an external server's remotes: it says which link the operator must remove."""
+    seed_path = tmp_path / SYSTEM_SEED_FILE
+    seed = load_or_create_system_seed(tmp_path)
+    leaf = free_port()
+    hub, _ = bare_server(tmp_path, "s-removed", f'leafnodes {{ listen: "127.0.0.1:{leaf}" }}\n')
+    server, port = bare_server(tmp_path, "ext", f'leafnodes {{ remotes: [ {{ url: "nats-leaf://127.0.0.1:{leaf}" }} ] }}\n'
+                               + render_system_account(public_key_of_seed(seed)))
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        async def links():
+            nc = await connect(url, seed=seed, allow_reconnect=False)
+            try:
+                return [link["name"] for s in await server_ids(nc, url, 5) for link in await dialed_links(nc, s, 5)]
+            finally:
+                await nc.close()
+        wait_until(lambda: asyncio.run(links()) == ["s-removed"], 30, what="the external server's link to its hub")
+
+        watch = ExternalHubWatch(url, seed_path)
+        with capture_logs() as logs:
+            asyncio.run(watch.check(frozenset({"s-other"})))  # not the hub: nothing to say
+            asyncio.run(watch.check(frozenset({"s-other", "s-removed"})))
+            asyncio.run(watch.check(frozenset({"s-removed"})))  # said already for this link
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert len(errors) == 1, logs
+        assert errors[0]["peer"] == "s-removed" and errors[0]["address"] == f"127.0.0.1:{leaf}"
+        assert "operator must remove that leaf remote" in errors[0]["event"]
+    finally:
+        for proc in (server, hub):
+            proc.terminate()
+            proc.wait(10)

@@ -33,7 +33,8 @@ def test_the_system_user_may_reload_list_connections_and_kick_nothing_else():
     assert user == {"nkey": SYSTEM, "permissions": SYSTEM_PERMISSIONS}
     assert SYSTEM_PERMISSIONS == {
         "publish": {"allow": ["$SYS.REQ.SERVER.PING.IDZ", "$SYS.REQ.SERVER.*.RELOAD",
-                              "$SYS.REQ.SERVER.*.CONNZ", "$SYS.REQ.SERVER.*.KICK"]},
+                              "$SYS.REQ.SERVER.*.CONNZ", "$SYS.REQ.SERVER.*.KICK",
+                              "$SYS.REQ.SERVER.*.LEAFZ"]},
         "subscribe": {"allow": ["_INBOX.>"]}}
 
 
