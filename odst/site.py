@@ -223,7 +223,7 @@ class Site:
         off = disabled_remotes(read_hubs(self.data), self.removed_sites()) & frozenset(self.settings.leaf_remotes)
         if off:
             log.warning("leaf remotes not dialed: they lead to removed peers; this site reaches no other site "
-                        "through them until leaf_remotes names another hub or the peer is registered again",
+                        "through them until leaf_remotes names another hub (a removal is for good)",
                         urls=sorted(off))
         return off
 

@@ -6,8 +6,8 @@ never closes it; over it a removed hub could go on reading whatever this site's 
 lists allow (its whole event log, through ``$JS.<site>.API``), and it routes all traffic
 between this site and the others. So once this site removed the peer a remote leads to, the
 embedded broker's config renders that remote ``disabled``: on the reload nats-server (>= 2.14)
-closes its link and dials it no more. It stays disabled across restarts while the peer is a
-removed one, and is dialed again if the peer is no longer removed.
+closes its link and dials it no more. It stays disabled across restarts: a removal is for good
+(the read model's ``removals``), so the operator names another hub in ``leaf_remotes``.
 
 Which remote leads to which site: LEAFZ gives each link this server dialed with the
 server_name of the hub (on an embedded broker, its site id) and the hub's ip:port, matched to
@@ -16,7 +16,7 @@ that names itself a removed peer only gets itself disconnected, which it can do 
 closing the link. So that a removed hub cannot keep its link by coming back under another name
 (or by being offline when it is removed), the site a remote led to is remembered from the
 first time its link is seen (``<data>/nats-hubs.json``, 0600), and a remote whose site is
-removed keeps that site until the peer is no longer removed.
+removed keeps that site.
 
 A NATS server ODST does not run keeps its remotes in the operator's config: the site can only
 find a link to a removed peer there and say, at ERROR, that the operator must remove it.
@@ -123,7 +123,7 @@ class HubGuard:
                     log.info("a hub is dialed again: its site is no removed peer any more", peer=known.get(url), url=url)
                 for url in sorted(off - was):
                     log.warning("a removed peer's hub is dialed no more: this site reaches no other site through "
-                                "it until leaf_remotes names another hub or the peer is registered again",
+                                "it until leaf_remotes names another hub (a removal is for good)",
                                 peer=known[url], url=url)
             if off:  # the reload closes a disabled remote's link; one that outlived it is closed here
                 for link in await dialed_links(nc, server, TIMEOUT_S):
