@@ -74,9 +74,16 @@ def base_image() -> str:
         assert shutil.which("debootstrap"), "debootstrap is not installed (tests/system-deps.sh installs it)"
         ctx.mkdir(parents=True, exist_ok=True)
         root = ctx / "rootfs"
-        shutil.rmtree(root, ignore_errors=True)
-        done = subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm",
-                               str(root), debian_mirror()], capture_output=True, text=True, timeout=900)
+        for _ in range(2):
+            shutil.rmtree(root, ignore_errors=True)
+            done = subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm",
+                                   str(root), debian_mirror()], capture_output=True, text=True, timeout=900)
+            # once more only for debootstrap's own exec check: it runs a script it has just
+            # written, and on a fresh machine (the first cold cache) that failed once with
+            # "Text file busy" (the file still open for writing somewhere); the next test's
+            # attempt a minute later went through
+            if done.returncode == 0 or "Text file busy" not in done.stderr:
+                break
         assert done.returncode == 0, f"debootstrap failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in (root / junk).glob("*"):
