@@ -94,6 +94,8 @@ class PackageStore(Protocol):
 
     def is_publishing(self, name: str, max_age_s: float = 600) -> bool: ...
 
+    def left_behind(self, name: str, blake3: str) -> bool: ...
+
     def publish(self, temp: Path, name: str) -> Path: ...
 
     def publishing_upload(self, temp: Path, name: str) -> contextlib.AbstractAsyncContextManager[Path]: ...
@@ -188,6 +190,22 @@ class Store:
             except FileNotFoundError:
                 pass
         return False
+
+    def left_behind(self, name: str, blake3: str) -> bool:
+        """The file under ``name`` holds ``blake3`` (its label) and no publisher marks it: what an
+        upload of those bytes left when the log did not answer (AppendUnconfirmed keeps the
+        file), or a crash between the link and the event. An upload of the same bytes may take
+        it for its own; any other content there is not this upload's to touch."""
+        if self.is_publishing(name):
+            return False
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            return content_tag(fd) == blake3
+        finally:
+            os.close(fd)
 
     def reserve_bytes(self) -> int:
         """Space kept free for the event log and temp files: 2% of the file system, at most 64 MiB

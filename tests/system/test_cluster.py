@@ -174,7 +174,9 @@ def test_r3_event_log_survives_a_node_loss(cluster, make_site, tmp_path):
             r = httpx.put(f"{site.url}/api/v1/packages/p{i}.pkg", content=body, headers=HEADERS, timeout=60)
             if r.status_code != 503:
                 break
-        assert r.status_code == 201, r.text
+        # 200: a 503 "not known whether recorded" whose event was stored after all (the same
+        # bytes again are identical); otherwise the retry records them (201)
+        assert r.status_code in (200, 201), r.text
         return hashlib.sha1(body).hexdigest()
 
     async def current():
@@ -191,8 +193,10 @@ def test_r3_event_log_survives_a_node_loss(cluster, make_site, tmp_path):
     with site.client() as c:
         listed = {p["name"]: p["sha1"] for p in c.get("/api/v1/packages").json()["packages"]}
         assert listed == {f"p{i}.pkg": s for i, s in sha.items()}
-        uploads = [e for e in all_events(c) if e["type"] == "PackageUploaded"]
-        assert len(uploads) == 10
+        uploads = [e["envelope"]["event"]["name"] for e in all_events(c) if e["type"] == "PackageUploaded"]
+        # every upload recorded; a retry of one whose first event was stored only after its
+        # 503 may have recorded the same bytes twice (at least once, never lost)
+        assert set(uploads) == {f"p{i}.pkg" for i in range(10)} and len(uploads) >= 10
     assert httpx.get(f"{site.url}/healthz").status_code == 200
     start(1)  # the node comes back
     wait_until(lambda: asyncio.run(current()), 60, what="the restarted node to catch up")

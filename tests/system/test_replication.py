@@ -114,8 +114,13 @@ def test_bad_invitations_are_refused_clearly(pair, make_site):
         assert cb.post("/api/v1/peers/join", json={}).status_code == 400
 
 
-def test_a_removed_peer_is_ignored(pair, tmp_path):
-    a, b = pair
+def test_a_removed_peer_is_ignored(make_site, tmp_path):
+    """B removes A: A's later events still reach B's mirror of A's log (through their hub,
+    whose link B keeps) and are folded as ignored, never as packages. (Were A B's own hub,
+    B would dial it no more: odst.bus.hubs, test_peer_removal_link.)"""
+    from tests.system.test_mirror_injection import hub_with_spokes
+    _, _, (a, b) = hub_with_spokes(make_site, "C", "D")  # a and b: two spokes of one hub
+    register(a, b)
     a_id, b_id = site_id(a), site_id(b)
     upload(a, "before.pkg", write_random(tmp_path / "1.pkg", 5000, seed=4))
     wait_until(lambda: available_at(b, "before.pkg", b_id), 60, what="first package at B")
