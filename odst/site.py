@@ -230,7 +230,11 @@ class Site:
     async def guard_hubs(self) -> None:
         """Projector role: dial no hub that is a removed peer (odst.bus.hubs); with a NATS server
         ODST does not run, name each of its links to one, for the operator to remove. A failure
-        is logged and the check is made again at the next pass."""
+        is logged and the check is made again at the next pass. Not while the users' reload
+        runs (``LinkCutter.busy``): a connection made during nats-server's reload was refused
+        now and then (bench: an ERROR and a traceback right after a registration)."""
+        if self._link_cutter is not None and self._link_cutter.busy:
+            return  # checked at the next pass, once the reload is in force
         if self._hub_guard is None:
             self._hub_guard = (HubGuard(self.broker, self.data, self.data / SYSTEM_SEED_FILE) if self.broker is not None
                                else ExternalHubWatch(self.nats_url, self.data / SYSTEM_SEED_FILE))

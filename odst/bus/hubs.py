@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from odst.bus import connect
 from odst.bus.identity import read_seed, write_secret
-from odst.bus.system import PING_IDZ, SystemRequestError, dialed_links, kick, reload_server, server_ids
+from odst.bus.system import (PING_IDZ, SystemRequestError, connect_system, dialed_links, kick, reload_server,
+                              server_ids)
 
 log = structlog.get_logger("odst.bus")
 
@@ -102,8 +102,7 @@ class HubGuard:
         hubs = read_hubs(self.data)
         if not urls or (not removed and not self.broker.config.disabled_remotes and set(urls) <= hubs.keys()):
             return  # nothing to disable or enable again, every remote's site known: no need to ask
-        nc = await connect(self.broker.url, seed=read_seed(self.system_seed_path), name="odst-system",
-                           allow_reconnect=False)
+        nc = await connect_system(self.broker.url, read_seed(self.system_seed_path))
         try:
             # the embedded broker is one server: the first answer is the only one
             server = json.loads((await nc.request(PING_IDZ, b"", timeout=TIMEOUT_S)).data)["id"]
@@ -152,8 +151,7 @@ class ExternalHubWatch:
             return
         self._asked = (removed, now)
         self._said = {key: at for key, at in self._said.items() if now - at < EXTERNAL_REPEAT_S}
-        nc = await connect(self.servers, seed=read_seed(self.system_seed_path), name="odst-system",
-                           allow_reconnect=False)
+        nc = await connect_system(self.servers, read_seed(self.system_seed_path))
         try:
             for server in await server_ids(nc, self.servers, TIMEOUT_S):
                 for link in await dialed_links(nc, server, TIMEOUT_S):

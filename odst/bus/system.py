@@ -49,6 +49,10 @@ SYSTEM_PERMISSIONS = {"publish": {"allow": [PING_IDZ, RELOAD.format(id="*"), CON
                                             KICK.format(id="*"), LEAFZ.format(id="*")]},
                       "subscribe": {"allow": ["_INBOX.>"]}}
 CONNZ_PAGE = 1024  # nats-server's own default page
+# A reload under way (the users' SIGHUP just before a pass) refuses the system user for a
+# moment ("Authorization Violation", "Problem registering with account SYS"): a pass that
+# failed is made again this many times, 0.2 s apart and growing, before it is an ERROR.
+QUICK_RETRIES = 4
 
 
 class SystemRequestError(Exception):
@@ -185,7 +189,7 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *
     comes once the new users are in force), then, with ``keep_only`` (the NKeys of the site's
     users now), close on each the leaf links authenticated with any other key. Raises
     SystemRequestError when no server answers or one refuses."""
-    nc = await connect(servers, seed=system_seed, name="odst-system", allow_reconnect=False)
+    nc = await connect_system(servers, system_seed)
     try:
         ids = await server_ids(nc, servers, timeout)
         closed: list[ClosedLink] = []
@@ -200,6 +204,15 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *
         return Reloaded(ids, closed)
     finally:
         await nc.close()
+
+
+async def connect_system(servers: str, system_seed: str):
+    """The system user's connection: no reconnect, and nats-py's own logging of a refused
+    connect left to the caller (it raises; the pass is made again, ``QUICK_RETRIES``)."""
+    async def raised_to_the_caller(exc: Exception) -> None:
+        pass
+    return await connect(servers, seed=system_seed, name="odst-system", allow_reconnect=False,
+                         error_cb=raised_to_the_caller)
 
 
 def user_keys(users: list[dict]) -> frozenset[str]:
@@ -233,20 +246,30 @@ class LinkCutter:
     def pending(self) -> bool:
         return self._keys is not None
 
+    @property
+    def busy(self) -> bool:
+        """A pass (reloads, then cuts) is under way."""
+        return self._task is not None and not self._task.done()
+
     async def stop(self) -> None:
         if self._task is not None:
             await tasks.cancel(self._task)
 
     async def _run(self) -> None:
+        failed = 0
         while self._keys is not None:
             keys = self._keys
             try:
                 done = await reload_servers(self.servers, read_seed(self.system_seed_path), keep_only=keys,
                                             current=self.current)
-            except Exception as exc:  # done again at the next call
+            except Exception as exc:
+                failed += 1
+                if failed <= QUICK_RETRIES:  # most likely the users' reload still under way
+                    await asyncio.sleep(0.2 * failed)
+                    continue
                 log.error("NATS servers not reloaded; removed users' leaf links may still be up; retrying",
                           error=f"{type(exc).__name__}: {exc}")
-                return
+                return  # done again at the next call
             if self._keys == keys:
                 self._keys = None
             for link in done.closed:
