@@ -1058,7 +1058,7 @@ class Replicator:
                 try:
                     if path not in tagged:  # labelled when written (a batch); the puller's files here
                         tag(path, want.blake3)
-                    publishing.enter_context(self.store.publishing_file(path, want.name))
+                    publishing.enter_context(self.store.publishing(want.name, file=path))
                 except OSError as exc:
                     out.append(exc)
                 else:

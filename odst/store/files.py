@@ -88,9 +88,7 @@ class PackageStore(Protocol):
 
     def reserve_bytes(self) -> int: ...
 
-    def publishing(self, name: str) -> ContextManager[None]: ...
-
-    def publishing_file(self, temp: Path, name: str) -> ContextManager[None]: ...
+    def publishing(self, name: str, file: Path | None = None) -> ContextManager[None]: ...
 
     def is_publishing(self, name: str, max_age_s: float = 600) -> bool: ...
 
@@ -148,31 +146,18 @@ class Store:
         return self.tmp / (hashlib.sha256(name_key(name).encode("utf-8")).hexdigest() + ".publishing")
 
     @contextlib.contextmanager
-    def publishing(self, name: str):
+    def publishing(self, name: str, file: Path | None = None):
         """Mark ``name`` as being published (file placed, event not folded yet), for every
-        process on this store: the janitor leaves such a file alone."""
-        own = _claim_marker(self._marker(name))
-        try:
-            yield
-        finally:
-            own.unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def publishing_file(self, temp: Path, name: str):
-        """``publishing(name)`` for the file ``temp`` about to be put in place as ``name``: the
-        name's marker is a second name of that file (a hard link, as ``publish_small`` makes),
-        not a file of its own. No inode is made and freed per file: on ext4 without a journal,
-        each file created steps past every inode freed in the last seconds, reading its table
-        block (perf: a fifth of a catch-up's CPU went there, with a marker made and removed per
-        package pulled). Its time is the file's last write. A name another publisher holds is
-        marked with a marker of this one's own beside it (``_claim_marker``), as ``publishing``
-        does; each removes only its own."""
-        marker = self._marker(name)
-        try:
-            os.link(temp, marker)
-            own = marker
-        except FileExistsError:
-            own = _claim_marker(marker)
+        process on this store: the janitor leaves such a file alone. With ``file`` (the file
+        about to be put in place as ``name``: the replicator's batches) the name's marker is a
+        second name of that file (a hard link, as ``publish_small`` makes), not a file of its
+        own: no inode is made and freed per file. On ext4 without a journal each file created
+        steps past every inode freed in the last seconds, reading its table block (perf: a
+        fifth of a catch-up's CPU went there, with a marker made and removed per package
+        pulled); such a marker's time is the file's last write. A name another publisher holds
+        is marked with a marker of this one's own beside it (``_claim_marker``); each removes
+        only its own."""
+        own = _claim_marker(self._marker(name), file)
         try:
             yield
         finally:
@@ -426,15 +411,19 @@ class Store:
         return removed
 
 
-def _claim_marker(marker: Path) -> Path:
+def _claim_marker(marker: Path, file: Path | None = None) -> Path:
     """Mark a name as being published by this publisher; returns the marker to remove when done:
-    the name's ``marker``, or, while another publisher holds that, one of this publisher's own
-    beside it (``<marker>.<random>.publishing``). Each publisher removes only its own, so the
-    name stays marked while any of them publishes (a shared marker taken away by whichever
-    ended first left the other's file unmarked: the janitor could sweep it before its fold)."""
+    the name's ``marker`` (made as a hard link to ``file`` if given, else as an empty file), or,
+    while another publisher holds that, one of this publisher's own beside it
+    (``<marker>.<random>.publishing``). Each publisher removes only its own, so the name stays
+    marked while any of them publishes (a shared marker taken away by whichever ended first
+    left the other's file unmarked: the janitor could sweep it before its fold)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        os.close(os.open(marker, flags, 0o600))
+        if file is not None:
+            os.link(file, marker)
+        else:
+            os.close(os.open(marker, flags, 0o600))
         return marker
     except FileExistsError:
         own = marker.with_name(f"{marker.stem}.{secrets.token_hex(8)}.publishing")

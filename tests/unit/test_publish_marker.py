@@ -105,7 +105,7 @@ def test_the_first_publisher_ending_first_leaves_the_second_ones_file_marked(tmp
 
 
 def test_a_pulled_files_marker_is_a_second_name_of_it_and_leaves_no_inode_behind(tmp_path):
-    """Store.publishing_file (the replicator's batches): the marker is a hard link to the file
+    """Store.publishing with the file (the replicator's batches): the marker is a hard link to the file
     being put in place, so it follows it through the rename; its end takes the marker's name
     and leaves the package whole with one name. A second publisher of the name meanwhile
     marks it with a marker of its own and removes only that; so does one that finds the name
@@ -114,20 +114,20 @@ def test_a_pulled_files_marker_is_a_second_name_of_it_and_leaves_no_inode_behind
     store.ensure()
     temp = written(store, b"pulled body")
     inode = os.stat(temp).st_ino
-    with store.publishing_file(temp, "Pulled.pkg"):
+    with store.publishing("Pulled.pkg", file=temp):
         marker = store._marker("pulled.pkg")  # noqa: SLF001
         assert os.stat(marker).st_ino == inode, "the marker is a file of its own"
         assert store.is_publishing("PULLED.pkg")
         store.replace_many([(temp, "Pulled.pkg")])
         dest = store.path("Pulled.pkg")
         assert os.stat(dest).st_ino == inode and os.stat(dest).st_nlink == 2
-        with other.publishing_file(written(other, b"another pull"), "pulled.pkg"):
+        with other.publishing("pulled.pkg", file=written(other, b"another pull")):
             pass
         assert store.is_publishing("pulled.pkg"), "the second publisher removed the first one's marker"
     assert not store.is_publishing("pulled.pkg") and not marker.exists()
     assert dest.read_bytes() == b"pulled body" and os.stat(dest).st_nlink == 1
     with store.publishing("taken.pkg"):  # e.g. an upload of the name holds a marker of its own
-        with store.publishing_file(written(store, b"late pull"), "taken.pkg"):
+        with store.publishing("taken.pkg", file=written(store, b"late pull")):
             pass
         assert store.is_publishing("taken.pkg")
     assert not store.is_publishing("taken.pkg") and not list(store.tmp.glob("*.publishing"))
