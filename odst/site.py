@@ -50,6 +50,7 @@ LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon 
 # its dialer's reconnect interval (1 s) of the registration; doubling from the start put the
 # pass that found it up to a second later (a new site's catch-up waited 0.6-0.9 s for it)
 LINK_STEADY_S = 5.0
+REDIAL_WAIT_S = 1.0  # how long a redial waits for the users' reload under way to be in force
 # Events that change nothing link_peers looks at (peers, their keys and names, credentials):
 # a package's life, and Jamf Pro's records of them.
 LINK_IGNORES = frozenset(views.PACKAGE_EVENTS) | {"JamfPackageSynced", "JamfDriftDetected", "JamfDriftCleared"}
@@ -189,7 +190,7 @@ class Site:
             users = self.nats_users(self.client_nkey)
             if self._link_cutter is None:
                 self._link_cutter = LinkCutter(self.nats_url, self.data / SYSTEM_SEED_FILE, _peer_of,
-                                               lambda: user_keys(self.nats_users(self.client_nkey)))
+                                               lambda: user_keys(self.nats_users(self.client_nkey)), single=True)
             changed = self.broker.reload(authz.render_users(users))
             if changed:
                 log.info("NATS users updated", peers=len(views.peer_sites(self.reader, self.id)))
@@ -243,6 +244,23 @@ class Site:
         except Exception as exc:
             log.error("the hubs this site dials were not checked against its removed peers; retrying",
                       error=f"{type(exc).__name__}: {exc}")
+
+    async def redial_hubs(self) -> None:
+        """Projector role, while a newly known peer is not mirrored: the embedded broker dials
+        at once each hub it has no link to (``HubGuard.redial``), instead of within its
+        reconnect interval (1 s) of the hub admitting this site. After the users' reload, as
+        ``guard_hubs``; a failure is left to the next pass."""
+        if self.broker is None or not self.settings.leaf_remotes:
+            return
+        if self._link_cutter is not None and not await self._link_cutter.settled(REDIAL_WAIT_S):
+            return
+        try:
+            redialed = await HubGuard(self.broker, self.data, self.data / SYSTEM_SEED_FILE).redial()
+        except Exception as exc:
+            log.debug("hubs not dialed again; the next pass will", error=f"{type(exc).__name__}: {exc}")
+            return
+        if redialed:
+            log.debug("hubs with no link dialed again", urls=sorted(redialed))
 
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:
         """Turn the embedded broker's JetStream on once this connection listens for its
@@ -328,6 +346,8 @@ class Site:
                         backoff, every, unlinked_at = None, LINK_EVERY_S, None
                     else:
                         unlinked_at = loop.time() if unlinked_at is None else unlinked_at
+                        if loop.time() - unlinked_at < LINK_STEADY_S:
+                            await self.redial_hubs()
                         backoff = every = link_retry(backoff, loop.time() - unlinked_at)
             except asyncio.CancelledError:
                 raise

@@ -66,6 +66,7 @@ class BrokerConfig:
     sync_interval: str = "always"
     leaf_listen: str | None = None  # HOST:PORT to accept leaf connections
     leaf_remotes: list[str] = field(default_factory=list)
+    leaf_reconnect: str = "1s"  # how soon a remote whose link failed or was refused is dialed again
     disabled_remotes: frozenset[str] = frozenset()  # of leaf_remotes, those not dialed (odst.bus.hubs)
     log_file: str = ""  # nats-server rotates it itself at 50MB, keeping 5
     authorization: str = ""  # the rendered authorization block (odst.bus.authorization)
@@ -99,7 +100,7 @@ class BrokerConfig:
             if self.leaf_remotes:
                 entries = ", ".join(json.dumps(self._remote(u)) for u in self.leaf_remotes)
                 lines.append(f"  remotes: [ {entries} ]")
-                lines.append('  reconnect: "1s"')
+                lines.append(f'  reconnect: "{self.leaf_reconnect}"')
             lines.append("}")
         if self.authorization:
             lines.append(self.authorization)

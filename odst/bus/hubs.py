@@ -20,6 +20,12 @@ removed keeps that site.
 
 A NATS server ODST does not run keeps its remotes in the operator's config: the site can only
 find a link to a removed peer there and say, at ERROR, that the operator must remove it.
+
+A hub refuses a spoke's link until the two sites are registered, and nats-server dials a
+refused remote again only after its reconnect interval (1 s): most of a new site's wait for
+its first package. So while a newly known peer is not linked, ``redial`` has the remotes
+with no link dialed at once: disabled, then enabled again (two reloads, each answered once in
+force; on enabling, nats-server >= 2.14 dials at once).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from odst.bus.identity import read_seed, write_secret
-from odst.bus.system import (PING_IDZ, SystemRequestError, connect_system, dialed_links, kick, reload_server,
+from odst.bus.system import (SystemRequestError, connect_system, dialed_links, kick, reload_server,
                               server_ids)
 
 log = structlog.get_logger("odst.bus")
@@ -104,8 +110,7 @@ class HubGuard:
             return  # nothing to disable or enable again, every remote's site known: no need to ask
         nc = await connect_system(self.broker.url, read_seed(self.system_seed_path))
         try:
-            # the embedded broker is one server: the first answer is the only one
-            server = json.loads((await nc.request(PING_IDZ, b"", timeout=TIMEOUT_S)).data)["id"]
+            [server] = await server_ids(nc, self.broker.url, TIMEOUT_S, single=True)
             addresses = await remote_addresses(urls)
             known = remember(hubs, seen_hubs(await dialed_links(nc, server, TIMEOUT_S), addresses), removed)
             if known != hubs:
@@ -129,6 +134,32 @@ class HubGuard:
                     at = addresses.get(_address(link["ip"], link["port"]), [])
                     if set(at) & off and await kick(nc, server, link["id"], TIMEOUT_S):
                         log.warning("a removed peer's hub link closed", peer=link.get("name"), urls=at)
+        finally:
+            await nc.close()
+
+    async def redial(self) -> frozenset[str]:
+        """Dial at once every remote that has no link now (see the module docstring); the
+        remotes dialed again. A remote whose link came up meanwhile is dialed again too,
+        which costs it that one link."""
+        urls = [u for u in self.broker.config.leaf_remotes if u not in self.broker.config.disabled_remotes]
+        if not urls:
+            return frozenset()
+        nc = await connect_system(self.broker.url, read_seed(self.system_seed_path))
+        try:
+            [server] = await server_ids(nc, self.broker.url, TIMEOUT_S, single=True)
+            addresses = await remote_addresses(urls)
+            linked = {url for link in await dialed_links(nc, server, TIMEOUT_S)
+                      for url in addresses.get(_address(link["ip"], link["port"]), [])}
+            idle = frozenset(urls) - linked
+            if idle:
+                was = self.broker.config.disabled_remotes
+                try:
+                    self.broker.disable_remotes(was | idle)
+                    await reload_server(nc, server, TIMEOUT_S)
+                finally:  # enabled again whatever happened: the config on disk, then in force
+                    self.broker.disable_remotes(was)
+                    await reload_server(nc, server, TIMEOUT_S)
+            return idle
         finally:
             await nc.close()
 

@@ -51,8 +51,10 @@ SYSTEM_PERMISSIONS = {"publish": {"allow": [PING_IDZ, RELOAD.format(id="*"), CON
 CONNZ_PAGE = 1024  # nats-server's own default page
 # A reload under way (the users' SIGHUP just before a pass) refuses the system user for a
 # moment ("Authorization Violation", "Problem registering with account SYS"): a pass that
-# failed is made again this many times, 0.2 s apart and growing, before it is an ERROR.
-QUICK_RETRIES = 4
+# failed is made again this many times, first after QUICK_RETRY_S, then doubling (in
+# all: 1.55 s), before it is an ERROR. A new peer's link waits for the pass (``Site.redial_hubs``).
+QUICK_RETRIES = 5
+QUICK_RETRY_S = 0.05
 
 
 class SystemRequestError(Exception):
@@ -102,8 +104,10 @@ async def _ask(nc, subject: str, body: dict | None, timeout: float) -> dict:
     return reply.get("data") or {}
 
 
-async def server_ids(nc, servers: str, timeout: float) -> list[str]:
-    """The ids of every server of the cluster behind ``servers`` (all answer the ping)."""
+async def server_ids(nc, servers: str, timeout: float, *, single: bool = False) -> list[str]:
+    """The ids of every server of the cluster behind ``servers`` (all answer the ping; the
+    last answer is known by the silence after it, 0.5 s). ``single``: ``servers`` is one
+    server (the embedded broker), whose answer is the last."""
     import nats.errors
 
     inbox = nc.new_inbox()
@@ -122,6 +126,8 @@ async def server_ids(nc, servers: str, timeout: float) -> list[str]:
                     f"no NATS server at {servers} answered {PING_IDZ} as the system user: is its system "
                     "account configured (auth.conf from `odst nats-config` included)?") from None
             ids.append(json.loads(msg.data)["id"])
+            if single:
+                return ids
             wait = 0.5
     finally:
         await sub.unsubscribe()
@@ -182,7 +188,7 @@ class Reloaded:
     closed: list[ClosedLink]  # the leaf links cut after it (keep_only given)
 
 
-async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *,
+async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *, single: bool = False,
                          keep_only: frozenset[str] | None = None,
                          current: Callable[[], frozenset[str]] | None = None) -> Reloaded:
     """Ask every server of the cluster behind ``servers`` to re-read its config (the answer
@@ -191,7 +197,7 @@ async def reload_servers(servers: str, system_seed: str, timeout: float = 5.0, *
     SystemRequestError when no server answers or one refuses."""
     nc = await connect_system(servers, system_seed)
     try:
-        ids = await server_ids(nc, servers, timeout)
+        ids = await server_ids(nc, servers, timeout, single=single)
         closed: list[ClosedLink] = []
         for server in ids:
             try:
@@ -227,8 +233,9 @@ class LinkCutter:
     background; a failure is logged and the work is done again at the next call."""
 
     def __init__(self, servers: str, system_seed_path: Path, names=None,
-                 current: Callable[[], frozenset[str]] | None = None):
+                 current: Callable[[], frozenset[str]] | None = None, *, single: bool = False):
         self.servers, self.system_seed_path = servers, Path(system_seed_path)
+        self.single = single  # one server (the embedded broker): server_ids
         self.current = current  # the users' keys as they are now, read again before a kick
         self.names = names or (lambda nkey: "")  # the peer site an NKey is, for the log
         self._keys: frozenset[str] | None = None  # the users to keep at the next pass
@@ -251,6 +258,12 @@ class LinkCutter:
         """A pass (reloads, then cuts) is under way."""
         return self._task is not None and not self._task.done()
 
+    async def settled(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` for the pass under way; True once none is."""
+        if self.busy:
+            await asyncio.wait({self._task}, timeout=timeout)
+        return not self.busy
+
     async def stop(self) -> None:
         if self._task is not None:
             await tasks.cancel(self._task)
@@ -260,12 +273,12 @@ class LinkCutter:
         while self._keys is not None:
             keys = self._keys
             try:
-                done = await reload_servers(self.servers, read_seed(self.system_seed_path), keep_only=keys,
+                done = await reload_servers(self.servers, read_seed(self.system_seed_path), single=self.single, keep_only=keys,
                                             current=self.current)
             except Exception as exc:
                 failed += 1
                 if failed <= QUICK_RETRIES:  # most likely the users' reload still under way
-                    await asyncio.sleep(0.2 * failed)
+                    await asyncio.sleep(QUICK_RETRY_S * 2 ** (failed - 1))
                     continue
                 log.error("NATS servers not reloaded; removed users' leaf links may still be up; retrying",
                           error=f"{type(exc).__name__}: {exc}")
