@@ -182,7 +182,8 @@ class ReadModelWriter:
             self.fold_many(msgs)
 
     def _fold_one(self, msg: StoredMessage) -> Outcome:
-        """Check, apply or quarantine, checkpoint: inside the caller's transaction."""
+        """Check, apply or quarantine: inside the caller's transaction (which moves the
+        stream's checkpoint past it when it commits)."""
         c = self.conn
         outcome = self._check(msg)
         if outcome.applied and not self._apply(msg, outcome.envelope):
