@@ -14,6 +14,9 @@ from odst.events.log import EVENTS_STREAM, AppendFailed, Appended, EventLog, Not
 from odst.projections.status import ProjectionStatus
 
 
+IDS_PER_QUERY = 500  # events looked up per query once a run is folded
+
+
 class Append(Protocol):
     async def __call__(self, event: ev.Event, *, actor: str, wait: float = 30.0) -> Appended: ...
 
@@ -62,10 +65,15 @@ class ConfirmedAppender:
         if not await self.projection.wait_for(EVENTS_STREAM, max(r.seq for r in done), timeout=wait):
             return [NotYetApplied(f"event {r.envelope.id} was stored but not applied within {wait}s")
                     if isinstance(r, Appended) else r for r in results]
+        ids = [r.envelope.id for r in done]
+        applied = set()  # a query per IDS_PER_QUERY events of the run, not one per event
+        for i in range(0, len(ids), IDS_PER_QUERY):
+            chunk = ids[i:i + IDS_PER_QUERY]
+            applied.update(row[0] for row in self.reader.execute(
+                f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk))
         out: list[Appended | AppendFailed] = []
         for r in results:
-            if isinstance(r, Appended) and self.reader.execute(
-                    "SELECT 1 FROM events WHERE id=?", (r.envelope.id,)).fetchone() is None:
+            if isinstance(r, Appended) and r.envelope.id not in applied:
                 q = self.reader.execute("SELECT reason FROM quarantine WHERE stream=? AND stream_seq=?",
                                         (EVENTS_STREAM, r.seq)).fetchone()
                 self.events.forget_head()

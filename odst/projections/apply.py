@@ -72,11 +72,9 @@ class ReadModelWriter:
 
     def __init__(self, conn: sqlite3.Connection, trusted: dict[str, bytes]):
         self.conn = conn
-        # Each message folds inside a SAVEPOINT, whose journal (the pages it changed, as they
-        # were) SQLite keeps in memory only up to 64 KiB and then in a temp file: a fold of
-        # 64 messages wrote ~30 pages a message to that file (a third of a catch-up's system
-        # CPU). Temp storage in memory keeps it off the disk: it is rollback scratch, never
-        # the read model, so nothing durable changes.
+        # Rollback scratch (a statement's journal) stays in memory: it is never the read
+        # model, so nothing durable changes (per-message savepoints, as folds once had, wrote
+        # ~30 pages a message to a temp file: a third of a catch-up's system CPU).
         conn.execute("PRAGMA temp_store=MEMORY")
         self.trusted = dict(trusted)
         # peers' keys found in the directory, by site: a site id is the hash of its key, so the
@@ -91,12 +89,33 @@ class ReadModelWriter:
         self._heads: dict[str, tuple[int, str]] = {}
         self._removed: dict[str, int | None] = {}
         self.damaged_any: bool | None = None
+        # Each origin's chain head as this transaction moved it, written to its ``sites`` row
+        # once at the commit (``_commit``), not by an UPDATE per event: nothing reads those
+        # columns in between but ``_check``, through ``_heads``.
+        self._moved: dict[str, tuple[int, str, int]] = {}
 
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         self._heads.clear()
         self._removed.clear()
+        self._moved.clear()
         self.damaged_any = None
+
+    def _write_heads(self) -> None:
+        for origin, (seq, chain_hash, ts) in self._moved.items():
+            self.conn.execute("UPDATE sites SET last_seq=?, last_hash=?, last_ts=? WHERE site=?",
+                              (seq, chain_hash, ts, origin))
+        self._moved.clear()
+
+    def _commit(self, checkpoints: dict[str, int]) -> None:
+        """Write what the transaction moved (chain heads, each stream's ``checkpoints``: the
+        last message folded of it), then commit."""
+        c = self.conn
+        self._write_heads()
+        for stream, seq in checkpoints.items():
+            c.execute("INSERT INTO checkpoints(stream, seq) VALUES (?,?)"
+                      " ON CONFLICT(stream) DO UPDATE SET seq=excluded.seq", (stream, seq))
+        c.execute("COMMIT")
 
     def checkpoint(self, stream: str) -> int:
         row = self.conn.execute("SELECT seq FROM checkpoints WHERE stream=?", (stream,)).fetchone()
@@ -110,7 +129,7 @@ class ReadModelWriter:
                 c.execute("ROLLBACK")
                 return Outcome(False, "already applied")
             outcome = self._fold_one(msg)
-            c.execute("COMMIT")
+            self._commit({msg.stream: msg.seq})
             return outcome
         except BaseException:
             self._keys.clear()
@@ -120,50 +139,56 @@ class ReadModelWriter:
     def fold_many(self, msgs: list[StoredMessage], *, stop=None) -> list[Outcome]:
         """``fold`` each of ``msgs`` (of one stream, in order) in ONE transaction: the same
         checks, the same outcome per message (one that fails a check is quarantined, those
-        around it applied), the checkpoint advanced with each, but one commit for the run.
-        Each message has a savepoint: one whose folding raises is rolled back alone, those
-        before it are committed, and the error is raised. ``stop(outcome)``: stop after the
-        message whose outcome it says yes to (its outcome is the last returned); the caller
-        folds the rest later, if it still wants them."""
-        c = self.conn
+        around it applied), the checkpoints advanced past them, but one commit for the run.
+        If folding one raises, the transaction is rolled back, those before it are folded
+        again and committed (as one by one they would stand), and the error is raised: no
+        savepoint per message (two statements each) for what almost never happens.
+        ``stop(outcome)``: stop after the message whose outcome it says yes to (its outcome
+        is the last returned); the caller folds the rest later, if it still wants them."""
         outcomes: list[Outcome] = []
         self._begin()
         try:
             done: dict[str, int] = {}  # stream -> its checkpoint in this transaction (read once)
-            for msg in msgs:
+            moved: dict[str, int] = {}  # stream -> the last message of it folded in this run
+            for i, msg in enumerate(msgs):
                 if msg.stream not in done:
                     done[msg.stream] = self.checkpoint(msg.stream)
                 if msg.seq <= done[msg.stream]:
                     outcomes.append(Outcome(False, "already applied"))
                     continue
-                c.execute("SAVEPOINT fold_one")
                 try:
                     outcome = self._fold_one(msg)
                 except BaseException:
-                    c.execute("ROLLBACK TO fold_one")
-                    c.execute("RELEASE fold_one")
-                    c.execute("COMMIT")  # those before it stand, as one by one they would
+                    self._fold_again(msgs[:i])
                     raise
-                c.execute("RELEASE fold_one")
-                done[msg.stream] = msg.seq
+                done[msg.stream] = moved[msg.stream] = msg.seq
                 outcomes.append(outcome)
                 if stop is not None and stop(outcome):
                     break
-            c.execute("COMMIT")
+            self._commit(moved)
             return outcomes
         except BaseException:
             self._keys.clear()  # a key found in a directory row rolled back is not kept
-            if c.in_transaction:
-                c.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
 
+    def _fold_again(self, msgs: list[StoredMessage]) -> None:
+        """After a fold that raised: roll the run back and fold ``msgs`` (those before the one
+        that raised) again in a transaction of their own, committed."""
+        self.conn.execute("ROLLBACK")
+        self._keys.clear()
+        if msgs:
+            self.fold_many(msgs)
+
     def _fold_one(self, msg: StoredMessage) -> Outcome:
-        """Check, apply or quarantine, checkpoint: inside the caller's transaction."""
+        """Check, apply or quarantine: inside the caller's transaction (which moves the
+        stream's checkpoint past it when it commits)."""
         c = self.conn
         outcome = self._check(msg)
-        if outcome.applied:
-            self._apply(msg, outcome.envelope)
-        else:
+        if outcome.applied and not self._apply(msg, outcome.envelope):
+            outcome = Outcome(False, f"duplicate event id {outcome.envelope.id}", violation=True)
+        if not outcome.applied:
             kind = "ignored" if outcome.reason.startswith(IGNORED) else "quarantined"
             c.execute(
                 "INSERT OR REPLACE INTO quarantine(stream, stream_seq, subject, origin, kind, reason,"
@@ -243,30 +268,37 @@ class ReadModelWriter:
                            violation=True)
         if position is chain.Link.NOT_FOUNDED:
             return Outcome(False, "a site's first event must be SiteFounded", violation=True)
-        if self.conn.execute("SELECT 1 FROM events WHERE id=?", (env.id,)).fetchone():
-            return Outcome(False, f"duplicate event id {env.id}", violation=True)
+        # an id already recorded (its UNIQUE constraint) is found by _apply's first INSERT
         return Outcome(True, envelope=env)
 
-    def _apply(self, msg: StoredMessage, env: codec.Envelope) -> None:
+    def _apply(self, msg: StoredMessage, env: codec.Envelope) -> bool:
+        """Record the event and apply it; False (nothing changed) if its id is recorded already."""
         c = self.conn
         e = env.event
-        c.execute(
-            "INSERT INTO events(id, stream, stream_seq, subject, origin, seq, type, ts, actor,"
-            " subject_name, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (env.id, msg.stream, msg.seq, msg.subject, env.origin, env.seq, type(e).__name__,
-             env.ts, env.actor, subject_name(e), msg.payload))
-        chain = (env.seq, codec.chain_hash(msg.payload), env.ts, env.origin)
+        try:
+            c.execute(
+                "INSERT INTO events(id, stream, stream_seq, subject, origin, seq, type, ts, actor,"
+                " subject_name, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (env.id, msg.stream, msg.seq, msg.subject, env.origin, env.seq, type(e).__name__,
+                 env.ts, env.actor, subject_name(e), msg.payload))
+        except sqlite3.IntegrityError:
+            if c.execute("SELECT 1 FROM events WHERE id=?", (env.id,)).fetchone():
+                return False  # a duplicate id: the statement changed nothing
+            raise
+        chain = (env.seq, codec.chain_hash(msg.payload), env.ts)
         self._heads[env.origin] = chain[:2]
         if isinstance(e, ev.SiteFounded):
+            self._write_heads()  # (rare) the rows as they stand before this one is made or changed
             c.execute("INSERT INTO sites(site, public_key, name, last_seq, last_hash, last_ts)"
                       " VALUES (?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET name=excluded.name,"
                       " last_seq=excluded.last_seq, last_hash=excluded.last_hash, last_ts=excluded.last_ts",
-                      (e.site, e.public_key, e.name, *chain[:3]))
+                      (e.site, e.public_key, e.name, *chain))
         else:
-            c.execute("UPDATE sites SET last_seq=?, last_hash=?, last_ts=? WHERE site=?", chain)
+            self._moved[env.origin] = chain
         handler = _HANDLERS.get(type(e))
         if handler:
             handler(c, env, e, self)
+        return True
 
 
 IGNORED = "ignored"

@@ -599,6 +599,29 @@ def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list
         (name_key(name), blake3, site))]
 
 
+SOURCES_PER_QUERY = 500  # keys looked up per query by sources_of
+
+
+def sources_of(conn: sqlite3.Connection, pairs: Collection[tuple[str, str]],
+               site: str) -> dict[tuple[str, str], list[str]]:
+    """``sources`` of each (name, blake3) in ``pairs``, SOURCES_PER_QUERY keys to a query (a
+    query per package was two statements per package pulled in a catch-up); a pair no
+    other site serves is absent."""
+    asked: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (key, blake3) -> its pairs (spellings)
+    for name, blake3 in pairs:
+        asked.setdefault((name_key(name), blake3), []).append((name, blake3))
+    keys = sorted({key for key, _ in asked})
+    out: dict[tuple[str, str], list[str]] = {}
+    for i in range(0, len(keys), SOURCES_PER_QUERY):
+        chunk = keys[i:i + SOURCES_PER_QUERY]
+        for key, blake3, holder in conn.execute(
+                f"SELECT s.key, s.blake3, s.site FROM serving s WHERE s.key IN ({','.join('?' * len(chunk))})"
+                " AND s.site<>? AND s.site NOT IN (SELECT site FROM removals) ORDER BY s.site", (*chunk, site)):
+            for pair in asked.get((key, blake3), ()):
+                out.setdefault(pair, []).append(holder)
+    return out
+
+
 def peer_sites(conn: sqlite3.Connection, site: str) -> list[PeerSite]:
     """Every site this one knows a key for (registered here or vouched for by a peer), less removed."""
     rows = conn.execute(

@@ -390,18 +390,18 @@ class Replicator:
         now = time.monotonic()
         dirty, self._dirty = self._dirty, set()
         items = []
-        for key in sorted(dirty, key=lambda k: (self._wanted[k]["uploaded_at"], self._wanted[k]["name"])
-                          if k in self._wanted else (0, "")):
-            row = self._wanted.get(key)
-            if row is None:
-                continue
-            pair = (row["name"], row["blake3"])
+        rows = [self._wanted[key] for key in sorted(dirty & self._wanted.keys(), key=lambda k: (
+            self._wanted[k]["uploaded_at"], self._wanted[k]["name"]))]
+        holders = views.sources_of(self.reader, [(row["name"], row["blake3"]) for row in rows
+                                                 if (row["name"], row["blake3"]) not in self.tasks], self.site_id)
+        for row in rows:
+            key, pair = row["key"], (row["name"], row["blake3"])
             if pair in self.tasks:
                 # being pulled here: looked at again soon, in case that pull fails (its retry
                 # timer may fire while its batch still records the failure, and be lost here)
                 self._retry[key] = min(self._retry.get(key, now + BACKOFF_MIN_S), now + BACKOFF_MIN_S)
                 continue
-            sources = views.sources(self.reader, row["name"], row["blake3"], self.site_id)
+            sources = holders.get(pair, [])
             progress = self.progress.setdefault(pair, Progress(row["name"], row["blake3"],
                                                                json_len(row["chunks"])))
             if not sources:  # a site that gets it says so in an event: looked at again then
@@ -600,8 +600,9 @@ class Replicator:
         groups: dict[str, list[list]] = {}
         rest = []
         now = time.monotonic()
+        holders = views.sources_of(self.reader, [(row["name"], row["blake3"]) for row in rows], self.site_id)
         for row in rows:
-            sites = [s for s in views.sources(self.reader, row["name"], row["blake3"], self.site_id)
+            sites = [s for s in holders.get((row["name"], row["blake3"]), [])
                      if peers.get(s) and self._no_batch.get(s, 0.0) <= now]
             if not sites or not 0 < row["size"] <= BATCH_ITEM_MAX:
                 rest.append(row)

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from odst.events import catalogue as ev
+from odst.events.log import StoredMessage
 from odst.events.signing import SiteKey
 from odst.gateway.events import _brief
 from odst.gateway.settings import check_site_name
@@ -109,3 +110,31 @@ def test_a_row_struct_has_its_tables_columns_in_their_order(model, struct, table
     """What the API sent as the row's columns, before views returned structs: same keys, same order."""
     columns = [r[1] for r in model[0].execute(f"PRAGMA table_info({table})") if r[1] not in left_out]
     assert list(struct.__struct_fields__) == columns
+
+
+def test_the_sources_of_many_packages_are_each_ones_sources(tmp_path, monkeypatch):
+    """``sources_of`` answers for many packages what ``sources`` answers for each: per name
+    spelling asked, per content, other sites only, across queries of a few keys each."""
+    here, peer, other = (SiteKey.load_or_create(tmp_path / f"{n}.key") for n in ("here", "peer", "other"))
+    trusted = {k.site_id: k.public_key for k in (here, peer, other)}
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    writer = apply.ReadModelWriter(conn, trusted)
+    logs = {k.site_id: Log(k, SiteKey.load_or_create(tmp_path / "mallory.key")) for k in (here, peer, other)}
+
+    def upload(site, i, name):
+        logs[site.site_id].append(ev.PackageUploaded(name=name, size=1, sha1="s", sha512="x", blake3=f"b{i}",
+                                                     chunk_size=1 << 20, chunks=["c"]))
+    for i in range(7):
+        upload(peer, i, f"P{i}.pkg")
+        if i % 2:
+            upload(other, i, f"P{i}.pkg")  # two holders
+    upload(here, 3, "P3.pkg")  # held here too: never its own source
+    for site_log in logs.values():
+        for m in site_log.msgs:
+            assert writer.fold(StoredMessage(site_log.key.site_id, m.seq, m.subject, m.payload)).applied
+    pairs = [(f"P{i}.pkg", f"b{i}") for i in range(7)] + [("p5.PKG", "b5"), ("P2.pkg", "b9"), ("Q.pkg", "b1")]
+    monkeypatch.setattr(views, "SOURCES_PER_QUERY", 2)  # several queries
+    got = views.sources_of(conn, pairs, here.site_id)
+    assert got == {p: views.sources(conn, *p, here.site_id) for p in pairs if views.sources(conn, *p, here.site_id)}
+    assert got[("P5.pkg", "b5")] == got[("p5.PKG", "b5")] == sorted([peer.site_id, other.site_id])
+    assert ("P2.pkg", "b9") not in got and ("Q.pkg", "b1") not in got

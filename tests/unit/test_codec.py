@@ -92,3 +92,35 @@ def test_every_event_type_round_trips(key):
     for s in samples:
         env = envelope(key, event=s)
         assert codec.open_signed(codec.seal(env, key), key.public_key).event == s
+
+
+def test_bytes_sealed_here_are_opened_once_without_a_second_verification(key, tmp_path):
+    payload = codec.seal(envelope(key), key)
+    other = SiteKey.load_or_create(tmp_path / "other.key")
+    assert not codec.sealed_here(payload, other.public_key)  # only against the key that signed them
+    assert codec.sealed_here(payload, key.public_key)
+    assert not codec.sealed_here(payload, key.public_key)  # forgotten once opened: verified from now on
+
+
+def test_bytes_sealed_here_still_fail_against_another_key(key, tmp_path):
+    payload = codec.seal(envelope(key), key)
+    other = SiteKey.load_or_create(tmp_path / "other.key")
+    with pytest.raises(SignatureInvalid):
+        codec.open_signed(payload, other.public_key)
+    assert codec.open_signed(payload, key.public_key).origin == key.site_id
+
+
+def test_bytes_signed_but_not_sealed_here_are_verified(key):
+    body = codec._encoder.encode(envelope(key))
+    forged = bytes(64) + body  # the envelope with a signature nobody made
+    with pytest.raises(SignatureInvalid):
+        codec.open_signed(forged, key.public_key)
+    assert not codec.sealed_here(key.sign(body), key.public_key)  # signed, not sealed: verified
+
+
+def test_sealed_payloads_never_opened_age_out(key):
+    first = codec.seal(envelope(key), key)
+    for seq in range(codec.SEALED_KEEP):
+        codec.seal(envelope(key, seq + 2), key)
+    assert not codec.sealed_here(first, key.public_key)
+    assert len(codec._sealed) <= codec.SEALED_KEEP

@@ -5,7 +5,11 @@ SQLite read models, real signed events)."""
 
 from __future__ import annotations
 
-from odst.events import catalogue as ev
+import sqlite3
+
+import pytest
+
+from odst.events import catalogue as ev, codec
 from odst.events.log import StoredMessage
 from odst.events.signing import SiteKey
 from odst.projections import apply, db
@@ -85,3 +89,69 @@ def test_a_folds_rollback_scratch_stays_in_memory(tmp_path):
     assert conn.execute("PRAGMA temp_store").fetchone()[0] != 2  # SQLite's default: a file
     apply.ReadModelWriter(conn, {})
     assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+
+
+def signed(key: SiteKey, seq: int, prev: str, event, event_id: str | None = None) -> StoredMessage:
+    env = codec.Envelope(id=event_id or codec.new_event_id(), origin=key.site_id, seq=seq, prev=prev,
+                         ts=1_700_000_000_000 + seq, actor="t", event=event)
+    payload = codec.seal(env, key)
+    return StoredMessage("EVENTS", seq, f"odst.{key.site_id}.ev.{type(event).__name__}", payload)
+
+
+def test_an_event_reusing_an_id_is_a_violation_and_moves_no_chain_head(tmp_path):
+    key = SiteKey.load_or_create(tmp_path / "here.key")
+    founded = signed(key, 1, codec.GENESIS, ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex()))
+    first = signed(key, 2, codec.chain_hash(founded.payload), ev.PackageUploaded(name="A.pkg", stage="prod", **content(1)))
+    again = signed(key, 3, codec.chain_hash(first.payload), ev.PackageUploaded(name="B.pkg", stage="prod", **content(2)),
+                   event_id=codec.decode_body(codec.unverified_body(first.payload)).id)
+    # the next event chained where the duplicate would have been: the head never moved to it
+    after = signed(key, 3, codec.chain_hash(first.payload), ev.PackageUploaded(name="C.pkg", stage="prod", **content(3)))
+    after = StoredMessage("EVENTS", 4, after.subject, after.payload)
+    trusted = {key.site_id: key.public_key}
+    for how in ("one by one", "together"):
+        conn = db.open_read_model(tmp_path / f"{how}.sqlite")
+        writer = apply.ReadModelWriter(conn, trusted)
+        msgs = [founded, first, again, after]
+        out = [writer.fold(m) for m in msgs] if how == "one by one" else writer.fold_many(msgs)
+        assert [o.applied for o in out] == [True, True, False, True], how
+        assert out[2].reason.startswith("duplicate event id") and out[2].violation, out[2]
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
+        assert conn.execute("SELECT last_seq FROM sites").fetchone()[0] == 3
+        assert conn.execute("SELECT seq FROM checkpoints WHERE stream='EVENTS'").fetchone()[0] == 4
+        assert conn.execute("SELECT count(*) FROM packages WHERE name='B.pkg'").fetchone()[0] == 0
+
+
+def test_a_fold_that_raises_mid_run_keeps_those_before_it_and_folds_the_rest_later(tmp_path):
+    run, trusted, _ = streams(tmp_path)
+    one = db.open_read_model(tmp_path / "one.sqlite")
+    by_one = [apply.ReadModelWriter(one, trusted).fold(m) for m in run]
+    many = db.open_read_model(tmp_path / "many.sqlite")
+    writer = apply.ReadModelWriter(many, trusted)
+    # a real constraint of the database (no stand-in) refuses the fourth message, this site's
+    # first availability row (the peer's upload made the first): folding it raises
+    many.execute("CREATE TRIGGER refuse BEFORE INSERT ON availability WHEN NEW.site <> ("
+                 "SELECT site FROM availability LIMIT 1) BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        writer.fold_many(run)
+    assert not many.in_transaction
+    before = db.open_read_model(tmp_path / "before.sqlite")
+    for m in run[:3]:
+        apply.ReadModelWriter(before, trusted).fold(m)
+    assert apply.dump(many) == apply.dump(before)  # the three before it stand, as one by one
+    assert {r[0]: r[1] for r in many.execute("SELECT stream, seq FROM checkpoints")} == {
+        "MIRROR": run[1].seq, "EVENTS": run[2].seq}
+    many.execute("DROP TRIGGER refuse")
+    rest = writer.fold_many(run)
+    assert [(o.applied, o.reason) for o in rest[3:]] == [(o.applied, o.reason) for o in by_one[3:]]
+    assert apply.dump(many) == apply.dump(one)
+
+
+def test_an_insert_refused_otherwise_than_for_a_duplicate_id_is_raised_not_quarantined(tmp_path):
+    run, trusted, _ = streams(tmp_path)
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.stream_seq = 2"
+                 " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        apply.ReadModelWriter(conn, trusted).fold_many(run[:3])
+    assert conn.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
