@@ -134,19 +134,22 @@ async def _next_items(psub) -> list:
     FETCH_MORE_S for a batch that will not fill, and every lone upload's pull started that much
     later (50 of the 52 ms from an upload's 201 to its pull at a peer, bench/replication.py)."""
     msgs = await psub.fetch(1, timeout=FETCH_WAIT_S)
-    if len(_pulls_of(msgs[0])) < WORK_BATCH and _more_queued(msgs[0]):  # single items: take more
+    more = min(WORK_BATCH - 1, _queued_behind(msgs[0]))
+    if len(_pulls_of(msgs[0])) < WORK_BATCH and more:  # single items: take more
         with contextlib.suppress(nats.errors.TimeoutError, asyncio.TimeoutError):
-            msgs = await _up_to_a_batch(msgs + await psub.fetch(WORK_BATCH - 1, timeout=FETCH_MORE_S))
+            msgs = await _up_to_a_batch(msgs + await psub.fetch(more, timeout=FETCH_MORE_S))
     return msgs
 
 
-def _more_queued(msg) -> bool:
-    """Did the broker count items queued behind ``msg`` when it delivered it? (Items queued
-    after that are taken by the next fetch, this worker's or another's.)"""
+def _queued_behind(msg) -> int:
+    """How many items the broker counted queued behind ``msg`` when it delivered it. Asked for
+    that many, a fetch returns once they come; asked for a whole batch, it waited until its
+    expiry (FETCH_MORE_S) for one that would not fill. (Items queued after that are taken by
+    the next fetch, this worker's or another's.)"""
     try:
-        return msg.metadata.num_pending > 0
-    except Exception:  # noqa: BLE001 - no JetStream delivery data: ask, as before
-        return True
+        return msg.metadata.num_pending
+    except Exception:  # noqa: BLE001 - no JetStream delivery data: ask for a batch, as before
+        return WORK_BATCH - 1
 
 
 def json_len(chunks: str) -> int:
