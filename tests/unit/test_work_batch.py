@@ -51,11 +51,12 @@ class CountingFetches:
         return await self.psub.fetch(batch, timeout=timeout)
 
 
-def test_a_lone_item_is_taken_without_waiting_for_more_and_a_queue_is_taken_together(nats_server):
+def test_a_lone_item_is_taken_without_waiting_for_more_and_a_queue_is_asked_for_whole(nats_server):
     """A lone upload's work item: the broker says nothing is queued behind it, so no second
     fetch (which waited FETCH_MORE_S, 50 ms of every lone pull's start). Items queued together
-    are still taken together by one worker, asked for as many as were queued (a fetch for more
-    waits until its expiry). On a real nats-server, the work queue's config."""
+    are still asked for together by one worker, as many as were queued (a fetch for more waits
+    until its expiry). On a real nats-server, the work queue's config. (How many of those come
+    within FETCH_MORE_S depends on the machine's load: not asserted.)"""
     async def run():
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
@@ -69,11 +70,9 @@ def test_a_lone_item_is_taken_without_waiting_for_more_and_a_queue_is_taken_toge
             lone_batches = list(psub.batches)
             for _ in range(3):
                 await js.publish("odst.s.work.x", Item(1).data)
-            queued = await _next_items(psub)
-            for msg in lone + queued:
-                await msg.ack()
-            return len(lone), lone_batches, len(queued), psub.batches[len(lone_batches):]
+            await _next_items(psub)
+            return len(lone), lone_batches, psub.batches[len(lone_batches):]
         finally:
             await nc.close()
 
-    assert asyncio.run(run()) == (1, [1], 3, [1, 2])
+    assert asyncio.run(run()) == (1, [1], [1, 2])
