@@ -32,7 +32,7 @@ import structlog
 from odst.replicator.runclient import BUFFERS, ChunkBuffer
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
                                        TransportFailed)
-from odst.store.files import start_writeback
+from odst.store.files import preallocate, start_writeback
 from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, pieces_ok
 
 log = structlog.get_logger("odst.puller")
@@ -214,6 +214,7 @@ class Puller:
                 os.ftruncate(fd, 0)
                 existing = 0
             os.ftruncate(fd, w.size)
+            preallocate(fd, w.size)  # before the writes: threads writing a sparse file contend
             done = await asyncio.to_thread(self._verified_chunks, fd) if existing else set()
             self.progress.done = len(done)
             self.progress.status = "downloading"

@@ -534,6 +534,35 @@ _writeback = _start_writeback()
 start_writeback = _writeback  # the same, for the puller's chunk writes (None where unsupported)
 
 
+def _preallocate():
+    """``fallocate(fd, 0, 0, size)``: the file's blocks allocated at once, before its chunks
+    are written at their offsets by several threads. Into a sparse file, concurrent O_DIRECT
+    writes each allocate and contend for the inode (ext4 on a 2-core VM, 1 GiB in 1 MiB writes
+    from four threads: 0.58-0.61 s sparse, 0.51-0.56 s preallocated; one thread 0.52-0.56 s
+    either way). The space is also taken up front: a full disk fails the pull at its start.
+    No-op where the call is missing or the file system has none (the writes allocate then, as
+    before); glibc's posix_fallocate is not used, as it would write zeros over the whole file
+    there instead."""
+    import ctypes
+    import ctypes.util
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return lambda fd, size: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+
+    def preallocate(fd: int, size: int) -> None:
+        if size and fn(fd, 0, 0, size) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err))  # ENOSPC: the pull fails now, not mid-way
+    return preallocate
+
+
+preallocate = _preallocate()
+
+
 class _Lane:
     """One thread applying ``step`` to each batch handed to it, in order; ``done`` counts the
     bytes of the batches it finished. After a failure it only counts (``error`` says why)."""
