@@ -112,7 +112,7 @@ def upload_all(net: Network, site, n: int, size: int, concurrency: int) -> float
 def rsync_pull(daemon: RsyncDaemon, work: Path, repeats: int) -> dict:
     """``rsync -a`` of the whole module into an empty directory, ``repeats`` times, each into
     a new one. None is removed here (``run_one`` does, after the catch-up): on ext4 without a
-    journal each file created steps past every inode freed in the last seconds, reading its
+    journal each file created steps past every inode freed there in the last 60-300 s, reading its
     table block, so the files of one run removed before the next made the next one's creates
     (rsync's, then branch's) pay for them: rsync's time swung 0.23-1.16 s, and a tenth of
     branch's CPU in the catch-up was that walk (perf)."""
