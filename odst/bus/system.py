@@ -273,8 +273,8 @@ class LinkCutter:
         while self._keys is not None:
             keys = self._keys
             try:
-                done = await reload_servers(self.servers, read_seed(self.system_seed_path), single=self.single, keep_only=keys,
-                                            current=self.current)
+                done = await reload_servers(self.servers, read_seed(self.system_seed_path), single=self.single,
+                                            keep_only=keys, current=self.current)
             except Exception as exc:
                 failed += 1
                 if failed <= QUICK_RETRIES:  # most likely the users' reload still under way
