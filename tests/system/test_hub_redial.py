@@ -51,15 +51,19 @@ def test_a_remote_refused_until_now_is_dialed_at_once_and_a_linked_one_is_left_a
             hub_log = tmp_path / "hub" / "nats.log"
             wait_until(lambda: hub_log.exists() and "Authentication Failure" in hub_log.read_text(), 20,
                        what="the hub refused the spoke's first dial")
-            # the hub admits the spoke (the registration), surely in force once answered
+            # the hub admits the spoke (the registration), surely in force once a reload is answered
+            # (the system user may be refused while the SIGHUP's reload runs: asked again then)
             hub.reload(users(NOBODY, public_key_of_seed(spoke_seed)))
-            asyncio.run(reload_servers(hub.url, system_seed, single=True))
+            wait_until(lambda: asyncio.run(reload_servers(hub.url, system_seed, single=True)), 20,
+                       what="the hub's new users in force")
             assert not links(spoke, system_seed)  # its remote waits out its minute
 
             guard = HubGuard(spoke, tmp_path / "spoke", tmp_path / "system.nk")
             assert asyncio.run(guard.redial()) == {f"nats-leaf://127.0.0.1:{leaf_port}"}
-            wait_until(lambda: len(links(spoke, system_seed)) == 1, 20, what="the spoke's link came up on the redial")
-            [cid] = links(spoke, system_seed)
+            def one_link() -> list[int] | None:
+                found = links(spoke, system_seed)
+                return found if len(found) == 1 else None
+            [cid] = wait_until(one_link, 20, what="the spoke's link came up on the redial")
             assert 'reconnect: "60s"' in (tmp_path / "spoke" / "nats.conf").read_text()
             assert '"disabled"' not in (tmp_path / "spoke" / "nats.conf").read_text()
 
