@@ -94,6 +94,13 @@ class ReadModelWriter:
         # columns in between but ``_check``, through ``_heads``.
         self._moved: dict[str, tuple[int, str, int]] = {}
 
+    def removed_upto(self, site: str) -> int | None:
+        """The last seq of ``site``'s log this site still takes, if it removed that peer."""
+        if site not in self._removed:
+            row = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (site,)).fetchone()
+            self._removed[site] = row[0] if row is not None else None
+        return self._removed[site]
+
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         self._heads.clear()
@@ -243,11 +250,7 @@ class ReadModelWriter:
         if env.origin != origin:
             return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}",
                            violation=True)
-        if origin in self._removed:
-            upto = self._removed[origin]
-        else:
-            row = self.conn.execute("SELECT upto_seq FROM removals WHERE site=?", (origin,)).fetchone()
-            upto = self._removed[origin] = row[0] if row is not None else None
+        upto = self.removed_upto(origin)
         if upto is not None and env.seq > upto:
             return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {upto}",
                            envelope=env)
@@ -406,7 +409,14 @@ def _package_replaced(c, env, e: ev.PackageReplaced, writer) -> None:
 
 
 def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
+    """A site holds a verified copy. It may be the first this site hears of the content (a
+    hub's report of an upload whose origin's log comes later, or never), except of a content
+    first uploaded at a peer this site removed: those are taken from that peer's own events up
+    to its removal, and a third site that still trusts it cannot bring in its later ones."""
     key = name_key(e.name)
+    if writer.removed_upto(e.origin) is not None and c.execute(
+            "SELECT 1 FROM contents WHERE key=? AND blake3=?", (key, e.blake3)).fetchone() is None:
+        return
     _content(c, key=key, name=e.name, blake3=e.blake3, size=e.size, sha1=e.sha1, sha512=e.sha512,
              chunk_size=e.chunk_size, chunks=e.chunks, origin=e.origin, uploaded_at=e.uploaded_ts,
              uploaded_by=e.uploaded_by, stage=e.stage, at=clock(e.uploaded_ts, e.origin),

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 
 import httpx
 import pytest
 
+from odst.datadir import read_model_path
 from odst.events.signing import SiteKey
 from odst.peering.requests import sign_request
 from tests.conftest import free_port, wait_until, write_random
@@ -116,12 +118,13 @@ def test_bad_invitations_are_refused_clearly(pair, make_site):
 
 def test_a_removed_peer_is_ignored(make_site, tmp_path):
     """B removes A: A's later events still reach B's mirror of A's log (through their hub,
-    whose link B keeps) and are folded as ignored, never as packages. (Were A B's own hub,
-    B would dial it no more: odst.bus.hubs, test_peer_removal_link.)"""
+    whose link B keeps) and are folded as ignored, never as packages; nor does the hub's
+    report of holding A's later package bring it in (the hub still trusts A, B does not).
+    (Were A B's own hub, B would dial it no more: odst.bus.hubs, test_peer_removal_link.)"""
     from tests.system.test_mirror_injection import hub_with_spokes
-    _, _, (a, b) = hub_with_spokes(make_site, "C", "D")  # a and b: two spokes of one hub
+    _, hub, (a, b) = hub_with_spokes(make_site, "C", "D")  # a and b: two spokes of one hub
     register(a, b)
-    a_id, b_id = site_id(a), site_id(b)
+    a_id, b_id, hub_id = site_id(a), site_id(b), site_id(hub)
     upload(a, "before.pkg", write_random(tmp_path / "1.pkg", 5000, seed=4))
     wait_until(lambda: available_at(b, "before.pkg", b_id), 60, what="first package at B")
     with b.client() as cb:
@@ -134,6 +137,13 @@ def test_a_removed_peer_is_ignored(make_site, tmp_path):
             q = cb.get("/api/v1/quarantine").json()["quarantine"]
             return any(x["kind"] == "ignored" and x["origin"] == a_id for x in q)
     wait_until(ignored, 60, what="B to ignore A's later event")
+    wait_until(lambda: available_at(hub, "after.pkg", hub_id), 60, what="the hub to pull A's later package")
+
+    def hub_report_folded_at_b() -> bool:
+        with sqlite3.connect(f"file:{read_model_path(b.data)}?mode=ro", uri=True) as db:
+            return db.execute("SELECT 1 FROM events WHERE origin=? AND type='PackageAvailable'"
+                              " AND subject_name='after.pkg'", (hub_id,)).fetchone() is not None
+    wait_until(hub_report_folded_at_b, 60, what="B to fold the hub's report of A's later package")
     with b.client() as cb:
         assert cb.get("/api/v1/packages/after.pkg").status_code == 404
         assert cb.get("/api/v1/packages/before.pkg").status_code == 200
