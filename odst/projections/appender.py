@@ -11,10 +11,8 @@ from typing import Callable, Protocol
 
 from odst.events import catalogue as ev
 from odst.events.log import EVENTS_STREAM, AppendFailed, Appended, EventLog, NotYetApplied
+from odst.projections import views
 from odst.projections.status import ProjectionStatus
-
-
-IDS_PER_QUERY = 500  # events looked up per query once a run is folded
 
 
 class Append(Protocol):
@@ -65,12 +63,8 @@ class ConfirmedAppender:
         if not await self.projection.wait_for(EVENTS_STREAM, max(r.seq for r in done), timeout=wait):
             return [NotYetApplied(f"event {r.envelope.id} was stored but not applied within {wait}s")
                     if isinstance(r, Appended) else r for r in results]
-        ids = [r.envelope.id for r in done]
-        applied = set()  # a query per IDS_PER_QUERY events of the run, not one per event
-        for i in range(0, len(ids), IDS_PER_QUERY):
-            chunk = ids[i:i + IDS_PER_QUERY]
-            applied.update(row[0] for row in self.reader.execute(
-                f"SELECT id FROM events WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        applied = {row[0] for row in views.rows_in(self.reader, "SELECT id FROM events WHERE id IN ({marks})",
+                                                    [r.envelope.id for r in done])}
         out: list[Appended | AppendFailed] = []
         for r in results:
             if isinstance(r, Appended) and r.envelope.id not in applied:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -579,16 +579,23 @@ def unaccepted_held(conn: sqlite3.Connection, site: str, stages: list[str],
         f" WHERE p.stage NOT IN ({marks}){only} ORDER BY p.name", (site, *stages, *args)).fetchall()
 
 
+IN_PER_QUERY = 500  # values bound in one ``IN (...)`` by rows_in
+
+
+def rows_in(conn: sqlite3.Connection, sql: str, values: Sequence, *after) -> Iterator:
+    """The rows of ``sql``, whose ``{marks}`` is an ``IN`` list over ``values``, asked
+    IN_PER_QUERY values at a time (one query for a batch, not one per value); ``after`` are
+    bound after them."""
+    for i in range(0, len(values), IN_PER_QUERY):
+        chunk = values[i:i + IN_PER_QUERY]
+        yield from conn.execute(sql.format(marks=",".join("?" * len(chunk))), (*chunk, *after))
+
+
 def current_contents(conn: sqlite3.Connection, names: list[str]) -> dict[str, str]:
     """key (naming.name_key) -> the content each of the packages ``names`` (any spelling)
     stands for now; a name with no package is absent."""
-    keys = sorted({name_key(n) for n in names})
-    out: dict[str, str] = {}
-    for i in range(0, len(keys), 500):
-        chunk = keys[i:i + 500]
-        out.update(conn.execute(f"SELECT key, blake3 FROM packages WHERE key IN ({','.join('?' * len(chunk))})",
-                                chunk).fetchall())
-    return out
+    return dict(rows_in(conn, "SELECT key, blake3 FROM packages WHERE key IN ({marks})",
+                        sorted({name_key(n) for n in names})))
 
 
 def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list[str]:
@@ -599,26 +606,21 @@ def sources(conn: sqlite3.Connection, name: str, blake3: str, site: str) -> list
         (name_key(name), blake3, site))]
 
 
-SOURCES_PER_QUERY = 500  # keys looked up per query by sources_of
-
-
 def sources_of(conn: sqlite3.Connection, pairs: Collection[tuple[str, str]],
                site: str) -> dict[tuple[str, str], list[str]]:
-    """``sources`` of each (name, blake3) in ``pairs``, SOURCES_PER_QUERY keys to a query (a
-    query per package was two statements per package pulled in a catch-up); a pair no
+    """``sources`` of each (name, blake3) in ``pairs``, in one query per IN_PER_QUERY names
+    (a query per package was two statements per package pulled in a catch-up); a pair no
     other site serves is absent."""
     asked: dict[tuple[str, str], list[tuple[str, str]]] = {}  # (key, blake3) -> its pairs (spellings)
     for name, blake3 in pairs:
         asked.setdefault((name_key(name), blake3), []).append((name, blake3))
-    keys = sorted({key for key, _ in asked})
     out: dict[tuple[str, str], list[str]] = {}
-    for i in range(0, len(keys), SOURCES_PER_QUERY):
-        chunk = keys[i:i + SOURCES_PER_QUERY]
-        for key, blake3, holder in conn.execute(
-                f"SELECT s.key, s.blake3, s.site FROM serving s WHERE s.key IN ({','.join('?' * len(chunk))})"
-                " AND s.site<>? AND s.site NOT IN (SELECT site FROM removals) ORDER BY s.site", (*chunk, site)):
-            for pair in asked.get((key, blake3), ()):
-                out.setdefault(pair, []).append(holder)
+    for key, blake3, holder in rows_in(
+            conn, "SELECT s.key, s.blake3, s.site FROM serving s WHERE s.key IN ({marks})"
+            " AND s.site<>? AND s.site NOT IN (SELECT site FROM removals) ORDER BY s.site",
+            sorted({key for key, _ in asked}), site):
+        for pair in asked.get((key, blake3), ()):
+            out.setdefault(pair, []).append(holder)
     return out
 
 

@@ -133,7 +133,7 @@ def test_the_sources_of_many_packages_are_each_ones_sources(tmp_path, monkeypatc
         for m in site_log.msgs:
             assert writer.fold(StoredMessage(site_log.key.site_id, m.seq, m.subject, m.payload)).applied
     pairs = [(f"P{i}.pkg", f"b{i}") for i in range(7)] + [("p5.PKG", "b5"), ("P2.pkg", "b9"), ("Q.pkg", "b1")]
-    monkeypatch.setattr(views, "SOURCES_PER_QUERY", 2)  # several queries
+    monkeypatch.setattr(views, "IN_PER_QUERY", 2)  # several queries
     got = views.sources_of(conn, pairs, here.site_id)
     assert got == {p: views.sources(conn, *p, here.site_id) for p in pairs if views.sources(conn, *p, here.site_id)}
     assert got[("P5.pkg", "b5")] == got[("p5.PKG", "b5")] == sorted([peer.site_id, other.site_id])
