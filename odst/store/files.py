@@ -512,18 +512,27 @@ WRITEBACK_BYTES = 8 << 20  # start the disk write of every this many bytes (the 
 _STORE_POOL = ThreadPoolExecutor(8, thread_name_prefix="odst-store")
 
 
+def _libc(name: str, argtypes: list):
+    """libc's function ``name`` taking ``argtypes`` and returning an int (errno kept), or None
+    where there is none (not Linux, or an older libc)."""
+    import ctypes.util
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _start_writeback():
     """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing those dirty pages
     to disk now, without waiting, so the fsync at the end has little left to do. None where the
     call does not exist (not Linux): then the fsync does it all, as before."""
     import ctypes
-    import ctypes.util
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    fn = _libc("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    if fn is None:
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
 
     def start(fd: int, offset: int, n: int) -> None:
         fn(fd, offset, n, 2)  # SYNC_FILE_RANGE_WRITE; a failure leaves the work to fsync
@@ -544,13 +553,9 @@ def _preallocate():
     before); glibc's posix_fallocate is not used, as it would write zeros over the whole file
     there instead."""
     import ctypes
-    import ctypes.util
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).fallocate
-    except (OSError, AttributeError):
+    fn = _libc("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+    if fn is None:
         return lambda fd, size: None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
 
     def preallocate(fd: int, size: int) -> None:
         if size and fn(fd, 0, 0, size) != 0:
