@@ -536,7 +536,8 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str],
 # several, named in event_names), and events that may change it for every package (accepted
 # stages, the peers' standing).
 PACKAGE_EVENTS = ("PackageUploaded", "PackageReplaced", "PackageAvailable", "PackagesAvailable",
-                  "PackageTransferFailed", "PackageDamaged", "PackageStaged", "PackageWithdrawn", "PackageDeleted", "PackageUrgencySet")
+                  "PackageTransferFailed", "PackageDamaged", "PackageStaged", "PackageWithdrawn", "PackageDeleted",
+                  "PackageUrgencySet")
 CATALOGUE_EVENTS = ("StagesAccepted", "PeerRemoved", "PeerRegistered", "SiteFounded")
 
 
