@@ -179,8 +179,7 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
         await site.chunk_server.start()  # serve chunks over NATS (queue group across replicators)
         site.replicator = Replicator(site_id=site_id, key=key, nc=nc, js=js, reader=reader, store=site.store,
                                      append=append, projection=projection,
-                                     settings=settings, replicas=events.replicas, bandwidth=site.bandwidth,
-                                     append_many=site.writer.append_many)
+                                     settings=settings, replicas=events.replicas, bandwidth=site.bandwidth)
         await site.replicator.start()
         site.integrity = Integrity(reader=reader, store=site.store, site_id=site_id, append=append,
                                    kick=site.replicator.kick)

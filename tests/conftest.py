@@ -135,6 +135,20 @@ def all_events(client: httpx.Client) -> list[dict]:
         after = batch[-1]["position"]
 
 
+def available_at(events: list[dict], origin: str) -> list[str]:
+    """The package names ``origin`` reported holding a verified copy of, one per report: each
+    PackageAvailable's, and each item's of a PackagesAvailable (small packages pulled together)."""
+    out = []
+    for e in events:
+        if e["envelope"]["origin"] != origin:
+            continue
+        if e["type"] == "PackageAvailable":
+            out.append(e["envelope"]["event"]["name"])
+        elif e["type"] == "PackagesAvailable":
+            out += [item["name"] for item in e["envelope"]["event"]["items"]]
+    return out
+
+
 def read_status_line(sock: socket.socket, timeout: float = 20.0) -> tuple[int, bytes]:
     """Read an HTTP response head from a raw socket: (status, whole head)."""
     sock.settimeout(timeout)

@@ -67,6 +67,16 @@ class PackageAvailable(ContentEvent, tag=True):
     uploaded_by: str = ""
 
 
+class PackagesAvailable(Event, tag=True):
+    """This site (the envelope's origin) now holds verified copies of several contents, pulled
+    together (small packages: a catch-up, a burst of uploads). Each item says exactly what a
+    PackageAvailable of its own would, and is folded as that event would be; one signed
+    event for a batch costs every site that folds it one signature check, one broker write
+    and one chain link instead of one per package."""
+
+    items: list[PackageAvailable]
+
+
 class PackageTransferFailed(Event, tag=True):
     """This site gave up fetching a content for now (it retries later)."""
 
@@ -386,7 +396,7 @@ class SiteRenamed(Event, tag=True):
     name: str
 
 
-AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackageTransferFailed | PackageStaged
+AnyEvent = (SiteFounded | PackageUploaded | PackageAvailable | PackagesAvailable | PackageTransferFailed | PackageStaged
             | PackageDeleted | PeerInvited | PeerRegistered | PeerRemoved | TokenCreated | TokenRevoked
             | WebhookSubscribed | WebhookRemoved | EmailSubscribed | EmailUnsubscribed | UserCreated
             | UserRoleChanged | UserPasswordChanged | UserDetailsChanged | UserRemoved | StagesAccepted
@@ -401,6 +411,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SiteFounded,
     PackageUploaded,
     PackageAvailable,
+    PackagesAvailable,
     PackageTransferFailed,
     PackageStaged,
     PackageDeleted,

@@ -35,6 +35,10 @@ NOTIFIABLE = ("PackageUploaded", "PackageAvailable", "PackageTransferFailed", "P
               "PackageDeleted", "PackageDamaged", "PeerRegistered", "PeerRemoved", "PeerLogDiverged",
               "PeerLogRestored", QUARANTINED, LOG_ALERT, "JamfDriftDetected", "JamfDriftCleared", "JamfPackageSynced",
               "PackageReplaced")
+# Several packages pulled together are reported in one PackagesAvailable: it goes to those
+# who asked for PackageAvailable (delivered as it is, its items each a PackageAvailable).
+SUBSCRIBED_AS = {"PackagesAvailable": "PackageAvailable"}
+SUMMARY_NAMES = 5  # names a digest line lists of a PackagesAvailable
 NOTIFY_STREAM = "NOTIFY"
 BATCH = 500
 PASS_EVERY_S = 0.2  # at most one fan-out pass this often: a notification waits this long at most
@@ -73,6 +77,10 @@ def summary(type_: str, item: dict) -> dict:
     event = item["envelope"]["event"]
     detail = event.get("reason") or event.get("stage") or ""
     name = event.get("name") or event.get("site") or ""
+    if "items" in event:  # PackagesAvailable
+        names = [i["name"] for i in event["items"]]
+        more = len(names) - SUMMARY_NAMES
+        name = ", ".join(names[:SUMMARY_NAMES]) + (f" and {more} more" if more > 0 else "")
     return {"type": type_, "origin": item["origin"], "name": name, "detail": detail, "ts": item["ts"],
             "actor": item["actor"]}
 
@@ -146,7 +154,7 @@ class Dispatcher:
                 # (never queued twice), and after the others once per batch: a write (a
                 # transaction of the shared ledger) per event was a fortieth of a site's CPU in
                 # a catch-up, and an event that queued nothing is harmless to look at again.
-                if row["type"] in NOTIFIABLE and await self._fan_out(
+                if SUBSCRIBED_AS.get(row["type"], row["type"]) in NOTIFIABLE and await self._fan_out(
                         row["type"], row["id"], row["position"], lambda r=row: event_item(r), hooks, subs):
                     self.ledger.set_cursor("events", row["position"])
                     passed = None
@@ -172,8 +180,9 @@ class Dispatcher:
     async def _fan_out(self, type_: str, key: str, position: int | None, item, hooks, subs) -> bool:
         """Queue a delivery per hook and a mail per subscription that wants it; did it queue any?"""
         made = None
+        asked_as = SUBSCRIBED_AS.get(type_, type_)
         for hook in hooks:
-            if type_ not in hook.event_types or (position is not None and position <= hook.since):
+            if asked_as not in hook.event_types or (position is not None and position <= hook.since):
                 continue
             made = made or item()
             did = delivery_id(hook.id, key)
@@ -184,7 +193,7 @@ class Dispatcher:
                                        json.dumps(job, separators=(",", ":")).encode(),
                                        stream=NOTIFY_STREAM, headers={"Nats-Msg-Id": did}, timeout=10)
         for sub in subs:
-            if type_ not in sub.event_types or (position is not None and position <= sub.since):
+            if asked_as not in sub.event_types or (position is not None and position <= sub.since):
                 continue
             made = made or item()
             self.ledger.enqueue_mail(sub.recipient, key, type_, summary(type_, made))

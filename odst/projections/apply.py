@@ -52,8 +52,8 @@ def _subject_field(event: ev.Event) -> str:
     if isinstance(event, (ev.PeerRegistered, ev.PeerRemoved, ev.PeerLogDiverged, ev.PeerLogRestored,
                           ev.JamfDistributionPointRegistered)):
         return "site"
-    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed)):
-        return ""
+    if isinstance(event, (ev.SiteFounded, ev.SiteRenamed, ev.PackagesAvailable)):
+        return ""  # (PackagesAvailable: its several names are in event_names)
     if isinstance(event, (ev.WebhookSubscribed, ev.WebhookRemoved)):
         return "webhook_id"
     if isinstance(event, (ev.EmailSubscribed, ev.EmailUnsubscribed)):
@@ -426,6 +426,15 @@ def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
     _repaired(c, writer, key, e.blake3, env.origin, at)
 
 
+def _packages_available(c, env, e: ev.PackagesAvailable, writer) -> None:
+    """Each item as its own PackageAvailable; the items' names are recorded for the event
+    (``event_names``: what changed, a package's history)."""
+    for item in e.items:
+        _package_available(c, env, item, writer)
+    c.executemany("INSERT OR IGNORE INTO event_names(event_id, name) VALUES (?,?)",
+                  [(env.id, item.name) for item in e.items])
+
+
 def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:
     """Out of service at its origin until that site's next PackageAvailable of the content."""
     at = clock(env.ts, env.origin)
@@ -663,6 +672,7 @@ _HANDLERS = {
     ev.JamfDistributionPointRegistered: _jamf_dp_registered,
     ev.PackageUploaded: _package_uploaded,
     ev.PackageAvailable: _package_available,
+    ev.PackagesAvailable: _packages_available,
     ev.PackageReplaced: _package_replaced,
     ev.PackageTransferFailed: _package_transfer_failed,
     ev.PackageDamaged: _package_damaged,

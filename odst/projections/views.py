@@ -434,10 +434,11 @@ def events(conn: sqlite3.Connection, *, after: int = 0, limit: int = 100,
     sql, args = "SELECT * FROM events WHERE position > ?", [after]
     for clause, value in (("position < ?", before), ("actor = ?", actor or None), ("ts >= ?", since),
                           ("ts < ?", until), ("type = ?", type_ or None), ("origin = ?", origin or None),
-                          ("subject_name = ?", name or None)):
+                          ("(subject_name = ? OR id IN (SELECT event_id FROM event_names WHERE name = ?))",
+                           name or None)):
         if value is not None:
             sql += f" AND {clause}"
-            args.append(value)
+            args += [value] * clause.count("?")
     sql += f" ORDER BY position {'DESC' if before is not None else ''} LIMIT ?"
     args.append(limit)
     return [event(r) for r in conn.execute(sql, args)]
@@ -531,10 +532,12 @@ def wanted(conn: sqlite3.Connection, site: str, stages: list[str],
         (*stages, *args, site)).fetchall()
 
 
-# Events that change what the replicator wants of one package (named by subject_name), and
-# events that may change it for every package (accepted stages, the peers' standing).
-PACKAGE_EVENTS = ("PackageUploaded", "PackageReplaced", "PackageAvailable", "PackageTransferFailed",
-                  "PackageDamaged", "PackageStaged", "PackageWithdrawn", "PackageDeleted", "PackageUrgencySet")
+# Events that change what the replicator wants of one package (named by subject_name, or of
+# several, named in event_names), and events that may change it for every package (accepted
+# stages, the peers' standing).
+PACKAGE_EVENTS = ("PackageUploaded", "PackageReplaced", "PackageAvailable", "PackagesAvailable",
+                  "PackageTransferFailed", "PackageDamaged", "PackageStaged", "PackageWithdrawn", "PackageDeleted",
+                  "PackageUrgencySet")
 CATALOGUE_EVENTS = ("StagesAccepted", "PeerRemoved", "PeerRegistered", "SiteFounded")
 
 
@@ -556,9 +559,12 @@ def changed_keys(conn: sqlite3.Connection, after: int) -> Changes:
     keys: set[str] = set()
     types: set[str] = set()
     for type_, subject in conn.execute(
-            "SELECT type, subject_name FROM events WHERE position > ? AND position <= ?", (after, upto)):
+            "SELECT type, subject_name FROM events WHERE position > ? AND position <= ? UNION ALL"
+            " SELECT e.type, n.name FROM events e JOIN event_names n ON n.event_id = e.id"
+            " WHERE e.position > ? AND e.position <= ?", (after, upto, after, upto)):
         if type_ in PACKAGE_EVENTS:
-            keys.add(name_key(subject))
+            if subject:  # (a PackagesAvailable's own row: its names are the rows from event_names)
+                keys.add(name_key(subject))
             types.add(type_)
         elif type_ in CATALOGUE_EVENTS:
             types.add(type_)

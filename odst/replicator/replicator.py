@@ -11,7 +11,8 @@ from one JetStream work-queue consumer; a lease in a KV bucket (renewed while
 the pull runs, expiring when its worker dies) makes sure one worker at a time
 fetches a content, and a dead worker's pull is redelivered to another, which
 resumes from the verified chunks already in the shared store (see ``puller``).
-Each finished pull records PackageAvailable.
+Each finished pull records PackageAvailable; small packages pulled together are recorded
+in one PackagesAvailable.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from odst.bus.streams import ensure_key_value, ensure_stream, find_stream
 from odst.events import catalogue as ev
 from odst.events.log import AppendFailed
 from odst.events.signing import SiteKey
-from odst.projections.appender import Append, AppendMany
+from odst.projections.appender import Append
 from odst.naming import name_key
 from odst.projections import views
 from odst.projections.status import ProjectionStatus
@@ -178,12 +179,10 @@ def remove_unlisted(store: PackageStore, live_keys: Callable[[], set[str]]) -> l
 class Replicator:
     def __init__(self, *, site_id: str, key: SiteKey, nc, js, reader: sqlite3.Connection, store: PackageStore,
                  append: Append, projection: ProjectionStatus,
-                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None,
-                 append_many: AppendMany | None = None):
+                 settings: Settings, replicas: int, bandwidth: Bandwidth | None = None):
         self.site_id, self.key, self.nc, self.js = site_id, key, nc, js
         self.bandwidth = bandwidth  # receive limits per link, timetables, urgency
         self.reader, self.store, self.append, self.projection = reader, store, append, projection
-        self.append_many = append_many  # several PackageAvailable in one round trip (else one by one)
         self.settings, self.replicas = settings, replicas
         self.progress: dict[tuple[str, str], Progress] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task] = {}
@@ -562,7 +561,7 @@ class Replicator:
 
     async def _pull_small(self, rows: list) -> None:
         """Pull several small packages at once: their leases taken together (one round trip),
-        the pulls run side by side, and the PackageAvailable events appended together. A content
+        the pulls run side by side, and one PackagesAvailable appended for them all. A content
         asked for under several names is pulled for the first (``_take_lease`` marks it before
         any await); the others get LeasedHere and are looked at again soon, not left to the next
         full rescan."""
@@ -1060,10 +1059,10 @@ class Replicator:
 
     async def _publish_many(self, fetched: list[tuple[Want, Progress, object]],
                             tagged: set | frozenset = frozenset()) -> set[str]:
-        """Put several pulled files in place, then record their PackageAvailable events in one
-        round trip (``append_many``; one by one without it). Each file is in place (and
-        fsynced) before its event is appended, as in ``_publish``. Returns the blake3s of the
-        contents whose events were appended and folded. ``tagged``: the paths already labelled
+        """Put several pulled files in place, then record that they are here in one event (a
+        PackagesAvailable of them all; a PackageAvailable if one). Each file is in place (and
+        fsynced) before the event is appended, as in ``_publish``. Returns the blake3s of the
+        contents whose event was appended and folded. ``tagged``: the paths already labelled
         with their content (``_write_batch``)."""
         placed = []
         published: set[str] = set()
@@ -1102,16 +1101,13 @@ class Replicator:
                     placed.append((want, progress))
             if not placed:
                 return published
-            events = [self._available_event(want) for want, _ in placed]
-            if self.append_many is not None:
-                results = await self.append_many(events, actor="replicator")
-            else:
-                results = []
-                for event in events:
-                    try:
-                        results.append(await self.append(event, actor="replicator"))
-                    except AppendFailed as exc:
-                        results.append(exc)
+            items = [self._available_event(want) for want, _ in placed]
+            try:
+                appended = await self.append(items[0] if len(items) == 1 else ev.PackagesAvailable(items=items),
+                                             actor="replicator")
+            except AppendFailed as exc:
+                appended = exc
+            results = [appended] * len(placed)
         finally:
             await asyncio.shield(asyncio.to_thread(publishing.close))
         for (want, progress), result in zip(placed, results):

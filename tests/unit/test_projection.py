@@ -181,13 +181,15 @@ def site_commands():
                                                               blake3=c, chunk_size=1 << 20, chunks=["c"],
                                                               stage="test", origin="sother", uploaded_ts=t)),
                       st.sampled_from(NAMES), st.sampled_from(CONTENT), st.integers(0, 5))
+    batch = st.builds(lambda items, t: (t, ev.PackagesAvailable(items=[i for _, i in items])),
+                      st.lists(avail, min_size=1, max_size=3), st.integers(0, 5))
     stage = st.builds(lambda n, s, t: (t, ev.PackageStaged(name=n, stage=s)), st.sampled_from(NAMES),
                       st.sampled_from(["dev", "test", "prod"]), st.integers(0, 5))
     delete = st.builds(lambda n, c, t: (t, ev.PackageDeleted(name=n, blake3=c)), st.sampled_from(NAMES),
                        st.sampled_from(CONTENT), st.integers(0, 5))
     damaged = st.builds(lambda n, c, t: (t, ev.PackageDamaged(name=n, blake3=c, reason="bit rot", found_by="report")),
                         st.sampled_from(NAMES), st.sampled_from(CONTENT), st.integers(0, 5))
-    return st.lists(st.one_of(up, avail, stage, delete, damaged), max_size=25)
+    return st.lists(st.one_of(up, avail, batch, stage, delete, damaged), max_size=25)
 
 
 class TimedLog(Log):
@@ -298,3 +300,45 @@ def test_chain_state_is_where_the_own_log_stands_in_the_read_model(tmp_path):
     for m in log.msgs:
         writer.fold(m)
     assert views.chain_state(conn, "EVENTS", key.site_id) == (3, 2, log.prev)
+
+
+def test_a_batch_of_availability_folds_as_its_items_would_one_by_one(tmp_path):
+    """PackagesAvailable (small packages pulled together): the read model's packages, contents
+    and availability are what the same items as PackageAvailable events make; what changed
+    names every item's package, and each package's history lists the batch."""
+    from odst.projections import views
+
+    hq, branch = SiteKey.load_or_create(tmp_path / "hq.key"), SiteKey.load_or_create(tmp_path / "branch.key")
+    items = [ev.PackageAvailable(name=n, size=len(c), sha1="s" + c, sha512="x" + c, blake3=c, chunk_size=1 << 20,
+                                 chunks=["c"], stage="prod", origin=hq.site_id, uploaded_ts=7)
+             for n, c in (("a.pkg", "b3-one"), ("B.dmg", "b3-two"), ("c.zip", "b3-one"))]
+    class SameClock(Log):
+        """Every event at one time: a batch's items and single events alike."""
+
+        def append(self, event, signer=None):
+            env = codec.Envelope(id=codec.new_event_id(), origin=self.key.site_id, seq=self.seq + 1,
+                                 prev=self.prev, ts=1_700_000_000_000, actor="t", event=event)
+            payload = codec.seal(env, self.key)
+            self.msgs.append(StoredMessage("EVENTS", len(self.msgs) + 1, f"odst.{self.key.site_id}.ev.x", payload))
+            self.seq, self.prev = env.seq, codec.chain_hash(payload)
+
+    models = []
+    for name, events in (("batch", [ev.PackagesAvailable(items=items)]), ("single", items)):
+        log = SameClock(branch, branch)
+        conn = db.open_read_model(tmp_path / f"{name}.sqlite")
+        writer = apply.ReadModelWriter(conn, {branch.site_id: branch.public_key})
+        for m in log.msgs:
+            writer.fold(m)
+        start = views.last_position(conn)
+        for e in events:
+            log.append(e)
+            assert writer.fold(log.msgs[-1]).applied
+        changed = views.changed_keys(conn, start)
+        assert changed.keys == {"a.pkg", "b.dmg", "c.zip"} and not changed.everything
+        assert [e.type for e in views.events(conn, name="B.dmg")] == [type(events[-1]).__name__]
+        assert views.events(conn, name="b.dmg") == []  # a history is by the name as spelt
+        models.append({t: rows for t, rows in apply.dump(conn).items()
+                       if t not in ("events", "event_names", "sites", "checkpoints")})
+    assert models[0] == models[1]
+    assert {(r["key"], r["site"]) for r in conn.execute("SELECT key, site FROM availability")} == \
+        {(k, branch.site_id) for k in ("a.pkg", "b.dmg", "c.zip")}

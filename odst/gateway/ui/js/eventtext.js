@@ -3,7 +3,7 @@
 import { fmtBytes, fmtTime } from './dom.js';
 
 export const EVENT_TYPES = [
-  'SiteFounded', 'PackageUploaded', 'PackageAvailable', 'PackageTransferFailed', 'PackageStaged',
+  'SiteFounded', 'PackageUploaded', 'PackageAvailable', 'PackagesAvailable', 'PackageTransferFailed', 'PackageStaged',
   'PackageDeleted', 'PeerInvited', 'PeerRegistered', 'PeerRemoved', 'PeerLogDiverged', 'PeerLogRestored', 'TokenCreated', 'TokenRevoked',
   'WebhookSubscribed', 'WebhookRemoved', 'EmailSubscribed', 'EmailUnsubscribed', 'UserCreated',
   'UserRoleChanged', 'UserPasswordChanged', 'UserDetailsChanged', 'UserRemoved', 'StagesAccepted',
@@ -15,6 +15,12 @@ export const EVENT_TYPES = [
 const rate = (bps) => (bps ? `${(bps / 1e6).toLocaleString(undefined, { maximumFractionDigits: 2 })} MB/s` : 'unlimited');
 const linkName = (link, site) => (link === '*' ? 'every link (network default)' : `the link to ${site(link)}`);
 
+const NAMES_SHOWN = 5;  // of a PackagesAvailable's packages, named in its line
+const namesOf = (items) => {
+  const more = items.length - NAMES_SHOWN;
+  return items.slice(0, NAMES_SHOWN).map((i) => i.name).join(', ') + (more > 0 ? ` and ${more} more` : '');
+};
+
 const DRIFT_WORDS = { missing: 'has no record', hash_differs: 'has a record whose hash differs', no_file: 'has a record for a file no site holds' };
 
 export function summary(item, ctx) {
@@ -25,6 +31,7 @@ export function summary(item, ctx) {
     case 'PackageUploaded': return `Uploaded ${e.name} (${fmtBytes(e.size)}) in stage ${e.stage}`;
     case 'PackageReplaced': return `Replaced ${e.name} with new content (${fmtBytes(e.size)}, version ${e.generation + 1}) in stage ${e.stage}`;
     case 'PackageAvailable': return `${site(item.origin)} holds a verified copy of ${e.name}`;
+    case 'PackagesAvailable': return `${site(item.origin)} holds verified copies of ${namesOf(e.items || [])}`;
     case 'PackageTransferFailed': return `${site(item.origin)} could not fetch ${e.name}: ${e.reason}`;
     case 'ChunkRejected': return `${site(item.origin)} dropped chunk ${e.chunk} of ${e.name} from ${site(e.source)}: it failed verification`;
     case 'PackageDamaged': return `${site(item.origin)}'s copy of ${e.name} is out of service (found by ${e.found_by || 'a check'}): ${e.reason}`;
