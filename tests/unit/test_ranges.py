@@ -15,7 +15,8 @@ from odst.gateway.ranges import (ByteRange, Unsatisfiable, http_date, if_range_a
     ("bytes=-30", 10, ByteRange(0, 9)), ("bytes=8-100", 10, ByteRange(8, 9)),
     ("BYTES=1-2", 10, ByteRange(1, 2)), ("bytes=0-1,4-5", 10, None), ("items=0-1", 10, None),
     ("bytes=5-2", 10, None), ("bytes=a-b", 10, None), ("bytes=", 10, None), ("bytes=-", 10, None),
-    ("bytes 0-1", 10, None),
+    ("bytes 0-1", 10, None), ("bytes=0-9223372036854775808", 10, None),  # past int64: ignored
+    ("bytes=0-9223372036854775807", 10, ByteRange(0, 9)),
 ])
 def test_parse(header, size, expected):
     assert parse_range(header, size) == expected
