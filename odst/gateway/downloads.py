@@ -196,10 +196,17 @@ class _File:
             os.close(self.fd)
 
 
-class _Label:
-    """ETag, Last-Modified (seconds) and the headers every answer of these bytes carries."""
+def _wire(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """Header fields as they go on the wire, each line ending in CRLF."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in pairs)
 
-    __slots__ = ("etag", "modified_s", "common", "full", "until")
+
+class _Label:
+    """ETag, Last-Modified (seconds) and the headers every answer of these bytes carries, as
+    pairs for the ASGI path and as wire bytes for a quick answer (``Quick.head``): formatting
+    them once per opened file and read-model version, not per request."""
+
+    __slots__ = ("etag", "modified_s", "common", "full", "until", "wire_common", "wire_full")
 
     def __init__(self, blake3: str, uploaded_at_ms: int, size: int) -> None:
         now = int(time.time())
@@ -210,6 +217,7 @@ class _Label:
         self.common = [_ACCEPT_RANGES, (b"etag", self.etag.encode("latin-1")),
                        (b"last-modified", http_date(self.modified_s).encode("latin-1")), _OCTETS]
         self.full = [*self.common, (b"content-length", str(size).encode("latin-1"))]
+        self.wire_common, self.wire_full = _wire(self.common), _wire(self.full)
 
 
 class Downloads:
@@ -388,7 +396,7 @@ class Downloads:
         file.used = time.monotonic()
         try:
             label = self._label(name, file, answer.row)
-            status, start, length, head = self._body(file, label, headers)
+            status, start, length = self._extent(file, label, headers)
         except Unsatisfiable:
             file.release()
             return None
@@ -399,21 +407,27 @@ class Downloads:
             file.release()
             return None
         self.site.stats.downloads[status] += 1
+        head = label.wire_full if status == 200 else label.wire_common + _range_wire(start, length, file.size)
         return Quick(self, file, status, head, start, length, gate)
 
-    def _body(self, file: _File, label: _Label, headers: dict[bytes, bytes]):
-        """(status, start, length, head) of a GET or HEAD past the conditional checks: the
-        whole file, or the one range asked (Unsatisfiable: a 416)."""
+    def _extent(self, file: _File, label: _Label, headers: dict[bytes, bytes]) -> tuple[int, int, int]:
+        """(status, start, length) of a GET or HEAD past the conditional checks: the whole
+        file, or the one range asked (Unsatisfiable: a 416)."""
         size = file.size
         if b"range" in headers:
             v = headers.get(b"if-range")
             if if_range_allows(v.decode("latin-1") if v is not None else None, label.etag, label.modified_s):
                 rng = parse_range(headers[b"range"].decode("latin-1"), size)
                 if rng is not None:
-                    return 206, rng.start, rng.length, [
-                        *label.common, (b"content-length", str(rng.length).encode("latin-1")),
-                        (b"content-range", f"bytes {rng.start}-{rng.end}/{size}".encode("latin-1"))]
-        return 200, 0, size, label.full
+                    return 206, rng.start, rng.length
+        return 200, 0, size
+
+    def _body(self, file: _File, label: _Label, headers: dict[bytes, bytes]):
+        """(status, start, length, head) of ``_extent``, with the head's header pairs."""
+        status, start, length = self._extent(file, label, headers)
+        if status == 200:
+            return status, start, length, label.full
+        return status, start, length, [*label.common, *_range_fields(start, length, file.size)]
 
     async def serve(self, scope, receive, send) -> None:
         stats = self.site.stats
@@ -502,9 +516,22 @@ class Downloads:
             await _pread_body(file.fd, start, length, receive, send, stats)
 
 
+def _range_fields(start: int, length: int, size: int) -> list[tuple[bytes, bytes]]:
+    """Content-Length and Content-Range of a 206 of ``length`` bytes from ``start``."""
+    return [(b"content-length", str(length).encode("latin-1")),
+            (b"content-range", f"bytes {start}-{start + length - 1}/{size}".encode("latin-1"))]
+
+
+def _range_wire(start: int, length: int, size: int) -> bytes:
+    """``_range_fields`` as wire bytes, formatted in one step (a quick answer's per-request part)."""
+    return b"content-length: %d\r\ncontent-range: bytes %d-%d/%d\r\n" % (length, start, start + length - 1, size)
+
+
 class Quick:
-    """A GET decided by ``Downloads.quick``: ``status`` and ``head`` (header pairs), ``length``
-    bytes of ``fd`` from ``start``. The server calls ``done`` once, with the bytes it sent."""
+    """A GET decided by ``Downloads.quick``: ``status`` and ``head`` (the answer's own header
+    fields, as wire bytes: each line with its CRLF, without the status line, the server's
+    default fields and the blank line that ends the head), ``length`` bytes of ``fd`` from
+    ``start``. The server calls ``done`` once, with the bytes it sent."""
 
     __slots__ = ("_downloads", "_file", "_gate", "status", "head", "fd", "start", "length")
 

@@ -50,9 +50,9 @@ message carrying ``"http.response.zerocopysend": True`` says such a body follows
 once: its head is then sent with MSG_MORE and leaves with the body (``_HeadWithFile``).
 
 The app may also offer a quick answer (``app.quick``, ``Downloads.quick``): a function
-deciding a plain download at once from the request's scope. Such a request is answered from
-the parser's callback, head and sendfile, without the ASGI cycle (no task, no send messages:
-that was most of the Python cost of a 1 MiB range). What sendfile cannot put in the socket
+deciding a plain download at once from the request's scope, its header fields already in
+wire form. Such a request is answered from the parser's callback, head and sendfile, without
+the ASGI cycle (no task, no send messages: that was most of the Python cost of a 1 MiB range). What sendfile cannot put in the socket
 at once goes on in a task (``_quick_rest``); until it ends, a request pipelined behind it
 waits as it would behind an ASGI response (``_QuickCycle``).
 
@@ -328,6 +328,9 @@ class _QuickCycle:
         self.keep_alive = True
         self.disconnected = False
         self.message_event = asyncio.Event()
+
+
+_default_wire: tuple[list | None, bytes] = (None, b"")  # see GuardedHttpToolsProtocol._default_fields
 
 
 def _quick_of(app):
@@ -693,13 +696,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return True
 
     def _send_quick(self, answer) -> None:
-        content = [STATUS_LINE[answer.status]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
-        for name, value in answer.head:
-            content.extend([name, b": ", value, b"\r\n"])
-        content.append(b"\r\n")
-        head = b"".join(content)
+        head = b"".join((STATUS_LINE[answer.status], self._default_fields(), answer.head, b"\r\n"))
         sock = self._socket()
         fd, offset, count = answer.fd, answer.start, answer.length
         try:
@@ -741,6 +738,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         task = self.loop.create_task(self._quick_rest(cycle, answer, sent))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
+
+    def _default_fields(self) -> bytes:
+        """The server's default header fields (Date, Server) as wire bytes, formatted once per
+        list: uvicorn puts a new list in ``server_state`` when the Date changes (each second)."""
+        global _default_wire
+        fields = self.server_state.default_headers
+        if _default_wire[0] is not fields:  # the list itself is held: its id is not reused
+            _default_wire = (fields, b"".join(name + b": " + value + b"\r\n" for name, value in fields))
+        return _default_wire[1]
 
     async def _quick_rest(self, cycle: _QuickCycle, answer, sent: int) -> None:
         count = answer.length
