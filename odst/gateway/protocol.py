@@ -52,8 +52,8 @@ once: its head is then sent with MSG_MORE and leaves with the body (``_HeadWithF
 The app may also offer a quick answer (``app.quick``, ``Downloads.quick``): a function
 deciding a plain download at once from the request's scope, its header fields already in
 wire form. Such a request is answered from the parser's callback, head and sendfile, without
-the ASGI cycle (no task, no send messages: that was most of the Python cost of a 1 MiB range). What sendfile cannot put in the socket
-at once goes on in a task (``_quick_rest``); until it ends, a request pipelined behind it
+the ASGI cycle (no task, no send messages: that was most of the Python cost of a 1 MiB
+range). What sendfile cannot put in the socket at once goes on in a task (``_quick_rest``); until it ends, a request pipelined behind it
 waits as it would behind an ASGI response (``_QuickCycle``).
 
 A large body may also be read with no copy on the event loop's thread at all: an app that
