@@ -76,6 +76,16 @@ def name_key(name: str) -> str:
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
+def unsafe_name(name: str) -> str:
+    """Why ``name`` may not name a package file ("" if it may): the rule of ``check_name``,
+    for names that come from a log (a peer's events) rather than from a request."""
+    try:
+        check_name(name)
+    except PackageNameInvalid as exc:
+        return str(exc)
+    return ""
+
+
 def check_name(name: str, allowed_extensions: list[str] | None = None) -> str:
     """Return the name if it is safe to use as a file name in the public directory."""
     if not name:

@@ -13,12 +13,15 @@ import sqlite3
 from dataclasses import dataclass
 
 import msgspec
+import structlog
 
 from odst.events import catalogue as ev
 from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
-from odst.naming import name_key
+from odst.naming import name_key, unsafe_name
+
+log = structlog.get_logger("odst.projections")
 
 
 # Quarantine bounds, per stream (see sql/006_quarantine_bounds.sql).
@@ -41,6 +44,13 @@ def subject_name(event: ev.Event) -> str:
     if field is None:
         field = _SUBJECT_FIELD[type(event)] = _subject_field(event)
     return getattr(event, field, "") if field else ""
+
+
+def _names_package(event: ev.Event) -> bool:
+    """Is the event's subject a package name (its ``name``)?"""
+    if _SUBJECT_FIELD.get(type(event)) is None:
+        subject_name(event)
+    return _SUBJECT_FIELD[type(event)] == "name"
 
 
 def _subject_field(event: ev.Event) -> str:
@@ -278,12 +288,22 @@ class ReadModelWriter:
         """Record the event and apply it; False (nothing changed) if its id is recorded already."""
         c = self.conn
         e = env.event
+        name = subject_name(e)
+        # A package name no upload here could have (a path, "..", a control character) is a
+        # file name never made, looked up or removed: a registered peer's event naming
+        # "../../site.key" must not reach the store. The event stays in its chain (recorded,
+        # its successors folded), without effect.
+        unsafe = unsafe_name(name) if name and _names_package(e) else ""
+        if unsafe:
+            log.warning("event names an unsafe package name; recorded without effect", origin=env.origin,
+                        seq=env.seq, type=type(e).__name__, reason=unsafe)
+            name = ""
         try:
             c.execute(
                 "INSERT INTO events(id, stream, stream_seq, subject, origin, seq, type, ts, actor,"
                 " subject_name, payload) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (env.id, msg.stream, msg.seq, msg.subject, env.origin, env.seq, type(e).__name__,
-                 env.ts, env.actor, subject_name(e), msg.payload))
+                 env.ts, env.actor, name, msg.payload))
         except sqlite3.IntegrityError:
             if c.execute("SELECT 1 FROM events WHERE id=?", (env.id,)).fetchone():
                 return False  # a duplicate id: the statement changed nothing
@@ -299,7 +319,7 @@ class ReadModelWriter:
         else:
             self._moved[env.origin] = chain
         handler = _HANDLERS.get(type(e))
-        if handler:
+        if handler and not unsafe:
             handler(c, env, e, self)
         return True
 
@@ -428,11 +448,20 @@ def _package_available(c, env, e: ev.PackageAvailable, writer) -> None:
 
 def _packages_available(c, env, e: ev.PackagesAvailable, writer) -> None:
     """Each item as its own PackageAvailable; the items' names are recorded for the event
-    (``event_names``: what changed, a package's history)."""
+    (``event_names``: what changed, a package's history). An item naming an unsafe name has
+    no effect (as such an event of its own, ``ReadModelWriter._apply``)."""
+    items = []
     for item in e.items:
+        unsafe = unsafe_name(item.name)
+        if unsafe:
+            log.warning("event names an unsafe package name; its item has no effect", origin=env.origin,
+                        seq=env.seq, type=type(e).__name__, reason=unsafe)
+        else:
+            items.append(item)
+    for item in items:
         _package_available(c, env, item, writer)
     c.executemany("INSERT OR IGNORE INTO event_names(event_id, name) VALUES (?,?)",
-                  [(env.id, item.name) for item in e.items])
+                  [(env.id, item.name) for item in items])
 
 
 def _package_damaged(c, env, e: ev.PackageDamaged, writer) -> None:

@@ -36,6 +36,7 @@ from typing import ContextManager, Iterable, Protocol
 
 import structlog
 
+from odst.errors import PackageNameInvalid
 from odst.naming import name_key
 from odst.store.hashing import CHUNK_SIZE, Manifest, ManifestHasher, hash_file
 
@@ -132,8 +133,12 @@ class Store:
                 d.chmod(0o700)
 
     def path(self, name: str) -> Path:
-        """The file of the package any spelling of ``name`` stands for."""
-        return self.packages / name_key(name)
+        """The file of the package any spelling of ``name`` stands for: always a file of
+        packages/ (PackageNameInvalid for a name that would be another one, or none)."""
+        key = name_key(name)
+        if "/" in key or "\0" in key or key in ("", ".", ".."):
+            raise PackageNameInvalid(f"package name {name!r} is not a file name")
+        return self.packages / key
 
     def new_temp(self, suffix: str = ".part") -> Path:
         return self.tmp / f"{secrets.token_hex(12)}{suffix}"

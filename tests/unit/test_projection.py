@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from odst.events import catalogue as ev
@@ -342,3 +343,36 @@ def test_a_batch_of_availability_folds_as_its_items_would_one_by_one(tmp_path):
     assert models[0] == models[1]
     assert {(r["key"], r["site"]) for r in conn.execute("SELECT key, site FROM availability")} == \
         {(k, branch.site_id) for k in ("a.pkg", "b.dmg", "c.zip")}
+
+
+def test_a_package_name_that_is_no_file_name_has_no_effect_and_the_chain_goes_on(tmp_path):
+    """A registered peer's events are signed, not safe: one naming '../../site.key' (to be
+    written, pulled or removed there by every site that folds it) is recorded in its chain
+    without effect, the item of a PackagesAvailable alone; the events after it fold as usual,
+    and no changed key names it. The store refuses such a name as a last line."""
+    from odst.errors import PackageNameInvalid
+    from odst.projections import views
+    from odst.store.files import Store
+
+    peer = SiteKey.load_or_create(tmp_path / "peer.key")
+    log = Log(peer, peer)
+    content = dict(size=1, sha1="s", sha512="x", chunk_size=1 << 20, chunks=["c"])
+    bad = ["../../site.key", "a/b.pkg", "..", "x\x00.pkg", "\u202eevil.pkg"]
+    for i, name in enumerate(bad):
+        log.append(ev.PackageUploaded(name=name, blake3=f"b{i}", **content))
+        log.append(ev.PackageDeleted(name=name, blake3=f"b{i}"))
+    log.append(ev.PackagesAvailable(items=[ev.PackageAvailable(
+        name=n, blake3=b, stage="prod", origin=peer.site_id, uploaded_ts=1, **content)
+        for n, b in (("../escape.pkg", "b8"), ("Fine.pkg", "b9"))]))
+    log.append(ev.PackageUploaded(name="After.pkg", blake3="b10", **content))
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    writer = apply.ReadModelWriter(conn, {peer.site_id: peer.public_key})
+    assert all(o.applied for o in writer.fold_many(log.msgs))
+    assert sorted(r["name"] for r in conn.execute("SELECT name FROM contents")) == ["After.pkg", "Fine.pkg"]
+    assert conn.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
+    assert views.changed_keys(conn, 0).keys == {"fine.pkg", "after.pkg"}
+    store = Store(tmp_path / "store")
+    for name in ("../../site.key", "a/b.pkg", "..", ".", "", "x\x00y"):
+        with pytest.raises(PackageNameInvalid):
+            store.path(name)
+    assert store.path("Fine.pkg") == tmp_path / "store" / "packages" / "fine.pkg"
