@@ -33,7 +33,7 @@ from odst.replicator.runclient import BUFFERS, ChunkBuffer
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
                                        TransportFailed)
 from odst.store.files import preallocate, start_writeback
-from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, pieces_ok
+from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, is_blake3, pieces_ok
 
 log = structlog.get_logger("odst.puller")
 
@@ -109,6 +109,9 @@ class _SourceState:
 
 
 def temp_path(tmp_dir: Path, blake3: str) -> Path:
+    """A pull's temp file: always a file of ``tmp_dir`` (ValueError for anything but a digest)."""
+    if not is_blake3(blake3):
+        raise ValueError(f"not a blake3 digest: {blake3[:80]!r}")
     return tmp_dir / f"{blake3}.repl"
 
 

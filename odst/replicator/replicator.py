@@ -50,7 +50,7 @@ from odst.replicator.bandwidth import Bandwidth
 from odst.replicator.puller import Progress, Puller, TransferFailed, Want, temp_path
 from odst.replicator.transport import (BATCH_ITEM_MAX, BATCH_MAX, ChunkUnavailable, HttpChunkSource,
                                        NatsChunkSource, RunsUnsupported, TransportFailed, http_session)
-from odst.store.hashing import WholeHash, chunk_ok, chunk_span
+from odst.store.hashing import WholeHash, chunk_ok, chunk_span, is_blake3
 from odst.store.files import PackageStore
 from odst.store.files import start_writeback, tag
 
@@ -423,6 +423,10 @@ class Replicator:
                                                  if (row["name"], row["blake3"]) not in self.tasks], self.site_id)
         for row in rows:
             key, pair = row["key"], (row["name"], row["blake3"])
+            if not is_blake3(row["blake3"]):  # named so by a peer's event: no content to pull or file to name
+                log.warning("a package's content is named by no blake3 digest; not pulled", package=row["name"],
+                            origin=row["origin"])
+                continue
             if pair in self.tasks:
                 # being pulled here: looked at again soon, in case that pull fails (its retry
                 # timer may fire while its batch still records the failure, and be lost here)

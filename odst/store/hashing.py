@@ -21,6 +21,7 @@ Nothing here does I/O except ``hash_file``, which reads one file.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,6 +58,15 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
         event carries), so ``ev.PackageUploaded(name=..., stage=..., **m.event_fields())``."""
         return {"size": self.size, "sha1": self.sha1, "sha512": self.sha512, "blake3": self.blake3,
                 "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
+
+
+_BLAKE3_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def is_blake3(text: str) -> bool:
+    """Is ``text`` a blake3 digest as every ODST writes it (64 lowercase hex digits)? A content
+    is named by it in the store's temp files: a peer's event may name anything."""
+    return _BLAKE3_HEX.fullmatch(text) is not None
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:

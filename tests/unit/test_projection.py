@@ -376,3 +376,8 @@ def test_a_package_name_that_is_no_file_name_has_no_effect_and_the_chain_goes_on
         with pytest.raises(PackageNameInvalid):
             store.path(name)
     assert store.path("Fine.pkg") == tmp_path / "store" / "packages" / "fine.pkg"
+    from odst.replicator.puller import temp_path
+    for digest in ("../../../escape", "A" * 64, "0" * 63, "0" * 64 + "/x"):
+        with pytest.raises(ValueError):
+            temp_path(store.tmp, digest)
+    assert temp_path(store.tmp, "0f" * 32) == store.tmp / f"{'0f' * 32}.repl"
