@@ -184,6 +184,8 @@ async def write_record(client: JamfClient, api: str, action: str, want: Wanted, 
 
 
 async def delete_record(client: JamfClient, record_id: str) -> None:
+    if not record_id.isdigit():  # a record id from a log (a peer's event): a number, never a path
+        raise JamfError(f"not a Jamf Pro record id: {record_id[:80]!r}; not deleted")
     status, _ = await client.request("DELETE", f"/api/v1/packages/{record_id}", ok=(200, 204, 404))
     if status == 404:  # gone already, or a Jamf Pro before 11.5: the Classic API then
         await client.request("DELETE", f"/JSSResource/packages/id/{record_id}", ok=(200, 204, 404))

@@ -9,7 +9,9 @@ checkpoint advances in the same transaction either way.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 
 import msgspec
@@ -19,7 +21,10 @@ from odst.events import catalogue as ev
 from odst.events import chain, codec
 from odst.events.log import EVENT_MAX_BYTES, StoredMessage, site_of_subject
 from odst.events.signing import SignatureInvalid, site_id_for
-from odst.naming import name_key, unsafe_name
+from odst.errors import RequestInvalid
+from odst.naming import MAX_INT64, name_key, unsafe_name
+from odst.replicator.bandwidth import window_from_event
+from odst.store.hashing import CHUNK_SIZE
 
 log = structlog.get_logger("odst.projections")
 
@@ -44,6 +49,64 @@ def subject_name(event: ev.Event) -> str:
     if field is None:
         field = _SUBJECT_FIELD[type(event)] = _subject_field(event)
     return getattr(event, field, "") if field else ""
+
+
+_SITE_ID = re.compile(r"s[a-z2-7]{16}")
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def harmful(env: codec.Envelope) -> str:
+    """Why a signed event may not take effect here ("" if it may). A signature says who wrote
+    an event, not that it is harmless: a registered peer's event must not rewrite another
+    site's founding or chain head, admit a site under a key that is not its own, put a URL
+    or a timetable here that every pass then fails to read, name a Jamf Pro record by a path,
+    or describe chunks no pull could hold in memory. Such an event stays in its chain
+    (recorded, its successors folded) without effect, as one naming an unsafe package name."""
+    e = env.event
+    if isinstance(e, ev.SiteFounded):
+        if e.site != env.origin or not _KEY_HEX.fullmatch(e.public_key) \
+                or site_id_for(bytes.fromhex(e.public_key)) != env.origin:
+            return "founds a site other than its origin, or under another key"
+    elif isinstance(e, ev.PeerRegistered):
+        if not _SITE_ID.fullmatch(e.site) or not _KEY_HEX.fullmatch(e.public_key) \
+                or site_id_for(bytes.fromhex(e.public_key)) != e.site:
+            return "registers a site id that is not its key's"
+        if e.http_url and not _http_url(e.http_url):
+            return "registers a URL that is no http(s) URL with a host"
+    elif isinstance(e, ev.LinkBandwidthSet):
+        if e.link != "*" and not _SITE_ID.fullmatch(e.link):
+            return "limits a link that is no site"
+        try:
+            for w in e.windows:
+                window_from_event(msgspec.to_builtins(w))
+        except (RequestInvalid, ValueError, KeyError, TypeError) as exc:
+            return f"sets a timetable that does not parse: {exc}"
+    elif isinstance(e, ev.JamfPackageSynced):
+        if e.record_id and not e.record_id.isdigit():
+            return "names a Jamf Pro record by something other than its number"
+    for content in e.items if isinstance(e, ev.PackagesAvailable) else (e,):
+        if isinstance(content, ev.ContentEvent) and (not 0 < content.chunk_size <= CHUNK_SIZE or content.size < 0):
+            return f"describes a content of {content.size} bytes in chunks of {content.chunk_size}"
+    return ""
+
+
+def _beyond_int64(value) -> bool:
+    if isinstance(value, int):
+        return not -MAX_INT64 - 1 <= value <= MAX_INT64
+    if isinstance(value, (list, tuple)):
+        return any(_beyond_int64(v) for v in value)
+    if isinstance(value, dict):
+        return any(_beyond_int64(v) for v in value.values())
+    return False
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a port that is no number raises
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _names_package(event: ev.Event) -> bool:
@@ -260,6 +323,9 @@ class ReadModelWriter:
         if env.origin != origin:
             return Outcome(False, f"envelope origin {env.origin} differs from subject site {origin}",
                            violation=True)
+        if _beyond_int64((env.seq, env.ts, msgspec.to_builtins(env.event))):
+            # SQLite cannot bind it: folding it would fail, and be tried again, for ever
+            return Outcome(False, "signed but holds an integer beyond 64 bits", violation=True)
         upto = self.removed_upto(origin)
         if upto is not None and env.seq > upto:
             return Outcome(False, f"{IGNORED}: {origin} was removed as a peer after its seq {upto}",
@@ -293,10 +359,10 @@ class ReadModelWriter:
         # file name never made, looked up or removed: a registered peer's event naming
         # "../../site.key" must not reach the store. The event stays in its chain (recorded,
         # its successors folded), without effect.
-        unsafe = unsafe_name(name) if name and _names_package(e) else ""
+        unsafe = (unsafe_name(name) if name and _names_package(e) else "") or harmful(env)
         if unsafe:
-            log.warning("event names an unsafe package name; recorded without effect", origin=env.origin,
-                        seq=env.seq, type=type(e).__name__, reason=unsafe)
+            log.warning("event recorded without effect", origin=env.origin, seq=env.seq,
+                        type=type(e).__name__, reason=unsafe)
             name = ""
         try:
             c.execute(
@@ -310,7 +376,7 @@ class ReadModelWriter:
             raise
         chain = (env.seq, codec.chain_hash(msg.payload), env.ts)
         self._heads[env.origin] = chain[:2]
-        if isinstance(e, ev.SiteFounded):
+        if isinstance(e, ev.SiteFounded) and not unsafe:
             self._write_heads()  # (rare) the rows as they stand before this one is made or changed
             c.execute("INSERT INTO sites(site, public_key, name, last_seq, last_hash, last_ts)"
                       " VALUES (?,?,?,?,?,?) ON CONFLICT(site) DO UPDATE SET name=excluded.name,"

@@ -381,3 +381,53 @@ def test_a_package_name_that_is_no_file_name_has_no_effect_and_the_chain_goes_on
         with pytest.raises(ValueError):
             temp_path(store.tmp, digest)
     assert temp_path(store.tmp, "0f" * 32) == store.tmp / f"{'0f' * 32}.repl"
+
+
+def test_a_peers_signed_events_cannot_rewrite_another_site_or_stall_every_pass(tmp_path):
+    """Signed by a registered peer, yet harmful: a SiteFounded of another site (its chain head
+    rewritten: that site's next event a 'gap'), a PeerRegistered of '*' or under a key that is
+    not the site's, a URL nothing can parse, a timetable that does not parse, a Jamf Pro record
+    named by a path, chunks of 0 bytes. Each is recorded in the peer's chain without effect
+    and what follows folds; an integer no SQLite column holds is quarantined, once."""
+    from odst.events.signing import site_id_for
+
+    me, peer = SiteKey.load_or_create(tmp_path / "me.key"), SiteKey.load_or_create(tmp_path / "peer.key")
+    other = SiteKey.load_or_create(tmp_path / "other.key")
+    mine = Log(me, me)
+    mine.append(ev.PeerRegistered(site=peer.site_id, public_key=peer.public_key.hex()))
+    theirs = Log(peer, peer)
+    k = other.public_key.hex()
+    theirs.append(ev.SiteFounded(site=me.site_id, public_key=me.public_key.hex(), name="pwned"))
+    theirs.append(ev.PeerRegistered(site="*", public_key=k))
+    theirs.append(ev.PeerRegistered(site=other.site_id, public_key=peer.public_key.hex()))
+    theirs.append(ev.PeerRegistered(site=other.site_id, public_key="zz"))
+    theirs.append(ev.PeerRegistered(site=other.site_id, public_key=k, http_url="http://["))
+    theirs.append(ev.LinkBandwidthSet(link="*", windows=[ev.TimeWindow(days=["xx"], start="99:00", end="01:00")]))
+    theirs.append(ev.JamfPackageSynced(name="a.pkg", blake3="b", file_name="a.pkg", record_id="../../v1/computers/7",
+                                       hash_type="SHA_512", hash_value="x", size=1, action="created"))
+    theirs.append(ev.PackageUploaded(name="zero.pkg", size=5, sha1="s", sha512="x", blake3="b0", chunk_size=0,
+                                     chunks=["c"]))
+    theirs.append(ev.PeerRegistered(site=other.site_id, public_key=k, http_url="https://other.example:8443"))
+    msgs = [StoredMessage(f"PEER_{peer.site_id}", m.seq, m.subject, m.payload) for m in theirs.msgs]
+    conn = db.open_read_model(tmp_path / "rm.sqlite")
+    writer = apply.ReadModelWriter(conn, {me.site_id: me.public_key})
+    assert all(o.applied for o in writer.fold_many(mine.msgs))
+    outcomes = writer.fold_many(msgs)
+    assert all(o.applied for o in outcomes), [o.reason for o in outcomes if not o.applied]
+    assert tuple(conn.execute("SELECT name, last_seq FROM sites WHERE site=?", (me.site_id,)).fetchone()) == ("", 2)
+    mine.append(ev.PackageStaged(name="a.pkg", stage="test"))
+    assert writer.fold(mine.msgs[-1]).applied  # its own chain goes on
+    assert [tuple(r) for r in conn.execute("SELECT site, public_key, http_url FROM directory WHERE vouched_by=?",
+                                           (peer.site_id,))] == [(other.site_id, k, "https://other.example:8443")]
+    assert site_id_for(other.public_key) == other.site_id
+    for table in ("bandwidth_links", "jamf_packages", "contents"):
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+
+    # an integer past 64 bits: quarantined (a violation), the stream's checkpoint past it
+    env = codec.Envelope(id=codec.new_event_id(), origin=peer.site_id, seq=theirs.seq + 1, prev=theirs.prev,
+                         ts=2 ** 64, actor="t", event=ev.PackageStaged(name="a.pkg", stage="dev"))
+    big = StoredMessage(f"PEER_{peer.site_id}", len(msgs) + 1, f"odst.{peer.site_id}.ev.PackageStaged",
+                        codec.seal(env, peer))
+    outcome = writer.fold(big)
+    assert not outcome.applied and outcome.violation and "64 bits" in outcome.reason
+    assert writer.checkpoint(f"PEER_{peer.site_id}") == big.seq
