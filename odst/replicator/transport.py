@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 from collections import Counter
@@ -42,6 +43,7 @@ from odst.naming import ascii_int, sent_path
 from odst.projections import views
 from odst.projections.apply import trusted_key
 from odst.store.files import PackageStore, content_tag
+from odst.store.hashing import CHUNK_SIZE
 from odst.replicator.bandwidth import Bandwidth, LinkThrottled
 from odst.replicator.runclient import RunBroken, RunClient, RunUnexpected
 from odst.store.hashing import chunk_span
@@ -72,9 +74,22 @@ class SourceThrottled(TransportFailed):
 
 def _retry_after(value: str | None) -> float:
     try:
-        return min(max(float(value or 1), 0.1), 30.0)
+        seconds = float(value or 1)
     except ValueError:
         return 1.0
+    return min(max(seconds, 0.1), 30.0) if math.isfinite(seconds) else 1.0  # "nan" sleeps for ever
+
+
+async def _read_at_most(r: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A peer's answer body, at most ``limit`` bytes: whatever a peer sends, this site holds no
+    more of it than a chunk (or an error's first words)."""
+    body = bytearray()
+    while len(body) < limit:
+        piece = await r.content.read(limit - len(body))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
 
 
 def chunk_subject(site: str) -> str:
@@ -176,9 +191,9 @@ class HttpChunkSource:
     async def fetch(self, blake3: str, index: int) -> bytes:
         target = chunk_target(blake3, index)
         try:
-            async with self.session.get(self.base_url + target,
+            async with self.session.get(self.base_url + target, allow_redirects=False,
                                         headers=sign_request(self.key, "GET", target)) as r:
-                body = await r.read()
+                body = await _read_at_most(r, CHUNK_SIZE + 1)  # (over a chunk: not one)
                 status = r.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise TransportFailed(f"{self.site} over HTTP: {type(exc).__name__}: {exc}") from None
@@ -283,10 +298,10 @@ class HttpChunkSource:
         target = run_target(blake3, first, first + len(lengths) - 1)
         given = 0
         try:
-            async with self.session.get(self.base_url + target, timeout=RUN_TIMEOUT,
+            async with self.session.get(self.base_url + target, timeout=RUN_TIMEOUT, allow_redirects=False,
                                         headers=sign_request(self.key, "GET", target)) as r:
                 if r.status != 200:
-                    detail = (await r.read())[:200].decode("utf-8", "replace")
+                    detail = (await _read_at_most(r, 200)).decode("utf-8", "replace")
                     if r.status == 503 and "Retry-After" in r.headers:
                         raise SourceThrottled(f"{self.site} over HTTP: {detail}",
                                               _retry_after(r.headers.get("Retry-After")))
