@@ -43,10 +43,9 @@ from odst.naming import ascii_int, sent_path
 from odst.projections import views
 from odst.projections.apply import trusted_key
 from odst.store.files import PackageStore, content_tag
-from odst.store.hashing import CHUNK_SIZE
 from odst.replicator.bandwidth import Bandwidth, LinkThrottled
 from odst.replicator.runclient import RunBroken, RunClient, RunUnexpected
-from odst.store.hashing import chunk_span
+from odst.store.hashing import CHUNK_SIZE, chunk_span
 from odst.peering.requests import (NonceStoreUnavailable, PeerRequestRefused, RequestVerifier, SharedNonces,
                                    sign_request)
 
