@@ -75,4 +75,8 @@ def test_a_lone_item_is_taken_without_waiting_for_more_and_a_queue_is_asked_for_
         finally:
             await nc.close()
 
-    assert asyncio.run(run()) == (1, [1], [1, 2])
+    taken, lone_batches, queued_batches = asyncio.run(run())
+    assert (taken, lone_batches) == (1, [1])  # a lone item: one fetch, no wait for more
+    # items queued together: a second fetch, for those the broker counted behind the first (2;
+    # 1 seen once on a loaded machine: its count raced the deliveries), never a whole batch
+    assert queued_batches[0] == 1 and len(queued_batches) == 2 and queued_batches[1] in (1, 2), queued_batches
