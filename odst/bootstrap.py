@@ -16,9 +16,11 @@ import json
 import os
 import secrets
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
+import nats.errors
 import structlog
 
 from odst.accounts import passwords
@@ -63,6 +65,26 @@ from odst.site import ALL_ROLES, Site
 from odst.store.hashing import hash_file
 
 log = structlog.get_logger("odst.bootstrap")
+FOUND_WAIT_S = 120.0  # how long a first start asks a broker that takes no event yet (as caught_up waits)
+
+
+async def _found(events: EventLog, founded: ev.SiteFounded) -> None:
+    """The site's first event, unless its log has one. A cluster just formed (its stream's
+    leader not elected yet, a loaded machine) may answer nothing for a while: the head is read
+    again (an unanswered try may have landed) and the event sent again, for FOUND_WAIT_S."""
+    deadline = time.monotonic() + FOUND_WAIT_S
+    while True:
+        try:
+            if (await events.head())[0] != 0:
+                return
+            await events.append(founded, actor="system")
+            return
+        except (AppendFailed, nats.errors.Error) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("the broker did not take the site's first event yet; asking again", error=str(exc))
+            events.forget_head()
+            await asyncio.sleep(1.0)
 
 STALE_TEMP_S = 6 * 3600  # a temp file untouched this long, with other processes about, is abandoned
 
@@ -151,9 +173,9 @@ async def _open(site: Site, roles: frozenset[str], bootstrap: bool) -> None:
 
     if "projector" in roles:
         site.log_watch = await watch_own_log(events, recorded, data=data, restored=restored)
-        if projection.checkpoint(EVENTS_STREAM) == 0 and (await events.head())[0] == 0:
-            await events.append(ev.SiteFounded(site=site_id, public_key=key.public_key.hex(),
-                                               name=settings.site_name), actor="system")
+        if projection.checkpoint(EVENTS_STREAM) == 0:
+            await _found(events, ev.SiteFounded(site=site_id, public_key=key.public_key.hex(),
+                                                name=settings.site_name))
         await site.caught_up(timeout=120)
         # a crashed upload or pull leaves temp files; alone on the data dir, sweep them all
         await _adopt_spellings(site.store, reader, site_id, append)  # files an older ODST named by spelling

@@ -256,3 +256,33 @@ def test_stream_refuses_deletes(nats_server, tmp_path):
             await nc.close()
 
     assert asyncio.run(run()) == 1
+
+
+def test_a_first_start_asks_again_until_the_broker_takes_the_founding_event(nats_server, tmp_path):
+    """A cluster just formed answers no append until its stream has a leader: the site's first
+    event is sent again, once the head says the log is still empty, not given up on at once
+    (fresh-clone CI: a cluster site exited with 1). Here the stream only comes a moment later."""
+    from odst.bootstrap import _found
+
+    async def run():
+        nc = await nats.connect(nats_server.url)
+        try:
+            key = SiteKey.load_or_create(tmp_path / "site.key")
+            events = EventLog(nc.jetstream(), key)
+            founded = ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex())
+            with pytest.raises(AppendFailed):  # no stream yet: nothing takes it
+                await events.append(founded, actor="system")
+            later = asyncio.get_running_loop().call_later(1.5, lambda: asyncio.ensure_future(events.ensure_stream()))
+            await asyncio.wait_for(_found(events, founded), 60)
+            later.cancel()
+            await _found(events, founded)  # founded already: nothing more
+            return [m for m in await read_all(nc.jetstream())]
+        finally:
+            await nc.close()
+
+    async def read_all(js):
+        info = await js.stream_info("EVENTS")
+        return [await js.get_msg("EVENTS", seq) for seq in range(1, info.state.last_seq + 1)]
+
+    stored = asyncio.run(run())
+    assert len(stored) == 1 and b'"SiteFounded"' in stored[0].data
