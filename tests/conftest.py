@@ -246,6 +246,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
+class _GroupCheck:
+    """Under ``--dist loadgroup``, after xdist's worker hook: each grouped item's node id must
+    carry its group (``…@group``), which is all the scheduler goes by. pytest 9.2 with
+    pytest-xdist 3.8 dropped it without a word, and every module fixture (a shared site, a
+    browser, a built image) was made on both workers at once: two debootstraps into one
+    directory failed CI."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not config.getvalue("loadgroup"):
+            return
+        lost = [item.nodeid for item in items if any(item.iter_markers("xdist_group")) and "@" not in item.nodeid]
+        if lost:  # the run stops (xdist's controller may report it as an INTERNALERROR of its own)
+            raise pytest.UsageError(f"--dist loadgroup lost the group of {len(lost)} tests (e.g. {lost[0]}): "
+                                    "this pytest and pytest-xdist do not agree on node ids; see pyproject.toml")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupCheck(), "odst-group-check")
+
+
 def read_http_response(sock, buffered: bytes = b"") -> tuple[int, bytes, bytes]:
     """One HTTP/1.1 response with a Content-Length body from a raw socket (after ``buffered``,
     bytes already read): (status, body, bytes read past it)."""
