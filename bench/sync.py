@@ -173,7 +173,53 @@ def profile(sites: list, folder: Path, gil: bool = False) -> list[subprocess.Pop
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for s in sites]
 
 
-def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: bool = False) -> dict:
+class Timeline:
+    """Every 50 ms while a catch-up runs: the bytes of hq's log in branch's mirror (its
+    message blocks on disk), the events branch has folded from it (a checkpoint read) and its
+    files (a directory listing): ~1 ms together. Reported: when 1, 25, 50, 75 and 100% of
+    each was reached, to see where the seconds go (the mirror, the fold, the pulls)."""
+
+    def __init__(self, branch, db: Path, hq_id: str, n: int, t0: float):
+        self.branch, self.db, self.stream, self.n, self.t0 = branch, db, f"PEER_{hq_id}", n, t0
+        self.samples: list[tuple[float, int, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _folded(self) -> int:
+        try:
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=1)
+            try:
+                row = conn.execute("SELECT coalesce(max(seq), 0) FROM checkpoints WHERE stream LIKE ?",
+                                   (self.stream + "%",)).fetchone()
+                return row[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return 0
+
+    def _mirrored(self) -> int:
+        """Bytes of hq's log in branch's mirror, on disk (nats-server's message blocks)."""
+        return sum(p.stat().st_size for p in (self.branch.data / "nats").glob(f"jetstream/*/streams/{self.stream}/msgs/*.blk"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            files = sum(1 for _ in self.branch.packages_dir.iterdir())
+            self.samples.append((time.monotonic() - self.t0, files, self._folded(), self._mirrored()))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(5)
+        out = {}
+        last = self.samples[-1] if self.samples else (0, 0, 0, 0)
+        for label, col, total in (("mirrored", 3, last[3]), ("folded", 2, last[2]), ("files", 1, self.n)):
+            out[label] = {f"{q}%": next((round(s[0], 2) for s in self.samples if s[col] >= total * q / 100), None)
+                          for q in (1, 25, 50, 75, 100)}
+        return out
+
+
+def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: bool = False,
+             timeline: bool = False) -> dict:
     branch = net.add("branch", dial=["hq"], env={"ODST_LOG_LEVEL": "warning"})
     net.start(branch, timeout=120)
     db = read_model_path(branch.data)
@@ -181,6 +227,7 @@ def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: boo
     cpu0, hq0 = site_cpu(branch), site_cpu(hq)
     split0 = {s.name: user_system(s.proc.pid) for s in (hq, branch)}
     t0 = time.monotonic()
+    watch = Timeline(branch, db, hq.id, n, t0) if timeline else None
     net.register("hq", branch)
     last_note = time.monotonic()
 
@@ -196,6 +243,7 @@ def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: boo
 
     net.wait_until(done, 7200, what="every package at branch", interval=0.1)
     seconds = time.monotonic() - t0
+    steps = watch.stop() if watch is not None else None
     cpu1, hq1 = site_cpu(branch), site_cpu(hq)
     split1 = {s.name: user_system(s.proc.pid) for s in (hq, branch)}
     for spy in spies:
@@ -212,6 +260,8 @@ def catch_up(net: Network, hq, n: int, profile_dir: Path | None = None, gil: boo
         wrong = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise RuntimeError(f"branch's files differ from hq's: {len(wrong)} of them, e.g. {wrong[:5]}")
     out["files_checked"] = len(ours)
+    if steps is not None:
+        out["timeline_s"] = steps
     return out
 
 
@@ -234,7 +284,7 @@ def run_one(n: int, args, work: Path) -> dict:
                 raise RuntimeError(f"rsync pulled {result['rsync']['files']} files, not {n}")
         with net.step("a new site catches up"):
             result["odst"] = catch_up(net, hq, n, Path(args.profile) / str(n) if args.profile else None,
-                                      args.profile_gil)
+                                      args.profile_gil, args.timeline)
     finally:
         if daemon is not None:
             daemon.stop()
@@ -267,6 +317,8 @@ def main() -> int:
                     help="py-spy record hq's and branch's python during each catch-up into DIR/<N>/<site>.txt (collapsed stacks)")
     ap.add_argument("--profile-gil", action="store_true",
                     help="with --profile: sample only the thread holding the GIL (Python's CPU, not I/O waits)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="sample branch's mirror, folded events and files every 50 ms: when each quarter was reached")
     ap.add_argument("--keep", action="store_true", help="keep the sites' data directories")
     ap.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     args = ap.parse_args()
@@ -299,6 +351,9 @@ def report(results: list[dict], work: Path) -> None:
         print("  python CPU-ms per package, user + system: " + ", ".join(
             f"{site} {u / r['packages'] * 1000:.2f} + {s / r['packages'] * 1000:.2f}" for site, (u, s) in us.items())
             + f" ({r['packages']:,})")
+    for r in results:
+        for label, steps in r["odst"].get("timeline_s", {}).items():
+            print(f"  {label} at (s): " + ", ".join(f"{q} {t}" for q, t in steps.items()) + f" ({r['packages']:,})")
     if results and results[0]["packages"] <= 3000:
         ok = results[0]["ratio"] <= TARGET_RATIO_3000
         print(f"  target at {results[0]['packages']:,}: <= {TARGET_RATIO_3000:.0f}x rsync: "
