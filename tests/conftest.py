@@ -255,7 +255,7 @@ class _GroupCheck:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config, items):
-        if not config.getvalue("loadgroup"):
+        if not getattr(config.option, "loadgroup", False):  # set in xdist workers only
             return
         lost = [item.nodeid for item in items if any(item.iter_markers("xdist_group")) and "@" not in item.nodeid]
         if lost:  # the run stops (xdist's controller may report it as an INTERNALERROR of its own)
