@@ -140,6 +140,55 @@ def test_streaming_upload_abort_after_a_failed_write_leaves_nothing(tmp_path, si
     assert not path.exists()
 
 
+def test_streaming_upload_writes_a_large_body_with_o_direct(tmp_path):
+    """A body past several DIRECT_BYTES blocks, of a length no multiple of DIRECT_ALIGN, in
+    pieces that straddle the blocks: written with O_DIRECT where the store's file system takes
+    it (the aligned blocks), its tail buffered; the file is exactly the bytes sent."""
+    from odst.store.files import DIRECT_ALIGN, DIRECT_BYTES
+    data = random.Random(11).randbytes(3 * DIRECT_BYTES + 5 * DIRECT_ALIGN + 777)
+    path = tmp_path / "direct.part"
+
+    async def run():
+        up = StreamingUpload(path)
+        for i in range(0, len(data), 255_999):
+            await up.feed(data[i:i + 255_999])
+            if up._direct is None and up._lanes:  # noqa: SLF001 - the buffered path, not this test's
+                pytest.skip("this file system takes no O_DIRECT")
+        return await up.finish()
+
+    m = asyncio.run(run())
+    assert path.read_bytes() == data
+    assert (m.size, m.sha1, m.sha512, m.blake3, list(m.chunks)) == reference(data, CHUNK_SIZE)
+
+
+def test_streaming_upload_reports_a_failed_direct_write_and_aborts(tmp_path):
+    """An O_DIRECT write that fails (the store full: /dev/full under the writer) is raised to the
+    upload as StoreFull, and abort ends every thread and leaves no temp file."""
+    from odst.store.files import DIRECT_BYTES, SMALL_BYTES, StoreFull
+    PIECE = SMALL_BYTES + 1
+    path = tmp_path / "full.part"
+
+    async def run():
+        up = StreamingUpload(path)
+        await up.feed(b"x" * PIECE)  # past SMALL_BYTES: the threads start
+        if up._direct is None:  # noqa: SLF001
+            pytest.skip("this file system takes no O_DIRECT")
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, up._direct._fd)  # noqa: SLF001 - the writer's next write fails as on a full disk
+        os.close(full)
+        with pytest.raises(StoreFull):
+            for _ in range(0, 4 * DIRECT_BYTES, PIECE):
+                await up.feed(b"y" * PIECE)
+            await up.finish()
+        await up.abort()
+        return up
+
+    up = asyncio.run(run())
+    assert not path.exists()
+    up._direct._thread.join()  # noqa: SLF001 - the writer ended (it was stopped, not left waiting)
+    assert all(lane.exited for lane in up._lanes)  # noqa: SLF001
+
+
 def test_streaming_upload_abort_leaves_nothing(tmp_path):
     path = tmp_path / "y.part"
 
