@@ -32,7 +32,7 @@ import structlog
 from odst.replicator.runclient import BUFFERS, ChunkBuffer
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
                                        TransportFailed)
-from odst.store.files import preallocate, start_writeback
+from odst.store.files import open_direct, preallocate, start_writeback
 from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, is_blake3, pieces_ok
 
 log = structlog.get_logger("odst.puller")
@@ -208,7 +208,7 @@ class Puller:
         if not self.states:
             raise TransferFailed("no source has this content")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self._direct_fd = _open_direct(self.path)  # -1: every write buffered
+        self._direct_fd = open_direct(self.path)  # -1: every write buffered
         self._direct = self._direct_fd >= 0  # False once the file system refuses a direct write
         BUFFERS.hold()
         try:
@@ -479,20 +479,6 @@ class Puller:
         else:
             _give_back([pieces])  # written; the hash re-reads it from the page cache
         self._kick_hashes(self._fd)
-
-
-def _open_direct(path: Path) -> int:
-    """A second descriptor of the temp file for O_DIRECT writes, or -1 where the file system
-    (or the platform) has none: then every chunk is written buffered."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        return -1
 
 
 def _give_back(blocks: list[list | None]) -> None:

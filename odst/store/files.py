@@ -590,9 +590,10 @@ def _store_error(exc: OSError) -> Exception:
     return exc
 
 
-def _open_direct(path: Path) -> int:
-    """A second descriptor of the (just created) temp file for O_DIRECT writes, or -1 where the
-    file system (or the platform) has none: the body is written buffered then."""
+def open_direct(path: Path) -> int:
+    """A second descriptor of a (just created) temp file for O_DIRECT writes, or -1 where the
+    file system (or the platform) has none: then it is written buffered (an upload's body, a
+    pull's chunks)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
@@ -909,7 +910,7 @@ class StreamingUpload:
         if not self._lanes:
             self._loop = asyncio.get_running_loop()
             self._open()  # a large body: once, here, before the lanes write
-            direct = _open_direct(self.path)
+            direct = open_direct(self.path)
             if direct >= 0:
                 self._direct = _DirectWrites(direct)
             with self._fd_lock:

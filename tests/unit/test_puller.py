@@ -166,7 +166,7 @@ def test_whole_chunks_in_run_client_buffers_go_direct_and_a_corrupt_one_is_still
 
 
 def test_where_o_direct_is_refused_every_chunk_is_written_buffered(tmp_path, monkeypatch):
-    monkeypatch.setattr(puller_module, "_open_direct", lambda path: -1)  # as on a file system without it
+    monkeypatch.setattr(puller_module, "open_direct", lambda path: -1)  # as on a file system without it
     size = DIRECT_ALIGN
     data = random.Random(10).randbytes(6 * size)
     want = Want.of(manifest_of([data], size), name="b.pkg", stage="prod", origin="sa", uploaded_ts=1,
