@@ -50,6 +50,7 @@ LINK_RETRY_S = 0.25  # a peer known but not mirrored yet: tried again this soon 
 # its dialer's reconnect interval (1 s) of the registration; doubling from the start put the
 # pass that found it up to a second later (a new site's catch-up waited 0.6-0.9 s for it)
 LINK_STEADY_S = 5.0
+LINK_SOON_S = 0.025  # after a redial, how often the peers' logs are looked for until the next pass
 REDIAL_WAIT_S = 1.0  # how long a redial waits for the users' reload under way to be in force
 # Events that change nothing link_peers looks at (peers, their keys and names, credentials):
 # a package's life, and Jamf Pro's records of them.
@@ -245,22 +246,36 @@ class Site:
             log.error("the hubs this site dials were not checked against its removed peers; retrying",
                       error=f"{type(exc).__name__}: {exc}")
 
-    async def redial_hubs(self) -> None:
+    async def redial_hubs(self) -> bool:
         """Projector role, while a newly known peer is not mirrored: the embedded broker dials
         at once each hub it has no link to (``HubGuard.redial``), instead of within its
         reconnect interval (1 s) of the hub admitting this site. After the users' reload, as
-        ``guard_hubs``; a failure is left to the next pass."""
+        ``guard_hubs``; a failure is left to the next pass. True if a hub was dialed."""
         if self.broker is None or not self.settings.leaf_remotes:
-            return
+            return False
         if self._link_cutter is not None and not await self._link_cutter.settled(REDIAL_WAIT_S):
-            return
+            return False
         try:
             redialed = await HubGuard(self.broker, self.data, self.data / SYSTEM_SEED_FILE).redial()
         except Exception as exc:
             log.debug("hubs not dialed again; the next pass will", error=f"{type(exc).__name__}: {exc}")
-            return
+            return False
         if redialed:
             log.debug("hubs with no link dialed again", urls=sorted(redialed))
+        return bool(redialed)
+
+    async def _mirror_soon(self, until: float) -> None:
+        """Just after a redial, until the next pass (``until``, loop time): look for the
+        unmirrored peers' logs every LINK_SOON_S (``Linker.sync`` alone: one request a peer, no
+        redial, which would cost a link just up). A link comes up within milliseconds of its
+        dial; the next whole pass came LINK_RETRY_S later (a new site's first event mirrored
+        0.25 s after its registration)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() + LINK_SOON_S < until:
+            await asyncio.sleep(LINK_SOON_S)
+            await self.linker.sync()
+            if all(p.site in self.linker.linked for p in views.peer_sites(self.reader, self.id)):
+                return
 
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:
         """Turn the embedded broker's JetStream on once this connection listens for its
@@ -346,9 +361,10 @@ class Site:
                         backoff, every, unlinked_at = None, LINK_EVERY_S, None
                     else:
                         unlinked_at = loop.time() if unlinked_at is None else unlinked_at
-                        if loop.time() - unlinked_at < LINK_STEADY_S:
-                            await self.redial_hubs()
+                        redialed = loop.time() - unlinked_at < LINK_STEADY_S and await self.redial_hubs()
                         backoff = every = link_retry(backoff, loop.time() - unlinked_at)
+                        if redialed:
+                            await self._mirror_soon(passed_at + every)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
