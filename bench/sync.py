@@ -202,14 +202,18 @@ class Timeline:
         """Bytes of hq's log in branch's mirror, on disk (nats-server's message blocks)."""
         return sum(p.stat().st_size for p in (self.branch.data / "nats").glob(f"jetstream/*/streams/{self.stream}/msgs/*.blk"))
 
+    def _sample(self) -> None:
+        files = sum(1 for _ in self.branch.packages_dir.iterdir())
+        self.samples.append((time.monotonic() - self.t0, files, self._folded(), self._mirrored()))
+
     def _run(self) -> None:
         while not self._stop.wait(0.05):
-            files = sum(1 for _ in self.branch.packages_dir.iterdir())
-            self.samples.append((time.monotonic() - self.t0, files, self._folded(), self._mirrored()))
+            self._sample()
 
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join(5)
+        self._sample()  # the end itself (the catch-up was seen done between two samples)
         out = {}
         last = self.samples[-1] if self.samples else (0, 0, 0, 0)
         for label, col, total in (("mirrored", 3, last[3]), ("folded", 2, last[2]), ("files", 1, self.n)):
