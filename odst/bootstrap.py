@@ -35,6 +35,7 @@ from odst.bus.system import load_or_create_system_seed
 from odst.config import ConfigError, Settings
 from odst.datadir import SiteBusy, key_path, read_model_path, run_dir
 from odst.events import catalogue as ev
+from odst.events import codec
 from odst.events.log import EVENTS_STREAM, AppendFailed, EventLog
 from odst.events.signing import SiteKey
 from odst.events.watch import AlertBook, watch_own_log
@@ -65,19 +66,22 @@ from odst.site import ALL_ROLES, Site
 from odst.store.hashing import hash_file
 
 log = structlog.get_logger("odst.bootstrap")
-FOUND_WAIT_S = 120.0  # how long a first start asks a broker that takes no event yet (as caught_up waits)
+FOUND_WAIT_S = 90.0  # how long a first start asks a broker that takes no event yet (inside the 120 s duplicate window)
 
 
 async def _found(events: EventLog, founded: ev.SiteFounded) -> None:
     """The site's first event, unless its log has one. A cluster just formed (its stream's
     leader not elected yet, a loaded machine) may answer nothing for a while: the head is read
-    again (an unanswered try may have landed) and the event sent again, for FOUND_WAIT_S."""
+    again and the event sent again, for FOUND_WAIT_S (within the stream's duplicate window).
+    Every try carries the same event id: a try that went unanswered but is stored after the
+    head was read makes the next one a duplicate, answered with it, never a second founding."""
     deadline = time.monotonic() + FOUND_WAIT_S
+    event_id = codec.new_event_id()
     while True:
         try:
             if (await events.head())[0] != 0:
                 return
-            await events.append(founded, actor="system")
+            await events.append(founded, actor="system", event_id=event_id)
             return
         except (AppendFailed, nats.errors.Error) as exc:
             if time.monotonic() > deadline:

@@ -276,10 +276,14 @@ class EventLog:
         """Re-read the head from the broker on the next append."""
         self._head, self._unacked_id = None, None
 
-    async def append(self, event: Event, *, actor: str, attempts: int = 100) -> Appended:
+    async def append(self, event: Event, *, actor: str, attempts: int = 100,
+                     event_id: str | None = None) -> Appended:
+        """Chain ``event`` onto the head and store it. ``event_id``: the id of an earlier try of
+        this very event whose outcome is unknown (the broker's duplicate window, 120 s, then
+        answers with the stored one instead of storing it twice); a new id by default."""
         if self.refusal:
             raise LogDamaged(f"writes are refused: {self.refusal}")
-        event_id = codec.new_event_id()
+        event_id = event_id or codec.new_event_id()
         async with self._lock:
             for attempt in range(attempts):
                 last_seq, env_seq, last_hash = await self._known_head()

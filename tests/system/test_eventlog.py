@@ -286,3 +286,42 @@ def test_a_first_start_asks_again_until_the_broker_takes_the_founding_event(nats
 
     stored = asyncio.run(run())
     assert len(stored) == 1 and b'"SiteFounded"' in stored[0].data
+
+
+def test_a_founding_try_stored_after_it_went_unanswered_is_not_founded_twice(nats_server, tmp_path, monkeypatch):
+    """The broker takes the first try of SiteFounded but answers nothing, and stores it only
+    after the next try has read an empty head (a leader lost mid-publish): that next try
+    carries the same event id, so the broker answers it as a duplicate. (With a new id each
+    try, append re-chained onto the late one and the log held two SiteFounded.)"""
+    from odst.bootstrap import _found
+    monkeypatch.setattr(log_module, "SETTLE_S", 0.3)  # how long an unanswered append is looked for (10 s)
+
+    async def run():
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            key = SiteKey.load_or_create(tmp_path / "site.key")
+            events = EventLog(js, key)
+            await events.ensure_stream()
+            real, held, calls = js.publish, [], [0]
+
+            async def publish(*args, **kw):
+                calls[0] += 1
+                if calls[0] == 1:  # proposed, not answered
+                    held.append((args, kw))
+                    raise nats.errors.TimeoutError
+                if held:  # ... and stored just after the head was read again
+                    late_args, late_kw = held.pop()
+                    await real(*late_args, **late_kw)
+                return await real(*args, **kw)
+
+            js.publish = publish
+            await asyncio.wait_for(_found(events, ev.SiteFounded(site=key.site_id, public_key=key.public_key.hex())), 60)
+            info = await js.stream_info("EVENTS")
+            return calls[0], [await js.get_msg("EVENTS", seq) for seq in range(1, info.state.last_seq + 1)]
+        finally:
+            await nc.close()
+
+    tries, stored = asyncio.run(run())
+    assert tries >= 2  # the late store did happen before a second try
+    assert len(stored) == 1 and b'"SiteFounded"' in stored[0].data
