@@ -514,7 +514,13 @@ class Replicator:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("replication: handling work items failed")
+                log.exception("replication: handling work items failed; looking at them again soon")
+                # acked below like the rest: looked at again after a short wait, not left to
+                # the next full pass (FULL_PASS_S) while a Mac waits for the package
+                again = time.monotonic() + BACKOFF_MIN_S
+                for msg in held:
+                    for name, _ in _pulls_of(msg):
+                        self._retry[name_key(name)] = again
             finally:
                 keepalive.cancel()
                 await asyncio.gather(keepalive, return_exceptions=True)
@@ -752,7 +758,12 @@ class Replicator:
         self._leased_here.add(blake3)
         try:
             try:
-                return await self._leases.create(blake3, self.owner.encode())
+                try:
+                    return await self._leases.create(blake3, self.owner.encode())
+                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    # create found a lease there, looked it up and it had just expired (its
+                    # holder killed, its TTL up): the content is free now
+                    return await self._leases.create(blake3, self.owner.encode())
             except nats.js.errors.KeyWrongLastSequenceError:
                 try:
                     entry = await self._leases.get(blake3)
