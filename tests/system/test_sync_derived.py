@@ -65,10 +65,16 @@ def test_a_broker_killed_mid_catch_up_loses_the_queue_and_every_package_still_ar
     n = 200  # enough that the kill lands mid catch-up (asserted), few enough to upload quickly
     leaf = free_port()
     a = make_site("a", extra_args=["--leaf-listen", f"127.0.0.1:{leaf}", "--site-name", "A"]).start()
-    bodies = {f"Q {i:03d}.pkg": hashlib.sha512(str(i).encode()).digest() * (20 + i % 50) for i in range(n)}
+    bodies = {f"Q {i:03d}.pkg": hashlib.sha512(str(i).encode()).digest() * (200 + i % 50) for i in range(n)}
     upload_many(a, bodies)
     b = make_site("b", extra_args=["--leaf-remote", f"nats-leaf://127.0.0.1:{leaf}", "--site-name", "B"]).start()
     assert storage_of(b, ["REPLICATION", "KV_ODST_LEASES"]) == {"REPLICATION": "memory", "KV_ODST_LEASES": "memory"}
+    # B receives at most 500 kB/s on any link (loopback counts): past the bucket's 1 MiB burst,
+    # the rest of its ~2.9 MB takes ~4 s, so the kill below lands mid catch-up (unthrottled, all
+    # 200 were held before the poll saw one known)
+    with b.client() as c:
+        r = c.put("/api/v1/bandwidth/links/default", json={"receive": "500KB", "local": "no"})
+        assert r.status_code == 200, r.text
     register(a, b)
     b_id = site_id(b)
 
