@@ -32,7 +32,7 @@ import structlog
 from odst.replicator.runclient import BUFFERS, ChunkBuffer
 from odst.replicator.transport import (ChunkSource, ChunkUnavailable, RunsUnsupported, SourceThrottled,
                                        TransportFailed)
-from odst.store.files import open_direct, preallocate, start_writeback
+from odst.store.files import DIRECT_ALIGN, open_direct, preallocate, start_writeback
 from odst.store.hashing import Manifest, WholeHash, chunk_count, chunk_ok, chunk_span, is_blake3, pieces_ok
 
 log = structlog.get_logger("odst.puller")
@@ -53,7 +53,7 @@ PAY_WAITED_S = 0.001  # a receive-limit payment that took longer made the puller
 # Buffered, those cost the receiver more than half its SHA1 again (perf on a 512 MiB pair:
 # pwrite 0.45 CPU-s/GiB with ext4's buffer-head allocation, O_DIRECT 0.14). Anything else (the
 # short last chunk, bytes from aiohttp, a file system refusing O_DIRECT) is written buffered.
-DIRECT_ALIGN = 4096
+# (DIRECT_ALIGN: O_DIRECT's unit, from store.files, which writes a large upload's body so too.)
 
 
 class TransferFailed(Exception):
