@@ -264,6 +264,10 @@ class Site:
             log.debug("hubs with no link dialed again", urls=sorted(redialed))
         return bool(redialed)
 
+    def _unlinked(self) -> bool:
+        """Is a known peer's log not mirrored here yet?"""
+        return any(p.site not in self.linker.linked for p in views.peer_sites(self.reader, self.id))
+
     async def _mirror_soon(self, until: float) -> None:
         """Just after a redial, until the next pass (``until``, loop time): look for the
         unmirrored peers' logs every LINK_SOON_S (``Linker.sync`` alone: one request a peer, no
@@ -274,7 +278,7 @@ class Site:
         while loop.time() + LINK_SOON_S < until:
             await asyncio.sleep(LINK_SOON_S)
             await self.linker.sync()
-            if all(p.site in self.linker.linked for p in views.peer_sites(self.reader, self.id)):
+            if not self._unlinked():
                 return
 
     async def resume_jetstream(self, reconnect_s: float = 0) -> None:
@@ -356,7 +360,7 @@ class Site:
                     self.sync_authorization()
                     await self.guard_hubs()
                     await self.linker.watch()
-                    unlinked = any(p.site not in self.linker.linked for p in views.peer_sites(self.reader, self.id))
+                    unlinked = self._unlinked()
                     if not unlinked:
                         backoff, every, unlinked_at = None, LINK_EVERY_S, None
                     else:
