@@ -371,7 +371,9 @@ def test_a_finish_cancelled_while_the_store_pool_is_busy_leaves_no_thread_or_des
             if up._direct is None:  # noqa: SLF001
                 pytest.skip("this file system takes no O_DIRECT")
             finishing = asyncio.create_task(up.finish())
+            deadline = asyncio.get_running_loop().time() + 30
             while not all(lane.exited for lane in up._lanes):  # noqa: SLF001 - finish stopped them; its job waits
+                assert asyncio.get_running_loop().time() < deadline, "finish did not stop the lanes"
                 await asyncio.sleep(0.01)
             finishing.cancel()
             with pytest.raises(asyncio.CancelledError):
